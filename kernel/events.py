@@ -1,0 +1,373 @@
+"""Events: the frozen models services define, their registry, and the recorded envelope.
+
+A service declares its events as subclasses of :class:`Event`; each class registers
+itself under its type name (the class name unless ``type_name`` is given). When an
+event's fields change incompatibly, bump ``schema`` and register an upcaster that lifts
+the stored data of the older schema; readers always see the newest shape.
+
+Reading never fails on a type this process does not know (an event written by a newer
+version, or by a plugin that is not loaded): :class:`Recorded` keeps its raw data and
+:attr:`Recorded.event` is ``None``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kernel.errors import EventError, EventTypeConflict, UnknownEventType
+
+__all__ = [
+    "Event",
+    "EventRegistry",
+    "KernelStarted",
+    "KernelStopped",
+    "Meta",
+    "NewEvent",
+    "Recorded",
+    "SubscriberFailed",
+    "registry",
+    "upcaster",
+]
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class Event(BaseModel):
+    """Base class of every event: a frozen, validated value object.
+
+    Subclasses register themselves; set ``type_name`` to decouple the stored name from
+    the class name, and ``schema`` (default 1) when the stored shape changes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type_name: ClassVar[str] = ""
+    schema_version: ClassVar[int] = 1
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "type_name" not in cls.__dict__ or not cls.__dict__["type_name"]:
+            cls.type_name = cls.__name__
+        registry.register(cls)
+
+
+class EventRegistry:
+    """Maps type names to event classes and holds the upcasters between schemas."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Event]] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        #: type names whose class is past schema 1 (only these can need upcasting)
+        self.versioned: set[str] = set()
+
+    def register(self, cls: type[Event]) -> None:
+        name = cls.type_name
+        known = self._types.get(name)
+        if known is not None and known is not cls:
+            # A hot-reloaded module defines the same class again: replace it.
+            same_origin = (known.__module__, known.__qualname__) == (
+                cls.__module__,
+                cls.__qualname__,
+            )
+            if not same_origin:
+                raise EventTypeConflict(
+                    f"event type {name!r} is already registered by "
+                    f"{known.__module__}.{known.__qualname__}; "
+                    f"{cls.__module__}.{cls.__qualname__} cannot claim it too"
+                )
+        self._types[name] = cls
+        if cls.schema_version > 1:
+            self.versioned.add(name)
+        else:
+            self.versioned.discard(name)
+
+    def add_upcaster(self, type_name: str, from_schema: int, fn: Upcaster) -> None:
+        key = (type_name, from_schema)
+        if key in self._upcasters:
+            raise EventTypeConflict(
+                f"an upcaster for {type_name!r} from schema {from_schema} already exists"
+            )
+        self._upcasters[key] = fn
+
+    def get(self, type_name: str) -> type[Event] | None:
+        return self._types.get(type_name)
+
+    def require(self, type_name: str) -> type[Event]:
+        cls = self._types.get(type_name)
+        if cls is None:
+            raise UnknownEventType(f"no event type is registered as {type_name!r}")
+        return cls
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    def upcast(self, type_name: str, schema: int, data: dict[str, Any]) -> dict[str, Any]:
+        """Lift ``data`` stored at ``schema`` to the registered class's schema."""
+        cls = self._types.get(type_name)
+        if cls is None or schema >= cls.schema_version:
+            return data
+        while schema < cls.schema_version:
+            fn = self._upcasters.get((type_name, schema))
+            if fn is None:
+                raise EventError(
+                    f"event type {type_name!r}: no upcaster from schema {schema} "
+                    f"to {schema + 1} (the class is at schema {cls.schema_version})"
+                )
+            data = fn(data)
+            schema += 1
+        return data
+
+
+#: The process-wide registry every :class:`Event` subclass joins.
+registry = EventRegistry()
+
+
+def upcaster(type_name: str, from_schema: int) -> Callable[[Upcaster], Upcaster]:
+    """Register ``fn`` to lift ``type_name`` data from ``from_schema`` to the next."""
+
+    def decorate(fn: Upcaster) -> Upcaster:
+        registry.add_upcaster(type_name, from_schema, fn)
+        return fn
+
+    return decorate
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """Metadata of a recorded event.
+
+    ``id`` is the idempotency key: appending an event whose id is already in the log
+    stores nothing new. ``correlation_id`` ties a request to its outcomes;
+    ``causation_id`` is the id of the event that caused this one.
+    """
+
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    actor: str | None = None
+    node: str | None = None
+    boot: str | None = None
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "correlation_id": self.correlation_id,
+                "causation_id": self.causation_id,
+                "actor": self.actor,
+                "node": self.node,
+                "boot": self.boot,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Meta:
+        d = orjson.loads(raw)
+        return cls(
+            id=d["id"],
+            correlation_id=d.get("correlation_id"),
+            causation_id=d.get("causation_id"),
+            actor=d.get("actor"),
+            node=d.get("node"),
+            boot=d.get("boot"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event ready to append: type, schema, serialized data and metadata."""
+
+    type: str
+    data: bytes
+    meta: Meta
+    schema: int = 1
+    #: True when the caller chose ``meta.id``: only then can it already be in the log.
+    explicit_id: bool = False
+
+    @classmethod
+    def of(cls, event: Event, meta: Meta | None = None) -> NewEvent:
+        return cls(
+            type=event.type_name,
+            data=event.__pydantic_serializer__.to_json(event),
+            meta=meta if meta is not None else Meta(),
+            schema=event.schema_version,
+            explicit_id=meta is not None,
+        )
+
+    @classmethod
+    def raw(
+        cls, type_name: str, data: Mapping[str, Any], meta: Meta | None = None, schema: int = 1
+    ) -> NewEvent:
+        """An event given as a type name and plain data (no class needed)."""
+        return cls(
+            type=type_name,
+            data=orjson.dumps(dict(data)),
+            meta=meta if meta is not None else Meta(),
+            schema=schema,
+            explicit_id=meta is not None,
+        )
+
+
+class Recorded:
+    """An event as stored in the log: its position, stream, version, data and metadata.
+
+    ``data`` is the decoded (and upcast) payload as a dict; :attr:`event` builds the
+    typed model on demand and is ``None`` for a type this process does not know.
+    Metadata is decoded lazily: folding a projection rarely needs it.
+    """
+
+    __slots__ = (
+        "_event",
+        "_meta",
+        "_meta_raw",
+        "data",
+        "position",
+        "schema",
+        "stream",
+        "timestamp",
+        "type",
+        "version",
+    )
+
+    def __init__(
+        self,
+        position: int,
+        stream: str,
+        version: int,
+        type: str,
+        schema: int,
+        data: dict[str, Any],
+        meta: Meta | bytes | str,
+        timestamp: float,
+    ) -> None:
+        self.position = position
+        self.stream = stream
+        self.version = version
+        self.type = type
+        self.schema = schema
+        self.data = data
+        if isinstance(meta, Meta):
+            self._meta: Meta | None = meta
+            self._meta_raw: bytes | str | None = None
+        else:
+            self._meta = None
+            self._meta_raw = meta
+        self.timestamp = timestamp
+        self._event: Event | None = None
+
+    @classmethod
+    def from_row(
+        cls,
+        position: int,
+        stream: str,
+        version: int,
+        type_name: str,
+        schema: int,
+        data: bytes | str,
+        meta: bytes | str,
+        timestamp: float,
+    ) -> Recorded:
+        decoded = orjson.loads(data)
+        if type_name in registry.versioned:
+            decoded = registry.upcast(type_name, schema, decoded)
+        return cls(position, stream, version, type_name, schema, decoded, meta, timestamp)
+
+    @property
+    def meta(self) -> Meta:
+        if self._meta is None:
+            assert self._meta_raw is not None
+            self._meta = Meta.from_json(self._meta_raw)
+            self._meta_raw = None
+        return self._meta
+
+    @property
+    def id(self) -> str:
+        return self.meta.id
+
+    @property
+    def recorded_at(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp, UTC)
+
+    @property
+    def known(self) -> bool:
+        """Whether this process has a class registered for this event's type."""
+        return registry.get(self.type) is not None
+
+    @property
+    def event(self) -> Event | None:
+        """The typed event, or ``None`` when the type is unknown here or does not validate."""
+        if self._event is None:
+            cls = registry.get(self.type)
+            if cls is None:
+                return None
+            try:
+                self._event = cls.model_validate(self.data)
+            except ValidationError:
+                return None
+        return self._event
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the whole envelope (used by exports and the admin API)."""
+        m = self.meta
+        return {
+            "position": self.position,
+            "stream": self.stream,
+            "version": self.version,
+            "type": self.type,
+            "schema": self.schema,
+            "data": self.data,
+            "meta": {
+                "id": m.id,
+                "correlation_id": m.correlation_id,
+                "causation_id": m.causation_id,
+                "actor": m.actor,
+                "node": m.node,
+                "boot": m.boot,
+            },
+            "recorded_at": self.recorded_at.isoformat(),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Recorded(position={self.position}, stream={self.stream!r}, "
+            f"version={self.version}, type={self.type!r})"
+        )
+
+
+# -- the kernel's own events ------------------------------------------------------------
+
+
+class KernelStarted(Event):
+    """A kernel process opened the log and started its services."""
+
+    node: str
+    boot: str
+    version: str
+    pid: int
+
+
+class KernelStopped(Event):
+    """A kernel process stopped cleanly (a crash leaves no such event)."""
+
+    node: str
+    boot: str
+
+
+class SubscriberFailed(Event):
+    """A subscriber kept failing on an event and gave up on it (a dead letter)."""
+
+    subscriber: str
+    position: int
+    event_type: str
+    event_id: str
+    error: str
+    traceback: str
+    attempts: int

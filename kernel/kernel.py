@@ -1,0 +1,386 @@
+"""The Kernel: owns the event log, runs projections and services, answers requests.
+
+    async with Kernel(Settings(data_dir="var")) as kernel:
+        await kernel.append(Greeted(name="ada"), stream="greetings")
+
+Boot order (DESIGN.md "Boot and replay"): open the store, record ``KernelStarted``,
+start services in ``order`` (each catches its projections up and subscribes live);
+stop is the exact reverse, then ``KernelStopped`` and the store is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kernel.errors import KernelStateError, RequestTimeout, XcoreError
+from kernel.events import (
+    Event,
+    KernelStarted,
+    KernelStopped,
+    Meta,
+    NewEvent,
+    Recorded,
+    SubscriberFailed,
+)
+from kernel.http import HttpSurface
+from kernel.projections import Projection, Projector
+from kernel.runtime import PluginDirectory
+from kernel.services import Service, discover_services
+from kernel.settings import Settings
+from kernel.store.base import ANY, EventStore
+from kernel.store.memory import MemoryStore
+from kernel.store.sqlite import SQLiteStore
+from kernel.subscriptions import Handler, RetryPolicy, Start, Subscription
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["KERNEL_STREAM", "Kernel", "xcore_version"]
+
+log = logging.getLogger("xcore.kernel")
+
+KERNEL_STREAM = "kernel"
+P = TypeVar("P", bound=Projection)
+
+
+def xcore_version() -> str:
+    try:
+        return version("xcore")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def store_from_settings(settings: Settings) -> EventStore:
+    if settings.store == "memory":
+        return MemoryStore()
+    return SQLiteStore(settings.database_path, synchronous=settings.synchronous)
+
+
+class Kernel:
+    """The microkernel. Use as ``async with Kernel(...) as kernel`` or through ``lifespan``."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: EventStore | None = None,
+        services: Sequence[Service] | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings.load()
+        self.store = store if store is not None else store_from_settings(self.settings)
+        self._services: list[Service] | None = list(services) if services is not None else None
+        self.node = self.settings.node
+        self.boot = uuid.uuid4().hex
+        self.version = xcore_version()
+        #: Routes and ASGI apps services contribute to the HTTP shell.
+        self.http = HttpSurface()
+        #: Loaded plugin generations (published by the loader, read by other services).
+        self.plugins = PluginDirectory()
+        self.started = False
+        self._store_ready = False
+        self._stack: AsyncExitStack | None = None
+        self._subscriptions: list[Subscription] = []
+        self._projectors: dict[str, Projector] = {}
+        self._waiters: dict[str, tuple[frozenset[str], asyncio.Future[Recorded]]] = {}
+        self._outcomes: Subscription | None = None
+        #: Services by name, once started.
+        self.services: dict[str, Service] = {}
+
+    # -- life cycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Kernel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self.started:
+            raise KernelStateError("the kernel is already started")
+        services = self._services if self._services is not None else discover_services()
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await self.store.open()
+            self._store_ready = True
+            stack.push_async_callback(self._close_store)
+            stack.push_async_callback(self._record_stopped)
+            stack.push_async_callback(self._stop_subscriptions)
+            await self.append(
+                KernelStarted(
+                    node=self.node, boot=self.boot, version=self.version, pid=os.getpid()
+                ),
+                stream=KERNEL_STREAM,
+                actor="kernel",
+            )
+            self._outcomes = await self.subscribe(
+                self._dispatch_outcome, start="now", name=None, retry=RetryPolicy(max_attempts=1)
+            )
+            for service in services:
+                try:
+                    await service.start(self, stack)
+                except Exception as exc:
+                    raise XcoreError(f"service {service.name!r} failed to start: {exc}") from exc
+                self.services[service.name] = service
+                log.debug("service %s started", service.name)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self.started = True
+        log.info(
+            "kernel started (node %s, boot %s, log %s, services: %s)",
+            self.node,
+            self.boot[:8],
+            self.store.location,
+            ", ".join(self.services) or "none",
+        )
+
+    async def stop(self) -> None:
+        if not self.started or self._stack is None:
+            return
+        self.started = False
+        stack, self._stack = self._stack, None
+        for _, future in self._waiters.values():
+            if not future.done():
+                future.set_exception(KernelStateError("the kernel stopped before the outcome"))
+        self._waiters.clear()
+        await stack.aclose()
+        self.services.clear()
+        log.info("kernel stopped (boot %s)", self.boot[:8])
+
+    async def _record_stopped(self) -> None:
+        try:
+            await self.append(
+                KernelStopped(node=self.node, boot=self.boot), stream=KERNEL_STREAM, actor="kernel"
+            )
+        except Exception:
+            log.exception("could not record KernelStopped")
+
+    async def _stop_subscriptions(self) -> None:
+        for projector in reversed(list(self._projectors.values())):
+            await projector.stop()
+        for sub in reversed(self._subscriptions):
+            await sub.stop()
+        self._subscriptions.clear()
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """FastAPI lifespan: ``FastAPI(lifespan=kernel.lifespan)`` embeds the kernel."""
+        async with self:
+            self.http.attach(app, self)
+            yield
+
+    def _require_started(self) -> None:
+        # True from the moment the store is open, so services may append while starting.
+        if not self._store_ready:
+            raise KernelStateError("the kernel is not started (use `async with Kernel(...)`)")
+
+    async def _close_store(self) -> None:
+        self._store_ready = False
+        await self.store.close()
+
+    # -- the log ---------------------------------------------------------------------
+
+    async def append(
+        self,
+        events: Event | NewEvent | Sequence[Event | NewEvent],
+        *,
+        stream: str,
+        expected_version: int | None = ANY,
+        actor: str | None = None,
+        cause: Recorded | None = None,
+        correlation_id: str | None = None,
+    ) -> list[Recorded]:
+        """Append events to ``stream``; returns once they are durable.
+
+        ``cause`` is the event this one reacts to: its correlation id is carried on and
+        its id becomes the causation id, so a request's outcomes can be found.
+        """
+        self._require_started()
+        items = [events] if isinstance(events, (Event, NewEvent)) else list(events)
+        if cause is not None:
+            cause_meta = cause.meta
+            correlation_id = correlation_id or cause_meta.correlation_id or cause_meta.id
+            causation_id: str | None = cause_meta.id
+        else:
+            causation_id = None
+        new: list[NewEvent] = []
+        for item in items:
+            if isinstance(item, NewEvent):
+                new.append(item)
+                continue
+            meta = Meta(
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+                actor=actor,
+                node=self.node,
+                boot=self.boot,
+            )
+            ne = NewEvent.of(item, meta)
+            new.append(NewEvent(ne.type, ne.data, meta, ne.schema, explicit_id=False))
+        return await self.store.append(new, stream=stream, expected_version=expected_version)
+
+    async def read(
+        self,
+        *,
+        after: int = 0,
+        types: Collection[str] | None = None,
+        stream: str | None = None,
+        limit: int | None = None,
+    ) -> list[Recorded]:
+        self._require_started()
+        return await self.store.read(after=after, types=types, stream=stream, limit=limit)
+
+    async def subscribe(
+        self,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        start: Start | None = None,
+        types: Collection[type[Event] | str] | None = None,
+        retry: RetryPolicy | None = None,
+        batch_size: int = 500,
+    ) -> Subscription:
+        """Start delivering events to ``handler``; the kernel stops it when it stops.
+
+        ``start`` defaults to the saved checkpoint for a named subscription and to
+        "now" otherwise; pass 0 to read the whole log first.
+        """
+        if start is None:
+            start = "checkpoint" if name is not None else "now"
+        type_names = (
+            None if types is None else [t if isinstance(t, str) else t.type_name for t in types]
+        )
+        sub = Subscription(
+            self.store,
+            handler,
+            name=name,
+            start=start,
+            types=type_names,
+            retry=retry,
+            batch_size=batch_size,
+            dead_letter=self._dead_letter,
+        )
+        await sub.start()
+        self._subscriptions.append(sub)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        await sub.stop()
+        with contextlib.suppress(ValueError):
+            self._subscriptions.remove(sub)
+
+    async def _dead_letter(
+        self, subscriber: str, record: Recorded, exc: BaseException, attempts: int
+    ) -> None:
+        await self.append(
+            SubscriberFailed(
+                subscriber=subscriber,
+                position=record.position,
+                event_type=record.type,
+                event_id=record.meta.id,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc)),
+                attempts=attempts,
+            ),
+            stream=KERNEL_STREAM,
+            actor="kernel",
+            cause=record,
+        )
+
+    # -- projections -------------------------------------------------------------------
+
+    async def add_projection(self, projection: P) -> P:
+        """Catch ``projection`` up and keep it live until the kernel stops."""
+        if projection.name in self._projectors:
+            raise XcoreError(f"a projection named {projection.name!r} is already running")
+        projector = Projector(self.store, projection, dead_letter=self._dead_letter)
+        await projector.start()
+        self._projectors[projection.name] = projector
+        return projection
+
+    def projector(self, name: str) -> Projector:
+        try:
+            return self._projectors[name]
+        except KeyError:
+            raise XcoreError(
+                f"no projection named {name!r}; running: {', '.join(self._projectors) or 'none'}"
+            ) from None
+
+    def projection(self, cls: type[P]) -> P:
+        """The running instance of projection class ``cls``."""
+        p = self.projector(cls.name).projection
+        if not isinstance(p, cls):
+            raise XcoreError(f"projection {cls.name!r} is a {type(p).__name__}, not {cls.__name__}")
+        return p
+
+    async def settle(self, position: int | None = None, timeout: float = 10.0) -> None:
+        """Wait until every projection has folded the log up to ``position`` (default: now)."""
+        target = position if position is not None else await self.store.last_position()
+        for projector in self._projectors.values():
+            await projector.wait_for(target, timeout)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def request(
+        self,
+        event: Event,
+        *,
+        stream: str,
+        outcomes: Collection[type[Event] | str],
+        timeout: float | None = None,
+        actor: str | None = None,
+    ) -> Recorded:
+        """Record ``event`` and wait for the first outcome event correlated with it."""
+        self._require_started()
+        names = frozenset(o if isinstance(o, str) else o.type_name for o in outcomes)
+        request_id = uuid.uuid4().hex
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = (names, future)
+        meta = Meta(
+            id=request_id, correlation_id=request_id, actor=actor, node=self.node, boot=self.boot
+        )
+        ne = NewEvent.of(event, meta)
+        try:
+            await self.store.append([NewEvent(ne.type, ne.data, meta, ne.schema)], stream=stream)
+            wait = timeout if timeout is not None else self.settings.request_timeout
+            try:
+                return await asyncio.wait_for(future, wait)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"{event.type_name} on {stream!r} was recorded (id {request_id}) but no "
+                    f"outcome ({', '.join(sorted(names))}) arrived within {wait:g}s"
+                ) from None
+        finally:
+            self._waiters.pop(request_id, None)
+
+    def _dispatch_outcome(self, record: Recorded) -> None:
+        if not self._waiters:
+            return
+        correlation = record.meta.correlation_id
+        if correlation is None or correlation == record.meta.id:
+            return
+        waiter = self._waiters.get(correlation)
+        if waiter is not None and record.type in waiter[0] and not waiter[1].done():
+            waiter[1].set_result(record)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "boot": self.boot,
+            "version": self.version,
+            "store": self.store.location,
+            "services": list(self.services),
+            "projections": {n: p.projection.position for n, p in self._projectors.items()},
+        }

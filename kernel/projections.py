@@ -1,0 +1,236 @@
+"""Projections: state folded from the log by pure handlers.
+
+A projection declares handlers for the event types it cares about; the kernel feeds it
+every such event in order, from its last snapshot (or from zero), then live. Because a
+projection is a pure fold, it can be rebuilt from zero at any time and computed as it
+was at any past position — which is what the replay tool does.
+
+    class PluginTable(Projection):
+        name = "plugins"
+
+        def reset(self) -> None:
+            self.loaded: dict[str, int] = {}
+
+        @handles("PluginLoaded")
+        def _loaded(self, r: Recorded) -> None:
+            self.loaded[r.data["name"]] = r.data["generation"]
+
+Handlers receive the :class:`~kernel.events.Recorded` envelope: ``r.data`` is the
+payload dict (fast), ``r.event`` the typed model (validated on demand).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import orjson
+
+from kernel.events import Event, Recorded
+from kernel.store.base import EventStore, Snapshot
+from kernel.subscriptions import DeadLetter, Subscription
+
+__all__ = ["Projection", "Projector", "handles", "state_at"]
+
+log = logging.getLogger("xcore.projections")
+
+P = TypeVar("P", bound="Projection")
+HandlerFn = Callable[[Any, Recorded], None]
+
+
+def handles(*types: type[Event] | str) -> Callable[[HandlerFn], HandlerFn]:
+    """Mark a projection method as the handler of these event types."""
+    names = [t if isinstance(t, str) else t.type_name for t in types]
+
+    def mark(fn: HandlerFn) -> HandlerFn:
+        existing: list[str] = getattr(fn, "__xcore_handles__", [])
+        fn.__xcore_handles__ = [*existing, *names]  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class Projection:
+    """Base class: subclasses set ``name``, override ``reset`` and add handlers."""
+
+    #: Unique name; also the key of its snapshot and checkpoint.
+    name: ClassVar[str] = ""
+    #: Bump when the state's shape changes: older snapshots are then ignored.
+    schema: ClassVar[int] = 1
+    #: Save a snapshot every this many handled events (0: never).
+    snapshot_every: ClassVar[int] = 0
+
+    _handlers: ClassVar[dict[str, HandlerFn]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = cls.__name__
+        handlers: dict[str, HandlerFn] = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                for type_name in getattr(attr, "__xcore_handles__", ()):
+                    handlers[type_name] = attr
+        cls._handlers = handlers
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Set the initial (empty) state. Called on creation and before a rebuild."""
+
+    @classmethod
+    def types(cls) -> frozenset[str]:
+        """The event types this projection handles."""
+        return frozenset(cls._handlers)
+
+    def apply(self, record: Recorded) -> None:
+        """Fold one event into the state."""
+        handler = self._handlers.get(record.type)
+        if handler is not None:
+            handler(self, record)
+        self.position = record.position
+
+    def snapshot(self) -> Any:
+        """The state as JSON-ready data, or None if this projection takes no snapshots."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Load the state saved by :meth:`snapshot`."""
+        raise NotImplementedError(f"projection {self.name!r} does not restore snapshots")
+
+
+async def fold(
+    store: EventStore,
+    projection: Projection,
+    *,
+    until: int | None = None,
+    batch_size: int = 20_000,
+    on_batch: Callable[[int], Any] | None = None,
+) -> int:
+    """Apply every event after ``projection.position`` (up to ``until``); return the count."""
+    types = projection.types()
+    count = 0
+    while True:
+        limit = batch_size
+        batch = await store.read(after=projection.position, types=types, limit=limit)
+        apply = projection.apply
+        for record in batch:
+            if until is not None and record.position > until:
+                projection.position = until
+                return count
+            apply(record)
+        count += len(batch)
+        if on_batch is not None:
+            await on_batch(len(batch))
+        if len(batch) < limit:
+            last = await store.last_position()
+            target = last if until is None else min(until, last)
+            projection.position = max(projection.position, target)
+            return count
+
+
+async def state_at(store: EventStore, cls: type[P], position: int) -> P:
+    """A fresh ``cls`` projection folded up to and including ``position``."""
+    projection = cls()
+    snap = await store.load_snapshot(cls.name)
+    if snap is not None and snap.schema == cls.schema and snap.position <= position:
+        projection.restore(orjson.loads(snap.state))
+        projection.position = snap.position
+    await fold(store, projection, until=position)
+    return projection
+
+
+class Projector:
+    """Keeps one projection up to date: snapshot or zero, catch-up, then live."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        projection: Projection,
+        *,
+        dead_letter: DeadLetter | None = None,
+    ) -> None:
+        self.store = store
+        self.projection = projection
+        self._dead_letter = dead_letter
+        self._subscription: Subscription | None = None
+        self._since_snapshot = 0
+
+    async def start(self) -> None:
+        """Catch up (from the saved snapshot if it is still valid), then follow live."""
+        p = self.projection
+        snap = await self.store.load_snapshot(p.name)
+        if snap is not None and snap.schema == p.schema and p.position == 0:
+            try:
+                p.restore(orjson.loads(snap.state))
+                p.position = snap.position
+            except Exception:
+                log.exception("snapshot of projection %r is unusable; rebuilding", p.name)
+                p.reset()
+                p.position = 0
+        await fold(self.store, p, on_batch=self._count_and_snapshot)
+        self._subscription = Subscription(
+            self.store,
+            self._apply,
+            name=f"projection:{p.name}",
+            start=p.position,
+            types=p.types(),
+            dead_letter=self._dead_letter,
+        )
+        # The projection's position is its checkpoint (held in its snapshot), so the
+        # subscription itself saves none.
+        self._subscription._named = False
+        await self._subscription.start()
+
+    async def _apply(self, record: Recorded) -> None:
+        self.projection.apply(record)
+        self._since_snapshot += 1
+        await self._maybe_snapshot()
+
+    async def _count_and_snapshot(self, handled: int) -> None:
+        self._since_snapshot += handled
+        await self._maybe_snapshot()
+
+    async def _maybe_snapshot(self) -> None:
+        p = self.projection
+        if not p.snapshot_every or self._since_snapshot < p.snapshot_every:
+            return
+        await self.save_snapshot()
+
+    async def save_snapshot(self) -> None:
+        p = self.projection
+        state = p.snapshot()
+        if state is None:
+            return
+        await self.store.save_snapshot(
+            Snapshot(name=p.name, position=p.position, schema=p.schema, state=orjson.dumps(state))
+        )
+        self._since_snapshot = 0
+
+    async def wait_for(self, position: int, timeout: float | None = 10.0) -> None:
+        """Wait until the projection has folded everything up to ``position``."""
+        if self._subscription is None:
+            raise RuntimeError(f"projection {self.projection.name!r} is not started")
+        await self._subscription.wait_for(position, timeout)
+        self.projection.position = max(self.projection.position, self._subscription.position)
+
+    async def rebuild(self) -> None:
+        """Throw the state away and fold the whole log again."""
+        await self.stop(save=False)
+        self.projection.reset()
+        self.projection.position = 0
+        await fold(self.store, self.projection)
+        await self.start()
+
+    async def stop(self, save: bool = True) -> None:
+        if self._subscription is not None:
+            await self._subscription.stop()
+            self._subscription = None
+        if save:
+            try:
+                await self.save_snapshot()
+            except Exception:
+                log.exception("could not save the snapshot of projection %r", self.projection.name)

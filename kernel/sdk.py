@@ -1,0 +1,186 @@
+"""The plugin author's SDK: everything a plugin imports from xcore, and nothing else.
+
+A plugin is a folder with ``run.py`` (``PLUGIN_INFO`` and optionally hooks and tasks),
+``router.py`` (``router = APIRouter(...)``) and ``config.yaml``::
+
+    # plugins/hello/run.py
+    from kernel.sdk import PluginContext, task
+
+    PLUGIN_INFO = {"version": "1.0.0", "author": "Ada", "Api_prefix": "/app/hello",
+                   "tag_for_identified": ["hello"]}
+
+    async def on_load(ctx: PluginContext) -> None:       # optional, def or async def
+        ctx.logger.info("hello is up with %s", ctx.config)
+
+    def on_unload(ctx: PluginContext) -> None:           # optional
+        ...
+
+    @task(every="30s")
+    async def heartbeat() -> None:
+        ctx = current_task()                             # run id, attempt, config, logger
+        ctx.logger.info("beat")
+
+This module only *declares*: the loader and the scheduler implement what it describes.
+Sync hooks and tasks never run on the event loop (a worker thread for trusted plugins,
+the sandbox process for sandboxed ones).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
+
+if TYPE_CHECKING:
+    from kernel.events import Event, Recorded
+
+__all__ = [
+    "Hook",
+    "PluginContext",
+    "TaskContext",
+    "TaskSpec",
+    "current_plugin",
+    "current_task",
+    "task",
+]
+
+
+class PluginContext(Protocol):
+    """What a plugin gets from the kernel (passed to hooks; ``current_plugin()`` elsewhere)."""
+
+    #: The plugin's name.
+    name: str
+    #: Its validated configuration: an instance of its config model, or the dict from
+    #: ``config.yaml`` when it declares none.
+    config: Any
+    #: A logger named ``xcore.plugin.<name>``.
+    logger: logging.Logger
+    #: A folder the plugin may write to (kept across reloads).
+    data_dir: Path
+
+    async def append(self, event: Event, *, stream: str | None = None) -> list[Recorded]:
+        """Record ``event`` (default stream ``plugin-<name>``); returns once durable."""
+        ...
+
+    async def subscribe(
+        self,
+        handler: Callable[[Recorded], Awaitable[None] | None],
+        *,
+        types: Collection[type[Event] | str] | None = None,
+    ) -> None:
+        """Receive new events live; the subscription ends when the plugin unloads."""
+        ...
+
+
+#: ``on_load(ctx)`` / ``on_unload(ctx)`` in ``run.py``: def or async def.
+Hook = Callable[[PluginContext], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a running task may ask for with :func:`current_task`."""
+
+    task_id: str
+    run_id: str
+    scheduled_for: datetime
+    attempt: int
+    plugin: str
+    config: Any
+    logger: logging.LoggerAdapter[logging.Logger]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as declared with :func:`task` (validated by the scheduler at load)."""
+
+    fn: Callable[..., Any]
+    name: str
+    cron: str | None = None
+    tz: str | None = None
+    every: str | float | None = None
+    jitter: str | float | None = None
+    at: str | datetime | None = None
+    after: str | float | None = None
+    priority: int = 0
+    depends_on: tuple[str, ...] = ()
+    depends_rule: Literal["success", "finished"] = "success"
+    retries: int = 0
+    retry_delay: str | float = "1s"
+    retry_max_delay: str | float = "5m"
+    timeout: str | float | None = None
+    max_instances: int = 1
+    misfire: Literal["run_once", "skip"] = "run_once"
+    misfire_grace: str | float = "1m"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def task(fn: F, /) -> F: ...
+@overload
+def task(
+    *,
+    name: str | None = None,
+    cron: str | None = None,
+    tz: str | None = None,
+    every: str | float | None = None,
+    jitter: str | float | None = None,
+    at: str | datetime | None = None,
+    after: str | float | None = None,
+    priority: int = 0,
+    depends_on: str | Collection[str] = (),
+    depends_rule: Literal["success", "finished"] = "success",
+    retries: int = 0,
+    retry_delay: str | float = "1s",
+    retry_max_delay: str | float = "5m",
+    timeout: str | float | None = None,
+    max_instances: int = 1,
+    misfire: Literal["run_once", "skip"] = "run_once",
+    misfire_grace: str | float = "1m",
+) -> Callable[[F], F]: ...
+def task(fn: Any = None, /, **options: Any) -> Any:
+    """Declare a scheduled task (one trigger: ``cron``, ``every``, ``at`` or ``after``).
+
+    Durations are seconds or strings like ``"30s"``, ``"10m"``, ``"1h30m"``. Nothing is
+    checked here — a bad declaration must not break the plugin's import; the scheduler
+    refuses it at load with the plugin, the task and the reason named.
+    """
+
+    def mark(f: F) -> F:
+        opts = dict(options)
+        depends = opts.pop("depends_on", ())
+        if isinstance(depends, str):
+            depends = (depends,)
+        name = opts.pop("name", None) or f.__name__
+        f.__xcore_task__ = TaskSpec(fn=f, name=name, depends_on=tuple(depends), **opts)  # type: ignore[attr-defined]
+        return f
+
+    if fn is not None:
+        return mark(fn)
+    return mark
+
+
+_current_task: ContextVar[TaskContext | None] = ContextVar("xcore_task", default=None)
+_current_plugin: ContextVar[PluginContext | None] = ContextVar("xcore_plugin", default=None)
+
+
+def current_task() -> TaskContext:
+    """The context of the task run this code is part of."""
+    ctx = _current_task.get()
+    if ctx is None:
+        raise RuntimeError("current_task() was called outside a scheduled task run")
+    return ctx
+
+
+def current_plugin() -> PluginContext:
+    """The context of the plugin whose code is running (hooks, tasks, route handlers)."""
+    ctx = _current_plugin.get()
+    if ctx is None:
+        raise RuntimeError("current_plugin() was called outside a plugin's code")
+    return ctx

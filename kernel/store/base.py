@@ -1,0 +1,115 @@
+"""The event store interface every backend implements (memory, SQLite, later PostgreSQL).
+
+A store is an append-only log of :class:`~kernel.events.Recorded` events with a global,
+gapless position, plus two small tables the kernel needs beside it: subscription
+checkpoints and projection snapshots. ``tests/kernel/store/test_contract.py`` is the
+suite every backend must pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol, runtime_checkable
+
+from kernel.events import NewEvent, Recorded
+
+__all__ = ["ANY", "NO_STREAM", "EventStore", "Snapshot", "describe_expected"]
+
+#: ``expected_version`` that accepts any current version of the stream.
+ANY: Final = None
+#: ``expected_version`` that requires the stream to have no event yet.
+NO_STREAM: Final = 0
+
+
+def describe_expected(expected: int | None) -> str:
+    if expected is None:
+        return "any"
+    if expected == NO_STREAM:
+        return "0 (no stream)"
+    return str(expected)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A projection's saved state at ``position`` (``schema`` is the projection's)."""
+
+    name: str
+    position: int
+    schema: int
+    state: bytes
+
+
+@runtime_checkable
+class EventStore(Protocol):
+    """An append-only event log."""
+
+    #: Where the log lives, for messages (a file path, a DSN without password, "memory").
+    location: str
+
+    async def open(self) -> None:
+        """Open (and create if needed) the log; raise StoreLocked/StoreCorrupt clearly."""
+        ...
+
+    async def close(self) -> None:
+        """Flush pending appends, then release every resource. Idempotent."""
+        ...
+
+    async def append(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        stream: str,
+        expected_version: int | None = ANY,
+    ) -> list[Recorded]:
+        """Append ``events`` to ``stream`` atomically; return once they are durable.
+
+        ``expected_version`` is ``ANY`` (None), ``NO_STREAM`` (0) or the exact current
+        version; a mismatch raises ConcurrencyError and appends nothing. Events whose
+        ``meta.id`` is already in the log are not stored again; when none is left, the
+        stored records are returned and the version is not checked.
+        """
+        ...
+
+    async def read(
+        self,
+        *,
+        after: int = 0,
+        types: Collection[str] | None = None,
+        stream: str | None = None,
+        limit: int | None = None,
+    ) -> list[Recorded]:
+        """Events with position > ``after``, in position order, optionally filtered."""
+        ...
+
+    async def last_position(self) -> int:
+        """The position of the newest event (0 for an empty log)."""
+        ...
+
+    async def stream_version(self, stream: str) -> int:
+        """The version of the newest event of ``stream`` (0 if it has none)."""
+        ...
+
+    async def wait(self, after: int, timeout: float | None = None) -> int:
+        """Wait until the log holds an event past ``after``; return the last position.
+
+        Returns the current last position at once when it is already past ``after``,
+        or after ``timeout`` seconds whatever it is.
+        """
+        ...
+
+    async def load_checkpoint(self, name: str) -> int | None:
+        """The saved position of the subscription ``name``, or None."""
+        ...
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        """Durably save the position of the subscription ``name``."""
+        ...
+
+    async def load_snapshot(self, name: str) -> Snapshot | None:
+        """The newest snapshot saved under ``name``, or None."""
+        ...
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Save (replace) the snapshot of ``snapshot.name``."""
+        ...

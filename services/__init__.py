@@ -1,0 +1,1 @@
+"""xcore's services: each subpackage reacts to events and appends new ones."""
