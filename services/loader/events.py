@@ -1,0 +1,137 @@
+"""Events of the plugin loader: its public contract (other services may import this).
+
+Stream: ``plugin-<name>`` for everything about one plugin.
+Request events (``PluginReloadRequested``, ``PluginEnabled``, ``PluginDisabled``,
+``PluginUninstalled``) are answered by outcome events carrying the request's
+correlation id, so ``kernel.request(...)`` can await them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from kernel.events import Event
+
+__all__ = [
+    "LoadStage",
+    "PluginConfigChanged",
+    "PluginDisabled",
+    "PluginDiscovered",
+    "PluginEnabled",
+    "PluginInstalled",
+    "PluginLoadFailed",
+    "PluginLoaded",
+    "PluginReloadFailed",
+    "PluginReloadRequested",
+    "PluginReloaded",
+    "PluginUninstalled",
+    "PluginUnloaded",
+    "stream_of",
+]
+
+LoadStage = Literal["manifest", "dependency", "config", "import", "hook", "mount", "mode"]
+
+
+def stream_of(plugin: str) -> str:
+    return f"plugin-{plugin}"
+
+
+class PluginDiscovered(Event):
+    """A plugin folder was found in the plugins directory (its manifest is valid)."""
+
+    name: str
+    version: str
+    path: str
+
+
+class PluginInstalled(Event):
+    """A plugin was copied into the plugins directory from a folder or an archive."""
+
+    name: str
+    version: str
+    source: str
+    digest: str
+
+
+class PluginUninstalled(Event):
+    """A plugin was removed from the plugins directory (unloaded first)."""
+
+    name: str
+
+
+class PluginEnabled(Event):
+    """The plugin should be loaded (desired state)."""
+
+    name: str
+
+
+class PluginDisabled(Event):
+    """The plugin should not be loaded (desired state); it stays installed."""
+
+    name: str
+
+
+class PluginLoaded(Event):
+    """A generation of the plugin is imported, its hooks ran, its routes are mounted."""
+
+    name: str
+    version: str
+    generation: int
+    mode: Literal["trusted", "sandboxed"]
+    prefix: str | None
+    routes: list[str]
+    tasks: list[str]
+    digest: str
+    duration_ms: float
+
+
+class PluginLoadFailed(Event):
+    """Loading the plugin failed at ``stage``; nothing of that generation stays."""
+
+    name: str
+    stage: LoadStage
+    error: str
+    traceback: str = ""
+    generation: int | None = None
+
+
+class PluginReloadRequested(Event):
+    """Someone (the watcher, the admin API, the CLI) asked to reload a plugin (None: all)."""
+
+    name: str | None
+    reason: str = ""
+
+
+class PluginReloaded(Event):
+    """A new generation replaced the old one, which is unloaded."""
+
+    name: str
+    version: str
+    old_generation: int | None
+    generation: int
+    duration_ms: float
+
+
+class PluginReloadFailed(Event):
+    """A reload failed at ``stage``; the previous generation (if any) keeps serving."""
+
+    name: str
+    stage: LoadStage
+    error: str
+    traceback: str = ""
+    serving_generation: int | None = None
+
+
+class PluginUnloaded(Event):
+    """A generation was unloaded: its routes, tasks and subscriptions are gone."""
+
+    name: str
+    generation: int
+    reason: str = ""
+
+
+class PluginConfigChanged(Event):
+    """The plugin's ``config.yaml`` changed (and validated)."""
+
+    name: str
+    digest: str
