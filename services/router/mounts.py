@@ -1,0 +1,173 @@
+"""Building a plugin generation's mount: its own small FastAPI app, paths and OpenAPI.
+
+A trusted plugin hands over a ``fastapi.APIRouter``; the mounter wraps it in a FastAPI
+app of its own (no docs routes, no lifespan: the loader runs the plugin's hooks) with
+the router included under the mount point's ``root`` (see ``prefixes.py``), so every
+route sits at its public path. A plugin whose runtime already carries an ASGI app
+(a sandbox proxy) is mounted as it is, with the paths its ``PluginLoaded`` announced.
+
+Every refusal raises :class:`MountRefused` naming what the plugin collides with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from starlette.routing import BaseRoute
+
+from kernel.runtime import PluginRuntime
+from services.router.dispatcher import Mount, Table
+from services.router.openapi import plugin_fragment
+from services.router.prefixes import PrefixError, mount_point, normalize_prefix, overlaps, under
+from services.router.stats import PluginStats
+
+__all__ = ["MountRefused", "build_mount", "check_conflicts", "route_paths"]
+
+log = logging.getLogger("xcore.router")
+
+#: ``conflicts_with`` of a refusal caused by the plugin alone (bad prefix, bad router).
+SELF = ""
+#: ``conflicts_with`` of a refusal caused by a path the kernel reserves.
+KERNEL = "kernel"
+
+
+class MountRefused(Exception):
+    """The generation cannot be mounted; becomes a ``RouteConflict`` event."""
+
+    def __init__(
+        self, conflicts_with: str, reason: str, prefix: str = "", paths: list[str] | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.conflicts_with = conflicts_with
+        self.reason = reason
+        self.prefix = prefix
+        self.paths = paths or []
+
+
+def route_paths(routes: list[BaseRoute]) -> list[str]:
+    """The distinct paths of ``routes`` (routers included in routers are followed)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # FastAPI before route contexts: included routes are copies
+        found = {getattr(route, "path", None) for route in routes}
+    else:
+        found = {context.path for context in iter_route_contexts(routes)}
+    return sorted(p for p in found if p)
+
+
+def build_mount(
+    runtime: PluginRuntime, stats: PluginStats, announced_paths: list[str]
+) -> Mount | None:
+    """The mount of ``runtime``, or None for a plugin without routes."""
+    label = f"plugin {runtime.name!r} generation {runtime.generation}"
+    if runtime.asgi_app is not None:
+        try:
+            prefix = normalize_prefix(runtime.prefix or "")
+        except PrefixError as exc:
+            raise MountRefused(SELF, f"{label}: {exc}", runtime.prefix or "") from None
+        app = runtime.asgi_app
+        return Mount(
+            plugin=runtime.name,
+            generation=runtime.generation,
+            prefix=prefix,
+            paths=sorted(announced_paths),
+            app=app,
+            stats=stats,
+            router=getattr(app, "router", None),
+            openapi=_fragment(runtime, getattr(app, "openapi", None)),
+        )
+    router = runtime.router
+    if router is None:
+        return None
+    if not isinstance(router, APIRouter):
+        raise MountRefused(
+            SELF,
+            f"{label}: 'router' must be a fastapi.APIRouter, not {type(router).__name__}",
+            runtime.prefix or "",
+        )
+    try:
+        point = mount_point(runtime.prefix, router.prefix)
+    except PrefixError as exc:
+        raise MountRefused(SELF, f"{label}: {exc}", runtime.prefix or "") from None
+    app = FastAPI(
+        title=runtime.name,
+        version=runtime.version,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    try:
+        app.include_router(router, prefix=point.root)
+    except Exception as exc:
+        raise MountRefused(
+            SELF,
+            f"{label}: its router cannot be included: {type(exc).__name__}: {exc}",
+            point.prefix,
+        ) from exc
+    paths = route_paths(app.routes)
+    outside = [p for p in paths if not under(p, point.prefix)]
+    if outside:
+        raise MountRefused(
+            SELF,
+            f"{label}: path(s) {', '.join(outside)} lie outside its prefix {point.prefix}",
+            point.prefix,
+            outside,
+        )
+    return Mount(
+        plugin=runtime.name,
+        generation=runtime.generation,
+        prefix=point.prefix,
+        paths=paths,
+        app=app,
+        stats=stats,
+        router=app.router,
+        openapi=_fragment(runtime, app.openapi),
+    )
+
+
+def _fragment(
+    runtime: PluginRuntime, openapi: Callable[[], dict[str, Any]] | None
+) -> dict[str, Any] | None:
+    if openapi is None:
+        return None
+    try:
+        return plugin_fragment(openapi(), runtime.name)
+    except Exception:
+        log.exception(
+            "OpenAPI schema of plugin %r generation %d failed; its paths are left out of "
+            "/openapi.json (its routes are served)",
+            runtime.name,
+            runtime.generation,
+        )
+        return None
+
+
+def check_conflicts(mount: Mount, table: Table, is_reserved: Callable[[str], str | None]) -> None:
+    """Refuse ``mount`` if it claims a reserved path or overlaps another plugin's prefix."""
+    label = f"plugin {mount.plugin!r} generation {mount.generation}"
+    for path in (mount.prefix, *mount.paths):
+        reserved = is_reserved(path)
+        if reserved is not None:
+            raise MountRefused(
+                KERNEL,
+                f"{label}: {path} falls under {reserved}, which the kernel reserves",
+                mount.prefix,
+                [path],
+            )
+    for other in table.by_plugin.values():
+        if other.plugin == mount.plugin or not overlaps(mount.prefix, other.prefix):
+            continue
+        clashing = sorted(
+            {p for p in mount.paths if under(p, other.prefix)}
+            | {p for p in other.paths if under(p, mount.prefix)}
+        )
+        raise MountRefused(
+            other.plugin,
+            f"{label}: prefix {mount.prefix} overlaps {other.prefix}, mounted by plugin "
+            f"{other.plugin!r} generation {other.generation}",
+            mount.prefix,
+            clashing or [mount.prefix],
+        )
