@@ -12,8 +12,9 @@ version, or by a plugin that is not loaded): :class:`Recorded` keeps its raw dat
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Mapping
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -32,11 +33,26 @@ __all__ = [
     "NewEvent",
     "Recorded",
     "SubscriberFailed",
+    "new_id",
     "registry",
     "upcaster",
 ]
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def new_id() -> str:
+    """A fresh event id: a UUIDv7 (time-ordered) as 32 hex digits.
+
+    Time-ordered ids land at the end of the log's id index instead of at random places,
+    which makes a commit write a few index pages rather than one per event.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return f"{value:032x}"
 
 
 class Event(BaseModel):
@@ -149,7 +165,7 @@ class Meta:
     ``causation_id`` is the id of the event that caused this one.
     """
 
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
     correlation_id: str | None = None
     causation_id: str | None = None
     actor: str | None = None
@@ -279,6 +295,43 @@ class Recorded:
         if type_name in registry.versioned:
             decoded = registry.upcast(type_name, schema, decoded)
         return cls(position, stream, version, type_name, schema, decoded, meta, timestamp)
+
+    @classmethod
+    def of(
+        cls, position: int, stream: str, version: int, new: NewEvent, timestamp: float
+    ) -> Recorded:
+        """The record of ``new`` as just appended (data decoded and upcast)."""
+        data = orjson.loads(new.data)
+        if new.type in registry.versioned:
+            data = registry.upcast(new.type, new.schema, data)
+        return cls(position, stream, version, new.type, new.schema, data, new.meta, timestamp)
+
+    @staticmethod
+    def from_rows(rows: Iterable[Sequence[Any]]) -> list[Recorded]:
+        """Records from store rows ``(position, stream, version, type, schema, data, meta,
+        timestamp)`` — the hot path of replay, kept free of per-row calls."""
+        new = Recorded.__new__
+        loads = orjson.loads
+        versioned = registry.versioned
+        out: list[Recorded] = []
+        append = out.append
+        for position, stream, version, type_name, schema, data, meta, timestamp in rows:
+            r = new(Recorded)
+            r.position = position
+            r.stream = stream
+            r.version = version
+            r.type = type_name
+            r.schema = schema
+            if type_name in versioned:
+                r.data = registry.upcast(type_name, schema, loads(data))
+            else:
+                r.data = loads(data)
+            r._meta = None
+            r._meta_raw = meta
+            r.timestamp = timestamp
+            r._event = None
+            append(r)
+        return out
 
     @property
     def meta(self) -> Meta:

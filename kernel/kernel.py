@@ -107,7 +107,11 @@ class Kernel:
     async def start(self) -> None:
         if self.started:
             raise KernelStateError("the kernel is already started")
-        services = self._services if self._services is not None else discover_services()
+        services = (
+            self._services
+            if self._services is not None
+            else discover_services(self.settings.enabled_services)
+        )
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:

@@ -21,6 +21,7 @@ payload dict (fast), ``r.event`` the typed model (validated on demand).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -110,26 +111,51 @@ async def fold(
     batch_size: int = 20_000,
     on_batch: Callable[[int], Any] | None = None,
 ) -> int:
-    """Apply every event after ``projection.position`` (up to ``until``); return the count."""
+    """Apply every event after ``projection.position`` (up to ``until``); return the count.
+
+    The next batch is read while the current one is applied, so the store's thread and
+    the fold overlap where the interpreter lets them.
+    """
     types = projection.types()
+    fast = type(projection).apply is Projection.apply
+    handlers = projection._handlers
     count = 0
-    while True:
-        limit = batch_size
-        batch = await store.read(after=projection.position, types=types, limit=limit)
-        apply = projection.apply
-        for record in batch:
-            if until is not None and record.position > until:
-                projection.position = until
+    pending = asyncio.ensure_future(
+        store.read(after=projection.position, types=types, limit=batch_size)
+    )
+    try:
+        while True:
+            batch = await pending
+            full = len(batch) == batch_size
+            if full and (until is None or batch[-1].position < until):
+                pending = asyncio.ensure_future(
+                    store.read(after=batch[-1].position, types=types, limit=batch_size)
+                )
+            else:
+                full = False
+            if until is not None and batch and batch[-1].position > until:
+                batch = [r for r in batch if r.position <= until]
+            if fast:
+                for record in batch:
+                    handler = handlers.get(record.type)
+                    if handler is not None:
+                        handler(projection, record)
+                if batch:
+                    projection.position = batch[-1].position
+            else:
+                for record in batch:
+                    projection.apply(record)
+            count += len(batch)
+            if on_batch is not None:
+                await on_batch(len(batch))
+            if not full:
+                last = await store.last_position()
+                target = last if until is None else min(until, last)
+                projection.position = max(projection.position, target)
                 return count
-            apply(record)
-        count += len(batch)
-        if on_batch is not None:
-            await on_batch(len(batch))
-        if len(batch) < limit:
-            last = await store.last_position()
-            target = last if until is None else min(until, last)
-            projection.position = max(projection.position, target)
-            return count
+    finally:
+        if not pending.done():
+            pending.cancel()
 
 
 async def state_at(store: EventStore, cls: type[P], position: int) -> P:

@@ -58,6 +58,8 @@ class Settings(BaseModel):
     reload: bool = True
     #: How long a request waits for its outcome event, in seconds.
     request_timeout: float = Field(default=10.0, gt=0)
+    #: Which installed services to start (entry point names); None starts them all.
+    enabled_services: list[str] | None = None
     #: Per-service sections, validated by each service (``Settings.section``).
     services: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 
-import orjson
-
 from kernel.errors import ConcurrencyError, StoreClosed
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot, describe_expected
@@ -64,16 +62,7 @@ class MemoryStore:
         out: list[Recorded] = []
         for e in fresh:
             current += 1
-            r = Recorded(
-                len(self._events) + 1,
-                stream,
-                current,
-                e.type,
-                e.schema,
-                orjson.loads(e.data),
-                e.meta,
-                now,
-            )
+            r = Recorded.of(len(self._events) + 1, stream, current, e, now)
             self._events.append(r)
             self._ids[e.meta.id] = r
             out.append(r)

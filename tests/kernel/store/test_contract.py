@@ -1,0 +1,177 @@
+"""The store contract: every backend (memory, SQLite; PostgreSQL later) passes it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from kernel.errors import ConcurrencyError, StoreClosed
+from kernel.events import Event, Meta, NewEvent, registry, upcaster
+from kernel.store import ANY, NO_STREAM, EventStore, MemoryStore, Snapshot, SQLiteStore
+
+
+class Noted(Event):
+    text: str
+
+
+def note(text: str, meta: Meta | None = None) -> NewEvent:
+    return NewEvent.of(Noted(text=text), meta)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
+    s: EventStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "log.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_positions_are_gapless_and_versions_count_per_stream(store: EventStore) -> None:
+    a = await store.append([note("a1"), note("a2")], stream="a")
+    b = await store.append([note("b1")], stream="b")
+    c = await store.append([note("a3")], stream="a")
+    assert [r.position for r in a + b + c] == [1, 2, 3, 4]
+    assert [(r.stream, r.version) for r in a + b + c] == [("a", 1), ("a", 2), ("b", 1), ("a", 3)]
+    assert await store.last_position() == 4
+    assert await store.stream_version("a") == 3
+    assert await store.stream_version("nobody") == 0
+
+
+async def test_recorded_envelope_carries_data_meta_and_time(store: EventStore) -> None:
+    meta = Meta(correlation_id="c1", causation_id="x", actor="ada", node="n", boot="b")
+    [r] = await store.append([note("hi", meta)], stream="s")
+    [back] = await store.read()
+    for rec in (r, back):
+        assert rec.type == "Noted"
+        assert rec.schema == 1
+        assert rec.data == {"text": "hi"}
+        assert rec.event == Noted(text="hi")
+        assert rec.meta == meta
+        assert rec.recorded_at.tzinfo is not None
+    assert back.to_dict()["meta"]["actor"] == "ada"
+
+
+async def test_expected_version_any_no_stream_and_exact(store: EventStore) -> None:
+    await store.append([note("1")], stream="s", expected_version=NO_STREAM)
+    await store.append([note("2")], stream="s", expected_version=1)
+    await store.append([note("3")], stream="s", expected_version=ANY)
+    with pytest.raises(ConcurrencyError) as err:
+        await store.append([note("x")], stream="s", expected_version=NO_STREAM)
+    assert "'s'" in str(err.value) and "3" in str(err.value)
+    with pytest.raises(ConcurrencyError, match="expected version 2"):
+        await store.append([note("x"), note("y")], stream="s", expected_version=2)
+    # a refused append writes nothing
+    assert await store.last_position() == 3
+    assert [r.data["text"] for r in await store.read(stream="s")] == ["1", "2", "3"]
+
+
+async def test_an_event_id_appended_twice_is_stored_once(store: EventStore) -> None:
+    meta = Meta(id="0123456789abcdef0123456789abcdef")
+    first = await store.append([note("once", meta)], stream="s")
+    again = await store.append([note("once", meta)], stream="s", expected_version=NO_STREAM)
+    assert [r.position for r in again] == [r.position for r in first]
+    assert await store.last_position() == 1
+    # duplicates inside one call are dropped as well
+    twin = Meta(id="ffffffffffffffffffffffffffffffff")
+    await store.append([note("t", twin), note("t", twin)], stream="s")
+    assert await store.last_position() == 2
+
+
+async def test_reads_filter_by_position_type_stream_and_limit(store: EventStore) -> None:
+    for i in range(10):
+        await store.append([note(f"n{i}"), NewEvent.raw("Other", {"i": i})], stream=f"s{i % 2}")
+    assert [r.position for r in await store.read(after=15)] == [16, 17, 18, 19, 20]
+    noted = await store.read(types=["Noted"])
+    assert [r.data["text"] for r in noted] == [f"n{i}" for i in range(10)]
+    s1 = await store.read(stream="s1", types={"Other"})
+    assert [r.data["i"] for r in s1] == [1, 3, 5, 7, 9]
+    assert len(await store.read(limit=3)) == 3
+    assert [r.position for r in await store.read(after=4, limit=2)] == [5, 6]
+    assert await store.read(types=[]) == []
+
+
+async def test_unknown_event_types_are_kept_as_raw_data(store: EventStore) -> None:
+    await store.append([NewEvent.raw("WrittenByANewerVersion", {"x": [1, 2]})], stream="s")
+    [r] = await store.read()
+    assert r.type == "WrittenByANewerVersion"
+    assert r.data == {"x": [1, 2]}
+    assert r.known is False
+    assert r.event is None
+
+
+async def test_old_schemas_are_upcast_on_read(store: EventStore) -> None:
+    class Renamed(Event):
+        type_name = "ContractRenamed"
+        schema_version = 2
+        full_name: str
+
+    @upcaster("ContractRenamed", from_schema=1)
+    def _v1_to_v2(data: dict[str, object]) -> dict[str, object]:
+        return {"full_name": data["name"]}
+
+    try:
+        await store.append([NewEvent.raw("ContractRenamed", {"name": "ada"}, schema=1)], stream="s")
+        await store.append([NewEvent.of(Renamed(full_name="bob"))], stream="s")
+        old, new = await store.read()
+        assert old.schema == 1 and old.data == {"full_name": "ada"}
+        assert old.event == Renamed(full_name="ada")
+        assert new.schema == 2 and new.data == {"full_name": "bob"}
+    finally:
+        registry._types.pop("ContractRenamed", None)
+        registry._upcasters.pop(("ContractRenamed", 1), None)
+        registry.versioned.discard("ContractRenamed")
+
+
+async def test_concurrent_appenders_lose_nothing(store: EventStore) -> None:
+    async def producer(i: int) -> None:
+        for j in range(20):
+            await store.append([note(f"{i}-{j}")], stream=f"p{i}")
+
+    with anyio.fail_after(30):
+        await asyncio.gather(*(producer(i) for i in range(50)))
+    records = await store.read()
+    assert [r.position for r in records] == list(range(1, 1001))
+    for i in range(50):
+        versions = [r.version for r in records if r.stream == f"p{i}"]
+        assert versions == list(range(1, 21))
+
+
+async def test_wait_returns_on_commit_or_timeout(store: EventStore) -> None:
+    with anyio.fail_after(5):
+        assert await store.wait(0, timeout=0.01) == 0
+
+        async def later() -> None:
+            await asyncio.sleep(0.02)
+            await store.append([note("x")], stream="s")
+
+        task = asyncio.create_task(later())
+        assert await store.wait(0) == 1
+        await task
+        assert await store.wait(0) == 1  # already past: returns at once
+
+
+async def test_checkpoints_and_snapshots(store: EventStore) -> None:
+    assert await store.load_checkpoint("sub") is None
+    await store.save_checkpoint("sub", 5)
+    await store.save_checkpoint("sub", 7)
+    assert await store.load_checkpoint("sub") == 7
+    assert await store.load_snapshot("proj") is None
+    await store.save_snapshot(Snapshot("proj", 3, 1, orjson.dumps({"n": 3})))
+    await store.save_snapshot(Snapshot("proj", 9, 2, orjson.dumps({"n": 9})))
+    snap = await store.load_snapshot("proj")
+    assert snap is not None and snap.position == 9 and snap.schema == 2
+    assert orjson.loads(snap.state) == {"n": 9}
+
+
+async def test_a_closed_store_refuses_work(store: EventStore) -> None:
+    await store.close()
+    with pytest.raises(StoreClosed):
+        await store.append([note("late")], stream="s")
+    with pytest.raises(StoreClosed):
+        await store.read()
+    await store.open()  # the fixture closes it again
