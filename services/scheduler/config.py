@@ -1,0 +1,37 @@
+"""Settings of the scheduler: the ``services.scheduler`` section of ``xcore.yaml``.
+
+services:
+  scheduler:
+    max_concurrency: 32
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.scheduler.triggers import parse_zone
+
+__all__ = ["SchedulerSettings"]
+
+
+class SchedulerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The global limit of runs in progress at once (async and sync together).
+    max_concurrency: int = Field(default=32, ge=1)
+    #: Worker threads for sync tasks (default: ``max_concurrency``).
+    threads: int | None = Field(default=None, ge=1)
+    #: Time zone of cron expressions and naive ``at=`` times without ``tz=``.
+    default_timezone: str = "UTC"
+    #: ``TaskStarted`` is made durable up to this long before the due time, so the
+    #: log write does not delay the start (the lead adapts to the measured append
+    #: latency, within this bound).
+    max_lead_ms: float = Field(default=25.0, ge=0)
+    #: Refuse every task of a plugin as soon as one of its declarations is refused.
+    strict: bool = False
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        parse_zone(value)
+        return value

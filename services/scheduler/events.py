@@ -1,0 +1,194 @@
+"""Events of the scheduler: its public contract (other services may import this).
+
+Stream: ``task-<plugin>.<task>`` (see :func:`stream_of`) for everything about one task.
+Times are UTC epoch seconds (floats): cheap to write, cheap to fold.
+
+A run is ``TaskStarted`` then ``TaskSucceeded`` or ``TaskFailed``; a failed attempt that
+will be retried is followed by ``TaskRetryScheduled`` and, later, another ``TaskStarted``
+with the same ``run_id`` and the next ``attempt``. Events that move a schedule forward
+carry ``next_run``, so the next due time is always in the log.
+
+Requests (answered with the request's correlation id, for ``kernel.request``):
+``TaskRunRequested`` -> ``TaskStarted`` | ``TaskSkipped``; any of them -> ``TaskRequestRefused``
+when the task is not scheduled;
+``TaskPauseRequested`` -> ``TaskPaused``; ``TaskResumeRequested`` -> ``TaskResumed``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from kernel.events import Event
+
+__all__ = [
+    "TASK_EVENTS",
+    "TaskFailed",
+    "TaskMissed",
+    "TaskPauseRequested",
+    "TaskPaused",
+    "TaskRejected",
+    "TaskRequestRefused",
+    "TaskResumeRequested",
+    "TaskResumed",
+    "TaskRetryScheduled",
+    "TaskRunRequested",
+    "TaskScheduled",
+    "TaskSkipped",
+    "TaskStarted",
+    "TaskSucceeded",
+    "TaskUnscheduled",
+    "stream_of",
+]
+
+
+def stream_of(task_id: str) -> str:
+    """The stream of a task, e.g. ``task-hello.cleanup``."""
+    return f"task-{task_id}"
+
+
+class TaskScheduled(Event):
+    """A task was registered (plugin load, reload, or ``SchedulerService.register``)."""
+
+    task: str
+    plugin: str
+    generation: int
+    #: The trigger, described (``cron '*/5 * * * *' Europe/Paris``, ``every 30s``...).
+    trigger: str
+    #: When it runs next (None: only after its dependencies, or never again).
+    next_run: float | None
+    priority: int = 0
+    depends_on: list[str] = []
+    max_instances: int = 1
+    misfire: Literal["run_once", "skip"] = "run_once"
+
+
+class TaskUnscheduled(Event):
+    """A task stopped being scheduled (its plugin was unloaded, or it was unregistered)."""
+
+    task: str
+    plugin: str
+    generation: int
+    reason: str
+
+
+class TaskRejected(Event):
+    """A task declaration was refused when its plugin loaded; nothing of it is scheduled."""
+
+    task: str
+    plugin: str
+    generation: int
+    reason: str
+
+
+class TaskStarted(Event):
+    """A run (or a retry attempt of it) is about to start; recorded before the code runs."""
+
+    task: str
+    run_id: str
+    scheduled_for: float
+    attempt: int = 1
+    #: ``schedule``, ``retry``, ``request`` (run now), ``dependency`` or ``misfire``.
+    trigger: str = "schedule"
+    #: The next due time of the schedule once this run was taken.
+    next_run: float | None = None
+
+
+class TaskSucceeded(Event):
+    task: str
+    run_id: str
+    attempt: int
+    duration_ms: float
+
+
+class TaskFailed(Event):
+    task: str
+    run_id: str
+    attempt: int
+    error: str
+    traceback: str = ""
+    duration_ms: float = 0.0
+    #: ``error``, ``timeout``, ``cancelled`` (plugin unloaded) or ``interrupted`` (process died).
+    kind: Literal["error", "timeout", "cancelled", "interrupted"] = "error"
+    #: Whether a retry follows (then a ``TaskRetryScheduled`` comes next).
+    will_retry: bool = False
+
+
+class TaskRetryScheduled(Event):
+    task: str
+    run_id: str
+    #: The attempt that will run at ``retry_at``.
+    attempt: int
+    delay_s: float
+    retry_at: float
+    scheduled_for: float
+
+
+class TaskSkipped(Event):
+    """A due run did not start (``max_instances`` reached, dependency not satisfied...)."""
+
+    task: str
+    scheduled_for: float
+    reason: str
+    next_run: float | None = None
+
+
+class TaskMissed(Event):
+    """Runs fell due while the kernel was down (or the loop was stalled) and did not run."""
+
+    task: str
+    #: How many due times were missed (coalesced into at most one run with ``run_once``).
+    count: int
+    first: float
+    last: float
+    policy: Literal["run_once", "skip"]
+    next_run: float | None = None
+
+
+class TaskPauseRequested(Event):
+    task: str
+
+
+class TaskPaused(Event):
+    task: str
+
+
+class TaskResumeRequested(Event):
+    task: str
+
+
+class TaskResumed(Event):
+    task: str
+    next_run: float | None = None
+
+
+class TaskRequestRefused(Event):
+    """A request about a task was refused (e.g. the task is not scheduled)."""
+
+    task: str
+    reason: str
+
+
+class TaskRunRequested(Event):
+    """Someone asked to run the task now (admin API, CLI)."""
+
+    task: str
+
+
+#: Every event type the scheduler writes.
+TASK_EVENTS: tuple[type[Event], ...] = (
+    TaskScheduled,
+    TaskUnscheduled,
+    TaskRejected,
+    TaskStarted,
+    TaskSucceeded,
+    TaskFailed,
+    TaskRetryScheduled,
+    TaskSkipped,
+    TaskMissed,
+    TaskPauseRequested,
+    TaskPaused,
+    TaskResumeRequested,
+    TaskResumed,
+    TaskRunRequested,
+    TaskRequestRefused,
+)

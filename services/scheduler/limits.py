@@ -1,0 +1,44 @@
+"""The global concurrency limit: at most ``limit`` runs at once; when it is reached,
+the waiting run with the highest priority starts first, ties in order of due time."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+
+__all__ = ["PrioritySlots"]
+
+
+class PrioritySlots:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self._waiters: list[tuple[int, float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for *_, f in self._waiters if not f.done())
+
+    async def acquire(self, priority: int, due: float) -> None:
+        if self.busy < self.limit and not self._waiters:
+            self.busy += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (-priority, due, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted and cancelled in the same step: hand it on
+            raise
+
+    def release(self) -> None:
+        self.busy -= 1
+        while self._waiters and self.busy < self.limit:
+            *_, fut = heapq.heappop(self._waiters)
+            if fut.done():
+                continue
+            self.busy += 1
+            fut.set_result(None)

@@ -1,0 +1,272 @@
+"""Validating task declarations: a :class:`~kernel.sdk.TaskSpec` becomes a :class:`CompiledTask`.
+
+Everything that can be checked on one declaration is checked here (one trigger, a valid
+cron expression, a known time zone, durations, limits); what needs the whole task set
+(unknown dependencies, cycles) is checked by :func:`check_dependencies`. Each refusal is
+a :class:`TaskDeclarationError` whose message names the reason; the caller adds the
+plugin and the task.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kernel.runtime import PluginRuntime
+from kernel.sdk import TaskSpec
+from services.scheduler.triggers import (
+    AfterTrigger,
+    CronTrigger,
+    DateTrigger,
+    IntervalTrigger,
+    Trigger,
+    parse_at,
+    parse_duration,
+    parse_zone,
+)
+
+__all__ = ["CompiledTask", "TaskDeclarationError", "check_dependencies", "compile_spec"]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+class TaskDeclarationError(ValueError):
+    """A task declaration the scheduler refuses; the message says why."""
+
+
+@dataclass(eq=False)
+class CompiledTask:
+    """A validated task, ready to be scheduled."""
+
+    id: str
+    plugin: str
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    #: None for a task that runs only after its dependencies.
+    trigger: Trigger | None
+    jitter: float
+    priority: int
+    depends_on: tuple[str, ...]
+    depends_rule: str
+    retries: int
+    retry_delay: float
+    retry_max_delay: float
+    timeout: float | None
+    max_instances: int
+    misfire: str
+    misfire_grace: float
+    generation: int = 0
+    runtime: PluginRuntime | None = None
+
+    @property
+    def trigger_description(self) -> str:
+        if self.trigger is not None:
+            return self.trigger.description
+        return f"after {', '.join(self.depends_on)} ({self.depends_rule})"
+
+    def retry_backoff(self, attempt: int) -> float:
+        """Delay before the attempt following failed ``attempt`` (1-based)."""
+        return float(min(self.retry_max_delay, self.retry_delay * 2 ** (attempt - 1)))
+
+
+def qualify(plugin: str, name: str) -> str:
+    """``cleanup`` in plugin ``hello`` is ``hello.cleanup``; ``other.x`` stays as is."""
+    return name if "." in name else f"{plugin}.{name}"
+
+
+def compile_spec(
+    plugin: str,
+    spec: TaskSpec,
+    *,
+    generation: int = 0,
+    runtime: PluginRuntime | None = None,
+    default_tz: str = "UTC",
+) -> CompiledTask:
+    """Validate ``spec``; raises :class:`TaskDeclarationError` naming the reason."""
+    try:
+        return _compile(plugin, spec, generation, runtime, default_tz)
+    except TaskDeclarationError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise TaskDeclarationError(str(exc)) from None
+
+
+def _compile(
+    plugin: str,
+    spec: TaskSpec,
+    generation: int,
+    runtime: PluginRuntime | None,
+    default_tz: str,
+) -> CompiledTask:
+    if not isinstance(spec.name, str) or not _NAME.match(spec.name):
+        raise TaskDeclarationError(
+            f"invalid task name {spec.name!r} (letters, digits, '_' and '-'; no dots)"
+        )
+    if not callable(spec.fn):
+        raise TaskDeclarationError(f"the task function {spec.fn!r} is not callable")
+    if spec.extra:
+        raise TaskDeclarationError(f"unknown option(s): {', '.join(sorted(spec.extra))}")
+    chosen = {
+        k: v
+        for k, v in (
+            ("cron", spec.cron),
+            ("every", spec.every),
+            ("at", spec.at),
+            ("after", spec.after),
+        )
+        if v is not None
+    }
+    if len(chosen) > 1:
+        raise TaskDeclarationError(f"give one trigger, not {len(chosen)} ({', '.join(chosen)})")
+    tz = spec.tz or default_tz
+    if spec.tz is not None:
+        parse_zone(spec.tz)
+    trigger: Trigger | None
+    if spec.cron is not None:
+        if not isinstance(spec.cron, str):
+            raise TaskDeclarationError(f"cron must be a string, got {spec.cron!r}")
+        trigger = CronTrigger(spec.cron, tz)
+    elif spec.every is not None:
+        every = parse_duration(spec.every, "every")
+        trigger = IntervalTrigger(every)
+    elif spec.at is not None:
+        trigger = DateTrigger(parse_at(spec.at, tz))
+    elif spec.after is not None:
+        trigger = AfterTrigger(parse_duration(spec.after, "after"))
+    elif spec.depends_on:
+        trigger = None
+    else:
+        raise TaskDeclarationError(
+            "no trigger: give one of cron=, every=, at=, after= (or depends_on= alone)"
+        )
+    jitter = parse_duration(spec.jitter, "jitter") if spec.jitter is not None else 0.0
+    if jitter and not isinstance(trigger, IntervalTrigger | CronTrigger):
+        raise TaskDeclarationError("jitter applies to recurring triggers (cron=, every=) only")
+    if spec.depends_rule not in ("success", "finished"):
+        raise TaskDeclarationError(
+            f"depends_rule must be 'success' or 'finished', got {spec.depends_rule!r}"
+        )
+    if spec.misfire not in ("run_once", "skip"):
+        raise TaskDeclarationError(f"misfire must be 'run_once' or 'skip', got {spec.misfire!r}")
+    if not isinstance(spec.priority, int) or isinstance(spec.priority, bool):
+        raise TaskDeclarationError(f"priority must be an integer, got {spec.priority!r}")
+    if not isinstance(spec.retries, int) or spec.retries < 0:
+        raise TaskDeclarationError(f"retries must be a non-negative integer, got {spec.retries!r}")
+    if not isinstance(spec.max_instances, int) or spec.max_instances < 1:
+        raise TaskDeclarationError(
+            f"max_instances must be an integer >= 1, got {spec.max_instances!r}"
+        )
+    timeout = parse_duration(spec.timeout, "timeout") if spec.timeout is not None else None
+    if timeout is not None and timeout <= 0:
+        raise TaskDeclarationError("timeout must be positive")
+    depends = tuple(qualify(plugin, d) for d in spec.depends_on)
+    task_id = f"{plugin}.{spec.name}"
+    if task_id in depends:
+        raise TaskDeclarationError("a task cannot depend on itself")
+    fn = spec.fn
+    return CompiledTask(
+        id=task_id,
+        plugin=plugin,
+        name=spec.name,
+        fn=fn,
+        is_async=inspect.iscoroutinefunction(fn),
+        trigger=trigger,
+        jitter=jitter,
+        priority=spec.priority,
+        depends_on=depends,
+        depends_rule=spec.depends_rule,
+        retries=spec.retries,
+        retry_delay=parse_duration(spec.retry_delay, "retry_delay"),
+        retry_max_delay=parse_duration(spec.retry_max_delay, "retry_max_delay"),
+        timeout=timeout,
+        max_instances=spec.max_instances,
+        misfire=spec.misfire,
+        misfire_grace=parse_duration(spec.misfire_grace, "misfire_grace"),
+        generation=generation,
+        runtime=runtime,
+    )
+
+
+def check_dependencies(
+    new: Mapping[str, CompiledTask],
+    existing: Mapping[str, tuple[str, ...]],
+    known: Iterable[str],
+) -> dict[str, str]:
+    """Refusals (task id -> reason) for unknown dependencies and cycles.
+
+    ``new`` are the tasks being registered, ``existing`` the dependencies of the tasks
+    already registered (other plugins), ``known`` every task id the log knows of.
+    A task depending on a refused task is refused too.
+    """
+    known_ids = set(known) | set(new) | set(existing)
+    refused: dict[str, str] = {}
+    for tid, task in new.items():
+        unknown = [d for d in task.depends_on if d not in known_ids]
+        if unknown:
+            refused[tid] = f"depends on unknown task(s) {', '.join(unknown)}"
+    graph: dict[str, tuple[str, ...]] = dict(existing)
+    graph.update({tid: t.depends_on for tid, t in new.items()})
+    for cycle in _cycles(graph):
+        path = " -> ".join([*cycle, cycle[0]])
+        for tid in cycle:
+            if tid in new and tid not in refused:
+                refused[tid] = f"dependency cycle: {path}"
+    changed = True
+    while changed:
+        changed = False
+        for tid, task in new.items():
+            if tid in refused:
+                continue
+            bad = [d for d in task.depends_on if d in refused]
+            if bad:
+                refused[tid] = f"depends on refused task(s) {', '.join(bad)}"
+                changed = True
+    return refused
+
+
+def _cycles(graph: Mapping[str, tuple[str, ...]]) -> list[list[str]]:
+    """Each strongly connected component with a cycle (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    counter = 0
+    for root in graph:
+        if root in index:
+            continue
+        work: list[tuple[str, int]] = [(root, 0)]
+        while work:
+            node, i = work.pop()
+            if i == 0:
+                index[node] = low[node] = counter
+                counter += 1
+                stack.append(node)
+                on_stack.add(node)
+            deps = graph.get(node, ())
+            if i < len(deps):
+                work.append((node, i + 1))
+                nxt = deps[i]
+                if nxt not in index:
+                    work.append((nxt, 0))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    component.append(top)
+                    if top == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+    return found

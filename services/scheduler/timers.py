@@ -1,0 +1,110 @@
+"""The timer: one heap of due times and one sleeper, so thousands of schedules cost
+one wake-up per due time, not a poll over every schedule.
+
+Entries are keyed; re-arming or cancelling a key just bumps its token, and stale heap
+entries are dropped when they surface (lazy deletion keeps both operations O(log n)).
+The sleeper waits on ``loop.call_at`` for the earliest entry and is woken early when an
+earlier one is pushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+__all__ = ["TimerQueue"]
+
+log = logging.getLogger("xcore.scheduler")
+
+Callback = Callable[[], None]
+
+
+class TimerQueue:
+    """Calls a key's callback once its time (UTC epoch seconds) has come."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._live: dict[str, tuple[int, Callback]] = {}
+        self._seq = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._target: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def arm(self, key: str, when: float, callback: Callback) -> None:
+        """Call ``callback`` at ``when``; replaces whatever ``key`` was armed with."""
+        seq = next(self._seq)
+        self._live[key] = (seq, callback)
+        heapq.heappush(self._heap, (when, seq, key))
+        if self._target is None or when < self._target:
+            self._poke()
+
+    def cancel(self, key: str) -> None:
+        self._live.pop(key, None)
+
+    def when(self, key: str) -> float | None:
+        live = self._live.get(key)
+        if live is None:
+            return None
+        for when, seq, k in self._heap:
+            if k == key and seq == live[0]:
+                return when
+        return None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="xcore-scheduler-timer")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _poke(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        heap = self._heap
+        while True:
+            now = time.time()
+            while heap and heap[0][0] <= now:
+                _, seq, key = heapq.heappop(heap)
+                live = self._live.get(key)
+                if live is None or live[0] != seq:
+                    continue
+                del self._live[key]
+                try:
+                    live[1]()
+                except Exception:
+                    log.exception("scheduler timer callback for %r failed", key)
+            while heap and self._live.get(heap[0][2], (None,))[0] != heap[0][1]:
+                heapq.heappop(heap)
+            self._wake = wake = loop.create_future()
+            handle = None
+            if heap:
+                self._target = heap[0][0]
+                handle = loop.call_at(loop.time() + (self._target - time.time()), _done, wake)
+            else:
+                self._target = None
+            try:
+                await wake
+            finally:
+                if handle is not None:
+                    handle.cancel()
+                self._wake = None
+
+
+def _done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
