@@ -1,0 +1,152 @@
+"""What HTTP clients see: 404s, /openapi.json and /docs following plugins, the stats table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel
+
+
+class Item(BaseModel):
+    name: str
+
+
+def item_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/items")
+    async def create_item(item: Item) -> Item:
+        return item
+
+    return router
+
+
+async def test_unknown_paths_get_a_json_404(harness: Any, status_router: Any) -> None:
+    await harness.load("hello", 1, status_router("", "h"), "/app/hello")
+    for path in ("/nowhere", "/app/hellox/status", "/app", "/admin/nothing-here"):
+        response = await harness.client.get(path)
+        assert response.status_code == 404, path
+        assert response.json() == {"detail": "Not Found"}
+        assert response.headers["content-type"] == "application/json"
+
+
+async def test_a_plugin_404_inside_its_prefix_is_its_own(harness: Any, status_router: Any) -> None:
+    await harness.load("hello", 1, status_router("", "h"), "/app/hello")
+    response = await harness.client.get("/app/hello/missing")
+    assert response.status_code == 404
+    assert harness.router.stats.plugin("hello").by_class[4] == 1
+    assert harness.router.stats.unmatched == 0
+
+
+async def test_openapi_follows_plugins_as_they_come_and_go(
+    harness: Any, status_router: Any
+) -> None:
+    async def paths() -> dict[str, Any]:
+        response = await harness.client.get("/openapi.json")
+        assert response.status_code == 200
+        return response.json()["paths"]
+
+    assert "/app/hello/status" not in await paths()
+    await harness.load("hello", 1, status_router("/hello", "h"), "/app/hello")
+    assert "/app/hello/status" in await paths()
+    await harness.unload("hello", 1)
+    assert "/app/hello/status" not in await paths()
+    # the kernel's own paths are still there
+    assert "/health" in await paths()
+
+
+async def test_openapi_namespaces_two_plugins_models(harness: Any) -> None:
+    await harness.load("a", 1, item_router(), "/app/a")
+    await harness.load("b", 1, item_router(), "/app/b")
+    schema = (await harness.client.get("/openapi.json")).json()
+    schemas = schema["components"]["schemas"]
+    assert {"a.Item", "b.Item"} <= set(schemas)
+    ref = schema["paths"]["/app/b/items"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    assert ref == {"$ref": "#/components/schemas/b.Item"}
+    assert schema["paths"]["/app/a/items"]["post"]["tags"] == ["a"]
+
+
+async def test_refused_plugin_is_not_documented(harness: Any, status_router: Any) -> None:
+    await harness.load("first", 1, status_router("", "first"), "/app/shared")
+    await harness.load("second", 1, item_router(), "/app/shared")
+    paths = (await harness.client.get("/openapi.json")).json()["paths"]
+    assert "/app/shared/items" not in paths
+
+
+async def test_docs_page_is_served(harness: Any, status_router: Any) -> None:
+    await harness.load("hello", 1, status_router("", "h"), "/app/hello")
+    response = await harness.client.get("/docs")
+    assert response.status_code == 200
+    assert "/openapi.json" in response.text
+
+
+async def test_requests_are_counted_per_plugin(harness: Any) -> None:
+    router = APIRouter()
+
+    @router.get("/ok")
+    async def ok() -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.get("/teapot")
+    async def teapot() -> None:
+        raise HTTPException(status_code=418)
+
+    @router.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("plugin bug")
+
+    await harness.load("hello", 1, router, "/app/hello")
+    for _ in range(3):
+        assert (await harness.client.get("/app/hello/ok")).status_code == 200
+    assert (await harness.client.get("/app/hello/teapot")).status_code == 418
+    assert (await harness.client.get("/app/hello/boom")).status_code == 500
+    stats = harness.router.stats.plugin("hello")
+    assert stats.requests == 5
+    assert stats.by_class[2] == 3
+    assert stats.by_class[4] == 1
+    assert stats.by_class[5] == 1
+    assert stats.errors == 1
+    assert sum(stats.buckets) == 5
+    assert stats.latency_sum > 0
+
+
+async def test_counts_survive_a_reload(harness: Any, status_router: Any) -> None:
+    await harness.load("hello", 1, status_router("", "gen1"), "/app/hello")
+    await harness.client.get("/app/hello/status")
+    await harness.load("hello", 2, status_router("", "gen2"), "/app/hello")
+    await harness.client.get("/app/hello/status")
+    assert harness.router.stats.plugin("hello").requests == 2
+
+
+async def test_admin_routes_table(harness: Any, status_router: Any) -> None:
+    await harness.load("hello", 1, status_router("/hello", "h"), "/app/hello")
+    await harness.load("clash", 1, status_router("", "c"), "/app/hello")
+    for _ in range(4):
+        await harness.client.get("/app/hello/status")
+    await harness.client.get("/not/a/plugin")
+    await harness.kernel.settle()
+    response = await harness.admin("/admin/routes")
+    assert response.status_code == 200
+    body = response.json()
+    [row] = body["routes"]
+    assert row["prefix"] == "/app/hello"
+    assert row["plugin"] == "hello"
+    assert row["generation"] == 1
+    assert row["paths"] == ["/app/hello/status"]
+    assert row["requests"] == 4
+    assert row["errors"] == 0
+    assert row["by_class"]["2xx"] == 4
+    assert row["p50_ms"] > 0
+    assert row["p99_ms"] >= row["p50_ms"]
+    [conflict] = body["conflicts"]
+    assert conflict["plugin"] == "clash"
+    assert conflict["conflicts_with"] == "hello"
+    assert body["unmatched_requests"] == 1
+
+
+async def test_admin_routes_refuse_a_missing_or_wrong_token(harness: Any) -> None:
+    assert (await harness.admin("/admin/routes", token=None)).status_code in (401, 403)
+    assert (await harness.admin("/admin/routes", token="wrong")).status_code in (401, 403)
