@@ -1,0 +1,62 @@
+"""Validation of task declarations: each refusal names the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.scheduler.specs import TaskDeclarationError, check_dependencies, compile_spec
+
+from .helpers import spec
+
+
+def noop() -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cron": "99 * * * *"}, "not a valid cron expression"),
+        ({"cron": "*/5 * * * *", "tz": "Nowhere/City"}, "unknown time zone 'Nowhere/City'"),
+        ({"every": "5s", "cron": "* * * * *"}, "give one trigger"),
+        ({}, "no trigger"),
+        ({"every": "fast"}, "every: 'fast' is not a duration"),
+        ({"every": "5s", "misfire": "later"}, "misfire must be"),
+        ({"every": "5s", "max_instances": 0}, "max_instances"),
+        ({"every": "5s", "retries": -1}, "retries"),
+        ({"after": "1s", "jitter": "1s"}, "jitter applies to recurring"),
+        ({"every": "5s", "depends_on": "noop"}, "cannot depend on itself"),
+    ],
+)
+def test_bad_declarations_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(TaskDeclarationError, match=message):
+        compile_spec("p", spec(noop, **options))
+
+
+def test_good_declaration() -> None:
+    task = compile_spec("hello", spec(noop, every="30s", jitter="2s", depends_on=["other.x"]))
+    assert task.id == "hello.noop"
+    assert task.jitter == 2.0
+    assert task.depends_on == ("other.x",)
+    assert task.trigger is not None and task.trigger.description == "every 30s"
+    assert not task.is_async
+
+
+def test_dependency_checks() -> None:
+    a = compile_spec("p", spec(noop, name="a", every="1s", depends_on="b"))
+    b = compile_spec("p", spec(noop, name="b", every="1s", depends_on="a"))
+    c = compile_spec("p", spec(noop, name="c", every="1s", depends_on="a"))
+    d = compile_spec("p", spec(noop, name="d", every="1s", depends_on="q.unknown"))
+    e = compile_spec("p", spec(noop, name="e", every="1s", depends_on="other.x"))
+    refused = check_dependencies({t.id: t for t in (a, b, c, d, e)}, existing={}, known=["other.x"])
+    assert refused["p.a"].startswith("dependency cycle: p.a -> p.b -> p.a")
+    assert refused["p.b"].startswith("dependency cycle")
+    assert refused["p.c"] == "depends on refused task(s) p.a"
+    assert refused["p.d"] == "depends on unknown task(s) q.unknown"
+    assert "p.e" not in refused
+
+
+def test_cycle_across_plugins() -> None:
+    a = compile_spec("p", spec(noop, name="a", every="1s", depends_on="q.b"))
+    refused = check_dependencies({a.id: a}, existing={"q.b": ("p.a",)}, known=[])
+    assert "dependency cycle" in refused["p.a"]

@@ -1,0 +1,135 @@
+"""Triggers: durations, intervals, one-shots, and cron across daylight-saving changes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from services.scheduler.triggers import (
+    CronTrigger,
+    IntervalTrigger,
+    catch_up,
+    parse_at,
+    parse_duration,
+)
+
+
+def runs(expr: str, tz: str, start: str, n: int) -> list[str]:
+    trigger = CronTrigger(expr, tz)
+    zone = ZoneInfo(tz)
+    t: float | None = datetime.fromisoformat(start).timestamp()
+    out = []
+    for _ in range(n):
+        assert t is not None
+        t = trigger.next_after(t)
+        assert t is not None
+        out.append(datetime.fromtimestamp(t, zone).isoformat())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("10m", 600), ("1h30m", 5400), ("250ms", 0.25), (2.5, 2.5), ("7", 7)],
+)
+def test_durations(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "10x", "m10", "-5", -1, "1h 30q", True])
+def test_bad_durations_are_refused_with_the_value(bad: object) -> None:
+    with pytest.raises(ValueError, match="every"):
+        parse_duration(bad, "every")  # type: ignore[arg-type]
+
+
+def test_paris_spring_forward_fixed_time_runs_right_after_the_gap() -> None:
+    # 2026-03-29: 02:00 -> 03:00 in Paris; 02:30 does not exist that day
+    assert runs("30 2 * * *", "Europe/Paris", "2026-03-28T12:00:00+01:00", 3) == [
+        "2026-03-29T03:00:00+02:00",
+        "2026-03-30T02:30:00+02:00",
+        "2026-03-31T02:30:00+02:00",
+    ]
+
+
+def test_paris_fall_back_fixed_time_runs_once() -> None:
+    # 2026-10-25: 03:00 -> 02:00 in Paris; 02:30 happens twice, runs on the first pass
+    assert runs("30 2 * * *", "Europe/Paris", "2026-10-24T12:00:00+02:00", 2) == [
+        "2026-10-25T02:30:00+02:00",
+        "2026-10-26T02:30:00+01:00",
+    ]
+
+
+def test_croniter_alone_would_run_the_repeated_hour_twice() -> None:
+    """The correction is needed: croniter with an aware start yields both passes."""
+    from croniter import croniter
+
+    zone = ZoneInfo("Europe/Paris")
+    it = croniter("30 2 * * *", datetime(2026, 10, 24, 12, tzinfo=zone))
+    first, second = it.get_next(datetime), it.get_next(datetime)
+    assert first.date() == second.date()  # 02:30+02:00 then 02:30+01:00
+
+
+def test_wildcard_cron_keeps_both_passes_and_skips_the_gap() -> None:
+    assert runs("*/30 * * * *", "Europe/Paris", "2026-10-25T01:00:00+02:00", 6) == [
+        "2026-10-25T01:30:00+02:00",
+        "2026-10-25T02:00:00+02:00",
+        "2026-10-25T02:30:00+02:00",
+        "2026-10-25T02:00:00+01:00",
+        "2026-10-25T02:30:00+01:00",
+        "2026-10-25T03:00:00+01:00",
+    ]
+    assert runs("*/30 * * * *", "Europe/Paris", "2026-03-29T01:00:00+01:00", 3) == [
+        "2026-03-29T01:30:00+01:00",
+        "2026-03-29T03:00:00+02:00",
+        "2026-03-29T03:30:00+02:00",
+    ]
+
+
+def test_new_york_changes() -> None:
+    # 2026-03-08 02:00 -> 03:00; two fixed times in the gap coalesce into one run
+    assert runs("15,45 2 * * *", "America/New_York", "2026-03-07T12:00:00-05:00", 3) == [
+        "2026-03-08T03:00:00-04:00",
+        "2026-03-09T02:15:00-04:00",
+        "2026-03-09T02:45:00-04:00",
+    ]
+    # 2026-11-01 02:00 -> 01:00; 01:30 runs once
+    assert runs("30 1 * * *", "America/New_York", "2026-10-31T12:00:00-04:00", 2) == [
+        "2026-11-01T01:30:00-04:00",
+        "2026-11-02T01:30:00-05:00",
+    ]
+
+
+def test_plain_cron_in_utc() -> None:
+    assert runs("*/5 * * * *", "UTC", "2026-01-01T00:00:00+00:00", 2) == [
+        "2026-01-01T00:05:00+00:00",
+        "2026-01-01T00:10:00+00:00",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("expr", "tz", "message"),
+    [
+        ("61 * * * *", None, "not a valid cron"),
+        ("* * * *", None, "expected 5 fields"),
+        ("*/5 * * * *", "Mars/Olympus", "unknown time zone 'Mars/Olympus'"),
+    ],
+)
+def test_invalid_cron_and_zone(expr: str, tz: str | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CronTrigger(expr, tz)
+
+
+def test_catch_up_counts_missed_interval_runs() -> None:
+    count, last, nxt = catch_up(IntervalTrigger(10.0), 100.0, 135.0)
+    assert (count, last, nxt) == (4, 130.0, 140.0)
+    count, last, nxt = catch_up(CronTrigger("0 * * * *"), 3600.0, 3 * 3600.0 + 5)
+    assert (count, last, nxt) == (3, 3 * 3600.0, 4 * 3600.0)
+
+
+def test_at_naive_uses_the_zone() -> None:
+    assert parse_at("2026-12-01T08:00:00+01:00", None) == parse_at(
+        "2026-12-01T08:00:00", "Europe/Paris"
+    )
+    with pytest.raises(ValueError, match="not an ISO 8601"):
+        parse_at("next tuesday", None)
