@@ -32,6 +32,7 @@ from kernel.events import (
     SubscriberFailed,
 )
 from kernel.http import HttpSurface
+from kernel.logging import flush_logging
 from kernel.projections import Projection, Projector
 from kernel.runtime import PluginDirectory
 from kernel.services import Service, discover_services
@@ -181,9 +182,13 @@ class Kernel:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         """FastAPI lifespan: ``FastAPI(lifespan=kernel.lifespan)`` embeds the kernel."""
-        async with self:
-            self.http.attach(app, self)
-            yield
+        try:
+            async with self:
+                self.http.attach(app, self)
+                yield
+        finally:
+            # uvicorn re-raises SIGTERM once shut down: write the last lines out first
+            flush_logging()
 
     def _require_started(self) -> None:
         # True from the moment the store is open, so services may append while starting.

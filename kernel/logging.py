@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import orjson
 
-__all__ = ["configure_logging", "redact"]
+__all__ = ["configure_logging", "flush_logging", "redact"]
 
 _SECRETS: set[str] = set()
 _listener: logging.handlers.QueueListener | None = None
@@ -69,6 +69,8 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
         return _scrub(orjson.dumps(out, default=str).decode())
 
 
@@ -93,6 +95,22 @@ class SafeStreamHandler(logging.StreamHandler[TextIO]):
                 sys.__stderr__.write(f"xcore: logging to {self.stream!r} stopped: {exc!r}\n")  # type: ignore[union-attr]
 
 
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread with their traceback kept apart from the message."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        copy = logging.makeLogRecord(vars(record))
+        copy.msg = record.getMessage()
+        copy.args = None
+        if record.exc_info and not record.exc_text:
+            copy.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        copy.exc_info = None
+        return copy
+
+
+_TRACEBACKS = logging.Formatter()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Route every ``logging`` record through a background writer thread."""
     global _listener
@@ -106,9 +124,16 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | N
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(logging.handlers.QueueHandler(q))
+    root.addHandler(_QueueHandler(q))
     root.setLevel(level)
     atexit.register(_stop)
+
+
+def flush_logging() -> None:
+    """Write out every queued record now (before a process may die by a signal)."""
+    if _listener is not None and _listener._thread is not None:
+        _listener.stop()
+        _listener.start()
 
 
 def _stop() -> None:

@@ -1,0 +1,102 @@
+"""The admin bearer token: where it comes from, how it is kept, how it is checked.
+
+- ``XCORE_ADMIN_TOKEN`` (or ``admin_token`` in ``xcore.yaml``) sets it;
+- otherwise a token is generated at first start, printed once on stderr, and only its
+  SHA-256 is stored (``<data_dir>/admin-token.sha256``, mode 0600). Delete that file to
+  have a new one generated at the next start.
+
+Tokens are 256-bit random strings, so a plain SHA-256 is as strong as a slow hash here;
+the check hashes what was presented and compares digests in constant time. The token
+never reaches a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from fastapi import HTTPException, Request
+
+from kernel.errors import SettingsError
+from kernel.logging import redact
+
+__all__ = ["TokenGuard", "load_or_create_token_hash"]
+
+log = logging.getLogger("xcore.admin")
+
+HASH_FILE = "admin-token.sha256"
+
+
+def digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def load_or_create_token_hash(data_dir: Path, configured: str | None) -> bytes:
+    """The digest of the admin token, generating and announcing one if none exists."""
+    if configured is not None:
+        if len(configured) < 16:
+            raise SettingsError("setting 'admin_token': must be at least 16 characters long")
+        redact(configured)
+        return digest(configured)
+    path = data_dir / HASH_FILE
+    if path.exists():
+        stored = path.read_text().strip()
+        try:
+            value = bytes.fromhex(stored)
+        except ValueError:
+            value = b""
+        if len(value) != 32:
+            raise SettingsError(
+                f"{path} does not hold a SHA-256 digest; delete it to generate a new admin token"
+            )
+        return value
+    token = secrets.token_urlsafe(32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(digest(token).hex() + "\n")
+    # Printed once, straight to the terminal: never through the logging pipeline.
+    sys.stderr.write(
+        "\n"
+        "  xcore: a new admin token was generated (shown only this once):\n"
+        f"      {token}\n"
+        f"  Use it as 'Authorization: Bearer <token>'. Only its hash is kept in {path}.\n\n"
+    )
+    sys.stderr.flush()
+    log.info("generated a new admin token; its hash is in %s", path)
+    return digest(token)
+
+
+class TokenGuard:
+    """A FastAPI dependency admitting only requests bearing the admin token."""
+
+    def __init__(self, token_hash: bytes) -> None:
+        self._hash = token_hash
+
+    async def __call__(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise HTTPException(
+                status_code=401,
+                detail="this admin route needs 'Authorization: Bearer <admin token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(digest(presented.strip()), self._hash):
+            log.warning(
+                "refused an admin request with a wrong token: %s %s from %s",
+                request.method,
+                request.url.path,
+                request.client.host if request.client else "?",
+            )
+            raise HTTPException(
+                status_code=401,
+                detail="the admin token is wrong",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return "admin"
