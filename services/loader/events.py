@@ -18,18 +18,27 @@ __all__ = [
     "PluginDisabled",
     "PluginDiscovered",
     "PluginEnabled",
+    "PluginInstallFailed",
+    "PluginInstallRequested",
     "PluginInstalled",
     "PluginLoadFailed",
     "PluginLoaded",
     "PluginReloadFailed",
     "PluginReloadRequested",
     "PluginReloaded",
+    "PluginUninstallFailed",
+    "PluginUninstallRequested",
     "PluginUninstalled",
     "PluginUnloaded",
     "stream_of",
 ]
 
-LoadStage = Literal["manifest", "dependency", "config", "import", "hook", "mount", "mode"]
+#: Stream of requests that name no single plugin yet (installs, reload-all).
+PLUGINS_STREAM = "plugins"
+
+LoadStage = Literal[
+    "manifest", "dependency", "config", "import", "hook", "mount", "mode", "disabled"
+]
 
 
 def stream_of(plugin: str) -> str:
@@ -51,6 +60,40 @@ class PluginInstalled(Event):
     version: str
     source: str
     digest: str
+
+
+class PluginInstallRequested(Event):
+    """Someone asked to install the plugin folder or archive at ``source`` (a local path).
+
+    Outcome: ``PluginInstallFailed``, or ``PluginInstalled`` followed by the load's
+    outcome (``PluginLoaded`` / ``PluginLoadFailed``, or ``PluginReloaded`` /
+    ``PluginReloadFailed`` when it replaced a loaded plugin).
+    """
+
+    source: str
+    #: Replace an installed plugin of the same name (otherwise that is refused).
+    replace: bool = False
+
+
+class PluginInstallFailed(Event):
+    """An install was refused; nothing was copied and the plugins directory is unchanged."""
+
+    source: str
+    error: str
+    name: str | None = None
+
+
+class PluginUninstallRequested(Event):
+    """Someone asked to uninstall a plugin. Outcome: ``PluginUninstalled`` or ``PluginUninstallFailed``."""
+
+    name: str
+
+
+class PluginUninstallFailed(Event):
+    """An uninstall was refused (e.g. other loaded plugins require it); nothing changed."""
+
+    name: str
+    error: str
 
 
 class PluginUninstalled(Event):
@@ -120,6 +163,8 @@ class PluginReloadFailed(Event):
     error: str
     traceback: str = ""
     serving_generation: int | None = None
+    #: The generation that was being built and was thrown away (None: failed before import).
+    generation: int | None = None
 
 
 class PluginUnloaded(Event):

@@ -1,0 +1,1 @@
+"""The greeter plugin: a config.yaml validated by a Config model."""

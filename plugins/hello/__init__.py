@@ -1,0 +1,1 @@
+"""The hello plugin: the seed's example, in the original PLUGIN_INFO format."""

@@ -1,0 +1,1 @@
+"""The shouter plugin: requires greeter, and declares a task."""

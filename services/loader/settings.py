@@ -1,0 +1,32 @@
+"""The loader's settings: ``services.loader`` in ``xcore.yaml`` (or ``XCORE_SERVICES__LOADER__*``).
+
+services:
+  loader:
+    debounce_ms: 50
+    max_archive_mb: 20
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["LoaderSettings"]
+
+
+class LoaderSettings(BaseModel):
+    """Validated with ``settings.section("loader", LoaderSettings)``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The watcher waits this long without a new change before it asks for a reload.
+    debounce_ms: int = Field(default=50, ge=1, le=10_000)
+    #: ... but never groups changes for longer than this.
+    max_debounce_ms: int = Field(default=1_000, ge=1, le=60_000)
+    #: Largest upload / unpacked plugin accepted by an install, in MiB.
+    max_archive_mb: float = Field(default=20.0, gt=0)
+    #: Most files a plugin may hold.
+    max_files: int = Field(default=2_000, ge=1)
+    #: How long the loader waits for the router's answer to a mount.
+    mount_timeout: float = Field(default=10.0, gt=0)
+    #: How long an on_load / on_unload hook may run before the step counts as failed.
+    hook_timeout: float = Field(default=30.0, gt=0)
