@@ -342,7 +342,7 @@ async def test_restart_resumes_from_the_log_with_misfire_policies(tmp_path: Path
 
     specs = [
         spec(once, every="0.1s", misfire="run_once", misfire_grace="0.05s"),
-        spec(skip, every="0.1s", misfire="skip", misfire_grace="0.05s"),
+        spec(skip, every="0.1s", misfire="skip", misfire_grace=0),
     ]
     kernel, service = make_kernel(tmp_path)
     async with kernel:
