@@ -16,6 +16,8 @@ from kernel.sdk import current_task
 
 from .helpers import make_kernel, spec, wait_events
 
+ROOT = Path(__file__).resolve().parents[3]
+
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
@@ -53,7 +55,7 @@ async def test_sigkill_mid_run_then_restart(tmp_path: Path) -> None:
     ticks, marker = tmp_path / "ticks.txt", tmp_path / "hang.txt"
     proc = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path), str(ticks), str(marker)],
-        cwd=Path(__file__).resolve().parents[3],
+        cwd=ROOT,
     )
     try:
         with anyio.fail_after(20):

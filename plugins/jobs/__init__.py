@@ -1,0 +1,1 @@
+"""jobs: the scheduler's example plugin."""
