@@ -201,6 +201,7 @@ def stage(source: Path, plugins_dir: Path, limits: Limits, name: str | None = No
         return Staged(plugin, root, manifest, digest(root), work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        _drop_empty(work.parent)
         raise
 
 

@@ -1,0 +1,356 @@
+"""``xcore plugin ...``: the loader's commands.
+
+    xcore plugin new NAME           scaffold a working plugin in the plugins directory
+    xcore plugin list               every plugin and its state
+    xcore plugin validate PATH      check a plugin folder or archive (nothing is run)
+    xcore plugin install PATH       install a folder or archive [--replace]
+    xcore plugin uninstall NAME
+    xcore plugin reload [NAME]      (no name: all)
+    xcore plugin enable NAME / disable NAME
+
+Commands that change a running server go through its admin API (``--url``, default
+``http://<host>:<port>`` from the settings; the token from ``--token`` or
+``XCORE_ADMIN_TOKEN``). When no server answers, ``list``, ``install`` and ``uninstall``
+work offline on the plugins directory and the log; ``new`` and ``validate`` always do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from kernel.cli import add_settings_arguments, load_settings
+from kernel.errors import XcoreError
+from kernel.events import Meta, NewEvent
+from kernel.http import HttpSurface
+from kernel.projections import state_at
+from kernel.settings import Settings
+
+from . import installer
+from .events import PluginInstalled, PluginUninstalled, stream_of
+from .manifest import ManifestError, valid_name
+from .projection import PluginTable
+from .scaffold import scaffold
+from .settings import LoaderSettings
+
+__all__ = ["register"]
+
+
+class ServerDown(XcoreError):
+    """No server answers at the admin URL."""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("plugin", help="create, check, install and manage plugins")
+    sub = parser.add_subparsers(dest="plugin_command", metavar="ACTION", required=True)
+
+    def command(name: str, help: str, func: Any, server: bool = True) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+        add_settings_arguments(p)
+        if server:
+            p.add_argument("--url", help="the server (default http://<host>:<port>)")
+            p.add_argument("--token", help="admin token (default $XCORE_ADMIN_TOKEN)")
+        p.set_defaults(func=func)
+        return p
+
+    command("new", "scaffold a new plugin", cmd_new, server=False).add_argument("name")
+    command("list", "list plugins and their state", cmd_list).add_argument(
+        "--json", action="store_true", help="print JSON"
+    )
+    command("validate", "validate a plugin folder or archive", cmd_validate, server=False)
+    sub.choices["validate"].add_argument("path", type=Path)
+    p = command("install", "install a plugin folder or archive", cmd_install)
+    p.add_argument("path", type=Path)
+    p.add_argument("--replace", action="store_true", help="replace an installed plugin")
+    command("uninstall", "uninstall a plugin", cmd_uninstall).add_argument("name")
+    command("reload", "reload a plugin (or all)", cmd_reload).add_argument("name", nargs="?")
+    command("enable", "enable a plugin", cmd_enable).add_argument("name")
+    command("disable", "disable a plugin", cmd_disable).add_argument("name")
+
+
+# -- talking to the server -----------------------------------------------------------------
+
+
+def _url(args: argparse.Namespace, settings: Settings) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _token(args: argparse.Namespace, settings: Settings) -> str:
+    if args.token:
+        return str(args.token)
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    return ""  # the server answers 401, and _report says where a token comes from
+
+
+def _call(
+    args: argparse.Namespace,
+    settings: Settings,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    content_type: str | None = None,
+) -> tuple[int, Any]:
+    base = _url(args, settings)
+    req = urllib.request.Request(base + "/admin" + path, data=body, method=method)
+    req.add_header("Authorization", f"Bearer {_token(args, settings)}")
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    timeout = settings.request_timeout + 5
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, {"detail": raw.decode("utf-8", "replace")}
+    except urllib.error.URLError as exc:
+        raise ServerDown(f"no xcore server answers at {base} ({exc.reason})") from None
+    except (ConnectionError, TimeoutError) as exc:
+        raise ServerDown(f"no xcore server answers at {base} ({exc})") from None
+
+
+def _report(status: int, body: Any) -> int:
+    if status == 401:
+        print(
+            "xcore: error (401): pass the admin token with --token or XCORE_ADMIN_TOKEN",
+            file=sys.stderr,
+        )
+        return 1
+    if isinstance(body, dict) and "detail" in body and status >= 400:
+        print(f"xcore: error ({status}): {body['detail']}", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2))
+    return 0 if status < 400 else 1
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    name = args.name
+    if not valid_name(name):
+        raise XcoreError(f"{name!r} is not a valid plugin name (a letter, then letters, digits, _)")
+    reserved = HttpSurface().is_reserved(f"/app/{name}")
+    if reserved:
+        raise XcoreError(f"/app/{name} collides with {reserved}")
+    folder = settings.plugins_dir / name
+    if folder.exists():
+        raise XcoreError(f"{folder} already exists")
+    for path in scaffold(folder, name):
+        print(f"created {path}")
+    installer.validate_folder(folder, name)
+    print(f"plugin {name!r} is ready: GET /app/{name}/status once loaded")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    limits = _limits(settings)
+    path: Path = args.path
+    try:
+        if path.is_dir():
+            manifest = installer.validate_folder(path, None, limits)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                staged = installer.stage(path, Path(tmp), limits)
+                manifest = staged.manifest
+        reserved = HttpSurface().is_reserved(manifest.prefix) if manifest.prefix else None
+        if reserved:
+            raise ManifestError(
+                manifest.name, "run.py", f"collides with the kernel's {reserved}", "api_prefix"
+            )
+    except (ManifestError, installer.InstallError) as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {manifest.name} {manifest.version} ({manifest.mode}, prefix {manifest.prefix})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    try:
+        status, rows = _call(args, settings, "GET", "/plugins")
+        if status >= 400:
+            return _report(status, rows)
+        where = "server"
+    except ServerDown:
+        rows = asyncio.run(_offline_rows(settings))
+        where = "offline (no server answers: the state last recorded in the log)"
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"plugins ({where}):")
+    for r in rows:
+        error = (
+            f"  [{r['last_error']['stage']}] {r['last_error']['error']}"
+            if r.get("last_error")
+            else ""
+        )
+        print(
+            f"  {r['name']:<20} {r.get('status', '?'):<9} v{r.get('version') or '?':<10} "
+            f"gen {r.get('generation') or '-':<4} {r.get('prefix') or '-':<24}{error}"
+        )
+    return 0
+
+
+async def _offline_rows(settings: Settings) -> list[dict[str, Any]]:
+    from kernel.store.sqlite import SQLiteStore
+
+    rows: dict[str, dict[str, Any]] = {}
+    if settings.database_path.exists():
+        store = SQLiteStore(settings.database_path, readonly=True)
+        await store.open()
+        try:
+            table = await state_at(store, PluginTable, await store.last_position())
+        finally:
+            await store.close()
+        rows = {r["name"]: r for r in table.all()}
+    if settings.plugins_dir.is_dir():
+        for p in sorted(settings.plugins_dir.iterdir()):
+            if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in rows:
+                rows[p.name] = {"name": p.name, "status": "unloaded", "version": None}
+    for r in rows.values():
+        r["installed"] = (settings.plugins_dir / r["name"]).is_dir()
+        if r.get("status") == "loaded":
+            r["status"] = "stopped"
+    return [rows[n] for n in sorted(rows)]
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    path: Path = args.path
+    if not path.exists():
+        raise XcoreError(f"{path}: no such file or folder")
+    data, filename = _archive_bytes(path)
+    boundary = uuid.uuid4().hex
+    body = _multipart(boundary, filename, data, {"replace": "true" if args.replace else "false"})
+    try:
+        status, out = _call(
+            args,
+            settings,
+            "POST",
+            "/plugins",
+            body=body,
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+    except ServerDown:
+        return asyncio.run(_offline_install(settings, path, args.replace))
+    return _report(status, out)
+
+
+def _archive_bytes(path: Path) -> tuple[bytes, str]:
+    if path.is_file():
+        return path.read_bytes(), path.name
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(installer._files(path)):
+            zf.write(file, f"{path.name}/{file.relative_to(path).as_posix()}")
+    return buf.getvalue(), f"{path.name}.zip"
+
+
+def _multipart(boundary: str, filename: str, data: bytes, fields: dict[str, str]) -> bytes:
+    parts = []
+    for key, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+        )
+    parts.append(
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+async def _record_offline(settings: Settings, event: Any, name: str) -> None:
+    from kernel.store.sqlite import SQLiteStore
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SQLiteStore(settings.database_path, synchronous=settings.synchronous)
+    await store.open()
+    try:
+        await store.append(
+            [NewEvent.of(event, Meta(actor="cli", node=settings.node))], stream=stream_of(name)
+        )
+    finally:
+        await store.close()
+
+
+async def _offline_install(settings: Settings, path: Path, replace: bool) -> int:
+    plugins_dir = settings.plugins_dir
+    plugins_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        staged = installer.stage(path, plugins_dir, _limits(settings))
+        installer.commit(staged, plugins_dir, replace)
+    except (installer.InstallError, ManifestError) as exc:
+        raise XcoreError(f"install refused, nothing changed: {exc}") from None
+    await _record_offline(
+        settings,
+        PluginInstalled(
+            name=staged.name,
+            version=staged.manifest.version,
+            source=str(path),
+            digest=staged.digest,
+        ),
+        staged.name,
+    )
+    print(f"installed {staged.name} {staged.manifest.version} (offline: loads at next start)")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    try:
+        status, out = _call(args, settings, "DELETE", f"/plugins/{args.name}")
+    except ServerDown:
+        folder = settings.plugins_dir / args.name
+        if not valid_name(args.name) or not folder.is_dir():
+            raise XcoreError(f"no plugin named {args.name!r} in {settings.plugins_dir}") from None
+        installer.remove_plugin(folder)
+        asyncio.run(_record_offline(settings, PluginUninstalled(name=args.name), args.name))
+        print(f"uninstalled {args.name} (offline)")
+        return 0
+    return _report(status, out)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    path = f"/plugins/{args.name}/reload" if args.name else "/plugins/reload"
+    return _report(*_call(args, settings, "POST", path))
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    return _report(*_call(args, settings, "POST", f"/plugins/{args.name}/enable"))
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    return _report(*_call(args, settings, "POST", f"/plugins/{args.name}/disable"))
+
+
+def _limits(settings: Settings) -> installer.Limits:
+    ls = settings.section("loader", LoaderSettings)
+    return installer.Limits(max_bytes=int(ls.max_archive_mb * 1024 * 1024), max_files=ls.max_files)
