@@ -1,0 +1,68 @@
+"""An existing FastAPI app embeds the kernel through its lifespan, served by real uvicorn."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.e2e.server import free_port
+
+APP = """
+from fastapi import FastAPI
+from kernel import Kernel, Settings
+
+kernel = Kernel(Settings(data_dir="var", plugins_dir="plugins", admin_token="embedded-token-0123456789"))
+app = FastAPI(lifespan=kernel.lifespan)
+
+@app.get("/mine")
+async def mine() -> dict[str, str]:
+    return {"owner": "the app"}
+"""
+
+
+def test_an_app_embeds_the_kernel_in_two_lines(tmp_path: Path) -> None:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "myapp.py").write_text(textwrap.dedent(APP))
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "myapp:app", "--port", str(port)],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/mine", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/mine").json() == {"owner": "the app"}
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        assert httpx.get(f"{url}/admin/kernel").status_code == 401
+        paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+        assert "/mine" in paths
+        assert "/health" in paths
+        assert httpx.get(f"{url}/nothing-here").status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    # the kernel stopped with the app: its log says so
+    conn = sqlite3.connect(tmp_path / "var" / "events.db")
+    types = [row[0] for row in conn.execute("SELECT type FROM events WHERE stream = 'kernel'")]
+    conn.close()
+    assert types[0] == "KernelStarted"
+    assert types[-1] == "KernelStopped"
