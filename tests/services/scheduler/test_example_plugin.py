@@ -30,7 +30,7 @@ def load_tasks() -> dict[str, TaskSpec]:
 async def test_jobs_plugin_tasks_are_scheduled_and_chain(tmp_path: Path) -> None:
     tasks = load_tasks()
     assert sorted(tasks) == ["collect", "heartbeat", "report"]
-    kernel, service = make_kernel(tmp_path)
+    kernel, _ = make_kernel(tmp_path)
     async with kernel:
         kernel.plugins.put(
             PluginRuntime(

@@ -1,0 +1,198 @@
+"""Scheduler benchmarks: lateness with every run recorded, and 10,000 schedules at boot.
+
+- ``scheduler_lateness_p50_ms`` / ``_p99_ms``: start minus due time of 20 schedules at
+  10 Hz for 10 s, every run recorded in the SQLite log (synchronous=FULL), side by side
+  with APScheduler 4 (memory store) on the same work, in alternating pairs (7 by
+  default); the value is the median over pairs, the min-max is in ``extra``.
+- ``scheduler_10k_boot_s`` / ``_rss_mb`` / ``_lateness_p99_ms``: a first process registers
+  10,000 interval schedules (phases spread over 10 s) and exits; a fresh process boots on
+  that log and registers them again (their next runs come from the log), then runs them
+  for one full round. Boot = kernel start + registration; RSS = the process's max RSS.
+
+``XCORE_BENCH_PAIRS`` / ``XCORE_BENCH_SECONDS`` shorten the lateness runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import median, percentile, result
+
+PAIRS = int(os.environ.get("XCORE_BENCH_PAIRS", "7"))
+SECONDS = float(os.environ.get("XCORE_BENCH_SECONDS", "10"))
+SCHEDULES = 20
+WARMUP = 0.5
+
+
+async def _xcore_trial(seconds: float) -> list[float]:
+    from kernel import Kernel, Settings
+    from kernel.sdk import current_task, task
+    from services.scheduler.service import SchedulerService
+
+    samples: list[float] = []
+    t_end = time.time() + WARMUP + seconds
+
+    async def work() -> None:
+        now = time.time()
+        due = current_task().scheduled_for.timestamp()
+        if due < t_end:
+            samples.append(now - due)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        service = SchedulerService()
+        settings = Settings(data_dir=Path(tmp), node="bench", synchronous="FULL")
+        async with Kernel(settings, services=[service]):
+            specs = []
+            for i in range(SCHEDULES):
+                fn = task(name=f"s{i}", every=0.1)(work)
+                specs.append(fn.__xcore_task__)
+                del fn.__xcore_task__
+            await service.register("bench", specs)
+            await asyncio.sleep(WARMUP + seconds + 0.2)
+    return samples[SCHEDULES * int(WARMUP * 10) :]
+
+
+async def _aps_trial(seconds: float) -> list[float]:
+    from apscheduler import AsyncScheduler
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    _APS_SAMPLES.clear()
+    samples = _APS_SAMPLES
+
+    async with AsyncScheduler() as scheduler:
+        for i in range(SCHEDULES):
+            await scheduler.add_schedule(_aps_work, IntervalTrigger(seconds=0.1), id=f"s{i}")
+        await scheduler.start_in_background()
+        await asyncio.sleep(WARMUP + seconds)
+    return list(samples[SCHEDULES * int(WARMUP * 10) :])
+
+
+_APS_SAMPLES: list[float] = []
+
+
+async def _aps_work() -> None:
+    """APScheduler needs a module-level function (it stores a reference to it)."""
+    from apscheduler import current_job
+
+    now = time.time()
+    _APS_SAMPLES.append(now - current_job.get().scheduled_fire_time.timestamp())
+
+
+def lateness() -> list[dict[str, Any]]:
+    p50s: list[tuple[float, float]] = []
+    p99s: list[tuple[float, float]] = []
+    for _ in range(PAIRS):
+        ours = asyncio.run(_xcore_trial(SECONDS))
+        theirs = asyncio.run(_aps_trial(SECONDS))
+        p50s.append((percentile(ours, 50) * 1000, percentile(theirs, 50) * 1000))
+        p99s.append((percentile(ours, 99) * 1000, percentile(theirs, 99) * 1000))
+    out = []
+    for name, pairs in (("scheduler_lateness_p50_ms", p50s), ("scheduler_lateness_p99_ms", p99s)):
+        ratios = [a / b for a, b in pairs if b]
+        out.append(
+            result(
+                name,
+                median([a for a, _ in pairs]),
+                "ms",
+                {"apscheduler4": median([b for _, b in pairs])},
+                pairs=len(pairs),
+                xcore_min_max=[min(a for a, _ in pairs), max(a for a, _ in pairs)],
+                peer_min_max=[min(b for _, b in pairs), max(b for _, b in pairs)],
+                ratio_median=median(ratios) if ratios else None,
+                ratio_min_max=[min(ratios), max(ratios)] if ratios else None,
+            )
+        )
+    return out
+
+
+# -- 10,000 schedules ----------------------------------------------------------------------
+
+N_10K = 10_000
+EVERY_10K = 30.0
+
+
+def _specs_10k() -> list[Any]:
+    from kernel.sdk import task
+
+    async def work() -> None:
+        from kernel.sdk import current_task
+
+        _LATE.append(time.time() - current_task().scheduled_for.timestamp())
+
+    specs = []
+    for i in range(N_10K):
+        fn = task(name=f"s{i}", every=EVERY_10K, misfire="skip", misfire_grace=0)(work)
+        specs.append(fn.__xcore_task__)
+        del fn.__xcore_task__
+    return specs
+
+
+_LATE: list[float] = []
+
+
+async def _phase(data: str, phase: int) -> dict[str, Any]:
+    from kernel import Kernel, Settings
+    from services.scheduler.service import SchedulerService
+
+    specs = _specs_10k()
+    settings = Settings(data_dir=Path(data), node="bench", synchronous="FULL")
+    service = SchedulerService()
+    t0 = time.perf_counter()
+    kernel = Kernel(settings, services=[service])
+    if phase == 1:
+        async with kernel:
+            for b in range(100):  # 100 batches of 100, 0.1 s apart: phases spread over 10 s
+                await service.register(f"p{b}", specs[b * 100 : (b + 1) * 100])
+                await asyncio.sleep(0.1)
+        return {}
+    async with kernel:
+        for b in range(100):
+            await service.register(f"p{b}", specs[b * 100 : (b + 1) * 100])
+        boot = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        scheduled = len(await kernel.read(types=["TaskScheduled"]))
+        await asyncio.sleep(EVERY_10K + 2)
+    return {"boot_s": boot, "rss_mb": rss, "late": _LATE, "task_scheduled_events": scheduled}
+
+
+def ten_thousand() -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "bench.scheduler", "--phase"]
+        subprocess.run([*cmd, "1", tmp], check=True)
+        out = subprocess.run([*cmd, "2", tmp], check=True, capture_output=True, text=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    late = data["late"]
+    return [
+        result("scheduler_10k_boot_s", data["boot_s"], "s"),
+        result("scheduler_10k_rss_mb", data["rss_mb"], "MB"),
+        result(
+            "scheduler_10k_lateness_p99_ms",
+            percentile(late, 99) * 1000,
+            "ms",
+            runs=len(late),
+            p50_ms=percentile(late, 50) * 1000,
+            task_scheduled_events=data["task_scheduled_events"],
+        ),
+    ]
+
+
+BENCHMARKS = [("scheduler_lateness", lateness), ("scheduler_10k", ten_thousand)]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--phase":
+        res = asyncio.run(_phase(sys.argv[3], int(sys.argv[2])))
+        print(json.dumps(res))
+    else:
+        for _, fn in BENCHMARKS:
+            for r in fn():
+                print(r)
