@@ -53,7 +53,7 @@ from .events import (
 )
 from .generation import Generation, StageError
 from .importer import PluginImportError, import_plugin, module_name, purge, restore
-from .manifest import Manifest, ManifestError
+from .manifest import Manifest, ManifestError, read_manifest
 from .projection import PluginTable
 from .settings import LoaderSettings
 
@@ -181,7 +181,7 @@ class Loader:
         out: dict[str, Manifest | ManifestError] = {}
         for name in names:
             try:
-                out[name] = installer.validate_folder(self.folder(name), name, self.limits)
+                out[name] = read_manifest(self.folder(name), name)
             except ManifestError as exc:
                 out[name] = exc
         return out
@@ -274,9 +274,7 @@ class Loader:
         digest = ""
         if manifest is None:
             try:
-                manifest = await asyncio.to_thread(
-                    installer.validate_folder, folder, name, self.limits
-                )
+                manifest = await asyncio.to_thread(read_manifest, folder, name)
             except ManifestError as exc:
                 raise StageError("manifest", str(exc)) from None
         if manifest.mode == "sandboxed":
