@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
+from kernel.errors import StoreClosed
 from kernel.events import Recorded
 from kernel.store.base import EventStore
 
@@ -131,31 +132,44 @@ class Subscription:
     # -- the loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        store = self.store
-        try:
-            while True:
-                last = await store.last_position()
-                batch = await store.read(
-                    after=self.position, types=self.types, limit=self.batch_size
+        failures = 0
+        while True:
+            try:
+                await self._step()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except StoreClosed:
+                log.info("subscription %r stops: the store is closed", self.name)
+                return
+            except Exception:
+                # The store failed (not the handler: its errors are dead letters). Keep
+                # the position and try again, slower each time.
+                failures += 1
+                delay = self.retry.delay(min(failures, 10))
+                log.exception(
+                    "subscription %r could not read the log at position %s; retrying in %.2fs",
+                    self.name,
+                    self.position,
+                    delay,
                 )
-                for record in batch:
-                    await self._deliver(record)
-                    self.position = record.position
-                if len(batch) < self.batch_size and self.position < last:
-                    # nothing else matched up to `last`: skip past what was filtered out
-                    self.position = last
-                await self._save_checkpoint()
-                if len(batch) < self.batch_size:
-                    self.caught_up.set()
-                    unsaved = self._named and self.position != self._saved
-                    await store.wait(self.position, self.checkpoint_interval if unsaved else None)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception(
-                "subscription %r stopped on an error at position %s", self.name, self.position
-            )
-            raise
+                await asyncio.sleep(delay)
+
+    async def _step(self) -> None:
+        store = self.store
+        last = await store.last_position()
+        batch = await store.read(after=self.position, types=self.types, limit=self.batch_size)
+        for record in batch:
+            await self._deliver(record)
+            self.position = record.position
+        if len(batch) < self.batch_size and self.position < last:
+            # nothing else matched up to `last`: skip past what was filtered out
+            self.position = last
+        await self._save_checkpoint()
+        if len(batch) < self.batch_size:
+            self.caught_up.set()
+            unsaved = self._named and self.position != self._saved
+            await store.wait(self.position, self.checkpoint_interval if unsaved else None)
 
     async def _deliver(self, record: Recorded) -> None:
         attempt = 0

@@ -329,6 +329,14 @@ class SQLiteStore:
 
     # -- writing -------------------------------------------------------------------
 
+    def _check_writer(self) -> None:
+        task = self._writer_task
+        if task is None or task.done():
+            raise StoreError(
+                f"{self.path}: the log's writer has stopped; reopen the store "
+                "(see the log for the error that stopped it)"
+            )
+
     async def append(
         self,
         events: Sequence[NewEvent],
@@ -339,12 +347,14 @@ class SQLiteStore:
         self._check_writable()
         if not events:
             return []
+        self._check_writer()
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Append(stream, expected_version, events, future))
         return await future
 
     async def _put(self, sql: str, params: tuple[Any, ...]) -> None:
         self._check_writable()
+        self._check_writer()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Put(sql, params, future))
         await future
