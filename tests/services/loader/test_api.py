@@ -11,6 +11,10 @@ from .conftest import AUTH, status_router, write_plugin
 RUN = "PLUGIN_INFO = {'version': '1.0.0', 'api_prefix': '/app/%s'}\n"
 
 
+def tree(folder: Path) -> list[str]:
+    return sorted(p.as_posix() for p in folder.rglob("*"))
+
+
 def zipped(name: str, extra: dict[str, str] | None = None, run: str | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -140,7 +144,7 @@ async def test_install_upload_then_uninstall(harness_factory, plugins: Path) -> 
 async def test_bad_uploads_change_nothing(harness_factory, plugins: Path) -> None:
     write_plugin(plugins, "keep", router=status_router())
     h = await harness_factory()
-    before = sorted(p.as_posix() for p in plugins.rglob("*"))
+    before = tree(plugins)
     evil = io.BytesIO()
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("../escape/run.py", RUN % "escape")
@@ -163,7 +167,7 @@ async def test_bad_uploads_change_nothing(harness_factory, plugins: Path) -> Non
         r = await h.client.post("/admin/plugins", headers=AUTH, files={"file": (filename, data)})
         assert r.status_code == status, (filename, r.text)
         assert fragment in r.json()["detail"], (filename, r.json())
-    assert sorted(p.as_posix() for p in plugins.rglob("*")) == before
+    assert tree(plugins) == before
     failures = await h.events("PluginInstallFailed")
     assert len(failures) == 4  # the last two were refused before any request was recorded
     assert (await h.client.get("/app/keep/status")).status_code == 200
