@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
@@ -45,7 +45,9 @@ __all__ = [
     "TaskSpec",
     "current_plugin",
     "current_task",
+    "plugin_context_var",
     "task",
+    "task_context_var",
 ]
 
 
@@ -158,7 +160,11 @@ def task(fn: Any = None, /, **options: Any) -> Any:
         if isinstance(depends, str):
             depends = (depends,)
         name = opts.pop("name", None) or f.__name__
-        f.__xcore_task__ = TaskSpec(fn=f, name=name, depends_on=tuple(depends), **opts)  # type: ignore[attr-defined]
+        # An unknown option (a typo) must not break the import: it is kept aside and the
+        # scheduler refuses the task, naming the option.
+        unknown = {k: opts.pop(k) for k in list(opts) if k not in _TASK_OPTIONS}
+        spec = TaskSpec(fn=f, name=name, depends_on=tuple(depends), extra=unknown, **opts)
+        f.__xcore_task__ = spec  # type: ignore[attr-defined]
         return f
 
     if fn is not None:
@@ -166,8 +172,15 @@ def task(fn: Any = None, /, **options: Any) -> Any:
     return mark
 
 
-_current_task: ContextVar[TaskContext | None] = ContextVar("xcore_task", default=None)
-_current_plugin: ContextVar[PluginContext | None] = ContextVar("xcore_plugin", default=None)
+_TASK_OPTIONS = {f.name for f in fields(TaskSpec)} - {"fn", "name", "depends_on", "extra"}
+
+#: Set by the services that run plugin code (scheduler, loader), read by
+#: :func:`current_task` / :func:`current_plugin`. Plugin code never sets them.
+task_context_var: ContextVar[TaskContext | None] = ContextVar("xcore_task", default=None)
+plugin_context_var: ContextVar[PluginContext | None] = ContextVar("xcore_plugin", default=None)
+# older private names, kept for the services that used them
+_current_task = task_context_var
+_current_plugin = plugin_context_var
 
 
 def current_task() -> TaskContext:

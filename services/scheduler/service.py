@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.events import Event, Recorded
 from kernel.runtime import PluginRuntime
-from kernel.sdk import TaskContext, TaskSpec, _current_plugin, _current_task
+from kernel.sdk import TaskContext, TaskSpec, plugin_context_var, task_context_var
 from services.loader.events import PluginLoaded, PluginReloaded, PluginUnloaded
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.events import (
@@ -728,8 +728,8 @@ class SchedulerService:
             config=plugin_ctx.config if plugin_ctx is not None else None,
             logger=TaskLogger(base_logger, {"run_id": run_id, "task": task.id}),
         )
-        task_token = _current_task.set(ctx)
-        plugin_token = _current_plugin.set(plugin_ctx) if plugin_ctx is not None else None
+        task_token = task_context_var.set(ctx)
+        plugin_token = plugin_context_var.set(plugin_ctx) if plugin_ctx is not None else None
         try:
             timeout = asyncio.timeout(task.timeout)
             try:
@@ -752,9 +752,9 @@ class SchedulerService:
                 return "error", _describe(exc), "".join(traceback.format_exception(exc))
             return None
         finally:
-            _current_task.reset(task_token)
+            task_context_var.reset(task_token)
             if plugin_token is not None:
-                _current_plugin.reset(plugin_token)
+                plugin_context_var.reset(plugin_token)
 
     def _after_finish(self, tid: str, cause: Recorded | None) -> None:
         """Start the tasks that run after ``tid`` (dependency-triggered) if they may."""

@@ -18,3 +18,14 @@ def test_kernel_exports_are_declared_and_importable() -> None:
 def test_sdk_exports_are_declared_and_importable() -> None:
     for name in kernel.sdk.__all__:
         assert hasattr(kernel.sdk, name), name
+
+
+def test_a_task_with_an_unknown_option_does_not_break_the_import() -> None:
+    from kernel.sdk import task
+
+    @task(every="1m", retires=3)  # type: ignore[call-overload]
+    def job() -> None: ...
+
+    spec = job.__xcore_task__  # type: ignore[attr-defined]
+    assert spec.extra == {"retires": 3}
+    assert spec.every == "1m"
