@@ -343,6 +343,7 @@ async def test_watcher_reloads_changed_new_and_removed_folders(
 
     shutil.rmtree(folder)
     await h.wait_for("PluginUninstalled", "watched")
+    await h.kernel.settle()
     assert (await h.client.get("/app/watched/status")).status_code == 404
     assert "watched" not in h.table.rows
 
