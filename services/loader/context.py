@@ -9,7 +9,6 @@ and sync event handlers run in a worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernel.events import Event, Recorded
-from kernel.sdk import _current_plugin
+from kernel.sdk import plugin_context_var
 from kernel.subscriptions import Subscription
 
 from .events import stream_of
@@ -30,7 +29,7 @@ __all__ = ["LoadedContext", "call_plugin"]
 
 async def call_plugin(ctx: LoadedContext, fn: Callable[..., Any], *args: Any) -> Any:
     """Call plugin code with ``current_plugin()`` set: async on the loop, sync in a thread."""
-    token = _current_plugin.set(ctx)
+    token = plugin_context_var.set(ctx)
     try:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args)
@@ -40,7 +39,7 @@ async def call_plugin(ctx: LoadedContext, fn: Callable[..., Any], *args: Any) ->
             return await result
         return result
     finally:
-        _current_plugin.reset(token)
+        plugin_context_var.reset(token)
 
 
 class LoadedContext:
@@ -87,8 +86,3 @@ class LoadedContext:
         subs, self._subscriptions = self._subscriptions, []
         for sub in subs:
             await self._kernel.unsubscribe(sub)
-
-    def copy_context(self) -> contextvars.Context:
-        ctx = contextvars.copy_context()
-        ctx.run(_current_plugin.set, self)
-        return ctx
