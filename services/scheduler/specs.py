@@ -4,7 +4,7 @@ Everything that can be checked on one declaration is checked here (one trigger, 
 cron expression, a known time zone, durations, limits); what needs the whole task set
 (unknown dependencies, cycles) is checked by :func:`check_dependencies`. Each refusal is
 a :class:`TaskDeclarationError` whose message names the reason; the caller adds the
-plugin and the task.
+plugin and the task. :func:`compile_plugin` does all of it for one plugin's tasks.
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ from services.scheduler.triggers import (
     parse_zone,
 )
 
-__all__ = ["CompiledTask", "TaskDeclarationError", "check_dependencies", "compile_spec"]
+__all__ = [
+    "CompiledTask",
+    "TaskDeclarationError",
+    "check_dependencies",
+    "compile_plugin",
+    "compile_spec",
+]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -226,6 +232,50 @@ def check_dependencies(
                 refused[tid] = f"depends on refused task(s) {', '.join(bad)}"
                 changed = True
     return refused
+
+
+def compile_plugin(
+    plugin: str,
+    specs: Iterable[TaskSpec],
+    *,
+    generation: int,
+    runtime: PluginRuntime | None,
+    default_tz: str,
+    existing: Mapping[str, tuple[str, ...]],
+    known: Iterable[str],
+    strict: bool,
+) -> tuple[dict[str, CompiledTask], dict[str, str]]:
+    """Compile one plugin's declarations: (accepted by task id, refused task id -> reason).
+
+    ``existing`` and ``known`` are as for :func:`check_dependencies`. With ``strict``,
+    one refusal refuses every task of the plugin, naming the first refusal.
+    """
+    compiled: dict[str, CompiledTask] = {}
+    refused: dict[str, str] = {}
+    for spec in specs:
+        tid = f"{plugin}.{getattr(spec, 'name', '?')}"
+        try:
+            task = compile_spec(
+                plugin, spec, generation=generation, runtime=runtime, default_tz=default_tz
+            )
+        except TaskDeclarationError as exc:
+            refused[tid] = str(exc)
+            continue
+        if tid in compiled:
+            refused[tid] = "declared twice"
+            continue
+        compiled[tid] = task
+    candidates = {t: c for t, c in compiled.items() if t not in refused}
+    refused.update(check_dependencies(candidates, existing, known))
+    if strict and refused:
+        first = next(iter(refused.items()))
+        for tid in compiled:
+            refused.setdefault(
+                tid,
+                f"not scheduled: strict plugin, and task {first[0]} was refused ({first[1]})",
+            )
+    accepted = {t: c for t, c in compiled.items() if t not in refused}
+    return accepted, refused
 
 
 def _cycles(graph: Mapping[str, tuple[str, ...]]) -> list[list[str]]:

@@ -208,7 +208,7 @@ async def test_priority_orders_runs_at_the_concurrency_limit(tmp_path: Path) -> 
             ],
         )
         with anyio.fail_after(5):
-            while service._slots.waiting < 3:
+            while service._runner.slots.waiting < 3:
                 await anyio.sleep(0.01)
         gate.set()
         await wait_events(kernel, "TaskSucceeded", 4)

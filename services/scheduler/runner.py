@@ -1,0 +1,329 @@
+"""Executing one run of a task: checks, slot, ``TaskStarted``, the call, the outcome.
+
+A run first checks ``max_instances`` and (for timed runs) its dependencies — a refusal
+is ``TaskSkipped`` —, waits for a slot of the global limit (priority first, then due
+time), and records ``TaskStarted``: durable before the code starts, written a little
+ahead of the due time (:attr:`Runner.lead`, adapted to the measured append latency) so
+the write does not delay the start. It then waits for the due time and calls the
+function with its :class:`~kernel.sdk.TaskContext` set (sync functions in a worker
+thread, never on the loop) under the task's timeout. The outcome is ``TaskSucceeded``
+or ``TaskFailed`` (+ ``TaskRetryScheduled`` when attempts remain); a cancelled run
+(plugin unloaded, kernel stopping) is ``TaskFailed(kind="cancelled")``.
+
+What happens around a run (when it falls due, what follows it) is the service's
+business; the runner tells it through the callbacks it was built with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from kernel.events import Event, Recorded
+from kernel.sdk import TaskContext, plugin_context_var, task_context_var
+from services.scheduler.config import SchedulerSettings
+from services.scheduler.events import (
+    TaskFailed,
+    TaskRetryScheduled,
+    TaskSkipped,
+    TaskStarted,
+    TaskSucceeded,
+    stream_of,
+)
+from services.scheduler.limits import PrioritySlots
+from services.scheduler.specs import CompiledTask
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+__all__ = ["Runner", "TaskEntry", "TaskLogger"]
+
+log = logging.getLogger("xcore.scheduler")
+
+#: Why a task may not run now (None: it may).
+BlockCheck = Callable[[CompiledTask], "str | None"]
+#: Called once a run is over for good (succeeded, or failed with no retry left).
+Finished = Callable[[str, "Recorded | None"], None]
+#: Called to arm a retry: (entry, run id, next attempt, retry time, scheduled_for).
+RetryArm = Callable[["TaskEntry", str, int, float, float], None]
+
+
+@dataclass(eq=False)
+class TaskEntry:
+    """A scheduled task as the service and the runner see it."""
+
+    task: CompiledTask
+    next_due: float | None
+    paused: bool = False
+    #: run id -> the asyncio task running it
+    active: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    #: "succeeded" | "failed" of the latest finished run (None: never ran)
+    last_outcome: str | None = None
+
+
+class TaskLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Adds ``run_id`` and ``task`` to every record (the text formatter prints extras)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
+
+
+class Runner:
+    """Runs tasks under the global limit and records each step; see the module docstring."""
+
+    def __init__(self, *, blocked: BlockCheck, finished: Finished, retry: RetryArm) -> None:
+        self.kernel: Kernel | None = None
+        self.slots = PrioritySlots(1)
+        self._blocked = blocked
+        self._finished = finished
+        self._retry = retry
+        self._max_lead = 0.025
+        self._executor: ThreadPoolExecutor | None = None
+        #: run id -> (task id, plugin, generation, the asyncio task running it)
+        self._runs: dict[str, tuple[str, str, int, asyncio.Task[None]]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        #: How far ahead of the due time ``TaskStarted`` is written (adapts to the store).
+        self.lead = 0.005
+        self._append_ewma = 0.002
+
+    def start(self, kernel: Kernel, settings: SchedulerSettings, stack: AsyncExitStack) -> None:
+        self.kernel = kernel
+        self.slots = PrioritySlots(settings.max_concurrency)
+        self._max_lead = settings.max_lead_ms / 1000
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.threads or settings.max_concurrency,
+            thread_name_prefix="xcore-task",
+        )
+        stack.callback(self._executor.shutdown, wait=False, cancel_futures=True)
+
+    async def stop(self) -> None:
+        """Cancel the runs in progress (recorded as failed) and the background steps."""
+        running = []
+        for run_id, (_, _, _, task) in list(self._runs.items()):
+            self._cancel_reasons[run_id] = "the kernel stopped while the run was in progress"
+            task.cancel()
+            running.append(task)
+        if running:
+            await asyncio.wait(running, timeout=5)
+        for bg in list(self._background):
+            bg.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
+
+    def cancel_runs(self, plugin: str, generation: int | None, reason: str) -> None:
+        """Cancel ``plugin``'s runs in progress (of one generation, or all of them)."""
+        for run_id, (_, p, gen, task) in list(self._runs.items()):
+            if p == plugin and (generation is None or gen == generation):
+                self._cancel_reasons[run_id] = reason
+                task.cancel()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background; its failure is logged, never lost."""
+        bg = asyncio.create_task(coro)
+        self._background.add(bg)
+        bg.add_done_callback(self._reap)
+
+    def _reap(self, bg: asyncio.Task[Any]) -> None:
+        self._background.discard(bg)
+        if not bg.cancelled() and bg.exception() is not None:
+            log.error("scheduler background step failed", exc_info=bg.exception())
+
+    async def append(self, tid: str, events: list[Event], cause: Recorded | None = None) -> None:
+        """Append ``events`` to the stream of task ``tid`` (nothing if empty)."""
+        if events:
+            kernel = self.kernel
+            if kernel is None:
+                raise RuntimeError("the scheduler service is not started")
+            await kernel.append(events, stream=stream_of(tid), actor="scheduler", cause=cause)
+
+    def _note_append(self, seconds: float) -> None:
+        self._append_ewma = 0.9 * self._append_ewma + 0.1 * seconds
+        self.lead = min(self._max_lead, 2 * self._append_ewma + 0.002)
+
+    async def run(
+        self,
+        entry: TaskEntry,
+        run_id: str,
+        scheduled_for: float,
+        *,
+        attempt: int,
+        kind: str,
+        next_run: float | None,
+        start_at: float,
+        cause: Recorded | None = None,
+        pre: list[Event] | None = None,
+    ) -> None:
+        """One attempt of a run; ``pre`` events are appended with its first event."""
+        task = entry.task
+        tid = task.id
+        events: list[Event] = list(pre or ())
+        reason = None
+        if len(entry.active) >= task.max_instances:
+            reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
+        elif kind != "request" and task.depends_on:
+            reason = self._blocked(task)
+        if reason is not None:
+            events.append(
+                TaskSkipped(
+                    task=tid, scheduled_for=scheduled_for, reason=reason, next_run=entry.next_due
+                )
+            )
+            await self.append(tid, events, cause)
+            return
+        me = asyncio.current_task()
+        assert me is not None
+        entry.active[run_id] = me
+        self._runs[run_id] = (tid, task.plugin, task.generation, me)
+        acquired = started = False
+        t_start = time.perf_counter()
+        try:
+            await self.slots.acquire(task.priority, scheduled_for)
+            acquired = True
+            events.append(
+                TaskStarted(
+                    task=tid,
+                    run_id=run_id,
+                    scheduled_for=scheduled_for,
+                    attempt=attempt,
+                    trigger=kind,
+                    next_run=next_run,
+                )
+            )
+            t0 = time.perf_counter()
+            await self.append(tid, events, cause)
+            self._note_append(time.perf_counter() - t0)
+            started = True
+            delay = start_at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t_start = time.perf_counter()
+            error = await self._execute(task, run_id, scheduled_for, attempt)
+        except asyncio.CancelledError:
+            if started:
+                why = self._cancel_reasons.pop(run_id, "cancelled")
+                await self.append(
+                    tid,
+                    [
+                        TaskFailed(
+                            task=tid,
+                            run_id=run_id,
+                            attempt=attempt,
+                            error=why,
+                            duration_ms=(time.perf_counter() - t_start) * 1000,
+                            kind="cancelled",
+                        )
+                    ],
+                )
+                entry.last_outcome = "failed"
+            raise
+        finally:
+            if acquired:
+                self.slots.release()
+            entry.active.pop(run_id, None)
+            self._runs.pop(run_id, None)
+        duration_ms = (time.perf_counter() - t_start) * 1000
+        if error is None:
+            entry.last_outcome = "succeeded"
+            await self.append(
+                tid,
+                [TaskSucceeded(task=tid, run_id=run_id, attempt=attempt, duration_ms=duration_ms)],
+            )
+            self._finished(tid, cause)
+            return
+        kind_failed, message, tb = error
+        retry = attempt <= task.retries
+        done: list[Event] = [
+            TaskFailed(
+                task=tid,
+                run_id=run_id,
+                attempt=attempt,
+                error=message,
+                traceback=tb,
+                duration_ms=duration_ms,
+                kind=kind_failed,
+                will_retry=retry,
+            )
+        ]
+        if retry:
+            delay = task.retry_backoff(attempt)
+            retry_at = time.time() + delay
+            done.append(
+                TaskRetryScheduled(
+                    task=tid,
+                    run_id=run_id,
+                    attempt=attempt + 1,
+                    delay_s=delay,
+                    retry_at=retry_at,
+                    scheduled_for=scheduled_for,
+                )
+            )
+        else:
+            entry.last_outcome = "failed"
+        await self.append(tid, done)
+        if retry:
+            self._retry(entry, run_id, attempt + 1, retry_at, scheduled_for)
+        else:
+            self._finished(tid, cause)
+
+    async def _execute(
+        self, task: CompiledTask, run_id: str, scheduled_for: float, attempt: int
+    ) -> tuple[str, str, str] | None:
+        """Call the task's function; None on success, else (kind, error, traceback)."""
+        rt = task.runtime
+        plugin_ctx = rt.context if rt is not None else None
+        base_logger = (
+            plugin_ctx.logger
+            if plugin_ctx is not None
+            else logging.getLogger(f"xcore.plugin.{task.plugin}")
+        )
+        ctx = TaskContext(
+            task_id=task.id,
+            run_id=run_id,
+            scheduled_for=datetime.fromtimestamp(scheduled_for, UTC),
+            attempt=attempt,
+            plugin=task.plugin,
+            config=plugin_ctx.config if plugin_ctx is not None else None,
+            logger=TaskLogger(base_logger, {"run_id": run_id, "task": task.id}),
+        )
+        task_token = task_context_var.set(ctx)
+        plugin_token = plugin_context_var.set(plugin_ctx) if plugin_ctx is not None else None
+        try:
+            timeout = asyncio.timeout(task.timeout)
+            try:
+                async with timeout:
+                    if task.is_async:
+                        await task.fn()
+                    elif rt is not None and rt.mode == "sandboxed" and rt.run_sync is not None:
+                        await rt.run_sync(task.fn)
+                    else:
+                        loop = asyncio.get_running_loop()
+                        call = contextvars.copy_context().run
+                        await loop.run_in_executor(self._executor, call, task.fn)
+            except TimeoutError as exc:
+                if timeout.expired():
+                    log.warning("task %s run %s timed out after %gs", task.id, run_id, task.timeout)
+                    return "timeout", f"timed out after {task.timeout:g}s", ""
+                return "error", _describe(exc), "".join(traceback.format_exception(exc))
+            except Exception as exc:
+                log.warning("task %s run %s failed: %s", task.id, run_id, _describe(exc))
+                return "error", _describe(exc), "".join(traceback.format_exception(exc))
+            return None
+        finally:
+            task_context_var.reset(task_token)
+            if plugin_token is not None:
+                plugin_context_var.reset(plugin_token)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
