@@ -28,7 +28,11 @@ _SECRETS: set[str] = set()
 _listener: logging.handlers.QueueListener | None = None
 
 #: attributes every LogRecord has; anything else was passed with ``extra=``
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message
+}
 
 
 def redact(secret: str) -> None:
