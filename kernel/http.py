@@ -8,6 +8,9 @@ Services contribute through :class:`HttpSurface` (``kernel.http``) while they st
 - ``add_router(router)``: public routes of a service (``/metrics``, ``/events``...);
 - ``set_fallback(app)``: the ASGI app that receives requests no route matched (the
   router service's plugin dispatcher);
+- ``add_front_route(route)``: a Starlette route tried before every other route of the
+  app (the router service's plugin prefixes, which never overlap a reserved path), so
+  plugin requests skip the app's route scan and its trailing-slash retry;
 - ``add_openapi_source(fn)``: a callable returning OpenAPI ``paths``/``components``
   merged into ``/openapi.json`` on every request, so Swagger follows plugins live.
 
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
 if TYPE_CHECKING:
@@ -59,6 +63,7 @@ class HttpSurface:
         self.routers: list[APIRouter] = []
         self.admin_guard: Callable[..., Any] = _no_admin_guard
         self.fallback: ASGIApp | None = None
+        self.front_routes: list[BaseRoute] = []
         self.openapi_sources: list[OpenAPISource] = []
         self.reserved: list[str] = list(RESERVED_PREFIXES)
         self.health_checks: dict[str, HealthCheck] = {}
@@ -75,6 +80,10 @@ class HttpSurface:
 
     def set_fallback(self, app: ASGIApp) -> None:
         self.fallback = app
+
+    def add_front_route(self, route: BaseRoute) -> None:
+        """Try ``route`` before the app's own routes (it must not match reserved paths)."""
+        self.front_routes.append(route)
 
     def add_openapi_source(self, source: OpenAPISource) -> None:
         self.openapi_sources.append(source)
@@ -108,6 +117,8 @@ class HttpSurface:
             app.include_router(router, prefix="/admin", dependencies=[Depends(guard)])
         if self.fallback is not None:
             app.router.default = self.fallback
+        if self.front_routes:
+            app.router.routes[0:0] = self.front_routes
         app.openapi_schema = None
         base_openapi = app.openapi
         sources = self.openapi_sources

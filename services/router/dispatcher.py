@@ -12,6 +12,9 @@ distinct prefix lengths, so a lookup costs one dict probe per distinct length.
 
 Plugin apps receive the request's scope unchanged (full path, same ``root_path``):
 their routes are declared at their public paths. Unknown paths get a JSON 404.
+
+The same dispatch is offered as a Starlette route (:class:`PluginRoute`) that the
+kernel tries before every other route: that is the fast path (see ``docs/routing.md``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+from starlette.datastructures import URLPath
+from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.router.stats import PluginStats, RouteStats
 
-__all__ = ["Dispatcher", "Mount", "Table"]
+__all__ = ["Dispatcher", "Mount", "PluginRoute", "Table", "serve"]
 
 log = logging.getLogger("xcore.router")
 
@@ -40,6 +46,8 @@ _NOT_FOUND_START: Message = {
     ],
 }
 _NOT_FOUND: Message = {"type": "http.response.body", "body": _NOT_FOUND_BODY}
+#: Scope key through which the front route hands the matched mount to ``handle``.
+_SCOPE_KEY = "xcore.plugin_mount"
 
 
 @dataclass(eq=False, slots=True)
@@ -51,8 +59,12 @@ class Mount:
     prefix: str
     #: The plugin's public paths (sorted).
     paths: list[str]
+    #: The plugin's own ASGI app (what the fallback path calls).
     app: ASGIApp
     stats: PluginStats
+    #: Where the front route enters: the app's router for a FastAPI app the mounter
+    #: built (the host app already ran the same middleware), else the app itself.
+    entry: ASGIApp
     #: The app's starlette router (for ``request.url_for``), if it has one.
     router: Any = None
     #: The plugin's OpenAPI ``paths``/``components``, already namespaced (or None).
@@ -103,7 +115,12 @@ class Table:
 
 
 class Dispatcher:
-    """The ASGI app behind every plugin route."""
+    """The ASGI app behind every plugin route (installed as the kernel app's fallback).
+
+    :meth:`front_route` gives the same dispatch as a Starlette route the kernel puts
+    before its own routes, so a plugin request does not first scan the app's routes
+    (twice, with the trailing-slash retry) to reach the fallback.
+    """
 
     def __init__(self, stats: RouteStats) -> None:
         self.stats = stats
@@ -114,54 +131,15 @@ class Dispatcher:
         """Serve ``table`` from now on (requests in flight keep the one they started with)."""
         self.table = table
 
+    def front_route(self) -> PluginRoute:
+        return PluginRoute(self)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        table = self.table
-        path: str = scope["path"]
-        root_path: str = scope.get("root_path", "")
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path) :] or "/"
-        # Table.match, inlined: this runs on every plugin request.
-        by_prefix = table.by_prefix
-        size = len(path)
-        mount = None
-        for length in table.lengths:
-            if size == length:
-                mount = by_prefix.get(path)
-            elif size > length and path[length] == "/":
-                mount = by_prefix.get(path[:length])
-            else:
-                continue
-            if mount is not None:
-                break
+        mount = self.table.match(_route_path(scope))
         if mount is None:
             await self._not_found(scope, send)
             return
-        # The kernel app's router put itself here; the plugin app must resolve its own
-        # route names (request.url_for), so it gets its router instead.
-        if mount.router is not None:
-            scope["router"] = mount.router
-        else:
-            scope.pop("router", None)
-        if scope["type"] != "http":
-            await mount.app(scope, receive, send)
-            return
-
-        status = 500
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        start = perf_counter()
-        try:
-            await mount.app(scope, receive, send_and_watch)
-        except Exception:
-            # Counted as an error, then re-raised: the server logs it with its traceback.
-            mount.stats.observe(500, perf_counter() - start)
-            raise
-        mount.stats.observe(status, perf_counter() - start)
+        await serve(mount, mount.app, scope, receive, send)
 
     async def _not_found(self, scope: Scope, send: Send) -> None:
         self.stats.unmatched += 1
@@ -170,3 +148,80 @@ class Dispatcher:
             return
         await send(_NOT_FOUND_START)
         await send(_NOT_FOUND)
+
+
+class PluginRoute(BaseRoute):
+    """The dispatcher as the app's first route: it matches every mounted plugin prefix.
+
+    It enters a plugin's own FastAPI app at its router (``Mount.entry``): the host app
+    already ran the same default middleware (errors, exception handlers, the request's
+    exit stack) around it.
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] not in ("http", "websocket"):
+            return Match.NONE, {}
+        mount = self.dispatcher.table.match(_route_path(scope))
+        if mount is None:
+            return Match.NONE, {}
+        return Match.FULL, {_SCOPE_KEY: mount}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        mount: Mount = scope[_SCOPE_KEY]
+        await serve(mount, mount.entry, scope, receive, send)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        """Resolve a plugin route's name, so ``request.url_for`` works from any route."""
+        for mount in self.dispatcher.table.by_plugin.values():
+            if mount.router is not None:
+                try:
+                    path: URLPath = mount.router.url_path_for(name, **path_params)
+                except NoMatchFound:
+                    continue
+                return path
+        raise NoMatchFound(name, path_params)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :] or "/"
+    return path
+
+
+async def serve(mount: Mount, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run ``app`` for a request under ``mount`` and count it in the plugin's stats."""
+    # The host app's router put itself here; the plugin's routes must resolve their own
+    # route names (request.url_for), so they get the plugin's router instead.
+    if mount.router is not None:
+        scope["router"] = mount.router
+    else:
+        scope.pop("router", None)
+    if scope["type"] != "http":
+        await app(scope, receive, send)
+        return
+
+    status = 500
+
+    async def send_and_watch(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    start = perf_counter()
+    try:
+        await app(scope, receive, send_and_watch)
+    except HTTPException as exc:
+        # A plugin router's own 404/405: the host app's exception middleware answers it.
+        mount.stats.observe(exc.status_code, perf_counter() - start)
+        raise
+    except Exception:
+        # Counted as an error, then re-raised: the server logs it with its traceback.
+        mount.stats.observe(500, perf_counter() - start)
+        raise
+    mount.stats.observe(status, perf_counter() - start)

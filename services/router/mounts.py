@@ -12,7 +12,7 @@ Every refusal raises :class:`MountRefused` naming what the plugin collides with.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -76,6 +76,7 @@ def build_mount(
             paths=sorted(announced_paths),
             app=app,
             stats=stats,
+            entry=app,
             router=getattr(app, "router", None),
             openapi=_fragment(runtime, getattr(app, "openapi", None)),
         )
@@ -123,6 +124,7 @@ def build_mount(
         paths=paths,
         app=app,
         stats=stats,
+        entry=app.router,
         router=app.router,
         openapi=_fragment(runtime, app.openapi),
     )
@@ -145,9 +147,23 @@ def _fragment(
         return None
 
 
-def check_conflicts(mount: Mount, table: Table, is_reserved: Callable[[str], str | None]) -> None:
-    """Refuse ``mount`` if it claims a reserved path or overlaps another plugin's prefix."""
+def check_conflicts(
+    mount: Mount,
+    table: Table,
+    is_reserved: Callable[[str], str | None],
+    service_paths: Sequence[str] = (),
+) -> None:
+    """Refuse ``mount`` if it claims a reserved path, a path a service serves (routers
+    given to ``kernel.http.add_router``), or overlaps another plugin's prefix."""
     label = f"plugin {mount.plugin!r} generation {mount.generation}"
+    taken = sorted(p for p in service_paths if under(p, mount.prefix))
+    if taken:
+        raise MountRefused(
+            KERNEL,
+            f"{label}: prefix {mount.prefix} covers {', '.join(taken)}, served by a kernel service",
+            mount.prefix,
+            taken,
+        )
     for path in (mount.prefix, *mount.paths):
         reserved = is_reserved(path)
         if reserved is not None:

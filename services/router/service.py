@@ -28,7 +28,7 @@ from services.loader.events import PluginLoaded, PluginUnloaded
 from services.router.admin import admin_router
 from services.router.dispatcher import Dispatcher, Mount, Table
 from services.router.events import RouteConflict, RoutesMounted, RoutesUnmounted, stream_of
-from services.router.mounts import SELF, MountRefused, build_mount, check_conflicts
+from services.router.mounts import SELF, MountRefused, build_mount, check_conflicts, route_paths
 from services.router.openapi import merge_fragments
 from services.router.projection import MountedRoutes
 from services.router.stats import RouteStats
@@ -75,6 +75,7 @@ class RouterService:
         self._kernel = kernel
         await kernel.add_projection(MountedRoutes())
         kernel.http.set_fallback(self.dispatcher)
+        kernel.http.add_front_route(self.dispatcher.front_route())
         kernel.http.add_openapi_source(self.openapi)
         kernel.http.add_admin_router(admin_router(lambda: self.state, self.stats))
         self._subscription = await kernel.subscribe(
@@ -175,7 +176,9 @@ class RouterService:
                 runtime.prefix or "",
             ) from exc
         if mount is not None:
-            check_conflicts(mount, self.dispatcher.table, self.kernel.http.is_reserved)
+            http = self.kernel.http
+            service_paths = [p for r in http.routers for p in route_paths(r.routes)]
+            check_conflicts(mount, self.dispatcher.table, http.is_reserved, service_paths)
         return mount
 
     async def _unmount(self, record: Recorded) -> None:

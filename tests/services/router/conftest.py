@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,13 @@ def make_settings(data_dir: Path) -> Settings:
     return Settings(data_dir=data_dir, node="router-test", admin_token=ADMIN_TOKEN, reload=False)
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    services = kernel_services()
-    kernel = Kernel(make_settings(tmp_path), services=services)
+@asynccontextmanager
+async def run_harness(
+    data_dir: Path, services: list[Service] | None = None
+) -> AsyncIterator[Harness]:
+    """A started kernel with ``services`` (default: router + admin) behind a real uvicorn."""
+    services = kernel_services() if services is None else services
+    kernel = Kernel(make_settings(data_dir), services=services)
     if not any(s.name == "admin" for s in services):
         kernel.http.set_admin_guard(bearer_guard)
     app = create_app(kernel)
@@ -153,6 +157,18 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         assert isinstance(router, RouterService)
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             yield Harness(kernel=kernel, router=router, app=app, client=client, url=url)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with run_harness(tmp_path) as h:
+        yield h
+
+
+@pytest.fixture
+def make_harness() -> Any:
+    """``async with make_harness(data_dir, services) as harness``: other services beside."""
+    return run_harness
 
 
 def _status_router(prefix: str, label: str) -> APIRouter:
