@@ -1,0 +1,296 @@
+"""Plugin route throughput through the kernel against the same route in bare FastAPI.
+
+``route_rps``: two uvicorn subprocesses with the same settings serve ``GET
+/app/bench/status``: one a kernel app with the router service and a plugin runtime
+mounted the way the loader does it (``kernel.plugins.put`` + ``PluginLoaded``), the
+other a bare FastAPI app including the same router. The load generator (``wrk``, or a
+separate Python process with httpx when wrk is missing) hits them in alternating pairs,
+the order flipped every pair (A B, B A, ...); the result is the median of the pair
+ratios with their min and max (DESIGN.md "Targets": >= 0.95).
+
+    python -m bench.routes [--pairs 9] [--seconds 5]
+
+This module is also the servers' app module: ``uvicorn bench.routes:kernel_app`` /
+``bench.routes:bare_app`` (built on attribute access).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import Result, median, result
+
+PATH = "/app/bench/status"
+EXPECTED = {"status": "ok"}
+CONNECTIONS = 32
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the two apps (built in the server processes) ------------------------------------------
+
+
+def _plugin_router() -> Any:
+    from fastapi import APIRouter
+
+    router = APIRouter(prefix="/bench", tags=["bench"])
+
+    @router.get("/status")
+    async def status() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return router
+
+
+def _bare_app() -> Any:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.include_router(_plugin_router(), prefix="/app")
+    return app
+
+
+def _kernel_app() -> Any:
+    from fastapi import FastAPI
+
+    from kernel import Kernel, Settings
+    from kernel.runtime import PluginRuntime
+    from services.loader.events import PluginLoaded
+    from services.router.events import RoutesMounted
+    from services.router.service import RouterService
+
+    data_dir = os.environ.get("XCORE_BENCH_DATA") or tempfile.mkdtemp(prefix="xcore-bench-")
+    kernel = Kernel(
+        Settings(data_dir=Path(data_dir), node="bench", reload=False),
+        services=[RouterService()],
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with kernel.lifespan(app):
+            kernel.plugins.put(
+                PluginRuntime(
+                    name="bench",
+                    generation=1,
+                    version="1.0.0",
+                    mode="trusted",
+                    prefix="/app/bench",
+                    router=_plugin_router(),
+                )
+            )
+            outcome = await kernel.request(
+                PluginLoaded(
+                    name="bench",
+                    version="1.0.0",
+                    generation=1,
+                    mode="trusted",
+                    prefix="/app/bench",
+                    routes=[PATH],
+                    tasks=[],
+                    digest="bench",
+                    duration_ms=0.0,
+                ),
+                stream="plugin-bench",
+                outcomes=[RoutesMounted, "RouteConflict"],
+            )
+            if outcome.type != RoutesMounted.type_name:
+                raise RuntimeError(f"the bench plugin was not mounted: {outcome.data}")
+            yield
+
+    return FastAPI(lifespan=lifespan)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "bare_app":
+        return _bare_app()
+    if name == "kernel_app":
+        return _kernel_app()
+    raise AttributeError(name)
+
+
+# -- servers and load ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _server(app: str, data_dir: str) -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "XCORE_BENCH_DATA": data_dir, "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        f"bench.routes:{app}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}{PATH}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{app} server exited with {proc.returncode}")
+            try:
+                response = httpx.get(url, timeout=1)
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{app} server did not answer within 30 s") from None
+                time.sleep(0.1)
+                continue
+            if response.json() != EXPECTED:
+                raise RuntimeError(f"{app} answered {response.status_code} {response.text!r}")
+            break
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wrk(url: str, seconds: float) -> float:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw failed requests against {url}:\n{out}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    return float(found.group(1))
+
+
+def _python_load(url: str, seconds: float) -> float:
+    """The fallback load generator: a separate Python process with httpx."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.routes", "--load", url, "--seconds", str(seconds)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+async def _load_process(url: str, seconds: float) -> float:
+    done = 0
+    failed = 0
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=CONNECTIONS)) as client:
+
+        async def worker() -> None:
+            nonlocal done, failed
+            while time.monotonic() < deadline:
+                response = await client.get(url)
+                if response.status_code == 200:
+                    done += 1
+                else:
+                    failed += 1
+
+        await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
+    if failed:
+        raise RuntimeError(f"{failed} requests failed against {url}")
+    return done / seconds
+
+
+def route_rps(pairs: int = 9, seconds: float = 5.0) -> list[Result]:
+    load = _wrk if shutil.which("wrk") else _python_load
+    generator = "wrk" if load is _wrk else "httpx (separate process)"
+    with (
+        tempfile.TemporaryDirectory(prefix="xcore-bench-routes-") as data_dir,
+        _server("kernel_app", data_dir) as kernel_url,
+        _server("bare_app", data_dir) as bare_url,
+    ):
+        load(kernel_url, 2)  # warm both up
+        load(bare_url, 2)
+        kernel_runs: list[float] = []
+        bare_runs: list[float] = []
+        ratios: list[float] = []
+        for i in range(pairs):
+            if i % 2 == 0:
+                k = load(kernel_url, seconds)
+                b = load(bare_url, seconds)
+            else:
+                b = load(bare_url, seconds)
+                k = load(kernel_url, seconds)
+            kernel_runs.append(k)
+            bare_runs.append(b)
+            ratios.append(k / b)
+            print(f"   pair {i + 1}: kernel {k:,.0f} req/s, bare {b:,.0f} req/s, ratio {k / b:.3f}")
+    ratio = median(ratios)
+    extra = {
+        "median_ratio": ratio,
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "pairs": pairs,
+        "seconds_per_run": seconds,
+        "connections": CONNECTIONS,
+        "load_generator": generator,
+        "kernel_rps": kernel_runs,
+        "bare_rps": bare_runs,
+    }
+    return [
+        result(
+            "route_rps", median(kernel_runs), "req/s", {"bare_fastapi": median(bare_runs)}, **extra
+        ),
+        result("route_rps_ratio", ratio, "x (median of pairs)", {}, **extra),
+    ]
+
+
+BENCHMARKS = [("route_rps", route_rps)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.routes")
+    parser.add_argument("--pairs", type=int, default=9)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load:
+        print(asyncio.run(_load_process(args.load, args.seconds)))
+        return 0
+    for r in route_rps(args.pairs, args.seconds):
+        extra = r.get("extra", {})
+        print(
+            f"{r['name']}: {r['value']:.4g} {r['unit']} peers={r['peers']} "
+            f"ratio median {extra['median_ratio']:.3f} "
+            f"(min {extra['ratio_min']:.3f}, max {extra['ratio_max']:.3f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
