@@ -150,3 +150,41 @@ async def test_admin_routes_table(harness: Any, status_router: Any) -> None:
 async def test_admin_routes_refuse_a_missing_or_wrong_token(harness: Any) -> None:
     assert (await harness.admin("/admin/routes", token=None)).status_code in (401, 403)
     assert (await harness.admin("/admin/routes", token="wrong")).status_code in (401, 403)
+
+
+class Unschemable:
+    """A type pydantic validates but cannot describe in JSON schema."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.any_schema()
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: Any, handler: Any) -> Any:
+        raise RuntimeError("no schema for you")
+
+
+class Odd(BaseModel):
+    value: Unschemable
+
+
+async def test_a_plugin_whose_schema_fails_is_served_and_left_out(
+    harness: Any, caplog: Any
+) -> None:
+    router = APIRouter()
+
+    @router.post("/odd")
+    async def odd(body: Odd) -> dict[str, str]:
+        return {"got": str(body.value)}
+
+    outcome = await harness.load("odd", 1, router, "/app/odd")
+    assert outcome.data["paths"] == ["/app/odd/odd"]
+    assert (await harness.client.post("/app/odd/odd", json={"value": 3})).json() == {"got": "3"}
+    schema = await harness.client.get("/openapi.json")
+    assert schema.status_code == 200
+    assert "/app/odd/odd" not in schema.json()["paths"]
+    [record] = [r for r in caplog.records if "OpenAPI schema of plugin" in r.getMessage()]
+    assert "'odd' generation 1" in record.getMessage()
+    assert record.exc_info is not None

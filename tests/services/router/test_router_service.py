@@ -260,3 +260,38 @@ async def test_sync_endpoints_and_bodies_work(harness: Any) -> None:
     await harness.load("echo", 1, router, "/app/echo")
     response = await harness.client.post("/app/echo/upper", json={"a": "bc"})
     assert response.json() == {"a": "BC"}
+
+
+async def test_a_runtime_with_its_own_asgi_app_is_mounted_as_it_is(harness: Any) -> None:
+    # what a sandbox proxy looks like to the router: an ASGI app and announced routes
+    seen: list[str] = []
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["path"])
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"proxied"})
+
+    outcome = await harness.load(
+        "boxed", 1, None, "/app/boxed", asgi_app=proxy, routes=["/app/boxed/x"], mode="sandboxed"
+    )
+    assert outcome.type == RoutesMounted.type_name
+    assert outcome.data["paths"] == ["/app/boxed/x"]
+    response = await harness.client.get("/app/boxed/x")
+    assert response.text == "proxied"
+    assert seen == ["/app/boxed/x"]  # the full public path, unchanged
+    assert harness.kernel.plugins.get("boxed", 1).asgi_app is proxy
+    assert harness.router.stats.plugin("boxed").by_class[2] == 1
+
+
+async def test_stopping_the_kernel_empties_the_table(harness: Any, status_router: Any) -> None:
+    await harness.load("hello", 1, status_router("", "h"), "/app/hello")
+    dispatcher = harness.router.dispatcher
+    assert set(dispatcher.table.by_plugin) == {"hello"}
+    await harness.kernel.stop()
+    assert dispatcher.table.by_plugin == {}
