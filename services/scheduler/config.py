@@ -24,8 +24,8 @@ class SchedulerSettings(BaseModel):
     #: Time zone of cron expressions and naive ``at=`` times without ``tz=``.
     default_timezone: str = "UTC"
     #: ``TaskStarted`` is made durable up to this long before the due time, so the
-    #: log write does not delay the start (the lead adapts to the measured append
-    #: latency, within this bound).
+    #: log write does not delay the start (the lead follows the slowest recent
+    #: appends, within this bound).
     max_lead_ms: float = Field(default=25.0, ge=0)
     #: Refuse every task of a plugin as soon as one of its declarations is refused.
     strict: bool = False

@@ -4,7 +4,8 @@ one wake-up per due time, not a poll over every schedule.
 Entries are keyed; re-arming or cancelling a key just bumps its token, and stale heap
 entries are dropped when they surface (lazy deletion keeps both operations O(log n)).
 The sleeper waits on ``loop.call_at`` for the earliest entry and is woken early when an
-earlier one is pushed.
+earlier one is pushed. :class:`StartGate` is the precise last wait of a run, from its
+recorded start to its due time.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["TimerQueue"]
+__all__ = ["StartGate", "TimerQueue"]
 
 log = logging.getLogger("xcore.scheduler")
 
@@ -108,3 +110,68 @@ class TimerQueue:
 def _done(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+class StartGate:
+    """Waits until an exact instant with sub-millisecond precision.
+
+    asyncio's timers wake up to ~1 ms late on Linux: the selector's timeout is in whole
+    milliseconds, rounded up. A run's last wait, from its recorded ``TaskStarted`` to
+    its due time, is short, so the gate waits on the loop until :attr:`margin` before
+    the instant, then a helper thread sleeps the rest (``nanosleep``, ~0.1 ms precise)
+    and wakes the loop, which finishes with a few idle iterations (at most
+    :attr:`handoff`) so nothing starts early. Waiters of the same instant share one
+    wake-up and resume in one loop step, in the order they started waiting.
+    """
+
+    #: Coarse wait on the loop ends this long before the instant (> the selector's 1 ms).
+    margin = 0.002
+    #: The thread wakes the loop this long before the instant: ``time.sleep`` overshoots
+    #: by ~0.1 ms and the loop takes ~0.15 ms more to run the wake-up (measured here).
+    handoff = 0.0004
+
+    def __init__(self) -> None:
+        self._groups: dict[float, list[asyncio.Future[None]]] = {}
+        self._thread: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_until(self, when: float) -> None:
+        """Return at ``when`` (UTC epoch seconds), or at once if it has passed."""
+        if when <= time.time():
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        group = self._groups.get(when)
+        if group is None:
+            group = self._groups[when] = []
+            coarse = when - self.margin - time.time()
+            loop.call_at(loop.time() + max(coarse, 0.0), self._hand_off, loop, when)
+        group.append(fut)
+        await fut
+
+    def _hand_off(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if when - time.time() <= self.handoff:
+            self._spin(loop, when)
+            return
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xcore-gate")
+        self._thread.submit(self._sleep_then_wake, loop, when)
+
+    def _sleep_then_wake(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        time.sleep(max(0.0, when - self.handoff - time.time()))
+        try:
+            loop.call_soon_threadsafe(self._spin, loop, when)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            self._groups.pop(when, None)
+
+    def _spin(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if time.time() < when:
+            loop.call_soon(self._spin, loop, when)
+            return
+        for fut in self._groups.pop(when, ()):
+            if not fut.done():
+                fut.set_result(None)

@@ -423,3 +423,49 @@ async def test_many_schedules_each_fire_once(tmp_path: Path) -> None:
         )
         await wait_events(kernel, "TaskSucceeded", 1000, timeout=30)
     assert len(hits) == 1000 and set(hits.values()) == {1}
+
+
+async def test_start_is_durable_before_the_code_and_never_early(tmp_path: Path) -> None:
+    """Runs due at the same instant share the precise wait; none starts before its due
+    time, and each finds its ``TaskStarted`` in the log when its code runs."""
+    checks: list[tuple[bool, bool]] = []
+    kernel, service = make_kernel(tmp_path)
+
+    def make(i: int) -> Any:
+        async def fn() -> None:
+            now = time.time()
+            ctx = current_task()
+            logged = await kernel.read(stream=f"task-p.t{i}")
+            durable = any(
+                r.type == "TaskStarted" and r.data["run_id"] == ctx.run_id for r in logged
+            )
+            checks.append((durable, now >= ctx.scheduled_for.timestamp()))
+
+        fn.__name__ = f"t{i}"
+        return fn
+
+    async with kernel:
+        await service.register("p", [spec(make(i), every="0.05s") for i in range(5)])
+        await wait_events(kernel, "TaskSucceeded", 25)
+    assert len(checks) >= 25
+    assert all(durable for durable, _ in checks)
+    assert all(on_time for _, on_time in checks)
+
+
+async def test_a_run_cancelled_after_its_code_returned_keeps_its_outcome(
+    tmp_path: Path,
+) -> None:
+    kernel, service = make_kernel(tmp_path)
+
+    async def quick() -> None:
+        # The cancel lands after the code has returned, before the outcome is recorded
+        # (while the run lets the other runs of its instant start).
+        loop = asyncio.get_running_loop()
+        loop.call_soon(service._runner.cancel_runs, "p", None, "cancelled: test")
+
+    async with kernel:
+        await service.register("p", [spec(quick, after=0)])
+        done = await wait_events(kernel, "TaskSucceeded")
+        failed = await kernel.read(types=["TaskFailed"])
+    assert done[0].data["task"] == "p.quick"
+    assert failed == []

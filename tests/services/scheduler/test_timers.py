@@ -1,0 +1,80 @@
+"""The precise start gate (the heap timer is exercised through the service tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import anyio
+
+from services.scheduler.timers import StartGate
+
+
+async def test_waiters_of_one_instant_resume_together_never_early() -> None:
+    gate = StartGate()
+    gate.handoff = 0.005  # the thread wakes the loop well before: the loop finishes the wait
+    when = time.time() + 0.05
+    order: list[tuple[int, float]] = []
+
+    async def waiter(i: int) -> None:
+        await gate.wait_until(when)
+        order.append((i, time.time()))
+
+    try:
+        with anyio.fail_after(5):
+            await asyncio.gather(*(waiter(i) for i in range(10)))
+    finally:
+        gate.close()
+    assert [i for i, _ in order] == list(range(10))  # in the order they started waiting
+    assert all(t >= when for _, t in order)  # nobody starts before the instant
+    assert not gate._groups  # the instant's group is gone once released
+
+
+async def test_a_cancelled_waiter_does_not_disturb_the_others() -> None:
+    gate = StartGate()
+    when = time.time() + 0.05
+    done: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await gate.wait_until(when)
+        done.append(name)
+
+    try:
+        with anyio.fail_after(5):
+            a = asyncio.create_task(waiter("a"))
+            b = asyncio.create_task(waiter("b"))
+            await asyncio.sleep(0)
+            a.cancel()
+            await asyncio.gather(a, b, return_exceptions=True)
+    finally:
+        gate.close()
+    assert a.cancelled()
+    assert done == ["b"]
+
+
+async def test_instants_in_the_past_and_close_to_now() -> None:
+    gate = StartGate()
+    try:
+        with anyio.fail_after(5):
+            await gate.wait_until(time.time() - 1)  # returns at once
+            soon = time.time() + gate.handoff / 2  # shorter than the hand-off: no thread
+            await gate.wait_until(soon)
+            assert time.time() >= soon
+            later = time.time() + 0.01  # through the helper thread
+            await gate.wait_until(later)
+            assert time.time() >= later
+    finally:
+        gate.close()
+
+
+async def test_close_while_the_helper_thread_sleeps() -> None:
+    gate = StartGate()
+    when = time.time() + 0.2
+    task = asyncio.create_task(gate.wait_until(when))
+    with anyio.fail_after(5):
+        while gate._thread is None:  # the coarse wait ends 2 ms before the instant
+            await asyncio.sleep(0.01)
+    gate.close()  # does not block; the thread finishes its sleep and wakes the loop
+    with anyio.fail_after(5):
+        await task
+    assert time.time() >= when
