@@ -226,7 +226,9 @@ async def _load_process(url: str, seconds: float) -> float:
     return done / seconds
 
 
-def route_rps(pairs: int = 9, seconds: float = 5.0) -> list[Result]:
+def route_rps(pairs: int | None = None, seconds: float = 5.0) -> list[Result]:
+    if pairs is None:
+        pairs = max(7, int(os.environ.get("XCORE_BENCH_PAIRS", "9")))
     load = _wrk if shutil.which("wrk") else _python_load
     generator = "wrk" if load is _wrk else "httpx (separate process)"
     with (
@@ -275,7 +277,7 @@ BENCHMARKS = [("route_rps", route_rps)]
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.routes")
-    parser.add_argument("--pairs", type=int, default=9)
+    parser.add_argument("--pairs", type=int, default=None, help="A/B pairs (default 9)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
