@@ -88,6 +88,19 @@ class HttpSurface:
     def add_openapi_source(self, source: OpenAPISource) -> None:
         self.openapi_sources.append(source)
 
+    def reserve_app_routes(self, app: FastAPI) -> None:
+        """Reserve the paths an embedding app serves itself, so no plugin shadows them.
+
+        Each route reserves its static part (``/items/{id}`` reserves ``/items``).
+        """
+        for route in app.routes:
+            path = getattr(route, "path", None)
+            if not isinstance(path, str):
+                continue
+            static = path.split("{", 1)[0].rstrip("/")
+            if static and static not in self.reserved:
+                self.reserved.append(static)
+
     def add_health_check(self, name: str, check: HealthCheck) -> None:
         """Add a named check to ``/health`` (a failing one turns the answer into 503)."""
         self.health_checks[name] = check

@@ -182,6 +182,8 @@ class Kernel:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         """FastAPI lifespan: ``FastAPI(lifespan=kernel.lifespan)`` embeds the kernel."""
+        # The app's own routes keep priority: plugins may not claim their paths.
+        self.http.reserve_app_routes(app)
         try:
             async with self:
                 self.http.attach(app, self)

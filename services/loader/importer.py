@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
 
 __all__ = [
@@ -182,8 +183,12 @@ def import_plugin(plugin: str, folder: Path, manifest_prefix: str | None) -> Imp
                 f"router.py: `router` is a {type(raw).__name__}, not an APIRouter"
             )
         if raw.routes:
-            prefix, root = mount_point(manifest_prefix, raw.prefix)
-            router, routes = raw, describe_routes(raw, root)
+            try:
+                point = mount_point(manifest_prefix, raw.prefix)
+            except PrefixError as exc:
+                raise PluginImportError(f"router.py: {exc}") from None
+            prefix = point.prefix
+            router, routes = raw, describe_routes(raw, point.root)
     tasks: dict[str, TaskSpec] = {}
     for value in vars(run).values():
         spec = getattr(value, "__xcore_task__", None)
@@ -210,28 +215,6 @@ def _config_model(plugin: str, run: ModuleType, folder: Path, base: str) -> type
     if not (inspect.isclass(model) and issubclass(model, BaseModel)):
         raise PluginImportError(f"{where}: `Config` must be a pydantic BaseModel subclass")
     return model
-
-
-def mount_point(manifest_prefix: str | None, own: str) -> tuple[str, str]:
-    """``(mount prefix, root)`` by the router mounter's rule (docs/routing.md).
-
-    The manifest's ``api_prefix`` is the mount point (the router's own prefix when the
-    manifest gives none). The router's own prefix is kept below it unless the mount
-    prefix already ends with it, in which case it is not doubled: ``Api_prefix
-    "/app/plugin_name"`` + ``APIRouter(prefix="/plugin_name")`` + ``@get("/status")``
-    serves ``/app/plugin_name/status``. ``root`` is what the router is included under.
-    """
-    own = own.rstrip("/")
-    if manifest_prefix is None:
-        if not own:
-            raise PluginImportError(
-                "router.py declares routes but neither PLUGIN_INFO['api_prefix'] nor "
-                "APIRouter(prefix=...) gives them a prefix"
-            )
-        return own, ""
-    if own and manifest_prefix.endswith(own):
-        return manifest_prefix, manifest_prefix[: len(manifest_prefix) - len(own)]
-    return manifest_prefix, manifest_prefix
 
 
 def describe_routes(router: APIRouter, root: str) -> list[str]:

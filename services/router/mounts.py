@@ -18,10 +18,10 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from starlette.routing import BaseRoute
 
+from kernel.prefixes import PrefixError, mount_point, normalize_prefix, overlaps, under
 from kernel.runtime import PluginRuntime
 from services.router.dispatcher import Mount, Table
 from services.router.openapi import plugin_fragment
-from services.router.prefixes import PrefixError, mount_point, normalize_prefix, overlaps, under
 from services.router.stats import PluginStats
 
 __all__ = ["MountRefused", "build_mount", "check_conflicts", "route_paths"]

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kernel import Projection, Recorded, handles
+from kernel.prefixes import under
 from services.router.events import RouteConflict, RoutesMounted, RoutesUnmounted
-from services.router.prefixes import under
 
 __all__ = ["ConflictRecord", "MountRecord", "MountedRoutes"]
 

@@ -26,8 +26,25 @@ async def mine() -> dict[str, str]:
 """
 
 
+CLASH_RUN = """
+PLUGIN_INFO = {"version": "1.0.0", "author": "test", "api_prefix": "/mine"}
+"""
+CLASH_ROUTER = """
+from fastapi import APIRouter
+router = APIRouter()
+
+@router.get("")
+async def stolen() -> dict[str, str]:
+    return {"owner": "the plugin"}
+"""
+
+
 def test_an_app_embeds_the_kernel_in_two_lines(tmp_path: Path) -> None:
-    (tmp_path / "plugins").mkdir()
+    clash = tmp_path / "plugins" / "clash"
+    clash.mkdir(parents=True)
+    (clash / "__init__.py").write_text("")
+    (clash / "run.py").write_text(CLASH_RUN)
+    (clash / "router.py").write_text(CLASH_ROUTER)
     (tmp_path / "myapp.py").write_text(textwrap.dedent(APP))
     port = free_port()
     log = tmp_path / "uvicorn.log"
@@ -50,6 +67,7 @@ def test_an_app_embeds_the_kernel_in_two_lines(tmp_path: Path) -> None:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
+        # a plugin claiming the app's own path is refused; the app keeps it
         assert httpx.get(f"{url}/mine").json() == {"owner": "the app"}
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
         assert httpx.get(f"{url}/admin/kernel").status_code == 401
@@ -66,3 +84,12 @@ def test_an_app_embeds_the_kernel_in_two_lines(tmp_path: Path) -> None:
     conn.close()
     assert types[0] == "KernelStarted"
     assert types[-1] == "KernelStopped"
+    conn = sqlite3.connect(tmp_path / "var" / "events.db")
+    failed = [
+        row[0]
+        for row in conn.execute("SELECT data FROM events WHERE type = 'PluginLoadFailed'")
+    ]
+    conn.close()
+    assert len(failed) == 1
+    assert b"clash" in failed[0]
+    assert b"/mine" in failed[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.prefixes import (
+from kernel.prefixes import (
     MountPoint,
     PrefixError,
     mount_point,

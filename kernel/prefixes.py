@@ -1,5 +1,8 @@
 """Mount prefixes: how a manifest's prefix and a router's own prefix combine.
 
+This rule is the contract between the loader (which announces a plugin's routes in
+``PluginLoaded``) and the router mounter (which serves them), so it lives here, once.
+
 The rule (documented with the seed's example in ``docs/routing.md``):
 
 - the **mount prefix** is the manifest's ``api_prefix`` (``Api_prefix``); a plugin
