@@ -86,8 +86,7 @@ def test_an_app_embeds_the_kernel_in_two_lines(tmp_path: Path) -> None:
     assert types[-1] == "KernelStopped"
     conn = sqlite3.connect(tmp_path / "var" / "events.db")
     failed = [
-        row[0]
-        for row in conn.execute("SELECT data FROM events WHERE type = 'PluginLoadFailed'")
+        row[0] for row in conn.execute("SELECT data FROM events WHERE type = 'PluginLoadFailed'")
     ]
     conn.close()
     assert len(failed) == 1
