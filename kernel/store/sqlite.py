@@ -109,6 +109,26 @@ class _Stop:
 _Op = _Append | _Put | _Stop
 
 
+#: aiosqlite runs every call in its connection's thread through ``Connection._execute``;
+#: using it for a whole batch (insert + commit) saves a thread round trip per commit
+#: (~0.1 ms, a fifth of a single durable append here). It is private API, so the
+#: public two-call path stays as the fallback.
+_ONE_TRIP = hasattr(aiosqlite.Connection, "_execute") and hasattr(aiosqlite.Connection, "_conn")
+
+
+def _write(
+    conn: sqlite3.Connection,
+    rows: list[tuple[Any, ...]],
+    puts: list[tuple[str, tuple[Any, ...]]],
+) -> None:
+    """Insert the batch and commit, in the connection's own thread."""
+    if rows:
+        conn.executemany(INSERT, rows)
+    for sql, params in puts:
+        conn.execute(sql, params)
+    conn.commit()
+
+
 def check_file(path: Path) -> None:
     """Refuse, with a clear message, a file that is not an intact SQLite database."""
     try:
@@ -472,11 +492,16 @@ class SQLiteStore:
 
         if rows or puts:
             try:
-                if rows:
-                    await conn.executemany(INSERT, rows)
-                for p in puts:
-                    await conn.execute(p.sql, p.params)
-                await conn.commit()
+                statements = [(p.sql, p.params) for p in puts]
+                if _ONE_TRIP:
+                    # one trip to the connection's thread for the whole transaction
+                    await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
+                else:  # pragma: no cover - an aiosqlite without its private runner
+                    if rows:
+                        await conn.executemany(INSERT, rows)
+                    for sql, params in statements:
+                        await conn.execute(sql, params)
+                    await conn.commit()
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     await conn.rollback()
