@@ -167,7 +167,7 @@ async def _phase(data: str, phase: int) -> dict[str, Any]:
 def ten_thousand() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "bench.scheduler", "--phase"]
-        subprocess.run([*cmd, "1", tmp], check=True)
+        subprocess.run([*cmd, "1", tmp], check=True, stdout=subprocess.DEVNULL)
         out = subprocess.run([*cmd, "2", tmp], check=True, capture_output=True, text=True)
     data = json.loads(out.stdout.strip().splitlines()[-1])
     late = data["late"]

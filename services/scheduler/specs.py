@@ -216,7 +216,9 @@ def check_dependencies(
             refused[tid] = f"depends on unknown task(s) {', '.join(unknown)}"
     graph: dict[str, tuple[str, ...]] = dict(existing)
     graph.update({tid: t.depends_on for tid, t in new.items()})
-    for cycle in _cycles(graph):
+    # A new cycle goes through a new task, so only what the new tasks reach is searched
+    # (the tasks already registered were checked when they came).
+    for cycle in _cycles(graph, roots=[t for t, task in new.items() if task.depends_on]):
         path = " -> ".join([*cycle, cycle[0]])
         for tid in cycle:
             if tid in new and tid not in refused:
@@ -278,15 +280,16 @@ def compile_plugin(
     return accepted, refused
 
 
-def _cycles(graph: Mapping[str, tuple[str, ...]]) -> list[list[str]]:
-    """Each strongly connected component with a cycle (Tarjan, iterative)."""
+def _cycles(graph: Mapping[str, tuple[str, ...]], roots: Iterable[str]) -> list[list[str]]:
+    """Each strongly connected component with a cycle reachable from ``roots`` (Tarjan,
+    iterative)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()
     stack: list[str] = []
     found: list[list[str]] = []
     counter = 0
-    for root in graph:
+    for root in roots:
         if root in index:
             continue
         work: list[tuple[str, int]] = [(root, 0)]
