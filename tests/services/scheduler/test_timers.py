@@ -69,11 +69,15 @@ async def test_instants_in_the_past_and_close_to_now() -> None:
 
 async def test_close_while_the_helper_thread_sleeps() -> None:
     gate = StartGate()
-    when = time.time() + 0.2
+    # A wide margin, so the helper thread takes over even when this shared machine
+    # wakes the loop late (with the 2 ms default, a loop 1.6 ms late skips the thread).
+    gate.margin = 0.15
+    when = time.time() + 0.3
     task = asyncio.create_task(gate.wait_until(when))
     with anyio.fail_after(5):
-        while gate._thread is None:  # the coarse wait ends 2 ms before the instant
-            await asyncio.sleep(0.01)
+        while gate._thread is None:  # the coarse wait ends `margin` before the instant
+            assert not task.done(), "the gate skipped its helper thread"
+            await asyncio.sleep(0.005)
     gate.close()  # does not block; the thread finishes its sleep and wakes the loop
     with anyio.fail_after(5):
         await task
