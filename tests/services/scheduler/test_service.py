@@ -217,11 +217,17 @@ async def test_priority_orders_runs_at_the_concurrency_limit(tmp_path: Path) -> 
 
 
 async def test_dependency_triggered_task_follows_success(tmp_path: Path) -> None:
-    outcomes = iter([None, RuntimeError("no"), None])
+    script: list[Exception | None] = [None, RuntimeError("no"), None]
+    calls = 0
+    parked = asyncio.Event()
     reports: list[str] = []
 
     async def collect() -> None:
-        exc = next(outcomes)
+        nonlocal calls
+        calls += 1
+        if calls > len(script):
+            await parked.wait()  # later runs never finish: exactly three outcomes
+        exc = script[calls - 1]
         if exc is not None:
             raise exc
 
@@ -242,15 +248,15 @@ async def test_dependency_triggered_task_follows_success(tmp_path: Path) -> None
             ],
         )
         assert sorted(result.accepted) == ["jobs.audit", "jobs.collect", "jobs.report"]
-        await wait_events(
-            kernel, "TaskStarted", 3, where=lambda r: r.data["task"] == "jobs.collect"
-        )
+        # collect: success, failure, success -> report twice, audit three times
         await wait_events(
             kernel, "TaskSucceeded", 3, where=lambda r: r.data["task"] == "jobs.audit"
         )
+        await wait_events(
+            kernel, "TaskSucceeded", 2, where=lambda r: r.data["task"] == "jobs.report"
+        )
         await service.unregister("jobs")
         report_runs = await kernel.read(stream="task-jobs.report", types=["TaskStarted"])
-        # collect: success, failure, success -> report twice, audit three times
         assert len(report_runs) == 2
         assert all(r.data["trigger"] == "dependency" for r in report_runs)
         assert reports.count("audit") == 3
