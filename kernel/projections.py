@@ -28,6 +28,7 @@ from typing import Any, ClassVar, TypeVar
 
 import orjson
 
+from kernel.errors import XcoreError
 from kernel.events import Event, Recorded
 from kernel.store.base import EventStore, Snapshot
 from kernel.subscriptions import DeadLetter, Subscription
@@ -99,8 +100,10 @@ class Projection:
         return None
 
     def restore(self, state: Any) -> None:
-        """Load the state saved by :meth:`snapshot`."""
-        raise NotImplementedError(f"projection {self.name!r} does not restore snapshots")
+        """Load the state saved by :meth:`snapshot` (override it with ``snapshot``)."""
+        raise XcoreError(
+            f"projection {self.name!r} saved a snapshot but does not define restore()"
+        )
 
 
 async def fold(

@@ -1,9 +1,10 @@
 """The embedded default store: one SQLite file in WAL mode, written through aiosqlite.
 
-Writes go through a single writer task that **group-commits**: every append waiting when
-the writer becomes free joins one transaction, so 100 concurrent producers cost one
-fsync per batch, not one each. ``append`` returns only after that transaction commits
-(``synchronous=FULL`` by default: durable across power loss).
+Writes go through a single writer task that **group-commits** (``sqlite_writer.py``):
+every append waiting when the writer becomes free joins one transaction, so 100
+concurrent producers cost one fsync per batch, not one each. ``append`` returns only
+after that transaction commits (``synchronous=FULL`` by default: durable across power
+loss).
 
 Only one process may write a log: the store takes an exclusive ``flock`` on
 ``<file>.lock`` and a second opener gets :class:`~kernel.errors.StoreLocked`. Readers
@@ -12,23 +13,21 @@ Only one process may write a log: the store takes an exclusive ``flock`` on
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import aiosqlite
 
-from kernel.errors import ConcurrencyError, StoreClosed, StoreCorrupt, StoreError, StoreLocked
+from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
 from kernel.events import NewEvent, Recorded
-from kernel.store.base import ANY, Snapshot, describe_expected
+from kernel.store.base import ANY, Snapshot
+from kernel.store.sqlite_writer import COLUMNS, GroupCommitWriter
 from kernel.store.tail import Tail
 
 __all__ = ["SQLiteStore", "Synchronous"]
@@ -67,11 +66,6 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 """
 
-COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
-INSERT = (
-    "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
 UPSERT_CHECKPOINT = (
     "INSERT INTO checkpoints (name, position) VALUES (?, ?)"
     " ON CONFLICT (name) DO UPDATE SET position = excluded.position"
@@ -81,52 +75,6 @@ UPSERT_SNAPSHOT = (
     " ON CONFLICT (name) DO UPDATE SET position = excluded.position,"
     " schema = excluded.schema, state = excluded.state"
 )
-
-
-@dataclass(eq=False)
-class _Append:
-    stream: str
-    expected: int | None
-    events: Sequence[NewEvent]
-    future: asyncio.Future[list[Recorded]]
-    existing: list[str] | None = None
-
-
-@dataclass(eq=False)
-class _Put:
-    sql: str
-    params: tuple[Any, ...]
-    future: asyncio.Future[None]
-
-
-@dataclass(eq=False)
-class _Stop:
-    future: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
-_Op = _Append | _Put | _Stop
-
-
-#: aiosqlite runs every call in its connection's thread through ``Connection._execute``;
-#: using it for a whole batch (insert + commit) saves a thread round trip per commit
-#: (~0.1 ms, a fifth of a single durable append here). It is private API, so the
-#: public two-call path stays as the fallback.
-_ONE_TRIP = hasattr(aiosqlite.Connection, "_execute") and hasattr(aiosqlite.Connection, "_conn")
-
-
-def _write(
-    conn: sqlite3.Connection,
-    rows: list[tuple[Any, ...]],
-    puts: list[tuple[str, tuple[Any, ...]]],
-) -> None:
-    """Insert the batch and commit, in the connection's own thread."""
-    if rows:
-        conn.executemany(INSERT, rows)
-    for sql, params in puts:
-        conn.execute(sql, params)
-    conn.commit()
 
 
 def check_file(path: Path) -> None:
@@ -179,12 +127,10 @@ class SQLiteStore:
         self.max_batch = max_batch
         self._max_page_count = max_page_count
         self._tail = Tail(tail_size)
-        self._writer: aiosqlite.Connection | None = None
+        self._write_conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._writer: GroupCommitWriter | None = None
         self._lock_fd: int | None = None
-        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
-        self._writer_task: asyncio.Task[None] | None = None
-        self._versions: dict[str, int] = {}
         self._last = 0
         self._open = False
 
@@ -204,8 +150,8 @@ class SQLiteStore:
             self._take_lock()
             try:
                 check_file(self.path)
-                self._writer = await self._connect(readonly=False)
-                await self._create_schema(self._writer)
+                self._write_conn = await self._connect(readonly=False)
+                await self._create_schema(self._write_conn)
                 self._reader = await self._connect(readonly=True)
             except BaseException:
                 await self._release()
@@ -215,8 +161,11 @@ class SQLiteStore:
         self._tail.reset(self._last)
         self._tail.closed = False
         self._open = True
-        if not self.readonly:
-            self._writer_task = asyncio.create_task(self._write_loop(), name="xcore-store-writer")
+        if self._write_conn is not None:
+            self._writer = GroupCommitWriter(
+                self.path, self._write_conn, self._tail, self._last, self.max_batch
+            )
+            self._writer.start()
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
         target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
@@ -318,22 +267,19 @@ class SQLiteStore:
     async def close(self) -> None:
         if not self._open:
             return
-        if self._writer_task is not None:
-            stop = _Stop()
-            await self._queue.put(stop)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._writer_task)
-            self._writer_task = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
         self._open = False
         self._tail.close()
         await self._release()
 
     async def _release(self) -> None:
-        for conn in (self._writer, self._reader):
+        for conn in (self._write_conn, self._reader):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.close()
-        self._writer = self._reader = None
+        self._write_conn = self._reader = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -342,20 +288,13 @@ class SQLiteStore:
         if not self._open:
             raise StoreClosed(f"{self.path}: the event log is closed")
 
-    def _check_writable(self) -> None:
+    def _writable(self) -> GroupCommitWriter:
         self._check_open()
-        if self.readonly:
+        if self.readonly or self._writer is None:
             raise StoreError(f"{self.path} was opened read-only")
+        return self._writer
 
     # -- writing -------------------------------------------------------------------
-
-    def _check_writer(self) -> None:
-        task = self._writer_task
-        if task is None or task.done():
-            raise StoreError(
-                f"{self.path}: the log's writer has stopped; reopen the store "
-                "(see the log for the error that stopped it)"
-            )
 
     async def append(
         self,
@@ -364,186 +303,10 @@ class SQLiteStore:
         stream: str,
         expected_version: int | None = ANY,
     ) -> list[Recorded]:
-        self._check_writable()
+        writer = self._writable()
         if not events:
             return []
-        self._check_writer()
-        future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Append(stream, expected_version, events, future))
-        return await future
-
-    async def _put(self, sql: str, params: tuple[Any, ...]) -> None:
-        self._check_writable()
-        self._check_writer()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Put(sql, params, future))
-        await future
-
-    async def _write_loop(self) -> None:
-        queue = self._queue
-        while True:
-            op = await queue.get()
-            if isinstance(op, _Stop):
-                op.future.set_result(None)
-                return
-            # Let every producer that is ready run first, so they join this batch
-            # rather than each waking the writer for a batch of its own.
-            before = -1
-            for _ in range(8):
-                if queue.qsize() == before:
-                    break
-                before = queue.qsize()
-                await asyncio.sleep(0)
-            batch: list[_Append | _Put] = [op]
-            size = len(op.events) if isinstance(op, _Append) else 1
-            stop: _Stop | None = None
-            while size < self.max_batch:
-                try:
-                    nxt = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if isinstance(nxt, _Stop):
-                    stop = nxt
-                    break
-                batch.append(nxt)
-                size += len(nxt.events) if isinstance(nxt, _Append) else 1
-            try:
-                await self._commit(batch)
-            except BaseException as exc:  # never leave an appender waiting forever
-                log.exception("event log writer failed on %s", self.path)
-                error = StoreError(f"{self.path}: write failed: {exc}")
-                for o in batch:
-                    if not o.future.done():
-                        o.future.set_exception(error)
-                if not isinstance(exc, Exception):
-                    raise
-            if stop is not None:
-                stop.future.set_result(None)
-                return
-
-    async def _stream_version(self, stream: str) -> int:
-        version = self._versions.get(stream)
-        if version is None:
-            assert self._writer is not None
-            row = await (
-                await self._writer.execute(
-                    "SELECT MAX(version) FROM events WHERE stream = ?", (stream,)
-                )
-            ).fetchone()
-            version = int(row[0]) if row and row[0] is not None else 0
-            self._versions[stream] = version
-        return version
-
-    async def _existing_ids(self, ids: list[str]) -> set[str]:
-        assert self._writer is not None
-        found: set[str] = set()
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = await self._writer.execute_fetchall(
-                f"SELECT id FROM events WHERE id IN ({marks})", chunk
-            )
-            found.update(row[0] for row in rows)
-        return found
-
-    async def _commit(self, batch: list[_Append | _Put]) -> None:
-        conn = self._writer
-        assert conn is not None
-        appends = [o for o in batch if isinstance(o, _Append)]
-        puts = [o for o in batch if isinstance(o, _Put)]
-        explicit = [e.meta.id for o in appends for e in o.events if e.explicit_id]
-        existing = await self._existing_ids(explicit) if explicit else set()
-
-        now = time.time()
-        position = self._last
-        touched: dict[str, int] = {}
-        rows: list[tuple[Any, ...]] = []
-        results: list[tuple[_Append, list[Recorded]]] = []
-        failures: list[tuple[_Append, BaseException]] = []
-        in_batch: set[str] = set()
-        for o in appends:
-            fresh = []
-            for e in o.events:
-                if e.meta.id not in existing and e.meta.id not in in_batch:
-                    in_batch.add(e.meta.id)
-                    fresh.append(e)
-            if not fresh:
-                o.existing = [e.meta.id for e in o.events]
-                continue
-            current = touched.get(o.stream)
-            if current is None:
-                current = await self._stream_version(o.stream)
-            if o.expected is not ANY and o.expected != current:
-                failures.append(
-                    (o, ConcurrencyError(o.stream, describe_expected(o.expected), current))
-                )
-                continue
-            records: list[Recorded] = []
-            for e in fresh:
-                position += 1
-                current += 1
-                meta = e.meta.to_json()
-                rows.append(
-                    (position, o.stream, current, e.type, e.schema, e.data, meta, e.meta.id, now)
-                )
-                records.append(Recorded.of(position, o.stream, current, e, now))
-            touched[o.stream] = current
-            results.append((o, records))
-
-        if rows or puts:
-            try:
-                statements = [(p.sql, p.params) for p in puts]
-                if _ONE_TRIP:
-                    # one trip to the connection's thread for the whole transaction
-                    await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
-                else:  # pragma: no cover - an aiosqlite without its private runner
-                    if rows:
-                        await conn.executemany(INSERT, rows)
-                    for sql, params in statements:
-                        await conn.execute(sql, params)
-                    await conn.commit()
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.rollback()
-                reason = (
-                    f"the disk is full ({exc})"
-                    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-                    else str(exc)
-                )
-                error = StoreError(f"{self.path}: append failed, nothing was written: {reason}")
-                log.error("event log write failed on %s: %s", self.path, exc)
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(error)
-                return
-
-        self._last = position
-        self._versions.update(touched)
-        for _, records in results:
-            self._tail.push(records)
-        for o, records in results:
-            if not o.future.done():
-                o.future.set_result(records)
-        for o, failure in failures:
-            if not o.future.done():
-                o.future.set_exception(failure)
-        for p in puts:
-            if not p.future.done():
-                p.future.set_result(None)
-        for a in appends:
-            if a.existing is not None and not a.future.done():
-                try:
-                    a.future.set_result(await self._by_ids(a.existing))
-                except sqlite3.Error as exc:
-                    a.future.set_exception(StoreError(f"{self.path}: {exc}"))
-
-    async def _by_ids(self, ids: list[str]) -> list[Recorded]:
-        assert self._writer is not None
-        marks = ",".join("?" * len(ids))
-        rows = await self._writer.execute_fetchall(
-            f"SELECT {COLUMNS} FROM events WHERE id IN ({marks}) ORDER BY position", ids
-        )
-        return Recorded.from_rows(rows)
+        return await writer.append(events, stream, expected_version)
 
     # -- reading -------------------------------------------------------------------
 
@@ -585,15 +348,16 @@ class SQLiteStore:
 
     async def last_position(self) -> int:
         self._check_open()
-        if self.readonly:
-            assert self._reader is not None
-            self._last = await self._query_last_position(self._reader)
+        if self._writer is not None:
+            return self._writer.last
+        assert self._reader is not None
+        self._last = await self._query_last_position(self._reader)
         return self._last
 
     async def stream_version(self, stream: str) -> int:
         self._check_open()
-        if self._versions.get(stream) is not None and not self.readonly:
-            return self._versions[stream]
+        if self._writer is not None and stream in self._writer.versions:
+            return self._writer.versions[stream]
         assert self._reader is not None
         row = await (
             await self._reader.execute(
@@ -617,7 +381,7 @@ class SQLiteStore:
         return int(row[0]) if row else None
 
     async def save_checkpoint(self, name: str, position: int) -> None:
-        await self._put(UPSERT_CHECKPOINT, (name, position))
+        await self._writable().put(UPSERT_CHECKPOINT, (name, position))
 
     async def load_snapshot(self, name: str) -> Snapshot | None:
         self._check_open()
@@ -632,6 +396,6 @@ class SQLiteStore:
         return Snapshot(name=name, position=int(row[0]), schema=int(row[1]), state=bytes(row[2]))
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        await self._put(
+        await self._writable().put(
             UPSERT_SNAPSHOT, (snapshot.name, snapshot.position, snapshot.schema, snapshot.state)
         )

@@ -175,3 +175,17 @@ async def test_a_closed_store_refuses_work(store: EventStore) -> None:
     with pytest.raises(StoreClosed):
         await store.read()
     await store.open()  # the fixture closes it again
+
+
+async def test_a_refused_append_does_not_claim_its_ids(store: EventStore) -> None:
+    # both calls land in one group commit; the first is refused for its version
+    meta = Meta(id="abababababababababababababababab")
+    refused, stored = await asyncio.gather(
+        store.append([note("a", meta)], stream="s", expected_version=5),
+        store.append([note("a", meta)], stream="s"),
+        return_exceptions=True,
+    )
+    assert isinstance(refused, ConcurrencyError)
+    assert not isinstance(stored, BaseException)
+    assert [r.position for r in stored] == [1]
+    assert [r.meta.id for r in await store.read()] == [meta.id]
