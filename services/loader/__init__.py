@@ -1,0 +1,1 @@
+"""The plugin loader service: discovery, hot reload and installation of plugins (``service.py``)."""

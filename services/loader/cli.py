@@ -352,5 +352,4 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
 
 def _limits(settings: Settings) -> installer.Limits:
-    ls = settings.section("loader", LoaderSettings)
-    return installer.Limits(max_bytes=int(ls.max_archive_mb * 1024 * 1024), max_files=ls.max_files)
+    return installer.Limits.of(settings.section("loader", LoaderSettings))

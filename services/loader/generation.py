@@ -6,7 +6,6 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from kernel.runtime import PluginRuntime
 
@@ -50,7 +49,6 @@ class Generation:
     runtime: PluginRuntime
     #: This generation's entries of sys.modules (to tell whether they are still current).
     modules: dict[str, ModuleType] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str | None:

@@ -23,13 +23,17 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .manifest import Manifest, ManifestError, read_manifest, valid_name
+from .manifest import Manifest, ManifestError, read_manifest, read_plugin_info, valid_name
+
+if TYPE_CHECKING:
+    from .settings import LoaderSettings
 
 __all__ = [
+    "ARCHIVE_SUFFIXES",
     "STAGING",
     "InstallError",
     "Limits",
@@ -58,6 +62,13 @@ class InstallError(Exception):
 class Limits:
     max_bytes: int = 20 * 1024 * 1024
     max_files: int = 2000
+
+    @classmethod
+    def of(cls, settings: LoaderSettings) -> Limits:
+        """The limits set in the loader's settings."""
+        return cls(
+            max_bytes=int(settings.max_archive_mb * 1024 * 1024), max_files=settings.max_files
+        )
 
 
 @dataclass
@@ -206,8 +217,6 @@ def stage(source: Path, plugins_dir: Path, limits: Limits, name: str | None = No
 
 
 def _declared_name(root: Path) -> str | None:
-    from .manifest import read_plugin_info
-
     try:
         info = read_plugin_info(root / "run.py", root.name)
     except ManifestError:

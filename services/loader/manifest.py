@@ -22,6 +22,7 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from kernel import prefixes
 from kernel.errors import XcoreError
 
 __all__ = [
@@ -60,7 +61,6 @@ SEMVER_RE = re.compile(
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
     r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
 )
-SEGMENT_RE = re.compile(r"^[A-Za-z0-9._~-]+$")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)[bB]?\s*$")
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
@@ -109,20 +109,6 @@ class Manifest:
     requires: tuple[Requirement, ...] = ()
     auth: tuple[str, ...] = ()
     description: str = ""
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "author": self.author,
-            "prefix": self.prefix,
-            "tags": list(self.tags),
-            "mode": self.mode,
-            "limits": dict(self.limits),
-            "requires": [str(r) for r in self.requires],
-            "auth": list(self.auth),
-            "description": self.description,
-        }
 
 
 def valid_name(name: str) -> bool:
@@ -262,28 +248,13 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
 
 
 def normalize_prefix(value: Any, *, plugin: str, file: str, key: str) -> str:
-    """``/app/hello`` from ``/app/hello/``; refuses anything that is not a plain URL path."""
+    """``/app/hello`` from ``/app/hello/``: the kernel's mount-prefix rule, culprit named."""
     if not isinstance(value, str):
         raise ManifestError(plugin, file, "must be a string such as '/app/hello'", key=key)
-    if not value.startswith("/"):
-        raise ManifestError(plugin, file, f"{value!r} is not a path (must start with '/')", key=key)
-    path = value.rstrip("/")
-    if not path:
-        raise ManifestError(
-            plugin, file, "'/' would claim every path; use e.g. '/app/name'", key=key
-        )
-    for segment in path[1:].split("/"):
-        if not segment:
-            raise ManifestError(plugin, file, f"{value!r} has an empty segment ('//')", key=key)
-        if segment in (".", "..") or not SEGMENT_RE.match(segment):
-            raise ManifestError(
-                plugin,
-                file,
-                f"{value!r}: segment {segment!r} is not allowed "
-                "(letters, digits and . _ ~ - only; no '.' or '..')",
-                key=key,
-            )
-    return path
+    try:
+        return prefixes.normalize_prefix(value.rstrip("/") or value[:1])
+    except prefixes.PrefixError as exc:
+        raise ManifestError(plugin, file, str(exc), key=key) from None
 
 
 def _strings(plugin: str, file: str, key: str, value: Any) -> tuple[str, ...]:

@@ -1,0 +1,355 @@
+"""The life of one plugin generation: built side by side with the one serving, mounted, unloaded.
+
+Building a generation (:meth:`Lifecycle.build`) leaves the serving one untouched until
+it succeeds:
+
+1. manifest (read without running code), mode, prefix (reserved or claimed?),
+   requirements (loaded, right version, and the plugins requiring this one still happy);
+2. ``config.yaml`` parsed; the plugin's modules purged from ``sys.modules``; the package,
+   ``run.py``, ``router.py`` (and ``config.py``) imported afresh in a worker thread;
+3. the config validated against the plugin's ``Config`` model; ``on_load`` run;
+4. the runtime published in ``kernel.plugins``, ``PluginLoaded`` recorded, and the
+   router mounter's answer awaited (``RoutesMounted`` swaps atomically; ``RouteConflict``
+   fails the step).
+
+A failure raises :class:`~services.loader.generation.StageError`; before ``PluginLoaded``
+it leaves no trace (the caller records the failure event), a failed mount is unloaded
+(``PluginUnloaded``) first. Replacing the serving generation is the caller's step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from kernel.events import Meta, NewEvent, Recorded
+from kernel.prefixes import overlaps
+from kernel.runtime import PluginRuntime
+from services.router.events import RoutesMounted
+
+from . import installer
+from .context import LoadedContext, call_plugin
+from .events import LoadStage, PluginLoaded, PluginUnloaded, stream_of
+from .generation import Generation, StageError
+from .importer import import_plugin, module_name, purge, restore
+from .manifest import Manifest, ManifestError, read_manifest
+from .projection import PluginTable
+from .settings import LoaderSettings
+from .state import ACTOR, LoaderState
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+__all__ = ["Lifecycle"]
+
+log = logging.getLogger("xcore.loader")
+
+
+class Lifecycle(LoaderState):
+    """Builds, mounts and unloads generations (a base of the Loader)."""
+
+    def __init__(self, kernel: Kernel, settings: LoaderSettings, table: PluginTable) -> None:
+        super().__init__(kernel, settings, table)
+        #: Prefixes claimed by generations being built right now.
+        self._building: dict[str, str] = {}
+        self._mount_waiters: dict[str, asyncio.Future[Recorded]] = {}
+        self._next_generation: dict[str, int] = {}
+
+    def on_mount_outcome(self, record: Recorded) -> None:
+        """RoutesMounted / RouteConflict: wake the load waiting for it."""
+        cause = record.meta.causation_id
+        future = self._mount_waiters.get(cause) if cause else None
+        if future is not None and not future.done():
+            future.set_result(record)
+
+    def prefix_conflict(self, name: str, prefix: str) -> str | None:
+        """Why ``name`` cannot claim ``prefix`` (kernel routes, another plugin), or None."""
+        reserved = self.kernel.http.is_reserved(prefix)
+        if reserved is not None:
+            return (
+                f"plugin {name!r}: run.py: key 'api_prefix': {prefix!r} collides with the "
+                f"kernel's own routes ({reserved})"
+            )
+        claims: dict[str, str | None] = {n: g.prefix for n, g in self.loaded.items()}
+        claims.update(self._building)
+        for other, theirs in sorted(claims.items()):
+            if other != name and theirs is not None and overlaps(prefix, theirs):
+                return (
+                    f"plugin {name!r}: run.py: key 'api_prefix': {prefix!r} collides with "
+                    f"plugin {other!r}, mounted at {theirs!r}"
+                )
+        return None
+
+    # -- building ----------------------------------------------------------------------
+
+    def _claim(self, name: str, prefix: str | None, stage: LoadStage) -> None:
+        if prefix is None:
+            return
+        conflict = self.prefix_conflict(name, prefix)
+        if conflict is not None:
+            raise StageError(stage, conflict)
+        self._building[name] = prefix
+
+    def _check_requirements(self, name: str, manifest: Manifest) -> None:
+        for req in manifest.requires:
+            dep = self.loaded.get(req.name)
+            if dep is None:
+                raise StageError(
+                    "dependency", f"plugin {name!r} requires {req}, which is not loaded"
+                )
+            if not req.allows(dep.manifest.version):
+                raise StageError(
+                    "dependency",
+                    f"plugin {name!r} requires {req}, but {req.name} {dep.manifest.version} is loaded",
+                )
+        for other in self.dependents(name):
+            for req in self.loaded[other].manifest.requires:
+                if req.name == name and not req.allows(manifest.version):
+                    raise StageError(
+                        "dependency",
+                        f"plugin {name!r} {manifest.version} does not satisfy plugin "
+                        f"{other!r}, which requires {req}",
+                    )
+
+    def _allocate(self, name: str) -> int:
+        row = self.table.rows.get(name)
+        last = max(self._next_generation.get(name, 0), row["last_generation"] if row else 0)
+        self._next_generation[name] = last + 1
+        return last + 1
+
+    async def build(
+        self, name: str, *, cause: Recorded | None, manifest: Manifest | None = None
+    ) -> Generation:
+        """Build, start and mount a new generation of ``name`` (the old one keeps serving)."""
+        started = time.perf_counter()
+        folder = self.folder(name)
+        try:
+            return await self._build(name, folder, cause, manifest, started)
+        finally:
+            self._building.pop(name, None)
+
+    async def _build(
+        self,
+        name: str,
+        folder: Path,
+        cause: Recorded | None,
+        manifest: Manifest | None,
+        started: float,
+    ) -> Generation:
+        digest = ""
+        if manifest is None:
+            try:
+                manifest = await asyncio.to_thread(read_manifest, folder, name)
+            except ManifestError as exc:
+                raise StageError("manifest", str(exc)) from None
+        if manifest.mode == "sandboxed":
+            raise StageError(
+                "mode",
+                f"plugin {name!r}: run.py: key 'mode': 'sandboxed' plugins need the sandbox "
+                "service, which is not available; the plugin was not run",
+            )
+        self._claim(name, manifest.prefix, "manifest")
+        self._check_requirements(name, manifest)
+        try:
+            raw_config, digest = await asyncio.to_thread(_config_and_digest, folder, name)
+        except ManifestError as exc:
+            raise StageError("config", str(exc)) from None
+        self.attempted[name] = digest
+        generation = self._allocate(name)
+        previous = purge(name)
+        try:
+            imported = await asyncio.to_thread(import_plugin, name, folder, manifest.prefix)
+        except BaseException as exc:
+            restore(name, previous)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                raise
+            raise StageError(
+                "import",
+                f"plugin {name!r}: {_culprit(exc, folder)}{type(exc).__name__}: {exc}",
+                exc=exc,
+                generation=generation,
+            ) from None
+        modules = {
+            n: m
+            for n, m in sys.modules.items()
+            if n == module_name(name) or n.startswith(module_name(name) + ".")
+        }
+        try:
+            if imported.prefix != manifest.prefix:
+                self._claim(name, imported.prefix, "mount")
+            config: Any = raw_config
+            if imported.config_model is not None:
+                try:
+                    config = imported.config_model.model_validate(raw_config)
+                except ValidationError as exc:
+                    raise StageError(
+                        "config", _config_error(name, exc), generation=generation
+                    ) from None
+            ctx = LoadedContext(
+                self.kernel, name, generation, config, self.data_dir / "plugins" / name
+            )
+            await asyncio.to_thread(ctx.data_dir.mkdir, parents=True, exist_ok=True)
+            hook = imported.hooks.get("on_load")
+            if hook is not None:
+                try:
+                    await asyncio.wait_for(
+                        call_plugin(ctx, hook, ctx), timeout=self.settings.hook_timeout
+                    )
+                except Exception as exc:
+                    await ctx.close()
+                    if isinstance(exc, TimeoutError):
+                        msg = f"on_load did not finish within {self.settings.hook_timeout:g}s"
+                    else:
+                        msg = f"{type(exc).__name__}: {exc}"
+                    raise StageError(
+                        "hook",
+                        f"plugin {name!r}: run.py: on_load raised {msg}",
+                        exc=exc,
+                        generation=generation,
+                    ) from None
+        except BaseException:
+            restore(name, previous)
+            raise
+
+        async def run_sync(fn: Any, *args: Any) -> Any:
+            return await call_plugin(ctx, fn, *args)
+
+        runtime = PluginRuntime(
+            name=name,
+            generation=generation,
+            version=manifest.version,
+            mode=manifest.mode,
+            prefix=imported.prefix,
+            router=imported.router,
+            tasks=dict(imported.tasks),
+            context=ctx,
+            module=imported.run,
+            run_sync=run_sync,
+        )
+        gen = Generation(
+            name, generation, folder, manifest, digest, imported, ctx, runtime, modules
+        )
+        self.kernel.plugins.put(runtime)
+        await self._mount(gen, cause, started, previous)
+        return gen
+
+    # -- mounting ----------------------------------------------------------------------
+
+    async def _mount(
+        self, gen: Generation, cause: Recorded | None, started: float, previous: dict[str, Any]
+    ) -> None:
+        event = PluginLoaded(
+            name=gen.name,
+            version=gen.manifest.version,
+            generation=gen.generation,
+            mode=gen.manifest.mode,
+            prefix=gen.prefix,
+            routes=gen.imported.routes,
+            tasks=sorted(gen.imported.tasks),
+            digest=gen.digest,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        waits = gen.imported.router is not None and "router" in self.kernel.services
+        # the meta is made here so the waiter is registered under its id before the append
+        meta = Meta(
+            correlation_id=(cause.meta.correlation_id or cause.meta.id) if cause else None,
+            causation_id=cause.meta.id if cause else None,
+            actor=ACTOR,
+            node=self.kernel.node,
+            boot=self.kernel.boot,
+        )
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        if waits:
+            self._mount_waiters[meta.id] = future
+        try:
+            ne = NewEvent.of(event, meta)
+            # a fresh id of our own, not one a caller chose (explicit_id=False)
+            await self.kernel.append(
+                NewEvent(ne.type, ne.data, meta, ne.schema), stream=stream_of(gen.name)
+            )
+            if not waits:
+                return
+            try:
+                outcome = await asyncio.wait_for(future, self.settings.mount_timeout)
+            except TimeoutError:
+                error = f"the router did not answer within {self.settings.mount_timeout:g}s"
+            else:
+                if outcome.type == RoutesMounted.type_name:
+                    return
+                d = outcome.data
+                error = (
+                    f"plugin {gen.name!r}: routes under {d.get('prefix')!r} conflict with "
+                    f"{d.get('conflicts_with')!r}: {d.get('reason', '')}"
+                )
+        finally:
+            self._mount_waiters.pop(meta.id, None)
+        await self.unload(gen, reason=f"mount failed: {error}", cause=cause)
+        restore(gen.name, previous)
+        raise StageError("mount", error, generation=gen.generation)
+
+    # -- unloading ---------------------------------------------------------------------
+
+    async def unload(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:
+        """Run on_unload, end the generation's subscriptions, withdraw it, record it."""
+        hook = gen.imported.hooks.get("on_unload")
+        if hook is not None:
+            try:
+                await asyncio.wait_for(
+                    call_plugin(gen.context, hook, gen.context), timeout=self.settings.hook_timeout
+                )
+            except Exception as exc:
+                log.error(
+                    "plugin %r generation %s: on_unload raised; unloading anyway:\n%s",
+                    gen.name,
+                    gen.generation,
+                    "".join(traceback.format_exception(exc)),
+                )
+                reason = f"{reason}; on_unload raised {type(exc).__name__}: {exc}"
+        await gen.context.close()
+        self.kernel.plugins.remove(gen.name, gen.generation)
+        if self.loaded.get(gen.name) is gen:
+            del self.loaded[gen.name]
+            current = sys.modules.get(module_name(gen.name))
+            if current is not None and current is gen.modules.get(module_name(gen.name)):
+                purge(gen.name)
+        await self.record(
+            PluginUnloaded(name=gen.name, generation=gen.generation, reason=reason), cause=cause
+        )
+
+
+def _config_and_digest(folder: Path, name: str) -> tuple[dict[str, Any], str]:
+    return installer.read_config(folder, name), installer.digest(folder)
+
+
+def _culprit(exc: BaseException, folder: Path) -> str:
+    """'router.py line 3: ' for the innermost frame of the plugin's own files, or ''."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        try:
+            rel = Path(exc.filename).resolve().relative_to(folder.resolve())
+            return f"{rel.as_posix()} line {exc.lineno}: "
+        except ValueError:
+            pass
+    where = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        try:
+            rel = Path(frame.filename).resolve().relative_to(folder.resolve())
+        except ValueError:
+            continue
+        where = f"{rel.as_posix()} line {frame.lineno}: "
+    return where
+
+
+def _config_error(name: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"key {key!r}: {msg}")
+    return f"plugin {name!r}: config.yaml: " + "; ".join(parts)
