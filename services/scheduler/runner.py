@@ -21,6 +21,7 @@ business; the runner tells it through the callbacks it was built with.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
 import time
@@ -197,6 +198,8 @@ class Runner:
         entry.active[run_id] = me
         self._runs[run_id] = (tid, task.plugin, task.generation, me)
         acquired = started = finished = interrupted = False
+        #: the worker thread's future of a sync run: the slot is its until it ends
+        thread: list[concurrent.futures.Future[Any]] = []
         t_start = time.perf_counter()
         error: tuple[str, str, str] | None = None
         duration_ms = 0.0
@@ -220,7 +223,7 @@ class Runner:
             ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
             t_start = time.perf_counter()
-            error = await self._execute(task, ctx)
+            error = await self._execute(task, ctx, thread)
             duration_ms = (time.perf_counter() - t_start) * 1000
             finished = True
             # The runs woken at the same instant start before this outcome is recorded
@@ -233,6 +236,8 @@ class Runner:
             else:
                 if started:
                     why = self._cancel_reasons.pop(run_id, "cancelled")
+                    if _busy(thread):
+                        why += " (its code is still running in its thread)"
                     await self.append(
                         tid,
                         [
@@ -250,12 +255,31 @@ class Runner:
                 raise
         finally:
             if acquired:
-                self.slots.release()
+                self._release_slot(thread[0] if thread else None)
             entry.active.pop(run_id, None)
             self._runs.pop(run_id, None)
         await self._record_outcome(entry, run_id, scheduled_for, attempt, error, duration_ms, cause)
         if interrupted:
             raise asyncio.CancelledError
+
+    def _release_slot(self, thread: concurrent.futures.Future[Any] | None) -> None:
+        """Free the run's slot now, or when its worker thread ends if it still runs.
+
+        A thread cannot be cancelled: a sync run that timed out or was cancelled keeps
+        its slot (and its worker) until its code returns, so the limit holds.
+        """
+        if thread is None or thread.done():
+            self.slots.release()
+            return
+        loop = asyncio.get_running_loop()
+
+        def ended(_: concurrent.futures.Future[Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(self.slots.release)
+            except RuntimeError:  # the loop closed meanwhile: no slot to give back
+                log.debug("a sync task's thread ended after the event loop closed")
+
+        thread.add_done_callback(ended)
 
     async def _record_outcome(
         self,
@@ -334,8 +358,16 @@ class Runner:
             logger=TaskLogger(base_logger, {"run_id": run_id, "task": task.id}),
         )
 
-    async def _execute(self, task: CompiledTask, ctx: TaskContext) -> tuple[str, str, str] | None:
-        """Call the task's function; None on success, else (kind, error, traceback)."""
+    async def _execute(
+        self,
+        task: CompiledTask,
+        ctx: TaskContext,
+        thread: list[concurrent.futures.Future[Any]],
+    ) -> tuple[str, str, str] | None:
+        """Call the task's function; None on success, else (kind, error, traceback).
+
+        A sync function's worker-thread future is put in ``thread``.
+        """
         rt = task.runtime
         plugin_ctx = rt.context if rt is not None else None
         run_id = ctx.run_id
@@ -350,13 +382,26 @@ class Runner:
                     elif rt is not None and rt.mode == "sandboxed" and rt.run_sync is not None:
                         await rt.run_sync(task.fn)
                     else:
-                        loop = asyncio.get_running_loop()
+                        assert self._executor is not None
                         call = contextvars.copy_context().run
-                        await loop.run_in_executor(self._executor, call, task.fn)
+                        cf = self._executor.submit(call, task.fn)
+                        thread.append(cf)
+                        try:
+                            await asyncio.wrap_future(cf)
+                        except BaseException:
+                            if not cf.done():
+                                log.warning(
+                                    "task %s run %s: stopped waiting, but its code is still "
+                                    "running in its thread (it keeps its slot until it returns)",
+                                    task.id,
+                                    run_id,
+                                )
+                            raise
             except TimeoutError as exc:
                 if timeout.expired():
                     log.warning("task %s run %s timed out after %gs", task.id, run_id, task.timeout)
-                    return "timeout", f"timed out after {task.timeout:g}s", ""
+                    still = " (its code is still running in its thread)" if _busy(thread) else ""
+                    return "timeout", f"timed out after {task.timeout:g}s{still}", ""
                 return "error", _describe(exc), "".join(traceback.format_exception(exc))
             except Exception as exc:
                 log.warning("task %s run %s failed: %s", task.id, run_id, _describe(exc))
@@ -366,6 +411,10 @@ class Runner:
             task_context_var.reset(task_token)
             if plugin_token is not None:
                 plugin_context_var.reset(plugin_token)
+
+
+def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:
+    return bool(thread) and not thread[0].done()
 
 
 def _describe(exc: BaseException) -> str:
