@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from services.router.projection import MountedRoutes
-from services.router.stats import RouteStats
+from services.router.stats import PluginStats, RouteStats
 
 __all__ = ["RouteConflictRow", "RouteRow", "RoutesTable", "admin_router", "routes_table"]
 
@@ -46,10 +46,16 @@ class RoutesTable(BaseModel):
 
 
 def routes_table(state: MountedRoutes, stats: RouteStats) -> RoutesTable:
-    """The table ``GET /admin/routes`` answers, from the projection and the live stats."""
+    """The table ``GET /admin/routes`` answers, from the projection and the live stats.
+
+    Reading it creates no stats: a plugin this process has not served (mounted by
+    another node) is reported with zero requests and no latency.
+    """
     rows = []
     for mount in sorted(state.mounts.values(), key=lambda m: m.prefix):
-        numbers = stats.plugin(mount.plugin).as_dict()
+        found = stats.find(mount.plugin)
+        # a detached, empty PluginStats: zeros and None, nothing added to ``stats``
+        numbers = (found or PluginStats(mount.plugin, stats.bounds)).as_dict()
         rows.append(
             RouteRow(
                 prefix=mount.prefix,

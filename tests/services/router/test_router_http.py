@@ -7,6 +7,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel
 
+from kernel import NewEvent
+from kernel.events import Meta
+from services.router.events import RoutesMounted, stream_of
+
 
 class Item(BaseModel):
     name: str
@@ -145,6 +149,26 @@ async def test_admin_routes_table(harness: Any, status_router: Any) -> None:
     assert conflict["plugin"] == "clash"
     assert conflict["conflicts_with"] == "hello"
     assert body["unmatched_requests"] == 1
+
+
+async def test_admin_routes_create_no_stats_for_another_nodes_plugin(harness: Any) -> None:
+    mounted = RoutesMounted(plugin="far", generation=1, prefix="/app/far", paths=["/app/far/x"])
+    await harness.kernel.append(
+        NewEvent.of(mounted, Meta(node="some-other-node")), stream=stream_of("far")
+    )
+    await harness.kernel.settle()
+    for _ in range(2):  # reading the table twice still adds nothing
+        response = await harness.admin("/admin/routes")
+        assert response.status_code == 200
+        [row] = response.json()["routes"]
+        assert row["plugin"] == "far"
+        assert row["requests"] == 0
+        assert row["errors"] == 0
+        assert row["by_class"] == {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}
+        assert row["p50_ms"] is None
+        assert row["p99_ms"] is None
+    assert harness.router.stats.find("far") is None
+    assert harness.router.stats.snapshot() == {}
 
 
 async def test_admin_routes_refuse_a_missing_or_wrong_token(harness: Any) -> None:
