@@ -217,9 +217,11 @@ class Runner:
                 )
             )
             t0 = time.perf_counter()
-            await self.append(tid, events, cause)
+            cancelled = await self._write_start(tid, events, cause)
             self._note_append(time.perf_counter() - t0)
             started = True
+            if cancelled:  # the log says the run started: it must say how it ended
+                raise asyncio.CancelledError
             ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
             t_start = time.perf_counter()
@@ -252,6 +254,8 @@ class Runner:
                         ],
                     )
                     entry.last_outcome = "failed"
+                elif not acquired and pre:  # cancelled waiting for a slot: keep what it saw
+                    await self.append(tid, list(pre), cause)
                 raise
         finally:
             if acquired:
@@ -261,6 +265,22 @@ class Runner:
         await self._record_outcome(entry, run_id, scheduled_for, attempt, error, duration_ms, cause)
         if interrupted:
             raise asyncio.CancelledError
+
+    async def _write_start(self, tid: str, events: list[Event], cause: Recorded | None) -> bool:
+        """Append a run's first events; True if the run was cancelled meanwhile.
+
+        The store commits a write even if its caller stops waiting, so a cancelled run
+        still waits for its ``TaskStarted`` to be durable (and then records its end).
+        """
+        writing = asyncio.ensure_future(self.append(tid, events, cause))
+        cancelled = False
+        while not writing.done():
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                cancelled = True
+        writing.result()  # the store's error, if any, is the run's
+        return cancelled
 
     def _release_slot(self, thread: concurrent.futures.Future[Any] | None) -> None:
         """Free the run's slot now, or when its worker thread ends if it still runs.

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
 from pathlib import Path
 
 import anyio
 import pytest
+
+from services.scheduler.events import TaskMissed
+from services.scheduler.projection import TaskTable
 
 from .helpers import make_kernel, spec, wait_events
 
@@ -48,3 +53,63 @@ async def test_a_timed_out_sync_run_keeps_its_slot_until_its_thread_returns(
         release.set()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("p.stuck" in m and "still running in its thread" in m for m in warnings)
+
+
+async def test_a_run_cancelled_while_its_start_is_written_records_its_end(
+    tmp_path: Path,
+) -> None:
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path)
+    runner = service._runner
+    async with kernel:
+        await service.register("p", [spec(work, every="1h")])
+        entry = service._tasks["p.work"]
+        now = time.time()
+        runner.spawn(
+            runner.run(entry, "r1", now, attempt=1, kind="request", next_run=None, start_at=now)
+        )
+        # one loop step: the run took its slot and waits for its TaskStarted to be written
+        await asyncio.sleep(0)
+        runner.cancel_runs("p", None, "cancelled: plugin p was unloaded")
+        failed = await wait_events(kernel, "TaskFailed")
+        started = await kernel.read(types=["TaskStarted"])
+        assert [r.data["run_id"] for r in started] == ["r1"]
+        assert failed[0].data["run_id"] == "r1" and failed[0].data["kind"] == "cancelled"
+        assert failed[0].data["error"] == "cancelled: plugin p was unloaded"
+        await kernel.settle()
+        assert not kernel.projection(TaskTable).tasks["p.work"].running
+        assert runner.slots.busy == 0
+
+
+async def test_a_run_cancelled_waiting_for_a_slot_keeps_its_missed_runs(tmp_path: Path) -> None:
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path, max_concurrency=1)
+    runner = service._runner
+    async with kernel:
+        await service.register("p", [spec(work, every="1h")])
+        entry = service._tasks["p.work"]
+        await runner.slots.acquire(0, 0.0)  # the only slot is taken
+        now = time.time()
+        missed = TaskMissed(task="p.work", count=3, first=now - 3, last=now, policy="run_once")
+        runner.spawn(
+            runner.run(
+                entry,
+                "r1",
+                now,
+                attempt=1,
+                kind="misfire",
+                next_run=None,
+                start_at=now,
+                pre=[missed],
+            )
+        )
+        with anyio.fail_after(10):
+            while runner.slots.waiting == 0:
+                await asyncio.sleep(0.01)
+        runner.cancel_runs("p", None, "cancelled: plugin p was unloaded")
+        found = await wait_events(kernel, "TaskMissed")
+        assert found[0].data["count"] == 3
+        assert not await kernel.read(types=["TaskStarted"])
+        runner.slots.release()
