@@ -40,9 +40,6 @@ __all__ = ["RouterService"]
 
 log = logging.getLogger("xcore.router")
 
-#: Key of the mount in ``PluginRuntime.extra``.
-EXTRA_KEY = "router.mount"
-
 
 class RouterService:
     """Mounts plugin routers behind one dispatcher; see the module docstring."""
@@ -123,16 +120,13 @@ class RouterService:
             )
             return
         table = self.dispatcher.table
-        current = table.by_plugin.get(name)
-        if mount is None or current is None or current.generation != generation:
+        # ``_prepare`` hands back the serving mount itself for a redelivered event.
+        # The built app stays on the Mount: ``runtime.asgi_app`` is left as the loader
+        # published it (set there, it means "a sandbox proxy: mount as is").
+        if mount is not table.by_plugin.get(name):
             self.dispatcher.swap(table.replace(name, mount))
         if mount is not None:
             self._prefixes[(name, generation)] = mount.prefix
-            runtime = kernel.plugins.find(name, generation)
-            if runtime is not None:
-                runtime.extra[EXTRA_KEY] = mount
-                if runtime.asgi_app is None:
-                    runtime.asgi_app = mount.app
         await kernel.append(
             RoutesMounted(
                 plugin=name,

@@ -15,7 +15,6 @@ from services.loader.events import PluginLoaded
 from services.loader.events import stream_of as plugin_stream
 from services.router.events import RouteConflict, RoutesMounted, RoutesUnmounted
 from services.router.events import stream_of as routes_stream
-from services.router.service import EXTRA_KEY
 
 
 async def test_seed_example_is_served_under_the_manifest_prefix(
@@ -62,18 +61,40 @@ async def test_other_router_prefix_is_kept_below(harness: Any, status_router: An
 
 
 async def test_plugin_without_router_mounts_nothing(harness: Any) -> None:
+    table = harness.router.dispatcher.table
     outcome = await harness.load("tasks_only", 1, None, None)
     assert outcome.type == RoutesMounted.type_name
     assert outcome.data["prefix"] == ""
     assert outcome.data["paths"] == []
-    assert harness.router.dispatcher.table.by_plugin == {}
+    assert harness.router.dispatcher.table is table  # nothing to swap
 
 
-async def test_runtime_gets_its_asgi_app(harness: Any, status_router: Any) -> None:
-    await harness.load("hello", 1, status_router("", "h"), "/app/hello")
+async def test_a_runtime_is_left_as_published_and_mounts_the_same_again(
+    harness: Any, status_router: Any
+) -> None:
+    # the built app is the router's own: written into runtime.asgi_app it would read
+    # as a sandbox proxy, and a second mount of the runtime would take the wrong branch
+    first = await harness.load("hello", 1, status_router("", "h"), "/app/hello")
     runtime = harness.kernel.plugins.get("hello", 1)
-    assert runtime.asgi_app is not None
-    assert runtime.extra[EXTRA_KEY].prefix == "/app/hello"
+    assert runtime.asgi_app is None
+    assert runtime.extra == {}
+    await harness.unload("hello", 1)
+    again = await harness.load("hello", 1, None, None, publish=False)
+    assert again.type == RoutesMounted.type_name
+    assert again.data == first.data
+    assert again.data["paths"] == ["/app/hello/status"]
+    assert (await harness.client.get("/app/hello/status")).json() == {"plugin": "h"}
+
+
+async def test_a_redelivered_loaded_event_is_answered_and_changes_nothing(
+    harness: Any, status_router: Any
+) -> None:
+    first = await harness.load("hello", 1, status_router("", "h"), "/app/hello")
+    table = harness.router.dispatcher.table
+    again = await harness.load("hello", 1, None, None, publish=False)
+    assert again.type == RoutesMounted.type_name
+    assert again.data == first.data
+    assert harness.router.dispatcher.table is table
 
 
 async def test_same_prefix_is_refused_and_the_first_keeps_serving(
