@@ -59,6 +59,8 @@ class Dispatcher:
 
     def run_now(self, entry: TaskEntry, cause: Recorded) -> None:
         """Start a run of ``entry`` now, as requested by ``cause``."""
+        if self._stopping:
+            return
         now = time.time()
         self.runner.spawn(
             self.runner.run(
@@ -180,6 +182,8 @@ class Dispatcher:
 
     def _after_finish(self, tid: str, cause: Recorded | None) -> None:
         """Start the tasks that run after ``tid`` (dependency-triggered) if they may."""
+        if self._stopping:
+            return
         for dependent in self._dependents.get(tid, ()):
             entry = self.tasks.get(dependent)
             if entry is None or entry.paused:

@@ -101,6 +101,8 @@ class Runner:
         self._runs: dict[str, tuple[str, str, int, asyncio.Task[None]]] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        #: Set first thing in :meth:`stop`: nothing new starts after it.
+        self.closed = False
         #: How far ahead of the due time ``TaskStarted`` is written (adapts to the store).
         self.lead = 0.009
         self._append_peak = 0.003
@@ -118,6 +120,7 @@ class Runner:
 
     async def stop(self) -> None:
         """Cancel the runs in progress (recorded as failed) and the background steps."""
+        self.closed = True
         running = []
         for run_id, (_, _, _, task) in list(self._runs.items()):
             self._cancel_reasons[run_id] = "the kernel stopped while the run was in progress"
@@ -138,7 +141,14 @@ class Runner:
                 task.cancel()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run ``coro`` in the background; its failure is logged, never lost."""
+        """Run ``coro`` in the background; its failure is logged, never lost.
+
+        Once the runner is stopping, ``coro`` is closed unrun (nothing starts any more).
+        """
+        if self.closed:
+            coro.close()
+            log.debug("scheduler stopping: a background step was not started")
+            return
         bg = asyncio.create_task(coro)
         self._background.add(bg)
         bg.add_done_callback(self._reap)

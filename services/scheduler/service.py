@@ -48,6 +48,7 @@ from services.scheduler.specs import CompiledTask, compile_plugin
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
+    from kernel.subscriptions import Subscription
 
 __all__ = ["Registration", "SchedulerService"]
 
@@ -75,6 +76,7 @@ class SchedulerService:
         self._settings = settings
         self.settings = settings or SchedulerSettings()
         self.kernel: Kernel | None = None
+        self._sub: Subscription | None = None
         self.table = TaskTable()
         self._plugins: dict[str, int] = {}
         self._dispatch = Dispatcher(self.table)
@@ -100,7 +102,9 @@ class SchedulerService:
         kernel.http.add_admin_router(build_router(self))
         kernel.http.add_health_check("scheduler", self._health)
         position = await kernel.store.last_position()
-        await kernel.subscribe(self._on_event, start=position, types=[*_PLUGIN_EVENTS, *_REQUESTS])
+        self._sub = await kernel.subscribe(
+            self._on_event, start=position, types=[*_PLUGIN_EVENTS, *_REQUESTS]
+        )
         latest: dict[str, PluginRuntime] = {}
         for rt in kernel.plugins.all():
             if rt.name not in latest or rt.generation > latest[rt.name].generation:
@@ -109,6 +113,11 @@ class SchedulerService:
             await self._load_runtime(rt)
 
     async def _stop(self) -> None:
+        # No plugin event or request may start anything once the runner stops (the
+        # kernel stops subscriptions only after every service has stopped).
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await self._kernel().unsubscribe(sub)
         await self._dispatch.stop()
 
     async def _health(self) -> tuple[bool, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -113,3 +114,37 @@ async def test_a_run_cancelled_waiting_for_a_slot_keeps_its_missed_runs(tmp_path
         assert found[0].data["count"] == 3
         assert not await kernel.read(types=["TaskStarted"])
         runner.slots.release()
+
+
+async def test_nothing_starts_once_the_service_is_stopping(tmp_path: Path) -> None:
+    ran: list[str] = []
+
+    async def first() -> None: ...
+
+    async def then() -> None:
+        ran.append("then")
+
+    async def probe() -> None:
+        ran.append("probe")
+
+    kernel, service = make_kernel(tmp_path)
+    runner = service._runner
+    async with kernel:
+        await service.register(
+            "p", [spec(first, every="1h"), spec(then, depends_on="first", depends_rule="finished")]
+        )
+        sub = service._sub
+        assert sub is not None and sub in kernel._subscriptions
+        service._tasks["p.first"].last_outcome = "succeeded"
+        await service._stop()  # the first step of the kernel's shutdown for this service
+        assert sub not in kernel._subscriptions  # plugin events and requests stop here
+        # a run finishing during the shutdown does not start its dependents
+        service._dispatch._after_finish("p.first", None)
+        service._dispatch.run_now(service._tasks["p.first"], (await kernel.read())[-1])
+        assert not runner._background
+        coro = probe()
+        runner.spawn(coro)  # closed unrun, not scheduled
+        assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+        await asyncio.sleep(0)
+        assert ran == []
+        assert not await kernel.read(types=["TaskStarted"])
