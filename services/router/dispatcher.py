@@ -11,10 +11,13 @@ Matching is longest prefix first, on path segment boundaries: ``/app/hello`` ser
 distinct prefix lengths, so a lookup costs one dict probe per distinct length.
 
 Plugin apps receive the request's scope unchanged (full path, same ``root_path``):
-their routes are declared at their public paths. Unknown paths get a JSON 404.
+their routes are declared at their public paths.
 
-The same dispatch is offered as a Starlette route (:class:`PluginRoute`) that the
-kernel tries before every other route: that is the fast path (see ``docs/routing.md``).
+Plugin requests are dispatched by a Starlette route (:class:`PluginRoute`) that the
+kernel tries before every other route. The :class:`Dispatcher` itself is the kernel
+app's fallback and only answers what no route matched (the front route included) with
+a JSON 404: the host router calls it right after its route scan with no await in
+between, so the table cannot have changed since the front route missed.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class Mount:
     prefix: str
     #: The plugin's public paths (sorted).
     paths: list[str]
-    #: The plugin's own ASGI app (what the fallback path calls).
+    #: The plugin's own ASGI app (a FastAPI app the mounter built, or a sandbox proxy).
     app: ASGIApp
     stats: PluginStats
     #: Where the front route enters: the app's router for a FastAPI app the mounter
@@ -115,11 +118,11 @@ class Table:
 
 
 class Dispatcher:
-    """The ASGI app behind every plugin route (installed as the kernel app's fallback).
+    """Owner of the routing table, and the kernel app's fallback (a JSON 404).
 
-    :meth:`front_route` gives the same dispatch as a Starlette route the kernel puts
-    before its own routes, so a plugin request does not first scan the app's routes
-    (twice, with the trailing-slash retry) to reach the fallback.
+    :meth:`front_route` gives the Starlette route that dispatches plugin requests; it
+    sits before the app's own routes, so a plugin request does not first scan them
+    (twice, with the trailing-slash retry).
     """
 
     def __init__(self, stats: RouteStats) -> None:
@@ -135,13 +138,7 @@ class Dispatcher:
         return PluginRoute(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        mount = self.table.match(_route_path(scope))
-        if mount is None:
-            await self._not_found(scope, send)
-            return
-        await serve(mount, mount.app, scope, receive, send)
-
-    async def _not_found(self, scope: Scope, send: Send) -> None:
+        """Answer a request no route matched: JSON 404 (a websocket is closed)."""
         self.stats.unmatched += 1
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1000})

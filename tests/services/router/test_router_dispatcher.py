@@ -59,18 +59,23 @@ def test_replace_builds_a_new_table() -> None:
     assert set(second.replace("a", None).by_plugin) == {"b"}
 
 
-async def test_the_fallback_path_serves_the_plugins_own_app(
-    harness: Any, status_router: Any
-) -> None:
+async def test_the_fallback_only_answers_json_404s(harness: Any, status_router: Any) -> None:
+    # plugin requests are served by the front route; the fallback gets what it missed
     await harness.load("hello", 1, status_router("", "h"), "/app/hello")
     dispatcher: Dispatcher = harness.router.dispatcher
     transport = httpx.ASGITransport(app=dispatcher)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        assert (await client.get("/app/hello/status")).json() == {"plugin": "h"}
-        missing = await client.get("/elsewhere")
-        assert missing.status_code == 404
-        assert missing.json() == {"detail": "Not Found"}
+        for path in ("/elsewhere", "/app/hello/status"):
+            missing = await client.get(path)
+            assert missing.status_code == 404, path
+            assert missing.json() == {"detail": "Not Found"}
+            assert missing.headers["content-type"] == "application/json"
+    assert harness.router.stats.unmatched == 2
+    assert harness.router.stats.plugin("hello").requests == 0
+    # through the host app the same plugin path is served by the front route
+    assert (await harness.client.get("/app/hello/status")).json() == {"plugin": "h"}
     assert harness.router.stats.plugin("hello").requests == 1
+    assert harness.router.stats.unmatched == 2
 
 
 async def test_method_not_allowed_is_counted_as_4xx(harness: Any, status_router: Any) -> None:
