@@ -35,7 +35,8 @@ class PluginRuntime:
     prefix: str | None
     #: The plugin's ``fastapi.APIRouter`` (trusted mode), or None.
     router: Any | None
-    #: An ASGI app serving the plugin's routes (built by the router mounter, or a sandbox proxy).
+    #: An ASGI app that serves the plugin's routes itself (a sandbox proxy); None for a
+    #: trusted plugin, whose ``router`` the router mounter wraps in an app of its own.
     asgi_app: Any | None = None
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     context: PluginContext | None = None
