@@ -132,9 +132,20 @@ class StartGate:
 
     def __init__(self) -> None:
         self._groups: dict[float, list[asyncio.Future[None]]] = {}
+        #: the coarse wait of each instant whose group is not handed off yet
+        self._handles: dict[float, asyncio.TimerHandle] = {}
         self._thread: ThreadPoolExecutor | None = None
+        self._closed = False
 
     def close(self) -> None:
+        """Stop for good: pending coarse waits are cancelled (their waiters with them);
+        an instant already handed to the helper thread is still released on time."""
+        self._closed = True
+        handles, self._handles = self._handles, {}
+        for when, handle in handles.items():
+            handle.cancel()
+            for fut in self._groups.pop(when, ()):
+                fut.cancel()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.shutdown(wait=False, cancel_futures=True)
@@ -143,17 +154,24 @@ class StartGate:
         """Return at ``when`` (UTC epoch seconds), or at once if it has passed."""
         if when <= time.time():
             return
+        if self._closed:
+            raise RuntimeError("the start gate is closed (the scheduler is stopping)")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         group = self._groups.get(when)
         if group is None:
             group = self._groups[when] = []
             coarse = when - self.margin - time.time()
-            loop.call_at(loop.time() + max(coarse, 0.0), self._hand_off, loop, when)
+            self._handles[when] = loop.call_at(
+                loop.time() + max(coarse, 0.0), self._hand_off, loop, when
+            )
         group.append(fut)
         await fut
 
     def _hand_off(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._handles.pop(when, None)
+        if self._closed:
+            return
         if when - time.time() <= self.handoff:
             self._spin(loop, when)
             return
@@ -162,11 +180,12 @@ class StartGate:
         self._thread.submit(self._sleep_then_wake, loop, when)
 
     def _sleep_then_wake(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        # Runs in the helper thread: it touches no state of the gate, the loop does.
         time.sleep(max(0.0, when - self.handoff - time.time()))
         try:
             loop.call_soon_threadsafe(self._spin, loop, when)
         except RuntimeError:  # the loop closed meanwhile: nobody waits any more
-            self._groups.pop(when, None)
+            log.debug("start gate: the loop closed before the instant %.6f", when)
 
     def _spin(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if time.time() < when:

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import anyio
+import pytest
 
 from services.scheduler.timers import StartGate
 
@@ -82,3 +83,21 @@ async def test_close_while_the_helper_thread_sleeps() -> None:
     with anyio.fail_after(5):
         await task
     assert time.time() >= when
+
+
+async def test_close_cancels_the_pending_coarse_waits() -> None:
+    gate = StartGate()
+    loop = asyncio.get_running_loop()
+    when = time.time() + 30  # its coarse wait is far from over
+    task = asyncio.create_task(gate.wait_until(when))
+    await asyncio.sleep(0)
+    assert gate._handles
+    gate.close()
+    with anyio.fail_after(5):
+        await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()  # its waiter is not left hanging
+    assert not gate._handles and not gate._groups
+    gate._hand_off(loop, time.time() + 1)  # a late wake-up starts no new thread
+    assert gate._thread is None
+    with pytest.raises(RuntimeError, match="start gate is closed"):
+        await gate.wait_until(time.time() + 1)
