@@ -19,7 +19,7 @@ import uuid
 from functools import partial
 
 from kernel.events import Event, Recorded
-from services.scheduler.events import TaskMissed
+from services.scheduler.events import TaskMissed, TaskSkipped
 from services.scheduler.projection import TaskTable
 from services.scheduler.runner import Runner, TaskEntry
 from services.scheduler.specs import CompiledTask
@@ -102,6 +102,18 @@ class Dispatcher:
         def fire() -> None:
             current = self.tasks.get(entry.task.id)
             if current is None:
+                return
+            if current.paused:  # a paused task runs nothing: its retry is dropped
+                tid = current.task.id
+                log.info("task %s is paused: retry %d of run %s dropped", tid, attempt, run_id)
+                skipped = TaskSkipped(
+                    task=tid,
+                    scheduled_for=scheduled_for,
+                    reason=f"paused: retry (attempt {attempt}) dropped",
+                    next_run=current.next_due,
+                    run_id=run_id,
+                )
+                self.runner.spawn(self.runner.append(tid, [skipped]))
                 return
             self.runner.spawn(
                 self.runner.run(

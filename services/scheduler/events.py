@@ -130,6 +130,8 @@ class TaskSkipped(Event):
     scheduled_for: float
     reason: str
     next_run: float | None = None
+    #: The run that did not start (a dropped retry is no longer pending).
+    run_id: str | None = None
 
 
 class TaskMissed(Event):

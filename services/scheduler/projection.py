@@ -216,6 +216,8 @@ class TaskTable(Projection):
         row = self.row(d["task"])
         row.skipped += 1
         row.next_run = d.get("next_run")
+        if d.get("run_id"):
+            row.retries.pop(d["run_id"], None)
 
     @handles("TaskMissed")
     def _missed(self, r: Recorded) -> None:

@@ -198,7 +198,11 @@ class Runner:
         if reason is not None:
             events.append(
                 TaskSkipped(
-                    task=tid, scheduled_for=scheduled_for, reason=reason, next_run=entry.next_due
+                    task=tid,
+                    scheduled_for=scheduled_for,
+                    reason=reason,
+                    next_run=entry.next_due,
+                    run_id=run_id,
                 )
             )
             await self.append(tid, events, cause)

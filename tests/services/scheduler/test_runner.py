@@ -12,7 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from services.scheduler.events import TaskMissed
+from kernel.sdk import current_task
+from services.scheduler.events import TaskMissed, TaskPauseRequested, TaskRunRequested
 from services.scheduler.projection import TaskTable
 
 from .helpers import make_kernel, spec, wait_events
@@ -148,3 +149,28 @@ async def test_nothing_starts_once_the_service_is_stopping(tmp_path: Path) -> No
         await asyncio.sleep(0)
         assert ran == []
         assert not await kernel.read(types=["TaskStarted"])
+
+
+async def test_a_paused_task_drops_its_retries(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    async def flaky() -> None:
+        calls.append(current_task().attempt)
+        raise RuntimeError("boom")
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        await service.register("p", [spec(flaky, every="1h", retries=2, retry_delay="0.05s")])
+        stream = "task-p.flaky"
+        await kernel.append(TaskPauseRequested(task="p.flaky"), stream=stream)
+        await wait_events(kernel, "TaskPaused")
+        # a run asked for by hand still runs; its failure schedules a retry
+        await kernel.append(TaskRunRequested(task="p.flaky"), stream=stream)
+        retry = await wait_events(kernel, "TaskRetryScheduled")
+        skipped = await wait_events(kernel, "TaskSkipped")
+        assert skipped[0].data["run_id"] == retry[0].data["run_id"]
+        assert skipped[0].data["reason"] == "paused: retry (attempt 2) dropped"
+        assert calls == [1]
+        assert [r.type for r in await kernel.read(types=["TaskStarted"])] == ["TaskStarted"]
+        await kernel.settle()
+        assert not kernel.projection(TaskTable).tasks["p.flaky"].retries  # none pending
