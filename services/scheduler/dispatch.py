@@ -192,7 +192,7 @@ class Dispatcher:
                 return f"dependency {dep}: its latest run {outcome}"
         return None
 
-    def _after_finish(self, tid: str, cause: Recorded | None) -> None:
+    def _after_finish(self, tid: str) -> None:
         """Start the tasks that run after ``tid`` (dependency-triggered) if they may."""
         if self._stopping:
             return

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from kernel.events import Event, Recorded
-from kernel.sdk import TaskContext, plugin_context_var, task_context_var
+from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.events import (
     TaskFailed,
@@ -58,7 +58,7 @@ log = logging.getLogger("xcore.scheduler")
 #: Why a task may not run now (None: it may).
 BlockCheck = Callable[[CompiledTask], "str | None"]
 #: Called once a run is over for good (succeeded, or failed with no retry left).
-Finished = Callable[[str, "Recorded | None"], None]
+Finished = Callable[[str], None]
 #: Called to arm a retry: (entry, run id, next attempt, retry time, scheduled_for).
 RetryArm = Callable[["TaskEntry", str, int, float, float], None]
 
@@ -236,10 +236,10 @@ class Runner:
             started = True
             if cancelled:  # the log says the run started: it must say how it ended
                 raise asyncio.CancelledError
-            ctx = self._context(task, run_id, scheduled_for, attempt)
+            ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
             t_start = time.perf_counter()
-            error = await self._execute(task, ctx, thread)
+            error = await self._execute(task, ctx, plugin_ctx, thread)
             duration_ms = (time.perf_counter() - t_start) * 1000
             finished = True
             # The runs woken at the same instant start before this outcome is recorded
@@ -276,7 +276,7 @@ class Runner:
                 self._release_slot(thread[0] if thread else None)
             entry.active.pop(run_id, None)
             self._runs.pop(run_id, None)
-        await self._record_outcome(entry, run_id, scheduled_for, attempt, error, duration_ms, cause)
+        await self._record_outcome(entry, run_id, scheduled_for, attempt, error, duration_ms)
         if interrupted:
             raise asyncio.CancelledError
 
@@ -323,7 +323,6 @@ class Runner:
         attempt: int,
         error: tuple[str, str, str] | None,
         duration_ms: float,
-        cause: Recorded | None,
     ) -> None:
         """``TaskSucceeded`` or ``TaskFailed`` (+ ``TaskRetryScheduled``), then what follows."""
         task = entry.task
@@ -334,7 +333,7 @@ class Runner:
                 tid,
                 [TaskSucceeded(task=tid, run_id=run_id, attempt=attempt, duration_ms=duration_ms)],
             )
-            self._finished(tid, cause)
+            self._finished(tid)
             return
         kind_failed, message, tb = error
         retry = attempt <= task.retries
@@ -369,12 +368,13 @@ class Runner:
         if retry:
             self._retry(entry, run_id, attempt + 1, retry_at, scheduled_for)
         else:
-            self._finished(tid, cause)
+            self._finished(tid)
 
     def _context(
         self, task: CompiledTask, run_id: str, scheduled_for: float, attempt: int
-    ) -> TaskContext:
-        """What the run's code gets from ``current_task()`` (built before the due time)."""
+    ) -> tuple[TaskContext, PluginContext | None]:
+        """What the run's code gets from ``current_task()`` and ``current_plugin()``
+        (built before the due time)."""
         rt = task.runtime
         plugin_ctx = rt.context if rt is not None else None
         base_logger = (
@@ -382,7 +382,7 @@ class Runner:
             if plugin_ctx is not None
             else logging.getLogger(f"xcore.plugin.{task.plugin}")
         )
-        return TaskContext(
+        ctx = TaskContext(
             task_id=task.id,
             run_id=run_id,
             scheduled_for=datetime.fromtimestamp(scheduled_for, UTC),
@@ -391,60 +391,68 @@ class Runner:
             config=plugin_ctx.config if plugin_ctx is not None else None,
             logger=TaskLogger(base_logger, {"run_id": run_id, "task": task.id}),
         )
+        return ctx, plugin_ctx
 
     async def _execute(
         self,
         task: CompiledTask,
         ctx: TaskContext,
+        plugin_ctx: PluginContext | None,
         thread: list[concurrent.futures.Future[Any]],
     ) -> tuple[str, str, str] | None:
-        """Call the task's function; None on success, else (kind, error, traceback).
-
-        A sync function's worker-thread future is put in ``thread``.
-        """
-        rt = task.runtime
-        plugin_ctx = rt.context if rt is not None else None
+        """Call the task's function under its timeout; None on success, else (kind,
+        error, traceback). A sync function's worker-thread future is put in ``thread``."""
         run_id = ctx.run_id
         task_token = task_context_var.set(ctx)
         plugin_token = plugin_context_var.set(plugin_ctx) if plugin_ctx is not None else None
         try:
+            if task.timeout is None:
+                await self._call(task, run_id, thread)
+                return None
             timeout = asyncio.timeout(task.timeout)
             try:
                 async with timeout:
-                    if task.is_async:
-                        await task.fn()
-                    elif rt is not None and rt.mode == "sandboxed" and rt.run_sync is not None:
-                        await rt.run_sync(task.fn)
-                    else:
-                        assert self._executor is not None
-                        call = contextvars.copy_context().run
-                        cf = self._executor.submit(call, task.fn)
-                        thread.append(cf)
-                        try:
-                            await asyncio.wrap_future(cf)
-                        except BaseException:
-                            if not cf.done():
-                                log.warning(
-                                    "task %s run %s: stopped waiting, but its code is still "
-                                    "running in its thread (it keeps its slot until it returns)",
-                                    task.id,
-                                    run_id,
-                                )
-                            raise
-            except TimeoutError as exc:
-                if timeout.expired():
-                    log.warning("task %s run %s timed out after %gs", task.id, run_id, task.timeout)
-                    still = " (its code is still running in its thread)" if _busy(thread) else ""
-                    return "timeout", f"timed out after {task.timeout:g}s{still}", ""
-                return "error", _describe(exc), "".join(traceback.format_exception(exc))
-            except Exception as exc:
-                log.warning("task %s run %s failed: %s", task.id, run_id, _describe(exc))
-                return "error", _describe(exc), "".join(traceback.format_exception(exc))
+                    await self._call(task, run_id, thread)
+            except TimeoutError:
+                if not timeout.expired():
+                    raise  # the code's own TimeoutError: an error like any other
+                log.warning("task %s run %s timed out after %gs", task.id, run_id, task.timeout)
+                still = " (its code is still running in its thread)" if _busy(thread) else ""
+                return "timeout", f"timed out after {task.timeout:g}s{still}", ""
             return None
+        except Exception as exc:
+            log.warning("task %s run %s failed: %s", task.id, run_id, _describe(exc))
+            return "error", _describe(exc), "".join(traceback.format_exception(exc))
         finally:
             task_context_var.reset(task_token)
             if plugin_token is not None:
                 plugin_context_var.reset(plugin_token)
+
+    async def _call(
+        self, task: CompiledTask, run_id: str, thread: list[concurrent.futures.Future[Any]]
+    ) -> None:
+        """Call the function: async on the loop, sync in a worker thread (or the sandbox)."""
+        rt = task.runtime
+        if task.is_async:
+            await task.fn()
+        elif rt is not None and rt.mode == "sandboxed" and rt.run_sync is not None:
+            await rt.run_sync(task.fn)
+        else:
+            assert self._executor is not None
+            call = contextvars.copy_context().run
+            cf = self._executor.submit(call, task.fn)
+            thread.append(cf)
+            try:
+                await asyncio.wrap_future(cf)
+            except BaseException:
+                if not cf.done():
+                    log.warning(
+                        "task %s run %s: stopped waiting, but its code is still running in "
+                        "its thread (it keeps its slot until it returns)",
+                        task.id,
+                        run_id,
+                    )
+                raise
 
 
 def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:

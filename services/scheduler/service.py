@@ -73,26 +73,30 @@ class SchedulerService:
     order = 60
 
     def __init__(self, settings: SchedulerSettings | None = None) -> None:
-        self._settings = settings
+        #: Given settings win over the ``services.scheduler`` section read at start.
+        self._settings_given = settings is not None
         self.settings = settings or SchedulerSettings()
         self.kernel: Kernel | None = None
         self._sub: Subscription | None = None
-        self.table = TaskTable()
         self._plugins: dict[str, int] = {}
-        self._dispatch = Dispatcher(self.table)
+        self._dispatch = Dispatcher(TaskTable())
         self._runner = self._dispatch.runner
         #: task id -> its entry (shared with the dispatcher)
         self._tasks: dict[str, TaskEntry] = self._dispatch.tasks
+
+    @property
+    def table(self) -> TaskTable:
+        """The task table projection (the dispatcher's)."""
+        return self._dispatch.table
 
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self, kernel: Kernel, stack: AsyncExitStack) -> None:
         self.kernel = kernel
-        if self._settings is None:
+        if not self._settings_given:
             self.settings = kernel.settings.section("scheduler", SchedulerSettings)
         self._runner.start(kernel, self.settings, stack)
-        self.table = await kernel.add_projection(TaskTable())
-        self._dispatch.table = self.table
+        self._dispatch.table = await kernel.add_projection(TaskTable())
         await self._record_interrupted()
         self._dispatch.start()
         stack.push_async_callback(self._stop)

@@ -17,6 +17,7 @@ from typing import Any
 
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec
+from kernel.subscriptions import RetryPolicy
 from services.scheduler.triggers import (
     AfterTrigger,
     CronTrigger,
@@ -76,7 +77,9 @@ class CompiledTask:
 
     def retry_backoff(self, attempt: int) -> float:
         """Delay before the attempt following failed ``attempt`` (1-based)."""
-        return float(min(self.retry_max_delay, self.retry_delay * 2 ** (attempt - 1)))
+        return RetryPolicy(first_delay=self.retry_delay, max_delay=self.retry_max_delay).delay(
+            attempt
+        )
 
 
 def qualify(plugin: str, name: str) -> str:
