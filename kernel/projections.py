@@ -101,9 +101,7 @@ class Projection:
 
     def restore(self, state: Any) -> None:
         """Load the state saved by :meth:`snapshot` (override it with ``snapshot``)."""
-        raise XcoreError(
-            f"projection {self.name!r} saved a snapshot but does not define restore()"
-        )
+        raise XcoreError(f"projection {self.name!r} saved a snapshot but does not define restore()")
 
 
 async def fold(
