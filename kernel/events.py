@@ -209,13 +209,16 @@ class NewEvent:
     explicit_id: bool = False
 
     @classmethod
-    def of(cls, event: Event, meta: Meta | None = None) -> NewEvent:
+    def of(
+        cls, event: Event, meta: Meta | None = None, *, explicit_id: bool | None = None
+    ) -> NewEvent:
+        """``event`` ready to append; ``explicit_id`` defaults to "``meta`` was given"."""
         return cls(
             type=event.type_name,
             data=event.__pydantic_serializer__.to_json(event),
             meta=meta if meta is not None else Meta(),
             schema=event.schema_version,
-            explicit_id=meta is not None,
+            explicit_id=meta is not None if explicit_id is None else explicit_id,
         )
 
     @classmethod

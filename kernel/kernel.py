@@ -18,6 +18,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,6 +31,7 @@ from kernel.events import (
     NewEvent,
     Recorded,
     SubscriberFailed,
+    new_id,
 )
 from kernel.http import HttpSurface
 from kernel.logging import flush_logging
@@ -51,6 +53,16 @@ log = logging.getLogger("xcore.kernel")
 
 KERNEL_STREAM = "kernel"
 P = TypeVar("P", bound=Projection)
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    """A request waiting for its outcome."""
+
+    names: frozenset[str]
+    future: asyncio.Future[Recorded]
+    #: only events appended with the request as their cause answer it
+    direct_only: bool
 
 
 def xcore_version() -> str:
@@ -91,7 +103,7 @@ class Kernel:
         self._stack: AsyncExitStack | None = None
         self._subscriptions: list[Subscription] = []
         self._projectors: dict[str, Projector] = {}
-        self._waiters: dict[str, tuple[frozenset[str], asyncio.Future[Recorded]]] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._outcomes: Subscription | None = None
         #: Services by name, once started.
         self.services: dict[str, Service] = {}
@@ -156,9 +168,11 @@ class Kernel:
             return
         self.started = False
         stack, self._stack = self._stack, None
-        for _, future in self._waiters.values():
-            if not future.done():
-                future.set_exception(KernelStateError("the kernel stopped before the outcome"))
+        for waiter in self._waiters.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(
+                    KernelStateError("the kernel stopped before the outcome")
+                )
         self._waiters.clear()
         await stack.aclose()
         self.services.clear()
@@ -220,27 +234,35 @@ class Kernel:
         """
         self._require_started()
         items = [events] if isinstance(events, (Event, NewEvent)) else list(events)
+        new = [
+            item
+            if isinstance(item, NewEvent)
+            else NewEvent.of(item, self._meta(actor, cause, correlation_id), explicit_id=False)
+            for item in items
+        ]
+        return await self.store.append(new, stream=stream, expected_version=expected_version)
+
+    def _meta(
+        self,
+        actor: str | None,
+        cause: Recorded | None,
+        correlation_id: str | None = None,
+        id: str | None = None,
+    ) -> Meta:
+        """Metadata of an event this kernel records, carrying ``cause``'s correlation."""
+        causation_id = None
         if cause is not None:
             cause_meta = cause.meta
             correlation_id = correlation_id or cause_meta.correlation_id or cause_meta.id
-            causation_id: str | None = cause_meta.id
-        else:
-            causation_id = None
-        new: list[NewEvent] = []
-        for item in items:
-            if isinstance(item, NewEvent):
-                new.append(item)
-                continue
-            meta = Meta(
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-                actor=actor,
-                node=self.node,
-                boot=self.boot,
-            )
-            ne = NewEvent.of(item, meta)
-            new.append(NewEvent(ne.type, ne.data, meta, ne.schema, explicit_id=False))
-        return await self.store.append(new, stream=stream, expected_version=expected_version)
+            causation_id = cause_meta.id
+        return Meta(
+            id=id or new_id(),
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            actor=actor,
+            node=self.node,
+            boot=self.boot,
+        )
 
     async def read(
         self,
@@ -352,22 +374,27 @@ class Kernel:
         outcomes: Collection[type[Event] | str],
         timeout: float | None = None,
         actor: str | None = None,
+        cause: Recorded | None = None,
     ) -> Recorded:
-        """Record ``event`` and wait for the first outcome event correlated with it."""
+        """Record ``event`` and wait for the first outcome event answering it.
+
+        An outcome answers a request when it was appended with ``cause=<the request>``
+        (its causation id is the request's id) or, for a request without ``cause``,
+        when it carries the request's correlation id further down the chain. With
+        ``cause`` the request joins that event's correlation, so only direct answers
+        count: a sibling request of the same chain never takes another's outcome.
+        """
         self._require_started()
         names = frozenset(o if isinstance(o, str) else o.type_name for o in outcomes)
-        request_id = uuid.uuid4().hex
-        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
-        self._waiters[request_id] = (names, future)
-        meta = Meta(
-            id=request_id, correlation_id=request_id, actor=actor, node=self.node, boot=self.boot
-        )
-        ne = NewEvent.of(event, meta)
+        request_id = new_id()
+        meta = self._meta(actor, cause, None if cause is not None else request_id, request_id)
+        waiter = _Waiter(names, asyncio.get_running_loop().create_future(), cause is not None)
+        self._waiters[request_id] = waiter
         try:
-            await self.store.append([NewEvent(ne.type, ne.data, meta, ne.schema)], stream=stream)
+            await self.store.append([NewEvent.of(event, meta, explicit_id=False)], stream=stream)
             wait = timeout if timeout is not None else self.settings.request_timeout
             try:
-                return await asyncio.wait_for(future, wait)
+                return await asyncio.wait_for(waiter.future, wait)
             except TimeoutError:
                 raise RequestTimeout(
                     f"{event.type_name} on {stream!r} was recorded (id {request_id}) but no "
@@ -379,12 +406,17 @@ class Kernel:
     def _dispatch_outcome(self, record: Recorded) -> None:
         if not self._waiters:
             return
-        correlation = record.meta.correlation_id
-        if correlation is None or correlation == record.meta.id:
-            return
-        waiter = self._waiters.get(correlation)
-        if waiter is not None and record.type in waiter[0] and not waiter[1].done():
-            waiter[1].set_result(record)
+        meta = record.meta
+        waiter = self._waiters.get(meta.causation_id) if meta.causation_id else None
+        if waiter is None:
+            correlation = meta.correlation_id
+            if correlation is None or correlation == meta.id:
+                return
+            waiter = self._waiters.get(correlation)
+            if waiter is None or waiter.direct_only:
+                return
+        if record.type in waiter.names and not waiter.future.done():
+            waiter.future.set_result(record)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from kernel.events import Meta, NewEvent, Recorded
+from kernel.errors import RequestTimeout
+from kernel.events import Recorded
 from kernel.prefixes import overlaps
 from kernel.runtime import PluginRuntime
-from services.router.events import RoutesMounted
+from services.router.events import RouteConflict, RoutesMounted
 
 from . import installer
 from .context import LoadedContext, call_plugin
@@ -59,15 +60,7 @@ class Lifecycle(LoaderState):
         super().__init__(kernel, settings, table)
         #: Prefixes claimed by generations being built right now.
         self._building: dict[str, str] = {}
-        self._mount_waiters: dict[str, asyncio.Future[Recorded]] = {}
         self._next_generation: dict[str, int] = {}
-
-    def on_mount_outcome(self, record: Recorded) -> None:
-        """RoutesMounted / RouteConflict: wake the load waiting for it."""
-        cause = record.meta.causation_id
-        future = self._mount_waiters.get(cause) if cause else None
-        if future is not None and not future.done():
-            future.set_result(record)
 
     def prefix_conflict(self, name: str, prefix: str) -> str | None:
         """Why ``name`` cannot claim ``prefix`` (kernel routes, another plugin), or None."""
@@ -256,40 +249,29 @@ class Lifecycle(LoaderState):
             digest=gen.digest,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
-        waits = gen.imported.router is not None and "router" in self.kernel.services
-        # the meta is made here so the waiter is registered under its id before the append
-        meta = Meta(
-            correlation_id=(cause.meta.correlation_id or cause.meta.id) if cause else None,
-            causation_id=cause.meta.id if cause else None,
-            actor=ACTOR,
-            node=self.kernel.node,
-            boot=self.kernel.boot,
-        )
-        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
-        if waits:
-            self._mount_waiters[meta.id] = future
+        stream = stream_of(gen.name)
+        if gen.imported.router is None or "router" not in self.kernel.services:
+            await self.kernel.append(event, stream=stream, actor=ACTOR, cause=cause)
+            return
         try:
-            ne = NewEvent.of(event, meta)
-            # a fresh id of our own, not one a caller chose (explicit_id=False)
-            await self.kernel.append(
-                NewEvent(ne.type, ne.data, meta, ne.schema), stream=stream_of(gen.name)
+            outcome = await self.kernel.request(
+                event,
+                stream=stream,
+                outcomes=[RoutesMounted, RouteConflict],
+                timeout=self.settings.mount_timeout,
+                actor=ACTOR,
+                cause=cause,
             )
-            if not waits:
+        except RequestTimeout:
+            error = f"the router did not answer within {self.settings.mount_timeout:g}s"
+        else:
+            if outcome.type == RoutesMounted.type_name:
                 return
-            try:
-                outcome = await asyncio.wait_for(future, self.settings.mount_timeout)
-            except TimeoutError:
-                error = f"the router did not answer within {self.settings.mount_timeout:g}s"
-            else:
-                if outcome.type == RoutesMounted.type_name:
-                    return
-                d = outcome.data
-                error = (
-                    f"plugin {gen.name!r}: routes under {d.get('prefix')!r} conflict with "
-                    f"{d.get('conflicts_with')!r}: {d.get('reason', '')}"
-                )
-        finally:
-            self._mount_waiters.pop(meta.id, None)
+            d = outcome.data
+            error = (
+                f"plugin {gen.name!r}: routes under {d.get('prefix')!r} conflict with "
+                f"{d.get('conflicts_with')!r}: {d.get('reason', '')}"
+            )
         await self.unload(gen, reason=f"mount failed: {error}", cause=cause)
         restore(gen.name, previous)
         raise StageError("mount", error, generation=gen.generation)

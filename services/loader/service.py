@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kernel.events import Recorded
-from kernel.subscriptions import RetryPolicy
-from services.router.events import RouteConflict, RoutesMounted
 
 from . import installer
 from .api import build_router
@@ -76,12 +74,6 @@ class LoaderService:
         await asyncio.to_thread(plugins_dir.mkdir, parents=True, exist_ok=True)
         table = await kernel.add_projection(PluginTable())
         loader = self.loader = Loader(kernel, settings, table)
-        await kernel.subscribe(
-            loader.on_mount_outcome,
-            types=[RoutesMounted, RouteConflict],
-            start="now",
-            retry=RetryPolicy(max_attempts=1),
-        )
         await kernel.subscribe(self._on_request, types=list(REQUESTS), start="now")
         kernel.http.add_admin_router(build_router(kernel, loader))
         stack.push_async_callback(loader.shutdown)

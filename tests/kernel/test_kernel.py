@@ -139,3 +139,22 @@ async def test_request_without_an_outcome_times_out_clearly(tmp_path: Path) -> N
             )
         # the request itself is in the log: the audit trail keeps it
         assert [r.type for r in await kernel.read(stream="ping")] == ["PingRequested"]
+
+
+async def test_requests_made_on_behalf_of_an_event_get_their_own_answers(tmp_path: Path) -> None:
+    """Two requests caused by one event share its correlation; each gets its own outcome."""
+    async with Kernel(settings(tmp_path), services=[Ponger()]) as kernel:
+        [origin] = await kernel.append(Ponged(text="origin"), stream="o")
+        with anyio.fail_after(5):
+            a, b = await asyncio.gather(
+                kernel.request(
+                    PingRequested(text="a"), stream="ping", outcomes=[Ponged], cause=origin
+                ),
+                kernel.request(
+                    PingRequested(text="b"), stream="ping", outcomes=[Ponged], cause=origin
+                ),
+            )
+        assert (a.data["text"], b.data["text"]) == ("A", "B")
+        requests = await kernel.read(stream="ping")
+        assert {r.meta.correlation_id for r in requests} == {origin.meta.id}
+        assert {r.meta.causation_id for r in requests} == {origin.meta.id}
