@@ -58,6 +58,8 @@ class Requests(Lifecycle):
             for other in self.dependents(name):
                 await self.unload(self.loaded[other], reason=f"{name} was removed", cause=cause)
             await self.unload(old, reason="its folder was removed", cause=cause)
+            # forget its digest: the same folder put back must load again
+            self.attempted.pop(name, None)
             await self.record(PluginUninstalled(name=name), cause=cause)
             return
         if name in self.table.disabled():

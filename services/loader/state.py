@@ -69,7 +69,24 @@ class LoaderState:
         )
 
     def dependents(self, name: str) -> list[str]:
-        """Loaded plugins that require ``name``."""
-        return sorted(
-            g.name for g in self.loaded.values() if any(r.name == name for r in g.manifest.requires)
-        )
+        """Loaded plugins that require ``name``, directly or through others.
+
+        In unload order: a plugin comes before every plugin it requires.
+        """
+        order: list[str] = []
+        seen = {name}
+
+        def visit(target: str) -> None:
+            direct = sorted(
+                g.name
+                for g in self.loaded.values()
+                if any(r.name == target for r in g.manifest.requires)
+            )
+            for other in direct:
+                if other not in seen:
+                    seen.add(other)
+                    visit(other)
+                    order.append(other)
+
+        visit(name)
+        return order

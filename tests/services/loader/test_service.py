@@ -354,3 +354,39 @@ async def test_plugin_loaded_follows_runtime_publication(harness_factory, plugin
     [loaded] = await h.events(PluginLoaded.type_name, name="pub")
     assert loaded.data["digest"] and loaded.data["duration_ms"] > 0
     assert h.kernel.plugins.get("pub", 1).version == "1.0.0"
+
+
+async def test_a_removed_folder_unloads_its_dependents_transitively(
+    harness_factory, plugins: Path
+) -> None:
+    import shutil
+
+    write_plugin(plugins, "base", router=status_router())
+    write_plugin(plugins, "mid", info={"version": "1.0.0", "requires": ["base"]})
+    write_plugin(plugins, "top", info={"version": "1.0.0", "requires": ["mid"]})
+    h = await harness_factory()
+    assert set(h.loader.loaded) == {"base", "mid", "top"}
+    assert h.loader.dependents("base") == ["top", "mid"]  # unload order: leaves first
+    shutil.rmtree(plugins / "base")
+    await h.loader.reload("base", None)
+    assert h.loader.loaded == {}
+    unloaded = [r.data["name"] for r in await h.events("PluginUnloaded")]
+    assert unloaded == ["top", "mid", "base"]
+
+
+async def test_a_removed_folder_put_back_unchanged_loads_again(
+    harness_factory, plugins: Path
+) -> None:
+    import shutil
+
+    folder = write_plugin(plugins, "phoenix", router=status_router('"up"'))
+    h = await harness_factory(reload=True)
+    with anyio.fail_after(10):
+        await h.loader_service.watching.wait()
+    shutil.rmtree(folder)
+    await h.wait_for("PluginUninstalled", "phoenix")
+    write_plugin(plugins, "phoenix", router=status_router('"up"'))  # the same content
+    with anyio.fail_after(10):
+        while (await h.client.get("/app/phoenix/status")).status_code != 200:
+            await anyio.sleep(0.02)
+    assert (await h.client.get("/app/phoenix/status")).json() == "up"
