@@ -186,6 +186,8 @@ class Dispatcher:
                 row = self.table.tasks.get(dep)
                 last = row.last if row is not None else None
                 outcome = last.outcome if last is not None else None
+                if outcome in ("running", "retrying"):
+                    return f"dependency {dep} has not finished"
             if outcome is None:
                 return f"dependency {dep} has not run yet"
             if task.depends_rule == "success" and outcome != "succeeded":

@@ -238,12 +238,14 @@ class CronTrigger:
 
 
 def catch_up(
-    trigger: Trigger, due: float, now: float, cap: int = 100_000
+    trigger: Trigger, due: float, now: float, cap: int = 1_000
 ) -> tuple[int, float, float | None]:
     """Due times from ``due`` up to ``now``: (how many, the latest, the next one after now).
 
     ``due`` itself counts as the first. Interval triggers are counted arithmetically;
-    others are iterated (at most ``cap`` steps, after which the count is a lower bound).
+    others are iterated at most ``cap`` steps (the count is then a lower bound), and the
+    latest due time is found by searching back from ``now`` — this runs on the event
+    loop, so a month of downtime for a per-minute cron must not mean 43,200 steps.
     """
     if isinstance(trigger, IntervalTrigger):
         if now < due:
@@ -257,9 +259,19 @@ def catch_up(
         count += 1
         last = nxt
         nxt = trigger.next_after(nxt)
-    while nxt is not None and nxt <= now:  # past the cap: skip ahead without counting
-        last = nxt
-        nxt = trigger.next_after(nxt)
+    if nxt is not None and nxt <= now:
+        # past the cap: widen a window back from `now` until it holds a due time
+        window = 60.0
+        while True:
+            start = max(last, now - window)
+            probe = trigger.next_after(start)
+            if start == last or (probe is not None and probe <= now):
+                break
+            window *= 2
+        nxt = probe
+        while nxt is not None and nxt <= now:
+            last = nxt
+            nxt = trigger.next_after(nxt)
     return count, last, nxt
 
 

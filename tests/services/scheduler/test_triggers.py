@@ -133,3 +133,23 @@ def test_at_naive_uses_the_zone() -> None:
     )
     with pytest.raises(ValueError, match="not an ISO 8601"):
         parse_at("next tuesday", None)
+
+
+def test_catch_up_after_a_month_down_is_bounded_and_exact() -> None:
+    # a per-minute cron down for 30 days: the count stops at the cap, the latest due time
+    # and the next one are still exact (found by searching back from now)
+    start = 1_790_000_040.0  # a whole minute
+    now = start + 30 * 86400 + 59.5
+    count, last, nxt = catch_up(CronTrigger("* * * * *", "Europe/Paris"), start, now, cap=50)
+    assert count == 50
+    assert last == start + 30 * 86400
+    assert nxt == last + 60
+    # a monthly cron past the cap: the window widens until it holds a due time
+    monthly = CronTrigger("0 3 1 * *", "UTC")
+    first = monthly.next_after(1_700_000_000.0)
+    assert first is not None
+    far = first + 200 * 86400
+    count, last, nxt = catch_up(monthly, first, far, cap=2)
+    assert count == 2
+    assert last <= far < (nxt or 0)
+    assert monthly.next_after(last) == nxt
