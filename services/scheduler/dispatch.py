@@ -59,8 +59,13 @@ class Dispatcher:
 
     def run_now(self, entry: TaskEntry, cause: Recorded) -> None:
         """Start a run of ``entry`` now, as requested by ``cause``."""
-        if self._stopping:
-            return
+        if not self._stopping:
+            self._start_now(entry, "request", entry.next_due, cause)
+
+    def _start_now(
+        self, entry: TaskEntry, kind: str, next_run: float | None, cause: Recorded | None = None
+    ) -> None:
+        """A first attempt of ``entry``, due and started now (not from its trigger)."""
         now = time.time()
         self.runner.spawn(
             self.runner.run(
@@ -68,8 +73,8 @@ class Dispatcher:
                 uuid.uuid4().hex,
                 now,
                 attempt=1,
-                kind="request",
-                next_run=entry.next_due,
+                kind=kind,
+                next_run=next_run,
                 start_at=now,
                 cause=cause,
             )
@@ -202,17 +207,5 @@ class Dispatcher:
             entry = self.tasks.get(dependent)
             if entry is None or entry.paused:
                 continue
-            if self._dependency_block(entry.task) is not None:
-                continue
-            now = time.time()
-            self.runner.spawn(
-                self.runner.run(
-                    entry,
-                    uuid.uuid4().hex,
-                    now,
-                    attempt=1,
-                    kind="dependency",
-                    next_run=None,
-                    start_at=now,
-                )
-            )
+            if self._dependency_block(entry.task) is None:
+                self._start_now(entry, "dependency", None)
