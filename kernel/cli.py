@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from kernel.errors import XcoreError
-from kernel.logging import configure_logging, redact
+from kernel.logging import configure_logging
 from kernel.settings import Settings
 
 __all__ = ["build_parser", "load_settings", "main"]
@@ -92,8 +92,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reload=False if args.no_reload else None,
     )
     configure_logging(settings.log_level, settings.log_format)
-    if settings.admin_token is not None:
-        redact(settings.admin_token.get_secret_value())
     kernel = Kernel(settings)
     app = create_app(kernel)
     config = uvicorn.Config(

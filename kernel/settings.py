@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from kernel.errors import SettingsError
+from kernel.logging import redact
 
 __all__ = ["Settings"]
 
@@ -53,7 +54,7 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     #: Bearer token of the admin API; generated at first start when unset.
-    admin_token: SecretStr | None = None
+    admin_token: SecretStr | None = Field(default=None, min_length=16)
     #: Watch the plugins directory and hot-reload changed plugins.
     reload: bool = True
     #: How long a request waits for its outcome event, in seconds.
@@ -67,6 +68,13 @@ class Settings(BaseModel):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _never_logged(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            redact(value.get_secret_value())
+        return value
 
     @property
     def database_path(self) -> Path:

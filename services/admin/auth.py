@@ -23,7 +23,6 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 
 from kernel.errors import SettingsError
-from kernel.logging import redact
 
 __all__ = ["TokenGuard", "load_or_create_token_hash"]
 
@@ -38,10 +37,7 @@ def digest(token: str) -> bytes:
 
 def load_or_create_token_hash(data_dir: Path, configured: str | None) -> bytes:
     """The digest of the admin token, generating and announcing one if none exists."""
-    if configured is not None:
-        if len(configured) < 16:
-            raise SettingsError("setting 'admin_token': must be at least 16 characters long")
-        redact(configured)
+    if configured is not None:  # validated (length) and redacted by Settings
         return digest(configured)
     path = data_dir / HASH_FILE
     if path.exists():

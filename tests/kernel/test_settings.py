@@ -79,3 +79,15 @@ def test_a_service_section_is_validated_with_its_key_named() -> None:
     with pytest.raises(SettingsError, match="'services.scheduler.max_concurrency'"):
         s.section("scheduler", SchedulerSettings)
     assert Settings().section("scheduler", SchedulerSettings).max_concurrency == 8
+
+
+def test_a_short_admin_token_is_refused_and_a_good_one_is_redacted() -> None:
+    import logging
+
+    from kernel.logging import TextFormatter
+
+    with pytest.raises(SettingsError, match=r"'admin_token' \(from environment variable"):
+        Settings.load(env={"XCORE_ADMIN_TOKEN": "short"})
+    Settings.load(env={"XCORE_ADMIN_TOKEN": "a-long-enough-token-123"})
+    record = logging.LogRecord("x", 20, "", 0, "token a-long-enough-token-123", None, None)
+    assert "a-long-enough-token-123" not in TextFormatter().format(record)
