@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
+from kernel.prefixes import overlaps
+
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
@@ -106,15 +108,11 @@ class HttpSurface:
         self.health_checks[name] = check
 
     def is_reserved(self, path: str) -> str | None:
-        """The reserved prefix ``path`` falls under, if any."""
-        for prefix in self.reserved:
-            if (
-                path == prefix
-                or path.startswith(prefix.rstrip("/") + "/")
-                or prefix.startswith(path.rstrip("/") + "/")
-            ):
-                return prefix
-        return None
+        """The reserved prefix ``path`` falls under or covers, if any."""
+        path = path.rstrip("/")
+        if not path:  # the root covers every reserved path
+            return self.reserved[0] if self.reserved else None
+        return next((p for p in self.reserved if overlaps(path, p)), None)
 
     def attach(self, app: FastAPI, kernel: Kernel) -> None:
         """Add the kernel's routes, the services' routes and the fallback to ``app``."""

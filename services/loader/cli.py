@@ -22,14 +22,13 @@ import io
 import json
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from kernel.cli import add_settings_arguments, load_settings
+from kernel.client import ServerUnreachable, admin_call
 from kernel.errors import XcoreError
 from kernel.events import Meta, NewEvent
 from kernel.http import HttpSurface
@@ -46,8 +45,7 @@ from .settings import LoaderSettings
 __all__ = ["register"]
 
 
-class ServerDown(XcoreError):
-    """No server answers at the admin URL."""
+ServerDown = ServerUnreachable
 
 
 def register(subparsers: Any) -> None:
@@ -105,25 +103,15 @@ def _call(
     body: bytes | None = None,
     content_type: str | None = None,
 ) -> tuple[int, Any]:
-    base = _url(args, settings)
-    req = urllib.request.Request(base + "/admin" + path, data=body, method=method)
-    req.add_header("Authorization", f"Bearer {_token(args, settings)}")
-    if content_type:
-        req.add_header("Content-Type", content_type)
-    timeout = settings.request_timeout + 5
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, {"detail": raw.decode("utf-8", "replace")}
-    except urllib.error.URLError as exc:
-        raise ServerDown(f"no xcore server answers at {base} ({exc.reason})") from None
-    except (ConnectionError, TimeoutError) as exc:
-        raise ServerDown(f"no xcore server answers at {base} ({exc})") from None
+    return admin_call(
+        _url(args, settings),
+        _token(args, settings),
+        method,
+        path,
+        body=body,
+        content_type=content_type,
+        timeout=settings.request_timeout + 5,
+    )
 
 
 def _report(status: int, body: Any) -> int:

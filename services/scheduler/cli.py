@@ -19,6 +19,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from kernel.client import ServerUnreachable, admin_call
+
 __all__ = ["register"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -46,20 +48,10 @@ def _call(args: argparse.Namespace, method: str, path: str) -> tuple[int, Any]:
     token = args.token or os.environ.get("XCORE_ADMIN_TOKEN")
     if not token:
         raise _Fail("no admin token: pass --token or set XCORE_ADMIN_TOKEN")
-    url = args.url.rstrip("/") + "/admin" + path
-    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-        try:
-            detail = json.loads(body)
-        except ValueError:
-            detail = body.decode(errors="replace")
-        return exc.code, detail
-    except urllib.error.URLError as exc:
-        raise _Fail(f"cannot reach {args.url}: {exc.reason}") from None
+        return admin_call(args.url, token, method, path)
+    except ServerUnreachable as exc:
+        raise _Fail(str(exc)) from None
 
 
 class _Fail(Exception):

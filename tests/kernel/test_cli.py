@@ -58,3 +58,14 @@ def test_no_command_prints_help(tmp_path: Path) -> None:
     proc = xcore(cwd=tmp_path)
     assert proc.returncode == 2
     assert "serve" in proc.stdout
+
+
+def test_the_admin_client_says_clearly_when_no_server_answers() -> None:
+    import pytest
+
+    from kernel.client import ServerUnreachable, admin_call
+    from tests.e2e.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ServerUnreachable, match=f"no xcore server answers at {url}"):
+        admin_call(url, "token", "GET", "/plugins", timeout=5)
