@@ -210,13 +210,21 @@ class SchedulerService:
         self._dispatch.index_dependents()
         return Registration(accepted=list(accepted), refused=refused)
 
-    async def unregister(self, plugin: str, reason: str = "unregistered") -> list[str]:
-        """Stop scheduling ``plugin``'s tasks and cancel its runs in progress."""
-        gen = self._plugins.pop(plugin, 0)
+    async def unregister(
+        self, plugin: str, reason: str = "unregistered", generation: int | None = None
+    ) -> list[str]:
+        """Stop scheduling ``plugin``'s tasks and cancel its runs in progress.
+
+        With ``generation``, only that generation's runs are cancelled, and its tasks are
+        unscheduled only if it is the generation scheduled now (a newer one keeps them).
+        """
+        self._runner.cancel_runs(plugin, generation, f"cancelled: {reason}")
+        if generation is not None and self._plugins.get(plugin) != generation:
+            return []
+        current = self._plugins.pop(plugin, 0)
         ids = [t for t, e in self._tasks.items() if e.task.plugin == plugin]
-        self._runner.cancel_runs(plugin, None, f"cancelled: {reason}")
         for tid in ids:
-            await self._unschedule(tid, gen, reason)
+            await self._unschedule(tid, current, reason)
         self._dispatch.index_dependents()
         return ids
 
@@ -309,13 +317,7 @@ class SchedulerService:
                 await self._load_runtime(rt)
         elif r.type == "PluginUnloaded":
             name, gen = d["name"], d["generation"]
-            reason = f"plugin {name!r} generation {gen} was unloaded"
-            self._runner.cancel_runs(name, gen, f"cancelled: {reason}")
-            if self._plugins.get(name) == gen:
-                del self._plugins[name]
-                for tid in [t for t, e in self._tasks.items() if e.task.plugin == name]:
-                    await self._unschedule(tid, gen, reason)
-                self._dispatch.index_dependents()
+            await self.unregister(name, f"plugin {name!r} generation {gen} was unloaded", gen)
         elif r.type == "TaskRunRequested":
             entry = self._tasks.get(d["task"])
             if entry is None:
