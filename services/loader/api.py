@@ -109,10 +109,8 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
 
     @router.post("/plugins/reload", summary="Reload every enabled plugin")
     async def reload_all() -> dict[str, Any]:
-        disabled = loader.table.disabled()
-        names = sorted((set(loader.installed()) | set(loader.loaded)) - disabled)
         results = []
-        for name in names:
+        for name in loader.reload_targets():
             rec = await request(
                 PluginReloadRequested(name=name, reason="admin: reload all"),
                 stream_of(name),

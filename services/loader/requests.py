@@ -101,16 +101,19 @@ class Requests(Lifecycle):
             cause=cause,
         )
 
-    async def reload_all(self, cause: Recorded | None) -> None:
-        """Reload every enabled plugin, dependencies before their dependents."""
+    def reload_targets(self) -> list[str]:
+        """Every enabled plugin, dependencies before their dependents."""
         disabled = self.table.disabled()
         names = set(self.installed()) | set(self.loaded)
         # the serving generations' manifests give the order; the others follow by name
         order, _ = load_order({n: g.manifest for n, g in self.loaded.items()})
         rest = sorted(n for n in names if n not in order)
-        for name in [*order, *rest]:
-            if name not in disabled:
-                await self.reload(name, cause)
+        return [n for n in [*order, *rest] if n not in disabled]
+
+    async def reload_all(self, cause: Recorded | None) -> None:
+        """Reload every enabled plugin, dependencies before their dependents."""
+        for name in self.reload_targets():
+            await self.reload(name, cause)
 
     async def disable(self, name: str, cause: Recorded | None) -> None:
         gen = self.loaded.get(name)
