@@ -392,8 +392,8 @@ async def _wakeup(path: Path, samples: int) -> list[float]:
     def timed_push(records: Any) -> None:
         now = time.perf_counter()
         records = list(records)
-        for r in records:
-            committed[r.position] = now
+        for row in records:
+            committed[row[0]] = now
         original_push(records)
 
     tail.push = timed_push  # type: ignore[method-assign]

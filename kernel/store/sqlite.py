@@ -13,12 +13,15 @@ Only one process may write a log: the store takes an exclusive ``flock`` on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Collection, Sequence
+import time
+import urllib.parse
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -27,6 +30,7 @@ import aiosqlite
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot
+from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_writer import COLUMNS, GroupCommitWriter
 from kernel.store.tail import Tail
 
@@ -59,6 +63,13 @@ CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+-- INSERT OR REPLACE deletes the row it conflicts with without firing delete triggers:
+-- an insert that would replace anything is refused before it runs.
+CREATE TRIGGER IF NOT EXISTS events_append_only_insert BEFORE INSERT ON events
+WHEN EXISTS (SELECT 1 FROM events WHERE position = NEW.position)
+  OR EXISTS (SELECT 1 FROM events WHERE id = NEW.id)
+  OR EXISTS (SELECT 1 FROM events WHERE stream = NEW.stream AND version = NEW.version)
+BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
 CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (
     name TEXT PRIMARY KEY, position INTEGER NOT NULL, schema INTEGER NOT NULL,
@@ -75,6 +86,11 @@ UPSERT_SNAPSHOT = (
     " ON CONFLICT (name) DO UPDATE SET position = excluded.position,"
     " schema = excluded.schema, state = excluded.state"
 )
+
+
+def _uri(path: Path) -> str:
+    """``path`` as an SQLite ``file:`` URI (any file name: ``?``, ``#``, ``%``...)."""
+    return "file:" + urllib.parse.quote(str(path.absolute()))
 
 
 def check_file(path: Path) -> None:
@@ -116,7 +132,13 @@ class SQLiteStore:
         readonly: bool = False,
         max_batch: int = 10_000,
         tail_size: int = 8192,
+        tail_bytes: int = 16 * 1024 * 1024,
         max_page_count: int | None = None,
+        allow_new_log: bool = False,
+        accept_log_loss: bool = False,
+        evidence: Iterable[Path] = (),
+        mark_interval: float = 1.0,
+        poll_interval: float = 0.1,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -125,11 +147,20 @@ class SQLiteStore:
         self.synchronous = synchronous
         self.readonly = readonly
         self.max_batch = max_batch
+        self.allow_new_log = allow_new_log
+        self.accept_log_loss = accept_log_loss
+        self.mark_interval = mark_interval
+        self.poll_interval = poll_interval
+        self.files = LogFiles(self.path, evidence)
+        #: what the last open recovered after an unclean stop (None after a clean one)
+        self.recovery: dict[str, Any] | None = None
         self._max_page_count = max_page_count
-        self._tail = Tail(tail_size)
+        self._tail = Tail(tail_size, tail_bytes)
         self._write_conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._reader_stamp: tuple[Any, ...] | None = None
         self._writer: GroupCommitWriter | None = None
+        self._marker: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._last = 0
         self._open = False
@@ -139,25 +170,14 @@ class SQLiteStore:
     async def open(self) -> None:
         if self._open:
             return
-        if self.readonly:
-            if not self.path.exists():
-                raise StoreError(f"{self.path}: no such event log")
-            check_file(self.path)
-            self._reader = await self._connect(readonly=True)
-            await self._check_schema(self._reader)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._take_lock()
-            try:
-                check_file(self.path)
-                self._write_conn = await self._connect(readonly=False)
-                await self._create_schema(self._write_conn)
-                self._reader = await self._connect(readonly=True)
-            except BaseException:
-                await self._release()
-                raise
-        assert self._reader is not None
-        self._last = await self._query_last_position(self._reader)
+        try:
+            if self.readonly:
+                await self._open_readonly()
+            else:
+                await self._open_writable()
+        except BaseException:
+            await self._release()
+            raise
         self._tail.reset(self._last)
         self._tail.closed = False
         self._open = True
@@ -166,9 +186,101 @@ class SQLiteStore:
                 self.path, self._write_conn, self._tail, self._last, self.max_batch
             )
             self._writer.start()
+            self._marker = asyncio.create_task(self._mark_loop(), name="xcore-store-mark")
 
-    async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
-        target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
+    async def _open_readonly(self) -> None:
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such event log")
+        check_file(self.path)
+        await self._open_reader()
+
+    async def _open_reader(self) -> None:
+        # With no -wal beside it the log is not being written: read the file as it is
+        # (immutable), so a read-only look leaves no -wal/-shm behind.
+        immutable = self.files.size(self.files.wal) < 0
+        reader = await self._connect(readonly=True, immutable=immutable)
+        try:
+            await self._check_schema(reader)
+            self._last = await self._query_last_position(reader)
+        except BaseException:
+            await self._close_conn(reader, "reader")
+            raise
+        self._reader = reader
+        self._reader_stamp = self._file_stamp() if immutable else None
+
+    def _file_stamp(self) -> tuple[Any, ...]:
+        st = self.path.stat()
+        return (st.st_mtime_ns, st.st_size, self.files.wal.exists())
+
+    async def _open_writable(self) -> None:
+        files = self.files
+        files.make_folder()
+        self._take_lock()
+        mark = files.read_mark()
+        files.check_not_lost(mark, allow_new_log=self.allow_new_log)
+        if files.size(self.path) <= 0:
+            if files.size(files.wal) >= 0:  # a stale -wal of a lost log: keep it aside
+                files.keep_wal()
+                for stale in (files.wal, files.shm):
+                    stale.unlink(missing_ok=True)
+            files.create_log()
+        check_file(self.path)
+        unclean = files.unclean(mark)
+        kept = files.keep_wal() if unclean else None
+        in_file = await asyncio.to_thread(self._last_in_main_file) if unclean else None
+        self._write_conn = await self._connect(readonly=False)
+        await self._create_schema(self._write_conn)
+        self._reader = await self._connect(readonly=True)
+        self._last = await self._query_last_position(self._reader)
+        if mark is not None and self._last < mark.position:
+            message = (
+                f"{self.path} ends at position {self._last} but position {mark.position} "
+                f"was acknowledged (mark of {time.ctime(mark.at)}): "
+                f"{mark.position - self._last} acknowledged events are lost"
+                + (f"; the write-ahead log as found is kept in {kept}" if kept else "")
+                + ". Restore the log from a backup (xcore restore); set accept_log_loss "
+                "(XCORE_ACCEPT_LOG_LOSS=1) only to go on without them"
+            )
+            if not self.accept_log_loss:
+                raise StoreCorrupt(message)
+            log.error("%s — going on as accept_log_loss is set", message)
+        if unclean:
+            recovered = self._last - (in_file or 0)
+            self.recovery = {
+                "last_position": self._last,
+                "in_main_file": in_file,
+                "recovered_from_wal": recovered,
+                "acknowledged_mark": mark.position if mark else None,
+                "wal_copy": str(kept) if kept else None,
+            }
+            log.warning(
+                "%s was not closed cleanly: %d events recovered from its write-ahead log "
+                "(log ends at %d, the last mark was %s); the WAL as found is kept in %s "
+                "until the next clean stop",
+                self.path,
+                recovered,
+                self._last,
+                mark.position if mark else "absent",
+                kept or "(none: there was no WAL)",
+            )
+        await asyncio.to_thread(files.write_mark, self._last, clean=False)
+
+    def _last_in_main_file(self) -> int:
+        """The last position held by the main file alone (the WAL not applied)."""
+        conn = sqlite3.connect(f"{_uri(self.path)}?immutable=1", uri=True)
+        try:
+            row = conn.execute("SELECT MAX(position) FROM events").fetchone()
+        except sqlite3.DatabaseError:
+            return 0  # a new log: the table is not in the main file yet
+        finally:
+            conn.close()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def _connect(self, *, readonly: bool, immutable: bool = False) -> aiosqlite.Connection:
+        if readonly:
+            target = f"{_uri(self.path)}?{'immutable=1' if immutable else 'mode=ro'}"
+        else:
+            target = str(self.path)
         try:
             conn = await aiosqlite.connect(
                 target,
@@ -193,10 +305,10 @@ class SQLiteStore:
                 await conn.execute("PRAGMA query_only=1")
             await conn.execute("PRAGMA busy_timeout=5000")
         except sqlite3.DatabaseError as exc:
-            await conn.close()
+            await self._close_conn(conn, "connection")
             raise StoreCorrupt(f"{self.path} is not a readable event log: {exc}") from exc
         except BaseException:
-            await conn.close()
+            await self._close_conn(conn, "connection")
             raise
         return conn
 
@@ -250,7 +362,7 @@ class SQLiteStore:
 
     def _take_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -265,24 +377,106 @@ class SQLiteStore:
         self._lock_fd = fd
 
     async def close(self) -> None:
+        """Commit what is queued, checkpoint the WAL into the file, then release it all.
+
+        After a clean close the log file is self-contained (no ``-wal`` needed): copying
+        ``events.db`` alone copies the whole log.
+        """
         if not self._open:
             return
+        if self._marker is not None:
+            self._marker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._marker
+            self._marker = None
         if self._writer is not None:
             await self._writer.stop()
-            self._writer = None
         self._open = False
         self._tail.close()
+        clean = self._write_conn is not None and await self._checkpoint()
+        last = self._writer.last if self._writer is not None else self._last
+        self._writer = None
         await self._release()
+        if clean:
+            try:
+                await asyncio.to_thread(self.files.write_mark, last, clean=True)
+                self.files.drop_kept_wal()
+            except OSError as exc:
+                log.error("could not record the clean stop of %s: %s", self.path, exc)
+
+    async def _checkpoint(self) -> bool:
+        """Move the whole WAL into the log file; True when nothing is left behind."""
+        assert self._write_conn is not None
+        if self._reader is not None:  # our own reader must not hold the WAL open
+            await self._close_conn(self._reader, "reader")
+            self._reader = None
+        try:
+            row = await (
+                await self._write_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            ).fetchone()
+        except sqlite3.Error as exc:
+            log.error("could not checkpoint %s at close: %s", self.path, exc)
+            return False
+        if row is None or row[0]:
+            log.warning(
+                "could not checkpoint all of %s at close (another process reads it); "
+                "its -wal still holds part of the log",
+                self.path,
+            )
+            return False
+        return True
+
+    async def _close_conn(self, conn: aiosqlite.Connection, what: str) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:
+            log.error("closing the %s of %s failed: %r", what, self.path, exc)
 
     async def _release(self) -> None:
-        for conn in (self._write_conn, self._reader):
+        if self._marker is not None:
+            self._marker.cancel()
+            self._marker = None
+        for conn, what in ((self._reader, "reader"), (self._write_conn, "write connection")):
             if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+                await self._close_conn(conn, what)
         self._write_conn = self._reader = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    async def _mark_loop(self) -> None:
+        """Record the acknowledged position about every ``mark_interval`` seconds."""
+        marked = self._last
+        failing = False
+        while True:
+            await asyncio.sleep(self.mark_interval)
+            writer = self._writer
+            if writer is None or writer.last == marked:
+                continue
+            position = writer.last
+            try:
+                await asyncio.to_thread(self.files.write_mark, position, clean=False)
+            except OSError as exc:
+                if not failing:
+                    log.error("could not write the mark of %s: %s", self.path, exc)
+                failing = True
+                continue
+            failing = False
+            marked = position
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether appends succeed: False, with the reason, while the last batch failed."""
+        details: dict[str, Any] = {"location": self.location}
+        if not self._open:
+            return False, {**details, "error": "the event log is closed"}
+        if self._writer is None:
+            return True, {**details, "readonly": True}
+        details["last_position"] = self._writer.last
+        if not self._writer.running:
+            return False, {**details, "error": "the log's writer has stopped"}
+        if self._writer.failure is not None:
+            return False, {**details, "error": f"appends fail: {self._writer.failure}"}
+        return True, details
 
     def _check_open(self) -> None:
         if not self._open:
@@ -350,9 +544,20 @@ class SQLiteStore:
         self._check_open()
         if self._writer is not None:
             return self._writer.last
+        await self._refresh_reader()
         assert self._reader is not None
         self._last = await self._query_last_position(self._reader)
         return self._last
+
+    async def _refresh_reader(self) -> None:
+        """A read-only store opened an idle log as it was (immutable); once the file
+        changes (a writer opened it), read it through SQLite's locks instead."""
+        if self._reader_stamp is None or self._file_stamp() == self._reader_stamp:
+            return
+        old, self._reader = self._reader, None
+        if old is not None:
+            await self._close_conn(old, "reader")
+        await self._open_reader()
 
     async def stream_version(self, stream: str) -> int:
         self._check_open()
@@ -368,7 +573,22 @@ class SQLiteStore:
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         self._check_open()
-        return await self._tail.wait(after, timeout)
+        if not self.readonly:
+            return await self._tail.wait(after, timeout)
+        # A read-only store sees other processes' commits only by looking: poll.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            last = await self.last_position()
+            if last > after:
+                return last
+            pause = self.poll_interval
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+                if pause <= 0:
+                    return last
+            await asyncio.sleep(pause)
+            if not self._open:
+                return self._last
 
     # -- checkpoints and snapshots ---------------------------------------------------
 

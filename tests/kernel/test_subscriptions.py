@@ -101,7 +101,7 @@ async def test_a_slow_subscriber_falls_back_to_the_store_and_misses_nothing(tmp_
     await sub.start()
     for chunk in range(20):
         await store.append([ev(chunk * 100 + i) for i in range(100)], stream="s")
-    assert len(store._tail._events) == 64  # bounded, however far behind the subscriber is
+    assert len(store._tail._rows) == 64  # bounded, however far behind the subscriber is
     gate.set()
     with anyio.fail_after(20):
         await sub.wait_for(2000)
