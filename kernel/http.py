@@ -20,7 +20,7 @@ Services contribute through :class:`HttpSurface` (``kernel.http``) while they st
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
+from kernel.errors import ConcurrencyError, StoreError
 from kernel.prefixes import overlaps
 
 if TYPE_CHECKING:
@@ -55,6 +56,17 @@ HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
 def _no_admin_guard() -> None:
     raise HTTPException(status_code=503, detail="the admin service is not running")
+
+
+async def _store_errors_as_503() -> AsyncIterator[None]:
+    """An admin request the event log cannot serve (disk full, log closed) answers 503
+    with the reason, not a bare 500."""
+    try:
+        yield
+    except StoreError as exc:
+        if isinstance(exc, ConcurrencyError):
+            raise
+        raise HTTPException(status_code=503, detail=f"the event log is unavailable: {exc}") from exc
 
 
 class HttpSurface:
@@ -125,7 +137,11 @@ class HttpSurface:
             app.include_router(router)
         guard = self.admin_guard
         for router in self.admin_routers:
-            app.include_router(router, prefix="/admin", dependencies=[Depends(guard)])
+            app.include_router(
+                router,
+                prefix="/admin",
+                dependencies=[Depends(guard), Depends(_store_errors_as_503)],
+            )
         if self.fallback is not None:
             app.router.default = self.fallback
         if self.front_routes:

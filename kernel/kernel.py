@@ -42,6 +42,7 @@ from kernel.settings import Settings
 from kernel.store.base import ANY, EventStore
 from kernel.store.memory import MemoryStore
 from kernel.store.sqlite import SQLiteStore
+from kernel.store.sqlite_files import PRIOR_USE
 from kernel.subscriptions import Handler, RetryPolicy, Start, Subscription
 
 if TYPE_CHECKING:
@@ -75,7 +76,13 @@ def xcore_version() -> str:
 def store_from_settings(settings: Settings) -> EventStore:
     if settings.store == "memory":
         return MemoryStore()
-    return SQLiteStore(settings.database_path, synchronous=settings.synchronous)
+    return SQLiteStore(
+        settings.database_path,
+        synchronous=settings.synchronous,
+        allow_new_log=settings.allow_new_log,
+        accept_log_loss=settings.accept_log_loss,
+        evidence=[settings.data_dir / name for name in PRIOR_USE],
+    )
 
 
 class Kernel:
@@ -107,6 +114,7 @@ class Kernel:
         self._outcomes: Subscription | None = None
         #: Services by name, once started.
         self.services: dict[str, Service] = {}
+        self.http.add_health_check("store", self._store_health)
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -210,6 +218,10 @@ class Kernel:
         # True from the moment the store is open, so services may append while starting.
         if not self._store_ready:
             raise KernelStateError("the kernel is not started (use `async with Kernel(...)`)")
+
+    async def _store_health(self) -> tuple[bool, dict[str, Any]]:
+        """The store's own verdict: failing (503) while its appends fail."""
+        return self.store.health()
 
     async def _close_store(self) -> None:
         self._store_ready = False

@@ -114,24 +114,28 @@ async def fold(
 ) -> int:
     """Apply every event after ``projection.position`` (up to ``until``); return the count.
 
-    The next batch is read while the current one is applied, so the store's thread and
-    the fold overlap where the interpreter lets them.
+    The log's last position is taken *before* each read: when a read comes back short,
+    every event up to that bound has been seen (later appends are not skipped, as they
+    would be with a bound taken after the read). The next batch is read while the
+    current one is applied, so the store's thread and the fold overlap where the
+    interpreter lets them.
     """
     types = projection.types()
     fast = type(projection).apply is Projection.apply
     handlers = projection._handlers
+
+    async def bounded_read(after: int) -> tuple[int, list[Recorded]]:
+        bound = await store.last_position()
+        return bound, await store.read(after=after, types=types, limit=batch_size)
+
     count = 0
-    pending = asyncio.ensure_future(
-        store.read(after=projection.position, types=types, limit=batch_size)
-    )
+    pending = asyncio.ensure_future(bounded_read(projection.position))
     try:
         while True:
-            batch = await pending
+            bound, batch = await pending
             full = len(batch) == batch_size
             if full and (until is None or batch[-1].position < until):
-                pending = asyncio.ensure_future(
-                    store.read(after=batch[-1].position, types=types, limit=batch_size)
-                )
+                pending = asyncio.ensure_future(bounded_read(batch[-1].position))
             else:
                 full = False
             if until is not None and batch and batch[-1].position > until:
@@ -150,8 +154,8 @@ async def fold(
             if on_batch is not None:
                 await on_batch(len(batch))
             if not full:
-                last = await store.last_position()
-                target = last if until is None else min(until, last)
+                # nothing else of its types up to the bound taken before this read
+                target = bound if until is None else min(until, bound)
                 projection.position = max(projection.position, target)
                 return count
     finally:
@@ -198,6 +202,10 @@ class Projector:
                 log.exception("snapshot of projection %r is unusable; rebuilding", p.name)
                 p.reset()
                 p.position = 0
+        await self._follow()
+
+    async def _follow(self) -> None:
+        p = self.projection
         await fold(self.store, p, on_batch=self._count_and_snapshot)
         self._subscription = Subscription(
             self.store,
@@ -213,6 +221,8 @@ class Projector:
         await self._subscription.start()
 
     async def _apply(self, record: Recorded) -> None:
+        # Applying and saving a snapshot are separate steps: a save that fails is
+        # logged and tried again later, never a reason to apply the event twice.
         self.projection.apply(record)
         self._since_snapshot += 1
         await self._maybe_snapshot()
@@ -225,7 +235,17 @@ class Projector:
         p = self.projection
         if not p.snapshot_every or self._since_snapshot < p.snapshot_every:
             return
-        await self.save_snapshot()
+        try:
+            await self.save_snapshot()
+        except Exception:
+            log.exception(
+                "could not save the snapshot of projection %r at position %s; "
+                "the projection goes on and tries again after %s more events",
+                p.name,
+                p.position,
+                p.snapshot_every,
+            )
+            self._since_snapshot = 0
 
     async def save_snapshot(self) -> None:
         p = self.projection
@@ -249,8 +269,8 @@ class Projector:
         await self.stop(save=False)
         self.projection.reset()
         self.projection.position = 0
-        await fold(self.store, self.projection)
-        await self.start()
+        self._since_snapshot = 0
+        await self._follow()
 
     async def stop(self, save: bool = True) -> None:
         if self._subscription is not None:

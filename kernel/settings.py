@@ -47,6 +47,10 @@ class Settings(BaseModel):
     database: Path | None = None
     #: SQLite durability: FULL survives power loss, NORMAL survives a process crash.
     synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
+    #: Start a new empty log although the data folder shows one existed (it was lost).
+    allow_new_log: bool = False
+    #: Open a log that ends before a position it had acknowledged (events were lost).
+    accept_log_loss: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     #: Name of this kernel node, recorded in every event's metadata.
