@@ -218,7 +218,8 @@ class SQLiteStore:
         self._take_lock()
         mark = files.read_mark()
         files.check_not_lost(mark, allow_new_log=self.allow_new_log)
-        if files.size(self.path) <= 0:
+        if files.size(self.path) <= 0:  # a new log (on purpose, if the folder was used)
+            mark = None
             if files.size(files.wal) >= 0:  # a stale -wal of a lost log: keep it aside
                 files.keep_wal()
                 for stale in (files.wal, files.shm):
@@ -384,6 +385,8 @@ class SQLiteStore:
         """
         if not self._open:
             return
+        if self._writer is not None:
+            self._writer.refuse_new()  # from now on appends get StoreClosed
         if self._marker is not None:
             self._marker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

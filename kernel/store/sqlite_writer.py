@@ -116,6 +116,10 @@ class GroupCommitWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._write_loop(), name="xcore-store-writer")
 
+    def refuse_new(self) -> None:
+        """Refuse every later write with StoreClosed (what is queued still commits)."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Commit everything queued so far, then stop; later writes get StoreClosed."""
         self._stopping = True
