@@ -282,16 +282,23 @@ class SQLiteStore:
             target = f"{_uri(self.path)}?{'immutable=1' if immutable else 'mode=ro'}"
         else:
             target = str(self.path)
+        pending = aiosqlite.connect(
+            target,
+            uri=readonly,
+            # The writer lets sqlite3 open each transaction implicitly (BEGIN IMMEDIATE
+            # before the first INSERT): a batch is then two trips to the connection's
+            # thread, executemany + commit, instead of four.
+            isolation_level=None if readonly else "IMMEDIATE",
+            check_same_thread=False,
+        )
+        # aiosqlite's thread is not a daemon: a connection some error path left open
+        # would keep the process alive after its work ended (a hang at exit). SQLite
+        # is crash-safe, so an exit that drops an open connection loses nothing.
+        thread = getattr(pending, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            thread.daemon = True
         try:
-            conn = await aiosqlite.connect(
-                target,
-                uri=readonly,
-                # The writer lets sqlite3 open each transaction implicitly (BEGIN IMMEDIATE
-                # before the first INSERT): a batch is then two trips to the connection's
-                # thread, executemany + commit, instead of four.
-                isolation_level=None if readonly else "IMMEDIATE",
-                check_same_thread=False,
-            )
+            conn = await pending
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the event log: {exc}") from exc
         try:

@@ -111,3 +111,14 @@ def test_the_admin_client_says_clearly_when_no_server_answers() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ServerUnreachable, match=f"no xcore server answers at {url}"):
         admin_call(url, "token", "GET", "/plugins", timeout=5)
+
+
+def test_serve_on_a_damaged_log_exits_instead_of_hanging(tmp_path: Path) -> None:
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "events.db").write_bytes(b"SQLite format 3\x00" + b"\x07" * 8000)
+    proc = xcore("serve", "--data-dir", "var", "--port", "0", "--no-reload", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "events.db" in proc.stderr + proc.stdout
+    # the lock was released: a read-only look gives the same clear error, exit 2
+    again = xcore("events", "--data-dir", "var", cwd=tmp_path)
+    assert again.returncode == 2 and "Traceback" not in again.stderr

@@ -10,7 +10,7 @@ import anyio
 import orjson
 import pytest
 
-from kernel.errors import ConcurrencyError, StoreClosed
+from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import Event, Meta, NewEvent, registry, upcaster
 from kernel.store import ANY, NO_STREAM, EventStore, MemoryStore, Snapshot, SQLiteStore
 
@@ -189,3 +189,35 @@ async def test_a_refused_append_does_not_claim_its_ids(store: EventStore) -> Non
     assert not isinstance(stored, BaseException)
     assert [r.position for r in stored] == [1]
     assert [r.meta.id for r in await store.read()] == [meta.id]
+
+
+async def test_what_a_reader_gets_is_its_own(store: EventStore) -> None:
+    [appended] = await store.append([NewEvent.raw("Listed", {"items": [1]})], stream="s")
+    [first] = await store.read()
+    first.data["items"].append(2)
+    appended.data["x"] = 1
+    [second] = await store.read()
+    assert second.data == {"items": [1]}
+
+
+async def test_a_payload_that_is_not_json_fails_only_its_own_append(store: EventStore) -> None:
+    broken = NewEvent(type="Noted", data=b"{oops", meta=Meta())
+    good, bad = await asyncio.gather(
+        store.append([note("fine")], stream="a"),
+        store.append([broken], stream="b"),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, StoreError)
+    assert not isinstance(good, BaseException)
+    assert [r.data["text"] for r in await store.read()] == ["fine"]
+
+
+async def test_health_reports_an_open_store_and_a_closed_one(store: EventStore) -> None:
+    ok, details = store.health()
+    assert ok and details["location"] == store.location
+    await store.close()
+    ok, _ = store.health()
+    assert not ok
+    with pytest.raises(StoreClosed):
+        await store.append([note("late")], stream="s")
+    await store.open()

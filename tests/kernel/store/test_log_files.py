@@ -255,5 +255,9 @@ async def test_a_failed_open_releases_everything(tmp_path: Path) -> None:
         with pytest.raises(StoreCorrupt, match="damaged"):
             await SQLiteStore(path, readonly=True).open()
     await asyncio.sleep(0.1)
-    leftover = [t for t in set(threading.enumerate()) - threads if t.is_alive() and not t.daemon]
+    leftover = [
+        t
+        for t in set(threading.enumerate()) - threads
+        if t.is_alive() and "connection_worker" in t.name  # aiosqlite's connection threads
+    ]
     assert leftover == [], "a connection's thread was left running"
