@@ -197,8 +197,9 @@ class Kernel:
     async def _stop_subscriptions(self) -> None:
         for projector in reversed(list(self._projectors.values())):
             await projector.stop()
-        for sub in reversed(self._subscriptions):
-            await sub.stop()
+        # together: each lets its running handler finish (within its grace), so the
+        # whole stop waits one grace at most, not one per subscription
+        await asyncio.gather(*(sub.stop() for sub in reversed(self._subscriptions)))
         self._subscriptions.clear()
 
     @asynccontextmanager

@@ -116,6 +116,8 @@ class Subscription:
         """Stop after the event being handled (waiting at most ``grace`` seconds for
         its handler, then cancelling it) and save the checkpoint."""
         self._stopping = True
+        if self._task is not None and self._task is asyncio.current_task():
+            return  # called by its own handler: the loop ends once the handler returns
         task, self._task = self._task, None
         if task is not None:
             if self._in_handler and not task.done():

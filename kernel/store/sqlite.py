@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import stat
 import time
 import urllib.parse
 from collections.abc import Collection, Iterable, Sequence
@@ -96,9 +97,12 @@ def _uri(path: Path) -> str:
 def check_file(path: Path) -> None:
     """Refuse, with a clear message, a file that is not an intact SQLite database."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         return
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreCorrupt(f"{path} is not an xcore event log: it is not a regular file")
+    size = st.st_size
     if size == 0:
         return
     with path.open("rb") as f:
@@ -175,6 +179,9 @@ class SQLiteStore:
                 await self._open_readonly()
             else:
                 await self._open_writable()
+        except OSError as exc:  # the folder or a file cannot be created, read or copied
+            await self._release()
+            raise StoreError(f"{self.path}: cannot open the event log: {exc}") from exc
         except BaseException:
             await self._release()
             raise
@@ -562,8 +569,11 @@ class SQLiteStore:
     async def _refresh_reader(self) -> None:
         """A read-only store opened an idle log as it was (immutable); once the file
         changes (a writer opened it), read it through SQLite's locks instead."""
-        if self._reader_stamp is None or self._file_stamp() == self._reader_stamp:
-            return
+        try:
+            if self._reader_stamp is None or self._file_stamp() == self._reader_stamp:
+                return
+        except OSError as exc:
+            raise StoreError(f"{self.path}: the event log went away: {exc}") from exc
         old, self._reader = self._reader, None
         if old is not None:
             await self._close_conn(old, "reader")

@@ -96,7 +96,8 @@ class LogFiles:
                 f"exists: the log file was lost or deleted. Restore it (xcore restore) — "
                 f"set allow_new_log (XCORE_ALLOW_NEW_LOG=1) only to start a new empty log"
             )
-        signs = [p for p in ([self.mark_path] if mark else []) + self.evidence if p.exists()]
+        candidates = dict.fromkeys([*([self.mark_path] if mark else []), *self.evidence])
+        signs = [p for p in candidates if p.exists()]
         if signs and not allow_new_log:
             what = "missing" if self.size(self.path) < 0 else "empty"
             raise StoreCorrupt(
@@ -134,6 +135,8 @@ class LogFiles:
     # -- the mark --------------------------------------------------------------------
 
     def read_mark(self) -> Mark | None:
+        if self.mark_path.exists() and not self.mark_path.is_file():
+            raise StoreCorrupt(f"{self.mark_path} (the log's mark) is not a regular file")
         try:
             raw = self.mark_path.read_bytes()
         except FileNotFoundError:

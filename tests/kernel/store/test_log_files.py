@@ -261,3 +261,21 @@ async def test_a_failed_open_releases_everything(tmp_path: Path) -> None:
         if t.is_alive() and "connection_worker" in t.name  # aiosqlite's connection threads
     ]
     assert leftover == [], "a connection's thread was left running"
+
+
+async def test_odd_file_names_and_a_fifo(tmp_path: Path) -> None:
+    odd = tmp_path / "we?ird #dir%20" / "ev ents?.db"
+    await make_log(odd, 3)
+    assert await positions(odd) == [1, 2, 3]
+    reader = SQLiteStore(odd, readonly=True)
+    await reader.open()
+    assert len(await reader.read()) == 3
+    await reader.close()
+    copied = await backup(odd, odd.with_name("b?k.db"))
+    assert copied.events == 3
+    fifo = tmp_path / "fifo.db"
+    os.mkfifo(fifo)
+    with anyio.fail_after(10):  # refused at once, never blocked reading the pipe
+        for readonly in (False, True):
+            with pytest.raises(StoreCorrupt, match="not a regular file"):
+                await SQLiteStore(fifo, readonly=readonly).open()
