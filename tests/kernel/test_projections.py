@@ -122,3 +122,52 @@ async def test_state_at_a_past_position(tmp_path: Path) -> None:
     assert past.balances == {"a": 1 + 2 + 3}
     assert past.position == 3
     assert now.balances == {"a": 15}
+
+
+class _GcWatcher(Projection):
+    name = "gc-watcher"
+
+    def reset(self) -> None:
+        self.enabled_during: list[bool] = []
+        self.fail_at: int | None = None
+
+    @handles("Counted")
+    def _counted(self, r: Recorded) -> None:
+        import gc
+
+        self.enabled_during.append(gc.isenabled())
+        if self.fail_at is not None and r.position >= self.fail_at:
+            raise RuntimeError("a handler failed")
+
+
+async def test_a_fold_pauses_the_cyclic_gc_and_always_restores_it(tmp_path: Path) -> None:
+    import gc
+
+    import pytest
+
+    from kernel.projections import fold
+
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        await store.append([NewEvent.raw("Counted", {"n": i}) for i in range(10)], stream="c")
+        assert gc.isenabled()
+        watcher = _GcWatcher()
+        await fold(store, watcher, batch_size=3)
+        assert watcher.enabled_during == [False] * 10
+        assert gc.isenabled()
+
+        failing = _GcWatcher()
+        failing.fail_at = 5
+        with pytest.raises(RuntimeError):
+            await fold(store, failing)
+        assert gc.isenabled()
+
+        gc.disable()  # an application that runs without the collector keeps it off
+        try:
+            await fold(store, _GcWatcher())
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        await store.close()
