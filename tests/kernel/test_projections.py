@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from kernel import Kernel, Projection, Recorded, Settings, handles, state_at
 from kernel.events import Event, NewEvent
+from kernel.projections import fold
 from kernel.store import SQLiteStore
 
 
@@ -133,20 +136,12 @@ class _GcWatcher(Projection):
 
     @handles("Counted")
     def _counted(self, r: Recorded) -> None:
-        import gc
-
         self.enabled_during.append(gc.isenabled())
         if self.fail_at is not None and r.position >= self.fail_at:
             raise RuntimeError("a handler failed")
 
 
 async def test_a_fold_pauses_the_cyclic_gc_and_always_restores_it(tmp_path: Path) -> None:
-    import gc
-
-    import pytest
-
-    from kernel.projections import fold
-
     store = SQLiteStore(tmp_path / "log.db")
     await store.open()
     try:
