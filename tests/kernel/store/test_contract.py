@@ -23,9 +23,17 @@ def note(text: str, meta: Meta | None = None) -> NewEvent:
     return NewEvent.of(Noted(text=text), meta)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def _make(kind: str, tmp_path: Path) -> EventStore:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite-index-every-3":  # the stream index flushed every few events
+        return SQLiteStore(tmp_path / "log.db", index_every=3)
+    return SQLiteStore(tmp_path / "log.db")
+
+
+@pytest.fixture(params=["memory", "sqlite", "sqlite-index-every-3"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
-    s: EventStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "log.db")
+    s: EventStore = _make(request.param, tmp_path)
     await s.open()
     yield s
     await s.close()
