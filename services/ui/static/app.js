@@ -70,6 +70,11 @@ function fmtTime(value) {
   return date.toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
 }
 
+function fmtClock(value) {
+  const full = fmtTime(value);
+  return full.length > 11 ? full.slice(11) : full;
+}
+
 function fmtMs(value) {
   if (value === null || value === undefined || Number.isNaN(value)) return "—";
   return value < 10 ? value.toFixed(2) + " ms" : Math.round(value) + " ms";
@@ -299,7 +304,7 @@ async function replaceBody(body, build) {
   try {
     const content = await build();
     const focused = document.activeElement && document.activeElement.id;
-    clear(body).append(content);
+    append(clear(body), [content]);
     if (focused) {
       const again = document.getElementById(focused);
       if (again) again.focus();
@@ -350,6 +355,19 @@ function errorSummary(error) {
   return `${error.stage ? error.stage + ": " : ""}${String(error.error || error.message || "").split("\n")[0]}${where}`;
 }
 
+function lastError(error) {
+  if (typeof error === "string") return el("pre", { id: "plugin-last-error" }, error);
+  const where = error.file ? `${error.file}${error.line ? ", line " + error.line : ""}` : null;
+  return [
+    fields([
+      ["Stage", error.stage || "—"],
+      ["Where", where || "—"],
+      ["At", fmtTime(error.at)],
+    ]),
+    el("pre", { id: "plugin-last-error" }, String(error.error || error.message || JSON.stringify(error))),
+  ];
+}
+
 function selectPlugin(name) {
   state.selectedPlugin = name;
   refreshSoon();
@@ -397,7 +415,7 @@ async function pluginDetail(p) {
     el("h4", {}, "Routes"),
     (p.routes || []).length ? el("ul", {}, p.routes.map((r) => el("li", { class: "mono" }, r))) : el("p", { class: "muted" }, "none"),
     el("h4", {}, "Last error"),
-    p.last_error ? el("pre", { id: "plugin-last-error" }, typeof p.last_error === "string" ? p.last_error : JSON.stringify(p.last_error, null, 2)) : el("p", { class: "muted" }, "none"),
+    p.last_error ? lastError(p.last_error) : el("p", { class: "muted" }, "none"),
     table(
       "Load and reload history",
       ["Position", "Time", "Event", "Generation", "Detail"],
@@ -554,7 +572,7 @@ function eventRow(e) {
     "tr",
     { "data-position": e.position },
     el("td", { class: "num" }, el("button", { type: "button", class: "link", onclick: () => showEvent(e.position), "aria-label": `event ${e.position}: causes and effects` }, String(e.position))),
-    el("td", {}, fmtTime(e.recorded_at)),
+    el("td", { class: "time", title: fmtTime(e.recorded_at) }, fmtClock(e.recorded_at)),
     el("td", { class: "mono" }, e.stream),
     el("td", {}, e.type),
     el("td", { class: "mono" }, eventSummary(e)),
