@@ -103,7 +103,9 @@ class UiApp:
         elif path.startswith("/static/"):
             response = self._asset(path[len("/static/") :], method)
         elif path == "/login":
-            response = await self._login(scope, receive) if method == "POST" else _error(405, "use POST")
+            response = (
+                await self._login(scope, receive) if method == "POST" else _error(405, "use POST")
+            )
         elif path == "/logout":
             response = self._logout(scope) if method == "POST" else _error(405, "use POST")
         elif path == "/session":
@@ -138,7 +140,7 @@ class UiApp:
         if refusal:
             return _error(403, refusal)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            return _error(415, "send the token as JSON: {\"token\": \"...\"}")
+            return _error(415, 'send the token as JSON: {"token": "..."}')
         client = request.client.host if request.client else "?"
         wait = self.throttle.blocked(client)
         if wait:

@@ -38,7 +38,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         f'PLUGIN_INFO = {{"version": "1.0.0", "api_prefix": "/app/broken"}}\n'
         f"raise RuntimeError({HOSTILE!r})\n"
     )
-    with serve(tmp, plugins_dir=plugins, env={"XCORE_ADMIN_TOKEN": TOKEN}, args=("--no-reload",)) as s:
+    with serve(
+        tmp, plugins_dir=plugins, env={"XCORE_ADMIN_TOKEN": TOKEN}, args=("--no-reload",)
+    ) as s:
         yield s
 
 
@@ -99,7 +101,7 @@ def test_log_in_see_plugins_and_reload_one(page: Any, server: Server) -> None:
     page.locator("#action-reload").click()
     page.wait_for_function(
         "([g]) => Number(document.querySelector("
-        "'tr[data-plugin=\"hello\"] td[data-field=\"generation\"]')?.textContent) > g",
+        '\'tr[data-plugin="hello"] td[data-field="generation"]\')?.textContent) > g',
         arg=[before],
         timeout=WAIT_MS,
     )
@@ -125,14 +127,14 @@ def test_pause_and_resume_a_task(page: Any) -> None:
     state = page.locator('tr[data-task="jobs.heartbeat"] td[data-field="paused"]')
     page.locator("#action-pause").click()
     page.wait_for_function(
-        "() => document.querySelector('tr[data-task=\"jobs.heartbeat\"] "
+        '() => document.querySelector(\'tr[data-task="jobs.heartbeat"] '
         "td[data-field=\"paused\"]')?.textContent === 'paused'",
         timeout=WAIT_MS,
     )
     shot(page, "05-task-paused")
     page.locator("#action-resume").click()
     page.wait_for_function(
-        "() => document.querySelector('tr[data-task=\"jobs.heartbeat\"] "
+        '() => document.querySelector(\'tr[data-task="jobs.heartbeat"] '
         "td[data-field=\"paused\"]')?.textContent === 'active'",
         timeout=WAIT_MS,
     )
@@ -202,7 +204,7 @@ def test_keyboard_reaches_the_main_actions_and_inputs_are_labelled(page: Any) ->
     page.keyboard.press("Enter")
     page.wait_for_function(
         "([g]) => Number(document.querySelector("
-        "'tr[data-plugin=\"hello\"] td[data-field=\"generation\"]')?.textContent) > g",
+        '\'tr[data-plugin="hello"] td[data-field="generation"]\')?.textContent) > g',
         arg=[before],
         timeout=WAIT_MS,
     )

@@ -8,6 +8,7 @@ const state = {
   session: null,
   view: null,
   timers: [],
+  poll: null,
   streams: [],
   selectedPlugin: null,
   selectedTask: null,
@@ -252,6 +253,8 @@ const VIEWS = {
 };
 
 function stopAll() {
+  clearTimeout(state.poll);
+  state.poll = null;
   for (const t of state.timers) clearInterval(t);
   state.timers = [];
   for (const s of state.streams) s.close();
@@ -683,22 +686,27 @@ async function followEvents(f, add) {
 }
 
 function pollEvents(query, getAfter, setAfter, add) {
-  let busy = false;
-  state.timers.push(
-    setInterval(async () => {
-      if (busy) return;
-      busy = true;
-      try {
-        const page = await api(`events?after=${getAfter()}&limit=1000&${query}`);
-        add(page.events || []);
-        setAfter(page.next_after ?? getAfter());
-      } catch (err) {
-        if (err.status !== 401) setStatus(err.message, true);
-      } finally {
-        busy = false;
-      }
-    }, 500),
-  );
+  // Without a stream endpoint: page through the log, at once while pages come back
+  // full (catching up), every half second once caught up.
+  const view = state.view;
+  const limit = 1000;
+  const step = async () => {
+    if (state.view !== view || !state.session) return;
+    let full = false;
+    try {
+      const page = await api(`events?after=${getAfter()}&limit=${limit}&${query}`);
+      const events = page.events || [];
+      add(events);
+      setAfter(page.next_after ?? getAfter());
+      full = events.length === limit;
+    } catch (err) {
+      if (err.status === 401) return;
+      setStatus(err.message, true);
+    }
+    clearTimeout(state.poll);
+    state.poll = setTimeout(step, full ? 0 : 500);
+  };
+  step();
 }
 
 async function showEvent(position) {

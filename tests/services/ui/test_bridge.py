@@ -99,7 +99,13 @@ def test_a_login_sets_an_httponly_strict_cookie_and_returns_no_token(server: Ser
 def test_refused_logins_change_nothing(server: Server) -> None:
     client = client_for(server)
     cases = [
-        ({"content": b"token=x", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415),
+        (
+            {
+                "content": b"token=x",
+                "headers": {"content-type": "application/x-www-form-urlencoded"},
+            },
+            415,
+        ),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
         ({"json": {"token": ""}}, 422),
         ({"json": {"token": ["a"]}}, 422),
@@ -139,7 +145,10 @@ def test_the_bridge_needs_a_session_and_csrf_for_changes(server: Server) -> None
     before = next(p for p in plugins if p["name"] == "hello")["generation"]
 
     assert client.post("api/plugins/hello/reload").status_code == 403
-    assert client.post("api/plugins/hello/reload", headers={"x-csrf-token": "forged"}).status_code == 403
+    assert (
+        client.post("api/plugins/hello/reload", headers={"x-csrf-token": "forged"}).status_code
+        == 403
+    )
     csrf = str(body["csrf"])
     cross = client.post(
         "api/plugins/hello/reload", headers={"x-csrf-token": csrf, "sec-fetch-site": "cross-site"}
@@ -187,7 +196,10 @@ def test_an_event_shows_its_causes_and_effects(server: Server) -> None:
         f"{server.url}/admin/events/{requested['position']}/related", headers=headers, timeout=10
     ).json()
     assert reloaded["position"] in [e["position"] for e in back["effects"]]
-    assert all(e["meta"]["correlation_id"] == requested["meta"]["correlation_id"] for e in back["correlated"])
+    assert all(
+        e["meta"]["correlation_id"] == requested["meta"]["correlation_id"]
+        for e in back["correlated"]
+    )
     missing = httpx.get(f"{server.url}/admin/events/999999/related", headers=headers, timeout=10)
     assert missing.status_code == 404
     assert httpx.get(f"{server.url}/admin/events/1/related", timeout=10).status_code == 401
