@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 __all__ = ["LoginThrottle", "Session", "SessionStore"]
 
-#: The scope names the admin API uses; a session without ``admin:write`` is read-only.
-WRITE_SCOPE = "admin:write"
+#: The scope names the admin API uses; a session without ``admin:write`` (or ``*``, every
+#: scope) is read-only.
+WRITE_SCOPES = frozenset({"admin:write", "*"})
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Session:
 
     @property
     def can_write(self) -> bool:
-        return WRITE_SCOPE in self.scopes
+        return not WRITE_SCOPES.isdisjoint(self.scopes)
 
     def csrf_matches(self, presented: str | None) -> bool:
         return presented is not None and hmac.compare_digest(presented, self.csrf)

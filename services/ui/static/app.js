@@ -744,7 +744,7 @@ function logLine(line) {
     el("td", {}, fmtTime(line.time ?? line.timestamp ?? line.ts)),
     el("td", { class: /ERROR|CRITICAL/.test(line.level) ? "bad" : /WARN/.test(line.level) ? "warn" : "" }, line.level || ""),
     el("td", { class: "mono" }, line.plugin || line.logger || ""),
-    el("td", { class: "mono" }, line.message ?? line.msg ?? "", line.exception || line.exc_text ? el("pre", {}, line.exception || line.exc_text) : null),
+    el("td", { class: "mono" }, line.message ?? line.msg ?? "", line.exc || line.exception ? el("pre", {}, line.exc || line.exception) : null),
   );
 }
 
@@ -772,17 +772,18 @@ function renderLogs(body) {
   for (const [k, v] of Object.entries(f)) if (v) query.set(k, v);
   api(`logs?limit=200&${query}`)
     .then((page) => {
-      const lines = page.lines || page.items || page.logs || [];
+      // newest first: add them oldest first, so the newest ends on top
+      const lines = (page.lines || []).slice().reverse();
       add(lines);
       if (typeof EventSource === "function") {
         const source = new EventSource(`api/logs/stream?${query}`);
-        source.onmessage = (message) => {
+        source.addEventListener("log", (message) => {
           try {
             add([JSON.parse(message.data)]);
           } catch (_) {
-            /* heartbeat */
+            /* not a log line */
           }
-        };
+        });
         state.streams.push(source);
       }
     })
@@ -797,7 +798,8 @@ function renderLogs(body) {
 function renderAlerts(body) {
   return replaceBody(body, async () => {
     const data = await api("alerts");
-    const all = Array.isArray(data) ? data : [...(data.open || []), ...(data.recent || data.resolved || [])];
+    // "recent" holds every recent episode, open ones included; "open" alone otherwise
+    const all = Array.isArray(data) ? data : data.recent || data.open || [];
     const rows = all.map((a) =>
       el(
         "tr",
