@@ -192,9 +192,13 @@ class RequestGuard:
         except Exception:
             log.exception("the OpenAPI document failed; Allow cannot be computed")
             return []
-        for template, item in paths.items():
-            if _template(template).fullmatch(path):
-                methods |= {m.upper() for m in item if m in _METHODS}
+        # The path's own operations: of the templates that match it, those with the
+        # fewest parameters (``/a/reload`` is ``/a/reload``, not ``/a/{name}``).
+        matching = [t for t in paths if _template(t).fullmatch(path)]
+        fewest = min((t.count("{") for t in matching), default=0)
+        for template in matching:
+            if template.count("{") == fewest:
+                methods |= {m.upper() for m in paths[template] if m in _METHODS}
         if not methods:
             return []
         methods |= {"OPTIONS"}

@@ -49,7 +49,14 @@ from kernel.prefixes import overlaps
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
-__all__ = ["RESERVED_PREFIXES", "ErrorBody", "HttpSurface", "create_app", "error_responses"]
+__all__ = [
+    "RESERVED_PREFIXES",
+    "ErrorBody",
+    "HttpSurface",
+    "create_app",
+    "error_responses",
+    "link",
+]
 
 log = logging.getLogger("xcore.http")
 
@@ -108,6 +115,16 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
 #: Refusals any admin route can give, added to every admin operation.
 ADMIN_ERRORS = (401, 413, 503)
 SECURITY_SCHEME = "adminToken"
+
+
+def link(path: str, method: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link from a response to ``method path`` (its full path, with /admin).
+
+    ``parameters`` map the target's parameters to runtime expressions such as
+    ``"$response.body#/0/name"``: clients and schemathesis' stateful phase follow them.
+    """
+    pointer = path.replace("~", "~0").replace("/", "~1")
+    return {"operationRef": f"#/paths/{pointer}/{method.lower()}", "parameters": parameters}
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
