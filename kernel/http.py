@@ -30,6 +30,7 @@ schemathesis over a live server, so an undeclared status is a failing test.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -274,10 +275,24 @@ class HttpSurface:
             authenticate=lambda: self.admin_authenticator,
             body_limit=body_limit,
             body_timeout=limits.body_timeout,
-            operations=lambda: app.openapi().get("paths", {}),
+            operations=_recent(lambda: app.openapi().get("paths", {})),
             public_openapi=public_openapi,
             docs_paths=_docs_paths(app) if limits.private_docs else (),
         )
+
+
+def _recent(build: Callable[[], dict[str, Any]], ttl: float = 1.0) -> Callable[[], dict[str, Any]]:
+    """``build()`` computed at most once per ``ttl`` seconds (OPTIONS floods stay cheap)."""
+    cached: list[Any] = [-ttl, {}]
+
+    def get() -> dict[str, Any]:
+        now = time.monotonic()
+        if now - cached[0] >= ttl:
+            cached[1] = build()
+            cached[0] = now
+        return dict(cached[1])
+
+    return get
 
 
 def _docs_paths(app: FastAPI) -> tuple[str, ...]:

@@ -192,7 +192,8 @@ class Settings(BaseSettings):
 
         env_path = Path(dotenv) if dotenv is not None else Path(DEFAULT_DOTENV)
         if dotenv is not None and not env_path.is_file():
-            raise SettingsError(f"dotenv file {env_path} does not exist")
+            why = "is not a regular file" if env_path.exists() else "does not exist"
+            raise SettingsError(f"dotenv file {env_path} {why}")
         dotenv_vars = _read_dotenv(env_path) if env_path.is_file() else {}
         from_dotenv = _env_layer(cls, dotenv_vars, f"dotenv file {env_path}, entry")
         from_env = _env_layer(cls, env, "environment variable")
