@@ -150,6 +150,7 @@ class HttpSurface:
         self.health_checks: dict[str, HealthCheck] = {}
         self.admin_authenticator: Callable[[Request], Awaitable[Any]] = _no_admin_authenticator
         self.body_limits: dict[tuple[str, str], int] = {}
+        self.self_authenticating: list[str] = []
         self._attached: set[int] = set()
 
     def add_admin_router(self, router: APIRouter) -> None:
@@ -160,6 +161,17 @@ class HttpSurface:
 
     def set_admin_guard(self, guard: Callable[..., Any]) -> None:
         self.admin_guard = guard
+
+    def add_self_authenticating_prefix(self, prefix: str) -> None:
+        """Exempt ``prefix`` (under ``/admin``) from the bearer check on the request head.
+
+        For a front route that authenticates its requests itself (the admin page's
+        session cookie) and reaches the admin API only through requests that carry a
+        token again. Its body limit still applies.
+        """
+        if not prefix.startswith("/admin/"):
+            raise ValueError(f"{prefix!r} is not under /admin/")
+        self.self_authenticating.append(prefix)
 
     def set_admin_authenticator(self, authenticate: Callable[[Request], Awaitable[Any]]) -> None:
         """Check the head of every ``/admin`` request before its body is read.
@@ -278,6 +290,7 @@ class HttpSurface:
             operations=_recent(lambda: app.openapi().get("paths", {})),
             public_openapi=public_openapi,
             docs_paths=_docs_paths(app) if limits.private_docs else (),
+            self_authenticating=self.self_authenticating,
         )
 
 

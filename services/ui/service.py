@@ -51,6 +51,9 @@ class UiService:
             refresh_ms=settings.refresh_ms,
         )
         kernel.http.add_front_route(Mount(MOUNT, app=app))
+        # the page checks its own session cookie; its calls to the admin API carry the
+        # session's token and go through the admin guard like any other
+        kernel.http.add_self_authenticating_prefix(MOUNT)
         kernel.http.add_admin_router(related_router(kernel))
         kernel.http.add_admin_router(_whoami_router())
 

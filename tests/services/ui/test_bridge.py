@@ -132,6 +132,12 @@ def test_wrong_tokens_are_throttled_per_client(server: Server) -> None:
     assert other.post("login", json={"token": TOKEN}).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/admin/uix", "/admin/ui-evil/kernel", "/admin/kernel"])
+def test_only_the_page_itself_is_exempt_from_the_bearer_check(server: Server, path: str) -> None:
+    r = httpx.get(server.url + path, timeout=10)
+    assert r.status_code == 401, (path, r.status_code, r.text)
+
+
 def test_the_bridge_needs_a_session_and_csrf_for_changes(server: Server) -> None:
     anonymous = client_for(server)
     assert anonymous.get("api/plugins").status_code == 401
