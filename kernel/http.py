@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
+from kernel.docs import serve_docs_locally
 from kernel.guard import RequestGuard, is_admin_path
 from kernel.prefixes import overlaps
 
@@ -235,6 +236,7 @@ class HttpSurface:
         guard = self.admin_guard
         for router in self.admin_routers:
             app.include_router(router, prefix="/admin", dependencies=[Depends(guard)])
+        serve_docs_locally(app)
         if self.fallback is not None:
             app.router.default = self.fallback
         if self.front_routes:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 
 from kernel.events import Recorded
+from kernel.http import error_responses
 from kernel.kernel import Kernel
 
 __all__ = ["build_router", "related"]
@@ -74,9 +75,10 @@ def build_router(kernel: Kernel) -> APIRouter:
     @router.get(
         "/events/{position}/related",
         summary="What caused an event and what it caused in turn",
+        responses=error_responses(404),
     )
     async def event_related(
-        position: int,
+        position: int = Path(ge=1, le=2**63 - 1, description="the event's position"),
         window: int = Query(5000, ge=1, le=50_000, description="events read on each side"),
     ) -> dict[str, Any]:
         return await related(kernel, position, window)

@@ -221,3 +221,33 @@ def test_keyboard_reaches_the_main_actions_and_inputs_are_labelled(page: Any) ->
     )
     assert nameless == []
     assert page.evaluate("document.documentElement.lang") == "en"
+
+
+def test_swagger_ui_and_redoc_load_nothing_from_outside(chromium: Any, server: Server) -> None:
+    context = chromium.new_context()
+    page = context.new_page()
+    outside: list[str] = []
+    # a request that left the machine (one the page's policy blocks never finishes)
+    page.on(
+        "requestfinished",
+        lambda request: (
+            outside.append(request.url)
+            if not request.url.startswith((server.url, "data:", f"blob:{server.url}"))
+            else None
+        ),
+    )
+    try:
+        page.goto(f"{server.url}/docs")
+        page.locator(".swagger-ui .info").wait_for(timeout=WAIT_MS)
+        page.get_by_text("/app/hello/status").first.wait_for(timeout=WAIT_MS)
+        shot(page, "13-swagger")
+        assert (
+            "default-src 'self'"
+            in httpx.get(f"{server.url}/docs").headers["content-security-policy"]
+        )
+        page.goto(f"{server.url}/redoc")
+        page.locator("redoc, [role=main], .api-content").first.wait_for(timeout=WAIT_MS)
+        shot(page, "14-redoc")
+    finally:
+        context.close()
+    assert outside == []
