@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kernel.connections import guarded_protocol
     from kernel.http import create_app
     from kernel.kernel import Kernel
 
@@ -105,6 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,  # our handlers (configured above) already receive uvicorn's records
         lifespan="on",
         access_log=False,
+        # idle, slow and surplus connections are closed (see kernel/connections.py)
+        http=guarded_protocol(settings.http),
+        timeout_keep_alive=max(1, round(settings.http.keep_alive_timeout)),
     )
     server = uvicorn.Server(config)
     server.run()

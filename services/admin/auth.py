@@ -8,6 +8,11 @@
 Tokens are 256-bit random strings, so a plain SHA-256 is as strong as a slow hash here;
 the check hashes what was presented and compares digests in constant time. The token
 never reaches a log line.
+
+The check runs twice per admin request, on purpose: on the request's head, before its
+body is read (``TokenGuard.authenticate``, installed with
+``HttpSurface.set_admin_authenticator``), and as the routes' dependency. Wrong tokens
+are logged through a :class:`RefusalLog`: a count per interval, not a line each.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 
 from kernel.errors import SettingsError
+from services.admin.refusals import RefusalLog
 
 __all__ = ["TokenGuard", "load_or_create_token_hash"]
 
@@ -71,24 +77,29 @@ def load_or_create_token_hash(data_dir: Path, configured: str | None) -> bytes:
 class TokenGuard:
     """A FastAPI dependency admitting only requests bearing the admin token."""
 
-    def __init__(self, token_hash: bytes) -> None:
+    def __init__(self, token_hash: bytes, refusals: RefusalLog | None = None) -> None:
         self._hash = token_hash
+        self.refusals = refusals if refusals is not None else RefusalLog(log)
 
     async def __call__(self, request: Request) -> str:
+        return await self.authenticate(request)
+
+    async def authenticate(self, request: Request) -> str:
+        """The principal of ``request`` (from its headers only), or HTTPException 401."""
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
+        if scheme.lower() != "bearer" or not presented.strip():
             raise HTTPException(
                 status_code=401,
                 detail="this admin route needs 'Authorization: Bearer <admin token>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         if not hmac.compare_digest(digest(presented.strip()), self._hash):
-            log.warning(
-                "refused an admin request with a wrong token: %s %s from %s",
+            self.refusals.refused(
                 request.method,
                 request.url.path,
                 request.client.host if request.client else "?",
+                "wrong token",
             )
             raise HTTPException(
                 status_code=401,

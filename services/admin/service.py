@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from contextlib import AsyncExitStack
 
 from kernel.kernel import Kernel
@@ -23,5 +25,16 @@ class AdminService:
         token_hash = load_or_create_token_hash(
             kernel.settings.data_dir, token.get_secret_value() if token is not None else None
         )
-        kernel.http.set_admin_guard(TokenGuard(token_hash))
+        guard = TokenGuard(token_hash)
+        kernel.http.set_admin_guard(guard)
+        kernel.http.set_admin_authenticator(guard.authenticate)
+        flusher = asyncio.get_running_loop().create_task(guard.refusals.run())
+
+        async def stop_flusher() -> None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            guard.refusals.flush()
+
+        stack.push_async_callback(stop_flusher)
         kernel.http.add_admin_router(build_router(kernel))

@@ -112,7 +112,7 @@ class Manifest:
 
 
 def valid_name(name: str) -> bool:
-    return NAME_RE.match(name) is not None
+    return NAME_RE.fullmatch(name) is not None  # fullmatch: '$' would accept 'x\n'
 
 
 def read_plugin_info(run_py: Path, plugin: str) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
         raise ManifestError(
             plugin, file, "missing (a semantic version such as '1.0.0')", key="version"
         )
-    if not isinstance(version, str) or not SEMVER_RE.match(version):
+    if not isinstance(version, str) or not SEMVER_RE.fullmatch(version):
         raise ManifestError(
             plugin,
             file,

@@ -76,6 +76,8 @@ class LoaderService:
         loader = self.loader = Loader(kernel, settings, table)
         await kernel.subscribe(self._on_request, types=list(REQUESTS), start="now")
         kernel.http.add_admin_router(build_router(kernel, loader))
+        # uploads may exceed the HTTP default body limit (plus room for the multipart framing)
+        kernel.http.set_body_limit("/admin/plugins", loader.limits.max_bytes + 64 * 1024)
         stack.push_async_callback(loader.shutdown)
         await loader.boot()
         if kernel.settings.reload:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from kernel.errors import RequestTimeout
 from kernel.events import Event
+from kernel.http import error_responses, link
 from services.scheduler.events import (
     TaskPaused,
     TaskPauseRequested,
@@ -49,12 +50,31 @@ def build_router(service: SchedulerService) -> APIRouter:
         summary["running"] = service.running(summary["id"])
         return summary
 
-    @router.get("", summary="Every task: trigger, next and last run, counts, paused")
+    first = "$response.body#/0/id"
+    task_links = {
+        "links": {
+            f"{verb.title()}FirstTask": link(f"/admin/tasks/{{task_id}}{suffix}", m, task_id=first)
+            for verb, suffix, m in (
+                ("get", "", "get"),
+                ("run", "/run", "post"),
+                ("pause", "/pause", "post"),
+                ("resume", "/resume", "post"),
+            )
+        }
+    }
+
+    @router.get(
+        "",
+        summary="Every task: trigger, next and last run, counts, paused",
+        responses={200: task_links},
+    )
     async def list_tasks() -> list[dict[str, Any]]:
         rows = sorted(service.table.tasks.values(), key=lambda r: r.id)
         return [live(row.summary()) for row in rows]
 
-    @router.get("/{task_id}", summary="One task with its recent runs")
+    @router.get(
+        "/{task_id}", summary="One task with its recent runs", responses=error_responses(404)
+    )
     async def get_task(task_id: str) -> dict[str, Any]:
         row = service.table.tasks.get(task_id)
         if row is None:
@@ -80,13 +100,14 @@ def build_router(service: SchedulerService) -> APIRouter:
             )
         except RequestTimeout as exc:
             raise HTTPException(504, detail=str(exc)) from None
-        status = 200 if outcome.type == ok else 409
-        return JSONResponse(
-            {"outcome": outcome.type, "position": outcome.position, **outcome.data},
-            status_code=status,
-        )
+        body = {"outcome": outcome.type, "position": outcome.position, **outcome.data}
+        if outcome.type != ok:  # a refusal: the shared error model's sentence
+            body.setdefault("detail", outcome.data.get("reason") or f"refused: {outcome.type}")
+        return JSONResponse(body, status_code=200 if outcome.type == ok else 409)
 
-    @router.post("/{task_id}/run", summary="Run the task now")
+    @router.post(
+        "/{task_id}/run", summary="Run the task now", responses=error_responses(404, 409, 504)
+    )
     async def run_task(task_id: str, request: Request) -> JSONResponse:
         return await ask(
             request,
@@ -96,13 +117,21 @@ def build_router(service: SchedulerService) -> APIRouter:
             "TaskStarted",
         )
 
-    @router.post("/{task_id}/pause", summary="Stop scheduling the task until resumed")
+    @router.post(
+        "/{task_id}/pause",
+        summary="Stop scheduling the task until resumed",
+        responses=error_responses(404, 409, 504),
+    )
     async def pause_task(task_id: str, request: Request) -> JSONResponse:
         return await ask(
             request, task_id, TaskPauseRequested(task=task_id), [TaskPaused], "TaskPaused"
         )
 
-    @router.post("/{task_id}/resume", summary="Schedule the task again")
+    @router.post(
+        "/{task_id}/resume",
+        summary="Schedule the task again",
+        responses=error_responses(404, 409, 504),
+    )
     async def resume_task(task_id: str, request: Request) -> JSONResponse:
         return await ask(
             request, task_id, TaskResumeRequested(task=task_id), [TaskResumed], "TaskResumed"
