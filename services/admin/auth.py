@@ -8,6 +8,10 @@
 Tokens are 256-bit random strings, so a plain SHA-256 is as strong as a slow hash here;
 the check hashes what was presented and compares digests in constant time. The token
 never reaches a log line.
+
+Scopes: the admin token holds every scope; API tokens (``tokens.py``) hold theirs.
+A read (``GET``) of an admin route needs ``admin:read``, anything else ``admin:write``;
+a valid token without the scope gets 403 naming it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import logging
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import HTTPException, Request
 
 from kernel.errors import SettingsError
+from services.admin.tokens import ALL, TokenRecord, required_scope
 
 __all__ = ["TokenGuard", "load_or_create_token_hash"]
 
@@ -69,10 +75,25 @@ def load_or_create_token_hash(data_dir: Path, configured: str | None) -> bytes:
 
 
 class TokenGuard:
-    """A FastAPI dependency admitting only requests bearing the admin token."""
+    """A FastAPI dependency admitting only requests bearing a token with the needed scope."""
 
-    def __init__(self, token_hash: bytes) -> None:
+    def __init__(
+        self,
+        token_hash: bytes,
+        lookup: Callable[[str], TokenRecord | None] | None = None,
+    ) -> None:
         self._hash = token_hash
+        self._lookup = lookup
+
+    def scopes(self, token: str) -> frozenset[str] | None:
+        """The scopes ``token`` holds, or None when it is not a valid token."""
+        if hmac.compare_digest(digest(token), self._hash):
+            return frozenset({ALL})
+        if self._lookup is not None:
+            record = self._lookup(token)
+            if record is not None:
+                return record.scopes
+        return None
 
     async def __call__(self, request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -83,7 +104,9 @@ class TokenGuard:
                 detail="this admin route needs 'Authorization: Bearer <admin token>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if not hmac.compare_digest(digest(presented.strip()), self._hash):
+        presented = presented.strip()
+        scopes = self.scopes(presented)
+        if scopes is None:
             log.warning(
                 "refused an admin request with a wrong token: %s %s from %s",
                 request.method,
@@ -92,7 +115,20 @@ class TokenGuard:
             )
             raise HTTPException(
                 status_code=401,
-                detail="the admin token is wrong",
+                detail="the token is wrong, revoked or expired",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
-        return "admin"
+        needed = required_scope(request.method)
+        if ALL not in scopes and needed not in scopes:
+            raise HTTPException(
+                status_code=403,
+                detail=f"this token lacks the scope {needed!r}",
+                headers={
+                    "WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{needed}"'
+                },
+            )
+        record = None if ALL in scopes or self._lookup is None else self._lookup(presented)
+        principal = "admin" if record is None else f"token:{record.token_id}"
+        request.state.admin_principal = principal
+        request.state.admin_scopes = scopes
+        return principal
