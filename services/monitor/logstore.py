@@ -171,7 +171,10 @@ class LogStore:
         row = conn.execute("SELECT value FROM state WHERE key = 'dropped'").fetchone()
         self.dropped = int(orjson.loads(row[0])) if row else 0
         self._refresh_range()
-        self._loop = asyncio.get_running_loop()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wake streams waiting on ``loop`` when lines are stored (call on that loop)."""
+        self._loop = loop
         self._changed = asyncio.Event()
 
     def close(self) -> None:
