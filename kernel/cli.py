@@ -101,6 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,  # our handlers (configured above) already receive uvicorn's records
         lifespan="on",
         access_log=False,
+        # open streams (SSE) never end by themselves: cut them this long after a stop
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     server.run()
