@@ -11,11 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import CollectorRegistry
 
 from services.monitor.logstore import LogQuery
-from services.monitor.metrics import MonitorCollector, stats_json
+from services.monitor.metrics import CONTENT_TYPE, render, stats_json
 
 if TYPE_CHECKING:
     from services.monitor.service import MonitorService
@@ -184,18 +182,15 @@ def admin_router(monitor: MonitorService) -> APIRouter:
 
 def metrics_router(monitor: MonitorService) -> APIRouter:
     router = APIRouter(tags=["monitor"])
-    collector = MonitorCollector(monitor)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
 
     @router.get(
         "/metrics",
         summary="Prometheus metrics (text exposition format)",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        responses={200: {"content": {CONTENT_TYPE: {}}}},
     )
     async def metrics() -> Response:
-        collector.sample = await monitor.sample()
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = render(monitor, await monitor.sample())
+        return Response(text.encode(), media_type=CONTENT_TYPE)
 
     return router

@@ -5,6 +5,12 @@ kernel as events are appended), the router's in-memory request numbers plus thei
 saved totals, the append timer, subscription positions and the log store's counts:
 its cost grows with the number of plugins, tasks and routes, not with the log.
 
+The text is written here rather than by prometheus-client's ``generate_latest``, which
+validates and escapes every name and label again on every sample (~50 us each: a
+scrape of 50 plugins and 500 tasks, ~19,000 samples, took 0.9 s with it). Names are
+ours and fixed; label values are escaped per the format. The tests parse the output
+with prometheus-client's own parser, so both stay in agreement.
+
 Series (prometheus-client naming: ``_total`` counters, ``_seconds`` histograms)::
 
     xcore_http_requests_total{plugin,route,method,status_class}
@@ -25,202 +31,180 @@ Series (prometheus-client naming: ``_total`` counters, ``_seconds`` histograms):
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
 
 from services.monitor.projection import Histogram
 
 if TYPE_CHECKING:
     from services.monitor.service import MonitorService
 
-__all__ = ["MonitorCollector", "Sample"]
+__all__ = ["CONTENT_TYPE", "Sample", "render", "stats_json"]
 
+#: The Prometheus text exposition format, version 0.0.4.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class Sample:
-    """Numbers that need an await (positions), gathered before the synchronous collect."""
+    """Numbers that need an await (positions), gathered before rendering."""
 
     def __init__(self, last_position: int, lags: dict[str, dict[str, int]]) -> None:
         self.last_position = last_position
         self.lags = lags
 
 
-def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:
-    family.add_metric(labels, h.cumulative(), h.sum)
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-class MonitorCollector(Collector):
-    def __init__(self, monitor: MonitorService) -> None:
-        self.monitor = monitor
-        self.sample: Sample | None = None
+def _labels(**labels: str) -> str:
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
 
-    def collect(self) -> Iterator[Metric]:
-        m = self.monitor
-        c = m.counters
-        sample = self.sample
 
-        # -- HTTP ---------------------------------------------------------------------
-        requests = CounterMetricFamily(
-            "xcore_http_requests",
-            "HTTP requests to plugin routes",
-            labels=["plugin", "route", "method", "status_class"],
-        )
-        latency = HistogramMetricFamily(
-            "xcore_http_request_duration_seconds",
-            "Latency of plugin HTTP requests",
-            labels=["plugin"],
-        )
-        for plugin, totals in sorted(m.http_totals().items()):
-            for key, n in sorted(totals["by_route"].items()):
-                route, method, cls = key.split("\t")
-                requests.add_metric([plugin, route, method, _CLASSES[int(cls) - 1]], n)
-            bounds = totals["bounds"]
-            if bounds and totals["buckets"]:
-                h = Histogram(tuple(bounds))
-                h.counts, h.sum = list(totals["buckets"]), totals["sum"]
-                _histogram(latency, [plugin], h)
-        yield requests
-        yield latency
+def _num(value: float) -> str:
+    if isinstance(value, int):
+        return f"{value}"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
 
-        # -- plugins ------------------------------------------------------------------
-        families = {
-            key: CounterMetricFamily(
-                f"xcore_plugin_{key}", f"Plugin {key.replace('_', ' ')}", labels=["plugin"]
+
+class _Text:
+    """Writes the exposition format; names are ours (valid), label values are escaped."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+
+    def sample(self, name: str, labels: str, value: float) -> None:
+        if labels:
+            self.parts.append(f"{name}{{{labels}}} {_num(value)}\n")
+        else:
+            self.parts.append(f"{name} {_num(value)}\n")
+
+    def histogram(self, name: str, labels: str, h: Histogram) -> None:
+        sep = "," if labels else ""
+        total = 0
+        out = self.parts
+        for bound, n in zip(h.bounds, h.counts, strict=False):
+            total += n
+            out.append(f'{name}_bucket{{{labels}{sep}le="{bound!r}"}} {total}\n')
+        total += h.counts[-1]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {total}\n')
+        if labels:
+            out.append(f"{name}_count{{{labels}}} {total}\n{name}_sum{{{labels}}} {_num(h.sum)}\n")
+        else:
+            out.append(f"{name}_count {total}\n{name}_sum {_num(h.sum)}\n")
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def render(m: MonitorService, sample: Sample) -> str:
+    """Every series, as Prometheus text (see the module docstring for the list)."""
+    c = m.counters
+    w = _Text()
+
+    # -- HTTP -----------------------------------------------------------------------------
+    totals = sorted(m.http_totals().items())
+    w.family("xcore_http_requests_total", "counter", "HTTP requests to plugin routes")
+    for plugin, total in totals:
+        for key, n in sorted(total["by_route"].items()):
+            route, method, cls = key.split("\t")
+            labels = _labels(
+                plugin=plugin, route=route, method=method, status_class=_CLASSES[int(cls) - 1]
             )
-            for key in ("loads", "reloads", "load_failures", "reload_failures", "unloads")
-        }
-        for plugin, numbers in sorted(c.plugins.items()):
-            for key, family in families.items():
-                family.add_metric([plugin], numbers.get(key, 0))
-        yield from families.values()
-        loaded = GaugeMetricFamily(
-            "xcore_plugin_loaded", "1 while the plugin is loaded", labels=["plugin"]
-        )
-        for plugin in sorted(set(c.plugins) | set(c.loaded)):
-            loaded.add_metric([plugin], 1 if plugin in c.loaded else 0)
-        yield loaded
+            w.sample("xcore_http_requests_total", labels, n)
+    w.family("xcore_http_request_duration_seconds", "histogram", "Latency of plugin HTTP requests")
+    for plugin, total in totals:
+        if total["bounds"] and total["buckets"]:
+            h = Histogram(tuple(total["bounds"]))
+            h.counts, h.sum = list(total["buckets"]), total["sum"]
+            w.histogram("xcore_http_request_duration_seconds", _labels(plugin=plugin), h)
 
-        # -- tasks --------------------------------------------------------------------
-        runs = CounterMetricFamily(
-            "xcore_task_runs", "Finished task runs by outcome", labels=["plugin", "task", "outcome"]
-        )
-        starts = CounterMetricFamily(
-            "xcore_task_starts", "Task runs started", labels=["plugin", "task"]
-        )
-        retries = CounterMetricFamily(
-            "xcore_task_retries", "Task retries scheduled", labels=["plugin", "task"]
-        )
-        skips = CounterMetricFamily(
-            "xcore_task_skips", "Task runs skipped", labels=["plugin", "task"]
-        )
-        missed = CounterMetricFamily(
-            "xcore_task_missed", "Task runs missed while down", labels=["plugin", "task"]
-        )
-        durations = HistogramMetricFamily(
-            "xcore_task_run_duration_seconds", "Duration of task runs", labels=["plugin", "task"]
-        )
-        lateness = HistogramMetricFamily(
-            "xcore_task_lateness_seconds",
-            "Start time minus due time of scheduled runs",
-            labels=["plugin", "task"],
-        )
-        for task, t in sorted(c.tasks.items()):
-            plugin = c.task_plugin(task)
-            labels = [plugin, task]
-            for outcome, n in sorted(t.outcomes.items()):
-                runs.add_metric([*labels, outcome], n)
-            starts.add_metric(labels, t.started)
-            retries.add_metric(labels, t.retries)
-            skips.add_metric(labels, t.skips)
-            missed.add_metric(labels, t.missed)
-            _histogram(durations, labels, t.duration)
-            _histogram(lateness, labels, t.lateness)
-        yield from (runs, starts, retries, skips, missed, durations, lateness)
+    # -- plugins ----------------------------------------------------------------------------
+    plugins = sorted(c.plugins.items())
+    for key in ("loads", "reloads", "load_failures", "reload_failures", "unloads"):
+        name = f"xcore_plugin_{key}_total"
+        w.family(name, "counter", f"Plugin {key.replace('_', ' ')}")
+        for plugin, numbers in plugins:
+            w.sample(name, _labels(plugin=plugin), numbers.get(key, 0))
+    w.family("xcore_plugin_loaded", "gauge", "1 while the plugin is loaded")
+    for plugin in sorted(set(c.plugins) | set(c.loaded)):
+        w.sample("xcore_plugin_loaded", _labels(plugin=plugin), 1 if plugin in c.loaded else 0)
 
-        # -- kernel -------------------------------------------------------------------
-        appended = CounterMetricFamily(
-            "xcore_events_appended", "Events in the log by type", labels=["type"]
-        )
-        for type_name, n in sorted(c.events.items()):
-            appended.add_metric([type_name], n)
-        yield appended
-        if sample is not None:
-            yield GaugeMetricFamily(
-                "xcore_log_position", "Position of the newest event", value=sample.last_position
-            )
-            sub_lag = GaugeMetricFamily(
-                "xcore_subscriber_lag_events",
-                "Events a subscriber has yet to handle",
-                labels=["subscriber"],
-            )
-            for name, lag in sorted(sample.lags["subscribers"].items()):
-                sub_lag.add_metric([name], lag)
-            yield sub_lag
-            proj_lag = GaugeMetricFamily(
-                "xcore_projection_lag_events",
-                "Events a projection has yet to fold",
-                labels=["projection"],
-            )
-            for name, lag in sorted(sample.lags["projections"].items()):
-                proj_lag.add_metric([name], lag)
-            yield proj_lag
-        append = HistogramMetricFamily(
-            "xcore_event_append_duration_seconds", "Time from append to durable"
-        )
-        append.add_metric([], m.append_timer.histogram.cumulative(), m.append_timer.histogram.sum)
-        yield append
-        yield CounterMetricFamily(
-            "xcore_event_append_failures", "Appends that raised", value=m.append_timer.failures
-        )
-        yield GaugeMetricFamily(
-            "xcore_uptime_seconds",
-            "Seconds since this kernel started",
-            value=time.time() - m.started_at,
-        )
-        yield GaugeMetricFamily(
-            "xcore_start_time_seconds", "Unix time this kernel started", value=m.started_at
-        )
+    # -- tasks ------------------------------------------------------------------------------
+    tasks = [
+        (task, _labels(plugin=c.task_plugin(task), task=task), t)
+        for task, t in sorted(c.tasks.items())
+    ]
+    w.family("xcore_task_runs_total", "counter", "Finished task runs by outcome")
+    for _, labels, t in tasks:
+        for outcome, n in sorted(t.outcomes.items()):
+            w.sample("xcore_task_runs_total", f'{labels},outcome="{outcome}"', n)
+    for name, attr, help_text in (
+        ("xcore_task_starts_total", "started", "Task runs started"),
+        ("xcore_task_retries_total", "retries", "Task retries scheduled"),
+        ("xcore_task_skips_total", "skips", "Task runs skipped"),
+        ("xcore_task_missed_total", "missed", "Task runs missed while the kernel was down"),
+    ):
+        w.family(name, "counter", help_text)
+        for _, labels, t in tasks:
+            w.sample(name, labels, getattr(t, attr))
+    w.family("xcore_task_run_duration_seconds", "histogram", "Duration of task runs")
+    for _, labels, t in tasks:
+        w.histogram("xcore_task_run_duration_seconds", labels, t.duration)
+    w.family(
+        "xcore_task_lateness_seconds", "histogram", "Start time minus due time of scheduled runs"
+    )
+    for _, labels, t in tasks:
+        w.histogram("xcore_task_lateness_seconds", labels, t.lateness)
 
-        # -- sandbox, alerts, logs ----------------------------------------------------------
-        sandbox = CounterMetricFamily(
-            "xcore_sandbox_events", "Sandbox events by plugin and type", labels=["plugin", "type"]
-        )
-        for key, n in sorted(c.sandbox.items()):
-            plugin, type_name = key.split("\t", 1)
-            sandbox.add_metric([plugin, type_name], n)
-        yield sandbox
-        raised = CounterMetricFamily(
-            "xcore_alerts_raised", "Alerts raised by rule", labels=["rule"]
-        )
-        for rule, n in sorted(c.alerts_raised.items()):
-            raised.add_metric([rule], n)
-        yield raised
-        yield GaugeMetricFamily("xcore_alerts_open", "Alerts open now", value=len(m.alerts.open))
-        failed = CounterMetricFamily(
-            "xcore_notifications_failed", "Notifications not delivered", labels=["sink"]
-        )
-        for sink, n in sorted(c.notifications_failed.items()):
-            failed.add_metric([sink], n)
-        yield failed
-        logs = m.logs.describe()
-        yield GaugeMetricFamily(
-            "xcore_log_lines_stored", "Log lines in the store", value=logs["stored"]
-        )
-        yield CounterMetricFamily(
-            "xcore_log_lines_dropped",
-            "Log lines dropped (bounds, full buffer)",
-            value=logs["dropped"],
-        )
+    # -- kernel -----------------------------------------------------------------------------
+    w.family("xcore_events_appended_total", "counter", "Events in the log by type")
+    for type_name, n in sorted(c.events.items()):
+        w.sample("xcore_events_appended_total", _labels(type=type_name), n)
+    w.family("xcore_log_position", "gauge", "Position of the newest event")
+    w.sample("xcore_log_position", "", sample.last_position)
+    w.family("xcore_subscriber_lag_events", "gauge", "Events a subscriber has yet to handle")
+    for name, lag in sorted(sample.lags["subscribers"].items()):
+        w.sample("xcore_subscriber_lag_events", _labels(subscriber=name), lag)
+    w.family("xcore_projection_lag_events", "gauge", "Events a projection has yet to fold")
+    for name, lag in sorted(sample.lags["projections"].items()):
+        w.sample("xcore_projection_lag_events", _labels(projection=name), lag)
+    timer = m.append_timer
+    w.family("xcore_event_append_duration_seconds", "histogram", "Time from append to durable")
+    w.histogram("xcore_event_append_duration_seconds", "", timer.histogram)
+    w.family("xcore_event_append_failures_total", "counter", "Appends that raised")
+    w.sample("xcore_event_append_failures_total", "", timer.failures)
+    w.family("xcore_uptime_seconds", "gauge", "Seconds since this kernel started")
+    w.sample("xcore_uptime_seconds", "", time.time() - m.started_at)
+    w.family("xcore_start_time_seconds", "gauge", "Unix time this kernel started")
+    w.sample("xcore_start_time_seconds", "", m.started_at)
+
+    # -- sandbox, alerts, logs ---------------------------------------------------------------
+    w.family("xcore_sandbox_events_total", "counter", "Sandbox events by plugin and type")
+    for key, n in sorted(c.sandbox.items()):
+        plugin, type_name = key.split("\t", 1)
+        w.sample("xcore_sandbox_events_total", _labels(plugin=plugin, type=type_name), n)
+    w.family("xcore_alerts_raised_total", "counter", "Alerts raised by rule")
+    for rule, n in sorted(c.alerts_raised.items()):
+        w.sample("xcore_alerts_raised_total", _labels(rule=rule), n)
+    w.family("xcore_alerts_open", "gauge", "Alerts open now")
+    w.sample("xcore_alerts_open", "", len(m.alerts.open))
+    w.family("xcore_notifications_failed_total", "counter", "Notifications not delivered")
+    for sink, n in sorted(c.notifications_failed.items()):
+        w.sample("xcore_notifications_failed_total", _labels(sink=sink), n)
+    logs = m.logs.describe()
+    w.family("xcore_log_lines_stored", "gauge", "Log lines in the store")
+    w.sample("xcore_log_lines_stored", "", logs["stored"])
+    w.family("xcore_log_lines_dropped_total", "counter", "Log lines dropped (bounds, full buffer)")
+    w.sample("xcore_log_lines_dropped_total", "", logs["dropped"])
+    return w.text()
 
 
 def stats_json(monitor: MonitorService, sample: Sample) -> dict[str, Any]:

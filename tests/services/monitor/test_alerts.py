@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.scheduler.events import TaskFailed, TaskSucceeded
 from tests.services.monitor.conftest import AUTH, monitored
@@ -147,6 +148,10 @@ async def test_a_failing_webhook_is_recorded_and_never_blocks(tmp_path: Path) ->
             assert failed.data["event_type"] == "AlertRaised"
             assert failed.data["sink"].startswith("webhook http://127.0.0.1:")
             assert len(calls) == 3
-            metrics = (await m.client.get("/metrics")).text
-            assert 'xcore_notifications_failed_total{sink="webhook"} 1.0' in metrics
-            assert 'xcore_alerts_raised_total{rule="load"} 1.0' in metrics
+            metrics = {
+                (s.name, tuple(s.labels.items())): s.value
+                for family in text_string_to_metric_families((await m.client.get("/metrics")).text)
+                for s in family.samples
+            }
+            assert metrics[("xcore_notifications_failed_total", (("sink", "webhook"),))] == 1
+            assert metrics[("xcore_alerts_raised_total", (("rule", "load"),))] == 1
