@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -103,6 +104,12 @@ async def test_metrics_parse_and_counters_continue_after_a_restart(tmp_path: Pat
     assert stats["tasks"]["shop.sync"]["outcomes"] == {"succeeded": 4, "failed": 2}
     assert stats["http"]["shop"]["requests"] == 8
     every_family = {name for name, _ in before}
+    # the Grafana dashboard uses only series /metrics declares
+    declared = set(re.findall(r"^# TYPE (\w+) ", r.text, re.M))
+    dashboard = (Path(__file__).parents[3] / "docs" / "grafana-dashboard.json").read_text()
+    used = {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"xcore_\w+", dashboard)}
+    used -= {"xcore_overview"}
+    assert used and used <= declared, used - declared
     for name in (
         "xcore_uptime_seconds",
         "xcore_log_position",
