@@ -12,7 +12,14 @@ import traceback
 
 from bench.common import Result, save_results, table
 
-MODULES = ["bench.store", "bench.routes", "bench.plugins", "bench.scheduler", "bench.ui"]
+MODULES = [
+    "bench.store",
+    "bench.routes",
+    "bench.plugins",
+    "bench.scheduler",
+    "bench.ui",
+    "bench.monitor",
+]
 
 
 def main() -> int:

@@ -109,6 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # idle, slow and surplus connections are closed (see kernel/connections.py)
         http=guarded_protocol(settings.http),
         timeout_keep_alive=max(1, round(settings.http.keep_alive_timeout)),
+        # open streams (SSE) never end by themselves: cut them this long after a stop
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     server.run()

@@ -56,6 +56,7 @@ __all__ = [
     "RESERVED_PREFIXES",
     "ErrorBody",
     "HttpSurface",
+    "check_health",
     "create_app",
     "error_responses",
     "link",
@@ -75,6 +76,8 @@ RESERVED_PREFIXES: tuple[str, ...] = (
 )
 
 OpenAPISource = Callable[[], dict[str, Any]]
+#: Maps a presented bearer token to the scopes it holds ('*': all), or None if invalid.
+TokenVerifier = Callable[[str], frozenset[str] | None]
 #: A health check returns (healthy, details); it must be quick and must not raise.
 HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
@@ -117,6 +120,7 @@ class ErrorBody(BaseModel):
 ERROR_DESCRIPTIONS: dict[int, str] = {
     400: "The request is malformed",
     401: "No admin token, or a wrong one (authentication happens before the body is read)",
+    403: "The token lacks the scope this route needs (admin:read or admin:write)",
     404: "No such resource",
     408: "The client stopped sending its body",
     409: "The resource is not in a state that allows this (or an outcome event refused it)",
@@ -127,7 +131,7 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
 }
 
 #: Refusals any admin route can give, added to every admin operation.
-ADMIN_ERRORS = (401, 413, 503)
+ADMIN_ERRORS = (401, 403, 413, 503)
 SECURITY_SCHEME = "adminToken"
 
 
@@ -164,6 +168,8 @@ class HttpSurface:
         self.admin_authenticator: Callable[[Request], Awaitable[Any]] = _no_admin_authenticator
         self.body_limits: dict[tuple[str, str], int] = {}
         self.self_authenticating: list[str] = []
+        #: Set by the admin service; used by /health and the plugin route dispatcher.
+        self.token_verifier: TokenVerifier | None = None
         self._attached: set[int] = set()
 
     def add_admin_router(self, router: APIRouter) -> None:
@@ -201,6 +207,9 @@ class HttpSurface:
         """Accept bodies up to ``limit`` bytes on ``path`` (exact) instead of the default."""
         for method in methods:
             self.body_limits[(method.upper(), path)] = limit
+
+    def set_token_verifier(self, verifier: TokenVerifier) -> None:
+        self.token_verifier = verifier
 
     def set_fallback(self, app: ASGIApp) -> None:
         self.fallback = app
@@ -402,39 +411,101 @@ def _without_admin(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "paths": paths, "components": components}
 
 
+def _bearer_scopes(kernel: Kernel, request: Request) -> frozenset[str] | None:
+    """The scopes of the request's bearer token, if it presents a valid one."""
+    verifier = kernel.http.token_verifier
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if verifier is None or scheme.lower() != "bearer" or not token.strip():
+        return None
+    try:
+        return verifier(token.strip())
+    except Exception:
+        log.exception("the token verifier raised")
+        return None
+
+
+async def check_health(kernel: Kernel) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Run every component's check; (healthy, {component: {"ok": ..., details}})."""
+    components: dict[str, dict[str, Any]] = {}
+    store: dict[str, Any] = {"ok": True}
+    try:
+        store["last_position"] = await kernel.store.last_position()
+    except Exception as exc:
+        store.update(ok=False, error=f"the log cannot be read: {type(exc).__name__}: {exc}")
+    probe = getattr(kernel.store, "health", None)  # the store's own writability signal
+    if callable(probe):
+        try:
+            ok, details = probe()
+            store.update({k: v for k, v in details.items() if k != "ok"})
+            store["ok"] = store["ok"] and bool(ok)
+        except Exception as exc:
+            store.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+    components["store"] = store
+    for name, check in list(kernel.http.health_checks.items()):
+        try:
+            ok, details = await check()
+        except Exception as exc:
+            log.exception("health check %r raised", name)
+            ok, details = False, {"error": f"the check raised {type(exc).__name__}: {exc}"}
+        if name in components:  # a service's check adds to a built-in component
+            merged = components[name]
+            merged.update({k: v for k, v in details.items() if k != "ok"})
+            merged["ok"] = merged["ok"] and bool(ok)
+        else:
+            components[name] = {"ok": bool(ok), **details}
+    healthy = kernel.started and all(c["ok"] for c in components.values())
+    return healthy, components
+
+
 def _kernel_router(kernel: Kernel) -> APIRouter:
     router = APIRouter(tags=["kernel"])
 
-    @router.get("/health", summary="Health of the kernel and its services")
-    async def health() -> JSONResponse:
-        checks: dict[str, Any] = {}
-        healthy = kernel.started
-        try:
-            last = await kernel.store.last_position()
-            checks["log"] = {"ok": True, "last_position": last, "location": kernel.store.location}
-        except Exception as exc:
-            healthy = False
-            checks["log"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        for name, check in kernel.http.health_checks.items():
-            try:
-                ok, details = await check()
-            except Exception as exc:
-                log.exception("health check %r raised", name)
-                ok, details = False, {"error": f"{type(exc).__name__}: {exc}"}
-            healthy = healthy and ok
-            checks[name] = {"ok": ok, **details}
-        body = {
-            "status": "ok" if healthy else "failing",
-            "node": kernel.node,
-            "boot": kernel.boot,
-            "version": kernel.version,
-            "checks": checks,
-        }
-        return JSONResponse(body, status_code=200 if healthy else 503)
+    @router.get(
+        "/health",
+        summary="Health of every component (details with an admin:read token)",
+        responses={503: {"description": "a component is failing; named in 'failing'"}},
+    )
+    async def health(request: Request) -> JSONResponse:
+        healthy, components = await check_health(kernel)
+        failing = sorted(name for name, c in components.items() if not c["ok"])
+        if not kernel.started:
+            failing.insert(0, "kernel")
+        body: dict[str, Any] = {"status": "ok" if healthy else "failing", "failing": failing}
+        scopes = _bearer_scopes(kernel, request)
+        if scopes is not None and ("*" in scopes or "admin:read" in scopes):
+            body.update(
+                node=kernel.node,
+                boot=kernel.boot,
+                version=kernel.version,
+                components=components,
+            )
+        else:
+            # No host paths, host names, errors or tracebacks without a token.
+            body["components"] = {name: {"ok": c["ok"]} for name, c in components.items()}
+        return JSONResponse(
+            body, status_code=200 if healthy else 503, headers={"Cache-Control": "no-store"}
+        )
 
     @router.get("/health/live", summary="The process answers (liveness probe)")
     async def live() -> dict[str, str]:
         return {"status": "ok"}
+
+    @router.get(
+        "/health/ready",
+        summary="The kernel is started and its event log works (readiness probe)",
+        responses={503: {"description": "not ready; the failing component is named"}},
+    )
+    async def ready() -> JSONResponse:
+        _, components = await check_health(kernel)
+        store_ok = components["store"]["ok"]
+        ok = kernel.started and store_ok
+        failing = [] if ok else (["kernel"] if not kernel.started else ["store"])
+        return JSONResponse(
+            {"status": "ok" if ok else "failing", "failing": failing},
+            status_code=200 if ok else 503,
+            headers={"Cache-Control": "no-store"},
+        )
 
     return router
 

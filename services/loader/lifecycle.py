@@ -225,6 +225,7 @@ class Lifecycle(LoaderState):
             context=ctx,
             module=imported.run,
             run_sync=run_sync,
+            auth=manifest.auth,
         )
         gen = Generation(
             name, generation, folder, manifest, digest, imported, ctx, runtime, modules

@@ -23,6 +23,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from kernel import prefixes
+from kernel.access import AuthSpec, parse_auth
 from kernel.errors import XcoreError
 
 __all__ = [
@@ -107,7 +108,8 @@ class Manifest:
     mode: str = "trusted"
     limits: dict[str, float] = field(default_factory=dict)
     requires: tuple[Requirement, ...] = ()
-    auth: tuple[str, ...] = ()
+    #: The scopes its routes need (``kernel.access``), enforced by the router's dispatcher.
+    auth: AuthSpec = field(default_factory=AuthSpec)
     description: str = ""
 
 
@@ -242,7 +244,7 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
         mode=mode,
         limits=_limits(plugin, file, *get("limits")),
         requires=_requires(plugin, file, *get("requires")),
-        auth=_strings(plugin, file, *get("auth")),
+        auth=_auth(plugin, file, *get("auth")),
         description=text("description"),
     )
 
@@ -265,6 +267,13 @@ def _strings(plugin: str, file: str, key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ManifestError(plugin, file, "must be a string or a list of strings", key=key)
+
+
+def _auth(plugin: str, file: str, key: str, value: Any) -> AuthSpec:
+    try:
+        return parse_auth(value)
+    except ValueError as exc:
+        raise ManifestError(plugin, file, str(exc), key=key) from None
 
 
 def _requires(plugin: str, file: str, key: str, value: Any) -> tuple[Requirement, ...]:
