@@ -214,7 +214,7 @@ class Watchdog:
     def _capture(self, started: float) -> Block:
         frame = sys._current_frames().get(self._loop_thread)
         plugin, file, line = culprit(frame)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        stack = "".join(traceback.format_stack(frame, limit=40)) if frame is not None else ""
         block = Block(started=started, plugin=plugin, file=file, line=line, stack=stack)
         log.error(
             "the event loop has been blocked for more than %gs by %s; its stack:\n%s",

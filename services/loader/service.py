@@ -80,8 +80,6 @@ class LoaderService:
         self.watching = asyncio.Event()
         self._stop_watch = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
-        #: Plugins whose watcher reloads are paused (a reload loop); an admin reload resumes.
-        self.paused: set[str] = set()
         self._reload_times: dict[str, collections.deque[float]] = {}
 
     async def start(self, kernel: Kernel, stack: AsyncExitStack) -> None:
@@ -92,6 +90,7 @@ class LoaderService:
         loader = self.loader = Loader(kernel, settings, table)
         await kernel.subscribe(self._on_request, types=list(REQUESTS), start="now")
         kernel.http.add_admin_router(build_router(kernel, loader))
+        kernel.http.add_health_check("loader", loader.health)
         stack.push_async_callback(loader.shutdown)
         await loader.boot()
         if kernel.settings.reload:
@@ -135,13 +134,17 @@ class LoaderService:
         event = record.event
         if isinstance(event, PluginReloadRequested) and record.meta.actor != "watcher":
             if event.name is not None:
-                self.paused.discard(event.name)  # a person asked: the watcher may go on
+                loader.paused.discard(event.name)  # a person asked: the watcher may go on
             else:
-                self.paused.clear()
+                loader.paused.clear()
         try:
             await loader.kernel.settle(record.position)
             async with loader.lock:
-                await self._act(loader, event, record)
+                loader.busy = (record.type, time.monotonic())
+                try:
+                    await self._act(loader, event, record)
+                finally:
+                    loader.busy = None
         except Exception as exc:
             # Never retried, never left unanswered: the request gets its failure now.
             log.exception("the loader failed on %s (position %d)", record.type, record.position)
@@ -211,7 +214,7 @@ class LoaderService:
         assert loader is not None
         disabled = loader.table.disabled()
         for name, all_files in sorted(changes.items()):
-            if name in disabled or name in self.paused:
+            if name in disabled or name in loader.paused:
                 continue
             files = self._relevant(loader, name, all_files)
             if not files:
@@ -225,7 +228,7 @@ class LoaderService:
                 continue
             count = self._damped(name, loader.settings.max_reloads_per_minute)
             if count is not None:
-                self.paused.add(name)
+                loader.paused.add(name)
                 reason = (
                     f"plugin {name!r} was reloaded {count} times by file changes within "
                     f"{DAMPING_WINDOW:g}s; the watcher's reloads of it are paused (write "

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kernel.events import Event, Recorded
 
@@ -58,6 +59,29 @@ class LoaderState:
         #: Digest of the last folder content each plugin was (re)loaded from, success or not.
         self.attempted: dict[str, str] = {}
         self._warned: set[str] = set()
+        #: Plugins whose watcher reloads are paused (a reload loop); an admin reload resumes.
+        self.paused: set[str] = set()
+        #: What the loader is doing under its lock, and since when (monotonic).
+        self.busy: tuple[str, float] | None = None
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """``/health``'s ``loader`` check: failing while a plugin thread is stuck."""
+        stuck = [s.describe() for s in self.threads.stuck]
+        busy = None
+        if self.busy is not None:
+            busy = {"doing": self.busy[0], "for_s": round(time.monotonic() - self.busy[1], 3)}
+        details: dict[str, Any] = {
+            "loaded": len(self.loaded),
+            "stuck_threads": stuck,
+            "busy": busy,
+            "reloads_paused": sorted(self.paused),
+        }
+        if stuck:
+            details["error"] = (
+                "plugin code outlived its timeout and keeps running in a thread that cannot "
+                "be stopped; restart the server to end it"
+            )
+        return not stuck, details
 
     async def record(
         self, event: Event, *, cause: Recorded | None = None, stream: str | None = None
@@ -85,7 +109,7 @@ class LoaderState:
                 if p.name not in self._warned:
                     self._warned.add(p.name)
                     log.error(
-                        "plugin folder %r ignored: its name is not valid UTF-8 (plugin names "
+                        "plugin folder '%s' ignored: its name is not valid UTF-8 (plugin names "
                         "are a letter then letters, digits or '_')",
                         printable(p.name),
                     )
@@ -139,7 +163,7 @@ def _log_outcome(event: Event) -> None:
             what,
             event.stage or "install",
             where,
-            event.error,
+            event.error.removeprefix(f"plugin {event.name!r}: "),
             keeps,
         )
     elif isinstance(event, PluginReloaded):
