@@ -140,7 +140,8 @@ def purge(plugin: str) -> dict[str, ModuleType]:
     """Take the plugin's modules out of ``sys.modules``; returns them for :func:`restore`."""
     base = module_name(plugin)
     removed = {}
-    for name in [n for n in sys.modules if n == base or n.startswith(base + ".")]:
+    # list() first: import threads of other plugins change sys.modules meanwhile
+    for name in [n for n in list(sys.modules) if n == base or n.startswith(base + ".")]:
         removed[name] = sys.modules.pop(name)
     return removed
 

@@ -55,6 +55,8 @@ __all__ = [
 STAGING = ".xcore-staging"
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 IGNORED = ("__pycache__", ".DS_Store")
+#: Deepest nesting accepted in config.yaml (flow brackets or indentation levels).
+MAX_CONFIG_DEPTH = 100
 #: Largest config.yaml read (bytes).
 CONFIG_LIMIT = 1024 * 1024
 #: Largest file read to compute a digest (bytes); larger ones count by their prefix.
@@ -143,13 +145,13 @@ def check_tree(folder: Path, limits: Limits, label: str) -> tuple[int, int]:
         except OSError:
             what = "unreadable"
         raise InstallError(
-            f"{label}: {rel!r} is {what}; plugins may hold only regular files and folders"
+            f"{label}: '{rel}' is {what}; plugins may hold only regular files and folders"
         )
     total = 0
     for path in regular:
         rel = path.relative_to(folder).as_posix()
         if printable(rel) != rel:
-            raise InstallError(f"{label}: the name {printable(rel)!r} is not valid UTF-8")
+            raise InstallError(f"{label}: the name '{printable(rel)}' is not valid UTF-8")
         total += path.stat().st_size
     if total > limits.max_bytes:
         raise InstallError(f"{label}: {total} bytes exceed the limit of {limits.max_bytes}")
@@ -170,7 +172,15 @@ def read_config(folder: Path, plugin: str) -> dict[str, Any]:
     except OSError as exc:
         raise ManifestError(plugin, "config.yaml", f"cannot be read: {exc}") from None
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        depth = _nesting(text)
+        if depth > MAX_CONFIG_DEPTH:
+            raise ManifestError(
+                plugin,
+                "config.yaml",
+                f"nested {depth} levels deep, more than the limit of {MAX_CONFIG_DEPTH}",
+            )
+        data = yaml.safe_load(text)
     except (RecursionError, MemoryError) as exc:
         raise ManifestError(
             plugin, "config.yaml", f"nested too deeply or too large ({type(exc).__name__})"
@@ -189,6 +199,23 @@ def read_config(folder: Path, plugin: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ManifestError(plugin, "config.yaml", "must hold a mapping of keys at top level")
     return data
+
+
+def _nesting(text: str) -> int:
+    """An upper bound of the YAML nesting depth: flow brackets and indentation levels.
+
+    Checked before parsing, so a deeply nested file is refused at once instead of
+    keeping the (pure-Python) parser busy for seconds before it fails.
+    """
+    deepest = depth = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    indents = {len(line) - len(line.lstrip(" ")) for line in text.splitlines() if line.strip()}
+    return max(deepest, len(indents))
 
 
 def validate_folder(
@@ -279,7 +306,7 @@ def _archive_root(dest: Path) -> Path:
 def _check_member(source: Path, name: str) -> PurePosixPath:
     shown = printable(name)
     if shown != name:
-        raise InstallError(f"{source}: member {shown!r}: the name is not valid UTF-8")
+        raise InstallError(f"{source}: member '{shown}': the name is not valid UTF-8")
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise InstallError(f"{source}: member {name!r} has an absolute path")
     path = PurePosixPath(name.replace("\\", "/"))
@@ -301,7 +328,7 @@ def _extract(source: Path, dest: Path, limits: Limits) -> None:
 def _undecodable(source: Path, exc: UnicodeDecodeError) -> InstallError:
     raw = exc.object if isinstance(exc.object, bytes) else b""
     shown = raw.decode("utf-8", "backslashreplace")
-    return InstallError(f"{source}: member {shown!r}: the name is not valid UTF-8")
+    return InstallError(f"{source}: member '{shown}': the name is not valid UTF-8")
 
 
 def _extract_zip(source: Path, dest: Path, limits: Limits) -> None:

@@ -280,7 +280,7 @@ class Lifecycle(LoaderState):
             ) from None
         modules = {
             n: m
-            for n, m in sys.modules.items()
+            for n, m in list(sys.modules.items())
             if n == module_name(name) or n.startswith(module_name(name) + ".")
         }
         try:

@@ -39,7 +39,7 @@ async def test_odd_plugins_fail_alone_at_boot(harness_factory, plugins: Path, ca
     write_plugin(plugins, "deepyaml", config="[" * 10_000 + "]" * 10_000 + "\n")
     _fifo(write_plugin(plugins, "fifoconf") / "config.yaml")
     # an expression too deep to parse: in run.py (manifest), in a helper (import)
-    deep = "X = " + "+".join(["1"] * 200_000) + "\n"
+    deep = "X = " + "+".join(["1"] * 5_000) + "\n"
     write_plugin(plugins, "deeprun", run=deep)
     write_plugin(plugins, "deep", run="from . import helper\n", files={"helper.py": deep})
     # a folder whose name is not UTF-8
@@ -53,10 +53,13 @@ async def test_odd_plugins_fail_alone_at_boot(harness_factory, plugins: Path, ca
     assert (await h.client.get("/app/piped/status")).status_code == 200
     failed = {r.data["name"]: r.data for r in await h.events("PluginLoadFailed")}
     assert set(failed) == {"huge", "fiforun", "deepyaml", "fifoconf", "deep", "deeprun"}
-    assert failed["huge"]["stage"] == "manifest" and "more than the limit" in failed["huge"]["error"]
+    assert (
+        failed["huge"]["stage"] == "manifest" and "more than the limit" in failed["huge"]["error"]
+    )
     assert failed["fiforun"]["stage"] == "manifest" and "a FIFO" in failed["fiforun"]["error"]
     assert failed["fiforun"]["file"] == "run.py"
-    assert failed["deepyaml"]["stage"] == "config" and "nested" in failed["deepyaml"]["error"]
+    assert failed["deepyaml"]["stage"] == "config"
+    assert "nested 10000 levels deep" in failed["deepyaml"]["error"]
     assert failed["deepyaml"]["file"] == "config.yaml"
     assert failed["fifoconf"]["stage"] == "config" and "a FIFO" in failed["fifoconf"]["error"]
     assert failed["deeprun"]["stage"] == "manifest"
@@ -121,10 +124,10 @@ async def test_endless_import_is_bounded_and_reported(
     write_plugin(plugins, "spin", run=_spin_until(flag))
     try:
         with anyio.fail_after(60):
-            h = await harness_factory(loader={"import_timeout": 0.5})
+            h = await harness_factory(loader={"import_timeout": 3})
         failed = {r.data["name"]: r.data for r in await h.events("PluginLoadFailed")}
         assert failed["spin"]["stage"] == "import"
-        assert "import did not finish in 0.5 s" in failed["spin"]["error"]
+        assert "import did not finish in 3 s" in failed["spin"]["error"]
         assert (await h.client.get("/app/good/status")).status_code == 200
         health = await h.client.get("/health")
         assert health.status_code == 503
