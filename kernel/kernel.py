@@ -44,6 +44,7 @@ from kernel.store.memory import MemoryStore
 from kernel.store.sqlite import SQLiteStore
 from kernel.store.sqlite_files import PRIOR_USE
 from kernel.subscriptions import Handler, RetryPolicy, Start, Subscription
+from kernel.watchdog import Block, LoopBlocked, Watchdog
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -115,6 +116,8 @@ class Kernel:
         #: Services by name, once started.
         self.services: dict[str, Service] = {}
         self.http.add_health_check("store", self._store_health)
+        #: Reports (and records) an event loop blocked too long; see kernel/watchdog.py.
+        self.watchdog = Watchdog(self.settings.loop_block_threshold, self.settings.stop_grace)
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -151,6 +154,9 @@ class Kernel:
             self._outcomes = await self.subscribe(
                 self._dispatch_outcome, start="now", name=None, retry=RetryPolicy(max_attempts=1)
             )
+            await self.watchdog.start(self._record_block)
+            stack.push_async_callback(self.watchdog.stop)
+            self.http.add_health_check("event_loop", self._loop_health)
             for service in services:
                 try:
                     await service.start(self, stack)
@@ -193,6 +199,22 @@ class Kernel:
             )
         except Exception:
             log.exception("could not record KernelStopped")
+
+    async def _record_block(self, block: Block) -> None:
+        await self.append(
+            LoopBlocked(
+                duration_ms=block.duration_ms,
+                plugin=block.plugin,
+                file=block.file,
+                line=block.line,
+                stack=block.stack,
+            ),
+            stream=KERNEL_STREAM,
+            actor="kernel",
+        )
+
+    async def _loop_health(self) -> tuple[bool, dict[str, Any]]:
+        return True, self.watchdog.health()
 
     async def _stop_subscriptions(self) -> None:
         for projector in reversed(list(self._projectors.values())):

@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     enabled_services: list[str] | None = None
     #: Per-service sections, validated by each service (``Settings.section``).
     services: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: The watchdog reports an event loop blocked longer than this, in seconds.
+    loop_block_threshold: float = Field(default=1.0, gt=0)
+    #: After a stop signal, how long a blocked event loop may delay the exit, in seconds.
+    stop_grace: float = Field(default=10.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

@@ -90,6 +90,8 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         if state is None:
             state = {"name": name, "status": "unloaded", "enabled": True}
         state["installed"] = loader.folder(name).is_dir()
+        state["stuck_threads"] = loader.threads.stuck_of(name)
+        state["reloads_paused"] = name in loader.paused
         return state
 
     async def request(event: Event, stream: str, outcomes: list[type[Event]]) -> Recorded:

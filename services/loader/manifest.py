@@ -26,6 +26,8 @@ from kernel import prefixes
 from kernel.access import AuthSpec, parse_auth
 from kernel.errors import XcoreError
 
+from .files import FileRefused, read_limited
+
 __all__ = [
     "KNOWN_KEYS",
     "Manifest",
@@ -52,6 +54,7 @@ KNOWN_KEYS = frozenset(
         "requires",
         "auth",
         "description",
+        "watch",
     }
 )
 LIMIT_KEYS = frozenset({"memory", "cpu", "wall_time", "open_files"})
@@ -111,6 +114,8 @@ class Manifest:
     #: The scopes its routes need (``kernel.access``), enforced by the router's dispatcher.
     auth: AuthSpec = field(default_factory=AuthSpec)
     description: str = ""
+    #: Glob patterns (relative to the folder) of further files whose change reloads it.
+    watch: tuple[str, ...] = ()
 
 
 def valid_name(name: str) -> bool:
@@ -120,17 +125,25 @@ def valid_name(name: str) -> bool:
 def read_plugin_info(run_py: Path, plugin: str) -> dict[str, Any]:
     """The ``PLUGIN_INFO`` literal of ``run_py``, found and evaluated without running it."""
     try:
-        source = run_py.read_bytes()
+        source = read_limited(run_py)
     except FileNotFoundError:
         raise ManifestError(
             plugin, "run.py", "the file is missing (it holds PLUGIN_INFO)"
         ) from None
+    except FileRefused as exc:
+        raise ManifestError(plugin, "run.py", str(exc)) from None
     except OSError as exc:
         raise ManifestError(plugin, "run.py", f"cannot be read: {exc}") from None
     try:
         tree = ast.parse(source, filename=str(run_py))
     except SyntaxError as exc:
         raise ManifestError(plugin, "run.py", f"line {exc.lineno}: {exc.msg}") from None
+    except (MemoryError, RecursionError) as exc:
+        raise ManifestError(
+            plugin, "run.py", f"too large or too deeply nested to parse ({type(exc).__name__})"
+        ) from None
+    except ValueError as exc:  # e.g. null bytes
+        raise ManifestError(plugin, "run.py", f"cannot be parsed: {exc}") from None
     found: ast.expr | None = None
     for node in tree.body:
         if isinstance(node, ast.Assign):
@@ -246,6 +259,7 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
         requires=_requires(plugin, file, *get("requires")),
         auth=_auth(plugin, file, *get("auth")),
         description=text("description"),
+        watch=_strings(plugin, file, *get("watch")),
     )
 
 
