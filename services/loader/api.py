@@ -89,6 +89,9 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         if state is None:
             state = {"name": name, "status": "unloaded", "enabled": True}
         state["installed"] = loader.folder(name).is_dir()
+        hosted = kernel.hosts.describe(name, state.get("mode"))
+        if hosted is not None:  # e.g. a sandboxed plugin's level, limits and stats
+            state["host"] = hosted
         return state
 
     async def request(event: Event, stream: str, outcomes: list[type[Event]]) -> Recorded:

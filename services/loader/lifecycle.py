@@ -39,6 +39,7 @@ from . import installer
 from .context import LoadedContext, call_plugin
 from .events import LoadStage, PluginLoaded, PluginUnloaded, stream_of
 from .generation import Generation, StageError
+from .hosted import build_hosted, effective_mode, host_of
 from .importer import import_plugin, module_name, purge, restore
 from .manifest import Manifest, ManifestError, read_manifest
 from .projection import PluginTable
@@ -142,12 +143,8 @@ class Lifecycle(LoaderState):
                 manifest = await asyncio.to_thread(read_manifest, folder, name)
             except ManifestError as exc:
                 raise StageError("manifest", str(exc)) from None
-        if manifest.mode == "sandboxed":
-            raise StageError(
-                "mode",
-                f"plugin {name!r}: run.py: key 'mode': 'sandboxed' plugins need the sandbox "
-                "service, which is not available; the plugin was not run",
-            )
+        manifest = effective_mode(manifest, self.table.rows.get(name), self.settings.archive_mode)
+        host = host_of(self.kernel, name, manifest)
         self._claim(name, manifest.prefix, "manifest")
         self._check_requirements(name, manifest)
         try:
@@ -156,6 +153,12 @@ class Lifecycle(LoaderState):
             raise StageError("config", str(exc)) from None
         self.attempted[name] = digest
         generation = self._allocate(name)
+        if host is not None:
+            hosted = await build_hosted(
+                self, host, name, folder, manifest, raw_config, digest, generation
+            )
+            await self._mount(hosted, cause, started, {})
+            return hosted
         previous = purge(name)
         try:
             imported = await asyncio.to_thread(import_plugin, name, folder, manifest.prefix)
@@ -250,7 +253,8 @@ class Lifecycle(LoaderState):
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         stream = stream_of(gen.name)
-        if gen.imported.router is None or "router" not in self.kernel.services:
+        has_routes = gen.imported.router is not None or gen.runtime.asgi_app is not None
+        if not has_routes or "router" not in self.kernel.services:
             await self.kernel.append(event, stream=stream, actor=ACTOR, cause=cause)
             return
         try:

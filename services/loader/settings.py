@@ -8,6 +8,8 @@ services:
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["LoaderSettings"]
@@ -30,3 +32,7 @@ class LoaderSettings(BaseModel):
     mount_timeout: float = Field(default=10.0, gt=0)
     #: How long an on_load / on_unload hook may run before the step counts as failed.
     hook_timeout: float = Field(default=30.0, gt=0)
+    #: The mode of plugins installed from an archive (``xcore plugin install``, the
+    #: admin API's upload): ``manifest`` keeps the one their manifest declares;
+    #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.
+    archive_mode: Literal["manifest", "sandboxed"] = "manifest"
