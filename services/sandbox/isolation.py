@@ -184,11 +184,11 @@ def launch(
     for home in sorted(homes):
         argv += ["--tmpfs", str(home)]
     # put back what the worker needs from a hidden home (the interpreter, the project)
+    covers = [*homes, Path("/tmp")]
     for path in needed_paths():
-        if any(path.is_relative_to(h) for h in homes) or path.is_relative_to("/tmp"):
-            argv += ["--ro-bind", str(path), str(path)]
+        argv += _rebind(path, covers, "--ro-bind")
     where = folder.resolve()
-    argv += ["--ro-bind", str(where), str(where)]
+    argv += _rebind(where, covers, "--ro-bind") or ["--ro-bind", str(where), str(where)]
     # hide what the kernel keeps for itself, then give the plugin its own data folder back
     for path in (kernel_data_dir, *hidden):
         path = path.resolve()
@@ -197,5 +197,20 @@ def launch(
         elif path.is_dir():
             argv += ["--tmpfs", str(path)]
     data = data_dir.resolve()
-    argv += ["--bind", str(data), str(data), "--chdir", str(where), "--"]
+    hidden_dirs = [p.resolve() for p in (kernel_data_dir, *hidden, *covers) if p.is_dir()]
+    argv += _rebind(data, hidden_dirs, "--bind") or ["--bind", str(data), str(data)]
+    argv += ["--chdir", str(where), "--"]
     return Launch(argv + python, folder, env, level)
+
+
+def _rebind(path: Path, covers: list[Path], how: str) -> list[str]:
+    """Bind ``path`` back into a folder hidden by a tmpfs (``covers``), creating the
+    folders between them world-traversable (bubblewrap would make them private)."""
+    for cover in covers:
+        if path != cover and path.is_relative_to(cover):
+            args: list[str] = []
+            for parent in reversed(path.parents):
+                if parent != cover and parent.is_relative_to(cover):
+                    args += ["--perms", "0755", "--dir", str(parent)]
+            return [*args, how, str(path), str(path)]
+    return []
