@@ -97,43 +97,49 @@ class SandboxProxy:
                 cancel=False,
             ) as (cid, frames):
                 too_big = anyio.Event()
+                failure: Exception | None = None
                 async with anyio.create_task_group() as tg:
                     # a first message larger than one frame goes in pieces
                     rest = [body[i : i + CHUNK] for i in range(CHUNK, len(body), CHUNK)]
                     for i, piece in enumerate(rest):
                         await worker.send_body(cid, piece, more or i < len(rest) - 1)
                     tg.start_soon(self._pump, worker, cid, receive, more, len(body), too_big, tg)
-                    while True:
-                        h, payload = await frames.receive()
-                        op = h.get("op")
-                        if op == "start":
-                            if too_big.is_set():
-                                continue
-                            started = True
-                            await send(
-                                {
-                                    "type": "http.response.start",
-                                    "status": int(h["status"]),
-                                    "headers": [
-                                        (k.encode("latin-1"), v.encode("latin-1"))
-                                        for k, v in h.get("headers", [])
-                                    ],
-                                }
-                            )
-                        elif op == "body":
-                            if started:
+                    try:
+                        while True:
+                            h, payload = await frames.receive()
+                            op = h.get("op")
+                            if op == "start":
+                                if too_big.is_set():
+                                    continue
+                                started = True
                                 await send(
                                     {
-                                        "type": "http.response.body",
-                                        "body": payload,
-                                        "more_body": bool(h.get("more")),
+                                        "type": "http.response.start",
+                                        "status": int(h["status"]),
+                                        "headers": [
+                                            (k.encode("latin-1"), v.encode("latin-1"))
+                                            for k, v in h.get("headers", [])
+                                        ],
                                     }
                                 )
-                        elif op == "result":
-                            ok = bool(h.get("ok"))
-                            cpu_ms = float(h.get("cpu_ms", 0.0))
-                            break
+                            elif op == "body":
+                                if started:
+                                    await send(
+                                        {
+                                            "type": "http.response.body",
+                                            "body": payload,
+                                            "more_body": bool(h.get("more")),
+                                        }
+                                    )
+                            elif op == "result":
+                                ok = bool(h.get("ok"))
+                                cpu_ms = float(h.get("cpu_ms", 0.0))
+                                break
+                    except Exception as exc:  # raised after the group, not wrapped in it
+                        failure = exc
                     tg.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
                 if too_big.is_set() and not started:
                     await _answer(
                         send,

@@ -144,13 +144,13 @@ class SandboxedPlugin:
                 tg.start_soon(worker.run)
                 await worker.ready_event.wait()
                 if worker.ready is None:
+                    await worker.exited.wait()
                     self.failure = worker.failure or {
                         "stage": "import",
                         "error": "the worker failed",
                     }
                     self.state = "failed"
                     self.started.set()
-                    await worker.exited.wait()
                     return
                 self.ready = worker.ready
                 await self._serving(worker, restart=None)
@@ -251,9 +251,9 @@ class SandboxedPlugin:
             tg.start_soon(worker.run)
             await worker.ready_event.wait()
             if worker.ready is None:
+                await worker.exited.wait()
                 error = (worker.failure or {}).get("error", "the worker failed")
                 log.error("sandbox: plugin %r: a restarted worker failed: %s", self.name, error)
-                await worker.exited.wait()
                 continue
             await self._serving(worker, restart=(attempt, delay))
 

@@ -191,12 +191,10 @@ class Worker:
                 tg.start_soon(self._read_stderr)
                 tg.start_soon(self._read_frames, tg)
                 await self._send({"op": "config", "config": self.config})
-                with anyio.move_on_after(self.start_timeout):
+                with anyio.move_on_after(self.start_timeout) as timer:
                     await self.ready_event.wait()
                 if self.ready is None:
-                    if self.failure is None:
-                        await anyio.sleep(0.05)  # let the reader see an exit first
-                    if self.failure is None:
+                    if timer.cancelled_caught and self.failure is None:
                         self.failure = {
                             "stage": "import",
                             "error": f"plugin {self.plugin!r}: the sandbox worker did not start "
@@ -352,6 +350,7 @@ class Worker:
             anyio.ClosedResourceError,
             anyio.BrokenResourceError,
         ):
+            self.ready_event.set()  # it ended (or will): nothing more to wait for
             return
         except FrameError as exc:
             self.kill("crash", 0, f"sent a malformed frame: {exc}")

@@ -46,7 +46,11 @@ def write_plugin(
     folder = plugins / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "__init__.py").write_text("")
-    info = info if info is not None else {"version": "1.0.0", "api_prefix": f"/app/{name}", "mode": "sandboxed"}
+    info = (
+        info
+        if info is not None
+        else {"version": "1.0.0", "api_prefix": f"/app/{name}", "mode": "sandboxed"}
+    )
     (folder / "run.py").write_text(f"PLUGIN_INFO = {info!r}\n" + textwrap.dedent(run))
     if router is not None:
         (folder / "router.py").write_text(textwrap.dedent(router))
@@ -130,7 +134,9 @@ class Harness:
         stack = AsyncExitStack()
         await stack.enter_async_context(self.kernel.lifespan(app))
         self.client = await stack.enter_async_context(
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60
+            )
         )
         self._stack = stack
         return self
@@ -146,7 +152,9 @@ class Harness:
             r for r in out if plugin is None or plugin in (r.data.get("name"), r.data.get("plugin"))
         ]
 
-    async def wait_for(self, type_name: str, plugin: str, count: int = 1, timeout: float = 30) -> list[Recorded]:
+    async def wait_for(
+        self, type_name: str, plugin: str, count: int = 1, timeout: float = 30
+    ) -> list[Recorded]:
         with anyio.fail_after(timeout):
             while True:
                 found = await self.events(type_name, plugin=plugin)

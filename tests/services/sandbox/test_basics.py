@@ -30,7 +30,9 @@ ROUTER = """
 """
 
 
-async def test_a_sandboxed_plugin_serves_its_routes_from_another_process(harness: Any, level: str) -> None:
+async def test_a_sandboxed_plugin_serves_its_routes_from_another_process(
+    harness: Any, level: str
+) -> None:
     h = await harness(level)
     write_plugin(h.plugins, "box", info=sandboxed("box"), router=ROUTER)
     r = await h.reload("box")
@@ -50,3 +52,132 @@ async def test_a_sandboxed_plugin_serves_its_routes_from_another_process(harness
     assert row["mode"] == "sandboxed"
     assert row["host"]["level"] == level
     assert row["host"]["state"] == "running"
+
+
+HTTP_ROUTER = """
+    from fastapi import APIRouter, Request, Response
+    from fastapi.responses import StreamingResponse
+    router = APIRouter()
+
+    @router.api_route("/echo", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def echo(request: Request):
+        body = await request.body()
+        headers = [[k, v] for k, v in request.headers.items() if k.startswith("x-")]
+        response = Response(body, status_code=207, media_type="application/octet-stream")
+        response.headers["x-method"] = request.method
+        response.headers["x-query"] = request.url.query
+        response.headers["x-seen"] = repr(headers)
+        response.headers.append("x-multi", "a")
+        response.headers.append("x-multi", "b")
+        return response
+
+    @router.get("/stream")
+    async def stream():
+        async def parts():
+            for i in range(50):
+                yield (str(i) * 10000).encode()
+        return StreamingResponse(parts(), media_type="text/plain")
+"""
+
+
+async def test_http_round_trips_faithfully_and_big_bodies_get_413(harness: Any) -> None:
+    h = await harness("rlimits", sandbox={"max_body_mb": 2})
+    write_plugin(h.plugins, "web", info=sandboxed("web"), router=HTTP_ROUTER)
+    assert (await h.reload("web")).status_code == 200
+    body = bytes(range(256)) * 4000  # ~1 MB, every byte value
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        r = await h.client.request(
+            method,
+            "/app/web/echo?a=1&a=2&b=%20x",
+            content=body,
+            headers=[("x-one", "1"), ("x-rep", "p"), ("x-rep", "q")],
+        )
+        assert r.status_code == 207
+        assert r.content == body
+        assert r.headers["x-method"] == method
+        assert r.headers["x-query"] == "a=1&a=2&b=%20x"
+        assert r.headers.get_list("x-multi") == ["a", "b"]
+        assert "'x-rep', 'p, q'" in r.headers["x-seen"] or "'x-rep', 'p'" in r.headers["x-seen"]
+    stream = await h.client.get("/app/web/stream")
+    assert stream.content == b"".join((str(i) * 10000).encode() for i in range(50))
+    big = await h.client.post("/app/web/echo", content=b"x" * (3 * 1024 * 1024))
+    assert big.status_code == 413
+    assert "web" in big.json()["detail"]
+
+    async def chunks():
+        for _ in range(30):
+            yield b"y" * 100_000
+
+    streamed = await h.client.post("/app/web/echo", content=chunks())
+    assert streamed.status_code == 413
+    missing = await h.client.get("/app/web/nope")
+    assert missing.status_code == 404
+    paths = (await h.client.get("/openapi.json")).json()["paths"]
+    assert "/app/web/echo" in paths and "/app/web/stream" in paths
+
+
+async def test_websocket_routes_are_refused_at_load_with_a_clear_message(harness: Any) -> None:
+    h = await harness("rlimits")
+    write_plugin(
+        h.plugins,
+        "ws",
+        info=sandboxed("ws"),
+        router="""
+            from fastapi import APIRouter, WebSocket
+            router = APIRouter()
+
+            @router.websocket("/live")
+            async def live(ws: WebSocket):
+                await ws.accept()
+        """,
+    )
+    r = await h.reload("ws")
+    assert r.status_code == 422
+    assert "websocket" in r.json()["detail"] and "/live" in r.json()["detail"]
+
+
+async def test_limits_above_the_ceiling_are_refused_naming_the_key(harness: Any) -> None:
+    h = await harness("rlimits", sandbox={"max_memory_mb": 512, "memory_mb": 256})
+    write_plugin(
+        h.plugins, "greedy", info=sandboxed("greedy", limits={"memory": "1g"}), router=ROUTER
+    )
+    r = await h.reload("greedy")
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "limits.memory" in detail and "max_memory_mb" in detail
+    assert not await h.events("SandboxStarted", plugin="greedy")
+
+
+async def test_the_environment_is_an_allowlist(harness: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("XCORE_SECRET_FOR_TEST", "very-secret-value")
+    h = await harness("rlimits")
+    write_plugin(
+        h.plugins,
+        "env",
+        info=sandboxed("env"),
+        router="""
+            import os
+            from fastapi import APIRouter
+            router = APIRouter()
+
+            @router.get("/env")
+            async def env():
+                return dict(os.environ)
+        """,
+    )
+    assert (await h.reload("env")).status_code == 200
+    env = (await h.client.get("/app/env/env")).json()
+    assert "XCORE_SECRET_FOR_TEST" not in env
+    assert "very-secret-value" not in repr(env)
+    assert set(env) <= {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "TZ",
+        "HOME",
+        "TMPDIR",
+        "MALLOC_ARENA_MAX",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    }
