@@ -279,11 +279,8 @@ class SandboxTaskError(Exception):
 
     def __init__(self, error: str, traceback: str = "") -> None:
         super().__init__(error)
-        self.remote_traceback = traceback
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{text}\n{self.remote_traceback}" if self.remote_traceback else text
+        if traceback:  # shown by traceback.format_exception (the TaskFailed traceback)
+            self.add_note(f"in the sandbox worker:\n{traceback}")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

@@ -501,6 +501,7 @@ class Worker:
                 yield cid, _Watched(receive, self)
             finished = cid not in self._calls
         finally:
+            send.close()
             if not finished and cid in self._calls and self.alive:
                 with anyio.CancelScope(shield=True):
                     if cancel:
@@ -516,17 +517,20 @@ class Worker:
         # a fresh stream for the answer to the cancel (the caller's is closed)
         send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](math.inf)
         call.send = send
-        try:
-            await self._send({"op": "cancel", "id": cid})
-        except Exception:
-            return
         honoured = False
-        with anyio.move_on_after(grace):
-            async for h, _ in receive:
-                # a thread cannot be cancelled: then wait (up to grace) for it to end
-                if (h.get("op") == "cancelled" and h.get("honoured")) or h.get("op") == "result":
-                    honoured = True
-                    break
+        with send, receive:
+            try:
+                await self._send({"op": "cancel", "id": cid})
+            except Exception:
+                return
+            with anyio.move_on_after(grace):
+                async for h, _ in receive:
+                    # a thread cannot be cancelled: then wait (up to grace) for it to end
+                    if (h.get("op") == "cancelled" and h.get("honoured")) or h.get(
+                        "op"
+                    ) == "result":
+                        honoured = True
+                        break
         if honoured:
             self._calls.pop(cid, None)
             return

@@ -149,7 +149,11 @@ class Harness:
     async def events(self, *types: str, plugin: str | None = None) -> list[Recorded]:
         out = await self.kernel.read(types=list(types) or None)
         return [
-            r for r in out if plugin is None or plugin in (r.data.get("name"), r.data.get("plugin"))
+            r
+            for r in out
+            if plugin is None
+            or plugin in (r.data.get("name"), r.data.get("plugin"))
+            or str(r.data.get("task", "")).startswith(f"{plugin}.")
         ]
 
     async def wait_for(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -38,6 +39,7 @@ async def run_now(h: Any, task_id: str) -> None:
 async def test_tasks_run_in_the_worker_with_events_retries_and_context(
     harness: Any, level: str, caplog: Any
 ) -> None:
+    caplog.set_level(logging.INFO)
     h = await harness(level)
     folder = write_plugin(h.plugins, "jobs", info=sandboxed("jobs"), run=TASKS)
     assert (await h.reload("jobs")).status_code == 200
@@ -55,6 +57,7 @@ async def test_tasks_run_in_the_worker_with_events_retries_and_context(
     failed = [e for e in await h.events("TaskFailed") if e.data["task"] == "jobs.fails"]
     assert "ValueError: bad input" in failed[0].data["error"]
     assert failed[0].data["will_retry"] is True
+    assert "in the sandbox worker" in failed[0].data["traceback"]
     assert await h.events("TaskRetryScheduled")
     assert any(
         "sandboxed run" in r.getMessage() and getattr(r, "run_id", None) for r in caplog.records
