@@ -84,6 +84,10 @@ class SandboxService:
         self._settings = kernel.settings.section("sandbox", SandboxSettings)
         self.level = await anyio.to_thread.run_sync(detect_level, self._settings.level)
         self.user = worker_user(self._settings.user, self.level)
+        if self.user is None and os.getuid() == 0:
+            # workers keep root (without capabilities): the kernel must not be
+            # dumpable, or they could read its environment and memory through /proc
+            _undumpable()
         ready = asyncio.Event()
         self._closing = asyncio.Event()
         self._runner = asyncio.create_task(self._run(ready), name="sandbox-supervisors")
@@ -312,3 +316,11 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
         with contextlib.suppress(OSError):
             if not path.is_symlink():
                 os.chown(path, uid, gid)
+
+
+def _undumpable() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        log.warning("sandbox: could not make the kernel process non-dumpable")

@@ -40,7 +40,7 @@ class SandboxSettings(BaseModel):
     #: Open files of a worker (RLIMIT_NOFILE).
     open_files: int = Field(default=256, ge=16)
     #: Processes and threads a worker may add (RLIMIT_NPROC above what its user runs).
-    processes: int = Field(default=32, ge=1)
+    processes: int = Field(default=64, ge=4)
     #: Largest file a worker may write (RLIMIT_FSIZE).
     file_size_mb: float = Field(default=64, gt=0)
 
@@ -49,7 +49,7 @@ class SandboxSettings(BaseModel):
     max_cpu_s: float = Field(default=86400, gt=0)
     max_wall_time_s: float = Field(default=600, gt=0)
     max_open_files: int = Field(default=4096, ge=16)
-    max_processes: int = Field(default=256, ge=1)
+    max_processes: int = Field(default=512, ge=4)
     max_file_size_mb: float = Field(default=4096, gt=0)
 
     #: Whether a manifest's ``network: true`` gets a network (bwrap level).

@@ -34,6 +34,7 @@ import importlib.machinery
 import inspect
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -47,6 +48,8 @@ from typing import Any
 from .protocol import CHUNK, decode, encode, sizes
 
 PACKAGE = "xcore_plugins"
+#: Threads for the plugin's sync code (hooks and tasks; sync routes: as many again).
+THREADS = 8
 #: Exit status of a worker that stops because plugin code exhausted its memory.
 EXIT_MEMORY = 70
 
@@ -320,7 +323,7 @@ class Server:
         self.threaded: set[int] = set()
         self.bodies: dict[int, asyncio.Queue[tuple[bytes, bool] | None]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="plugin")
+        self.executor = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="plugin")
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -588,6 +591,30 @@ def _drop_privileges(uid: int | None, gid: int | None) -> None:
         raise RuntimeError("could not give up root")
 
 
+def _drop_capabilities() -> bool:
+    """A worker that keeps root gives up every capability (so it cannot read another
+    process's memory or environment, nor override file permissions)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (EINVAL past the last one)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [
+            ("effective", ctypes.c_uint32),
+            ("permitted", ctypes.c_uint32),
+            ("inheritable", ctypes.c_uint32),
+        ]
+
+    header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (Data * 2)()
+    return libc.capset(ctypes.byref(header), ctypes.byref(data)) == 0
+
+
 def main() -> None:
     in_fd = os.dup(0)
     out_fd = os.dup(1)
@@ -607,6 +634,11 @@ def main() -> None:
         from .limits import apply
 
         applied = apply(cfg["limits"])
+        # Python ignores SIGXFSZ (writes past RLIMIT_FSIZE then fail with EFBIG); a
+        # breach must end the worker like any other, so the signal gets its default back
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        if os.getuid() == 0 and not _drop_capabilities():
+            raise OSError("could not drop the capabilities of a worker running as root")
         threading.stack_size(2 * 1024 * 1024)
     except Exception as exc:
         wire.send(
@@ -625,6 +657,10 @@ def main() -> None:
     server = Server(wire, in_fd, plugin)
 
     async def start() -> None:
+        import anyio.to_thread
+
+        # sync routes run in anyio's thread pool: keep it well inside the process limit
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         try:
             described = plugin.load()
             hook = plugin.hooks.get("on_load")

@@ -139,6 +139,7 @@ class Worker:
     rss: int = 0
     rss_max: int = 0
     cpu_s: float = 0.0
+    tasks: int = 0
     ready_event: anyio.Event = field(default_factory=anyio.Event)
     exited: anyio.Event = field(default_factory=anyio.Event)
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
@@ -456,18 +457,35 @@ class Worker:
                 self._sample()
 
     def _sample(self) -> None:
-        rss = cpu = 0
+        """RSS and CPU of the worker's process tree; a tree that used up its process
+        allowance (a fork bomb held back by RLIMIT_NPROC) is killed (``processes``)."""
+        rss = cpu = tasks = 0
         tick = os.sysconf("SC_CLK_TCK")
-        for pid in _tree(self.pid):
+        page = os.sysconf("SC_PAGE_SIZE")
+        tree = _tree(self.pid)
+        for pid in tree:
             with suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/{pid}/statm", "rb") as f:
-                    rss += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                    rss += int(f.read().split()[1]) * page
                 with open(f"/proc/{pid}/stat", "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()
                     cpu += int(fields[11]) + int(fields[12])
+                    tasks += int(fields[17])
         self.rss = rss
         self.rss_max = max(self.rss_max, rss)
         self.cpu_s = cpu / tick
+        self.tasks = tasks
+        allowed = int(self.limits["processes"])
+        # RLIMIT_NPROC counts every process of the worker's user, so the tree may be held
+        # below ``allowed``: half of it in processes is already a fork bomb's signature
+        processes = len(tree) - (2 if self.launch.level == "bwrap" else 0)
+        if self.ready is not None and (tasks >= allowed or processes > allowed // 2):
+            self.kill(
+                "processes",
+                allowed,
+                f"its process tree reached {processes} processes, {tasks} threads "
+                f"(allowed: {allowed})",
+            )
 
     # -- calls -----------------------------------------------------------------------
 
