@@ -176,7 +176,8 @@ def launch(
         argv.append("--unshare-all")
         if network:
             argv.append("--share-net")
-    argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    argv += ["--perms", "1777", "--tmpfs", "/tmp"]
     homes = {Path("/root")}
     if os.environ.get("HOME"):
         homes.add(Path(os.environ["HOME"]).resolve())

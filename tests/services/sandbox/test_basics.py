@@ -181,3 +181,45 @@ async def test_the_environment_is_an_allowlist(harness: Any, monkeypatch: Any) -
         "SSL_CERT_FILE",
         "SSL_CERT_DIR",
     }
+
+
+FS_ROUTER = """
+    import os
+    from pathlib import Path
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    def attempt(fn):
+        try:
+            fn()
+            return "ok"
+        except OSError as exc:
+            return f"refused: {type(exc).__name__}"
+
+    @router.get("/fs")
+    def fs(kernel_data: str):
+        here = Path(__file__).parent
+        data = Path(os.environ["HOME"])
+        return {
+            "own_folder": attempt(lambda: (here / "planted.py").write_text("x")),
+            "data_dir": attempt(lambda: (data / "kept.txt").write_text("x")),
+            "tmp": attempt(lambda: Path("/tmp/xcore-sandbox-private-probe").write_text("x")),
+            "kernel_data": attempt(lambda: os.listdir(kernel_data) and open(Path(kernel_data) / "events.db", "rb").read(1)),
+        }
+"""
+
+
+async def test_bwrap_level_file_system(harness: Any, level: str) -> None:
+    if level != "bwrap":
+        return  # the rlimits level does not isolate the file system (see docs/sandbox.md)
+    h = await harness(level)
+    write_plugin(h.plugins, "fs", info=sandboxed("fs"), router=FS_ROUTER)
+    assert (await h.reload("fs")).status_code == 200
+    seen = (await h.client.get("/app/fs/fs", params={"kernel_data": str(h.base / "var")})).json()
+    assert seen["own_folder"].startswith("refused")
+    assert seen["data_dir"] == "ok"
+    assert seen["tmp"] == "ok"
+    assert seen["kernel_data"].startswith("refused")
+    assert not (h.plugins / "fs" / "planted.py").exists()
+    assert (h.base / "var" / "plugins" / "fs" / "kept.txt").exists()
+    assert not os.path.exists("/tmp/xcore-sandbox-private-probe")  # its /tmp is private
