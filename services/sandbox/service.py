@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -141,15 +142,17 @@ class SandboxService:
         if self.user is not None:
             await anyio.to_thread.run_sync(_chown_tree, request.data_dir, *self.user)
         env = environment(request.data_dir, settings.env_allow)
-        hidden = (Path(DEFAULT_FILE).resolve(),)
-        how = launch(
-            level=self.level,
-            folder=request.folder,
-            data_dir=request.data_dir,
-            kernel_data_dir=self.kernel.settings.data_dir,
-            network=limits.network,
-            env=env,
-            hidden=hidden,
+        how = await anyio.to_thread.run_sync(
+            functools.partial(
+                launch,
+                level=self.level,
+                folder=request.folder,
+                data_dir=request.data_dir,
+                kernel_data_dir=self.kernel.settings.data_dir,
+                network=limits.network,
+                env=env,
+                hidden=(Path(DEFAULT_FILE),),
+            )
         )
         config = {
             "name": name,

@@ -274,7 +274,7 @@ class SandboxedPlugin:
                 plugin=self.name,
                 generation=self.generation,
                 pid=exit.pid,
-                limit=exit.limit,  # type: ignore[arg-type]
+                limit=exit.limit,
                 value=exit.value,
                 detail=exit.detail,
             )

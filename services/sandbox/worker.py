@@ -250,7 +250,8 @@ class Plugin:
                     "config", f"plugin {name!r}: config.yaml: " + "; ".join(parts)
                 ) from None
         self.ctx = Context(name, config, Path(self.cfg["data_dir"]))
-        prefix, routes, openapi = None, [], None
+        prefix, openapi = None, None
+        routes: list[str] = []
         if router_mod is not None:
             raw = getattr(router_mod, "router", None)
             if not isinstance(raw, APIRouter):
@@ -471,7 +472,7 @@ class Server:
             else:
                 from kernel.sdk import plugin_context_var
 
-                plugin_context_var.set(self.plugin.ctx)  # type: ignore[arg-type]
+                plugin_context_var.set(self.plugin.ctx)
                 await app(scope, receive, send)
             return {"ok": True}
         except (asyncio.CancelledError, MemoryError):
@@ -513,7 +514,7 @@ class Server:
                     ),
                 )
             )
-            plugin_context_var.set(self.plugin.ctx)  # type: ignore[arg-type]
+            plugin_context_var.set(self.plugin.ctx)
             await self.run_code(cid, fn)
             return {"ok": True}
         except (asyncio.CancelledError, MemoryError):
@@ -529,7 +530,7 @@ class Server:
         fn = self.plugin.hooks.get(hook)
         try:
             if fn is not None:
-                plugin_context_var.set(self.plugin.ctx)  # type: ignore[arg-type]
+                plugin_context_var.set(self.plugin.ctx)
                 await self.run_code(cid, fn, self.plugin.ctx)
             return {"ok": True}
         except (asyncio.CancelledError, MemoryError):
@@ -612,7 +613,7 @@ def _drop_capabilities() -> bool:
 
     header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (Data * 2)()
-    return libc.capset(ctypes.byref(header), ctypes.byref(data)) == 0
+    return bool(libc.capset(ctypes.byref(header), ctypes.byref(data)) == 0)
 
 
 def main() -> None:

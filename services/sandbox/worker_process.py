@@ -605,7 +605,6 @@ def _tree(root: int) -> list[int]:
         except OSError:
             continue
         for tid in tasks:
-            with suppress(OSError, ValueError):
-                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                    todo.extend(int(c) for c in f.read().split())
+            with suppress(OSError, ValueError), open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                todo.extend(int(c) for c in f.read().split())
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -222,4 +223,4 @@ async def test_bwrap_level_file_system(harness: Any, level: str) -> None:
     assert seen["kernel_data"].startswith("refused")
     assert not (h.plugins / "fs" / "planted.py").exists()
     assert (h.base / "var" / "plugins" / "fs" / "kept.txt").exists()
-    assert not os.path.exists("/tmp/xcore-sandbox-private-probe")  # its /tmp is private
+    assert not Path("/tmp/xcore-sandbox-private-probe").exists()  # noqa: ASYNC240 - its /tmp is private
