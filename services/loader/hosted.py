@@ -53,8 +53,8 @@ def host_of(kernel: Kernel, name: str, manifest: Manifest) -> PluginHost | None:
     if host is None:
         raise StageError(
             "mode",
-            f"plugin {name!r}: run.py: key 'mode': {manifest.mode!r} plugins need the "
-            f"{manifest.mode.removesuffix('d')} service, which is not running; the plugin was not run",
+            f"plugin {name!r}: run.py: key 'mode': no service hosts {manifest.mode!r} plugins "
+            "here (the sandbox service is not running); the plugin was not run",
         )
     return host
 

@@ -335,13 +335,7 @@ class SandboxedPlugin:
         when the plugin's code raised, :class:`WorkerGone` when the worker died."""
         w = worker if worker is not None else self.serving()
         label = f"{kind} {header.get('task') or header.get('hook') or ''}".strip()
-        async with w.open_call(
-            header, label=label, cancel=True, grace=self.settings.cancel_grace_s
-        ) as (_, frames):
-            while True:
-                h, _ = await frames.receive()
-                if h.get("op") == "result":
-                    break
+        h = await w.request(header, label=label, grace=self.settings.cancel_grace_s)
         ok = bool(h.get("ok"))
         self.stats.observe(kind, ok, float(h.get("cpu_ms", 0.0)))
         if not ok:

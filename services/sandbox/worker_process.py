@@ -89,9 +89,13 @@ _SIGNAL_LIMITS = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size"}
 
 @dataclass
 class _Call:
-    send: MemoryObjectSendStream[tuple[dict[str, Any], bytes]]
+    #: The frames of a streaming call (HTTP), or of a cancel in progress.
+    send: MemoryObjectSendStream[tuple[dict[str, Any], bytes]] | None
     deadline: float
     label: str
+    #: A request/answer call waits on ``done`` for ``result`` (no stream to build).
+    done: anyio.Event | None = None
+    result: dict[str, Any] | None = None
 
 
 @dataclass
@@ -228,7 +232,10 @@ class Worker:
             await proc.aclose()
         self.exit = self._classify(proc.returncode)
         for call in list(self._calls.values()):
-            call.send.close()
+            if call.send is not None:
+                call.send.close()
+            if call.done is not None:
+                call.done.set()
         self._calls.clear()
         if self.failure is None and self.ready is None:
             self.failure = {
@@ -379,10 +386,16 @@ class Worker:
                 return  # a late reply to a call nobody waits for: dropped
             if op == "result" or (op == "cancelled" and h.get("honoured")):
                 self._calls.pop(h["id"], None)
-            with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
-                call.send.send_nowait((h, payload))
-            if op == "result":
-                call.send.close()
+            if call.send is not None:
+                with suppress(
+                    anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock
+                ):
+                    call.send.send_nowait((h, payload))
+                if op == "result":
+                    call.send.close()
+            elif op == "result" and call.done is not None:
+                call.result = h
+                call.done.set()
 
     def _log(self, h: dict[str, Any]) -> None:
         if not self._logs.allow():
@@ -488,6 +501,35 @@ class Worker:
             )
 
     # -- calls -----------------------------------------------------------------------
+
+    async def request(self, header: dict[str, Any], *, label: str, grace: float) -> dict[str, Any]:
+        """One call answered by one ``result`` frame (task, hook, no-op).
+
+        Cancelling the caller cancels the call in the worker; a cancel its code cannot
+        honour within ``grace`` kills the worker. :class:`WorkerGone` if the worker ends.
+        """
+        if not self.alive:
+            raise WorkerGone(self.plugin, "its sandbox worker is not running", self.exit)
+        self._next += 1
+        cid = self._next
+        call = _Call(None, time.monotonic() + self.wall_time, label, anyio.Event())
+        self._calls[cid] = call
+        try:
+            await self._send({**header, "id": cid})
+            assert call.done is not None
+            await call.done.wait()
+        except BaseException:
+            if call.result is None and cid in self._calls and self.alive:
+                with anyio.CancelScope(shield=True):
+                    await self._cancel(cid, label, grace)
+            raise
+        if call.result is None:
+            if not self.exited.is_set():
+                with anyio.move_on_after(5):
+                    await self.exited.wait()
+            why = self.exit.describe() if self.exit else "its sandbox worker ended"
+            raise WorkerGone(self.plugin, why, self.exit)
+        return call.result
 
     @asynccontextmanager
     async def open_call(
