@@ -23,7 +23,7 @@ CRASHY = """
         os._exit(3)
 
     @router.get("/spin")
-    async def spin():
+    def spin():  # sync: in a thread, the worker's loop (and its heartbeat) stays alive
         while True:
             pass
 """
@@ -69,10 +69,10 @@ async def test_a_wall_time_breach_kills_the_worker_and_others_keep_serving(harne
         for _ in range(5):
             assert (await h.client.get("/app/calm/ok")).status_code == 200
             await anyio.sleep(0.05)
-    assert results["spin"] in (504, 502)
+    assert results["spin"] == 504
     breach = await h.wait_for("SandboxLimitExceeded", "slow")
-    assert breach[0].data["limit"] in ("wall", "heartbeat")
-    assert breach[0].data["value"] in (1.0, 3.0)
+    assert breach[0].data["limit"] == "wall"
+    assert breach[0].data["value"] == 1.0
 
 
 async def test_the_circuit_opens_after_repeated_crashes_until_a_reload(harness: Any) -> None:
