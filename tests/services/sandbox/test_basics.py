@@ -224,3 +224,46 @@ async def test_bwrap_level_file_system(harness: Any, level: str) -> None:
     assert not (h.plugins / "fs" / "planted.py").exists()
     assert (h.base / "var" / "plugins" / "fs" / "kept.txt").exists()
     assert not Path("/tmp/xcore-sandbox-private-probe").exists()  # noqa: ASYNC240 - its /tmp is private
+
+
+LIMITS_ROUTER = """
+    import os, resource
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/limits")
+    def limits():
+        names = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_CORE"]
+        out = {n: list(resource.getrlimit(getattr(resource, n))) for n in names}
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (100_000, 100_000))
+            out["raised"] = True
+        except (ValueError, OSError):
+            out["raised"] = False
+        opened = []
+        try:
+            while True:
+                opened.append(open(os.devnull))
+        except OSError:
+            pass
+        out["opened"] = len(opened)
+        return out
+"""
+
+
+async def test_the_worker_sets_its_limits_and_cannot_lift_them(harness: Any, level: str) -> None:
+    h = await harness(level, sandbox={"memory_mb": 900, "open_files": 200})
+    info = sandboxed("lim", limits={"open_files": 50, "cpu": "120s", "file_size": "5m"})
+    write_plugin(h.plugins, "lim", info=info, router=LIMITS_ROUTER)
+    assert (await h.reload("lim")).status_code == 200
+    seen = (await h.client.get("/app/lim/limits")).json()
+    assert seen["RLIMIT_AS"] == [900 * 2**20] * 2  # the operator's default
+    assert seen["RLIMIT_NOFILE"] == [50, 50]  # lowered by the manifest
+    assert seen["RLIMIT_CPU"] == [120, 121]
+    assert seen["RLIMIT_FSIZE"] == [5 * 2**20] * 2
+    assert seen["RLIMIT_CORE"] == [0, 0]
+    assert seen["RLIMIT_NPROC"][0] == seen["RLIMIT_NPROC"][1]
+    assert seen["raised"] is False
+    assert seen["opened"] < 50
+    started = await h.events("SandboxStarted", plugin="lim")
+    assert started[-1].data["limits"]["open_files"] == 50
