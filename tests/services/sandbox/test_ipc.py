@@ -130,3 +130,29 @@ async def test_the_operator_sandboxes_archive_installs(harness: Any) -> None:
     )
     assert (await h.reload("local")).status_code == 200
     assert (await h.client.get("/admin/plugins/local", headers=AUTH)).json()["mode"] == "trusted"
+
+
+async def test_a_frame_for_an_unknown_id_is_dropped_never_delivered_elsewhere() -> None:
+    from pathlib import Path
+
+    from services.sandbox.isolation import Launch
+    from services.sandbox.worker_process import Worker, _Call
+
+    worker = Worker(
+        plugin="p",
+        generation=1,
+        launch=Launch(["true"], Path("/"), {}, "rlimits"),
+        config={},
+        wall_time=30,
+        heartbeat_interval=1,
+        heartbeat_timeout=10,
+        start_timeout=10,
+        limits={},
+    )
+    waiting = _Call(None, 1e12, "task waiting", anyio.Event())
+    worker._calls[2] = waiting
+    worker._dispatch({"op": "result", "id": 1, "ok": True, "late": True}, b"")  # cancelled call 1
+    assert waiting.result is None and not waiting.done.is_set()  # type: ignore[union-attr]
+    worker._dispatch({"op": "result", "id": 2, "ok": True}, b"")
+    assert waiting.result == {"op": "result", "id": 2, "ok": True}
+    assert 2 not in worker._calls
