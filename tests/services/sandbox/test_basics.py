@@ -51,8 +51,18 @@ async def test_a_sandboxed_plugin_serves_its_routes_from_another_process(
     assert started and started[-1].data["level"] == level
     row = (await h.client.get("/admin/plugins/box", headers=AUTH)).json()
     assert row["mode"] == "sandboxed"
-    assert row["host"]["level"] == level
-    assert row["host"]["state"] == "running"
+    host = row["host"]
+    assert host["level"] == level
+    assert host["state"] == "running"
+    assert host["pid"] > 0 and host["rss_mb"] > 0 and host["start_ms"] > 0
+    assert host["stats"]["calls"] >= 3 and host["stats"]["failures"] >= 1
+    assert host["stats"]["by_kind"]["http"] >= 3
+    assert host["stats"]["cpu_ms_total"] > 0
+    assert host["limits"]["memory"] == 1024 * 2**20
+    overview = (await h.client.get("/admin/sandbox", headers=AUTH)).json()
+    assert overview["level"] == level and overview["plugins"][0]["plugin"] == "box"
+    health = (await h.client.get("/health")).json()["checks"]["sandbox"]
+    assert health["workers"] == 1 and health["level"] == level
 
 
 HTTP_ROUTER = """
@@ -267,3 +277,40 @@ async def test_the_worker_sets_its_limits_and_cannot_lift_them(harness: Any, lev
     assert seen["opened"] < 50
     started = await h.events("SandboxStarted", plugin="lim")
     assert started[-1].data["limits"]["open_files"] == 50
+
+
+NET_ROUTER = """
+    import socket
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/connect")
+    def connect(port: int):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=3):
+                return "connected"
+        except OSError as exc:
+            return f"refused: {exc}"
+"""
+
+
+async def test_network_needs_the_manifest_and_the_operator(harness: Any, level: str) -> None:
+    if level != "bwrap":
+        return  # the rlimits level has no network namespace
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        h = await harness(level, sandbox={"allow_network": True})
+        write_plugin(h.plugins, "asks", info=sandboxed("asks", network=True), router=NET_ROUTER)
+        write_plugin(h.plugins, "quiet", info=sandboxed("quiet"), router=NET_ROUTER)
+        assert (await h.reload("asks")).status_code == 200
+        assert (await h.reload("quiet")).status_code == 200
+        asks = (await h.client.get("/app/asks/connect", params={"port": port})).json()
+        quiet = (await h.client.get("/app/quiet/connect", params={"port": port})).json()
+    assert asks == "connected"
+    assert quiet.startswith("refused")
+    started = {e.data["plugin"]: e.data["network"] for e in await h.events("SandboxStarted")}
+    assert started == {"asks": True, "quiet": False}
