@@ -20,13 +20,14 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from subprocess import PIPE
@@ -47,6 +48,8 @@ log = logging.getLogger("xcore.sandbox")
 #: Log lines a worker may send per second (stderr included) before lines are dropped.
 LOG_RATE = 200
 STDERR_TAIL = 40
+#: Bytes queued to a worker's stdin before a sender waits for the pipe to drain.
+WRITE_HIGH_WATER = 1024 * 1024
 
 
 class WorkerGone(Exception):
@@ -152,6 +155,7 @@ class Worker:
         self._calls: dict[int, _Call] = {}
         self._next = 0
         self._lock = anyio.Lock()
+        self._writer: asyncio.StreamWriter | None = None
         self._proc: Process | None = None
         self._kill: tuple[str, float, str] | None = None
         self._fatal: str | None = None
@@ -191,6 +195,9 @@ class Worker:
             return
         self._proc = proc
         self.pid = proc.pid
+        raw_stdin = getattr(getattr(proc, "_process", None), "stdin", None)
+        if isinstance(raw_stdin, asyncio.StreamWriter):
+            self._writer = raw_stdin
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._read_stderr)
@@ -226,10 +233,11 @@ class Worker:
 
     async def _finish(self, proc: Process) -> None:
         self._kill_group()
-        with suppress(Exception):
+        try:
             await proc.wait()
-        with suppress(Exception):
             await proc.aclose()
+        except Exception:
+            log.exception("sandbox: plugin %r worker %d: could not reap it", self.plugin, self.pid)
         self.exit = self._classify(proc.returncode)
         for call in list(self._calls.values()):
             if call.send is not None:
@@ -318,7 +326,7 @@ class Worker:
         """Ask the worker to stop; kill it if it has not within ``grace`` seconds."""
         self._stopping = True
         if self._proc is not None and not self.exited.is_set():
-            with suppress(Exception):
+            with suppress(WorkerGone):
                 await self._send({"op": "stop"})
             with anyio.move_on_after(grace):
                 await self.exited.wait()
@@ -331,14 +339,28 @@ class Worker:
     async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         assert self._proc is not None and self._proc.stdin is not None
         frame = encode(header, payload)
-        async with self._lock:
-            await self._proc.stdin.send(frame)
+        writer = self._writer
+        try:
+            if writer is not None:
+                # asyncio's own pipe writer: a whole frame is queued in one call (frames
+                # never interleave), and only a full buffer costs a wait
+                if writer.is_closing():
+                    raise anyio.BrokenResourceError
+                writer.write(frame)
+                if writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    async with self._lock:
+                        await writer.drain()
+                return
+            async with self._lock:
+                await self._proc.stdin.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+            raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit) from None
 
     async def send_frame(self, header: dict[str, Any], payload: bytes = b"") -> None:
         """Send a frame belonging to a call already open (a body chunk, a disconnect)."""
         if self.exited.is_set():
             return
-        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        with suppress(WorkerGone):
             await self._send(header, payload)
 
     async def send_body(self, cid: int, chunk: bytes, more: bool) -> None:
@@ -346,17 +368,25 @@ class Worker:
 
     async def _read_frames(self, tg: Any) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        stream = BufferedByteReceiveStream(self._proc.stdout)
+        raw = getattr(getattr(self._proc, "_process", None), "stdout", None)
+        read: Callable[[int], Awaitable[bytes]]
+        if isinstance(raw, asyncio.StreamReader):
+            # asyncio's reader: a frame already buffered costs no trip through the loop
+            read = raw.readexactly
+        else:
+            read = BufferedByteReceiveStream(self._proc.stdout).receive_exactly
         try:
             while True:
-                size, head = sizes(await stream.receive_exactly(8))
-                header, payload = decode(b"\0\0\0\0" + await stream.receive_exactly(size - 4), head)
+                size, head = sizes(await read(8))
+                header, payload = decode(b"\0\0\0\0" + await read(size - 4), head)
                 self._dispatch(header, payload)
         except (
             anyio.EndOfStream,
             anyio.IncompleteRead,
             anyio.ClosedResourceError,
             anyio.BrokenResourceError,
+            asyncio.IncompleteReadError,
+            ConnectionError,
         ):
             self.ready_event.set()  # it ended (or will): nothing more to wait for
             return
@@ -450,7 +480,7 @@ class Worker:
             now = time.monotonic()
             if now - last_ping >= self.heartbeat_interval:
                 last_ping = now
-                with suppress(Exception):
+                with suppress(WorkerGone):  # its exit is noticed by the reader
                     await self._send({"op": "ping", "id": 0})
             if now - self._last_pong > self.heartbeat_timeout:
                 self.kill(
@@ -567,7 +597,7 @@ class Worker:
                     if cancel:
                         await self._cancel(cid, label, grace)
                     else:
-                        with suppress(Exception):
+                        with suppress(WorkerGone):
                             await self._send({"op": "disconnect", "id": cid})
 
     async def _cancel(self, cid: int, label: str, grace: float) -> None:
@@ -581,8 +611,8 @@ class Worker:
         with send, receive:
             try:
                 await self._send({"op": "cancel", "id": cid})
-            except Exception:
-                return
+            except WorkerGone:
+                return  # nothing left to cancel
             with anyio.move_on_after(grace):
                 async for h, _ in receive:
                     # a thread cannot be cancelled: then wait (up to grace) for it to end
