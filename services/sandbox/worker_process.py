@@ -48,6 +48,8 @@ log = logging.getLogger("xcore.sandbox")
 #: Log lines a worker may send per second (stderr included) before lines are dropped.
 LOG_RATE = 200
 STDERR_TAIL = 40
+#: Frames of a streaming call waiting for its caller (256 KiB each at most).
+CALL_BUFFER = 64
 #: Bytes queued to a worker's stdin before a sender waits for the pipe to drain.
 WRITE_HIGH_WATER = 1024 * 1024
 
@@ -60,6 +62,10 @@ class WorkerGone(Exception):
         self.plugin = plugin
         self.why = why
         self.exit = exit
+
+
+class CallAborted(WorkerGone):
+    """The call was given up by the supervisor (its caller could not keep up)."""
 
 
 @dataclass
@@ -99,6 +105,7 @@ class _Call:
     #: A request/answer call waits on ``done`` for ``result`` (no stream to build).
     done: anyio.Event | None = None
     result: dict[str, Any] | None = None
+    aborted: bool = False
 
 
 @dataclass
@@ -267,6 +274,8 @@ class Worker:
             sig = code - 128  # bubblewrap exits with 128 + the signal that killed the worker
         if self._kill is not None:
             limit, value, detail = self._kill
+            if limit == "protocol":  # killed for breaking the wire: a crash of its own
+                return Exit("crash", self.pid, code, sig, detail=detail, stderr=tail)
             kind = "stopped" if limit == "stop" else "limit"
             return Exit(
                 kind, self.pid, code, sig, None if kind == "stopped" else limit, value, detail, tail
@@ -391,7 +400,7 @@ class Worker:
             self.ready_event.set()  # it ended (or will): nothing more to wait for
             return
         except FrameError as exc:
-            self.kill("crash", 0, f"sent a malformed frame: {exc}")
+            self.kill("protocol", 0, f"it sent a malformed frame: {exc}")
 
     def _dispatch(self, h: dict[str, Any], payload: bytes) -> None:
         op = h.get("op")
@@ -417,10 +426,23 @@ class Worker:
             if op == "result" or (op == "cancelled" and h.get("honoured")):
                 self._calls.pop(h["id"], None)
             if call.send is not None:
-                with suppress(
-                    anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock
-                ):
+                try:
                     call.send.send_nowait((h, payload))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass  # its caller left (a disconnected client): the frame is dropped
+                except anyio.WouldBlock:
+                    # the caller reads slower than the plugin writes: rather than buffer
+                    # without bound (or drop frames silently), the call is aborted
+                    log.warning(
+                        "sandbox: plugin %r: %s aborted: its client reads slower than the "
+                        "plugin writes (%d frames waiting)",
+                        self.plugin,
+                        call.label,
+                        CALL_BUFFER,
+                    )
+                    call.aborted = True
+                    call.send.close()
+                    return
                 if op == "result":
                     call.send.close()
             elif op == "result" and call.done is not None:
@@ -582,13 +604,13 @@ class Worker:
             raise WorkerGone(self.plugin, "its sandbox worker is not running", self.exit)
         self._next += 1
         cid = self._next
-        send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](math.inf)
+        send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](CALL_BUFFER)
         self._calls[cid] = _Call(send, time.monotonic() + self.wall_time, label)
         finished = False
         try:
             await self._send({**header, "id": cid}, payload)
             async with receive:
-                yield cid, _Watched(receive, self)
+                yield cid, _Watched(receive, self, self._calls[cid])
             finished = cid not in self._calls
         finally:
             send.close()
@@ -633,10 +655,14 @@ class _Watched:
     """The frames of one call, ending with :class:`WorkerGone` if the worker dies."""
 
     def __init__(
-        self, receive: MemoryObjectReceiveStream[tuple[dict[str, Any], bytes]], worker: Worker
+        self,
+        receive: MemoryObjectReceiveStream[tuple[dict[str, Any], bytes]],
+        worker: Worker,
+        call: _Call,
     ) -> None:
         self._receive = receive
         self._worker = worker
+        self._call = call
 
     def __aiter__(self) -> _Watched:
         return self
@@ -654,6 +680,8 @@ class _Watched:
             return await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             w = self._worker
+            if self._call.aborted:
+                raise CallAborted(w.plugin, f"{self._call.label} was aborted") from None
             if not w.exited.is_set():
                 with anyio.move_on_after(5):
                     await w.exited.wait()
