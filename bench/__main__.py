@@ -19,6 +19,7 @@ MODULES = [
     "bench.scheduler",
     "bench.ui",
     "bench.monitor",
+    "bench.sandbox",
 ]
 
 

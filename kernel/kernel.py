@@ -33,6 +33,7 @@ from kernel.events import (
     SubscriberFailed,
     new_id,
 )
+from kernel.hosts import PluginHosts
 from kernel.http import HttpSurface
 from kernel.logging import flush_logging
 from kernel.projections import Projection, Projector
@@ -106,6 +107,8 @@ class Kernel:
         self.http = HttpSurface()
         #: Loaded plugin generations (published by the loader, read by other services).
         self.plugins = PluginDirectory()
+        #: Who runs plugins of a mode other than trusted (the sandbox service registers).
+        self.hosts = PluginHosts()
         self.started = False
         self._store_ready = False
         self._stack: AsyncExitStack | None = None

@@ -92,6 +92,9 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         state["installed"] = loader.folder(name).is_dir()
         state["stuck_threads"] = loader.threads.stuck_of(name)
         state["reloads_paused"] = name in loader.paused
+        hosted = kernel.hosts.describe(name, state.get("mode"))
+        if hosted is not None:  # e.g. a sandboxed plugin's level, limits and stats
+            state["host"] = hosted
         return state
 
     async def request(event: Event, stream: str, outcomes: list[type[Event]]) -> Recorded:
