@@ -47,6 +47,8 @@ __all__ = ["COLUMNS", "Log", "SQLiteLog", "SliceLog", "open_log"]
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SLICE_FORMAT = 1
+#: Half a microsecond: times in ISO 8601 carry microseconds, stored times are floats.
+TIME_SLACK = 5e-7
 
 
 def decode_rows(rows: list[Any], defects: list[Defect]) -> list[Recorded]:
@@ -362,10 +364,15 @@ class SQLiteLog(Log):
         return sorted(set(gaps))
 
     def position_at(self, ts: float, *, before: bool) -> int | None:
+        # times are given to the microsecond (ISO 8601): match within half of one
         if before:
-            row = self._query("SELECT MAX(position) FROM events WHERE recorded_at <= ?", (ts,))
+            row = self._query(
+                "SELECT MAX(position) FROM events WHERE recorded_at <= ?", (ts + TIME_SLACK,)
+            )
         else:
-            row = self._query("SELECT MIN(position) FROM events WHERE recorded_at >= ?", (ts,))
+            row = self._query(
+                "SELECT MIN(position) FROM events WHERE recorded_at >= ?", (ts - TIME_SLACK,)
+            )
         return int(row[0][0]) if row and row[0][0] is not None else None
 
     def snapshots(self) -> list[Snapshot]:
@@ -535,9 +542,9 @@ class SliceLog(Log):
 
     def position_at(self, ts: float, *, before: bool) -> int | None:
         if before:
-            found = [r.position for r in self.events if r.timestamp <= ts]
+            found = [r.position for r in self.events if r.timestamp <= ts + TIME_SLACK]
             return max(found) if found else None
-        found = [r.position for r in self.events if r.timestamp >= ts]
+        found = [r.position for r in self.events if r.timestamp >= ts - TIME_SLACK]
         return min(found) if found else None
 
 

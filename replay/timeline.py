@@ -195,5 +195,5 @@ def iterate(
         log.refresh()
 
 
-def write_json(r: Recorded, out: TextIO = sys.stdout) -> None:
-    out.write(orjson.dumps(r.to_dict()).decode() + "\n")
+def write_json(r: Recorded, out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(orjson.dumps(r.to_dict()).decode() + "\n")
