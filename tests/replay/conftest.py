@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Replay's snapshot cache in the test's folder, never in ~/.cache."""
-    cache = tmp_path / "replay-cache"
+def private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Replay's snapshot cache in a folder of the test's own, never in ~/.cache."""
+    cache = tmp_path_factory.mktemp("replay-cache")
     monkeypatch.setenv("XCORE_REPLAY_CACHE", str(cache))
-    yield cache
+    return cache
 
 
 @pytest.fixture
