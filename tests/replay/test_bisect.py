@@ -40,9 +40,7 @@ async def write_long_log(folder: Path, runs: int) -> Path:
 def truth(path: Path, failures: int) -> int:
     """The first position where the failure count exceeds ``failures``, event by event."""
     with open_log(path) as log:
-        count = 0
-        for r in log.read(types={"TaskFailed"}):
-            count += 1
+        for count, r in enumerate(log.read(types={"TaskFailed"}), 1):
             if count > failures:
                 return r.position
     raise AssertionError("never")

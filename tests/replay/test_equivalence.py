@@ -10,6 +10,7 @@ must give exactly the recorded state.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 from pathlib import Path
@@ -158,7 +159,7 @@ def test_replay_state_equals_the_live_state_at_every_position(ops: list[tuple[st
                 for p in fold(log, until=position).projections.values():
                     cache.save(p, position)
             cache.commit()
-            for (start, _), (position, live_views) in zip(seen, seen[1:], strict=False):
+            for (start, _), (position, live_views) in itertools.pairwise(seen):
                 restored = [cache.load(cls, start) for cls in discover().values()]
                 assert all(p is not None for p in restored)
                 state = fold(log, restored, until=position)
