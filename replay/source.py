@@ -33,6 +33,7 @@ import sqlite3
 import stat
 import tempfile
 from collections.abc import Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -303,16 +304,13 @@ class SQLiteLog(Log):
         row = self._query("SELECT MAX(position) FROM events")
         return int(row[0][0]) if row and row[0][0] is not None else 0
 
-    def _read(
-        self,
-        after: int,
-        until: int | None,
-        types: Collection[str] | None,
-        stream: str | None,
-        limit: int,
-    ) -> tuple[list[Recorded], int]:
+    @staticmethod
+    def _select(
+        until: int | None, types: Collection[str] | None, stream: str | None
+    ) -> tuple[str, list[Any]]:
+        """The query of a read (its parameters: after, *these, limit)."""
         sql = f"SELECT {COLUMNS} FROM events WHERE position > ?"
-        params: list[Any] = [after]
+        params: list[Any] = []
         if until is not None:
             sql += " AND position <= ?"
             params.append(until)
@@ -322,9 +320,18 @@ class SQLiteLog(Log):
         if stream is not None:
             sql += " AND stream = ?"
             params.append(stream)
-        sql += " ORDER BY position LIMIT ?"
-        params.append(limit)
-        rows = self._query(sql, params)
+        return sql + " ORDER BY position LIMIT ?", params
+
+    def _read(
+        self,
+        after: int,
+        until: int | None,
+        types: Collection[str] | None,
+        stream: str | None,
+        limit: int,
+    ) -> tuple[list[Recorded], int]:
+        sql, params = self._select(until, types, stream)
+        rows = self._query(sql, [after, *params, limit])
         if not rows:
             return [], after
         defects: list[Defect] = []
@@ -332,6 +339,41 @@ class SQLiteLog(Log):
         if defects:
             self._note(defects)
         return out, int(rows[-1][0])
+
+    def batches(
+        self,
+        *,
+        after: int = 0,
+        until: int | None = None,
+        types: Collection[str] | None = None,
+        stream: str | None = None,
+        batch_size: int = 20_000,
+    ) -> Iterator[list[Recorded]]:
+        """As :meth:`Log.batches`; the next batch's rows are fetched in a worker thread
+        while the caller folds the current one (SQLite releases the GIL as it steps)."""
+        if types is not None and not types:
+            return
+        sql, params = self._select(until, types, stream)
+        with ThreadPoolExecutor(1, thread_name_prefix="xcore-replay-read") as pool:
+            pending: Future[list[Any]] | None = pool.submit(
+                self._query, sql, [after, *params, batch_size]
+            )
+            while pending is not None:
+                rows = pending.result()
+                if not rows:
+                    return
+                last = int(rows[-1][0])
+                pending = (
+                    pool.submit(self._query, sql, [last, *params, batch_size])
+                    if len(rows) == batch_size
+                    else None
+                )
+                defects: list[Defect] = []
+                batch = decode_rows(rows, defects)
+                if defects:
+                    self._note(defects)
+                if batch:
+                    yield batch
 
     def by_id(self, event_id: str) -> Recorded | None:
         rows = self._query(f"SELECT {COLUMNS} FROM events WHERE id = ?", (event_id,))

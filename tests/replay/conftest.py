@@ -65,3 +65,44 @@ def xcore(
     return subprocess.run(
         cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=full_env, timeout=timeout
     )
+
+
+MANY = """
+import contextlib, io, json, sys
+from kernel.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+sys.__stdout__.write(json.dumps(results))
+"""
+
+
+def xcore_many(
+    commands: list[list[str | os.PathLike[str]]],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    user: int | None = None,
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run several ``xcore`` command lines in ONE fresh process (one start-up, not many)."""
+    import json
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    argv = json.dumps([[str(a) for a in c] for c in commands])
+    cmd = [sys.executable, "-c", MANY, argv]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=full_env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return [
+        subprocess.CompletedProcess(c, r["code"], r["stdout"], r["stderr"])
+        for c, r in zip(commands, json.loads(done.stdout), strict=True)
+    ]

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.replay.conftest import ROOT, run, xcore
+from tests.replay.conftest import ROOT, run, xcore, xcore_many
 from tests.replay.scenario import TASK, Story
 
 pytestmark = pytest.mark.anyio
@@ -273,8 +273,8 @@ async def test_needs_no_plugin_folder_and_runs_no_plugin_code(story: Story, tmp_
     empty = tmp_path / "elsewhere"
     empty.mkdir()
     env = {"PYTHONPATH": str(ROOT)}
-    for args in (["state", story.path], ["verify", story.path], ["timeline", story.path]):
-        out = xcore("replay", *args, cwd=empty, env=env)
+    commands = [["state", story.path], ["verify", story.path], ["timeline", story.path]]
+    for out in xcore_many([["replay", *c] for c in commands], cwd=empty, env=env):
         assert out.returncode == 0, out.stderr
     assert list(empty.iterdir()) == []
     code = (

@@ -25,7 +25,7 @@ import pytest
 from kernel import Kernel, Settings
 from replay import open_log, state_at, verify
 from services.scheduler.events import TaskFailed, TaskStarted
-from tests.replay.conftest import ROOT, run, xcore
+from tests.replay.conftest import ROOT, run, xcore, xcore_many
 from tests.replay.scenario import TASK, Story
 
 pytestmark = pytest.mark.anyio
@@ -92,11 +92,11 @@ async def test_a_read_only_copy_is_read_and_left_exactly_as_it_was(
         ["verify", log],
         ["export", log],
     ]
-    for args in commands:
-        out = xcore("replay", *args, env=env, user=user)
+    results = xcore_many([["replay", *args] for args in commands], env=env, user=user)
+    for args, out in zip(commands, results, strict=True):
         assert out.returncode == 0, (args, out.stderr)
     assert digest(folder) == before  # same files (no -wal, no -shm), same bytes, same times
-    state = orjson.loads(xcore("replay", "state", log, "--json", env=env, user=user).stdout)
+    state = orjson.loads(results[1].stdout)
     assert state["projections"]["scheduler.tasks"]["tasks"][TASK]["failures"] == 5
 
 
@@ -161,11 +161,11 @@ async def test_replay_beside_a_kernel_that_keeps_appending(tmp_path: Path) -> No
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
                 )  # fmt: skip
+                out = await anyio.to_thread.run_sync(
+                    lambda: xcore("replay", "verify", kernel.store.location)
+                )
+                assert out.returncode == 0, out.stdout + out.stderr
                 for _ in range(3):
-                    out = await anyio.to_thread.run_sync(
-                        lambda: xcore("replay", "verify", kernel.store.location)
-                    )
-                    assert out.returncode == 0, out.stdout + out.stderr
                     with open_log(kernel.store.location) as log:
                         report = verify(log)
                         assert report.ok, report.render()
