@@ -185,14 +185,21 @@ def _es(path: Path) -> float:
     return count / elapsed
 
 
+# VmHWM (the peak resident set of this process image), not ru_maxrss: Linux carries
+# ru_maxrss over exec from the parent, which holds the whole benchmark log in memory.
 PEAK_SCRIPT = """
-import resource, sys
+import sys
 from replay import fold, open_log
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+before = hwm()
 with open_log(sys.argv[1]) as log:
     state = fold(log)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(before, after, state.folded)
+print(before, hwm(), state.folded)
 """
 
 
