@@ -275,13 +275,19 @@ def cmd_timeline(args: argparse.Namespace) -> int:
             print(painter.paint(header(), "1"))
         try:
             for r in iterate(log, after=after, until=until, keep=keep, follow=args.follow):
-                if args.json:
-                    write_json(r)
-                else:
-                    sys.stdout.write(format_row(r, painter) + "\n")
-                printed += 1
                 if args.limit is not None and printed >= args.limit:
                     break
+                try:
+                    if args.json:
+                        write_json(r)
+                    else:
+                        sys.stdout.write(format_row(r, painter) + "\n")
+                except (ValueError, KeyError, TypeError) as exc:  # orjson errors are ValueErrors
+                    log.defects.append(
+                        Defect("corrupt", r.position, f"{r.type}: metadata does not decode: {exc}")
+                    )
+                    continue
+                printed += 1
                 if args.follow:
                     sys.stdout.flush()
         except KeyboardInterrupt:

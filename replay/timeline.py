@@ -125,14 +125,25 @@ class Filter:
         return True
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+_CONTROL[ord("\n")] = " "
+
+
+def clean(text: str) -> str:
+    """``text`` without control characters: an event's data never drives the terminal."""
+    return text.translate(_CONTROL)
+
+
 def _short(value: Any, limit: int = 60) -> str:
-    text = value.replace("\n", " ") if isinstance(value, str) else orjson.dumps(value).decode()
+    text = clean(value) if isinstance(value, str) else clean(orjson.dumps(value).decode())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def summary(r: Recorded) -> str:
     d = r.data if isinstance(r.data, dict) else {"data": r.data}
-    keys = [k for k in FIRST if k in d] + sorted(k for k in d if k not in FIRST and k not in BULKY)
+    keys = [k for k in FIRST if k in d] + sorted(
+        str(k) for k in d if k not in FIRST and k not in BULKY
+    )
     parts = []
     for k in keys:
         v = d[k]
@@ -144,7 +155,7 @@ def summary(r: Recorded) -> str:
             and (k.endswith(("_at", "_run", "_for")) or k == "at")
         ):
             v = datetime.fromtimestamp(v, UTC).strftime("%H:%M:%S.%f")[:-3]
-        parts.append(f"{k}={_short(v)}")
+        parts.append(f"{clean(k)}={_short(v)}")
     if not r.known:
         parts.insert(0, "(unknown type)")
     return " ".join(parts)
@@ -152,13 +163,13 @@ def summary(r: Recorded) -> str:
 
 def format_row(r: Recorded, painter: Painter, width: int = WIDTH) -> str:
     when = datetime.fromtimestamp(r.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    stream = r.stream if len(r.stream) <= 24 else r.stream[:23] + "…"
+    stream = clean(r.stream) if len(r.stream) <= 24 else clean(r.stream[:23]) + "…"
     rest = summary(r)
     room = max(width - 85, 20)
     if len(rest) > room:
         rest = rest[: room - 1] + "…"
     position = painter.paint(f"{r.position:>8}", "1")
-    type_name = painter.paint(f"{r.type:<22}", painter.for_type(r.type))
+    type_name = painter.paint(f"{clean(r.type):<22}", painter.for_type(r.type))
     return f"{position}  {when}  {stream:<24}  {type_name}  {rest}"
 
 

@@ -52,6 +52,12 @@ def why(log: Log, position: int, *, progress: bool = False) -> Why:
         raise ReplayError(
             f"position {position} is missing from {log.location} (a gap or an unreadable row)"
         )
+    try:
+        event.meta  # noqa: B018 -- decoding it is the check
+    except ValueError as exc:
+        raise ReplayError(
+            f"position {position}: its metadata is corrupt, so its causes are unknown ({exc})"
+        ) from None
     chain = [event]
     seen = {event.meta.id}
     missing = None
@@ -61,6 +67,11 @@ def why(log: Log, position: int, *, progress: bool = False) -> Why:
         if cause_id in seen:
             break  # a cycle cannot be recorded by the kernel; stop rather than loop
         cause = log.by_id(cause_id)
+        if cause is not None:
+            try:
+                cause.meta  # noqa: B018
+            except ValueError:
+                cause = None
         if cause is None:
             missing = cause_id
             break
@@ -78,7 +89,10 @@ def why(log: Log, position: int, *, progress: bool = False) -> Why:
     try:
         for batch in log.batches(after=start):
             for r in batch:
-                m = r.meta
+                try:
+                    m = r.meta
+                except ValueError:
+                    continue  # an unreadable row: verify reports it
                 if r.position > position and m.causation_id in descendants:
                     depth = descendants[m.causation_id] + 1
                     descendants[m.id] = depth

@@ -139,3 +139,31 @@ async def test_saved_snapshots_are_compared_with_a_fresh_rebuild(tmp_path: Path)
         d for c in rep["checks"] if c["name"].startswith("saved snapshots") for d in c["defects"]
     ]
     assert d["position"] == position and "rows.hello.reloads" in d["message"]
+
+
+async def test_hostile_event_data_cannot_drive_the_terminal(story: Story) -> None:
+    evil = orjson.dumps({"task": "x\x1b[2J\x1b]0;pwned\x07", "error": "line1\nline2\r"})
+    insert(story.path, story.last + 1, "task-\x1b[31mevil", 1, "TaskFailed\x1b[0m", evil)
+    out = run("replay", "timeline", story.path, "--from", str(story.last + 1))
+    assert out.returncode == 0
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\r" not in out.stdout
+    assert "\\x1b[2J" in out.stdout  # shown, escaped
+
+
+async def test_corrupt_metadata_is_reported_not_a_crash(story: Story) -> None:
+    conn = sqlite3.connect(story.path)
+    conn.execute(
+        "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
+        " VALUES (?, 'kernel', 99, 'KernelStopped', 1, '{\"node\":\"n\",\"boot\":\"b\"}', '{oops', 'bad', 1.0)",
+        (story.last + 1,),
+    )
+    conn.commit()
+    conn.close()
+    out = run("replay", "timeline", story.path, "--json")
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == story.last
+    assert f"position {story.last + 1}: corrupt" in out.stderr
+    out = run("replay", "why", story.path, str(story.last + 1))
+    assert out.returncode == 2 and "metadata is corrupt" in out.stderr
+    assert run("replay", "why", story.path, "8").returncode == 0  # the scan skips the bad row
+    rep = report(story.path)
+    assert ("corrupt", story.last + 1) in defects(rep, "every event decodes")
