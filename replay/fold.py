@@ -14,7 +14,6 @@ source; gaps in positions are found up front by counting.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -60,14 +59,6 @@ class State:
     def view(self) -> dict[str, Any]:
         """Every projection's state as JSON-ready data, by projection name."""
         return {name: view(p) for name, p in sorted(self.projections.items())}
-
-    def copy(self) -> State:
-        return State(
-            self.position,
-            {n: copy.deepcopy(p) for n, p in self.projections.items()},
-            list(self.defects),
-            self.folded,
-        )
 
 
 def instantiate(
@@ -183,6 +174,12 @@ def fold(
             f"position {end} is past the end of {log.location} (last position {last})"
         )
     instances = instantiate(projections)
+    for p in instances.values():
+        if p.position > end:
+            raise ReplayError(
+                f"projection {p.name!r} is already at position {p.position}, past {end}: "
+                f"a fold only moves forward (start from a fresh instance)"
+            )
     before = len(log.defects)
     defects: list[Defect] = check_gaps(log, end) if gaps else []
     bar: Progress | None

@@ -65,3 +65,13 @@ def test_the_slice_in_the_repository_is_a_sound_filtered_slice() -> None:
     with open_log(Path(ROOT, "tests/replay/data/incident-42.jsonl")) as log:
         assert log.filtered and log.last_position() == 21
         assert replay.verify(log).ok
+
+
+async def test_fold_continues_a_state_and_refuses_to_go_back(story: Story) -> None:
+    with open_log(story.path) as log:
+        early = replay.fold(log, ["tasks"], until=story.at["failure1"])
+        later = replay.fold(log, list(early.projections.values()), until=story.at["failure3"])
+        assert later["scheduler.tasks"].tasks[TASK].failures == 3
+        assert later.folded == 4  # only the events in between were read
+        with pytest.raises(ReplayError, match="only moves forward"):
+            replay.fold(log, list(later.projections.values()), until=story.at["failure2"])
