@@ -66,7 +66,12 @@ def _events(n: int) -> list[tuple[str, NewEvent]]:
                     "routes-shop",
                     NewEvent.raw(
                         "RoutesMounted",
-                        {"plugin": "shop", "generation": gen, "prefix": "/app/shop", "paths": ["/x"]},
+                        {
+                            "plugin": "shop",
+                            "generation": gen,
+                            "prefix": "/app/shop",
+                            "paths": ["/x"],
+                        },
                         Meta(),
                     ),
                 )
@@ -90,7 +95,9 @@ def _events(n: int) -> list[tuple[str, NewEvent]]:
             )
         else:
             done = NewEvent.raw(
-                "TaskSucceeded", {"task": task, "run_id": rid, "attempt": 1, "duration_ms": 1.5}, Meta()
+                "TaskSucceeded",
+                {"task": task, "run_id": rid, "attempt": 1, "duration_ms": 1.5},
+                Meta(),
             )
         out.append((stream, done))
         run += 1
