@@ -198,6 +198,10 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return 0
         except KeyboardInterrupt:
             return 130
+        except OSError as exc:  # a full disk, a folder that does not exist...
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"xcore replay: error: {where}{exc.strerror or exc}", file=sys.stderr)
+            return 1
 
     return run
 
@@ -529,18 +533,26 @@ def cmd_export(args: argparse.Namespace) -> int:
         keep = _filter(args)
         needs_keep = args.plugin is not None or args.task is not None or args.stream is not None
         if args.output is not None:
-            if args.output.exists():
+            if args.output.exists() or args.output.is_symlink():
                 raise ReplayError(f"{args.output} already exists: export never overwrites a file")
-            with args.output.open("w") as out:
-                count, defects = export_slice(
-                    log,
-                    out,
-                    after=after,
-                    until=end,
-                    types=args.types,
-                    keep=keep if needs_keep else None,
-                    progress=True,
-                )
+            if not args.output.parent.is_dir():
+                raise ReplayError(f"{args.output.parent}: no such directory")
+            # written beside the target and renamed when complete: no half slice is left
+            partial = args.output.with_name(f".{args.output.name}.partial-{os.getpid()}")
+            try:
+                with partial.open("w") as out:
+                    count, defects = export_slice(
+                        log,
+                        out,
+                        after=after,
+                        until=end,
+                        types=args.types,
+                        keep=keep if needs_keep else None,
+                        progress=True,
+                    )
+                os.replace(partial, args.output)
+            finally:
+                partial.unlink(missing_ok=True)
             print(
                 f"exported {count} events (positions {after + 1}..{end}) to {args.output}",
                 file=sys.stderr,

@@ -331,3 +331,20 @@ async def test_bad_input_gets_one_line_and_exit_code_2_in_a_process(story: Story
     assert out.stderr.strip() == (
         f"xcore replay: error: position 9999 is past the end of {story.path} (last position {story.last})"
     )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+async def test_export_to_a_full_disk_fails_in_one_line_and_leaves_nothing(
+    story: Story, tmp_path: Path
+) -> None:
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "kernel.cli", "replay", "export", str(story.path)],
+            stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == "xcore replay: error: No space left on device"
+    out = run("replay", "export", story.path, "-o", tmp_path / "nope" / "x.jsonl")
+    assert out.returncode == 2 and "no such directory" in out.stderr
+    assert not (tmp_path / "nope").exists()
