@@ -224,7 +224,11 @@ def _cache(args: argparse.Namespace, log: Any) -> Any:
         return None
     from replay.cache import SnapshotCache
 
+    from replay.source import SQLiteLog
+
     c = SnapshotCache(log, args.cache_dir)
+    if not c.enabled and isinstance(log, SQLiteLog) and log.last_position():
+        print(f"xcore replay: note: snapshot cache not used: {c.problem}", file=sys.stderr)
     return c if c.enabled else None
 
 

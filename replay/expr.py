@@ -215,6 +215,8 @@ class Expression:
             return bool(self._eval(self._tree.body, {}, projections, position))
         except ReplayError:
             raise
+        except RecursionError:
+            raise ReplayError(f"expression {self.text[:80]!r}...: too deeply nested") from None
         except Exception as exc:
             raise ReplayError(
                 f"expression {self.text!r} failed at position {position}: "
@@ -388,6 +390,8 @@ def compile_expression(text: str, projection_names: Iterable[str]) -> Expression
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise ReplayError(f"bad expression {text!r}: {exc.msg} (column {exc.offset})") from None
+    except (RecursionError, MemoryError):
+        raise ReplayError("bad expression: too deeply nested") from None
     names = set(projection_names)
     roots: dict[str, str] = {}
     # dotted prefixes: "scheduler" -> namespace "scheduler"
@@ -403,4 +407,7 @@ def compile_expression(text: str, projection_names: Iterable[str]) -> Expression
     for short, full in shorts.items():
         if len(full) == 1 and short not in roots:
             roots[short] = full[0]
-    return Expression(text.strip(), tree, roots, names)
+    try:
+        return Expression(text.strip(), tree, roots, names)
+    except RecursionError:
+        raise ReplayError("bad expression: too deeply nested") from None

@@ -77,6 +77,7 @@ def test_conditions_read_state(text: str, expected: bool) -> None:
         ("", "empty"),
         ("1 +", "bad expression"),
         ("x" * 3000, "longer"),
+        ("-" * 1999 + "1", "nested"),
     ],
 )
 def test_anything_else_is_refused_before_replaying(text: str, why: str) -> None:
