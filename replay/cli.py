@@ -223,7 +223,6 @@ def _cache(args: argparse.Namespace, log: Any) -> Any:
     if getattr(args, "no_cache", False):
         return None
     from replay.cache import SnapshotCache
-
     from replay.source import SQLiteLog
 
     c = SnapshotCache(log, args.cache_dir)
