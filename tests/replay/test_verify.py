@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kernel import Kernel, Settings
+from kernel import Event, Kernel, Settings, upcaster
 from services.loader.projection import PluginTable
 from tests.replay.conftest import run
 from tests.replay.scenario import TASK, Story, loaded, write_story
@@ -167,3 +167,50 @@ async def test_corrupt_metadata_is_reported_not_a_crash(story: Story) -> None:
     assert run("replay", "why", story.path, "8").returncode == 0  # the scan skips the bad row
     rep = report(story.path)
     assert ("corrupt", story.last + 1) in defects(rep, "every event decodes")
+
+
+class Gadget(Event):
+    """Schema 2 added ``size``; the upcaster fills it for schema-1 rows."""
+
+    schema_version = 2
+    name: str
+    size: int
+
+
+@upcaster("Gadget", 1)
+def _gadget_1_to_2(data: dict) -> dict:  # type: ignore[type-arg]
+    return {**data, "size": 0}
+
+
+class Gizmo(Event):
+    """At schema 3 with no upcaster from 2: schema-2 rows cannot be read as it is now."""
+
+    schema_version = 3
+    name: str
+
+
+@upcaster("Gizmo", 1)
+def _gizmo_1_to_2(data: dict) -> dict:  # type: ignore[type-arg]
+    return data
+
+
+async def test_events_decode_after_upcasting_and_a_missing_upcaster_is_a_defect(
+    story: Story,
+) -> None:
+    conn = sqlite3.connect(story.path)
+    rows = [
+        (story.last + 1, "gadgets", 1, "Gadget", 1, b'{"name":"g"}'),
+        (story.last + 2, "gizmos", 1, "Gizmo", 2, b'{"name":"z"}'),
+    ]
+    for pos, stream, version, type_, schema, data in rows:
+        conn.execute(
+            "INSERT INTO events (position, stream, version, type, schema, data, meta, id,"
+            " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1800000000.0)",
+            (pos, stream, version, type_, schema, data, orjson.dumps({"id": f"u{pos}"}), f"u{pos}"),
+        )
+    conn.commit()
+    conn.close()
+    out = run("replay", "timeline", story.path, "--json", "--type", "Gadget")
+    assert orjson.loads(out.stdout)["data"] == {"name": "g", "size": 0}
+    rep = report(story.path)
+    assert defects(rep, "every event decodes") == [("upcast", story.last + 2)]
