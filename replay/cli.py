@@ -213,8 +213,10 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _warn(defects: list[Defect]) -> None:
+    from replay.timeline import clean
+
     for d in defects[:50]:
-        print(f"xcore replay: warning: {d}", file=sys.stderr)
+        print(f"xcore replay: warning: {clean(str(d))}", file=sys.stderr)
     if len(defects) > 50:
         print(f"xcore replay: warning: ... and {len(defects) - 50} more defects", file=sys.stderr)
 
@@ -262,7 +264,9 @@ def _describe(log: Any, position: int) -> str:
     if r is None:
         return f"position {position}"
     when = datetime.fromtimestamp(r.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    return f"position {position} ({when} UTC, {r.type} on {r.stream})"
+    from replay.timeline import clean
+
+    return f"position {position} ({when} UTC, {clean(r.type)} on {clean(r.stream)})"
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -305,6 +309,8 @@ def cmd_timeline(args: argparse.Namespace) -> int:
 
 
 def _render_tree(value: Any, painter: Any, indent: int = 0, key: str = "") -> list[str]:
+    from replay.timeline import clean
+
     pad = "  " * indent
     if isinstance(value, dict):
         if not value:
@@ -319,7 +325,8 @@ def _render_tree(value: Any, painter: Any, indent: int = 0, key: str = "") -> li
         for i, v in enumerate(value):
             lines.extend(_render_tree(v, painter, indent + 1, f"[{i}]"))
         return lines
-    text = orjson.dumps(value).decode() if not isinstance(value, str) else value
+    text = orjson.dumps(value).decode() if not isinstance(value, str) else clean(value)
+    key = clean(key)
     if (
         isinstance(value, float)
         and 1e9 < value < 4e9
@@ -521,7 +528,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(orjson.dumps(report.to_dict()).decode() + "\n")
         else:
-            print(report.render())
+            from replay.timeline import clean
+
+            print("\n".join(clean(line) for line in report.render().splitlines()))
         unknown = any(w.startswith("unknown event type") for w in report.warnings)
         if not report.ok or (args.strict and unknown):
             return EXIT_DEFECTS

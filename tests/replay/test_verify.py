@@ -148,6 +148,13 @@ async def test_hostile_event_data_cannot_drive_the_terminal(story: Story) -> Non
     assert out.returncode == 0
     assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\r" not in out.stdout
     assert "\\x1b[2J" in out.stdout  # shown, escaped
+    for args in (
+        ["state", story.path],
+        ["verify", story.path],
+        ["why", story.path, str(story.last + 1)],
+    ):
+        out = run("replay", *args)
+        assert "\x1b" not in out.stdout + out.stderr and "\x07" not in out.stdout + out.stderr, args
 
 
 async def test_corrupt_metadata_is_reported_not_a_crash(story: Story) -> None:
