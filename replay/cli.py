@@ -419,7 +419,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_why(args: argparse.Namespace) -> int:
-    from replay.timeline import format_row
+    from replay.timeline import clean, format_row
     from replay.why import why
 
     text = str(args.position).strip()
@@ -443,16 +443,20 @@ def cmd_why(args: argparse.Namespace) -> int:
         m = origin.meta
         print(painter.paint(f"why {_describe(log, w.event.position)}", "1"))
         if w.missing_cause:
-            print(f"origin: not in this log (caused by event id {w.missing_cause})")
+            print(clean(f"origin: not in this log (caused by event id {w.missing_cause})"))
         else:
+            from replay.timeline import clean
+
             print(
-                f"origin: {origin.type} at position {origin.position}, actor "
-                f"{m.actor or 'unknown'}, node {m.node or '?'}"
+                clean(
+                    f"origin: {origin.type} at position {origin.position}, actor "
+                    f"{m.actor or 'unknown'}, node {m.node or '?'}"
+                )
             )
         print(painter.paint("chain of causes:", "1"))
         for i, r in enumerate(w.chain):
             mark = "=>" if r.position == w.event.position else ("  " if i == 0 else "->")
-            actor = f"  actor={r.meta.actor}" if r.meta.actor else ""
+            actor = f"  actor={clean(r.meta.actor)}" if r.meta.actor else ""
             print(f"  {mark} {format_row(r, painter)}{actor}")
         print(painter.paint("what it caused:", "1"))
         if not w.effects:
