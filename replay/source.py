@@ -17,6 +17,8 @@ Mechanism (SQLite): how a file is opened depends on what lies beside it.
   left exactly as it was.
 
 ``--follow`` reopens the file when a kernel starts writing it (a ``-wal`` appears).
+Batches are fetched on a second read-only connection, in a worker thread, while the
+caller folds the batch before (SQLite releases the GIL as it steps through rows).
 
 Sources are chosen by :func:`open_log` from the target: a path to an SQLite file, or a
 ``.jsonl`` slice written by ``replay export``. A PostgreSQL DSN would be a third source
@@ -32,6 +34,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
+import threading
 from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -211,6 +214,9 @@ class SQLiteLog(Log):
         self.path = Path(path)
         self.location = str(self.path)
         self._tmp: Path | None = None
+        self._batch_conn: sqlite3.Connection | None = None
+        self._batch_lock = threading.Lock()
+        self._uri = ""
         self.mode = ""
         _check_regular_sqlite(self.path)
         self._conn = self._connect()
@@ -241,6 +247,7 @@ class SQLiteLog(Log):
         else:
             self.mode = "immutable"
             uri = f"{target.as_uri()}?immutable=1"
+        self._uri = uri
         try:
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
             conn.execute("PRAGMA query_only=1")
@@ -281,9 +288,25 @@ class SQLiteLog(Log):
             self._tmp = None
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.close()
+        for conn in (self._conn, self._batch_conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._batch_conn = None
         self._drop_tmp()
+
+    def _batch_query(self, sql: str, params: Any) -> list[Any]:
+        """A read on the connection of batch reads (used from the prefetch thread only,
+        so the two threads never share a connection)."""
+        with self._batch_lock:  # two batch readers alive at once take turns
+            if self._batch_conn is None:
+                conn = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+                conn.execute("PRAGMA query_only=1")
+                self._batch_conn = conn
+            try:
+                return self._batch_conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise ReplayError(f"{self.path}: read failed: {exc}") from None
 
     def refresh(self) -> None:
         if self.mode == "live":
@@ -356,7 +379,7 @@ class SQLiteLog(Log):
         sql, params = self._select(until, types, stream)
         with ThreadPoolExecutor(1, thread_name_prefix="xcore-replay-read") as pool:
             pending: Future[list[Any]] | None = pool.submit(
-                self._query, sql, [after, *params, batch_size]
+                self._batch_query, sql, [after, *params, batch_size]
             )
             while pending is not None:
                 rows = pending.result()
@@ -364,7 +387,7 @@ class SQLiteLog(Log):
                     return
                 last = int(rows[-1][0])
                 pending = (
-                    pool.submit(self._query, sql, [last, *params, batch_size])
+                    pool.submit(self._batch_query, sql, [last, *params, batch_size])
                     if len(rows) == batch_size
                     else None
                 )
