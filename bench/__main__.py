@@ -20,6 +20,7 @@ MODULES = [
     "bench.ui",
     "bench.monitor",
     "bench.sandbox",
+    "bench.replay",
 ]
 
 
