@@ -75,6 +75,11 @@ def xcore_version() -> str:
 def store_from_settings(settings: Settings) -> EventStore:
     if settings.store == "memory":
         return MemoryStore()
+    if settings.store == "postgres":
+        from kernel.store.postgres import PostgresStore
+
+        assert settings.dsn is not None  # the settings refuse postgres without a dsn
+        return PostgresStore(settings.dsn.get_secret_value(), scope=settings.node)
     return SQLiteStore(settings.database_path, synchronous=settings.synchronous)
 
 

@@ -39,7 +39,7 @@ from kernel.errors import StoreClosed, StoreCorrupt, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot
 from kernel.store.postgres_follow import Follower
-from kernel.store.postgres_writer import COLUMNS, PostgresWriter
+from kernel.store.postgres_writer import COLUMNS, CONNECTION_ERRORS, PostgresWriter
 from kernel.store.tail import Tail
 
 __all__ = ["FORMAT", "PostgresStore", "redact_dsn"]
@@ -103,19 +103,6 @@ UPSERT_SNAPSHOT = (
     " schema = excluded.schema, state = excluded.state"
 )
 
-#: Errors after which a connection is gone but a new one may work.
-CONNECTION_ERRORS: Final = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.ConnectionFailureError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    TimeoutError,
-)
-
 
 def redact_dsn(dsn: str) -> str:
     """``dsn`` without its password, for messages and logs."""
@@ -133,9 +120,7 @@ def redact_dsn(dsn: str) -> str:
         )
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     # key=value form
-    return " ".join(
-        "password=***" if w.lower().startswith("password=") else w for w in dsn.split()
-    )
+    return " ".join("password=***" if w.lower().startswith("password=") else w for w in dsn.split())
 
 
 def _user_of(dsn: str) -> str:
@@ -188,9 +173,7 @@ class PostgresStore:
     async def connect(self) -> asyncpg.Connection:
         """A new connection, with the failure explained (server, credentials, database)."""
         try:
-            conn: asyncpg.Connection = await asyncpg.connect(
-                self.dsn, timeout=self.connect_timeout
-            )
+            conn: asyncpg.Connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
         except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as e:
             raise StoreError(
                 f"PostgreSQL at {self.location} refused the credentials of user "
@@ -273,7 +256,7 @@ class PostgresStore:
                         f"PostgreSQL at {self.location} holds a log written by a newer xcore "
                         f"(log format {found}; this version reads format {FORMAT})"
                     )
-                if TABLES <= tables:
+                if tables >= TABLES:
                     return
             await conn.execute(SCHEMA)
             await conn.execute(
@@ -328,7 +311,9 @@ class PostgresStore:
                         f"{self.location}: {what} failed, the server could not be reached "
                         f"for {self.reconnect_timeout:g}s: {type(exc).__name__}: {exc}"
                     ) from exc
-                log.warning("%s: %s failed (%s); retrying in %.2fs", self.location, what, exc, delay)
+                log.warning(
+                    "%s: %s failed (%s); retrying in %.2fs", self.location, what, exc, delay
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

@@ -92,7 +92,9 @@ class Follower:
         try:
             self.raise_target(int(payload))
         except ValueError:
-            log.warning("%s: ignored a notification %r on %s", self.store.location, payload, channel)
+            log.warning(
+                "%s: ignored a notification %r on %s", self.store.location, payload, channel
+            )
 
     def _on_lost(self, conn: Any) -> None:
         self._lost.set()
@@ -119,7 +121,9 @@ class Follower:
             old, self._listener = self._listener, None
             if old is not None:
                 old.terminate()
-            log.warning("%s: the notification connection was lost; reconnecting", self.store.location)
+            log.warning(
+                "%s: the notification connection was lost; reconnecting", self.store.location
+            )
 
             async def reopen() -> None:
                 try:

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
@@ -31,9 +31,24 @@ from kernel.store.base import ANY, describe_expected
 if TYPE_CHECKING:
     from kernel.store.postgres import PostgresStore
 
-__all__ = ["COLUMNS", "PostgresWriter"]
+__all__ = ["COLUMNS", "CONNECTION_ERRORS", "PostgresWriter"]
 
 log = logging.getLogger("xcore.store")
+
+#: Errors after which a connection is gone but a new one may work.
+CONNECTION_ERRORS: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ConnectionFailureError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    # a connection the server dropped mid-operation can be left in a broken state
+    asyncpg.exceptions.InternalClientError,
+    TimeoutError,
+)
 
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
 INSERT = (
@@ -81,9 +96,7 @@ class _Outcome:
 class PostgresWriter:
     """Batches this node's concurrent writes into single ordered transactions."""
 
-    def __init__(
-        self, store: PostgresStore, on_commit: Callable[[list[Recorded]], None]
-    ) -> None:
+    def __init__(self, store: PostgresStore, on_commit: Callable[[list[Recorded]], None]) -> None:
         self.store = store
         self._on_commit = on_commit
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
@@ -171,9 +184,13 @@ class PostgresWriter:
             try:
                 await self._commit_with_retry(batch)
             except BaseException as exc:  # never leave an appender waiting forever
-                error = exc if isinstance(exc, StoreError) else StoreError(
-                    f"{self.store.location}: append failed, nothing was written: "
-                    f"{type(exc).__name__}: {exc}"
+                error = (
+                    exc
+                    if isinstance(exc, StoreError)
+                    else StoreError(
+                        f"{self.store.location}: append failed, nothing was written: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
                 )
                 if not isinstance(exc, StoreError):
                     log.exception("event log writer failed on %s", self.store.location)
@@ -194,9 +211,10 @@ class PostgresWriter:
                 conn = self._conn = await self._reconnect()
             try:
                 return await self._commit(conn, batch)
-            except BaseException:
-                if conn.is_closed():
-                    self._conn = None
+            except CONNECTION_ERRORS:
+                # a new connection next time; the ids check makes running again safe
+                conn.terminate()
+                self._conn = None
                 raise
 
         outcome = await self.store.retrying("append", attempt)
@@ -243,7 +261,9 @@ class PostgresWriter:
             ) from exc
         return out
 
-    async def _insert(self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome) -> None:
+    async def _insert(
+        self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome
+    ) -> None:
         store = self.store
         # the order of commits is the order of positions: one writer at a time, cluster-wide
         await conn.execute("SELECT pg_advisory_xact_lock($1)", store.lock_key)

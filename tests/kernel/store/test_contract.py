@@ -26,9 +26,7 @@ def note(text: str, meta: Meta | None = None) -> NewEvent:
     return NewEvent.of(Noted(text=text), meta)
 
 
-@pytest.fixture(
-    params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
     async with AsyncExitStack() as stack:
         s: EventStore
