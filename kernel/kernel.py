@@ -35,6 +35,7 @@ from kernel.events import (
 )
 from kernel.http import HttpSurface
 from kernel.logging import flush_logging
+from kernel.placement import Alone, Placement
 from kernel.projections import Projection, Projector
 from kernel.runtime import PluginDirectory
 from kernel.services import Service, discover_services
@@ -103,6 +104,8 @@ class Kernel:
         self.http = HttpSurface()
         #: Loaded plugin generations (published by the loader, read by other services).
         self.plugins = PluginDirectory()
+        #: Which node claims once-only work first (the cluster service replaces it).
+        self.placement: Placement = Alone()
         self.started = False
         self._store_ready = False
         self._stack: AsyncExitStack | None = None

@@ -56,6 +56,7 @@ log = logging.getLogger("xcore.scheduler")
 
 _PLUGIN_EVENTS = (PluginLoaded, PluginUnloaded, PluginReloaded)
 _REQUESTS = (TaskRunRequested, TaskPauseRequested, TaskResumeRequested)
+_PLUGIN_TYPES = frozenset(e.type_name for e in _PLUGIN_EVENTS)
 
 
 @dataclass
@@ -138,6 +139,8 @@ class SchedulerService:
         pending = []
         for row in self.table.tasks.values():
             for info in row.running.values():
+                if kernel.placement.shared and info.node not in (None, kernel.node):
+                    continue  # another node's run (a cluster): the cluster service watches it
                 event = TaskFailed(
                     task=row.id,
                     run_id=info.run_id,
@@ -303,6 +306,8 @@ class SchedulerService:
     async def _on_event(self, r: Recorded) -> None:
         kernel = self._kernel()
         d = r.data
+        if r.type in _PLUGIN_TYPES and kernel.placement.shared and r.meta.node != kernel.node:
+            return  # another node's plugins (a cluster): its own scheduler follows them
         if r.type in ("PluginLoaded", "PluginReloaded"):
             rt = kernel.plugins.find(d["name"], d["generation"])
             if rt is None:
