@@ -117,6 +117,15 @@ class LoaderService:
         if record.meta.actor == ACTOR:
             return  # our own PluginEnabled (after an install), already acted upon
         event = record.event
+        kernel = loader.kernel
+        if (
+            kernel.placement.shared
+            and record.meta.node != kernel.node
+            and (isinstance(event, PluginInstallRequested) or record.meta.actor == "cluster")
+        ):
+            # a cluster: an install reads a path local to the node that received it, and
+            # the cluster service spreads its result; "cluster" requests are node-local
+            return
         await loader.kernel.settle(record.position)
         async with loader.lock:
             if isinstance(event, PluginReloadRequested):
