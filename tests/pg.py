@@ -53,6 +53,9 @@ async def pg_schema() -> AsyncIterator[str]:
     try:
         yield with_schema(base, schema)
     finally:
+        if os.environ.get("XCORE_TEST_PG_KEEP"):  # to look at it after a failure
+            print(f"kept schema {schema}")
+            return
         conn = await asyncpg.connect(base)
         try:
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -391,9 +391,14 @@ class PostgresStore:
         return Recorded.from_rows(rows)
 
     async def last_position(self) -> int:
+        """The newest position this node has followed (its tail), not the server's.
+
+        Readers pair it with :meth:`read` (a subscription skips past filtered-out events
+        up to it), so it must never be ahead of what a read can return; the follower
+        brings it to the server's last position within a notification.
+        """
         self._check_open()
-        rows = await self._fetch("SELECT COALESCE(MAX(position), 0) FROM events")
-        return max(int(rows[0][0]), self._tail.last_position)
+        return self._tail.last_position
 
     async def stream_version(self, stream: str) -> int:
         self._check_open()
