@@ -60,9 +60,9 @@ def ticker_plugin(folder: Path, tasks: int, runs_file: Path) -> None:
                         os.write(fd, line.encode())
                     finally:
                         os.close(fd)
-                    await asyncio.sleep(0.4)  # runs are in progress when a node dies
+                    await asyncio.sleep(0.8)  # runs are in progress when a node dies
                 tick.__name__ = f"t{{i}}"
-                return task(every="1s", misfire="run_once")(tick)
+                return task(every="1s", misfire="run_once", max_instances=3)(tick)
 
             for _i in range({tasks}):
                 globals()[f"t{{_i}}"] = make(_i)
@@ -156,16 +156,24 @@ def run_scheduling(tmp_path: Path, tasks: int, seconds: float) -> None:
         for server in nodes.values():
             listed = wait_for(
                 lambda s=server: (
-                    r := httpx.get(f"{s.url}/admin/nodes", headers=AUTH, timeout=10).json()
-                )
-                and len(r["alive"]) == 3
-                and r,
+                    (r := httpx.get(f"{s.url}/admin/nodes", headers=AUTH, timeout=10).json())
+                    and len(r["alive"]) == 3
+                    and r
+                ),
                 30,
                 "three live nodes",
             )
             assert {n["node"] for n in listed["nodes"]} == {"a", "b", "c"}
         time.sleep(seconds / 2)
-        c_runs = httpx.get(f"{c.url}/admin/nodes/c", headers=AUTH, timeout=10).json()
+        # kill c while it holds runs (its code is sleeping in them)
+        c_runs = wait_for(
+            lambda: (
+                (r := httpx.get(f"{c.url}/admin/nodes/c", headers=AUTH, timeout=10).json())["runs"]
+                and r
+            ),
+            30,
+            "c to hold runs",
+        )
         killed_at = time.time()
         os.kill(c.process.pid, signal.SIGKILL)
         c.process.wait()
@@ -250,10 +258,9 @@ def test_plugins_are_the_same_on_every_node(tmp_path: Path) -> None:
         for server in (a, b, c):
             body = wait_for(
                 lambda s=server: (
-                    r := httpx.get(f"{s.url}/app/greet/hi", timeout=10)
-                ).status_code
-                == 200
-                and r.json(),
+                    (r := httpx.get(f"{s.url}/app/greet/hi", timeout=10)).status_code == 200
+                    and r.json()
+                ),
                 60,
                 f"the plugin on {server.url}",
             )
@@ -263,14 +270,16 @@ def test_plugins_are_the_same_on_every_node(tmp_path: Path) -> None:
         reloaded = httpx.post(f"{b.url}/admin/plugins/greet/reload", headers=AUTH, timeout=60)
         assert reloaded.status_code == 200, reloaded.text
         by_node = wait_for(
-            lambda: {
-                e["meta"]["node"]
-                for e in events(a, type="PluginReloaded")
-                if e["meta"]["actor"] != "cluster"
-                and e["meta"]["causation_id"] is not None
-                and e["data"]["name"] == "greet"
-            }
-            >= {"a", "b", "c"},
+            lambda: (
+                {
+                    e["meta"]["node"]
+                    for e in events(a, type="PluginReloaded")
+                    if e["meta"]["actor"] != "cluster"
+                    and e["meta"]["causation_id"] is not None
+                    and e["data"]["name"] == "greet"
+                }
+                >= {"a", "b", "c"}
+            ),
             60,
             "a reload on every node",
         )
@@ -283,8 +292,10 @@ def test_plugins_are_the_same_on_every_node(tmp_path: Path) -> None:
         # a node that starts later materializes it before it loads its plugins
         with start_node(tmp_path, "d", dsn, tmp_path / "plugins-d") as d:
             body = wait_for(
-                lambda: (r := httpx.get(f"{d.url}/app/greet/hi", timeout=10)).status_code == 200
-                and r.json(),
+                lambda: (
+                    (r := httpx.get(f"{d.url}/app/greet/hi", timeout=10)).status_code == 200
+                    and r.json()
+                ),
                 60,
                 "the plugin on the late node",
             )
