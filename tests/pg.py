@@ -55,9 +55,9 @@ async def pg_schema() -> AsyncIterator[str]:
     finally:
         if os.environ.get("XCORE_TEST_PG_KEEP"):  # to look at it after a failure
             print(f"kept schema {schema}")
-            return
-        conn = await asyncpg.connect(base)
-        try:
-            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        finally:
-            await conn.close()
+        else:
+            conn = await asyncpg.connect(base)
+            try:
+                await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+            finally:
+                await conn.close()

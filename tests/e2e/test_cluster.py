@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import os
 import signal
 import textwrap
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from tests.e2e.server import Server, serve
@@ -211,7 +211,7 @@ def run_scheduling(tmp_path: Path, tasks: int, seconds: float) -> None:
     for task, dues in per_task.items():
         dues.sort()
         window = [d for d in dues if d < stopped_at - 2]
-        gaps = [round(b - a, 3) for a, b in zip(window, window[1:], strict=False)]
+        gaps = [round(b - a, 3) for a, b in itertools.pairwise(window)]
         assert all(g == 1.0 for g in gaps), f"{task}: holes in its runs: {gaps}"
         assert any(d > killed_at + 5 for d in window), f"{task} stopped after the kill"
 
@@ -300,4 +300,3 @@ def test_plugins_are_the_same_on_every_node(tmp_path: Path) -> None:
                 "the plugin on the late node",
             )
             assert body == {"text": "hello from a"}
-    _ = orjson  # the events endpoint returns JSON already decoded by httpx
