@@ -1,0 +1,106 @@
+"""Nodes on one PostgreSQL log: heartbeats, a lost node recorded once, its runs failed."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import anyio
+import pytest
+
+from kernel import Kernel
+from kernel.events import Meta, NewEvent
+from kernel.settings import Settings
+from kernel.store.postgres import PostgresStore
+from services.cluster.events import NodeStarted, node_stream
+from services.cluster.placement import Rendezvous
+from services.cluster.projection import ClusterView
+from services.cluster.service import ClusterService
+from services.scheduler.events import TaskStarted
+
+pytestmark = pytest.mark.postgres
+
+
+def node_settings(dsn: str, node: str) -> Settings:
+    return Settings(
+        store="postgres",
+        dsn=dsn,
+        node=node,
+        services={"cluster": {"heartbeat_s": 0.2, "stale_after_s": 1.0}},
+    )
+
+
+async def plant_a_dead_node(dsn: str) -> None:
+    """A node 'ghost' that started, claimed a run, and died long ago."""
+    store = PostgresStore(dsn)
+    await store.open()
+    meta = {"node": "ghost", "boot": "g0"}
+    started = NodeStarted(
+        node="ghost",
+        boot="g0",
+        version="0",
+        pid=1,
+        host="h",
+        port=1,
+        heartbeat_s=0.2,
+        stale_after_s=1.0,
+    )
+    await store.append([NewEvent.of(started, Meta(**meta))], stream=node_stream("ghost"))
+    run = TaskStarted(task="p.t", run_id="r1", scheduled_for=time.time())
+    await store.append([NewEvent.of(run, Meta(**meta))], stream="task-p.t")
+    await store.close()
+
+
+async def test_a_dead_node_is_recorded_lost_once_and_its_runs_failed(pg_dsn: str) -> None:
+    await plant_a_dead_node(pg_dsn)
+    services = [ClusterService(), ClusterService()]
+    async with (
+        Kernel(node_settings(pg_dsn, "a"), services=[services[0]]) as a,
+        Kernel(node_settings(pg_dsn, "b"), services=[services[1]]) as b,
+    ):
+        with anyio.fail_after(60):
+            while not await a.read(types=["NodeLost"]):
+                await anyio.sleep(0.05)
+            await anyio.sleep(1.5)  # both survivors had time to try
+            lost = await a.read(types=["NodeLost"])
+            assert [r.data["node"] for r in lost] == ["ghost"]
+            assert lost[0].data["by"] in ("a", "b")
+            assert lost[0].data["runs_failed"] == ["r1"]
+            failed = await a.read(types=["TaskFailed"])
+            assert [(r.data["run_id"], r.data["kind"]) for r in failed] == [("r1", "node_lost")]
+            assert "node lost: ghost" in failed[0].data["error"]
+            await b.settle()
+            view = services[1].describe()
+            states = {n["node"]: n["state"] for n in view["nodes"]}
+            assert states == {"ghost": "lost", "a": "up", "b": "up"}
+            assert view["alive"] == ["a", "b"]
+            ghost = next(n for n in view["nodes"] if n["node"] == "ghost")
+            assert ghost["runs"] == []  # failed: no longer held
+        await b.stop()
+        with anyio.fail_after(30):
+            # a node that stopped cleanly is not lost
+            await anyio.sleep(1.5)
+            assert [r.data["node"] for r in await a.read(types=["NodeLost"])] == ["ghost"]
+            assert [r.data["node"] for r in await a.read(types=["NodeStopped"])] == ["b"]
+            await a.settle()
+            rows = {n["node"]: n for n in services[0].describe()["nodes"]}
+            assert rows["b"]["state"] == "stopped"
+            assert rows["a"]["last_heartbeat"] is not None
+
+
+def test_tasks_spread_over_the_live_nodes() -> None:
+    view = ClusterView()
+    now = time.time()
+    for name in ("a", "b", "c"):
+        row = view.node(name)
+        row.last_heartbeat = now
+    first = Counter(Rendezvous(view, "a", 0.2).rank(f"task-{i}")[0] for i in range(300))
+    assert set(first) == {"a", "b", "c"} and min(first.values()) > 50
+    # every node agrees on the ranking, and the delays follow it
+    for i in range(20):
+        ranks = {n: Rendezvous(view, n, 0.2).rank(f"t{i}") for n in "abc"}
+        assert ranks["a"] == ranks["b"] == ranks["c"]
+        assert sorted(Rendezvous(view, n, 0.2).delay(f"t{i}") for n in "abc") == [0.0, 0.2, 0.4]
+    # a stale node drops out of the ranking
+    view.nodes["c"].last_heartbeat = now - 60
+    assert "c" not in Rendezvous(view, "a", 0.2).rank("x")
