@@ -104,3 +104,26 @@ def test_tasks_spread_over_the_live_nodes() -> None:
     # a stale node drops out of the ranking
     view.nodes["c"].last_heartbeat = now - 60
     assert "c" not in Rendezvous(view, "a", 0.2).rank("x")
+
+
+async def test_two_survivors_racing_record_the_loss_once(pg_dsn: str) -> None:
+    await plant_a_dead_node(pg_dsn)
+    services = [ClusterService(), ClusterService()]
+    slow = {"cluster": {"heartbeat_s": 0.2, "stale_after_s": 3600.0}}  # no watcher acts
+
+    def settings(node: str) -> Settings:
+        return Settings(store="postgres", dsn=pg_dsn, node=node, services=slow)
+
+    async with (
+        Kernel(settings("a"), services=[services[0]]) as a,
+        Kernel(settings("b"), services=[services[1]]) as b,
+    ):
+        await a.settle()
+        await b.settle()
+        with anyio.fail_after(30):
+            # both decide from the same view, at the same time
+            async with anyio.create_task_group() as tg:
+                for s in services:
+                    tg.start_soon(s._declare_lost, "ghost")
+            assert len(await a.read(types=["NodeLost"])) == 1
+            assert len(await a.read(types=["TaskFailed"])) == 1
