@@ -42,7 +42,7 @@ def test_an_archive_materializes_the_same_tree(tmp_path: Path) -> None:
 
 def test_a_tampered_archive_changes_nothing(tmp_path: Path) -> None:
     source = plugin(tmp_path / "a" / "demo")
-    digest, data = pack(source, limit=1 << 20)
+    digest, _ = pack(source, limit=1 << 20)
     target_dir = tmp_path / "b"
     (target_dir / "demo").mkdir(parents=True)
     (target_dir / "demo" / "run.py").write_text("old = True\n")
