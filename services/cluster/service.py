@@ -197,6 +197,8 @@ class ClusterService:
         view = self.view
         assert view is not None
         row = view.nodes[node]
+        if row.state != "up":
+            return
         runs = list(row.runs.values())
         try:
             await kernel.append(

@@ -30,7 +30,7 @@ def node_settings(dsn: str, node: str) -> Settings:
     )
 
 
-async def plant_a_dead_node(dsn: str) -> None:
+async def plant_a_dead_node(dsn: str, stale_after: float = 1.0) -> None:
     """A node 'ghost' that started, claimed a run, and died long ago."""
     store = PostgresStore(dsn)
     await store.open()
@@ -43,7 +43,7 @@ async def plant_a_dead_node(dsn: str) -> None:
         host="h",
         port=1,
         heartbeat_s=0.2,
-        stale_after_s=1.0,
+        stale_after_s=stale_after,
     )
     await store.append([NewEvent.of(started, Meta(**meta))], stream=node_stream("ghost"))
     run = TaskStarted(task="p.t", run_id="r1", scheduled_for=time.time())
@@ -107,9 +107,9 @@ def test_tasks_spread_over_the_live_nodes() -> None:
 
 
 async def test_two_survivors_racing_record_the_loss_once(pg_dsn: str) -> None:
-    await plant_a_dead_node(pg_dsn)
+    await plant_a_dead_node(pg_dsn, stale_after=3600)  # no watcher acts by itself
     services = [ClusterService(), ClusterService()]
-    slow = {"cluster": {"heartbeat_s": 0.2, "stale_after_s": 3600.0}}  # no watcher acts
+    slow = {"cluster": {"heartbeat_s": 0.2, "stale_after_s": 3600.0}}
 
     def settings(node: str) -> Settings:
         return Settings(store="postgres", dsn=pg_dsn, node=node, services=slow)
