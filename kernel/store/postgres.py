@@ -93,6 +93,10 @@ CREATE TABLE IF NOT EXISTS archives (
 );
 """
 
+#: Our statements are prepared once and run with id and stream arrays of every size: a
+#: generic plan would scan the whole log for ``id = ANY($1)``; plan each run instead.
+SERVER_SETTINGS: Final = {"plan_cache_mode": "force_custom_plan", "application_name": "xcore"}
+
 UPSERT_CHECKPOINT = (
     "INSERT INTO checkpoints (scope, name, position) VALUES ($1, $2, $3)"
     " ON CONFLICT (scope, name) DO UPDATE SET position = excluded.position"
@@ -170,10 +174,14 @@ class PostgresStore:
 
     # -- opening and closing -------------------------------------------------------
 
-    async def connect(self) -> asyncpg.Connection:
+    async def connect(self, settings: dict[str, str] | None = None) -> asyncpg.Connection:
         """A new connection, with the failure explained (server, credentials, database)."""
         try:
-            conn: asyncpg.Connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+            conn: asyncpg.Connection = await asyncpg.connect(
+                self.dsn,
+                timeout=self.connect_timeout,
+                server_settings={**SERVER_SETTINGS, **(settings or {})},
+            )
         except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as e:
             raise StoreError(
                 f"PostgreSQL at {self.location} refused the credentials of user "
@@ -211,7 +219,11 @@ class PostgresStore:
             await conn.close()
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self.pool_size, timeout=self.connect_timeout
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                server_settings=SERVER_SETTINGS,
             )
         except CONNECTION_ERRORS as e:
             raise StoreError(f"cannot reach the PostgreSQL server of {self.location}: {e}") from e

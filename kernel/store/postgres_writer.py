@@ -8,7 +8,7 @@ last position, the versions of the streams it touches and which event ids are al
 stored, then inserts the batch in one statement and notifies the other nodes.
 
 Nothing is cached between batches: other nodes write too. A connection lost mid-batch
-is replaced and the batch is run again; because every id is checked against the log
+is replaced and the batch is run again; because then every id is checked against the log
 first, a batch whose commit did succeed before the loss is not stored twice.
 """
 
@@ -50,12 +50,25 @@ CONNECTION_ERRORS: Final = (
     TimeoutError,
 )
 
+#: The writer only looks rows up by index (ids, stream versions, the last position); a
+#: log that grew since its statistics were taken must not make it scan the whole table.
+WRITER_SETTINGS: Final = {"enable_seqscan": "off"}
+
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
+#: Read under the ordering lock (its snapshot is taken after the lock is held).
+HEAD = (
+    "SELECT 0, NULL::text, COALESCE(MAX(position), 0) FROM events"
+    " UNION ALL SELECT 1, stream, MAX(version) FROM events"
+    " WHERE stream = ANY($1::text[]) GROUP BY stream"
+    " UNION ALL SELECT 2, id, 0 FROM events WHERE id = ANY($2::text[])"
+)
 INSERT = (
     "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
     " SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::int[],"
     " $6::bytea[], $7::bytea[], $8::text[], $9::float8[])"
 )
+#: The batch's rows, and the notification of its last position (sent at commit).
+INSERT_NOTIFY = f"WITH inserted AS ({INSERT} RETURNING 1) SELECT pg_notify($10, $11)"
 
 
 @dataclass(eq=False)
@@ -104,7 +117,7 @@ class PostgresWriter:
         self._conn: asyncpg.Connection | None = None
 
     async def start(self) -> None:
-        self._conn = await self.store.connect()
+        self._conn = await self.store.connect(WRITER_SETTINGS)
         self._task = asyncio.create_task(self._write_loop(), name="xcore-pg-writer")
 
     async def stop(self) -> None:
@@ -204,13 +217,19 @@ class PostgresWriter:
                 return
 
     async def _commit_with_retry(self, batch: list[_Append | _Put]) -> None:
+        tries = 0
+
         async def attempt() -> _Outcome:
+            nonlocal tries
+            tries += 1
+            # run again after a lost connection: its commit may have succeeded
+            again = tries > 1
             conn = self._conn
             if conn is None or conn.is_closed():
                 self._conn = None
                 conn = self._conn = await self._reconnect()
             try:
-                return await self._commit(conn, batch)
+                return await self._commit(conn, batch, again)
             except CONNECTION_ERRORS:
                 # a new connection next time; the ids check makes running again safe
                 conn.terminate()
@@ -238,21 +257,32 @@ class PostgresWriter:
 
     async def _reconnect(self) -> asyncpg.Connection:
         try:
-            return await self.store.connect()
+            return await self.store.connect(WRITER_SETTINGS)
         except StoreError as exc:
             # unreachable for now: let retrying() back off and try again
             raise OSError(str(exc)) from exc
 
-    async def _commit(self, conn: asyncpg.Connection, batch: list[_Append | _Put]) -> _Outcome:
+    async def _commit(
+        self, conn: asyncpg.Connection, batch: list[_Append | _Put], again: bool
+    ) -> _Outcome:
         appends = [o for o in batch if isinstance(o, _Append)]
         puts = [o for o in batch if isinstance(o, _Put)]
         out = _Outcome()
         try:
-            async with conn.transaction():
+            # BEGIN and (for appends) the ordering lock in one trip to the server
+            lock = f"; SELECT pg_advisory_xact_lock({int(self.store.lock_key)})" if appends else ""
+            await conn.execute("BEGIN" + lock)
+            try:
                 if appends:
-                    await self._insert(conn, appends, out)
+                    await self._insert(conn, appends, out, again)
                 for p in puts:
                     await conn.execute(p.sql, *p.params)
+                await conn.execute("COMMIT")
+            except BaseException:
+                if not conn.is_closed() and conn.is_in_transaction():
+                    with contextlib.suppress(Exception):
+                        await conn.execute("ROLLBACK")
+                raise
         except asyncpg.PostgresError as exc:
             if isinstance(exc, asyncpg.PostgresConnectionError):
                 raise
@@ -262,25 +292,25 @@ class PostgresWriter:
         return out
 
     async def _insert(
-        self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome
+        self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome, again: bool
     ) -> None:
+        """Inside the transaction, under the ordering lock: decide, insert, notify."""
         store = self.store
-        # the order of commits is the order of positions: one writer at a time, cluster-wide
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", store.lock_key)
-        position = int(await conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
-        ids = list({e.meta.id for o in appends for e in o.events})
-        existing = {
-            r[0] for r in await conn.fetch("SELECT id FROM events WHERE id = ANY($1::text[])", ids)
-        }
+        # ids the caller chose may be in the log already; fresh ones only if this batch
+        # is run again (its first commit may have succeeded before the connection broke)
+        ids = list({e.meta.id for o in appends for e in o.events if again or e.explicit_id})
         streams = list({o.stream for o in appends})
-        versions = {
-            r[0]: int(r[1])
-            for r in await conn.fetch(
-                "SELECT stream, MAX(version) FROM events WHERE stream = ANY($1::text[])"
-                " GROUP BY stream",
-                streams,
-            )
-        }
+        position = 0
+        versions: dict[str, int] = {}
+        existing: set[str] = set()
+        # the last position, the streams' versions and the ids already stored: one trip
+        for kind, key, value in await conn.fetch(HEAD, streams, ids):
+            if kind == 0:
+                position = int(value)
+            elif kind == 1:
+                versions[key] = int(value)
+            else:
+                existing.add(key)
         now = time.time()
         cols: list[list[Any]] = [[] for _ in range(9)]
         in_batch: set[str] = set()
@@ -315,8 +345,7 @@ class PostgresWriter:
             out.results.append((o, records))
             out.committed.extend(records)
         if out.committed:
-            await conn.execute(INSERT, *cols)
-            await conn.execute("SELECT pg_notify($1, $2)", store.channel, str(position))
+            await conn.execute(INSERT_NOTIFY, *cols, store.channel, str(position))
 
     async def _by_ids(self, ids: list[str]) -> list[Recorded]:
         rows = await self.store._fetch(
