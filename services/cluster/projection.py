@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kernel import Projection, Recorded, handles
+from kernel.errors import XcoreError
 
-__all__ = ["ClusterView", "HeldRun", "NodeRow"]
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+__all__ = ["ClusterView", "HeldRun", "NodeRow", "served_digests"]
 
 
 def iso(ts: float | None) -> str | None:
@@ -195,3 +199,19 @@ class ClusterView(Projection):
     @handles("PluginUninstalled")
     def _uninstalled(self, r: Recorded) -> None:
         self.archives.pop(r.data["name"], None)
+
+
+def served_digests(kernel: Kernel, name: str) -> dict[str, str | None] | None:
+    """The digest of ``name`` each live node serves, or None outside a cluster.
+
+    For the loader's ``/admin/plugins``: a plugin whose digests differ is flagged.
+    """
+    try:
+        view = kernel.projection(ClusterView)
+    except XcoreError:
+        return None
+    return {
+        n.node: n.plugins.get(name, {}).get("digest")
+        for n in sorted(view.nodes.values(), key=lambda n: n.node)
+        if n.state == "up"
+    }

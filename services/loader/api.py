@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 
 from kernel.errors import RequestTimeout
 from kernel.events import Event, Recorded
+from services.cluster.projection import served_digests
 
 from .events import (
     PLUGINS_STREAM,
@@ -89,6 +90,10 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         if state is None:
             state = {"name": name, "status": "unloaded", "enabled": True}
         state["installed"] = loader.folder(name).is_dir()
+        nodes = served_digests(kernel, name)
+        if nodes is not None:  # a cluster: what each live node serves (docs/cluster.md)
+            state["nodes"] = nodes
+            state["digest_differs"] = len(set(nodes.values())) > 1
         return state
 
     async def request(event: Event, stream: str, outcomes: list[type[Event]]) -> Recorded:

@@ -289,6 +289,26 @@ def test_plugins_are_the_same_on_every_node(tmp_path: Path) -> None:
         assert nodes["plugin_digest_differences"] == {}
         digests = {n["node"]: n["plugins"]["greet"]["digest"] for n in nodes["nodes"]}
         assert len(set(digests.values())) == 1, digests
+        listed = httpx.get(f"{b.url}/admin/plugins/greet", headers=AUTH, timeout=10).json()
+        assert listed["digest_differs"] is False and set(listed["nodes"]) == {"a", "b", "c"}
+        # a node whose copy was changed by hand serves another digest: it shows
+        (tmp_path / "plugins-c" / "greet" / "run.py").write_text(
+            'PLUGIN_INFO = {"version": "1.0.1", "author": "hand", "api_prefix": "/app/greet"}\n'
+        )
+        assert httpx.post(f"{c.url}/admin/plugins/greet/reload", headers=AUTH, timeout=60)
+        differs = wait_for(
+            lambda: (
+                (r := httpx.get(f"{a.url}/admin/plugins/greet", headers=AUTH, timeout=10).json())[
+                    "digest_differs"
+                ]
+                and r
+            ),
+            60,
+            "the changed digest to show",
+        )
+        assert differs["nodes"]["c"] != differs["nodes"]["a"] == differs["nodes"]["b"]
+        nodes = httpx.get(f"{a.url}/admin/nodes", headers=AUTH, timeout=10).json()
+        assert set(nodes["plugin_digest_differences"]["greet"]) == {"a", "b", "c"}
         # a node that starts later materializes it before it loads its plugins
         with start_node(tmp_path, "d", dsn, tmp_path / "plugins-d") as d:
             body = wait_for(
