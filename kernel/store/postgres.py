@@ -152,7 +152,7 @@ class PostgresStore:
         scope: str = "",
         max_batch: int = 10_000,
         tail_size: int = 8192,
-        pool_size: int = 4,
+        pool_size: int = 8,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:

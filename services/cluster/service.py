@@ -179,6 +179,10 @@ class ClusterService:
         kernel = self._kernel()
         view = self.view
         assert view is not None
+        # judge others once every service of this node runs (the scheduler must have its
+        # tasks to retry the runs of a lost node)
+        while not kernel.started:  # noqa: ASYNC110 - a flag of the Kernel, not an event
+            await anyio.sleep(0.05)
         while True:
             await anyio.sleep(self.settings.heartbeat_s / 2)
             now = time.time()
@@ -232,6 +236,7 @@ class ClusterService:
                         "while this run was in progress"
                     ),
                     kind="node_lost",
+                    scheduled_for=run.scheduled_for,
                 ),
                 stream=task_stream(run.task),
                 actor=ACTOR,

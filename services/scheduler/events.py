@@ -112,6 +112,9 @@ class TaskFailed(Event):
     kind: Literal["error", "timeout", "cancelled", "interrupted", "node_lost"] = "error"
     #: Whether a retry follows (then a ``TaskRetryScheduled`` comes next).
     will_retry: bool = False
+    #: The run's due time, given when another node records the failure (``node_lost``):
+    #: the surviving schedulers retry the run from it.
+    scheduled_for: float | None = None
 
 
 class TaskRetryScheduled(Event):

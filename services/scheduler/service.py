@@ -108,7 +108,7 @@ class SchedulerService:
         kernel.http.add_health_check("scheduler", self._health)
         position = await kernel.store.last_position()
         self._sub = await kernel.subscribe(
-            self._on_event, start=position, types=[*_PLUGIN_EVENTS, *_REQUESTS]
+            self._on_event, start=position, types=[*_PLUGIN_EVENTS, *_REQUESTS, TaskFailed]
         )
         latest: dict[str, PluginRuntime] = {}
         for rt in kernel.plugins.all():
@@ -153,6 +153,19 @@ class SchedulerService:
         if pending:
             await asyncio.gather(*pending)
             await kernel.settle()
+
+    def _retry_lost_run(self, d: dict[str, Any]) -> None:
+        """A run of a lost node (a cluster) is retried here if its task has retries left.
+
+        Every surviving node arms the same retry; its claim (same slot, same attempt)
+        lets one of them run it.
+        """
+        entry = self._tasks.get(d["task"])
+        due = d.get("scheduled_for")
+        if entry is None or due is None or d["attempt"] > entry.task.retries:
+            return
+        retry_at = time.time() + entry.task.retry_backoff(d["attempt"])
+        self._dispatch.arm_retry(entry, d["run_id"], d["attempt"] + 1, retry_at, due)
 
     def _kernel(self) -> Kernel:
         if self.kernel is None:
@@ -323,6 +336,9 @@ class SchedulerService:
         elif r.type == "PluginUnloaded":
             name, gen = d["name"], d["generation"]
             await self.unregister(name, f"plugin {name!r} generation {gen} was unloaded", gen)
+        elif r.type == "TaskFailed":
+            if d.get("kind") == "node_lost":
+                self._retry_lost_run(d)
         elif r.type == "TaskRunRequested":
             entry = self._tasks.get(d["task"])
             if entry is None:

@@ -127,3 +127,38 @@ async def test_two_survivors_racing_record_the_loss_once(pg_dsn: str) -> None:
                     tg.start_soon(s._declare_lost, "ghost")
             assert len(await a.read(types=["NodeLost"])) == 1
             assert len(await a.read(types=["TaskFailed"])) == 1
+
+
+async def test_a_lost_run_is_retried_once_by_the_survivors(pg_dsn: str) -> None:
+    from kernel.sdk import task
+    from services.scheduler.service import SchedulerService
+
+    async def flaky() -> None:
+        return None
+
+    spec = task(every="1h", retries=1, retry_delay="0.1s")(flaky).__xcore_task__
+    async with (
+        Kernel(node_settings(pg_dsn, "a"), services=[ClusterService(), SchedulerService()]) as a,
+        Kernel(node_settings(pg_dsn, "b"), services=[ClusterService(), SchedulerService()]) as b,
+    ):
+        for k in (a, b):
+            scheduler = k.services["scheduler"]
+            assert isinstance(scheduler, SchedulerService)
+            await scheduler.register("p", [spec])
+        # a third node joins, claims a run of p.flaky, and dies
+        await plant_a_dead_node(pg_dsn)
+        meta = Meta(node="ghost", boot="g0")
+        run = TaskStarted(task="p.flaky", run_id="r2", scheduled_for=time.time() - 5)
+        await a.store.append([NewEvent.of(run, meta)], stream="task-p.flaky")
+        with anyio.fail_after(60):
+            while not [
+                r for r in await a.read(types=["TaskSucceeded"]) if r.data["run_id"] == "r2"
+            ]:
+                await anyio.sleep(0.05)
+            await anyio.sleep(1.0)  # the other survivor's retry had its chance too
+            starts = [r for r in await a.read(types=["TaskStarted"]) if r.data["run_id"] == "r2"]
+            assert [(r.data["attempt"], r.data["trigger"]) for r in starts] == [
+                (1, "schedule"),
+                (2, "retry"),
+            ]
+            assert starts[1].meta.node in ("a", "b")
