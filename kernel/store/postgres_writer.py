@@ -96,6 +96,14 @@ class _Stop:
 _Op = _Append | _Put | _Stop
 
 
+class _Refused(Exception):
+    """The server (or the driver) refused a batch for its content, not its connection."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass
 class _Outcome:
     """What one batch decided for each of its operations (applied after the commit)."""
@@ -195,7 +203,17 @@ class PostgresWriter:
                 batch.append(nxt)
                 size += len(nxt.events) if isinstance(nxt, _Append) else 1
             try:
-                await self._commit_with_retry(batch)
+                try:
+                    await self._commit_with_retry(batch)
+                except _Refused:
+                    # the server refused something in the batch (a NUL byte in a stream
+                    # name, an oversized row...): each operation alone, so only the
+                    # culprit fails
+                    for op in batch:
+                        try:
+                            await self._commit_with_retry([op])
+                        except _Refused as one:
+                            op.future.set_exception(one.error)
             except BaseException as exc:  # never leave an appender waiting forever
                 error = (
                     exc
@@ -286,8 +304,16 @@ class PostgresWriter:
         except asyncpg.PostgresError as exc:
             if isinstance(exc, asyncpg.PostgresConnectionError):
                 raise
-            raise StoreError(
-                f"{self.store.location}: append failed, nothing was written: {exc}"
+            raise _Refused(
+                StoreError(f"{self.store.location}: append failed, nothing was written: {exc}")
+            ) from exc
+        except (ValueError, TypeError, UnicodeError, asyncpg.DataError) as exc:
+            # refused while encoding the arguments, before the server saw them
+            if not conn.is_closed() and conn.is_in_transaction():
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+            raise _Refused(
+                StoreError(f"{self.store.location}: append refused, nothing was written: {exc}")
             ) from exc
         return out
 

@@ -289,3 +289,31 @@ async def test_last_position_never_runs_ahead_of_what_a_read_returns(pg_dsn: str
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_append_the_server_refuses_fails_alone(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        with anyio.fail_after(30):
+            results: dict[str, object] = {}
+
+            async def put(stream: str) -> None:
+                try:
+                    results[stream] = await store.append([raw(1)], stream=stream)
+                except StoreError as exc:
+                    results[stream] = exc
+
+            # all three join one batch; PostgreSQL text cannot hold a NUL byte
+            async with anyio.create_task_group() as tg:
+                for stream in ("good-1", "bad\x00stream", "good-2"):
+                    tg.start_soon(put, stream)
+            assert isinstance(results["bad\x00stream"], StoreError)
+            assert "nothing was written" in str(results["bad\x00stream"])
+            assert not isinstance(results["good-1"], BaseException)
+            assert not isinstance(results["good-2"], BaseException)
+            assert sorted(r.stream for r in await store.read()) == ["good-1", "good-2"]
+            # and the store goes on
+            await store.append([raw(2)], stream="after")
+    finally:
+        await store.close()
