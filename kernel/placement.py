@@ -24,6 +24,11 @@ class Placement(Protocol):
         """Seconds this node waits before it claims the work named ``key``."""
         ...
 
+    def claimed(self, claim: str) -> bool:
+        """True when this node has already seen the claim ``claim`` (an event id) made:
+        then it need not even try. False says nothing (the claim decides)."""
+        ...
+
 
 class Alone:
     """A single node: claim everything at once."""
@@ -32,3 +37,6 @@ class Alone:
 
     def delay(self, key: str) -> float:
         return 0.0
+
+    def claimed(self, claim: str) -> bool:
+        return False

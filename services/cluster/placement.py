@@ -5,7 +5,8 @@ claims at once, the n-th waits ``(n - 1) * claim_grace_s`` before it tries. Each
 therefore runs on one node while that node lives — the tasks spread over the nodes —
 and the next one in its ranking takes over within a grace when it does not claim. The
 claim itself (``services/scheduler/claim.py``) is what makes a run happen once; the
-ranking only makes the race short and one-sided.
+ranking only makes the race short and one-sided, and a node that already saw the run
+claimed (its ``TaskStarted`` reached its projection during the grace) does not even try.
 """
 
 from __future__ import annotations
@@ -38,3 +39,6 @@ class Rendezvous:
 
     def delay(self, key: str) -> float:
         return self.rank(key).index(self.me) * self.grace
+
+    def claimed(self, claim: str) -> bool:
+        return claim in self.view.claims

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 __all__ = ["ClusterView", "HeldRun", "NodeRow", "served_digests"]
 
 
+#: How many recent claims a node remembers (a run claimed earlier is long done).
+MAX_CLAIMS = 100_000
+
+
 def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat() if ts is not None else None
 
@@ -90,6 +94,8 @@ class ClusterView(Projection):
         self.holders: dict[str, str] = {}
         #: plugin name -> (digest, size, node) of its installed archive
         self.archives: dict[str, tuple[str, int, str]] = {}
+        #: ids of the recent ``TaskStarted`` (claims), oldest first, bounded
+        self.claims: dict[str, None] = {}
 
     def node(self, name: str) -> NodeRow:
         row = self.nodes.get(name)
@@ -176,12 +182,16 @@ class ClusterView(Projection):
     @handles("TaskStarted")
     def _run_started(self, r: Recorded) -> None:
         if r.meta.node is None:
+            self.claims[r.meta.id] = None
             return
         d = r.data
         self.node(r.meta.node).runs[d["run_id"]] = HeldRun(
             d["task"], d["run_id"], d.get("attempt", 1), d["scheduled_for"], r.timestamp
         )
         self.holders[d["run_id"]] = r.meta.node
+        self.claims[r.meta.id] = None
+        if len(self.claims) > MAX_CLAIMS:
+            del self.claims[next(iter(self.claims))]
 
     @handles("TaskSucceeded", "TaskFailed")
     def _run_ended(self, r: Recorded) -> None:

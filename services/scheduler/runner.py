@@ -223,9 +223,12 @@ class Runner:
             kernel = self.kernel
             assert kernel is not None
             # a cluster spreads runs over its nodes: others claim only after a grace
+            key = claim_key(task, scheduled_for, attempt, cause)
             delay = kernel.placement.delay(tid)
             if delay > 0:
                 await asyncio.sleep(delay)
+                if kernel.placement.claimed(key):
+                    raise ClaimLost(f"run {key} was claimed during the grace")
             await self.slots.acquire(task.priority, scheduled_for)
             acquired = True
             events.append(
@@ -239,7 +242,6 @@ class Runner:
                 )
             )
             t0 = time.perf_counter()
-            key = claim_key(task, scheduled_for, attempt, cause)
             cancelled = await self._write_start(tid, events, cause, key)
             self._note_append(time.perf_counter() - t0)
             started = True
