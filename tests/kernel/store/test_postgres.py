@@ -317,3 +317,20 @@ async def test_an_append_the_server_refuses_fails_alone(pg_dsn: str) -> None:
             await store.append([raw(2)], stream="after")
     finally:
         await store.close()
+
+
+async def test_nodes_starting_together_create_the_schema_once(pg_dsn: str) -> None:
+    stores = [PostgresStore(pg_dsn, scope=f"n{i}") for i in range(5)]
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for s in stores:
+                tg.start_soon(s.open)
+        try:
+            for i, s in enumerate(stores):
+                await s.append([raw(i)], stream="s")
+            while await stores[0].wait(4) < 5:  # the last one came from another node
+                pass
+            assert [r.version for r in await stores[0].read()] == [1, 2, 3, 4, 5]
+        finally:
+            for s in stores:
+                await s.close()
