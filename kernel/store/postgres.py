@@ -215,6 +215,12 @@ class PostgresStore:
             self.channel = "xcore_" + hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()
             await self._create_schema(conn, schema)
             last = int(await conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+        except asyncpg.PostgresError as e:
+            # e.g. a role that may not create tables in the schema
+            raise StoreError(
+                f"PostgreSQL at {self.location}: cannot create or read the log's tables: "
+                f"{type(e).__name__}: {e}"
+            ) from None
         finally:
             await conn.close()
         try:

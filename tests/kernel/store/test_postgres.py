@@ -334,3 +334,22 @@ async def test_nodes_starting_together_create_the_schema_once(pg_dsn: str) -> No
         finally:
             for s in stores:
                 await s.close()
+
+
+async def test_a_role_that_may_not_create_tables_gets_a_clear_error(pg_dsn: str) -> None:
+    schema = pg_dsn.rsplit("search_path=", 1)[1]
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("DROP ROLE IF EXISTS xcore_reader")
+        await admin.execute("CREATE ROLE xcore_reader LOGIN PASSWORD 'reader-pw-123'")
+        await admin.execute(f"GRANT USAGE ON SCHEMA {schema} TO xcore_reader")
+        parts = urlsplit(pg_dsn)
+        host = parts.netloc.rpartition("@")[2]
+        dsn = urlunsplit(parts._replace(netloc=f"xcore_reader:reader-pw-123@{host}"))
+        with pytest.raises(StoreError, match="cannot create or read the log's tables") as err:
+            await PostgresStore(dsn).open()
+        assert "reader-pw-123" not in str(err.value)
+    finally:
+        await admin.execute(f"REVOKE ALL ON SCHEMA {schema} FROM xcore_reader")
+        await admin.execute("DROP ROLE IF EXISTS xcore_reader")
+        await admin.close()
