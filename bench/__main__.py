@@ -21,6 +21,7 @@ MODULES = [
     "bench.monitor",
     "bench.sandbox",
     "bench.replay",
+    "bench.postgres",
 ]
 
 

@@ -36,6 +36,7 @@ from kernel.events import (
 from kernel.hosts import PluginHosts
 from kernel.http import HttpSurface
 from kernel.logging import flush_logging
+from kernel.placement import Alone, Placement
 from kernel.projections import Projection, Projector
 from kernel.runtime import PluginDirectory
 from kernel.services import Service, discover_services
@@ -78,6 +79,11 @@ def xcore_version() -> str:
 def store_from_settings(settings: Settings) -> EventStore:
     if settings.store == "memory":
         return MemoryStore()
+    if settings.store == "postgres":
+        from kernel.store.postgres import PostgresStore
+
+        assert settings.dsn is not None  # the settings refuse postgres without a dsn
+        return PostgresStore(settings.dsn.get_secret_value(), scope=settings.node)
     return SQLiteStore(
         settings.database_path,
         synchronous=settings.synchronous,
@@ -109,6 +115,8 @@ class Kernel:
         self.plugins = PluginDirectory()
         #: Who runs plugins of a mode other than trusted (the sandbox service registers).
         self.hosts = PluginHosts()
+        #: Which node claims once-only work first (the cluster service replaces it).
+        self.placement: Placement = Alone()
         self.started = False
         self._store_ready = False
         self._stack: AsyncExitStack | None = None

@@ -134,6 +134,15 @@ class LoaderService:
         if record.meta.actor == ACTOR:
             return  # our own PluginEnabled (after an install), already acted upon
         event = record.event
+        kernel = loader.kernel
+        if (
+            kernel.placement.shared
+            and record.meta.node != kernel.node
+            and (isinstance(event, PluginInstallRequested) or record.meta.actor == "cluster")
+        ):
+            # a cluster: an install reads a path local to the node that received it, and
+            # the cluster service spreads its result; "cluster" requests are node-local
+            return
         if isinstance(event, PluginReloadRequested) and record.meta.actor != "watcher":
             if event.name is not None:
                 loader.paused.discard(event.name)  # a person asked: the watcher may go on

@@ -107,10 +107,14 @@ class TaskFailed(Event):
     error: str
     traceback: str = ""
     duration_ms: float = 0.0
-    #: ``error``, ``timeout``, ``cancelled`` (plugin unloaded) or ``interrupted`` (process died).
-    kind: Literal["error", "timeout", "cancelled", "interrupted"] = "error"
+    #: ``error``, ``timeout``, ``cancelled`` (plugin unloaded), ``interrupted`` (process
+    #: died) or ``node_lost`` (the cluster node that claimed it stopped heartbeating).
+    kind: Literal["error", "timeout", "cancelled", "interrupted", "node_lost"] = "error"
     #: Whether a retry follows (then a ``TaskRetryScheduled`` comes next).
     will_retry: bool = False
+    #: The run's due time, given when another node records the failure (``node_lost``):
+    #: the surviving schedulers retry the run from it.
+    scheduled_for: float | None = None
 
 
 class TaskRetryScheduled(Event):

@@ -37,6 +37,8 @@ class RunInfo:
     finished_at: float | None = None
     duration_ms: float | None = None
     error: str | None = None
+    #: The node that claimed the run (its ``TaskStarted``'s meta), in a cluster.
+    node: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +51,7 @@ class RunInfo:
             "outcome": self.outcome,
             "duration_ms": self.duration_ms,
             "error": self.error,
+            "node": self.node,
         }
 
 
@@ -168,6 +171,7 @@ class TaskTable(Projection):
             started_at=r.timestamp,
             attempt=d.get("attempt", 1),
             trigger=d.get("trigger", "schedule"),
+            node=r.meta.node,
         )
         row.running[run_id] = info
         row.last = info

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.events import Event, Recorded
 from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
+from services.scheduler.claim import ClaimLost, claim, claim_key
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.events import (
     TaskFailed,
@@ -217,7 +218,17 @@ class Runner:
         t_start = time.perf_counter()
         error: tuple[str, str, str] | None = None
         duration_ms = 0.0
+        lost = False
         try:
+            kernel = self.kernel
+            assert kernel is not None
+            # a cluster spreads runs over its nodes: others claim only after a grace
+            key = claim_key(task, scheduled_for, attempt, cause)
+            delay = kernel.placement.delay(tid)
+            if delay > 0:
+                await asyncio.sleep(delay)
+                if kernel.placement.claimed(key):
+                    raise ClaimLost(f"run {key} was claimed during the grace")
             await self.slots.acquire(task.priority, scheduled_for)
             acquired = True
             events.append(
@@ -231,7 +242,7 @@ class Runner:
                 )
             )
             t0 = time.perf_counter()
-            cancelled = await self._write_start(tid, events, cause)
+            cancelled = await self._write_start(tid, events, cause, key)
             self._note_append(time.perf_counter() - t0)
             started = True
             if cancelled:  # the log says the run started: it must say how it ended
@@ -245,6 +256,9 @@ class Runner:
             # The runs woken at the same instant start before this outcome is recorded
             # (building and queueing its event costs more than starting a run).
             await asyncio.sleep(0)
+        except ClaimLost as lost_to:  # another node runs it: nothing to record here
+            log.debug("task %s: %s", tid, lost_to)
+            lost = True
         except asyncio.CancelledError:
             if finished:  # the code had returned: its outcome is recorded, then we stop
                 self._cancel_reasons.pop(run_id, None)
@@ -276,17 +290,23 @@ class Runner:
                 self._release_slot(thread[0] if thread else None)
             entry.active.pop(run_id, None)
             self._runs.pop(run_id, None)
+        if lost:
+            return
         await self._record_outcome(entry, run_id, scheduled_for, attempt, error, duration_ms)
         if interrupted:
             raise asyncio.CancelledError
 
-    async def _write_start(self, tid: str, events: list[Event], cause: Recorded | None) -> bool:
-        """Append a run's first events; True if the run was cancelled meanwhile.
+    async def _write_start(
+        self, tid: str, events: list[Event], cause: Recorded | None, key: str
+    ) -> bool:
+        """Claim the run with its first events; True if the run was cancelled meanwhile.
 
         The store commits a write even if its caller stops waiting, so a cancelled run
         still waits for its ``TaskStarted`` to be durable (and then records its end).
+        Raises ClaimLost when another node started this run (``claim.py``).
         """
-        writing = asyncio.ensure_future(self.append(tid, events, cause))
+        assert self.kernel is not None
+        writing = asyncio.ensure_future(claim(self.kernel, stream_of(tid), events, key, cause))
         cancelled = False
         while not writing.done():
             try:

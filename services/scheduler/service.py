@@ -56,6 +56,7 @@ log = logging.getLogger("xcore.scheduler")
 
 _PLUGIN_EVENTS = (PluginLoaded, PluginUnloaded, PluginReloaded)
 _REQUESTS = (TaskRunRequested, TaskPauseRequested, TaskResumeRequested)
+_PLUGIN_TYPES = frozenset(e.type_name for e in _PLUGIN_EVENTS)
 
 
 @dataclass
@@ -107,7 +108,7 @@ class SchedulerService:
         kernel.http.add_health_check("scheduler", self._health)
         position = await kernel.store.last_position()
         self._sub = await kernel.subscribe(
-            self._on_event, start=position, types=[*_PLUGIN_EVENTS, *_REQUESTS]
+            self._on_event, start=position, types=[*_PLUGIN_EVENTS, *_REQUESTS, TaskFailed]
         )
         latest: dict[str, PluginRuntime] = {}
         for rt in kernel.plugins.all():
@@ -138,6 +139,8 @@ class SchedulerService:
         pending = []
         for row in self.table.tasks.values():
             for info in row.running.values():
+                if kernel.placement.shared and info.node not in (None, kernel.node):
+                    continue  # another node's run (a cluster): the cluster service watches it
                 event = TaskFailed(
                     task=row.id,
                     run_id=info.run_id,
@@ -150,6 +153,19 @@ class SchedulerService:
         if pending:
             await asyncio.gather(*pending)
             await kernel.settle()
+
+    def _retry_lost_run(self, d: dict[str, Any]) -> None:
+        """A run of a lost node (a cluster) is retried here if its task has retries left.
+
+        Every surviving node arms the same retry; its claim (same slot, same attempt)
+        lets one of them run it.
+        """
+        entry = self._tasks.get(d["task"])
+        due = d.get("scheduled_for")
+        if entry is None or due is None or d["attempt"] > entry.task.retries:
+            return
+        retry_at = time.time() + entry.task.retry_backoff(d["attempt"])
+        self._dispatch.arm_retry(entry, d["run_id"], d["attempt"] + 1, retry_at, due)
 
     def _kernel(self) -> Kernel:
         if self.kernel is None:
@@ -303,6 +319,8 @@ class SchedulerService:
     async def _on_event(self, r: Recorded) -> None:
         kernel = self._kernel()
         d = r.data
+        if r.type in _PLUGIN_TYPES and kernel.placement.shared and r.meta.node != kernel.node:
+            return  # another node's plugins (a cluster): its own scheduler follows them
         if r.type in ("PluginLoaded", "PluginReloaded"):
             rt = kernel.plugins.find(d["name"], d["generation"])
             if rt is None:
@@ -318,6 +336,9 @@ class SchedulerService:
         elif r.type == "PluginUnloaded":
             name, gen = d["name"], d["generation"]
             await self.unregister(name, f"plugin {name!r} generation {gen} was unloaded", gen)
+        elif r.type == "TaskFailed":
+            if d.get("kind") == "node_lost":
+                self._retry_lost_run(d)
         elif r.type == "TaskRunRequested":
             entry = self._tasks.get(d["task"])
             if entry is None:
