@@ -57,7 +57,7 @@ async def _xcore_trial(seconds: float) -> list[float]:
             for i in range(SCHEDULES):
                 fn = task(name=f"s{i}", every=0.1)(work)
                 specs.append(fn.__xcore_task__)
-                del fn.__xcore_task__
+                del fn.__xcore_task__, fn.__xcore_tasks__
             await service.register("bench", specs)
             await asyncio.sleep(WARMUP + seconds + 0.2)
     return samples[SCHEDULES * int(WARMUP * 10) :]
@@ -136,7 +136,7 @@ def _specs_10k() -> list[Any]:
         # a grace of 0 would skip (and so hide) every run delayed by a loop stall.
         fn = task(name=f"s{i}", every=EVERY_10K, misfire="skip", misfire_grace=1)(work)
         specs.append(fn.__xcore_task__)
-        del fn.__xcore_task__
+        del fn.__xcore_task__, fn.__xcore_tasks__
     return specs
 
 

@@ -2,7 +2,10 @@
 
     GET  /admin/tasks               the task table
     GET  /admin/tasks/{id}          one task with its recent runs
-    POST /admin/tasks/{id}/run      run now      (TaskRunRequested -> TaskStarted)
+    GET  /admin/tasks/{id}/runs     its runs from the log, newest first (?limit=&offset=)
+    GET  /admin/tasks/{id}/runs/{run_id}         one run
+    POST /admin/tasks/{id}/run      run now      (TaskRunRequested -> TaskRunAccepted), 202
+    POST /admin/tasks/{id}/runs/{run_id}/cancel  (TaskCancelRequested -> TaskCancelAnswered)
     POST /admin/tasks/{id}/pause    pause        (TaskPauseRequested -> TaskPaused)
     POST /admin/tasks/{id}/resume   resume       (TaskResumeRequested -> TaskResumed)
 
@@ -12,24 +15,27 @@ an unknown task id is answered 404 before anything is recorded.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from kernel.errors import RequestTimeout
 from kernel.events import Event
 from services.scheduler.events import (
+    TaskCancelAnswered,
+    TaskCancelRequested,
     TaskPaused,
     TaskPauseRequested,
     TaskRequestRefused,
     TaskResumed,
     TaskResumeRequested,
+    TaskRunAccepted,
     TaskRunRequested,
-    TaskSkipped,
-    TaskStarted,
     stream_of,
 )
+from services.scheduler.runs import RUN_EVENT_TYPES, fold_runs
 
 if TYPE_CHECKING:
     from services.scheduler.service import SchedulerService
@@ -61,8 +67,41 @@ def build_router(service: SchedulerService) -> APIRouter:
             raise HTTPException(404, detail=f"no task {task_id!r}")
         return live(row.detail())
 
+    async def task_runs(task_id: str) -> list[dict[str, Any]]:
+        if task_id not in service.table.tasks:
+            raise HTTPException(404, detail=f"no task {task_id!r}")
+        records = await service._kernel().read(stream=stream_of(task_id), types=RUN_EVENT_TYPES)
+        return fold_runs(records, time.time())
+
+    @router.get("/{task_id}/runs", summary="The task's runs from the log, newest first")
+    async def list_runs(
+        task_id: str,
+        limit: int = Query(50, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        runs = await task_runs(task_id)
+        return {
+            "task": task_id,
+            "total": len(runs),
+            "offset": offset,
+            "limit": limit,
+            "runs": runs[offset : offset + limit],
+        }
+
+    @router.get("/{task_id}/runs/{run_id}", summary="One run of the task")
+    async def get_run(task_id: str, run_id: str) -> dict[str, Any]:
+        for run in await task_runs(task_id):
+            if run["run_id"] == run_id:
+                return run
+        raise HTTPException(404, detail=f"task {task_id!r} has no run {run_id!r}")
+
     async def ask(
-        request: Request, task_id: str, event: Event, outcomes: list[type[Event]], ok: str
+        request: Request,
+        task_id: str,
+        event: Event,
+        outcomes: list[type[Event]],
+        ok: str,
+        ok_status: int = 200,
     ) -> JSONResponse:
         if not service.is_scheduled(task_id):
             known = task_id in service.table.tasks
@@ -80,20 +119,33 @@ def build_router(service: SchedulerService) -> APIRouter:
             )
         except RequestTimeout as exc:
             raise HTTPException(504, detail=str(exc)) from None
-        status = 200 if outcome.type == ok else 409
+        status = ok_status if outcome.type == ok else 409
+        if outcome.type == "TaskCancelAnswered" and outcome.data["status"] != "cancelled":
+            status = 409
         return JSONResponse(
             {"outcome": outcome.type, "position": outcome.position, **outcome.data},
             status_code=status,
         )
 
-    @router.post("/{task_id}/run", summary="Run the task now")
+    @router.post("/{task_id}/run", summary="Run the task now (202: accepted, with its place)")
     async def run_task(task_id: str, request: Request) -> JSONResponse:
         return await ask(
             request,
             task_id,
             TaskRunRequested(task=task_id),
-            [TaskStarted, TaskSkipped],
-            "TaskStarted",
+            [TaskRunAccepted],
+            "TaskRunAccepted",
+            202,
+        )
+
+    @router.post("/{task_id}/runs/{run_id}/cancel", summary="Cancel a run in progress")
+    async def cancel_run(task_id: str, run_id: str, request: Request) -> JSONResponse:
+        return await ask(
+            request,
+            task_id,
+            TaskCancelRequested(task=task_id, run_id=run_id),
+            [TaskCancelAnswered],
+            "TaskCancelAnswered",
         )
 
     @router.post("/{task_id}/pause", summary="Stop scheduling the task until resumed")

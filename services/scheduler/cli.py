@@ -2,7 +2,11 @@
 
     xcore task list [--json]
     xcore task show ID
-    xcore task run ID | pause ID | resume ID
+    xcore task run ID [--wait [--timeout S]]   accepted with its place in the queue;
+                                               --wait follows the run to its outcome
+    xcore task runs ID [--limit N] [--offset N] [--json]
+    xcore task cancel ID RUN_ID
+    xcore task pause ID | resume ID
 
 The server is ``--url`` (default ``http://127.0.0.1:8000``); the admin token comes
 from ``--token`` or ``XCORE_ADMIN_TOKEN``. Only the standard library is used (urllib).
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,12 +41,28 @@ def register(subparsers: Any) -> None:
     for name, text in (
         ("show", "one task with its recent runs"),
         ("run", "run a task now"),
+        ("runs", "a task's runs, newest first"),
+        ("cancel", "cancel a run in progress"),
         ("pause", "pause a task"),
         ("resume", "resume a task"),
     ):
         p = actions.add_parser(name, help=text)
         p.add_argument("id", help="task id, e.g. hello.cleanup")
+        if name == "run":
+            p.add_argument("--wait", action="store_true", help="wait for the run's outcome")
+            p.add_argument(
+                "--timeout", type=float, default=None, help="give up waiting after S seconds"
+            )
+        elif name == "runs":
+            p.add_argument("--limit", type=int, default=20)
+            p.add_argument("--offset", type=int, default=0)
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        elif name == "cancel":
+            p.add_argument("run_id", help="the run's id (see `xcore task runs ID`)")
     parser.set_defaults(func=main, _parser=parser)
+
+
+_FINAL = ("succeeded", "failed", "skipped")
 
 
 def _call(args: argparse.Namespace, method: str, path: str) -> tuple[int, Any]:
@@ -58,6 +79,38 @@ class _Fail(Exception):
     pass
 
 
+def _follow(args: argparse.Namespace, run_id: str) -> int:
+    """Poll the run until its outcome; exit 0 if it succeeded, 1 otherwise."""
+    path = f"/tasks/{urllib.parse.quote(args.id)}/runs/{urllib.parse.quote(run_id)}"
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    delay = 0.05
+    seen = None
+    while True:
+        status, body = _call(args, "GET", path)
+        if status == 200:
+            if body["status"] != seen:
+                seen = body["status"]
+                print(f"run {run_id}: {seen}", file=sys.stderr)
+            if body["status"] in _FINAL:
+                print(json.dumps(body, indent=2))
+                return 0 if body["status"] == "succeeded" else 1
+        elif status != 404:  # 404: the acceptance is not folded in yet
+            raise _Fail(f"HTTP {status} while following run {run_id}: {body}")
+        if deadline is not None and time.monotonic() > deadline:
+            raise _Fail(f"run {run_id} still {seen or 'queued'} after {args.timeout:g}s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+def _runs_table(runs: list[dict[str, Any]]) -> str:
+    cols = ["run_id", "status", "trigger", "scheduled_for", "duration_ms", "lateness_ms"]
+    rows = []
+    for r in runs:
+        row = {**r, "detail": r.get("error") or json.dumps(r.get("result"))}
+        rows.append(row)
+    return _grid(rows, [*cols, "detail"])
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     cols = [
         "id",
@@ -69,6 +122,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
         "failures",
         "paused",
     ]
+    return _grid(rows, cols)
+
+
+def _grid(rows: list[dict[str, Any]], cols: list[str]) -> str:
     cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in cols] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
@@ -88,6 +145,21 @@ def main(args: argparse.Namespace) -> int:
                 return 0
         elif args.action == "show":
             status, body = _call(args, "GET", f"/tasks/{urllib.parse.quote(args.id)}")
+        elif args.action == "runs":
+            query = urllib.parse.urlencode({"limit": args.limit, "offset": args.offset})
+            status, body = _call(args, "GET", f"/tasks/{urllib.parse.quote(args.id)}/runs?{query}")
+            if status == 200 and not args.json:
+                print(_runs_table(body["runs"]) if body["runs"] else "no runs")
+                print(f"({len(body['runs'])} of {body['total']} from {body['offset']})")
+                return 0
+        elif args.action == "cancel":
+            tid, rid = urllib.parse.quote(args.id), urllib.parse.quote(args.run_id)
+            status, body = _call(args, "POST", f"/tasks/{tid}/runs/{rid}/cancel")
+        elif args.action == "run":
+            status, body = _call(args, "POST", f"/tasks/{urllib.parse.quote(args.id)}/run")
+            if status < 400 and args.wait:
+                print(json.dumps(body, indent=2))
+                return _follow(args, body["run_id"])
         else:
             status, body = _call(
                 args, "POST", f"/tasks/{urllib.parse.quote(args.id)}/{args.action}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from services.loader.events import PluginLoaded, PluginReloaded, PluginUnloaded
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.dispatch import Dispatcher
 from services.scheduler.events import (
+    TaskCancelAnswered,
+    TaskCancelRequested,
     TaskFailed,
     TaskPaused,
     TaskPauseRequested,
@@ -37,6 +40,7 @@ from services.scheduler.events import (
     TaskRequestRefused,
     TaskResumed,
     TaskResumeRequested,
+    TaskRunAccepted,
     TaskRunRequested,
     TaskScheduled,
     TaskUnscheduled,
@@ -55,7 +59,7 @@ __all__ = ["Registration", "SchedulerService"]
 log = logging.getLogger("xcore.scheduler")
 
 _PLUGIN_EVENTS = (PluginLoaded, PluginUnloaded, PluginReloaded)
-_REQUESTS = (TaskRunRequested, TaskPauseRequested, TaskResumeRequested)
+_REQUESTS = (TaskRunRequested, TaskPauseRequested, TaskResumeRequested, TaskCancelRequested)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class SchedulerService:
         if not self._settings_given:
             self.settings = kernel.settings.section("scheduler", SchedulerSettings)
         self._runner.start(kernel, self.settings, stack)
+        self._dispatch.max_catch_up = self.settings.max_catch_up_runs
         self._dispatch.table = await kernel.add_projection(TaskTable())
         await self._record_interrupted()
         self._dispatch.start()
@@ -276,12 +281,15 @@ class SchedulerService:
                         depends_on=list(task.depends_on),
                         max_instances=task.max_instances,
                         misfire=task.misfire,
+                        coalesce=task.coalesce,
+                        source=task.source,
                     )
                 ],
             )
         self._dispatch.arm(entry)
         if old is None and row is not None:
             for run_id, (attempt, retry_at, scheduled_for) in row.retries.items():
+                entry.retrying.add(run_id)
                 self._dispatch.arm_retry(entry, run_id, attempt, retry_at, scheduled_for)
 
     async def _unschedule(self, tid: str, generation: int, reason: str) -> None:
@@ -323,7 +331,28 @@ class SchedulerService:
             if entry is None:
                 await self._refuse(r, "no such task is scheduled")
                 return
-            self._dispatch.run_now(entry, r)
+            run_id = uuid.uuid4().hex
+            # The acceptance is durable before the run can start: the log reads
+            # request -> accepted -> started -> outcome.
+            position = self._runner.queue_position(entry)
+            await self._runner.append(
+                entry.task.id,
+                [TaskRunAccepted(task=entry.task.id, run_id=run_id, queue_position=position)],
+                cause=r,
+            )
+            self._dispatch.run_now(entry, run_id)
+        elif r.type == "TaskCancelRequested":
+            if d["task"] not in self._tasks:
+                await self._refuse(r, "no such task is scheduled")
+                return
+            status = self._runner.cancel_run(
+                d["run_id"], f"cancelled by {r.meta.actor or 'an operator'}"
+            )
+            await self._runner.append(
+                d["task"],
+                [TaskCancelAnswered(task=d["task"], run_id=d["run_id"], status=status)],
+                cause=r,
+            )
         elif r.type == "TaskPauseRequested":
             entry = self._tasks.get(d["task"])
             if entry is None:

@@ -25,6 +25,8 @@ def spec(fn: Callable[..., Any], **options: Any) -> TaskSpec:
 
     marked = task(**options)(fn)
     result: TaskSpec = marked.__xcore_task__
+    # one declaration per call: the next call on the same function is not "stacked"
+    del marked.__xcore_task__, marked.__xcore_tasks__
     return result
 
 
