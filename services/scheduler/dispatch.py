@@ -244,15 +244,18 @@ class Dispatcher:
             return None
         return "succeeded" if last.outcome == "succeeded" else "failed"
 
-    def _dependency_block(self, task: CompiledTask) -> str | None:
+    def _dependency_block(self, task: CompiledTask, finished: str | None = None) -> str | None:
         """Why ``task`` may not run now because of its dependencies (None: it may).
 
         One rule for every dependency: a dependency running, or failed with a retry
         pending, has not finished; ``success`` needs its latest finished run to have
-        succeeded, ``finished`` any outcome.
+        succeeded, ``finished`` any outcome. ``finished`` names a dependency whose run
+        just ended: its outcome counts even if its next run has already started.
         """
         for dep in task.depends_on:
             state = self.dependency_state(dep)
+            if dep == finished and dep in self.tasks:
+                state = self.tasks[dep].last_outcome
             if state == "running":
                 return f"dependency {dep} is running"
             if state == "retrying":
@@ -271,5 +274,5 @@ class Dispatcher:
             entry = self.tasks.get(dependent)
             if entry is None or entry.paused:
                 continue
-            if self._dependency_block(entry.task) is None:
+            if self._dependency_block(entry.task, finished=tid) is None:
                 self._start_now(entry, "dependency", None)

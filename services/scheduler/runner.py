@@ -260,9 +260,12 @@ class Runner:
         reason = None
         me = asyncio.current_task()
         assert me is not None
-        if entry.instances >= task.max_instances and kind in _QUEUED:
-            # A retry, a catch-up run or an operator's run is not dropped at the limit:
-            # it waits for its turn (in order of arrival), then runs.
+        if entry.instances >= task.max_instances and (
+            kind in ("retry", "request") or (kind == "misfire" and not _waiting(entry))
+        ):
+            # A retry or an operator's run is not dropped at the limit: it waits for its
+            # turn (in order of arrival), then runs; so does a catch-up run, if no other
+            # run waits already (a task slower than its period queues at most one).
             self._runs[run_id] = (tid, task.plugin, task.generation, me)
             try:
                 await self._instance_turn(entry)
@@ -274,7 +277,8 @@ class Runner:
                 self._runs.pop(run_id, None)
         if entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
-        elif kind != "request" and task.depends_on:
+        elif kind not in ("request", "dependency") and task.depends_on:
+            # (a dependency-triggered run was checked when its dependency finished)
             reason = self._blocked(task)
         if reason is not None:
             events.append(
@@ -610,8 +614,8 @@ class Runner:
             self._sync.discard(run_id)
 
 
-#: Kinds of runs that wait for their task's instance limit instead of being skipped.
-_QUEUED = frozenset({"retry", "misfire", "request"})
+def _waiting(entry: TaskEntry) -> bool:
+    return any(not f.done() for f in entry.turns)
 
 
 def _next_turn(entry: TaskEntry) -> None:

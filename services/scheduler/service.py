@@ -286,11 +286,13 @@ class SchedulerService:
                     )
                 ],
             )
-        self._dispatch.arm(entry)
         if old is None and row is not None:
+            # Retries first: one due at the same instant as the task's next run belongs
+            # to an earlier run, so it goes first (the other waits for its turn).
             for run_id, (attempt, retry_at, scheduled_for) in row.retries.items():
                 entry.retrying.add(run_id)
                 self._dispatch.arm_retry(entry, run_id, attempt, retry_at, scheduled_for)
+        self._dispatch.arm(entry)
 
     async def _unschedule(self, tid: str, generation: int, reason: str) -> None:
         entry = self._tasks.pop(tid, None)
@@ -410,4 +412,4 @@ class SchedulerService:
 
     def running(self, task_id: str) -> int:
         entry = self._tasks.get(task_id)
-        return len(entry.active) if entry is not None else 0
+        return entry.instances if entry is not None else 0

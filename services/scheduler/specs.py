@@ -354,6 +354,7 @@ def check_dependencies(
     new: Mapping[str, CompiledTask],
     existing: Mapping[str, tuple[str, ...]],
     known: Iterable[str],
+    refused_before: Iterable[str] = (),
 ) -> dict[str, str]:
     """Refusals (task id -> reason) for unknown dependencies and cycles.
 
@@ -361,7 +362,8 @@ def check_dependencies(
     already registered (other plugins), ``known`` every task id the log knows of.
     A task depending on a refused task is refused too.
     """
-    known_ids = set(known) | set(new) | set(existing)
+    before = set(refused_before)
+    known_ids = set(known) | set(new) | set(existing) | before
     refused: dict[str, str] = {}
     for tid, task in new.items():
         unknown = [d for d in task.depends_on if d not in known_ids]
@@ -382,7 +384,7 @@ def check_dependencies(
         for tid, task in new.items():
             if tid in refused:
                 continue
-            bad = [d for d in task.depends_on if d in refused]
+            bad = [d for d in task.depends_on if d in refused or d in before]
             if bad:
                 refused[tid] = f"depends on refused task(s) {', '.join(bad)}"
                 changed = True
@@ -434,7 +436,7 @@ def compile_plugin(
             continue
         compiled[tid] = task
     candidates = {t: c for t, c in compiled.items() if t not in refused}
-    refused.update(check_dependencies(candidates, existing, known))
+    refused.update(check_dependencies(candidates, existing, known, refused_before=refused))
     if strict and refused:
         first = next(iter(refused.items()))
         for tid in compiled:
