@@ -1,6 +1,9 @@
 """The scheduler's admin routes (served under ``/admin`` behind the admin token).
 
     GET  /admin/tasks               the task table
+    POST /admin/tasks               add a schedule   {"id", "function", "trigger", "args", "kwargs"}
+    PATCH /admin/tasks/{id}         change one       {"trigger", "args", "kwargs"}
+    DELETE /admin/tasks/{id}        remove one added at runtime
     GET  /admin/tasks/{id}          one task with its recent runs
     GET  /admin/tasks/{id}/runs     its runs from the log, newest first (?limit=&offset=)
     GET  /admin/tasks/{id}/runs/{run_id}         one run
@@ -18,12 +21,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from kernel.errors import RequestTimeout
 from kernel.events import Event
 from services.scheduler.events import (
+    ScheduleApplied,
     TaskCancelAnswered,
     TaskCancelRequested,
     TaskPaused,
@@ -36,6 +40,8 @@ from services.scheduler.events import (
     stream_of,
 )
 from services.scheduler.runs import RUN_EVENT_TYPES, fold_runs
+from services.scheduler.schedules import ChangeConflict
+from services.scheduler.specs import TaskDeclarationError
 
 if TYPE_CHECKING:
     from services.scheduler.service import SchedulerService
@@ -126,6 +132,48 @@ def build_router(service: SchedulerService) -> APIRouter:
             {"outcome": outcome.type, "position": outcome.position, **outcome.data},
             status_code=status,
         )
+
+    async def change(
+        request: Request, kind: str, task_id: str, body: dict[str, Any]
+    ) -> JSONResponse:
+        try:
+            event = service.check_change(kind, task_id, body)
+        except LookupError as exc:
+            raise HTTPException(404, detail=str(exc).strip("'\"")) from None
+        except TaskDeclarationError as exc:
+            status = 409 if isinstance(exc, ChangeConflict) else 400
+            raise HTTPException(status, detail=f"task {task_id!r}: {exc}") from None
+        try:
+            outcome = await service._kernel().request(
+                event,
+                stream=stream_of(task_id),
+                outcomes=[ScheduleApplied, TaskRequestRefused],
+                actor=_actor(request),
+            )
+        except RequestTimeout as exc:
+            raise HTTPException(504, detail=str(exc)) from None
+        ok = outcome.type == "ScheduleApplied"
+        return JSONResponse(
+            {"outcome": outcome.type, "position": outcome.position, **outcome.data},
+            status_code=(201 if kind == "add" else 200) if ok else 409,
+        )
+
+    @router.post("", summary="Add a schedule at runtime (calls a declared task's function)")
+    async def add_schedule(request: Request, body: dict[str, Any] = Body(...)) -> JSONResponse:
+        task_id = body.get("id")
+        if not isinstance(task_id, str) or "." not in task_id:
+            raise HTTPException(400, detail="give an id like 'plugin.name'")
+        return await change(request, "add", task_id, body)
+
+    @router.patch("/{task_id}", summary="Change a schedule's trigger or arguments at runtime")
+    async def change_schedule(
+        task_id: str, request: Request, body: dict[str, Any] = Body(...)
+    ) -> JSONResponse:
+        return await change(request, "change", task_id, body)
+
+    @router.delete("/{task_id}", summary="Remove a schedule added at runtime")
+    async def remove_schedule(task_id: str, request: Request) -> JSONResponse:
+        return await change(request, "remove", task_id, {})
 
     @router.post("/{task_id}/run", summary="Run the task now (202: accepted, with its place)")
     async def run_task(task_id: str, request: Request) -> JSONResponse:

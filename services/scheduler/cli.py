@@ -7,6 +7,10 @@
     xcore task runs ID [--limit N] [--offset N] [--json]
     xcore task cancel ID RUN_ID
     xcore task pause ID | resume ID
+    xcore task add ID --function NAME (--cron EXPR | --every DUR | --trigger JSON)
+                      [--tz ZONE] [--args JSON] [--kwargs JSON]
+    xcore task change ID [--cron | --every | --trigger] [--args] [--kwargs]
+    xcore task remove ID                       (a schedule added at runtime)
 
 The server is ``--url`` (default ``http://127.0.0.1:8000``); the admin token comes
 from ``--token`` or ``XCORE_ADMIN_TOKEN``. Only the standard library is used (urllib).
@@ -59,18 +63,60 @@ def register(subparsers: Any) -> None:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         elif name == "cancel":
             p.add_argument("run_id", help="the run's id (see `xcore task runs ID`)")
+    for name, text in (
+        ("add", "add a schedule at runtime (it calls a declared task's function)"),
+        ("change", "change a schedule's trigger or arguments at runtime"),
+        ("remove", "remove a schedule added at runtime"),
+    ):
+        p = actions.add_parser(name, help=text)
+        p.add_argument("id", help="task id, e.g. hello.nightly")
+        if name == "remove":
+            continue
+        if name == "add":
+            p.add_argument("--function", required=True, help="the declared task to call")
+        p.add_argument("--cron", help="cron expression (5 fields, 6 with seconds, or @daily...)")
+        p.add_argument("--every", help="interval, e.g. 30s, 10m")
+        p.add_argument("--trigger", help='trigger as JSON, e.g. \'{"calendar": {"months": 1}}\'')
+        p.add_argument("--tz", help="time zone of --cron")
+        p.add_argument("--args", help="positional arguments as a JSON list")
+        p.add_argument("--kwargs", help="keyword arguments as a JSON object")
     parser.set_defaults(func=main, _parser=parser)
+
+
+def _schedule_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    given = [x for x in ("cron", "every", "trigger") if getattr(args, x, None)]
+    if len(given) > 1:
+        raise _Fail(f"give one of --cron, --every, --trigger (not {', '.join(given)})")
+    try:
+        if args.trigger:
+            body["trigger"] = json.loads(args.trigger)
+        elif args.cron:
+            body["trigger"] = {"cron": args.cron, **({"tz": args.tz} if args.tz else {})}
+        elif args.every:
+            body["trigger"] = {"every": args.every}
+        for key in ("args", "kwargs"):
+            if getattr(args, key):
+                body[key] = json.loads(getattr(args, key))
+    except json.JSONDecodeError as exc:
+        raise _Fail(f"bad JSON: {exc}") from None
+    if getattr(args, "function", None):
+        body["function"] = args.function
+    return body
 
 
 _FINAL = ("succeeded", "failed", "skipped")
 
 
-def _call(args: argparse.Namespace, method: str, path: str) -> tuple[int, Any]:
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     token = args.token or os.environ.get("XCORE_ADMIN_TOKEN")
     if not token:
         raise _Fail("no admin token: pass --token or set XCORE_ADMIN_TOKEN")
     try:
-        return admin_call(args.url, token, method, path)
+        if body is None:
+            return admin_call(args.url, token, method, path)
+        data = json.dumps(body).encode()
+        return admin_call(args.url, token, method, path, body=data, content_type="application/json")
     except ServerUnreachable as exc:
         raise _Fail(str(exc)) from None
 
@@ -155,6 +201,14 @@ def main(args: argparse.Namespace) -> int:
         elif args.action == "cancel":
             tid, rid = urllib.parse.quote(args.id), urllib.parse.quote(args.run_id)
             status, body = _call(args, "POST", f"/tasks/{tid}/runs/{rid}/cancel")
+        elif args.action == "add":
+            body_in = {"id": args.id, **_schedule_body(args)}
+            status, body = _call(args, "POST", "/tasks", body_in)
+        elif args.action == "change":
+            tid = urllib.parse.quote(args.id)
+            status, body = _call(args, "PATCH", f"/tasks/{tid}", _schedule_body(args))
+        elif args.action == "remove":
+            status, body = _call(args, "DELETE", f"/tasks/{urllib.parse.quote(args.id)}")
         elif args.action == "run":
             status, body = _call(args, "POST", f"/tasks/{urllib.parse.quote(args.id)}/run")
             if status < 400 and args.wait:

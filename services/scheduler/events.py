@@ -33,6 +33,11 @@ from kernel.events import Event
 
 __all__ = [
     "TASK_EVENTS",
+    "ScheduleAdded",
+    "ScheduleApplied",
+    "ScheduleChanged",
+    "ScheduleConflict",
+    "ScheduleRemoved",
     "TaskCancelAnswered",
     "TaskCancelRequested",
     "TaskFailed",
@@ -237,6 +242,60 @@ class TaskCancelAnswered(Event):
     status: Literal["cancelled", "not_cancellable", "not_running"]
 
 
+class ScheduleAdded(Event):
+    """An operator added a schedule at runtime (admin API / CLI): task ``task`` calls the
+    function of the plugin's declared task ``function`` with this trigger and arguments.
+    It is kept across restarts and scheduled whenever its plugin is loaded."""
+
+    task: str
+    plugin: str
+    function: str
+    #: The trigger in its dict form (``services.scheduler.triggers.parse_trigger``).
+    trigger: dict[str, Any]
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+
+
+class ScheduleChanged(Event):
+    """An operator changed a schedule's trigger (and/or arguments) at runtime.
+
+    For a task declared in plugin code, ``declared`` is the declaration the change was
+    made against: when the plugin later declares something else, the declaration wins
+    (``ScheduleConflict``)."""
+
+    task: str
+    trigger: dict[str, Any] | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    declared: str | None = None
+
+
+class ScheduleRemoved(Event):
+    """An operator removed a schedule added at runtime."""
+
+    task: str
+
+
+class ScheduleApplied(Event):
+    """The answer to ``ScheduleAdded`` / ``ScheduleChanged`` / ``ScheduleRemoved``."""
+
+    task: str
+    next_run: float | None = None
+    scheduled: bool = True
+
+
+class ScheduleConflict(Event):
+    """A plugin's declared schedule changed while a runtime change overrode it: the
+    declaration wins, the runtime change is dropped (and reported here)."""
+
+    task: str
+    plugin: str
+    generation: int
+    declared: str
+    runtime: dict[str, Any]
+    resolution: str = "the plugin's declared schedule wins; the runtime change is dropped"
+
+
 #: Every event type the scheduler writes.
 TASK_EVENTS: tuple[type[Event], ...] = (
     TaskScheduled,
@@ -257,4 +316,9 @@ TASK_EVENTS: tuple[type[Event], ...] = (
     TaskCancelRequested,
     TaskCancelAnswered,
     TaskRequestRefused,
+    ScheduleAdded,
+    ScheduleChanged,
+    ScheduleRemoved,
+    ScheduleApplied,
+    ScheduleConflict,
 )
