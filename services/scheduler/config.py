@@ -33,6 +33,9 @@ class SchedulerSettings(BaseModel):
     max_result_bytes: int = Field(default=65536, ge=0)
     #: How long kept results are shown (``GET /admin/tasks/{id}/runs``), in seconds.
     keep_results_s: float = Field(default=7 * 86400, ge=0)
+    #: Keep the objects built at boot out of garbage collections (``gc.freeze()`` once
+    #: registrations are quiet, a higher generation-0 threshold): see gcpolicy.py.
+    manage_gc: bool = True
     #: Missed due times run with ``coalesce="all"`` at most this many (the rest are
     #: recorded as missed).
     max_catch_up_runs: int = Field(default=100, ge=1)

@@ -51,6 +51,7 @@ from services.scheduler.events import (
     TaskUnscheduled,
     stream_of,
 )
+from services.scheduler.gcpolicy import GcPolicy
 from services.scheduler.projection import TaskTable
 from services.scheduler.runner import TaskEntry
 from services.scheduler.schedules import (
@@ -105,6 +106,7 @@ class SchedulerService:
         self._runner = self._dispatch.runner
         #: task id -> its entry (shared with the dispatcher)
         self._tasks: dict[str, TaskEntry] = self._dispatch.tasks
+        self._gc = GcPolicy(enabled=False)
         #: schedules added or changed at runtime (admin API), folded from the log
         self._book = ScheduleBook()
         #: plugin -> what it registered last (declarations, generation, runtime, strict),
@@ -124,6 +126,7 @@ class SchedulerService:
         self.kernel = kernel
         if not self._settings_given:
             self.settings = kernel.settings.section("scheduler", SchedulerSettings)
+        self._gc = GcPolicy(self.settings.manage_gc)
         self._runner.start(kernel, self.settings, stack)
         self._dispatch.max_catch_up = self.settings.max_catch_up_runs
         self._dispatch.table = await kernel.add_projection(TaskTable())
@@ -154,6 +157,7 @@ class SchedulerService:
         if sub is not None:
             await self._kernel().unsubscribe(sub)
         await self._dispatch.stop()
+        await self._gc.stop()
 
     async def _health(self) -> tuple[bool, dict[str, Any]]:
         return True, {
@@ -161,6 +165,7 @@ class SchedulerService:
             "running": self._runner.slots.busy,
             "waiting": self._runner.slots.waiting,
             "lead_ms": round(self._runner.lead * 1000, 3),
+            "gc_freezes": self._gc.freezes,
         }
 
     async def _record_interrupted(self) -> None:
@@ -265,6 +270,7 @@ class SchedulerService:
         await asyncio.gather(*(self._schedule(task, now) for task in accepted.values()))
         self._plugins[plugin] = generation
         self._dispatch.index_dependents()
+        self._gc.poke()
         return Registration(accepted=list(accepted), refused=refused)
 
     async def unregister(
@@ -283,6 +289,7 @@ class SchedulerService:
         for tid in ids:
             await self._unschedule(tid, current, reason)
         self._dispatch.index_dependents()
+        self._gc.poke()
         return ids
 
     async def _schedule(self, task: CompiledTask, now: float) -> None:

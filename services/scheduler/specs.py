@@ -10,6 +10,7 @@ plugin and the task. :func:`compile_plugin` does all of it for one plugin's task
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -305,15 +306,27 @@ def _check_jitter(trigger: Trigger | None, jitter: float) -> None:
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # a builtin without a signature: the call will tell
+
+
 def _check_signature(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return  # a builtin without a signature: the call will tell
+        signature = _signature(fn)
+    except TypeError:  # not hashable: look it up each time
+        signature = _signature.__wrapped__(fn)
+    if signature is None:
+        return
     try:
         signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise TaskDeclarationError(f"args/kwargs do not fit the function: {exc}") from None
+    if not args and not kwargs:
+        return
     try:
         json.dumps([list(args), kwargs])
     except (TypeError, ValueError):
