@@ -16,6 +16,7 @@ restart neither loses nor doubles a run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -79,6 +80,8 @@ log = logging.getLogger("xcore.scheduler")
 _PLUGIN_EVENTS = (PluginLoaded, PluginUnloaded, PluginReloaded)
 _REQUESTS = (TaskRunRequested, TaskPauseRequested, TaskResumeRequested, TaskCancelRequested)
 _CHANGES = (ScheduleAdded, ScheduleChanged, ScheduleRemoved)
+#: Up to this many declarations are compiled on the loop; more go to a worker thread.
+_COMPILE_INLINE = 100
 
 
 @dataclass
@@ -233,7 +236,8 @@ class SchedulerService:
                 ],
             )
         items = merged.specs
-        accepted, refused = compile_plugin(
+        compile_ = functools.partial(
+            compile_plugin,
             plugin,
             items,
             generation=generation,
@@ -247,6 +251,12 @@ class SchedulerService:
             ],
             strict=self.settings.strict if strict is None else strict,
         )
+        # Many declarations (a plugin with thousands of schedules) are compiled in a
+        # worker thread: the loop keeps serving HTTP and starting runs meanwhile.
+        if len(items) > _COMPILE_INLINE:
+            accepted, refused = await asyncio.to_thread(compile_)
+        else:
+            accepted, refused = compile_()
         refused.update(merged.broken)
         for tid in accepted:
             if tid in self._book.added:

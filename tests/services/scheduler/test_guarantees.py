@@ -211,19 +211,25 @@ async def test_boot_after_15_hours_down_does_not_stall_the_loop(tmp_path: Path) 
 
         prober = asyncio.create_task(probe())
         await service.register("p", specs)
-        missed = await wait_events(kernel, "TaskMissed", 1000, timeout=120)
-        await wait_events(kernel, "TaskSucceeded", 1000, timeout=120)
+        # (watch the task table, not the log: reading thousands of events every few ms
+        # would be the test's own stall)
+        with anyio.fail_after(120):
+            while sum(row.successes for row in service.table.tasks.values()) < 1000:
+                await anyio.sleep(0.05)
         stop.set()
         await prober
+        missed = await kernel.read(types=["TaskMissed"])
+        assert len(missed) == 1000
     # counted exactly, every task: one per minute from 15 h ago to the latest due time
     # (the run of which is the coalesced one)
     for r in missed:
         assert r.data["first"] == past and r.data["count"] >= 15 * 60
         assert r.data["count"] == (r.data["last"] - r.data["first"]) / 60
-    # The loop kept turning: the largest gap is what one slice of catch-up work plus one
-    # batch of appends costs, not the whole catch-up (seconds before this fix). The
-    # bound is generous on purpose: a loaded machine is slow, a stalled loop is stuck.
-    assert max(gaps) < 1.0, max(gaps)
+    # The loop kept turning: the largest gap is one slice of work (a batch of appends,
+    # a GC pass), not the whole catch-up — ~30 s on this test's machine before (a
+    # per-run count and no slices), ~0.1 s idle and up to ~1.5 s with the machine at a
+    # load of 9 on 2 cores after. The bound is generous on purpose: slow is not stuck.
+    assert max(gaps) < 5.0, max(gaps)
 
 
 async def test_duplicate_task_names_in_a_plugin_are_rejected(tmp_path: Path) -> None:
