@@ -270,8 +270,7 @@ class Runner:
             try:
                 await self._instance_turn(entry)
             except asyncio.CancelledError:
-                if pre:
-                    await self.append(tid, list(pre), cause)
+                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
                 raise
             finally:
                 self._runs.pop(run_id, None)
@@ -366,8 +365,8 @@ class Runner:
                         ],
                     )
                     entry.last_outcome = "failed"
-                elif not acquired and pre:  # cancelled waiting for a slot: keep what it saw
-                    await self.append(tid, list(pre), cause)
+                elif not acquired:  # cancelled waiting for a slot: say so
+                    await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
                 raise
         finally:
             if acquired:
@@ -417,6 +416,35 @@ class Runner:
                 log.debug("a sync task's thread ended after the event loop closed")
 
         thread.add_done_callback(ended)
+
+    async def _never_started(
+        self,
+        entry: TaskEntry,
+        run_id: str,
+        scheduled_for: float,
+        kind: str,
+        pre: list[Event] | None,
+        cause: Recorded | None,
+    ) -> None:
+        """A run cancelled before its start record: what it saw (``pre``) is kept, and
+        a run someone asked for (or a retry) ends with ``TaskSkipped`` instead of
+        staying "queued" for ever in the runs list."""
+        events: list[Event] = list(pre or ())
+        if kind in ("request", "retry"):
+            why = self._cancel_reasons.pop(run_id, "cancelled")
+            events.append(
+                TaskSkipped(
+                    task=entry.task.id,
+                    scheduled_for=scheduled_for,
+                    reason=f"{why} before it started",
+                    next_run=entry.next_due,
+                    run_id=run_id,
+                )
+            )
+            if kind == "retry":
+                entry.retrying.discard(run_id)
+                entry.last_outcome = "failed"
+        await self.append(entry.task.id, events, cause)
 
     def _linger(
         self, entry: TaskEntry, run_id: str, thread: concurrent.futures.Future[Any]

@@ -24,7 +24,7 @@ from typing import Any
 
 from kernel.events import Recorded
 from kernel.sdk import TaskSpec
-from services.scheduler.specs import TaskDeclarationError
+from services.scheduler.specs import TaskDeclarationError, expand_schedules
 
 __all__ = [
     "BOOK_EVENTS",
@@ -57,6 +57,18 @@ def with_trigger(spec: TaskSpec, trigger: dict[str, Any] | None, **changes: Any)
         changes.update({k: None for k in _TRIGGER_FIELDS})
         changes["trigger"] = dict(trigger)
     return dataclasses.replace(spec, schedules=(), **changes)
+
+
+def expanded(specs: Iterable[TaskSpec]) -> list[TaskSpec]:
+    """Each ``schedules=[...]`` declaration as its schedules (one task each); one that
+    cannot be expanded stays as it is (its compilation reports why)."""
+    out: list[TaskSpec] = []
+    for spec in specs:
+        try:
+            out.extend(expand_schedules(spec) if isinstance(spec, TaskSpec) else [spec])
+        except TaskDeclarationError:
+            out.append(spec)
+    return out
 
 
 @dataclass
@@ -113,6 +125,7 @@ class ScheduleBook:
 
     def merge(self, plugin: str, specs: list[TaskSpec]) -> Merged:
         """``plugin``'s declarations with the runtime changes and schedules applied."""
+        specs = expanded(specs)
         by_name = {s.name: s for s in specs if isinstance(getattr(s, "name", None), str)}
         out: list[TaskSpec] = []
         merged = Merged(out)

@@ -60,6 +60,7 @@ from services.scheduler.schedules import (
     ChangeConflict,
     ScheduleBook,
     declared_key,
+    expanded,
     with_trigger,
 )
 from services.scheduler.specs import (
@@ -497,7 +498,7 @@ class SchedulerService:
         if plugin not in self._declared:
             raise LookupError(f"plugin {plugin!r} has no tasks scheduled here")
         declared, _, runtime, _ = self._declared[plugin]
-        by_name = {s.name: s for s in declared}
+        by_name = {s.name: s for s in expanded(declared) if isinstance(s, TaskSpec)}
         if kind == "add":
             if tid in self._tasks or tid in self._book.added:
                 raise ChangeConflict(f"task {tid!r} exists already")

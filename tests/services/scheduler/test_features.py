@@ -212,6 +212,18 @@ async def test_cancel_an_async_run_and_refuse_a_sync_one(server: Any) -> None:  
             if r.data["task"].startswith("c.")
         }
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            # a requested run waiting for the busy instance: cancelled before it started
+            queued = (await client.post("/admin/tasks/c.forever/run", headers=AUTH)).json()
+            assert queued["queue_position"] == 1
+            r = await client.post(
+                f"/admin/tasks/c.forever/runs/{queued['run_id']}/cancel", headers=AUTH
+            )
+            assert r.status_code == 200 and r.json()["status"] == "cancelled"
+            await wait_events(
+                kernel, "TaskSkipped", where=lambda e: e.data["run_id"] == queued["run_id"]
+            )
+            run = await client.get(f"/admin/tasks/c.forever/runs/{queued['run_id']}", headers=AUTH)
+            assert run.json()["status"] == "skipped" and "before it started" in run.json()["error"]
             r = await client.post(
                 f"/admin/tasks/c.forever/runs/{started['c.forever']}/cancel", headers=AUTH
             )
