@@ -144,3 +144,20 @@ async def test_runtime_changes_survive_restarts_and_a_new_declaration_wins(
         await service.register("p", [spec(job, every="3h")])
         assert service._tasks["p.job"].task.trigger_description == "every 10800s"
         assert len(await kernel.read(types=["ScheduleConflict"])) == 1
+
+
+async def test_a_schedules_item_is_changed_by_its_own_name(tmp_path: Path) -> None:
+    async def job(kind: str) -> None: ...
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        listed = spec(
+            job,
+            schedules=[{"every": "1h", "args": ["a"]}, {"name": "b", "every": "2h", "args": ["b"]}],
+        )
+        result = await service.register("p", [listed])
+        assert sorted(result.accepted) == ["p.b", "p.job-1"]
+        await _ask(service, "change", "p.job-1", {"trigger": {"every": "3h"}})
+        assert service._tasks["p.job-1"].task.trigger_description == "every 10800s"
+        assert service._tasks["p.job-1"].task.args == ("a",)
+        assert service._tasks["p.b"].task.trigger_description == "every 7200s"
