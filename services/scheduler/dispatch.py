@@ -56,6 +56,10 @@ class Dispatcher:
         await self._timer.stop()
         await self.runner.stop()
 
+    def next_time(self) -> float | None:
+        """When the next timer fires (a hint; see :meth:`TimerQueue.next_time`)."""
+        return self._timer.next_time()
+
     def disarm(self, tid: str) -> None:
         self._timer.cancel(tid)
 

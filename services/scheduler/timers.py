@@ -55,6 +55,10 @@ class TimerQueue:
     def cancel(self, key: str) -> None:
         self._live.pop(key, None)
 
+    def next_time(self) -> float | None:
+        """The earliest armed time (an entry cancelled since may answer: it is a hint)."""
+        return self._heap[0][0] if self._heap else None
+
     def when(self, key: str) -> float | None:
         live = self._live.get(key)
         if live is None:

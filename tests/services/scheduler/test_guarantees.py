@@ -346,3 +346,29 @@ async def test_the_outcome_records_the_real_start_and_lateness(tmp_path: Path) -
         row = service.table.tasks["p.work"].summary()
         assert row["last_lateness_ms"] == d["lateness_ms"]
         assert row["max_lateness_ms"] is not None and row["mean_lateness_ms"] is not None
+
+
+async def test_the_gc_policy_freezes_after_registrations_and_thaws_for_the_next(
+    tmp_path: Path,
+) -> None:
+    import gc
+
+    async def work() -> None: ...
+
+    threshold = gc.get_threshold()
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        service._gc.settle = 0.05
+        await service.register("p", [spec(work, every="1h")])
+        with anyio.fail_after(10):
+            while service._gc.freezes < 1:
+                await anyio.sleep(0.01)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] >= 10_000
+        await service.register("q", [spec(work, every="1h")])  # a registration thaws
+        assert gc.get_freeze_count() == 0
+        with anyio.fail_after(10):
+            while service._gc.freezes < 2:
+                await anyio.sleep(0.01)
+    # stopped: the collector has its defaults back
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
