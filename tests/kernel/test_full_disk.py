@@ -75,6 +75,11 @@ async def test_a_full_disk_stalls_a_subscriber_instead_of_losing_its_outcome(
 
         kernel.http.add_admin_router(admin)
         kernel.http.set_admin_guard(lambda: None)
+
+        async def anyone(request: object) -> None:  # no admin service in this test
+            return None
+
+        kernel.http.set_admin_authenticator(anyone)
         kernel.http.attach(app, kernel)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
