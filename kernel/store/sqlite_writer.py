@@ -30,15 +30,17 @@ import aiosqlite
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, describe_expected
-from kernel.store.tail import Row, Tail
+from kernel.store.tail import Tail
 
 __all__ = ["COLUMNS", "GroupCommitWriter"]
 
 log = logging.getLogger("xcore.store")
 
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
+#: A row's first eight fields are a :data:`~kernel.store.tail.Row`: the tail keeps the
+#: inserted tuples themselves.
 INSERT = (
-    "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
+    "INSERT INTO events (position, stream, version, type, schema, data, meta, recorded_at, id)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
@@ -257,7 +259,6 @@ class GroupCommitWriter:
         position = self.last
         touched: dict[str, int] = {}
         rows: list[tuple[Any, ...]] = []
-        tail: list[Row] = []
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
@@ -283,24 +284,34 @@ class GroupCommitWriter:
                     (o, ConcurrencyError(o.stream, describe_expected(o.expected), current))
                 )
                 continue
-            records: list[Recorded] = []
-            op_rows: list[tuple[Any, ...]] = []
+            stream = o.stream
             try:
-                for e in fresh:
-                    meta = e.meta.to_json()
-                    row = (position + 1 + len(op_rows), o.stream, current + 1 + len(op_rows))
-                    # decoding the payload checks it is JSON before it joins the batch
-                    records.append(Recorded.of(row[0], o.stream, row[2], e, now))
-                    op_rows.append((*row, e.type, e.schema, e.data, meta, e.meta.id, now))
+                # decoding each payload checks it is JSON before it joins the batch
+                records = [
+                    Recorded.of(position + k, stream, current + k, e, now)
+                    for k, e in enumerate(fresh, 1)
+                ]
             except Exception as exc:
                 failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
                 continue
+            rows.extend(
+                (
+                    position + k,
+                    stream,
+                    current + k,
+                    e.type,
+                    e.schema,
+                    e.data,
+                    e.meta.to_json(),
+                    now,
+                    e.meta.id,
+                )
+                for k, e in enumerate(fresh, 1)
+            )
             in_batch |= seen
-            position += len(op_rows)
-            current += len(op_rows)
-            rows.extend(op_rows)
-            tail.extend((r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[8]) for r in op_rows)
-            touched[o.stream] = current
+            position += len(fresh)
+            current += len(fresh)
+            touched[stream] = current
             results.append((o, records))
 
         if rows or puts:
@@ -336,8 +347,8 @@ class GroupCommitWriter:
         self.failure = None
         self.last = position
         self.versions.update(touched)
-        if tail:
-            self._tail.push(tail)
+        if rows:
+            self._tail.push(rows)
         for o, records in results:
             if not o.future.done():
                 o.future.set_result(records)

@@ -16,15 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from kernel.events import Recorded
 
 __all__ = ["Row", "Tail"]
 
-#: ``(position, stream, version, type, schema, data, meta, timestamp)`` as stored.
-Row = tuple[int, str, int, str, int, bytes, Any, float]
+#: ``(position, stream, version, type, schema, data, meta, timestamp, ...)`` as stored
+#: (the SQLite writer's rows carry the event id after these eight fields).
+Row = tuple[Any, ...]
 
 
 class Tail:
@@ -45,13 +46,14 @@ class Tail:
         self.bytes = 0
         self.last_position = last_position
 
-    def push(self, rows: Iterable[Row]) -> None:
+    def push(self, rows: Sequence[Row]) -> None:
         """Add freshly committed rows (in position order) and wake every waiter."""
+        if not rows:
+            return
         held = self._rows
-        for row in rows:
-            held.append(row)
-            self.bytes += len(row[5]) + len(row[6])
-            self.last_position = row[0]
+        held.extend(rows)
+        self.bytes += sum([len(row[5]) + len(row[6]) for row in rows])
+        self.last_position = rows[-1][0]
         while held and (len(held) > self.size or self.bytes > self.max_bytes):
             old = held.popleft()
             self.bytes -= len(old[5]) + len(old[6])
@@ -90,7 +92,7 @@ class Tail:
                 continue
             if stream is not None and row[1] != stream:
                 continue
-            out.append(row)
+            out.append(row[:8])
             if limit is not None and len(out) >= limit:
                 break
         return Recorded.from_rows(out)
