@@ -22,6 +22,7 @@ payload dict (fast), ``r.event`` the typed model (validated on demand).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -130,6 +131,7 @@ async def fold(
 
     count = 0
     pending = asyncio.ensure_future(bounded_read(projection.position))
+    _pause_gc()
     try:
         while True:
             bound, batch = await pending
@@ -159,8 +161,36 @@ async def fold(
                 projection.position = max(projection.position, target)
                 return count
     finally:
+        _resume_gc()
         if not pending.done():
             pending.cancel()
+
+
+#: Folds running now that paused the cyclic garbage collector.
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+def _pause_gc() -> None:
+    """Pause the cyclic GC while a fold runs (nested folds share one pause).
+
+    A fold allocates millions of short-lived, acyclic objects (records, their data): the
+    collector finds nothing to free in them, yet its generation-0 passes cost about a
+    third of a fold's time. Reference counting still frees every record at once; only
+    cycles made elsewhere meanwhile wait for the fold's end.
+    """
+    global _gc_pauses, _gc_was_enabled
+    if _gc_pauses == 0:
+        _gc_was_enabled = gc.isenabled()
+        gc.disable()
+    _gc_pauses += 1
+
+
+def _resume_gc() -> None:
+    global _gc_pauses
+    _gc_pauses -= 1
+    if _gc_pauses == 0 and _gc_was_enabled:
+        gc.enable()
 
 
 async def state_at(store: EventStore, cls: type[P], position: int) -> P:

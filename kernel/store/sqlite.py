@@ -32,6 +32,13 @@ from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
+from kernel.store.sqlite_streams import (
+    INDEX_EVERY,
+    INDEXED_UPTO,
+    read_stream_sql,
+    stream_version_sql,
+    unindexed_sql,
+)
 from kernel.store.sqlite_writer import COLUMNS, GroupCommitWriter
 from kernel.store.tail import Tail
 
@@ -41,13 +48,15 @@ log = logging.getLogger("xcore.store")
 
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
 
-#: Layout version of the tables below, kept in ``xcore_meta``.
-FORMAT: Final = 1
+#: Layout version of the tables below, kept in ``xcore_meta``. Format 1 had
+#: ``UNIQUE (stream, version)`` on ``events``; format 2 has the lagged stream index
+#: (``kernel/store/sqlite_streams.py``). A format-1 log is upgraded when opened for
+#: writing, and read as it is when opened read-only.
+FORMAT: Final = 2
 SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS xcore_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
+_EVENTS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     position    INTEGER PRIMARY KEY,
     stream      TEXT    NOT NULL,
     version     INTEGER NOT NULL,
@@ -56,27 +65,73 @@ CREATE TABLE IF NOT EXISTS events (
     data        BLOB    NOT NULL,
     meta        BLOB    NOT NULL,
     id          TEXT    NOT NULL,
-    recorded_at REAL    NOT NULL,
-    UNIQUE (stream, version)
+    recorded_at REAL    NOT NULL
 );
+"""
+
+_APPEND_ONLY = """
+CREATE TABLE IF NOT EXISTS streams_index (
+    stream   TEXT    NOT NULL,
+    version  INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (stream, version)
+) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events (id);
 CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
 -- INSERT OR REPLACE deletes the row it conflicts with without firing delete triggers:
--- an insert that would replace anything is refused before it runs.
+-- an insert that would replace anything (a position at or before the end of the log,
+-- or an id already in it) is refused before it runs. MAX(position) is one seek.
+-- A version of a stream that is already indexed is refused too (one probe of the index;
+-- the writer never reuses one, so only an outside writer can try).
 CREATE TRIGGER IF NOT EXISTS events_append_only_insert BEFORE INSERT ON events
-WHEN EXISTS (SELECT 1 FROM events WHERE position = NEW.position)
+WHEN NEW.position <= (SELECT MAX(position) FROM events)
   OR EXISTS (SELECT 1 FROM events WHERE id = NEW.id)
-  OR EXISTS (SELECT 1 FROM events WHERE stream = NEW.stream AND version = NEW.version)
+  OR EXISTS (SELECT 1 FROM streams_index WHERE stream = NEW.stream AND version = NEW.version)
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS streams_index_append_only_update BEFORE UPDATE ON streams_index
+BEGIN SELECT RAISE(ABORT, 'the xcore stream index is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS streams_index_append_only_delete BEFORE DELETE ON streams_index
+BEGIN SELECT RAISE(ABORT, 'the xcore stream index is append-only'); END;
+"""
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS xcore_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+    + _EVENTS_TABLE.format(name="events")
+    + _APPEND_ONLY
+    + """
 CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (
     name TEXT PRIMARY KEY, position INTEGER NOT NULL, schema INTEGER NOT NULL,
     state BLOB NOT NULL
 );
 """
+)
+
+#: Format 1 to 2: the events table without its UNIQUE (stream, version) (a table
+#: constraint cannot be dropped: the table is copied), and the index built sorted.
+UPGRADE_FROM_1 = (
+    "BEGIN IMMEDIATE;"
+    + _EVENTS_TABLE.format(name="events_format2")
+    + """
+INSERT INTO events_format2 SELECT position, stream, version, type, schema, data, meta, id,
+    recorded_at FROM events ORDER BY position;
+DROP TABLE events;
+ALTER TABLE events_format2 RENAME TO events;
+"""
+    + _APPEND_ONLY
+    + f"""
+INSERT INTO streams_index (stream, version, position)
+    SELECT stream, version, position FROM events ORDER BY stream, version;
+INSERT INTO xcore_meta (key, value)
+    VALUES ('{INDEXED_UPTO}', (SELECT COALESCE(MAX(position), 0) FROM events))
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+UPDATE xcore_meta SET value = '2' WHERE key = 'format';
+COMMIT;
+"""
+)
 
 UPSERT_CHECKPOINT = (
     "INSERT INTO checkpoints (name, position) VALUES (?, ?)"
@@ -143,6 +198,7 @@ class SQLiteStore:
         evidence: Iterable[Path] = (),
         mark_interval: float = 1.0,
         poll_interval: float = 0.1,
+        index_every: int = INDEX_EVERY,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -155,6 +211,11 @@ class SQLiteStore:
         self.accept_log_loss = accept_log_loss
         self.mark_interval = mark_interval
         self.poll_interval = poll_interval
+        if index_every < 1:
+            raise StoreError(f"index_every must be at least 1, not {index_every}")
+        self.index_every = index_every
+        #: the log's format (see FORMAT); known once open
+        self.format = FORMAT
         self.files = LogFiles(self.path, evidence)
         #: what the last open recovered after an unclean stop (None after a clean one)
         self.recovery: dict[str, Any] | None = None
@@ -189,8 +250,23 @@ class SQLiteStore:
         self._tail.closed = False
         self._open = True
         if self._write_conn is not None:
+            try:
+                unindexed = [
+                    (str(r[0]), int(r[1]), int(r[2]))
+                    for r in await self._write_conn.execute_fetchall(unindexed_sql())
+                ]
+            except BaseException:
+                self._open = False
+                await self._release()
+                raise
             self._writer = GroupCommitWriter(
-                self.path, self._write_conn, self._tail, self._last, self.max_batch
+                self.path,
+                self._write_conn,
+                self._tail,
+                self._last,
+                self.max_batch,
+                unindexed=unindexed,
+                index_every=self.index_every,
             )
             self._writer.start()
             self._marker = asyncio.create_task(self._mark_loop(), name="xcore-store-mark")
@@ -340,6 +416,8 @@ class SQLiteStore:
                     f"{self.path} is an SQLite database but not an xcore event log "
                     f"(it has the tables {', '.join(sorted(tables))} and no 'events')"
                 )
+            if "events" in tables and await self._read_format(conn) == 1:
+                await self._upgrade_from_1(conn)
             await conn.executescript(SCHEMA)
             await conn.execute(
                 "INSERT OR IGNORE INTO xcore_meta (key, value) VALUES ('format', ?)",
@@ -349,6 +427,35 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"{self.path} is not a readable event log: {exc}") from exc
         await self._check_schema(conn)
+
+    async def _read_format(self, conn: aiosqlite.Connection) -> int | None:
+        try:
+            rows = list(
+                await conn.execute_fetchall("SELECT value FROM xcore_meta WHERE key = 'format'")
+            )
+        except sqlite3.OperationalError:
+            return None  # no xcore_meta table: _check_schema names the problem
+        return int(rows[0][0]) if rows else None
+
+    async def _upgrade_from_1(self, conn: aiosqlite.Connection) -> None:
+        started = time.monotonic()
+        count = await self._query_last_position(conn)
+        log.warning(
+            "%s: upgrading the log from format 1 to %d (stream index; %d events copied once)",
+            self.path,
+            FORMAT,
+            count,
+        )
+        await conn.commit()
+        try:
+            await conn.executescript(UPGRADE_FROM_1)
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise
+        log.warning(
+            "%s: upgraded to format %d in %.1f s", self.path, FORMAT, time.monotonic() - started
+        )
 
     async def _check_schema(self, conn: aiosqlite.Connection) -> None:
         try:
@@ -367,6 +474,8 @@ class SQLiteStore:
                 f"{self.path} was written by a newer xcore (log format {found}; "
                 f"this version reads format {FORMAT})"
             )
+        #: the log's format: a format-1 log opened read-only is read as it is
+        self.format = found
 
     async def _query_last_position(self, conn: aiosqlite.Connection) -> int:
         try:
@@ -536,20 +645,26 @@ class SQLiteStore:
             cached = self._tail.read(after, types, stream, limit)
             if cached is not None:
                 return cached
-        sql = f"SELECT {COLUMNS} FROM events WHERE position > ?"
-        params: list[Any] = [after]
-        if types is not None:
-            if not types:
-                return []
-            sql += f" AND type IN ({','.join('?' * len(types))})"
-            params.extend(types)
-        if stream is not None:
-            sql += " AND stream = ?"
-            params.append(stream)
-        sql += " ORDER BY position"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        if types is not None and not types:
+            return []
+        params: list[Any]
+        if stream is not None and self.format >= 2:
+            sql, params = read_stream_sql(
+                COLUMNS, after=after, stream=stream, types=types, limit=limit
+            )
+        else:
+            sql = f"SELECT {COLUMNS} FROM events WHERE position > ?"
+            params = [after]
+            if types is not None:
+                sql += f" AND type IN ({','.join('?' * len(types))})"
+                params.extend(types)
+            if stream is not None:  # a format-1 log: its UNIQUE (stream, version) index
+                sql += " AND stream = ?"
+                params.append(stream)
+            sql += " ORDER BY position"
+            if limit is not None:
+                sql += " LIMIT ?"
+                params.append(limit)
         assert self._reader is not None
         try:
             rows = await self._reader.execute_fetchall(sql, params)
@@ -584,11 +699,11 @@ class SQLiteStore:
         if self._writer is not None and stream in self._writer.versions:
             return self._writer.versions[stream]
         assert self._reader is not None
-        row = await (
-            await self._reader.execute(
-                "SELECT MAX(version) FROM events WHERE stream = ?", (stream,)
-            )
-        ).fetchone()
+        if self.format >= 2:
+            sql, params = stream_version_sql(stream)
+        else:
+            sql, params = "SELECT MAX(version) FROM events WHERE stream = ?", [stream]
+        row = await (await self._reader.execute(sql, params)).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
     async def wait(self, after: int, timeout: float | None = None) -> int:

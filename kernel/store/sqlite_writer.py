@@ -20,6 +20,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,19 +31,35 @@ import aiosqlite
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, describe_expected
-from kernel.store.tail import Tail
+from kernel.store.sqlite_streams import (
+    INDEX_EVERY,
+    IndexRow,
+    index_statements,
+    stream_version_sql,
+)
+from kernel.store.tail import Row, Tail
 
 __all__ = ["COLUMNS", "GroupCommitWriter"]
 
 log = logging.getLogger("xcore.store")
 
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
-#: A row's first eight fields are a :data:`~kernel.store.tail.Row`: the tail keeps the
-#: inserted tuples themselves.
-INSERT = (
-    "INSERT INTO events (position, stream, version, type, schema, data, meta, recorded_at, id)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_HEAD = (
+    "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
+    " VALUES "
 )
+INSERT = _INSERT_HEAD + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: Rows per multi-row INSERT: one statement per chunk instead of one step per row
+#: (9 parameters a row, far under SQLite's limit of 32,766).
+_CHUNK = 256
+_INSERTS: dict[int, str] = {}
+
+
+def _insert_sql(rows: int) -> str:
+    sql = _INSERTS.get(rows)
+    if sql is None:
+        sql = _INSERTS[rows] = _INSERT_HEAD + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return sql
 
 
 @dataclass(eq=False)
@@ -84,8 +101,9 @@ def _write(
     puts: list[tuple[str, tuple[Any, ...]]],
 ) -> None:
     """Insert the batch and commit, in the connection's own thread."""
-    if rows:
-        conn.executemany(INSERT, rows)
+    for i in range(0, len(rows), _CHUNK):
+        chunk = rows[i : i + _CHUNK]
+        conn.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
@@ -95,7 +113,15 @@ class GroupCommitWriter:
     """Batches concurrent writes of one SQLite log into single durable transactions."""
 
     def __init__(
-        self, path: Path, conn: aiosqlite.Connection, tail: Tail, last: int, max_batch: int
+        self,
+        path: Path,
+        conn: aiosqlite.Connection,
+        tail: Tail,
+        last: int,
+        max_batch: int,
+        *,
+        unindexed: Sequence[IndexRow] = (),
+        index_every: int = INDEX_EVERY,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -107,7 +133,12 @@ class GroupCommitWriter:
         self.max_batch = max_batch
         #: why the last batch failed (the disk is full...), None once a batch commits
         self.failure: str | None = None
-        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        #: events after the stream index's mark, as index rows (see sqlite_streams.py)
+        self.unindexed: list[IndexRow] = list(unindexed)
+        self.index_every = index_every
+        # A plain deque and one wake-up future: cheaper than asyncio.Queue's getters.
+        self._queue: deque[_Op] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -129,20 +160,22 @@ class GroupCommitWriter:
         if task is None:
             return
         if not task.done():
-            stop = _Stop()
-            self._queue.put_nowait(stop)
+            self._enqueue(_Stop())
             await asyncio.wait({task})
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("the writer of %s had stopped on an error: %r", self.path, exc, exc_info=exc)
         self._refuse_queued()
 
+    def _enqueue(self, op: _Op) -> None:
+        self._queue.append(op)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
     def _refuse_queued(self) -> None:
-        while True:
-            try:
-                op = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
+        while self._queue:
+            op = self._queue.popleft()
             if not op.future.done():
                 if isinstance(op, _Stop):
                     op.future.set_result(None)
@@ -163,39 +196,45 @@ class GroupCommitWriter:
     ) -> list[Recorded]:
         self._check_alive()
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Append(stream, expected_version, events, future))
+        self._enqueue(_Append(stream, expected_version, events, future))
         return await future
 
     async def put(self, sql: str, params: tuple[Any, ...]) -> None:
         """Run one more statement (a checkpoint or snapshot upsert) in the next batch."""
         self._check_alive()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Put(sql, params, future))
+        self._enqueue(_Put(sql, params, future))
         await future
 
     async def _write_loop(self) -> None:
         queue = self._queue
+        loop = asyncio.get_running_loop()
         while True:
-            op = await queue.get()
+            if not queue:
+                self._wakeup = loop.create_future()
+                try:
+                    await self._wakeup
+                finally:
+                    self._wakeup = None
+                continue
+            op = queue.popleft()
             if isinstance(op, _Stop):
+                await self._index_the_end()
                 op.future.set_result(None)
                 return
             # Let every producer that is ready run first, so they join this batch
             # rather than each waking the writer for a batch of its own.
             before = -1
             for _ in range(8):
-                if queue.qsize() == before:
+                if len(queue) == before:
                     break
-                before = queue.qsize()
+                before = len(queue)
                 await asyncio.sleep(0)
             batch: list[_Append | _Put] = [op]
             size = len(op.events) if isinstance(op, _Append) else 1
             stop: _Stop | None = None
-            while size < self.max_batch:
-                try:
-                    nxt = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
+            while size < self.max_batch and queue:
+                nxt = queue.popleft()
                 if isinstance(nxt, _Stop):
                     stop = nxt
                     break
@@ -222,17 +261,35 @@ class GroupCommitWriter:
                         stop.future.set_result(None)
                     raise
             if stop is not None:
+                await self._index_the_end()
                 stop.future.set_result(None)
                 return
+
+    async def _index_the_end(self) -> None:
+        """At a clean stop, index the unindexed end (the next open has nothing to reload)."""
+        if not self.unindexed:
+            return
+        try:
+            for sql, params in index_statements(self.unindexed, self.last):
+                await self._conn.execute(sql, params)
+            await self._conn.commit()
+        except sqlite3.Error as exc:
+            await self._rollback(exc)
+            log.error(
+                "%s: indexing the last %d events at close failed: %r (the next open reads "
+                "them from the log instead)",
+                self.path,
+                len(self.unindexed),
+                exc,
+            )
+            return
+        self.unindexed = []
 
     async def _stream_version(self, stream: str) -> int:
         version = self.versions.get(stream)
         if version is None:
-            row = await (
-                await self._conn.execute(
-                    "SELECT MAX(version) FROM events WHERE stream = ?", (stream,)
-                )
-            ).fetchone()
+            sql, params = stream_version_sql(stream)
+            row = await (await self._conn.execute(sql, params)).fetchone()
             version = int(row[0]) if row and row[0] is not None else 0
             self.versions[stream] = version
         return version
@@ -259,6 +316,7 @@ class GroupCommitWriter:
         position = self.last
         touched: dict[str, int] = {}
         rows: list[tuple[Any, ...]] = []
+        tail: list[Row] = []
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
@@ -284,39 +342,33 @@ class GroupCommitWriter:
                     (o, ConcurrencyError(o.stream, describe_expected(o.expected), current))
                 )
                 continue
-            stream = o.stream
+            records: list[Recorded] = []
+            op_rows: list[tuple[Any, ...]] = []
             try:
-                # decoding each payload checks it is JSON before it joins the batch
-                records = [
-                    Recorded.of(position + k, stream, current + k, e, now)
-                    for k, e in enumerate(fresh, 1)
-                ]
+                for e in fresh:
+                    meta = e.meta.to_json()
+                    row = (position + 1 + len(op_rows), o.stream, current + 1 + len(op_rows))
+                    # decoding the payload checks it is JSON before it joins the batch
+                    records.append(Recorded.of(row[0], o.stream, row[2], e, now))
+                    op_rows.append((*row, e.type, e.schema, e.data, meta, e.meta.id, now))
             except Exception as exc:
                 failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
                 continue
-            rows.extend(
-                (
-                    position + k,
-                    stream,
-                    current + k,
-                    e.type,
-                    e.schema,
-                    e.data,
-                    e.meta.to_json(),
-                    now,
-                    e.meta.id,
-                )
-                for k, e in enumerate(fresh, 1)
-            )
             in_batch |= seen
-            position += len(fresh)
-            current += len(fresh)
-            touched[stream] = current
+            position += len(op_rows)
+            current += len(op_rows)
+            rows.extend(op_rows)
+            tail.extend((r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[8]) for r in op_rows)
+            touched[o.stream] = current
             results.append((o, records))
 
+        fresh_index = [(r[1], r[2], r[0]) for r in rows]
+        flush = len(self.unindexed) + len(fresh_index) >= self.index_every
         if rows or puts:
             try:
                 statements = [(p.sql, p.params) for p in puts]
+                if flush:
+                    statements += index_statements([*self.unindexed, *fresh_index], position)
                 if _ONE_TRIP:
                     # one trip to the connection's thread for the whole transaction
                     await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
@@ -347,8 +399,12 @@ class GroupCommitWriter:
         self.failure = None
         self.last = position
         self.versions.update(touched)
-        if rows:
-            self._tail.push(rows)
+        if flush:
+            self.unindexed = []
+        else:
+            self.unindexed.extend(fresh_index)
+        if tail:
+            self._tail.push(tail)
         for o, records in results:
             if not o.future.done():
                 o.future.set_result(records)

@@ -16,16 +16,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable
 from typing import Any
 
-from kernel.events import Recorded
+import orjson
 
-__all__ = ["Row", "Tail"]
+from kernel.events import Recorded, registry
 
-#: ``(position, stream, version, type, schema, data, meta, timestamp, ...)`` as stored
-#: (the SQLite writer's rows carry the event id after these eight fields).
-Row = tuple[Any, ...]
+__all__ = ["Row", "Tail", "row_of"]
+
+#: ``(position, stream, version, type, schema, data, meta, timestamp)`` as stored.
+Row = tuple[int, str, int, str, int, bytes, Any, float]
+
+
+def row_of(record: Recorded) -> Row:
+    """The tail row of a record already decoded (a backend that reads records, not rows).
+
+    Its data is stored at the schema of the registered class, since it was upcast when
+    decoded: reading the row back does not upcast it twice.
+    """
+    cls = registry.get(record.type)
+    schema = cls.schema_version if cls is not None else record.schema
+    meta = record._meta_raw if record._meta_raw is not None else record.meta.to_json()
+    data = orjson.dumps(record.data)
+    return (
+        record.position,
+        record.stream,
+        record.version,
+        record.type,
+        schema,
+        data,
+        meta,
+        record.timestamp,
+    )
 
 
 class Tail:
@@ -46,14 +69,13 @@ class Tail:
         self.bytes = 0
         self.last_position = last_position
 
-    def push(self, rows: Sequence[Row]) -> None:
+    def push(self, rows: Iterable[Row]) -> None:
         """Add freshly committed rows (in position order) and wake every waiter."""
-        if not rows:
-            return
         held = self._rows
-        held.extend(rows)
-        self.bytes += sum([len(row[5]) + len(row[6]) for row in rows])
-        self.last_position = rows[-1][0]
+        for row in rows:
+            held.append(row)
+            self.bytes += len(row[5]) + len(row[6])
+            self.last_position = row[0]
         while held and (len(held) > self.size or self.bytes > self.max_bytes):
             old = held.popleft()
             self.bytes -= len(old[5]) + len(old[6])
@@ -92,7 +114,7 @@ class Tail:
                 continue
             if stream is not None and row[1] != stream:
                 continue
-            out.append(row[:8])
+            out.append(row)
             if limit is not None and len(out) >= limit:
                 break
         return Recorded.from_rows(out)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from kernel import Kernel, Projection, Recorded, Settings, handles, state_at
 from kernel.events import Event, NewEvent
+from kernel.projections import fold
 from kernel.store import SQLiteStore
 
 
@@ -234,3 +237,44 @@ async def test_a_failing_snapshot_never_applies_an_event_twice(tmp_path: Path) -
         assert p.balances == {"a": 50}
         assert p.applied == 5
         assert await kernel.store.load_snapshot("unsaveable") is None
+
+
+class _GcWatcher(Projection):
+    name = "gc-watcher"
+
+    def reset(self) -> None:
+        self.enabled_during: list[bool] = []
+        self.fail_at: int | None = None
+
+    @handles("Counted")
+    def _counted(self, r: Recorded) -> None:
+        self.enabled_during.append(gc.isenabled())
+        if self.fail_at is not None and r.position >= self.fail_at:
+            raise RuntimeError("a handler failed")
+
+
+async def test_a_fold_pauses_the_cyclic_gc_and_always_restores_it(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        await store.append([NewEvent.raw("Counted", {"n": i}) for i in range(10)], stream="c")
+        assert gc.isenabled()
+        watcher = _GcWatcher()
+        await fold(store, watcher, batch_size=3)
+        assert watcher.enabled_during == [False] * 10
+        assert gc.isenabled()
+
+        failing = _GcWatcher()
+        failing.fail_at = 5
+        with pytest.raises(RuntimeError):
+            await fold(store, failing)
+        assert gc.isenabled()
+
+        gc.disable()  # an application that runs without the collector keeps it off
+        try:
+            await fold(store, _GcWatcher())
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        await store.close()

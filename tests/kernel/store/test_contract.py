@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -13,6 +14,8 @@ import pytest
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import Event, Meta, NewEvent, registry, upcaster
 from kernel.store import ANY, NO_STREAM, EventStore, MemoryStore, Snapshot, SQLiteStore
+from kernel.store.postgres import PostgresStore
+from tests.pg import pg_schema
 
 
 class Noted(Event):
@@ -23,12 +26,32 @@ def note(text: str, meta: Meta | None = None) -> NewEvent:
     return NewEvent.of(Noted(text=text), meta)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def _make(kind: str, tmp_path: Path) -> EventStore:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite-index-every-3":  # the stream index flushed every few events
+        return SQLiteStore(tmp_path / "log.db", index_every=3)
+    return SQLiteStore(tmp_path / "log.db")
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        "sqlite-index-every-3",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
-    s: EventStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "log.db")
-    await s.open()
-    yield s
-    await s.close()
+    async with AsyncExitStack() as stack:
+        s: EventStore
+        if request.param == "postgres":
+            s = PostgresStore(await stack.enter_async_context(pg_schema()))
+        else:
+            s = _make(request.param, tmp_path)
+        await s.open()
+        yield s
+        await s.close()
 
 
 async def test_positions_are_gapless_and_versions_count_per_stream(store: EventStore) -> None:
