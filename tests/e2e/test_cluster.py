@@ -252,16 +252,19 @@ def run_scheduling(tmp_path: Path, tasks: int, seconds: float) -> None:
     assert {e["meta"]["node"] for e in by_type["TaskStarted"]} == {"a", "b", "c"}
 
 
+@pytest.mark.timeout(400)
 def test_three_nodes_fire_each_run_once_and_survive_a_kill(tmp_path: Path) -> None:
     run_scheduling(tmp_path, tasks=40, seconds=16)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(not os.environ.get("TEST_CLUSTER_FULL"), reason="set TEST_CLUSTER_FULL=1")
 def test_full_size_200_tasks_for_a_minute(tmp_path: Path) -> None:
     run_scheduling(tmp_path, tasks=200, seconds=60)
 
 
+@pytest.mark.timeout(400)
 def test_plugins_are_the_same_on_every_node(tmp_path: Path) -> None:
     with cluster_dsn() as dsn, ExitStack() as stack:
         nodes = start_nodes(
