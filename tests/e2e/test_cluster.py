@@ -103,14 +103,14 @@ def cluster_dsn() -> Iterator[str]:
         loop.close()
 
 
-def start_node(tmp: Path, name: str, dsn: str, plugins: Path) -> Any:
+def start_node(tmp: Path, name: str, dsn: str, plugins: Path, stale_after: float = 3) -> Any:
     env = {
         "XCORE_ADMIN_TOKEN": TOKEN,
         "XCORE_DSN": dsn,
         "XCORE_STORE": "postgres",
         "XCORE_NODE": name,
         "XCORE_SERVICES__CLUSTER__HEARTBEAT_S": "0.5",
-        "XCORE_SERVICES__CLUSTER__STALE_AFTER_S": "3",
+        "XCORE_SERVICES__CLUSTER__STALE_AFTER_S": str(stale_after),
         "XCORE_SERVICES__SCHEDULER__MAX_CONCURRENCY": "400",
     }
     (tmp / name).mkdir(exist_ok=True)
@@ -118,10 +118,12 @@ def start_node(tmp: Path, name: str, dsn: str, plugins: Path) -> Any:
 
 
 def start_nodes(
-    stack: ExitStack, tmp: Path, dsn: str, plugins: dict[str, Path]
+    stack: ExitStack, tmp: Path, dsn: str, plugins: dict[str, Path], stale_after: float = 3
 ) -> dict[str, Server]:
     """Start the nodes side by side (each start waits for its health check)."""
-    managers = {name: start_node(tmp, name, dsn, folder) for name, folder in plugins.items()}
+    managers = {
+        name: start_node(tmp, name, dsn, folder, stale_after) for name, folder in plugins.items()
+    }
     with ThreadPoolExecutor(len(managers)) as pool:
         futures = {name: pool.submit(cm.__enter__) for name, cm in managers.items()}
     servers: dict[str, Server] = {}
@@ -165,13 +167,13 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-def run_scheduling(tmp_path: Path, tasks: int, seconds: float) -> None:
+def run_scheduling(tmp_path: Path, tasks: int, seconds: float, stale_after: float = 3) -> None:
     runs_file = tmp_path / "runs.txt"
     with cluster_dsn() as dsn, ExitStack() as stack:
         folders = {name: tmp_path / f"plugins-{name}" for name in ("a", "b", "c")}
         for folder in folders.values():
             ticker_plugin(folder / "ticker", tasks, runs_file)
-        nodes = start_nodes(stack, tmp_path, dsn, folders)
+        nodes = start_nodes(stack, tmp_path, dsn, folders, stale_after)
         a, c = nodes["a"], nodes["c"]
         # every node sees the whole cluster
         for server in nodes.values():
@@ -261,7 +263,8 @@ def test_three_nodes_fire_each_run_once_and_survive_a_kill(tmp_path: Path) -> No
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not os.environ.get("TEST_CLUSTER_FULL"), reason="set TEST_CLUSTER_FULL=1")
 def test_full_size_200_tasks_for_a_minute(tmp_path: Path) -> None:
-    run_scheduling(tmp_path, tasks=200, seconds=60)
+    # 200 tasks load this 2-core machine: heartbeats may queue behind runs for seconds
+    run_scheduling(tmp_path, tasks=200, seconds=60, stale_after=15)
 
 
 @pytest.mark.timeout(400)
