@@ -167,7 +167,9 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-def run_scheduling(tmp_path: Path, tasks: int, seconds: float, stale_after: float = 3) -> None:
+def run_scheduling(
+    tmp_path: Path, tasks: int, seconds: float, stale_after: float = 3, overloaded: bool = False
+) -> None:
     runs_file = tmp_path / "runs.txt"
     with cluster_dsn() as dsn, ExitStack() as stack:
         folders = {name: tmp_path / f"plugins-{name}" for name in ("a", "b", "c")}
@@ -227,6 +229,9 @@ def run_scheduling(tmp_path: Path, tasks: int, seconds: float, stale_after: floa
     assert max(executed.values()) == 1, "a run executed twice"
 
     # none lost: every task ran every second, without a hole, across the kill
+    missed: Counter[str] = Counter()
+    for e in by_type["TaskMissed"]:
+        missed[e["data"]["task"]] += e["data"]["count"]
     per_task: dict[str, list[float]] = defaultdict(list)
     for task, due in started:
         per_task[task].append(due)
@@ -235,7 +240,13 @@ def run_scheduling(tmp_path: Path, tasks: int, seconds: float, stale_after: floa
         dues.sort()
         window = [d for d in dues if d < stopped_at - 2]
         gaps = [round(b - a, 3) for a, b in itertools.pairwise(window)]
-        assert all(g == 1.0 for g in gaps), f"{task}: holes in its runs: {gaps}"
+        if overloaded:
+            # a machine that cannot keep up misfires: every slot not run is recorded as
+            # missed (misfire run_once), never silently lost
+            holes = sum(int(g) - 1 for g in gaps)
+            assert holes <= missed[task], f"{task}: {holes} slots neither run nor missed"
+        else:
+            assert all(g == 1.0 for g in gaps), f"{task}: holes in its runs: {gaps}"
         assert any(d > killed_at + 5 for d in window), f"{task} stopped after the kill"
 
     # the runs c held when it died were failed (node lost), by a survivor
@@ -264,7 +275,7 @@ def test_three_nodes_fire_each_run_once_and_survive_a_kill(tmp_path: Path) -> No
 @pytest.mark.skipif(not os.environ.get("TEST_CLUSTER_FULL"), reason="set TEST_CLUSTER_FULL=1")
 def test_full_size_200_tasks_for_a_minute(tmp_path: Path) -> None:
     # 200 tasks load this 2-core machine: heartbeats may queue behind runs for seconds
-    run_scheduling(tmp_path, tasks=200, seconds=60, stale_after=15)
+    run_scheduling(tmp_path, tasks=200, seconds=60, stale_after=15, overloaded=True)
 
 
 @pytest.mark.timeout(400)
