@@ -305,6 +305,14 @@ class PostgresStore:
             self._pool.terminate()
             self._pool = None
 
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy while open with a running writer; no I/O (see EventStore.health)."""
+        details: dict[str, Any] = {"location": self.location}
+        if not self._open:
+            details["error"] = "the store is closed"
+            return False, details
+        return True, details
+
     def _check_open(self) -> None:
         if not self._open:
             raise StoreClosed(f"{self.location}: the event log is closed")

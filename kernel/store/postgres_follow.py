@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from kernel.events import Recorded
-from kernel.store.tail import Tail
+from kernel.store.tail import Tail, row_of
 
 if TYPE_CHECKING:
     from kernel.store.postgres import PostgresStore
@@ -79,7 +79,7 @@ class Follower:
         if not records:
             return
         if records[0].position == self.tail.last_position + 1:
-            self.tail.push(records)
+            self.tail.push(row_of(r) for r in records)
         self.raise_target(records[-1].position)
 
     def raise_target(self, position: int) -> None:
@@ -161,7 +161,7 @@ class Follower:
                 # a local commit may have been pushed meanwhile: keep what follows the tail
                 fresh = [r for r in batch if r.position > self.tail.last_position]
                 if fresh and fresh[0].position == self.tail.last_position + 1:
-                    self.tail.push(fresh)
+                    self.tail.push(row_of(r) for r in fresh)
                 elif fresh:  # cannot happen with ordered commits: say so, never skip
                     log.error(
                         "%s: position %d follows %d; reading again",
