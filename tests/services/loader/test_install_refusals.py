@@ -50,8 +50,9 @@ def undecodable_zip(path: Path) -> Path:
 
 
 def undecodable_tar(path: Path) -> Path:
-    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT, encoding="utf-8",
-                      errors="surrogateescape") as tf:
+    with tarfile.open(
+        path, "w:gz", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tf:
         for name, data in (("arch/run.py", RUN), (os.fsdecode(b"arch/bad\xff.txt"), b"x")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
