@@ -12,7 +12,7 @@ import traceback
 
 from bench.common import Result, save_results, table
 
-MODULES = ["bench.store", "bench.routes", "bench.plugins", "bench.scheduler"]
+MODULES = ["bench.store", "bench.routes", "bench.plugins", "bench.scheduler", "bench.reload"]
 
 
 def main() -> int:
