@@ -284,13 +284,15 @@ def check_plugin_imports(plugin: str, folder: Path, allowed: Collection[str]) ->
 def check_stray_modules(plugin: str, plugins_root: Path) -> None:
     """Refuse when the plugin's modules use a top-level module living in a plugin folder."""
     root = plugins_root.resolve()
+    prefix, raw = str(root), str(plugins_root.absolute())
     base = module_name(plugin)
     stray: dict[str, Path] = {}
     for name, module in list(sys.modules.items()):
         if name == ROOT_PACKAGE or name.startswith(ROOT_PACKAGE + "."):
             continue
         file = getattr(module, "__file__", None)
-        if not isinstance(file, str):
+        # a cheap string test first: this runs over every module at every import
+        if not isinstance(file, str) or not (file.startswith(prefix) or file.startswith(raw)):
             continue
         try:
             path = Path(file).resolve()
