@@ -10,6 +10,8 @@ unchanged.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from typing import Annotated
 
 from fastapi import (
     APIRouter, Cookie, Depends, File, Form, Header, HTTPException, Query, Request, Security,
-    UploadFile,
+    UploadFile, WebSocket,
 )
 from fastapi.responses import PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -127,6 +129,20 @@ async def go(request: Request):
 @router.get("/where")
 async def where(request: Request):
     return {"url": str(request.url_for("plain")), "state": request.state.started}
+
+
+@router.websocket("/ws/{room}")
+async def ws(websocket: WebSocket, room: str, token: str | None = None):
+    if token != "ok":
+        await websocket.close(code=4401)
+        return
+    await websocket.accept()
+    while True:
+        text = await websocket.receive_text()
+        if text == "bye":
+            await websocket.close(code=1000)
+            return
+        await websocket.send_json({"room": room, "echo": text})
 
 
 sub = APIRouter(prefix="/sub", tags=["sub"])
@@ -244,4 +260,40 @@ def test_xcore_serves_a_router_as_a_bare_fastapi_app_does(tmp_path: Path) -> Non
             theirs = _answer(client, bare, method, path, kw)
             if ours != theirs:
                 mismatches.append(f"{method} {path}:\n  xcore: {ours}\n  bare:  {theirs}")
+        echoed = asyncio.run(_ws(server.url, *WS_CASES[0]))
+        assert echoed[:2] == [{"room": "lobby", "echo": "hi"}, {"room": "lobby", "echo": "there"}]
+        for query, messages in WS_CASES:
+            ours = asyncio.run(_ws(server.url, query, messages))
+            theirs = asyncio.run(_ws(bare, query, messages))
+            if ours != theirs:
+                mismatches.append(f"WS {query} {messages}:\n  xcore: {ours}\n  bare:  {theirs}")
         assert not mismatches, "\n".join(mismatches)
+
+
+WS_CASES: list[tuple[str, list[str]]] = [
+    ("/ws/lobby?token=ok", ["hi", "there", "bye"]),
+    ("/ws/lobby?token=no", ["hi"]),
+    ("/ws/other?token=ok", ["x"]),
+    ("/ws/nope/extra?token=ok", ["x"]),
+]
+
+
+async def _ws(base: str, query: str, messages: list[str]) -> list[Any]:
+    import websockets
+
+    url = "ws" + base.removeprefix("http") + PREFIX + query
+    seen: list[Any] = []
+    try:
+        async with websockets.connect(url, open_timeout=10, close_timeout=5) as conn:
+            for text in messages:
+                await conn.send(text)
+                try:
+                    seen.append(json.loads(await asyncio.wait_for(conn.recv(), 10)))
+                except websockets.ConnectionClosed as exc:
+                    seen.append(("closed", exc.rcvd.code if exc.rcvd else None))
+                    break
+    except websockets.InvalidStatus as exc:
+        seen.append(("refused", exc.response.status_code))
+    except websockets.ConnectionClosed as exc:
+        seen.append(("closed", exc.rcvd.code if exc.rcvd else None))
+    return seen
