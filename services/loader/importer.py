@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
 
-from .files import FileRefused, read_limited
+from .files import FileRefused, read_limited, regular_files
 
 __all__ = [
     "ROOT_PACKAGE",
@@ -247,12 +247,9 @@ def _plugin_modules_of(names: Sequence[str], plugin: str) -> Iterator[str]:
 def check_plugin_imports(plugin: str, folder: Path, allowed: Collection[str]) -> None:
     """Refuse ``import xcore_plugins.<other>`` of a plugin not in ``requires`` (any order)."""
     root = folder.resolve()
-    for path in sorted(root.rglob("*.py")):
+    # regular files only, links not followed (a link loop or a FIFO is never entered)
+    for path in sorted(p for p in regular_files(root, ("__pycache__",))[0] if p.suffix == ".py"):
         rel = path.relative_to(root).as_posix()
-        if any(
-            part.startswith(".") or part == "__pycache__" for part in path.parts[len(root.parts) :]
-        ):
-            continue
         try:
             source = read_limited(path)
             tree = ast.parse(source, filename=rel)
