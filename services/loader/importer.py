@@ -216,10 +216,17 @@ def import_plugin(
             prefix = point.prefix
             router, routes = raw, describe_routes(raw, point.root)
     tasks: dict[str, TaskSpec] = {}
+    seen: set[int] = set()
     for value in vars(run).values():
-        spec = getattr(value, "__xcore_task__", None)
-        if isinstance(spec, TaskSpec):
-            tasks[spec.name] = spec
+        specs = getattr(value, "__xcore_tasks__", None) or [getattr(value, "__xcore_task__", None)]
+        for spec in specs:
+            if not isinstance(spec, TaskSpec) or id(spec) in seen:
+                continue  # the same function under two names is one declaration
+            seen.add(id(spec))
+            # Two declarations of one name both reach the scheduler, which refuses them
+            # (TaskRejected) rather than one silently replacing the other.
+            key = spec.name if spec.name not in tasks else f"{spec.name}#{len(tasks)}"
+            tasks[key] = spec
     hooks = {}
     for hook in ("on_load", "on_unload"):
         fn = getattr(run, hook, None)

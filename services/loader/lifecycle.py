@@ -40,6 +40,7 @@ from . import installer
 from .context import LoadedContext, call_plugin
 from .events import LoadStage, PluginLoaded, PluginUnloaded, stream_of
 from .generation import Generation, StageError
+from .hosted import build_hosted, effective_mode, host_of
 from .importer import import_plugin, module_name, purge, restore
 from .manifest import Manifest, ManifestError, read_manifest
 from .projection import PluginTable
@@ -194,19 +195,6 @@ class Lifecycle(LoaderState):
                 f"{self.settings.io_timeout:g}s",
             ) from None
 
-    def _check_mode(self, name: str, manifest: Manifest) -> None:
-        """The stage where a plugin's mode decides how it runs.
-
-        Sandbox seam: a ``sandboxed`` plugin is refused here until the sandbox service
-        plugs in; nothing of it has run (its manifest was read with ``ast``).
-        """
-        if manifest.mode == "sandboxed":
-            raise StageError(
-                "mode",
-                f"plugin {name!r}: run.py: key 'mode': 'sandboxed' plugins need the sandbox "
-                "service, which is not available; the plugin was not run",
-            )
-
     async def _build_steps(
         self,
         name: str,
@@ -224,7 +212,8 @@ class Lifecycle(LoaderState):
             except ManifestError as exc:
                 raise StageError("manifest", str(exc), file=exc.file) from None
         step[0] = "mode"
-        self._check_mode(name, manifest)
+        manifest = effective_mode(manifest, self.table.rows.get(name), self.settings.archive_mode)
+        host = host_of(self.kernel, name, manifest)
         step[0] = "manifest"
         self._claim(name, manifest.prefix, "manifest")
         step[0] = "dependency"
@@ -238,6 +227,15 @@ class Lifecycle(LoaderState):
             raise StageError("config", str(exc), file=exc.file) from None
         self.attempted[name] = digest
         generation = self._allocate(name)
+        if host is not None:
+            step[0] = "import"
+            hosted = await build_hosted(
+                self, host, name, folder, manifest, raw_config, digest, generation
+            )
+            if mount:
+                step[0] = "mount"
+                await self._mount(hosted, cause, started, {})
+            return hosted
         step[0] = "import"
         previous = purge(name)
         allowed = {r.name for r in manifest.requires}
@@ -351,6 +349,7 @@ class Lifecycle(LoaderState):
             context=ctx,
             module=imported.run,
             run_sync=run_sync,
+            auth=manifest.auth,
         )
         gen = Generation(
             name,
@@ -389,7 +388,8 @@ class Lifecycle(LoaderState):
         )
         stream = stream_of(gen.name)
         gen.announced = True
-        if gen.imported.router is None or "router" not in self.kernel.services:
+        has_routes = gen.imported.router is not None or gen.runtime.asgi_app is not None
+        if not has_routes or "router" not in self.kernel.services:
             await self.kernel.append(event, stream=stream, actor=ACTOR, cause=cause)
             return
         try:

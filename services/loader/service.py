@@ -90,6 +90,8 @@ class LoaderService:
         loader = self.loader = Loader(kernel, settings, table)
         await kernel.subscribe(self._on_request, types=list(REQUESTS), start="now")
         kernel.http.add_admin_router(build_router(kernel, loader))
+        # uploads may exceed the HTTP default body limit (plus room for the multipart framing)
+        kernel.http.set_body_limit("/admin/plugins", loader.limits.max_bytes + 64 * 1024)
         kernel.http.add_health_check("loader", loader.health)
         stack.push_async_callback(loader.shutdown)
         await loader.boot()
@@ -132,6 +134,15 @@ class LoaderService:
         if record.meta.actor == ACTOR:
             return  # our own PluginEnabled (after an install), already acted upon
         event = record.event
+        kernel = loader.kernel
+        if (
+            kernel.placement.shared
+            and record.meta.node != kernel.node
+            and (isinstance(event, PluginInstallRequested) or record.meta.actor == "cluster")
+        ):
+            # a cluster: an install reads a path local to the node that received it, and
+            # the cluster service spreads its result; "cluster" requests are node-local
+            return
         if isinstance(event, PluginReloadRequested) and record.meta.actor != "watcher":
             if event.name is not None:
                 loader.paused.discard(event.name)  # a person asked: the watcher may go on

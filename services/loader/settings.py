@@ -8,6 +8,8 @@ services:
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["LoaderSettings"]
@@ -36,3 +38,7 @@ class LoaderSettings(BaseModel):
     io_timeout: float = Field(default=10.0, gt=0)
     #: Watcher reloads of one plugin allowed per minute before its reloads are paused.
     max_reloads_per_minute: int = Field(default=60, ge=1)
+    #: The mode of plugins installed from an archive (``xcore plugin install``, the
+    #: admin API's upload): ``manifest`` keeps the one their manifest declares;
+    #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.
+    archive_mode: Literal["manifest", "sandboxed"] = "manifest"

@@ -96,7 +96,8 @@ def build_mount(
             plugin=runtime.name,
             generation=runtime.generation,
             prefix=prefix,
-            paths=sorted(announced_paths),
+            # PluginLoaded announces routes as "GET /path": the mount keeps the paths
+            paths=sorted({p.rsplit(" ", 1)[-1] for p in announced_paths}),
             app=app,
             stats=stats,
             entry=app,

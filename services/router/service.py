@@ -25,7 +25,9 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from kernel import Recorded, Subscription
+from kernel.access import Policy
 from services.loader.events import PluginLoaded, PluginUnloaded
+from services.router.access import Authenticator, RouterSettings, security_schemes
 from services.router.admin import admin_router
 from services.router.dispatcher import Dispatcher, Mount, Table
 from services.router.events import RouteConflict, RoutesMounted, RoutesUnmounted, stream_of
@@ -87,6 +89,9 @@ class RouterService:
 
     async def start(self, kernel: Kernel, stack: AsyncExitStack) -> None:
         self._kernel = kernel
+        settings = kernel.settings.section("router", RouterSettings)
+        self.dispatcher.observe = settings.observe
+        self.dispatcher.auth = Authenticator(settings.auth.jwt, lambda: kernel.http.token_verifier)
         await kernel.add_projection(MountedRoutes())
         kernel.http.set_fallback(self.dispatcher)
         kernel.http.add_front_route(self.dispatcher.front_route())
@@ -201,6 +206,8 @@ class RouterService:
                 runtime.prefix or "",
             ) from exc
         if mount is not None:
+            if not runtime.auth.empty:
+                mount.policy = Policy.compile(runtime.auth, mount.prefix)
             http = self.kernel.http
             service_paths = [p for r in http.routers for p in route_paths(r.routes)]
             check_conflicts(mount, self.dispatcher.table, http.is_reserved, service_paths)
@@ -282,4 +289,27 @@ class RouterService:
     def openapi(self) -> dict[str, Any]:
         """The ``paths``/``components`` of the plugins served right now."""
         mounts = self.dispatcher.table.by_plugin.values()
-        return merge_fragments(m.openapi for m in mounts if m.openapi is not None)
+        merged = merge_fragments(m.openapi for m in mounts if m.openapi is not None)
+        guarded = [m for m in mounts if m.policy is not None and m.openapi is not None]
+        if not guarded or self.dispatcher.auth is None:
+            return merged
+        schemes = security_schemes(self.dispatcher.auth)
+        paths = merged.setdefault("paths", {})
+        for mount in guarded:
+            assert mount.policy is not None and mount.openapi is not None
+            for path in mount.openapi.get("paths", {}):
+                item = paths.get(path)
+                if not isinstance(item, dict):
+                    continue
+                item = paths[path] = dict(item)
+                for method, op in list(item.items()):
+                    if not isinstance(op, dict):
+                        continue
+                    needed = mount.policy.required(method.upper(), path)
+                    if needed:
+                        item[method] = {
+                            **op,
+                            "security": [{name: list(needed)} for name in schemes],
+                        }
+        merged.setdefault("components", {}).setdefault("securitySchemes", {}).update(schemes)
+        return merged
