@@ -61,6 +61,16 @@ class State:
         return {name: view(p) for name, p in sorted(self.projections.items())}
 
 
+def _create(cls: type[Projection]) -> Projection:
+    try:
+        return cls()
+    except Exception as exc:
+        raise ReplayError(
+            f"projection {cls.name!r} ({cls.__module__}.{cls.__qualname__}) cannot be "
+            f"created: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def instantiate(
     projections: Iterable[type[Projection] | Projection | str] | None,
     warn: list[str] | None = None,
@@ -68,16 +78,16 @@ def instantiate(
     """Fresh projections from classes, instances or names (all installed when None)."""
     items = list(projections or [])
     if not items:
-        return {name: cls() for name, cls in resolve_projections(None, warn).items()}
+        return {name: _create(cls) for name, cls in resolve_projections(None, warn).items()}
     out: dict[str, Projection] = {}
     names = [p for p in items if isinstance(p, str)]
     for cls_ in resolve_projections(names, warn).values() if names else []:
-        out[cls_.name] = cls_()
+        out[cls_.name] = _create(cls_)
     for p in items:
         if isinstance(p, Projection):
             out[p.name] = p
         elif isinstance(p, type) and issubclass(p, Projection):
-            out[p.name] = p()
+            out[p.name] = _create(p)
     return out
 
 

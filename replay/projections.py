@@ -153,17 +153,26 @@ def to_data(value: Any, _depth: int = 0) -> Any:
 
 
 def view(projection: Projection) -> dict[str, Any]:
-    """The state of ``projection`` as JSON-ready data (see the module docstring)."""
+    """The state of ``projection`` as JSON-ready data (see the module docstring).
+
+    A projection whose ``as_dict()`` or ``snapshot()`` raises is shown by its public
+    attributes, with the error under ``"(view error)"``: a bug there never hides the state.
+    """
     as_dict = getattr(projection, "as_dict", None)
-    if callable(as_dict):
-        data = as_dict()
-    else:
-        data = projection.snapshot()
-        if data is None:
-            data = {
-                k: v
-                for k, v in vars(projection).items()
-                if not k.startswith("_") and k != "position" and not callable(v)
-            }
+    error = None
+    data: Any = None
+    try:
+        data = as_dict() if callable(as_dict) else projection.snapshot()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    if data is None or error is not None:
+        data = {
+            k: v
+            for k, v in vars(projection).items()
+            if not k.startswith("_") and k != "position" and not callable(v)
+        }
     out = to_data(data)
-    return out if isinstance(out, dict) else {"state": out}
+    out = out if isinstance(out, dict) else {"state": out}
+    if error is not None:
+        out["(view error)"] = error
+    return out
