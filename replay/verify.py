@@ -215,7 +215,7 @@ def verify(
     bar = Progress("verify", last, enabled=None if progress else False)
     next_boundary = every
     try:
-        for batch in log.batches():
+        for batch in log.batches(until=last):  # a kernel may append meanwhile
             for r in batch:
                 count += 1
                 pos = r.position
