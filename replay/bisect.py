@@ -28,7 +28,7 @@ from kernel.projections import Projection
 from replay.cache import SnapshotCache
 from replay.errors import Defect, ReplayError
 from replay.expr import Expression, compile_expression
-from replay.fold import check_gaps, steps
+from replay.fold import check_gaps, gc_paused, steps
 from replay.progress import Progress
 from replay.projections import resolve
 
@@ -59,6 +59,25 @@ def _blob(state: dict[str, Projection]) -> bytes | None:
 
 
 def bisect(
+    log: object,
+    expression: str | Expression,
+    *,
+    projections: Iterable[str] | None = None,
+    cache: SnapshotCache | None = None,
+    every: int = EVERY,
+    progress: bool = False,
+) -> BisectResult:
+    """Find the first position where ``expression`` holds (see the module docstring).
+
+    ``projections`` adds user projection classes (``module:Class``) to the installed ones.
+    """
+    with gc_paused():
+        return _bisect(
+            log, expression, projections=projections, cache=cache, every=every, progress=progress
+        )
+
+
+def _bisect(
     log: object,
     expression: str | Expression,
     *,

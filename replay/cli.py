@@ -248,6 +248,8 @@ def _range(args: argparse.Namespace, log: Any) -> tuple[int, int]:
         after = resolve(log, args.start, start=True, last=last) - 1
         after = max(after, 0)
     end = resolve(log, args.end, last=last)
+    if args.start is not None and args.end is not None and after >= end and after < last:
+        raise ReplayError(f"--from {args.start} comes after --to {args.end}: nothing between them")
     return after, end
 
 

@@ -33,7 +33,10 @@ from replay.errors import ReplayError
 
 __all__ = ["Expression", "compile_expression"]
 
-MAX_LENGTH = 2000
+#: Long enough for any real condition; short enough that no expression nests deeper than
+#: the interpreter can parse (a RecursionError inside ast.parse breaks later parses on
+#: CPython 3.11).
+MAX_LENGTH = 500
 MAX_ITEMS = 1_000_000
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {

@@ -10,6 +10,9 @@ public contract, which runs no service code) so events decode against their sche
 upcasters; a type nobody registered (a plugin's own event, or a newer version's) is kept
 as raw data and reported, never a crash.
 
+Fields named like secrets (``secret``, ``password``, ``api_key``...) are shown as
+``(redacted)`` and raw bytes (a token's digest) as their length.
+
 A projection's state is shown through, in order: its ``as_dict()`` if it has one, its
 ``snapshot()`` (the JSON-ready state it saves) if that is not None, or else its public
 attributes, converted generically (dataclasses, deques, sets, tuples).
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
@@ -27,6 +31,9 @@ from typing import Any
 
 from kernel.projections import Projection
 from replay.errors import ReplayError
+
+#: State fields never shown, whatever a projection keeps in them.
+SECRET = re.compile(r"secret|password|passwd|private_key|api_key", re.I)
 
 __all__ = [
     "discover",
@@ -124,10 +131,18 @@ def to_data(value: Any, _depth: int = 0) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Mapping):
-        return {str(k): to_data(v, _depth + 1) for k, v in value.items()}
+        # a key names a field when its value is a plain string: a secret's place
+        return {
+            str(k): "(redacted)"
+            if isinstance(v, (str, bytes)) and SECRET.search(str(k))
+            else to_data(v, _depth + 1)
+            for k, v in value.items()
+        }
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
-            f.name: to_data(getattr(value, f.name), _depth + 1)
+            f.name: "(redacted)"
+            if SECRET.search(f.name)
+            else to_data(getattr(value, f.name), _depth + 1)
             for f in dataclasses.fields(value)
             if not f.name.startswith("_")
         }
@@ -141,8 +156,8 @@ def to_data(value: Any, _depth: int = 0) -> Any:
             return items
     if hasattr(value, "model_dump"):
         return to_data(value.model_dump(mode="json"), _depth + 1)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"  # raw bytes (a token's digest...) are not shown
     if hasattr(value, "__dict__"):
         return {
             k: to_data(v, _depth + 1)
@@ -153,17 +168,26 @@ def to_data(value: Any, _depth: int = 0) -> Any:
 
 
 def view(projection: Projection) -> dict[str, Any]:
-    """The state of ``projection`` as JSON-ready data (see the module docstring)."""
+    """The state of ``projection`` as JSON-ready data (see the module docstring).
+
+    A projection whose ``as_dict()`` or ``snapshot()`` raises is shown by its public
+    attributes, with the error under ``"(view error)"``: a bug there never hides the state.
+    """
     as_dict = getattr(projection, "as_dict", None)
-    if callable(as_dict):
-        data = as_dict()
-    else:
-        data = projection.snapshot()
-        if data is None:
-            data = {
-                k: v
-                for k, v in vars(projection).items()
-                if not k.startswith("_") and k != "position" and not callable(v)
-            }
+    error = None
+    data: Any = None
+    try:
+        data = as_dict() if callable(as_dict) else projection.snapshot()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    if data is None or error is not None:
+        data = {
+            k: v
+            for k, v in vars(projection).items()
+            if not k.startswith("_") and k != "position" and not callable(v)
+        }
     out = to_data(data)
-    return out if isinstance(out, dict) else {"state": out}
+    out = out if isinstance(out, dict) else {"state": out}
+    if error is not None:
+        out["(view error)"] = error
+    return out

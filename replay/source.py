@@ -532,12 +532,19 @@ class SliceLog(Log):
                     raise ReplayError(
                         f"{self.path} is not an xcore slice (its first line has no 'xcore_slice' header)"
                     )
-                if int(d["xcore_slice"]) > SLICE_FORMAT:
+                try:
+                    fmt = int(d["xcore_slice"])
+                    self.slice_after = int(d.get("after") or 0)
+                except (TypeError, ValueError):
                     raise ReplayError(
-                        f"{self.path} was written by a newer xcore (slice format {d['xcore_slice']})"
+                        f"{self.path}: its header is damaged (xcore_slice {d.get('xcore_slice')!r}, "
+                        f"after {d.get('after')!r})"
+                    ) from None
+                if fmt > SLICE_FORMAT:
+                    raise ReplayError(
+                        f"{self.path} was written by a newer xcore (slice format {fmt})"
                     )
                 self.header = d
-                self.slice_after = int(d.get("after", 0))
                 self.filtered = bool(d.get("filtered"))
                 continue
             r = _record_from_dict(d, defects, i) if isinstance(d, dict) else None

@@ -18,6 +18,7 @@ CLI then exits 1.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from kernel.events import registry
 from kernel.projections import Projection
 from replay.cache import SnapshotCache
 from replay.errors import Defect
-from replay.fold import _dispatch
+from replay.fold import Dispatch, gc_paused
 from replay.progress import Progress
 from replay.projections import resolve
 from replay.source import Log
@@ -152,7 +153,7 @@ def verify(
     checks = [positions, versions, decoding, rebuild, snapshots]
 
     instances: dict[str, Projection] = {n: c() for n, c in classes.items()}
-    table = _dispatch(list(instances.values()))
+    dispatch = Dispatch(list(instances.values()))
     rebuild.detail = ", ".join(sorted(instances)) or "no projection installed"
 
     pending = []
@@ -214,8 +215,10 @@ def verify(
     before = len(log.defects)
     bar = Progress("verify", last, enabled=None if progress else False)
     next_boundary = every
+    paused = contextlib.ExitStack()
+    paused.enter_context(gc_paused())
     try:
-        for batch in log.batches():
+        for batch in log.batches(until=last):  # a kernel may append meanwhile
             for r in batch:
                 count += 1
                 pos = r.position
@@ -281,7 +284,7 @@ def verify(
                         p.position = next_boundary
                         cache.save(p, next_boundary)
                     next_boundary = (pos // every + 1) * every
-                for p, handler in table.get(r.type, ()):
+                for p, handler in dispatch.targets(r.type):
                     try:
                         handler(p, r)
                     except Exception as exc:
@@ -295,6 +298,7 @@ def verify(
                         )
             bar.update(batch[-1].position)
     finally:
+        paused.close()
         bar.close()
     for p in instances.values():
         p.position = last

@@ -348,3 +348,27 @@ async def test_export_to_a_full_disk_fails_in_one_line_and_leaves_nothing(
     out = run("replay", "export", story.path, "-o", tmp_path / "nope" / "x.jsonl")
     assert out.returncode == 2 and "no such directory" in out.stderr
     assert not (tmp_path / "nope").exists()
+
+
+async def test_a_users_broken_projection_is_named_not_a_traceback(story: Story) -> None:
+    out = run(
+        "replay", "state", story.path, "--json", "--projection", "tests.replay.userproj:BrokenView"
+    )
+    assert out.returncode == 0, out.stderr
+    shown = orjson.loads(out.stdout)["projections"]["test.broken_view"]
+    assert shown == {"count": 6, "(view error)": "ValueError: view bug"}
+    out = run("replay", "state", story.path, "--projection", "tests.replay.userproj:CannotStart")
+    assert out.returncode == 2
+    assert "'test.cannot_start'" in out.stderr and "reset bug" in out.stderr
+
+
+async def test_from_after_to_and_a_damaged_slice_header(story: Story, tmp_path: Path) -> None:
+    out = run("replay", "timeline", story.path, "--from", "9", "--to", "3")
+    assert out.returncode == 2 and "comes after" in out.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"xcore_slice": "one"}\n')
+    out = run("replay", "state", bad)
+    assert out.returncode == 2 and "header is damaged" in out.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run("replay", "state", empty).returncode == 2

@@ -75,3 +75,28 @@ async def test_fold_continues_a_state_and_refuses_to_go_back(story: Story) -> No
         assert later.folded == 4  # only the events in between were read
         with pytest.raises(ReplayError, match="only moves forward"):
             replay.fold(log, list(later.projections.values()), until=story.at["failure2"])
+
+
+def test_state_views_hide_secrets_and_raw_bytes() -> None:
+    from dataclasses import dataclass
+
+    from replay.projections import to_data
+
+    @dataclass
+    class Token:
+        name: str
+        digest: bytes
+        api_key: str
+
+    shown = to_data(
+        {
+            "secret.rotate": {"failures": 1},
+            "cfg": {"password": "hunter2"},
+            "t": Token("a", b"\x00" * 32, "k"),
+        }
+    )
+    assert shown == {
+        "secret.rotate": {"failures": 1},  # a task named so is data, not a secret
+        "cfg": {"password": "(redacted)"},
+        "t": {"name": "a", "digest": "<32 bytes>", "api_key": "(redacted)"},
+    }

@@ -29,3 +29,26 @@ class Exploding(Projection):
         self.seen += 1
         if self.seen == 4:
             raise RuntimeError("projection bug")
+
+
+class BrokenView(Projection):
+    """Its as_dict() raises: replay still shows its state."""
+
+    name = "test.broken_view"
+
+    def reset(self) -> None:
+        self.count = 0
+
+    @handles("TaskFailed")
+    def _failed(self, r: Recorded) -> None:
+        self.count += 1
+
+    def as_dict(self) -> dict[str, int]:
+        raise ValueError("view bug")
+
+
+class CannotStart(Projection):
+    name = "test.cannot_start"
+
+    def reset(self) -> None:
+        raise RuntimeError("reset bug")
