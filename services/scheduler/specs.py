@@ -123,6 +123,8 @@ def compile_spec(
         raise
     except (ValueError, TypeError) as exc:
         raise TaskDeclarationError(str(exc)) from None
+    except RecursionError:
+        raise TaskDeclarationError("the trigger is nested too deeply") from None
 
 
 def _compile(

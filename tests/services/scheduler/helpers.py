@@ -36,7 +36,7 @@ async def wait_events(
     count: int = 1,
     *,
     where: Callable[[Recorded], bool] = lambda r: True,
-    timeout: float = 10.0,
+    timeout: float = 30.0,
 ) -> list[Recorded]:
     """Poll the log until ``count`` events of ``type_name`` matching ``where`` exist."""
     with anyio.fail_after(timeout):

@@ -188,3 +188,28 @@ def test_cron_near_a_transition_is_a_few_steps_and_exact(tz: str, expr: str) -> 
         assert trigger.count_between(t0, seen[-1]) == 200
         count, last, nxt = catch_up(trigger, seen[0], seen[-1] + 0.5)
         assert (count, last) == (200, seen[-1])
+
+
+def test_hostile_triggers_are_refused_with_a_reason() -> None:
+    from services.scheduler.specs import TaskDeclarationError, compile_spec
+
+    from .helpers import spec
+
+    async def f() -> None: ...
+
+    deep: dict[str, object] = {"cron": "* * * * *"}
+    for _ in range(3000):
+        deep = {"any": [deep, {"cron": "0 * * * *"}]}
+    cases = [
+        (deep, "nested too deeply"),
+        ({"cron": "0 0 30 2 *", "every": "1h"}, "exactly one of"),
+        ({"calendar": {"months": 1, "day": 32}}, "day must be 1..31"),
+        ({"calendar": {"weeks": 1, "day": 3}}, "day= applies to steps in months"),
+        ({"calendar": {"months": 1, "at": "25:00"}}, "not a time"),
+        ({"all": [{"cron": "0 * * * *"}, {"cron": "30 * * * *"}]}, "never fires"),
+        ({"any": [{"cron": "0 0 30 2 *"}]}, "at least two"),
+        ({"every": "1h", "colour": "red"}, r"unknown key\(s\) colour"),
+    ]
+    for trigger, message in cases:
+        with pytest.raises(TaskDeclarationError, match=message):
+            compile_spec("p", spec(f, trigger=trigger))
