@@ -88,6 +88,10 @@ class RequestGuard:
             except HTTPException as exc:
                 await _answer(send, exc.status_code, str(exc.detail), exc.headers)
                 return
+            except Exception:  # a broken authenticator fails closed, loudly
+                log.exception("the admin authenticator failed on %s %s", *_where(scope))
+                await _answer(send, 503, "the admin authenticator failed; see the server log")
+                return
         elif (
             self._public_openapi is not None
             and path == "/openapi.json"
