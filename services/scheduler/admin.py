@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from kernel.contract import error_responses, link
 from kernel.errors import RequestTimeout
 from kernel.events import Event
-from kernel.http import error_responses, link
 from services.scheduler.events import (
     TaskPaused,
     TaskPauseRequested,
