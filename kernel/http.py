@@ -237,7 +237,11 @@ def _docs_paths(app: FastAPI) -> tuple[str, ...]:
 def _kernel_router(kernel: Kernel) -> APIRouter:
     router = APIRouter(tags=["kernel"])
 
-    @router.get("/health", summary="Health of the kernel and its services")
+    @router.get(
+        "/health",
+        summary="Health of the kernel and its services",
+        responses={503: {"description": "A component is failing (same body, status 'failing')"}},
+    )
     async def health() -> JSONResponse:
         checks: dict[str, Any] = {}
         healthy = kernel.started
