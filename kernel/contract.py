@@ -4,8 +4,8 @@ Guarantees of ``/openapi.json`` (applied to the merged document on every request
 routes added later, by any service, inherit them):
 
 - the bearer scheme ``adminToken`` is declared, and every ``/admin`` operation requires it;
-- every ``/admin`` operation documents the refusals any admin route can give (401, 413,
-  503) and, where it validates parameters or a body, 422 as ``anyOf`` the shared
+- every ``/admin`` operation documents the refusals any admin route can give (401, 403,
+  413, 503) and, where it validates parameters or a body, 422 as ``anyOf`` the shared
   :class:`ErrorBody` model (``Error``) and FastAPI's ``HTTPValidationError``;
 - every other refusal a route declares (``responses=error_responses(404, 409, 504)``)
   uses ``Error``: one model for all refusals, ``{"detail": str, ...}``.
@@ -57,6 +57,7 @@ class ErrorBody(BaseModel):
 ERROR_DESCRIPTIONS: dict[int, str] = {
     400: "The request is malformed",
     401: "No admin token, or a wrong one (authentication happens before the body is read)",
+    403: "The token lacks the scope this route needs (admin:read or admin:write)",
     404: "No such resource",
     408: "The client stopped sending its body",
     409: "The resource is not in a state that allows this (or an outcome event refused it)",
@@ -67,7 +68,7 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
 }
 
 #: Refusals any admin route can give, added to every admin operation.
-ADMIN_ERRORS = (401, 413, 503)
+ADMIN_ERRORS = (401, 403, 413, 503)
 SECURITY_SCHEME = "adminToken"
 
 

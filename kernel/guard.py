@@ -67,6 +67,7 @@ class RequestGuard:
         operations: Callable[[], dict[str, Any]],
         public_openapi: Callable[[], dict[str, Any]] | None = None,
         docs_paths: Iterable[str] = (),
+        self_authenticating: Iterable[str] = (),
     ) -> None:
         self.app = app
         self._authenticate = authenticate
@@ -75,6 +76,9 @@ class RequestGuard:
         self._operations = operations
         self._public_openapi = public_openapi
         self._docs_paths = frozenset(docs_paths)
+        #: ``/admin`` sub-prefixes that authenticate their own requests (a session
+        #: cookie), so their head is not checked for a bearer token here
+        self._self_authenticating = tuple(p.rstrip("/") for p in self_authenticating)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,7 +86,7 @@ class RequestGuard:
             return
         path: str = scope["path"]
         admin = path.startswith(ADMIN_PREFIX) and is_admin_path(path)
-        if admin or path in self._docs_paths:
+        if (admin and not self._authenticates_itself(path)) or path in self._docs_paths:
             try:
                 await self._authenticate()(Request(scope))
             except HTTPException as exc:
@@ -162,6 +166,9 @@ class RequestGuard:
             if not state["answered"]:
                 raise
             log.debug("the app stopped on a refused body (%s %s): %r", *_where(scope), exc)
+
+    def _authenticates_itself(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self._self_authenticating)
 
     async def _authenticated(self, scope: Scope) -> bool:
         if not any(key == b"authorization" for key, _ in scope["headers"]):

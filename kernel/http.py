@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -35,14 +35,30 @@ from fastapi.responses import JSONResponse
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from kernel.contract import admin_contract, without_admin
+from kernel.contract import (  # re-exported: services import them from kernel.http too
+    ErrorBody,
+    admin_contract,
+    error_responses,
+    link,
+    without_admin,
+)
+from kernel.docs import serve_docs_locally
+from kernel.errors import ConcurrencyError, StoreError
 from kernel.guard import RequestGuard
 from kernel.prefixes import overlaps
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
-__all__ = ["RESERVED_PREFIXES", "HttpSurface", "create_app"]
+__all__ = [
+    "RESERVED_PREFIXES",
+    "ErrorBody",
+    "HttpSurface",
+    "check_health",
+    "create_app",
+    "error_responses",
+    "link",
+]
 
 log = logging.getLogger("xcore.http")
 
@@ -58,12 +74,25 @@ RESERVED_PREFIXES: tuple[str, ...] = (
 )
 
 OpenAPISource = Callable[[], dict[str, Any]]
+#: Maps a presented bearer token to the scopes it holds ('*': all), or None if invalid.
+TokenVerifier = Callable[[str], frozenset[str] | None]
 #: A health check returns (healthy, details); it must be quick and must not raise.
 HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
 
 def _no_admin_guard() -> None:
     raise HTTPException(status_code=503, detail="the admin service is not running")
+
+
+async def _store_errors_as_503() -> AsyncIterator[None]:
+    """An admin request the event log cannot serve (disk full, log closed) answers 503
+    with the reason, not a bare 500."""
+    try:
+        yield
+    except StoreError as exc:
+        if isinstance(exc, ConcurrencyError):
+            raise
+        raise HTTPException(status_code=503, detail=f"the event log is unavailable: {exc}") from exc
 
 
 async def _no_admin_authenticator(request: Request) -> None:
@@ -84,6 +113,9 @@ class HttpSurface:
         self.health_checks: dict[str, HealthCheck] = {}
         self.admin_authenticator: Callable[[Request], Awaitable[Any]] = _no_admin_authenticator
         self.body_limits: dict[tuple[str, str], int] = {}
+        self.self_authenticating: list[str] = []
+        #: Set by the admin service; used by /health and the plugin route dispatcher.
+        self.token_verifier: TokenVerifier | None = None
         self._attached: set[int] = set()
 
     def add_admin_router(self, router: APIRouter) -> None:
@@ -94,6 +126,17 @@ class HttpSurface:
 
     def set_admin_guard(self, guard: Callable[..., Any]) -> None:
         self.admin_guard = guard
+
+    def add_self_authenticating_prefix(self, prefix: str) -> None:
+        """Exempt ``prefix`` (under ``/admin``) from the bearer check on the request head.
+
+        For a front route that authenticates its requests itself (the admin page's
+        session cookie) and reaches the admin API only through requests that carry a
+        token again. Its body limit still applies.
+        """
+        if not prefix.startswith("/admin/"):
+            raise ValueError(f"{prefix!r} is not under /admin/")
+        self.self_authenticating.append(prefix)
 
     def set_admin_authenticator(self, authenticate: Callable[[Request], Awaitable[Any]]) -> None:
         """Check the head of every ``/admin`` request before its body is read.
@@ -110,6 +153,9 @@ class HttpSurface:
         """Accept bodies up to ``limit`` bytes on ``path`` (exact) instead of the default."""
         for method in methods:
             self.body_limits[(method.upper(), path)] = limit
+
+    def set_token_verifier(self, verifier: TokenVerifier) -> None:
+        self.token_verifier = verifier
 
     def set_fallback(self, app: ASGIApp) -> None:
         self.fallback = app
@@ -156,7 +202,12 @@ class HttpSurface:
             app.include_router(router)
         guard = self.admin_guard
         for router in self.admin_routers:
-            app.include_router(router, prefix="/admin", dependencies=[Depends(guard)])
+            app.include_router(
+                router,
+                prefix="/admin",
+                dependencies=[Depends(guard), Depends(_store_errors_as_503)],
+            )
+        serve_docs_locally(app)
         if self.fallback is not None:
             app.router.default = self.fallback
         if self.front_routes:
@@ -212,6 +263,7 @@ class HttpSurface:
             operations=_recent(lambda: app.openapi().get("paths", {})),
             public_openapi=public_openapi,
             docs_paths=_docs_paths(app) if limits.private_docs else (),
+            self_authenticating=self.self_authenticating,
         )
 
 
@@ -234,43 +286,101 @@ def _docs_paths(app: FastAPI) -> tuple[str, ...]:
     return tuple(p for p in paths if p)
 
 
+def _bearer_scopes(kernel: Kernel, request: Request) -> frozenset[str] | None:
+    """The scopes of the request's bearer token, if it presents a valid one."""
+    verifier = kernel.http.token_verifier
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if verifier is None or scheme.lower() != "bearer" or not token.strip():
+        return None
+    try:
+        return verifier(token.strip())
+    except Exception:
+        log.exception("the token verifier raised")
+        return None
+
+
+async def check_health(kernel: Kernel) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Run every component's check; (healthy, {component: {"ok": ..., details}})."""
+    components: dict[str, dict[str, Any]] = {}
+    store: dict[str, Any] = {"ok": True}
+    try:
+        store["last_position"] = await kernel.store.last_position()
+    except Exception as exc:
+        store.update(ok=False, error=f"the log cannot be read: {type(exc).__name__}: {exc}")
+    probe = getattr(kernel.store, "health", None)  # the store's own writability signal
+    if callable(probe):
+        try:
+            ok, details = probe()
+            store.update({k: v for k, v in details.items() if k != "ok"})
+            store["ok"] = store["ok"] and bool(ok)
+        except Exception as exc:
+            store.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+    components["store"] = store
+    for name, check in list(kernel.http.health_checks.items()):
+        try:
+            ok, details = await check()
+        except Exception as exc:
+            log.exception("health check %r raised", name)
+            ok, details = False, {"error": f"the check raised {type(exc).__name__}: {exc}"}
+        if name in components:  # a service's check adds to a built-in component
+            merged = components[name]
+            merged.update({k: v for k, v in details.items() if k != "ok"})
+            merged["ok"] = merged["ok"] and bool(ok)
+        else:
+            components[name] = {"ok": bool(ok), **details}
+    healthy = kernel.started and all(c["ok"] for c in components.values())
+    return healthy, components
+
+
 def _kernel_router(kernel: Kernel) -> APIRouter:
     router = APIRouter(tags=["kernel"])
 
     @router.get(
         "/health",
-        summary="Health of the kernel and its services",
-        responses={503: {"description": "A component is failing (same body, status 'failing')"}},
+        summary="Health of every component (details with an admin:read token)",
+        responses={503: {"description": "a component is failing; named in 'failing'"}},
     )
-    async def health() -> JSONResponse:
-        checks: dict[str, Any] = {}
-        healthy = kernel.started
-        try:
-            last = await kernel.store.last_position()
-            checks["log"] = {"ok": True, "last_position": last, "location": kernel.store.location}
-        except Exception as exc:
-            healthy = False
-            checks["log"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        for name, check in kernel.http.health_checks.items():
-            try:
-                ok, details = await check()
-            except Exception as exc:
-                log.exception("health check %r raised", name)
-                ok, details = False, {"error": f"{type(exc).__name__}: {exc}"}
-            healthy = healthy and ok
-            checks[name] = {"ok": ok, **details}
-        body = {
-            "status": "ok" if healthy else "failing",
-            "node": kernel.node,
-            "boot": kernel.boot,
-            "version": kernel.version,
-            "checks": checks,
-        }
-        return JSONResponse(body, status_code=200 if healthy else 503)
+    async def health(request: Request) -> JSONResponse:
+        healthy, components = await check_health(kernel)
+        failing = sorted(name for name, c in components.items() if not c["ok"])
+        if not kernel.started:
+            failing.insert(0, "kernel")
+        body: dict[str, Any] = {"status": "ok" if healthy else "failing", "failing": failing}
+        scopes = _bearer_scopes(kernel, request)
+        if scopes is not None and ("*" in scopes or "admin:read" in scopes):
+            body.update(
+                node=kernel.node,
+                boot=kernel.boot,
+                version=kernel.version,
+                components=components,
+            )
+        else:
+            # No host paths, host names, errors or tracebacks without a token.
+            body["components"] = {name: {"ok": c["ok"]} for name, c in components.items()}
+        return JSONResponse(
+            body, status_code=200 if healthy else 503, headers={"Cache-Control": "no-store"}
+        )
 
     @router.get("/health/live", summary="The process answers (liveness probe)")
     async def live() -> dict[str, str]:
         return {"status": "ok"}
+
+    @router.get(
+        "/health/ready",
+        summary="The kernel is started and its event log works (readiness probe)",
+        responses={503: {"description": "not ready; the failing component is named"}},
+    )
+    async def ready() -> JSONResponse:
+        _, components = await check_health(kernel)
+        store_ok = components["store"]["ok"]
+        ok = kernel.started and store_ok
+        failing = [] if ok else (["kernel"] if not kernel.started else ["store"])
+        return JSONResponse(
+            {"status": "ok" if ok else "failing", "failing": failing},
+            status_code=200 if ok else 503,
+            headers={"Cache-Control": "no-store"},
+        )
 
     return router
 

@@ -36,7 +36,15 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -99,16 +107,25 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     #: The plugins directory.
     plugins_dir: Path = Path("plugins")
-    #: Event store backend: the embedded SQLite file, or memory (tests, experiments).
-    store: Literal["sqlite", "memory"] = "sqlite"
+    #: Event store backend: the embedded SQLite file, memory (tests, experiments), or
+    #: PostgreSQL (``dsn``), which several nodes share as one cluster (docs/cluster.md).
+    store: Literal["sqlite", "memory", "postgres"] = "sqlite"
+    #: The PostgreSQL DSN (``postgresql://user:password@host:port/db``) when
+    #: ``store: postgres``; its password is redacted wherever settings are shown or logged.
+    dsn: SecretStr | None = None
     #: The SQLite file; default ``<data_dir>/events.db``.
     database: Path | None = None
     #: SQLite durability: FULL survives power loss, NORMAL survives a process crash.
     synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
+    #: Start a new empty log although the data folder shows one existed (it was lost).
+    allow_new_log: bool = False
+    #: Open a log that ends before a position it had acknowledged (events were lost).
+    accept_log_loss: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    #: Name of this kernel node, recorded in every event's metadata.
-    node: str = Field(default_factory=socket.gethostname, min_length=1)
+    #: Name of this kernel node, recorded in every event's metadata; the default is the
+    #: host name plus the port, so several nodes on one machine differ.
+    node: str = Field(default="", min_length=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     #: Bearer token of the admin API; generated at first start when unset.
@@ -125,6 +142,10 @@ class Settings(BaseSettings):
     enabled_services: list[str] | None = None
     #: Per-service sections, validated by each service (``Settings.section``).
     services: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: The watchdog reports an event loop blocked longer than this, in seconds.
+    loop_block_threshold: float = Field(default=1.0, gt=0)
+    #: After a stop signal, how long a blocked event loop may delay the exit, in seconds.
+    stop_grace: float = Field(default=10.0, gt=0)
 
     @classmethod
     def settings_customise_sources(
@@ -143,6 +164,30 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _node_and_dsn(self) -> Settings:
+        if not self.node:
+            object.__setattr__(self, "node", f"{socket.gethostname()}:{self.port}")
+        if self.store == "postgres" and self.dsn is None:
+            raise ValueError("store 'postgres' needs a dsn (setting 'dsn' or XCORE_DSN)")
+        return self
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_never_logged(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from urllib.parse import unquote, urlsplit
+
+            raw = value.get_secret_value()
+            password = urlsplit(raw).password if "://" in raw else None
+            if password:
+                redact(unquote(password))
+                redact(password)
+            for word in raw.split():
+                if word.lower().startswith("password="):
+                    redact(word.split("=", 1)[1])
+        return value
 
     @field_validator("admin_token")
     @classmethod

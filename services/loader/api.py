@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from kernel.contract import error_responses, link
 from kernel.errors import RequestTimeout
 from kernel.events import Event, Recorded
+from services.cluster.projection import served_digests
 
 from .events import (
     PLUGINS_STREAM,
@@ -90,6 +91,15 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         if state is None:
             state = {"name": name, "status": "unloaded", "enabled": True}
         state["installed"] = loader.folder(name).is_dir()
+        state["stuck_threads"] = loader.threads.stuck_of(name)
+        state["reloads_paused"] = name in loader.paused
+        hosted = kernel.hosts.describe(name, state.get("mode"))
+        if hosted is not None:  # e.g. a sandboxed plugin's level, limits and stats
+            state["host"] = hosted
+        nodes = served_digests(kernel, name)
+        if nodes is not None:  # a cluster: what each live node serves (docs/cluster.md)
+            state["nodes"] = nodes
+            state["digest_differs"] = len(set(nodes.values())) > 1
         return state
 
     async def request(event: Event, stream: str, outcomes: list[type[Event]]) -> Recorded:
