@@ -112,6 +112,8 @@ def admin_contract(paths: dict[str, Any], components: dict[str, dict[str, Any]])
             responses = op.setdefault("responses", {})
             for code in ADMIN_ERRORS:
                 responses.setdefault(str(code), _error_response(code, error))
+            if "requestBody" in op:  # a body that is not what it claims (bad JSON)
+                responses.setdefault("400", _error_response(400, error))
             validated = op.get("parameters") or op.get("requestBody")
             if "422" in responses or validated:
                 refused = _error_response(422, error)
