@@ -103,8 +103,11 @@ def guarded_protocol(limits: HttpSettings, stats: ConnectionStats | None = None)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self._head_timer is not None and self.cycle is not self._head_cycle:
-                self._disarm()  # a whole head arrived
+            if self._head_timer is not None and (
+                self.cycle is not self._head_cycle  # a whole head arrived
+                or self.transport.get_protocol() is not self  # upgraded (WebSocket)
+            ):
+                self._disarm()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

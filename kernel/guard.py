@@ -10,7 +10,8 @@ Guarantees, for every route of the app (the kernel's, the services', the plugins
   chunked upload cannot lie its way past it); the app then sees the client as gone;
 - a client that stops sending its body is answered 408 after ``body_timeout``;
 - ``OPTIONS`` on a path of the app answers 204 with ``Allow`` listing every method of
-  that path, and a 405 lists them all too (Starlette lists only the first route's);
+  that path, and an admin route's 405 lists them all too (Starlette lists only the
+  first matching route's);
   the methods come from the OpenAPI document, so plugin paths are covered live. A path
   that declares its own OPTIONS operation answers it itself.
 
@@ -84,13 +85,16 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if (is_admin_path(path) and not self._authenticates_itself(path)) or (
-            path in self._docs_paths
-        ):
+        admin = path.startswith(ADMIN_PREFIX) and is_admin_path(path)
+        if (admin and not self._authenticates_itself(path)) or path in self._docs_paths:
             try:
                 await self._authenticate()(Request(scope))
             except HTTPException as exc:
                 await _answer(send, exc.status_code, str(exc.detail), exc.headers)
+                return
+            except Exception:  # a broken authenticator fails closed, loudly
+                log.exception("the admin authenticator failed on %s %s", *_where(scope))
+                await _answer(send, 503, "the admin authenticator failed; see the server log")
                 return
         elif (
             self._public_openapi is not None
@@ -105,17 +109,18 @@ class RequestGuard:
             if allowed and not self._declares_options(path):
                 await _answer(send, 204, None, {"allow": ", ".join(allowed)})
                 return
-        limit = self._body_limit(method, path)
-        declared = _content_length(scope)
+        declared, chunked = _body_headers(scope)
+        if admin:  # the admin API's contract: a 405 lists every method of the path
+            send = self._allow_fixer(scope, send)
+        if not chunked and not declared:
+            await self.app(scope, receive, send)  # no body: nothing to bound
+            return
         if declared == -1:
             await _answer(send, 400, "the Content-Length header is not a number")
             return
+        limit = self._body_limit(method, path)
         if declared is not None and declared > limit:
             await _answer(send, 413, _too_large(limit), {"connection": "close"})
-            return
-        chunked = declared is None and _has_body(scope)
-        if not chunked and not declared:
-            await self.app(scope, receive, self._allow_fixer(scope, send))
             return
         await self._bounded(scope, receive, send, limit)
 
@@ -156,7 +161,7 @@ class RequestGuard:
             return message
 
         try:
-            await self.app(scope, guarded_receive, self._allow_fixer(scope, guarded_send))
+            await self.app(scope, guarded_receive, guarded_send)
         except Exception as exc:
             if not state["answered"]:
                 raise
@@ -228,16 +233,16 @@ def _template(template: str) -> re.Pattern[str]:
     )
 
 
-def _content_length(scope: Scope) -> int | None:
-    """The declared body length, None when absent, -1 when not a number."""
+def _body_headers(scope: Scope) -> tuple[int | None, bool]:
+    """The declared body length (None when absent, -1 when not a number), and chunked."""
+    declared: int | None = None
+    chunked = False
     for key, value in scope["headers"]:
         if key == b"content-length":
-            return int(value) if value.isdigit() else -1
-    return None
-
-
-def _has_body(scope: Scope) -> bool:
-    return any(key == b"transfer-encoding" for key, _ in scope["headers"])
+            declared = int(value) if value.isdigit() else -1
+        elif key == b"transfer-encoding":
+            chunked = True
+    return declared, chunked
 
 
 def _too_large(limit: int) -> str:

@@ -19,12 +19,8 @@ Services contribute through :class:`HttpSurface` (``kernel.http``) while they st
 
 :meth:`HttpSurface.attach` applies all of it to an app; ``Kernel.lifespan`` calls it.
 
-The admin API keeps one contract, whichever service adds a route: the OpenAPI document
-declares the bearer scheme on every ``/admin`` operation, and the refusals every admin
-route can give (401, 413, 503; 422 where parameters are validated) with the
-:class:`ErrorBody` model. A route declares its own refusals with
-``responses=error_responses(404, 409, 504)``; the test suite walks the document and runs
-schemathesis over a live server, so an undeclared status is a failing test.
+The merged ``/openapi.json`` keeps the admin API's contract (``kernel/contract.py``);
+every request passes the request guard first (``kernel/guard.py``).
 """
 
 from __future__ import annotations
@@ -35,18 +31,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.openapi.utils import (
-    validation_error_definition,
-    validation_error_response_definition,
-)
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
+from kernel.contract import (  # re-exported: services import them from kernel.http too
+    ErrorBody,
+    admin_contract,
+    error_responses,
+    link,
+    without_admin,
+)
 from kernel.docs import serve_docs_locally
 from kernel.errors import ConcurrencyError, StoreError
-from kernel.guard import RequestGuard, is_admin_path
+from kernel.guard import RequestGuard
 from kernel.prefixes import overlaps
 
 if TYPE_CHECKING:
@@ -99,58 +97,6 @@ async def _store_errors_as_503() -> AsyncIterator[None]:
 
 async def _no_admin_authenticator(request: Request) -> None:
     _no_admin_guard()
-
-
-class ErrorBody(BaseModel):
-    """The body of every refusal: ``detail`` says what was refused and why.
-
-    When an outcome event refused the request (a failed reload, a refused task run),
-    ``outcome`` names its type and the event's fields come along.
-    """
-
-    model_config = ConfigDict(extra="allow", title="Error")
-
-    detail: str = Field(description="what was refused and why, naming the culprit")
-    outcome: str | None = Field(
-        default=None, description="the type of the outcome event that refused the request"
-    )
-
-
-#: What each refusal means, for the OpenAPI document.
-ERROR_DESCRIPTIONS: dict[int, str] = {
-    400: "The request is malformed",
-    401: "No admin token, or a wrong one (authentication happens before the body is read)",
-    403: "The token lacks the scope this route needs (admin:read or admin:write)",
-    404: "No such resource",
-    408: "The client stopped sending its body",
-    409: "The resource is not in a state that allows this (or an outcome event refused it)",
-    413: "The request body exceeds the route's limit",
-    422: "The request is invalid, or its outcome event is a failure",
-    503: "The admin service or the event log is unavailable",
-    504: "No outcome event came in time",
-}
-
-#: Refusals any admin route can give, added to every admin operation.
-ADMIN_ERRORS = (401, 403, 413, 503)
-SECURITY_SCHEME = "adminToken"
-
-
-def link(path: str, method: str, **parameters: str) -> dict[str, Any]:
-    """An OpenAPI link from a response to ``method path`` (its full path, with /admin).
-
-    ``parameters`` map the target's parameters to runtime expressions such as
-    ``"$response.body#/0/name"``: clients and schemathesis' stateful phase follow them.
-    """
-    pointer = path.replace("~", "~0").replace("/", "~1")
-    return {"operationRef": f"#/paths/{pointer}/{method.lower()}", "parameters": parameters}
-
-
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` for a route decorator: these refusals, documented with ErrorBody."""
-    return {
-        code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS.get(code, "Refused")}
-        for code in codes
-    }
 
 
 class HttpSurface:
@@ -284,7 +230,7 @@ class HttpSurface:
                 for kind, items in part.get("components", {}).items():
                     components.setdefault(kind, {}).update(items)
             schema["paths"] = paths
-            _admin_contract(paths, components)
+            admin_contract(paths, components)
             if components:
                 schema["components"] = components
             return schema
@@ -305,7 +251,7 @@ class HttpSurface:
         if limits.private_docs:
 
             def public_openapi() -> dict[str, Any]:
-                return _without_admin(app.openapi())
+                return without_admin(app.openapi())
 
         if app.middleware_stack is None:
             app.middleware_stack = app.build_middleware_stack()
@@ -338,77 +284,6 @@ def _recent(build: Callable[[], dict[str, Any]], ttl: float = 1.0) -> Callable[[
 def _docs_paths(app: FastAPI) -> tuple[str, ...]:
     paths = [app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url]
     return tuple(p for p in paths if p)
-
-
-def _admin_contract(paths: dict[str, Any], components: dict[str, dict[str, Any]]) -> None:
-    """Declare the bearer scheme and the standard refusals on every /admin operation."""
-    schemas = components.setdefault("schemas", {})
-    schemas.setdefault("Error", ErrorBody.model_json_schema())
-    schemas.setdefault("ValidationError", validation_error_definition)
-    schemas.setdefault("HTTPValidationError", validation_error_response_definition)
-    components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
-        "type": "http",
-        "scheme": "bearer",
-        "description": "the admin token: 'Authorization: Bearer <token>'",
-    }
-    error = {"$ref": "#/components/schemas/Error"}
-    for path, item in paths.items():
-        if not is_admin_path(path):
-            continue
-        for method, op in item.items():
-            if method not in _METHODS or not isinstance(op, dict):
-                continue
-            op["security"] = [{SECURITY_SCHEME: []}]
-            responses = op.setdefault("responses", {})
-            for code in ADMIN_ERRORS:
-                responses.setdefault(str(code), _error_response(code, error))
-            validated = op.get("parameters") or op.get("requestBody")
-            if "422" in responses or validated:
-                refused = _error_response(422, error)
-                refused["content"]["application/json"]["schema"] = {
-                    "anyOf": [error, {"$ref": "#/components/schemas/HTTPValidationError"}]
-                }
-                responses["422"] = refused
-            for code, response in responses.items():  # declared refusals: the shared model
-                if code[:1] in "45" and code != "422":
-                    content = response.setdefault("content", {})
-                    content["application/json"] = {"schema": error}
-    for name in [n for n in schemas if n == "ErrorBody"]:
-        del schemas[name]  # routes that declared ErrorBody now point at "Error"
-
-
-_METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
-
-
-def _error_response(code: int, error: dict[str, str]) -> dict[str, Any]:
-    return {
-        "description": ERROR_DESCRIPTIONS.get(code, "Refused"),
-        "content": {"application/json": {"schema": dict(error)}},
-    }
-
-
-def _without_admin(schema: dict[str, Any]) -> dict[str, Any]:
-    """The document without its /admin paths and the schemas only they use."""
-    paths = {p: item for p, item in schema.get("paths", {}).items() if not is_admin_path(p)}
-    components = dict(schema.get("components", {}))
-    schemas = components.get("schemas", {})
-    used: set[str] = set()
-    todo: list[Any] = [paths]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
-                name = ref.rsplit("/", 1)[1]
-                if name not in used and name in schemas:
-                    used.add(name)
-                    todo.append(schemas[name])
-            todo.extend(node.values())
-        elif isinstance(node, list):
-            todo.extend(node)
-    components["schemas"] = {k: v for k, v in schemas.items() if k in used}
-    components.pop("securitySchemes", None)
-    return {**schema, "paths": paths, "components": components}
 
 
 def _bearer_scopes(kernel: Kernel, request: Request) -> frozenset[str] | None:

@@ -11,8 +11,9 @@ Precedence, lowest first (each source is a pydantic-settings source):
 5. environment variables ``XCORE_*``;
 6. explicit overrides (the command line).
 
-Environment, dotenv and secret values are taken verbatim: ``abc #rest`` keeps its ``#``,
-quotes stay, ``null`` is the four letters. Only settings that hold a list, a mapping or a
+Environment and secret-file values are taken verbatim: ``abc #rest`` keeps its ``#``,
+quotes stay, ``null`` is the four letters (a ``.env`` file follows the dotenv format,
+where quotes delimit a value and an unquoted `` #`` starts a comment). Only settings that hold a list, a mapping or a
 section (``enabled_services``, ``http``) are read as JSON, as pydantic-settings does.
 Nested keys use a double underscore: ``XCORE_SERVICES__SCHEDULER__MAX_CONCURRENCY=8`` sets
 ``services.scheduler.max_concurrency`` (a string there: each service validates its own

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query
 
-from kernel.http import error_responses, link
+from kernel.contract import error_responses, link
 from kernel.kernel import Kernel
 
 __all__ = ["build_router"]

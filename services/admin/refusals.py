@@ -65,10 +65,11 @@ class RefusalLog:
         """Log the count of refusals not logged yet, if any."""
         if self._suppressed:
             clients = ", ".join(f"{c} x{n}" for c, n in self._clients.most_common())
+            elapsed = min(self.interval, self.clock() - (self._window or 0.0))
             self.log.warning(
-                "refused %d more admin request(s) with a wrong token in %gs (from %s)",
+                "refused %d more admin request(s) with a wrong token in %.0fs (from %s)",
                 self._suppressed,
-                self.interval,
+                elapsed,
                 clients,
             )
         self._suppressed = 0

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from kernel.access import parse_auth
+from kernel.contract import error_responses
 from kernel.kernel import Kernel
 from services.admin.events import STREAM, TokenCreated, TokenRevoked
 from services.admin.tokens import ALL, AdminTokens, new_token
@@ -74,7 +75,11 @@ def build_token_router(kernel: Kernel) -> APIRouter:
         await kernel.settle(record.position)
         return {**book().tokens[token_id].public(time.time()), "token": token}
 
-    @router.delete("/tokens/{token_id}", summary="Revoke an API token (recorded as TokenRevoked)")
+    @router.delete(
+        "/tokens/{token_id}",
+        summary="Revoke an API token (recorded as TokenRevoked)",
+        responses=error_responses(404),
+    )
     async def revoke_token(
         request: Request, token_id: str = Path(pattern=r"^[0-9a-f]{16}$")
     ) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
 
+from kernel.contract import error_responses
+
 if TYPE_CHECKING:
     from services.cluster.service import ClusterService
 
@@ -19,7 +21,7 @@ def build_router(service: ClusterService) -> APIRouter:
     async def nodes() -> dict[str, Any]:
         return service.describe()
 
-    @router.get("/nodes/{node}", summary="One node of the cluster")
+    @router.get("/nodes/{node}", summary="One node of the cluster", responses=error_responses(404))
     async def one(node: str) -> dict[str, Any]:
         for row in service.describe()["nodes"]:
             if row["node"] == node:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 
+from kernel.contract import error_responses, link
 from kernel.errors import RequestTimeout
 from kernel.events import Event, Recorded
-from kernel.http import error_responses, link
 from services.cluster.projection import served_digests
 
 from .events import (

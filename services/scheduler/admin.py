@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
+from kernel.contract import error_responses, link
 from kernel.errors import RequestTimeout
 from kernel.events import Event
-from kernel.http import error_responses, link
 from services.scheduler.events import (
     ScheduleApplied,
     TaskCancelAnswered,
@@ -99,7 +99,11 @@ def build_router(service: SchedulerService) -> APIRouter:
         records = await service._kernel().read(stream=stream_of(task_id), types=RUN_EVENT_TYPES)
         return fold_runs(records, time.time())
 
-    @router.get("/{task_id}/runs", summary="The task's runs from the log, newest first")
+    @router.get(
+        "/{task_id}/runs",
+        summary="The task's runs from the log, newest first",
+        responses=error_responses(404),
+    )
     async def list_runs(
         task_id: str,
         limit: int = Query(50, ge=1, le=1000),
@@ -114,7 +118,9 @@ def build_router(service: SchedulerService) -> APIRouter:
             "runs": runs[offset : offset + limit],
         }
 
-    @router.get("/{task_id}/runs/{run_id}", summary="One run of the task")
+    @router.get(
+        "/{task_id}/runs/{run_id}", summary="One run of the task", responses=error_responses(404)
+    )
     async def get_run(task_id: str, run_id: str) -> dict[str, Any]:
         for run in await task_runs(task_id):
             if run["run_id"] == run_id:

@@ -183,7 +183,15 @@ def test_a_section_reads_json_lists_from_the_environment() -> None:
     assert s.section("loader", Loader) == Loader(allow=["a", "b"], retries=3)
 
 
-def test_the_constructor_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_constructor_reads_no_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    monkeypatch.chdir(tmp_path)  # no xcore.yaml or .env of the working tree
+
+    for key in [k for k in os.environ if k.upper().startswith("XCORE_")]:
+        monkeypatch.delenv(key)  # CI exports its own XCORE_* knobs
     monkeypatch.setenv("XCORE_PORT", "9999")
     assert Settings().port == 8000
     assert Settings.load().port == 9999

@@ -147,6 +147,18 @@ def test_a_body_over_the_limit_is_refused_while_it_is_read(tmp_path: Path) -> No
     assert "Traceback" not in server.output()
 
 
+def test_a_stalled_body_is_answered_408(tmp_path: Path) -> None:
+    env = {"XCORE_ADMIN_TOKEN": TOKEN, "XCORE_HTTP__BODY_TIMEOUT": "1"}
+    with serve(tmp_path, env=env) as server:
+        body = b"--xyz\r\nContent-Disposition: form-data; name=file; filename=a.zip\r\n\r\n"
+        # 50 kB announced, 100 bytes sent, then nothing: the server stops waiting
+        answer = _raw_request(server.url, _upload_head(50_000, TOKEN), body + b"\0" * 30)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+        assert b"no request body data for 1 seconds" in answer
+        assert _uploads_left(server, tmp_path / "none") == []
+        assert httpx.get(f"{server.url}/health/live", timeout=10).status_code == 200
+
+
 def test_wrong_tokens_are_logged_as_a_count_per_interval(tmp_path: Path) -> None:
     with serve(tmp_path, env={"XCORE_ADMIN_TOKEN": TOKEN}) as server, httpx.Client() as client:
         for i in range(200):

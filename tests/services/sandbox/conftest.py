@@ -106,6 +106,8 @@ class Harness:
             admin_token=TOKEN,
             reload=False,
             node="test",
+            # above the sandbox's own limits, so its 413 (naming the plugin) is the one seen
+            http={"max_body_bytes": 64 * 1024 * 1024},
             services={
                 "loader": {"mount_timeout": 20, "hook_timeout": 5, **self.loader},
                 "sandbox": {
