@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from kernel.access import AuthSpec
 from kernel.errors import XcoreError
 from kernel.sdk import PluginContext, TaskSpec
 
@@ -43,6 +44,8 @@ class PluginRuntime:
     module: ModuleType | None = None
     #: How this plugin's sync code is run off the loop.
     run_sync: SyncRunner | None = None
+    #: What its routes require (``kernel.access.AuthSpec`` from the manifest's ``auth``).
+    auth: AuthSpec = field(default_factory=AuthSpec)
     #: Free slots for services (e.g. the router's per-generation app stats).
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -23,7 +23,10 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from kernel import prefixes
+from kernel.access import AuthSpec, parse_auth
 from kernel.errors import XcoreError
+
+from .files import FileRefused, read_limited
 
 __all__ = [
     "KNOWN_KEYS",
@@ -52,6 +55,7 @@ KNOWN_KEYS = frozenset(
         "requires",
         "auth",
         "description",
+        "watch",
     }
 )
 LIMIT_KEYS = frozenset({"memory", "cpu", "wall_time", "open_files", "processes", "file_size"})
@@ -110,28 +114,39 @@ class Manifest:
     #: A sandboxed plugin asks for network access (the operator may still refuse it).
     network: bool = False
     requires: tuple[Requirement, ...] = ()
-    auth: tuple[str, ...] = ()
+    #: The scopes its routes need (``kernel.access``), enforced by the router's dispatcher.
+    auth: AuthSpec = field(default_factory=AuthSpec)
     description: str = ""
+    #: Glob patterns (relative to the folder) of further files whose change reloads it.
+    watch: tuple[str, ...] = ()
 
 
 def valid_name(name: str) -> bool:
-    return NAME_RE.match(name) is not None
+    return NAME_RE.fullmatch(name) is not None  # fullmatch: '$' would accept 'x\n'
 
 
 def read_plugin_info(run_py: Path, plugin: str) -> dict[str, Any]:
     """The ``PLUGIN_INFO`` literal of ``run_py``, found and evaluated without running it."""
     try:
-        source = run_py.read_bytes()
+        source = read_limited(run_py)
     except FileNotFoundError:
         raise ManifestError(
             plugin, "run.py", "the file is missing (it holds PLUGIN_INFO)"
         ) from None
+    except FileRefused as exc:
+        raise ManifestError(plugin, "run.py", str(exc)) from None
     except OSError as exc:
         raise ManifestError(plugin, "run.py", f"cannot be read: {exc}") from None
     try:
         tree = ast.parse(source, filename=str(run_py))
     except SyntaxError as exc:
         raise ManifestError(plugin, "run.py", f"line {exc.lineno}: {exc.msg}") from None
+    except (MemoryError, RecursionError) as exc:
+        raise ManifestError(
+            plugin, "run.py", f"too large or too deeply nested to parse ({type(exc).__name__})"
+        ) from None
+    except ValueError as exc:  # e.g. null bytes
+        raise ManifestError(plugin, "run.py", f"cannot be parsed: {exc}") from None
     found: ast.expr | None = None
     for node in tree.body:
         if isinstance(node, ast.Assign):
@@ -209,7 +224,7 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
         raise ManifestError(
             plugin, file, "missing (a semantic version such as '1.0.0')", key="version"
         )
-    if not isinstance(version, str) or not SEMVER_RE.match(version):
+    if not isinstance(version, str) or not SEMVER_RE.fullmatch(version):
         raise ManifestError(
             plugin,
             file,
@@ -250,8 +265,9 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
         limits=_limits(plugin, file, *get("limits")),
         network=bool(network),
         requires=_requires(plugin, file, *get("requires")),
-        auth=_strings(plugin, file, *get("auth")),
+        auth=_auth(plugin, file, *get("auth")),
         description=text("description"),
+        watch=_strings(plugin, file, *get("watch")),
     )
 
 
@@ -273,6 +289,13 @@ def _strings(plugin: str, file: str, key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ManifestError(plugin, file, "must be a string or a list of strings", key=key)
+
+
+def _auth(plugin: str, file: str, key: str, value: Any) -> AuthSpec:
+    try:
+        return parse_auth(value)
+    except ValueError as exc:
+        raise ManifestError(plugin, file, str(exc), key=key) from None
 
 
 def _requires(plugin: str, file: str, key: str, value: Any) -> tuple[Requirement, ...]:

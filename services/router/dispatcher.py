@@ -18,22 +18,37 @@ kernel tries before every other route. The :class:`Dispatcher` itself is the ker
 app's fallback and only answers what no route matched (the front route included) with
 a JSON 404: the host router calls it right after its route scan with no await in
 between, so the table cannot have changed since the front route missed.
+
+Around each plugin request :func:`serve` also (1) checks the caller against the
+plugin's access policy (``services/router/access.py``) before any plugin code runs,
+(2) gives the request an id — the client's ``X-Request-ID`` when it is a sane token,
+else a new one — echoed in the response and carried by every log line the plugin
+writes while serving it (``kernel.logging.request_id_var``), and (3) counts it by
+route template, method and status class with its latency (``stats.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.datastructures import URLPath
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kernel.logging import plugin_var, request_id_var
 from services.router.stats import PluginStats, RouteStats
+
+if TYPE_CHECKING:
+    from kernel.access import Policy
+    from services.router.access import Authenticator
 
 __all__ = ["Dispatcher", "Mount", "PluginRoute", "Table", "serve"]
 
@@ -51,6 +66,11 @@ _NOT_FOUND_START: Message = {
 _NOT_FOUND: Message = {"type": "http.response.body", "body": _NOT_FOUND_BODY}
 #: Scope key through which the front route hands the matched mount to ``handle``.
 _SCOPE_KEY = "xcore.plugin_mount"
+#: Scope key holding the request id (plugins may read ``request.scope["xcore.request_id"]``).
+REQUEST_ID_KEY = "xcore.request_id"
+#: Scope key holding the authenticated caller (a ``services.router.access.Principal``).
+PRINCIPAL_KEY = "xcore.principal"
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
 @dataclass(eq=False, slots=True)
@@ -72,6 +92,8 @@ class Mount:
     router: Any = None
     #: The plugin's OpenAPI ``paths``/``components``, already namespaced (or None).
     openapi: dict[str, Any] | None = field(default=None, repr=False)
+    #: What its routes require (None: every route is public).
+    policy: Policy | None = None
 
 
 class Table:
@@ -125,10 +147,16 @@ class Dispatcher:
     (twice, with the trailing-slash retry).
     """
 
-    def __init__(self, stats: RouteStats) -> None:
+    def __init__(
+        self, stats: RouteStats, *, observe: bool = True, auth: Authenticator | None = None
+    ) -> None:
         self.stats = stats
         #: The routing table; replaced (never mutated) by :meth:`swap`.
         self.table = Table()
+        #: Request ids and per-route counting (off only to measure their cost).
+        self.observe = observe
+        #: Checks callers of routes whose plugin requires scopes.
+        self.auth = auth
 
     def swap(self, table: Table) -> None:
         """Serve ``table`` from now on (requests in flight keep the one they started with)."""
@@ -168,7 +196,16 @@ class PluginRoute(BaseRoute):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         mount: Mount = scope[_SCOPE_KEY]
-        await serve(mount, mount.entry, scope, receive, send)
+        dispatcher = self.dispatcher
+        await serve(
+            mount,
+            mount.entry,
+            scope,
+            receive,
+            send,
+            observe=dispatcher.observe,
+            auth=dispatcher.auth,
+        )
 
     def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
         """Resolve a plugin route's name, so ``request.url_for`` works from any route."""
@@ -190,35 +227,122 @@ def _route_path(scope: Scope) -> str:
     return path
 
 
-async def serve(mount: Mount, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Run ``app`` for a request under ``mount`` and count it in the plugin's stats."""
+async def serve(
+    mount: Mount,
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    observe: bool = True,
+    auth: Authenticator | None = None,
+) -> None:
+    """Run ``app`` for a request under ``mount``: access check, request id, counting."""
     # The host app's router put itself here; the plugin's routes must resolve their own
     # route names (request.url_for), so they get the plugin's router instead.
     if mount.router is not None:
         scope["router"] = mount.router
     else:
         scope.pop("router", None)
+    if mount.policy is not None and not await _admitted(mount.policy, auth, scope, send):
+        if scope["type"] == "http":
+            mount.stats.observe(401, 0.0, scope["method"], "denied")
+        return
     if scope["type"] != "http":
         await app(scope, receive, send)
         return
+    if not observe:
+        await app(scope, receive, send)
+        return
 
+    request_id = _request_id(scope)
+    scope[REQUEST_ID_KEY] = request_id
+    echoed = (b"x-request-id", request_id.encode())
     status = 500
 
     async def send_and_watch(message: Message) -> None:
         nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
+            message["headers"] = [*message.get("headers", ()), echoed]
         await send(message)
 
+    rid_token = request_id_var.set(request_id)
+    plugin_token = plugin_var.set(mount.plugin)
+    method = scope["method"]
     start = perf_counter()
     try:
         await app(scope, receive, send_and_watch)
     except HTTPException as exc:
         # A plugin router's own 404/405: the host app's exception middleware answers it.
-        mount.stats.observe(exc.status_code, perf_counter() - start)
+        mount.stats.observe(exc.status_code, perf_counter() - start, method, _route(scope))
         raise
     except Exception:
         # Counted as an error, then re-raised: the server logs it with its traceback.
-        mount.stats.observe(500, perf_counter() - start)
+        mount.stats.observe(500, perf_counter() - start, method, _route(scope))
         raise
-    mount.stats.observe(status, perf_counter() - start)
+    finally:
+        request_id_var.reset(rid_token)
+        plugin_var.reset(plugin_token)
+    mount.stats.observe(status, perf_counter() - start, method, _route(scope))
+
+
+def _route(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if _REQUEST_ID_RE.match(value):
+                return bytes(value).decode()
+            break  # not a sane token (too long, odd bytes): replaced, never echoed
+    return uuid.uuid4().hex
+
+
+async def _admitted(policy: Policy, auth: Authenticator | None, scope: Scope, send: Send) -> bool:
+    """Check the caller; answer 401/403 (or close the websocket) and return False if refused."""
+    from services.router.access import AuthError, check_scopes
+
+    method = scope.get("method", "GET")
+    needed = policy.required(method, _route_path(scope))
+    if not needed:
+        return True
+    header = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            header = value.decode("latin-1")
+            break
+    try:
+        if auth is None:
+            raise AuthError(503, "", "plugin route authentication is not configured")
+        principal = auth.authenticate(header)
+        check_scopes(principal, needed)
+    except AuthError as refused:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": refused.description})
+            return False
+        body = (
+            b'{"detail":'
+            + _json_str(refused.description)
+            + b',"error":'
+            + _json_str(refused.error or "unauthorized")
+            + b"}"
+        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if refused.status in (401, 403):
+            headers.append((b"www-authenticate", refused.challenge().encode()))
+        await send({"type": "http.response.start", "status": refused.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return False
+    scope[PRINCIPAL_KEY] = principal
+    return True
+
+
+def _json_str(text: str) -> bytes:
+    return orjson.dumps(text)

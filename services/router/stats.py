@@ -18,7 +18,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_BUCKETS", "PluginStats", "RouteStats"]
+__all__ = ["CLASSES", "DEFAULT_BUCKETS", "PluginStats", "RouteStats"]
 
 #: Upper bounds (seconds, inclusive) of the latency buckets; a last +Inf bucket is implied.
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -38,13 +38,23 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     10.0,
 )
 
-_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_CLASSES = CLASSES
 
 
 class PluginStats:
     """Request count by status class, errors, latency sum and buckets of one plugin."""
 
-    __slots__ = ("bounds", "buckets", "by_class", "errors", "latency_sum", "plugin", "requests")
+    __slots__ = (
+        "bounds",
+        "buckets",
+        "by_class",
+        "by_route",
+        "errors",
+        "latency_sum",
+        "plugin",
+        "requests",
+    )
 
     def __init__(self, plugin: str, bounds: Sequence[float] = DEFAULT_BUCKETS) -> None:
         self.plugin = plugin
@@ -58,12 +68,23 @@ class PluginStats:
         self.latency_sum = 0.0
         #: Non-cumulative counts per bucket; the last one is +Inf.
         self.buckets = [0] * (len(self.bounds) + 1)
+        #: Requests by (route template, method, status class index 1..5).
+        self.by_route: dict[tuple[str, str, int], int] = {}
 
-    def observe(self, status: int, seconds: float) -> None:
-        """Count one request; ``status`` 500 is used for a handler that raised."""
+    def observe(
+        self, status: int, seconds: float, method: str = "GET", route: str = "unmatched"
+    ) -> None:
+        """Count one request; ``status`` 500 is used for a handler that raised.
+
+        ``route`` is the route's template (``/app/items/{id}``), never the raw path, so
+        the number of series stays bounded by the plugin's routes.
+        """
         self.requests += 1
         cls = status // 100
-        self.by_class[cls if 1 <= cls <= 5 else 5] += 1
+        cls = cls if 1 <= cls <= 5 else 5
+        self.by_class[cls] += 1
+        key = (route, method, cls)
+        self.by_route[key] = self.by_route.get(key, 0) + 1
         if status >= 500 or status < 100:
             self.errors += 1
         self.latency_sum += seconds
@@ -97,6 +118,10 @@ class PluginStats:
             "requests": self.requests,
             "errors": self.errors,
             "by_class": {name: self.by_class[i + 1] for i, name in enumerate(_CLASSES)},
+            "by_route": [
+                {"route": r, "method": m, "status_class": _CLASSES[c - 1], "requests": n}
+                for (r, m, c), n in sorted(self.by_route.items())
+            ],
             "latency_sum_s": self.latency_sum,
             "bucket_bounds_s": list(self.bounds),
             "buckets": list(self.buckets),

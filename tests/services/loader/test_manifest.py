@@ -50,7 +50,7 @@ def test_snake_case_and_further_keys() -> None:
     assert m.limits == {"memory": 256 * 1024**2, "cpu": 2.0, "wall_time": 5.0, "open_files": 64.0}
     assert [str(r) for r in m.requires] == ["hello>=1.0", "other"]
     assert m.requires[0].allows("1.5.0") and not m.requires[0].allows("0.9.0")
-    assert m.auth == ("admin",)
+    assert m.auth.scopes == ("admin",)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,92 @@
+"""``/admin/tokens``: issue, list and revoke scoped API tokens (recorded as events)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Path, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from kernel.access import parse_auth
+from kernel.kernel import Kernel
+from services.admin.events import STREAM, TokenCreated, TokenRevoked
+from services.admin.tokens import ALL, AdminTokens, new_token
+
+__all__ = ["build_token_router"]
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9 _.:@-]+$")
+    scopes: list[str] = Field(min_length=1, max_length=50)
+    #: Seconds from now until the token expires (None: never).
+    expires_in: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
+
+
+def build_token_router(kernel: Kernel) -> APIRouter:
+    router = APIRouter(tags=["admin"])
+
+    def book() -> AdminTokens:
+        return kernel.projection(AdminTokens)
+
+    @router.get("/tokens", summary="Every API token issued (never the token itself)")
+    async def list_tokens() -> list[dict[str, Any]]:
+        now = time.time()
+        return [t.public(now) for t in sorted(book().tokens.values(), key=lambda t: t.created_at)]
+
+    @router.post(
+        "/tokens",
+        status_code=201,
+        summary="Issue an API token with scopes; the token is shown only in this answer",
+    )
+    async def create_token(body: TokenRequest, request: Request) -> dict[str, Any]:
+        try:
+            scopes = sorted(set(parse_auth(body.scopes).scopes))
+        except ValueError as exc:
+            raise HTTPException(
+                status_code=422,
+                detail=[{"loc": ["body", "scopes"], "msg": str(exc), "type": "value_error"}],
+            ) from None
+        held: frozenset[str] = getattr(request.state, "admin_scopes", frozenset())
+        beyond = [s for s in scopes if ALL not in held and s not in held]
+        if beyond:
+            raise HTTPException(
+                status_code=403,
+                detail=f"a token can only grant scopes it holds; this one lacks {', '.join(beyond)}",
+            )
+        token_id, token, digest = new_token()
+        expires_at = None if body.expires_in is None else time.time() + body.expires_in
+        actor = getattr(request.state, "admin_principal", "admin")
+        [record] = await kernel.append(
+            TokenCreated(
+                token_id=token_id,
+                name=body.name,
+                scopes=scopes,
+                expires_at=expires_at,
+                digest=digest,
+                created_by=actor,
+            ),
+            stream=STREAM,
+            actor=actor,
+        )
+        await kernel.settle(record.position)
+        return {**book().tokens[token_id].public(time.time()), "token": token}
+
+    @router.delete("/tokens/{token_id}", summary="Revoke an API token (recorded as TokenRevoked)")
+    async def revoke_token(
+        request: Request, token_id: str = Path(pattern=r"^[0-9a-f]{16}$")
+    ) -> dict[str, Any]:
+        record = book().tokens.get(token_id)
+        if record is None:
+            raise HTTPException(status_code=404, detail=f"no token with id {token_id!r}")
+        if record.revoked_at is None:
+            actor = getattr(request.state, "admin_principal", "admin")
+            [event] = await kernel.append(
+                TokenRevoked(token_id=token_id, revoked_by=actor), stream=STREAM, actor=actor
+            )
+            await kernel.settle(event.position)
+        return record.public(time.time())
+
+    return router

@@ -1,0 +1,1 @@
+"""The monitor service: centralized logs, metrics, health, the live event stream, alerts."""
