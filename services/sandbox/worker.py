@@ -397,6 +397,18 @@ def _drop_privileges(uid: int | None, gid: int | None) -> None:
         raise RuntimeError("could not give up root")
 
 
+def _die_with(kernel_pid: int | None) -> None:
+    """Die with the kernel even if it is killed (a worker looping forever would never
+    read the end of its pipe). Set after giving up root: a change of user clears it.
+    ``kernel_pid`` is the expected parent (None under bubblewrap, whose own
+    ``--die-with-parent`` covers it)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if kernel_pid is not None and os.getppid() != kernel_pid:
+        os._exit(4)  # the kernel died before the signal was armed
+
+
 def _drop_capabilities() -> bool:
     """A worker that keeps root gives up every capability (so it cannot read another
     process's memory or environment, nor override file permissions)."""
@@ -437,6 +449,7 @@ def main() -> None:
     cfg = header["config"]
     try:
         _drop_privileges(cfg.get("uid"), cfg.get("gid"))
+        _die_with(cfg.get("kernel_pid"))
         from .limits import apply
 
         applied = apply(cfg["limits"])
