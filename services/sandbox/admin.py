@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
 
+from kernel.http import error_responses
+
 if TYPE_CHECKING:
     from .service import SandboxService
 
@@ -26,7 +28,11 @@ def admin_router(service: SandboxService) -> APIRouter:
     async def overview() -> dict[str, Any]:
         return {"level": service.level, "plugins": service.all()}
 
-    @router.get("/sandbox/{name}", summary="One sandboxed plugin's worker, limits and stats")
+    @router.get(
+        "/sandbox/{name}",
+        summary="One sandboxed plugin's worker, limits and stats",
+        responses=error_responses(404),
+    )
     async def one(name: str) -> dict[str, Any]:
         found = service.describe(name)
         if found is None:
