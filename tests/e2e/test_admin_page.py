@@ -251,3 +251,50 @@ def test_swagger_ui_and_redoc_load_nothing_from_outside(chromium: Any, server: S
     finally:
         context.close()
     assert outside == []
+
+
+def test_a_read_only_token_sees_no_actions_and_is_refused_anyway(
+    chromium: Any, server: Server
+) -> None:
+    created = httpx.post(
+        f"{server.url}/admin/tokens",
+        headers={"authorization": f"Bearer {TOKEN}"},
+        json={"name": "viewer", "scopes": ["admin:read"]},
+        timeout=30,
+    )
+    assert created.status_code in (200, 201), created.text
+    viewer = created.json()["token"]
+    context = chromium.new_context()
+    page = context.new_page()
+    try:
+        page.goto(f"{server.url}/admin/ui/")
+        log_in(page, viewer)
+        page.get_by_text("read only").wait_for(timeout=WAIT_MS)
+        page.locator("#plugin-hello").click()
+        page.get_by_role("heading", name="Plugin hello").wait_for(timeout=WAIT_MS)
+        for action in ("#action-reload", "#action-disable", "#action-uninstall", "#install-form"):
+            assert page.locator(action).count() == 0, action
+        page.get_by_role("link", name="Tasks").click()
+        page.locator("#task-jobs\\.heartbeat").click()
+        page.get_by_role("heading", name="Task jobs.heartbeat").wait_for(timeout=WAIT_MS)
+        assert page.locator("#action-pause").count() == 0
+        shot(page, "15-read-only")
+        # the server refuses the action even when the page is bypassed
+        status = page.evaluate(
+            """async () => {
+                const s = await (await fetch('session')).json();
+                const r = await fetch('api/plugins/hello/reload',
+                    {method: 'POST', headers: {'x-csrf-token': s.csrf}});
+                return r.status;
+            }"""
+        )
+        assert status == 403
+    finally:
+        context.close()
+    # and the API itself refuses the token a write (403 naming the scope)
+    direct = httpx.post(
+        f"{server.url}/admin/plugins/hello/reload",
+        headers={"authorization": f"Bearer {viewer}"},
+        timeout=30,
+    )
+    assert direct.status_code == 403 and "admin:write" in direct.text

@@ -176,6 +176,69 @@ async function act(label, fn) {
   }
 }
 
+// Server-Sent Events read with fetch: the admin streams name each frame after its event
+// type, which EventSource can only catch by listing every type in advance. This reads
+// every frame, resumes from the last id after a cut, and stops with the view.
+function followStream(path, onFrame, onUnavailable) {
+  const controller = new AbortController();
+  let lastId = null;
+  let stopped = false;
+  state.streams.push({ close: () => { stopped = true; controller.abort(); } });
+  const run = async () => {
+    while (!stopped) {
+      let response;
+      try {
+        const headers = { accept: "text/event-stream" };
+        if (lastId !== null) headers["last-event-id"] = lastId;
+        response = await fetch("api/" + path, { headers, credentials: "same-origin", signal: controller.signal });
+      } catch (_) {
+        if (stopped) return;
+        await new Promise((r) => setTimeout(r, 2000));
+        continue;
+      }
+      if (response.status === 401) {
+        showLogin("Your session ended: log in again.");
+        return;
+      }
+      if (!response.ok || !response.body) {
+        onUnavailable(response.status);
+        return;
+      }
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            const frame = { id: null, event: "message", data: [] };
+            for (const line of block.split("\n")) {
+              if (line.startsWith(":")) continue;
+              const colon = line.indexOf(":");
+              const field = colon < 0 ? line : line.slice(0, colon);
+              const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+              if (field === "id") frame.id = text;
+              else if (field === "event") frame.event = text;
+              else if (field === "data") frame.data.push(text);
+            }
+            if (frame.id !== null) lastId = frame.id;
+            if (frame.data.length) onFrame(frame.event, frame.data.join("\n"));
+          }
+        }
+      } catch (_) {
+        if (stopped) return;
+      }
+      if (!stopped) await new Promise((r) => setTimeout(r, 1000));
+    }
+  };
+  run();
+}
+
 // -- session ---------------------------------------------------------------------------
 
 async function loadSession() {
@@ -653,36 +716,27 @@ async function followEvents(f, add) {
     return;
   }
   const view = state.view;
-  if (typeof EventSource === "function") {
-    const sq = new URLSearchParams(query);
-    sq.set("after", String(after));
-    if (f.plugin) sq.set("plugin", f.plugin);
-    const source = new EventSource(`api/events/stream?${sq}`);
-    let opened = false;
-    source.onopen = () => {
-      opened = true;
-    };
-    source.onmessage = (message) => {
+  const sq = new URLSearchParams(query);
+  sq.set("after", String(after));
+  if (f.plugin) sq.set("plugin", f.plugin);
+  followStream(
+    `events/stream?${sq}`,
+    (_type, data) => {
       try {
-        const e = JSON.parse(message.data);
-        if (e && typeof e.position === "number") {
-          after = Math.max(after, e.position);
+        const e = JSON.parse(data);
+        if (e && typeof e.position === "number" && e.position > after) {
+          after = e.position;
           add([e]);
         }
       } catch (_) {
-        /* a heartbeat or a comment */
+        /* not an event */
       }
-    };
-    source.onerror = () => {
-      if (!opened || source.readyState === EventSource.CLOSED) {
-        source.close();
-        if (state.view === view) pollEvents(query, () => after, (v) => (after = v), add);
-      }
-    };
-    state.streams.push(source);
-    return;
-  }
-  pollEvents(query, () => after, (v) => (after = v), add);
+    },
+    () => {
+      // no stream endpoint on this server (the monitoring service is off): page instead
+      if (state.view === view) pollEvents(query, () => after, (v) => (after = v), add);
+    },
+  );
 }
 
 function pollEvents(query, getAfter, setAfter, add) {
@@ -775,17 +829,19 @@ function renderLogs(body) {
       // newest first: add them oldest first, so the newest ends on top
       const lines = (page.lines || []).slice().reverse();
       add(lines);
-      if (typeof EventSource === "function") {
-        const source = new EventSource(`api/logs/stream?${query}`);
-        source.addEventListener("log", (message) => {
+      const sq = new URLSearchParams(query);
+      if (lines.length) sq.set("after", String(lines[lines.length - 1].id));
+      followStream(
+        `logs/stream?${sq}`,
+        (_type, data) => {
           try {
-            add([JSON.parse(message.data)]);
+            add([JSON.parse(data)]);
           } catch (_) {
             /* not a log line */
           }
-        });
-        state.streams.push(source);
-      }
+        },
+        () => {},
+      );
     })
     .catch((err) => {
       if (err.status === 404) body.append(el("p", { class: "muted" }, "Log capture is not available on this server."));
