@@ -213,11 +213,17 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+#: Where the router's dispatcher leaves the request's id (it echoes it as x-request-id).
+REQUEST_ID_KEY = "xcore.request_id"
+
+
 def _scope(scope: Scope) -> dict[str, Any]:
-    request_id = None
-    for key, value in scope["headers"]:
-        if key == b"x-request-id":
-            request_id = value.decode("latin-1")[:128]
+    request_id = scope.get(REQUEST_ID_KEY)
+    if not isinstance(request_id, str):
+        request_id = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},

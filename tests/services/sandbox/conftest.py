@@ -106,6 +106,8 @@ class Harness:
             admin_token=TOKEN,
             reload=False,
             node="test",
+            # the kernel's own body limit (1 MiB by default) would answer before the sandbox's
+            http={"max_body_bytes": 16 * 1024 * 1024},
             services={
                 "loader": {"mount_timeout": 20, "hook_timeout": 5, **self.loader},
                 "sandbox": {
