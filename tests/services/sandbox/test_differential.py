@@ -80,6 +80,10 @@ REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
 IGNORED = {"date", "server", "content-length", "x-request-id"}
 
 
+def _headers(r: httpx.Response, ignored: set[str]) -> list[tuple[str, str]]:
+    return sorted((k, v) for k, v in r.headers.multi_items() if k not in ignored)
+
+
 def bare_app(tmp: Path) -> FastAPI:
     source = tmp / "bare_router.py"
     source.write_text(textwrap.dedent(ROUTER))
@@ -108,10 +112,7 @@ async def test_a_sandboxed_router_answers_like_a_bare_app(harness: Any, tmp_path
             # a 405's Allow lists every method of the path in xcore (kernel/guard.py),
             # only the first route's in a bare app
             ignored = IGNORED | ({"allow"} if want.status_code == 405 else set())
-            strip = lambda r: sorted(  # noqa: E731
-                (k, v) for k, v in r.headers.multi_items() if k not in ignored
-            )
-            assert strip(got) == strip(want), where
+            assert _headers(got, ignored) == _headers(want, ignored), where
             if want.status_code == 405:
                 allowed = set(got.headers["allow"].split(", "))
                 assert set(want.headers["allow"].split(", ")) <= allowed, where
