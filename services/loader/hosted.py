@@ -35,11 +35,11 @@ if TYPE_CHECKING:
 __all__ = ["build_hosted", "effective_mode", "host_of"]
 
 
-def effective_mode(manifest: Manifest, row: dict[str, Any] | None, archive_mode: str) -> Manifest:
-    """``manifest`` with the mode the operator forces on archive installs, if any."""
-    if archive_mode == "manifest" or manifest.mode == archive_mode or row is None:
+def effective_mode(manifest: Manifest, source: str | None, archive_mode: str) -> Manifest:
+    """``manifest`` with the mode the operator forces on archive installs, if any
+    (``source``: where the plugin was installed from, None for a folder put in place)."""
+    if archive_mode == "manifest" or manifest.mode == archive_mode:
         return manifest
-    source = row.get("source")
     if not source or not is_archive(Path(source)):
         return manifest
     return dataclasses.replace(manifest, mode=archive_mode)

@@ -212,7 +212,8 @@ class Lifecycle(LoaderState):
             except ManifestError as exc:
                 raise StageError("manifest", str(exc), file=exc.file) from None
         step[0] = "mode"
-        manifest = effective_mode(manifest, self.table.rows.get(name), self.settings.archive_mode)
+        source = self.installing.get(name) or (self.table.rows.get(name) or {}).get("source")
+        manifest = effective_mode(manifest, source, self.settings.archive_mode)
         host = host_of(self.kernel, name, manifest)
         step[0] = "manifest"
         self._claim(name, manifest.prefix, "manifest")

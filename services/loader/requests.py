@@ -268,7 +268,11 @@ class Requests(Lifecycle):
                 cause=cause,
             )
 
-        failure = await self.reload_group(name, cause, before_commit=installed)
+        self.installing[name] = str(source)
+        try:
+            failure = await self.reload_group(name, cause, before_commit=installed)
+        finally:
+            self.installing.pop(name, None)
         if failure is None:
             await asyncio.to_thread(installer.discard, staged)
             return

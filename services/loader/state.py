@@ -58,6 +58,9 @@ class LoaderState:
         self.loaded: dict[str, Generation] = {}
         #: Digest of the last folder content each plugin was (re)loaded from, success or not.
         self.attempted: dict[str, str] = {}
+        #: The source of each plugin being installed right now (the projection learns
+        #: it once the install is recorded, after its build): decides its mode.
+        self.installing: dict[str, str] = {}
         self._warned: set[str] = set()
         #: Plugins whose watcher reloads are paused (a reload loop); an admin reload resumes.
         self.paused: set[str] = set()

@@ -67,6 +67,12 @@ def resolve(
         if asked is None:
             values[key] = default
             continue
+        floor = _FLOORS.get(key, 0)
+        if asked < floor:
+            raise LimitError(
+                f"plugin {plugin!r}: run.py: key 'limits.{key}': {_show(key, asked)} is below "
+                f"{_show(key, floor)}, which the worker itself needs (interpreter, threads)"
+            )
         if asked > ceiling:
             raise LimitError(
                 f"plugin {plugin!r}: run.py: key 'limits.{key}': {_show(key, asked)} exceeds "
@@ -82,6 +88,10 @@ def resolve(
         file_size=int(values["file_size"]),
         network=network and settings.allow_network,
     )
+
+
+#: Below these a worker cannot even start (its own threads and files count).
+_FLOORS = {"open_files": 32.0, "processes": 16.0, "memory": 128.0 * MIB}
 
 
 def _show(key: str, value: float) -> str:

@@ -86,9 +86,7 @@ class SandboxProxy:
                 f"plugin {name!r}: the request body exceeds the limit of {self.max_body} bytes",
             )
             return
-        started = False
-        ok = False
-        cpu_ms = 0.0
+        relay = _Relay(send)
         try:
             async with worker.open_call(
                 {"op": "http", "scope": _scope(scope), "more": more or len(body) > CHUNK},
@@ -96,83 +94,51 @@ class SandboxProxy:
                 label=f"request {scope['method']} {scope['path']}",
                 cancel=False,
             ) as (cid, frames):
-                too_big = anyio.Event()
-                failure: Exception | None = None
-                async with anyio.create_task_group() as tg:
-                    # a first message larger than one frame goes in pieces
-                    rest = [body[i : i + CHUNK] for i in range(CHUNK, len(body), CHUNK)]
-                    for i, piece in enumerate(rest):
-                        await worker.send_body(cid, piece, more or i < len(rest) - 1)
-                    tg.start_soon(self._pump, worker, cid, receive, more, len(body), too_big, tg)
-                    try:
-                        while True:
-                            h, payload = await frames.receive()
-                            op = h.get("op")
-                            if op == "start":
-                                if too_big.is_set():
-                                    continue
-                                started = True
-                                await send(
-                                    {
-                                        "type": "http.response.start",
-                                        "status": int(h["status"]),
-                                        "headers": [
-                                            (k.encode("latin-1"), v.encode("latin-1"))
-                                            for k, v in h.get("headers", [])
-                                        ],
-                                    }
-                                )
-                            elif op == "body":
-                                if started:
-                                    await send(
-                                        {
-                                            "type": "http.response.body",
-                                            "body": payload,
-                                            "more_body": bool(h.get("more")),
-                                        }
-                                    )
-                            elif op == "result":
-                                ok = bool(h.get("ok"))
-                                cpu_ms = float(h.get("cpu_ms", 0.0))
-                                break
-                    except Exception as exc:  # raised after the group, not wrapped in it
-                        failure = exc
-                    tg.cancel_scope.cancel()
-                if failure is not None:
-                    raise failure
-                if too_big.is_set() and not started:
+                # a first message larger than one frame goes in pieces
+                rest = [body[i : i + CHUNK] for i in range(CHUNK, len(body), CHUNK)]
+                for i, piece in enumerate(rest):
+                    await worker.send_body(cid, piece, more or i < len(rest) - 1)
+                if more:
+                    # the body keeps coming while the answer may already start
+                    failure: Exception | None = None
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._pump, worker, cid, receive, len(body), relay)
+                        try:
+                            await relay.run(frames)
+                        except Exception as exc:  # raised after the group, not wrapped in it
+                            failure = exc
+                        tg.cancel_scope.cancel()
+                    if failure is not None:
+                        raise failure
+                else:
+                    await relay.run(frames)
+                if relay.too_big and not relay.started:
                     await _answer(
                         send,
                         413,
                         f"plugin {name!r}: the request body exceeds the limit of {self.max_body} bytes",
                     )
                     return
-                if not started:
+                if not relay.started:
                     await _answer(
                         send, 500, f"plugin {name!r}: its app ended the request without a response"
                     )
         except WorkerGone as exc:
             self.plugin.stats.observe("http", False, 0.0)
-            if started:
+            if relay.started:
                 raise RuntimeError(
                     f"plugin {name!r}: its worker ended during the response: {exc.why}"
                 ) from None
             status = 504 if exc.exit is not None and exc.exit.limit == "wall" else 502
             await _answer(send, status, f"plugin {name!r}: {exc.why}")
             return
-        self.plugin.stats.observe("http", ok, cpu_ms)
+        self.plugin.stats.observe("http", relay.ok, relay.cpu_ms)
 
     async def _pump(
-        self,
-        worker: Worker,
-        cid: int,
-        receive: Receive,
-        more: bool,
-        size: int,
-        too_big: anyio.Event,
-        tg: Any,
+        self, worker: Worker, cid: int, receive: Receive, size: int, relay: _Relay
     ) -> None:
         """Forward the rest of the body, then a disconnect if the client leaves."""
+        more = True
         while True:
             message: Message = await receive()
             if message["type"] == "http.disconnect":
@@ -184,12 +150,57 @@ class SandboxProxy:
             more = bool(message.get("more_body"))
             size += len(chunk)
             if size > self.max_body:
-                too_big.set()
+                relay.too_big = True
                 await worker.send_frame({"op": "disconnect", "id": cid})
                 return
             for i in range(0, max(len(chunk), 1), CHUNK):
                 last = i + CHUNK >= len(chunk)
                 await worker.send_body(cid, chunk[i : i + CHUNK], more or not last)
+
+
+class _Relay:
+    """Passes a call's response frames on to the client."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+        self.ok = False
+        self.cpu_ms = 0.0
+        #: The request body passed the limit (the answer becomes a 413).
+        self.too_big = False
+
+    async def run(self, frames: Any) -> None:
+        send = self.send
+        while True:
+            h, payload = await frames.receive()
+            op = h.get("op")
+            if op == "start":
+                if self.too_big:
+                    continue
+                self.started = True
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": int(h["status"]),
+                        "headers": [
+                            (k.encode("latin-1"), v.encode("latin-1"))
+                            for k, v in h.get("headers", [])
+                        ],
+                    }
+                )
+            elif op == "body":
+                if self.started:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": payload,
+                            "more_body": bool(h.get("more")),
+                        }
+                    )
+            elif op == "result":
+                self.ok = bool(h.get("ok"))
+                self.cpu_ms = float(h.get("cpu_ms", 0.0))
+                return
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -202,11 +213,17 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+#: Where the router's dispatcher leaves the request's id (it echoes it as x-request-id).
+REQUEST_ID_KEY = "xcore.request_id"
+
+
 def _scope(scope: Scope) -> dict[str, Any]:
-    request_id = None
-    for key, value in scope["headers"]:
-        if key == b"x-request-id":
-            request_id = value.decode("latin-1")[:128]
+    request_id = scope.get(REQUEST_ID_KEY)
+    if not isinstance(request_id, str):
+        request_id = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},

@@ -165,6 +165,7 @@ class SandboxService:
             "uid": self.user[0] if self.user else None,
             "gid": self.user[1] if self.user else None,
             "log_level": self.kernel.settings.log_level,
+            "kernel_pid": os.getpid() if self.level == "rlimits" else None,
         }
         plugin = SandboxedPlugin(
             name=name,

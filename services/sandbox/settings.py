@@ -32,15 +32,15 @@ class SandboxSettings(BaseModel):
     user: str = "auto"
 
     #: Address space of a worker (RLIMIT_AS).
-    memory_mb: float = Field(default=1024, gt=0)
+    memory_mb: float = Field(default=1024, ge=128)
     #: CPU seconds a worker may use in its life (RLIMIT_CPU); reaching it restarts it.
     cpu_s: float = Field(default=3600, gt=0)
     #: Wall time of one call (a request, a task run, a hook), enforced by the supervisor.
     wall_time_s: float = Field(default=30, gt=0)
     #: Open files of a worker (RLIMIT_NOFILE).
-    open_files: int = Field(default=256, ge=16)
+    open_files: int = Field(default=256, ge=32)
     #: Processes and threads a worker may add (RLIMIT_NPROC above what its user runs).
-    processes: int = Field(default=64, ge=4)
+    processes: int = Field(default=64, ge=16)
     #: Largest file a worker may write (RLIMIT_FSIZE).
     file_size_mb: float = Field(default=64, gt=0)
 
@@ -48,8 +48,8 @@ class SandboxSettings(BaseModel):
     max_memory_mb: float = Field(default=4096, gt=0)
     max_cpu_s: float = Field(default=86400, gt=0)
     max_wall_time_s: float = Field(default=600, gt=0)
-    max_open_files: int = Field(default=4096, ge=16)
-    max_processes: int = Field(default=512, ge=4)
+    max_open_files: int = Field(default=4096, ge=32)
+    max_processes: int = Field(default=512, ge=16)
     max_file_size_mb: float = Field(default=4096, gt=0)
 
     #: Whether a manifest's ``network: true`` gets a network (bwrap level).

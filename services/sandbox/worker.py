@@ -68,19 +68,49 @@ def read_frame_blocking(fd: int) -> tuple[dict[str, Any], bytes]:
 
 
 class Wire:
-    """Frames out of the worker: one writer, frames never interleave."""
+    """Frames out of the worker; frames never interleave.
+
+    Frames sent on the event loop are gathered and written once per loop iteration
+    (a response's start, body and result leave in one write); frames sent from other
+    threads (logs, a late result) and urgent ones are written at once.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._pending: list[bytes] = []
 
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def send(self, header: dict[str, Any], payload: bytes = b"", *, urgent: bool = False) -> None:
         data = encode(header, payload)
+        if self._loop is not None and threading.get_ident() == self._loop_thread:
+            if not self._pending:
+                self._loop.call_soon(self.flush)
+            self._pending.append(data)
+            if urgent:
+                self.flush()
+            return
         with self.lock:
-            view = memoryview(data)
-            while view:
-                written = os.write(self.fd, view)
-                view = view[written:]
+            self._write(data)
+
+    def flush(self) -> None:
+        """Write the frames gathered on the loop (called on the loop)."""
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            with self.lock:
+                self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
 
 
 # -- serving ------------------------------------------------------------------------------
@@ -102,6 +132,7 @@ class Server:
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.wire.attach(self.loop)
         reader = asyncio.StreamReader(limit=2**20)
         await self.loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.in_fd, "rb", 0)
@@ -173,7 +204,7 @@ class Server:
 
     def fatal(self, limit: str) -> None:
         with contextlib.suppress(BaseException):
-            self.wire.send({"op": "fatal", "limit": limit})
+            self.wire.send({"op": "fatal", "limit": limit}, urgent=True)
         os._exit(EXIT_MEMORY)
 
     async def run_code(self, cid: int, fn: Any, *args: Any) -> Any:
@@ -366,6 +397,18 @@ def _drop_privileges(uid: int | None, gid: int | None) -> None:
         raise RuntimeError("could not give up root")
 
 
+def _die_with(kernel_pid: int | None) -> None:
+    """Die with the kernel even if it is killed (a worker looping forever would never
+    read the end of its pipe). Set after giving up root: a change of user clears it.
+    ``kernel_pid`` is the expected parent (None under bubblewrap, whose own
+    ``--die-with-parent`` covers it)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if kernel_pid is not None and os.getppid() != kernel_pid:
+        os._exit(4)  # the kernel died before the signal was armed
+
+
 def _drop_capabilities() -> bool:
     """A worker that keeps root gives up every capability (so it cannot read another
     process's memory or environment, nor override file permissions)."""
@@ -406,6 +449,7 @@ def main() -> None:
     cfg = header["config"]
     try:
         _drop_privileges(cfg.get("uid"), cfg.get("gid"))
+        _die_with(cfg.get("kernel_pid"))
         from .limits import apply
 
         applied = apply(cfg["limits"])
@@ -478,6 +522,7 @@ def main() -> None:
         asyncio.run(start())
     except MemoryError:
         server.fatal("memory")
+    wire.flush()
     os._exit(0)
 
 

@@ -498,8 +498,16 @@ class Worker:
         last_ping = 0.0
         last_sample = 0.0
         while self._kill is None:
+            before = time.monotonic()
             await anyio.sleep(tick)
             now = time.monotonic()
+            stalled = now - before - tick
+            if stalled > 0.2:
+                # the kernel's own loop was stalled: the worker's answers may be sitting
+                # unread in the pipe, so the stall is not held against it
+                self._last_pong += stalled
+                for call in self._calls.values():
+                    call.deadline += stalled
             if now - last_ping >= self.heartbeat_interval:
                 last_ping = now
                 with suppress(WorkerGone):  # its exit is noticed by the reader

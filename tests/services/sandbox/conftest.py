@@ -112,7 +112,7 @@ class Harness:
                 "loader": {"mount_timeout": 20, "hook_timeout": 5, **self.loader},
                 "sandbox": {
                     "level": self.level,
-                    "heartbeat_timeout_s": 3,
+                    "heartbeat_timeout_s": 5,
                     "restart_backoff_s": 0.1,
                     **self.sandbox,
                 },

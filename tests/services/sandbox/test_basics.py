@@ -61,7 +61,7 @@ async def test_a_sandboxed_plugin_serves_its_routes_from_another_process(
     assert host["limits"]["memory"] == 1024 * 2**20
     overview = (await h.client.get("/admin/sandbox", headers=AUTH)).json()
     assert overview["level"] == level and overview["plugins"][0]["plugin"] == "box"
-    health = (await h.client.get("/health")).json()["checks"]["sandbox"]
+    health = (await h.client.get("/health", headers=AUTH)).json()["components"]["sandbox"]
     assert health["workers"] == 1 and health["level"] == level
 
 

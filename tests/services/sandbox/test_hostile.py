@@ -159,7 +159,7 @@ async def test_endless_loop_in_a_task(server: Any) -> None:
 
     recorded, result = await attack(srv, plugins, "taskspin", run, "SandboxLimitExceeded")
     assert recorded["data"]["limit"] == "timeout"
-    assert result.status_code == 200, result.text
+    assert result.status_code in (200, 202), result.text
     async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
         failed = await wait_event(client, "TaskFailed", "taskspin")
         assert failed["data"]["kind"] == "timeout"
