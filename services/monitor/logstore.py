@@ -182,7 +182,8 @@ class LogStore:
         self._wake.set()
         with self._lock:
             if self._conn is not None:
-                self._write_batch(self._take())
+                while self._pending:
+                    self._write_batch(self._take())
                 self._conn.close()
                 self._conn = None
 
