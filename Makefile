@@ -6,7 +6,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test lint types pytest bench clean
+.PHONY: run test lint types pytest bench clean pg
+
+# The PostgreSQL tests run when XCORE_TEST_PG_DSN names a server (see .ci/postgres);
+# `eval "$$(make -s pg)"` starts a private one and exports it.
+export XCORE_TEST_PG_DSN
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -38,6 +42,9 @@ pytest: $(STAMP)
 # contains "append" (see bench/README.md).
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(if $(ONLY),--only $(ONLY))
+
+pg:
+	@.ci/postgres start
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

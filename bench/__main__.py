@@ -12,7 +12,17 @@ import traceback
 
 from bench.common import Result, save_results, table
 
-MODULES = ["bench.store", "bench.routes", "bench.plugins", "bench.scheduler", "bench.monitor"]
+MODULES = [
+    "bench.store",
+    "bench.routes",
+    "bench.plugins",
+    "bench.scheduler",
+    "bench.ui",
+    "bench.monitor",
+    "bench.sandbox",
+    "bench.replay",
+    "bench.postgres",
+]
 
 
 def main() -> int:

@@ -3,10 +3,18 @@
 ``route_rps``: two uvicorn subprocesses with the same settings serve ``GET
 /app/bench/status``: one a kernel app with the router service and a plugin runtime
 mounted the way the loader does it (``kernel.plugins.put`` + ``PluginLoaded``), the
-other a bare FastAPI app including the same router. The load generator (``wrk``, or a
-separate Python process with httpx when wrk is missing) hits them in alternating pairs,
-the order flipped every pair (A B, B A, ...); the result is the median of the pair
-ratios with their min and max (DESIGN.md "Targets": >= 0.95).
+other a bare FastAPI app including the same router. ``wrk`` hits them in alternating
+pairs, the order flipped every pair (A B, B A, ...); the result is the median of the
+pair ratios with their min and max (DESIGN.md "Targets": >= 0.95).
+
+The load generator must not be what is measured. wrk is required (``apt-get install -y
+wrk`` on Debian): a Python client saturates near 300 req/s and would make both sides
+equal. Before the pairs, wrk is pointed with the same settings at a calibration server
+(a raw asyncio protocol answering fixed bytes, no framework): if that does not reach
+``CALIBRATION_HEADROOM`` times the fastest app measured, the generator (or the machine)
+is the bottleneck and the benchmark refuses to report a ratio. It refuses too when wrk
+itself (one thread) used more than ``WRK_BUSY_LIMIT`` of a core in any run, measured
+from its CPU time.
 
     python -m bench.routes [--pairs 9] [--seconds 5]
 
@@ -21,6 +29,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -177,13 +186,26 @@ def _server(app: str, data_dir: str) -> Iterator[str]:
             proc.wait()
 
 
+#: wrk's share of one core above which it may be the bottleneck (it runs one thread).
+WRK_BUSY_LIMIT = 0.85
+
+#: wrk's CPU share (user + system time over wall time) in every run so far.
+wrk_busy: list[float] = []
+
+
 def _wrk(url: str, seconds: float) -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", url],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wrk_busy.append(cpu / wall)
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk saw failed requests against {url}:\n{out}")
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -192,45 +214,95 @@ def _wrk(url: str, seconds: float) -> float:
     return float(found.group(1))
 
 
-def _python_load(url: str, seconds: float) -> float:
-    """The fallback load generator: a separate Python process with httpx."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.routes", "--load", url, "--seconds", str(seconds)],
-        capture_output=True,
-        text=True,
-        check=True,
+#: The calibration server must outrun the fastest app by this factor. The server is
+#: Python too (one core), so this is a floor for wrk's reach, not its ceiling.
+CALIBRATION_HEADROOM = 1.5
+
+_CALIBRATION_BODY = b'{"status":"ok"}'
+_CALIBRATION_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+    + str(len(_CALIBRATION_BODY)).encode()
+    + b"\r\n\r\n"
+    + _CALIBRATION_BODY
+)
+
+
+class _Calibration(asyncio.Protocol):
+    """Answers every request on a keep-alive connection with fixed bytes (no parsing)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        requests = self.buffer.count(b"\r\n\r\n")
+        if requests:
+            self.buffer = self.buffer.rsplit(b"\r\n\r\n", 1)[1]
+            self.transport.write(_CALIBRATION_RESPONSE * requests)
+
+
+def _serve_calibration(port: int) -> None:
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Calibration, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def _calibration_server() -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.routes", "--calibration-server", str(port)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    ).stdout
-    return float(out.strip().splitlines()[-1])
+    )
+    url = f"http://127.0.0.1:{port}{PATH}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the calibration server did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
-async def _load_process(url: str, seconds: float) -> float:
-    done = 0
-    failed = 0
-    deadline = time.monotonic() + seconds
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=CONNECTIONS)) as client:
+def require_wrk() -> None:
+    """Refuse to measure HTTP throughput without a load generator faster than the server."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError(
+            "wrk is not installed: the route benchmarks need it as their load generator "
+            "(a Python client saturates near 300 req/s and would measure itself). "
+            "Install it with `apt-get install -y wrk` (Debian) and run again."
+        )
 
-        async def worker() -> None:
-            nonlocal done, failed
-            while time.monotonic() < deadline:
-                response = await client.get(url)
-                if response.status_code == 200:
-                    done += 1
-                else:
-                    failed += 1
 
-        await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
-    if failed:
-        raise RuntimeError(f"{failed} requests failed against {url}")
-    return done / seconds
+def calibrate(seconds: float = 3.0) -> float:
+    """Requests/s wrk reaches against the calibration server (the generator's ceiling here)."""
+    require_wrk()
+    with _calibration_server() as url:
+        _wrk(url, 1)
+        return _wrk(url, seconds)
 
 
 def route_rps(pairs: int | None = None, seconds: float = 5.0) -> list[Result]:
     if pairs is None:
         pairs = max(7, int(os.environ.get("XCORE_BENCH_PAIRS", "9")))
-    load = _wrk if shutil.which("wrk") else _python_load
-    generator = "wrk" if load is _wrk else "httpx (separate process)"
+    require_wrk()
+    load = _wrk
+    generator = "wrk"
+    ceiling = calibrate()
+    print(f"   calibration: wrk reaches {ceiling:,.0f} req/s against a bare asyncio server")
     with (
         tempfile.TemporaryDirectory(prefix="xcore-bench-routes-") as data_dir,
         _server("kernel_app", data_dir) as kernel_url,
@@ -252,8 +324,19 @@ def route_rps(pairs: int | None = None, seconds: float = 5.0) -> list[Result]:
             bare_runs.append(b)
             ratios.append(k / b)
             print(f"   pair {i + 1}: kernel {k:,.0f} req/s, bare {b:,.0f} req/s, ratio {k / b:.3f}")
+    busiest = max(wrk_busy)
+    fastest = max(kernel_runs + bare_runs)
+    if busiest > WRK_BUSY_LIMIT or ceiling < CALIBRATION_HEADROOM * fastest:
+        raise RuntimeError(
+            f"the load generator may be the bottleneck: wrk used up to {busiest:.0%} of a core "
+            f"(limit {WRK_BUSY_LIMIT:.0%}) and reached {ceiling:,.0f} req/s against the "
+            f"calibration server ({CALIBRATION_HEADROOM:g}x the fastest app run, "
+            f"{fastest:,.0f} req/s, is needed); no ratio reported"
+        )
     ratio = median(ratios)
     extra = {
+        "generator_ceiling_rps": ceiling,
+        "wrk_cpu_share_max": busiest,
         "median_ratio": ratio,
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
@@ -279,10 +362,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.routes")
     parser.add_argument("--pairs", type=int, default=None, help="A/B pairs (default 9)")
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--calibration-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.load:
-        print(asyncio.run(_load_process(args.load, args.seconds)))
+    if args.calibration_server:
+        _serve_calibration(args.calibration_server)
         return 0
     for r in route_rps(args.pairs, args.seconds):
         extra = r.get("extra", {})

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +57,9 @@ async def _xcore_trial(seconds: float) -> list[float]:
         async with Kernel(settings, services=[service]):
             specs = []
             for i in range(SCHEDULES):
-                fn = task(name=f"s{i}", every=0.1)(work)
+                fn: Any = task(name=f"s{i}", every=0.1)(work)
                 specs.append(fn.__xcore_task__)
-                del fn.__xcore_task__
+                del fn.__xcore_task__, fn.__xcore_tasks__
             await service.register("bench", specs)
             await asyncio.sleep(WARMUP + seconds + 0.2)
     return samples[SCHEDULES * int(WARMUP * 10) :]
@@ -134,9 +136,9 @@ def _specs_10k() -> list[Any]:
     for i in range(N_10K):
         # A run found late by more than 1 s is skipped (TaskMissed) and counted apart;
         # a grace of 0 would skip (and so hide) every run delayed by a loop stall.
-        fn = task(name=f"s{i}", every=EVERY_10K, misfire="skip", misfire_grace=1)(work)
+        fn: Any = task(name=f"s{i}", every=EVERY_10K, misfire="skip", misfire_grace=1)(work)
         specs.append(fn.__xcore_task__)
-        del fn.__xcore_task__
+        del fn.__xcore_task__, fn.__xcore_tasks__
     return specs
 
 
@@ -145,11 +147,13 @@ _LATE: list[float] = []
 
 async def _phase(data: str, phase: int) -> dict[str, Any]:
     from kernel import Kernel, Settings
+    from services.scheduler.config import SchedulerSettings
     from services.scheduler.service import SchedulerService
 
     specs = _specs_10k()
     settings = Settings(data_dir=Path(data), node="bench", synchronous="FULL")
-    service = SchedulerService()
+    manage = os.environ.get("XCORE_BENCH_MANAGE_GC", "1") == "1"
+    service = SchedulerService(SchedulerSettings(manage_gc=manage))
     t0 = time.perf_counter()
     kernel = Kernel(settings, services=[service])
     if phase == 1:
@@ -175,12 +179,20 @@ async def _phase(data: str, phase: int) -> dict[str, Any]:
     }
 
 
-def ten_thousand() -> list[dict[str, Any]]:
+def _ten_thousand_trial(manage_gc: bool) -> dict[str, Any]:
+    env = {**os.environ, "XCORE_BENCH_MANAGE_GC": "1" if manage_gc else "0"}
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "bench.scheduler", "--phase"]
-        subprocess.run([*cmd, "1", tmp], check=True, stdout=subprocess.DEVNULL)
-        out = subprocess.run([*cmd, "2", tmp], check=True, capture_output=True, text=True)
-    data = json.loads(out.stdout.strip().splitlines()[-1])
+        subprocess.run([*cmd, "1", tmp], check=True, stdout=subprocess.DEVNULL, env=env)
+        out = subprocess.run([*cmd, "2", tmp], check=True, capture_output=True, text=True, env=env)
+    data: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return data
+
+
+def ten_thousand() -> list[dict[str, Any]]:
+    # the same process and log without the scheduler's GC policy, for comparison
+    plain = _ten_thousand_trial(manage_gc=False)
+    data = _ten_thousand_trial(manage_gc=True)
     late = data["late"]
     return [
         result("scheduler_10k_boot_s", data["boot_s"], "s"),
@@ -193,11 +205,230 @@ def ten_thousand() -> list[dict[str, Any]]:
             p50_ms=percentile(late, 50) * 1000,
             task_scheduled_events=data["task_scheduled_events"],
             missed_runs=data["missed_runs"],
+            without_gc_policy_p99_ms=percentile(plain["late"], 99) * 1000,
+            without_gc_policy_p50_ms=percentile(plain["late"], 50) * 1000,
+            without_gc_policy_missed_runs=plain["missed_runs"],
+            without_gc_policy_rss_mb=plain["rss_mb"],
         ),
     ]
 
 
-BENCHMARKS = [("scheduler_lateness", lateness), ("scheduler_10k", ten_thousand)]
+# -- 1,000 schedules under HTTP load -------------------------------------------------------
+
+N_LOADED = 1_000
+LOAD_SECONDS = float(os.environ.get("XCORE_BENCH_LOAD_SECONDS", "20"))
+_LOADED: list[tuple[float, float]] = []  # (due, lateness) in the server process
+
+
+async def _loaded_work() -> None:
+    from kernel.sdk import current_task
+
+    now = time.time()
+    due = current_task().scheduled_for.timestamp()
+    _LOADED.append((due, now - due))
+
+
+async def _aps_loaded_work() -> None:
+    from apscheduler import current_job
+
+    now = time.time()
+    due = current_job.get().scheduled_fire_time.timestamp()
+    _LOADED.append((due, now - due))
+
+
+def _dump_loaded() -> None:
+    out = os.environ.get("XCORE_BENCH_OUT")
+    if out:
+        Path(out).write_text(json.dumps(_LOADED))
+
+
+def _xcore_loaded_app() -> Any:
+    """A kernel serving the route benchmark's plugin route, with 1,000 schedules."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+
+    from bench.routes import PATH, _plugin_router
+    from kernel import Kernel, Settings
+    from kernel.runtime import PluginRuntime
+    from kernel.sdk import task
+    from services.loader.events import PluginLoaded
+    from services.router.events import RoutesMounted
+    from services.router.service import RouterService
+    from services.scheduler.service import SchedulerService
+
+    data_dir = os.environ.get("XCORE_BENCH_DATA") or tempfile.mkdtemp(prefix="xcore-bench-")
+    scheduler = SchedulerService()
+    kernel = Kernel(
+        Settings(data_dir=Path(data_dir), node="bench", reload=False),
+        services=[RouterService(), scheduler],
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        async with kernel.lifespan(app):
+            kernel.plugins.put(
+                PluginRuntime(
+                    name="bench", generation=1, version="1.0.0", mode="trusted",
+                    prefix="/app/bench", router=_plugin_router(),
+                )
+            )  # fmt: skip
+            await kernel.request(
+                PluginLoaded(
+                    name="bench", version="1.0.0", generation=1, mode="trusted",
+                    prefix="/app/bench", routes=[PATH], tasks=[], digest="bench",
+                    duration_ms=0.0,
+                ),
+                stream="plugin-bench",
+                outcomes=[RoutesMounted, "RouteConflict"],
+            )  # fmt: skip
+            for b in range(10):  # phases spread over the second
+                specs = []
+                for i in range(b * 100, (b + 1) * 100):
+                    fn: Any = task(name=f"s{i}", every=1.0)(_loaded_work)
+                    specs.append(fn.__xcore_task__)
+                    del fn.__xcore_task__, fn.__xcore_tasks__
+                await scheduler.register(f"load{b}", specs)
+                await asyncio.sleep(0.1)
+            yield
+        _dump_loaded()
+
+    return FastAPI(lifespan=lifespan)
+
+
+def _aps_loaded_app() -> Any:
+    """Bare FastAPI with the same route, and APScheduler 4 with 1,000 schedules."""
+    from contextlib import asynccontextmanager
+
+    from apscheduler import AsyncScheduler
+    from apscheduler.triggers.interval import IntervalTrigger
+    from fastapi import FastAPI
+
+    from bench.routes import _plugin_router
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        async with AsyncScheduler() as scheduler:
+            for b in range(10):
+                for i in range(b * 100, (b + 1) * 100):
+                    await scheduler.add_schedule(
+                        _aps_loaded_work, IntervalTrigger(seconds=1), id=f"s{i}"
+                    )
+                await asyncio.sleep(0.1)
+            await scheduler.start_in_background()
+            yield
+        _dump_loaded()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(_plugin_router(), prefix="/app")
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "xcore_loaded_app":
+        return _xcore_loaded_app()
+    if name == "aps_loaded_app":
+        return _aps_loaded_app()
+    raise AttributeError(name)
+
+
+@contextlib.contextmanager
+def _server(app: str, data_dir: str) -> Iterator[str]:
+    """``uvicorn bench.scheduler:<app>`` on a free port until the block ends (SIGTERM:
+    the lifespan ends and the server writes its samples)."""
+    import httpx
+
+    from bench.routes import EXPECTED, PATH, ROOT, _free_port
+
+    port = _free_port()
+    env = {**os.environ, "XCORE_BENCH_DATA": data_dir, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "uvicorn", f"bench.scheduler:{app}", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}{PATH}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{app} server exited with {proc.returncode}")
+            try:
+                response = httpx.get(url, timeout=1)
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{app} server did not answer within 60 s") from None
+                time.sleep(0.1)
+                continue
+            if response.json() != EXPECTED:
+                raise RuntimeError(f"{app} answered {response.status_code} {response.text!r}")
+            break
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _loaded_trial(app: str) -> tuple[list[float], float]:
+    """(lateness of the runs due while wrk ran, requests/s) for one server."""
+    import shutil
+
+    from bench import routes
+
+    if not shutil.which("wrk"):
+        raise RuntimeError("wrk is needed for this benchmark (apt-get install -y wrk)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "late.json"
+        os.environ["XCORE_BENCH_OUT"] = str(out)
+        try:
+            with _server(app, tmp) as url:
+                time.sleep(3)  # registrations done, heap settled
+                t0 = time.time()
+                rps = routes._wrk(url, LOAD_SECONDS)
+                t1 = time.time()
+        finally:
+            os.environ.pop("XCORE_BENCH_OUT", None)
+        pairs = json.loads(out.read_text())
+    # the runs due while the load ran (its first second is ramp-up)
+    late = [lateness for due, lateness in pairs if t0 + 1 <= due <= t1]
+    return late, rps
+
+
+def under_load() -> list[dict[str, Any]]:
+    ours, ours_rps = _loaded_trial("xcore_loaded_app")
+    theirs, theirs_rps = _loaded_trial("aps_loaded_app")
+    p99, peer = percentile(ours, 99) * 1000, percentile(theirs, 99) * 1000
+    return [
+        result(
+            "scheduler_1k_under_load_lateness_p99_ms",
+            p99,
+            "ms",
+            {"apscheduler4": peer},
+            ratio=p99 / peer if peer else None,
+            runs=len(ours),
+            peer_runs=len(theirs),
+            p50_ms=percentile(ours, 50) * 1000,
+            peer_p50_ms=percentile(theirs, 50) * 1000,
+            http_rps=ours_rps,
+            peer_http_rps=theirs_rps,
+            load=f"wrk -t1 -c{routes_connections()} {LOAD_SECONDS:g}s on the route benchmark's route",
+        )
+    ]
+
+
+def routes_connections() -> int:
+    from bench.routes import CONNECTIONS
+
+    return CONNECTIONS
+
+
+BENCHMARKS = [
+    ("scheduler_lateness", lateness),
+    ("scheduler_10k", ten_thousand),
+    ("scheduler_1k_under_load", under_load),
+]
 
 
 if __name__ == "__main__":

@@ -3,8 +3,12 @@
 Peers, run in the same process and the same run:
 - ``eventsourcing``: the eventsourcing library's SQLite application recorder (9.x) on the
   same work (same producers, same events per call, its default WAL settings);
-- ``sqlite3_limit``: raw ``sqlite3`` inserting 1000-row transactions with the same
-  durability setting — the physical limit of the disk and SQLite on this machine.
+- ``sqlite3_limit``: raw ``sqlite3`` committing transactions of the same rows with the
+  same durability setting — the physical limit of the disk and SQLite on this machine.
+  It commits as many rows per transaction as xcore's producers can form: 100 for 100
+  one-event producers (a group commit can never hold more than the appends waiting on
+  it), 1 for one producer; ``sqlite3_limit_1000`` keeps the 1,000-row figure, the limit
+  of the disk itself.
 
 Throughputs alternate xcore and the peer in pairs (this machine is shared and noisy) and
 report medians.
@@ -112,7 +116,8 @@ def _es_appends(path: Path, producers: int, seconds: float, per_call: int = 1) -
 # -- raw sqlite3 ----------------------------------------------------------------------------
 
 
-def _sqlite_limit(path: Path, seconds: float, sync: str) -> float:
+def _sqlite_limit(path: Path, seconds: float, sync: str, rows: int = 1000) -> float:
+    """Raw sqlite3 committing ``rows``-row transactions of the benchmark's rows."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={sync}")
@@ -121,6 +126,7 @@ def _sqlite_limit(path: Path, seconds: float, sync: str) -> float:
         " data BLOB, id TEXT UNIQUE)"
     )
     data = orjson.dumps(PAYLOAD)
+    streams = [f"producer-{i}" for i in range(100)]
     count = 0
     start = time.perf_counter()
     deadline = start + seconds
@@ -128,10 +134,13 @@ def _sqlite_limit(path: Path, seconds: float, sync: str) -> float:
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO e (stream, version, type, data, id) VALUES (?, ?, ?, ?, ?)",
-            [("s", count + i, "RequestServed", data, uuid.uuid4().hex) for i in range(1000)],
+            [
+                (streams[i % 100], count + i, "RequestServed", data, uuid.uuid4().hex)
+                for i in range(rows)
+            ],
         )
         conn.execute("COMMIT")
-        count += 1000
+        count += rows
     elapsed = time.perf_counter() - start
     conn.close()
     return count / elapsed
@@ -166,12 +175,19 @@ def bench_appends() -> list[Result]:
         limit_full = median(
             [_sqlite_limit(_fresh(tmp, "l"), RUN_SECONDS, "FULL") for _ in range(3)]
         )
+        limit_1 = median(
+            [_sqlite_limit(_fresh(tmp, "l1"), RUN_SECONDS, "FULL", rows=1) for _ in range(3)]
+        )
         out.append(
             result(
                 "append_1_producer_full",
                 median(x1),
                 "events/s",
-                {"eventsourcing": median(e1), "sqlite3_limit": limit_full},
+                {
+                    "eventsourcing": median(e1),
+                    "sqlite3_limit": limit_1,
+                    "sqlite3_limit_1000": limit_full,
+                },
                 min=min(x1),
                 max=max(x1),
                 pair_ratio_median=median([a / b for a, b in zip(x1, e1, strict=True)]),
@@ -186,18 +202,28 @@ def bench_appends() -> list[Result]:
             lat_all.extend(lat)
             return rate
 
-        x100, e100 = _alternate(
-            PAIRS, x100_full, lambda: _es_appends(_fresh(tmp, "e100"), 100, RUN_SECONDS)
-        )
+        x100: list[float] = []
+        e100: list[float] = []
+        l100: list[float] = []
+        for _ in range(PAIRS):
+            x100.append(x100_full())
+            e100.append(_es_appends(_fresh(tmp, "e100"), 100, RUN_SECONDS))
+            l100.append(_sqlite_limit(_fresh(tmp, "l100"), RUN_SECONDS, "FULL", rows=100))
         out.append(
             result(
                 "append_100_producers_full",
                 median(x100),
                 "events/s",
-                {"eventsourcing": median(e100), "sqlite3_limit": limit_full},
+                {
+                    "eventsourcing": median(e100),
+                    "sqlite3_limit": median(l100),
+                    "sqlite3_limit_1000": limit_full,
+                },
                 min=min(x100),
                 max=max(x100),
                 pair_ratio_median=median([a / b for a, b in zip(x100, e100, strict=True)]),
+                limit_ratio_median=median([a / b for a, b in zip(x100, l100, strict=True)]),
+                limit_rows_per_transaction=100,
                 events_per_call=1,
             )
         )
@@ -233,7 +259,7 @@ def bench_appends() -> list[Result]:
         )
 
         limit_normal = median(
-            [_sqlite_limit(_fresh(tmp, "ln"), RUN_SECONDS, "NORMAL") for _ in range(3)]
+            [_sqlite_limit(_fresh(tmp, "ln"), RUN_SECONDS, "NORMAL", rows=100) for _ in range(3)]
         )
         xn = [
             asyncio.run(_xcore_appends(_fresh(tmp, "xn"), 100, RUN_SECONDS, "NORMAL"))[0]
@@ -392,8 +418,8 @@ async def _wakeup(path: Path, samples: int) -> list[float]:
     def timed_push(records: Any) -> None:
         now = time.perf_counter()
         records = list(records)
-        for r in records:
-            committed[r.position] = now
+        for row in records:
+            committed[row[0]] = now
         original_push(records)
 
     tail.push = timed_push  # type: ignore[method-assign]
@@ -425,8 +451,94 @@ def bench_wakeup() -> list[Result]:
     ]
 
 
+# -- subscriber fan-out ----------------------------------------------------------------------
+
+FANOUT_SUBSCRIBERS = 50
+
+
+async def _fanout(path: Path, subscribers: int, seconds: float) -> tuple[float, float]:
+    """100 producers append for ``seconds`` while ``subscribers`` live subscriptions follow.
+
+    Returns the writer's throughput (events/s) and the slowest subscriber's delivery rate
+    (events delivered / time until it had seen the last event).
+    """
+    from kernel.subscriptions import Subscription
+
+    store = SQLiteStore(path, synchronous="FULL")
+    await store.open()
+    seen = [0] * subscribers
+    subs = []
+    for i in range(subscribers):
+
+        def handler(r: Recorded, i: int = i) -> None:
+            seen[i] += 1
+
+        sub = Subscription(store, handler, start="now")
+        await sub.start()
+        subs.append(sub)
+    start = time.perf_counter()
+    rate, _ = await _producers(store, 100, seconds)
+    last = await store.last_position()
+    for sub in subs:
+        await sub.wait_for(last, 60)
+    delivered_in = time.perf_counter() - start
+    for sub in subs:
+        await sub.stop()
+    await store.close()
+    return rate, (min(seen) / delivered_in) if subscribers else 0.0
+
+
+async def _producers(store: SQLiteStore, producers: int, seconds: float) -> tuple[float, int]:
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def producer(i: int) -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            await store.append([_event()], stream=f"producer-{i}")
+            count += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(producer(i) for i in range(producers)))
+    return count / (time.perf_counter() - start), count
+
+
+def bench_fanout() -> list[Result]:
+    tmp = Path(tempfile.mkdtemp(prefix="xcore-bench-fanout-"))
+    try:
+        with_subs: list[float] = []
+        without: list[float] = []
+        per_sub: list[float] = []
+        for _ in range(max(3, PAIRS // 2)):
+            rate, delivered = asyncio.run(
+                _fanout(_fresh(tmp, "f50"), FANOUT_SUBSCRIBERS, RUN_SECONDS)
+            )
+            with_subs.append(rate)
+            per_sub.append(delivered)
+            without.append(asyncio.run(_fanout(_fresh(tmp, "f0"), 0, RUN_SECONDS))[0])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [
+        result(
+            "fanout_writer_events_per_s",
+            median(with_subs),
+            "events/s (100 producers, 50 live subscribers)",
+            {"no_subscribers": median(without)},
+            subscribers=FANOUT_SUBSCRIBERS,
+            pair_ratio_median=median([a / b for a, b in zip(with_subs, without, strict=True)]),
+        ),
+        result(
+            "fanout_delivered_per_subscriber_per_s",
+            median(per_sub),
+            "events/s delivered to the slowest of 50 subscribers",
+            subscribers=FANOUT_SUBSCRIBERS,
+        ),
+    ]
+
+
 BENCHMARKS = [
     ("append", bench_appends),
     ("replay", bench_replay),
     ("wakeup", bench_wakeup),
+    ("fanout", bench_fanout),
 ]

@@ -3,6 +3,10 @@
     xcore serve [--host H] [--port P] [--plugins-dir DIR] [--data-dir DIR] [--config FILE]
     xcore events [--after N] [--limit N] [--type T] [--stream S] [--follow]
     xcore version
+    xcore backup DEST / xcore restore SOURCE   (kernel/store/commands.py)
+
+Exit codes: 0 done, 1 an error, 2 the event log cannot be used (not an xcore log,
+damaged, locked, unwritable), 3 the server could not start.
 
 Services add their own sub-commands (``xcore plugin ...``, ``xcore task ...``) through
 the ``xcore.commands`` entry point group: each entry is a function
@@ -22,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from kernel.errors import XcoreError
+from kernel.errors import StoreError, XcoreError
 from kernel.logging import configure_logging
 from kernel.settings import Settings
 
@@ -37,12 +41,20 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plugins-dir", type=Path, help="the plugins directory (default ./plugins)"
     )
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL DSN of a shared event log (implies --store postgres; docs/cluster.md)",
+    )
+    parser.add_argument("--node", help="this node's id (default: host name:port)")
 
 
 def load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
     overrides = {
         "data_dir": getattr(args, "data_dir", None),
         "plugins_dir": getattr(args, "plugins_dir", None),
+        "dsn": getattr(args, "dsn", None),
+        "store": "postgres" if getattr(args, "dsn", None) else None,
+        "node": getattr(args, "node", None),
         **extra,
     }
     return Settings.load(getattr(args, "config", None), overrides=overrides)
@@ -82,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kernel.connections import guarded_protocol
     from kernel.http import create_app
     from kernel.kernel import Kernel
 
@@ -101,6 +114,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,  # our handlers (configured above) already receive uvicorn's records
         lifespan="on",
         access_log=False,
+        # idle, slow and surplus connections are closed (see kernel/connections.py)
+        http=guarded_protocol(settings.http),
+        timeout_keep_alive=max(1, round(settings.http.keep_alive_timeout)),
         # open streams (SSE) never end by themselves: cut them this long after a stop
         timeout_graceful_shutdown=5,
     )
@@ -116,7 +132,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     settings = load_settings(args)
 
     async def run() -> None:
-        store = SQLiteStore(settings.database_path, readonly=True)
+        if settings.store == "postgres":
+            from kernel.kernel import store_from_settings
+
+            store = store_from_settings(settings)
+        else:
+            store = SQLiteStore(settings.database_path, readonly=True)
         await store.open()
         try:
             after, printed = args.after, 0
@@ -157,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code = args.func(args)
+    except StoreError as exc:
+        # a log that is not xcore's, is damaged, locked or unwritable: one line, exit 2
+        print(f"xcore: error: {exc}", file=sys.stderr)
+        return 2
     except XcoreError as exc:
         print(f"xcore: error: {exc}", file=sys.stderr)
         return 1

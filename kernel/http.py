@@ -12,28 +12,55 @@ Services contribute through :class:`HttpSurface` (``kernel.http``) while they st
   app (the router service's plugin prefixes, which never overlap a reserved path), so
   plugin requests skip the app's route scan and its trailing-slash retry;
 - ``add_openapi_source(fn)``: a callable returning OpenAPI ``paths``/``components``
-  merged into ``/openapi.json`` on every request, so Swagger follows plugins live.
+  merged into ``/openapi.json`` on every request, so Swagger follows plugins live;
+- ``set_admin_authenticator(fn)``: checks the head of every ``/admin`` request before
+  its body is read (the admin service installs it; see ``kernel/guard.py``);
+- ``set_body_limit(path, n)``: a larger body limit for one route (plugin uploads).
 
 :meth:`HttpSurface.attach` applies all of it to an app; ``Kernel.lifespan`` calls it.
+
+The admin API keeps one contract, whichever service adds a route: the OpenAPI document
+declares the bearer scheme on every ``/admin`` operation, and the refusals every admin
+route can give (401, 413, 503; 422 where parameters are validated) with the
+:class:`ErrorBody` model. A route declares its own refusals with
+``responses=error_responses(404, 409, 504)``; the test suite walks the document and runs
+schemathesis over a live server, so an undeclared status is a failing test.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.openapi.utils import (
+    validation_error_definition,
+    validation_error_response_definition,
+)
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
+from kernel.docs import serve_docs_locally
+from kernel.errors import ConcurrencyError, StoreError
+from kernel.guard import RequestGuard, is_admin_path
 from kernel.prefixes import overlaps
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
-__all__ = ["RESERVED_PREFIXES", "HttpSurface", "check_health", "create_app"]
+__all__ = [
+    "RESERVED_PREFIXES",
+    "ErrorBody",
+    "HttpSurface",
+    "check_health",
+    "create_app",
+    "error_responses",
+    "link",
+]
 
 log = logging.getLogger("xcore.http")
 
@@ -59,6 +86,73 @@ def _no_admin_guard() -> None:
     raise HTTPException(status_code=503, detail="the admin service is not running")
 
 
+async def _store_errors_as_503() -> AsyncIterator[None]:
+    """An admin request the event log cannot serve (disk full, log closed) answers 503
+    with the reason, not a bare 500."""
+    try:
+        yield
+    except StoreError as exc:
+        if isinstance(exc, ConcurrencyError):
+            raise
+        raise HTTPException(status_code=503, detail=f"the event log is unavailable: {exc}") from exc
+
+
+async def _no_admin_authenticator(request: Request) -> None:
+    _no_admin_guard()
+
+
+class ErrorBody(BaseModel):
+    """The body of every refusal: ``detail`` says what was refused and why.
+
+    When an outcome event refused the request (a failed reload, a refused task run),
+    ``outcome`` names its type and the event's fields come along.
+    """
+
+    model_config = ConfigDict(extra="allow", title="Error")
+
+    detail: str = Field(description="what was refused and why, naming the culprit")
+    outcome: str | None = Field(
+        default=None, description="the type of the outcome event that refused the request"
+    )
+
+
+#: What each refusal means, for the OpenAPI document.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "The request is malformed",
+    401: "No admin token, or a wrong one (authentication happens before the body is read)",
+    403: "The token lacks the scope this route needs (admin:read or admin:write)",
+    404: "No such resource",
+    408: "The client stopped sending its body",
+    409: "The resource is not in a state that allows this (or an outcome event refused it)",
+    413: "The request body exceeds the route's limit",
+    422: "The request is invalid, or its outcome event is a failure",
+    503: "The admin service or the event log is unavailable",
+    504: "No outcome event came in time",
+}
+
+#: Refusals any admin route can give, added to every admin operation.
+ADMIN_ERRORS = (401, 403, 413, 503)
+SECURITY_SCHEME = "adminToken"
+
+
+def link(path: str, method: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link from a response to ``method path`` (its full path, with /admin).
+
+    ``parameters`` map the target's parameters to runtime expressions such as
+    ``"$response.body#/0/name"``: clients and schemathesis' stateful phase follow them.
+    """
+    pointer = path.replace("~", "~0").replace("/", "~1")
+    return {"operationRef": f"#/paths/{pointer}/{method.lower()}", "parameters": parameters}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route decorator: these refusals, documented with ErrorBody."""
+    return {
+        code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS.get(code, "Refused")}
+        for code in codes
+    }
+
+
 class HttpSurface:
     """Collects the routes and apps services contribute to the HTTP shell."""
 
@@ -71,6 +165,9 @@ class HttpSurface:
         self.openapi_sources: list[OpenAPISource] = []
         self.reserved: list[str] = list(RESERVED_PREFIXES)
         self.health_checks: dict[str, HealthCheck] = {}
+        self.admin_authenticator: Callable[[Request], Awaitable[Any]] = _no_admin_authenticator
+        self.body_limits: dict[tuple[str, str], int] = {}
+        self.self_authenticating: list[str] = []
         #: Set by the admin service; used by /health and the plugin route dispatcher.
         self.token_verifier: TokenVerifier | None = None
         self._attached: set[int] = set()
@@ -83,6 +180,33 @@ class HttpSurface:
 
     def set_admin_guard(self, guard: Callable[..., Any]) -> None:
         self.admin_guard = guard
+
+    def add_self_authenticating_prefix(self, prefix: str) -> None:
+        """Exempt ``prefix`` (under ``/admin``) from the bearer check on the request head.
+
+        For a front route that authenticates its requests itself (the admin page's
+        session cookie) and reaches the admin API only through requests that carry a
+        token again. Its body limit still applies.
+        """
+        if not prefix.startswith("/admin/"):
+            raise ValueError(f"{prefix!r} is not under /admin/")
+        self.self_authenticating.append(prefix)
+
+    def set_admin_authenticator(self, authenticate: Callable[[Request], Awaitable[Any]]) -> None:
+        """Check the head of every ``/admin`` request before its body is read.
+
+        ``authenticate(request)`` sees headers only (reading the body is an error) and
+        raises ``HTTPException`` (401) to refuse; what it returns is ignored. Route
+        dependencies (the admin guard) still run afterwards, for authorization.
+        """
+        self.admin_authenticator = authenticate
+
+    def set_body_limit(
+        self, path: str, limit: int, *, methods: tuple[str, ...] = ("POST",)
+    ) -> None:
+        """Accept bodies up to ``limit`` bytes on ``path`` (exact) instead of the default."""
+        for method in methods:
+            self.body_limits[(method.upper(), path)] = limit
 
     def set_token_verifier(self, verifier: TokenVerifier) -> None:
         self.token_verifier = verifier
@@ -132,7 +256,12 @@ class HttpSurface:
             app.include_router(router)
         guard = self.admin_guard
         for router in self.admin_routers:
-            app.include_router(router, prefix="/admin", dependencies=[Depends(guard)])
+            app.include_router(
+                router,
+                prefix="/admin",
+                dependencies=[Depends(guard), Depends(_store_errors_as_503)],
+            )
+        serve_docs_locally(app)
         if self.fallback is not None:
             app.router.default = self.fallback
         if self.front_routes:
@@ -142,10 +271,7 @@ class HttpSurface:
         sources = self.openapi_sources
 
         def merged_openapi() -> dict[str, Any]:
-            base = base_openapi()
-            if not sources:
-                return base
-            schema = dict(base)
+            schema = dict(base_openapi())
             paths = dict(schema.get("paths", {}))
             components = {k: dict(v) for k, v in schema.get("components", {}).items()}
             for source in sources:
@@ -158,11 +284,131 @@ class HttpSurface:
                 for kind, items in part.get("components", {}).items():
                     components.setdefault(kind, {}).update(items)
             schema["paths"] = paths
+            _admin_contract(paths, components)
             if components:
                 schema["components"] = components
             return schema
 
         app.openapi = merged_openapi  # type: ignore[method-assign]
+        self._guard(app, kernel)
+
+    def _guard(self, app: FastAPI, kernel: Kernel) -> None:
+        """Wrap the whole app (outside its middleware) in the request guard."""
+        limits = kernel.settings.http
+        default = limits.max_body_bytes
+        body_limits = self.body_limits
+
+        def body_limit(method: str, path: str) -> int:
+            return body_limits.get((method, path), default) if body_limits else default
+
+        public_openapi = None
+        if limits.private_docs:
+
+            def public_openapi() -> dict[str, Any]:
+                return _without_admin(app.openapi())
+
+        if app.middleware_stack is None:
+            app.middleware_stack = app.build_middleware_stack()
+        app.middleware_stack = RequestGuard(
+            app.middleware_stack,
+            authenticate=lambda: self.admin_authenticator,
+            body_limit=body_limit,
+            body_timeout=limits.body_timeout,
+            operations=_recent(lambda: app.openapi().get("paths", {})),
+            public_openapi=public_openapi,
+            docs_paths=_docs_paths(app) if limits.private_docs else (),
+            self_authenticating=self.self_authenticating,
+        )
+
+
+def _recent(build: Callable[[], dict[str, Any]], ttl: float = 1.0) -> Callable[[], dict[str, Any]]:
+    """``build()`` computed at most once per ``ttl`` seconds (OPTIONS floods stay cheap)."""
+    cached: list[Any] = [-ttl, {}]
+
+    def get() -> dict[str, Any]:
+        now = time.monotonic()
+        if now - cached[0] >= ttl:
+            cached[1] = build()
+            cached[0] = now
+        return dict(cached[1])
+
+    return get
+
+
+def _docs_paths(app: FastAPI) -> tuple[str, ...]:
+    paths = [app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url]
+    return tuple(p for p in paths if p)
+
+
+def _admin_contract(paths: dict[str, Any], components: dict[str, dict[str, Any]]) -> None:
+    """Declare the bearer scheme and the standard refusals on every /admin operation."""
+    schemas = components.setdefault("schemas", {})
+    schemas.setdefault("Error", ErrorBody.model_json_schema())
+    schemas.setdefault("ValidationError", validation_error_definition)
+    schemas.setdefault("HTTPValidationError", validation_error_response_definition)
+    components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the admin token: 'Authorization: Bearer <token>'",
+    }
+    error = {"$ref": "#/components/schemas/Error"}
+    for path, item in paths.items():
+        if not is_admin_path(path):
+            continue
+        for method, op in item.items():
+            if method not in _METHODS or not isinstance(op, dict):
+                continue
+            op["security"] = [{SECURITY_SCHEME: []}]
+            responses = op.setdefault("responses", {})
+            for code in ADMIN_ERRORS:
+                responses.setdefault(str(code), _error_response(code, error))
+            validated = op.get("parameters") or op.get("requestBody")
+            if "422" in responses or validated:
+                refused = _error_response(422, error)
+                refused["content"]["application/json"]["schema"] = {
+                    "anyOf": [error, {"$ref": "#/components/schemas/HTTPValidationError"}]
+                }
+                responses["422"] = refused
+            for code, response in responses.items():  # declared refusals: the shared model
+                if code[:1] in "45" and code != "422":
+                    content = response.setdefault("content", {})
+                    content["application/json"] = {"schema": error}
+    for name in [n for n in schemas if n == "ErrorBody"]:
+        del schemas[name]  # routes that declared ErrorBody now point at "Error"
+
+
+_METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
+
+
+def _error_response(code: int, error: dict[str, str]) -> dict[str, Any]:
+    return {
+        "description": ERROR_DESCRIPTIONS.get(code, "Refused"),
+        "content": {"application/json": {"schema": dict(error)}},
+    }
+
+
+def _without_admin(schema: dict[str, Any]) -> dict[str, Any]:
+    """The document without its /admin paths and the schemas only they use."""
+    paths = {p: item for p, item in schema.get("paths", {}).items() if not is_admin_path(p)}
+    components = dict(schema.get("components", {}))
+    schemas = components.get("schemas", {})
+    used: set[str] = set()
+    todo: list[Any] = [paths]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+                name = ref.rsplit("/", 1)[1]
+                if name not in used and name in schemas:
+                    used.add(name)
+                    todo.append(schemas[name])
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    components["schemas"] = {k: v for k, v in schemas.items() if k in used}
+    components.pop("securitySchemes", None)
+    return {**schema, "paths": paths, "components": components}
 
 
 def _bearer_scopes(kernel: Kernel, request: Request) -> frozenset[str] | None:

@@ -33,8 +33,10 @@ from kernel.events import (
     SubscriberFailed,
     new_id,
 )
+from kernel.hosts import PluginHosts
 from kernel.http import HttpSurface
 from kernel.logging import flush_logging
+from kernel.placement import Alone, Placement
 from kernel.projections import Projection, Projector
 from kernel.runtime import PluginDirectory
 from kernel.services import Service, discover_services
@@ -42,7 +44,9 @@ from kernel.settings import Settings
 from kernel.store.base import ANY, EventStore
 from kernel.store.memory import MemoryStore
 from kernel.store.sqlite import SQLiteStore
+from kernel.store.sqlite_files import PRIOR_USE
 from kernel.subscriptions import Handler, RetryPolicy, Start, Subscription
+from kernel.watchdog import Block, LoopBlocked, Watchdog
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -75,7 +79,18 @@ def xcore_version() -> str:
 def store_from_settings(settings: Settings) -> EventStore:
     if settings.store == "memory":
         return MemoryStore()
-    return SQLiteStore(settings.database_path, synchronous=settings.synchronous)
+    if settings.store == "postgres":
+        from kernel.store.postgres import PostgresStore
+
+        assert settings.dsn is not None  # the settings refuse postgres without a dsn
+        return PostgresStore(settings.dsn.get_secret_value(), scope=settings.node)
+    return SQLiteStore(
+        settings.database_path,
+        synchronous=settings.synchronous,
+        allow_new_log=settings.allow_new_log,
+        accept_log_loss=settings.accept_log_loss,
+        evidence=[settings.data_dir / name for name in PRIOR_USE],
+    )
 
 
 class Kernel:
@@ -98,6 +113,10 @@ class Kernel:
         self.http = HttpSurface()
         #: Loaded plugin generations (published by the loader, read by other services).
         self.plugins = PluginDirectory()
+        #: Who runs plugins of a mode other than trusted (the sandbox service registers).
+        self.hosts = PluginHosts()
+        #: Which node claims once-only work first (the cluster service replaces it).
+        self.placement: Placement = Alone()
         self.started = False
         self._store_ready = False
         self._stack: AsyncExitStack | None = None
@@ -107,6 +126,9 @@ class Kernel:
         self._outcomes: Subscription | None = None
         #: Services by name, once started.
         self.services: dict[str, Service] = {}
+        self.http.add_health_check("store", self._store_health)
+        #: Reports (and records) an event loop blocked too long; see kernel/watchdog.py.
+        self.watchdog = Watchdog(self.settings.loop_block_threshold, self.settings.stop_grace)
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -143,6 +165,9 @@ class Kernel:
             self._outcomes = await self.subscribe(
                 self._dispatch_outcome, start="now", name=None, retry=RetryPolicy(max_attempts=1)
             )
+            await self.watchdog.start(self._record_block)
+            stack.push_async_callback(self.watchdog.stop)
+            self.http.add_health_check("event_loop", self._loop_health)
             for service in services:
                 try:
                     await service.start(self, stack)
@@ -186,11 +211,28 @@ class Kernel:
         except Exception:
             log.exception("could not record KernelStopped")
 
+    async def _record_block(self, block: Block) -> None:
+        await self.append(
+            LoopBlocked(
+                duration_ms=block.duration_ms,
+                plugin=block.plugin,
+                file=block.file,
+                line=block.line,
+                stack=block.stack,
+            ),
+            stream=KERNEL_STREAM,
+            actor="kernel",
+        )
+
+    async def _loop_health(self) -> tuple[bool, dict[str, Any]]:
+        return True, self.watchdog.health()
+
     async def _stop_subscriptions(self) -> None:
         for projector in reversed(list(self._projectors.values())):
             await projector.stop()
-        for sub in reversed(self._subscriptions):
-            await sub.stop()
+        # together: each lets its running handler finish (within its grace), so the
+        # whole stop waits one grace at most, not one per subscription
+        await asyncio.gather(*(sub.stop() for sub in reversed(self._subscriptions)))
         self._subscriptions.clear()
 
     @asynccontextmanager
@@ -210,6 +252,10 @@ class Kernel:
         # True from the moment the store is open, so services may append while starting.
         if not self._store_ready:
             raise KernelStateError("the kernel is not started (use `async with Kernel(...)`)")
+
+    async def _store_health(self) -> tuple[bool, dict[str, Any]]:
+        """The store's own verdict: failing (503) while its appends fail."""
+        return self.store.health()
 
     async def _close_store(self) -> None:
         self._store_ready = False

@@ -22,6 +22,7 @@ payload dict (fast), ``r.event`` the typed model (validated on demand).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -114,24 +115,29 @@ async def fold(
 ) -> int:
     """Apply every event after ``projection.position`` (up to ``until``); return the count.
 
-    The next batch is read while the current one is applied, so the store's thread and
-    the fold overlap where the interpreter lets them.
+    The log's last position is taken *before* each read: when a read comes back short,
+    every event up to that bound has been seen (later appends are not skipped, as they
+    would be with a bound taken after the read). The next batch is read while the
+    current one is applied, so the store's thread and the fold overlap where the
+    interpreter lets them.
     """
     types = projection.types()
     fast = type(projection).apply is Projection.apply
     handlers = projection._handlers
+
+    async def bounded_read(after: int) -> tuple[int, list[Recorded]]:
+        bound = await store.last_position()
+        return bound, await store.read(after=after, types=types, limit=batch_size)
+
     count = 0
-    pending = asyncio.ensure_future(
-        store.read(after=projection.position, types=types, limit=batch_size)
-    )
+    pending = asyncio.ensure_future(bounded_read(projection.position))
+    _pause_gc()
     try:
         while True:
-            batch = await pending
+            bound, batch = await pending
             full = len(batch) == batch_size
             if full and (until is None or batch[-1].position < until):
-                pending = asyncio.ensure_future(
-                    store.read(after=batch[-1].position, types=types, limit=batch_size)
-                )
+                pending = asyncio.ensure_future(bounded_read(batch[-1].position))
             else:
                 full = False
             if until is not None and batch and batch[-1].position > until:
@@ -150,13 +156,41 @@ async def fold(
             if on_batch is not None:
                 await on_batch(len(batch))
             if not full:
-                last = await store.last_position()
-                target = last if until is None else min(until, last)
+                # nothing else of its types up to the bound taken before this read
+                target = bound if until is None else min(until, bound)
                 projection.position = max(projection.position, target)
                 return count
     finally:
+        _resume_gc()
         if not pending.done():
             pending.cancel()
+
+
+#: Folds running now that paused the cyclic garbage collector.
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+def _pause_gc() -> None:
+    """Pause the cyclic GC while a fold runs (nested folds share one pause).
+
+    A fold allocates millions of short-lived, acyclic objects (records, their data): the
+    collector finds nothing to free in them, yet its generation-0 passes cost about a
+    third of a fold's time. Reference counting still frees every record at once; only
+    cycles made elsewhere meanwhile wait for the fold's end.
+    """
+    global _gc_pauses, _gc_was_enabled
+    if _gc_pauses == 0:
+        _gc_was_enabled = gc.isenabled()
+        gc.disable()
+    _gc_pauses += 1
+
+
+def _resume_gc() -> None:
+    global _gc_pauses
+    _gc_pauses -= 1
+    if _gc_pauses == 0 and _gc_was_enabled:
+        gc.enable()
 
 
 async def state_at(store: EventStore, cls: type[P], position: int) -> P:
@@ -198,6 +232,10 @@ class Projector:
                 log.exception("snapshot of projection %r is unusable; rebuilding", p.name)
                 p.reset()
                 p.position = 0
+        await self._follow()
+
+    async def _follow(self) -> None:
+        p = self.projection
         await fold(self.store, p, on_batch=self._count_and_snapshot)
         self._subscription = Subscription(
             self.store,
@@ -213,6 +251,8 @@ class Projector:
         await self._subscription.start()
 
     async def _apply(self, record: Recorded) -> None:
+        # Applying and saving a snapshot are separate steps: a save that fails is
+        # logged and tried again later, never a reason to apply the event twice.
         self.projection.apply(record)
         self._since_snapshot += 1
         await self._maybe_snapshot()
@@ -225,7 +265,17 @@ class Projector:
         p = self.projection
         if not p.snapshot_every or self._since_snapshot < p.snapshot_every:
             return
-        await self.save_snapshot()
+        try:
+            await self.save_snapshot()
+        except Exception:
+            log.exception(
+                "could not save the snapshot of projection %r at position %s; "
+                "the projection goes on and tries again after %s more events",
+                p.name,
+                p.position,
+                p.snapshot_every,
+            )
+            self._since_snapshot = 0
 
     async def save_snapshot(self) -> None:
         p = self.projection
@@ -249,8 +299,8 @@ class Projector:
         await self.stop(save=False)
         self.projection.reset()
         self.projection.position = 0
-        await fold(self.store, self.projection)
-        await self.start()
+        self._since_snapshot = 0
+        await self._follow()
 
     async def stop(self, save: bool = True) -> None:
         if self._subscription is not None:

@@ -117,6 +117,22 @@ class TaskSpec:
     max_instances: int = 1
     misfire: Literal["run_once", "skip"] = "run_once"
     misfire_grace: str | float = "1m"
+    #: Positional and keyword arguments the function is called with.
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: A trigger in its dict form (``{"calendar": {...}}``, ``{"any": [...]}``...) or object.
+    trigger: Any = None
+    #: Bounds of a recurring trigger (ISO 8601 or datetime; naive means ``tz``).
+    start: str | datetime | None = None
+    end: str | datetime | None = None
+    #: Missed runs after downtime: ``earliest``, ``latest`` or ``all`` (default: from
+    #: ``misfire``: ``run_once`` is ``latest``).
+    coalesce: Literal["earliest", "latest", "all"] | None = None
+    #: Several schedules of one function: each a mapping of options (``name`` gives
+    #: its id, default ``<name>-<n>``) overriding this declaration's.
+    schedules: tuple[dict[str, Any], ...] = ()
+    #: How long the return value is kept with the outcome event (None: the setting).
+    keep_result: str | float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,6 +161,14 @@ def task(
     max_instances: int = 1,
     misfire: Literal["run_once", "skip"] = "run_once",
     misfire_grace: str | float = "1m",
+    args: Collection[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    trigger: Any = None,
+    start: str | datetime | None = None,
+    end: str | datetime | None = None,
+    coalesce: Literal["earliest", "latest", "all"] | None = None,
+    schedules: Collection[dict[str, Any]] = (),
+    keep_result: str | float | None = None,
 ) -> Callable[[F], F]: ...
 def task(fn: Any = None, /, **options: Any) -> Any:
     """Declare a scheduled task (one trigger: ``cron``, ``every``, ``at`` or ``after``).
@@ -152,6 +176,10 @@ def task(fn: Any = None, /, **options: Any) -> Any:
     Durations are seconds or strings like ``"30s"``, ``"10m"``, ``"1h30m"``. Nothing is
     checked here — a bad declaration must not break the plugin's import; the scheduler
     refuses it at load with the plugin, the task and the reason named.
+
+    Stacked ``@task`` decorators give one function several schedules: each is a task of
+    its own, named ``name=`` or, without it, ``<function>`` for the lowest decorator and
+    ``<function>-2``, ``<function>-3``... upwards.
     """
 
     def mark(f: F) -> F:
@@ -159,12 +187,21 @@ def task(fn: Any = None, /, **options: Any) -> Any:
         depends = opts.pop("depends_on", ())
         if isinstance(depends, str):
             depends = (depends,)
-        name = opts.pop("name", None) or f.__name__
+        stacked: list[TaskSpec] = list(getattr(f, "__xcore_tasks__", ()))
+        name = opts.pop("name", None) or (
+            f"{f.__name__}-{len(stacked) + 1}" if stacked else f.__name__
+        )
         # An unknown option (a typo) must not break the import: it is kept aside and the
         # scheduler refuses the task, naming the option.
         unknown = {k: opts.pop(k) for k in list(opts) if k not in _TASK_OPTIONS}
+        for key, kind in (("args", tuple), ("schedules", tuple)):
+            if key in opts and isinstance(opts[key], list | tuple):
+                opts[key] = kind(opts[key])
+        if opts.get("kwargs") is None:
+            opts.pop("kwargs", None)
         spec = TaskSpec(fn=f, name=name, depends_on=tuple(depends), extra=unknown, **opts)
         f.__xcore_task__ = spec  # type: ignore[attr-defined]
+        f.__xcore_tasks__ = [*stacked, spec]  # type: ignore[attr-defined]
         return f
 
     if fn is not None:

@@ -9,6 +9,14 @@ starts again from the last saved position.
 A handler that raises is retried with exponential backoff; when it still fails after
 ``max_attempts``, the subscription reports a dead letter (the kernel records it as
 ``SubscriberFailed``) and goes on with the next event — it never stalls or swallows.
+
+A subscription never moves past an event it neither handled nor recorded as failed:
+when the dead letter cannot be recorded either (the disk is full), it waits, retrying
+the handler and then the dead letter with backoff, until one of them succeeds.
+
+``stop()`` lets a handler that is running finish (up to ``grace`` seconds, then it is
+cancelled and its event will be delivered again); a subscription waiting for events or
+for a retry stops at once.
 """
 
 from __future__ import annotations
@@ -85,6 +93,7 @@ class Subscription:
         self.caught_up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._in_handler = False
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -103,12 +112,18 @@ class Subscription:
         self.position = self._saved = await self.resolve_start()
         self._task = asyncio.create_task(self._run(), name=f"xcore-subscription-{self.name}")
 
-    async def stop(self) -> None:
-        """Stop after the event being handled (if any) and save the checkpoint."""
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop after the event being handled (waiting at most ``grace`` seconds for
+        its handler, then cancelling it) and save the checkpoint."""
         self._stopping = True
+        if self._task is not None and self._task is asyncio.current_task():
+            return  # called by its own handler: the loop ends once the handler returns
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            if self._in_handler and not task.done():
+                await asyncio.wait({task}, timeout=grace)
+            if not task.done():
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._save_checkpoint(force=True)
@@ -133,7 +148,7 @@ class Subscription:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping:
             try:
                 await self._step()
                 failures = 0
@@ -162,6 +177,8 @@ class Subscription:
         for record in batch:
             await self._deliver(record)
             self.position = record.position
+            if self._stopping:
+                return
         if len(batch) < self.batch_size and self.position < last:
             # nothing else matched up to `last`: skip past what was filtered out
             self.position = last
@@ -171,17 +188,24 @@ class Subscription:
             unsaved = self._named and self.position != self._saved
             await store.wait(self.position, self.checkpoint_interval if unsaved else None)
 
+    async def _call(self, record: Recorded) -> None:
+        self._in_handler = True
+        try:
+            if self._is_async:
+                await self.handler(record)  # type: ignore[misc]
+            else:
+                result = self.handler(record)
+                if inspect.isawaitable(result):
+                    await result
+        finally:
+            self._in_handler = False
+
     async def _deliver(self, record: Recorded) -> None:
         attempt = 0
         while True:
             attempt += 1
             try:
-                if self._is_async:
-                    await self.handler(record)  # type: ignore[misc]
-                else:
-                    result = self.handler(record)
-                    if inspect.isawaitable(result):
-                        await result
+                await self._call(record)
                 return
             except asyncio.CancelledError:
                 raise
@@ -209,11 +233,36 @@ class Subscription:
             attempts,
             "".join(traceback.format_exception(exc)),
         )
-        if self._dead_letter is not None:
+        if self._dead_letter is None:
+            return
+        waits = 0
+        while True:
             try:
                 await self._dead_letter(self.name, record, exc, attempts)
-            except Exception:
-                log.exception("could not record the dead letter of subscriber %r", self.name)
+                return
+            except StoreClosed:
+                raise  # the subscription stops here; its event is delivered again next time
+            except Exception as failure:
+                # Neither handled nor recorded: moving on would lose the event's outcome
+                # for good. Wait (the log may be full), then try the handler again.
+                waits += 1
+                delay = self.retry.delay(min(waits + attempts, 20))
+                log.error(
+                    "subscriber %r could not record its failure on %s at position %s "
+                    "(%r); it stays there and retries in %.2fs",
+                    self.name,
+                    record.type,
+                    record.position,
+                    failure,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            try:
+                await self._call(record)
+                return
+            except Exception as again:
+                exc = again
+                attempts += 1
 
     async def _save_checkpoint(self, force: bool = False) -> None:
         if not self._named or self.position == self._saved:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from kernel.events import NewEvent, Recorded
 
@@ -96,6 +96,12 @@ class EventStore(Protocol):
         Returns the current last position at once when it is already past ``after``,
         or after ``timeout`` seconds whatever it is.
         """
+        ...
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``(healthy, details)`` for ``/health``: unhealthy, with the reason in
+        ``details["error"]``, while appends fail (the disk is full, the writer stopped)
+        or the store is closed. Quick, no I/O, never raises."""
         ...
 
     async def load_checkpoint(self, name: str) -> int | None:

@@ -1,14 +1,18 @@
-"""An in-memory event store: the same contract as SQLite, nothing durable. For tests."""
+"""An in-memory event store: the same contract as SQLite, nothing durable. For tests.
+
+Events are kept as stored rows and decoded afresh for every reader, as the SQLite store
+does: a reader that mutates ``r.data`` changes nothing anyone else sees.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Collection, Sequence
 
-from kernel.errors import ConcurrencyError, StoreClosed
+from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot, describe_expected
-from kernel.store.tail import Tail
+from kernel.store.tail import Row, Tail
 
 __all__ = ["MemoryStore"]
 
@@ -18,9 +22,9 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.location = "memory"
-        self._events: list[Recorded] = []
+        self._events: list[Row] = []
         self._versions: dict[str, int] = {}
-        self._ids: dict[str, Recorded] = {}
+        self._ids: dict[str, Row] = {}
         self._checkpoints: dict[str, int] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._tail = Tail(size=1)
@@ -33,6 +37,9 @@ class MemoryStore:
     async def close(self) -> None:
         self._open = False
         self._tail.close()
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        return self._open, {"location": self.location}
 
     def _check_open(self) -> None:
         if not self._open:
@@ -54,20 +61,29 @@ class MemoryStore:
             seen.add(e.meta.id)
             fresh.append(e)
         if events and not fresh:
-            return [self._ids[e.meta.id] for e in events]
+            return Recorded.from_rows(self._ids[e.meta.id] for e in events)
         current = self._versions.get(stream, 0)
         if expected_version is not ANY and expected_version != current:
             raise ConcurrencyError(stream, describe_expected(expected_version), current)
         now = time.time()
         out: list[Recorded] = []
+        rows: list[Row] = []
+        position = len(self._events)
         for e in fresh:
             current += 1
-            r = Recorded.of(len(self._events) + 1, stream, current, e, now)
-            self._events.append(r)
-            self._ids[e.meta.id] = r
-            out.append(r)
+            position += 1
+            try:
+                out.append(Recorded.of(position, stream, current, e, now))
+            except Exception as exc:
+                raise StoreError(f"memory: event refused, not JSON: {exc}") from exc
+            rows.append(
+                (position, stream, current, e.type, e.schema, e.data, e.meta.to_json(), now)
+            )
+        for e, row in zip(fresh, rows, strict=True):
+            self._events.append(row)
+            self._ids[e.meta.id] = row
         self._versions[stream] = current
-        self._tail.push(out)
+        self._tail.push(rows)
         return out
 
     async def read(
@@ -79,16 +95,16 @@ class MemoryStore:
         limit: int | None = None,
     ) -> list[Recorded]:
         self._check_open()
-        out: list[Recorded] = []
-        for r in self._events[max(after, 0) :]:
-            if types is not None and r.type not in types:
+        out: list[Row] = []
+        for row in self._events[max(after, 0) :]:
+            if types is not None and row[3] not in types:
                 continue
-            if stream is not None and r.stream != stream:
+            if stream is not None and row[1] != stream:
                 continue
-            out.append(r)
+            out.append(row)
             if limit is not None and len(out) >= limit:
                 break
-        return out
+        return Recorded.from_rows(out)
 
     async def last_position(self) -> int:
         self._check_open()

@@ -13,12 +13,16 @@ Only one process may write a log: the store takes an exclusive ``flock`` on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Collection, Sequence
+import stat
+import time
+import urllib.parse
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -27,6 +31,14 @@ import aiosqlite
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot
+from kernel.store.sqlite_files import FILE_MODE, LogFiles
+from kernel.store.sqlite_streams import (
+    INDEX_EVERY,
+    INDEXED_UPTO,
+    read_stream_sql,
+    stream_version_sql,
+    unindexed_sql,
+)
 from kernel.store.sqlite_writer import COLUMNS, GroupCommitWriter
 from kernel.store.tail import Tail
 
@@ -36,13 +48,15 @@ log = logging.getLogger("xcore.store")
 
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
 
-#: Layout version of the tables below, kept in ``xcore_meta``.
-FORMAT: Final = 1
+#: Layout version of the tables below, kept in ``xcore_meta``. Format 1 had
+#: ``UNIQUE (stream, version)`` on ``events``; format 2 has the lagged stream index
+#: (``kernel/store/sqlite_streams.py``). A format-1 log is upgraded when opened for
+#: writing, and read as it is when opened read-only.
+FORMAT: Final = 2
 SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS xcore_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
+_EVENTS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     position    INTEGER PRIMARY KEY,
     stream      TEXT    NOT NULL,
     version     INTEGER NOT NULL,
@@ -51,20 +65,73 @@ CREATE TABLE IF NOT EXISTS events (
     data        BLOB    NOT NULL,
     meta        BLOB    NOT NULL,
     id          TEXT    NOT NULL,
-    recorded_at REAL    NOT NULL,
-    UNIQUE (stream, version)
+    recorded_at REAL    NOT NULL
 );
+"""
+
+_APPEND_ONLY = """
+CREATE TABLE IF NOT EXISTS streams_index (
+    stream   TEXT    NOT NULL,
+    version  INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (stream, version)
+) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events (id);
 CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+-- INSERT OR REPLACE deletes the row it conflicts with without firing delete triggers:
+-- an insert that would replace anything (a position at or before the end of the log,
+-- or an id already in it) is refused before it runs. MAX(position) is one seek.
+-- A version of a stream that is already indexed is refused too (one probe of the index;
+-- the writer never reuses one, so only an outside writer can try).
+CREATE TRIGGER IF NOT EXISTS events_append_only_insert BEFORE INSERT ON events
+WHEN NEW.position <= (SELECT MAX(position) FROM events)
+  OR EXISTS (SELECT 1 FROM events WHERE id = NEW.id)
+  OR EXISTS (SELECT 1 FROM streams_index WHERE stream = NEW.stream AND version = NEW.version)
+BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS streams_index_append_only_update BEFORE UPDATE ON streams_index
+BEGIN SELECT RAISE(ABORT, 'the xcore stream index is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS streams_index_append_only_delete BEFORE DELETE ON streams_index
+BEGIN SELECT RAISE(ABORT, 'the xcore stream index is append-only'); END;
+"""
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS xcore_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+    + _EVENTS_TABLE.format(name="events")
+    + _APPEND_ONLY
+    + """
 CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (
     name TEXT PRIMARY KEY, position INTEGER NOT NULL, schema INTEGER NOT NULL,
     state BLOB NOT NULL
 );
 """
+)
+
+#: Format 1 to 2: the events table without its UNIQUE (stream, version) (a table
+#: constraint cannot be dropped: the table is copied), and the index built sorted.
+UPGRADE_FROM_1 = (
+    "BEGIN IMMEDIATE;"
+    + _EVENTS_TABLE.format(name="events_format2")
+    + """
+INSERT INTO events_format2 SELECT position, stream, version, type, schema, data, meta, id,
+    recorded_at FROM events ORDER BY position;
+DROP TABLE events;
+ALTER TABLE events_format2 RENAME TO events;
+"""
+    + _APPEND_ONLY
+    + f"""
+INSERT INTO streams_index (stream, version, position)
+    SELECT stream, version, position FROM events ORDER BY stream, version;
+INSERT INTO xcore_meta (key, value)
+    VALUES ('{INDEXED_UPTO}', (SELECT COALESCE(MAX(position), 0) FROM events))
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+UPDATE xcore_meta SET value = '2' WHERE key = 'format';
+COMMIT;
+"""
+)
 
 UPSERT_CHECKPOINT = (
     "INSERT INTO checkpoints (name, position) VALUES (?, ?)"
@@ -77,12 +144,20 @@ UPSERT_SNAPSHOT = (
 )
 
 
+def _uri(path: Path) -> str:
+    """``path`` as an SQLite ``file:`` URI (any file name: ``?``, ``#``, ``%``...)."""
+    return "file:" + urllib.parse.quote(str(path.absolute()))
+
+
 def check_file(path: Path) -> None:
     """Refuse, with a clear message, a file that is not an intact SQLite database."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         return
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreCorrupt(f"{path} is not an xcore event log: it is not a regular file")
+    size = st.st_size
     if size == 0:
         return
     with path.open("rb") as f:
@@ -116,7 +191,14 @@ class SQLiteStore:
         readonly: bool = False,
         max_batch: int = 10_000,
         tail_size: int = 8192,
+        tail_bytes: int = 16 * 1024 * 1024,
         max_page_count: int | None = None,
+        allow_new_log: bool = False,
+        accept_log_loss: bool = False,
+        evidence: Iterable[Path] = (),
+        mark_interval: float = 1.0,
+        poll_interval: float = 0.1,
+        index_every: int = INDEX_EVERY,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -125,11 +207,25 @@ class SQLiteStore:
         self.synchronous = synchronous
         self.readonly = readonly
         self.max_batch = max_batch
+        self.allow_new_log = allow_new_log
+        self.accept_log_loss = accept_log_loss
+        self.mark_interval = mark_interval
+        self.poll_interval = poll_interval
+        if index_every < 1:
+            raise StoreError(f"index_every must be at least 1, not {index_every}")
+        self.index_every = index_every
+        #: the log's format (see FORMAT); known once open
+        self.format = FORMAT
+        self.files = LogFiles(self.path, evidence)
+        #: what the last open recovered after an unclean stop (None after a clean one)
+        self.recovery: dict[str, Any] | None = None
         self._max_page_count = max_page_count
-        self._tail = Tail(tail_size)
+        self._tail = Tail(tail_size, tail_bytes)
         self._write_conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._reader_stamp: tuple[Any, ...] | None = None
         self._writer: GroupCommitWriter | None = None
+        self._marker: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._last = 0
         self._open = False
@@ -139,46 +235,153 @@ class SQLiteStore:
     async def open(self) -> None:
         if self._open:
             return
-        if self.readonly:
-            if not self.path.exists():
-                raise StoreError(f"{self.path}: no such event log")
-            check_file(self.path)
-            self._reader = await self._connect(readonly=True)
-            await self._check_schema(self._reader)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._take_lock()
-            try:
-                check_file(self.path)
-                self._write_conn = await self._connect(readonly=False)
-                await self._create_schema(self._write_conn)
-                self._reader = await self._connect(readonly=True)
-            except BaseException:
-                await self._release()
-                raise
-        assert self._reader is not None
-        self._last = await self._query_last_position(self._reader)
+        try:
+            if self.readonly:
+                await self._open_readonly()
+            else:
+                await self._open_writable()
+        except OSError as exc:  # the folder or a file cannot be created, read or copied
+            await self._release()
+            raise StoreError(f"{self.path}: cannot open the event log: {exc}") from exc
+        except BaseException:
+            await self._release()
+            raise
         self._tail.reset(self._last)
         self._tail.closed = False
         self._open = True
         if self._write_conn is not None:
+            try:
+                unindexed = [
+                    (str(r[0]), int(r[1]), int(r[2]))
+                    for r in await self._write_conn.execute_fetchall(unindexed_sql())
+                ]
+            except BaseException:
+                self._open = False
+                await self._release()
+                raise
             self._writer = GroupCommitWriter(
-                self.path, self._write_conn, self._tail, self._last, self.max_batch
+                self.path,
+                self._write_conn,
+                self._tail,
+                self._last,
+                self.max_batch,
+                unindexed=unindexed,
+                index_every=self.index_every,
             )
             self._writer.start()
+            self._marker = asyncio.create_task(self._mark_loop(), name="xcore-store-mark")
 
-    async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
-        target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
+    async def _open_readonly(self) -> None:
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such event log")
+        check_file(self.path)
+        await self._open_reader()
+
+    async def _open_reader(self) -> None:
+        # With no -wal beside it the log is not being written: read the file as it is
+        # (immutable), so a read-only look leaves no -wal/-shm behind.
+        immutable = self.files.size(self.files.wal) < 0
+        reader = await self._connect(readonly=True, immutable=immutable)
         try:
-            conn = await aiosqlite.connect(
-                target,
-                uri=readonly,
-                # The writer lets sqlite3 open each transaction implicitly (BEGIN IMMEDIATE
-                # before the first INSERT): a batch is then two trips to the connection's
-                # thread, executemany + commit, instead of four.
-                isolation_level=None if readonly else "IMMEDIATE",
-                check_same_thread=False,
+            await self._check_schema(reader)
+            self._last = await self._query_last_position(reader)
+        except BaseException:
+            await self._close_conn(reader, "reader")
+            raise
+        self._reader = reader
+        self._reader_stamp = self._file_stamp() if immutable else None
+
+    def _file_stamp(self) -> tuple[Any, ...]:
+        st = self.path.stat()
+        return (st.st_mtime_ns, st.st_size, self.files.wal.exists())
+
+    async def _open_writable(self) -> None:
+        files = self.files
+        files.make_folder()
+        self._take_lock()
+        mark = files.read_mark()
+        files.check_not_lost(mark, allow_new_log=self.allow_new_log)
+        if files.size(self.path) <= 0:  # a new log (on purpose, if the folder was used)
+            mark = None
+            if files.size(files.wal) >= 0:  # a stale -wal of a lost log: keep it aside
+                files.keep_wal()
+                for stale in (files.wal, files.shm):
+                    stale.unlink(missing_ok=True)
+            files.create_log()
+        check_file(self.path)
+        unclean = files.unclean(mark)
+        kept = files.keep_wal() if unclean else None
+        in_file = await asyncio.to_thread(self._last_in_main_file) if unclean else None
+        self._write_conn = await self._connect(readonly=False)
+        await self._create_schema(self._write_conn)
+        self._reader = await self._connect(readonly=True)
+        self._last = await self._query_last_position(self._reader)
+        if mark is not None and self._last < mark.position:
+            message = (
+                f"{self.path} ends at position {self._last} but position {mark.position} "
+                f"was acknowledged (mark of {time.ctime(mark.at)}): "
+                f"{mark.position - self._last} acknowledged events are lost"
+                + (f"; the write-ahead log as found is kept in {kept}" if kept else "")
+                + ". Restore the log from a backup (xcore restore); set accept_log_loss "
+                "(XCORE_ACCEPT_LOG_LOSS=1) only to go on without them"
             )
+            if not self.accept_log_loss:
+                raise StoreCorrupt(message)
+            log.error("%s — going on as accept_log_loss is set", message)
+        if unclean:
+            recovered = self._last - (in_file or 0)
+            self.recovery = {
+                "last_position": self._last,
+                "in_main_file": in_file,
+                "recovered_from_wal": recovered,
+                "acknowledged_mark": mark.position if mark else None,
+                "wal_copy": str(kept) if kept else None,
+            }
+            log.warning(
+                "%s was not closed cleanly: %d events recovered from its write-ahead log "
+                "(log ends at %d, the last mark was %s); the WAL as found is kept in %s "
+                "until the next clean stop",
+                self.path,
+                recovered,
+                self._last,
+                mark.position if mark else "absent",
+                kept or "(none: there was no WAL)",
+            )
+        await asyncio.to_thread(files.write_mark, self._last, clean=False)
+
+    def _last_in_main_file(self) -> int:
+        """The last position held by the main file alone (the WAL not applied)."""
+        conn = sqlite3.connect(f"{_uri(self.path)}?immutable=1", uri=True)
+        try:
+            row = conn.execute("SELECT MAX(position) FROM events").fetchone()
+        except sqlite3.DatabaseError:
+            return 0  # a new log: the table is not in the main file yet
+        finally:
+            conn.close()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def _connect(self, *, readonly: bool, immutable: bool = False) -> aiosqlite.Connection:
+        if readonly:
+            target = f"{_uri(self.path)}?{'immutable=1' if immutable else 'mode=ro'}"
+        else:
+            target = str(self.path)
+        pending = aiosqlite.connect(
+            target,
+            uri=readonly,
+            # The writer lets sqlite3 open each transaction implicitly (BEGIN IMMEDIATE
+            # before the first INSERT): a batch is then two trips to the connection's
+            # thread, executemany + commit, instead of four.
+            isolation_level=None if readonly else "IMMEDIATE",
+            check_same_thread=False,
+        )
+        # aiosqlite's thread is not a daemon: a connection some error path left open
+        # would keep the process alive after its work ended (a hang at exit). SQLite
+        # is crash-safe, so an exit that drops an open connection loses nothing.
+        thread = getattr(pending, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            thread.daemon = True
+        try:
+            conn = await pending
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the event log: {exc}") from exc
         try:
@@ -193,10 +396,10 @@ class SQLiteStore:
                 await conn.execute("PRAGMA query_only=1")
             await conn.execute("PRAGMA busy_timeout=5000")
         except sqlite3.DatabaseError as exc:
-            await conn.close()
+            await self._close_conn(conn, "connection")
             raise StoreCorrupt(f"{self.path} is not a readable event log: {exc}") from exc
         except BaseException:
-            await conn.close()
+            await self._close_conn(conn, "connection")
             raise
         return conn
 
@@ -213,6 +416,8 @@ class SQLiteStore:
                     f"{self.path} is an SQLite database but not an xcore event log "
                     f"(it has the tables {', '.join(sorted(tables))} and no 'events')"
                 )
+            if "events" in tables and await self._read_format(conn) == 1:
+                await self._upgrade_from_1(conn)
             await conn.executescript(SCHEMA)
             await conn.execute(
                 "INSERT OR IGNORE INTO xcore_meta (key, value) VALUES ('format', ?)",
@@ -222,6 +427,35 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"{self.path} is not a readable event log: {exc}") from exc
         await self._check_schema(conn)
+
+    async def _read_format(self, conn: aiosqlite.Connection) -> int | None:
+        try:
+            rows = list(
+                await conn.execute_fetchall("SELECT value FROM xcore_meta WHERE key = 'format'")
+            )
+        except sqlite3.OperationalError:
+            return None  # no xcore_meta table: _check_schema names the problem
+        return int(rows[0][0]) if rows else None
+
+    async def _upgrade_from_1(self, conn: aiosqlite.Connection) -> None:
+        started = time.monotonic()
+        count = await self._query_last_position(conn)
+        log.warning(
+            "%s: upgrading the log from format 1 to %d (stream index; %d events copied once)",
+            self.path,
+            FORMAT,
+            count,
+        )
+        await conn.commit()
+        try:
+            await conn.executescript(UPGRADE_FROM_1)
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise
+        log.warning(
+            "%s: upgraded to format %d in %.1f s", self.path, FORMAT, time.monotonic() - started
+        )
 
     async def _check_schema(self, conn: aiosqlite.Connection) -> None:
         try:
@@ -240,6 +474,8 @@ class SQLiteStore:
                 f"{self.path} was written by a newer xcore (log format {found}; "
                 f"this version reads format {FORMAT})"
             )
+        #: the log's format: a format-1 log opened read-only is read as it is
+        self.format = found
 
     async def _query_last_position(self, conn: aiosqlite.Connection) -> int:
         try:
@@ -250,7 +486,7 @@ class SQLiteStore:
 
     def _take_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -265,24 +501,108 @@ class SQLiteStore:
         self._lock_fd = fd
 
     async def close(self) -> None:
+        """Commit what is queued, checkpoint the WAL into the file, then release it all.
+
+        After a clean close the log file is self-contained (no ``-wal`` needed): copying
+        ``events.db`` alone copies the whole log.
+        """
         if not self._open:
             return
         if self._writer is not None:
+            self._writer.refuse_new()  # from now on appends get StoreClosed
+        if self._marker is not None:
+            self._marker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._marker
+            self._marker = None
+        if self._writer is not None:
             await self._writer.stop()
-            self._writer = None
         self._open = False
         self._tail.close()
+        clean = self._write_conn is not None and await self._checkpoint()
+        last = self._writer.last if self._writer is not None else self._last
+        self._writer = None
         await self._release()
+        if clean:
+            try:
+                await asyncio.to_thread(self.files.write_mark, last, clean=True)
+                self.files.drop_kept_wal()
+            except OSError as exc:
+                log.error("could not record the clean stop of %s: %s", self.path, exc)
+
+    async def _checkpoint(self) -> bool:
+        """Move the whole WAL into the log file; True when nothing is left behind."""
+        assert self._write_conn is not None
+        if self._reader is not None:  # our own reader must not hold the WAL open
+            await self._close_conn(self._reader, "reader")
+            self._reader = None
+        try:
+            row = await (
+                await self._write_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            ).fetchone()
+        except sqlite3.Error as exc:
+            log.error("could not checkpoint %s at close: %s", self.path, exc)
+            return False
+        if row is None or row[0]:
+            log.warning(
+                "could not checkpoint all of %s at close (another process reads it); "
+                "its -wal still holds part of the log",
+                self.path,
+            )
+            return False
+        return True
+
+    async def _close_conn(self, conn: aiosqlite.Connection, what: str) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:
+            log.error("closing the %s of %s failed: %r", what, self.path, exc)
 
     async def _release(self) -> None:
-        for conn in (self._write_conn, self._reader):
+        if self._marker is not None:
+            self._marker.cancel()
+            self._marker = None
+        for conn, what in ((self._reader, "reader"), (self._write_conn, "write connection")):
             if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+                await self._close_conn(conn, what)
         self._write_conn = self._reader = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    async def _mark_loop(self) -> None:
+        """Record the acknowledged position about every ``mark_interval`` seconds."""
+        marked = self._last
+        failing = False
+        while True:
+            await asyncio.sleep(self.mark_interval)
+            writer = self._writer
+            if writer is None or writer.last == marked:
+                continue
+            position = writer.last
+            try:
+                await asyncio.to_thread(self.files.write_mark, position, clean=False)
+            except OSError as exc:
+                if not failing:
+                    log.error("could not write the mark of %s: %s", self.path, exc)
+                failing = True
+                continue
+            failing = False
+            marked = position
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether appends succeed: False, with the reason, while the last batch failed."""
+        details: dict[str, Any] = {"location": self.location}
+        if not self._open:
+            return False, {**details, "error": "the event log is closed"}
+        if self._writer is None:
+            return True, {**details, "readonly": True}
+        details["last_position"] = self._writer.last
+        if not self._writer.running:
+            return False, {**details, "error": "the log's writer has stopped"}
+        if self._writer.failure is not None:
+            return False, {**details, "error": f"appends fail: {self._writer.failure}"}
+        return True, details
 
     def _check_open(self) -> None:
         if not self._open:
@@ -325,20 +645,26 @@ class SQLiteStore:
             cached = self._tail.read(after, types, stream, limit)
             if cached is not None:
                 return cached
-        sql = f"SELECT {COLUMNS} FROM events WHERE position > ?"
-        params: list[Any] = [after]
-        if types is not None:
-            if not types:
-                return []
-            sql += f" AND type IN ({','.join('?' * len(types))})"
-            params.extend(types)
-        if stream is not None:
-            sql += " AND stream = ?"
-            params.append(stream)
-        sql += " ORDER BY position"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        if types is not None and not types:
+            return []
+        params: list[Any]
+        if stream is not None and self.format >= 2:
+            sql, params = read_stream_sql(
+                COLUMNS, after=after, stream=stream, types=types, limit=limit
+            )
+        else:
+            sql = f"SELECT {COLUMNS} FROM events WHERE position > ?"
+            params = [after]
+            if types is not None:
+                sql += f" AND type IN ({','.join('?' * len(types))})"
+                params.extend(types)
+            if stream is not None:  # a format-1 log: its UNIQUE (stream, version) index
+                sql += " AND stream = ?"
+                params.append(stream)
+            sql += " ORDER BY position"
+            if limit is not None:
+                sql += " LIMIT ?"
+                params.append(limit)
         assert self._reader is not None
         try:
             rows = await self._reader.execute_fetchall(sql, params)
@@ -350,25 +676,54 @@ class SQLiteStore:
         self._check_open()
         if self._writer is not None:
             return self._writer.last
+        await self._refresh_reader()
         assert self._reader is not None
         self._last = await self._query_last_position(self._reader)
         return self._last
+
+    async def _refresh_reader(self) -> None:
+        """A read-only store opened an idle log as it was (immutable); once the file
+        changes (a writer opened it), read it through SQLite's locks instead."""
+        try:
+            if self._reader_stamp is None or self._file_stamp() == self._reader_stamp:
+                return
+        except OSError as exc:
+            raise StoreError(f"{self.path}: the event log went away: {exc}") from exc
+        old, self._reader = self._reader, None
+        if old is not None:
+            await self._close_conn(old, "reader")
+        await self._open_reader()
 
     async def stream_version(self, stream: str) -> int:
         self._check_open()
         if self._writer is not None and stream in self._writer.versions:
             return self._writer.versions[stream]
         assert self._reader is not None
-        row = await (
-            await self._reader.execute(
-                "SELECT MAX(version) FROM events WHERE stream = ?", (stream,)
-            )
-        ).fetchone()
+        if self.format >= 2:
+            sql, params = stream_version_sql(stream)
+        else:
+            sql, params = "SELECT MAX(version) FROM events WHERE stream = ?", [stream]
+        row = await (await self._reader.execute(sql, params)).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         self._check_open()
-        return await self._tail.wait(after, timeout)
+        if not self.readonly:
+            return await self._tail.wait(after, timeout)
+        # A read-only store sees other processes' commits only by looking: poll.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            last = await self.last_position()
+            if last > after:
+                return last
+            pause = self.poll_interval
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+                if pause <= 0:
+                    return last
+            await asyncio.sleep(pause)
+            if not self._open:
+                return self._last
 
     # -- checkpoints and snapshots ---------------------------------------------------
 

@@ -6,15 +6,21 @@ connection's thread; each caller's future resolves only once that transaction is
 durable. The writer is the only one to assign positions and versions, so it keeps them
 in memory (the last position, each stream's version) and checks ``expected_version``
 and idempotency keys itself, batch by batch.
+
+A batch fails as a whole only for a reason that is the log's, not one caller's (the disk
+is full): then it is rolled back and every caller gets the error. An append whose own
+data is refused (a payload that is not JSON, an id already in the log) fails alone: its
+payload is checked before the batch is built, and a constraint error re-runs the batch
+one append per transaction so only the culprit gets it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +28,38 @@ from typing import Any
 
 import aiosqlite
 
-from kernel.errors import ConcurrencyError, StoreError
+from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, describe_expected
-from kernel.store.tail import Tail
+from kernel.store.sqlite_streams import (
+    INDEX_EVERY,
+    IndexRow,
+    index_statements,
+    stream_version_sql,
+)
+from kernel.store.tail import Row, Tail
 
 __all__ = ["COLUMNS", "GroupCommitWriter"]
 
 log = logging.getLogger("xcore.store")
 
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
-INSERT = (
+_INSERT_HEAD = (
     "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES "
 )
+INSERT = _INSERT_HEAD + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: Rows per multi-row INSERT: one statement per chunk instead of one step per row
+#: (9 parameters a row, far under SQLite's limit of 32,766).
+_CHUNK = 256
+_INSERTS: dict[int, str] = {}
+
+
+def _insert_sql(rows: int) -> str:
+    sql = _INSERTS.get(rows)
+    if sql is None:
+        sql = _INSERTS[rows] = _INSERT_HEAD + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return sql
 
 
 @dataclass(eq=False)
@@ -77,8 +101,9 @@ def _write(
     puts: list[tuple[str, tuple[Any, ...]]],
 ) -> None:
     """Insert the batch and commit, in the connection's own thread."""
-    if rows:
-        conn.executemany(INSERT, rows)
+    for i in range(0, len(rows), _CHUNK):
+        chunk = rows[i : i + _CHUNK]
+        conn.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
@@ -88,7 +113,15 @@ class GroupCommitWriter:
     """Batches concurrent writes of one SQLite log into single durable transactions."""
 
     def __init__(
-        self, path: Path, conn: aiosqlite.Connection, tail: Tail, last: int, max_batch: int
+        self,
+        path: Path,
+        conn: aiosqlite.Connection,
+        tail: Tail,
+        last: int,
+        max_batch: int,
+        *,
+        unindexed: Sequence[IndexRow] = (),
+        index_every: int = INDEX_EVERY,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -98,23 +131,60 @@ class GroupCommitWriter:
         #: the version of each stream seen so far (filled lazily)
         self.versions: dict[str, int] = {}
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        #: why the last batch failed (the disk is full...), None once a batch commits
+        self.failure: str | None = None
+        #: events after the stream index's mark, as index rows (see sqlite_streams.py)
+        self.unindexed: list[IndexRow] = list(unindexed)
+        self.index_every = index_every
+        # A plain deque and one wake-up future: cheaper than asyncio.Queue's getters.
+        self._queue: deque[_Op] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._write_loop(), name="xcore-store-writer")
 
+    def refuse_new(self) -> None:
+        """Refuse every later write with StoreClosed (what is queued still commits)."""
+        self._stopping = True
+
     async def stop(self) -> None:
-        """Commit everything queued so far, then stop."""
-        if self._task is None:
+        """Commit everything queued so far, then stop; later writes get StoreClosed."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is None:
             return
-        stop = _Stop()
-        await self._queue.put(stop)
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._task)
-        self._task = None
+        if not task.done():
+            self._enqueue(_Stop())
+            await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("the writer of %s had stopped on an error: %r", self.path, exc, exc_info=exc)
+        self._refuse_queued()
+
+    def _enqueue(self, op: _Op) -> None:
+        self._queue.append(op)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _refuse_queued(self) -> None:
+        while self._queue:
+            op = self._queue.popleft()
+            if not op.future.done():
+                if isinstance(op, _Stop):
+                    op.future.set_result(None)
+                else:
+                    op.future.set_exception(StoreClosed(f"{self.path}: the event log is closed"))
 
     def _check_alive(self) -> None:
+        if self._stopping:
+            raise StoreClosed(f"{self.path}: the event log is closing or closed")
         if self._task is None or self._task.done():
             raise StoreError(
                 f"{self.path}: the log's writer has stopped; reopen the store "
@@ -126,39 +196,45 @@ class GroupCommitWriter:
     ) -> list[Recorded]:
         self._check_alive()
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Append(stream, expected_version, events, future))
+        self._enqueue(_Append(stream, expected_version, events, future))
         return await future
 
     async def put(self, sql: str, params: tuple[Any, ...]) -> None:
         """Run one more statement (a checkpoint or snapshot upsert) in the next batch."""
         self._check_alive()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Put(sql, params, future))
+        self._enqueue(_Put(sql, params, future))
         await future
 
     async def _write_loop(self) -> None:
         queue = self._queue
+        loop = asyncio.get_running_loop()
         while True:
-            op = await queue.get()
+            if not queue:
+                self._wakeup = loop.create_future()
+                try:
+                    await self._wakeup
+                finally:
+                    self._wakeup = None
+                continue
+            op = queue.popleft()
             if isinstance(op, _Stop):
+                await self._index_the_end()
                 op.future.set_result(None)
                 return
             # Let every producer that is ready run first, so they join this batch
             # rather than each waking the writer for a batch of its own.
             before = -1
             for _ in range(8):
-                if queue.qsize() == before:
+                if len(queue) == before:
                     break
-                before = queue.qsize()
+                before = len(queue)
                 await asyncio.sleep(0)
             batch: list[_Append | _Put] = [op]
             size = len(op.events) if isinstance(op, _Append) else 1
             stop: _Stop | None = None
-            while size < self.max_batch:
-                try:
-                    nxt = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
+            while size < self.max_batch and queue:
+                nxt = queue.popleft()
                 if isinstance(nxt, _Stop):
                     stop = nxt
                     break
@@ -167,25 +243,53 @@ class GroupCommitWriter:
             try:
                 await self._commit(batch)
             except BaseException as exc:  # never leave an appender waiting forever
-                log.exception("event log writer failed on %s", self.path)
-                error = StoreError(f"{self.path}: write failed: {exc}")
+                log.exception(
+                    "the writer of %s failed on a batch of %d writes (%d events, positions "
+                    "after %d); the batch is refused and the writer %s",
+                    self.path,
+                    len(batch),
+                    sum(len(o.events) for o in batch if isinstance(o, _Append)),
+                    self.last,
+                    "goes on" if isinstance(exc, Exception) else "stops",
+                )
+                error = StoreError(f"{self.path}: write failed: {exc!r}")
                 for o in batch:
                     if not o.future.done():
                         o.future.set_exception(error)
                 if not isinstance(exc, Exception):
+                    if stop is not None:
+                        stop.future.set_result(None)
                     raise
             if stop is not None:
+                await self._index_the_end()
                 stop.future.set_result(None)
                 return
+
+    async def _index_the_end(self) -> None:
+        """At a clean stop, index the unindexed end (the next open has nothing to reload)."""
+        if not self.unindexed:
+            return
+        try:
+            for sql, params in index_statements(self.unindexed, self.last):
+                await self._conn.execute(sql, params)
+            await self._conn.commit()
+        except sqlite3.Error as exc:
+            await self._rollback(exc)
+            log.error(
+                "%s: indexing the last %d events at close failed: %r (the next open reads "
+                "them from the log instead)",
+                self.path,
+                len(self.unindexed),
+                exc,
+            )
+            return
+        self.unindexed = []
 
     async def _stream_version(self, stream: str) -> int:
         version = self.versions.get(stream)
         if version is None:
-            row = await (
-                await self._conn.execute(
-                    "SELECT MAX(version) FROM events WHERE stream = ?", (stream,)
-                )
-            ).fetchone()
+            sql, params = stream_version_sql(stream)
+            row = await (await self._conn.execute(sql, params)).fetchone()
             version = int(row[0]) if row and row[0] is not None else 0
             self.versions[stream] = version
         return version
@@ -212,6 +316,7 @@ class GroupCommitWriter:
         position = self.last
         touched: dict[str, int] = {}
         rows: list[tuple[Any, ...]] = []
+        tail: list[Row] = []
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
@@ -237,22 +342,33 @@ class GroupCommitWriter:
                     (o, ConcurrencyError(o.stream, describe_expected(o.expected), current))
                 )
                 continue
-            in_batch |= seen
             records: list[Recorded] = []
-            for e in fresh:
-                position += 1
-                current += 1
-                meta = e.meta.to_json()
-                rows.append(
-                    (position, o.stream, current, e.type, e.schema, e.data, meta, e.meta.id, now)
-                )
-                records.append(Recorded.of(position, o.stream, current, e, now))
+            op_rows: list[tuple[Any, ...]] = []
+            try:
+                for e in fresh:
+                    meta = e.meta.to_json()
+                    row = (position + 1 + len(op_rows), o.stream, current + 1 + len(op_rows))
+                    # decoding the payload checks it is JSON before it joins the batch
+                    records.append(Recorded.of(row[0], o.stream, row[2], e, now))
+                    op_rows.append((*row, e.type, e.schema, e.data, meta, e.meta.id, now))
+            except Exception as exc:
+                failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
+                continue
+            in_batch |= seen
+            position += len(op_rows)
+            current += len(op_rows)
+            rows.extend(op_rows)
+            tail.extend((r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[8]) for r in op_rows)
             touched[o.stream] = current
             results.append((o, records))
 
+        fresh_index = [(r[1], r[2], r[0]) for r in rows]
+        flush = len(self.unindexed) + len(fresh_index) >= self.index_every
         if rows or puts:
             try:
                 statements = [(p.sql, p.params) for p in puts]
+                if flush:
+                    statements += index_statements([*self.unindexed, *fresh_index], position)
                 if _ONE_TRIP:
                     # one trip to the connection's thread for the whole transaction
                     await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
@@ -263,24 +379,32 @@ class GroupCommitWriter:
                         await conn.execute(sql, params)
                     await conn.commit()
             except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.rollback()
-                reason = (
-                    f"the disk is full ({exc})"
-                    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-                    else str(exc)
-                )
-                error = StoreError(f"{self.path}: append failed, nothing was written: {reason}")
-                log.error("event log write failed on %s: %s", self.path, exc)
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(error)
+                await self._rollback(exc)
+                ops: list[_Append | _Put] = [o for o, _ in results] + list(puts)
+                if isinstance(exc, sqlite3.IntegrityError) and len(ops) > 1:
+                    # one caller's data broke a constraint: find it, one op per transaction
+                    for o, failure in failures:
+                        if not o.future.done():
+                            o.future.set_exception(failure)
+                    for a in appends:
+                        if a.existing is not None:
+                            a.existing = None
+                            ops.append(a)
+                    for op in ops:
+                        await self._commit([op])
+                    return
+                self._fail(batch, exc)
                 return
 
+        self.failure = None
         self.last = position
         self.versions.update(touched)
-        for _, records in results:
-            self._tail.push(records)
+        if flush:
+            self.unindexed = []
+        else:
+            self.unindexed.extend(fresh_index)
+        if tail:
+            self._tail.push(tail)
         for o, records in results:
             if not o.future.done():
                 o.future.set_result(records)
@@ -296,6 +420,37 @@ class GroupCommitWriter:
                     a.future.set_result(await self._by_ids(a.existing))
                 except sqlite3.Error as exc:
                     a.future.set_exception(StoreError(f"{self.path}: {exc}"))
+
+    async def _rollback(self, cause: sqlite3.Error) -> None:
+        try:
+            await self._conn.rollback()
+        except sqlite3.Error as exc:
+            log.error(
+                "rollback on %s after %r failed: %r (SQLite rolls a failed transaction "
+                "back itself when it can; the writer goes on)",
+                self.path,
+                cause,
+                exc,
+            )
+
+    def _fail(self, batch: list[_Append | _Put], exc: sqlite3.Error) -> None:
+        if isinstance(exc, sqlite3.IntegrityError):
+            error = StoreError(
+                f"{self.path}: append refused, nothing was written: {exc} (an event id "
+                "already in the log, given without marking it explicit?)"
+            )
+        else:
+            reason = (
+                f"the disk is full ({exc})"
+                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+                else str(exc)
+            )
+            self.failure = reason
+            error = StoreError(f"{self.path}: append failed, nothing was written: {reason}")
+            log.error("event log write failed on %s: %s", self.path, exc)
+        for op in batch:
+            if not op.future.done():
+                op.future.set_exception(error)
 
     async def _by_ids(self, ids: list[str]) -> list[Recorded]:
         marks = ",".join("?" * len(ids))

@@ -3,6 +3,12 @@
 Live subscribers wake on the signal and read new events from the tail without a round
 trip to the database; a subscriber that fell further behind than the tail holds reads
 from the store instead, so a slow subscriber costs no memory.
+
+The tail keeps each event as its stored row (immutable bytes, not a decoded dict) and
+decodes a fresh :class:`~kernel.events.Recorded` for every reader: what one subscriber
+does to ``r.data`` is never seen by another, nor by the appender. It is bounded by bytes
+(``max_bytes``, the payload and metadata sizes) as well as by count, so large events
+cannot make it hold hundreds of megabytes.
 """
 
 from __future__ import annotations
@@ -11,30 +17,68 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Collection, Iterable
+from typing import Any
 
-from kernel.events import Recorded
+import orjson
 
-__all__ = ["Tail"]
+from kernel.events import Recorded, registry
+
+__all__ = ["Row", "Tail", "row_of"]
+
+#: ``(position, stream, version, type, schema, data, meta, timestamp)`` as stored.
+Row = tuple[int, str, int, str, int, bytes, Any, float]
+
+
+def row_of(record: Recorded) -> Row:
+    """The tail row of a record already decoded (a backend that reads records, not rows).
+
+    Its data is stored at the schema of the registered class, since it was upcast when
+    decoded: reading the row back does not upcast it twice.
+    """
+    cls = registry.get(record.type)
+    schema = cls.schema_version if cls is not None else record.schema
+    meta = record._meta_raw if record._meta_raw is not None else record.meta.to_json()
+    data = orjson.dumps(record.data)
+    return (
+        record.position,
+        record.stream,
+        record.version,
+        record.type,
+        schema,
+        data,
+        meta,
+        record.timestamp,
+    )
 
 
 class Tail:
-    """Keeps the last ``size`` recorded events and wakes waiters on each commit."""
+    """Keeps the last events (at most ``size`` of them and ``max_bytes`` of payload)
+    and wakes waiters on each commit."""
 
-    def __init__(self, size: int = 8192) -> None:
-        self._events: deque[Recorded] = deque(maxlen=size)
+    def __init__(self, size: int = 8192, max_bytes: int = 16 * 1024 * 1024) -> None:
+        self._rows: deque[Row] = deque()
+        self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.last_position = 0
         self._signal: asyncio.Future[None] | None = None
         self.closed = False
 
     def reset(self, last_position: int) -> None:
-        self._events.clear()
+        self._rows.clear()
+        self.bytes = 0
         self.last_position = last_position
 
-    def push(self, records: Iterable[Recorded]) -> None:
-        """Add freshly committed events (in position order) and wake every waiter."""
-        for r in records:
-            self._events.append(r)
-            self.last_position = r.position
+    def push(self, rows: Iterable[Row]) -> None:
+        """Add freshly committed rows (in position order) and wake every waiter."""
+        held = self._rows
+        for row in rows:
+            held.append(row)
+            self.bytes += len(row[5]) + len(row[6])
+            self.last_position = row[0]
+        while held and (len(held) > self.size or self.bytes > self.max_bytes):
+            old = held.popleft()
+            self.bytes -= len(old[5]) + len(old[6])
         self._wake()
 
     def close(self) -> None:
@@ -54,26 +98,26 @@ class Tail:
         limit: int | None,
     ) -> list[Recorded] | None:
         """Events past ``after`` from memory, or None when the tail does not reach back."""
-        events = self._events
-        if not events:
+        rows = self._rows
+        if not rows:
             return [] if after >= self.last_position else None
-        first = events[0].position
+        first = rows[0][0]
         if after < first - 1:
             return None
         if after >= self.last_position:
             return []
         start = after - first + 1
-        out: list[Recorded] = []
-        for i in range(start, len(events)):
-            r = events[i]
-            if types is not None and r.type not in types:
+        out: list[Row] = []
+        for i in range(start, len(rows)):
+            row = rows[i]
+            if types is not None and row[3] not in types:
                 continue
-            if stream is not None and r.stream != stream:
+            if stream is not None and row[1] != stream:
                 continue
-            out.append(r)
+            out.append(row)
             if limit is not None and len(out) >= limit:
                 break
-        return out
+        return Recorded.from_rows(out)
 
     async def wait(self, after: int, timeout: float | None) -> int:
         if self.last_position > after or self.closed:

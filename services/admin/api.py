@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query
 
+from kernel.http import error_responses, link
 from kernel.kernel import Kernel
 
 __all__ = ["build_router"]
@@ -18,21 +19,37 @@ def build_router(kernel: Kernel) -> APIRouter:
     async def describe() -> dict[str, Any]:
         return {**kernel.describe(), "last_position": await kernel.store.last_position()}
 
-    @router.get("/events", summary="Read the event log")
+    @router.get(
+        "/events",
+        summary="Read the event log",
+        responses={
+            200: {
+                "links": {
+                    "GetFirstEvent": link(
+                        "/admin/events/{position}",
+                        "get",
+                        position="$response.body#/events/0/position",
+                    )
+                }
+            }
+        },
+    )
     async def events(
         after: int = Query(0, ge=0, description="return events after this position"),
         limit: int = Query(100, ge=1, le=5000),
-        type: list[str] | None = Query(None, description="only these event types"),
+        type: list[str] = Query([], description="only these event types (repeatable)"),
         stream: str | None = Query(None, description="only this stream"),
     ) -> dict[str, Any]:
-        records = await kernel.read(after=after, types=type, stream=stream, limit=limit)
+        records = await kernel.read(after=after, types=type or None, stream=stream, limit=limit)
         return {
             "events": [r.to_dict() for r in records],
             "next_after": records[-1].position if records else after,
             "last_position": await kernel.store.last_position(),
         }
 
-    @router.get("/events/{position}", summary="One event by its position")
+    @router.get(
+        "/events/{position}", summary="One event by its position", responses=error_responses(404)
+    )
     async def event(position: int) -> dict[str, Any]:
         records = await kernel.read(after=position - 1, limit=1) if position > 0 else []
         if not records or records[0].position != position:

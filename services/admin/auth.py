@@ -9,6 +9,11 @@ Tokens are 256-bit random strings, so a plain SHA-256 is as strong as a slow has
 the check hashes what was presented and compares digests in constant time. The token
 never reaches a log line.
 
+The check runs twice per admin request, on purpose: on the request's head, before its
+body is read (``TokenGuard.authenticate``, installed with
+``HttpSurface.set_admin_authenticator``), and as the routes' dependency. Wrong tokens
+are logged through a :class:`RefusalLog`: a count per interval, not a line each.
+
 Scopes: the admin token holds every scope; API tokens (``tokens.py``) hold theirs.
 A read (``GET``) of an admin route needs ``admin:read``, anything else ``admin:write``;
 a valid token without the scope gets 403 naming it.
@@ -28,6 +33,7 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 
 from kernel.errors import SettingsError
+from services.admin.refusals import RefusalLog
 from services.admin.tokens import ALL, TokenRecord, required_scope
 
 __all__ = ["TokenGuard", "load_or_create_token_hash"]
@@ -81,9 +87,11 @@ class TokenGuard:
         self,
         token_hash: bytes,
         lookup: Callable[[str], TokenRecord | None] | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._hash = token_hash
         self._lookup = lookup
+        self.refusals = refusals if refusals is not None else RefusalLog(log)
 
     def scopes(self, token: str) -> frozenset[str] | None:
         """The scopes ``token`` holds, or None when it is not a valid token."""
@@ -95,29 +103,33 @@ class TokenGuard:
                 return record.scopes
         return None
 
-    async def __call__(self, request: Request) -> str:
+    async def authenticate(self, request: Request) -> frozenset[str]:
+        """The scopes of ``request``'s token (from its headers only), or HTTPException 401."""
         header = request.headers.get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
+        if scheme.lower() != "bearer" or not presented.strip():
             raise HTTPException(
                 status_code=401,
                 detail="this admin route needs 'Authorization: Bearer <admin token>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        presented = presented.strip()
-        scopes = self.scopes(presented)
+        scopes = self.scopes(presented.strip())
         if scopes is None:
-            log.warning(
-                "refused an admin request with a wrong token: %s %s from %s",
+            self.refusals.refused(
                 request.method,
                 request.url.path,
                 request.client.host if request.client else "?",
+                "wrong token",
             )
             raise HTTPException(
                 status_code=401,
                 detail="the token is wrong, revoked or expired",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
+        return scopes
+
+    async def __call__(self, request: Request) -> str:
+        scopes = await self.authenticate(request)
         needed = required_scope(request.method)
         if ALL not in scopes and needed not in scopes:
             raise HTTPException(
@@ -127,6 +139,7 @@ class TokenGuard:
                     "WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{needed}"'
                 },
             )
+        presented = request.headers.get("authorization", "").partition(" ")[2].strip()
         record = None if ALL in scopes or self._lookup is None else self._lookup(presented)
         principal = "admin" if record is None else f"token:{record.token_id}"
         request.state.admin_principal = principal

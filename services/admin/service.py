@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from contextlib import AsyncExitStack
 
 from kernel.kernel import Kernel
@@ -28,6 +30,16 @@ class AdminService:
         book = await kernel.add_projection(AdminTokens())
         guard = TokenGuard(token_hash, book.verify)
         kernel.http.set_admin_guard(guard)
+        kernel.http.set_admin_authenticator(guard.authenticate)
         kernel.http.set_token_verifier(guard.scopes)
+        flusher = asyncio.get_running_loop().create_task(guard.refusals.run())
+
+        async def stop_flusher() -> None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            guard.refusals.flush()
+
+        stack.push_async_callback(stop_flusher)
         kernel.http.add_admin_router(build_router(kernel))
         kernel.http.add_admin_router(build_token_router(kernel))

@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse
 
 from kernel.errors import RequestTimeout
 from kernel.events import Event, Recorded
+from kernel.http import error_responses, link
+from services.cluster.projection import served_digests
 
 from .events import (
     PLUGINS_STREAM,
@@ -89,6 +91,15 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         if state is None:
             state = {"name": name, "status": "unloaded", "enabled": True}
         state["installed"] = loader.folder(name).is_dir()
+        state["stuck_threads"] = loader.threads.stuck_of(name)
+        state["reloads_paused"] = name in loader.paused
+        hosted = kernel.hosts.describe(name, state.get("mode"))
+        if hosted is not None:  # e.g. a sandboxed plugin's level, limits and stats
+            state["host"] = hosted
+        nodes = served_digests(kernel, name)
+        if nodes is not None:  # a cluster: what each live node serves (docs/cluster.md)
+            state["nodes"] = nodes
+            state["digest_differs"] = len(set(nodes.values())) > 1
         return state
 
     async def request(event: Event, stream: str, outcomes: list[type[Event]]) -> Recorded:
@@ -97,17 +108,30 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         except RequestTimeout as exc:
             raise HTTPException(504, str(exc)) from None
 
-    @router.get("/plugins", summary="Every plugin and its state")
+    first = "$response.body#/0/name"
+    plugin_links = {
+        "links": {
+            "GetFirstPlugin": link("/admin/plugins/{name}", "get", name=first),
+            "ReloadFirstPlugin": link("/admin/plugins/{name}/reload", "post", name=first),
+            "DisableFirstPlugin": link("/admin/plugins/{name}/disable", "post", name=first),
+            "EnableFirstPlugin": link("/admin/plugins/{name}/enable", "post", name=first),
+            "UninstallFirstPlugin": link("/admin/plugins/{name}", "delete", name=first),
+        }
+    }
+
+    @router.get("/plugins", summary="Every plugin and its state", responses={200: plugin_links})
     async def list_plugins() -> list[dict[str, Any]]:
         names = set(loader.table.rows) | set(loader.installed())
         return [row(n) for n in sorted(names)]
 
-    @router.get("/plugins/{name}", summary="One plugin's state")
+    @router.get("/plugins/{name}", summary="One plugin's state", responses=error_responses(404))
     async def get_plugin(name: str) -> dict[str, Any]:
         require(name)
         return row(name)
 
-    @router.post("/plugins/reload", summary="Reload every enabled plugin")
+    @router.post(
+        "/plugins/reload", summary="Reload every enabled plugin", responses=error_responses(504)
+    )
     async def reload_all() -> dict[str, Any]:
         results = []
         for name in loader.reload_targets():
@@ -120,7 +144,11 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         failed = sum(r["outcome"] in FAILURES for r in results)
         return {"reloaded": len(results) - failed, "failed": failed, "results": results}
 
-    @router.post("/plugins/{name}/reload", summary="Reload one plugin (a new generation)")
+    @router.post(
+        "/plugins/{name}/reload",
+        summary="Reload one plugin (a new generation)",
+        responses=error_responses(404, 409, 422, 504),
+    )
     async def reload_one(name: str) -> JSONResponse:
         require(name)
         if name in loader.table.disabled():
@@ -130,7 +158,11 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         )
         return outcome(rec)
 
-    @router.post("/plugins/{name}/enable", summary="Enable a plugin and load it")
+    @router.post(
+        "/plugins/{name}/enable",
+        summary="Enable a plugin and load it",
+        responses=error_responses(404, 409, 422, 504),
+    )
     async def enable(name: str) -> JSONResponse:
         require(name)
         if name not in loader.table.disabled():
@@ -144,7 +176,11 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         )
         return outcome(rec)
 
-    @router.post("/plugins/{name}/disable", summary="Disable a plugin (unloading it)")
+    @router.post(
+        "/plugins/{name}/disable",
+        summary="Disable a plugin (unloading it)",
+        responses=error_responses(404, 409, 422, 504),
+    )
     async def disable(name: str) -> JSONResponse:
         require(name)
         if name in loader.table.disabled():
@@ -163,7 +199,11 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
             await kernel.settle(rec.position)
         return outcome(rec)
 
-    @router.delete("/plugins/{name}", summary="Uninstall a plugin (unloading it)")
+    @router.delete(
+        "/plugins/{name}",
+        summary="Uninstall a plugin (unloading it)",
+        responses=error_responses(404, 409, 422, 504),
+    )
     async def uninstall(name: str) -> JSONResponse:
         require(name)
         dependents = loader.dependents(name)
@@ -178,7 +218,11 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         )
         return outcome(rec)
 
-    @router.post("/plugins", summary="Install a plugin from an uploaded .zip / .tar.gz")
+    @router.post(
+        "/plugins",
+        summary="Install a plugin from an uploaded .zip / .tar.gz",
+        responses=error_responses(400, 413, 422, 504),
+    )
     async def install(
         request_: Request,
         file: UploadFile = File(..., description="the plugin archive"),

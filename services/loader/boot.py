@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from .deps import load_order
 from .events import PluginDiscovered, PluginLoadFailed
 from .generation import StageError
 from .lifecycle import Lifecycle
 from .manifest import Manifest, ManifestError, read_manifest
+from .threads import ThreadTimeout
 
 __all__ = ["Boot"]
 
@@ -32,13 +34,15 @@ class Boot(Lifecycle):
             disabled = self.table.disabled()
             names = [n for n in self.installed() if n not in disabled]
             manifests: dict[str, Manifest] = {}
-            read = await asyncio.to_thread(self._read_manifests, names)
+            read = await self._read_all(names)
             discovered = []
             for name in names:
                 result = read[name]
                 if isinstance(result, ManifestError):
                     await self.record(
-                        PluginLoadFailed(name=name, stage="manifest", error=str(result))
+                        PluginLoadFailed(
+                            name=name, stage="manifest", error=str(result), file=result.file
+                        )
                     )
                     continue
                 manifests[name] = result
@@ -65,14 +69,31 @@ class Boot(Lifecycle):
                 pending = [n for n in pending if n not in wave]
                 await asyncio.gather(*(self._boot_one(n, manifests[n]) for n in wave))
 
-    def _read_manifests(self, names: list[str]) -> dict[str, Manifest | ManifestError]:
-        out: dict[str, Manifest | ManifestError] = {}
-        for name in names:
+    async def _read_all(self, names: list[str]) -> dict[str, Manifest | ManifestError]:
+        """Every manifest, each read in a thread bounded by ``io_timeout``."""
+
+        async def one(name: str) -> Manifest | ManifestError:
             try:
-                out[name] = read_manifest(self.folder(name), name)
+                result: Manifest = await self.threads.run(
+                    name,
+                    "reading run.py",
+                    read_manifest,
+                    self.folder(name),
+                    name,
+                    timeout=self.settings.io_timeout,
+                )
             except ManifestError as exc:
-                out[name] = exc
-        return out
+                return exc
+            except ThreadTimeout:
+                return ManifestError(
+                    name, "run.py", f"reading did not finish within {self.settings.io_timeout:g}s"
+                )
+            except Exception as exc:  # never the boot's failure: this plugin's
+                return ManifestError(name, "run.py", f"{type(exc).__name__}: {exc}")
+            return result
+
+        results = await asyncio.gather(*(one(n) for n in names))
+        return dict(zip(names, results, strict=True))
 
     async def _boot_one(self, name: str, manifest: Manifest) -> None:
         try:
@@ -85,10 +106,20 @@ class Boot(Lifecycle):
                     error=exc.error,
                     traceback=exc.traceback,
                     generation=exc.generation,
+                    file=exc.file,
+                    line=exc.line,
                 )
             )
             return
         self.loaded[name] = gen
+        gen.previous = {}
+        log.info(
+            "plugin %r: generation %d loaded (version %s) in %.1f ms",
+            name,
+            gen.generation,
+            gen.manifest.version,
+            (time.perf_counter() - gen.started) * 1000,
+        )
 
     async def shutdown(self) -> None:
         """Unload everything, dependents first (the kernel is stopping)."""

@@ -37,7 +37,7 @@ from kernel.settings import Settings
 
 from . import installer
 from .events import PluginInstalled, PluginUninstalled, stream_of
-from .manifest import ManifestError, valid_name
+from .manifest import ManifestError, read_manifest, valid_name
 from .projection import PluginTable
 from .scaffold import scaffold
 from .settings import LoaderSettings
@@ -114,12 +114,16 @@ def _call(
     )
 
 
-def _report(status: int, body: Any) -> int:
-    if status == 401:
-        print(
-            "xcore: error (401): pass the admin token with --token or XCORE_ADMIN_TOKEN",
-            file=sys.stderr,
-        )
+def _report(status: int, body: Any, token: str | None = None) -> int:
+    if status in (401, 403):
+        if not token:
+            msg = "no admin token was given: pass it with --token or XCORE_ADMIN_TOKEN"
+        else:
+            msg = (
+                "the server refused the admin token given (wrong token for this server; "
+                "check --token or XCORE_ADMIN_TOKEN)"
+            )
+        print(f"xcore: error ({status}): {msg}", file=sys.stderr)
         return 1
     if isinstance(body, dict) and "detail" in body and status >= 400:
         print(f"xcore: error ({status}): {body['detail']}", file=sys.stderr)
@@ -177,7 +181,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         status, rows = _call(args, settings, "GET", "/plugins")
         if status >= 400:
-            return _report(status, rows)
+            return _report(status, rows, _token(args, settings))
         where = "server"
     except ServerDown:
         rows = asyncio.run(_offline_rows(settings))
@@ -216,7 +220,13 @@ async def _offline_rows(settings: Settings) -> list[dict[str, Any]]:
             if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in rows:
                 rows[p.name] = {"name": p.name, "status": "unloaded", "version": None}
     for r in rows.values():
-        r["installed"] = (settings.plugins_dir / r["name"]).is_dir()
+        folder = settings.plugins_dir / r["name"]
+        r["installed"] = folder.is_dir()
+        if r["installed"]:
+            try:  # the version on disk (what the next start loads), read without running it
+                r["version"] = read_manifest(folder, r["name"]).version
+            except ManifestError as exc:
+                r.setdefault("last_error", {"stage": "manifest", "error": str(exc)})
         if r.get("status") == "loaded":
             r["status"] = "stopped"
     return [rows[n] for n in sorted(rows)]
@@ -227,6 +237,11 @@ def cmd_install(args: argparse.Namespace) -> int:
     path: Path = args.path
     if not path.exists():
         raise XcoreError(f"{path}: no such file or folder")
+    if path.is_dir():
+        try:  # links and special files are refused here exactly as an offline install does
+            installer.check_tree(path, _limits(settings), str(path))
+        except installer.InstallError as exc:
+            raise XcoreError(f"install refused, nothing changed: {exc}") from None
     data, filename = _archive_bytes(path)
     boundary = uuid.uuid4().hex
     body = _multipart(boundary, filename, data, {"replace": "true" if args.replace else "false"})
@@ -241,7 +256,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         )
     except ServerDown:
         return asyncio.run(_offline_install(settings, path, args.replace))
-    return _report(status, out)
+    return _report(status, out, _token(args, settings))
 
 
 def _archive_bytes(path: Path) -> tuple[bytes, str]:
@@ -292,6 +307,7 @@ async def _offline_install(settings: Settings, path: Path, replace: bool) -> int
     try:
         staged = installer.stage(path, plugins_dir, _limits(settings))
         installer.commit(staged, plugins_dir, replace)
+        installer.discard(staged)
     except (installer.InstallError, ManifestError) as exc:
         raise XcoreError(f"install refused, nothing changed: {exc}") from None
     await _record_offline(
@@ -320,23 +336,27 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
         asyncio.run(_record_offline(settings, PluginUninstalled(name=args.name), args.name))
         print(f"uninstalled {args.name} (offline)")
         return 0
-    return _report(status, out)
+    return _report(status, out, _token(args, settings))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     path = f"/plugins/{args.name}/reload" if args.name else "/plugins/reload"
-    return _report(*_call(args, settings, "POST", path))
+    return _report(*_call(args, settings, "POST", path), _token(args, settings))
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    return _report(*_call(args, settings, "POST", f"/plugins/{args.name}/enable"))
+    return _report(
+        *_call(args, settings, "POST", f"/plugins/{args.name}/enable"), _token(args, settings)
+    )
 
 
 def cmd_disable(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    return _report(*_call(args, settings, "POST", f"/plugins/{args.name}/disable"))
+    return _report(
+        *_call(args, settings, "POST", f"/plugins/{args.name}/disable"), _token(args, settings)
+    )
 
 
 def _limits(settings: Settings) -> installer.Limits:

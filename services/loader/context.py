@@ -20,6 +20,7 @@ from kernel.sdk import plugin_context_var
 from kernel.subscriptions import Subscription
 
 from .events import stream_of
+from .threads import PluginThreads, ThreadTimeout
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -27,16 +28,30 @@ if TYPE_CHECKING:
 __all__ = ["LoadedContext", "call_plugin"]
 
 
-async def call_plugin(ctx: LoadedContext, fn: Callable[..., Any], *args: Any) -> Any:
-    """Call plugin code with ``current_plugin()`` set: async on the loop, sync in a thread."""
+async def call_plugin(
+    ctx: LoadedContext,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float | None = None,
+    what: str = "call",
+) -> Any:
+    """Call plugin code with ``current_plugin()`` set: async on the loop, sync in a thread.
+
+    With ``timeout``, raises ``TimeoutError`` when the call does not finish in time; a
+    sync call's thread that keeps running is reported by ``ctx.threads`` (it cannot be
+    stopped). An async call can only be timed out while it awaits (see the watchdog).
+    """
     token = plugin_context_var.set(ctx)
     try:
         if inspect.iscoroutinefunction(fn):
-            return await fn(*args)
-        # to_thread copies the current context, so the thread sees current_plugin() too
-        result = await asyncio.to_thread(fn, *args)
+            return await asyncio.wait_for(fn(*args), timeout)
+        # the thread gets a copy of the current context: current_plugin() works there too
+        try:
+            result = await ctx.threads.run(ctx.name, what, fn, *args, timeout=timeout)
+        except ThreadTimeout as exc:
+            raise TimeoutError(str(exc)) from None
         if inspect.isawaitable(result):
-            return await result
+            return await asyncio.wait_for(result, timeout)
         return result
     finally:
         plugin_context_var.reset(token)
@@ -46,13 +61,23 @@ class LoadedContext:
     """What one generation of a plugin gets from the kernel."""
 
     def __init__(
-        self, kernel: Kernel, name: str, generation: int, config: Any, data_dir: Path
+        self,
+        kernel: Kernel,
+        name: str,
+        generation: int,
+        config: Any,
+        data_dir: Path,
+        threads: PluginThreads | None = None,
     ) -> None:
         self.name = name
         self.generation = generation
         self.config = config
         self.logger = logging.getLogger(f"xcore.plugin.{name}")
+        #: ``<data_dir>/plugins/<name>``: the plugin's own files, kept across reloads and
+        #: outside its code folder (writing there never triggers a reload).
         self.data_dir = data_dir
+        #: Where this generation's sync code runs (and stuck threads are remembered).
+        self.threads = threads if threads is not None else PluginThreads()
         self._kernel = kernel
         self._subscriptions: list[Subscription] = []
         self.closed = False
@@ -74,7 +99,7 @@ class LoadedContext:
             raise RuntimeError(f"plugin {self.name!r} generation {self.generation} is unloaded")
 
         async def deliver(record: Recorded) -> None:
-            await call_plugin(self, handler, record)
+            await call_plugin(self, handler, record, what="event handler")
 
         deliver.__qualname__ = f"plugin:{self.name}:{getattr(handler, '__qualname__', 'handler')}"
         sub = await self._kernel.subscribe(deliver, types=types, start="now")

@@ -24,6 +24,7 @@ __all__ = [
     "PluginLoadFailed",
     "PluginLoaded",
     "PluginReloadFailed",
+    "PluginReloadPaused",
     "PluginReloadRequested",
     "PluginReloaded",
     "PluginUninstallFailed",
@@ -37,7 +38,16 @@ __all__ = [
 PLUGINS_STREAM = "plugins"
 
 LoadStage = Literal[
-    "manifest", "dependency", "config", "import", "hook", "mount", "mode", "disabled"
+    "manifest",
+    "dependency",
+    "config",
+    "import",
+    "hook",
+    "mount",
+    "mode",
+    "disabled",
+    "paused",
+    "internal",
 ]
 
 
@@ -76,11 +86,17 @@ class PluginInstallRequested(Event):
 
 
 class PluginInstallFailed(Event):
-    """An install was refused; nothing was copied and the plugins directory is unchanged."""
+    """An install was refused; the plugins directory is as it was before the request.
+
+    ``stage`` is set when the new version was copied but failed to load (its files were
+    rolled back, and a replaced version keeps serving).
+    """
 
     source: str
     error: str
     name: str | None = None
+    stage: LoadStage | None = None
+    traceback: str = ""
 
 
 class PluginUninstallRequested(Event):
@@ -136,6 +152,9 @@ class PluginLoadFailed(Event):
     error: str
     traceback: str = ""
     generation: int | None = None
+    #: The plugin file (relative to its folder) and line at fault, when known.
+    file: str | None = None
+    line: int | None = None
 
 
 class PluginReloadRequested(Event):
@@ -165,6 +184,9 @@ class PluginReloadFailed(Event):
     serving_generation: int | None = None
     #: The generation that was being built and was thrown away (None: failed before import).
     generation: int | None = None
+    #: The plugin file (relative to its folder) and line at fault, when known.
+    file: str | None = None
+    line: int | None = None
 
 
 class PluginUnloaded(Event):
@@ -173,6 +195,19 @@ class PluginUnloaded(Event):
     name: str
     generation: int
     reason: str = ""
+
+
+class PluginReloadPaused(Event):
+    """The watcher's reloads of a plugin were paused: it kept reloading without a pause.
+
+    Usually the plugin writes into its own folder; it should use ``context.data_dir``.
+    A reload asked through the admin API or the CLI resumes the watcher's reloads.
+    """
+
+    name: str
+    reloads: int
+    window_s: float
+    reason: str
 
 
 class PluginConfigChanged(Event):

@@ -27,11 +27,16 @@ class StageError(Exception):
         *,
         exc: BaseException | None = None,
         generation: int | None = None,
+        file: str | None = None,
+        line: int | None = None,
     ) -> None:
         super().__init__(error)
         self.stage: LoadStage = stage
         self.error = error
         self.generation = generation
+        #: The plugin file (relative to its folder) and line at fault, when known.
+        self.file = file
+        self.line = line
         self.traceback = "".join(traceback.format_exception(exc)) if exc is not None else ""
 
 
@@ -49,6 +54,13 @@ class Generation:
     runtime: PluginRuntime
     #: This generation's entries of sys.modules (to tell whether they are still current).
     modules: dict[str, ModuleType] = field(default_factory=dict)
+    #: The entries of sys.modules this generation replaced, until it is committed (then
+    #: emptied, so an old generation's modules are not kept alive by the new one).
+    previous: dict[str, ModuleType] = field(default_factory=dict)
+    #: When building started (perf_counter), for ``duration_ms``.
+    started: float = 0.0
+    #: Whether ``PluginLoaded`` was recorded for it (its routes were offered to the router).
+    announced: bool = False
 
     @property
     def prefix(self) -> str | None:

@@ -14,13 +14,14 @@ This module runs plugin code: call :func:`import_plugin` in a worker thread.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.abc
 import importlib.machinery
 import inspect
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,8 @@ from pydantic import BaseModel
 
 from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
+
+from .files import FileRefused, read_limited
 
 __all__ = [
     "ROOT_PACKAGE",
@@ -47,6 +50,12 @@ ROOT_PACKAGE = "xcore_plugins"
 
 class PluginImportError(Exception):
     """The plugin's code imported, but what it defines is unusable (named in the message)."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        #: Read by the loader to name the file and line of the failure.
+        self.plugin_file = file
+        self.plugin_line = line
 
 
 def module_name(plugin: str) -> str:
@@ -65,7 +74,7 @@ class _SourceLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         if self.path is None:  # a plugin folder without __init__.py
             return
-        source = self.path.read_bytes()
+        source = read_limited(self.path)
         code = compile(source, str(self.path), "exec", dont_inherit=True)
         exec(code, module.__dict__)
 
@@ -131,7 +140,8 @@ def purge(plugin: str) -> dict[str, ModuleType]:
     """Take the plugin's modules out of ``sys.modules``; returns them for :func:`restore`."""
     base = module_name(plugin)
     removed = {}
-    for name in [n for n in sys.modules if n == base or n.startswith(base + ".")]:
+    # list() first: import threads of other plugins change sys.modules meanwhile
+    for name in [n for n in list(sys.modules) if n == base or n.startswith(base + ".")]:
         removed[name] = sys.modules.pop(name)
     return removed
 
@@ -155,14 +165,30 @@ class ImportedPlugin:
     tasks: dict[str, TaskSpec]
     config_model: type[BaseModel] | None
     hooks: dict[str, Any] = field(default_factory=dict)
+    #: ``APIRouter(prefix=...)`` when that prefix gave the mount point (no ``api_prefix``).
+    router_prefix: str | None = None
 
 
-def import_plugin(plugin: str, folder: Path, manifest_prefix: str | None) -> ImportedPlugin:
+def import_plugin(
+    plugin: str,
+    folder: Path,
+    manifest_prefix: str | None,
+    allowed: Collection[str] | None = None,
+    plugins_root: Path | None = None,
+) -> ImportedPlugin:
     """Import the plugin's package, ``run.py``, ``router.py`` and ``config.py`` afresh.
+
+    Before any code runs, every ``.py`` file is scanned: importing another plugin
+    (``xcore_plugins.<other>``) is refused unless ``<other>`` is in ``allowed`` (the
+    manifest's ``requires``). After the import, a module imported by a top-level name
+    whose file lies in a plugin folder under ``plugins_root`` is refused (two plugins
+    would share it, and it would never be reloaded).
 
     The caller purges (and on failure restores) ``sys.modules``; exceptions raised by
     the plugin's code propagate unchanged.
     """
+    if allowed is not None:
+        check_plugin_imports(plugin, folder, allowed)
     _install_finder()
     _finder.roots[plugin] = folder
     base = module_name(plugin)
@@ -190,18 +216,121 @@ def import_plugin(plugin: str, folder: Path, manifest_prefix: str | None) -> Imp
             prefix = point.prefix
             router, routes = raw, describe_routes(raw, point.root)
     tasks: dict[str, TaskSpec] = {}
+    seen: set[int] = set()
     for value in vars(run).values():
-        spec = getattr(value, "__xcore_task__", None)
-        if isinstance(spec, TaskSpec):
-            tasks[spec.name] = spec
+        specs = getattr(value, "__xcore_tasks__", None) or [getattr(value, "__xcore_task__", None)]
+        for spec in specs:
+            if not isinstance(spec, TaskSpec) or id(spec) in seen:
+                continue  # the same function under two names is one declaration
+            seen.add(id(spec))
+            # Two declarations of one name both reach the scheduler, which refuses them
+            # (TaskRejected) rather than one silently replacing the other.
+            key = spec.name if spec.name not in tasks else f"{spec.name}#{len(tasks)}"
+            tasks[key] = spec
     hooks = {}
     for hook in ("on_load", "on_unload"):
         fn = getattr(run, hook, None)
         if fn is not None:
             if not callable(fn):
-                raise PluginImportError(f"run.py: `{hook}` is not callable")
+                raise PluginImportError(f"run.py: `{hook}` is not callable", "run.py")
             hooks[hook] = fn
-    return ImportedPlugin(run, router, prefix, routes, tasks, config_model, hooks)
+    if plugins_root is not None:
+        check_stray_modules(plugin, plugins_root)
+    router_prefix = None
+    if router is not None and manifest_prefix is None:
+        router_prefix = router.prefix
+    return ImportedPlugin(
+        run, router, prefix, routes, tasks, config_model, hooks, router_prefix=router_prefix
+    )
+
+
+def _plugin_modules_of(names: Sequence[str], plugin: str) -> Iterator[str]:
+    for name in names:
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[0] == ROOT_PACKAGE:
+            yield parts[1]
+
+
+def check_plugin_imports(plugin: str, folder: Path, allowed: Collection[str]) -> None:
+    """Refuse ``import xcore_plugins.<other>`` of a plugin not in ``requires`` (any order)."""
+    root = folder.resolve()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if any(
+            part.startswith(".") or part == "__pycache__" for part in path.parts[len(root.parts) :]
+        ):
+            continue
+        try:
+            source = read_limited(path)
+            tree = ast.parse(source, filename=rel)
+        except (FileRefused, OSError, SyntaxError, ValueError, MemoryError, RecursionError):
+            continue  # the import itself reports what is wrong with this file
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            others: list[str] = []
+            if isinstance(node, ast.Import):
+                others = list(_plugin_modules_of([a.name for a in node.names], plugin))
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == ROOT_PACKAGE:
+                    others = [a.name for a in node.names]
+                else:
+                    others = list(_plugin_modules_of([node.module], plugin))
+            for other in others:
+                if other != plugin and other not in allowed:
+                    raise PluginImportError(
+                        f"{rel} line {node.lineno}: imports plugin {other!r} "
+                        f"({ROOT_PACKAGE}.{other}), which PLUGIN_INFO does not require; add "
+                        f"'requires': {{{other!r}: '>=...'}} so it loads first and reloads "
+                        "with it",
+                        rel,
+                        node.lineno,
+                    )
+
+
+def check_stray_modules(plugin: str, plugins_root: Path) -> None:
+    """Refuse when the plugin's modules use a top-level module living in a plugin folder."""
+    root = plugins_root.resolve()
+    base = module_name(plugin)
+    stray: dict[str, Path] = {}
+    for name, module in list(sys.modules.items()):
+        if name == ROOT_PACKAGE or name.startswith(ROOT_PACKAGE + "."):
+            continue
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str):
+            continue
+        try:
+            path = Path(file).resolve()
+        except (OSError, ValueError):
+            continue
+        if path.is_relative_to(root):
+            stray[name] = path
+    if not stray:
+        return
+    for name, module in list(sys.modules.items()):
+        if not (name == base or name.startswith(base + ".")):
+            continue
+        for value in list(vars(module).values()):
+            used = None
+            if isinstance(value, ModuleType) and value.__name__ in stray:
+                used = value.__name__
+            else:
+                owner = getattr(value, "__module__", None)
+                if isinstance(owner, str) and owner in stray:
+                    used = owner
+            if used is None:
+                continue
+            path = stray[used]
+            folder = path.relative_to(root).parts[0]
+            whose = "its own folder" if folder == plugin else f"plugin {folder!r}'s folder"
+            rel = name[len(base) + 1 :].replace(".", "/") + ".py" if name != base else "__init__.py"
+            raise PluginImportError(
+                f"{rel}: the top-level import {used!r} resolves to {path} in {whose} "
+                "(through sys.path); plugins import their own modules relatively "
+                f"(from . import {used.rsplit('.', 1)[-1]}) and other plugins through "
+                f"{ROOT_PACKAGE}.<name> with 'requires'",
+                rel,
+            )
 
 
 def _config_model(plugin: str, run: ModuleType, folder: Path, base: str) -> type[BaseModel] | None:

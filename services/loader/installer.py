@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from .files import FileRefused, kind, printable, read_limited, regular_files
 from .manifest import Manifest, ManifestError, read_manifest, read_plugin_info, valid_name
 
 if TYPE_CHECKING:
@@ -38,12 +39,14 @@ __all__ = [
     "InstallError",
     "Limits",
     "Staged",
+    "check_tree",
     "commit",
     "digest",
     "discard",
     "is_archive",
     "read_config",
     "remove_plugin",
+    "rollback",
     "stage",
     "validate_folder",
 ]
@@ -52,6 +55,12 @@ __all__ = [
 STAGING = ".xcore-staging"
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 IGNORED = ("__pycache__", ".DS_Store")
+#: Deepest nesting accepted in config.yaml (flow brackets or indentation levels).
+MAX_CONFIG_DEPTH = 100
+#: Largest config.yaml read (bytes).
+CONFIG_LIMIT = 1024 * 1024
+#: Largest file read to compute a digest (bytes); larger ones count by their prefix.
+DIGEST_LIMIT = 64 * 1024 * 1024
 
 
 class InstallError(Exception):
@@ -95,37 +104,87 @@ def _stem(path: Path) -> str:
 
 
 def digest(folder: Path) -> str:
-    """A sha256 over the plugin's files (relative paths and contents, sorted)."""
+    """A sha256 over the plugin's files (relative paths and contents, sorted).
+
+    Only regular files are read (a FIFO or device counts by its name and kind), each
+    up to the read limit; a link counts by its target.
+    """
     h = hashlib.sha256()
-    for path in sorted(_files(folder)):
-        rel = path.relative_to(folder).as_posix()
-        h.update(rel.encode() + b"\0")
+    regular, others = regular_files(folder, IGNORED)
+    entries = [(p, True) for p in regular] + [(p, False) for p in others]
+    for path, is_file in sorted(entries, key=lambda e: os.fsencode(e[0])):
+        h.update(os.fsencode(path.relative_to(folder)) + b"\0")
         try:
-            h.update(path.read_bytes() if not path.is_symlink() else os.readlink(path).encode())
-        except OSError:
-            h.update(b"<unreadable>")
+            if is_file:
+                h.update(read_limited(path, DIGEST_LIMIT))
+            elif path.is_symlink():
+                h.update(b"link:" + os.fsencode(os.readlink(path)))
+            else:
+                h.update(b"special:" + str(stat.S_IFMT(os.lstat(path).st_mode)).encode())
+        except (OSError, FileRefused) as exc:
+            h.update(b"<unreadable>" + str(exc).encode("utf-8", "backslashreplace"))
         h.update(b"\0")
     return h.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d not in IGNORED and not d.startswith(".")]
-        for f in files:
-            if f.endswith((".pyc", ".pyo")) or f in IGNORED:
-                continue
-            out.append(Path(root) / f)
-    return out
+    """The plugin's regular files (hidden entries, caches and special files left out)."""
+    return regular_files(folder, IGNORED)[0]
+
+
+def check_tree(folder: Path, limits: Limits, label: str) -> tuple[int, int]:
+    """Refuse links, special files, undecodable names and too much; ``(files, bytes)``.
+
+    Nothing is opened or followed. ``label`` names the tree in messages.
+    """
+    regular, others = regular_files(folder, IGNORED)
+    for path in sorted(others):
+        rel = printable(path.relative_to(folder).as_posix())
+        try:
+            what = kind(os.lstat(path).st_mode)
+        except OSError:
+            what = "unreadable"
+        raise InstallError(
+            f"{label}: '{rel}' is {what}; plugins may hold only regular files and folders"
+        )
+    total = 0
+    for path in regular:
+        rel = path.relative_to(folder).as_posix()
+        if printable(rel) != rel:
+            raise InstallError(f"{label}: the name '{printable(rel)}' is not valid UTF-8")
+        total += path.stat().st_size
+    if total > limits.max_bytes:
+        raise InstallError(f"{label}: {total} bytes exceed the limit of {limits.max_bytes}")
+    if len(regular) > limits.max_files:
+        raise InstallError(f"{label}: {len(regular)} files exceed the limit of {limits.max_files}")
+    return len(regular), total
 
 
 def read_config(folder: Path, plugin: str) -> dict[str, Any]:
     """The mapping in ``config.yaml`` (empty when the file is absent or empty)."""
     path = folder / "config.yaml"
-    if not path.exists():
-        return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_limited(path, CONFIG_LIMIT)
+    except FileNotFoundError:
+        return {}
+    except FileRefused as exc:
+        raise ManifestError(plugin, "config.yaml", str(exc)) from None
+    except OSError as exc:
+        raise ManifestError(plugin, "config.yaml", f"cannot be read: {exc}") from None
+    try:
+        text = raw.decode("utf-8")
+        depth = _nesting(text)
+        if depth > MAX_CONFIG_DEPTH:
+            raise ManifestError(
+                plugin,
+                "config.yaml",
+                f"nested {depth} levels deep, more than the limit of {MAX_CONFIG_DEPTH}",
+            )
+        data = yaml.safe_load(text)
+    except (RecursionError, MemoryError) as exc:
+        raise ManifestError(
+            plugin, "config.yaml", f"nested too deeply or too large ({type(exc).__name__})"
+        ) from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -142,6 +201,23 @@ def read_config(folder: Path, plugin: str) -> dict[str, Any]:
     return data
 
 
+def _nesting(text: str) -> int:
+    """An upper bound of the YAML nesting depth: flow brackets and indentation levels.
+
+    Checked before parsing, so a deeply nested file is refused at once instead of
+    keeping the (pure-Python) parser busy for seconds before it fails.
+    """
+    deepest = depth = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    indents = {len(line) - len(line.lstrip(" ")) for line in text.splitlines() if line.strip()}
+    return max(deepest, len(indents))
+
+
 def validate_folder(
     folder: Path, name: str | None = None, limits: Limits | None = None
 ) -> Manifest:
@@ -149,30 +225,23 @@ def validate_folder(
     plugin = name or folder.name
     limits = limits or Limits()
     manifest = read_manifest(folder, plugin)
-    total, count = 0, 0
-    root = folder.resolve()
+    try:
+        check_tree(folder, limits, "")
+    except InstallError as exc:
+        raise ManifestError(plugin, ".", str(exc).removeprefix(": ")) from None
     for path in _files(folder):
         rel = path.relative_to(folder).as_posix()
-        if path.is_symlink():
-            target = (path.parent / os.readlink(path)).resolve()
-            if not target.is_relative_to(root):
-                raise ManifestError(
-                    plugin, rel, f"is a link pointing outside the plugin ({target})"
-                )
-            continue
-        count += 1
-        total += path.stat().st_size
         if path.suffix == ".py":
             try:
-                compile(path.read_bytes(), rel, "exec", dont_inherit=True)
+                compile(read_limited(path), rel, "exec", dont_inherit=True)
             except SyntaxError as exc:
                 raise ManifestError(plugin, rel, f"line {exc.lineno}: {exc.msg}") from None
-            except ValueError as exc:  # e.g. null bytes
+            except (ValueError, FileRefused) as exc:  # e.g. null bytes
                 raise ManifestError(plugin, rel, f"cannot be compiled: {exc}") from None
-    if total > limits.max_bytes:
-        raise ManifestError(plugin, ".", f"{total} bytes exceed the limit of {limits.max_bytes}")
-    if count > limits.max_files:
-        raise ManifestError(plugin, ".", f"{count} files exceed the limit of {limits.max_files}")
+            except (MemoryError, RecursionError) as exc:
+                raise ManifestError(
+                    plugin, rel, f"too large or too deeply nested to compile ({type(exc).__name__})"
+                ) from None
     read_config(folder, plugin)
     return manifest
 
@@ -235,22 +304,17 @@ def _archive_root(dest: Path) -> Path:
 
 
 def _check_member(source: Path, name: str) -> PurePosixPath:
+    shown = printable(name)
+    if shown != name:
+        raise InstallError(f"{source}: member '{shown}': the name is not valid UTF-8")
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise InstallError(f"{source}: member {name!r} has an absolute path")
     path = PurePosixPath(name.replace("\\", "/"))
     if ".." in path.parts:
         raise InstallError(f"{source}: member {name!r} contains '..'")
+    if not path.parts or path.parts[0] in ("", "."):
+        raise InstallError(f"{source}: member {name!r} has no usable path")
     return path
-
-
-def _inside(source: Path, member: PurePosixPath, target: str) -> None:
-    if target.startswith("/"):
-        raise InstallError(f"{source}: link {str(member)!r} points to the absolute path {target!r}")
-    depth = 0
-    for part in (member.parent / target).parts:
-        depth += -1 if part == ".." else (0 if part == "." else 1)
-        if depth < 0:
-            raise InstallError(f"{source}: link {str(member)!r} -> {target!r} points outside")
 
 
 def _extract(source: Path, dest: Path, limits: Limits) -> None:
@@ -261,10 +325,18 @@ def _extract(source: Path, dest: Path, limits: Limits) -> None:
         _extract_tar(source, dest, limits)
 
 
+def _undecodable(source: Path, exc: UnicodeDecodeError) -> InstallError:
+    raw = exc.object if isinstance(exc.object, bytes) else b""
+    shown = raw.decode("utf-8", "backslashreplace")
+    return InstallError(f"{source}: member '{shown}': the name is not valid UTF-8")
+
+
 def _extract_zip(source: Path, dest: Path, limits: Limits) -> None:
     try:
         zf = zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except UnicodeDecodeError as exc:
+        raise _undecodable(source, exc) from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise InstallError(f"{source}: not a readable zip archive ({exc})") from None
     with zf:
         infos = zf.infolist()
@@ -273,104 +345,132 @@ def _extract_zip(source: Path, dest: Path, limits: Limits) -> None:
                 f"{source}: {len(infos)} members exceed the limit of {limits.max_files}"
             )
         total = 0
-        links = []
         for info in infos:
-            member = _check_member(source, info.filename)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                target = zf.read(info).decode("utf-8", "replace")
-                _inside(source, member, target)
-                links.append((member, target))
+            _check_member(source, info.filename)
+            kind_bits = stat.S_IFMT(info.external_attr >> 16)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise InstallError(
+                    f"{source}: member {info.filename!r} is a symbolic link; links are refused"
+                )
+            if kind_bits not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise InstallError(f"{source}: member {info.filename!r} is not a file or a folder")
             total += info.file_size
             if total > limits.max_bytes:
                 raise InstallError(f"{source}: unpacks to more than {limits.max_bytes} bytes")
+        written_total = 0
         for info in infos:
-            member = PurePosixPath(info.filename.replace("\\", "/"))
+            member = _check_member(source, info.filename)
             out = dest.joinpath(*member.parts)
-            if info.is_dir():
-                out.mkdir(parents=True, exist_ok=True)
-                continue
-            if stat.S_ISLNK(info.external_attr >> 16):
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(out, "wb") as dst:
-                written = 0
-                while chunk := src.read(65536):
-                    written += len(chunk)
-                    if written > info.file_size:
-                        raise InstallError(
-                            f"{source}: member {info.filename!r} is larger than declared"
-                        )
-                    dst.write(chunk)
-        for member, target in links:
-            out = dest.joinpath(*member.parts)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(target, out)
+            try:
+                if info.is_dir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(out, "xb") as dst:
+                    written = 0
+                    while chunk := src.read(65536):
+                        written += len(chunk)
+                        written_total += len(chunk)
+                        if written > info.file_size or written_total > limits.max_bytes:
+                            raise InstallError(
+                                f"{source}: member {info.filename!r} is larger than declared"
+                            )
+                        dst.write(chunk)
+            except InstallError:
+                raise
+            except Exception as exc:  # bad CRC, bad compression, encryption, clashes
+                raise InstallError(
+                    f"{source}: member {info.filename!r} cannot be extracted: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
 
 
 def _extract_tar(source: Path, dest: Path, limits: Limits) -> None:
+    """Read the tar member by member: every limit applies before the next member is read."""
     try:
         tf = tarfile.open(source, "r:*")  # noqa: SIM115 - closed by the `with` below
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise InstallError(f"{source}: not a readable tar archive ({exc})") from None
     with tf:
-        members = tf.getmembers()
-        if len(members) > limits.max_files:
-            raise InstallError(
-                f"{source}: {len(members)} members exceed the limit of {limits.max_files}"
-            )
-        total = 0
-        for m in members:
+        count, total, last = 0, 0, None
+        while True:
+            try:
+                m = tf.next()
+            except Exception as exc:  # truncated, corrupt compression, bad header
+                after = f" after member {last!r}" if last else ""
+                raise InstallError(
+                    f"{source}: unreadable{after}: {type(exc).__name__}: {exc}"
+                ) from None
+            if m is None:
+                break
+            count += 1
+            if count > limits.max_files:
+                raise InstallError(f"{source}: more than {limits.max_files} members (the limit)")
             member = _check_member(source, m.name)
-            if m.issym():
-                _inside(source, member, m.linkname)
-            elif m.islnk():
-                _check_member(source, m.linkname)
-            elif not (m.isfile() or m.isdir()):
-                raise InstallError(f"{source}: member {m.name!r} is not a file, folder or link")
+            last = m.name
+            if m.issym() or m.islnk():
+                raise InstallError(f"{source}: member {m.name!r} is a link; links are refused")
+            if not (m.isfile() or m.isdir()):
+                raise InstallError(f"{source}: member {m.name!r} is not a file or a folder")
             total += max(m.size, 0)
             if total > limits.max_bytes:
                 raise InstallError(f"{source}: unpacks to more than {limits.max_bytes} bytes")
-        try:
-            tf.extractall(dest, filter="data")
-        except tarfile.TarError as exc:
-            raise InstallError(f"{source}: refused while extracting: {exc}") from None
+            out = dest.joinpath(*member.parts)
+            try:
+                if m.isdir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                src = tf.extractfile(m)
+                if src is None:
+                    raise InstallError(f"{source}: member {m.name!r} has no content")
+                with src, open(out, "xb") as dst:
+                    written = 0
+                    while chunk := src.read(65536):
+                        written += len(chunk)
+                        if written > m.size:
+                            raise InstallError(
+                                f"{source}: member {m.name!r} is larger than declared"
+                            )
+                        dst.write(chunk)
+            except InstallError:
+                raise
+            except Exception as exc:
+                raise InstallError(
+                    f"{source}: member {m.name!r} cannot be extracted: {type(exc).__name__}: {exc}"
+                ) from None
+        tf.members.clear()  # type: ignore[attr-defined]
 
 
 def _copy_folder(source: Path, dest: Path, limits: Limits) -> None:
-    total, count = 0, 0
-    root = source.resolve()
-    for path in _files(source):
-        if path.is_symlink():
-            target = (path.parent / os.readlink(path)).resolve()
-            if not target.is_relative_to(root):
-                raise InstallError(f"{path}: link pointing outside the plugin ({target})")
-            continue
-        count += 1
-        total += path.stat().st_size
-    if total > limits.max_bytes:
-        raise InstallError(f"{source}: {total} bytes exceed the limit of {limits.max_bytes}")
-    if count > limits.max_files:
-        raise InstallError(f"{source}: {count} files exceed the limit of {limits.max_files}")
+    check_tree(source, limits, str(source))
     shutil.copytree(
         source,
         dest,
         symlinks=True,
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"),
     )
+    # the tree may have changed between the check and the copy: check the copy too
+    check_tree(dest, limits, str(source))
 
 
 # -- committing ------------------------------------------------------------------------
+#
+# An install is three steps, so that it either happens completely or not at all:
+# stage (copy/extract + check, above), commit (swap the folders, keeping the old one
+# aside), then, once the new version loaded, ``discard`` (drop the old one) — or
+# ``rollback`` (put the old one back) when it did not.
 
 
-def commit(staged: Staged, plugins_dir: Path, replace: bool) -> Path:
-    """Move the staged plugin into place (replacing the old folder when ``replace``)."""
+def commit(staged: Staged, plugins_dir: Path, replace: bool) -> Path | None:
+    """Move the staged plugin into place; the old folder (if any) is kept aside and returned."""
     target = plugins_dir / staged.name
     old: Path | None = None
     if target.exists() or target.is_symlink():
         if not replace:
             raise InstallError(
-                f"plugin {staged.name!r} is already installed (use replace to overwrite it)"
+                f"plugin {staged.name!r} is already installed (use --replace, or replace=true, "
+                "to overwrite it)"
             )
         old = staged.work / "previous"
         os.replace(target, old)
@@ -380,8 +480,17 @@ def commit(staged: Staged, plugins_dir: Path, replace: bool) -> Path:
         if old is not None:
             os.replace(old, target)
         raise
+    return old
+
+
+def rollback(staged: Staged, plugins_dir: Path, old: Path | None) -> None:
+    """Undo :func:`commit`: the new folder goes, the old one (if any) comes back."""
+    target = plugins_dir / staged.name
+    if target.exists() or target.is_symlink():
+        os.replace(target, staged.work / "failed")
+    if old is not None:
+        os.replace(old, target)
     discard(staged)
-    return target
 
 
 def discard(staged: Staged) -> None:

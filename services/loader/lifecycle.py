@@ -20,6 +20,7 @@ it leaves no trace (the caller records the failure event), a failed mount is unl
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 import time
@@ -39,11 +40,13 @@ from . import installer
 from .context import LoadedContext, call_plugin
 from .events import LoadStage, PluginLoaded, PluginUnloaded, stream_of
 from .generation import Generation, StageError
+from .hosted import build_hosted, effective_mode, host_of
 from .importer import import_plugin, module_name, purge, restore
 from .manifest import Manifest, ManifestError, read_manifest
 from .projection import PluginTable
 from .settings import LoaderSettings
 from .state import ACTOR, LoaderState
+from .threads import ThreadTimeout
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -82,12 +85,21 @@ class Lifecycle(LoaderState):
 
     # -- building ----------------------------------------------------------------------
 
-    def _claim(self, name: str, prefix: str | None, stage: LoadStage) -> None:
+    def _claim(
+        self, name: str, prefix: str | None, stage: LoadStage, *, router_prefix: str | None = None
+    ) -> None:
         if prefix is None:
             return
         conflict = self.prefix_conflict(name, prefix)
         if conflict is not None:
-            raise StageError(stage, conflict)
+            if router_prefix is not None:
+                # the mount point came from APIRouter(prefix=...): name router.py, not run.py
+                conflict = conflict.replace(
+                    "run.py: key 'api_prefix'",
+                    f"router.py: APIRouter(prefix={router_prefix!r}) gives the mount point",
+                )
+                raise StageError(stage, conflict, file="router.py")
+            raise StageError(stage, conflict, file="run.py")
         self._building[name] = prefix
 
     def _check_requirements(self, name: str, manifest: Manifest) -> None:
@@ -118,15 +130,35 @@ class Lifecycle(LoaderState):
         return last + 1
 
     async def build(
-        self, name: str, *, cause: Recorded | None, manifest: Manifest | None = None
+        self,
+        name: str,
+        *,
+        cause: Recorded | None,
+        manifest: Manifest | None = None,
+        mount: bool = True,
     ) -> Generation:
-        """Build, start and mount a new generation of ``name`` (the old one keeps serving)."""
+        """Build, start and (unless ``mount`` is False) mount a new generation of ``name``.
+
+        The old generation keeps serving. An unmounted generation is mounted with
+        :meth:`mount` or thrown away with :meth:`discard`.
+        """
         started = time.perf_counter()
         folder = self.folder(name)
         try:
-            return await self._build(name, folder, cause, manifest, started)
+            gen = await self._build(name, folder, cause, manifest, started, mount)
         finally:
             self._building.pop(name, None)
+        return gen
+
+    async def mount(self, gen: Generation, cause: Recorded | None) -> None:
+        """Announce ``gen`` (``PluginLoaded``) and await the router; StageError on refusal."""
+        await self._mount(gen, cause, gen.started, gen.previous)
+
+    async def discard(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:
+        """Throw a generation away and put back the modules it replaced."""
+        await self.unload(gen, reason=reason, cause=cause)
+        restore(gen.name, gen.previous)
+        gen.previous = {}
 
     async def _build(
         self,
@@ -135,84 +167,176 @@ class Lifecycle(LoaderState):
         cause: Recorded | None,
         manifest: Manifest | None,
         started: float,
+        mount: bool = True,
+    ) -> Generation:
+        # Any exception at any step is this plugin's failure at the step reached, never
+        # the loader's: the stage travels with it (a MemoryError, a RecursionError...).
+        step: list[LoadStage] = ["manifest"]
+        try:
+            return await self._build_steps(name, folder, cause, manifest, started, step, mount)
+        except StageError:
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(exc, MemoryError):
+                reason += " (out of memory)"
+            raise StageError(step[0], f"plugin {name!r}: {reason}", exc=exc) from None
+
+    async def _files_step(self, name: str, stage: LoadStage, fn: Any, *args: Any) -> Any:
+        """Blocking reads of the plugin's files, in a thread, bounded by ``io_timeout``."""
+        try:
+            return await self.threads.run(
+                name, f"reading files ({stage})", fn, *args, timeout=self.settings.io_timeout
+            )
+        except ThreadTimeout:
+            raise StageError(
+                stage,
+                f"plugin {name!r}: reading its files did not finish within "
+                f"{self.settings.io_timeout:g}s",
+            ) from None
+
+    async def _build_steps(
+        self,
+        name: str,
+        folder: Path,
+        cause: Recorded | None,
+        manifest: Manifest | None,
+        started: float,
+        step: list[LoadStage],
+        mount: bool,
     ) -> Generation:
         digest = ""
         if manifest is None:
             try:
-                manifest = await asyncio.to_thread(read_manifest, folder, name)
+                manifest = await self._files_step(name, "manifest", read_manifest, folder, name)
             except ManifestError as exc:
-                raise StageError("manifest", str(exc)) from None
-        if manifest.mode == "sandboxed":
-            raise StageError(
-                "mode",
-                f"plugin {name!r}: run.py: key 'mode': 'sandboxed' plugins need the sandbox "
-                "service, which is not available; the plugin was not run",
-            )
+                raise StageError("manifest", str(exc), file=exc.file) from None
+        step[0] = "mode"
+        manifest = effective_mode(manifest, self.table.rows.get(name), self.settings.archive_mode)
+        host = host_of(self.kernel, name, manifest)
+        step[0] = "manifest"
         self._claim(name, manifest.prefix, "manifest")
+        step[0] = "dependency"
         self._check_requirements(name, manifest)
+        step[0] = "config"
         try:
-            raw_config, digest = await asyncio.to_thread(_config_and_digest, folder, name)
+            raw_config, digest = await self._files_step(
+                name, "config", _config_and_digest, folder, name
+            )
         except ManifestError as exc:
-            raise StageError("config", str(exc)) from None
+            raise StageError("config", str(exc), file=exc.file) from None
         self.attempted[name] = digest
         generation = self._allocate(name)
+        if host is not None:
+            step[0] = "import"
+            hosted = await build_hosted(
+                self, host, name, folder, manifest, raw_config, digest, generation
+            )
+            if mount:
+                step[0] = "mount"
+                await self._mount(hosted, cause, started, {})
+            return hosted
+        step[0] = "import"
         previous = purge(name)
+        allowed = {r.name for r in manifest.requires}
         try:
-            imported = await asyncio.to_thread(import_plugin, name, folder, manifest.prefix)
+            imported = await self.threads.run(
+                name,
+                "import",
+                import_plugin,
+                name,
+                folder,
+                manifest.prefix,
+                allowed,
+                self.plugins_dir,
+                timeout=self.settings.import_timeout,
+            )
+        except ThreadTimeout:
+            restore(name, previous)
+            raise StageError(
+                "import",
+                f"plugin {name!r}: import did not finish in {self.settings.import_timeout:g} s "
+                "(its thread keeps running until a restart; see /health)",
+                generation=generation,
+            ) from None
         except BaseException as exc:
             restore(name, previous)
             if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
                 raise
+            file, line = _where(exc, folder)
+            at = f"{file} line {line}: " if file else ""
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(exc, MemoryError):
+                reason += " (out of memory)"
             raise StageError(
                 "import",
-                f"plugin {name!r}: {_culprit(exc, folder)}{type(exc).__name__}: {exc}",
+                f"plugin {name!r}: {at}{reason}",
                 exc=exc,
                 generation=generation,
+                file=file,
+                line=line,
             ) from None
         modules = {
             n: m
-            for n, m in sys.modules.items()
+            for n, m in list(sys.modules.items())
             if n == module_name(name) or n.startswith(module_name(name) + ".")
         }
         try:
+            step[0] = "mount"
             if imported.prefix != manifest.prefix:
-                self._claim(name, imported.prefix, "mount")
+                self._claim(name, imported.prefix, "mount", router_prefix=imported.router_prefix)
+            step[0] = "config"
             config: Any = raw_config
             if imported.config_model is not None:
                 try:
                     config = imported.config_model.model_validate(raw_config)
                 except ValidationError as exc:
                     raise StageError(
-                        "config", _config_error(name, exc), generation=generation
+                        "config",
+                        _config_error(name, exc),
+                        generation=generation,
+                        file="config.yaml",
                     ) from None
+            step[0] = "hook"
             ctx = LoadedContext(
-                self.kernel, name, generation, config, self.data_dir / "plugins" / name
+                self.kernel,
+                name,
+                generation,
+                config,
+                self.data_dir / "plugins" / name,
+                self.threads,
             )
             await asyncio.to_thread(ctx.data_dir.mkdir, parents=True, exist_ok=True)
             hook = imported.hooks.get("on_load")
             if hook is not None:
                 try:
-                    await asyncio.wait_for(
-                        call_plugin(ctx, hook, ctx), timeout=self.settings.hook_timeout
+                    await call_plugin(
+                        ctx, hook, ctx, timeout=self.settings.hook_timeout, what="on_load"
                     )
                 except Exception as exc:
                     await ctx.close()
+                    file, line = _where(exc, folder)
                     if isinstance(exc, TimeoutError):
                         msg = f"on_load did not finish within {self.settings.hook_timeout:g}s"
+                        if not inspect.iscoroutinefunction(hook):
+                            msg += " (its thread keeps running until a restart; see /health)"
                     else:
-                        msg = f"{type(exc).__name__}: {exc}"
+                        msg = f"on_load raised {type(exc).__name__}: {exc}"
                     raise StageError(
                         "hook",
-                        f"plugin {name!r}: run.py: on_load raised {msg}",
+                        f"plugin {name!r}: {file or 'run.py'}"
+                        f"{f' line {line}' if line else ''}: {msg}",
                         exc=exc,
                         generation=generation,
+                        file=file or "run.py",
+                        line=line,
                     ) from None
         except BaseException:
             restore(name, previous)
             raise
 
         async def run_sync(fn: Any, *args: Any) -> Any:
-            return await call_plugin(ctx, fn, *args)
+            return await call_plugin(ctx, fn, *args, what=getattr(fn, "__name__", "task"))
 
         runtime = PluginRuntime(
             name=name,
@@ -228,10 +352,22 @@ class Lifecycle(LoaderState):
             auth=manifest.auth,
         )
         gen = Generation(
-            name, generation, folder, manifest, digest, imported, ctx, runtime, modules
+            name,
+            generation,
+            folder,
+            manifest,
+            digest,
+            imported,
+            ctx,
+            runtime,
+            modules,
+            previous=previous,
+            started=started,
         )
         self.kernel.plugins.put(runtime)
-        await self._mount(gen, cause, started, previous)
+        if mount:
+            step[0] = "mount"
+            await self._mount(gen, cause, started, previous)
         return gen
 
     # -- mounting ----------------------------------------------------------------------
@@ -251,7 +387,9 @@ class Lifecycle(LoaderState):
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         stream = stream_of(gen.name)
-        if gen.imported.router is None or "router" not in self.kernel.services:
+        gen.announced = True
+        has_routes = gen.imported.router is not None or gen.runtime.asgi_app is not None
+        if not has_routes or "router" not in self.kernel.services:
             await self.kernel.append(event, stream=stream, actor=ACTOR, cause=cause)
             return
         try:
@@ -275,7 +413,46 @@ class Lifecycle(LoaderState):
             )
         await self.unload(gen, reason=f"mount failed: {error}", cause=cause)
         restore(gen.name, previous)
-        raise StageError("mount", error, generation=gen.generation)
+        gen.previous = {}
+        file = "router.py" if gen.imported.router is not None else None
+        raise StageError("mount", error, generation=gen.generation, file=file)
+
+    async def remount(self, gen: Generation, cause: Recorded | None) -> None:
+        """Offer a still-loaded generation's routes again (a newer one was rolled back)."""
+        if gen.imported.router is None or "router" not in self.kernel.services:
+            return
+        event = PluginLoaded(
+            name=gen.name,
+            version=gen.manifest.version,
+            generation=gen.generation,
+            mode=gen.manifest.mode,
+            prefix=gen.prefix,
+            routes=gen.imported.routes,
+            tasks=sorted(gen.imported.tasks),
+            digest=gen.digest,
+            duration_ms=0.0,
+        )
+        try:
+            outcome = await self.kernel.request(
+                event,
+                stream=stream_of(gen.name),
+                outcomes=[RoutesMounted, RouteConflict],
+                timeout=self.settings.mount_timeout,
+                actor=ACTOR,
+                cause=cause,
+            )
+        except RequestTimeout:
+            log.error(
+                "plugin %r: generation %d could not be mounted again", gen.name, gen.generation
+            )
+            return
+        if outcome.type != RoutesMounted.type_name:
+            log.error(
+                "plugin %r: generation %d could not be mounted again: %s",
+                gen.name,
+                gen.generation,
+                outcome.data.get("reason"),
+            )
 
     # -- unloading ---------------------------------------------------------------------
 
@@ -284,8 +461,12 @@ class Lifecycle(LoaderState):
         hook = gen.imported.hooks.get("on_unload")
         if hook is not None:
             try:
-                await asyncio.wait_for(
-                    call_plugin(gen.context, hook, gen.context), timeout=self.settings.hook_timeout
+                await call_plugin(
+                    gen.context,
+                    hook,
+                    gen.context,
+                    timeout=self.settings.hook_timeout,
+                    what="on_unload",
                 )
             except Exception as exc:
                 log.error(
@@ -302,30 +483,36 @@ class Lifecycle(LoaderState):
             current = sys.modules.get(module_name(gen.name))
             if current is not None and current is gen.modules.get(module_name(gen.name)):
                 purge(gen.name)
-        await self.record(
-            PluginUnloaded(name=gen.name, generation=gen.generation, reason=reason), cause=cause
-        )
+        if gen.announced:
+            await self.record(
+                PluginUnloaded(name=gen.name, generation=gen.generation, reason=reason),
+                cause=cause,
+            )
 
 
 def _config_and_digest(folder: Path, name: str) -> tuple[dict[str, Any], str]:
     return installer.read_config(folder, name), installer.digest(folder)
 
 
-def _culprit(exc: BaseException, folder: Path) -> str:
-    """'router.py line 3: ' for the innermost frame of the plugin's own files, or ''."""
+def _where(exc: BaseException, folder: Path) -> tuple[str | None, int | None]:
+    """(file, line) of the innermost frame in the plugin's own files, or (None, None)."""
+    root = folder.resolve()
     if isinstance(exc, SyntaxError) and exc.filename:
         try:
-            rel = Path(exc.filename).resolve().relative_to(folder.resolve())
-            return f"{rel.as_posix()} line {exc.lineno}: "
-        except ValueError:
+            rel = Path(exc.filename).resolve().relative_to(root)
+            return rel.as_posix(), exc.lineno
+        except (ValueError, OSError):
             pass
-    where = ""
+    where: tuple[str | None, int | None] = (None, None)
     for frame in traceback.extract_tb(exc.__traceback__):
         try:
-            rel = Path(frame.filename).resolve().relative_to(folder.resolve())
-        except ValueError:
+            rel = Path(frame.filename).resolve().relative_to(root)
+        except (ValueError, OSError):
             continue
-        where = f"{rel.as_posix()} line {frame.lineno}: "
+        where = (rel.as_posix(), frame.lineno)
+    file = getattr(exc, "plugin_file", None)
+    if where[0] is None and isinstance(file, str):
+        return file, getattr(exc, "plugin_line", None)
     return where
 
 

@@ -2,7 +2,7 @@
 
 The original project's keys are accepted as they are (``Api_prefix``,
 ``tag_for_identified``) beside their snake_case names (``api_prefix``, ``tags``), plus
-``name``, ``mode``, ``limits``, ``requires``, ``auth`` and ``description``. Anything else
+``name``, ``mode``, ``limits``, ``network``, ``requires``, ``auth`` and ``description``. Anything else
 is refused with the plugin, the file and the key named::
 
     plugin 'hello': run.py: key 'verison': unknown key (known keys: api_prefix, ...)
@@ -25,6 +25,8 @@ from packaging.version import InvalidVersion, Version
 from kernel import prefixes
 from kernel.access import AuthSpec, parse_auth
 from kernel.errors import XcoreError
+
+from .files import FileRefused, read_limited
 
 __all__ = [
     "KNOWN_KEYS",
@@ -49,12 +51,14 @@ KNOWN_KEYS = frozenset(
         "name",
         "mode",
         "limits",
+        "network",
         "requires",
         "auth",
         "description",
+        "watch",
     }
 )
-LIMIT_KEYS = frozenset({"memory", "cpu", "wall_time", "open_files"})
+LIMIT_KEYS = frozenset({"memory", "cpu", "wall_time", "open_files", "processes", "file_size"})
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 SEMVER_RE = re.compile(
@@ -107,30 +111,42 @@ class Manifest:
     tags: tuple[str, ...] = ()
     mode: str = "trusted"
     limits: dict[str, float] = field(default_factory=dict)
+    #: A sandboxed plugin asks for network access (the operator may still refuse it).
+    network: bool = False
     requires: tuple[Requirement, ...] = ()
     #: The scopes its routes need (``kernel.access``), enforced by the router's dispatcher.
     auth: AuthSpec = field(default_factory=AuthSpec)
     description: str = ""
+    #: Glob patterns (relative to the folder) of further files whose change reloads it.
+    watch: tuple[str, ...] = ()
 
 
 def valid_name(name: str) -> bool:
-    return NAME_RE.match(name) is not None
+    return NAME_RE.fullmatch(name) is not None  # fullmatch: '$' would accept 'x\n'
 
 
 def read_plugin_info(run_py: Path, plugin: str) -> dict[str, Any]:
     """The ``PLUGIN_INFO`` literal of ``run_py``, found and evaluated without running it."""
     try:
-        source = run_py.read_bytes()
+        source = read_limited(run_py)
     except FileNotFoundError:
         raise ManifestError(
             plugin, "run.py", "the file is missing (it holds PLUGIN_INFO)"
         ) from None
+    except FileRefused as exc:
+        raise ManifestError(plugin, "run.py", str(exc)) from None
     except OSError as exc:
         raise ManifestError(plugin, "run.py", f"cannot be read: {exc}") from None
     try:
         tree = ast.parse(source, filename=str(run_py))
     except SyntaxError as exc:
         raise ManifestError(plugin, "run.py", f"line {exc.lineno}: {exc.msg}") from None
+    except (MemoryError, RecursionError) as exc:
+        raise ManifestError(
+            plugin, "run.py", f"too large or too deeply nested to parse ({type(exc).__name__})"
+        ) from None
+    except ValueError as exc:  # e.g. null bytes
+        raise ManifestError(plugin, "run.py", f"cannot be parsed: {exc}") from None
     found: ast.expr | None = None
     for node in tree.body:
         if isinstance(node, ast.Assign):
@@ -208,7 +224,7 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
         raise ManifestError(
             plugin, file, "missing (a semantic version such as '1.0.0')", key="version"
         )
-    if not isinstance(version, str) or not SEMVER_RE.match(version):
+    if not isinstance(version, str) or not SEMVER_RE.fullmatch(version):
         raise ManifestError(
             plugin,
             file,
@@ -230,6 +246,10 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
     if mode not in ("trusted", "sandboxed"):
         raise ManifestError(plugin, file, f"{mode!r} is not 'trusted' or 'sandboxed'", key=raw_key)
 
+    raw_key, network = get("network")
+    if network is not None and not isinstance(network, bool):
+        raise ManifestError(plugin, file, "must be true or false", key=raw_key)
+
     raw_key, prefix_value = get("api_prefix")
     prefix = None
     if prefix_value is not None:
@@ -243,9 +263,11 @@ def parse_manifest(info: dict[str, Any], plugin: str, file: str = "run.py") -> M
         tags=_strings(plugin, file, *get("tags")),
         mode=mode,
         limits=_limits(plugin, file, *get("limits")),
+        network=bool(network),
         requires=_requires(plugin, file, *get("requires")),
         auth=_auth(plugin, file, *get("auth")),
         description=text("description"),
+        watch=_strings(plugin, file, *get("watch")),
     )
 
 
@@ -332,7 +354,7 @@ def _limits(plugin: str, file: str, key: str, value: Any) -> dict[str, float]:
             parsed = None
         elif isinstance(raw, (int, float)):
             parsed = float(raw)
-        elif isinstance(raw, str) and name == "memory":
+        elif isinstance(raw, str) and name in ("memory", "file_size"):
             m = SIZE_RE.match(raw)
             if m:
                 size = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]

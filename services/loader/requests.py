@@ -10,7 +10,10 @@ changes nothing but the failure event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kernel.errors import XcoreError
@@ -29,11 +32,13 @@ from .events import (
     PluginUninstallFailed,
     stream_of,
 )
-from .generation import StageError
+from .generation import Generation, StageError
 from .lifecycle import Lifecycle
 from .manifest import ManifestError
 
 __all__ = ["Requests"]
+
+log = logging.getLogger("xcore.loader")
 
 
 class Requests(Lifecycle):
@@ -43,7 +48,6 @@ class Requests(Lifecycle):
         """(Re)load ``name``: outcome PluginReloaded, PluginReloadFailed or PluginUninstalled."""
         old = self.loaded.get(name)
         serving = old.generation if old else None
-        started = time.perf_counter()
         if not self.folder(name).is_dir():
             if old is None:
                 await self.record(
@@ -72,34 +76,107 @@ class Requests(Lifecycle):
                 cause=cause,
             )
             return
-        try:
-            gen = await self.build(name, cause=cause)
-        except StageError as exc:
+        failure = await self.reload_group(name, cause)
+        if failure is not None:
             await self.record(
                 PluginReloadFailed(
                     name=name,
-                    stage=exc.stage,
-                    error=exc.error,
-                    traceback=exc.traceback,
+                    stage=failure.stage,
+                    error=failure.error,
+                    traceback=failure.traceback,
                     serving_generation=serving,
-                    generation=exc.generation,
+                    generation=failure.generation,
+                    file=failure.file,
+                    line=failure.line,
                 ),
                 cause=cause,
             )
-            return
-        self.loaded[name] = gen
-        if old is not None:
-            await self.unload(old, reason=f"replaced by generation {gen.generation}", cause=cause)
-        await self.record(
-            PluginReloaded(
-                name=name,
-                version=gen.manifest.version,
-                old_generation=serving,
-                generation=gen.generation,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            ),
-            cause=cause,
-        )
+
+    async def reload_group(
+        self,
+        name: str,
+        cause: Recorded | None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> StageError | None:
+        """Reload ``name`` and the loaded plugins requiring it, as one change.
+
+        Every new generation is built first (the old ones keep serving), then all are
+        mounted, then the old ones are unloaded and ``PluginReloaded`` recorded for
+        each, ``name`` first. If any step fails, every new generation is thrown away,
+        the old ones keep serving, and the failure is returned (not recorded).
+        """
+        started = time.perf_counter()
+        group = [name, *reversed(self.dependents(name))] if name in self.loaded else [name]
+        olds = {n: self.loaded.get(n) for n in group}
+        built: list[Generation] = []
+        mounted: list[Generation] = []
+        try:
+            for member in group:
+                try:
+                    gen = await self.build(member, cause=cause, mount=False)
+                except StageError as exc:
+                    if member != name:
+                        exc.error = (
+                            f"plugin {member!r} requires {name!r} and is reloaded with it, but "
+                            f"failed: {exc.error}; nothing changed"
+                        )
+                    raise
+                built.append(gen)
+                # tentatively: the plugins requiring it are checked against the new version
+                self.loaded[member] = gen
+            for gen in built:
+                await self.mount(gen, cause)
+                mounted.append(gen)
+            if before_commit is not None:
+                await before_commit()
+        except StageError as exc:
+            await self._roll_back(built, mounted, olds, cause, exc)
+            return exc
+        except Exception as exc:
+            await self._roll_back(built, mounted, olds, cause, exc)
+            return StageError("internal", f"plugin {name!r}: {type(exc).__name__}: {exc}", exc=exc)
+        for gen in built:
+            gen.previous = {}  # committed: the old modules may go
+        for member in reversed(group):
+            old = olds[member]
+            if old is not None:
+                new_gen = self.loaded[member].generation
+                await self.unload(old, reason=f"replaced by generation {new_gen}", cause=cause)
+        for gen in built:
+            old = olds[gen.name]
+            duration = round((time.perf_counter() - started) * 1000, 3)
+            await self.record(
+                PluginReloaded(
+                    name=gen.name,
+                    version=gen.manifest.version,
+                    old_generation=old.generation if old else None,
+                    generation=gen.generation,
+                    duration_ms=duration,
+                ),
+                cause=cause,
+            )
+        return None
+
+    async def _roll_back(
+        self,
+        built: list[Generation],
+        mounted: list[Generation],
+        olds: dict[str, Generation | None],
+        cause: Recorded | None,
+        exc: BaseException,
+    ) -> None:
+        for gen in reversed(built):
+            old = olds[gen.name]
+            if old is None:
+                self.loaded.pop(gen.name, None)
+            else:
+                self.loaded[gen.name] = old
+            try:
+                await self.discard(gen, reason=f"rolled back: {exc}", cause=cause)
+                if gen in mounted and old is not None:
+                    await self.remount(old, cause)
+            except Exception:
+                log.exception("rolling back generation %d of %r failed", gen.generation, gen.name)
 
     def reload_targets(self) -> list[str]:
         """Every enabled plugin, dependencies before their dependents."""
@@ -129,7 +206,16 @@ class Requests(Lifecycle):
         await self.reload(name, cause)
 
     async def install(self, source: Path, replace: bool, cause: Recorded | None) -> None:
-        """Stage, validate and move a plugin into place, then (re)load it."""
+        """Stage and check, commit the files, load; or roll everything back.
+
+        The steps (kept apart so another store of archives can take the first one):
+        1. stage: copy or extract into the staging area, check every member, validate;
+        2. commit: swap the folders, the old one kept aside;
+        3. load the new version (with the plugins requiring it); once it serves, record
+           ``PluginInstalled`` and drop the old files — or, if it failed, put the old
+           folder back (the old generation never stopped serving) and record
+           ``PluginInstallFailed`` with the stage and reason.
+        """
         try:
             staged = await asyncio.to_thread(installer.stage, source, self.plugins_dir, self.limits)
         except (installer.InstallError, ManifestError, OSError) as exc:
@@ -139,35 +225,88 @@ class Requests(Lifecycle):
                 stream=PLUGINS_STREAM,
             )
             return
+        except Exception as exc:
+            await self.record(
+                PluginInstallFailed(
+                    source=str(source),
+                    error=f"{source}: cannot be installed: {type(exc).__name__}: {exc}",
+                    traceback="".join(traceback.format_exception(exc)),
+                ),
+                cause=cause,
+                stream=PLUGINS_STREAM,
+            )
+            return
         name = staged.name
+        previous_digest = self.attempted.get(name)
         try:
             self._check_install(staged, replace)
             self.attempted[name] = staged.digest
-            await asyncio.to_thread(installer.commit, staged, self.plugins_dir, replace)
+            old_folder = await asyncio.to_thread(
+                installer.commit, staged, self.plugins_dir, replace
+            )
         except (installer.InstallError, XcoreError, OSError) as exc:
             await asyncio.to_thread(installer.discard, staged)
+            self._forget_attempt(name, previous_digest)
             await self.record(
                 PluginInstallFailed(source=str(source), error=str(exc), name=name),
                 cause=cause,
                 stream=stream_of(name),
             )
             return
-        await self.record(
-            PluginInstalled(
-                name=name, version=staged.manifest.version, source=str(source), digest=staged.digest
-            ),
-            cause=cause,
-        )
         if name in self.table.disabled():
             await self.record(PluginEnabled(name=name), cause=cause)
             await self.kernel.settle()
-        await self.reload(name, cause)
+
+        async def installed() -> None:
+            await self.record(
+                PluginInstalled(
+                    name=name,
+                    version=staged.manifest.version,
+                    source=str(source),
+                    digest=staged.digest,
+                ),
+                cause=cause,
+            )
+
+        failure = await self.reload_group(name, cause, before_commit=installed)
+        if failure is None:
+            await asyncio.to_thread(installer.discard, staged)
+            return
+        try:
+            await asyncio.to_thread(installer.rollback, staged, self.plugins_dir, old_folder)
+            undone = "the plugins directory is as it was"
+        except OSError as exc:
+            log.exception("could not roll back the install of %r", name)
+            undone = f"rolling the files back failed ({exc})"
+        self._forget_attempt(name, previous_digest)
+        kept = (
+            f"; generation {self.loaded[name].generation} keeps serving"
+            if name in self.loaded
+            else ""
+        )
+        await self.record(
+            PluginInstallFailed(
+                source=str(source),
+                name=name,
+                stage=failure.stage,
+                error=f"{failure.error} (install undone: {undone}{kept})",
+                traceback=failure.traceback,
+            ),
+            cause=cause,
+        )
+
+    def _forget_attempt(self, name: str, previous: str | None) -> None:
+        if previous is None:
+            self.attempted.pop(name, None)
+        else:
+            self.attempted[name] = previous
 
     def _check_install(self, staged: installer.Staged, replace: bool) -> None:
         name, prefix = staged.name, staged.manifest.prefix
         if self.folder(name).exists() and not replace:
             raise installer.InstallError(
-                f"plugin {name!r} is already installed (ask for a replacement to overwrite it)"
+                f"plugin {name!r} is already installed (use --replace, or replace=true, to "
+                "overwrite it)"
             )
         conflict = self.prefix_conflict(name, prefix) if prefix is not None else None
         if conflict is not None:

@@ -15,11 +15,15 @@ Started by the kernel (entry point ``loader``) after the services that react to
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import fnmatch
 import logging
+import time
+import traceback
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kernel.events import Recorded
 
@@ -27,13 +31,19 @@ from . import installer
 from .api import build_router
 from .core import ACTOR, Loader
 from .events import (
+    PLUGINS_STREAM,
     PluginDisabled,
     PluginEnabled,
+    PluginInstallFailed,
     PluginInstallRequested,
+    PluginReloadFailed,
+    PluginReloadPaused,
     PluginReloadRequested,
+    PluginUninstallFailed,
     PluginUninstallRequested,
     stream_of,
 )
+from .files import printable
 from .projection import PluginTable
 from .settings import LoaderSettings
 from .watcher import watch
@@ -44,6 +54,9 @@ if TYPE_CHECKING:
 __all__ = ["LoaderService"]
 
 log = logging.getLogger("xcore.loader")
+
+#: The window in which ``max_reloads_per_minute`` watcher reloads of one plugin are allowed.
+DAMPING_WINDOW = 60.0
 
 REQUESTS = (
     PluginReloadRequested,
@@ -67,6 +80,7 @@ class LoaderService:
         self.watching = asyncio.Event()
         self._stop_watch = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
+        self._reload_times: dict[str, collections.deque[float]] = {}
 
     async def start(self, kernel: Kernel, stack: AsyncExitStack) -> None:
         settings = kernel.settings.section("loader", LoaderSettings)
@@ -76,6 +90,9 @@ class LoaderService:
         loader = self.loader = Loader(kernel, settings, table)
         await kernel.subscribe(self._on_request, types=list(REQUESTS), start="now")
         kernel.http.add_admin_router(build_router(kernel, loader))
+        # uploads may exceed the HTTP default body limit (plus room for the multipart framing)
+        kernel.http.set_body_limit("/admin/plugins", loader.limits.max_bytes + 64 * 1024)
+        kernel.http.add_health_check("loader", loader.health)
         stack.push_async_callback(loader.shutdown)
         await loader.boot()
         if kernel.settings.reload:
@@ -117,30 +134,102 @@ class LoaderService:
         if record.meta.actor == ACTOR:
             return  # our own PluginEnabled (after an install), already acted upon
         event = record.event
-        await loader.kernel.settle(record.position)
-        async with loader.lock:
-            if isinstance(event, PluginReloadRequested):
-                if event.name is None:
-                    await loader.reload_all(record)
-                else:
-                    await loader.reload(event.name, record)
-            elif isinstance(event, PluginEnabled):
-                await loader.enable(event.name, record)
-            elif isinstance(event, PluginDisabled):
-                await loader.disable(event.name, record)
-            elif isinstance(event, PluginInstallRequested):
-                await loader.install(Path(event.source), event.replace, record)
-            elif isinstance(event, PluginUninstallRequested):
-                await loader.uninstall(event.name, record)
+        kernel = loader.kernel
+        if (
+            kernel.placement.shared
+            and record.meta.node != kernel.node
+            and (isinstance(event, PluginInstallRequested) or record.meta.actor == "cluster")
+        ):
+            # a cluster: an install reads a path local to the node that received it, and
+            # the cluster service spreads its result; "cluster" requests are node-local
+            return
+        if isinstance(event, PluginReloadRequested) and record.meta.actor != "watcher":
+            if event.name is not None:
+                loader.paused.discard(event.name)  # a person asked: the watcher may go on
+            else:
+                loader.paused.clear()
+        try:
+            await loader.kernel.settle(record.position)
+            async with loader.lock:
+                loader.busy = (record.type, time.monotonic())
+                try:
+                    await self._act(loader, event, record)
+                finally:
+                    loader.busy = None
+        except Exception as exc:
+            # Never retried, never left unanswered: the request gets its failure now.
+            log.exception("the loader failed on %s (position %d)", record.type, record.position)
+            await self._answer_failure(loader, event, record, exc)
+
+    async def _act(self, loader: Loader, event: object, record: Recorded) -> None:
+        if isinstance(event, PluginReloadRequested):
+            if event.name is None:
+                await loader.reload_all(record)
+            else:
+                await loader.reload(event.name, record)
+        elif isinstance(event, PluginEnabled):
+            await loader.enable(event.name, record)
+        elif isinstance(event, PluginDisabled):
+            await loader.disable(event.name, record)
+        elif isinstance(event, PluginInstallRequested):
+            await loader.install(Path(event.source), event.replace, record)
+        elif isinstance(event, PluginUninstallRequested):
+            await loader.uninstall(event.name, record)
+
+    async def _answer_failure(
+        self, loader: Loader, event: object, record: Recorded, exc: Exception
+    ) -> None:
+        error = f"the loader failed: {type(exc).__name__}: {exc}"
+        tb = "".join(traceback.format_exception(exc))
+        answer: Any = None
+        name = getattr(event, "name", None)
+        if isinstance(event, (PluginReloadRequested, PluginEnabled)) and name is not None:
+            answer = PluginReloadFailed(name=name, stage="internal", error=error, traceback=tb)
+        elif isinstance(event, PluginInstallRequested):
+            answer = PluginInstallFailed(source=event.source, error=error, traceback=tb)
+        elif isinstance(event, PluginUninstallRequested):
+            answer = PluginUninstallFailed(name=event.name, error=error)
+        if answer is None:
+            return
+        try:
+            stream = stream_of(name) if isinstance(name, str) else PLUGINS_STREAM
+            await loader.record(answer, cause=record, stream=stream)
+        except Exception:
+            log.exception("could not record the failure of %s", record.type)
+
+    def _relevant(self, loader: Loader, name: str, files: set[str]) -> set[str]:
+        """The changed files that are code or configuration (others never reload)."""
+        gen = loader.loaded.get(name)
+        patterns = gen.manifest.watch if gen is not None else ()
+        return {
+            f
+            for f in files
+            if not f  # the folder itself (added, removed)
+            or f.endswith(".py")
+            or f == "config.yaml"
+            or any(fnmatch.fnmatchcase(f, p) for p in patterns)
+        }
+
+    def _damped(self, name: str, limit: int) -> int | None:
+        """Count a watcher reload of ``name``; the count when it passes ``limit`` a minute."""
+        now = time.monotonic()
+        times = self._reload_times.setdefault(name, collections.deque())
+        while times and now - times[0] > DAMPING_WINDOW:
+            times.popleft()
+        times.append(now)
+        return len(times) if len(times) > limit else None
 
     async def _on_change(self, changes: dict[str, set[str]]) -> None:
-        """The watcher saw changes: ask for a reload of each plugin whose content changed."""
+        """The watcher saw changes: ask for a reload of each plugin whose code changed."""
         loader = self.loader
         assert loader is not None
         disabled = loader.table.disabled()
-        for name, files in sorted(changes.items()):
-            if name in disabled:
+        for name, all_files in sorted(changes.items()):
+            if name in disabled or name in loader.paused:
                 continue
+            files = self._relevant(loader, name, all_files)
+            if not files:
+                continue  # e.g. a cache or state file the plugin writes into its folder
             folder = loader.folder(name)
             if folder.is_dir():
                 digest = await asyncio.to_thread(installer.digest, folder)
@@ -148,7 +237,23 @@ class LoaderService:
                     continue  # e.g. a save without a change, or the installer's own copy
             elif name not in loader.loaded:
                 continue
-            what = ", ".join(sorted(f for f in files if f)) or "folder"
+            count = self._damped(name, loader.settings.max_reloads_per_minute)
+            if count is not None:
+                loader.paused.add(name)
+                reason = (
+                    f"plugin {name!r} was reloaded {count} times by file changes within "
+                    f"{DAMPING_WINDOW:g}s; the watcher's reloads of it are paused (write "
+                    "data into context.data_dir, not the plugin folder; `xcore plugin reload "
+                    f"{name}` resumes them)"
+                )
+                log.warning("%s", reason)
+                await loader.record(
+                    PluginReloadPaused(
+                        name=name, reloads=count, window_s=DAMPING_WINDOW, reason=reason
+                    )
+                )
+                continue
+            what = ", ".join(sorted(printable(f) for f in files if f)) or "folder"
             await loader.kernel.append(
                 PluginReloadRequested(name=name, reason=f"changed: {what}"),
                 stream=stream_of(name),

@@ -8,21 +8,34 @@ answers to requests) and the admin API read.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kernel.events import Event, Recorded
 
 from . import installer
-from .events import stream_of
+from .events import (
+    PluginInstalled,
+    PluginInstallFailed,
+    PluginLoadFailed,
+    PluginReloaded,
+    PluginReloadFailed,
+    stream_of,
+)
+from .files import printable
 from .generation import Generation
 from .projection import PluginTable
 from .settings import LoaderSettings
+from .threads import PluginThreads
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
 __all__ = ["ACTOR", "LoaderState"]
+
+log = logging.getLogger("xcore.loader")
 
 #: The actor of the loader's own events (its reactions to requests carry the request's ids).
 ACTOR = "loader"
@@ -39,10 +52,36 @@ class LoaderState:
         self.data_dir = kernel.settings.data_dir.resolve()
         self.limits = installer.Limits.of(settings)
         self.lock = asyncio.Lock()
+        #: Where plugin code runs off the loop; remembers threads that outlived a timeout.
+        self.threads = PluginThreads()
         #: The serving generation of each loaded plugin.
         self.loaded: dict[str, Generation] = {}
         #: Digest of the last folder content each plugin was (re)loaded from, success or not.
         self.attempted: dict[str, str] = {}
+        self._warned: set[str] = set()
+        #: Plugins whose watcher reloads are paused (a reload loop); an admin reload resumes.
+        self.paused: set[str] = set()
+        #: What the loader is doing under its lock, and since when (monotonic).
+        self.busy: tuple[str, float] | None = None
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        """``/health``'s ``loader`` check: failing while a plugin thread is stuck."""
+        stuck = [s.describe() for s in self.threads.stuck]
+        busy = None
+        if self.busy is not None:
+            busy = {"doing": self.busy[0], "for_s": round(time.monotonic() - self.busy[1], 3)}
+        details: dict[str, Any] = {
+            "loaded": len(self.loaded),
+            "stuck_threads": stuck,
+            "busy": busy,
+            "reloads_paused": sorted(self.paused),
+        }
+        if stuck:
+            details["error"] = (
+                "plugin code outlived its timeout and keeps running in a thread that cannot "
+                "be stopped; restart the server to end it"
+            )
+        return not stuck, details
 
     async def record(
         self, event: Event, *, cause: Recorded | None = None, stream: str | None = None
@@ -50,7 +89,9 @@ class LoaderState:
         """Append one of the loader's events (default stream: the plugin's)."""
         name = getattr(event, "name", None)
         target = stream or stream_of(name if isinstance(name, str) else "unknown")
-        return (await self.kernel.append(event, stream=target, actor=ACTOR, cause=cause))[0]
+        recorded = (await self.kernel.append(event, stream=target, actor=ACTOR, cause=cause))[0]
+        _log_outcome(event)
+        return recorded
 
     def folder(self, name: str) -> Path:
         return self.plugins_dir / name
@@ -60,13 +101,22 @@ class LoaderState:
         if not self.plugins_dir.is_dir():
             return []
         # a folder with neither run.py nor __init__.py is not (yet) a plugin
-        return sorted(
-            p.name
-            for p in self.plugins_dir.iterdir()
-            if p.is_dir()
-            and not p.name.startswith((".", "_"))
-            and ((p / "run.py").exists() or (p / "__init__.py").exists())
-        )
+        names = []
+        for p in self.plugins_dir.iterdir():
+            if p.name.startswith((".", "_")) or not p.is_dir():
+                continue
+            if printable(p.name) != p.name:
+                if p.name not in self._warned:
+                    self._warned.add(p.name)
+                    log.error(
+                        "plugin folder '%s' ignored: its name is not valid UTF-8 (plugin names "
+                        "are a letter then letters, digits or '_')",
+                        printable(p.name),
+                    )
+                continue
+            if (p / "run.py").exists() or (p / "__init__.py").exists():
+                names.append(p.name)
+        return sorted(names)
 
     def dependents(self, name: str) -> list[str]:
         """Loaded plugins that require ``name``, directly or through others.
@@ -90,3 +140,40 @@ class LoaderState:
 
         visit(name)
         return order
+
+
+def _log_outcome(event: Event) -> None:
+    """Failures at ERROR, where the person running ``xcore serve`` looks; successes at INFO."""
+    if isinstance(event, (PluginLoadFailed, PluginReloadFailed, PluginInstallFailed)):
+        what = {
+            PluginLoadFailed: "load",
+            PluginReloadFailed: "reload",
+            PluginInstallFailed: "install",
+        }[type(event)]
+        where = ""
+        file = getattr(event, "file", None)
+        if file:
+            line = getattr(event, "line", None)
+            where = f" in {file}" + (f" line {line}" if line else "")
+        serving = getattr(event, "serving_generation", None)
+        keeps = f"; generation {serving} keeps serving" if serving else ""
+        log.error(
+            "plugin %r: %s failed at stage %s%s: %s%s",
+            event.name,
+            what,
+            event.stage or "install",
+            where,
+            event.error.removeprefix(f"plugin {event.name!r}: "),
+            keeps,
+        )
+    elif isinstance(event, PluginReloaded):
+        log.info(
+            "plugin %r: generation %d serving (version %s, replaced %s) in %.1f ms",
+            event.name,
+            event.generation,
+            event.version,
+            event.old_generation if event.old_generation is not None else "nothing",
+            event.duration_ms,
+        )
+    elif isinstance(event, PluginInstalled):
+        log.info("plugin %r: version %s installed from %s", event.name, event.version, event.source)

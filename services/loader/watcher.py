@@ -16,6 +16,8 @@ from pathlib import Path
 
 import watchfiles
 
+from .files import printable
+
 __all__ = ["plugin_of", "watch"]
 
 log = logging.getLogger("xcore.loader.watcher")
@@ -30,8 +32,8 @@ def plugin_of(plugins_dir: Path, path: str) -> tuple[str, str] | None:
     except ValueError:
         return None
     parts = rel.parts
-    if not parts:
-        return None
+    if not parts or printable(parts[0]) != parts[0]:
+        return None  # not a plugin name (the loader reports such folders)
     for part in parts:
         if part.startswith(".") or part == "__pycache__" or part.endswith("~"):
             return None

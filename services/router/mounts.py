@@ -11,8 +11,11 @@ Every refusal raises :class:`MountRefused` naming what the plugin collides with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -24,7 +27,20 @@ from services.router.dispatcher import Mount, Table
 from services.router.openapi import plugin_fragment
 from services.router.stats import PluginStats
 
-__all__ = ["MountRefused", "build_mount", "check_conflicts", "route_paths"]
+__all__ = [
+    "LIFESPAN_TIMEOUT",
+    "MountRefused",
+    "RunningLifespan",
+    "build_mount",
+    "check_conflicts",
+    "forget_endpoints",
+    "route_paths",
+    "start_lifespan",
+    "with_state",
+]
+
+#: How long a plugin router's lifespan may take to start or to stop, in seconds.
+LIFESPAN_TIMEOUT = 10.0
 
 log = logging.getLogger("xcore.router")
 
@@ -59,9 +75,16 @@ def route_paths(routes: list[BaseRoute]) -> list[str]:
 
 
 def build_mount(
-    runtime: PluginRuntime, stats: PluginStats, announced_paths: list[str]
+    runtime: PluginRuntime,
+    stats: PluginStats,
+    announced_paths: list[str],
+    dependency_overrides: dict[Any, Any] | None = None,
 ) -> Mount | None:
-    """The mount of ``runtime``, or None for a plugin without routes."""
+    """The mount of ``runtime``, or None for a plugin without routes.
+
+    Pure construction (no I/O, nothing shared is touched): the router service runs it
+    in a worker thread.
+    """
     label = f"plugin {runtime.name!r} generation {runtime.generation}"
     if runtime.asgi_app is not None:
         try:
@@ -73,7 +96,8 @@ def build_mount(
             plugin=runtime.name,
             generation=runtime.generation,
             prefix=prefix,
-            paths=sorted(announced_paths),
+            # PluginLoaded announces routes as "GET /path": the mount keeps the paths
+            paths=sorted({p.rsplit(" ", 1)[-1] for p in announced_paths}),
             app=app,
             stats=stats,
             entry=app,
@@ -100,6 +124,8 @@ def build_mount(
         docs_url=None,
         redoc_url=None,
     )
+    if dependency_overrides is not None:
+        app.dependency_overrides = dependency_overrides
     try:
         app.include_router(router, prefix=point.root)
     except Exception as exc:
@@ -187,3 +213,76 @@ def check_conflicts(
             mount.prefix,
             clashing or [mount.prefix],
         )
+
+
+# -- the router's own lifespan ---------------------------------------------------------
+
+
+@dataclass
+class RunningLifespan:
+    """A plugin app's lifespan, started; :meth:`stop` runs its shutdown half."""
+
+    stack: contextlib.AsyncExitStack
+    state: Mapping[str, Any]
+
+    async def stop(self) -> None:
+        await self.stack.aclose()
+
+
+async def start_lifespan(app: Any) -> RunningLifespan:
+    """Enter the lifespan of a plugin's FastAPI app: the router's ``lifespan=``,
+    ``on_startup`` and ``on_shutdown`` (FastAPI merges them into the app's router when the
+    router is included), as a bare app would run them at start."""
+    stack = contextlib.AsyncExitStack()
+    state = await stack.enter_async_context(app.router.lifespan_context(app))
+    return RunningLifespan(stack, dict(state) if isinstance(state, Mapping) else {})
+
+
+def with_state(mount: Mount, state: Mapping[str, Any]) -> Mount:
+    """``mount`` whose requests see the lifespan's state (``request.state.<key>``)."""
+    if not state:
+        return mount
+    inner = mount.entry
+    frozen = dict(state)
+
+    async def entry(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope["state"] = {**frozen, **scope.get("state", {})}
+        await inner(scope, receive, send)
+
+    return replace(mount, entry=entry)
+
+
+def forget_endpoints(mount: Mount) -> None:
+    """Drop FastAPI's per-endpoint caches that would keep an unloaded generation alive.
+
+    FastAPI caches facts about endpoint and dependency callables in module-level tables
+    (keyed by ``id()`` or holding the callable itself); an unloaded generation's
+    functions stay referenced there, and with them its modules. The id-keyed table is
+    pruned of this generation's endpoints; the small LRU caches are cleared (they refill
+    on the next request).
+    """
+    try:
+        from fastapi import routing as fastapi_routing
+        from fastapi.dependencies import models as fastapi_models
+    except ImportError:
+        return
+    cache = getattr(fastapi_routing, "_endpoint_context_cache", None)
+    if isinstance(cache, dict):
+        for route in getattr(mount.app, "routes", []):
+            endpoint = getattr(route, "endpoint", None)
+            if endpoint is not None:
+                cache.pop(id(endpoint), None)
+    for name in (
+        "_is_gen_callable_cached",
+        "_is_async_gen_callable_cached",
+        "_is_coroutine_callable_cached",
+    ):
+        clear = getattr(getattr(fastapi_models, name, None), "cache_clear", None)
+        if callable(clear):
+            clear()
+    # typing caches parametrized aliases (``Annotated[Item, ...]`` built by FastAPI) by
+    # their arguments, the plugin's classes included
+    for cleanup in getattr(typing, "_cleanups", ()):
+        with contextlib.suppress(Exception):
+            cleanup()

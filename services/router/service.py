@@ -19,6 +19,7 @@ listening when the first plugins load.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,18 @@ from services.router.access import Authenticator, RouterSettings, security_schem
 from services.router.admin import admin_router
 from services.router.dispatcher import Dispatcher, Mount, Table
 from services.router.events import RouteConflict, RoutesMounted, RoutesUnmounted, stream_of
-from services.router.mounts import SELF, MountRefused, build_mount, check_conflicts, route_paths
+from services.router.mounts import (
+    LIFESPAN_TIMEOUT,
+    SELF,
+    MountRefused,
+    RunningLifespan,
+    build_mount,
+    check_conflicts,
+    forget_endpoints,
+    route_paths,
+    start_lifespan,
+    with_state,
+)
 from services.router.openapi import merge_fragments
 from services.router.projection import MountedRoutes
 from services.router.stats import RouteStats
@@ -58,6 +70,11 @@ class RouterService:
         self._subscription: Subscription | None = None
         #: Prefix of every generation mounted and not yet unloaded, by (plugin, generation).
         self._prefixes: dict[tuple[str, int], str] = {}
+        #: Router lifespans running, by (plugin, generation).
+        self._lifespans: dict[tuple[str, int], RunningLifespan] = {}
+        self._overrides: dict[str, dict[Any, Any]] = {}
+        #: Every generation mounted and not yet unloaded (its caches are dropped then).
+        self._mounts: dict[tuple[str, int], Mount] = {}
 
     @property
     def kernel(self) -> Kernel:
@@ -91,6 +108,9 @@ class RouterService:
             self._subscription = None
         self.dispatcher.swap(Table())
         self._prefixes.clear()
+        self._mounts.clear()
+        for name, generation in list(self._lifespans):
+            await self._stop_lifespan(name, generation)
 
     # -- reacting to the loader --------------------------------------------------------
 
@@ -107,7 +127,7 @@ class RouterService:
         name: str = record.data["name"]
         generation: int = record.data["generation"]
         try:
-            mount = self._prepare(name, generation, record.data)
+            mount = await self._prepare(name, generation, record.data)
         except MountRefused as refused:
             log.warning("routes of plugin %r generation %d refused: %s", name, generation, refused)
             await kernel.append(
@@ -132,6 +152,7 @@ class RouterService:
             self.dispatcher.swap(table.replace(name, mount))
         if mount is not None:
             self._prefixes[(name, generation)] = mount.prefix
+            self._mounts[(name, generation)] = mount
         await kernel.append(
             RoutesMounted(
                 plugin=name,
@@ -144,8 +165,14 @@ class RouterService:
             cause=record,
         )
 
-    def _prepare(self, name: str, generation: int, data: dict[str, Any]) -> Mount | None:
-        """The mount to serve for this ``PluginLoaded`` (None: no routes); raises MountRefused."""
+    async def _prepare(self, name: str, generation: int, data: dict[str, Any]) -> Mount | None:
+        """The mount to serve for this ``PluginLoaded`` (None: no routes); raises MountRefused.
+
+        The app is built in a worker thread (a plugin with hundreds of routes takes a
+        second to build with its OpenAPI schema: never on the event loop), then the
+        router's own lifespan (``lifespan=``, ``on_startup``) runs: a failure there
+        refuses the mount.
+        """
         label = f"plugin {name!r} generation {generation}"
         current = self.dispatcher.table.by_plugin.get(name)
         if current is not None and current.generation == generation:
@@ -163,8 +190,12 @@ class RouterService:
                 f"{label} has no runtime in this process (kernel.plugins)",
                 data.get("prefix") or "",
             )
+        stats = self.stats.plugin(name)
+        overrides = self.dependency_overrides(name)
         try:
-            mount = build_mount(runtime, self.stats.plugin(name), list(data.get("routes") or []))
+            mount = await asyncio.to_thread(
+                build_mount, runtime, stats, list(data.get("routes") or []), overrides
+            )
         except MountRefused:
             raise
         except Exception as exc:
@@ -180,7 +211,56 @@ class RouterService:
             http = self.kernel.http
             service_paths = [p for r in http.routers for p in route_paths(r.routes)]
             check_conflicts(mount, self.dispatcher.table, http.is_reserved, service_paths)
+            mount = await self._start_lifespan(mount, runtime.asgi_app is None)
         return mount
+
+    async def _start_lifespan(self, mount: Mount, own_app: bool) -> Mount:
+        """Run the plugin router's lifespan (start); it ends when the generation unloads."""
+        if not own_app:
+            return mount  # an app served as it is (a sandbox proxy) runs its own
+        label = f"plugin {mount.plugin!r} generation {mount.generation}"
+        try:
+            running = await asyncio.wait_for(start_lifespan(mount.app), timeout=LIFESPAN_TIMEOUT)
+        except TimeoutError:
+            raise MountRefused(
+                SELF,
+                f"{label}: router.py: the router's lifespan/on_startup did not finish within "
+                f"{LIFESPAN_TIMEOUT:g}s",
+                mount.prefix,
+            ) from None
+        except Exception as exc:
+            log.exception("the router lifespan of %s failed", label)
+            raise MountRefused(
+                SELF,
+                f"{label}: router.py: the router's lifespan/on_startup raised "
+                f"{type(exc).__name__}: {exc}",
+                mount.prefix,
+            ) from exc
+        self._lifespans[(mount.plugin, mount.generation)] = running
+        return with_state(mount, running.state)
+
+    async def _stop_lifespan(self, name: str, generation: int) -> None:
+        running = self._lifespans.pop((name, generation), None)
+        if running is None:
+            return
+        try:
+            await asyncio.wait_for(running.stop(), timeout=LIFESPAN_TIMEOUT)
+        except Exception:
+            log.exception(
+                "the router lifespan (shutdown) of plugin %r generation %d failed",
+                name,
+                generation,
+            )
+
+    def dependency_overrides(self, plugin: str) -> dict[Any, Any]:
+        """The ``dependency_overrides`` of ``plugin``'s app, kept across its generations.
+
+        ``request.app`` in a plugin route is the host app, whose overrides do not reach
+        plugin routes; tests and embedding apps override a plugin's dependencies here::
+
+            kernel.services["router"].dependency_overrides("greeter")[get_db] = fake_db
+        """
+        return self._overrides.setdefault(plugin, {})
 
     async def _unmount(self, record: Recorded) -> None:
         name: str = record.data["name"]
@@ -190,6 +270,10 @@ class RouterService:
         if current is not None and current.generation == generation:
             self.dispatcher.swap(table.replace(name, None))
         prefix = self._prefixes.pop((name, generation), "")
+        await self._stop_lifespan(name, generation)
+        gone = self._mounts.pop((name, generation), None)
+        if gone is not None:
+            forget_endpoints(gone)
         await self.kernel.append(
             RoutesUnmounted(plugin=name, generation=generation, prefix=prefix),
             stream=stream_of(name),

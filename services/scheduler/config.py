@@ -29,6 +29,16 @@ class SchedulerSettings(BaseModel):
     max_lead_ms: float = Field(default=25.0, ge=0)
     #: Refuse every task of a plugin as soon as one of its declarations is refused.
     strict: bool = False
+    #: A run's return value is kept with its outcome event if its JSON is at most this.
+    max_result_bytes: int = Field(default=65536, ge=0)
+    #: How long kept results are shown (``GET /admin/tasks/{id}/runs``), in seconds.
+    keep_results_s: float = Field(default=7 * 86400, ge=0)
+    #: Keep the objects built at boot out of garbage collections (``gc.freeze()`` once
+    #: registrations are quiet, a higher generation-0 threshold): see gcpolicy.py.
+    manage_gc: bool = True
+    #: Missed due times run with ``coalesce="all"`` at most this many (the rest are
+    #: recorded as missed).
+    max_catch_up_runs: int = Field(default=100, ge=1)
 
     @field_validator("default_timezone")
     @classmethod

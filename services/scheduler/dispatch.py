@@ -18,7 +18,7 @@ import time
 import uuid
 from functools import partial
 
-from kernel.events import Event, Recorded
+from kernel.events import Event
 from services.scheduler.events import TaskMissed, TaskSkipped
 from services.scheduler.projection import TaskTable
 from services.scheduler.runner import Runner, TaskEntry
@@ -45,6 +45,8 @@ class Dispatcher:
         self._dependents: dict[str, set[str]] = {}
         self._timer = TimerQueue()
         self._stopping = False
+        #: ``coalesce="all"`` runs at most this many missed due times (the setting).
+        self.max_catch_up = 100
 
     def start(self) -> None:
         self._timer.start()
@@ -54,29 +56,35 @@ class Dispatcher:
         await self._timer.stop()
         await self.runner.stop()
 
+    def next_time(self) -> float | None:
+        """When the next timer fires (a hint; see :meth:`TimerQueue.next_time`)."""
+        return self._timer.next_time()
+
     def disarm(self, tid: str) -> None:
         self._timer.cancel(tid)
 
-    def run_now(self, entry: TaskEntry, cause: Recorded) -> None:
-        """Start a run of ``entry`` now, as requested by ``cause``."""
+    def run_now(self, entry: TaskEntry, run_id: str) -> int:
+        """Start run ``run_id`` of ``entry`` now (an operator's request); returns its
+        position in the queue (0: it starts at once; n: n runs wait ahead of it)."""
+        position = self.runner.queue_position(entry)
         if not self._stopping:
-            self._start_now(entry, "request", entry.next_due, cause)
+            self._start_now(entry, "request", entry.next_due, run_id=run_id)
+        return position
 
     def _start_now(
-        self, entry: TaskEntry, kind: str, next_run: float | None, cause: Recorded | None = None
+        self, entry: TaskEntry, kind: str, next_run: float | None, run_id: str | None = None
     ) -> None:
         """A first attempt of ``entry``, due and started now (not from its trigger)."""
         now = time.time()
         self.runner.spawn(
             self.runner.run(
                 entry,
-                uuid.uuid4().hex,
+                run_id or uuid.uuid4().hex,
                 now,
                 attempt=1,
                 kind=kind,
                 next_run=next_run,
                 start_at=now,
-                cause=cause,
             )
         )
 
@@ -111,6 +119,8 @@ class Dispatcher:
             if current.paused:  # a paused task runs nothing: its retry is dropped
                 tid = current.task.id
                 log.info("task %s is paused: retry %d of run %s dropped", tid, attempt, run_id)
+                current.retrying.discard(run_id)
+                current.last_outcome = "failed"
                 skipped = TaskSkipped(
                     task=tid,
                     scheduled_for=scheduled_for,
@@ -143,12 +153,21 @@ class Dispatcher:
         now = time.time()
         count, last, nxt = catch_up(task.trigger, due, max(now, due))
         late = now - (last + offset)
-        run_due: float | None = last
-        missed = count - 1
-        if task.misfire == "skip" and late > task.misfire_grace:
-            run_due, missed = None, count
         entry.next_due = nxt
         self.arm(entry)
+        # Which of the due times run: none past the grace with ``skip``; otherwise the
+        # ``coalesce`` policy picks the earliest, the latest, or all (bounded).
+        if task.misfire == "skip" and late > task.misfire_grace:
+            dues: list[float] = []
+        elif count == 1:
+            dues = [last]
+        elif task.coalesce == "earliest":
+            dues = [due]
+        elif task.coalesce == "all":
+            dues = self._first_dues(task, due, min(count, self.max_catch_up))
+        else:
+            dues = [last]
+        missed = count - len(dues)
         pre: list[Event] = []
         if missed:
             pre.append(
@@ -162,41 +181,93 @@ class Dispatcher:
                 )
             )
             log.warning("task %s: %d due run(s) missed (%s)", tid, missed, task.misfire)
-        if run_due is None:
+        if not dues:
             self.runner.spawn(self.runner.append(tid, pre))
             return
-        kind = "misfire" if (missed or late > task.misfire_grace) else "schedule"
-        self.runner.spawn(
-            self.runner.run(
+        kind = "misfire" if (count > 1 or late > task.misfire_grace) else "schedule"
+        if len(dues) == 1:
+            self.runner.spawn(
+                self.runner.run(
+                    entry,
+                    uuid.uuid4().hex,
+                    dues[0],
+                    attempt=1,
+                    kind=kind,
+                    next_run=nxt,
+                    start_at=dues[0] + offset,
+                    pre=pre,
+                )
+            )
+        else:
+            self.runner.spawn(self._run_in_turn(entry, dues, nxt, pre))
+
+    def _first_dues(self, task: CompiledTask, due: float, n: int) -> list[float]:
+        assert task.trigger is not None
+        dues = [due]
+        while len(dues) < n:
+            nxt = task.trigger.next_after(dues[-1])
+            if nxt is None:
+                break
+            dues.append(nxt)
+        return dues
+
+    async def _run_in_turn(
+        self, entry: TaskEntry, dues: list[float], nxt: float | None, pre: list[Event]
+    ) -> None:
+        """``coalesce="all"``: the missed due times run one after the other, in order."""
+        for i, due in enumerate(dues):
+            if self._stopping or self.tasks.get(entry.task.id) is not entry:
+                return
+            await self.runner.run(
                 entry,
                 uuid.uuid4().hex,
-                run_due,
+                due,
                 attempt=1,
-                kind=kind,
+                kind="misfire",
                 next_run=nxt,
-                start_at=run_due + offset,
-                pre=pre,
+                start_at=due,
+                pre=pre if i == 0 else None,
             )
-        )
 
-    def _dependency_block(self, task: CompiledTask) -> str | None:
-        """Why ``task`` may not run now because of its dependencies (None: it may)."""
+    def dependency_state(self, dep: str) -> str | None:
+        """``running``, ``retrying``, ``succeeded``, ``failed`` or None (never ran) — the
+        same answer whether ``dep`` is scheduled here (same or other plugin) or only known
+        to the log (its plugin is not loaded)."""
+        entry = self.tasks.get(dep)
+        if entry is not None:
+            return entry.state
+        row = self.table.tasks.get(dep)
+        if row is None:
+            return None
+        if row.running:
+            return "running"
+        if row.retries:
+            return "retrying"
+        last = row.last
+        if last is None:
+            return None
+        return "succeeded" if last.outcome == "succeeded" else "failed"
+
+    def _dependency_block(self, task: CompiledTask, finished: str | None = None) -> str | None:
+        """Why ``task`` may not run now because of its dependencies (None: it may).
+
+        One rule for every dependency: a dependency running, or failed with a retry
+        pending, has not finished; ``success`` needs its latest finished run to have
+        succeeded, ``finished`` any outcome. ``finished`` names a dependency whose run
+        just ended: its outcome counts even if its next run has already started.
+        """
         for dep in task.depends_on:
-            dep_entry = self.tasks.get(dep)
-            if dep_entry is not None and dep_entry.active:
+            state = self.dependency_state(dep)
+            if dep == finished and dep in self.tasks:
+                state = self.tasks[dep].last_outcome
+            if state == "running":
                 return f"dependency {dep} is running"
-            if dep_entry is not None:
-                outcome = dep_entry.last_outcome
-            else:
-                row = self.table.tasks.get(dep)
-                last = row.last if row is not None else None
-                outcome = last.outcome if last is not None else None
-                if outcome in ("running", "retrying"):
-                    return f"dependency {dep} has not finished"
-            if outcome is None:
+            if state == "retrying":
+                return f"dependency {dep} failed and a retry is pending"
+            if state is None:
                 return f"dependency {dep} has not run yet"
-            if task.depends_rule == "success" and outcome != "succeeded":
-                return f"dependency {dep}: its latest run {outcome}"
+            if task.depends_rule == "success" and state != "succeeded":
+                return f"dependency {dep}: its latest run {state}"
         return None
 
     def _after_finish(self, tid: str) -> None:
@@ -207,5 +278,5 @@ class Dispatcher:
             entry = self.tasks.get(dependent)
             if entry is None or entry.paused:
                 continue
-            if self._dependency_block(entry.task) is None:
+            if self._dependency_block(entry.task, finished=tid) is None:
                 self._start_now(entry, "dependency", None)

@@ -8,20 +8,38 @@ will be retried is followed by ``TaskRetryScheduled`` and, later, another ``Task
 with the same ``run_id`` and the next ``attempt``. Events that move a schedule forward
 carry ``next_run``, so the next due time is always in the log.
 
+Compatibility: fields are only ever added with defaults (readers use ``.get``), so
+events written by older versions read unchanged and no upcaster is needed (see
+``kernel/events.py``). Added in the second round: ``TaskSucceeded``/``TaskFailed``
+``started_at``, ``lateness_ms`` (the real start, as ``TaskStarted`` is written ahead),
+``TaskSucceeded.result``/``result_error``/``keep_result_s``; ``TaskScheduled.coalesce``,
+``source``, ``function``, ``spec``; ``TaskRunRequested.run_id`` and the
+``TaskRunAccepted`` answer; ``TaskCancelRequested`` -> ``TaskCancelAnswered``;
+runtime schedules (``ScheduleAdded``, ``ScheduleChanged``, ``ScheduleRemoved``,
+``ScheduleConflict``).
+
 Requests (answered with the request's correlation id, for ``kernel.request``):
-``TaskRunRequested`` -> ``TaskStarted`` | ``TaskSkipped``; any of them -> ``TaskRequestRefused``
-when the task is not scheduled;
+``TaskRunRequested`` -> ``TaskRunAccepted{run_id, queue_position}``;
+``TaskCancelRequested`` -> ``TaskCancelAnswered{status}``; any of them ->
+``TaskRequestRefused`` when the task is not scheduled;
 ``TaskPauseRequested`` -> ``TaskPaused``; ``TaskResumeRequested`` -> ``TaskResumed``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from kernel.events import Event
 
 __all__ = [
     "TASK_EVENTS",
+    "ScheduleAdded",
+    "ScheduleApplied",
+    "ScheduleChanged",
+    "ScheduleConflict",
+    "ScheduleRemoved",
+    "TaskCancelAnswered",
+    "TaskCancelRequested",
     "TaskFailed",
     "TaskMissed",
     "TaskPauseRequested",
@@ -31,6 +49,7 @@ __all__ = [
     "TaskResumeRequested",
     "TaskResumed",
     "TaskRetryScheduled",
+    "TaskRunAccepted",
     "TaskRunRequested",
     "TaskScheduled",
     "TaskSkipped",
@@ -60,6 +79,9 @@ class TaskScheduled(Event):
     depends_on: list[str] = []
     max_instances: int = 1
     misfire: Literal["run_once", "skip"] = "run_once"
+    coalesce: Literal["earliest", "latest", "all"] = "latest"
+    #: ``declared`` (plugin code) or ``runtime`` (admin API: see ``ScheduleAdded``).
+    source: Literal["declared", "runtime"] = "declared"
 
 
 class TaskUnscheduled(Event):
@@ -98,6 +120,17 @@ class TaskSucceeded(Event):
     run_id: str
     attempt: int
     duration_ms: float
+    #: When the code really started (UTC epoch seconds); None in events written before
+    #: this field existed (``TaskStarted`` is written ahead of the start on purpose).
+    started_at: float | None = None
+    #: ``started_at - scheduled_for`` in ms (0 if early); None when ``started_at`` is.
+    lateness_ms: float | None = None
+    #: The function's return value (JSON), if it returned one that fits the size limit.
+    result: Any = None
+    #: Why a returned value was not kept (not JSON-serializable, too large).
+    result_error: str | None = None
+    #: How long the result is shown after this event (seconds; None: no result).
+    keep_result_s: float | None = None
 
 
 class TaskFailed(Event):
@@ -107,10 +140,18 @@ class TaskFailed(Event):
     error: str
     traceback: str = ""
     duration_ms: float = 0.0
-    #: ``error``, ``timeout``, ``cancelled`` (plugin unloaded) or ``interrupted`` (process died).
-    kind: Literal["error", "timeout", "cancelled", "interrupted"] = "error"
+    #: ``error``, ``timeout``, ``cancelled`` (plugin unloaded, operator),
+    #: ``interrupted`` (process died) or ``node_lost`` (the cluster node that claimed it
+    #: stopped heartbeating).
+    kind: Literal["error", "timeout", "cancelled", "interrupted", "node_lost"] = "error"
     #: Whether a retry follows (then a ``TaskRetryScheduled`` comes next).
     will_retry: bool = False
+    #: The run's due time, given when another node records the failure (``node_lost``):
+    #: the surviving schedulers retry the run from it.
+    scheduled_for: float | None = None
+    #: As in ``TaskSucceeded`` (None when the code never started).
+    started_at: float | None = None
+    lateness_ms: float | None = None
 
 
 class TaskRetryScheduled(Event):
@@ -176,6 +217,89 @@ class TaskRunRequested(Event):
     task: str
 
 
+class TaskRunAccepted(Event):
+    """The answer to ``TaskRunRequested``: the run will happen, as ``run_id``.
+
+    ``queue_position`` 0: it starts at once; n >= 1: it is n-th in line (behind the
+    task's ``max_instances`` or the global limit). Its ``TaskStarted`` and outcome carry
+    ``run_id``.
+    """
+
+    task: str
+    run_id: str
+    queue_position: int = 0
+
+
+class TaskCancelRequested(Event):
+    """Someone asked to cancel a run in progress (admin API, CLI)."""
+
+    task: str
+    run_id: str
+
+
+class TaskCancelAnswered(Event):
+    """``cancelled`` (its ``TaskFailed(kind="cancelled")`` follows), ``not_cancellable``
+    (sync code in a worker thread cannot be stopped in-process) or ``not_running``."""
+
+    task: str
+    run_id: str
+    status: Literal["cancelled", "not_cancellable", "not_running"]
+
+
+class ScheduleAdded(Event):
+    """An operator added a schedule at runtime (admin API / CLI): task ``task`` calls the
+    function of the plugin's declared task ``function`` with this trigger and arguments.
+    It is kept across restarts and scheduled whenever its plugin is loaded."""
+
+    task: str
+    plugin: str
+    function: str
+    #: The trigger in its dict form (``services.scheduler.triggers.parse_trigger``).
+    trigger: dict[str, Any]
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+
+
+class ScheduleChanged(Event):
+    """An operator changed a schedule's trigger (and/or arguments) at runtime.
+
+    For a task declared in plugin code, ``declared`` is the declaration the change was
+    made against: when the plugin later declares something else, the declaration wins
+    (``ScheduleConflict``)."""
+
+    task: str
+    trigger: dict[str, Any] | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    declared: str | None = None
+
+
+class ScheduleRemoved(Event):
+    """An operator removed a schedule added at runtime."""
+
+    task: str
+
+
+class ScheduleApplied(Event):
+    """The answer to ``ScheduleAdded`` / ``ScheduleChanged`` / ``ScheduleRemoved``."""
+
+    task: str
+    next_run: float | None = None
+    scheduled: bool = True
+
+
+class ScheduleConflict(Event):
+    """A plugin's declared schedule changed while a runtime change overrode it: the
+    declaration wins, the runtime change is dropped (and reported here)."""
+
+    task: str
+    plugin: str
+    generation: int
+    declared: str
+    runtime: dict[str, Any]
+    resolution: str = "the plugin's declared schedule wins; the runtime change is dropped"
+
+
 #: Every event type the scheduler writes.
 TASK_EVENTS: tuple[type[Event], ...] = (
     TaskScheduled,
@@ -192,5 +316,13 @@ TASK_EVENTS: tuple[type[Event], ...] = (
     TaskResumeRequested,
     TaskResumed,
     TaskRunRequested,
+    TaskRunAccepted,
+    TaskCancelRequested,
+    TaskCancelAnswered,
     TaskRequestRefused,
+    ScheduleAdded,
+    ScheduleChanged,
+    ScheduleRemoved,
+    ScheduleApplied,
+    ScheduleConflict,
 )

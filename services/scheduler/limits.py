@@ -18,6 +18,11 @@ class PrioritySlots:
         self._seq = itertools.count()
 
     @property
+    def free(self) -> bool:
+        """True when :meth:`acquire` would not wait."""
+        return self.busy < self.limit and not self._waiters
+
+    @property
     def waiting(self) -> int:
         return sum(1 for *_, f in self._waiters if not f.done())
 

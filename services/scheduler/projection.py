@@ -37,6 +37,10 @@ class RunInfo:
     finished_at: float | None = None
     duration_ms: float | None = None
     error: str | None = None
+    #: The node that claimed the run (its ``TaskStarted``'s meta), in a cluster.
+    node: str | None = None
+    #: how late the code really started (from the outcome event; None before it)
+    lateness_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,7 +52,9 @@ class RunInfo:
             "trigger": self.trigger,
             "outcome": self.outcome,
             "duration_ms": self.duration_ms,
+            "lateness_ms": self.lateness_ms,
             "error": self.error,
+            "node": self.node,
         }
 
 
@@ -70,6 +76,11 @@ class TaskRow:
     skipped: int = 0
     missed: int = 0
     total_duration_ms: float = 0.0
+    #: lateness of the runs whose outcome recorded their real start
+    timed_runs: int = 0
+    total_lateness_ms: float = 0.0
+    max_lateness_ms: float | None = None
+    source: str = "declared"
     last: RunInfo | None = None
     runs: deque[RunInfo] = field(default_factory=lambda: deque(maxlen=RECENT_RUNS))
     running: dict[str, RunInfo] = field(default_factory=dict)
@@ -96,6 +107,12 @@ class TaskRow:
             "skipped": self.skipped,
             "missed": self.missed,
             "mean_duration_ms": self.mean_duration_ms,
+            "last_lateness_ms": last.lateness_ms if last else None,
+            "mean_lateness_ms": (
+                self.total_lateness_ms / self.timed_runs if self.timed_runs else None
+            ),
+            "max_lateness_ms": self.max_lateness_ms,
+            "source": self.source,
             "paused": self.paused,
             "scheduled": self.scheduled,
             "running": len(self.running),
@@ -139,6 +156,7 @@ class TaskTable(Projection):
         row.next_run = d["next_run"]
         row.priority = d.get("priority", 0)
         row.depends_on = list(d.get("depends_on", ()))
+        row.source = d.get("source", "declared")
         row.scheduled = True
         row.rejected = None
 
@@ -168,6 +186,7 @@ class TaskTable(Projection):
             started_at=r.timestamp,
             attempt=d.get("attempt", 1),
             trigger=d.get("trigger", "schedule"),
+            node=r.meta.node,
         )
         row.running[run_id] = info
         row.last = info
@@ -182,6 +201,16 @@ class TaskTable(Projection):
         info.outcome = outcome
         info.finished_at = r.timestamp
         info.duration_ms = d.get("duration_ms")
+        if d.get("started_at") is not None:
+            # the real start (TaskStarted is written ahead of it on purpose)
+            info.started_at = d["started_at"]
+            lateness = d.get("lateness_ms")
+            if lateness is None:
+                lateness = max(0.0, d["started_at"] - info.scheduled_for) * 1000
+            info.lateness_ms = lateness
+            row.timed_runs += 1
+            row.total_lateness_ms += lateness
+            row.max_lateness_ms = max(row.max_lateness_ms or 0.0, lateness)
         row.runs.append(info)
         row.last = info
         return info

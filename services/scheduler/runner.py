@@ -23,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
+import json
 import logging
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.events import Event, Recorded
 from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
+from services.scheduler.claim import ClaimLost, claim, claim_key
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.events import (
     TaskFailed,
@@ -74,6 +78,28 @@ class TaskEntry:
     active: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     #: "succeeded" | "failed" of the latest finished run (None: never ran)
     last_outcome: str | None = None
+    #: run ids whose outcome is recorded but whose sync code still runs in its thread:
+    #: they count against ``max_instances`` until the thread returns
+    lingering: set[str] = field(default_factory=set)
+
+    #: run ids whose next attempt is pending (a failed attempt will be retried)
+    retrying: set[str] = field(default_factory=set)
+    #: runs waiting for an instance (retries, catch-up and requested runs), in order
+    turns: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+    @property
+    def instances(self) -> int:
+        """Runs of this task whose code has not returned yet."""
+        return len(self.active) + len(self.lingering)
+
+    @property
+    def state(self) -> str | None:
+        """``running``, ``retrying``, ``succeeded``, ``failed`` or None (never ran)."""
+        if self.instances:
+            return "running"
+        if self.retrying:
+            return "retrying"
+        return self.last_outcome
 
 
 class TaskLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -94,12 +120,16 @@ class Runner:
         self._finished = finished
         self._retry = retry
         self._max_lead = 0.025
+        self._max_result = 65536
+        self._keep_result = 7 * 86400.0
         self._executor: ThreadPoolExecutor | None = None
         #: The precise last wait of each run, to its due time.
         self.gate = StartGate()
         #: run id -> (task id, plugin, generation, the asyncio task running it)
         self._runs: dict[str, tuple[str, str, int, asyncio.Task[None]]] = {}
         self._cancel_reasons: dict[str, str] = {}
+        #: run ids whose code runs in a worker thread (or a sandbox) right now
+        self._sync: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         #: Set first thing in :meth:`stop`: nothing new starts after it.
         self.closed = False
@@ -110,6 +140,8 @@ class Runner:
     def start(self, kernel: Kernel, settings: SchedulerSettings, stack: AsyncExitStack) -> None:
         self.kernel = kernel
         self.slots = PrioritySlots(settings.max_concurrency)
+        self._max_result = settings.max_result_bytes
+        self._keep_result = settings.keep_results_s
         self._max_lead = settings.max_lead_ms / 1000
         self._executor = ThreadPoolExecutor(
             max_workers=settings.threads or settings.max_concurrency,
@@ -139,6 +171,42 @@ class Runner:
             if p == plugin and (generation is None or gen == generation):
                 self._cancel_reasons[run_id] = reason
                 task.cancel()
+
+    def queue_position(self, entry: TaskEntry) -> int:
+        """Where a run of ``entry`` asked for now would stand: 0, it starts at once;
+        n >= 1, it is n-th in line (behind its task's instance limit or the global one)."""
+        blocked = entry.instances >= entry.task.max_instances or (
+            self.slots.busy >= self.slots.limit
+        )
+        if not blocked:
+            return 0
+        return 1 + len([f for f in entry.turns if not f.done()]) + self.slots.waiting
+
+    async def _instance_turn(self, entry: TaskEntry) -> None:
+        loop = asyncio.get_running_loop()
+        while entry.instances >= entry.task.max_instances:
+            fut: asyncio.Future[None] = loop.create_future()
+            entry.turns.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    _next_turn(entry)  # woken and cancelled in one step: pass it on
+                raise
+
+    def cancel_run(self, run_id: str, reason: str) -> str:
+        """Cancel one run in progress: ``cancelled``, ``not_cancellable`` (sync code in
+        a thread cannot be stopped in-process) or ``not_running``."""
+        found = self._runs.get(run_id)
+        if found is None:
+            return "not_running"
+        tid = found[0]
+        if run_id in self._sync:
+            log.warning("task %s run %s: cancel refused, sync code in a thread", tid, run_id)
+            return "not_cancellable"
+        self._cancel_reasons[run_id] = reason
+        found[3].cancel()
+        return "cancelled"
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in the background; its failure is logged, never lost.
@@ -191,9 +259,26 @@ class Runner:
         tid = task.id
         events: list[Event] = list(pre or ())
         reason = None
-        if len(entry.active) >= task.max_instances:
+        me = asyncio.current_task()
+        assert me is not None
+        if entry.instances >= task.max_instances and (
+            kind in ("retry", "request") or (kind == "misfire" and not _waiting(entry))
+        ):
+            # A retry or an operator's run is not dropped at the limit: it waits for its
+            # turn (in order of arrival), then runs; so does a catch-up run, if no other
+            # run waits already (a task slower than its period queues at most one).
+            self._runs[run_id] = (tid, task.plugin, task.generation, me)
+            try:
+                await self._instance_turn(entry)
+            except asyncio.CancelledError:
+                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
+                raise
+            finally:
+                self._runs.pop(run_id, None)
+        if entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
-        elif kind != "request" and task.depends_on:
+        elif kind not in ("request", "dependency") and task.depends_on:
+            # (a dependency-triggered run was checked when its dependency finished)
             reason = self._blocked(task)
         if reason is not None:
             events.append(
@@ -206,20 +291,39 @@ class Runner:
                 )
             )
             await self.append(tid, events, cause)
+            if kind == "retry":  # the run ends with its failed attempt
+                entry.retrying.discard(run_id)
+                entry.last_outcome = "failed"
             return
-        me = asyncio.current_task()
-        assert me is not None
+        entry.retrying.discard(run_id)
         entry.active[run_id] = me
         self._runs[run_id] = (tid, task.plugin, task.generation, me)
         acquired = started = finished = interrupted = False
         #: the worker thread's future of a sync run: the slot is its until it ends
         thread: list[concurrent.futures.Future[Any]] = []
         t_start = time.perf_counter()
+        started_at: float | None = None
         error: tuple[str, str, str] | None = None
+        value: Any = None
         duration_ms = 0.0
+        lost = False
         try:
-            await self.slots.acquire(task.priority, scheduled_for)
-            acquired = True
+            kernel = self.kernel
+            assert kernel is not None
+            # a cluster spreads runs over its nodes: others claim only after a grace
+            key = claim_key(task, scheduled_for, attempt, cause)
+            delay = kernel.placement.delay(tid)
+            if delay > 0:
+                await asyncio.sleep(delay)
+                if kernel.placement.claimed(key):
+                    raise ClaimLost(f"run {key} was claimed during the grace")
+            # When the global limit is full but this run is in its next wave, the start
+            # record is written while it waits for its slot (the wave ahead takes ~a
+            # run's time; an fsync after it would add itself to every later wave's
+            # lateness). Further back in the line, the run waits for its slot first.
+            if self.slots.free or self.slots.waiting >= self.slots.limit:
+                await self.slots.acquire(task.priority, scheduled_for)
+                acquired = True
             events.append(
                 TaskStarted(
                     task=tid,
@@ -231,20 +335,26 @@ class Runner:
                 )
             )
             t0 = time.perf_counter()
-            cancelled = await self._write_start(tid, events, cause)
+            cancelled = await self._write_start(tid, events, cause, key)
             self._note_append(time.perf_counter() - t0)
             started = True
             if cancelled:  # the log says the run started: it must say how it ended
                 raise asyncio.CancelledError
+            if not acquired:
+                await self.slots.acquire(task.priority, scheduled_for)
+                acquired = True
             ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
-            t_start = time.perf_counter()
-            error = await self._execute(task, ctx, plugin_ctx, thread)
+            t_start, started_at = time.perf_counter(), time.time()
+            error, value = await self._execute(task, ctx, plugin_ctx, thread)
             duration_ms = (time.perf_counter() - t_start) * 1000
             finished = True
             # The runs woken at the same instant start before this outcome is recorded
             # (building and queueing its event costs more than starting a run).
             await asyncio.sleep(0)
+        except ClaimLost as lost_to:  # another node runs it: nothing to record here
+            log.debug("task %s: %s", tid, lost_to)
+            lost = True
         except asyncio.CancelledError:
             if finished:  # the code had returned: its outcome is recorded, then we stop
                 self._cancel_reasons.pop(run_id, None)
@@ -264,29 +374,41 @@ class Runner:
                                 error=why,
                                 duration_ms=(time.perf_counter() - t_start) * 1000,
                                 kind="cancelled",
+                                **_timing(scheduled_for, started_at),
                             )
                         ],
                     )
                     entry.last_outcome = "failed"
-                elif not acquired and pre:  # cancelled waiting for a slot: keep what it saw
-                    await self.append(tid, list(pre), cause)
+                elif not acquired:  # cancelled waiting for a slot: say so
+                    await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
                 raise
         finally:
             if acquired:
                 self._release_slot(thread[0] if thread else None)
+            if _busy(thread):
+                self._linger(entry, run_id, thread[0])
             entry.active.pop(run_id, None)
             self._runs.pop(run_id, None)
-        await self._record_outcome(entry, run_id, scheduled_for, attempt, error, duration_ms)
+            _next_turn(entry)
+        if lost:
+            return
+        await self._record_outcome(
+            entry, run_id, scheduled_for, attempt, error, duration_ms, started_at, value
+        )
         if interrupted:
             raise asyncio.CancelledError
 
-    async def _write_start(self, tid: str, events: list[Event], cause: Recorded | None) -> bool:
-        """Append a run's first events; True if the run was cancelled meanwhile.
+    async def _write_start(
+        self, tid: str, events: list[Event], cause: Recorded | None, key: str
+    ) -> bool:
+        """Claim the run with its first events; True if the run was cancelled meanwhile.
 
         The store commits a write even if its caller stops waiting, so a cancelled run
         still waits for its ``TaskStarted`` to be durable (and then records its end).
+        Raises ClaimLost when another node started this run (``claim.py``).
         """
-        writing = asyncio.ensure_future(self.append(tid, events, cause))
+        assert self.kernel is not None
+        writing = asyncio.ensure_future(claim(self.kernel, stream_of(tid), events, key, cause))
         cancelled = False
         while not writing.done():
             try:
@@ -315,6 +437,54 @@ class Runner:
 
         thread.add_done_callback(ended)
 
+    async def _never_started(
+        self,
+        entry: TaskEntry,
+        run_id: str,
+        scheduled_for: float,
+        kind: str,
+        pre: list[Event] | None,
+        cause: Recorded | None,
+    ) -> None:
+        """A run cancelled before its start record: what it saw (``pre``) is kept, and
+        a run someone asked for (or a retry) ends with ``TaskSkipped`` instead of
+        staying "queued" for ever in the runs list."""
+        events: list[Event] = list(pre or ())
+        if kind in ("request", "retry"):
+            why = self._cancel_reasons.pop(run_id, "cancelled")
+            events.append(
+                TaskSkipped(
+                    task=entry.task.id,
+                    scheduled_for=scheduled_for,
+                    reason=f"{why} before it started",
+                    next_run=entry.next_due,
+                    run_id=run_id,
+                )
+            )
+            if kind == "retry":
+                entry.retrying.discard(run_id)
+                entry.last_outcome = "failed"
+        await self.append(entry.task.id, events, cause)
+
+    def _linger(
+        self, entry: TaskEntry, run_id: str, thread: concurrent.futures.Future[Any]
+    ) -> None:
+        """Count the run against ``max_instances`` until its worker thread returns."""
+        entry.lingering.add(run_id)
+        loop = asyncio.get_running_loop()
+
+        def freed() -> None:
+            entry.lingering.discard(run_id)
+            _next_turn(entry)
+
+        def ended(_: concurrent.futures.Future[Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(freed)
+            except RuntimeError:  # the loop closed meanwhile
+                log.debug("a sync task's thread ended after the event loop closed")
+
+        thread.add_done_callback(ended)
+
     async def _record_outcome(
         self,
         entry: TaskEntry,
@@ -323,15 +493,31 @@ class Runner:
         attempt: int,
         error: tuple[str, str, str] | None,
         duration_ms: float,
+        started_at: float | None,
+        value: Any,
     ) -> None:
         """``TaskSucceeded`` or ``TaskFailed`` (+ ``TaskRetryScheduled``), then what follows."""
         task = entry.task
         tid = task.id
+        timing = _timing(scheduled_for, started_at)
         if error is None:
             entry.last_outcome = "succeeded"
+            result, result_error = self._keepable(task, value)
+            keep = task.keep_result if task.keep_result is not None else self._keep_result
             await self.append(
                 tid,
-                [TaskSucceeded(task=tid, run_id=run_id, attempt=attempt, duration_ms=duration_ms)],
+                [
+                    TaskSucceeded(
+                        task=tid,
+                        run_id=run_id,
+                        attempt=attempt,
+                        duration_ms=duration_ms,
+                        result=result,
+                        result_error=result_error,
+                        keep_result_s=keep if result is not None else None,
+                        **timing,
+                    )
+                ],
             )
             self._finished(tid)
             return
@@ -347,6 +533,7 @@ class Runner:
                 duration_ms=duration_ms,
                 kind=kind_failed,
                 will_retry=retry,
+                **timing,
             )
         ]
         if retry:
@@ -362,6 +549,7 @@ class Runner:
                     scheduled_for=scheduled_for,
                 )
             )
+            entry.retrying.add(run_id)
         else:
             entry.last_outcome = "failed"
         await self.append(tid, done)
@@ -369,6 +557,26 @@ class Runner:
             self._retry(entry, run_id, attempt + 1, retry_at, scheduled_for)
         else:
             self._finished(tid)
+
+    def _keepable(self, task: CompiledTask, value: Any) -> tuple[Any, str | None]:
+        """The return value as recorded: JSON, at most ``max_result_bytes``; else None
+        and why (the run still succeeded)."""
+        if value is None:
+            return None, None
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            log.warning("task %s: its return value is not kept: %s", task.id, exc)
+            return None, f"not JSON-serializable: {_describe(exc)}"
+        if len(text.encode()) > self._max_result:
+            log.warning(
+                "task %s: its return value (%d bytes) is over the %d-byte limit; not kept",
+                task.id,
+                len(text.encode()),
+                self._max_result,
+            )
+            return None, f"too large: {len(text.encode())} bytes > {self._max_result}"
+        return json.loads(text), None
 
     def _context(
         self, task: CompiledTask, run_id: str, scheduled_for: float, attempt: int
@@ -399,30 +607,30 @@ class Runner:
         ctx: TaskContext,
         plugin_ctx: PluginContext | None,
         thread: list[concurrent.futures.Future[Any]],
-    ) -> tuple[str, str, str] | None:
-        """Call the task's function under its timeout; None on success, else (kind,
-        error, traceback). A sync function's worker-thread future is put in ``thread``."""
+    ) -> tuple[tuple[str, str, str] | None, Any]:
+        """Call the task's function under its timeout: (None, its return value) on
+        success, else ((kind, error, traceback), None). A sync function's worker-thread
+        future is put in ``thread``."""
         run_id = ctx.run_id
         task_token = task_context_var.set(ctx)
         plugin_token = plugin_context_var.set(plugin_ctx) if plugin_ctx is not None else None
         try:
             if task.timeout is None:
-                await self._call(task, run_id, thread)
-                return None
+                return None, await self._call(task, run_id, thread)
             timeout = asyncio.timeout(task.timeout)
             try:
                 async with timeout:
-                    await self._call(task, run_id, thread)
+                    value = await self._call(task, run_id, thread)
             except TimeoutError:
                 if not timeout.expired():
                     raise  # the code's own TimeoutError: an error like any other
                 log.warning("task %s run %s timed out after %gs", task.id, run_id, task.timeout)
                 still = " (its code is still running in its thread)" if _busy(thread) else ""
-                return "timeout", f"timed out after {task.timeout:g}s{still}", ""
-            return None
+                return ("timeout", f"timed out after {task.timeout:g}s{still}", ""), None
+            return None, value
         except Exception as exc:
             log.warning("task %s run %s failed: %s", task.id, run_id, _describe(exc))
-            return "error", _describe(exc), "".join(traceback.format_exception(exc))
+            return ("error", _describe(exc), "".join(traceback.format_exception(exc))), None
         finally:
             task_context_var.reset(task_token)
             if plugin_token is not None:
@@ -430,20 +638,25 @@ class Runner:
 
     async def _call(
         self, task: CompiledTask, run_id: str, thread: list[concurrent.futures.Future[Any]]
-    ) -> None:
-        """Call the function: async on the loop, sync in a worker thread (or the sandbox)."""
+    ) -> Any:
+        """Call the function with its arguments: async on the loop, sync in a worker
+        thread (or the sandbox); returns what it returned."""
         rt = task.runtime
+        fn = task.fn
+        if task.args or task.kwargs:
+            fn = functools.partial(task.fn, *task.args, **task.kwargs)
         if task.is_async:
-            await task.fn()
-        elif rt is not None and rt.mode == "sandboxed" and rt.run_sync is not None:
-            await rt.run_sync(task.fn)
-        else:
+            return await fn()
+        self._sync.add(run_id)
+        try:
+            if rt is not None and rt.mode == "sandboxed" and rt.run_sync is not None:
+                return await rt.run_sync(fn)
             assert self._executor is not None
             call = contextvars.copy_context().run
-            cf = self._executor.submit(call, task.fn)
+            cf = self._executor.submit(call, fn)
             thread.append(cf)
             try:
-                await asyncio.wrap_future(cf)
+                return await asyncio.wrap_future(cf)
             except BaseException:
                 if not cf.done():
                     log.warning(
@@ -453,6 +666,31 @@ class Runner:
                         run_id,
                     )
                 raise
+        finally:
+            self._sync.discard(run_id)
+
+
+def _waiting(entry: TaskEntry) -> bool:
+    return any(not f.done() for f in entry.turns)
+
+
+def _next_turn(entry: TaskEntry) -> None:
+    """Wake the first run waiting for an instance of ``entry`` (it re-checks the limit)."""
+    while entry.turns:
+        fut = entry.turns.popleft()
+        if not fut.done():
+            fut.set_result(None)
+            return
+
+
+def _timing(scheduled_for: float, started_at: float | None) -> dict[str, Any]:
+    """The outcome's record of when the code really started, and how late that was."""
+    if started_at is None:
+        return {}
+    return {
+        "started_at": started_at,
+        "lateness_ms": round(max(0.0, started_at - scheduled_for) * 1000, 3),
+    }
 
 
 def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:

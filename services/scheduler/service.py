@@ -16,20 +16,29 @@ restart neither loses nor doubles a run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kernel.events import Recorded
+from kernel.events import Event, Recorded
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec
 from services.loader.events import PluginLoaded, PluginReloaded, PluginUnloaded
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.dispatch import Dispatcher
 from services.scheduler.events import (
+    ScheduleAdded,
+    ScheduleApplied,
+    ScheduleChanged,
+    ScheduleConflict,
+    ScheduleRemoved,
+    TaskCancelAnswered,
+    TaskCancelRequested,
     TaskFailed,
     TaskPaused,
     TaskPauseRequested,
@@ -37,14 +46,29 @@ from services.scheduler.events import (
     TaskRequestRefused,
     TaskResumed,
     TaskResumeRequested,
+    TaskRunAccepted,
     TaskRunRequested,
     TaskScheduled,
     TaskUnscheduled,
     stream_of,
 )
+from services.scheduler.gcpolicy import GcPolicy
 from services.scheduler.projection import TaskTable
 from services.scheduler.runner import TaskEntry
-from services.scheduler.specs import CompiledTask, compile_plugin
+from services.scheduler.schedules import (
+    BOOK_EVENTS,
+    ChangeConflict,
+    ScheduleBook,
+    declared_key,
+    expanded,
+    with_trigger,
+)
+from services.scheduler.specs import (
+    CompiledTask,
+    TaskDeclarationError,
+    compile_plugin,
+    compile_spec,
+)
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -55,7 +79,11 @@ __all__ = ["Registration", "SchedulerService"]
 log = logging.getLogger("xcore.scheduler")
 
 _PLUGIN_EVENTS = (PluginLoaded, PluginUnloaded, PluginReloaded)
-_REQUESTS = (TaskRunRequested, TaskPauseRequested, TaskResumeRequested)
+_REQUESTS = (TaskRunRequested, TaskPauseRequested, TaskResumeRequested, TaskCancelRequested)
+_PLUGIN_TYPES = frozenset(e.type_name for e in _PLUGIN_EVENTS)
+_CHANGES = (ScheduleAdded, ScheduleChanged, ScheduleRemoved)
+#: Up to this many declarations are compiled on the loop; more go to a worker thread.
+_COMPILE_INLINE = 100
 
 
 @dataclass
@@ -83,6 +111,14 @@ class SchedulerService:
         self._runner = self._dispatch.runner
         #: task id -> its entry (shared with the dispatcher)
         self._tasks: dict[str, TaskEntry] = self._dispatch.tasks
+        self._gc = GcPolicy(enabled=False)
+        #: schedules added or changed at runtime (admin API), folded from the log
+        self._book = ScheduleBook()
+        #: plugin -> what it registered last (declarations, generation, runtime, strict),
+        #: to register it again when a runtime change concerns it
+        self._declared: dict[
+            str, tuple[list[TaskSpec], int, PluginRuntime | None, bool | None]
+        ] = {}
 
     @property
     def table(self) -> TaskTable:
@@ -95,7 +131,9 @@ class SchedulerService:
         self.kernel = kernel
         if not self._settings_given:
             self.settings = kernel.settings.section("scheduler", SchedulerSettings)
+        self._gc = GcPolicy(self.settings.manage_gc, next_due=self._dispatch.next_time)
         self._runner.start(kernel, self.settings, stack)
+        self._dispatch.max_catch_up = self.settings.max_catch_up_runs
         self._dispatch.table = await kernel.add_projection(TaskTable())
         await self._record_interrupted()
         self._dispatch.start()
@@ -106,8 +144,11 @@ class SchedulerService:
         kernel.http.add_admin_router(build_router(self))
         kernel.http.add_health_check("scheduler", self._health)
         position = await kernel.store.last_position()
+        self._book.fold(await kernel.read(types=BOOK_EVENTS))
         self._sub = await kernel.subscribe(
-            self._on_event, start=position, types=[*_PLUGIN_EVENTS, *_REQUESTS]
+            self._on_event,
+            start=position,
+            types=[*_PLUGIN_EVENTS, *_REQUESTS, *_CHANGES, TaskFailed],
         )
         latest: dict[str, PluginRuntime] = {}
         for rt in kernel.plugins.all():
@@ -123,6 +164,7 @@ class SchedulerService:
         if sub is not None:
             await self._kernel().unsubscribe(sub)
         await self._dispatch.stop()
+        await self._gc.stop()
 
     async def _health(self) -> tuple[bool, dict[str, Any]]:
         return True, {
@@ -130,6 +172,7 @@ class SchedulerService:
             "running": self._runner.slots.busy,
             "waiting": self._runner.slots.waiting,
             "lead_ms": round(self._runner.lead * 1000, 3),
+            "gc_freezes": self._gc.freezes,
         }
 
     async def _record_interrupted(self) -> None:
@@ -138,6 +181,8 @@ class SchedulerService:
         pending = []
         for row in self.table.tasks.values():
             for info in row.running.values():
+                if kernel.placement.shared and info.node not in (None, kernel.node):
+                    continue  # another node's run (a cluster): the cluster service watches it
                 event = TaskFailed(
                     task=row.id,
                     run_id=info.run_id,
@@ -150,6 +195,19 @@ class SchedulerService:
         if pending:
             await asyncio.gather(*pending)
             await kernel.settle()
+
+    def _retry_lost_run(self, d: dict[str, Any]) -> None:
+        """A run of a lost node (a cluster) is retried here if its task has retries left.
+
+        Every surviving node arms the same retry; its claim (same slot, same attempt)
+        lets one of them run it.
+        """
+        entry = self._tasks.get(d["task"])
+        due = d.get("scheduled_for")
+        if entry is None or due is None or d["attempt"] > entry.task.retries:
+            return
+        retry_at = time.time() + entry.task.retry_backoff(d["attempt"])
+        self._dispatch.arm_retry(entry, d["run_id"], d["attempt"] + 1, retry_at, due)
 
     def _kernel(self) -> Kernel:
         if self.kernel is None:
@@ -174,8 +232,31 @@ class SchedulerService:
         (default: the ``strict`` setting) refuses them all with the first refusal.
         """
         kernel = self._kernel()
-        items = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
-        accepted, refused = compile_plugin(
+        declared = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
+        self._declared[plugin] = (declared, generation, runtime, strict)
+        merged = self._book.merge(plugin, declared)
+        for tid, key, change in merged.conflicts:
+            log.warning(
+                "task %s: its declaration changed since a runtime change was made to it; "
+                "the declaration wins, the change is dropped",
+                tid,
+            )
+            self._book.apply("ScheduleConflict", {"task": tid})
+            await self._runner.append(
+                tid,
+                [
+                    ScheduleConflict(
+                        task=tid,
+                        plugin=plugin,
+                        generation=generation,
+                        declared=key,
+                        runtime={k: v for k, v in change.items() if k != "declared"},
+                    )
+                ],
+            )
+        items = merged.specs
+        compile_ = functools.partial(
+            compile_plugin,
             plugin,
             items,
             generation=generation,
@@ -189,6 +270,16 @@ class SchedulerService:
             ],
             strict=self.settings.strict if strict is None else strict,
         )
+        # Many declarations (a plugin with thousands of schedules) are compiled in a
+        # worker thread: the loop keeps serving HTTP and starting runs meanwhile.
+        if len(items) > _COMPILE_INLINE:
+            accepted, refused = await asyncio.to_thread(compile_)
+        else:
+            accepted, refused = compile_()
+        refused.update(merged.broken)
+        for tid in accepted:
+            if tid in self._book.added:
+                accepted[tid].source = "runtime"
         for tid, reason in refused.items():
             log.error("plugin %r: task %r refused: %s", plugin, tid, reason)
         await asyncio.gather(
@@ -208,6 +299,7 @@ class SchedulerService:
         await asyncio.gather(*(self._schedule(task, now) for task in accepted.values()))
         self._plugins[plugin] = generation
         self._dispatch.index_dependents()
+        self._gc.poke()
         return Registration(accepted=list(accepted), refused=refused)
 
     async def unregister(
@@ -226,6 +318,7 @@ class SchedulerService:
         for tid in ids:
             await self._unschedule(tid, current, reason)
         self._dispatch.index_dependents()
+        self._gc.poke()
         return ids
 
     async def _schedule(self, task: CompiledTask, now: float) -> None:
@@ -276,13 +369,18 @@ class SchedulerService:
                         depends_on=list(task.depends_on),
                         max_instances=task.max_instances,
                         misfire=task.misfire,
+                        coalesce=task.coalesce,
+                        source=task.source,
                     )
                 ],
             )
-        self._dispatch.arm(entry)
         if old is None and row is not None:
+            # Retries first: one due at the same instant as the task's next run belongs
+            # to an earlier run, so it goes first (the other waits for its turn).
             for run_id, (attempt, retry_at, scheduled_for) in row.retries.items():
+                entry.retrying.add(run_id)
                 self._dispatch.arm_retry(entry, run_id, attempt, retry_at, scheduled_for)
+        self._dispatch.arm(entry)
 
     async def _unschedule(self, tid: str, generation: int, reason: str) -> None:
         entry = self._tasks.pop(tid, None)
@@ -303,6 +401,8 @@ class SchedulerService:
     async def _on_event(self, r: Recorded) -> None:
         kernel = self._kernel()
         d = r.data
+        if r.type in _PLUGIN_TYPES and kernel.placement.shared and r.meta.node != kernel.node:
+            return  # another node's plugins (a cluster): its own scheduler follows them
         if r.type in ("PluginLoaded", "PluginReloaded"):
             rt = kernel.plugins.find(d["name"], d["generation"])
             if rt is None:
@@ -318,12 +418,38 @@ class SchedulerService:
         elif r.type == "PluginUnloaded":
             name, gen = d["name"], d["generation"]
             await self.unregister(name, f"plugin {name!r} generation {gen} was unloaded", gen)
+        elif r.type == "TaskFailed":
+            if d.get("kind") == "node_lost":
+                self._retry_lost_run(d)
         elif r.type == "TaskRunRequested":
             entry = self._tasks.get(d["task"])
             if entry is None:
                 await self._refuse(r, "no such task is scheduled")
                 return
-            self._dispatch.run_now(entry, r)
+            run_id = uuid.uuid4().hex
+            # The acceptance is durable before the run can start: the log reads
+            # request -> accepted -> started -> outcome.
+            position = self._runner.queue_position(entry)
+            await self._runner.append(
+                entry.task.id,
+                [TaskRunAccepted(task=entry.task.id, run_id=run_id, queue_position=position)],
+                cause=r,
+            )
+            self._dispatch.run_now(entry, run_id)
+        elif r.type == "TaskCancelRequested":
+            if d["task"] not in self._tasks:
+                await self._refuse(r, "no such task is scheduled")
+                return
+            status = self._runner.cancel_run(
+                d["run_id"], f"cancelled by {r.meta.actor or 'an operator'}"
+            )
+            await self._runner.append(
+                d["task"],
+                [TaskCancelAnswered(task=d["task"], run_id=d["run_id"], status=status)],
+                cause=r,
+            )
+        elif r.type in ("ScheduleAdded", "ScheduleChanged", "ScheduleRemoved"):
+            await self._apply_change(r)
         elif r.type == "TaskPauseRequested":
             entry = self._tasks.get(d["task"])
             if entry is None:
@@ -348,6 +474,126 @@ class SchedulerService:
                 entry.task.id, [TaskResumed(task=entry.task.id, next_run=entry.next_due)], cause=r
             )
             self._dispatch.arm(entry)
+
+    async def _apply_change(self, r: Recorded) -> None:
+        """A runtime schedule change: fold it, register its plugin again, answer."""
+        tid = r.data["task"]
+        plugin = r.data.get("plugin") or tid.split(".", 1)[0]
+        self._book.apply(r.type, r.data)
+        if r.type == "ScheduleRemoved" and tid in self._tasks:
+            await self._unschedule(tid, self._plugins.get(plugin, 0), "removed at runtime")
+            self._dispatch.index_dependents()
+        elif plugin in self._declared and plugin in self._plugins:
+            declared, generation, runtime, strict = self._declared[plugin]
+            result = await self.register(
+                plugin, declared, generation=generation, runtime=runtime, strict=strict
+            )
+            if tid in result.refused:
+                await self._refuse(r, result.refused[tid])
+                return
+        entry = self._tasks.get(tid)
+        await self._runner.append(
+            tid,
+            [
+                ScheduleApplied(
+                    task=tid,
+                    next_run=entry.next_due if entry is not None else None,
+                    scheduled=entry is not None,
+                )
+            ],
+            cause=r,
+        )
+
+    def check_change(self, kind: str, tid: str, body: dict[str, Any]) -> Event:
+        """The event recording a runtime change, once it is known to compile; raises
+        :class:`TaskDeclarationError` (the reason) or ``LookupError`` (unknown task)."""
+        plugin, _, name = tid.partition(".")
+        trigger = body.get("trigger")
+        if (trigger is None and kind == "add") or (
+            trigger is not None and not isinstance(trigger, Mapping)
+        ):
+            raise TaskDeclarationError(
+                "trigger: expected a mapping like {'cron': '0 * * * *'} or {'every': '30s'}"
+            )
+        for key, kind_ in (("args", list), ("kwargs", dict)):
+            if body.get(key) is not None and not isinstance(body[key], kind_):
+                raise TaskDeclarationError(f"{key}: expected a {kind_.__name__}")
+        if plugin not in self._declared:
+            raise LookupError(f"plugin {plugin!r} has no tasks scheduled here")
+        declared, _, runtime, _ = self._declared[plugin]
+        by_name = {s.name: s for s in expanded(declared) if isinstance(s, TaskSpec)}
+        if kind == "add":
+            if tid in self._tasks or tid in self._book.added:
+                raise ChangeConflict(f"task {tid!r} exists already")
+            function = str(body.get("function", ""))
+            fname = function.split(".", 1)[1] if function.startswith(plugin + ".") else function
+            base = by_name.get(fname)
+            if base is None:
+                raise TaskDeclarationError(
+                    f"plugin {plugin!r} declares no task {fname!r} whose function to call"
+                )
+            spec = with_trigger(
+                base,
+                body.get("trigger"),
+                name=name,
+                args=tuple(body.get("args") or ()),
+                kwargs=dict(body.get("kwargs") or {}),
+                depends_on=(),
+            )
+            self._compile_one(plugin, spec, runtime)
+            return ScheduleAdded(
+                task=tid,
+                plugin=plugin,
+                function=fname,
+                trigger=dict(body.get("trigger") or {}),
+                args=list(body.get("args") or ()),
+                kwargs=dict(body.get("kwargs") or {}),
+            )
+        added = self._book.added.get(tid)
+        if kind == "remove":
+            if added is None:
+                if tid in self._tasks:
+                    raise ChangeConflict(
+                        f"task {tid!r} is declared in its plugin's code: pause it, or "
+                        "remove it from the plugin"
+                    )
+                raise LookupError(f"no task {tid!r}")
+            return ScheduleRemoved(task=tid)
+        # change
+        if added is not None:
+            base = by_name.get(added["function"])
+            if base is None:
+                raise TaskDeclarationError(f"the function of {tid!r} is no longer declared")
+            current = with_trigger(
+                base,
+                added["trigger"],
+                name=name,
+                args=tuple(added["args"]),
+                kwargs=dict(added["kwargs"]),
+                depends_on=(),
+            )
+        elif name in by_name:
+            current = by_name[name]
+        else:
+            raise LookupError(f"no task {tid!r}")
+        extra: dict[str, Any] = {}
+        if body.get("args") is not None:
+            extra["args"] = tuple(body["args"])
+        if body.get("kwargs") is not None:
+            extra["kwargs"] = dict(body["kwargs"])
+        self._compile_one(plugin, with_trigger(current, body.get("trigger"), **extra), runtime)
+        return ScheduleChanged(
+            task=tid,
+            trigger=body.get("trigger"),
+            args=body.get("args"),
+            kwargs=body.get("kwargs"),
+            declared=None if added is not None else declared_key(by_name[name]),
+        )
+
+    def _compile_one(self, plugin: str, spec: TaskSpec, runtime: PluginRuntime | None) -> None:
+        if spec.trigger is not None and not isinstance(spec.trigger, Mapping):
+            raise TaskDeclarationError("trigger: expected a mapping like {'cron': '0 * * * *'}")
+        compile_spec(plugin, spec, runtime=runtime, default_tz=self.settings.default_timezone)
 
     async def _refuse(self, r: Recorded, reason: str) -> None:
         await self._runner.append(
@@ -381,4 +627,4 @@ class SchedulerService:
 
     def running(self, task_id: str) -> int:
         entry = self._tasks.get(task_id)
-        return len(entry.active) if entry is not None else 0
+        return entry.instances if entry is not None else 0

@@ -9,10 +9,15 @@ plugin and the task. :func:`compile_plugin` does all of it for one plugin's task
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
+import json
+import math
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kernel.runtime import PluginRuntime
@@ -20,16 +25,18 @@ from kernel.sdk import TaskSpec
 from kernel.subscriptions import RetryPolicy
 from services.scheduler.triggers import (
     AfterTrigger,
-    CronTrigger,
+    Bounded,
     DateTrigger,
     IntervalTrigger,
     Trigger,
     parse_at,
     parse_duration,
+    parse_trigger,
     parse_zone,
 )
 
 __all__ = [
+    "MIN_DURATION",
     "CompiledTask",
     "TaskDeclarationError",
     "check_dependencies",
@@ -38,6 +45,10 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+#: The shortest interval, retry delay and timeout accepted (shorter ones are refused:
+#: the scheduler's own bookkeeping per run is of that order).
+MIN_DURATION = 0.01
 
 
 class TaskDeclarationError(ValueError):
@@ -68,6 +79,16 @@ class CompiledTask:
     misfire_grace: float
     generation: int = 0
     runtime: PluginRuntime | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Which of several missed due times run: ``earliest``, ``latest`` or ``all``.
+    coalesce: str = "latest"
+    #: Seconds a run's return value is kept with its outcome (None: the setting).
+    keep_result: float | None = None
+    #: ``declared`` (plugin code) or ``runtime`` (added through the admin API).
+    source: str = "declared"
+    #: The plugin's task whose function a runtime schedule calls (None: its own).
+    function: str | None = None
 
     @property
     def trigger_description(self) -> str:
@@ -126,6 +147,7 @@ def _compile(
             ("every", spec.every),
             ("at", spec.at),
             ("after", spec.after),
+            ("trigger", spec.trigger),
         )
         if v is not None
     }
@@ -135,26 +157,39 @@ def _compile(
     if spec.tz is not None:
         parse_zone(spec.tz)
     trigger: Trigger | None
-    if spec.cron is not None:
+    bounds = {k: v for k, v in (("start", spec.start), ("end", spec.end)) if v is not None}
+    if spec.trigger is not None:
+        raw = spec.trigger
+        trigger = parse_trigger({**raw, **bounds} if isinstance(raw, Mapping) else raw, tz)
+        if bounds and not isinstance(raw, Mapping):
+            raise TaskDeclarationError("start=/end= go inside a trigger given as a mapping")
+    elif spec.cron is not None:
         if not isinstance(spec.cron, str):
             raise TaskDeclarationError(f"cron must be a string, got {spec.cron!r}")
-        trigger = CronTrigger(spec.cron, tz)
+        trigger = parse_trigger({"cron": spec.cron, **bounds}, tz)
     elif spec.every is not None:
-        every = parse_duration(spec.every, "every")
-        trigger = IntervalTrigger(every)
+        trigger = parse_trigger({"every": spec.every, **bounds}, tz)
     elif spec.at is not None:
+        if bounds:
+            raise TaskDeclarationError("start=/end= apply to recurring triggers, not at=")
         trigger = DateTrigger(parse_at(spec.at, tz))
     elif spec.after is not None:
+        if bounds:
+            raise TaskDeclarationError("start=/end= apply to recurring triggers, not after=")
         trigger = AfterTrigger(parse_duration(spec.after, "after"))
     elif spec.depends_on:
+        if bounds:
+            raise TaskDeclarationError("start=/end= need a trigger")
         trigger = None
     else:
         raise TaskDeclarationError(
-            "no trigger: give one of cron=, every=, at=, after= (or depends_on= alone)"
+            "no trigger: give one of cron=, every=, at=, after=, trigger= (or depends_on= alone)"
         )
+    if trigger is not None:
+        _check_trigger(trigger)
     jitter = parse_duration(spec.jitter, "jitter") if spec.jitter is not None else 0.0
-    if jitter and not isinstance(trigger, IntervalTrigger | CronTrigger):
-        raise TaskDeclarationError("jitter applies to recurring triggers (cron=, every=) only")
+    if jitter:
+        _check_jitter(trigger, jitter)
     if spec.depends_rule not in ("success", "finished"):
         raise TaskDeclarationError(
             f"depends_rule must be 'success' or 'finished', got {spec.depends_rule!r}"
@@ -170,8 +205,27 @@ def _compile(
             f"max_instances must be an integer >= 1, got {spec.max_instances!r}"
         )
     timeout = parse_duration(spec.timeout, "timeout") if spec.timeout is not None else None
-    if timeout is not None and timeout <= 0:
-        raise TaskDeclarationError("timeout must be positive")
+    if timeout is not None:
+        _at_least(timeout, "timeout")
+    retry_delay = parse_duration(spec.retry_delay, "retry_delay")
+    retry_max_delay = parse_duration(spec.retry_max_delay, "retry_max_delay")
+    if spec.retries:
+        _at_least(retry_delay, "retry_delay")
+        if retry_max_delay < retry_delay:
+            raise TaskDeclarationError(
+                f"retry_max_delay ({retry_max_delay:g}s) is below retry_delay ({retry_delay:g}s)"
+            )
+    coalesce = spec.coalesce or "latest"
+    if coalesce not in ("earliest", "latest", "all"):
+        raise TaskDeclarationError(
+            f"coalesce must be 'earliest', 'latest' or 'all', got {spec.coalesce!r}"
+        )
+    if not isinstance(spec.args, tuple | list):
+        raise TaskDeclarationError(f"args must be a list, got {spec.args!r}")
+    if not isinstance(spec.kwargs, Mapping) or not all(isinstance(k, str) for k in spec.kwargs):
+        raise TaskDeclarationError(f"kwargs must be a mapping of names, got {spec.kwargs!r}")
+    _check_signature(spec.fn, tuple(spec.args), dict(spec.kwargs))
+    keep = parse_duration(spec.keep_result, "keep_result") if spec.keep_result is not None else None
     depends = tuple(qualify(plugin, d) for d in spec.depends_on)
     task_id = f"{plugin}.{spec.name}"
     if task_id in depends:
@@ -189,21 +243,131 @@ def _compile(
         depends_on=depends,
         depends_rule=spec.depends_rule,
         retries=spec.retries,
-        retry_delay=parse_duration(spec.retry_delay, "retry_delay"),
-        retry_max_delay=parse_duration(spec.retry_max_delay, "retry_max_delay"),
+        retry_delay=retry_delay,
+        retry_max_delay=retry_max_delay,
         timeout=timeout,
         max_instances=spec.max_instances,
         misfire=spec.misfire,
         misfire_grace=parse_duration(spec.misfire_grace, "misfire_grace"),
         generation=generation,
         runtime=runtime,
+        args=tuple(spec.args),
+        kwargs=dict(spec.kwargs),
+        coalesce=coalesce,
+        keep_result=keep,
     )
+
+
+def _at_least(seconds: float, what: str) -> None:
+    if seconds < MIN_DURATION:
+        raise TaskDeclarationError(
+            f"{what}: {seconds:g}s is below the minimum of {MIN_DURATION:g}s"
+        )
+
+
+def _check_trigger(trigger: Trigger) -> None:
+    """Refuse intervals below the minimum and triggers that can never fire."""
+    inner = trigger.inner if isinstance(trigger, Bounded) else trigger
+    if isinstance(inner, IntervalTrigger):
+        _at_least(inner.every, "every")
+    for part in getattr(inner, "parts", ()):
+        _check_trigger(part)
+    if not trigger.recurring:
+        return
+    now = time.time()
+    if trigger.first(now) is None:
+        if isinstance(trigger, Bounded) and trigger.end is not None and trigger.end < now:
+            return  # it has fired all it will: scheduled with no next run
+        raise TaskDeclarationError(
+            f"{trigger.description} never fires (no due time from now on; checked "
+            "by computing the first one)"
+        )
+
+
+def _check_jitter(trigger: Trigger | None, jitter: float) -> None:
+    """Jitter must stay below the shortest gap between due times, or a delayed run
+    would overtake the next one (false misfires and skips)."""
+    if trigger is None or not trigger.recurring:
+        raise TaskDeclarationError("jitter applies to recurring triggers only")
+    inner = trigger.inner if isinstance(trigger, Bounded) else trigger
+    if isinstance(inner, IntervalTrigger):
+        gap = inner.every
+    else:
+        gap = math.inf
+        t = trigger.first(time.time())
+        for _ in range(10):
+            n = trigger.next_after(t) if t is not None else None
+            if t is None or n is None:
+                break
+            gap, t = min(gap, n - t), n
+    if jitter >= gap:
+        raise TaskDeclarationError(
+            f"jitter ({jitter:g}s) must be below the interval between runs ({gap:g}s)"
+        )
+
+
+@functools.lru_cache(maxsize=4096)
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # a builtin without a signature: the call will tell
+
+
+def _check_signature(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    try:
+        signature = _signature(fn)
+    except TypeError:  # not hashable: look it up each time
+        signature = _signature.__wrapped__(fn)
+    if signature is None:
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TaskDeclarationError(f"args/kwargs do not fit the function: {exc}") from None
+    if not args and not kwargs:
+        return
+    try:
+        json.dumps([list(args), kwargs])
+    except (TypeError, ValueError):
+        raise TaskDeclarationError(
+            "args/kwargs must be JSON-serializable (they are recorded in the log)"
+        ) from None
+
+
+def expand_schedules(spec: TaskSpec) -> list[TaskSpec]:
+    """``schedules=[...]``: one declaration per schedule (each item overrides options)."""
+    if not spec.schedules:
+        return [spec]
+    names = {f.name for f in dataclasses.fields(TaskSpec)} - {"fn", "schedules", "extra"}
+    out = []
+    triggers = ("cron", "every", "at", "after", "trigger")
+    for i, item in enumerate(spec.schedules):
+        if not isinstance(item, Mapping):
+            raise TaskDeclarationError(f"schedules[{i}]: expected a mapping, got {item!r}")
+        unknown = set(item) - names
+        if unknown:
+            raise TaskDeclarationError(
+                f"schedules[{i}]: unknown option(s) {', '.join(sorted(unknown))}"
+            )
+        changes: dict[str, Any] = dict(item)
+        if any(k in item for k in triggers):
+            changes.update({k: item.get(k) for k in triggers})
+        changes["name"] = item.get("name") or f"{spec.name}-{i + 1}"
+        if isinstance(changes.get("depends_on"), str):
+            changes["depends_on"] = (changes["depends_on"],)
+        for key in ("args", "depends_on"):
+            if isinstance(changes.get(key), list):
+                changes[key] = tuple(changes[key])
+        out.append(dataclasses.replace(spec, schedules=(), **changes))
+    return out
 
 
 def check_dependencies(
     new: Mapping[str, CompiledTask],
     existing: Mapping[str, tuple[str, ...]],
     known: Iterable[str],
+    refused_before: Iterable[str] = (),
 ) -> dict[str, str]:
     """Refusals (task id -> reason) for unknown dependencies and cycles.
 
@@ -211,7 +375,8 @@ def check_dependencies(
     already registered (other plugins), ``known`` every task id the log knows of.
     A task depending on a refused task is refused too.
     """
-    known_ids = set(known) | set(new) | set(existing)
+    before = set(refused_before)
+    known_ids = set(known) | set(new) | set(existing) | before
     refused: dict[str, str] = {}
     for tid, task in new.items():
         unknown = [d for d in task.depends_on if d not in known_ids]
@@ -232,7 +397,7 @@ def check_dependencies(
         for tid, task in new.items():
             if tid in refused:
                 continue
-            bad = [d for d in task.depends_on if d in refused]
+            bad = [d for d in task.depends_on if d in refused or d in before]
             if bad:
                 refused[tid] = f"depends on refused task(s) {', '.join(bad)}"
                 changed = True
@@ -257,8 +422,24 @@ def compile_plugin(
     """
     compiled: dict[str, CompiledTask] = {}
     refused: dict[str, str] = {}
+    expanded: list[TaskSpec] = []
     for spec in specs:
+        try:
+            expanded.extend(expand_schedules(spec))
+        except TaskDeclarationError as exc:
+            refused[f"{plugin}.{getattr(spec, 'name', '?')}"] = str(exc)
+    seen: dict[str, int] = {}
+    for spec in expanded:
+        name = getattr(spec, "name", "?")
+        seen[name] = seen.get(name, 0) + 1
+    for spec in expanded:
         tid = f"{plugin}.{getattr(spec, 'name', '?')}"
+        if seen.get(getattr(spec, "name", "?"), 0) > 1:
+            refused[tid] = (
+                f"declared {seen[spec.name]} times: task names must be unique in a plugin "
+                "(give each schedule its own name=)"
+            )
+            continue
         try:
             task = compile_spec(
                 plugin, spec, generation=generation, runtime=runtime, default_tz=default_tz
@@ -266,12 +447,9 @@ def compile_plugin(
         except TaskDeclarationError as exc:
             refused[tid] = str(exc)
             continue
-        if tid in compiled:
-            refused[tid] = "declared twice"
-            continue
         compiled[tid] = task
     candidates = {t: c for t, c in compiled.items() if t not in refused}
-    refused.update(check_dependencies(candidates, existing, known))
+    refused.update(check_dependencies(candidates, existing, known, refused_before=refused))
     if strict and refused:
         first = next(iter(refused.items()))
         for tid in compiled:

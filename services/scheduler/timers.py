@@ -29,6 +29,10 @@ Callback = Callable[[], None]
 class TimerQueue:
     """Calls a key's callback once its time (UTC epoch seconds) has come."""
 
+    #: Callbacks due together run in slices of at most this long (seconds) between
+    #: which the event loop serves other work.
+    slice = 0.005
+
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, str]] = []
         self._live: dict[str, tuple[int, Callback]] = {}
@@ -50,6 +54,10 @@ class TimerQueue:
 
     def cancel(self, key: str) -> None:
         self._live.pop(key, None)
+
+    def next_time(self) -> float | None:
+        """The earliest armed time (an entry cancelled since may answer: it is a hint)."""
+        return self._heap[0][0] if self._heap else None
 
     def when(self, key: str) -> float | None:
         live = self._live.get(key)
@@ -80,6 +88,7 @@ class TimerQueue:
         heap = self._heap
         while True:
             now = time.time()
+            began = time.perf_counter()
             while heap and heap[0][0] <= now:
                 _, seq, key = heapq.heappop(heap)
                 live = self._live.get(key)
@@ -90,6 +99,11 @@ class TimerQueue:
                     live[1]()
                 except Exception:
                     log.exception("scheduler timer callback for %r failed", key)
+                if time.perf_counter() - began > self.slice:
+                    # Many callbacks due at once (a boot after downtime): let the loop
+                    # serve others between slices, so HTTP is not stalled by catch-up.
+                    await asyncio.sleep(0)
+                    began = time.perf_counter()
             while heap and self._live.get(heap[0][2], (None,))[0] != heap[0][1]:
                 heapq.heappop(heap)
             self._wake = wake = loop.create_future()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from kernel import Kernel, Projection, Recorded, Settings, handles, state_at
 from kernel.events import Event, NewEvent
+from kernel.projections import fold
 from kernel.store import SQLiteStore
 
 
@@ -122,3 +126,155 @@ async def test_state_at_a_past_position(tmp_path: Path) -> None:
     assert past.balances == {"a": 1 + 2 + 3}
     assert past.position == 3
     assert now.balances == {"a": 15}
+
+
+class Counter(Projection):
+    """Remembers every position it folded; saves a snapshot after every batch, so the
+    fold awaits the writer between a read and the next (where appends slip in)."""
+
+    name = "counter"
+    snapshot_every = 1
+
+    def reset(self) -> None:
+        self.seen: list[int] = []
+
+    @handles(Deposited)
+    def _deposit(self, r: Recorded) -> None:
+        self.seen.append(r.position)
+
+    def snapshot(self) -> Any:
+        return {"n": len(self.seen)}
+
+
+async def test_projections_added_and_rebuilt_under_concurrent_appends_miss_nothing(
+    tmp_path: Path,
+) -> None:
+    """fold takes the log's bound before each read: events appended while a projection
+    catches up (or rebuilds) are folded, none skipped, none twice."""
+    async with Kernel(settings(tmp_path), services=[]) as kernel:
+        stop = asyncio.Event()
+
+        async def producer(i: int) -> None:
+            while not stop.is_set():
+                await kernel.append(Deposited(account=f"p{i}", amount=1), stream=f"acct-p{i}")
+
+        await seed(kernel, 200)
+        producers = [asyncio.create_task(producer(i)) for i in range(50)]
+        try:
+            counters = []
+            for trial in range(6):
+
+                class Trial(Counter):
+                    name = f"counter-{trial}"
+
+                counters.append(await kernel.add_projection(Trial()))
+                await asyncio.sleep(0)
+            rebuilt = counters[0]
+            await kernel.projector(rebuilt.name).rebuild()
+            for _ in range(20):
+                await asyncio.sleep(0)
+        finally:
+            stop.set()
+            await asyncio.gather(*producers)
+        with anyio.fail_after(30):
+            await kernel.settle()
+        expected = [r.position for r in await kernel.read(types=["Deposited"])]
+        for c in counters:
+            assert c.seen == expected, f"{c.name}: {len(c.seen)} folded of {len(expected)}"
+
+
+async def test_state_at_under_concurrent_appends_is_exact(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        for _ in range(100):
+            await store.append([NewEvent.of(Deposited(account="a", amount=1))], stream="a")
+        stop = asyncio.Event()
+
+        async def producer() -> None:
+            while not stop.is_set():
+                await store.append([NewEvent.of(Deposited(account="b", amount=1))], stream="b")
+
+        task = asyncio.create_task(producer())
+        try:
+            for _ in range(5):
+                p = await state_at(store, Balances, 100)
+                assert p.balances == {"a": 100} and p.position == 100
+        finally:
+            stop.set()
+            await task
+    finally:
+        await store.close()
+
+
+async def test_snapshots_are_saved_every_n_events_while_running(tmp_path: Path) -> None:
+    async with Kernel(settings(tmp_path), services=[]) as kernel:
+        await kernel.add_projection(Balances())  # snapshot_every = 10
+        for _ in range(25):
+            await kernel.append(Deposited(account="a", amount=1), stream="acct-a")
+        with anyio.fail_after(10):
+            await kernel.settle()
+        snap = await kernel.store.load_snapshot("balances")
+        # saved while live, not only at stop
+        assert snap is not None and snap.position >= 20
+
+
+class Unsaveable(Balances):
+    name = "unsaveable"
+    snapshot_every = 1
+
+    def snapshot(self) -> Any:
+        return {"balances": self.balances, "bad": {1, 2}}  # orjson refuses a set
+
+
+async def test_a_failing_snapshot_never_applies_an_event_twice(tmp_path: Path) -> None:
+    async with Kernel(settings(tmp_path), services=[]) as kernel:
+        p = await kernel.add_projection(Unsaveable())
+        for _ in range(5):
+            await kernel.append(Deposited(account="a", amount=10), stream="acct-a")
+        with anyio.fail_after(10):
+            await kernel.settle()
+        assert p.balances == {"a": 50}
+        assert p.applied == 5
+        assert await kernel.store.load_snapshot("unsaveable") is None
+
+
+class _GcWatcher(Projection):
+    name = "gc-watcher"
+
+    def reset(self) -> None:
+        self.enabled_during: list[bool] = []
+        self.fail_at: int | None = None
+
+    @handles("Counted")
+    def _counted(self, r: Recorded) -> None:
+        self.enabled_during.append(gc.isenabled())
+        if self.fail_at is not None and r.position >= self.fail_at:
+            raise RuntimeError("a handler failed")
+
+
+async def test_a_fold_pauses_the_cyclic_gc_and_always_restores_it(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        await store.append([NewEvent.raw("Counted", {"n": i}) for i in range(10)], stream="c")
+        assert gc.isenabled()
+        watcher = _GcWatcher()
+        await fold(store, watcher, batch_size=3)
+        assert watcher.enabled_during == [False] * 10
+        assert gc.isenabled()
+
+        failing = _GcWatcher()
+        failing.fail_at = 5
+        with pytest.raises(RuntimeError):
+            await fold(store, failing)
+        assert gc.isenabled()
+
+        gc.disable()  # an application that runs without the collector keeps it off
+        try:
+            await fold(store, _GcWatcher())
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        await store.close()

@@ -26,7 +26,14 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
     s = Settings.load(f, env={"XCORE_PORT": "9100", "XCORE_SERVICES__SCHEDULER__JITTER": "2"})
     assert s.port == 9100
     assert s.log_level == "DEBUG"
-    assert s.services == {"scheduler": {"max_concurrency": 4, "jitter": 2}}
+    # environment values are text; the service's own model converts them
+    assert s.services == {"scheduler": {"max_concurrency": 4, "jitter": "2"}}
+
+    class Scheduler(BaseModel):
+        max_concurrency: int
+        jitter: float
+
+    assert s.section("scheduler", Scheduler) == Scheduler(max_concurrency=4, jitter=2.0)
     s = Settings.load(f, env={"XCORE_PORT": "9100"}, overrides={"port": 9200, "host": None})
     assert s.port == 9200
     assert s.host == "127.0.0.1"
@@ -91,3 +98,92 @@ def test_a_short_admin_token_is_refused_and_a_good_one_is_redacted() -> None:
     Settings.load(env={"XCORE_ADMIN_TOKEN": "a-long-enough-token-123"})
     record = logging.LogRecord("x", 20, "", 0, "token a-long-enough-token-123", None, None)
     assert "a-long-enough-token-123" not in TextFormatter().format(record)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "abcdefghijklmnop #not-a-comment",
+        "'quoted-token-with-quotes'",
+        '"double-quoted-token-value"',
+        "0123456789012345",  # digits stay text
+        "  spaces-around-the-token  ",
+        "[not-a-list-0123456789]",
+    ],
+)
+def test_secrets_from_the_environment_are_taken_verbatim(token: str) -> None:
+    s = Settings.load(env={"XCORE_ADMIN_TOKEN": token})
+    assert s.admin_token is not None
+    assert s.admin_token.get_secret_value() == token
+
+
+def test_null_in_the_environment_is_text_not_unset() -> None:
+    # four letters: too short for a token, refused rather than silently meaning "none"
+    with pytest.raises(SettingsError, match=r"'admin_token' \(from environment variable"):
+        Settings.load(env={"XCORE_ADMIN_TOKEN": "null"})
+    assert Settings.load(env={"XCORE_NODE": "null"}).node == "null"
+
+
+def test_dotenv_secret_files_and_their_precedence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "xcore_admin_token").write_text("from-the-secret-file-0123\n")
+    (secrets / "xcore_node").write_text("secret-node")
+    (tmp_path / "xcore.yaml").write_text(
+        f"secrets_dir: {secrets}\nnode: yaml-node\nport: 7000\nhost: 10.0.0.1\n"
+    )
+    (tmp_path / ".env").write_text(
+        "OTHER_APP_SETTING=ignored\nXCORE_PORT=7100\nXCORE_LOG_LEVEL=debug\n"
+        "XCORE_HTTP__MAX_BODY_BYTES=2048\n"
+    )
+    s = Settings.load(env={"XCORE_LOG_LEVEL": "error"})
+    assert s.admin_token is not None
+    assert s.admin_token.get_secret_value() == "from-the-secret-file-0123"  # newline dropped
+    assert s.node == "secret-node"  # secret file beats the YAML file
+    assert s.host == "10.0.0.1"  # YAML beats the defaults
+    assert s.port == 7100  # dotenv beats the YAML file
+    assert s.log_level == "ERROR"  # the environment beats dotenv
+    assert s.http.max_body_bytes == 2048
+    assert Settings.load(env={"XCORE_PORT": "7200"}, overrides={"port": 7300}).port == 7300
+
+
+def test_bad_values_in_dotenv_and_secret_files_name_their_source(tmp_path: Path) -> None:
+    env_file = tmp_path / "prod.env"
+    env_file.write_text("XCORE_HTTP__MAX_CONNECTIONS=lots\n")
+    with pytest.raises(
+        SettingsError,
+        match=rf"'http.max_connections' \(from dotenv file {env_file}, entry XCORE_HTTP__MAX_CONNECTIONS\)",
+    ):
+        Settings.load(env={}, dotenv=env_file)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "xcore_port").write_text("eighty")
+    with pytest.raises(SettingsError, match=rf"'port' \(from secret file {secrets}/xcore_port\)"):
+        Settings.load(env={}, secrets_dir=secrets)
+    with pytest.raises(SettingsError, match="does not exist"):
+        Settings.load(env={}, dotenv=tmp_path / "missing.env")
+    with pytest.raises(SettingsError, match="not a folder"):
+        Settings.load(env={"XCORE_SECRETS_DIR": str(tmp_path / "nope")})
+    with pytest.raises(SettingsError, match="XCORE_HTTP__NOPE|'http.nope'"):
+        Settings.load(env={"XCORE_HTTP__NOPE": "1"})
+
+
+def test_a_section_reads_json_lists_from_the_environment() -> None:
+    class Loader(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        allow: list[str] = []
+        retries: int = 0
+
+    s = Settings.load(
+        env={"XCORE_SERVICES__LOADER__ALLOW": '["a", "b"]', "XCORE_SERVICES__LOADER__RETRIES": "3"}
+    )
+    assert s.section("loader", Loader) == Loader(allow=["a", "b"], retries=3)
+
+
+def test_the_constructor_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XCORE_PORT", "9999")
+    assert Settings().port == 8000
+    assert Settings.load().port == 9999

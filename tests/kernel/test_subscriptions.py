@@ -101,7 +101,7 @@ async def test_a_slow_subscriber_falls_back_to_the_store_and_misses_nothing(tmp_
     await sub.start()
     for chunk in range(20):
         await store.append([ev(chunk * 100 + i) for i in range(100)], stream="s")
-    assert len(store._tail._events) == 64  # bounded, however far behind the subscriber is
+    assert len(store._tail._rows) == 64  # bounded, however far behind the subscriber is
     gate.set()
     with anyio.fail_after(20):
         await sub.wait_for(2000)
@@ -148,3 +148,82 @@ async def test_a_failing_handler_is_retried_then_recorded_as_subscriber_failed(
         [bad] = [r for r in await kernel.read(types=["Counted"]) if r.data["i"] == 2]
         assert failed.data["position"] == bad.position
         assert failed.meta.causation_id == bad.meta.id
+
+
+async def test_stop_lets_the_running_handler_finish(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    entered = asyncio.Event()
+    finished: list[int] = []
+
+    async def slow(r: Recorded) -> None:
+        entered.set()
+        await asyncio.sleep(0.2)
+        finished.append(r.position)
+
+    sub = Subscription(store, slow, name="slow", start=0)
+    await sub.start()
+    await store.append([ev(1), ev(2)], stream="s")
+    with anyio.fail_after(10):
+        await entered.wait()
+        await sub.stop()
+    assert finished == [1]  # the handler in progress completed; the next never started
+    assert await store.load_checkpoint("slow") == 1
+    await store.close()
+
+
+async def test_stop_cancels_a_handler_that_outlives_the_grace(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    entered = asyncio.Event()
+
+    async def stuck(r: Recorded) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    sub = Subscription(store, stuck, name="stuck", start=0)
+    await sub.start()
+    await store.append([ev(1)], stream="s")
+    with anyio.fail_after(10):
+        await entered.wait()
+        await sub.stop(grace=0.05)
+    assert await store.load_checkpoint("stuck") is None  # delivered again next time
+    await store.close()
+
+
+async def test_a_subscription_on_a_read_only_store_goes_live(tmp_path: Path) -> None:
+    writer = SQLiteStore(tmp_path / "log.db")
+    await writer.open()
+    await writer.append([ev(1)], stream="s")
+    reader = SQLiteStore(tmp_path / "log.db", readonly=True, poll_interval=0.01)
+    await reader.open()
+    seen: list[int] = []
+    sub = Subscription(reader, lambda r: seen.append(r.data["i"]), start=0)
+    await sub.start()
+    try:
+        with anyio.fail_after(20):
+            await sub.caught_up.wait()
+            await writer.append([ev(2)], stream="s")
+            await sub.wait_for(2)
+    finally:
+        await sub.stop()
+        await reader.close()
+        await writer.close()
+    assert seen == [1, 2]
+
+
+async def test_a_running_subscription_saves_its_checkpoint_periodically(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    sub = Subscription(store, lambda r: None, name="p", start=0, checkpoint_interval=0.05)
+    await sub.start()
+    try:
+        for i in range(3):
+            await store.append([ev(i)], stream="s")
+            with anyio.fail_after(20):
+                while await store.load_checkpoint("p") != i + 1:
+                    await asyncio.sleep(0.01)
+        assert sub.running  # saved while running, not only by stop()
+    finally:
+        await sub.stop()
+        await store.close()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
 import orjson
 import pytest
 
-from kernel.errors import ConcurrencyError, StoreClosed
+from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import Event, Meta, NewEvent, registry, upcaster
 from kernel.store import ANY, NO_STREAM, EventStore, MemoryStore, Snapshot, SQLiteStore
+from kernel.store.postgres import PostgresStore
+from tests.pg import pg_schema
 
 
 class Noted(Event):
@@ -23,12 +26,32 @@ def note(text: str, meta: Meta | None = None) -> NewEvent:
     return NewEvent.of(Noted(text=text), meta)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def _make(kind: str, tmp_path: Path) -> EventStore:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite-index-every-3":  # the stream index flushed every few events
+        return SQLiteStore(tmp_path / "log.db", index_every=3)
+    return SQLiteStore(tmp_path / "log.db")
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        "sqlite-index-every-3",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
-    s: EventStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "log.db")
-    await s.open()
-    yield s
-    await s.close()
+    async with AsyncExitStack() as stack:
+        s: EventStore
+        if request.param == "postgres":
+            s = PostgresStore(await stack.enter_async_context(pg_schema()))
+        else:
+            s = _make(request.param, tmp_path)
+        await s.open()
+        yield s
+        await s.close()
 
 
 async def test_positions_are_gapless_and_versions_count_per_stream(store: EventStore) -> None:
@@ -189,3 +212,35 @@ async def test_a_refused_append_does_not_claim_its_ids(store: EventStore) -> Non
     assert not isinstance(stored, BaseException)
     assert [r.position for r in stored] == [1]
     assert [r.meta.id for r in await store.read()] == [meta.id]
+
+
+async def test_what_a_reader_gets_is_its_own(store: EventStore) -> None:
+    [appended] = await store.append([NewEvent.raw("Listed", {"items": [1]})], stream="s")
+    [first] = await store.read()
+    first.data["items"].append(2)
+    appended.data["x"] = 1
+    [second] = await store.read()
+    assert second.data == {"items": [1]}
+
+
+async def test_a_payload_that_is_not_json_fails_only_its_own_append(store: EventStore) -> None:
+    broken = NewEvent(type="Noted", data=b"{oops", meta=Meta())
+    good, bad = await asyncio.gather(
+        store.append([note("fine")], stream="a"),
+        store.append([broken], stream="b"),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, StoreError)
+    assert not isinstance(good, BaseException)
+    assert [r.data["text"] for r in await store.read()] == ["fine"]
+
+
+async def test_health_reports_an_open_store_and_a_closed_one(store: EventStore) -> None:
+    ok, details = store.health()
+    assert ok and details["location"] == store.location
+    await store.close()
+    ok, _ = store.health()
+    assert not ok
+    with pytest.raises(StoreClosed):
+        await store.append([note("late")], stream="s")
+    await store.open()

@@ -107,11 +107,17 @@ async def test_a_truncated_log_is_refused(tmp_path: Path) -> None:
     await store.open()
     await store.append([NewEvent.raw("Big", {"blob": "x" * 3000}) for _ in range(200)], stream="s")
     await store.close()  # checkpoints the WAL into the main file
+    # the events are in the file itself (not in a -wal left beside it): cutting the file
+    # in half cuts the events, which the header's page count exposes
+    assert not path.with_name("log.db-wal").exists()
     size = path.stat().st_size
+    assert size > 200 * 3000
     with path.open("r+b") as f:
         f.truncate(size // 2)
     with pytest.raises(StoreCorrupt, match="truncated"):
         await SQLiteStore(path).open()
+    with pytest.raises(StoreCorrupt, match="truncated"):
+        await SQLiteStore(path, readonly=True).open()
 
 
 async def test_an_unrelated_sqlite_database_is_refused(tmp_path: Path) -> None:

@@ -72,6 +72,9 @@ class Harness:
     plugins: Path
     reload: bool = False
     services_extra: list[Any] = field(default_factory=list)
+    #: Overrides of the ``services.loader`` section, and of the kernel's settings.
+    loader_overrides: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     kernel: Kernel = field(init=False)
     client: httpx.AsyncClient = field(init=False)
     loader_service: LoaderService = field(init=False)
@@ -84,7 +87,8 @@ class Harness:
             admin_token=TOKEN,
             reload=self.reload,
             node="test",
-            services={"loader": {"mount_timeout": 10, "hook_timeout": 5}},
+            services={"loader": {"mount_timeout": 10, "hook_timeout": 5, **self.loader_overrides}},
+            **self.extra,
         )
 
     async def start(self) -> Harness:
@@ -144,8 +148,10 @@ def plugins(tmp_path: Path) -> Path:
 async def harness_factory(tmp_path: Path, plugins: Path) -> AsyncIterator[Callable[..., Any]]:
     made: list[Harness] = []
 
-    async def make(reload: bool = False) -> Harness:
-        h = Harness(tmp_path, plugins, reload=reload)
+    async def make(
+        reload: bool = False, loader: dict[str, Any] | None = None, **extra: Any
+    ) -> Harness:
+        h = Harness(tmp_path, plugins, reload=reload, loader_overrides=loader or {}, extra=extra)
         made.append(h)
         with anyio.fail_after(30):
             return await h.start()

@@ -28,11 +28,15 @@ def item_router() -> APIRouter:
 
 async def test_unknown_paths_get_a_json_404(harness: Any, status_router: Any) -> None:
     await harness.load("hello", 1, status_router("", "h"), "/app/hello")
-    for path in ("/nowhere", "/app/hellox/status", "/app", "/admin/nothing-here"):
+    for path in ("/nowhere", "/app/hellox/status", "/app"):
         response = await harness.client.get(path)
         assert response.status_code == 404, path
         assert response.json() == {"detail": "Not Found"}
         assert response.headers["content-type"] == "application/json"
+    # under /admin, authentication comes first: an anonymous client cannot map the paths
+    response = await harness.client.get("/admin/nothing-here")
+    assert response.status_code in (401, 503)
+    assert response.headers["content-type"] == "application/json"
 
 
 async def test_a_plugin_404_inside_its_prefix_is_its_own(harness: Any, status_router: Any) -> None:

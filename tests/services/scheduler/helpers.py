@@ -23,8 +23,10 @@ def spec(fn: Callable[..., Any], **options: Any) -> TaskSpec:
     """The TaskSpec ``@task(**options)`` would attach to ``fn``."""
     from kernel.sdk import task
 
-    marked = task(**options)(fn)
+    marked: Any = task(**options)(fn)
     result: TaskSpec = marked.__xcore_task__
+    # one declaration per call: the next call on the same function is not "stacked"
+    del marked.__xcore_task__, marked.__xcore_tasks__
     return result
 
 

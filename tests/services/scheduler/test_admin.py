@@ -89,7 +89,8 @@ async def test_admin_table_detail_run_pause_resume(server: Any) -> None:
         assert job_row["paused"] is False and job_row["successes"] == 0
 
         resp = await client.post("/admin/tasks/web.job/run", headers=AUTH)
-        assert resp.status_code == 200 and resp.json()["outcome"] == "TaskStarted"
+        assert resp.status_code == 202 and resp.json()["outcome"] == "TaskRunAccepted"
+        assert resp.json()["queue_position"] == 0
         run_id = resp.json()["run_id"]
         await wait_events(kernel, "TaskSucceeded")
         await kernel.settle()
@@ -135,7 +136,7 @@ async def test_cli_list_and_run(server: Any) -> None:
     assert "web.job" in listed.stdout and "every 3600s" in listed.stdout
     ran = await anyio.to_thread.run_sync(cli, "run", "web.hourly")
     assert ran.returncode == 0, ran.stderr
-    assert '"outcome": "TaskStarted"' in ran.stdout
+    assert '"outcome": "TaskRunAccepted"' in ran.stdout
     await wait_events(kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "web.hourly")
     missing = await anyio.to_thread.run_sync(cli, "run", "web.nothing")
     assert missing.returncode == 1 and "HTTP 404" in missing.stderr

@@ -1,0 +1,297 @@
+"""Sandbox benchmarks: a call's round trip, a sandboxed route's throughput, a worker's start and size.
+
+- ``sandbox_call_p50_us`` / ``sandbox_call_p99_us``: a no-op call into a sandboxed
+  plugin's worker (the supervisor's ``call``: one frame out, one frame back, both through
+  the kernel's event loop), beside ``raw_pipe``: a blocking round trip of a small message
+  over two pipes to a child process that echoes it (the floor any IPC design pays),
+  measured in the same run in alternating batches (DESIGN.md "Targets": p50 <= 1.5x).
+- ``sandbox_route_rps``: ``GET /app/bench/status`` served by two ``xcore serve``
+  processes, the same plugin trusted in one and sandboxed in the other, loaded by wrk in
+  alternating pairs (target >= 0.6x).
+- ``sandbox_start_ms``: a worker's start to ready (interpreter, FastAPI, the plugin's
+  import), median over reloads; ``sandbox_worker_rss_mb``: its RSS once ready.
+
+    python -m bench.sandbox [--pairs 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import Result, median, percentile, result
+
+ROOT = Path(__file__).resolve().parent.parent
+CALLS = 2000
+CONNECTIONS = 32
+ECHO = "import os\nwhile True:\n    d = os.read(0, 64)\n    if not d: break\n    os.write(1, d)\n"
+
+
+def _plugin(folder: Path, mode: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "__init__.py").write_text("")
+    (folder / "run.py").write_text(
+        f"PLUGIN_INFO = {{'version': '1.0.0', 'api_prefix': '/app/bench', 'mode': {mode!r}}}\n"
+    )
+    (folder / "router.py").write_text(
+        textwrap.dedent(
+            """
+            from fastapi import APIRouter
+            router = APIRouter()
+
+            @router.get("/status")
+            async def status():
+                return {"status": "ok"}
+            """
+        )
+    )
+
+
+def _raw_pipe(n: int) -> list[float]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    w, r = proc.stdin.fileno(), proc.stdout.fileno()
+    message = b"\0\0\0\x18" + b'{"op":"noop","id":12345}'
+    out = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.write(w, message)
+            got = 0
+            while got < len(message):
+                got += len(os.read(r, 64))
+            out.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        proc.stdin.close()
+        proc.wait()
+    return out
+
+
+async def _sandbox_calls(pairs: int) -> list[Result]:
+    from kernel import Kernel, Settings
+    from services.loader.events import PluginReloaded, PluginReloadFailed, PluginReloadRequested
+    from services.loader.service import LoaderService
+    from services.sandbox.service import SandboxService
+
+    base = Path(tempfile.mkdtemp(prefix="xcore-bench-sandbox-"))
+    base.chmod(0o755)  # noqa: ASYNC240 - set-up, before anything is measured
+    try:
+        _plugin(base / "plugins" / "bench", "sandboxed")
+        service = SandboxService()
+        settings = Settings(
+            data_dir=base / "var", plugins_dir=base / "plugins", store="memory", reload=False
+        )
+        async with Kernel(settings, services=[service, LoaderService()]) as kernel:
+            starts = []
+            for _ in range(5):
+                outcome = await kernel.request(
+                    PluginReloadRequested(name="bench", reason="bench"),
+                    stream="plugin-bench",
+                    outcomes=[PluginReloaded, PluginReloadFailed],
+                )
+                if outcome.type != PluginReloaded.type_name:
+                    raise RuntimeError(f"the bench plugin did not load: {outcome.data}")
+                await asyncio.sleep(0.5)
+                plugin = max(
+                    (p for (n, _), p in service.plugins.items() if n == "bench"),
+                    key=lambda p: p.generation,
+                )
+                assert plugin.worker is not None
+                starts.append(plugin.worker.start_ms)
+            await asyncio.sleep(1.2)  # one RSS sample after start
+            rss_mb = plugin.worker.rss / 2**20
+            sandbox: list[float] = []
+            raw: list[float] = []
+            ratios = []
+            for i in range(pairs):
+                batch = []
+                for _ in range(CALLS):
+                    t0 = time.perf_counter()
+                    await plugin.call({"op": "noop"}, kind="noop")
+                    batch.append((time.perf_counter() - t0) * 1e6)
+                pipe = await asyncio.to_thread(_raw_pipe, CALLS)
+                sandbox += batch
+                raw += pipe
+                ratios.append(median(batch) / median(pipe))
+                print(
+                    f"   batch {i + 1}: sandbox p50 {median(batch):.1f} us, raw pipe p50 {median(pipe):.1f} us"
+                )
+            level = service.level
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    extra = {
+        "calls": len(sandbox),
+        "level": level,
+        "median_ratio_of_batches": median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "raw_pipe_p99_us": percentile(raw, 99),
+    }
+    return [
+        result("sandbox_call_p50_us", median(sandbox), "us", {"raw_pipe": median(raw)}, **extra),
+        result(
+            "sandbox_call_p99_us",
+            percentile(sandbox, 99),
+            "us",
+            {"raw_pipe": percentile(raw, 99)},
+            **extra,
+        ),
+        result("sandbox_start_ms", median(starts), "ms", {}, starts_ms=starts, level=level),
+        result("sandbox_worker_rss_mb", rss_mb, "MiB", {}, level=level),
+    ]
+
+
+def sandbox_calls(pairs: int | None = None) -> list[Result]:
+    pairs = pairs or max(7, int(os.environ.get("XCORE_BENCH_PAIRS", "7")))
+    return asyncio.run(_sandbox_calls(pairs))
+
+
+class _Serve:
+    def __init__(self, base: Path, mode: str) -> None:
+        self.base = base / mode
+        _plugin(self.base / "plugins" / "bench", mode)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/app/bench/status"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
+        env.update({"XCORE_ADMIN_TOKEN": "bench-admin-token-0123456789", "XCORE_RELOAD": "false"})
+        env["XCORE_LOG_LEVEL"] = "WARNING"
+        self.log = (self.base / "serve.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kernel.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.base / "var"),
+                "--plugins-dir",
+                str(self.base / "plugins"),
+            ],
+            cwd=self.base,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"xcore serve ({mode}) did not serve {self.url}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wrk(url: str, seconds: float) -> float:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw failed requests against {url}:\n{out}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    return float(found.group(1))
+
+
+def sandbox_route_rps(pairs: int | None = None, seconds: float = 5.0) -> list[Result]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install -y wrk)")
+    pairs = pairs or max(7, int(os.environ.get("XCORE_BENCH_PAIRS", "7")))
+    base = Path(tempfile.mkdtemp(prefix="xcore-bench-sandbox-route-"))
+    base.chmod(0o755)
+    servers = []
+    try:
+        sandboxed = _Serve(base, "sandboxed")
+        servers.append(sandboxed)
+        trusted = _Serve(base, "trusted")
+        servers.append(trusted)
+        _wrk(sandboxed.url, 2)
+        _wrk(trusted.url, 2)
+        s_runs, t_runs, ratios = [], [], []
+        for i in range(pairs):
+            if i % 2 == 0:
+                s = _wrk(sandboxed.url, seconds)
+                t = _wrk(trusted.url, seconds)
+            else:
+                t = _wrk(trusted.url, seconds)
+                s = _wrk(sandboxed.url, seconds)
+            s_runs.append(s)
+            t_runs.append(t)
+            ratios.append(s / t)
+            print(
+                f"   pair {i + 1}: sandboxed {s:,.0f} req/s, trusted {t:,.0f} req/s, ratio {s / t:.3f}"
+            )
+    finally:
+        for server in servers:
+            server.close()
+        shutil.rmtree(base, ignore_errors=True)
+    extra: dict[str, Any] = {
+        "median_ratio": median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "pairs": pairs,
+        "seconds_per_run": seconds,
+        "connections": CONNECTIONS,
+        "load_generator": "wrk",
+        "sandboxed_rps": s_runs,
+        "trusted_rps": t_runs,
+    }
+    return [
+        result("sandbox_route_rps", median(s_runs), "req/s", {"trusted": median(t_runs)}, **extra)
+    ]
+
+
+BENCHMARKS = [("sandbox_call", sandbox_calls), ("sandbox_route_rps", sandbox_route_rps)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sandbox")
+    parser.add_argument("--pairs", type=int, default=None)
+    args = parser.parse_args()
+    for r in sandbox_calls(args.pairs) + sandbox_route_rps(args.pairs):
+        print(f"{r['name']}: {r['value']:.4g} {r['unit']} peers={r['peers']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

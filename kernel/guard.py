@@ -1,0 +1,267 @@
+"""The request guard: every HTTP request is bounded before it costs anything.
+
+Guarantees, for every route of the app (the kernel's, the services', the plugins'):
+
+- an ``/admin`` request is authenticated on its head alone: a refused one is answered
+  (401, or 503 when no admin service runs) before one byte of its body is read, so an
+  unauthenticated 300 MB upload costs its headers, not a spooled file;
+- a body larger than the route's limit is refused with 413: at once when
+  ``Content-Length`` says so, otherwise the moment the bytes read pass the limit (a
+  chunked upload cannot lie its way past it); the app then sees the client as gone;
+- a client that stops sending its body is answered 408 after ``body_timeout``;
+- ``OPTIONS`` on a path of the app answers 204 with ``Allow`` listing every method of
+  that path, and a 405 lists them all too (Starlette lists only the first route's);
+  the methods come from the OpenAPI document, so plugin paths are covered live. A path
+  that declares its own OPTIONS operation answers it itself.
+
+Mechanism: one ASGI wrapper around the whole app (outside its middleware), so no route,
+dependency or form parser runs before these checks. The body is counted in the
+``receive`` it hands the app; once the guard has answered, whatever the app tries to
+send is dropped and the exception it raises on the cut body is logged at debug level.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["ADMIN_PREFIX", "RequestGuard", "is_admin_path"]
+
+log = logging.getLogger("xcore.http")
+
+ADMIN_PREFIX = "/admin"
+
+#: Checks the head of an ``/admin`` request; raises HTTPException to refuse it.
+Authenticator = Callable[[Request], Awaitable[Any]]
+BodyLimit = Callable[[str, str], int]
+
+
+def is_admin_path(path: str) -> bool:
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+
+
+class _Refused(Exception):
+    """Raised into the app by ``receive`` once the guard has answered for it."""
+
+
+class RequestGuard:
+    """ASGI wrapper applying the guarantees above to ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        authenticate: Callable[[], Authenticator],
+        body_limit: BodyLimit,
+        body_timeout: float,
+        operations: Callable[[], dict[str, Any]],
+        public_openapi: Callable[[], dict[str, Any]] | None = None,
+        docs_paths: Iterable[str] = (),
+        self_authenticating: Iterable[str] = (),
+    ) -> None:
+        self.app = app
+        self._authenticate = authenticate
+        self._body_limit = body_limit
+        self._body_timeout = body_timeout
+        self._operations = operations
+        self._public_openapi = public_openapi
+        self._docs_paths = frozenset(docs_paths)
+        #: ``/admin`` sub-prefixes that authenticate their own requests (a session
+        #: cookie), so their head is not checked for a bearer token here
+        self._self_authenticating = tuple(p.rstrip("/") for p in self_authenticating)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if (is_admin_path(path) and not self._authenticates_itself(path)) or (
+            path in self._docs_paths
+        ):
+            try:
+                await self._authenticate()(Request(scope))
+            except HTTPException as exc:
+                await _answer(send, exc.status_code, str(exc.detail), exc.headers)
+                return
+        elif (
+            self._public_openapi is not None
+            and path == "/openapi.json"
+            and not await self._authenticated(scope)
+        ):
+            await _answer_json(send, 200, self._public_openapi())
+            return
+        method: str = scope["method"]
+        if method == "OPTIONS":
+            allowed = self._allowed(scope)
+            if allowed and not self._declares_options(path):
+                await _answer(send, 204, None, {"allow": ", ".join(allowed)})
+                return
+        limit = self._body_limit(method, path)
+        declared = _content_length(scope)
+        if declared == -1:
+            await _answer(send, 400, "the Content-Length header is not a number")
+            return
+        if declared is not None and declared > limit:
+            await _answer(send, 413, _too_large(limit), {"connection": "close"})
+            return
+        chunked = declared is None and _has_body(scope)
+        if not chunked and not declared:
+            await self.app(scope, receive, self._allow_fixer(scope, send))
+            return
+        await self._bounded(scope, receive, send, limit)
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        state = {"read": 0, "done": False, "started": False, "answered": False}
+
+        async def guarded_send(message: Message) -> None:
+            if state["answered"]:
+                return  # the guard answered already: the app's reply goes nowhere
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        async def refuse(status: int, detail: str) -> None:
+            if not state["started"]:
+                state["started"] = True
+                await _answer(send, status, detail, {"connection": "close"})
+            state["answered"] = True
+
+        async def guarded_receive() -> Message:
+            if state["answered"]:
+                raise _Refused()
+            if state["done"]:
+                return await receive()  # after the body: disconnect notices, unbounded
+            message: Message | None = None
+            with anyio.move_on_after(self._body_timeout):
+                message = await receive()
+            if message is None:
+                await refuse(408, f"no request body data for {self._body_timeout:g} seconds")
+                raise _Refused()
+            if message["type"] == "http.request":
+                state["read"] += len(message.get("body", b""))
+                if state["read"] > limit:
+                    await refuse(413, _too_large(limit))
+                    raise _Refused()
+                if not message.get("more_body", False):
+                    state["done"] = True
+            return message
+
+        try:
+            await self.app(scope, guarded_receive, self._allow_fixer(scope, guarded_send))
+        except Exception as exc:
+            if not state["answered"]:
+                raise
+            log.debug("the app stopped on a refused body (%s %s): %r", *_where(scope), exc)
+
+    def _authenticates_itself(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self._self_authenticating)
+
+    async def _authenticated(self, scope: Scope) -> bool:
+        if not any(key == b"authorization" for key, _ in scope["headers"]):
+            return False  # an anonymous reader: not a refusal worth a log line
+        try:
+            await self._authenticate()(Request(scope))
+        except HTTPException:
+            return False
+        return True
+
+    def _declares_options(self, path: str) -> bool:
+        paths = self._operations()
+        return any("options" in item for t, item in paths.items() if _template(t).fullmatch(path))
+
+    def _allow_fixer(self, scope: Scope, send: Send) -> Send:
+        """A ``send`` that makes a 405's ``Allow`` list every method of the path."""
+
+        async def fixed(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                allowed = self._allowed(scope)
+                if allowed:
+                    headers = [(k, v) for k, v in message.get("headers", []) if k != b"allow"]
+                    headers.append((b"allow", ", ".join(allowed).encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        return fixed
+
+    def _allowed(self, scope: Scope) -> list[str]:
+        """Every method the app serves at this path (from its OpenAPI ``paths``)."""
+        path: str = scope["path"]
+        methods: set[str] = set()
+        try:
+            paths = self._operations()
+        except Exception:
+            log.exception("the OpenAPI document failed; Allow cannot be computed")
+            return []
+        # The path's own operations: of the templates that match it, those with the
+        # fewest parameters (``/a/reload`` is ``/a/reload``, not ``/a/{name}``).
+        matching = [t for t in paths if _template(t).fullmatch(path)]
+        fewest = min((t.count("{") for t in matching), default=0)
+        for template in matching:
+            if template.count("{") == fewest:
+                methods |= {m.upper() for m in paths[template] if m in _METHODS}
+        if not methods:
+            return []
+        methods |= {"OPTIONS"}
+        if "GET" in methods:
+            methods.add("HEAD")
+        return sorted(methods)
+
+
+_METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _template(template: str) -> re.Pattern[str]:
+    """``/a/{name}`` as a regular expression (a parameter is one path segment)."""
+    parts = re.split(r"(\{[^}]*\})", template)
+    return re.compile(
+        "".join("[^/]+" if p.startswith("{") and p.endswith("}") else re.escape(p) for p in parts)
+    )
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The declared body length, None when absent, -1 when not a number."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            return int(value) if value.isdigit() else -1
+    return None
+
+
+def _has_body(scope: Scope) -> bool:
+    return any(key == b"transfer-encoding" for key, _ in scope["headers"])
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body exceeds the limit of {limit} bytes"
+
+
+def _where(scope: Scope) -> tuple[str, str]:
+    return scope.get("method", "?"), scope.get("path", "?")
+
+
+async def _answer(
+    send: Send, status: int, detail: str | None, headers: Mapping[str, str] | None = None
+) -> None:
+    await _answer_json(send, status, None if detail is None else {"detail": detail}, headers)
+
+
+async def _answer_json(
+    send: Send, status: int, content: Any, headers: Mapping[str, str] | None = None
+) -> None:
+    detail = content
+    body = b"" if content is None else orjson.dumps(content)
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    if detail is not None:
+        raw += [(b"content-type", b"application/json")]
+    raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

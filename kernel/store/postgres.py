@@ -1,0 +1,486 @@
+"""The shared store: one PostgreSQL database that several xcore nodes write at once.
+
+Guarantee: positions are gapless, and a reader on any node sees every event exactly in
+position order — it never passes an event that commits late. Mechanism: **ordered
+commits**. Every write transaction first takes one transaction-level advisory lock,
+then reads the last position, assigns the next ones and commits; PostgreSQL releases
+the lock only after the commit is visible. So transactions commit in position order,
+the committed rows are always a prefix ``1..N``, and ``position > after`` can never
+skip a row that appears later. The lock is held for a few statements per *batch*
+(``postgres_writer.py`` group-commits every append waiting on a node), not per event.
+
+Live readers wake through LISTEN/NOTIFY (``postgres_follow.py``): each commit notifies
+its last position, every node's follower reads what it has not seen into its in-memory
+tail and wakes the subscribers. A lost connection is retried with backoff (writer,
+readers and listener alike) for ``reconnect_timeout`` seconds before an error surfaces;
+the follower then catches up from its last position, so a subscriber misses nothing.
+
+The store creates and versions its own tables (``xcore_meta`` holds the format), makes
+the log append-only with a trigger, and refuses with a clear message a server it
+cannot reach, credentials it is refused, and a schema that belongs to another
+application. Checkpoints are kept per ``scope`` (the node id: each node's subscribers
+have their own positions); snapshots of projections, pure folds, are shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Final, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import asyncpg
+
+from kernel.errors import StoreClosed, StoreCorrupt, StoreError
+from kernel.events import NewEvent, Recorded
+from kernel.store.base import ANY, Snapshot
+from kernel.store.postgres_follow import Follower
+from kernel.store.postgres_writer import COLUMNS, CONNECTION_ERRORS, PostgresWriter
+from kernel.store.tail import Tail
+
+__all__ = ["FORMAT", "PostgresStore", "redact_dsn"]
+
+log = logging.getLogger("xcore.store")
+
+T = TypeVar("T")
+
+#: Layout version of the tables below, kept in ``xcore_meta``.
+FORMAT: Final = 1
+#: The tables this store owns (anything else in its schema is another application's).
+TABLES: Final = frozenset({"xcore_meta", "events", "checkpoints", "snapshots", "archives"})
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS xcore_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    position    BIGINT PRIMARY KEY,
+    stream      TEXT NOT NULL,
+    version     BIGINT NOT NULL,
+    type        TEXT NOT NULL,
+    schema      INTEGER NOT NULL,
+    data        BYTEA NOT NULL,
+    meta        BYTEA NOT NULL,
+    id          TEXT NOT NULL,
+    recorded_at DOUBLE PRECISION NOT NULL,
+    UNIQUE (stream, version)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events (id);
+CREATE INDEX IF NOT EXISTS events_type ON events (type, position);
+CREATE OR REPLACE FUNCTION xcore_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the xcore event log is append-only (% refused)', TG_OP;
+END $$;
+DROP TRIGGER IF EXISTS events_append_only ON events;
+CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION xcore_append_only();
+DROP TRIGGER IF EXISTS events_no_truncate ON events;
+CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION xcore_append_only();
+CREATE TABLE IF NOT EXISTS checkpoints (
+    scope TEXT NOT NULL, name TEXT NOT NULL, position BIGINT NOT NULL,
+    PRIMARY KEY (scope, name)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    name TEXT PRIMARY KEY, position BIGINT NOT NULL, schema INTEGER NOT NULL,
+    state BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS archives (
+    digest TEXT PRIMARY KEY, name TEXT NOT NULL, size BIGINT NOT NULL,
+    data BYTEA NOT NULL, stored_at DOUBLE PRECISION NOT NULL
+);
+"""
+
+#: Our statements are prepared once and run with id and stream arrays of every size: a
+#: generic plan would scan the whole log for ``id = ANY($1)``; plan each run instead.
+SERVER_SETTINGS: Final = {"plan_cache_mode": "force_custom_plan", "application_name": "xcore"}
+
+UPSERT_CHECKPOINT = (
+    "INSERT INTO checkpoints (scope, name, position) VALUES ($1, $2, $3)"
+    " ON CONFLICT (scope, name) DO UPDATE SET position = excluded.position"
+)
+UPSERT_SNAPSHOT = (
+    "INSERT INTO snapshots (name, position, schema, state) VALUES ($1, $2, $3, $4)"
+    " ON CONFLICT (name) DO UPDATE SET position = excluded.position,"
+    " schema = excluded.schema, state = excluded.state"
+)
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` without its password, for messages and logs."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
+        query = "&".join(
+            "password=***" if q.lower().startswith("password=") else q
+            for q in parts.query.split("&")
+            if q
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # key=value form
+    return " ".join("password=***" if w.lower().startswith("password=") else w for w in dsn.split())
+
+
+def _user_of(dsn: str) -> str:
+    if "://" in dsn:
+        return unquote(urlsplit(dsn).username or "") or "(default user)"
+    for w in dsn.split():
+        if w.lower().startswith("user="):
+            return w.split("=", 1)[1]
+    return "(default user)"
+
+
+def _key(*parts: str) -> int:
+    """A stable signed 64-bit advisory lock key."""
+    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class PostgresStore:
+    """An event log in a PostgreSQL database, shared by every node that opens it."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        scope: str = "",
+        max_batch: int = 10_000,
+        tail_size: int = 8192,
+        pool_size: int = 8,
+        reconnect_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.dsn = dsn
+        self.location = redact_dsn(dsn)
+        self.scope = scope
+        self.max_batch = max_batch
+        self.pool_size = pool_size
+        self.reconnect_timeout = reconnect_timeout
+        self.connect_timeout = connect_timeout
+        self._tail = Tail(tail_size)
+        self._pool: asyncpg.Pool | None = None
+        self._writer: PostgresWriter | None = None
+        self._follower: Follower | None = None
+        self._open = False
+        #: the advisory lock that orders commits, and the NOTIFY channel (per schema)
+        self.lock_key = 0
+        self.channel = ""
+
+    # -- opening and closing -------------------------------------------------------
+
+    async def connect(self, settings: dict[str, str] | None = None) -> asyncpg.Connection:
+        """A new connection, with the failure explained (server, credentials, database)."""
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(
+                self.dsn,
+                timeout=self.connect_timeout,
+                server_settings={**SERVER_SETTINGS, **(settings or {})},
+            )
+        except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as e:
+            raise StoreError(
+                f"PostgreSQL at {self.location} refused the credentials of user "
+                f"{_user_of(self.dsn)!r}: {e}"
+            ) from None
+        except asyncpg.InvalidCatalogNameError as e:
+            raise StoreError(
+                f"PostgreSQL at {self.location}: {e} (create it first, e.g. `createdb`)"
+            ) from None
+        except CONNECTION_ERRORS as e:
+            raise StoreError(
+                f"cannot reach the PostgreSQL server of {self.location}: "
+                f"{type(e).__name__}: {e or 'timed out'}"
+            ) from None
+        except (ValueError, asyncpg.ClientConfigurationError) as e:
+            raise StoreError(f"invalid PostgreSQL DSN {self.location}: {e}") from None
+        return conn
+
+    async def open(self) -> None:
+        if self._open:
+            return
+        conn = await self.connect()
+        try:
+            schema = str(await conn.fetchval("SELECT current_schema()") or "")
+            if not schema:
+                raise StoreError(
+                    f"PostgreSQL at {self.location}: no schema to create the log in "
+                    "(the search_path names no existing schema)"
+                )
+            self.lock_key = _key("xcore-log", schema)
+            self.channel = "xcore_" + hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()
+            await self._create_schema(conn, schema)
+            last = int(await conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+        except asyncpg.PostgresError as e:
+            # e.g. a role that may not create tables in the schema
+            raise StoreError(
+                f"PostgreSQL at {self.location}: cannot create or read the log's tables: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+        finally:
+            await conn.close()
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                server_settings=SERVER_SETTINGS,
+            )
+        except CONNECTION_ERRORS as e:
+            raise StoreError(f"cannot reach the PostgreSQL server of {self.location}: {e}") from e
+        self._tail.reset(last)
+        self._tail.closed = False
+        self._writer = PostgresWriter(self, self._committed)
+        self._follower = Follower(self, self._tail)
+        try:
+            await self._writer.start()
+            await self._follower.start(last)
+        except BaseException:
+            await self._release()
+            raise
+        self._open = True
+
+    async def _create_schema(self, conn: asyncpg.Connection, schema: str) -> None:
+        async with conn.transaction():
+            # nodes starting together create the tables once, one after the other
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _key("xcore-schema", schema))
+            tables = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+                    schema,
+                )
+            }
+            if tables and "xcore_meta" not in tables:
+                raise StoreCorrupt(
+                    f"PostgreSQL at {self.location}: schema {schema!r} belongs to another "
+                    f"application (it holds {', '.join(sorted(tables)[:8])} and no xcore log); "
+                    "give xcore an empty database or schema of its own"
+                )
+            if "xcore_meta" in tables:
+                found = await conn.fetchval("SELECT value FROM xcore_meta WHERE key = 'format'")
+                if found is None:
+                    raise StoreCorrupt(
+                        f"PostgreSQL at {self.location}: schema {schema!r} has an xcore_meta "
+                        "table without a format record; it is not an xcore log"
+                    )
+                if int(found) > FORMAT:
+                    raise StoreError(
+                        f"PostgreSQL at {self.location} holds a log written by a newer xcore "
+                        f"(log format {found}; this version reads format {FORMAT})"
+                    )
+                if tables >= TABLES:
+                    return
+            await conn.execute(SCHEMA)
+            await conn.execute(
+                "INSERT INTO xcore_meta (key, value) VALUES ('format', $1), "
+                "('application', 'xcore') ON CONFLICT (key) DO NOTHING",
+                str(FORMAT),
+            )
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        if self._writer is not None:
+            await self._writer.stop()
+        self._tail.close()
+        await self._release()
+
+    async def _release(self) -> None:
+        if self._follower is not None:
+            await self._follower.stop()
+            self._follower = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5)
+            self._pool.terminate()
+            self._pool = None
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy while open with a running writer; no I/O (see EventStore.health)."""
+        details: dict[str, Any] = {"location": self.location}
+        if not self._open:
+            details["error"] = "the store is closed"
+            return False, details
+        return True, details
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StoreClosed(f"{self.location}: the event log is closed")
+
+    def _committed(self, records: list[Recorded]) -> None:
+        """The writer committed ``records``: into the tail now if they follow it."""
+        if self._follower is not None:
+            self._follower.committed(records)
+
+    async def retrying(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op``, retrying with backoff while the server cannot be reached."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await op()
+            except CONNECTION_ERRORS as exc:
+                if not self._open and self._pool is None:
+                    raise StoreClosed(f"{self.location}: the event log is closed") from None
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(
+                        f"{self.location}: {what} failed, the server could not be reached "
+                        f"for {self.reconnect_timeout:g}s: {type(exc).__name__}: {exc}"
+                    ) from exc
+                log.warning(
+                    "%s: %s failed (%s); retrying in %.2fs", self.location, what, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _fetch(self, sql: str, *args: Any, what: str = "read") -> list[asyncpg.Record]:
+        async def op() -> list[asyncpg.Record]:
+            pool = self._pool
+            if pool is None:
+                raise StoreClosed(f"{self.location}: the event log is closed")
+            async with pool.acquire() as conn:
+                return list(await conn.fetch(sql, *args))
+
+        return await self.retrying(what, op)
+
+    # -- writing -------------------------------------------------------------------
+
+    async def append(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        stream: str,
+        expected_version: int | None = ANY,
+    ) -> list[Recorded]:
+        self._check_open()
+        if not events:
+            return []
+        assert self._writer is not None
+        return await self._writer.append(events, stream, expected_version)
+
+    # -- reading -------------------------------------------------------------------
+
+    async def read(
+        self,
+        *,
+        after: int = 0,
+        types: Collection[str] | None = None,
+        stream: str | None = None,
+        limit: int | None = None,
+    ) -> list[Recorded]:
+        self._check_open()
+        if types is not None and not isinstance(types, (set, frozenset)):
+            types = frozenset(types)
+        cached = self._tail.read(after, types, stream, limit)
+        if cached is not None:
+            return cached
+        return await self.read_range(after, None, types=types, stream=stream, limit=limit)
+
+    async def read_range(
+        self,
+        after: int,
+        upto: int | None,
+        *,
+        types: Collection[str] | None = None,
+        stream: str | None = None,
+        limit: int | None = None,
+    ) -> list[Recorded]:
+        """Events with ``after < position <= upto`` from the database itself."""
+        sql = f"SELECT {COLUMNS} FROM events WHERE position > $1"
+        params: list[Any] = [after]
+        if upto is not None:
+            params.append(upto)
+            sql += f" AND position <= ${len(params)}"
+        if types is not None:
+            if not types:
+                return []
+            params.append(list(types))
+            sql += f" AND type = ANY(${len(params)}::text[])"
+        if stream is not None:
+            params.append(stream)
+            sql += f" AND stream = ${len(params)}"
+        sql += " ORDER BY position"
+        if limit is not None:
+            params.append(limit)
+            sql += f" LIMIT ${len(params)}"
+        rows = await self._fetch(sql, *params)
+        return Recorded.from_rows(rows)
+
+    async def last_position(self) -> int:
+        """The newest position this node has followed (its tail), not the server's.
+
+        Readers pair it with :meth:`read` (a subscription skips past filtered-out events
+        up to it), so it must never be ahead of what a read can return; the follower
+        brings it to the server's last position within a notification.
+        """
+        self._check_open()
+        return self._tail.last_position
+
+    async def stream_version(self, stream: str) -> int:
+        self._check_open()
+        rows = await self._fetch(
+            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = $1", stream
+        )
+        return int(rows[0][0])
+
+    async def wait(self, after: int, timeout: float | None = None) -> int:
+        self._check_open()
+        return await self._tail.wait(after, timeout)
+
+    # -- checkpoints and snapshots ---------------------------------------------------
+
+    async def load_checkpoint(self, name: str) -> int | None:
+        self._check_open()
+        rows = await self._fetch(
+            "SELECT position FROM checkpoints WHERE scope = $1 AND name = $2", self.scope, name
+        )
+        return int(rows[0][0]) if rows else None
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        self._check_open()
+        assert self._writer is not None
+        await self._writer.put(UPSERT_CHECKPOINT, (self.scope, name, position))
+
+    async def load_snapshot(self, name: str) -> Snapshot | None:
+        self._check_open()
+        rows = await self._fetch(
+            "SELECT position, schema, state FROM snapshots WHERE name = $1", name
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return Snapshot(name=name, position=int(row[0]), schema=int(row[1]), state=bytes(row[2]))
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        self._check_open()
+        assert self._writer is not None
+        await self._writer.put(
+            UPSERT_SNAPSHOT, (snapshot.name, snapshot.position, snapshot.schema, snapshot.state)
+        )
+
+    # -- content-addressed blobs (plugin archives of a cluster) ------------------------
+
+    async def put_archive(self, digest: str, name: str, data: bytes) -> None:
+        """Store ``data`` under ``digest`` (a no-op when it is already there)."""
+        self._check_open()
+        assert self._writer is not None
+        await self._writer.put(
+            "INSERT INTO archives (digest, name, size, data, stored_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO NOTHING",
+            (digest, name, len(data), data, time.time()),
+        )
+
+    async def get_archive(self, digest: str) -> bytes | None:
+        self._check_open()
+        rows = await self._fetch("SELECT data FROM archives WHERE digest = $1", digest)
+        return bytes(rows[0][0]) if rows else None

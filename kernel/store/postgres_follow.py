@@ -1,0 +1,174 @@
+"""Keeping a node's in-memory tail in step with a shared PostgreSQL log.
+
+Guarantee: the tail only ever holds a gapless run of committed events, and every
+committed event reaches it — whichever node wrote it — so subscribers that wait on the
+tail see each event once, in position order.
+
+Mechanism: each commit notifies (LISTEN/NOTIFY) its last position. A listener
+connection per node raises the follower's *target*; the follower reads the events
+between the tail and the target from the database (ordered commits make that range
+complete) and pushes them. This node's own commits go straight into the tail when they
+follow it, so a local subscriber wakes without a round trip. When the listener's
+connection is lost, it is reopened with backoff and the follower reads everything up
+to the current last position: no notification missed while disconnected is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from kernel.events import Recorded
+from kernel.store.tail import Tail, row_of
+
+if TYPE_CHECKING:
+    from kernel.store.postgres import PostgresStore
+
+__all__ = ["Follower"]
+
+log = logging.getLogger("xcore.store")
+
+#: How many events the follower reads per query while catching up.
+BATCH = 2000
+
+
+class Follower:
+    """Feeds ``tail`` from the log: local commits directly, others' on notification."""
+
+    def __init__(self, store: PostgresStore, tail: Tail) -> None:
+        self.store = store
+        self.tail = tail
+        #: the highest position known to be committed
+        self.target = 0
+        self._kick = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        #: how many times the listener connection was reopened (tests read it)
+        self.reconnects = 0
+
+    async def start(self, last: int) -> None:
+        self.target = last
+        await self._listen()
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="xcore-pg-follower"),
+            asyncio.create_task(self._watch_listener(), name="xcore-pg-listener"),
+        ]
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2)
+            conn.terminate()
+
+    # -- inputs --------------------------------------------------------------------
+
+    def committed(self, records: list[Recorded]) -> None:
+        """This node committed ``records`` (in position order)."""
+        if not records:
+            return
+        if records[0].position == self.tail.last_position + 1:
+            self.tail.push(row_of(r) for r in records)
+        self.raise_target(records[-1].position)
+
+    def raise_target(self, position: int) -> None:
+        if position > self.target:
+            self.target = position
+        if self.target > self.tail.last_position:
+            self._kick.set()
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            self.raise_target(int(payload))
+        except ValueError:
+            log.warning(
+                "%s: ignored a notification %r on %s", self.store.location, payload, channel
+            )
+
+    def _on_lost(self, conn: Any) -> None:
+        self._lost.set()
+
+    # -- the listener connection -------------------------------------------------------
+
+    async def _listen(self) -> None:
+        conn = await self.store.connect()
+        try:
+            await conn.add_listener(self.store.channel, self._on_notify)
+            conn.add_termination_listener(self._on_lost)
+            # anything committed before LISTEN took effect is read now
+            last = int(await conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+        except BaseException:
+            conn.terminate()
+            raise
+        self._listener = conn
+        self._lost.clear()
+        self.raise_target(last)
+
+    async def _watch_listener(self) -> None:
+        while True:
+            await self._lost.wait()
+            old, self._listener = self._listener, None
+            if old is not None:
+                old.terminate()
+            log.warning(
+                "%s: the notification connection was lost; reconnecting", self.store.location
+            )
+
+            async def reopen() -> None:
+                try:
+                    await self._listen()
+                except Exception as exc:
+                    raise OSError(str(exc)) from exc
+
+            delay = 0.05
+            while True:
+                try:
+                    await reopen()
+                    break
+                except OSError as exc:
+                    log.warning("%s: cannot listen yet (%s); retrying", self.store.location, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            self.reconnects += 1
+
+    # -- catching up ---------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while self.target > self.tail.last_position:
+                after = self.tail.last_position
+                try:
+                    batch = await self.store.read_range(after, self.target, limit=BATCH)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("%s: could not read new events; retrying", self.store.location)
+                    await asyncio.sleep(1.0)
+                    continue
+                # a local commit may have been pushed meanwhile: keep what follows the tail
+                fresh = [r for r in batch if r.position > self.tail.last_position]
+                if fresh and fresh[0].position == self.tail.last_position + 1:
+                    self.tail.push(row_of(r) for r in fresh)
+                elif fresh:  # cannot happen with ordered commits: say so, never skip
+                    log.error(
+                        "%s: position %d follows %d; reading again",
+                        self.store.location,
+                        fresh[0].position,
+                        self.tail.last_position,
+                    )
+                    await asyncio.sleep(0.1)
+                elif not batch:
+                    break  # the target was ahead of what is visible; the next kick retries

@@ -1,0 +1,380 @@
+"""The group-commit writer of the PostgreSQL store.
+
+One task per node owns a write connection. Every append (and checkpoint, snapshot or
+archive write) waiting when it becomes free joins one transaction; each caller's future
+resolves once that transaction has committed. Inside the transaction, under the log's
+advisory lock (see ``postgres.py``: commits happen in position order), it reads the
+last position, the versions of the streams it touches and which event ids are already
+stored, then inserts the batch in one statement and notifies the other nodes.
+
+Nothing is cached between batches: other nodes write too. A connection lost mid-batch
+is replaced and the batch is run again; because then every id is checked against the log
+first, a batch whose commit did succeed before the loss is not stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg
+
+from kernel.errors import ConcurrencyError, StoreClosed, StoreError
+from kernel.events import NewEvent, Recorded
+from kernel.store.base import ANY, describe_expected
+
+if TYPE_CHECKING:
+    from kernel.store.postgres import PostgresStore
+
+__all__ = ["COLUMNS", "CONNECTION_ERRORS", "PostgresWriter"]
+
+log = logging.getLogger("xcore.store")
+
+#: Errors after which a connection is gone but a new one may work.
+CONNECTION_ERRORS: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ConnectionFailureError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    # a connection the server dropped mid-operation can be left in a broken state
+    asyncpg.exceptions.InternalClientError,
+    TimeoutError,
+)
+
+#: The writer only looks rows up by index (ids, stream versions, the last position); a
+#: log that grew since its statistics were taken must not make it scan the whole table.
+WRITER_SETTINGS: Final = {"enable_seqscan": "off"}
+
+COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
+#: Read under the ordering lock (its snapshot is taken after the lock is held).
+HEAD = (
+    "SELECT 0, NULL::text, COALESCE(MAX(position), 0) FROM events"
+    " UNION ALL SELECT 1, stream, MAX(version) FROM events"
+    " WHERE stream = ANY($1::text[]) GROUP BY stream"
+    " UNION ALL SELECT 2, id, 0 FROM events WHERE id = ANY($2::text[])"
+)
+INSERT = (
+    "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
+    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::int[],"
+    " $6::bytea[], $7::bytea[], $8::text[], $9::float8[])"
+)
+#: The batch's rows, and the notification of its last position (sent at commit).
+INSERT_NOTIFY = f"WITH inserted AS ({INSERT} RETURNING 1) SELECT pg_notify($10, $11)"
+
+
+@dataclass(eq=False)
+class _Append:
+    stream: str
+    expected: int | None
+    events: Sequence[NewEvent]
+    future: asyncio.Future[list[Recorded]]
+
+
+@dataclass(eq=False)
+class _Put:
+    sql: str
+    params: tuple[Any, ...]
+    future: asyncio.Future[None]
+
+
+@dataclass(eq=False)
+class _Stop:
+    future: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+_Op = _Append | _Put | _Stop
+
+
+class _Refused(Exception):
+    """The server (or the driver) refused a batch for its content, not its connection."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class _Outcome:
+    """What one batch decided for each of its operations (applied after the commit)."""
+
+    results: list[tuple[_Append, list[Recorded]]] = field(default_factory=list)
+    failures: list[tuple[_Append, BaseException]] = field(default_factory=list)
+    existing: list[tuple[_Append, list[str]]] = field(default_factory=list)
+    committed: list[Recorded] = field(default_factory=list)
+
+
+class PostgresWriter:
+    """Batches this node's concurrent writes into single ordered transactions."""
+
+    def __init__(self, store: PostgresStore, on_commit: Callable[[list[Recorded]], None]) -> None:
+        self.store = store
+        self._on_commit = on_commit
+        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+
+    async def start(self) -> None:
+        self._conn = await self.store.connect(WRITER_SETTINGS)
+        self._task = asyncio.create_task(self._write_loop(), name="xcore-pg-writer")
+
+    async def stop(self) -> None:
+        """Commit everything queued so far, then stop."""
+        task, self._task = self._task, None
+        if task is not None:
+            stop = _Stop()
+            self._queue.put_nowait(stop)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), self.store.reconnect_timeout + 5)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        # anything still queued (the writer died) gets an answer, never a hang
+        while not self._queue.empty():
+            op = self._queue.get_nowait()
+            if not op.future.done():
+                if isinstance(op, _Stop):
+                    op.future.set_result(None)
+                else:
+                    op.future.set_exception(StoreClosed(f"{self.store.location}: closed"))
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2)
+            conn.terminate()
+
+    def _check_alive(self) -> None:
+        if self._task is None or self._task.done():
+            raise StoreError(
+                f"{self.store.location}: the log's writer has stopped; reopen the store "
+                "(see the log for the error that stopped it)"
+            )
+
+    async def append(
+        self, events: Sequence[NewEvent], stream: str, expected_version: int | None
+    ) -> list[Recorded]:
+        self._check_alive()
+        future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Append(stream, expected_version, events, future))
+        return await future
+
+    async def put(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Run one more statement (checkpoint, snapshot, archive) in the next batch."""
+        self._check_alive()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Put(sql, params, future))
+        await future
+
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        while True:
+            op = await queue.get()
+            if isinstance(op, _Stop):
+                op.future.set_result(None)
+                return
+            # let every producer that is ready join this batch
+            for _ in range(4):
+                before = queue.qsize()
+                await asyncio.sleep(0)
+                if queue.qsize() == before:
+                    break
+            batch: list[_Append | _Put] = [op]
+            size = len(op.events) if isinstance(op, _Append) else 1
+            stop: _Stop | None = None
+            while size < self.store.max_batch:
+                try:
+                    nxt = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if isinstance(nxt, _Stop):
+                    stop = nxt
+                    break
+                batch.append(nxt)
+                size += len(nxt.events) if isinstance(nxt, _Append) else 1
+            try:
+                try:
+                    await self._commit_with_retry(batch)
+                except _Refused:
+                    # the server refused something in the batch (a NUL byte in a stream
+                    # name, an oversized row...): each operation alone, so only the
+                    # culprit fails
+                    for op in batch:
+                        try:
+                            await self._commit_with_retry([op])
+                        except _Refused as one:
+                            op.future.set_exception(one.error)
+            except BaseException as exc:  # never leave an appender waiting forever
+                error = (
+                    exc
+                    if isinstance(exc, StoreError)
+                    else StoreError(
+                        f"{self.store.location}: append failed, nothing was written: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                )
+                if not isinstance(exc, StoreError):
+                    log.exception("event log writer failed on %s", self.store.location)
+                for o in batch:
+                    if not o.future.done():
+                        o.future.set_exception(error)
+                if not isinstance(exc, Exception):
+                    raise
+            if stop is not None:
+                stop.future.set_result(None)
+                return
+
+    async def _commit_with_retry(self, batch: list[_Append | _Put]) -> None:
+        tries = 0
+
+        async def attempt() -> _Outcome:
+            nonlocal tries
+            tries += 1
+            # run again after a lost connection: its commit may have succeeded
+            again = tries > 1
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                self._conn = None
+                conn = self._conn = await self._reconnect()
+            try:
+                return await self._commit(conn, batch, again)
+            except CONNECTION_ERRORS:
+                # a new connection next time; the ids check makes running again safe
+                conn.terminate()
+                self._conn = None
+                raise
+
+        outcome = await self.store.retrying("append", attempt)
+        if outcome.committed:
+            self._on_commit(outcome.committed)
+        for o, records in outcome.results:
+            if not o.future.done():
+                o.future.set_result(records)
+        for o, failure in outcome.failures:
+            if not o.future.done():
+                o.future.set_exception(failure)
+        for op in batch:
+            if isinstance(op, _Put) and not op.future.done():
+                op.future.set_result(None)
+        for o, ids in outcome.existing:
+            if not o.future.done():
+                try:
+                    o.future.set_result(await self._by_ids(ids))
+                except Exception as exc:
+                    o.future.set_exception(StoreError(f"{self.store.location}: {exc}"))
+
+    async def _reconnect(self) -> asyncpg.Connection:
+        try:
+            return await self.store.connect(WRITER_SETTINGS)
+        except StoreError as exc:
+            # unreachable for now: let retrying() back off and try again
+            raise OSError(str(exc)) from exc
+
+    async def _commit(
+        self, conn: asyncpg.Connection, batch: list[_Append | _Put], again: bool
+    ) -> _Outcome:
+        appends = [o for o in batch if isinstance(o, _Append)]
+        puts = [o for o in batch if isinstance(o, _Put)]
+        out = _Outcome()
+        try:
+            # BEGIN and (for appends) the ordering lock in one trip to the server
+            lock = f"; SELECT pg_advisory_xact_lock({int(self.store.lock_key)})" if appends else ""
+            await conn.execute("BEGIN" + lock)
+            try:
+                if appends:
+                    await self._insert(conn, appends, out, again)
+                for p in puts:
+                    await conn.execute(p.sql, *p.params)
+                await conn.execute("COMMIT")
+            except BaseException:
+                if not conn.is_closed() and conn.is_in_transaction():
+                    with contextlib.suppress(Exception):
+                        await conn.execute("ROLLBACK")
+                raise
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError):
+                raise
+            raise _Refused(
+                StoreError(f"{self.store.location}: append failed, nothing was written: {exc}")
+            ) from exc
+        except (ValueError, TypeError, UnicodeError, asyncpg.DataError) as exc:
+            # refused while encoding the arguments, before the server saw them
+            if not conn.is_closed() and conn.is_in_transaction():
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+            raise _Refused(
+                StoreError(f"{self.store.location}: append refused, nothing was written: {exc}")
+            ) from exc
+        return out
+
+    async def _insert(
+        self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome, again: bool
+    ) -> None:
+        """Inside the transaction, under the ordering lock: decide, insert, notify."""
+        store = self.store
+        # ids the caller chose may be in the log already; fresh ones only if this batch
+        # is run again (its first commit may have succeeded before the connection broke)
+        ids = list({e.meta.id for o in appends for e in o.events if again or e.explicit_id})
+        streams = list({o.stream for o in appends})
+        position = 0
+        versions: dict[str, int] = {}
+        existing: set[str] = set()
+        # the last position, the streams' versions and the ids already stored: one trip
+        for kind, key, value in await conn.fetch(HEAD, streams, ids):
+            if kind == 0:
+                position = int(value)
+            elif kind == 1:
+                versions[key] = int(value)
+            else:
+                existing.add(key)
+        now = time.time()
+        cols: list[list[Any]] = [[] for _ in range(9)]
+        in_batch: set[str] = set()
+        for o in appends:
+            fresh: list[NewEvent] = []
+            seen: set[str] = set()
+            for e in o.events:
+                i = e.meta.id
+                if i not in existing and i not in in_batch and i not in seen:
+                    seen.add(i)
+                    fresh.append(e)
+            if not fresh:
+                out.existing.append((o, [e.meta.id for e in o.events]))
+                continue
+            current = versions.get(o.stream, 0)
+            if o.expected is not ANY and o.expected != current:
+                out.failures.append(
+                    (o, ConcurrencyError(o.stream, describe_expected(o.expected), current))
+                )
+                continue
+            in_batch |= seen
+            records: list[Recorded] = []
+            for e in fresh:
+                position += 1
+                current += 1
+                row = (position, o.stream, current, e.type, e.schema, e.data, e.meta.to_json(),
+                       e.meta.id, now)  # fmt: skip
+                for col, value in zip(cols, row, strict=True):
+                    col.append(value)
+                records.append(Recorded.of(position, o.stream, current, e, now))
+            versions[o.stream] = current
+            out.results.append((o, records))
+            out.committed.extend(records)
+        if out.committed:
+            await conn.execute(INSERT_NOTIFY, *cols, store.channel, str(position))
+
+    async def _by_ids(self, ids: list[str]) -> list[Recorded]:
+        rows = await self.store._fetch(
+            f"SELECT {COLUMNS} FROM events WHERE id = ANY($1::text[]) ORDER BY position", ids
+        )
+        return Recorded.from_rows(rows)

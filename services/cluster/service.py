@@ -1,0 +1,336 @@
+"""The cluster service: this node's membership, its watch over the others, shared plugins.
+
+Guarantees, with several nodes on one PostgreSQL log (docs/cluster.md):
+
+- every node records ``NodeStarted``, a ``NodeHeartbeat`` every ``heartbeat_s`` and
+  ``NodeStopped``; ``GET /admin/nodes`` shows every node, caught up from the log;
+- a node whose heartbeat is older than ``stale_after_s`` is recorded ``NodeLost`` by
+  exactly one survivor (an append expecting the version of the node's stream it last
+  saw: a late heartbeat or another survivor's claim makes it fail), which then records
+  each run the lost node held as ``TaskFailed(kind="node_lost")``;
+- a plugin installed through any node is packed, stored content-addressed in the
+  database (``PluginArchiveStored``) and materialized by every other node, now or when
+  it starts later, before its loader boots; the other requests (reload, enable,
+  disable, uninstall) are applied by every node's loader from the shared log.
+
+Mechanism: one asyncio task per node runs an anyio task group with the heartbeat and
+the watch; a subscription reacts to installs. Everything stops with the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from kernel.errors import ConcurrencyError, XcoreError
+from kernel.events import Recorded
+from kernel.placement import Alone
+from services.cluster import archives
+from services.cluster.config import ClusterSettings
+from services.cluster.events import (
+    ARCHIVES_STREAM,
+    NodeHeartbeat,
+    NodeLost,
+    NodeStarted,
+    NodeStopped,
+    PluginArchiveStored,
+    node_stream,
+)
+from services.cluster.placement import Rendezvous
+from services.cluster.projection import ClusterView, iso
+from services.loader.events import PluginInstalled, PluginReloadRequested
+from services.loader.events import stream_of as plugin_stream
+from services.scheduler.events import TaskFailed
+from services.scheduler.events import stream_of as task_stream
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+__all__ = ["ACTOR", "ClusterService"]
+
+log = logging.getLogger("xcore.cluster")
+
+#: The actor of the node-local requests this service records (the loader of another
+#: node ignores them).
+ACTOR = "cluster"
+
+
+class ClusterService:
+    name = "cluster"
+    #: Before the scheduler (100) claims runs and before the loader (200) boots plugins.
+    order = 50
+
+    def __init__(self) -> None:
+        self.kernel: Kernel | None = None
+        self.settings = ClusterSettings()
+        self.view: ClusterView | None = None
+        self.enabled = False
+        self._task: asyncio.Task[None] | None = None
+        self._archive_lock = asyncio.Lock()
+
+    async def start(self, kernel: Kernel, stack: AsyncExitStack) -> None:
+        self.kernel = kernel
+        settings = self.settings = kernel.settings.section("cluster", ClusterSettings)
+        self.enabled = (
+            settings.enabled
+            if settings.enabled is not None
+            else kernel.settings.store == "postgres"
+        )
+        if not self.enabled:
+            return
+        if settings.stale_after_s <= settings.heartbeat_s:
+            raise XcoreError(
+                "services.cluster.stale_after_s must be longer than heartbeat_s "
+                f"({settings.stale_after_s} <= {settings.heartbeat_s})"
+            )
+        view = self.view = await kernel.add_projection(ClusterView())
+        kernel.placement = Rendezvous(view, kernel.node, settings.claim_grace_s)
+        stack.callback(setattr, kernel, "placement", Alone())
+        await self._record_started()
+        stack.push_async_callback(self._record_stopped)
+        await self._materialize_all()
+        await kernel.subscribe(
+            self._on_event,
+            start="now",
+            types=[PluginInstalled, PluginArchiveStored, NodeLost],
+        )
+        self._task = asyncio.create_task(self._run(), name="xcore-cluster")
+        stack.push_async_callback(self._stop_task)
+
+        from services.cluster.admin import build_router
+
+        kernel.http.add_admin_router(build_router(self))
+
+    def _kernel(self) -> Kernel:
+        if self.kernel is None:
+            raise RuntimeError("the cluster service is not started")
+        return self.kernel
+
+    # -- membership ----------------------------------------------------------------------
+
+    async def _record_started(self) -> None:
+        kernel = self._kernel()
+        s = kernel.settings
+        await kernel.append(
+            NodeStarted(
+                node=kernel.node,
+                boot=kernel.boot,
+                version=kernel.version,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                port=s.port,
+                heartbeat_s=self.settings.heartbeat_s,
+                stale_after_s=self.settings.stale_after_s,
+            ),
+            stream=node_stream(kernel.node),
+            actor=ACTOR,
+        )
+        await kernel.settle()
+
+    async def _record_stopped(self) -> None:
+        kernel = self._kernel()
+        try:
+            await kernel.append(
+                NodeStopped(node=kernel.node, boot=kernel.boot),
+                stream=node_stream(kernel.node),
+                actor=ACTOR,
+            )
+        except Exception:
+            log.exception("could not record NodeStopped")
+
+    async def _stop_task(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeats)
+            tg.start_soon(self._watch)
+
+    async def _heartbeats(self) -> None:
+        kernel = self._kernel()
+        assert self.view is not None
+        while True:
+            await anyio.sleep(self.settings.heartbeat_s)
+            me = self.view.nodes.get(kernel.node)
+            runs = list(me.runs) if me is not None else []
+            try:
+                await kernel.append(
+                    NodeHeartbeat(node=kernel.node, boot=kernel.boot, runs=runs),
+                    stream=node_stream(kernel.node),
+                    actor=ACTOR,
+                )
+            except Exception as exc:  # the store retries and reports; keep beating
+                log.warning("node %s: heartbeat not recorded: %s", kernel.node, exc)
+
+    async def _watch(self) -> None:
+        """Record as lost the nodes whose heartbeat went stale (one survivor does)."""
+        kernel = self._kernel()
+        view = self.view
+        assert view is not None
+        # judge others once every service of this node runs (the scheduler must have its
+        # tasks to retry the runs of a lost node)
+        while not kernel.started:  # noqa: ASYNC110 - a flag of the Kernel, not an event
+            await anyio.sleep(0.05)
+        while True:
+            await anyio.sleep(self.settings.heartbeat_s / 2)
+            now = time.time()
+            for row in list(view.nodes.values()):
+                if row.node == kernel.node or row.state != "up":
+                    continue
+                if now - row.last_heartbeat <= row.stale_after_s:
+                    continue
+                try:
+                    await self._declare_lost(row.node)
+                except Exception:
+                    log.exception("could not record node %s as lost", row.node)
+
+    async def _declare_lost(self, node: str) -> None:
+        kernel = self._kernel()
+        view = self.view
+        assert view is not None
+        row = view.nodes[node]
+        if row.state != "up":
+            return
+        runs = list(row.runs.values())
+        try:
+            await kernel.append(
+                NodeLost(
+                    node=node,
+                    boot=row.boot,
+                    last_heartbeat=row.last_heartbeat,
+                    by=kernel.node,
+                    runs_failed=[r.run_id for r in runs],
+                ),
+                stream=node_stream(node),
+                expected_version=row.stream_version,
+                actor=ACTOR,
+            )
+        except ConcurrencyError:
+            return  # it beat again, or another survivor recorded it
+        log.warning(
+            "node %s lost (last heartbeat %s); failing its %d run(s)",
+            node,
+            iso(row.last_heartbeat),
+            len(runs),
+        )
+        for run in runs:
+            await kernel.append(
+                TaskFailed(
+                    task=run.task,
+                    run_id=run.run_id,
+                    attempt=run.attempt,
+                    error=(
+                        f"node lost: {node} stopped heartbeating at {iso(row.last_heartbeat)} "
+                        "while this run was in progress"
+                    ),
+                    kind="node_lost",
+                    scheduled_for=run.scheduled_for,
+                ),
+                stream=task_stream(run.task),
+                actor=ACTOR,
+            )
+
+    # -- shared plugins --------------------------------------------------------------------
+
+    async def _on_event(self, r: Recorded) -> None:
+        kernel = self._kernel()
+        if r.type == PluginInstalled.type_name and r.meta.node == kernel.node:
+            await self._store_archive(r)
+        elif r.type == PluginArchiveStored.type_name and r.data["node"] != kernel.node:
+            if await self._materialize(r.data["name"], r.data["digest"]):
+                await kernel.append(
+                    PluginReloadRequested(
+                        name=r.data["name"],
+                        reason=f"installed through node {r.data['node']} (archive {r.data['digest'][:12]})",
+                    ),
+                    stream=plugin_stream(r.data["name"]),
+                    actor=ACTOR,
+                    cause=r,
+                )
+        elif r.type == NodeLost.type_name and (r.data["node"], r.data["boot"]) == (
+            kernel.node,
+            kernel.boot,
+        ):
+            # we were presumed dead (a pause, a partition): say we are back
+            log.error("this node was recorded as lost by %s; rejoining", r.data["by"])
+            await self._record_started()
+
+    async def _store_archive(self, r: Recorded) -> None:
+        kernel = self._kernel()
+        put = getattr(kernel.store, "put_archive", None)
+        if put is None:
+            return  # a store without blobs: one machine, nothing to share
+        name = r.data["name"]
+        folder = kernel.settings.plugins_dir / name
+        try:
+            digest, data = await anyio.to_thread.run_sync(
+                archives.pack, folder, self.settings.max_archive_bytes
+            )
+        except (archives.ArchiveError, OSError) as exc:
+            log.error("plugin %r: not shared with the other nodes: %s", name, exc)
+            return
+        await put(digest, name, data)
+        await kernel.append(
+            PluginArchiveStored(name=name, digest=digest, size=len(data), node=kernel.node),
+            stream=ARCHIVES_STREAM,
+            actor=ACTOR,
+            cause=r,
+        )
+
+    async def _materialize(self, name: str, digest: str) -> bool:
+        """Make ``plugins_dir/name`` hold archive ``digest``; True if it changed."""
+        kernel = self._kernel()
+        get = getattr(kernel.store, "get_archive", None)
+        if get is None:
+            return False
+        folder = kernel.settings.plugins_dir / name
+        async with self._archive_lock:
+            if folder.is_dir():
+                local = await anyio.to_thread.run_sync(archives.tree_digest, folder)
+                if local == digest:
+                    return False
+            data = await get(digest)
+            if data is None:
+                log.error("plugin %r: archive %s is not in the database", name, digest[:12])
+                return False
+            try:
+                await anyio.to_thread.run_sync(
+                    archives.materialize, name, digest, data, kernel.settings.plugins_dir
+                )
+            except (archives.ArchiveError, OSError) as exc:
+                log.error("plugin %r: cannot materialize archive %s: %s", name, digest[:12], exc)
+                return False
+        log.info("plugin %r: materialized archive %s", name, digest[:12])
+        return True
+
+    async def _materialize_all(self) -> None:
+        """At start, before the loader boots: every installed plugin as the cluster has it."""
+        assert self.view is not None
+        for name, (digest, _, _) in sorted(self.view.archives.items()):
+            await self._materialize(name, digest)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        kernel = self._kernel()
+        view = self.view
+        assert view is not None
+        now = time.time()
+        return {
+            "node": kernel.node,
+            "alive": view.alive(now),
+            "nodes": [row.to_dict(now) for _, row in sorted(view.nodes.items())],
+            "plugin_digest_differences": view.digest_differences(),
+        }

@@ -1,0 +1,124 @@
+"""Running plugin code in threads that can be given up on, and remembering the stuck ones.
+
+Guarantee: a plugin's sync code (its import, a sync hook, a sync event handler) never
+runs on the event loop and never holds the loader up for longer than its timeout. When
+the timeout expires the caller gets :class:`ThreadTimeout` at once; the thread cannot
+be killed (Python has no way to stop a thread), so it is recorded in
+:attr:`PluginThreads.stuck` — shown in ``/health`` and ``/admin/plugins`` — until it ends
+on its own or the process restarts.
+
+Mechanism: each call gets its own daemon thread (not the loop's default executor, whose
+few workers a handful of endless plugins would exhaust for the whole process); the
+thread hands its result back with ``call_soon_threadsafe``; ``asyncio.wait_for`` bounds
+the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+__all__ = ["PluginThreads", "StuckThread", "ThreadTimeout"]
+
+T = TypeVar("T")
+
+_ids = itertools.count(1)
+
+
+class ThreadTimeout(Exception):
+    """The call did not finish within its timeout; its thread may still be running."""
+
+
+@dataclass
+class StuckThread:
+    """A plugin thread that outlived its timeout (and is still running)."""
+
+    id: int
+    plugin: str
+    what: str
+    thread: str
+    started: float
+    timeout: float
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "plugin": self.plugin,
+            "what": self.what,
+            "thread": self.thread,
+            "running_s": round(time.monotonic() - self.started, 1),
+            "timeout_s": self.timeout,
+        }
+
+
+class PluginThreads:
+    """Runs plugin callables in daemon threads with a timeout; keeps the stuck ones."""
+
+    def __init__(self) -> None:
+        self._stuck: dict[int, StuckThread] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def stuck(self) -> list[StuckThread]:
+        with self._lock:
+            return sorted(self._stuck.values(), key=lambda s: s.id)
+
+    def stuck_of(self, plugin: str) -> list[dict[str, Any]]:
+        return [s.describe() for s in self.stuck if s.plugin == plugin]
+
+    async def run(
+        self,
+        plugin: str,
+        what: str,
+        fn: Callable[..., T],
+        *args: Any,
+        timeout: float | None,
+    ) -> T:
+        """``fn(*args)`` in a new thread (with the caller's context variables)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        ident = next(_ids)
+        ctx = contextvars.copy_context()
+        started = time.monotonic()
+        state = {"done": False}
+
+        def settle(ok: bool, value: Any) -> None:
+            if future.done():
+                return
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+        def target() -> None:
+            try:
+                result = ctx.run(fn, *args)
+            except BaseException as exc:  # handed to the caller, never lost
+                outcome: tuple[bool, Any] = (False, exc)
+            else:
+                outcome = (True, result)
+            with self._lock:
+                state["done"] = True
+                self._stuck.pop(ident, None)
+            # a closed loop raises RuntimeError: nobody waits any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        name = f"xcore-plugin-{plugin}-{what}"[:60]
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            with self._lock:
+                if not state["done"]:
+                    self._stuck[ident] = StuckThread(
+                        ident, plugin, what, name, started, timeout or 0.0
+                    )
+            raise ThreadTimeout(f"{what} did not finish within {timeout:g}s") from None

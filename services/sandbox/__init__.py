@@ -1,0 +1,1 @@
+"""The sandbox supervisor: sandboxed plugins run in limited worker processes (docs/sandbox.md)."""

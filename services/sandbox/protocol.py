@@ -1,0 +1,65 @@
+"""The wire between the kernel and a sandbox worker: length-prefixed orjson frames.
+
+A frame is ``[u32 size][u32 header size][orjson header][payload bytes]`` (big endian;
+``size`` counts everything after itself). The header is a small dict with an ``op`` and,
+for everything that belongs to a call, the call's ``id``; the payload carries raw bytes
+(request and response bodies) so they are never re-encoded. Frames of different calls
+interleave freely: many calls are in flight at once, each side routes a frame by its id,
+and a frame whose id is no longer waited for (a cancelled call's late reply) is dropped.
+
+Kernel -> worker ops: ``config`` (first frame), ``http`` / ``body`` (a request and its
+body chunks), ``disconnect``, ``task``, ``hook``, ``noop``, ``ping``, ``cancel``, ``stop``.
+Worker -> kernel ops: ``ready`` / ``failed`` (answer to ``config``), ``start`` / ``body``
+(a response), ``result`` (end of a call), ``pong``, ``log``, ``fatal`` (a limit the worker
+noticed itself, just before it exits).
+
+A frame larger than :data:`MAX_FRAME` is refused: whoever sends it is broken or hostile.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import orjson
+
+__all__ = ["CHUNK", "MAX_FRAME", "FrameError", "decode", "encode"]
+
+#: Largest frame either side accepts (bodies travel in chunks far below it).
+MAX_FRAME = 16 * 1024 * 1024
+#: Size of the body chunks a request or response is cut into.
+CHUNK = 256 * 1024
+
+_HEAD = struct.Struct(">II")
+
+
+class FrameError(Exception):
+    """The other side sent something that is not a frame."""
+
+
+def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """One frame: ``header`` (JSON-able) and the raw ``payload``."""
+    head = orjson.dumps(header, default=str)
+    size = 4 + len(head) + len(payload)
+    if size > MAX_FRAME:
+        raise FrameError(f"a frame of {size} bytes exceeds the limit of {MAX_FRAME}")
+    return _HEAD.pack(size, len(head)) + head + payload
+
+
+def sizes(prefix: bytes) -> tuple[int, int]:
+    """``(size, header size)`` from the first 8 bytes of a frame, checked."""
+    size, head = _HEAD.unpack(prefix)
+    if size > MAX_FRAME or head > size - 4:
+        raise FrameError(f"bad frame prefix (size {size}, header {head})")
+    return size, head
+
+
+def decode(body: bytes, head: int) -> tuple[dict[str, Any], bytes]:
+    """``(header, payload)`` of a frame's ``body`` (what follows its size field)."""
+    try:
+        header = orjson.loads(body[4 : 4 + head])
+    except orjson.JSONDecodeError as exc:
+        raise FrameError(f"a frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise FrameError("a frame header is not an object")
+    return header, body[4 + head :]

@@ -1,0 +1,485 @@
+"""The sandbox worker: the process a sandboxed plugin's code runs in, and nothing else.
+
+Run as ``python -I -B -m services.sandbox.worker`` by the supervisor, in a new session,
+with an allowlisted environment and its working directory in the plugin's folder. In
+this order, before any plugin code runs:
+
+1. it keeps private copies of stdin and stdout for the frames (:mod:`.protocol`) and
+   points fd 0 at ``/dev/null`` and fd 1 at stderr, so whatever the plugin prints goes
+   to stderr (which the supervisor drains and tails) and can never corrupt a frame;
+2. it reads its ``config`` frame, gives up root if told to, and sets its rlimits (address
+   space, CPU, open files, processes, file size, no core files) as hard limits;
+3. it imports the plugin (:mod:`.plugin`), runs ``on_load`` and answers ``ready`` with
+   the plugin's routes, OpenAPI schema, tasks and hooks (or ``failed``, naming the stage
+   and the culprit).
+
+Then it serves calls, several at once, on one asyncio loop: HTTP requests (the plugin's
+FastAPI router in an app of its own), task runs (``current_task()`` set as in the kernel),
+hooks, no-op calls (benchmarks), pings. A ``cancel`` cancels a call; a call whose code
+cannot be cancelled (sync code in a thread) is answered ``honoured: false``, and its
+``result`` is sent once the thread really ends (the supervisor kills the worker if that
+takes longer than its grace). A ``MemoryError`` escaping plugin code ends the worker with
+a ``fatal`` frame naming the memory limit: its heap can no longer be trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import datetime
+from typing import Any
+
+from .plugin import Failed, Plugin
+from .protocol import CHUNK, decode, encode, sizes
+
+#: Threads for the plugin's sync code (hooks and tasks; sync routes: as many again).
+THREADS = 8
+#: Exit status of a worker that stops because plugin code exhausted its memory.
+EXIT_MEMORY = 70
+
+
+# -- the wire --------------------------------------------------------------------------
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            raise EOFError
+        out += chunk
+    return bytes(out)
+
+
+def read_frame_blocking(fd: int) -> tuple[dict[str, Any], bytes]:
+    size, head = sizes(_read_exactly(fd, 8))
+    body = _read_exactly(fd, size - 4)
+    return decode(b"\0\0\0\0" + body, head)
+
+
+class Wire:
+    """Frames out of the worker: one writer, frames never interleave."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        data = encode(header, payload)
+        with self.lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+
+
+# -- serving ------------------------------------------------------------------------------
+
+
+class Server:
+    """Serves the supervisor's calls on one asyncio loop."""
+
+    def __init__(self, wire: Wire, in_fd: int, plugin: Plugin) -> None:
+        self.wire = wire
+        self.in_fd = in_fd
+        self.plugin = plugin
+        self.calls: dict[int, asyncio.Task[Any]] = {}
+        #: Calls whose sync code runs in a thread (a cancel cannot stop them).
+        self.threaded: set[int] = set()
+        self.bodies: dict[int, asyncio.Queue[tuple[bytes, bool] | None]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.executor = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="plugin")
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**20)
+        await self.loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.in_fd, "rb", 0)
+        )
+        while True:
+            try:
+                prefix = await reader.readexactly(8)
+                size, head = sizes(prefix)
+                body = await reader.readexactly(size - 4)
+            except asyncio.IncompleteReadError:
+                return  # the supervisor is gone
+            header, payload = decode(b"\0\0\0\0" + body, head)
+            if self.dispatch(header, payload) is False:
+                return
+
+    def dispatch(self, h: dict[str, Any], payload: bytes) -> bool | None:
+        op = h.get("op")
+        cid = h.get("id", 0)
+        if op == "ping":
+            self.wire.send({"op": "pong", "id": cid})
+        elif op == "noop":
+            self.wire.send({"op": "result", "id": cid, "ok": True, "cpu_ms": 0.0})
+        elif op == "http":
+            queue: asyncio.Queue[tuple[bytes, bool] | None] = asyncio.Queue()
+            queue.put_nowait((payload, bool(h.get("more"))))
+            self.bodies[cid] = queue
+            self._spawn(cid, self.http(cid, h["scope"], queue))
+        elif op == "body":
+            q = self.bodies.get(cid)
+            if q is not None:
+                q.put_nowait((payload, bool(h.get("more"))))
+        elif op == "disconnect":
+            q = self.bodies.get(cid)
+            if q is not None:
+                q.put_nowait(None)
+        elif op == "task":
+            self._spawn(cid, self.task(cid, h))
+        elif op == "hook":
+            self._spawn(cid, self.hook(cid, h["hook"]))
+        elif op == "cancel":
+            target = self.calls.get(cid)
+            if target is not None:
+                honoured = cid not in self.threaded
+                target.cancel()
+                self.wire.send({"op": "cancelled", "id": cid, "honoured": honoured})
+        elif op == "stop":
+            return False
+        return None
+
+    def _spawn(self, cid: int, coro: Any) -> None:
+        task = asyncio.ensure_future(self._guard(cid, coro))
+        self.calls[cid] = task
+
+    async def _guard(self, cid: int, coro: Any) -> None:
+        cpu0 = time.process_time()
+        try:
+            outcome = await coro
+        except asyncio.CancelledError:
+            return  # the supervisor stopped waiting: nothing to answer
+        except MemoryError:
+            self.fatal("memory")
+            return
+        finally:
+            self.calls.pop(cid, None)
+            self.threaded.discard(cid)
+            self.bodies.pop(cid, None)
+        cpu_ms = (time.process_time() - cpu0) * 1000
+        self.wire.send({"op": "result", "id": cid, "cpu_ms": cpu_ms, **outcome})
+
+    def fatal(self, limit: str) -> None:
+        with contextlib.suppress(BaseException):
+            self.wire.send({"op": "fatal", "limit": limit})
+        os._exit(EXIT_MEMORY)
+
+    async def run_code(self, cid: int, fn: Any, *args: Any) -> Any:
+        """Plugin code: async on the loop, sync in a thread (marked: not cancellable)."""
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args)
+        self.threaded.add(cid)
+        cf = self.executor.submit(contextvars.copy_context().run, fn, *args)
+        try:
+            result = await asyncio.wrap_future(cf)
+        except asyncio.CancelledError:
+            if cid and not cf.done():
+                # the thread runs on: say so when it really ends, so the supervisor
+                # stops counting the call against its wall time
+                cf.add_done_callback(
+                    lambda _: self.wire.send({"op": "result", "id": cid, "ok": False, "late": True})
+                )
+            raise
+        finally:
+            self.threaded.discard(cid)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    async def http(
+        self, cid: int, scope: dict[str, Any], queue: asyncio.Queue[Any]
+    ) -> dict[str, Any]:
+        app = self.plugin.app
+        scope = dict(scope)
+        scope["headers"] = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in scope["headers"]]
+        scope["query_string"] = scope["query_string"].encode("latin-1")
+        scope["raw_path"] = scope.get("raw_path", scope["path"]).encode("latin-1")
+        scope["client"] = tuple(scope["client"]) if scope.get("client") else None
+        scope["server"] = tuple(scope["server"]) if scope.get("server") else None
+        scope["state"] = {}
+        scope["extensions"] = {}
+
+        async def receive() -> dict[str, Any]:
+            item = await queue.get()  # after the body, only a disconnect can come
+            if item is None:
+                queue.put_nowait(None)  # every later receive() sees it too
+                return {"type": "http.disconnect"}
+            chunk, more = item
+            return {"type": "http.request", "body": chunk, "more_body": more}
+
+        async def send(message: dict[str, Any]) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                headers = [
+                    (k.decode("latin-1"), v.decode("latin-1"))
+                    for k, v in message.get("headers", [])
+                ]
+                self.wire.send(
+                    {"op": "start", "id": cid, "status": message["status"], "headers": headers}
+                )
+            elif kind == "http.response.body":
+                body = message.get("body", b"")
+                more = message.get("more_body", False)
+                for i in range(0, max(len(body), 1), CHUNK):
+                    last = i + CHUNK >= len(body)
+                    self.wire.send(
+                        {"op": "body", "id": cid, "more": more or not last}, body[i : i + CHUNK]
+                    )
+
+        token = _request_id.set(scope.get("xcore_request_id") or str(cid))
+        try:
+            if app is None:
+                await send({"type": "http.response.start", "status": 404, "headers": []})
+                await send({"type": "http.response.body", "body": b'{"detail":"Not Found"}'})
+            else:
+                from kernel.sdk import plugin_context_var
+
+                plugin_context_var.set(self.plugin.ctx)
+                await app(scope, receive, send)
+            return {"ok": True}
+        except (asyncio.CancelledError, MemoryError):
+            raise
+        except Exception as exc:
+            logging.getLogger(f"xcore.plugin.{self.plugin.name}").error(
+                "request %s %s failed:\n%s",
+                scope.get("method"),
+                scope.get("path"),
+                "".join(traceback.format_exception(exc)),
+            )
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            _request_id.reset(token)
+
+    async def task(self, cid: int, h: dict[str, Any]) -> dict[str, Any]:
+        from kernel.sdk import TaskContext, plugin_context_var, task_context_var
+
+        name = h["task"]
+        fn = self.plugin.tasks.get(name)
+        ctx = h.get("ctx") or {}
+        token = _run_id.set(ctx.get("run_id"))
+        try:
+            if fn is None:
+                raise LookupError(f"plugin {self.plugin.name!r} has no task {name!r}")
+            logger = logging.getLogger(f"xcore.plugin.{self.plugin.name}")
+            task_context_var.set(
+                TaskContext(
+                    task_id=ctx.get("task_id", name),
+                    run_id=ctx.get("run_id", ""),
+                    scheduled_for=datetime.fromisoformat(ctx["scheduled_for"])
+                    if ctx.get("scheduled_for")
+                    else datetime.now(),
+                    attempt=int(ctx.get("attempt", 1)),
+                    plugin=self.plugin.name,
+                    config=self.plugin.ctx.config if self.plugin.ctx else None,
+                    logger=logging.LoggerAdapter(
+                        logger, {"run_id": ctx.get("run_id"), "task": ctx.get("task_id")}
+                    ),
+                )
+            )
+            plugin_context_var.set(self.plugin.ctx)
+            await self.run_code(cid, fn)
+            return {"ok": True}
+        except (asyncio.CancelledError, MemoryError):
+            raise
+        except Exception as exc:
+            return _error(exc)
+        finally:
+            _run_id.reset(token)
+
+    async def hook(self, cid: int, hook: str) -> dict[str, Any]:
+        from kernel.sdk import plugin_context_var
+
+        fn = self.plugin.hooks.get(hook)
+        try:
+            if fn is not None:
+                plugin_context_var.set(self.plugin.ctx)
+                await self.run_code(cid, fn, self.plugin.ctx)
+            return {"ok": True}
+        except (asyncio.CancelledError, MemoryError):
+            raise
+        except Exception as exc:
+            return _error(exc)
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+# -- logging to the supervisor ---------------------------------------------------------
+
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("run_id", default=None)
+
+
+class FrameHandler(logging.Handler):
+    """Log records travel as ``log`` frames, with the call's request or run id."""
+
+    def __init__(self, wire: Wire) -> None:
+        super().__init__()
+        self.wire = wire
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + "".join(traceback.format_exception(*record.exc_info))
+            self.wire.send(
+                {
+                    "op": "log",
+                    "level": record.levelno,
+                    "logger": record.name,
+                    "message": msg[:65536],
+                    "request_id": _request_id.get(),
+                    "run_id": getattr(record, "run_id", None) or _run_id.get(),
+                }
+            )
+        except Exception:
+            self.handleError(record)
+
+
+# -- start ------------------------------------------------------------------------------
+
+
+def _drop_privileges(uid: int | None, gid: int | None) -> None:
+    if uid is None or os.getuid() != 0:
+        return
+    os.setgroups([])
+    os.setgid(gid if gid is not None else uid)
+    os.setuid(uid)
+    if os.getuid() == 0 or os.geteuid() == 0:  # pragma: no cover - defensive
+        raise RuntimeError("could not give up root")
+
+
+def _drop_capabilities() -> bool:
+    """A worker that keeps root gives up every capability (so it cannot read another
+    process's memory or environment, nor override file permissions)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (EINVAL past the last one)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [
+            ("effective", ctypes.c_uint32),
+            ("permitted", ctypes.c_uint32),
+            ("inheritable", ctypes.c_uint32),
+        ]
+
+    header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (Data * 2)()
+    return bool(libc.capset(ctypes.byref(header), ctypes.byref(data)) == 0)
+
+
+def main() -> None:
+    in_fd = os.dup(0)
+    out_fd = os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    wire = Wire(out_fd)
+    try:
+        header, _ = read_frame_blocking(in_fd)
+    except (EOFError, OSError):
+        os._exit(2)
+    cfg = header["config"]
+    try:
+        _drop_privileges(cfg.get("uid"), cfg.get("gid"))
+        from .limits import apply
+
+        applied = apply(cfg["limits"])
+        # Python ignores SIGXFSZ (writes past RLIMIT_FSIZE then fail with EFBIG); a
+        # breach must end the worker like any other, so the signal gets its default back
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        if os.getuid() == 0 and not _drop_capabilities():
+            raise OSError("could not drop the capabilities of a worker running as root")
+        threading.stack_size(2 * 1024 * 1024)
+    except Exception as exc:
+        wire.send(
+            {
+                "op": "failed",
+                "stage": "mode",
+                "error": f"plugin {cfg['name']!r}: the sandbox could not set its limits: {type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
+        )
+        os._exit(3)
+    root = logging.getLogger()
+    root.handlers[:] = [FrameHandler(wire)]
+    root.setLevel(cfg.get("log_level", "INFO"))
+    plugin = Plugin(cfg)
+    server = Server(wire, in_fd, plugin)
+
+    async def start() -> None:
+        import anyio.to_thread
+
+        # sync routes run in anyio's thread pool: keep it well inside the process limit
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        try:
+            described = plugin.load()
+            hook = plugin.hooks.get("on_load")
+            if hook is not None:
+                try:
+                    await server.run_code(0, hook, plugin.ctx)
+                except MemoryError:
+                    raise
+                except Exception as exc:
+                    raise Failed(
+                        "hook",
+                        f"plugin {plugin.name!r}: run.py: on_load raised {type(exc).__name__}: {exc}",
+                        "".join(traceback.format_exception(exc)),
+                    ) from None
+        except Failed as failed:
+            wire.send(
+                {
+                    "op": "failed",
+                    "stage": failed.stage,
+                    "error": failed.message,
+                    "traceback": failed.tb,
+                }
+            )
+            return
+        except MemoryError:
+            server.fatal("memory")
+        wire.send(
+            {
+                "op": "ready",
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+                "rlimits": applied,
+                "hooks": sorted(plugin.hooks),
+                **described,
+            }
+        )
+        await server.serve()
+
+    try:
+        asyncio.run(start())
+    except MemoryError:
+        server.fatal("memory")
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

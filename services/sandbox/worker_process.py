@@ -1,0 +1,710 @@
+"""One worker process seen from the kernel: its pipes, its calls in flight, its watchdog.
+
+A :class:`Worker` is run by its plugin's supervisor in a task group (``run``): it starts
+the process in a new session, sends the ``config`` frame, waits for ``ready`` (or
+``failed``), then reads frames, drains stderr (keeping its tail), and watches the worker
+until it exits. Everything it starts ends with it: when ``run`` returns the process group
+is dead and every call still waiting has failed with :class:`WorkerGone`.
+
+Guarantees:
+
+- a call's frames reach only that call (routed by id); a frame for an id nobody waits
+  for any more — the late reply of a cancelled call — is dropped;
+- a call's wall time is enforced here: past its deadline the process group is killed and
+  the breach recorded (``wall``), whether or not its caller still waits; a cancelled
+  call whose code cannot stop (sync code in a thread) keeps its deadline;
+- a worker that stops answering pings (stuck in C code, or an endless loop on its event
+  loop) is killed (``heartbeat``); CPU and memory (RSS of its whole process tree) are
+  sampled for the admin API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from subprocess import PIPE
+from typing import Any
+
+import anyio
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .isolation import Launch
+from .protocol import FrameError, decode, encode, sizes
+
+__all__ = ["Exit", "Worker", "WorkerGone"]
+
+log = logging.getLogger("xcore.sandbox")
+
+#: Log lines a worker may send per second (stderr included) before lines are dropped.
+LOG_RATE = 200
+STDERR_TAIL = 40
+#: Frames of a streaming call waiting for its caller (256 KiB each at most).
+CALL_BUFFER = 64
+#: Bytes queued to a worker's stdin before a sender waits for the pipe to drain.
+WRITE_HIGH_WATER = 1024 * 1024
+
+
+class WorkerGone(Exception):
+    """The worker ended while the call waited (``exit`` says how, once known)."""
+
+    def __init__(self, plugin: str, why: str, exit: Exit | None = None) -> None:
+        super().__init__(f"plugin {plugin!r}: {why}")
+        self.plugin = plugin
+        self.why = why
+        self.exit = exit
+
+
+class CallAborted(WorkerGone):
+    """The call was given up by the supervisor (its caller could not keep up)."""
+
+
+@dataclass
+class Exit:
+    """How a worker ended."""
+
+    #: ``stopped`` (asked), ``limit`` (a breach: killed), ``crash`` (died on its own),
+    #: ``failed`` (never became ready).
+    kind: str
+    pid: int
+    exit: int | None = None
+    signal: int | None = None
+    limit: str | None = None
+    value: float = 0.0
+    detail: str = ""
+    stderr: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "limit":
+            return f"limit {self.limit} exceeded ({self.detail or self.value})"
+        if self.kind == "crash":
+            how = f"signal {self.signal}" if self.signal else f"exit code {self.exit}"
+            return f"worker crashed ({how})"
+        return f"worker {self.kind}"
+
+
+#: Signals the kernel raises for a breached rlimit, by limit.
+_SIGNAL_LIMITS = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size"}
+
+
+@dataclass
+class _Call:
+    #: The frames of a streaming call (HTTP), or of a cancel in progress.
+    send: MemoryObjectSendStream[tuple[dict[str, Any], bytes]] | None
+    deadline: float
+    label: str
+    #: A request/answer call waits on ``done`` for ``result`` (no stream to build).
+    done: anyio.Event | None = None
+    result: dict[str, Any] | None = None
+    aborted: bool = False
+
+
+@dataclass
+class _RateLimit:
+    per_second: int
+    window: float = 0.0
+    used: int = 0
+    dropped: int = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.window >= 1.0:
+            if self.dropped:
+                log.warning(
+                    "sandbox: %d log lines of a worker were dropped (rate limit)", self.dropped
+                )
+            self.window, self.used, self.dropped = now, 0, 0
+        if self.used < self.per_second:
+            self.used += 1
+            return True
+        self.dropped += 1
+        return False
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker process of one plugin generation."""
+
+    plugin: str
+    generation: int
+    launch: Launch
+    config: dict[str, Any]
+    wall_time: float
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    start_timeout: float
+    limits: dict[str, Any]
+
+    pid: int = 0
+    ready: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+    exit: Exit | None = None
+    started_at: float = 0.0
+    start_ms: float = 0.0
+    rss: int = 0
+    rss_max: int = 0
+    cpu_s: float = 0.0
+    tasks: int = 0
+    ready_event: anyio.Event = field(default_factory=anyio.Event)
+    exited: anyio.Event = field(default_factory=anyio.Event)
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
+
+    def __post_init__(self) -> None:
+        self._calls: dict[int, _Call] = {}
+        self._next = 0
+        self._lock = anyio.Lock()
+        self._writer: asyncio.StreamWriter | None = None
+        self._proc: Process | None = None
+        self._kill: tuple[str, float, str] | None = None
+        self._fatal: str | None = None
+        self._stopping = False
+        self._last_pong = 0.0
+        self._t0 = 0.0
+        self._logs = _RateLimit(LOG_RATE)
+        self._logger = logging.getLogger(f"xcore.plugin.{self.plugin}")
+
+    @property
+    def alive(self) -> bool:
+        return self.ready is not None and not self.exited.is_set() and self._kill is None
+
+    # -- life ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start, serve and watch the process until it ends (never raises)."""
+        self._t0 = time.perf_counter()
+        try:
+            proc = await anyio.open_process(
+                self.launch.argv,
+                stdin=PIPE,
+                stdout=PIPE,
+                stderr=PIPE,
+                cwd=str(self.launch.cwd),
+                env=self.launch.env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self.failure = {
+                "stage": "mode",
+                "error": f"plugin {self.plugin!r}: the sandbox worker could not start: {exc}",
+            }
+            self.exit = Exit("failed", 0)
+            self.ready_event.set()
+            self.exited.set()
+            return
+        self._proc = proc
+        self.pid = proc.pid
+        raw_stdin = getattr(getattr(proc, "_process", None), "stdin", None)
+        if isinstance(raw_stdin, asyncio.StreamWriter):
+            self._writer = raw_stdin
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_stderr)
+                tg.start_soon(self._read_frames, tg)
+                await self._send({"op": "config", "config": self.config})
+                with anyio.move_on_after(self.start_timeout) as timer:
+                    await self.ready_event.wait()
+                if self.ready is None:
+                    if timer.cancelled_caught and self.failure is None:
+                        self.failure = {
+                            "stage": "import",
+                            "error": f"plugin {self.plugin!r}: the sandbox worker did not start "
+                            f"within {self.start_timeout:g}s{self._tail_note()}",
+                        }
+                    self._kill_group()
+                    self.ready_event.set()
+                else:
+                    self._last_pong = time.monotonic()
+                    tg.start_soon(self._watch)
+                await proc.wait()
+                tg.cancel_scope.cancel()
+        except BaseException as exc:  # our own bug or cancellation: never leave it running
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                log.exception("sandbox worker of plugin %r: supervisor error", self.plugin)
+            self._kill_group()
+            with anyio.CancelScope(shield=True):
+                await self._finish(proc)
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            return
+        with anyio.CancelScope(shield=True):
+            await self._finish(proc)
+
+    async def _finish(self, proc: Process) -> None:
+        self._kill_group()
+        try:
+            await proc.wait()
+            await proc.aclose()
+        except Exception:
+            log.exception("sandbox: plugin %r worker %d: could not reap it", self.plugin, self.pid)
+        self.exit = self._classify(proc.returncode)
+        for call in list(self._calls.values()):
+            if call.send is not None:
+                call.send.close()
+            if call.done is not None:
+                call.done.set()
+        self._calls.clear()
+        if self.failure is None and self.ready is None:
+            self.failure = {
+                "stage": "import",
+                "error": f"plugin {self.plugin!r}: the sandbox worker exited before it was ready "
+                f"({self.exit.describe()}){self._tail_note()}",
+            }
+        self.ready_event.set()
+        self.exited.set()
+
+    def _tail_note(self) -> str:
+        tail = "\n".join(list(self.stderr_tail)[-5:])
+        return f"; its last output:\n{tail}" if tail else ""
+
+    def _classify(self, code: int | None) -> Exit:
+        tail = "\n".join(self.stderr_tail)
+        sig = None
+        if code is not None and code < 0:
+            sig = -code
+        elif code is not None and self.launch.level == "bwrap" and code > 128:
+            sig = code - 128  # bubblewrap exits with 128 + the signal that killed the worker
+        if self._kill is not None:
+            limit, value, detail = self._kill
+            if limit == "protocol":  # killed for breaking the wire: a crash of its own
+                return Exit("crash", self.pid, code, sig, detail=detail, stderr=tail)
+            kind = "stopped" if limit == "stop" else "limit"
+            return Exit(
+                kind, self.pid, code, sig, None if kind == "stopped" else limit, value, detail, tail
+            )
+        if self._fatal is not None:
+            return Exit(
+                "limit",
+                self.pid,
+                code,
+                sig,
+                self._fatal,
+                float(self.limits["memory"]),
+                "the plugin's code ran out of memory (address space limit)",
+                tail,
+            )
+        if sig in _SIGNAL_LIMITS:
+            limit = _SIGNAL_LIMITS[signal.Signals(sig)]
+            value = float(self.limits["cpu"] if limit == "cpu" else self.limits["file_size"])
+            return Exit(
+                "limit",
+                self.pid,
+                code,
+                sig,
+                limit,
+                value,
+                f"killed by {signal.Signals(sig).name}",
+                tail,
+            )
+        if self._stopping and code == 0:
+            return Exit("stopped", self.pid, code, sig, stderr=tail)
+        return Exit("crash", self.pid, code, sig, stderr=tail)
+
+    def kill(self, limit: str, value: float, detail: str) -> None:
+        """Kill the process group, recording why (the first reason wins)."""
+        if self._kill is None:
+            self._kill = (limit, value, detail)
+            if limit != "stop":
+                log.warning(
+                    "sandbox: plugin %r worker %d: %s (%s); killing it",
+                    self.plugin,
+                    self.pid,
+                    limit,
+                    detail,
+                )
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        for pid in _tree(self.pid):
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    async def stop(self, grace: float) -> None:
+        """Ask the worker to stop; kill it if it has not within ``grace`` seconds."""
+        self._stopping = True
+        if self._proc is not None and not self.exited.is_set():
+            with suppress(WorkerGone):
+                await self._send({"op": "stop"})
+            with anyio.move_on_after(grace):
+                await self.exited.wait()
+            if not self.exited.is_set():
+                self.kill("stop", grace, "did not stop in time")
+                await self.exited.wait()
+
+    # -- frames ----------------------------------------------------------------------
+
+    async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        frame = encode(header, payload)
+        writer = self._writer
+        try:
+            if writer is not None:
+                # asyncio's own pipe writer: a whole frame is queued in one call (frames
+                # never interleave), and only a full buffer costs a wait
+                if writer.is_closing():
+                    raise anyio.BrokenResourceError
+                writer.write(frame)
+                if writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    async with self._lock:
+                        await writer.drain()
+                return
+            async with self._lock:
+                await self._proc.stdin.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+            raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit) from None
+
+    async def send_frame(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Send a frame belonging to a call already open (a body chunk, a disconnect)."""
+        if self.exited.is_set():
+            return
+        with suppress(WorkerGone):
+            await self._send(header, payload)
+
+    async def send_body(self, cid: int, chunk: bytes, more: bool) -> None:
+        await self.send_frame({"op": "body", "id": cid, "more": more}, chunk)
+
+    async def _read_frames(self, tg: Any) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        raw = getattr(getattr(self._proc, "_process", None), "stdout", None)
+        read: Callable[[int], Awaitable[bytes]]
+        if isinstance(raw, asyncio.StreamReader):
+            # asyncio's reader: a frame already buffered costs no trip through the loop
+            read = raw.readexactly
+        else:
+            read = BufferedByteReceiveStream(self._proc.stdout).receive_exactly
+        try:
+            while True:
+                size, head = sizes(await read(8))
+                header, payload = decode(b"\0\0\0\0" + await read(size - 4), head)
+                self._dispatch(header, payload)
+        except (
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+            asyncio.IncompleteReadError,
+            ConnectionError,
+        ):
+            self.ready_event.set()  # it ended (or will): nothing more to wait for
+            return
+        except FrameError as exc:
+            self.kill("protocol", 0, f"it sent a malformed frame: {exc}")
+
+    def _dispatch(self, h: dict[str, Any], payload: bytes) -> None:
+        op = h.get("op")
+        if op == "pong":
+            self._last_pong = time.monotonic()
+        elif op == "log":
+            self._log(h)
+        elif op == "ready":
+            self.ready = h
+            self.start_ms = (time.perf_counter() - self._t0) * 1000
+            self.started_at = time.time()
+            self._sample()
+            self.ready_event.set()
+        elif op == "failed":
+            self.failure = h
+            self.ready_event.set()
+        elif op == "fatal":
+            self._fatal = str(h.get("limit", "memory"))
+        else:
+            call = self._calls.get(h.get("id", -1))
+            if call is None:
+                return  # a late reply to a call nobody waits for: dropped
+            if op == "result" or (op == "cancelled" and h.get("honoured")):
+                self._calls.pop(h["id"], None)
+            if call.send is not None:
+                try:
+                    call.send.send_nowait((h, payload))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass  # its caller left (a disconnected client): the frame is dropped
+                except anyio.WouldBlock:
+                    # the caller reads slower than the plugin writes: rather than buffer
+                    # without bound (or drop frames silently), the call is aborted
+                    log.warning(
+                        "sandbox: plugin %r: %s aborted: its client reads slower than the "
+                        "plugin writes (%d frames waiting)",
+                        self.plugin,
+                        call.label,
+                        CALL_BUFFER,
+                    )
+                    call.aborted = True
+                    call.send.close()
+                    return
+                if op == "result":
+                    call.send.close()
+            elif op == "result" and call.done is not None:
+                call.result = h
+                call.done.set()
+
+    def _log(self, h: dict[str, Any]) -> None:
+        if not self._logs.allow():
+            return
+        extra = {"plugin": self.plugin, "sandbox_pid": self.pid}
+        for key in ("request_id", "run_id"):
+            if h.get(key):
+                extra[key] = h[key]
+        name = str(h.get("logger") or f"xcore.plugin.{self.plugin}")
+        if not name.startswith(f"xcore.plugin.{self.plugin}"):
+            name = f"xcore.plugin.{self.plugin}.{name}"
+        level = h.get("level", logging.INFO)
+        logging.getLogger(name).log(
+            level if isinstance(level, int) else logging.INFO,
+            "%s",
+            h.get("message", ""),
+            extra=extra,
+        )
+
+    async def _read_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        pending = b""
+        try:
+            async for chunk in self._proc.stderr:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                if len(pending) > 4096:
+                    lines.append(pending)
+                    pending = b""
+                for raw in lines:
+                    line = raw.decode(errors="replace")[:2000]
+                    self.stderr_tail.append(line)
+                    if self._logs.allow():
+                        self._logger.info(
+                            "stderr: %s",
+                            line,
+                            extra={"plugin": self.plugin, "sandbox_pid": self.pid},
+                        )
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+        if pending:
+            self.stderr_tail.append(pending.decode(errors="replace")[:2000])
+
+    # -- watching --------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        tick = min(0.25, self.heartbeat_interval)
+        last_ping = 0.0
+        last_sample = 0.0
+        while self._kill is None:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            if now - last_ping >= self.heartbeat_interval:
+                last_ping = now
+                with suppress(WorkerGone):  # its exit is noticed by the reader
+                    await self._send({"op": "ping", "id": 0})
+            if now - self._last_pong > self.heartbeat_timeout:
+                self.kill(
+                    "heartbeat",
+                    self.heartbeat_timeout,
+                    f"no answer to pings for {self.heartbeat_timeout:g}s",
+                )
+                return
+            for _cid, call in list(self._calls.items()):
+                if now > call.deadline:
+                    self.kill(
+                        "wall", self.wall_time, f"{call.label} ran longer than {self.wall_time:g}s"
+                    )
+                    return
+            if now - last_sample >= 1.0:
+                last_sample = now
+                self._sample()
+
+    def _sample(self) -> None:
+        """RSS and CPU of the worker's process tree; a tree that used up its process
+        allowance (a fork bomb held back by RLIMIT_NPROC) is killed (``processes``)."""
+        rss = cpu = tasks = 0
+        tick = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+        tree = _tree(self.pid)
+        for pid in tree:
+            with suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/statm", "rb") as f:
+                    rss += int(f.read().split()[1]) * page
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                    cpu += int(fields[11]) + int(fields[12])
+                    tasks += int(fields[17])
+        self.rss = rss
+        self.rss_max = max(self.rss_max, rss)
+        self.cpu_s = cpu / tick
+        self.tasks = tasks
+        allowed = int(self.limits["processes"])
+        # RLIMIT_NPROC counts every process of the worker's user, so the tree may be held
+        # below ``allowed``: half of it in processes is already a fork bomb's signature
+        processes = len(tree) - (2 if self.launch.level == "bwrap" else 0)
+        if self.ready is not None and (tasks >= allowed or processes > allowed // 2):
+            self.kill(
+                "processes",
+                allowed,
+                f"its process tree reached {processes} processes, {tasks} threads "
+                f"(allowed: {allowed})",
+            )
+
+    # -- calls -----------------------------------------------------------------------
+
+    async def request(self, header: dict[str, Any], *, label: str, grace: float) -> dict[str, Any]:
+        """One call answered by one ``result`` frame (task, hook, no-op).
+
+        Cancelling the caller cancels the call in the worker; a cancel its code cannot
+        honour within ``grace`` kills the worker. :class:`WorkerGone` if the worker ends.
+        """
+        if not self.alive:
+            raise WorkerGone(self.plugin, "its sandbox worker is not running", self.exit)
+        self._next += 1
+        cid = self._next
+        call = _Call(None, time.monotonic() + self.wall_time, label, anyio.Event())
+        self._calls[cid] = call
+        try:
+            await self._send({**header, "id": cid})
+            assert call.done is not None
+            await call.done.wait()
+        except BaseException:
+            if call.result is None and cid in self._calls and self.alive:
+                with anyio.CancelScope(shield=True):
+                    await self._cancel(cid, label, grace)
+            raise
+        if call.result is None:
+            if not self.exited.is_set():
+                with anyio.move_on_after(5):
+                    await self.exited.wait()
+            why = self.exit.describe() if self.exit else "its sandbox worker ended"
+            raise WorkerGone(self.plugin, why, self.exit)
+        return call.result
+
+    @asynccontextmanager
+    async def open_call(
+        self,
+        header: dict[str, Any],
+        payload: bytes = b"",
+        *,
+        label: str,
+        cancel: bool = True,
+        grace: float = 2.0,
+    ) -> AsyncIterator[tuple[int, _Watched]]:
+        """Send a call and yield its id and the stream of its frames.
+
+        Leaving the block before the ``result`` frame ends the call in the worker: with
+        ``cancel`` (tasks, hooks) it is cancelled, and a cancel its code cannot honour
+        kills the worker; without (HTTP) the app is told the client disconnected, and the
+        call keeps its wall-time deadline until it answers.
+        """
+        if not self.alive:
+            raise WorkerGone(self.plugin, "its sandbox worker is not running", self.exit)
+        self._next += 1
+        cid = self._next
+        send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](CALL_BUFFER)
+        self._calls[cid] = _Call(send, time.monotonic() + self.wall_time, label)
+        finished = False
+        try:
+            await self._send({**header, "id": cid}, payload)
+            async with receive:
+                yield cid, _Watched(receive, self, self._calls[cid])
+            finished = cid not in self._calls
+        finally:
+            send.close()
+            if not finished and cid in self._calls and self.alive:
+                with anyio.CancelScope(shield=True):
+                    if cancel:
+                        await self._cancel(cid, label, grace)
+                    else:
+                        with suppress(WorkerGone):
+                            await self._send({"op": "disconnect", "id": cid})
+
+    async def _cancel(self, cid: int, label: str, grace: float) -> None:
+        call = self._calls.get(cid)
+        if call is None:
+            return
+        # a fresh stream for the answer to the cancel (the caller's is closed)
+        send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](math.inf)
+        call.send = send
+        honoured = False
+        with send, receive:
+            try:
+                await self._send({"op": "cancel", "id": cid})
+            except WorkerGone:
+                return  # nothing left to cancel
+            with anyio.move_on_after(grace):
+                async for h, _ in receive:
+                    # a thread cannot be cancelled: then wait (up to grace) for it to end
+                    if (h.get("op") == "cancelled" and h.get("honoured")) or h.get(
+                        "op"
+                    ) == "result":
+                        honoured = True
+                        break
+        if honoured:
+            self._calls.pop(cid, None)
+            return
+        self.kill(
+            "timeout", grace, f"{label} was cancelled but its code did not stop within {grace:g}s"
+        )
+
+
+class _Watched:
+    """The frames of one call, ending with :class:`WorkerGone` if the worker dies."""
+
+    def __init__(
+        self,
+        receive: MemoryObjectReceiveStream[tuple[dict[str, Any], bytes]],
+        worker: Worker,
+        call: _Call,
+    ) -> None:
+        self._receive = receive
+        self._worker = worker
+        self._call = call
+
+    def __aiter__(self) -> _Watched:
+        return self
+
+    async def __anext__(self) -> tuple[dict[str, Any], bytes]:
+        try:
+            item = await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+        return item
+
+    async def receive(self) -> tuple[dict[str, Any], bytes]:
+        """The next frame; :class:`WorkerGone` if the worker ended first."""
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            w = self._worker
+            if self._call.aborted:
+                raise CallAborted(w.plugin, f"{self._call.label} was aborted") from None
+            if not w.exited.is_set():
+                with anyio.move_on_after(5):
+                    await w.exited.wait()
+            why = w.exit.describe() if w.exit else "its sandbox worker ended"
+            raise WorkerGone(w.plugin, why, w.exit) from None
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants (children first found through /proc)."""
+    out: list[int] = []
+    todo = [root]
+    seen = set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        out.append(pid)
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            with suppress(OSError, ValueError), open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                todo.extend(int(c) for c in f.read().split())
+    return out

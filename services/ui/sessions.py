@@ -1,0 +1,123 @@
+"""Browser sessions of the admin page: an opaque cookie in front of a bearer token.
+
+The guarantee: a browser never holds the admin token after logging in, and a request
+another site makes the browser send cannot act. The mechanism: login exchanges the
+token for a random session id kept in an ``HttpOnly; SameSite=Strict`` cookie (script
+on the page cannot read it, other sites' requests do not carry it); the token stays in
+this process's memory, beside a per-session CSRF token that every state-changing
+request must echo in a header. Sessions expire (absolute lifetime from settings), are
+bounded in number (the oldest dropped first) and vanish with the process: after a
+restart the operator logs in again.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+__all__ = ["LoginThrottle", "Session", "SessionStore"]
+
+#: The scope names the admin API uses; a session without ``admin:write`` (or ``*``, every
+#: scope) is read-only.
+WRITE_SCOPES = frozenset({"admin:write", "*"})
+
+
+@dataclass
+class Session:
+    id: str
+    token: str
+    csrf: str
+    scopes: list[str]
+    expires_at: float
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def can_write(self) -> bool:
+        return not WRITE_SCOPES.isdisjoint(self.scopes)
+
+    def csrf_matches(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(presented, self.csrf)
+
+
+class SessionStore:
+    """Live sessions by id; lookups drop expired ones."""
+
+    def __init__(self, *, ttl: float, max_sessions: int = 1000) -> None:
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def create(self, token: str, scopes: list[str]) -> Session:
+        self._expire()
+        while len(self._sessions) >= self.max_sessions:
+            self._sessions.popitem(last=False)
+        session = Session(
+            id=secrets.token_urlsafe(32),
+            token=token,
+            csrf=secrets.token_urlsafe(32),
+            scopes=list(scopes),
+            expires_at=time.time() + self.ttl,
+        )
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if session.expires_at <= time.time():
+            del self._sessions[session_id]
+            return None
+        return session
+
+    def drop(self, session_id: str | None) -> None:
+        if session_id:
+            self._sessions.pop(session_id, None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _expire(self) -> None:
+        now = time.time()
+        for sid in [sid for sid, s in self._sessions.items() if s.expires_at <= now]:
+            del self._sessions[sid]
+
+
+class LoginThrottle:
+    """At most ``limit`` failed logins per client address in a sliding ``window``."""
+
+    def __init__(self, *, limit: int, window: float = 60.0, max_clients: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def blocked(self, client: str) -> float:
+        """Seconds until ``client`` may try again (0 when it may now)."""
+        failures = self._recent(client)
+        if len(failures) < self.limit:
+            return 0.0
+        return max(0.0, failures[0] + self.window - time.monotonic())
+
+    def failed(self, client: str) -> None:
+        failures = self._recent(client)
+        failures.append(time.monotonic())
+        self._failures[client] = failures
+        self._failures.move_to_end(client)
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+    def _recent(self, client: str) -> deque[float]:
+        failures = self._failures.get(client, deque())
+        horizon = time.monotonic() - self.window
+        while failures and failures[0] <= horizon:
+            failures.popleft()
+        return failures

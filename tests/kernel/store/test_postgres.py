@@ -1,0 +1,355 @@
+"""What the PostgreSQL store promises beyond the shared contract: several writing nodes,
+wake-ups through LISTEN/NOTIFY, reconnection, append-only, clear errors."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import textwrap
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+import pytest
+
+from kernel.errors import StoreCorrupt, StoreError
+from kernel.events import NewEvent
+from kernel.settings import Settings
+from kernel.store.postgres import PostgresStore, redact_dsn
+
+pytestmark = pytest.mark.postgres
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from kernel.events import NewEvent
+    from kernel.store.postgres import PostgresStore
+
+    async def main(dsn, name, producers, each):
+        store = PostgresStore(dsn)
+        await store.open()
+        async def produce(p):
+            for i in range(each):
+                await store.append(
+                    [NewEvent.raw("Wrote", {"w": name, "p": p, "i": i})], stream=f"{name}-{p}"
+                )
+        await asyncio.gather(*(produce(p) for p in range(producers)))
+        await store.close()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    """
+)
+
+
+def raw(i: int) -> NewEvent:
+    return NewEvent.raw("Noted", {"i": i})
+
+
+async def test_writers_in_several_processes_give_a_gapless_log_read_in_order(
+    pg_dsn: str,
+) -> None:
+    reader = PostgresStore(pg_dsn)
+    await reader.open()
+    seen: list[int] = []
+    writers, producers, each = 3, 8, 25
+    total = writers * producers * each
+    try:
+        with anyio.fail_after(120):
+
+            async def follow() -> None:
+                # a live subscriber: wait for commits, read what follows, never skip
+                after = 0
+                while after < total:
+                    await reader.wait(after, timeout=5)
+                    for r in await reader.read(after=after):
+                        seen.append(r.position)
+                        after = r.position
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                async with anyio.create_task_group() as procs:
+                    for w in range(writers):
+                        procs.start_soon(
+                            lambda w=w: anyio.run_process(
+                                [
+                                    sys.executable,
+                                    "-c",
+                                    WRITER,
+                                    pg_dsn,
+                                    f"w{w}",
+                                    str(producers),
+                                    str(each),
+                                ],
+                                stderr=None,
+                            )
+                        )
+        assert seen == list(range(1, total + 1))
+        records = await reader.read()
+        for w in range(writers):
+            for p in range(producers):
+                versions = [r.version for r in records if r.stream == f"w{w}-{p}"]
+                assert versions == list(range(1, each + 1))
+    finally:
+        await reader.close()
+
+
+async def test_a_node_wakes_on_another_nodes_commit(pg_dsn: str) -> None:
+    a, b = PostgresStore(pg_dsn, scope="a"), PostgresStore(pg_dsn, scope="b")
+    await a.open()
+    await b.open()
+    try:
+        with anyio.fail_after(30):
+            for i in range(1, 6):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lambda i=i: b.append([raw(i)], stream="s"))
+                    # no timeout: only a notification can end this wait
+                    assert await a.wait(i - 1) >= i
+                [r] = await a.read(after=i - 1)
+                assert r.data == {"i": i}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_lost_connections_are_reopened_and_nothing_is_missed(pg_dsn: str) -> None:
+    a, b = PostgresStore(pg_dsn, scope="a"), PostgresStore(pg_dsn, scope="b")
+    await a.open()
+    await b.open()
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        with anyio.fail_after(60):
+            await b.append([raw(1)], stream="s")
+            assert await a.wait(0) == 1
+            assert a._follower is not None
+            before = a._follower.reconnects
+            # the server drops every connection of node a (listener, writer, pool)
+            mine = await admin.fetchval("SELECT pg_backend_pid()")
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> $1",
+                mine,
+            )
+            # b appends while a is reconnecting; a's subscriber still gets everything
+            await b.append([raw(2), raw(3)], stream="s")
+            assert await a.wait(1) >= 3 or await a.wait(1) >= 3
+            assert [r.data["i"] for r in await a.read(after=1)] == [2, 3]
+            # and a can write again
+            [r] = await a.append([raw(4)], stream="s")
+            assert r.position == 4
+            while a._follower.reconnects == before:
+                await anyio.sleep(0.05)
+    finally:
+        await admin.close()
+        await a.close()
+        await b.close()
+
+
+async def test_the_log_is_append_only_in_the_database(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.append([raw(1)], stream="s")
+    await store.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for sql in ("UPDATE events SET type = 'X'", "DELETE FROM events", "TRUNCATE events"):
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                await conn.execute(sql)
+        assert await conn.fetchval("SELECT count(*) FROM events") == 1
+        assert await conn.fetchval("SELECT value FROM xcore_meta WHERE key = 'format'") == "1"
+    finally:
+        await conn.close()
+
+
+async def test_checkpoints_belong_to_their_node_and_snapshots_are_shared(pg_dsn: str) -> None:
+    a, b = PostgresStore(pg_dsn, scope="a"), PostgresStore(pg_dsn, scope="b")
+    await a.open()
+    await b.open()
+    try:
+        await a.save_checkpoint("sub", 5)
+        await b.save_checkpoint("sub", 9)
+        assert await a.load_checkpoint("sub") == 5
+        assert await b.load_checkpoint("sub") == 9
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _with_password(dsn: str, password: str) -> str:
+    parts = urlsplit(dsn)
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+async def test_clear_errors_for_unreachable_server_and_bad_credentials(pg_dsn: str) -> None:
+    with anyio.fail_after(60):
+        dead = urlsplit(pg_dsn)._replace(netloc=f"u:secret-pw@127.0.0.1:{_free_port()}")
+        with pytest.raises(StoreError, match="cannot reach the PostgreSQL server") as err:
+            await PostgresStore(urlunsplit(dead), connect_timeout=5).open()
+        assert "secret-pw" not in str(err.value)
+        with pytest.raises(StoreError, match="refused the credentials of user") as err:
+            await PostgresStore(_with_password(pg_dsn, "wrong-password")).open()
+        assert "wrong-password" not in str(err.value)
+        missing = urlsplit(pg_dsn)._replace(path="/no_such_database")
+        with pytest.raises(StoreError, match="no_such_database"):
+            await PostgresStore(urlunsplit(missing)).open()
+
+
+async def test_a_schema_of_another_application_is_refused(pg_dsn: str) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("CREATE TABLE customers (id int)")
+    finally:
+        await conn.close()
+    with pytest.raises(StoreCorrupt, match="another application.*customers"):
+        await PostgresStore(pg_dsn).open()
+
+
+async def test_a_log_of_a_newer_format_is_refused(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE xcore_meta SET value = '99' WHERE key = 'format'")
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match="newer xcore"):
+        await PostgresStore(pg_dsn).open()
+
+
+def test_the_password_is_redacted_in_locations_settings_and_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dsn = "postgresql://ada:s3cr3t-pw@db.example:5432/xcore"
+    assert redact_dsn(dsn) == "postgresql://ada:***@db.example:5432/xcore"
+    assert "pw9" not in redact_dsn("host=h user=u password=pw9 dbname=x")
+    assert PostgresStore(dsn).location == "postgresql://ada:***@db.example:5432/xcore"
+    settings = Settings.load(env={"XCORE_STORE": "postgres", "XCORE_DSN": dsn})
+    assert "s3cr3t-pw" not in repr(settings) and "s3cr3t-pw" not in str(settings.model_dump())
+    from kernel.logging import TextFormatter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "dsn is %s", (dsn,), None)
+    assert "s3cr3t-pw" not in TextFormatter().format(record)
+
+
+async def test_a_filtered_subscription_misses_nothing_another_node_writes(pg_dsn: str) -> None:
+    from kernel.subscriptions import Subscription
+
+    a, b = PostgresStore(pg_dsn, scope="a"), PostgresStore(pg_dsn, scope="b")
+    await a.open()
+    await b.open()
+    got: list[int] = []
+    sub = Subscription(a, lambda r: got.append(r.data["i"]), types=["Wanted"], start=0)
+    await sub.start()
+    try:
+        with anyio.fail_after(60):
+
+            async def produce(p: int) -> None:
+                for i in range(30):
+                    n = p * 100 + i
+                    await b.append(
+                        [NewEvent.raw("Other", {"i": n}), NewEvent.raw("Wanted", {"i": n})],
+                        stream=f"p{p}",
+                    )
+
+            async with anyio.create_task_group() as tg:
+                for p in range(5):
+                    tg.start_soon(produce, p)
+            while len(got) < 150:
+                await anyio.sleep(0.02)
+        assert sorted(got) == sorted(p * 100 + i for p in range(5) for i in range(30))
+        assert len(got) == 150
+    finally:
+        await sub.stop()
+        await a.close()
+        await b.close()
+
+
+async def test_last_position_never_runs_ahead_of_what_a_read_returns(pg_dsn: str) -> None:
+    # a subscription skips past filtered-out events up to last_position(): if that were
+    # the server's position while reads come from a tail that lags, events would be lost
+    a, b = PostgresStore(pg_dsn, scope="a"), PostgresStore(pg_dsn, scope="b")
+    await a.open()
+    await b.open()
+    try:
+        with anyio.fail_after(60):
+            for i in range(30):
+                await b.append([raw(i)], stream="s")
+                last = await a.last_position()
+                seen = [r.position for r in await a.read(after=0)]
+                assert seen == list(range(1, last + 1))
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_append_the_server_refuses_fails_alone(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        with anyio.fail_after(30):
+            results: dict[str, object] = {}
+
+            async def put(stream: str) -> None:
+                try:
+                    results[stream] = await store.append([raw(1)], stream=stream)
+                except StoreError as exc:
+                    results[stream] = exc
+
+            # all three join one batch; PostgreSQL text cannot hold a NUL byte
+            async with anyio.create_task_group() as tg:
+                for stream in ("good-1", "bad\x00stream", "good-2"):
+                    tg.start_soon(put, stream)
+            assert isinstance(results["bad\x00stream"], StoreError)
+            assert "nothing was written" in str(results["bad\x00stream"])
+            assert not isinstance(results["good-1"], BaseException)
+            assert not isinstance(results["good-2"], BaseException)
+            assert sorted(r.stream for r in await store.read()) == ["good-1", "good-2"]
+            # and the store goes on
+            await store.append([raw(2)], stream="after")
+    finally:
+        await store.close()
+
+
+async def test_nodes_starting_together_create_the_schema_once(pg_dsn: str) -> None:
+    stores = [PostgresStore(pg_dsn, scope=f"n{i}") for i in range(5)]
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for s in stores:
+                tg.start_soon(s.open)
+        try:
+            for i, s in enumerate(stores):
+                await s.append([raw(i)], stream="s")
+            while await stores[0].wait(4) < 5:  # the last one came from another node
+                pass
+            assert [r.version for r in await stores[0].read()] == [1, 2, 3, 4, 5]
+        finally:
+            for s in stores:
+                await s.close()
+
+
+async def test_a_role_that_may_not_create_tables_gets_a_clear_error(pg_dsn: str) -> None:
+    schema = pg_dsn.rsplit("search_path=", 1)[1]
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("DROP ROLE IF EXISTS xcore_reader")
+        await admin.execute("CREATE ROLE xcore_reader LOGIN PASSWORD 'reader-pw-123'")
+        await admin.execute(f"GRANT USAGE ON SCHEMA {schema} TO xcore_reader")
+        parts = urlsplit(pg_dsn)
+        host = parts.netloc.rpartition("@")[2]
+        dsn = urlunsplit(parts._replace(netloc=f"xcore_reader:reader-pw-123@{host}"))
+        with pytest.raises(StoreError, match="cannot create or read the log's tables") as err:
+            await PostgresStore(dsn).open()
+        assert "reader-pw-123" not in str(err.value)
+    finally:
+        await admin.execute(f"REVOKE ALL ON SCHEMA {schema} FROM xcore_reader")
+        await admin.execute("DROP ROLE IF EXISTS xcore_reader")
+        await admin.close()

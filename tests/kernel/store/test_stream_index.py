@@ -1,0 +1,232 @@
+"""The SQLite log's lagged stream index: reads by stream stay exact across its mark.
+
+Each test checks the mechanism, not only the result: the index is written (rows appear
+in ``streams_index`` every ``index_every`` events, sorted, with the mark), the
+unindexed end is read (reads see events the index does not hold yet), the end is
+reloaded at open, and a format-1 log is upgraded.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import orjson
+import pytest
+
+from kernel.events import Meta, NewEvent
+from kernel.store import SQLiteStore
+from kernel.store.sqlite import FORMAT
+
+
+def ev(i: int, kind: str = "A") -> NewEvent:
+    return NewEvent(kind, orjson.dumps({"i": i}), Meta())
+
+
+def index_rows(path: Path) -> tuple[list[tuple[str, int, int]], int]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT stream, version, position FROM streams_index").fetchall()
+        mark = conn.execute("SELECT value FROM xcore_meta WHERE key = 'indexed_upto'").fetchone()
+    finally:
+        conn.close()
+    return rows, int(mark[0]) if mark else 0
+
+
+async def test_reads_by_stream_are_exact_on_both_sides_of_the_mark(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db", index_every=7)
+    await store.open()
+    rng = random.Random(4)
+    streams = [f"s{i}" for i in range(5)]
+    try:
+        for i in range(120):
+            stream = rng.choice(streams)
+            await store.append(
+                [ev(i, rng.choice("AB")) for _ in range(rng.randint(1, 3))], stream=stream
+            )
+        everything = await store.read()
+        _, mark = index_rows(tmp_path / "log.db")
+        assert 0 < mark < everything[-1].position  # both an indexed part and an end
+        # the writer's in-memory tail answers recent reads: a read-only store on the
+        # same file asks SQLite, through the index and the unindexed end
+        reader = SQLiteStore(tmp_path / "log.db", readonly=True)
+        await reader.open()
+    except BaseException:
+        await store.close()
+        raise
+    try:
+        for stream in streams:
+            mine = [r for r in everything if r.stream == stream]
+            for after in (0, mark - 1, mark, mark + 1, everything[-1].position):
+                for types in (None, ["A"], ["B"], ["A", "B"]):
+                    for limit in (None, 1, 5):
+                        want = [
+                            r.position
+                            for r in mine
+                            if r.position > after and (types is None or r.type in types)
+                        ][:limit]
+                        got = [
+                            r.position
+                            for r in await reader.read(
+                                after=after, stream=stream, types=types, limit=limit
+                            )
+                        ]
+                        assert got == want, (stream, after, types, limit)
+            assert await reader.stream_version(stream) == len(mine)
+    finally:
+        await reader.close()
+        await store.close()
+
+
+async def test_sqlite_answers_stream_reads_with_the_index_and_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=10)
+    await store.open()
+    try:
+        for i in range(25):
+            await store.append([ev(i)], stream=f"s{i % 3}")
+        rows, mark = index_rows(path)
+        # flushed twice (after 10 and 20 events), sorted by stream then version
+        assert mark == 20 and len(rows) == 20
+        assert rows == sorted(rows)
+        reader = SQLiteStore(path, readonly=True)
+        await reader.open()
+        try:  # a read-only store asks SQLite (no in-memory tail)
+            for s in ("s0", "s1", "s2"):
+                got = [(r.stream, r.version) for r in await reader.read(stream=s)]
+                assert got == [(s, v) for v in range(1, len(got) + 1)]
+                assert got[-1][1] == await reader.stream_version(s)
+            total = 0
+            for s in ("s0", "s1", "s2"):
+                total += len(await reader.read(stream=s))
+            assert total == 25
+        finally:
+            await reader.close()
+    finally:
+        await store.close()
+    rows, mark = index_rows(path)
+    assert mark == 25 and len(rows) == 25  # a clean close indexes the end
+
+
+async def test_the_end_is_reloaded_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, orjson
+        from kernel.events import Meta, NewEvent
+        from kernel.store import SQLiteStore
+
+        async def main():
+            store = SQLiteStore({str(path)!r}, index_every=10)
+            await store.open()
+            for i in range(15):
+                await store.append([NewEvent("A", orjson.dumps({{"i": i}}), Meta())],
+                                   stream="s" + str(i % 2))
+            os._exit(0)  # no close: the last 5 events stay unindexed
+
+        asyncio.run(main())
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    rows, mark = index_rows(path)
+    assert mark == 10 and len(rows) == 10
+    store = SQLiteStore(path, index_every=10, accept_log_loss=True)
+    await store.open()
+    try:
+        assert await store.stream_version("s0") == 8 and await store.stream_version("s1") == 7
+        for i in range(15, 20):  # crossing the bound flushes the reloaded end too
+            await store.append([ev(i)], stream=f"s{i % 2}")
+        rows, mark = index_rows(path)
+        assert mark == 20 and len(rows) == 20
+        for s, n in (("s0", 10), ("s1", 10)):
+            assert [r.version for r in await store.read(stream=s)] == list(range(1, n + 1))
+    finally:
+        await store.close()
+
+
+async def test_an_outside_insert_of_an_indexed_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.append([ev(1)], stream="s")
+    await store.close()  # indexes the end
+    conn = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute(
+                "INSERT INTO events VALUES (5, 's', 1, 'Forged', 1, '{}', '{}', 'new-id', 0)"
+            )
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute("DELETE FROM streams_index")
+    finally:
+        conn.close()
+
+
+FORMAT_1 = """
+CREATE TABLE xcore_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (
+    position INTEGER PRIMARY KEY, stream TEXT NOT NULL, version INTEGER NOT NULL,
+    type TEXT NOT NULL, schema INTEGER NOT NULL, data BLOB NOT NULL, meta BLOB NOT NULL,
+    id TEXT NOT NULL, recorded_at REAL NOT NULL, UNIQUE (stream, version)
+);
+CREATE UNIQUE INDEX events_id ON events (id);
+CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+CREATE TABLE checkpoints (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
+CREATE TABLE snapshots (name TEXT PRIMARY KEY, position INTEGER NOT NULL,
+    schema INTEGER NOT NULL, state BLOB NOT NULL);
+INSERT INTO xcore_meta VALUES ('format', '1');
+"""
+
+
+def _format_1_log(path: Path, events: int) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(FORMAT_1)
+    for i in range(1, events + 1):
+        meta = Meta().to_json()
+        conn.execute(
+            "INSERT INTO events VALUES (?, ?, ?, 'A', 1, ?, ?, ?, 0)",
+            (i, f"s{i % 3}", (i + 2) // 3, orjson.dumps({"i": i}), meta, orjson.loads(meta)["id"]),
+        )
+    conn.commit()
+    conn.close()
+
+
+async def test_a_format_1_log_is_read_as_it_is_and_upgraded_when_written(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _format_1_log(path, 30)
+    reader = SQLiteStore(path, readonly=True)
+    await reader.open()
+    try:
+        assert reader.format == 1
+        assert [r.position for r in await reader.read(stream="s1")] == list(range(1, 31, 3))
+        assert await reader.stream_version("s2") == 10
+    finally:
+        await reader.close()
+
+    store = SQLiteStore(path, accept_log_loss=True, allow_new_log=True)
+    await store.open()
+    try:
+        assert store.format == FORMAT
+        assert [r.position for r in await store.read(stream="s1")] == list(range(1, 31, 3))
+        [r] = await store.append([ev(31)], stream="s1", expected_version=10)
+        assert (r.position, r.version) == (31, 11)
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()[0]
+        assert "UNIQUE" not in sql
+        assert conn.execute("SELECT value FROM xcore_meta WHERE key='format'").fetchone() == (
+            str(FORMAT),
+        )
+        assert conn.execute("SELECT COUNT(*) FROM streams_index").fetchone() == (31,)
+    finally:
+        conn.close()

@@ -1,0 +1,217 @@
+"""The SQLite writer's mechanisms, each checked so that breaking it fails a test.
+
+Durability setting, commit before answer, one transaction per batch (group commit),
+rollback of a failed batch, isolation of one caller's bad data, StoreClosed during close,
+and the byte bound of the in-memory tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from kernel.errors import StoreClosed, StoreError
+from kernel.events import Meta, NewEvent
+from kernel.store import SQLiteStore
+
+
+def ev(i: int, meta: Meta | None = None) -> NewEvent:
+    return NewEvent.raw("Counted", {"i": i}, meta)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "log.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_the_write_connection_syncs_fully_by_default(store: SQLiteStore) -> None:
+    assert store._write_conn is not None
+    row = await (await store._write_conn.execute("PRAGMA synchronous")).fetchone()
+    assert row is not None and row[0] == 2  # FULL
+    mode = await (await store._write_conn.execute("PRAGMA journal_mode")).fetchone()
+    assert mode is not None and mode[0] == "wal"
+
+
+async def test_an_append_is_answered_only_after_its_commit(store: SQLiteStore) -> None:
+    """The commit is held in the connection's thread: while it is held, the appender
+    must still be waiting; it is answered once the commit went through."""
+    assert store._write_conn is not None
+    in_commit = threading.Event()
+    release = threading.Event()
+
+    def trace(statement: str) -> None:
+        if statement.strip().upper().startswith("COMMIT"):
+            in_commit.set()
+            release.wait(30)
+
+    await store._write_conn.set_trace_callback(trace)
+    try:
+        task = asyncio.create_task(store.append([ev(1)], stream="s"))
+        with anyio.fail_after(20):
+            while not in_commit.is_set():
+                await asyncio.sleep(0.005)
+        for _ in range(20):  # give a wrongly early answer every chance to arrive
+            await asyncio.sleep(0.005)
+        assert not task.done(), "the append was answered before its commit"
+        release.set()
+        with anyio.fail_after(20):
+            [r] = await task
+        assert r.position == 1
+    finally:
+        release.set()
+        await store._write_conn.set_trace_callback(None)
+
+
+async def test_concurrent_appends_share_transactions(store: SQLiteStore) -> None:
+    assert store._write_conn is not None
+    commits: list[str] = []
+    await store._write_conn.set_trace_callback(
+        lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None
+    )
+    with anyio.fail_after(30):
+        await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(100)))
+    await store._write_conn.set_trace_callback(None)
+    assert await store.last_position() == 100
+    # the first append may commit alone; the 99 queued behind it join one batch
+    assert 1 <= len(commits) <= 5, f"{len(commits)} commits for 100 concurrent appends"
+
+
+async def test_a_bad_append_fails_alone_and_its_rows_are_rolled_back(
+    store: SQLiteStore,
+) -> None:
+    """An id already in the log, given with the plain constructor (not checked for
+    idempotency), breaks a constraint: only its caller fails, and nothing of it stays
+    in the open transaction to be committed with a later batch."""
+    [first] = await store.append([ev(0)], stream="s")
+    dup = NewEvent(type="Counted", data=b'{"i": -1}', meta=Meta(id=first.meta.id))
+    results = await asyncio.gather(
+        store.append([ev(1)], stream="a"),
+        store.append([ev(2), dup], stream="b"),
+        store.append([ev(3)], stream="c"),
+        return_exceptions=True,
+    )
+    ok_a, bad, ok_c = results
+    assert isinstance(bad, StoreError), bad
+    assert not isinstance(ok_a, BaseException) and not isinstance(ok_c, BaseException)
+    # a later batch commits; the refused append's first event must not ride along
+    await store.append([ev(4)], stream="d")
+    stored = [(r.stream, r.data["i"]) for r in await store.read()]
+    assert stored == [("s", 0), ("a", 1), ("c", 3), ("d", 4)]
+    assert [r.position for r in await store.read()] == [1, 2, 3, 4]
+
+
+async def test_a_payload_that_is_not_json_fails_only_its_caller(store: SQLiteStore) -> None:
+    broken = NewEvent(type="Counted", data=b"{not json", meta=Meta())
+    good, bad = await asyncio.gather(
+        store.append([ev(1)], stream="a"),
+        store.append([broken], stream="b"),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, StoreError) and "not JSON" in str(bad)
+    assert not isinstance(good, BaseException)
+    assert [r.data["i"] for r in await store.read()] == [1]
+
+
+async def test_appends_during_and_after_close_get_store_closed(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    queued = [asyncio.create_task(store.append([ev(i)], stream="s")) for i in range(20)]
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)
+    late = asyncio.create_task(store.append([ev(99)], stream="s"))
+    with anyio.fail_after(20):
+        await closing
+        results = await asyncio.gather(*queued, late, return_exceptions=True)
+    assert isinstance(results[-1], StoreClosed)
+    # what was queued before close() committed, and was answered either way
+    assert all(not isinstance(r, BaseException) or isinstance(r, StoreClosed) for r in results)
+    with pytest.raises(StoreClosed):
+        await store.append([ev(100)], stream="s")
+    reopened = SQLiteStore(tmp_path / "log.db")
+    await reopened.open()
+    acked = sum(1 for r in results if not isinstance(r, BaseException))
+    assert await reopened.last_position() == acked
+    await reopened.close()
+
+
+async def test_the_tail_is_bounded_by_bytes(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db", tail_size=8192, tail_bytes=256 * 1024)
+    await store.open()
+    try:
+        blob = "x" * 32 * 1024
+        for _ in range(4):
+            await store.append([NewEvent.raw("Big", {"b": blob}) for _ in range(16)], stream="s")
+        tail = store._tail
+        assert tail.bytes <= 256 * 1024
+        assert 0 < len(tail._rows) < 64
+        # a reader behind what the tail holds still gets everything, from the file
+        assert len(await store.read(after=0)) == 64
+    finally:
+        await store.close()
+
+
+async def test_records_are_private_to_each_reader(tmp_path: Path) -> None:
+    """A subscriber that mutates ``r.data`` changes nothing the appender or other
+    readers see (records from the tail are decoded for each reader)."""
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        [mine] = await store.append([NewEvent.raw("Listed", {"items": [1]})], stream="s")
+        [a] = await store.read()
+        [b] = await store.read()
+        a.data["items"].append(2)
+        a.data["new"] = True
+        assert b.data == {"items": [1]}
+        assert mine.data == {"items": [1]}
+        [c] = await store.read()
+        assert c.data == {"items": [1]}
+    finally:
+        await store.close()
+
+
+async def test_insert_or_replace_cannot_rewrite_an_event(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    await store.open()
+    [r] = await store.append([ev(1)], stream="s")
+    await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        for sql, params in [
+            # same position
+            (
+                "INSERT OR REPLACE INTO events VALUES (1, 's', 1, 'Forged', 1, '{}', '{}', 'x', 0)",
+                (),
+            ),
+            # same id, new position
+            (
+                "INSERT OR REPLACE INTO events VALUES (9, 'z', 1, 'Forged', 1, '{}', '{}', ?, 0)",
+                (r.meta.id,),
+            ),
+            # same stream and version, new position
+            (
+                "INSERT OR REPLACE INTO events VALUES (9, 's', 1, 'Forged', 1, '{}', '{}', 'y', 0)",
+                (),
+            ),
+            ("REPLACE INTO events VALUES (1, 's', 1, 'Forged', 1, '{}', '{}', 'x', 0)", ()),
+        ]:
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                conn.execute(sql, params)
+        conn.commit()
+    finally:
+        conn.close()
+    again = SQLiteStore(path)
+    await again.open()
+    [back] = await again.read()
+    await again.close()
+    assert (back.type, back.meta.id) == ("Counted", r.meta.id)

@@ -1,0 +1,3 @@
+"""A well-behaved sandboxed plugin that must keep answering during every attack."""
+
+PLUGIN_INFO = {"version": "1.0.0", "api_prefix": "/app/calm", "mode": "sandboxed"}

@@ -1,0 +1,9 @@
+from fastapi import APIRouter
+
+router = APIRouter()
+
+
+@router.get("/attack")
+async def attack() -> None:
+    while True:
+        pass

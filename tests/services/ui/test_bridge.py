@@ -1,0 +1,211 @@
+"""The admin page over a real ``xcore serve``: headers, login, cookie, CSRF, the API bridge."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.server import Server, serve
+
+TOKEN = "ui-test-admin-token-0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("ui")
+    plugins = tmp / "plugins"
+    shutil.copytree(ROOT / "plugins" / "hello", plugins / "hello")
+    with serve(
+        tmp,
+        plugins_dir=plugins,
+        env={
+            "XCORE_ADMIN_TOKEN": TOKEN,
+            "XCORE_SERVICES__UI__LOGIN_ATTEMPTS_PER_MINUTE": "3",
+        },
+        args=("--no-reload",),
+    ) as s:
+        yield s
+    assert TOKEN not in s.output()
+
+
+_open: list[httpx.Client] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _open:
+        _open.pop().close()
+
+
+def client_for(server: Server, **kwargs: object) -> httpx.Client:
+    client = httpx.Client(base_url=server.url + "/admin/ui/", timeout=30, **kwargs)  # type: ignore[arg-type]
+    _open.append(client)
+    return client
+
+
+def login(server: Server) -> tuple[httpx.Client, dict[str, object]]:
+    client = client_for(server)
+    r = client.post("login", json={"token": TOKEN})
+    assert r.status_code == 200, r.text
+    return client, r.json()
+
+
+def test_the_page_is_served_with_a_strict_policy(server: Server) -> None:
+    r = httpx.get(server.url + "/admin/ui/", timeout=10)
+    assert r.status_code == 200
+    assert "text/html" in r.headers["content-type"]
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert "frame-ancestors 'none'" in csp
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "<script>" not in r.text and " on" not in r.text.split("<body>")[1].split(">")[0]
+    js = httpx.get(server.url + "/admin/ui/static/app.js", timeout=10)
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert "innerHTML" not in js.text and "insertAdjacentHTML" not in js.text
+    # the bare mount path redirects to the page
+    assert httpx.get(server.url + "/admin/ui", timeout=10).status_code in (307, 308)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["static/../app.py", "static/%2e%2e/app.py", "static/sessions.py", "static/", "nothing"],
+)
+def test_only_shipped_assets_are_served(server: Server, path: str) -> None:
+    r = httpx.get(f"{server.url}/admin/ui/{path}", timeout=10)
+    assert r.status_code == 404, (path, r.status_code, r.text[:200])
+    assert "import" not in r.text
+
+
+def test_a_login_sets_an_httponly_strict_cookie_and_returns_no_token(server: Server) -> None:
+    client, body = login(server)
+    assert body["can_write"] is True and "admin:write" in body["scopes"]
+    assert TOKEN not in str(body)
+    cookie = client.cookies.jar
+    (c,) = [c for c in cookie if c.name == "xcore_ui_session"]
+    assert c.path == "/admin/ui"
+    assert c.value != TOKEN and TOKEN not in c.value
+    assert c.has_nonstandard_attr("HttpOnly")
+    raw = client.post("login", json={"token": TOKEN}).headers["set-cookie"].lower()
+    assert "httponly" in raw and "samesite=strict" in raw and "max-age=" in raw
+
+
+def test_refused_logins_change_nothing(server: Server) -> None:
+    client = client_for(server)
+    cases = [
+        (
+            {
+                "content": b"token=x",
+                "headers": {"content-type": "application/x-www-form-urlencoded"},
+            },
+            415,
+        ),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
+        ({"json": {"token": ""}}, 422),
+        ({"json": {"token": ["a"]}}, 422),
+        ({"content": b"x" * 9000, "headers": {"content-type": "application/json"}}, 413),
+        ({"json": {"token": TOKEN}, "headers": {"origin": "http://evil.example"}}, 403),
+        ({"json": {"token": TOKEN}, "headers": {"sec-fetch-site": "cross-site"}}, 403),
+    ]
+    for kwargs, status in cases:
+        r = client.post("login", **kwargs)  # type: ignore[arg-type]
+        assert r.status_code == status, (kwargs, r.status_code, r.text)
+        assert "set-cookie" not in r.headers
+    assert client.get("session").json() == {"logged_in": False}
+
+
+def test_wrong_tokens_are_throttled_per_client(server: Server) -> None:
+    # uvicorn takes the client address from X-Forwarded-For when the peer is a trusted
+    # proxy (loopback by default): two addresses stand for two clients here.
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.7"})
+    statuses = [client.post("login", json={"token": f"wrong-{i}"}).status_code for i in range(4)]
+    assert statuses == [401, 401, 401, 429]
+    r = client.post("login", json={"token": TOKEN})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    other = client_for(server, headers={"x-forwarded-for": "203.0.113.8"})
+    assert other.post("login", json={"token": TOKEN}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/admin/uix", "/admin/ui-evil/kernel", "/admin/kernel"])
+def test_only_the_page_itself_is_exempt_from_the_bearer_check(server: Server, path: str) -> None:
+    r = httpx.get(server.url + path, timeout=10)
+    assert r.status_code == 401, (path, r.status_code, r.text)
+
+
+def test_the_bridge_needs_a_session_and_csrf_for_changes(server: Server) -> None:
+    anonymous = client_for(server)
+    assert anonymous.get("api/plugins").status_code == 401
+    assert anonymous.post("api/plugins/hello/reload").status_code == 401
+    # a bearer token alone is not a session: the page's bridge only takes its cookie
+    r = anonymous.get("api/plugins", headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 401
+
+    client, body = login(server)
+    plugins = client.get("api/plugins").json()
+    before = next(p for p in plugins if p["name"] == "hello")["generation"]
+
+    assert client.post("api/plugins/hello/reload").status_code == 403
+    assert (
+        client.post("api/plugins/hello/reload", headers={"x-csrf-token": "forged"}).status_code
+        == 403
+    )
+    csrf = str(body["csrf"])
+    cross = client.post(
+        "api/plugins/hello/reload", headers={"x-csrf-token": csrf, "sec-fetch-site": "cross-site"}
+    )
+    assert cross.status_code == 403
+    same = client.get("api/plugins").json()
+    assert next(p for p in same if p["name"] == "hello")["generation"] == before
+
+    ok = client.post("api/plugins/hello/reload", headers={"x-csrf-token": csrf})
+    assert ok.status_code == 200, ok.text
+    after = client.get("api/plugins").json()
+    assert next(p for p in after if p["name"] == "hello")["generation"] == before + 1
+
+
+def test_logout_ends_the_session(server: Server) -> None:
+    client, body = login(server)
+    assert client.get("api/kernel").status_code == 200
+    assert client.post("logout").status_code == 403  # no CSRF token
+    assert client.post("logout", headers={"x-csrf-token": str(body["csrf"])}).status_code == 200
+    assert client.get("api/kernel").status_code == 401
+    assert client.get("session").json() == {"logged_in": False}
+
+
+def test_an_event_shows_its_causes_and_effects(server: Server) -> None:
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(f"{server.url}/admin/plugins/hello/reload", headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    events = httpx.get(
+        f"{server.url}/admin/events",
+        params={"stream": "plugin-hello", "limit": 5000},
+        headers=headers,
+        timeout=10,
+    ).json()["events"]
+    requested = [e for e in events if e["type"] == "PluginReloadRequested"][-1]
+    reloaded = [
+        e
+        for e in events
+        if e["type"] == "PluginReloaded" and e["meta"]["causation_id"] == requested["meta"]["id"]
+    ][-1]
+    related = httpx.get(
+        f"{server.url}/admin/events/{reloaded['position']}/related", headers=headers, timeout=10
+    ).json()
+    assert [c["position"] for c in related["causes"]][-1] == requested["position"]
+    back = httpx.get(
+        f"{server.url}/admin/events/{requested['position']}/related", headers=headers, timeout=10
+    ).json()
+    assert reloaded["position"] in [e["position"] for e in back["effects"]]
+    assert all(
+        e["meta"]["correlation_id"] == requested["meta"]["correlation_id"]
+        for e in back["correlated"]
+    )
+    missing = httpx.get(f"{server.url}/admin/events/999999/related", headers=headers, timeout=10)
+    assert missing.status_code == 404
+    assert httpx.get(f"{server.url}/admin/events/1/related", timeout=10).status_code == 401

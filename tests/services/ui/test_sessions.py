@@ -1,0 +1,62 @@
+"""Sessions expire, stay bounded, compare CSRF tokens exactly; logins are throttled."""
+
+from __future__ import annotations
+
+import time
+
+from services.ui.sessions import LoginThrottle, SessionStore
+
+
+def test_a_session_is_found_until_it_expires() -> None:
+    store = SessionStore(ttl=0.05)
+    session = store.create("token-1", ["admin:read"])
+    assert store.get(session.id) is session
+    assert not session.can_write
+    time.sleep(0.06)
+    assert store.get(session.id) is None
+    assert len(store) == 0
+
+
+def test_sessions_are_bounded_oldest_dropped_first() -> None:
+    store = SessionStore(ttl=60, max_sessions=3)
+    first, *rest = [store.create(f"t{i}", ["admin:read", "admin:write"]) for i in range(4)]
+    assert store.get(first.id) is None
+    assert all(store.get(s.id) is s for s in rest)
+    assert len(store) == 3
+
+
+def test_ids_and_csrf_tokens_are_unguessable_and_compared_exactly() -> None:
+    store = SessionStore(ttl=60)
+    a, b = store.create("t", []), store.create("t", [])
+    assert a.id != b.id and a.csrf != b.csrf and len(a.id) >= 40
+    assert a.csrf_matches(a.csrf)
+    assert not a.csrf_matches(b.csrf)
+    assert not a.csrf_matches(None)
+    assert not a.csrf_matches(a.csrf[:-1])
+    assert store.get(None) is None and store.get("") is None and store.get("nope") is None
+
+
+def test_logout_drops_the_session() -> None:
+    store = SessionStore(ttl=60)
+    s = store.create("t", [])
+    store.drop(s.id)
+    assert store.get(s.id) is None
+
+
+def test_failed_logins_are_throttled_per_client_and_forgotten_on_success() -> None:
+    throttle = LoginThrottle(limit=3, window=60)
+    for _ in range(3):
+        assert throttle.blocked("10.0.0.1") == 0
+        throttle.failed("10.0.0.1")
+    assert throttle.blocked("10.0.0.1") > 0
+    assert throttle.blocked("10.0.0.2") == 0  # another client is not affected
+    throttle.succeeded("10.0.0.1")
+    assert throttle.blocked("10.0.0.1") == 0
+
+
+def test_the_throttle_window_slides() -> None:
+    throttle = LoginThrottle(limit=1, window=0.05)
+    throttle.failed("c")
+    assert throttle.blocked("c") > 0
+    time.sleep(0.06)
+    assert throttle.blocked("c") == 0
