@@ -14,16 +14,13 @@ from kernel.events import Event
 from services.loader.events import PluginLoaded, PluginLoadFailed, PluginUnloaded
 from services.monitor.projection import AlertBook, Counters
 from services.monitor.service import MonitorService
+from services.sandbox.events import SandboxCircuitOpened
 from services.scheduler.events import TaskStarted
 
 pytestmark = pytest.mark.anyio
 
 
-class SandboxCircuitOpened(Event):  # a type the sandbox service may define: counted by name
-    plugin: str
-
-
-class SandboxCircuitClosed(Event):
+class SandboxFutureEvent(Event):  # a Sandbox* type the monitor has never heard of
     plugin: str
 
 
@@ -39,19 +36,32 @@ async def test_counters_fold_and_survive_a_snapshot(tmp_path: Path) -> None:
         )  # fmt: skip
         await k.append(PluginUnloaded(name="p", generation=1), stream="plugin-p")
         await k.append(PluginLoadFailed(name="q", stage="import", error="boom"), stream="plugin-q")
-        await k.append(SandboxCircuitOpened(plugin="s"), stream="sandbox-s")
+        await k.append(
+            SandboxCircuitOpened(
+                plugin="s", generation=1, crashes=5, window_s=60, reason="crashes"
+            ),
+            stream="sandbox-s",
+        )
+        await k.append(SandboxFutureEvent(plugin="s"), stream="sandbox-s")
         await k.append(
             TaskStarted(task="p.t", run_id="r", scheduled_for=time.time() - 2), stream="task-p.t"
         )
         await k.settle()
         c = k.projection(Counters)
-        assert c.sandbox == {"s\tSandboxCircuitOpened": 1}
+        assert c.sandbox == {"s\tSandboxCircuitOpened": 1, "s\tSandboxFutureEvent": 1}
         assert c.loaded == {} and set(c.failed) == {"q"}
         assert c.plugins["p"]["loads"] == 1 and c.plugins["p"]["unloads"] == 1
         assert c.tasks["p.t"].lateness.count == 1 and c.tasks["p.t"].lateness.sum >= 1.9
         # the sandbox circuit rule raised an alert, by the event's name
         await _open_becomes(k, {"plugin-load-failed:q", "sandbox-circuit:s"})
-        await k.append(SandboxCircuitClosed(plugin="s"), stream="sandbox-s")
+        # the circuit closes when the plugin is loaded again
+        await k.append(
+            PluginLoaded(
+                name="s", version="1", generation=2, mode="sandboxed", prefix=None,
+                routes=[], tasks=[], digest="d", duration_ms=1.0,
+            ),
+            stream="plugin-s",
+        )  # fmt: skip
         await k.settle()
         await _open_becomes(k, {"plugin-load-failed:q"})
         restored = Counters()
