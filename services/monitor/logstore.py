@@ -209,6 +209,15 @@ class LogStore:
         """Buffer one line for the writer (never blocks; a full buffer drops the oldest)."""
         if line["levelno"] < self._min_level or line["logger"] == _OWN_LOGGER:
             return
+        cap = self.settings.max_message
+        if len(line["message"]) > cap or len(line.get("exc") or "") > cap:
+            # cut before buffering (the buffer is bounded in lines); a copy: other sinks
+            # receive the same dict
+            line = {
+                **line,
+                "message": _cut(line["message"], cap),
+                "exc": _cut(line["exc"], cap) if line.get("exc") else None,
+            }
         pending = self._pending
         pending.append(line)
         if len(pending) > self.settings.buffer:

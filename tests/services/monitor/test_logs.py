@@ -204,3 +204,19 @@ async def test_age_limit_and_cursor_pages_are_stable_while_lines_arrive(tmp_path
         assert seen == sorted(seen, reverse=True)
     finally:
         store.close()
+
+
+async def test_a_huge_line_is_cut_before_it_is_buffered(tmp_path: Path) -> None:
+    store = LogStore(tmp_path / "logs.db", LogSettings(max_message=1000))
+    store.open()
+    try:
+        line = _line(0) | {"message": "x" * 5_000_000, "exc": "y" * 5_000_000}
+        store.sink(line)
+        [buffered] = list(store._pending)
+        assert len(buffered["message"]) < 1100 and len(buffered["exc"]) < 1100
+        assert len(line["message"]) == 5_000_000  # the other sinks' copy is untouched
+        store._write_batch(store._take())
+        [stored], _ = await store.query(LogQuery())
+        assert stored["message"].endswith("[4999000 more characters]")
+    finally:
+        store.close()
