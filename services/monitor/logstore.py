@@ -265,7 +265,6 @@ class LogStore:
     def _write_batch(self, batch: Sequence[LogLine]) -> None:
         conn = self._conn
         assert conn is not None
-        cap = self.settings.max_message
         rows = [
             (
                 line["ts"],
@@ -276,9 +275,9 @@ class LogStore:
                 line.get("task"),
                 line.get("run_id"),
                 line.get("request_id"),
-                _cut(line["message"], cap),
+                line["message"],  # (cut by ``sink`` already)
                 orjson.dumps(line["extra"], default=str).decode() if line.get("extra") else None,
-                _cut(line["exc"], cap) if line.get("exc") else None,
+                line.get("exc"),
             )
             for line in batch
         ]
