@@ -119,7 +119,7 @@ async def test_bad_log_queries_are_refused_naming_the_field(tmp_path: Path) -> N
         ):
             r = await m.client.get(f"/admin/logs?{query}", headers=AUTH)
             assert r.status_code == 422, (query, r.text)
-            assert any(err["loc"][-1] == field for err in r.json()["detail"]), (query, r.text)
+            assert any(field in err["loc"] for err in r.json()["detail"]), (query, r.text)
         r = await m.client.get("/admin/events/stream", headers={**AUTH, "Last-Event-ID": "abc"})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "Last-Event-ID"]
 
