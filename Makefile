@@ -8,9 +8,9 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: run test lint types pytest bench clean pg
 
-# The PostgreSQL tests run when XCORE_TEST_PG_DSN names a server (see .ci/postgres);
+# The PostgreSQL tests run when TEST_PG_DSN names a server (see .ci/postgres);
 # `eval "$$(make -s pg)"` starts a private one and exports it.
-export XCORE_TEST_PG_DSN
+export TEST_PG_DSN
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }

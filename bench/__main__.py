@@ -22,6 +22,7 @@ MODULES = [
     "bench.sandbox",
     "bench.replay",
     "bench.postgres",
+    "bench.reload",
 ]
 
 

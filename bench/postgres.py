@@ -11,7 +11,7 @@
   (separate processes) sharing 1,000 tasks every second, against ``one_node`` running
   them alone, on the same server.
 
-The server: ``XCORE_BENCH_PG_DSN`` or ``XCORE_TEST_PG_DSN``; without either a private one
+The server: ``XCORE_BENCH_PG_DSN`` or ``TEST_PG_DSN``; without either a private one
 is started with ``.ci/postgres`` (as in CI). Each measurement uses a fresh schema.
 ``XCORE_BENCH_PAIRS`` / ``XCORE_BENCH_SECONDS`` / ``XCORE_BENCH_CLUSTER_SECONDS``
 shorten the runs.
@@ -56,7 +56,7 @@ PAYLOAD = {"plugin": "hello", "path": "/app/hello/status", "status": 200, "ms": 
 
 @contextlib.contextmanager
 def server() -> Iterator[str]:
-    dsn = os.environ.get("XCORE_BENCH_PG_DSN") or os.environ.get("XCORE_TEST_PG_DSN")
+    dsn = os.environ.get("XCORE_BENCH_PG_DSN") or os.environ.get("TEST_PG_DSN")
     if dsn:
         yield dsn
         return
@@ -66,9 +66,9 @@ def server() -> Iterator[str]:
     env = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
     env = {k: v.strip("'") for k, v in env.items()}
     try:
-        yield env["XCORE_TEST_PG_DSN"]
+        yield env["TEST_PG_DSN"]
     finally:
-        subprocess.run([str(ROOT / ".ci" / "postgres"), "stop", env["XCORE_TEST_PG_DIR"]])
+        subprocess.run([str(ROOT / ".ci" / "postgres"), "stop", env["TEST_PG_DIR"]])
 
 
 async def _schema(base: str) -> tuple[str, str]:

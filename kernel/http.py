@@ -471,7 +471,10 @@ def _kernel_router(kernel: Kernel) -> APIRouter:
         failing = sorted(name for name, c in components.items() if not c["ok"])
         if not kernel.started:
             failing.insert(0, "kernel")
-        body: dict[str, Any] = {"status": "ok" if healthy else "failing", "failing": failing}
+        # serving, with a part missing (a plugin that failed to load): 200, said so
+        degraded = sorted(name for name, c in components.items() if c.get("degraded"))
+        status = "failing" if not healthy else "degraded" if degraded else "ok"
+        body: dict[str, Any] = {"status": status, "failing": failing, "degraded": degraded}
         scopes = _bearer_scopes(kernel, request)
         if scopes is not None and ("*" in scopes or "admin:read" in scopes):
             body.update(

@@ -60,6 +60,10 @@ from kernel.logging import redact
 __all__ = ["HttpSettings", "Settings"]
 
 ENV_PREFIX = "XCORE_"
+#: ``XCORE_*`` variables that belong to the test suite and the benchmarks
+#: (``XCORE_TEST_PG_DSN``, ``XCORE_BENCH_PAIRS``...): never read as settings, so CI can
+#: export them to every process it starts.
+TOOLING_PREFIXES = ("XCORE_TEST_", "XCORE_BENCH_")
 DEFAULT_FILE = "xcore.yaml"
 DEFAULT_DOTENV = ".env"
 
@@ -311,6 +315,8 @@ def _env_layer(
     for key in env:
         if not key.upper().startswith(ENV_PREFIX) or len(key) == len(ENV_PREFIX):
             continue
+        if key.upper().startswith(TOOLING_PREFIXES):
+            continue  # the test suite's and the benchmarks' own knobs, not settings
         parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
         if parts[0] not in cls.model_fields:
             raise SettingsError(

@@ -1,7 +1,8 @@
 """A private PostgreSQL for the tests: one fresh schema per test on the server whose DSN
-is in ``XCORE_TEST_PG_DSN`` (``.ci/postgres start`` prints it; CI always sets it).
+is in ``TEST_PG_DSN`` (``.ci/postgres start`` prints it; CI always sets it).
 
-Without the variable the PostgreSQL tests are skipped locally — and fail in CI
+(Not ``XCORE_*``: every ``XCORE_`` variable is read as a setting, and an unknown one is
+refused.) Without the variable the PostgreSQL tests are skipped locally — and fail in CI
 (``CI=true``), so a CI run can never pass by skipping them.
 """
 
@@ -17,14 +18,14 @@ import pytest
 
 __all__ = ["PG_DSN", "pg_dsn", "pg_schema", "require_pg", "with_schema"]
 
-PG_DSN = os.environ.get("XCORE_TEST_PG_DSN", "")
+PG_DSN = os.environ.get("TEST_PG_DSN", "")
 
 
 def require_pg() -> str:
     if not PG_DSN:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI must run the PostgreSQL tests: XCORE_TEST_PG_DSN is not set")
-        pytest.skip("no PostgreSQL server (set XCORE_TEST_PG_DSN; see .ci/postgres)")
+            pytest.fail("CI must run the PostgreSQL tests: TEST_PG_DSN is not set")
+        pytest.skip("no PostgreSQL server (set TEST_PG_DSN; see .ci/postgres)")
     return PG_DSN
 
 
@@ -53,7 +54,7 @@ async def pg_schema() -> AsyncIterator[str]:
     try:
         yield with_schema(base, schema)
     finally:
-        if os.environ.get("XCORE_TEST_PG_KEEP"):  # to look at it after a failure
+        if os.environ.get("TEST_PG_KEEP"):  # to look at it after a failure
             print(f"kept schema {schema}")
         else:
             conn = await asyncpg.connect(base)

@@ -40,7 +40,7 @@ from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot
 from kernel.store.postgres_follow import Follower
 from kernel.store.postgres_writer import COLUMNS, CONNECTION_ERRORS, PostgresWriter
-from kernel.store.tail import Tail
+from kernel.store.tail import Row, Tail
 
 __all__ = ["FORMAT", "PostgresStore", "redact_dsn"]
 
@@ -317,8 +317,8 @@ class PostgresStore:
         if not self._open:
             raise StoreClosed(f"{self.location}: the event log is closed")
 
-    def _committed(self, records: list[Recorded]) -> None:
-        """The writer committed ``records``: into the tail now if they follow it."""
+    def _committed(self, records: list[Row]) -> None:
+        """The writer committed these rows: into the tail now if they follow it."""
         if self._follower is not None:
             self._follower.committed(records)
 
@@ -415,6 +415,17 @@ class PostgresStore:
             sql += f" LIMIT ${len(params)}"
         rows = await self._fetch(sql, *params)
         return Recorded.from_rows(rows)
+
+    async def read_rows(self, after: int, upto: int, limit: int) -> list[Row]:
+        """Rows as stored (original schema and bytes), ``after < position <= upto``."""
+        rows = await self._fetch(
+            f"SELECT {COLUMNS} FROM events WHERE position > $1 AND position <= $2"
+            " ORDER BY position LIMIT $3",
+            after,
+            upto,
+            limit,
+        )
+        return [tuple(r) for r in rows]
 
     async def last_position(self) -> int:
         """The newest position this node has followed (its tail), not the server's.

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from kernel.events import Recorded
-from kernel.store.tail import Tail, row_of
+from kernel.store.tail import Row, Tail
 
 if TYPE_CHECKING:
     from kernel.store.postgres import PostgresStore
@@ -74,13 +73,13 @@ class Follower:
 
     # -- inputs --------------------------------------------------------------------
 
-    def committed(self, records: list[Recorded]) -> None:
-        """This node committed ``records`` (in position order)."""
-        if not records:
+    def committed(self, rows: list[Row]) -> None:
+        """This node committed ``rows`` (as stored, in position order)."""
+        if not rows:
             return
-        if records[0].position == self.tail.last_position + 1:
-            self.tail.push(row_of(r) for r in records)
-        self.raise_target(records[-1].position)
+        if rows[0][0] == self.tail.last_position + 1:
+            self.tail.push(rows)
+        self.raise_target(rows[-1][0])
 
     def raise_target(self, position: int) -> None:
         if position > self.target:
@@ -151,7 +150,7 @@ class Follower:
             while self.target > self.tail.last_position:
                 after = self.tail.last_position
                 try:
-                    batch = await self.store.read_range(after, self.target, limit=BATCH)
+                    batch = await self.store.read_rows(after, self.target, BATCH)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -159,14 +158,14 @@ class Follower:
                     await asyncio.sleep(1.0)
                     continue
                 # a local commit may have been pushed meanwhile: keep what follows the tail
-                fresh = [r for r in batch if r.position > self.tail.last_position]
-                if fresh and fresh[0].position == self.tail.last_position + 1:
-                    self.tail.push(row_of(r) for r in fresh)
+                fresh = [r for r in batch if r[0] > self.tail.last_position]
+                if fresh and fresh[0][0] == self.tail.last_position + 1:
+                    self.tail.push(fresh)
                 elif fresh:  # cannot happen with ordered commits: say so, never skip
                     log.error(
                         "%s: position %d follows %d; reading again",
                         self.store.location,
-                        fresh[0].position,
+                        fresh[0][0],
                         self.tail.last_position,
                     )
                     await asyncio.sleep(0.1)

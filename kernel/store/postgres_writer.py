@@ -27,6 +27,7 @@ import asyncpg
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, describe_expected
+from kernel.store.tail import Row
 
 if TYPE_CHECKING:
     from kernel.store.postgres import PostgresStore
@@ -112,12 +113,14 @@ class _Outcome:
     failures: list[tuple[_Append, BaseException]] = field(default_factory=list)
     existing: list[tuple[_Append, list[str]]] = field(default_factory=list)
     committed: list[Recorded] = field(default_factory=list)
+    #: the committed rows as stored (original schema and bytes), for the tail
+    rows: list[Row] = field(default_factory=list)
 
 
 class PostgresWriter:
     """Batches this node's concurrent writes into single ordered transactions."""
 
-    def __init__(self, store: PostgresStore, on_commit: Callable[[list[Recorded]], None]) -> None:
+    def __init__(self, store: PostgresStore, on_commit: Callable[[list[Row]], None]) -> None:
         self.store = store
         self._on_commit = on_commit
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
@@ -255,8 +258,8 @@ class PostgresWriter:
                 raise
 
         outcome = await self.store.retrying("append", attempt)
-        if outcome.committed:
-            self._on_commit(outcome.committed)
+        if outcome.rows:
+            self._on_commit(outcome.rows)
         for o, records in outcome.results:
             if not o.future.done():
                 o.future.set_result(records)
@@ -366,6 +369,7 @@ class PostgresWriter:
                        e.meta.id, now)  # fmt: skip
                 for col, value in zip(cols, row, strict=True):
                     col.append(value)
+                out.rows.append((*row[:7], now))
                 records.append(Recorded.of(position, o.stream, current, e, now))
             versions[o.stream] = current
             out.results.append((o, records))

@@ -19,36 +19,12 @@ from collections import deque
 from collections.abc import Collection, Iterable
 from typing import Any
 
-import orjson
+from kernel.events import Recorded
 
-from kernel.events import Recorded, registry
-
-__all__ = ["Row", "Tail", "row_of"]
+__all__ = ["Row", "Tail"]
 
 #: ``(position, stream, version, type, schema, data, meta, timestamp)`` as stored.
 Row = tuple[int, str, int, str, int, bytes, Any, float]
-
-
-def row_of(record: Recorded) -> Row:
-    """The tail row of a record already decoded (a backend that reads records, not rows).
-
-    Its data is stored at the schema of the registered class, since it was upcast when
-    decoded: reading the row back does not upcast it twice.
-    """
-    cls = registry.get(record.type)
-    schema = cls.schema_version if cls is not None else record.schema
-    meta = record._meta_raw if record._meta_raw is not None else record.meta.to_json()
-    data = orjson.dumps(record.data)
-    return (
-        record.position,
-        record.stream,
-        record.version,
-        record.type,
-        schema,
-        data,
-        meta,
-        record.timestamp,
-    )
 
 
 class Tail:

@@ -100,7 +100,7 @@ class ClusterService:
         await kernel.subscribe(
             self._on_event,
             start="now",
-            types=[PluginInstalled, PluginArchiveStored, NodeLost],
+            types=[PluginInstalled, PluginArchiveStored, NodeLost, NodeStarted],
         )
         self._task = asyncio.create_task(self._run(), name="xcore-cluster")
         stack.push_async_callback(self._stop_task)
@@ -258,6 +258,15 @@ class ClusterService:
                     stream=plugin_stream(r.data["name"]),
                     actor=ACTOR,
                     cause=r,
+                )
+        elif r.type == NodeStarted.type_name:
+            if r.data["node"] == kernel.node and r.data["boot"] != kernel.boot:
+                log.error(
+                    "another process (pid %s on %s) started with this node's id %r: node ids "
+                    "must be unique in a cluster (setting 'node')",
+                    r.data["pid"],
+                    r.data["host"],
+                    kernel.node,
                 )
         elif r.type == NodeLost.type_name and (r.data["node"], r.data["boot"]) == (
             kernel.node,

@@ -72,7 +72,13 @@ class Boot(Lifecycle):
     async def _read_all(self, names: list[str]) -> dict[str, Manifest | ManifestError]:
         """Every manifest, each read in a thread bounded by ``io_timeout``."""
 
+        gate = asyncio.Semaphore(8)  # a few threads at a time, however many plugins
+
         async def one(name: str) -> Manifest | ManifestError:
+            async with gate:
+                return await read(name)
+
+        async def read(name: str) -> Manifest | ManifestError:
             try:
                 result: Manifest = await self.threads.run(
                     name,

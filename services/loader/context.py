@@ -44,14 +44,16 @@ async def call_plugin(
     token = plugin_context_var.set(ctx)
     try:
         if inspect.iscoroutinefunction(fn):
-            return await asyncio.wait_for(fn(*args), timeout)
+            async with asyncio.timeout(timeout):
+                return await fn(*args)
         # the thread gets a copy of the current context: current_plugin() works there too
         try:
             result = await ctx.threads.run(ctx.name, what, fn, *args, timeout=timeout)
         except ThreadTimeout as exc:
             raise TimeoutError(str(exc)) from None
         if inspect.isawaitable(result):
-            return await asyncio.wait_for(result, timeout)
+            async with asyncio.timeout(timeout):
+                return await result
         return result
     finally:
         plugin_context_var.reset(token)

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
 
-from .files import FileRefused, read_limited
+from .files import FileRefused, read_limited, regular_files
 
 __all__ = [
     "ROOT_PACKAGE",
@@ -254,12 +254,9 @@ def _plugin_modules_of(names: Sequence[str], plugin: str) -> Iterator[str]:
 def check_plugin_imports(plugin: str, folder: Path, allowed: Collection[str]) -> None:
     """Refuse ``import xcore_plugins.<other>`` of a plugin not in ``requires`` (any order)."""
     root = folder.resolve()
-    for path in sorted(root.rglob("*.py")):
+    # regular files only, links not followed (a link loop or a FIFO is never entered)
+    for path in sorted(p for p in regular_files(root, ("__pycache__",))[0] if p.suffix == ".py"):
         rel = path.relative_to(root).as_posix()
-        if any(
-            part.startswith(".") or part == "__pycache__" for part in path.parts[len(root.parts) :]
-        ):
-            continue
         try:
             source = read_limited(path)
             tree = ast.parse(source, filename=rel)
@@ -291,13 +288,15 @@ def check_plugin_imports(plugin: str, folder: Path, allowed: Collection[str]) ->
 def check_stray_modules(plugin: str, plugins_root: Path) -> None:
     """Refuse when the plugin's modules use a top-level module living in a plugin folder."""
     root = plugins_root.resolve()
+    prefix, raw = str(root), str(plugins_root.absolute())
     base = module_name(plugin)
     stray: dict[str, Path] = {}
     for name, module in list(sys.modules.items()):
         if name == ROOT_PACKAGE or name.startswith(ROOT_PACKAGE + "."):
             continue
         file = getattr(module, "__file__", None)
-        if not isinstance(file, str):
+        # a cheap string test first: this runs over every module at every import
+        if not isinstance(file, str) or not (file.startswith(prefix) or file.startswith(raw)):
             continue
         try:
             path = Path(file).resolve()

@@ -33,11 +33,11 @@ class LoaderSettings(BaseModel):
     #: How long an on_load / on_unload hook may run before the step counts as failed.
     hook_timeout: float = Field(default=30.0, gt=0)
     #: How long importing a plugin (its package, run.py, router.py) may take.
-    import_timeout: float = Field(default=10.0, gt=0)
+    import_timeout: float = Field(default=30.0, gt=0)
     #: How long reading a plugin's files (manifest, config, digest) may take.
     io_timeout: float = Field(default=10.0, gt=0)
     #: Watcher reloads of one plugin allowed per minute before its reloads are paused.
-    max_reloads_per_minute: int = Field(default=20, ge=1)
+    max_reloads_per_minute: int = Field(default=60, ge=1)
     #: The mode of plugins installed from an archive (``xcore plugin install``, the
     #: admin API's upload): ``manifest`` keeps the one their manifest declares;
     #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.

@@ -9,7 +9,7 @@ on its own or the process restarts.
 
 Mechanism: each call gets its own daemon thread (not the loop's default executor, whose
 few workers a handful of endless plugins would exhaust for the whole process); the
-thread hands its result back with ``call_soon_threadsafe``; ``asyncio.wait_for`` bounds
+thread hands its result back with ``call_soon_threadsafe``; ``asyncio.timeout`` bounds
 the wait.
 """
 
@@ -114,7 +114,9 @@ class PluginThreads:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            # asyncio.timeout, not wait_for: wait_for can swallow a cancellation (3.11)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(future)
         except TimeoutError:
             with self._lock:
                 if not state["done"]:

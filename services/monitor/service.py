@@ -203,8 +203,14 @@ class MonitorService:
         return t.last_error is None, details
 
     async def _plugins_health(self) -> tuple[bool, dict[str, Any]]:
+        # A plugin that failed to load degrades the node but does not fail it: a 503 would
+        # take every other plugin out of a load balancer with it.
         c = self.counters
-        return not c.failed, {"loaded": sorted(c.loaded), "failed": dict(sorted(c.failed.items()))}
+        return True, {
+            "loaded": sorted(c.loaded),
+            "failed": dict(sorted(c.failed.items())),
+            "degraded": bool(c.failed),
+        }
 
     async def _subscribers_health(self) -> tuple[bool, dict[str, Any]]:
         sample = await self.sample()

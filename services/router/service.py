@@ -220,7 +220,9 @@ class RouterService:
             return mount  # an app served as it is (a sandbox proxy) runs its own
         label = f"plugin {mount.plugin!r} generation {mount.generation}"
         try:
-            running = await asyncio.wait_for(start_lifespan(mount.app), timeout=LIFESPAN_TIMEOUT)
+            # asyncio.timeout, not wait_for: wait_for can swallow a cancellation (3.11)
+            async with asyncio.timeout(LIFESPAN_TIMEOUT):
+                running = await start_lifespan(mount.app)
         except TimeoutError:
             raise MountRefused(
                 SELF,
@@ -244,7 +246,8 @@ class RouterService:
         if running is None:
             return
         try:
-            await asyncio.wait_for(running.stop(), timeout=LIFESPAN_TIMEOUT)
+            async with asyncio.timeout(LIFESPAN_TIMEOUT):
+                await running.stop()
         except Exception:
             log.exception(
                 "the router lifespan (shutdown) of plugin %r generation %d failed",

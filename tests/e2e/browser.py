@@ -31,7 +31,7 @@ CHROMIUM_ARGS = [
 
 
 def chromium_path() -> str:
-    for candidate in (os.environ.get("XCORE_CHROMIUM"), "chromium", "chromium-browser"):
+    for candidate in (os.environ.get("XCORE_TEST_CHROMIUM"), "chromium", "chromium-browser"):
         if candidate and (found := shutil.which(candidate)):
             return found
     reason = "Chromium is not installed (apt-get install -y chromium)"

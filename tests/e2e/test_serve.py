@@ -19,7 +19,7 @@ def test_serve_answers_health_and_logs_to_a_regular_file(tmp_path: Path) -> None
         assert health.status_code == 200, health.text
         body = health.json()
         assert body["status"] == "ok"
-        assert body["checks"]["log"]["ok"] is True
+        assert body["components"]["store"]["ok"] is True
         kernel = httpx.get(
             f"{server.url}/admin/kernel", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
         )

@@ -187,3 +187,18 @@ def test_the_constructor_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("XCORE_PORT", "9999")
     assert Settings().port == 8000
     assert Settings.load().port == 9999
+
+
+def test_the_test_suite_and_benchmark_knobs_are_not_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no xcore.yaml or .env here
+    env = {
+        "XCORE_TEST_PG_DSN": "postgresql://x@127.0.0.1:1/db",
+        "XCORE_TEST_REQUIRE_BWRAP": "1",
+        "XCORE_BENCH_PAIRS": "3",
+        "XCORE_PORT": "8123",
+    }
+    assert Settings.load(env=env).port == 8123
+    with pytest.raises(SettingsError, match="unknown setting 'testing'"):
+        Settings.load(env={"XCORE_TESTING": "1"})

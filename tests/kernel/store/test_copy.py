@@ -108,5 +108,5 @@ async def test_the_command_line_copies_and_verifies(
     printed = capsys.readouterr().out
     assert "copied 40 events" in printed and "verified 40 events" in printed
     missing = ["store", "copy", str(tmp_path / "missing.db"), pg_dsn]
-    assert await anyio.to_thread.run_sync(main, missing) == 1
+    assert await anyio.to_thread.run_sync(main, missing) == 2  # a store error
     assert "no such event log" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -24,7 +25,10 @@ def test_postgres_is_chosen_by_settings_or_environment() -> None:
         Settings.load(env={"XCORE_STORE": "postgres"})
 
 
-def test_the_dsn_flag_implies_postgres() -> None:
+def test_the_dsn_flag_implies_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the command line reads the real environment: no stray XCORE_ variable of the run
+    for key in [k for k in os.environ if k.startswith("XCORE_")]:
+        monkeypatch.delenv(key)
     args = build_parser().parse_args(["serve", "--dsn", DSN, "--node", "web-1"])
     s = load_settings(args)
     assert (s.store, s.node) == ("postgres", "web-1")

@@ -93,8 +93,10 @@ async def test_a_bad_append_fails_alone_and_its_rows_are_rolled_back(
     in the open transaction to be committed with a later batch."""
     [first] = await store.append([ev(0)], stream="s")
     dup = NewEvent(type="Counted", data=b'{"i": -1}', meta=Meta(id=first.meta.id))
+    # the first append fills more than one INSERT statement, so the failing statement
+    # is not the only one of the transaction: only a rollback undoes the others
     results = await asyncio.gather(
-        store.append([ev(1)], stream="a"),
+        store.append([ev(1) for _ in range(600)], stream="a"),
         store.append([ev(2), dup], stream="b"),
         store.append([ev(3)], stream="c"),
         return_exceptions=True,
@@ -105,8 +107,8 @@ async def test_a_bad_append_fails_alone_and_its_rows_are_rolled_back(
     # a later batch commits; the refused append's first event must not ride along
     await store.append([ev(4)], stream="d")
     stored = [(r.stream, r.data["i"]) for r in await store.read()]
-    assert stored == [("s", 0), ("a", 1), ("c", 3), ("d", 4)]
-    assert [r.position for r in await store.read()] == [1, 2, 3, 4]
+    assert stored == [("s", 0)] + [("a", 1)] * 600 + [("c", 3), ("d", 4)]
+    assert [r.position for r in await store.read()] == list(range(1, 604))
 
 
 async def test_a_payload_that_is_not_json_fails_only_its_caller(store: SQLiteStore) -> None:

@@ -162,3 +162,15 @@ async def test_a_lost_run_is_retried_once_by_the_survivors(pg_dsn: str) -> None:
                 (2, "retry"),
             ]
             assert starts[1].meta.node in ("a", "b")
+
+
+async def test_two_nodes_with_one_id_are_reported(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        Kernel(node_settings(pg_dsn, "same"), services=[ClusterService()]),
+        Kernel(node_settings(pg_dsn, "same"), services=[ClusterService()]),
+    ):
+        with anyio.fail_after(30):
+            while "must be unique" not in caplog.text:
+                await anyio.sleep(0.05)

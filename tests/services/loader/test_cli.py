@@ -72,3 +72,34 @@ def test_offline_install_list_uninstall(tmp_path: Path) -> None:
 def test_reload_needs_a_server(tmp_path: Path) -> None:
     out = xcore(tmp_path, "reload", "hello")
     assert out.returncode == 1 and "no xcore server answers at http://127.0.0.1:9" in out.stderr
+
+
+def test_offline_list_shows_the_versions_on_disk(tmp_path: Path) -> None:
+    write_plugin(tmp_path / "plugins", "copied", info={"version": "2.3.4"})
+    listed = xcore(tmp_path, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["copied"]["version"] == "2.3.4"
+    text = xcore(tmp_path, "list")
+    assert "v2.3.4" in text.stdout
+
+
+def test_validate_refuses_an_unreadable_archive_without_a_traceback(tmp_path: Path) -> None:
+    from .test_install_refusals import bad_crc_zip
+
+    out = xcore(tmp_path, "validate", str(bad_crc_zip(tmp_path / "arch.zip")))
+    assert out.returncode == 1
+    assert "member 'arch/data.txt'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_tells_a_wrong_token_from_a_missing_one(tmp_path: Path) -> None:
+    from tests.e2e.server import serve
+
+    token = "cli-admin-token-0123456789"
+    with serve(tmp_path, env={"XCORE_ADMIN_TOKEN": token}, args=("--no-reload",)) as server:
+        missing = xcore(tmp_path, "list", "--url", server.url)
+        assert missing.returncode == 1 and "no admin token was given" in missing.stderr
+        wrong = xcore(tmp_path, "list", "--url", server.url, "--token", "x" * 20)
+        assert wrong.returncode == 1 and "refused the admin token" in wrong.stderr
+        right = xcore(tmp_path, "list", "--url", server.url, "--token", token)
+        assert right.returncode == 0, right.stderr

@@ -56,13 +56,13 @@ async def test_health_shows_details_only_with_a_token(tmp_path: Path) -> None:
         anonymous = await m.client.get("/health")
         text = anonymous.text
         body = anonymous.json()
-        assert set(body) == {"status", "failing", "components"}
+        assert set(body) == {"status", "failing", "degraded", "components"}
         assert all(set(c) == {"ok"} for c in body["components"].values())
         for leak in (str(tmp_path), "monitor-test", "events.db", TOKEN):
             assert leak not in text
         assert {"store", "plugins", "subscribers", "logs"} <= set(body["components"])
         wrong = await m.client.get("/health", headers={"Authorization": "Bearer wrong"})
-        assert set(wrong.json()) == {"status", "failing", "components"}
+        assert set(wrong.json()) == {"status", "failing", "degraded", "components"}
         full = (await m.client.get("/health", headers=AUTH)).json()
         assert full["node"] == "monitor-test"
         assert full["components"]["store"]["last_position"] > 0

@@ -1,7 +1,7 @@
 """Fixtures of the sandbox tests: a real kernel with the sandbox, real worker processes.
 
 ``level`` runs a test at both isolation levels: ``rlimits`` everywhere, ``bwrap`` where
-bubblewrap works (CI installs it and sets ``XCORE_REQUIRE_BWRAP=1``, so there a missing
+bubblewrap works (CI installs it and sets ``XCORE_TEST_REQUIRE_BWRAP=1``, so there a missing
 bubblewrap fails instead of skipping). Folders live in a world-readable temporary folder:
 a root kernel's workers run as ``nobody`` and must reach the plugin's files.
 """
@@ -78,7 +78,7 @@ def level(request: pytest.FixtureRequest) -> str:
     if request.param == "bwrap":
         problem = bwrap_works()
         if problem is not None:
-            if os.environ.get("XCORE_REQUIRE_BWRAP") == "1":
+            if os.environ.get("XCORE_TEST_REQUIRE_BWRAP") == "1":
                 pytest.fail(f"bubblewrap is required here: {problem}")
             pytest.skip(problem)
     return str(request.param)

@@ -41,7 +41,7 @@ async def ok() -> dict[str, bool]:
 def server(request: pytest.FixtureRequest) -> Iterator[tuple[Server, str, Path]]:
     level = str(request.param)
     if level == "bwrap" and (problem := bwrap_works()) is not None:
-        if os.environ.get("XCORE_REQUIRE_BWRAP") == "1":
+        if os.environ.get("XCORE_TEST_REQUIRE_BWRAP") == "1":
             pytest.fail(f"bubblewrap is required here: {problem}")
         pytest.skip(problem)
     base = Path(tempfile.mkdtemp(prefix="xcore-hostile-"))

@@ -85,7 +85,7 @@ def test_only_shipped_assets_are_served(server: Server, path: str) -> None:
 
 def test_a_login_sets_an_httponly_strict_cookie_and_returns_no_token(server: Server) -> None:
     client, body = login(server)
-    assert body["can_write"] is True and "admin:write" in body["scopes"]
+    assert body["can_write"] is True and body["scopes"] == ["*"]  # the admin token: every scope
     assert TOKEN not in str(body)
     cookie = client.cookies.jar
     (c,) = [c for c in cookie if c.name == "xcore_ui_session"]

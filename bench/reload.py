@@ -1,0 +1,244 @@
+"""Reload cost benchmarks: a neighbour's latency while a big plugin reloads, memory over reloads.
+
+- ``reload_neighbour_p99_ms``: a real ``xcore serve`` holds two plugins, ``neighbour``
+  (one small route) and ``big`` (300 routes with pydantic models). ``wrk`` (a separate
+  process) loads the neighbour's route and reports its p99 latency; in the measured
+  phase this process reloads ``big`` in a loop through the admin API, in the peer phase
+  (``no_reload``) it does nothing. Phases alternate (A B A B ...); the value is the
+  median of the reload phases' p99, the ratio the median of the pair ratios (target:
+  within 2x).
+- ``reload_rss_growth_mb``: a real server reloads a small plugin 1,050 times through the
+  admin API; the server's RSS after 1,050 reloads minus its RSS after the first 50
+  (target: within 10 MiB). The kernel's in-memory tail of recent events (8,192 events,
+  about 6 per reload) fills during the run; ``extra.tail_full_growth_mb`` is the growth
+  over 600 further reloads once it is full.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from bench.common import Result, median, result
+
+TOKEN = "bench-reload-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PAIRS = 5
+PHASE_S = 4.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write(plugins: Path, name: str, router: str) -> None:
+    folder = plugins / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.py").write_text(
+        f"PLUGIN_INFO = {{'version': '1.0.0', 'api_prefix': '/app/{name}'}}\n"
+    )
+    (folder / "router.py").write_text(router)
+
+
+def _big_router(routes: int = 300) -> str:
+    lines = [
+        "from fastapi import APIRouter, Query",
+        "from pydantic import BaseModel",
+        "router = APIRouter()",
+        "class Item(BaseModel):",
+        "    id: int",
+        "    name: str",
+        "    tags: list[str] = []",
+    ]
+    for i in range(routes):
+        lines += [
+            f"@router.post('/r{i}/{{item_id}}', response_model=Item)",
+            f"async def r{i}(item_id: int, item: Item, q: str | None = Query(None)) -> Item:",
+            "    return item",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+SMALL = """from fastapi import APIRouter
+router = APIRouter()
+
+@router.get("/ping")
+async def ping():
+    return {"ok": True}
+"""
+
+
+@contextmanager
+def _server(base: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
+    env.update(
+        XCORE_ADMIN_TOKEN=TOKEN,
+        XCORE_LOG_LEVEL="WARNING",
+        # a 300-route plugin takes seconds to rebuild on a loaded 2-core machine
+        XCORE_REQUEST_TIMEOUT="120",
+        XCORE_SERVICES__LOADER__IMPORT_TIMEOUT="120",
+        XCORE_SERVICES__LOADER__MOUNT_TIMEOUT="120",
+    )
+    log = (base / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kernel.cli",
+            "serve",
+            "--no-reload",
+            "--port",
+            str(port),
+            "--plugins-dir",
+            str(base / "plugins"),
+            "--data-dir",
+            str(base / "var"),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError((base / "serve.log").read_text())
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _wrk_p99(url: str, seconds: float) -> float:
+    out = subprocess.run(
+        ["wrk", "-t1", "-c8", f"-d{seconds:g}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw failed requests:\n{out}")
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    if m is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    value = float(m.group(1))
+    return {"us": value / 1000, "ms": value, "s": value * 1000}[m.group(2)]
+
+
+def reload_neighbour_p99() -> list[Result]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is needed (apt-get install -y wrk)")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        _write(base / "plugins", "neighbour", SMALL)
+        _write(base / "plugins", "big", _big_router())
+        with _server(base) as (url, _):
+            target = f"{url}/app/neighbour/ping"
+            _wrk_p99(target, 2)  # warm up
+            quiet: list[float] = []
+            busy: list[float] = []
+            reloads = 0
+            for _ in range(PAIRS):
+                quiet.append(_wrk_p99(target, PHASE_S))
+                stop = threading.Event()
+                counter = [0]
+
+                def reload_loop(stop: threading.Event = stop, counter: list[int] = counter) -> None:
+                    with httpx.Client(timeout=60) as client:
+                        while not stop.is_set():
+                            r = client.post(f"{url}/admin/plugins/big/reload", headers=AUTH)
+                            if r.status_code != 200:
+                                raise RuntimeError(r.text)
+                            counter[0] += 1
+
+                thread = threading.Thread(target=reload_loop)
+                thread.start()
+                try:
+                    busy.append(_wrk_p99(target, PHASE_S))
+                finally:
+                    stop.set()
+                    thread.join()
+                reloads += counter[0]
+    ratios = [b / q for b, q in zip(busy, quiet, strict=True)]
+    return [
+        result(
+            "reload_neighbour_p99_ms",
+            median(busy),
+            "ms",
+            peers={"no_reload": median(quiet)},
+            ratio_median=median(ratios),
+            ratio_min=min(ratios),
+            ratio_max=max(ratios),
+            pairs=PAIRS,
+            phase_s=PHASE_S,
+            reloads_of_big=reloads,
+            target_ratio=2.0,
+            generator="wrk -t1 -c8 (separate process)",
+        )
+    ]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reload_rss_growth() -> list[Result]:
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        _write(base / "plugins", "small", SMALL)
+        with _server(base) as (url, proc), httpx.Client(timeout=60) as client:
+            marks: dict[int, float] = {}
+            for i in range(1, 1651):
+                r = client.post(f"{url}/admin/plugins/small/reload", headers=AUTH)
+                if r.status_code != 200:
+                    raise RuntimeError(r.text)
+                if i in (50, 1050, 1650):
+                    time.sleep(0.5)
+                    marks[i] = _rss_mb(proc.pid)
+    return [
+        result(
+            "reload_rss_growth_mb",
+            marks[1050] - marks[50],
+            "MiB",
+            rss_after_50=marks[50],
+            rss_after_1050=marks[1050],
+            tail_full_growth_mb=marks[1650] - marks[1050],
+            target=10,
+        )
+    ]
+
+
+BENCHMARKS = [
+    ("reload_neighbour_p99_ms", reload_neighbour_p99),
+    ("reload_rss_growth_mb", reload_rss_growth),
+]
