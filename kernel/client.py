@@ -93,11 +93,16 @@ class SSEMessage:
     data: Any
 
 
-def iter_sse(lines: Iterable[bytes]) -> Iterator[SSEMessage]:
-    """Parse a Server-Sent Events byte stream, line by line; comments are skipped."""
+def iter_sse(lines: Iterable[bytes], *, positions: bool = False) -> Iterator[SSEMessage]:
+    """Parse a Server-Sent Events byte stream, line by line; comments are skipped.
+
+    With ``positions``, a block that sets an ``id`` without data (the stream's start and
+    heartbeats) is yielded too, as a message with ``event`` "" and ``data`` None.
+    """
     event_id: int | None = None
     event = "message"
     data: list[str] = []
+    id_seen = False
     for raw in lines:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line:
@@ -108,7 +113,9 @@ def iter_sse(lines: Iterable[bytes]) -> Iterator[SSEMessage]:
                 except ValueError:
                     value = text
                 yield SSEMessage(event_id, event, value)
-            event, data = "message", []
+            elif positions and id_seen:
+                yield SSEMessage(event_id, "", None)
+            event, data, id_seen = "message", [], False
             continue
         if line.startswith(":"):
             continue
@@ -119,6 +126,7 @@ def iter_sse(lines: Iterable[bytes]) -> Iterator[SSEMessage]:
         elif name == "event":
             event = value_text
         elif name == "id":
+            id_seen = True
             try:
                 event_id = int(value_text)
             except ValueError:
@@ -165,9 +173,11 @@ def follow(
         try:
             with urllib.request.urlopen(req, timeout=read_timeout) as resp:
                 failures = 0
-                for message in iter_sse(_lines(resp)):
+                for message in iter_sse(_lines(resp), positions=True):
                     if message.id is not None:
                         last = message.id
+                    if message.data is None and not message.event:
+                        continue  # a position without an event (start, heartbeat)
                     if callback(message) is False:
                         return last
                     if stop is not None and stop.is_set():

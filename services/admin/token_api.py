@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +21,9 @@ class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9 _.:@-]+$")
-    scopes: list[str] = Field(min_length=1, max_length=50)
+    scopes: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:*/-]{1,100}$")]] = Field(
+        min_length=1, max_length=50
+    )
     #: Seconds from now until the token expires (None: never).
     expires_in: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
 
@@ -32,6 +34,15 @@ def build_token_router(kernel: Kernel) -> APIRouter:
     def book() -> AdminTokens:
         return kernel.projection(AdminTokens)
 
+    async def settle(position: int) -> None:
+        try:
+            await kernel.settle(position)
+        except TimeoutError:
+            raise HTTPException(
+                status_code=504,
+                detail=f"recorded at position {position}, but the token table has not caught up yet",
+            ) from None
+
     @router.get("/tokens", summary="Every API token issued (never the token itself)")
     async def list_tokens() -> list[dict[str, Any]]:
         now = time.time()
@@ -41,6 +52,7 @@ def build_token_router(kernel: Kernel) -> APIRouter:
         "/tokens",
         status_code=201,
         summary="Issue an API token with scopes; the token is shown only in this answer",
+        responses=error_responses(403, 422, 504),
     )
     async def create_token(body: TokenRequest, request: Request) -> dict[str, Any]:
         try:
@@ -72,13 +84,13 @@ def build_token_router(kernel: Kernel) -> APIRouter:
             stream=STREAM,
             actor=actor,
         )
-        await kernel.settle(record.position)
+        await settle(record.position)
         return {**book().tokens[token_id].public(time.time()), "token": token}
 
     @router.delete(
         "/tokens/{token_id}",
         summary="Revoke an API token (recorded as TokenRevoked)",
-        responses=error_responses(404),
+        responses=error_responses(404, 422, 504),
     )
     async def revoke_token(
         request: Request, token_id: str = Path(pattern=r"^[0-9a-f]{16}$")
@@ -91,7 +103,7 @@ def build_token_router(kernel: Kernel) -> APIRouter:
             [event] = await kernel.append(
                 TokenRevoked(token_id=token_id, revoked_by=actor), stream=STREAM, actor=actor
             )
-            await kernel.settle(event.position)
+            await settle(event.position)
         return record.public(time.time())
 
     return router

@@ -107,6 +107,8 @@ class AlertEngine:
             )
             await self._resolve("plugin_failures", d["name"], reason, record)
             await self._resolve("plugin_load_failed", d["name"], reason, record)
+            # a sandbox's circuit stays open until the plugin is loaded again
+            await self._resolve("sandbox_circuit", d["name"], reason, record)
         elif _is_circuit_open(t):
             await self._failure("sandbox_circuit", str(d.get("plugin") or d.get("name")), record)
         elif _is_circuit_closed(t):

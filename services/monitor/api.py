@@ -77,8 +77,12 @@ def _log_query(
     request_id: str | None = Query(None, max_length=128, description="only this request's"),
     logger: str | None = Query(None, max_length=200, description="this logger and its children"),
     level: Level | None = Query(None, description="this level and above"),
-    since: datetime | None = Query(None, description="ISO 8601 time or Unix seconds, inclusive"),
-    until: datetime | None = Query(None, description="ISO 8601 time or Unix seconds, exclusive"),
+    since: float | datetime | None = Query(
+        None, description="Unix seconds or an ISO 8601 time, inclusive"
+    ),
+    until: float | datetime | None = Query(
+        None, description="Unix seconds or an ISO 8601 time, exclusive"
+    ),
     q: str | None = Query(None, max_length=200, description="text in the message (any case)"),
 ) -> LogQuery:
     return LogQuery(
@@ -88,10 +92,14 @@ def _log_query(
         request_id=request_id,
         logger=logger,
         level=level,
-        since=since.timestamp() if since is not None else None,
-        until=until.timestamp() if until is not None else None,
+        since=_seconds(since),
+        until=_seconds(until),
         q=q,
     )
+
+
+def _seconds(value: float | datetime | None) -> float | None:
+    return value.timestamp() if isinstance(value, datetime) else value
 
 
 def admin_router(monitor: MonitorService) -> APIRouter:

@@ -182,7 +182,8 @@ class LogStore:
         self._wake.set()
         with self._lock:
             if self._conn is not None:
-                self._write_batch(self._take())
+                while self._pending:
+                    self._write_batch(self._take())
                 self._conn.close()
                 self._conn = None
 
@@ -208,6 +209,15 @@ class LogStore:
         """Buffer one line for the writer (never blocks; a full buffer drops the oldest)."""
         if line["levelno"] < self._min_level or line["logger"] == _OWN_LOGGER:
             return
+        cap = self.settings.max_message
+        if len(line["message"]) > cap or len(line.get("exc") or "") > cap:
+            # cut before buffering (the buffer is bounded in lines); a copy: other sinks
+            # receive the same dict
+            line = {
+                **line,
+                "message": _cut(line["message"], cap),
+                "exc": _cut(line["exc"], cap) if line.get("exc") else None,
+            }
         pending = self._pending
         pending.append(line)
         if len(pending) > self.settings.buffer:
@@ -255,7 +265,6 @@ class LogStore:
     def _write_batch(self, batch: Sequence[LogLine]) -> None:
         conn = self._conn
         assert conn is not None
-        cap = self.settings.max_message
         rows = [
             (
                 line["ts"],
@@ -266,9 +275,9 @@ class LogStore:
                 line.get("task"),
                 line.get("run_id"),
                 line.get("request_id"),
-                _cut(line["message"], cap),
+                line["message"],  # (cut by ``sink`` already)
                 orjson.dumps(line["extra"], default=str).decode() if line.get("extra") else None,
-                _cut(line["exc"], cap) if line.get("exc") else None,
+                line.get("exc"),
             )
             for line in batch
         ]

@@ -1,9 +1,9 @@
 """The monitor's projections: counters folded from the log, so they survive a restart.
 
-:class:`Counters` folds *every* event (its ``types()`` is None): events appended by
-type, plugin loads/reloads/failures and which plugins are loaded or failed, task runs
+:class:`Counters` folds the events it counts (by type, too): plugin loads/reloads/failures and which plugins are loaded or failed, task runs
 by outcome with duration and lateness histograms, retries, skips, misses, sandbox
-events by type (counted by name, so the sandbox's runtime is never imported), alerts.
+events by type (the types of ``services/sandbox/events.py``, its public contract, so the
+sandbox's runtime is never imported), alerts.
 Prometheus counters built from it never go back to zero behind Prometheus' back: a
 restart folds the same log (from a snapshot) to the same numbers.
 
@@ -60,6 +60,19 @@ class Histogram:
         return {"counts": list(self.counts), "sum": self.sum}
 
 
+def _sandbox_types() -> tuple[str, ...]:
+    """The sandbox's event types (its public contract), counted by name."""
+    try:
+        from services.sandbox import events
+    except ImportError:  # the sandbox service is not installed
+        return ()
+    names = (getattr(v, "type_name", "") for v in vars(events).values() if isinstance(v, type))
+    return tuple(sorted(n for n in names if isinstance(n, str) and n.startswith("Sandbox")))
+
+
+_SANDBOX_TYPES = _sandbox_types()
+
+
 def _task_plugin(task: str) -> str:
     return task.split(".", 1)[0]
 
@@ -99,11 +112,6 @@ class Counters(Projection):
     schema = 1
     snapshot_every = 2000
 
-    @classmethod
-    def types(cls) -> frozenset[str] | None:  # type: ignore[override]
-        """Every event type (None): the log's counts by type are part of the state."""
-        return None
-
     def reset(self) -> None:
         self.events: dict[str, int] = {}
         self.plugins: dict[str, dict[str, int]] = {}
@@ -122,11 +130,17 @@ class Counters(Projection):
     def apply(self, record: Recorded) -> None:
         events = self.events
         events[record.type] = events.get(record.type, 0) + 1
-        if record.type.startswith("Sandbox"):
-            plugin = str(record.data.get("plugin") or record.data.get("name") or "")
-            key = f"{plugin}\t{record.type}"
-            self.sandbox[key] = self.sandbox.get(key, 0) + 1
         super().apply(record)
+
+    @handles(*_SANDBOX_TYPES)
+    def _sandbox_event(self, r: Recorded) -> None:
+        plugin = str(r.data.get("plugin") or r.data.get("name") or "")
+        key = f"{plugin}\t{r.type}"
+        self.sandbox[key] = self.sandbox.get(key, 0) + 1
+
+    @handles("AlertResolved", "KernelStarted", "KernelStopped", "SubscriberFailed")
+    def _counted(self, r: Recorded) -> None:
+        """Counted by type only (in ``apply``)."""
 
     # -- plugins -----------------------------------------------------------------------
 

@@ -11,8 +11,11 @@ subscription: the generator reads the next page only when the previous one was s
 and the ASGI server's ``send`` waits while the client's socket is full (flow control).
 So a stalled client holds one page and a socket buffer, however far the log moves;
 when it reads again it catches up from the log. The SSE ``id`` of an event is its log
-position, of a log line its store id. An idle stream sends a ``: heartbeat`` comment
-every ``heartbeat`` seconds so proxies keep it open and a dead client is noticed.
+position, of a log line its store id. An idle stream sends a heartbeat every
+``heartbeat`` seconds so proxies keep it open and a dead client is noticed; the stream's
+first frame and each heartbeat also carry an ``id`` without data (the position the
+stream has passed, filtered events included), so a client that saw no event yet, or
+only filtered ones, still resumes from where it was rather than from "now".
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class Streams:
         self.open[state.id] = state
         store = kernel.store
         try:
-            yield b"retry: 2000\n\n"
+            yield b"retry: 2000\nid: %d\n\n" % after
             position = after
             while True:
                 last = await store.last_position()
@@ -105,7 +108,7 @@ class Streams:
                     position = max(position, last)
                     state.position = position
                     if await store.wait(position, self.heartbeat) <= position:
-                        yield b": heartbeat\n\n"
+                        yield b"id: %d\n: heartbeat\n\n" % position
         finally:
             self.open.pop(state.id, None)
 
@@ -113,7 +116,7 @@ class Streams:
         state = StreamState("logs", after)
         self.open[state.id] = state
         try:
-            yield b"retry: 2000\n\n"
+            yield b"retry: 2000\nid: %d\n\n" % after
             position = after
             while True:
                 # stored (committed) before the query runs, so the query sees them all
@@ -133,7 +136,7 @@ class Streams:
                     if logs.last_id == last:
                         await logs.wait_for_lines(self.heartbeat)
                         if logs.last_id == last:
-                            yield b": heartbeat\n\n"
+                            yield b"id: %d\n: heartbeat\n\n" % position
         finally:
             self.open.pop(state.id, None)
 

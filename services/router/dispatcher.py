@@ -264,7 +264,10 @@ async def serve(
         nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
-            message["headers"] = [*message.get("headers", ()), echoed]
+            headers = list(message.get("headers", ()))
+            if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                headers.append(echoed)  # (a plugin that sets its own keeps it)
+            message["headers"] = headers
         await send(message)
 
     rid_token = request_id_var.set(request_id)

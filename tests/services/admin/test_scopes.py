@@ -80,9 +80,9 @@ def test_revoked_expired_and_escalating_tokens_are_refused_and_tokens_survive_a_
             ({"name": "x", "scopes": ["admin:read"], "expires_in": -1}, "expires_in"),
         ):
             r = httpx.post(f"{server.url}/admin/tokens", json=payload, headers=ROOT, timeout=10)
-            assert r.status_code == 422 and any(
-                e["loc"][-1] == field for e in r.json()["detail"]
-            ), r.text
+            assert r.status_code == 422 and any(field in e["loc"] for e in r.json()["detail"]), (
+                r.text
+            )
         time.sleep(0.6)
         r = httpx.get(
             f"{server.url}/admin/kernel", headers={"Authorization": f"Bearer {short}"}, timeout=10
