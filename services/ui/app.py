@@ -142,13 +142,6 @@ class UiApp:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return _error(415, 'send the token as JSON: {"token": "..."}')
         client = request.client.host if request.client else "?"
-        wait = self.throttle.blocked(client)
-        if wait:
-            return _error(
-                429,
-                f"too many failed logins from {client}; try again in {wait:.0f} s",
-                headers={"retry-after": str(int(wait) + 1)},
-            )
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -162,16 +155,26 @@ class UiApp:
         if not isinstance(token, str) or not token.strip():
             return _error(422, "field 'token': a non-empty string is required")
         token = token.strip()
+        # counted as a failure until it succeeds, with no await between the check and
+        # the count: concurrent guesses cannot all pass the check before one has failed
+        wait, attempt = self.throttle.attempt(client)
+        if wait:
+            return _error(
+                429,
+                f"too many failed logins from {client}; try again in {wait:.0f} s",
+                headers={"retry-after": str(int(wait) + 1)},
+            )
         status, answer = await _call(scope, "GET", "/admin/whoami", token)
         if status == 401:
-            self.throttle.failed(client)
             log.info("admin page: a login from %s was refused (wrong token)", client)
             return _error(401, "this token was refused")
+        self.throttle.succeeded(client, attempt)
         if status != 200:
             detail = answer.get("detail") if isinstance(answer, dict) else None
             return _error(503, f"cannot check the token now: {detail or f'HTTP {status}'}")
-        self.throttle.succeeded(client)
         scopes = answer.get("scopes", []) if isinstance(answer, dict) else []
+        # a login replaces the session the browser had (none outlives its cookie)
+        self.sessions.drop(request.cookies.get(COOKIE))
         session = self.sessions.create(token, [str(s) for s in scopes])
         log.info(
             "admin page: logged in from %s (%s)",
@@ -248,7 +251,27 @@ class UiApp:
         )
         forwarded.pop("path_params", None)
         forwarded.pop("endpoint", None)
-        await scope["app"](forwarded, receive, send)
+        sessions = self.sessions
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                # the API no longer accepts the session's token (revoked or expired):
+                # the session ends with it, and the browser is told to forget it
+                sessions.drop(session.id)
+                headers = list(message.get("headers", []))
+                headers.append((b"set-cookie", _expired_cookie(scope).encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await scope["app"](forwarded, receive, watched)
+
+
+def _expired_cookie(scope: Scope) -> str:
+    response = Response()
+    response.delete_cookie(
+        COOKIE, path=scope.get("app_root_path", "") + MOUNT, httponly=True, samesite="strict"
+    )
+    return response.headers["set-cookie"]
 
 
 def _route_path(scope: Scope) -> str:

@@ -104,16 +104,42 @@ class LoginThrottle:
             return 0.0
         return max(0.0, failures[0] + self.window - time.monotonic())
 
-    def failed(self, client: str) -> None:
+    def attempt(self, client: str) -> tuple[float, float]:
+        """Start a login attempt: ``(wait, 0)`` when blocked, else ``(0, stamp)``.
+
+        The attempt counts as a failure from now on (so concurrent attempts cannot all
+        pass the check before any has failed) until :meth:`succeeded` withdraws it.
+        """
+        wait = self.blocked(client)
+        if wait:
+            return wait, 0.0
+        return 0.0, self.failed(client)
+
+    def failed(self, client: str) -> float:
         failures = self._recent(client)
-        failures.append(time.monotonic())
+        stamp = time.monotonic()
+        failures.append(stamp)
         self._failures[client] = failures
         self._failures.move_to_end(client)
         while len(self._failures) > self.max_clients:
             self._failures.popitem(last=False)
+        return stamp
 
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+    def succeeded(self, client: str, stamp: float | None = None) -> None:
+        """Withdraw the attempt ``stamp`` (a login that did not fail).
+
+        Earlier failures stay: a login with some valid token must not reset the count
+        of guesses at another one.
+        """
+        failures = self._failures.get(client)
+        if failures is None or stamp is None:
+            return
+        try:
+            failures.remove(stamp)
+        except ValueError:
+            return
+        if not failures:
+            del self._failures[client]
 
     def _recent(self, client: str) -> deque[float]:
         failures = self._failures.get(client, deque())

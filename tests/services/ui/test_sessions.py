@@ -43,15 +43,31 @@ def test_logout_drops_the_session() -> None:
     assert store.get(s.id) is None
 
 
-def test_failed_logins_are_throttled_per_client_and_forgotten_on_success() -> None:
+def test_failed_logins_are_throttled_per_client() -> None:
     throttle = LoginThrottle(limit=3, window=60)
     for _ in range(3):
         assert throttle.blocked("10.0.0.1") == 0
         throttle.failed("10.0.0.1")
     assert throttle.blocked("10.0.0.1") > 0
     assert throttle.blocked("10.0.0.2") == 0  # another client is not affected
-    throttle.succeeded("10.0.0.1")
-    assert throttle.blocked("10.0.0.1") == 0
+
+
+def test_attempts_in_flight_count_and_a_success_withdraws_only_its_own() -> None:
+    throttle = LoginThrottle(limit=3, window=60)
+    # three attempts started at once (none has failed yet): the fourth is refused
+    stamps = [throttle.attempt("c") for _ in range(3)]
+    assert all(wait == 0 for wait, _ in stamps)
+    assert throttle.attempt("c")[0] > 0
+    # one of them succeeds: only it is withdrawn, the two wrong guesses still count
+    throttle.succeeded("c", stamps[0][1])
+    wait, stamp = throttle.attempt("c")
+    assert wait == 0
+    assert throttle.attempt("c")[0] > 0
+    # a login with a valid token does not reset the count of wrong guesses
+    throttle.succeeded("c", stamp)
+    assert throttle.blocked("c") == 0
+    throttle.failed("c")
+    assert throttle.blocked("c") > 0
 
 
 def test_the_throttle_window_slides() -> None:
