@@ -240,6 +240,10 @@ class UiApp:
             if refusal:
                 await _error(403, refusal)(scope, receive, send)
                 return
+        if rest == MOUNT[len("/admin") :] or rest.startswith(MOUNT[len("/admin") :] + "/"):
+            # the page itself is not part of the admin API (and has no bearer login)
+            await _error(404, f"no admin API route at /admin{rest}")(scope, receive, send)
+            return
         root = scope.get("app_root_path", "")
         target = root + "/admin" + rest
         forwarded = dict(scope)
@@ -254,7 +258,11 @@ class UiApp:
         sessions = self.sessions
 
         async def watched(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 401:
+            if (
+                message["type"] == "http.response.start"
+                and message["status"] == 401
+                and (await _call(scope, "GET", "/admin/whoami", session.token))[0] == 401
+            ):
                 # the API no longer accepts the session's token (revoked or expired):
                 # the session ends with it, and the browser is told to forget it
                 sessions.drop(session.id)

@@ -274,6 +274,16 @@ def test_a_revoked_token_ends_its_open_sessions(server: Server) -> None:
     assert client.get("session").json() == {"logged_in": False}
 
 
+def test_the_bridge_does_not_reach_the_page_and_keeps_the_session(server: Server) -> None:
+    client, _ = login(server)
+    for path in ["api/ui/api/kernel", "api/ui/session", "api/ui"]:
+        assert client.get(path).status_code == 404, path
+    # an admin route that answers 401 for a reason of its own does not end a session
+    # whose token is still good
+    assert client.get("session").json()["logged_in"] is True
+    assert client.get("api/kernel").status_code == 200
+
+
 def test_a_new_login_ends_the_session_the_browser_had(server: Server) -> None:
     client, _ = login(server)
     old = client.cookies["xcore_ui_session"]
