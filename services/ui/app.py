@@ -22,6 +22,7 @@ import logging
 from importlib import resources
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -271,7 +272,36 @@ class UiApp:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await scope["app"](forwarded, receive, watched)
+        # A stream (SSE) the session opened ends with the session: once the request's
+        # body is read, the app is told the client left when the session is dropped or
+        # expires (Starlette's streaming responses listen for that under ASGI 2.3).
+        forwarded["asgi"] = {**scope.get("asgi", {}), "spec_version": "2.3"}
+        body_done = False
+
+        async def until_session_ends() -> Message:
+            nonlocal body_done
+            if not body_done:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    body_done = True
+                return message
+            answer: Message = {"type": "http.disconnect"}
+            async with anyio.create_task_group() as group:
+
+                async def client() -> None:
+                    nonlocal answer
+                    answer = await receive()
+                    group.cancel_scope.cancel()
+
+                async def ended() -> None:
+                    await session.wait_ended()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(client)
+                group.start_soon(ended)
+            return answer
+
+        await scope["app"](forwarded, until_session_ends, watched)
 
 
 def _expired_cookie(scope: Scope) -> str:

@@ -12,6 +12,7 @@ restart the operator logs in again.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import time
@@ -33,6 +34,24 @@ class Session:
     scopes: list[str]
     expires_at: float
     created_at: float = field(default_factory=time.time)
+    _ended: asyncio.Event | None = field(default=None, repr=False, compare=False)
+
+    async def wait_ended(self) -> None:
+        """Return when the session is dropped (logout, a newer login, a revoked token)
+        or expires."""
+        if self._ended is None:
+            self._ended = asyncio.Event()
+        if self.expires_at <= time.time():
+            return
+        try:
+            await asyncio.wait_for(self._ended.wait(), timeout=self.expires_at - time.time())
+        except TimeoutError:
+            return
+
+    def end(self) -> None:
+        self.expires_at = min(self.expires_at, time.time())
+        if self._ended is not None:
+            self._ended.set()
 
     @property
     def can_write(self) -> bool:
@@ -53,7 +72,7 @@ class SessionStore:
     def create(self, token: str, scopes: list[str]) -> Session:
         self._expire()
         while len(self._sessions) >= self.max_sessions:
-            self._sessions.popitem(last=False)
+            self._sessions.popitem(last=False)[1].end()
         session = Session(
             id=secrets.token_urlsafe(32),
             token=token,
@@ -72,12 +91,15 @@ class SessionStore:
             return None
         if session.expires_at <= time.time():
             del self._sessions[session_id]
+            session.end()
             return None
         return session
 
     def drop(self, session_id: str | None) -> None:
         if session_id:
-            self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
+            if session is not None:
+                session.end()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -85,7 +107,7 @@ class SessionStore:
     def _expire(self) -> None:
         now = time.time()
         for sid in [sid for sid, s in self._sessions.items() if s.expires_at <= now]:
-            del self._sessions[sid]
+            self._sessions.pop(sid).end()
 
 
 class LoginThrottle:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -322,3 +324,30 @@ def _api_token(server: Server, scopes: list[str]) -> str:
     token = str(r.json()["token"])
     _ids[token] = str(r.json()["id"])
     return token
+
+
+def test_a_stream_opened_by_a_session_ends_with_it(server: Server) -> None:
+    client, body = login(server)
+    ended = threading.Event()
+    frames: list[bytes] = []
+
+    def follow() -> None:
+        try:
+            with client.stream("GET", "api/events/stream", params={"after": 0}) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_bytes():
+                    frames.append(chunk)
+        except httpx.HTTPError:
+            pass
+        ended.set()
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while not frames and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert frames, "the stream sent nothing"
+    assert not ended.is_set()
+    r = client.post("logout", headers={"x-csrf-token": str(body["csrf"])})
+    assert r.status_code == 200
+    assert ended.wait(30), "the stream outlived its session"

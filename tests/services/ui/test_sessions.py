@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import anyio
+
 from services.ui.sessions import LoginThrottle, SessionStore
 
 
@@ -76,3 +78,16 @@ def test_the_throttle_window_slides() -> None:
     assert throttle.blocked("c") > 0
     time.sleep(0.06)
     assert throttle.blocked("c") == 0
+
+
+async def test_waiting_for_a_session_returns_when_it_is_dropped_or_expires() -> None:
+    store = SessionStore(ttl=60)
+    s = store.create("t", [])
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(s.wait_ended)
+            await anyio.sleep(0.01)
+            store.drop(s.id)
+    short = SessionStore(ttl=0.05).create("t", [])
+    with anyio.fail_after(30):
+        await short.wait_ended()  # expiry ends it without anyone dropping it
