@@ -64,13 +64,20 @@ class Session:
 class SessionStore:
     """Live sessions by id; lookups drop expired ones."""
 
-    def __init__(self, *, ttl: float, max_sessions: int = 1000) -> None:
+    def __init__(self, *, ttl: float, max_sessions: int = 1000, max_per_token: int = 20) -> None:
         self.ttl = ttl
         self.max_sessions = max_sessions
+        #: one token's logins beyond this end its own oldest sessions, not others': a
+        #: holder of some read-only token cannot log every other operator out by
+        #: logging in a thousand times
+        self.max_per_token = max_per_token
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
     def create(self, token: str, scopes: list[str]) -> Session:
         self._expire()
+        same = [sid for sid, s in self._sessions.items() if hmac.compare_digest(s.token, token)]
+        while len(same) >= self.max_per_token:
+            self.drop(same.pop(0))
         while len(self._sessions) >= self.max_sessions:
             self._sessions.popitem(last=False)[1].end()
         session = Session(

@@ -91,3 +91,12 @@ async def test_waiting_for_a_session_returns_when_it_is_dropped_or_expires() -> 
     short = SessionStore(ttl=0.05).create("t", [])
     with anyio.fail_after(30):
         await short.wait_ended()  # expiry ends it without anyone dropping it
+
+
+def test_one_token_logging_in_again_and_again_ends_only_its_own_sessions() -> None:
+    store = SessionStore(ttl=60, max_sessions=100, max_per_token=5)
+    operator = store.create("operator-token", ["*"])
+    readers = [store.create("reader-token", ["admin:read"]) for _ in range(1000)]
+    assert store.get(operator.id) is operator
+    assert [s.id for s in readers if store.get(s.id)] == [s.id for s in readers[-5:]]
+    assert len(store) == 6
