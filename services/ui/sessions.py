@@ -58,7 +58,11 @@ class Session:
         return not WRITE_SCOPES.isdisjoint(self.scopes)
 
     def csrf_matches(self, presented: str | None) -> bool:
-        return presented is not None and hmac.compare_digest(presented, self.csrf)
+        # compared as bytes: a header with non-ASCII characters is a wrong token, not an
+        # error (compare_digest refuses non-ASCII str)
+        return presented is not None and hmac.compare_digest(
+            presented.encode("utf-8", "surrogateescape"), self.csrf.encode()
+        )
 
 
 class SessionStore:
@@ -75,7 +79,7 @@ class SessionStore:
 
     def create(self, token: str, scopes: list[str]) -> Session:
         self._expire()
-        same = [sid for sid, s in self._sessions.items() if hmac.compare_digest(s.token, token)]
+        same = [sid for sid, s in self._sessions.items() if s.token == token]
         while len(same) >= self.max_per_token:
             self.drop(same.pop(0))
         while len(self._sessions) >= self.max_sessions:

@@ -351,3 +351,13 @@ def test_a_stream_opened_by_a_session_ends_with_it(server: Server) -> None:
     r = client.post("logout", headers={"x-csrf-token": str(body["csrf"])})
     assert r.status_code == 200
     assert ended.wait(30), "the stream outlived its session"
+
+
+def test_a_csrf_header_with_non_ascii_bytes_is_refused_not_a_server_error(
+    server: Server,
+) -> None:
+    client, _ = login(server)
+    r = client.post("api/plugins/hello/reload", headers={"x-csrf-token": b"\xff\xfe"})
+    assert r.status_code == 403, r.text
+    r = client.post("logout", headers={"x-csrf-token": b"\xe9t\xe9"})
+    assert r.status_code == 403, r.text

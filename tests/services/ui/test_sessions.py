@@ -100,3 +100,10 @@ def test_one_token_logging_in_again_and_again_ends_only_its_own_sessions() -> No
     assert store.get(operator.id) is operator
     assert [s.id for s in readers if store.get(s.id)] == [s.id for s in readers[-5:]]
     assert len(store) == 6
+
+
+def test_a_csrf_header_with_non_ascii_characters_is_wrong_not_an_error() -> None:
+    s = SessionStore(ttl=60).create("t", [])
+    assert s.csrf_matches("\xff" + s.csrf[1:]) is False
+    assert s.csrf_matches("é") is False
+    assert s.csrf_matches(s.csrf) is True
