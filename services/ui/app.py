@@ -140,7 +140,10 @@ class UiApp:
         refusal = _cross_site(request)
         if refusal:
             return _error(403, refusal)
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        if (
+            request.headers.get("content-type", "").split(";")[0].strip().lower()
+            != "application/json"
+        ):
             return _error(415, 'send the token as JSON: {"token": "..."}')
         client = request.client.host if request.client else "?"
         body = b""

@@ -361,3 +361,13 @@ def test_a_csrf_header_with_non_ascii_bytes_is_refused_not_a_server_error(
     assert r.status_code == 403, r.text
     r = client.post("logout", headers={"x-csrf-token": b"\xe9t\xe9"})
     assert r.status_code == 403, r.text
+
+
+def test_the_login_media_type_is_matched_case_insensitively(server: Server) -> None:
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.24"})
+    r = client.post(
+        "login",
+        content=b'{"token": "' + TOKEN.encode() + b'"}',
+        headers={"content-type": "Application/JSON; charset=UTF-8"},
+    )
+    assert r.status_code == 200, r.text
