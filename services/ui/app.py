@@ -110,7 +110,7 @@ class UiApp:
         elif path == "/logout":
             response = self._logout(scope) if method == "POST" else _error(405, "use POST")
         elif path == "/session":
-            response = self._session(scope) if method == "GET" else _error(405, "use GET")
+            response = await self._session(scope) if method == "GET" else _error(405, "use GET")
         elif path == "/api" or path.startswith("/api/"):
             await self._bridge(scope, receive, send, path[len("/api") :])
             return
@@ -211,8 +211,15 @@ class UiApp:
         )
         return _secure(response)
 
-    def _session(self, scope: Scope) -> Response:
+    async def _session(self, scope: Scope) -> Response:
         session = self.sessions.get(Request(scope).cookies.get(COOKIE))
+        if (
+            session is not None
+            and (await _call(scope, "GET", "/admin/whoami", session.token))[0] == 401
+        ):
+            # the token was revoked (or expired) since the login: so is the session
+            self.sessions.drop(session.id)
+            session = None
         body = self._describe(session) if session else {"logged_in": False}
         return _secure(JSONResponse(body, headers={"cache-control": "no-store"}))
 

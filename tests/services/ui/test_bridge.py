@@ -274,6 +274,18 @@ def test_a_revoked_token_ends_its_open_sessions(server: Server) -> None:
     assert r.status_code == 401
     assert "xcore_ui_session=" in r.headers.get("set-cookie", "")
     assert client.get("session").json() == {"logged_in": False}
+    # a session whose token is revoked says so at once, before any call of the API
+    token = _api_token(server, ["admin:read"])
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.25"})
+    assert client.post("login", json={"token": token}).status_code == 200
+    assert client.get("session").json()["logged_in"] is True
+    r = httpx.delete(
+        f"{server.url}/admin/tokens/{_ids[token]}",
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert client.get("session").json() == {"logged_in": False}
 
 
 def test_the_bridge_does_not_reach_the_page_and_keeps_the_session(server: Server) -> None:
