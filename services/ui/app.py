@@ -173,6 +173,9 @@ class UiApp:
             log.info("admin page: a login from %s was refused (wrong token)", client)
             return _error(401, "this token was refused")
         self.throttle.succeeded(client, attempt)
+        if status == 403:
+            # a valid token that may not read the admin API: not an outage
+            return _error(403, "this token cannot use the admin page: it lacks 'admin:read'")
         if status != 200:
             detail = answer.get("detail") if isinstance(answer, dict) else None
             return _error(503, f"cannot check the token now: {detail or f'HTTP {status}'}")

@@ -383,3 +383,12 @@ def test_the_login_media_type_is_matched_case_insensitively(server: Server) -> N
         headers={"content-type": "Application/JSON; charset=UTF-8"},
     )
     assert r.status_code == 200, r.text
+
+
+def test_a_token_without_admin_read_is_refused_as_such_not_as_an_outage(server: Server) -> None:
+    other = _api_token(server, ["hello:use"])
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.26"})
+    r = client.post("login", json={"token": other})
+    assert r.status_code == 403, r.text
+    assert "admin:read" in r.json()["detail"]
+    assert "set-cookie" not in r.headers
