@@ -114,6 +114,9 @@ class HttpSurface:
         self.admin_authenticator: Callable[[Request], Awaitable[Any]] = _no_admin_authenticator
         self.body_limits: dict[tuple[str, str], int] = {}
         self.self_authenticating: list[str] = []
+        #: ``(prefix, target)``: a path under ``prefix`` has the body limit of ``target``
+        #: followed by the rest of the path (a bridge re-entering the app)
+        self.body_limit_aliases: list[tuple[str, str]] = []
         #: Set by the admin service; used by /health and the plugin route dispatcher.
         self.token_verifier: TokenVerifier | None = None
         self._attached: set[int] = set()
@@ -153,6 +156,16 @@ class HttpSurface:
         """Accept bodies up to ``limit`` bytes on ``path`` (exact) instead of the default."""
         for method in methods:
             self.body_limits[(method.upper(), path)] = limit
+
+    def alias_body_limits(self, prefix: str, target: str) -> None:
+        """Give ``prefix + rest`` the body limit of ``target + rest``, for every rest.
+
+        For a bridge that forwards its requests to other routes of the app in process
+        (the admin page's ``/admin/ui/api`` to ``/admin``): the guard sees the bridge's
+        path, so without this a larger limit set for the target (plugin uploads) would
+        not apply through the bridge.
+        """
+        self.body_limit_aliases.append((prefix.rstrip("/"), target.rstrip("/")))
 
     def set_token_verifier(self, verifier: TokenVerifier) -> None:
         self.token_verifier = verifier
@@ -243,8 +256,13 @@ class HttpSurface:
         limits = kernel.settings.http
         default = limits.max_body_bytes
         body_limits = self.body_limits
+        aliases = self.body_limit_aliases
 
         def body_limit(method: str, path: str) -> int:
+            for prefix, target in aliases:
+                if path.startswith(prefix + "/"):
+                    path = target + path[len(prefix) :]
+                    break
             return body_limits.get((method, path), default) if body_limits else default
 
         public_openapi = None

@@ -22,6 +22,7 @@ import logging
 from importlib import resources
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -109,7 +110,7 @@ class UiApp:
         elif path == "/logout":
             response = self._logout(scope) if method == "POST" else _error(405, "use POST")
         elif path == "/session":
-            response = self._session(scope) if method == "GET" else _error(405, "use GET")
+            response = await self._session(scope) if method == "GET" else _error(405, "use GET")
         elif path == "/api" or path.startswith("/api/"):
             await self._bridge(scope, receive, send, path[len("/api") :])
             return
@@ -139,16 +140,12 @@ class UiApp:
         refusal = _cross_site(request)
         if refusal:
             return _error(403, refusal)
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        if (
+            request.headers.get("content-type", "").split(";")[0].strip().lower()
+            != "application/json"
+        ):
             return _error(415, 'send the token as JSON: {"token": "..."}')
         client = request.client.host if request.client else "?"
-        wait = self.throttle.blocked(client)
-        if wait:
-            return _error(
-                429,
-                f"too many failed logins from {client}; try again in {wait:.0f} s",
-                headers={"retry-after": str(int(wait) + 1)},
-            )
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -162,16 +159,29 @@ class UiApp:
         if not isinstance(token, str) or not token.strip():
             return _error(422, "field 'token': a non-empty string is required")
         token = token.strip()
+        # counted as a failure until it succeeds, with no await between the check and
+        # the count: concurrent guesses cannot all pass the check before one has failed
+        wait, attempt = self.throttle.attempt(client)
+        if wait:
+            return _error(
+                429,
+                f"too many failed logins from {client}; try again in {wait:.0f} s",
+                headers={"retry-after": str(int(wait) + 1)},
+            )
         status, answer = await _call(scope, "GET", "/admin/whoami", token)
         if status == 401:
-            self.throttle.failed(client)
             log.info("admin page: a login from %s was refused (wrong token)", client)
             return _error(401, "this token was refused")
+        self.throttle.succeeded(client, attempt)
+        if status == 403:
+            # a valid token that may not read the admin API: not an outage
+            return _error(403, "this token cannot use the admin page: it lacks 'admin:read'")
         if status != 200:
             detail = answer.get("detail") if isinstance(answer, dict) else None
             return _error(503, f"cannot check the token now: {detail or f'HTTP {status}'}")
-        self.throttle.succeeded(client)
         scopes = answer.get("scopes", []) if isinstance(answer, dict) else []
+        # a login replaces the session the browser had (none outlives its cookie)
+        self.sessions.drop(request.cookies.get(COOKIE))
         session = self.sessions.create(token, [str(s) for s in scopes])
         log.info(
             "admin page: logged in from %s (%s)",
@@ -204,8 +214,15 @@ class UiApp:
         )
         return _secure(response)
 
-    def _session(self, scope: Scope) -> Response:
+    async def _session(self, scope: Scope) -> Response:
         session = self.sessions.get(Request(scope).cookies.get(COOKIE))
+        if (
+            session is not None
+            and (await _call(scope, "GET", "/admin/whoami", session.token))[0] == 401
+        ):
+            # the token was revoked (or expired) since the login: so is the session
+            self.sessions.drop(session.id)
+            session = None
         body = self._describe(session) if session else {"logged_in": False}
         return _secure(JSONResponse(body, headers={"cache-control": "no-store"}))
 
@@ -237,6 +254,10 @@ class UiApp:
             if refusal:
                 await _error(403, refusal)(scope, receive, send)
                 return
+        if rest == MOUNT[len("/admin") :] or rest.startswith(MOUNT[len("/admin") :] + "/"):
+            # the page itself is not part of the admin API (and has no bearer login)
+            await _error(404, f"no admin API route at /admin{rest}")(scope, receive, send)
+            return
         root = scope.get("app_root_path", "")
         target = root + "/admin" + rest
         forwarded = dict(scope)
@@ -248,7 +269,60 @@ class UiApp:
         )
         forwarded.pop("path_params", None)
         forwarded.pop("endpoint", None)
-        await scope["app"](forwarded, receive, send)
+        sessions = self.sessions
+
+        async def watched(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and message["status"] == 401
+                and (await _call(scope, "GET", "/admin/whoami", session.token))[0] == 401
+            ):
+                # the API no longer accepts the session's token (revoked or expired):
+                # the session ends with it, and the browser is told to forget it
+                sessions.drop(session.id)
+                headers = list(message.get("headers", []))
+                headers.append((b"set-cookie", _expired_cookie(scope).encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        # A stream (SSE) the session opened ends with the session: once the request's
+        # body is read, the app is told the client left when the session is dropped or
+        # expires (Starlette's streaming responses listen for that under ASGI 2.3).
+        forwarded["asgi"] = {**scope.get("asgi", {}), "spec_version": "2.3"}
+        body_done = False
+
+        async def until_session_ends() -> Message:
+            nonlocal body_done
+            if not body_done:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    body_done = True
+                return message
+            answer: Message = {"type": "http.disconnect"}
+            async with anyio.create_task_group() as group:
+
+                async def client() -> None:
+                    nonlocal answer
+                    answer = await receive()
+                    group.cancel_scope.cancel()
+
+                async def ended() -> None:
+                    await session.wait_ended()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(client)
+                group.start_soon(ended)
+            return answer
+
+        await scope["app"](forwarded, until_session_ends, watched)
+
+
+def _expired_cookie(scope: Scope) -> str:
+    response = Response()
+    response.delete_cookie(
+        COOKIE, path=scope.get("app_root_path", "") + MOUNT, httponly=True, samesite="strict"
+    )
+    return response.headers["set-cookie"]
 
 
 def _route_path(scope: Scope) -> str:

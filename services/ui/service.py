@@ -54,6 +54,8 @@ class UiService:
         # the page checks its own session cookie; its calls to the admin API carry the
         # session's token and go through the admin guard like any other
         kernel.http.add_self_authenticating_prefix(MOUNT)
+        # a call through the bridge may carry what the admin route accepts (an archive)
+        kernel.http.alias_body_limits(MOUNT + "/api", "/admin")
         kernel.http.add_admin_router(related_router(kernel))
         kernel.http.add_admin_router(_whoami_router())
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -209,3 +212,183 @@ def test_an_event_shows_its_causes_and_effects(server: Server) -> None:
     missing = httpx.get(f"{server.url}/admin/events/999999/related", headers=headers, timeout=10)
     assert missing.status_code == 404
     assert httpx.get(f"{server.url}/admin/events/1/related", timeout=10).status_code == 401
+
+
+def test_wrong_logins_sent_at_once_are_throttled_together(server: Server) -> None:
+    # the limit is 3 a minute: twenty guesses sent at the same time must not all be tried
+    def guess(i: int) -> int:
+        with httpx.Client(
+            base_url=server.url + "/admin/ui/",
+            timeout=30,
+            headers={"x-forwarded-for": "203.0.113.20"},
+        ) as c:
+            return c.post("login", json={"token": f"wrong-{i}"}).status_code
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = list(pool.map(guess, range(20)))
+    assert statuses.count(401) <= 3, statuses
+    assert statuses.count(429) >= 17, statuses
+
+
+def test_a_login_with_some_valid_token_does_not_reset_the_count_of_guesses(
+    server: Server,
+) -> None:
+    reader = _api_token(server, ["admin:read"])
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.21"})
+    assert client.post("login", json={"token": "wrong-1"}).status_code == 401
+    assert client.post("login", json={"token": "wrong-2"}).status_code == 401
+    assert client.post("login", json={"token": reader}).status_code == 200
+    assert client.post("login", json={"token": "wrong-3"}).status_code == 401
+    assert client.post("login", json={"token": "wrong-4"}).status_code == 429
+
+
+def test_a_read_only_session_cannot_change_anything(server: Server) -> None:
+    reader = _api_token(server, ["admin:read"])
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.22"})
+    r = client.post("login", json={"token": reader})
+    assert r.status_code == 200 and r.json()["can_write"] is False
+    csrf = str(r.json()["csrf"])
+    assert client.get("api/plugins").status_code == 200
+    for method, path in [
+        ("POST", "api/plugins/hello/reload"),
+        ("POST", "api/tokens"),
+        ("DELETE", "api/plugins/hello"),
+    ]:
+        r = client.request(method, path, headers={"x-csrf-token": csrf}, json={"name": "x"})
+        assert r.status_code == 403, (method, path, r.status_code, r.text)
+
+
+def test_a_revoked_token_ends_its_open_sessions(server: Server) -> None:
+    token = _api_token(server, ["admin:read", "admin:write"])
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.23"})
+    assert client.post("login", json={"token": token}).status_code == 200
+    assert client.get("api/kernel").status_code == 200
+    token_id = _ids[token]
+    r = httpx.delete(
+        f"{server.url}/admin/tokens/{token_id}",
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    r = client.get("api/kernel")
+    assert r.status_code == 401
+    assert "xcore_ui_session=" in r.headers.get("set-cookie", "")
+    assert client.get("session").json() == {"logged_in": False}
+    # a session whose token is revoked says so at once, before any call of the API
+    token = _api_token(server, ["admin:read"])
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.25"})
+    assert client.post("login", json={"token": token}).status_code == 200
+    assert client.get("session").json()["logged_in"] is True
+    r = httpx.delete(
+        f"{server.url}/admin/tokens/{_ids[token]}",
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert client.get("session").json() == {"logged_in": False}
+
+
+def test_the_bridge_does_not_reach_the_page_and_keeps_the_session(server: Server) -> None:
+    client, _ = login(server)
+    for path in ["api/ui/api/kernel", "api/ui/session", "api/ui"]:
+        assert client.get(path).status_code == 404, path
+    # an admin route that answers 401 for a reason of its own does not end a session
+    # whose token is still good
+    assert client.get("session").json()["logged_in"] is True
+    assert client.get("api/kernel").status_code == 200
+
+
+def test_a_new_login_ends_the_session_the_browser_had(server: Server) -> None:
+    client, _ = login(server)
+    old = client.cookies["xcore_ui_session"]
+    assert client.post("login", json={"token": TOKEN}).status_code == 200
+    assert client.cookies["xcore_ui_session"] != old
+    stale = client_for(server, cookies={"xcore_ui_session": old})
+    assert stale.get("session").json() == {"logged_in": False}
+
+
+def test_an_archive_larger_than_the_default_body_limit_passes_the_bridge(server: Server) -> None:
+    # the install route accepts archives up to the loader's limit (20 MB), not the
+    # default 1 MB: the page's install form must get the same limit through the bridge
+    client, body = login(server)
+    archive = b"\0" * (2 * 1024 * 1024)
+    r = client.post(
+        "api/plugins",
+        files={"file": ("big.tar.gz", archive, "application/gzip")},
+        headers={"x-csrf-token": str(body["csrf"])},
+    )
+    assert r.status_code != 413, r.text
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+
+
+_ids: dict[str, str] = {}
+
+
+def _api_token(server: Server, scopes: list[str]) -> str:
+    name = f"ui-test-{len(_ids)}"
+    r = httpx.post(
+        server.url + "/admin/tokens",
+        json={"name": name, "scopes": scopes},
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    token = str(r.json()["token"])
+    _ids[token] = str(r.json()["id"])
+    return token
+
+
+def test_a_stream_opened_by_a_session_ends_with_it(server: Server) -> None:
+    client, body = login(server)
+    ended = threading.Event()
+    frames: list[bytes] = []
+
+    def follow() -> None:
+        try:
+            with client.stream("GET", "api/events/stream", params={"after": 0}) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_bytes():
+                    frames.append(chunk)
+        except httpx.HTTPError:
+            pass
+        ended.set()
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while not frames and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert frames, "the stream sent nothing"
+    assert not ended.is_set()
+    r = client.post("logout", headers={"x-csrf-token": str(body["csrf"])})
+    assert r.status_code == 200
+    assert ended.wait(30), "the stream outlived its session"
+
+
+def test_a_csrf_header_with_non_ascii_bytes_is_refused_not_a_server_error(
+    server: Server,
+) -> None:
+    client, _ = login(server)
+    r = client.post("api/plugins/hello/reload", headers={"x-csrf-token": b"\xff\xfe"})
+    assert r.status_code == 403, r.text
+    r = client.post("logout", headers={"x-csrf-token": b"\xe9t\xe9"})
+    assert r.status_code == 403, r.text
+
+
+def test_the_login_media_type_is_matched_case_insensitively(server: Server) -> None:
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.24"})
+    r = client.post(
+        "login",
+        content=b'{"token": "' + TOKEN.encode() + b'"}',
+        headers={"content-type": "Application/JSON; charset=UTF-8"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_a_token_without_admin_read_is_refused_as_such_not_as_an_outage(server: Server) -> None:
+    other = _api_token(server, ["hello:use"])
+    client = client_for(server, headers={"x-forwarded-for": "203.0.113.26"})
+    r = client.post("login", json={"token": other})
+    assert r.status_code == 403, r.text
+    assert "admin:read" in r.json()["detail"]
+    assert "set-cookie" not in r.headers

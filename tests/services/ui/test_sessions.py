@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import anyio
+
 from services.ui.sessions import LoginThrottle, SessionStore
 
 
@@ -43,15 +45,31 @@ def test_logout_drops_the_session() -> None:
     assert store.get(s.id) is None
 
 
-def test_failed_logins_are_throttled_per_client_and_forgotten_on_success() -> None:
+def test_failed_logins_are_throttled_per_client() -> None:
     throttle = LoginThrottle(limit=3, window=60)
     for _ in range(3):
         assert throttle.blocked("10.0.0.1") == 0
         throttle.failed("10.0.0.1")
     assert throttle.blocked("10.0.0.1") > 0
     assert throttle.blocked("10.0.0.2") == 0  # another client is not affected
-    throttle.succeeded("10.0.0.1")
-    assert throttle.blocked("10.0.0.1") == 0
+
+
+def test_attempts_in_flight_count_and_a_success_withdraws_only_its_own() -> None:
+    throttle = LoginThrottle(limit=3, window=60)
+    # three attempts started at once (none has failed yet): the fourth is refused
+    stamps = [throttle.attempt("c") for _ in range(3)]
+    assert all(wait == 0 for wait, _ in stamps)
+    assert throttle.attempt("c")[0] > 0
+    # one of them succeeds: only it is withdrawn, the two wrong guesses still count
+    throttle.succeeded("c", stamps[0][1])
+    wait, stamp = throttle.attempt("c")
+    assert wait == 0
+    assert throttle.attempt("c")[0] > 0
+    # a login with a valid token does not reset the count of wrong guesses
+    throttle.succeeded("c", stamp)
+    assert throttle.blocked("c") == 0
+    throttle.failed("c")
+    assert throttle.blocked("c") > 0
 
 
 def test_the_throttle_window_slides() -> None:
@@ -60,3 +78,32 @@ def test_the_throttle_window_slides() -> None:
     assert throttle.blocked("c") > 0
     time.sleep(0.06)
     assert throttle.blocked("c") == 0
+
+
+async def test_waiting_for_a_session_returns_when_it_is_dropped_or_expires() -> None:
+    store = SessionStore(ttl=60)
+    s = store.create("t", [])
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(s.wait_ended)
+            await anyio.sleep(0.01)
+            store.drop(s.id)
+    short = SessionStore(ttl=0.05).create("t", [])
+    with anyio.fail_after(30):
+        await short.wait_ended()  # expiry ends it without anyone dropping it
+
+
+def test_one_token_logging_in_again_and_again_ends_only_its_own_sessions() -> None:
+    store = SessionStore(ttl=60, max_sessions=100, max_per_token=5)
+    operator = store.create("operator-token", ["*"])
+    readers = [store.create("reader-token", ["admin:read"]) for _ in range(1000)]
+    assert store.get(operator.id) is operator
+    assert [s.id for s in readers if store.get(s.id)] == [s.id for s in readers[-5:]]
+    assert len(store) == 6
+
+
+def test_a_csrf_header_with_non_ascii_characters_is_wrong_not_an_error() -> None:
+    s = SessionStore(ttl=60).create("t", [])
+    assert s.csrf_matches("\xff" + s.csrf[1:]) is False
+    assert s.csrf_matches("é") is False
+    assert s.csrf_matches(s.csrf) is True
