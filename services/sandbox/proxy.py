@@ -35,6 +35,13 @@ __all__ = ["SandboxProxy"]
 
 log = logging.getLogger("xcore.sandbox")
 
+#: Added to every answer of a sandboxed plugin. Its pages share the kernel's origin, so a
+#: script in one could read the admin page's session (``/admin/ui/session``) from an
+#: operator's browser and act as them; a CSP sandbox without ``allow-same-origin`` gives
+#: such a document an opaque origin of its own. It adds to the plugin's own policy (the
+#: browser enforces both) and does nothing to JSON or other non-document answers.
+SANDBOXED_ORIGIN = b"sandbox allow-scripts allow-forms allow-popups allow-downloads allow-modals"
+
 
 class SandboxProxy:
     """ASGI app forwarding HTTP requests to a sandboxed plugin's worker."""
@@ -183,8 +190,11 @@ class _Relay:
                         "type": "http.response.start",
                         "status": int(h["status"]),
                         "headers": [
-                            (k.encode("latin-1"), v.encode("latin-1"))
-                            for k, v in h.get("headers", [])
+                            *(
+                                (k.encode("latin-1"), v.encode("latin-1"))
+                                for k, v in h.get("headers", [])
+                            ),
+                            (b"content-security-policy", SANDBOXED_ORIGIN),
                         ],
                     }
                 )
