@@ -647,6 +647,7 @@ class SQLiteStore:
                 return cached
         if types is not None and not types:
             return []
+        await self._refresh_reader()
         params: list[Any]
         if stream is not None and self.format >= 2:
             sql, params = read_stream_sql(
@@ -689,15 +690,23 @@ class SQLiteStore:
                 return
         except OSError as exc:
             raise StoreError(f"{self.path}: the event log went away: {exc}") from exc
-        old, self._reader = self._reader, None
+        # the new reader replaces the old one before it closes: a read running meanwhile
+        # finds a reader either way
+        old, stamp = self._reader, self._reader_stamp
+        self._reader_stamp = None
+        try:
+            await self._open_reader()
+        except BaseException:
+            self._reader_stamp = stamp  # the old reader stays; the next read tries again
+            raise
         if old is not None:
             await self._close_conn(old, "reader")
-        await self._open_reader()
 
     async def stream_version(self, stream: str) -> int:
         self._check_open()
         if self._writer is not None and stream in self._writer.versions:
             return self._writer.versions[stream]
+        await self._refresh_reader()
         assert self._reader is not None
         if self.format >= 2:
             sql, params = stream_version_sql(stream)
@@ -729,6 +738,7 @@ class SQLiteStore:
 
     async def load_checkpoint(self, name: str) -> int | None:
         self._check_open()
+        await self._refresh_reader()
         assert self._reader is not None
         row = await (
             await self._reader.execute("SELECT position FROM checkpoints WHERE name = ?", (name,))
@@ -740,6 +750,7 @@ class SQLiteStore:
 
     async def load_snapshot(self, name: str) -> Snapshot | None:
         self._check_open()
+        await self._refresh_reader()
         assert self._reader is not None
         row = await (
             await self._reader.execute(
