@@ -425,6 +425,13 @@ class SQLiteStore:
             )
             await conn.commit()
         except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                # not damage: the log is as it was (an upgrade is one transaction)
+                raise StoreError(
+                    f"{self.path}: cannot open the event log, the disk is full ({exc}); "
+                    "the log is unchanged — free some space (an upgrade from format 1 "
+                    "copies the events once: about the log's size) and open it again"
+                ) from exc
             raise StoreCorrupt(f"{self.path} is not a readable event log: {exc}") from exc
         await self._check_schema(conn)
 
