@@ -11,7 +11,7 @@ from collections.abc import Collection, Sequence
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
-from kernel.store.base import ANY, Snapshot, check_limit, describe_expected
+from kernel.store.base import ANY, Snapshot, check_limit, check_types, describe_expected
 from kernel.store.tail import Row, Tail
 
 __all__ = ["MemoryStore"]
@@ -96,6 +96,7 @@ class MemoryStore:
     ) -> list[Recorded]:
         self._check_open()
         check_limit(limit)
+        check_types(types)
         out: list[Row] = []
         if limit == 0:
             return []

@@ -30,7 +30,7 @@ import aiosqlite
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
 from kernel.events import NewEvent, Recorded
-from kernel.store.base import ANY, Snapshot, check_limit
+from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
@@ -651,6 +651,7 @@ class SQLiteStore:
     ) -> list[Recorded]:
         self._check_open()
         check_limit(limit)
+        check_types(types)
         if types is not None and not isinstance(types, (set, frozenset)):
             types = frozenset(types)
         if not self.readonly:

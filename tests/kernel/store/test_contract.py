@@ -257,3 +257,11 @@ async def test_a_limit_of_zero_reads_nothing_and_a_negative_one_is_refused(
         with pytest.raises(StoreError, match="limit"):
             await store.read(after=after, limit=-1)
     assert [r.position for r in await store.read(limit=2)] == [1, 2]
+
+
+async def test_a_single_type_name_given_as_types_is_refused(store: EventStore) -> None:
+    await store.append([note("n")], stream="s")
+    # a string is a collection of characters: it would silently match nothing
+    for after in (0, -1):
+        with pytest.raises(StoreError, match="types"):
+            await store.read(after=after, types="Note")
