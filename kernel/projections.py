@@ -143,10 +143,18 @@ async def fold(
             if until is not None and batch and batch[-1].position > until:
                 batch = [r for r in batch if r.position <= until]
             if fast:
-                for record in batch:
-                    handler = handlers.get(record.type)
-                    if handler is not None:
-                        handler(projection, record)
+                try:
+                    for record in batch:
+                        handler = handlers.get(record.type)
+                        if handler is not None:
+                            handler(projection, record)
+                except BaseException:
+                    # as apply() would: the position is the last record applied, so a
+                    # fold run again after the error does not apply any record twice
+                    done = batch.index(record)
+                    if done:
+                        projection.position = batch[done - 1].position
+                    raise
                 if batch:
                     projection.position = batch[-1].position
             else:

@@ -12,14 +12,39 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
+from kernel.errors import StoreError
 from kernel.events import NewEvent, Recorded
 
-__all__ = ["ANY", "NO_STREAM", "EventStore", "Snapshot", "describe_expected"]
+__all__ = [
+    "ANY",
+    "NO_STREAM",
+    "EventStore",
+    "Snapshot",
+    "check_limit",
+    "check_types",
+    "describe_expected",
+]
 
 #: ``expected_version`` that accepts any current version of the stream.
 ANY: Final = None
 #: ``expected_version`` that requires the stream to have no event yet.
 NO_STREAM: Final = 0
+
+
+def check_limit(limit: int | None) -> None:
+    """Refuse a negative read ``limit`` (0 reads nothing; None reads everything)."""
+    if limit is not None and limit < 0:
+        raise StoreError(f"a read's limit must be 0 or more (or None for no limit), not {limit}")
+
+
+def check_types(types: object) -> None:
+    """Refuse a single type name given as ``types``: a string is a collection of its
+    characters, so it would silently match nothing."""
+    if isinstance(types, (str, bytes)):
+        raise StoreError(
+            f"a read's types must be a collection of type names, not the string {types!r} "
+            f"(write types=[{types!r}])"
+        )
 
 
 def describe_expected(expected: int | None) -> str:

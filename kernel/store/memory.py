@@ -11,7 +11,7 @@ from collections.abc import Collection, Sequence
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
-from kernel.store.base import ANY, Snapshot, describe_expected
+from kernel.store.base import ANY, Snapshot, check_limit, check_types, describe_expected
 from kernel.store.tail import Row, Tail
 
 __all__ = ["MemoryStore"]
@@ -95,7 +95,11 @@ class MemoryStore:
         limit: int | None = None,
     ) -> list[Recorded]:
         self._check_open()
+        check_limit(limit)
+        check_types(types)
         out: list[Row] = []
+        if limit == 0:
+            return []
         for row in self._events[max(after, 0) :]:
             if types is not None and row[3] not in types:
                 continue

@@ -37,7 +37,7 @@ import asyncpg
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError
 from kernel.events import NewEvent, Recorded
-from kernel.store.base import ANY, Snapshot
+from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.postgres_follow import Follower
 from kernel.store.postgres_writer import COLUMNS, CONNECTION_ERRORS, PostgresWriter
 from kernel.store.tail import Row, Tail
@@ -379,6 +379,8 @@ class PostgresStore:
         limit: int | None = None,
     ) -> list[Recorded]:
         self._check_open()
+        check_limit(limit)
+        check_types(types)
         if types is not None and not isinstance(types, (set, frozenset)):
             types = frozenset(types)
         cached = self._tail.read(after, types, stream, limit)

@@ -30,7 +30,7 @@ import aiosqlite
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
 from kernel.events import NewEvent, Recorded
-from kernel.store.base import ANY, Snapshot
+from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
@@ -425,6 +425,13 @@ class SQLiteStore:
             )
             await conn.commit()
         except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                # not damage: the log is as it was (an upgrade is one transaction)
+                raise StoreError(
+                    f"{self.path}: cannot open the event log, the disk is full ({exc}); "
+                    "the log is unchanged — free some space (an upgrade from format 1 "
+                    "copies the events once: about the log's size) and open it again"
+                ) from exc
             raise StoreCorrupt(f"{self.path} is not a readable event log: {exc}") from exc
         await self._check_schema(conn)
 
@@ -478,11 +485,15 @@ class SQLiteStore:
         self.format = found
 
     async def _query_last_position(self, conn: aiosqlite.Connection) -> int:
-        try:
-            row = await (await conn.execute("SELECT MAX(position) FROM events")).fetchone()
+        try:  # one trip, no cursor left open (see _query)
+            rows = list(await conn.execute_fetchall("SELECT MAX(position) FROM events"))
+        except (sqlite3.ProgrammingError, ValueError) as exc:
+            if not self._open:  # close() won the race
+                raise StoreClosed(f"{self.path}: the event log is closed") from exc
+            raise StoreError(f"{self.path}: read failed: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"{self.path} is damaged: {exc}") from exc
-        return int(row[0]) if row and row[0] is not None else 0
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     def _take_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -639,6 +650,8 @@ class SQLiteStore:
         limit: int | None = None,
     ) -> list[Recorded]:
         self._check_open()
+        check_limit(limit)
+        check_types(types)
         if types is not None and not isinstance(types, (set, frozenset)):
             types = frozenset(types)
         if not self.readonly:
@@ -647,6 +660,7 @@ class SQLiteStore:
                 return cached
         if types is not None and not types:
             return []
+        await self._refresh_reader()
         params: list[Any]
         if stream is not None and self.format >= 2:
             sql, params = read_stream_sql(
@@ -665,12 +679,22 @@ class SQLiteStore:
             if limit is not None:
                 sql += " LIMIT ?"
                 params.append(limit)
-        assert self._reader is not None
+        return Recorded.from_rows(await self._query(sql, params))
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """One read in one trip to the reader's thread (no cursor left open: an open
+        statement would keep the reader's snapshot, so close could not checkpoint)."""
+        reader = self._reader
+        if reader is None or not self._open:
+            raise StoreClosed(f"{self.path}: the event log is closed")
         try:
-            rows = await self._reader.execute_fetchall(sql, params)
+            return list(await reader.execute_fetchall(sql, params))
+        except (sqlite3.ProgrammingError, ValueError) as exc:
+            if not self._open or self._reader is not reader:  # close() won the race
+                raise StoreClosed(f"{self.path}: the event log is closed") from exc
+            raise StoreError(f"{self.path}: read failed: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: read failed: {exc}") from exc
-        return Recorded.from_rows(rows)
 
     async def last_position(self) -> int:
         self._check_open()
@@ -689,22 +713,29 @@ class SQLiteStore:
                 return
         except OSError as exc:
             raise StoreError(f"{self.path}: the event log went away: {exc}") from exc
-        old, self._reader = self._reader, None
+        # the new reader replaces the old one before it closes: a read running meanwhile
+        # finds a reader either way
+        old, stamp = self._reader, self._reader_stamp
+        self._reader_stamp = None
+        try:
+            await self._open_reader()
+        except BaseException:
+            self._reader_stamp = stamp  # the old reader stays; the next read tries again
+            raise
         if old is not None:
             await self._close_conn(old, "reader")
-        await self._open_reader()
 
     async def stream_version(self, stream: str) -> int:
         self._check_open()
         if self._writer is not None and stream in self._writer.versions:
             return self._writer.versions[stream]
-        assert self._reader is not None
+        await self._refresh_reader()
         if self.format >= 2:
             sql, params = stream_version_sql(stream)
         else:
             sql, params = "SELECT MAX(version) FROM events WHERE stream = ?", [stream]
-        row = await (await self._reader.execute(sql, params)).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        rows = await self._query(sql, params)
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         self._check_open()
@@ -729,25 +760,22 @@ class SQLiteStore:
 
     async def load_checkpoint(self, name: str) -> int | None:
         self._check_open()
-        assert self._reader is not None
-        row = await (
-            await self._reader.execute("SELECT position FROM checkpoints WHERE name = ?", (name,))
-        ).fetchone()
-        return int(row[0]) if row else None
+        await self._refresh_reader()
+        rows = await self._query("SELECT position FROM checkpoints WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else None
 
     async def save_checkpoint(self, name: str, position: int) -> None:
         await self._writable().put(UPSERT_CHECKPOINT, (name, position))
 
     async def load_snapshot(self, name: str) -> Snapshot | None:
         self._check_open()
-        assert self._reader is not None
-        row = await (
-            await self._reader.execute(
-                "SELECT position, schema, state FROM snapshots WHERE name = ?", (name,)
-            )
-        ).fetchone()
-        if row is None:
+        await self._refresh_reader()
+        rows = await self._query(
+            "SELECT position, schema, state FROM snapshots WHERE name = ?", (name,)
+        )
+        if not rows:
             return None
+        row = rows[0]
         return Snapshot(name=name, position=int(row[0]), schema=int(row[1]), state=bytes(row[2]))
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:

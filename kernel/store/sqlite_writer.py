@@ -36,6 +36,7 @@ from kernel.store.sqlite_streams import (
     IndexRow,
     index_statements,
     stream_version_sql,
+    unindexed_sql,
 )
 from kernel.store.tail import Row, Tail
 
@@ -362,6 +363,10 @@ class GroupCommitWriter:
             touched[o.stream] = current
             results.append((o, records))
 
+        if any(isinstance(f, ConcurrencyError) for _, f in failures) and await self._resync():
+            # a version the writer had in memory was stale: another process wrote
+            await self._commit(batch)
+            return
         fresh_index = [(r[1], r[2], r[0]) for r in rows]
         flush = len(self.unindexed) + len(fresh_index) >= self.index_every
         if rows or puts:
@@ -380,6 +385,9 @@ class GroupCommitWriter:
                     await conn.commit()
             except sqlite3.Error as exc:
                 await self._rollback(exc)
+                if isinstance(exc, sqlite3.IntegrityError) and await self._resync():
+                    await self._commit(batch)  # again, from the log as it now is
+                    return
                 ops: list[_Append | _Put] = [o for o, _ in results] + list(puts)
                 if isinstance(exc, sqlite3.IntegrityError) and len(ops) > 1:
                     # one caller's data broke a constraint: find it, one op per transaction
@@ -420,6 +428,39 @@ class GroupCommitWriter:
                     a.future.set_result(await self._by_ids(a.existing))
                 except sqlite3.Error as exc:
                     a.future.set_exception(StoreError(f"{self.path}: {exc}"))
+
+    async def _resync(self) -> bool:
+        """After a refused insert or a version conflict: if another process wrote to the log behind the
+        writer's back (a foreign sqlite3 connection), take the log as it now is — its
+        last position, versions and unindexed end — so appends go on after it rather
+        than being refused forever. True when the log had changed."""
+        try:
+            row = await (await self._conn.execute("SELECT MAX(position) FROM events")).fetchone()
+            disk = int(row[0] or 0) if row else 0
+            if disk == self.last:
+                return False
+            unindexed = [
+                (str(r[0]), int(r[1]), int(r[2]))
+                for r in await self._conn.execute_fetchall(unindexed_sql())
+            ]
+        except sqlite3.Error as exc:
+            log.error("%s: could not reread the log's end: %r", self.path, exc)
+            return False
+        log.error(
+            "%s: another process wrote to the log (it ends at position %d, this writer "
+            "had written up to %d); appends go on after its end — only xcore should "
+            "write an event log (`xcore replay verify` checks it)",
+            self.path,
+            disk,
+            self.last,
+        )
+        self.last = disk
+        self.versions.clear()
+        self.unindexed = unindexed
+        # the tail holds only contiguous positions: readers read the log itself from now
+        self._tail.reset(disk)
+        self._tail.push(())
+        return True
 
     async def _rollback(self, cause: sqlite3.Error) -> None:
         try:

@@ -84,6 +84,8 @@ class Tail:
             return []
         start = after - first + 1
         out: list[Row] = []
+        if limit == 0:
+            return []
         for i in range(start, len(rows)):
             row = rows[i]
             if types is not None and row[3] not in types:

@@ -278,3 +278,38 @@ async def test_a_fold_pauses_the_cyclic_gc_and_always_restores_it(tmp_path: Path
             gc.enable()
     finally:
         await store.close()
+
+
+class _Once(Projection):
+    name = "once"
+
+    def reset(self) -> None:
+        self.applied: list[int] = []
+        self.fail_at: int | None = None
+
+    @handles("Counted")
+    def _counted(self, r: Recorded) -> None:
+        if r.position == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("a handler failed once")
+        self.applied.append(r.position)
+
+
+async def test_a_fold_run_again_after_a_handler_failed_applies_no_event_twice(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        await store.append([NewEvent.raw("Counted", {"n": i}) for i in range(10)], stream="c")
+        p = _Once()
+        p.fail_at = 6
+        with pytest.raises(RuntimeError):
+            await fold(store, p, batch_size=4)
+        # what was applied before the failure is what the position says
+        assert p.applied == [1, 2, 3, 4, 5]
+        assert p.position == 5
+        await fold(store, p, batch_size=4)
+        assert p.applied == list(range(1, 11))
+    finally:
+        await store.close()

@@ -244,3 +244,24 @@ async def test_health_reports_an_open_store_and_a_closed_one(store: EventStore) 
     with pytest.raises(StoreClosed):
         await store.append([note("late")], stream="s")
     await store.open()
+
+
+async def test_a_limit_of_zero_reads_nothing_and_a_negative_one_is_refused(
+    store: EventStore,
+) -> None:
+    await store.append([note(f"n{i}") for i in range(5)], stream="s")
+    # from the in-memory tail and from the log itself alike
+    for after in (0, -1):
+        assert await store.read(after=after, limit=0) == []
+        assert await store.read(after=after, stream="s", limit=0) == []
+        with pytest.raises(StoreError, match="limit"):
+            await store.read(after=after, limit=-1)
+    assert [r.position for r in await store.read(limit=2)] == [1, 2]
+
+
+async def test_a_single_type_name_given_as_types_is_refused(store: EventStore) -> None:
+    await store.append([note("n")], stream="s")
+    # a string is a collection of characters: it would silently match nothing
+    for after in (0, -1):
+        with pytest.raises(StoreError, match="types"):
+            await store.read(after=after, types="Note")

@@ -279,3 +279,26 @@ async def test_odd_file_names_and_a_fifo(tmp_path: Path) -> None:
         for readonly in (False, True):
             with pytest.raises(StoreCorrupt, match="not a regular file"):
                 await SQLiteStore(fifo, readonly=readonly).open()
+
+
+async def test_a_read_only_store_of_an_idle_log_sees_a_writer_s_later_appends(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "events.db"
+    await make_log(path, 5)
+    reader = SQLiteStore(path, readonly=True)  # opened while no one writes: immutable
+    await reader.open()
+    writer = SQLiteStore(path)
+    try:
+        assert len(await reader.read()) == 5
+        await writer.open()
+        await writer.append([NewEvent.raw("Later", {"i": i}) for i in range(3)], stream="later")
+        await writer.save_checkpoint("cp", 8)
+        # every kind of read sees them, not only last_position()
+        assert [r.position for r in await reader.read(stream="later")] == [6, 7, 8]
+        assert len(await reader.read()) == 8
+        assert await reader.stream_version("later") == 3
+        assert await reader.load_checkpoint("cp") == 8
+    finally:
+        await writer.close()
+        await reader.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from kernel.errors import StoreCorrupt, StoreError
 from kernel.events import Meta, NewEvent
 from kernel.store import SQLiteStore
 from kernel.store.sqlite import FORMAT
@@ -230,3 +231,32 @@ async def test_a_format_1_log_is_read_as_it_is_and_upgraded_when_written(tmp_pat
         assert conn.execute("SELECT COUNT(*) FROM streams_index").fetchone() == (31,)
     finally:
         conn.close()
+
+
+async def test_an_upgrade_on_a_full_disk_says_so_and_leaves_the_log_as_it_was(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.db"
+    _format_1_log(path, 3000)
+    conn = sqlite3.connect(path)
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.close()
+    # room for a few pages only: the copy of the events cannot fit
+    store = SQLiteStore(path, max_page_count=pages + 5, allow_new_log=True)
+    with pytest.raises(StoreError, match="disk is full") as caught:
+        await store.open()
+    assert not isinstance(caught.value, StoreCorrupt)  # the log is not damaged
+    reader = SQLiteStore(path, readonly=True)
+    await reader.open()
+    try:
+        assert reader.format == 1
+        assert len(await reader.read()) == 3000
+    finally:
+        await reader.close()
+    store = SQLiteStore(path, allow_new_log=True)  # with room, the upgrade is done
+    await store.open()
+    try:
+        assert store.format == FORMAT
+        assert [r.position for r in await store.read(stream="s1", limit=3)] == [1, 4, 7]
+    finally:
+        await store.close()

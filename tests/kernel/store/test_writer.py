@@ -217,3 +217,77 @@ async def test_insert_or_replace_cannot_rewrite_an_event(tmp_path: Path) -> None
     [back] = await again.read()
     await again.close()
     assert (back.type, back.meta.id) == ("Counted", r.meta.id)
+
+
+async def test_appends_go_on_after_rows_another_process_inserted(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.append([ev(0), ev(1)], stream="s")
+        got: list[int] = []
+
+        async def follow() -> None:
+            after = 0
+            while after < 5:
+                after = await store.wait(after, timeout=1)
+                got.extend(r.position for r in await store.read(after=len(got)))
+
+        # a foreign sqlite3 connection (not xcore's writer) appends a row of its own
+        conn = sqlite3.connect(path)
+        conn.execute(
+            "INSERT INTO events VALUES (3, 's', 3, 'Counted', 1, '{}', '{}', 'foreign-id', 0)"
+        )
+        conn.commit()
+        conn.close()
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                await asyncio.sleep(0)
+                # the writer takes the log as it now is instead of refusing forever
+                recorded = await store.append([ev(2)], stream="s", expected_version=3)
+                assert (recorded[0].position, recorded[0].version) == (4, 4)
+                recorded = await store.append([ev(3)], stream="s")
+                assert (recorded[0].position, recorded[0].version) == (5, 5)
+        assert [r.position for r in await store.read(stream="s")] == [1, 2, 3, 4, 5]
+        assert got == [1, 2, 3, 4, 5]  # a follower misses none of them
+        assert store.health()[0]
+    finally:
+        await store.close()
+
+
+async def test_reads_racing_close_get_store_closed_and_the_close_stays_clean(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.append([ev(i) for i in range(5)], stream="s")
+
+    started = asyncio.Event()
+
+    async def reads(i: int) -> str:
+        try:
+            while True:  # until close() stops it: some read is always in flight
+                await store.read(stream="s", after=-1)  # not from the tail: from the file
+                await store.stream_version(f"unseen-{i}")
+                await store.load_checkpoint("cp")
+                await store.load_snapshot("snap")
+                started.set()
+        except StoreClosed:
+            return "closed"
+
+    with anyio.fail_after(30):
+        tasks = [asyncio.create_task(reads(i)) for i in range(50)]
+        await started.wait()
+        await store.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results == ["closed"] * 50  # no other error
+    # no read held the log open past close: it was checkpointed and marked clean
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        assert reopened.recovery is None
+        assert not (tmp_path / "log.db-wal.unclean").exists()
+    finally:
+        await reopened.close()
