@@ -41,7 +41,9 @@ async def test_interval_task_runs_with_its_context(tmp_path: Path) -> None:
         )
         # scheduled times follow the interval exactly
         dues = [r.data["scheduled_for"] for r in started[:3]]
-        assert dues[1] - dues[0] == pytest.approx(0.05) and dues[2] - dues[1] == pytest.approx(0.05)
+        # times are stored to the microsecond: compare to that precision
+        assert dues[1] - dues[0] == pytest.approx(0.05, abs=1e-5)
+        assert dues[2] - dues[1] == pytest.approx(0.05, abs=1e-5)
         assert started[0].data["next_run"] == pytest.approx(dues[1])
         assert started[0].stream == "task-hello.beat"
 
