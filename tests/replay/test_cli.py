@@ -372,3 +372,19 @@ async def test_from_after_to_and_a_damaged_slice_header(story: Story, tmp_path: 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert run("replay", "state", empty).returncode == 2
+
+
+async def test_a_fifo_named_like_a_slice_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import anyio
+
+    fifo = tmp_path / "incident.jsonl"
+    os.mkfifo(fifo)
+    with anyio.fail_after(60):
+        for args in (("import", fifo, tmp_path / "copy.db"), ("timeline", fifo)):
+            # in a thread: a blocking open() of the FIFO would hang the test otherwise
+            result = await anyio.to_thread.run_sync(
+                lambda a=args: run("replay", *a), abandon_on_cancel=True
+            )
+            assert result.returncode == 2, result
+            assert "not a regular file" in result.stderr
+    assert not (tmp_path / "copy.db").exists()
