@@ -314,6 +314,7 @@ def _render_tree(value: Any, painter: Any, indent: int = 0, key: str = "") -> li
     from replay.timeline import clean
 
     pad = "  " * indent
+    key = clean(key)  # a key is event data too: no raw escapes or line breaks
     if isinstance(value, dict):
         if not value:
             return [f"{pad}{key}: {{}}" if key else f"{pad}{{}}"]
@@ -328,7 +329,6 @@ def _render_tree(value: Any, painter: Any, indent: int = 0, key: str = "") -> li
             lines.extend(_render_tree(v, painter, indent + 1, f"[{i}]"))
         return lines
     text = orjson.dumps(value).decode() if not isinstance(value, str) else clean(value)
-    key = clean(key)
     if (
         isinstance(value, float)
         and 1e9 < value < 4e9
