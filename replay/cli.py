@@ -592,6 +592,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from replay.slices import import_slice
 
-    count = import_slice(args.slice, args.target)
+    defects: list[Defect] = []
+    count = import_slice(args.slice, args.target, defects)
     print(f"imported {count} events into {args.target}")
+    _warn(defects)
     return 0

@@ -413,3 +413,17 @@ async def test_state_shows_escapes_in_event_data_keys_harmlessly(
     assert "\x1b[2J" not in shown and "\x07" not in shown and "\r" not in shown
     assert "\nFAKE" not in shown
     assert "evil" in shown
+
+
+async def test_import_warns_about_the_lines_it_skips(story: Story, tmp_path: Path) -> None:
+    """A garbage line in a slice is skipped by import; the new log would look sound, so
+    import must say what it left out."""
+    exported = tmp_path / "all.jsonl"
+    assert run("replay", "export", story.path, "-o", exported).returncode == 0
+    lines = exported.read_bytes().splitlines()
+    lines.insert(3, b"\xff\xfe not json")
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_bytes(b"\n".join(lines) + b"\n")
+    result = run("replay", "import", damaged, tmp_path / "copy.db")
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and "line 4" in result.stderr
