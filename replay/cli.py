@@ -314,6 +314,7 @@ def _render_tree(value: Any, painter: Any, indent: int = 0, key: str = "") -> li
     from replay.timeline import clean
 
     pad = "  " * indent
+    key = clean(key)  # a key is event data too: no raw escapes or line breaks
     if isinstance(value, dict):
         if not value:
             return [f"{pad}{key}: {{}}" if key else f"{pad}{{}}"]
@@ -328,7 +329,6 @@ def _render_tree(value: Any, painter: Any, indent: int = 0, key: str = "") -> li
             lines.extend(_render_tree(v, painter, indent + 1, f"[{i}]"))
         return lines
     text = orjson.dumps(value).decode() if not isinstance(value, str) else clean(value)
-    key = clean(key)
     if (
         isinstance(value, float)
         and 1e9 < value < 4e9
@@ -592,6 +592,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from replay.slices import import_slice
 
-    count = import_slice(args.slice, args.target)
+    defects: list[Defect] = []
+    count = import_slice(args.slice, args.target, defects)
     print(f"imported {count} events into {args.target}")
+    _warn(defects)
     return 0

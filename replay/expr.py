@@ -38,6 +38,11 @@ __all__ = ["Expression", "compile_expression"]
 #: CPython 3.11).
 MAX_LENGTH = 500
 MAX_ITEMS = 1_000_000
+#: No arithmetic result (or operand pair) bigger than this many bits.
+MAX_INT_BITS = 4096
+#: Generator steps, all generators together, in one evaluation: nested generators over
+#: the same big value would otherwise multiply their lengths.
+MAX_STEPS = 5_000_000
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "len": len,
@@ -92,6 +97,7 @@ class Expression:
         self._all_names = names
         #: The projection names the expression reads: only these need folding.
         self.projections: set[str] = set()
+        self._steps = 0
         self._collect(tree.body, set())
 
     # -- static checks ---------------------------------------------------------------
@@ -214,6 +220,7 @@ class Expression:
     # -- evaluation ------------------------------------------------------------------
 
     def evaluate(self, projections: Mapping[str, Any], position: int = 0) -> bool:
+        self._steps = 0
         try:
             return bool(self._eval(self._tree.body, {}, projections, position))
         except ReplayError:
@@ -268,11 +275,7 @@ class Expression:
             left, right = ev(node.left, env, ps, pos), ev(node.right, env, ps, pos)
             if left is None or right is None:
                 return None
-            if isinstance(node.op, ast.Mult) and not (
-                isinstance(left, (int, float)) and isinstance(right, (int, float))
-            ):
-                raise ReplayError(f"bad expression {self.text!r}: '*' works on numbers only")
-            return BINARY[type(node.op)](left, right)
+            return self._arith(node.op, left, right)
         if isinstance(node, ast.Compare):
             left = ev(node.left, env, ps, pos)
             for op, comp in zip(node.ops, node.comparators, strict=True):
@@ -317,6 +320,38 @@ class Expression:
             return self._generate(node, env, ps, pos)
         raise ReplayError(f"bad expression {self.text!r}: {type(node).__name__}")
 
+    def _arith(self, op: ast.operator, left: Any, right: Any) -> Any:
+        """``left op right``, bounded: numbers only (``+`` also joins strings and lists),
+        and no result bigger than ``MAX_INT_BITS`` bits or ``MAX_ITEMS`` items — else
+        nested generators squaring a number, or ``"%0999999999d" % 1``, would hang or
+        exhaust memory."""
+        numbers = (int, float)
+        if isinstance(left, numbers) and isinstance(right, numbers):
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and left.bit_length() + right.bit_length() > MAX_INT_BITS
+            ):
+                raise ReplayError(
+                    f"bad expression {self.text!r}: a number grew past {MAX_INT_BITS} bits"
+                )
+            return BINARY[type(op)](left, right)
+        if (
+            isinstance(op, ast.Add)
+            and isinstance(left, (str, list, tuple))
+            and type(left) is type(right)
+        ):
+            if len(left) + len(right) > MAX_ITEMS:
+                raise ReplayError(
+                    f"bad expression {self.text!r}: a value grew past {MAX_ITEMS} items"
+                )
+            joined: Any = left + right  # type: ignore[operator]
+            return joined
+        sign = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//"}
+        raise ReplayError(
+            f"bad expression {self.text!r}: '{sign.get(type(op), '%')}' works on numbers only"
+        )
+
     def _generate(
         self, node: ast.GeneratorExp, env: dict[str, Any], ps: Mapping[str, Any], pos: int
     ) -> Iterable[Any]:
@@ -330,6 +365,11 @@ class Expression:
         for i, item in enumerate(source):
             if i >= MAX_ITEMS:
                 raise ReplayError(f"bad expression {self.text!r}: more than {MAX_ITEMS} items")
+            self._steps += 1
+            if self._steps > MAX_STEPS:
+                raise ReplayError(
+                    f"bad expression {self.text!r}: more than {MAX_STEPS} generator steps"
+                )
             inner = dict(env)
             if isinstance(gen.target, ast.Name):
                 inner[gen.target.id] = item

@@ -90,9 +90,18 @@ def export_slice(
     return count, defects
 
 
-def import_slice(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
-    """Write the slice ``source`` into a new SQLite log at ``target``; return the count."""
+def import_slice(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    defects: list[Defect] | None = None,
+) -> int:
+    """Write the slice ``source`` into a new SQLite log at ``target``; return the count.
+
+    Lines of the slice that do not decode are skipped; they are added to ``defects``
+    (when given) so that the caller can say so: the new log would not show the loss."""
     src = SliceLog(source)
+    if defects is not None:
+        defects.extend(src.defects)
     dest = Path(target)
     if dest.exists() or dest.is_symlink():
         raise ReplayError(

@@ -511,9 +511,20 @@ class SliceLog(Log):
         self.events: list[Recorded] = []
         self._ids: dict[str, Recorded] = {}
         try:
-            raw = self.path.read_bytes()
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise ReplayError(f"{self.path}: cannot read it ({exc.strerror})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ReplayError(f"{self.path} is not a regular file, so not an xcore slice")
+            os.set_blocking(fd, True)
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read()
+        except OSError as exc:
+            raise ReplayError(f"{self.path}: cannot read it ({exc.strerror})") from None
+        finally:
+            os.close(fd)
         defects: list[Defect] = []
         for i, line in enumerate(raw.splitlines(), 1):
             if not line.strip():

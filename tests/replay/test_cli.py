@@ -372,3 +372,58 @@ async def test_from_after_to_and_a_damaged_slice_header(story: Story, tmp_path: 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert run("replay", "state", empty).returncode == 2
+
+
+async def test_a_fifo_named_like_a_slice_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import anyio
+
+    fifo = tmp_path / "incident.jsonl"
+    os.mkfifo(fifo)
+    with anyio.fail_after(60):
+        for args in (("import", fifo, tmp_path / "copy.db"), ("timeline", fifo)):
+            # in a thread: a blocking open() of the FIFO would hang the test otherwise
+            result = await anyio.to_thread.run_sync(
+                lambda a=args: run("replay", *a), abandon_on_cancel=True
+            )
+            assert result.returncode == 2, result
+            assert "not a regular file" in result.stderr
+    assert not (tmp_path / "copy.db").exists()
+
+
+async def test_state_shows_escapes_in_event_data_keys_harmlessly(
+    story: Story, tmp_path: Path
+) -> None:
+    """A plugin name is a key of the loader's table: a terminal escape in it must not
+    reach the terminal raw (clearing the screen, retitling it, faking lines)."""
+    exported = tmp_path / "all.jsonl"
+    assert run("replay", "export", story.path, "-o", exported).returncode == 0
+    lines = exported.read_bytes().splitlines()
+    evil = "evil\x1b[2J\x1b]0;pwn\x07\r\nFAKE"
+    for i, line in enumerate(lines[1:], 1):
+        d = orjson.loads(line)
+        if d["type"] == "PluginDiscovered":
+            d["data"]["name"] = evil
+            lines[i] = orjson.dumps(d)
+            break
+    hostile = tmp_path / "hostile.jsonl"
+    hostile.write_bytes(b"\n".join(lines) + b"\n")
+    result = run("replay", "state", hostile, "--at", str(i), "--color", "always")
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout.replace("\x1b[1m", "").replace("\x1b[0m", "").replace("\x1b[2m", "")
+    assert "\x1b[2J" not in shown and "\x07" not in shown and "\r" not in shown
+    assert "\nFAKE" not in shown
+    assert "evil" in shown
+
+
+async def test_import_warns_about_the_lines_it_skips(story: Story, tmp_path: Path) -> None:
+    """A garbage line in a slice is skipped by import; the new log would look sound, so
+    import must say what it left out."""
+    exported = tmp_path / "all.jsonl"
+    assert run("replay", "export", story.path, "-o", exported).returncode == 0
+    lines = exported.read_bytes().splitlines()
+    lines.insert(3, b"\xff\xfe not json")
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_bytes(b"\n".join(lines) + b"\n")
+    result = run("replay", "import", damaged, tmp_path / "copy.db")
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and "line 4" in result.stderr

@@ -105,3 +105,35 @@ def test_the_projections_read_are_known_before_folding() -> None:
     )
     assert e.projections == {"scheduler.tasks", "loader.plugins"}
     assert compile_expression("position > 3", NAMES).projections == set()
+
+
+def _nested(op: str, seed: str, levels: int) -> str:
+    inner = seed
+    for _ in range(levels):
+        inner = f"(a{op}a for a in {inner})"
+    return f"max{inner}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # each level squares the number: 2**22 times the digits, hours of CPU
+        _nested("*", "[99999999999999999999]", 22) + " > 0",
+        # printf formatting builds a string of any size
+        'len("%0999999999d" % 1) > 0',
+        '"%s" % 1 == "1"',
+        # each level doubles the string; then two loops over it multiply
+        "any(any(any(0 for c in s) for d in s) for s in ["
+        + _nested("+", '["xxxxxxxxxxxxxxxx"]', 16)
+        + "])",
+    ],
+)
+def test_conditions_cannot_grow_without_bound(text: str) -> None:
+    import anyio
+
+    async def check() -> None:
+        with anyio.fail_after(60):
+            with pytest.raises(ReplayError, match="grew past|numbers only|steps|items"):
+                await anyio.to_thread.run_sync(holds, text)
+
+    anyio.run(check)
