@@ -162,3 +162,20 @@ async def test_the_python_client_resumes_across_a_server_restart(tmp_path: Path)
         thread.join(timeout=30)
     assert not errors, errors
     assert [msg.data["data"]["n"] for msg in got] == list(range(12))
+
+
+async def test_a_resume_point_beyond_the_end_or_not_plain_digits_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A Last-Event-ID (or ?after=) past the head would make the stream wait, silent,
+    until the log reached it (after a data reset: forever); "1_000" or "+3" are not ids
+    this server sent."""
+    async with monitored(tmp_path) as m:
+        await m.kernel.append(Ticked(n=0), stream="ticks")
+        with anyio.fail_after(30):
+            for route in ("/admin/events/stream", "/admin/logs/stream"):
+                for header in ("99999999999999999999", "1_000", "+3"):
+                    r = await m.client.get(route, headers={**AUTH, "Last-Event-ID": header})
+                    assert r.status_code == 422, (route, header, r.text)
+                r = await m.client.get(route, params={"after": 10**15}, headers=AUTH)
+                assert r.status_code == 422, (route, r.text)
