@@ -7,6 +7,8 @@ is answered 422 naming it (FastAPI's error shape: ``detail[].loc``).
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,6 +19,7 @@ from services.monitor.logstore import LogQuery
 from services.monitor.metrics import CONTENT_TYPE, render, stats_json
 
 if TYPE_CHECKING:
+    from kernel.kernel import Kernel
     from services.monitor.service import MonitorService
 
 __all__ = ["admin_router", "metrics_router"]
@@ -130,6 +133,28 @@ def _seconds(value: float | datetime | None, name: str) -> float | None:
     return value.timestamp() if isinstance(value, datetime) else value
 
 
+def _while_authorized(
+    kernel: Kernel, request: Request, frames: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """``frames`` until the API token that opened the stream is revoked or expires
+    (checked at each frame, heartbeats included): a live stream outlived its token."""
+    principal = str(getattr(request.state, "admin_principal", "admin"))
+    if not principal.startswith("token:"):
+        return frames
+    from services.admin.tokens import AdminTokens
+
+    token_id = principal.removeprefix("token:")
+
+    async def guarded() -> AsyncIterator[bytes]:
+        async for frame in frames:
+            record = kernel.projection(AdminTokens).tokens.get(token_id)
+            if record is None or not record.active(time.time()):
+                return
+            yield frame
+
+    return guarded()
+
+
 def admin_router(monitor: MonitorService) -> APIRouter:
     router = APIRouter(tags=["monitor"])
     kernel = monitor.kernel
@@ -160,6 +185,7 @@ def admin_router(monitor: MonitorService) -> APIRouter:
         response_class=StreamingResponse,
     )
     async def logs_stream(
+        request: Request,
         query: LogQuery = Depends(_log_query),
         after: int | None = Query(
             None, ge=0, description="start after this line id (default: new lines only)"
@@ -171,7 +197,7 @@ def admin_router(monitor: MonitorService) -> APIRouter:
             start = after if after is not None else monitor.logs.last_id
         _not_beyond(start, monitor.logs.last_id, "log line id")
         return StreamingResponse(
-            monitor.streams.logs(monitor.logs, start, query),
+            _while_authorized(kernel, request, monitor.streams.logs(monitor.logs, start, query)),
             media_type="text/event-stream",
             headers=_SSE_HEADERS,
         )
@@ -183,6 +209,7 @@ def admin_router(monitor: MonitorService) -> APIRouter:
         response_class=StreamingResponse,
     )
     async def events_stream(
+        request: Request,
         after: int | None = Query(
             None, ge=0, description="start after this position (0: the whole log; default: now)"
         ),
@@ -197,7 +224,9 @@ def admin_router(monitor: MonitorService) -> APIRouter:
             start = after if after is not None else head
         _not_beyond(start, head, "log position")
         return StreamingResponse(
-            monitor.streams.events(kernel, start, type, stream, plugin),
+            _while_authorized(
+                kernel, request, monitor.streams.events(kernel, start, type, stream, plugin)
+            ),
             media_type="text/event-stream",
             headers=_SSE_HEADERS,
         )
