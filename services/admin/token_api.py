@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kernel.access import parse_auth
 from kernel.contract import error_responses
@@ -25,7 +26,16 @@ class TokenRequest(BaseModel):
         min_length=1, max_length=50
     )
     #: Seconds from now until the token expires (None: never).
-    expires_in: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
+    expires_in: float | None = Field(default=None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False)
+
+    @field_validator("expires_in", mode="before")
+    @classmethod
+    def _finite_input(cls, value: Any) -> Any:
+        # NaN/Infinity (accepted by Python's JSON parser) would be echoed as the 422's
+        # "input", which JSON cannot encode: the answer became a 500. Echo it as text.
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return value
 
 
 def build_token_router(kernel: Kernel) -> APIRouter:

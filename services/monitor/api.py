@@ -6,6 +6,9 @@ is answered 422 naming it (FastAPI's error shape: ``detail[].loc``).
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,6 +19,7 @@ from services.monitor.logstore import LogQuery
 from services.monitor.metrics import CONTENT_TYPE, render, stats_json
 
 if TYPE_CHECKING:
+    from kernel.kernel import Kernel
     from services.monitor.service import MonitorService
 
 __all__ = ["admin_router", "metrics_router"]
@@ -49,10 +53,9 @@ def _only(*allowed: str) -> Any:
 def _last_event_id(value: str | None) -> int | None:
     if value is None or value.strip() == "":
         return None
-    try:
-        position = int(value.strip())
-    except ValueError:
-        position = -1
+    text = value.strip()
+    # ASCII digits only: int() would also take "1_000", "+3" and non-ASCII digits.
+    position = int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else -1
     if position < 0:
         raise HTTPException(
             status_code=422,
@@ -65,6 +68,22 @@ def _last_event_id(value: str | None) -> int | None:
             ],
         )
     return position
+
+
+def _not_beyond(start: int, head: int, what: str) -> None:
+    """Refuse a resume point past the end: the stream would wait, silent, until it is reached."""
+    if start > head:
+        raise HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "loc": ["header", "Last-Event-ID"],
+                    "msg": f"{start} is beyond the last {what} ({head}); it was not sent by "
+                    "this server (was its data reset?)",
+                    "type": "value_error",
+                }
+            ],
+        )
 
 
 _LOG_FILTERS = ("plugin", "task", "run_id", "request_id", "logger", "level", "since", "until", "q")
@@ -92,14 +111,48 @@ def _log_query(
         request_id=request_id,
         logger=logger,
         level=level,
-        since=_seconds(since),
-        until=_seconds(until),
+        since=_seconds(since, "since"),
+        until=_seconds(until, "until"),
         q=q,
     )
 
 
-def _seconds(value: float | datetime | None) -> float | None:
+def _seconds(value: float | datetime | None, name: str) -> float | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        # "nan" matched no line and "inf" every or none: a silent empty answer.
+        raise HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "loc": ["query", name],
+                    "msg": "must be a finite number of Unix seconds or an ISO 8601 time",
+                    "type": "value_error",
+                }
+            ],
+        )
     return value.timestamp() if isinstance(value, datetime) else value
+
+
+def _while_authorized(
+    kernel: Kernel, request: Request, frames: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """``frames`` until the API token that opened the stream is revoked or expires
+    (checked at each frame, heartbeats included): a live stream outlived its token."""
+    principal = str(getattr(request.state, "admin_principal", "admin"))
+    if not principal.startswith("token:"):
+        return frames
+    from services.admin.tokens import AdminTokens
+
+    token_id = principal.removeprefix("token:")
+
+    async def guarded() -> AsyncIterator[bytes]:
+        async for frame in frames:
+            record = kernel.projection(AdminTokens).tokens.get(token_id)
+            if record is None or not record.active(time.time()):
+                return
+            yield frame
+
+    return guarded()
 
 
 def admin_router(monitor: MonitorService) -> APIRouter:
@@ -132,6 +185,7 @@ def admin_router(monitor: MonitorService) -> APIRouter:
         response_class=StreamingResponse,
     )
     async def logs_stream(
+        request: Request,
         query: LogQuery = Depends(_log_query),
         after: int | None = Query(
             None, ge=0, description="start after this line id (default: new lines only)"
@@ -141,8 +195,9 @@ def admin_router(monitor: MonitorService) -> APIRouter:
         start = _last_event_id(last_event_id)
         if start is None:
             start = after if after is not None else monitor.logs.last_id
+        _not_beyond(start, monitor.logs.last_id, "log line id")
         return StreamingResponse(
-            monitor.streams.logs(monitor.logs, start, query),
+            _while_authorized(kernel, request, monitor.streams.logs(monitor.logs, start, query)),
             media_type="text/event-stream",
             headers=_SSE_HEADERS,
         )
@@ -154,6 +209,7 @@ def admin_router(monitor: MonitorService) -> APIRouter:
         response_class=StreamingResponse,
     )
     async def events_stream(
+        request: Request,
         after: int | None = Query(
             None, ge=0, description="start after this position (0: the whole log; default: now)"
         ),
@@ -163,10 +219,14 @@ def admin_router(monitor: MonitorService) -> APIRouter:
         last_event_id: str | None = Header(None, alias="Last-Event-ID"),
     ) -> StreamingResponse:
         start = _last_event_id(last_event_id)
+        head = await kernel.store.last_position()
         if start is None:
-            start = after if after is not None else await kernel.store.last_position()
+            start = after if after is not None else head
+        _not_beyond(start, head, "log position")
         return StreamingResponse(
-            monitor.streams.events(kernel, start, type, stream, plugin),
+            _while_authorized(
+                kernel, request, monitor.streams.events(kernel, start, type, stream, plugin)
+            ),
             media_type="text/event-stream",
             headers=_SSE_HEADERS,
         )

@@ -130,3 +130,19 @@ def test_revoked_expired_and_escalating_tokens_are_refused_and_tokens_survive_a_
                 timeout=10,
             )
             assert r.status_code == expected, (token[:8], r.status_code)
+
+
+def test_a_non_finite_expiry_is_a_422_not_a_500(tmp_path: Path) -> None:
+    """Python's JSON parser takes NaN and Infinity; the 422 used to echo them back as its
+    "input", which JSON cannot encode, so the answer was a 500."""
+    with serve(tmp_path, env={"XCORE_ADMIN_TOKEN": TOKEN}) as server:
+        for value in ("NaN", "Infinity", "-Infinity"):
+            r = httpx.post(
+                f"{server.url}/admin/tokens",
+                content=f'{{"name": "t", "scopes": ["admin:read"], "expires_in": {value}}}',
+                headers={**ROOT, "content-type": "application/json"},
+                timeout=10,
+            )
+            assert r.status_code == 422, (value, r.status_code, r.text)
+            assert r.json()["detail"][0]["loc"] == ["body", "expires_in"]
+        assert httpx.get(f"{server.url}/admin/tokens", headers=ROOT, timeout=10).json() == []

@@ -155,3 +155,49 @@ async def test_a_failing_webhook_is_recorded_and_never_blocks(tmp_path: Path) ->
             }
             assert metrics[("xcore_notifications_failed_total", (("sink", "webhook"),))] == 1
             assert metrics[("xcore_alerts_raised_total", (("rule", "load"),))] == 1
+
+
+async def test_a_webhook_trickling_an_endless_answer_fails_within_its_timeout(
+    tmp_path: Path,
+) -> None:
+    """A hostile receiver sends its headers, then one byte of body at a time, forever:
+    each read is within httpx's timeout, so the delivery used to hang (and buffer)."""
+    import socket
+
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while not stop.wait(0.05):
+                try:
+                    conn.sendall(b"1\r\nx\r\n")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    alerts = {
+        "rules": [{"name": "load", "kind": "plugin_load_failed", "threshold": 1}],
+        "webhooks": [{"url": url, "retries": 0, "timeout": 1}],
+    }
+    try:
+        async with monitored(tmp_path, monitor={"alerts": alerts}) as m:
+            from services.loader.events import PluginLoadFailed
+
+            await m.kernel.append(
+                PluginLoadFailed(name="broken", stage="import", error="SyntaxError"),
+                stream="plugin-broken",
+            )
+
+            async def recorded() -> bool:
+                return len(await _events(m.kernel, "NotificationFailed")) == 1
+
+            await _wait(recorded)
+    finally:
+        stop.set()
+        listener.close()

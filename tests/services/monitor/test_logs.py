@@ -220,3 +220,15 @@ async def test_a_huge_line_is_cut_before_it_is_buffered(tmp_path: Path) -> None:
         assert stored["message"].endswith("[4999000 more characters]")
     finally:
         store.close()
+
+
+async def test_a_non_finite_time_filter_is_refused_not_an_empty_page(tmp_path: Path) -> None:
+    async with monitored(tmp_path) as m:
+        with anyio.fail_after(30):
+            for name in ("since", "until"):
+                for value in ("nan", "inf", "-inf"):
+                    r = await m.client.get("/admin/logs", params={name: value}, headers=AUTH)
+                    assert r.status_code == 422, (name, value, r.text)
+                    assert r.json()["detail"][0]["loc"] == ["query", name]
+            r = await m.client.get("/admin/logs", params={"since": 0}, headers=AUTH)
+            assert r.status_code == 200

@@ -162,3 +162,42 @@ async def test_the_python_client_resumes_across_a_server_restart(tmp_path: Path)
         thread.join(timeout=30)
     assert not errors, errors
     assert [msg.data["data"]["n"] for msg in got] == list(range(12))
+
+
+async def test_a_resume_point_beyond_the_end_or_not_plain_digits_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A Last-Event-ID (or ?after=) past the head would make the stream wait, silent,
+    until the log reached it (after a data reset: forever); "1_000" or "+3" are not ids
+    this server sent."""
+    async with monitored(tmp_path) as m:
+        await m.kernel.append(Ticked(n=0), stream="ticks")
+        with anyio.fail_after(30):
+            for route in ("/admin/events/stream", "/admin/logs/stream"):
+                for header in ("99999999999999999999", "1_000", "+3"):
+                    r = await m.client.get(route, headers={**AUTH, "Last-Event-ID": header})
+                    assert r.status_code == 422, (route, header, r.text)
+                r = await m.client.get(route, params={"after": 10**15}, headers=AUTH)
+                assert r.status_code == 422, (route, r.text)
+
+
+async def test_a_live_stream_ends_when_its_api_token_is_revoked(tmp_path: Path) -> None:
+    async with monitored(tmp_path) as m:
+        issued = await m.client.post(
+            "/admin/tokens", json={"name": "s", "scopes": ["admin:read"]}, headers=AUTH
+        )
+        token, token_id = issued.json()["token"], issued.json()["id"]
+        with anyio.fail_after(30):
+            async with m.client.stream(
+                "GET",
+                "/admin/events/stream",
+                params={"after": 0},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response:
+                assert response.status_code == 200
+                revoked = await m.client.delete(f"/admin/tokens/{token_id}", headers=AUTH)
+                assert revoked.status_code == 200
+                for n in range(3):
+                    await m.kernel.append(Ticked(n=n), stream="ticks")
+                async for _ in response.aiter_lines():
+                    pass  # the stream must end by itself
