@@ -203,6 +203,8 @@ def _plain(exc: Exception) -> str:
 
 
 def _claim_scopes(claims: dict[str, Any]) -> frozenset[str]:
+    """The scopes a JWT grants. ``*`` (every scope) belongs to xcore's own admin token:
+    an identity provider's literal ``*`` scope grants nothing here."""
     out: set[str] = set()
     for name in ("scope", "scp", "scopes"):
         value = claims.get(name)
@@ -210,6 +212,7 @@ def _claim_scopes(claims: dict[str, Any]) -> frozenset[str]:
             out.update(value.split())
         elif isinstance(value, list):
             out.update(v for v in value if isinstance(v, str))
+    out.discard("*")
     return frozenset(out)
 
 

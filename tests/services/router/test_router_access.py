@@ -106,6 +106,9 @@ async def test_jwt_and_api_tokens_guard_plugin_routes(tmp_path: Path) -> None:
         r = await c.post("/app/orders/items", headers=_bearer(reader))
         assert r.status_code == 403 and "orders:write" in r.json()["detail"]
         assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
+        # an identity provider's literal "*" scope is not xcore's every-scope
+        star = _hs({"scope": "* orders:read"})
+        assert (await c.post("/app/orders/items", headers=_bearer(star))).status_code == 403
         writer = _hs({"scp": ["orders:read", "orders:write"]})
         assert (await c.post("/app/orders/items", headers=_bearer(writer))).status_code == 200
         # a public route of a protected plugin
