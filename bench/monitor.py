@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,7 +33,7 @@ from typing import Any
 import httpx
 
 from bench.common import Result, median, percentile, result
-from bench.routes import EXPECTED, PATH, ROOT, _free_port, _plugin_router, _wrk
+from bench.routes import _wrk, mount_bench_plugin, serve_app
 
 PLUGINS = 50
 TASKS = 500
@@ -50,9 +48,6 @@ def _app(observed: bool) -> Any:
 
     from kernel import Kernel, Settings
     from kernel.logging import configure_logging
-    from kernel.runtime import PluginRuntime
-    from services.loader.events import PluginLoaded
-    from services.router.events import RoutesMounted
     from services.router.service import RouterService
 
     data_dir = Path(os.environ.get("XCORE_BENCH_DATA") or tempfile.mkdtemp(prefix="xcore-bench-"))
@@ -77,33 +72,7 @@ def _app(observed: bool) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with kernel.lifespan(app):
-            kernel.plugins.put(
-                PluginRuntime(
-                    name="bench",
-                    generation=1,
-                    version="1.0.0",
-                    mode="trusted",
-                    prefix="/app/bench",
-                    router=_plugin_router(),
-                )
-            )
-            outcome = await kernel.request(
-                PluginLoaded(
-                    name="bench",
-                    version="1.0.0",
-                    generation=1,
-                    mode="trusted",
-                    prefix="/app/bench",
-                    routes=[PATH],
-                    tasks=[],
-                    digest="bench",
-                    duration_ms=0.0,
-                ),
-                stream="plugin-bench",
-                outcomes=[RoutesMounted, "RouteConflict"],
-            )
-            if outcome.type != RoutesMounted.type_name:
-                raise RuntimeError(f"the bench plugin was not mounted: {outcome.data}")
+            await mount_bench_plugin(kernel)
             yield
 
     return FastAPI(lifespan=lifespan)
@@ -119,40 +88,11 @@ def __getattr__(name: str) -> Any:
 
 @contextlib.contextmanager
 def _server(app: str) -> Iterator[str]:
-    port = _free_port()
     data_dir = tempfile.mkdtemp(prefix=f"xcore-bench-{app}-")
-    env = {**os.environ, "XCORE_BENCH_DATA": data_dir, "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable, "-m", "uvicorn", f"bench.monitor:{app}",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}{PATH}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{app} server exited with {proc.returncode}")
-            try:
-                response = httpx.get(url, timeout=1)
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{app} server did not answer within 60 s") from None
-                time.sleep(0.1)
-                continue
-            if response.json() != EXPECTED:
-                raise RuntimeError(f"{app} answered {response.status_code} {response.text!r}")
-            if app == "observed_app" and "x-request-id" not in response.headers:
-                raise RuntimeError("the observed server does not set request ids")
-            break
+    with serve_app(f"bench.monitor:{app}", data_dir, start_timeout=60) as url:
+        if app == "observed_app" and "x-request-id" not in httpx.get(url, timeout=5).headers:
+            raise RuntimeError("the observed server does not set request ids")
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def route_rps_observed(pairs: int | None = None, seconds: float = 5.0) -> list[Result]:

@@ -252,12 +252,9 @@ def _xcore_loaded_app() -> Any:
 
     from fastapi import FastAPI
 
-    from bench.routes import PATH, _plugin_router
+    from bench.routes import mount_bench_plugin
     from kernel import Kernel, Settings
-    from kernel.runtime import PluginRuntime
     from kernel.sdk import task
-    from services.loader.events import PluginLoaded
-    from services.router.events import RoutesMounted
     from services.router.service import RouterService
     from services.scheduler.service import SchedulerService
 
@@ -271,21 +268,7 @@ def _xcore_loaded_app() -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         async with kernel.lifespan(app):
-            kernel.plugins.put(
-                PluginRuntime(
-                    name="bench", generation=1, version="1.0.0", mode="trusted",
-                    prefix="/app/bench", router=_plugin_router(),
-                )
-            )  # fmt: skip
-            await kernel.request(
-                PluginLoaded(
-                    name="bench", version="1.0.0", generation=1, mode="trusted",
-                    prefix="/app/bench", routes=[PATH], tasks=[], digest="bench",
-                    duration_ms=0.0,
-                ),
-                stream="plugin-bench",
-                outcomes=[RoutesMounted, "RouteConflict"],
-            )  # fmt: skip
+            await mount_bench_plugin(kernel)
             for b in range(10):  # phases spread over the second
                 specs = []
                 for i in range(b * 100, (b + 1) * 100):
@@ -338,41 +321,10 @@ def __getattr__(name: str) -> Any:
 
 @contextlib.contextmanager
 def _server(app: str, data_dir: str) -> Iterator[str]:
-    """``uvicorn bench.scheduler:<app>`` on a free port until the block ends (SIGTERM:
-    the lifespan ends and the server writes its samples)."""
-    import httpx
+    from bench.routes import serve_app
 
-    from bench.routes import EXPECTED, PATH, ROOT, _free_port
-
-    port = _free_port()
-    env = {**os.environ, "XCORE_BENCH_DATA": data_dir, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "uvicorn", f"bench.scheduler:{app}", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}{PATH}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{app} server exited with {proc.returncode}")
-            try:
-                response = httpx.get(url, timeout=1)
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{app} server did not answer within 60 s") from None
-                time.sleep(0.1)
-                continue
-            if response.json() != EXPECTED:
-                raise RuntimeError(f"{app} answered {response.status_code} {response.text!r}")
-            break
+    with serve_app(f"bench.scheduler:{app}", data_dir, start_timeout=60, stop_timeout=30) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _loaded_trial(app: str) -> tuple[list[float], float, int]:
