@@ -28,6 +28,10 @@ from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, describe_expected
 from kernel.store.tail import Row
+from kernel.store.writes import Append as _Append
+from kernel.store.writes import Op as _Op
+from kernel.store.writes import Put as _Put
+from kernel.store.writes import Stop as _Stop
 
 if TYPE_CHECKING:
     from kernel.store.postgres import PostgresStore
@@ -70,31 +74,6 @@ INSERT = (
 )
 #: The batch's rows, and the notification of its last position (sent at commit).
 INSERT_NOTIFY = f"WITH inserted AS ({INSERT} RETURNING 1) SELECT pg_notify($10, $11)"
-
-
-@dataclass(eq=False)
-class _Append:
-    stream: str
-    expected: int | None
-    events: Sequence[NewEvent]
-    future: asyncio.Future[list[Recorded]]
-
-
-@dataclass(eq=False)
-class _Put:
-    sql: str
-    params: tuple[Any, ...]
-    future: asyncio.Future[None]
-
-
-@dataclass(eq=False)
-class _Stop:
-    future: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
-_Op = _Append | _Put | _Stop
 
 
 class _Refused(Exception):

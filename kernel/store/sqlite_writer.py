@@ -22,7 +22,6 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,10 @@ from kernel.store.sqlite_streams import (
     unindexed_sql,
 )
 from kernel.store.tail import Row, Tail
+from kernel.store.writes import Append as _Append
+from kernel.store.writes import Op as _Op
+from kernel.store.writes import Put as _Put
+from kernel.store.writes import Stop as _Stop
 
 __all__ = ["COLUMNS", "GroupCommitWriter"]
 
@@ -61,32 +64,6 @@ def _insert_sql(rows: int) -> str:
     if sql is None:
         sql = _INSERTS[rows] = _INSERT_HEAD + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
     return sql
-
-
-@dataclass(eq=False)
-class _Append:
-    stream: str
-    expected: int | None
-    events: Sequence[NewEvent]
-    future: asyncio.Future[list[Recorded]]
-    existing: list[str] | None = None
-
-
-@dataclass(eq=False)
-class _Put:
-    sql: str
-    params: tuple[Any, ...]
-    future: asyncio.Future[None]
-
-
-@dataclass(eq=False)
-class _Stop:
-    future: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
-_Op = _Append | _Put | _Stop
 
 
 #: aiosqlite runs every call in its connection's thread through ``Connection._execute``;
