@@ -37,14 +37,17 @@ def check_limit(limit: int | None) -> None:
         raise StoreError(f"a read's limit must be 0 or more (or None for no limit), not {limit}")
 
 
-def check_types(types: object) -> None:
-    """Refuse a single type name given as ``types``: a string is a collection of its
-    characters, so it would silently match nothing."""
+def check_types(types: Collection[str] | None) -> frozenset[str] | None:
+    """``types`` as a set for lookups; a single type name is refused, since a string is a
+    collection of its characters and would silently match nothing."""
     if isinstance(types, (str, bytes)):
         raise StoreError(
             f"a read's types must be a collection of type names, not the string {types!r} "
             f"(write types=[{types!r}])"
         )
+    if types is None or isinstance(types, frozenset):
+        return types
+    return frozenset(types)
 
 
 def describe_expected(expected: int | None) -> str:

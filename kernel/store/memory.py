@@ -96,7 +96,7 @@ class MemoryStore:
     ) -> list[Recorded]:
         self._check_open()
         check_limit(limit)
-        check_types(types)
+        types = check_types(types)
         out: list[Row] = []
         if limit == 0:
             return []

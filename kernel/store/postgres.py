@@ -380,9 +380,7 @@ class PostgresStore:
     ) -> list[Recorded]:
         self._check_open()
         check_limit(limit)
-        check_types(types)
-        if types is not None and not isinstance(types, (set, frozenset)):
-            types = frozenset(types)
+        types = check_types(types)
         cached = self._tail.read(after, types, stream, limit)
         if cached is not None:
             return cached

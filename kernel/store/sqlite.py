@@ -651,9 +651,7 @@ class SQLiteStore:
     ) -> list[Recorded]:
         self._check_open()
         check_limit(limit)
-        check_types(types)
-        if types is not None and not isinstance(types, (set, frozenset)):
-            types = frozenset(types)
+        types = check_types(types)
         if not self.readonly:
             cached = self._tail.read(after, types, stream, limit)
             if cached is not None:
