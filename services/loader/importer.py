@@ -34,6 +34,7 @@ from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
 
 from .files import FileRefused, read_limited, regular_files
+from .source import compile_source, parse_source
 
 __all__ = [
     "ROOT_PACKAGE",
@@ -75,7 +76,7 @@ class _SourceLoader(importlib.abc.Loader):
         if self.path is None:  # a plugin folder without __init__.py
             return
         source = read_limited(self.path)
-        code = compile(source, str(self.path), "exec", dont_inherit=True)
+        code = compile_source(source, str(self.path))
         exec(code, module.__dict__)
 
     def get_source(self, fullname: str) -> str | None:
@@ -259,7 +260,7 @@ def check_plugin_imports(plugin: str, folder: Path, allowed: Collection[str]) ->
         rel = path.relative_to(root).as_posix()
         try:
             source = read_limited(path)
-            tree = ast.parse(source, filename=rel)
+            tree = parse_source(source, filename=rel)
         except (FileRefused, OSError, SyntaxError, ValueError, MemoryError, RecursionError):
             continue  # the import itself reports what is wrong with this file
         for node in ast.walk(tree):

@@ -29,6 +29,7 @@ import yaml
 
 from .files import FileRefused, kind, printable, read_limited, regular_files
 from .manifest import Manifest, ManifestError, read_manifest, read_plugin_info, valid_name
+from .source import SourceTooDeep, compile_source
 
 if TYPE_CHECKING:
     from .settings import LoaderSettings
@@ -233,9 +234,11 @@ def validate_folder(
         rel = path.relative_to(folder).as_posix()
         if path.suffix == ".py":
             try:
-                compile(read_limited(path), rel, "exec", dont_inherit=True)
+                compile_source(read_limited(path), rel)
             except SyntaxError as exc:
                 raise ManifestError(plugin, rel, f"line {exc.lineno}: {exc.msg}") from None
+            except SourceTooDeep as exc:
+                raise ManifestError(plugin, rel, str(exc)) from None
             except (ValueError, FileRefused) as exc:  # e.g. null bytes
                 raise ManifestError(plugin, rel, f"cannot be compiled: {exc}") from None
             except (MemoryError, RecursionError) as exc:

@@ -27,6 +27,7 @@ from kernel.access import AuthSpec, parse_auth
 from kernel.errors import XcoreError
 
 from .files import FileRefused, read_limited
+from .source import SourceTooDeep, parse_source
 
 __all__ = [
     "KNOWN_KEYS",
@@ -138,13 +139,15 @@ def read_plugin_info(run_py: Path, plugin: str) -> dict[str, Any]:
     except OSError as exc:
         raise ManifestError(plugin, "run.py", f"cannot be read: {exc}") from None
     try:
-        tree = ast.parse(source, filename=str(run_py))
+        tree = parse_source(source, filename=str(run_py))
     except SyntaxError as exc:
         raise ManifestError(plugin, "run.py", f"line {exc.lineno}: {exc.msg}") from None
     except (MemoryError, RecursionError) as exc:
         raise ManifestError(
             plugin, "run.py", f"too large or too deeply nested to parse ({type(exc).__name__})"
         ) from None
+    except SourceTooDeep as exc:
+        raise ManifestError(plugin, "run.py", str(exc)) from None
     except ValueError as exc:  # e.g. null bytes
         raise ManifestError(plugin, "run.py", f"cannot be parsed: {exc}") from None
     found: ast.expr | None = None

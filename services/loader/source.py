@@ -1,0 +1,62 @@
+"""Parsing and compiling plugin source under a nesting bound of the loader's own.
+
+Guarantee: a plugin ``.py`` file whose syntax tree is nested deeper than
+:data:`MAX_NESTING` levels is refused with :class:`SourceTooDeep`, naming the depth
+and the line, whatever the interpreter's recursion limit is (a host application, a
+test library or a debugger may raise it, and CPython's compiler then recurses as deep
+as the file asks, up to overflowing the C stack of the loader's thread).
+
+Mechanism: ``ast.parse`` (CPython's parser has a fixed stack bound of its own and
+raises ``MemoryError``/``SyntaxError`` past it), then an iterative walk measuring the
+depth, then ``compile`` of the checked tree.
+"""
+
+from __future__ import annotations
+
+import ast
+from types import CodeType
+
+__all__ = ["MAX_NESTING", "SourceTooDeep", "compile_source", "nesting", "parse_source"]
+
+#: Deepest syntax tree accepted in a plugin file. Hand-written code stays far below
+#: (a chain ``a + b + ...`` counts one level per operand); CPython compiles 1,000 levels
+#: at its default recursion limit.
+MAX_NESTING = 1_000
+
+
+class SourceTooDeep(ValueError):
+    """A plugin file nested deeper than the loader accepts."""
+
+    def __init__(self, line: int | None) -> None:
+        where = f"line {line}: " if line else ""
+        super().__init__(f"{where}nested more than {MAX_NESTING} levels deep (the loader's limit)")
+        self.lineno = line
+
+
+def nesting(tree: ast.AST, limit: int = MAX_NESTING) -> tuple[int, int | None]:
+    """The depth of ``tree`` (stopping once past ``limit``) and the line where it peaks."""
+    deepest, line = 0, None
+    stack: list[tuple[ast.AST, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > deepest:
+            deepest, line = depth, getattr(node, "lineno", line)
+            if deepest > limit:
+                break
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest, line
+
+
+def parse_source(source: bytes | str, filename: str) -> ast.Module:
+    """The checked syntax tree of ``source``; raises SyntaxError, SourceTooDeep, ValueError,
+    MemoryError or RecursionError."""
+    tree = ast.parse(source, filename=filename)
+    depth, line = nesting(tree)
+    if depth > MAX_NESTING:
+        raise SourceTooDeep(line)
+    return tree
+
+
+def compile_source(source: bytes | str, filename: str) -> CodeType:
+    """``source`` compiled for ``exec``, after the nesting check of :func:`parse_source`."""
+    return compile(parse_source(source, filename), filename, "exec", dont_inherit=True)
