@@ -2,9 +2,13 @@
 
 - ``sandbox_call_p50_us`` / ``sandbox_call_p99_us``: a no-op call into a sandboxed
   plugin's worker (the supervisor's ``call``: one frame out, one frame back, both through
-  the kernel's event loop), beside ``raw_pipe``: a blocking round trip of a small message
-  over two pipes to a child process that echoes it (the floor any IPC design pays),
+  the kernel's event loop), beside ``raw_pipe``: the same bytes (a no-op frame out, a
+  result frame back) over two pipes to a child that answers at once, blocking in
+  ``read``, the kernel's side on the same asyncio loop the sandbox's calls use (the
+  floor any IPC from an asyncio kernel pays: one write, one wake-up of the loop),
   measured in the same run in alternating batches (DESIGN.md "Targets": p50 <= 1.5x).
+  ``blocking_pipe_p50_us`` (in the record) is the same round trip with both sides
+  blocking, for reference: a kernel on an event loop cannot call like that.
 - ``sandbox_route_rps``: ``GET /app/bench/status`` served by two ``xcore serve``
   processes, the same plugin trusted in one and sandboxed in the other, loaded by wrk in
   alternating pairs (target >= 0.6x).
@@ -36,7 +40,6 @@ from bench.common import Result, median, percentile, result
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = 2000
 CONNECTIONS = 32
-ECHO = "import os\nwhile True:\n    d = os.read(0, 64)\n    if not d: break\n    os.write(1, d)\n"
 
 
 def _plugin(folder: Path, mode: str) -> None:
@@ -59,25 +62,103 @@ def _plugin(folder: Path, mode: str) -> None:
     )
 
 
-def _raw_pipe(n: int) -> list[float]:
+#: The child of the raw pipe peer: reads a request of ``argv[1]`` bytes, answers
+#: ``argv[2]`` bytes, blocking (the least any worker process can do).
+ECHO = """
+import os, sys
+ask, answer = int(sys.argv[1]), int(sys.argv[2])
+reply = bytes(answer)
+while True:
+    got = 0
+    while got < ask:
+        d = os.read(0, ask - got)
+        if not d:
+            raise SystemExit(0)
+        got += len(d)
+    os.write(1, reply)
+"""
+
+
+def _frame_sizes() -> tuple[int, int]:
+    """Bytes of a no-op call's frame and of its answer, as the sandbox sends them."""
+    from services.sandbox.protocol import encode
+
+    ask = encode({"op": "noop", "id": 12345})
+    answer = encode({"op": "result", "id": 12345, "ok": True, "cpu_ms": 0.0})
+    return len(ask), len(answer)
+
+
+class RawPipe:
+    """The peer: a round trip over two pipes to a child that answers at once, the
+    kernel's side on its asyncio loop like the sandbox's (one frame written, the loop
+    woken by the answer), the child blocking in ``read``."""
+
+    def __init__(self) -> None:
+        self.ask, self.answer = _frame_sizes()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ECHO, str(self.ask), str(self.answer)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.w, self.r = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        os.set_blocking(self.r, False)
+        self.message = bytes(self.ask)
+        self.loop = asyncio.get_running_loop()
+        self.waiter: asyncio.Future[None] | None = None
+        self.got = 0
+        self.loop.add_reader(self.r, self._readable)
+
+    def _readable(self) -> None:
+        self.got += len(os.read(self.r, 65536))
+        if self.got >= self.answer and self.waiter is not None and not self.waiter.done():
+            self.got -= self.answer
+            self.waiter.set_result(None)
+
+    async def batch(self, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.waiter = self.loop.create_future()
+            os.write(self.w, self.message)
+            await self.waiter
+            out.append((time.perf_counter() - t0) * 1e6)
+        return out
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.r)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+def _blocking_pipe(n: int) -> list[float]:
+    """The same round trip with both sides blocking (a reference, not the peer)."""
+    ask, answer = _frame_sizes()
     proc = subprocess.Popen(
-        [sys.executable, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        [sys.executable, "-c", ECHO, str(ask), str(answer)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
     )
     assert proc.stdin is not None and proc.stdout is not None
     w, r = proc.stdin.fileno(), proc.stdout.fileno()
-    message = b"\0\0\0\x18" + b'{"op":"noop","id":12345}'
+    message = bytes(ask)
     out = []
     try:
         for _ in range(n):
             t0 = time.perf_counter()
             os.write(w, message)
             got = 0
-            while got < len(message):
-                got += len(os.read(r, 64))
+            while got < answer:
+                got += len(os.read(r, 65536))
             out.append((time.perf_counter() - t0) * 1e6)
     finally:
         proc.stdin.close()
         proc.wait()
+        proc.stdout.close()
     return out
 
 
@@ -117,19 +198,25 @@ async def _sandbox_calls(pairs: int) -> list[Result]:
             sandbox: list[float] = []
             raw: list[float] = []
             ratios = []
-            for i in range(pairs):
-                batch = []
-                for _ in range(CALLS):
-                    t0 = time.perf_counter()
-                    await plugin.call({"op": "noop"}, kind="noop")
-                    batch.append((time.perf_counter() - t0) * 1e6)
-                pipe = await asyncio.to_thread(_raw_pipe, CALLS)
-                sandbox += batch
-                raw += pipe
-                ratios.append(median(batch) / median(pipe))
-                print(
-                    f"   batch {i + 1}: sandbox p50 {median(batch):.1f} us, raw pipe p50 {median(pipe):.1f} us"
-                )
+            peer = RawPipe()
+            try:
+                for i in range(pairs):
+                    batch = []
+                    for _ in range(CALLS):
+                        t0 = time.perf_counter()
+                        await plugin.call({"op": "noop"}, kind="noop")
+                        batch.append((time.perf_counter() - t0) * 1e6)
+                    pipe = await peer.batch(CALLS)
+                    sandbox += batch
+                    raw += pipe
+                    ratios.append(median(batch) / median(pipe))
+                    print(
+                        f"   batch {i + 1}: sandbox p50 {median(batch):.1f} us, "
+                        f"raw pipe p50 {median(pipe):.1f} us"
+                    )
+            finally:
+                peer.close()
+            blocking = await asyncio.to_thread(_blocking_pipe, CALLS)
             level = service.level
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -140,6 +227,8 @@ async def _sandbox_calls(pairs: int) -> list[Result]:
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "raw_pipe_p99_us": percentile(raw, 99),
+        "raw_pipe_kernel_side": "asyncio",
+        "blocking_pipe_p50_us": median(blocking),
     }
     return [
         result("sandbox_call_p50_us", median(sandbox), "us", {"raw_pipe": median(raw)}, **extra),

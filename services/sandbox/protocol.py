@@ -13,6 +13,10 @@ Worker -> kernel ops: ``ready`` / ``failed`` (answer to ``config``), ``start`` /
 (a response), ``result`` (end of a call), ``pong``, ``log``, ``fatal`` (a limit the worker
 noticed itself, just before it exits).
 
+Both sides read with a :class:`FrameReader` fed straight from the pipe's readable
+callback: the frames a read holds are decoded and dispatched in that callback, so a
+call's answer costs one wake-up of the event loop and no task of its own.
+
 A frame larger than :data:`MAX_FRAME` is refused: whoever sends it is broken or hostile.
 """
 
@@ -23,7 +27,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CHUNK", "MAX_FRAME", "FrameError", "decode", "encode"]
+__all__ = ["CHUNK", "MAX_FRAME", "FrameError", "FrameReader", "decode", "encode"]
 
 #: Largest frame either side accepts (bodies travel in chunks far below it).
 MAX_FRAME = 16 * 1024 * 1024
@@ -46,7 +50,7 @@ def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
     return _HEAD.pack(size, len(head)) + head + payload
 
 
-def sizes(prefix: bytes) -> tuple[int, int]:
+def sizes(prefix: bytes | memoryview) -> tuple[int, int]:
     """``(size, header size)`` from the first 8 bytes of a frame, checked."""
     size, head = _HEAD.unpack(prefix)
     if size > MAX_FRAME or head > size - 4:
@@ -63,3 +67,50 @@ def decode(body: bytes, head: int) -> tuple[dict[str, Any], bytes]:
     if not isinstance(header, dict):
         raise FrameError("a frame header is not an object")
     return header, body[4 + head :]
+
+
+Frame = tuple[dict[str, Any], bytes]
+
+
+class FrameReader:
+    """Cuts a byte stream into frames, whatever the sizes of the reads.
+
+    A partial frame is kept as a list of pieces and joined once, when it is whole, so a
+    large frame arriving in many reads costs one copy, not one per read.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self._have = 0
+        self._need = 8
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """The frames completed by ``data`` (raises :class:`FrameError` on garbage)."""
+        if self._pieces:
+            self._pieces.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            data = b"".join(self._pieces)
+            self._pieces, self._have = [], 0
+        frames: list[Frame] = []
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while end - pos >= 8:
+            size, head = sizes(view[pos : pos + 8])
+            stop = pos + 4 + size
+            if stop > end:
+                break
+            try:
+                header = orjson.loads(view[pos + 8 : pos + 8 + head])
+            except orjson.JSONDecodeError as exc:
+                raise FrameError(f"a frame header is not JSON: {exc}") from None
+            if not isinstance(header, dict):
+                raise FrameError("a frame header is not an object")
+            frames.append((header, data[pos + 8 + head : stop]))
+            pos = stop
+        if pos < end:
+            rest = data[pos:]
+            self._pieces, self._have = [rest], len(rest)
+            self._need = 8 if len(rest) < 8 else 4 + sizes(rest[:8])[0]
+        return frames

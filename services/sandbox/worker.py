@@ -40,10 +40,12 @@ from datetime import datetime
 from typing import Any
 
 from .plugin import Failed, Plugin
-from .protocol import CHUNK, decode, encode, sizes
+from .protocol import CHUNK, FrameError, FrameReader, decode, encode, sizes
 
 #: Threads for the plugin's sync code (hooks and tasks; sync routes: as many again).
 THREADS = 8
+#: Largest read from the kernel's pipe.
+READ_SIZE = 256 * 1024
 #: Exit status of a worker that stops because plugin code exhausted its memory.
 EXIT_MEMORY = 70
 
@@ -70,9 +72,11 @@ def read_frame_blocking(fd: int) -> tuple[dict[str, Any], bytes]:
 class Wire:
     """Frames out of the worker; frames never interleave.
 
-    Frames sent on the event loop are gathered and written once per loop iteration
-    (a response's start, body and result leave in one write); frames sent from other
-    threads (logs, a late result) and urgent ones are written at once.
+    Frames sent on the event loop are gathered and written in one write: those sent
+    while the frames of one read are dispatched leave at the end of that read (a no-op
+    call's answer costs no extra loop iteration), the others once per loop iteration (a
+    response's start, body and result leave together). Frames sent from other threads
+    (logs, a late result) and urgent ones are written at once.
     """
 
     def __init__(self, fd: int) -> None:
@@ -81,6 +85,9 @@ class Wire:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._pending: list[bytes] = []
+        #: Frames are being dispatched: :meth:`flush` comes when they are done.
+        self._held = False
+        self._scheduled = False
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -89,19 +96,28 @@ class Wire:
     def send(self, header: dict[str, Any], payload: bytes = b"", *, urgent: bool = False) -> None:
         data = encode(header, payload)
         if self._loop is not None and threading.get_ident() == self._loop_thread:
-            if not self._pending:
-                self._loop.call_soon(self.flush)
             self._pending.append(data)
             if urgent:
                 self.flush()
+            elif not self._held and not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self.flush)
             return
         with self.lock:
             self._write(data)
 
+    def hold(self) -> None:
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        self.flush()
+
     def flush(self) -> None:
         """Write the frames gathered on the loop (called on the loop)."""
+        self._scheduled = False
         if self._pending:
-            data = b"".join(self._pending)
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
             with self.lock:
                 self._write(data)
@@ -129,24 +145,47 @@ class Server:
         self.bodies: dict[int, asyncio.Queue[tuple[bytes, bool] | None]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="plugin")
+        self._reader = FrameReader()
+        self._done: asyncio.Future[None] | None = None
 
     async def serve(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.wire.attach(self.loop)
-        reader = asyncio.StreamReader(limit=2**20)
-        await self.loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.in_fd, "rb", 0)
-        )
-        while True:
-            try:
-                prefix = await reader.readexactly(8)
-                size, head = sizes(prefix)
-                body = await reader.readexactly(size - 4)
-            except asyncio.IncompleteReadError:
-                return  # the supervisor is gone
-            header, payload = decode(b"\0\0\0\0" + body, head)
-            if self.dispatch(header, payload) is False:
-                return
+        """Serve until the supervisor says ``stop`` or closes the pipe."""
+        self.loop = loop = asyncio.get_running_loop()
+        self.wire.attach(loop)
+        self._done = done = loop.create_future()
+        os.set_blocking(self.in_fd, False)
+        loop.add_reader(self.in_fd, self._readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(self.in_fd)
+
+    def _readable(self) -> None:
+        """Read what the pipe holds and dispatch its frames, in this callback."""
+        try:
+            data = os.read(self.in_fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the supervisor is gone
+            self._stop()
+            return
+        self.wire.hold()
+        try:
+            for header, payload in self._reader.feed(data):
+                if self.dispatch(header, payload) is False:
+                    self._stop()
+                    return
+        except FrameError as exc:
+            logging.getLogger("xcore.sandbox.worker").error("bad frame from the kernel: %s", exc)
+            self._stop()
+        finally:
+            self.wire.release()
+
+    def _stop(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
     def dispatch(self, h: dict[str, Any], payload: bytes) -> bool | None:
         op = h.get("op")

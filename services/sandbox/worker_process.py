@@ -21,13 +21,14 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import math
 import os
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from subprocess import PIPE
@@ -35,11 +36,10 @@ from typing import Any
 
 import anyio
 from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .isolation import Launch
-from .protocol import FrameError, decode, encode, sizes
+from .protocol import FrameError, FrameReader, encode
 
 __all__ = ["Exit", "Worker", "WorkerGone"]
 
@@ -52,6 +52,8 @@ STDERR_TAIL = 40
 CALL_BUFFER = 64
 #: Bytes queued to a worker's stdin before a sender waits for the pipe to drain.
 WRITE_HIGH_WATER = 1024 * 1024
+#: Size asked for the buffers of the pipes to and from a worker.
+PIPE_SIZE = 1024 * 1024
 
 
 class WorkerGone(Exception):
@@ -102,9 +104,8 @@ class _Call:
     send: MemoryObjectSendStream[tuple[dict[str, Any], bytes]] | None
     deadline: float
     label: str
-    #: A request/answer call waits on ``done`` for ``result`` (no stream to build).
-    done: anyio.Event | None = None
-    result: dict[str, Any] | None = None
+    #: A request/answer call waits on ``done`` for its ``result`` (None: the worker ended).
+    done: asyncio.Future[dict[str, Any] | None] | None = None
     aborted: bool = False
 
 
@@ -161,8 +162,9 @@ class Worker:
     def __post_init__(self) -> None:
         self._calls: dict[int, _Call] = {}
         self._next = 0
-        self._lock = anyio.Lock()
-        self._writer: asyncio.StreamWriter | None = None
+        self._flow = _Flow()
+        self._in: asyncio.ReadTransport | None = None
+        self._out: asyncio.WriteTransport | None = None
         self._proc: Process | None = None
         self._kill: tuple[str, float, str] | None = None
         self._fatal: str | None = None
@@ -170,6 +172,7 @@ class Worker:
         self._last_pong = 0.0
         self._t0 = 0.0
         self._logs = _RateLimit(LOG_RATE)
+        self._reader = FrameReader()
         self._logger = logging.getLogger(f"xcore.plugin.{self.plugin}")
 
     @property
@@ -181,17 +184,23 @@ class Worker:
     async def run(self) -> None:
         """Start, serve and watch the process until it ends (never raises)."""
         self._t0 = time.perf_counter()
+        # the wire is two pipes of our own, read and written by asyncio protocols: a
+        # frame is dispatched in the callback that read it (no task, no stream between)
+        to_worker, from_kernel = _pipe()
+        from_worker, to_kernel = _pipe()
         try:
             proc = await anyio.open_process(
                 self.launch.argv,
-                stdin=PIPE,
-                stdout=PIPE,
+                stdin=to_worker,
+                stdout=to_kernel,
                 stderr=PIPE,
                 cwd=str(self.launch.cwd),
                 env=self.launch.env,
                 start_new_session=True,
             )
         except OSError as exc:
+            for fd in (from_kernel, from_worker):
+                os.close(fd)
             self.failure = {
                 "stage": "mode",
                 "error": f"plugin {self.plugin!r}: the sandbox worker could not start: {exc}",
@@ -200,15 +209,22 @@ class Worker:
             self.ready_event.set()
             self.exited.set()
             return
+        finally:
+            os.close(to_worker)
+            os.close(to_kernel)
         self._proc = proc
         self.pid = proc.pid
-        raw_stdin = getattr(getattr(proc, "_process", None), "stdin", None)
-        if isinstance(raw_stdin, asyncio.StreamWriter):
-            self._writer = raw_stdin
+        loop = asyncio.get_running_loop()
         try:
+            self._out, _ = await loop.connect_write_pipe(
+                lambda: self._flow, os.fdopen(from_kernel, "wb", buffering=0)
+            )
+            self._out.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            self._in, _ = await loop.connect_read_pipe(
+                lambda: _FrameProtocol(self), os.fdopen(from_worker, "rb", buffering=0)
+            )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._read_stderr)
-                tg.start_soon(self._read_frames, tg)
                 await self._send({"op": "config", "config": self.config})
                 with anyio.move_on_after(self.start_timeout) as timer:
                     await self.ready_event.wait()
@@ -240,6 +256,9 @@ class Worker:
 
     async def _finish(self, proc: Process) -> None:
         self._kill_group()
+        for transport in (self._in, self._out):
+            if transport is not None:
+                transport.close()
         try:
             await proc.wait()
             await proc.aclose()
@@ -249,8 +268,8 @@ class Worker:
         for call in list(self._calls.values()):
             if call.send is not None:
                 call.send.close()
-            if call.done is not None:
-                call.done.set()
+            if call.done is not None and not call.done.done():
+                call.done.set_result(None)
         self._calls.clear()
         if self.failure is None and self.ready is None:
             self.failure = {
@@ -345,25 +364,20 @@ class Worker:
 
     # -- frames ----------------------------------------------------------------------
 
+    def _write(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Queue a frame to the worker (whole: frames never interleave)."""
+        out = self._out
+        if out is None or out.is_closing():
+            raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit)
+        out.write(encode(header, payload))
+
     async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        assert self._proc is not None and self._proc.stdin is not None
-        frame = encode(header, payload)
-        writer = self._writer
-        try:
-            if writer is not None:
-                # asyncio's own pipe writer: a whole frame is queued in one call (frames
-                # never interleave), and only a full buffer costs a wait
-                if writer.is_closing():
-                    raise anyio.BrokenResourceError
-                writer.write(frame)
-                if writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                    async with self._lock:
-                        await writer.drain()
-                return
-            async with self._lock:
-                await self._proc.stdin.send(frame)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
-            raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit) from None
+        """Queue a frame; wait while more than ``WRITE_HIGH_WATER`` bytes are queued."""
+        self._write(header, payload)
+        if self._flow.paused:
+            await self._flow.drain()
+            if self._out is None or self._out.is_closing():
+                raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit)
 
     async def send_frame(self, header: dict[str, Any], payload: bytes = b"") -> None:
         """Send a frame belonging to a call already open (a body chunk, a disconnect)."""
@@ -375,32 +389,17 @@ class Worker:
     async def send_body(self, cid: int, chunk: bytes, more: bool) -> None:
         await self.send_frame({"op": "body", "id": cid, "more": more}, chunk)
 
-    async def _read_frames(self, tg: Any) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        raw = getattr(getattr(self._proc, "_process", None), "stdout", None)
-        read: Callable[[int], Awaitable[bytes]]
-        if isinstance(raw, asyncio.StreamReader):
-            # asyncio's reader: a frame already buffered costs no trip through the loop
-            read = raw.readexactly
-        else:
-            read = BufferedByteReceiveStream(self._proc.stdout).receive_exactly
+    def _frames(self, data: bytes) -> None:
+        """Dispatch the frames of one read from the worker's pipe."""
         try:
-            while True:
-                size, head = sizes(await read(8))
-                header, payload = decode(b"\0\0\0\0" + await read(size - 4), head)
+            for header, payload in self._reader.feed(data):
                 self._dispatch(header, payload)
-        except (
-            anyio.EndOfStream,
-            anyio.IncompleteRead,
-            anyio.ClosedResourceError,
-            anyio.BrokenResourceError,
-            asyncio.IncompleteReadError,
-            ConnectionError,
-        ):
-            self.ready_event.set()  # it ended (or will): nothing more to wait for
-            return
         except FrameError as exc:
             self.kill("protocol", 0, f"it sent a malformed frame: {exc}")
+            if self._in is not None:
+                self._in.close()
+        except Exception:
+            log.exception("sandbox: plugin %r worker %d: a frame failed", self.plugin, self.pid)
 
     def _dispatch(self, h: dict[str, Any], payload: bytes) -> None:
         op = h.get("op")
@@ -445,9 +444,8 @@ class Worker:
                     return
                 if op == "result":
                     call.send.close()
-            elif op == "result" and call.done is not None:
-                call.result = h
-                call.done.set()
+            elif op == "result" and call.done is not None and not call.done.done():
+                call.done.set_result(h)
 
     def _log(self, h: dict[str, Any]) -> None:
         if not self._logs.allow():
@@ -572,24 +570,24 @@ class Worker:
             raise WorkerGone(self.plugin, "its sandbox worker is not running", self.exit)
         self._next += 1
         cid = self._next
-        call = _Call(None, time.monotonic() + self.wall_time, label, anyio.Event())
+        done: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        call = _Call(None, time.monotonic() + self.wall_time, label, done)
         self._calls[cid] = call
         try:
             await self._send({**header, "id": cid})
-            assert call.done is not None
-            await call.done.wait()
+            result = await done
         except BaseException:
-            if call.result is None and cid in self._calls and self.alive:
+            if not (done.done() and not done.cancelled()) and cid in self._calls and self.alive:
                 with anyio.CancelScope(shield=True):
                     await self._cancel(cid, label, grace)
             raise
-        if call.result is None:
+        if result is None:
             if not self.exited.is_set():
                 with anyio.move_on_after(5):
                     await self.exited.wait()
             why = self.exit.describe() if self.exit else "its sandbox worker ended"
             raise WorkerGone(self.plugin, why, self.exit)
-        return call.result
+        return result
 
     @asynccontextmanager
     async def open_call(
@@ -695,6 +693,55 @@ class _Watched:
                     await w.exited.wait()
             why = w.exit.describe() if w.exit else "its sandbox worker ended"
             raise WorkerGone(w.plugin, why, w.exit) from None
+
+
+class _FrameProtocol(asyncio.Protocol):
+    """The worker's frames, dispatched as they are read."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def data_received(self, data: bytes) -> None:
+        self._worker._frames(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._worker.ready_event.set()  # it ended (or will): nothing more to wait for
+
+
+class _Flow(asyncio.Protocol):
+    """Flow control of the pipe to the worker: ``drain`` waits while it is paused."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._resumed: asyncio.Event | None = None
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._resumed is not None:
+            self._resumed.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.resume_writing()
+
+    async def drain(self) -> None:
+        while self.paused:
+            if self._resumed is None or self._resumed.is_set():
+                self._resumed = asyncio.Event()
+            await self._resumed.wait()
+
+
+def _pipe() -> tuple[int, int]:
+    """A pipe (read end, write end) with a buffer of 1 MiB where the system allows it."""
+    r, w = os.pipe()
+    with suppress(OSError):
+        fcntl.fcntl(w, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
+    return r, w
 
 
 def _tree(root: int) -> list[int]:

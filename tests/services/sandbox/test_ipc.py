@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import zipfile
@@ -10,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from services.sandbox.protocol import MAX_FRAME, FrameError, decode, encode, sizes
+from services.sandbox.protocol import MAX_FRAME, FrameError, FrameReader, decode, encode, sizes
 from tests.services.sandbox.conftest import AUTH, sandboxed, write_plugin
 
 ROUTER = """
@@ -149,10 +150,27 @@ async def test_a_frame_for_an_unknown_id_is_dropped_never_delivered_elsewhere() 
         start_timeout=10,
         limits={},
     )
-    waiting = _Call(None, 1e12, "task waiting", anyio.Event())
+    done: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+    waiting = _Call(None, 1e12, "task waiting", done)
     worker._calls[2] = waiting
     worker._dispatch({"op": "result", "id": 1, "ok": True, "late": True}, b"")  # cancelled call 1
-    assert waiting.result is None and not waiting.done.is_set()  # type: ignore[union-attr]
+    assert not done.done()
     worker._dispatch({"op": "result", "id": 2, "ok": True}, b"")
-    assert waiting.result == {"op": "result", "id": 2, "ok": True}
+    assert done.result() == {"op": "result", "id": 2, "ok": True}
     assert 2 not in worker._calls
+
+
+def test_the_frame_reader_cuts_frames_whatever_the_reads() -> None:
+    frames = [encode({"op": "body", "id": i}, bytes([i]) * (i * 997)) for i in range(40)]
+    stream = b"".join(frames)
+    for step in (1, 7, 4096, 65536, len(stream)):
+        reader = FrameReader()
+        got = []
+        for i in range(0, len(stream), step):
+            got += reader.feed(stream[i : i + step])
+        assert [h["id"] for h, _ in got] == list(range(40))
+        assert [p for _, p in got] == [bytes([i]) * (i * 997) for i in range(40)]
+    with pytest.raises(FrameError):
+        FrameReader().feed(b"\0\0\0\x06\0\0\0\x02[]")
+    with pytest.raises(FrameError):
+        FrameReader().feed((MAX_FRAME + 1).to_bytes(4, "big") + b"\0\0\0\0")
