@@ -101,23 +101,44 @@ def _culprit(exc: BaseException, root: Path) -> str:
 
 
 class Context:
-    """The sandboxed plugin's :class:`kernel.sdk.PluginContext`."""
+    """The sandboxed plugin's :class:`kernel.sdk.PluginContext`.
 
-    def __init__(self, name: str, config: Any, data_dir: Path) -> None:
+    ``append`` and ``subscribe`` travel to the kernel (``link``: the worker's server),
+    which checks them (:mod:`services.sandbox.bridge`): its own streams and event types.
+    """
+
+    def __init__(self, name: str, config: Any, data_dir: Path, link: Any = None) -> None:
         self.name = name
         self.config = config
         self.logger = logging.getLogger(f"xcore.plugin.{name}")
         self.data_dir = data_dir
+        self._link = link
 
     async def append(self, event: Any, *, stream: str | None = None) -> list[Any]:
-        raise RuntimeError(
-            f"plugin {self.name!r} is sandboxed: appending events from the sandbox is not supported"
-        )
+        """Record ``event`` (default stream ``plugin-<name>``); returns once durable.
+
+        Raises ``PermissionError`` for what a sandboxed plugin may not append (another
+        plugin's stream, the kernel's event types)."""
+        from kernel.events import Event
+
+        if not isinstance(event, Event):
+            raise TypeError(f"ctx.append takes an Event, not {type(event).__name__}")
+        if self._link is None:
+            raise RuntimeError(f"plugin {self.name!r}: no kernel to append to")
+        return list(await self._link.append(event, stream))
 
     async def subscribe(self, handler: Any, *, types: Any = None) -> None:
-        raise RuntimeError(
-            f"plugin {self.name!r} is sandboxed: subscribing to events from the sandbox is not supported"
-        )
+        """Receive new events live (the types named, or all the sandbox lets it see)."""
+        if not callable(handler):
+            raise TypeError("ctx.subscribe needs a callable handler")
+        if isinstance(types, str):
+            raise TypeError(f"types must be a collection of event types, not the string {types!r}")
+        names = None
+        if types is not None:
+            names = [t if isinstance(t, str) else t.type_name for t in types]
+        if self._link is None:
+            raise RuntimeError(f"plugin {self.name!r}: no kernel to subscribe to")
+        await self._link.subscribe(handler, names)
 
 
 class Plugin:
@@ -131,6 +152,8 @@ class Plugin:
         self.tasks: dict[str, Any] = {}
         self.hooks: dict[str, Any] = {}
         self.ctx: Context | None = None
+        #: Carries ``ctx.append`` / ``ctx.subscribe`` to the kernel (the worker's server).
+        self.link: Any = None
 
     def load(self) -> dict[str, Any]:
         """Import and describe the plugin (raises :class:`Failed`)."""
@@ -186,7 +209,7 @@ class Plugin:
                 raise Failed(
                     "config", f"plugin {name!r}: config.yaml: " + "; ".join(parts)
                 ) from None
-        self.ctx = Context(name, config, Path(self.cfg["data_dir"]))
+        self.ctx = Context(name, config, Path(self.cfg["data_dir"]), self.link)
         prefix, openapi = None, None
         routes: list[str] = []
         if router_mod is not None:

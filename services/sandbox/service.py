@@ -39,6 +39,7 @@ from kernel.sdk import TaskSpec, task_context_var
 from kernel.settings import DEFAULT_FILE
 
 from .admin import admin_router
+from .bridge import Bridge
 from .events import stream_of
 from .isolation import detect_level, environment, launch, worker_user
 from .limits import MIB, LimitError, resolve
@@ -176,6 +177,7 @@ class SandboxService:
             settings=settings,
             record=self._record,
             uid=self.user[0] if self.user else os.getuid(),
+            bridge=Bridge(self.kernel, name, settings.kernel_events),
         )
         assert self._tg is not None
         self._tg.start_soon(plugin.run)

@@ -58,6 +58,10 @@ class SandboxSettings(BaseModel):
     max_body_mb: float = Field(default=10, gt=0)
     #: Environment variables passed to workers besides the fixed allowlist.
     env_allow: list[str] = Field(default_factory=list)
+    #: Types of the kernel's and services' own events that sandboxed plugins may
+    #: subscribe to (by default they see only plugins' events: the kernel's describe
+    #: tokens and other plugins).
+    kernel_events: list[str] = Field(default_factory=list)
 
     #: How often the supervisor pings a worker, and how long a pong may take.
     heartbeat_interval_s: float = Field(default=1.0, gt=0)

@@ -25,6 +25,7 @@ import anyio
 
 from kernel.events import Event
 
+from .bridge import Bridge
 from .events import (
     SandboxCircuitOpened,
     SandboxCrashed,
@@ -98,6 +99,7 @@ class SandboxedPlugin:
         settings: SandboxSettings,
         record: Record,
         uid: int,
+        bridge: Bridge | None = None,
     ) -> None:
         self.name = name
         self.generation = generation
@@ -106,6 +108,7 @@ class SandboxedPlugin:
         self.limits = limits
         self.settings = settings
         self.uid = uid
+        self.bridge = bridge
         self._record = record
         #: starting | running | restarting | open | stopping | stopped | failed
         self.state = "starting"
@@ -134,6 +137,8 @@ class SandboxedPlugin:
             heartbeat_timeout=s.heartbeat_timeout_s,
             start_timeout=s.start_timeout_s,
             limits=self.limits.as_dict(),
+            bridge=self.bridge,
+            cancel_grace=s.cancel_grace_s,
         )
 
     async def run(self) -> None:

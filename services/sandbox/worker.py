@@ -147,18 +147,29 @@ class Server:
         self.executor = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="plugin")
         self._reader = FrameReader()
         self._done: asyncio.Future[None] | None = None
+        #: The plugin's own requests to the kernel (appends, subscriptions) by id.
+        self._asks: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ask_id = 0
+        #: The plugin's event handlers, by subscription id.
+        self.handlers: dict[int, Any] = {}
+        plugin.link = self
+
+    def open(self) -> None:
+        """Start reading the kernel's frames (before the plugin's import: its
+        ``on_load`` may already append or subscribe)."""
+        self.loop = loop = asyncio.get_running_loop()
+        self.wire.attach(loop)
+        self._done = loop.create_future()
+        os.set_blocking(self.in_fd, False)
+        loop.add_reader(self.in_fd, self._readable)
 
     async def serve(self) -> None:
         """Serve until the supervisor says ``stop`` or closes the pipe."""
-        self.loop = loop = asyncio.get_running_loop()
-        self.wire.attach(loop)
-        self._done = done = loop.create_future()
-        os.set_blocking(self.in_fd, False)
-        loop.add_reader(self.in_fd, self._readable)
+        assert self.loop is not None and self._done is not None
         try:
-            await done
+            await self._done
         finally:
-            loop.remove_reader(self.in_fd)
+            self.loop.remove_reader(self.in_fd)
 
     def _readable(self) -> None:
         """Read what the pipe holds and dispatch its frames, in this callback."""
@@ -217,9 +228,80 @@ class Server:
                 honoured = cid not in self.threaded
                 target.cancel()
                 self.wire.send({"op": "cancelled", "id": cid, "honoured": honoured})
+        elif op == "event":
+            self._spawn(cid, self.event(cid, h))
+        elif op in ("appended", "subscribed"):
+            waiter = self._asks.pop(cid, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(h)
         elif op == "stop":
             return False
         return None
+
+    # -- the plugin's requests to the kernel ---------------------------------------------
+
+    async def _ask(self, header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
+        loop = self.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is not loop:
+            raise RuntimeError(
+                f"plugin {self.plugin.name!r}: ctx.append and ctx.subscribe must be awaited "
+                "on the worker's event loop (from async code)"
+            )
+        self._ask_id += 1
+        wid = self._ask_id
+        waiter: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._asks[wid] = waiter
+        try:
+            self.wire.send({**header, "id": wid}, payload)
+            answer = await waiter
+        finally:
+            self._asks.pop(wid, None)
+        if not answer.get("ok"):
+            error = str(answer.get("error", "refused"))
+            raise PermissionError(error) if answer.get("refused") else RuntimeError(error)
+        return answer
+
+    async def append(self, event: Any, stream: str | None) -> list[Any]:
+        data = event.__pydantic_serializer__.to_json(event)
+        answer = await self._ask(
+            {
+                "op": "append",
+                "stream": stream,
+                "type": event.type_name,
+                "schema": event.schema_version,
+            },
+            data,
+        )
+        return [_recorded(r) for r in answer.get("records", [])]
+
+    async def subscribe(self, handler: Any, types: list[str] | None) -> None:
+        # registered under the id _ask gives the frame: the kernel may deliver an event
+        # before its answer arrives
+        sid = self._ask_id + 1
+        self.handlers[sid] = handler
+        try:
+            await self._ask({"op": "subscribe", "types": types})
+        except BaseException:
+            self.handlers.pop(sid, None)
+            raise
+
+    async def event(self, cid: int, h: dict[str, Any]) -> dict[str, Any]:
+        from kernel.sdk import plugin_context_var
+
+        handler = self.handlers.get(h.get("sub", -1))
+        try:
+            if handler is not None:
+                plugin_context_var.set(self.plugin.ctx)
+                await self.run_code(cid, handler, _recorded(h))
+            return {"ok": True}
+        except (asyncio.CancelledError, MemoryError):
+            raise
+        except Exception as exc:
+            return _error(exc)
 
     def _spawn(self, cid: int, coro: Any) -> None:
         task = asyncio.ensure_future(self._guard(cid, coro))
@@ -383,6 +465,21 @@ class Server:
             return _error(exc)
 
 
+def _recorded(r: dict[str, Any]) -> Any:
+    from kernel.events import Meta, Recorded
+
+    return Recorded(
+        position=int(r["position"]),
+        stream=str(r["stream"]),
+        version=int(r["version"]),
+        type=str(r["type"]),
+        schema=int(r["schema"]),
+        data=r["data"],
+        meta=Meta(**r["meta"]),
+        timestamp=float(r["timestamp"]),
+    )
+
+
 def _error(exc: BaseException) -> dict[str, Any]:
     return {
         "ok": False,
@@ -519,6 +616,7 @@ def main() -> None:
 
         # sync routes run in anyio's thread pool: keep it well inside the process limit
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        server.open()
         try:
             described = plugin.load()
             hook = plugin.hooks.get("on_load")

@@ -32,14 +32,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from subprocess import PIPE
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import Process
+from anyio.abc import Process, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from kernel.events import Recorded
+
+from .bridge import MAX_SUBSCRIPTIONS, Bridge, Refused, record_to_wire
 from .isolation import Launch
 from .protocol import FrameError, FrameReader, encode
+
+if TYPE_CHECKING:
+    from kernel.subscriptions import Subscription
 
 __all__ = ["Exit", "Worker", "WorkerGone"]
 
@@ -52,6 +58,8 @@ STDERR_TAIL = 40
 CALL_BUFFER = 64
 #: Bytes queued to a worker's stdin before a sender waits for the pipe to drain.
 WRITE_HIGH_WATER = 1024 * 1024
+#: Appends and subscriptions of one worker being served at once.
+MAX_ASKS = 256
 #: Size asked for the buffers of the pipes to and from a worker.
 PIPE_SIZE = 1024 * 1024
 
@@ -144,6 +152,10 @@ class Worker:
     heartbeat_timeout: float
     start_timeout: float
     limits: dict[str, Any]
+    #: Appends and subscriptions of the plugin's code (None: refused).
+    bridge: Bridge | None = None
+    #: How long a cancelled call's code may take to stop before the worker is killed.
+    cancel_grace: float = 2.0
 
     pid: int = 0
     ready: dict[str, Any] | None = None
@@ -173,6 +185,9 @@ class Worker:
         self._t0 = 0.0
         self._logs = _RateLimit(LOG_RATE)
         self._reader = FrameReader()
+        self._tg: TaskGroup | None = None
+        self._subs: list[Subscription] = []
+        self._asks = 0
         self._logger = logging.getLogger(f"xcore.plugin.{self.plugin}")
 
     @property
@@ -224,6 +239,7 @@ class Worker:
                 lambda: _FrameProtocol(self), os.fdopen(from_worker, "rb", buffering=0)
             )
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 tg.start_soon(self._read_stderr)
                 await self._send({"op": "config", "config": self.config})
                 with anyio.move_on_after(self.start_timeout) as timer:
@@ -256,9 +272,17 @@ class Worker:
 
     async def _finish(self, proc: Process) -> None:
         self._kill_group()
+        self._tg = None
         for transport in (self._in, self._out):
             if transport is not None:
                 transport.close()
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            if self.bridge is not None:
+                try:
+                    await self.bridge.unsubscribe(sub)
+                except Exception:
+                    log.exception("sandbox: plugin %r: could not end a subscription", self.plugin)
         try:
             await proc.wait()
             await proc.aclose()
@@ -418,6 +442,8 @@ class Worker:
             self.ready_event.set()
         elif op == "fatal":
             self._fatal = str(h.get("limit", "memory"))
+        elif op in ("append", "subscribe"):
+            self._ask(op, h, payload)
         else:
             call = self._calls.get(h.get("id", -1))
             if call is None:
@@ -446,6 +472,76 @@ class Worker:
                     call.send.close()
             elif op == "result" and call.done is not None and not call.done.done():
                 call.done.set_result(h)
+
+    # -- the plugin's appends and subscriptions ------------------------------------------
+
+    def _ask(self, op: str, h: dict[str, Any], payload: bytes) -> None:
+        """Run an ``append`` or ``subscribe`` of the plugin's code (answered by id)."""
+        wid = h.get("id")
+        if self._tg is None or self._kill is not None:
+            return
+        if self._asks >= MAX_ASKS:
+            self._answer_soon(
+                {
+                    "op": "appended" if op == "append" else "subscribed",
+                    "id": wid,
+                    "ok": False,
+                    "error": f"plugin {self.plugin!r}: "
+                    f"more than {MAX_ASKS} appends or subscriptions in flight",
+                }
+            )
+            return
+        self._asks += 1
+        self._tg.start_soon(self._serve_ask, op, h, payload)
+
+    def _answer_soon(self, header: dict[str, Any]) -> None:
+        with suppress(WorkerGone):
+            self._write(header)
+
+    async def _serve_ask(self, op: str, h: dict[str, Any], payload: bytes) -> None:
+        wid = h.get("id")
+        answer: dict[str, Any] = {"op": "appended" if op == "append" else "subscribed", "id": wid}
+        try:
+            if self.bridge is None:
+                raise Refused(f"plugin {self.plugin!r}: the sandbox has no access to the log here")
+            if op == "append":
+                records = await self.bridge.append(
+                    h.get("stream"), h.get("type"), h.get("schema", 1), payload
+                )
+                answer.update(ok=True, records=[record_to_wire(r) for r in records])
+            else:
+                if len(self._subs) >= MAX_SUBSCRIPTIONS:
+                    raise Refused(
+                        f"plugin {self.plugin!r}: more than {MAX_SUBSCRIPTIONS} subscriptions"
+                    )
+                types = self.bridge.types(h.get("types"))
+
+                async def deliver(record: Recorded, sid: Any = wid) -> None:
+                    await self._deliver(sid, record)
+
+                self._subs.append(await self.bridge.subscribe(deliver, types))
+                answer.update(ok=True)
+        except Refused as exc:
+            answer.update(ok=False, refused=True, error=str(exc))
+        except Exception as exc:
+            log.exception("sandbox: plugin %r: %s failed", self.plugin, op)
+            answer.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._asks -= 1
+        with suppress(WorkerGone):
+            await self._send(answer)
+
+    async def _deliver(self, sid: Any, record: Recorded) -> None:
+        """One event to a subscription of the plugin (raises when its handler did)."""
+        h = await self.request(
+            {"op": "event", "sub": sid, **record_to_wire(record)},
+            label=f"event handler ({record.type})",
+            grace=self.cancel_grace,
+        )
+        if not h.get("ok"):
+            raise RuntimeError(
+                f"plugin {self.plugin!r}: its event handler raised {h.get('error', 'an error')}"
+            )
 
     def _log(self, h: dict[str, Any]) -> None:
         if not self._logs.allow():

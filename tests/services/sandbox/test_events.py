@@ -1,0 +1,122 @@
+"""A sandboxed plugin appends events and reacts to them, like a trusted one, within bounds.
+
+Over a real kernel and a real worker: ``ctx.append`` records to the plugin's streams with
+actor ``plugin:<name>``; ``ctx.subscribe`` delivers live events (typed in the worker);
+appending to another plugin's stream or a kernel event type is refused and records
+nothing; the kernel's own events are not delivered unless the operator lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from kernel.events import NewEvent
+from tests.services.sandbox.conftest import AUTH, sandboxed, write_plugin
+
+RUN = """
+    from kernel.events import Event
+
+    class Pinged(Event):
+        n: int
+
+    class Ponged(Event):
+        n: int
+        by: str
+
+    class Saw(Event):
+        type_seen: str
+        stream_seen: str
+
+    class PluginReloadRequested(Event):  # a kernel command's name, forged
+        name: str
+
+    async def on_load(ctx):
+        async def react(record):
+            event = record.event  # typed: the class lives in this worker
+            await ctx.append(Ponged(n=event.n, by=type(event).__name__), stream="plugin-ev.replies")
+
+        async def watch(record):
+            if record.type not in ("Saw", "Ponged"):
+                await ctx.append(Saw(type_seen=record.type, stream_seen=record.stream))
+
+        await ctx.subscribe(react, types=[Pinged])
+        await ctx.subscribe(watch)
+"""
+
+ROUTER = """
+    from fastapi import APIRouter
+    from kernel.sdk import current_plugin
+    from .run import Pinged, PluginReloadRequested
+
+    router = APIRouter()
+
+    @router.post("/ping/{n}")
+    async def ping(n: int):
+        [record] = await current_plugin().append(Pinged(n=n))
+        return {"position": record.position, "stream": record.stream, "actor": record.meta.actor}
+
+    @router.post("/forge/{how}")
+    async def forge(how: str):
+        ctx = current_plugin()
+        try:
+            if how == "stream":
+                await ctx.append(Pinged(n=1), stream="plugin-other")
+            else:
+                await ctx.append(PluginReloadRequested(name="other"))
+        except PermissionError as exc:
+            return {"refused": str(exc)}
+        return {"refused": None}
+"""
+
+
+async def test_a_sandboxed_plugin_appends_and_reacts_to_events(harness: Any, level: str) -> None:
+    h = await harness(level)
+    write_plugin(h.plugins, "ev", info=sandboxed("ev"), run=RUN, router=ROUTER)
+    assert (await h.reload("ev")).status_code == 200
+    with anyio.fail_after(60):
+        r = await h.client.post("/app/ev/ping/7")
+        assert r.status_code == 200, r.text
+        assert r.json()["stream"] == "plugin-ev"
+        assert r.json()["actor"] == "plugin:ev"
+        [pinged] = [e for e in await h.kernel.read(types=["Pinged"]) if e.data["n"] == 7]
+        assert pinged.stream == "plugin-ev" and pinged.meta.actor == "plugin:ev"
+        # its subscription saw it, typed, and appended an answer to a stream of its own
+        while not [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 7]:
+            await anyio.sleep(0.05)
+        [ponged] = [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 7]
+        assert ponged.data["by"] == "Pinged" and ponged.stream == "plugin-ev.replies"
+        # it reacts to events the kernel records elsewhere too (not only its own)
+        await h.kernel.append(NewEvent.raw("Pinged", {"n": 9}), stream="elsewhere")
+        while not [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 9]:
+            await anyio.sleep(0.05)
+        # a kernel event (a token) is not delivered; a plugin's event after it is
+        created = await h.client.post(
+            "/admin/tokens", headers=AUTH, json={"name": "t", "scopes": ["plugins:read"]}
+        )
+        assert created.status_code in (200, 201), created.text
+        await h.kernel.append(NewEvent.raw("Marker", {}), stream="elsewhere")
+        while not [
+            e for e in await h.kernel.read(types=["Saw"]) if e.data["type_seen"] == "Marker"
+        ]:
+            await anyio.sleep(0.05)
+    seen = {e.data["type_seen"] for e in await h.kernel.read(types=["Saw"])}
+    assert "Pinged" in seen and "Marker" in seen
+    assert "TokenCreated" not in seen, seen
+
+
+async def test_a_sandboxed_plugin_cannot_forge_events(harness: Any) -> None:
+    h = await harness("rlimits")
+    write_plugin(h.plugins, "ev", info=sandboxed("ev"), run=RUN, router=ROUTER)
+    assert (await h.reload("ev")).status_code == 200
+    before = await h.kernel.read()
+    with anyio.fail_after(60):
+        stream = (await h.client.post("/app/ev/forge/stream")).json()["refused"]
+        kind = (await h.client.post("/app/ev/forge/type")).json()["refused"]
+    assert stream is not None and "plugin-other" in stream and "own streams" in stream
+    assert kind is not None and "PluginReloadRequested" in kind and "services.loader" in kind
+    after = await h.kernel.read(after=before[-1].position)
+    forged = [e for e in after if e.type == "PluginReloadRequested" or e.stream == "plugin-other"]
+    assert not forged, forged
+    assert not [e for e in after if e.meta.actor == "plugin:ev" and e.type != "Saw"]
