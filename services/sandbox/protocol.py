@@ -9,7 +9,10 @@ and a frame whose id is no longer waited for (a cancelled call's late reply) is 
 
 Kernel -> worker ops: ``config`` (first frame), ``http`` / ``body`` (a request and its
 body chunks), ``disconnect``, ``task``, ``hook``, ``noop``, ``ping``, ``cancel``, ``stop``.
-Worker -> kernel ops: ``ready`` / ``failed`` (answer to ``config``), ``start`` / ``body``
+``credit`` gives a streaming response's window back (see :data:`WINDOW_FRAMES`),
+``event`` delivers an event to a subscription, ``appended`` / ``subscribed`` answer the
+plugin's own requests. Worker -> kernel ops: ``append`` / ``subscribe`` (the plugin's
+``ctx.append`` / ``ctx.subscribe``), ``ready`` / ``failed`` (answer to ``config``), ``start`` / ``body``
 (a response), ``result`` (end of a call), ``pong``, ``log``, ``fatal`` (a limit the worker
 noticed itself, just before it exits).
 
@@ -27,12 +30,28 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CHUNK", "MAX_FRAME", "FrameError", "FrameReader", "decode", "encode"]
+__all__ = [
+    "CHUNK",
+    "MAX_FRAME",
+    "WINDOW_BYTES",
+    "WINDOW_FRAMES",
+    "FrameError",
+    "FrameReader",
+    "decode",
+    "encode",
+]
 
 #: Largest frame either side accepts (bodies travel in chunks far below it).
 MAX_FRAME = 16 * 1024 * 1024
 #: Size of the body chunks a request or response is cut into.
 CHUNK = 256 * 1024
+
+#: Flow control of a streamed response: the worker may have at most this many body
+#: frames, or this many body bytes, sent and not yet passed on to the client (the kernel
+#: gives them back with ``credit`` frames as its client takes them). A worker streaming
+#: faster than its client reads is paused; nothing piles up in the kernel.
+WINDOW_FRAMES = 16
+WINDOW_BYTES = 1024 * 1024
 
 _HEAD = struct.Struct(">II")
 

@@ -27,7 +27,7 @@ import anyio
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from .protocol import CHUNK
+from .protocol import CHUNK, WINDOW_BYTES, WINDOW_FRAMES
 from .supervisor import SandboxedPlugin, Unavailable
 from .worker_process import Worker, WorkerGone
 
@@ -105,20 +105,30 @@ class SandboxProxy:
                 rest = [body[i : i + CHUNK] for i in range(CHUNK, len(body), CHUNK)]
                 for i, piece in enumerate(rest):
                     await worker.send_body(cid, piece, more or i < len(rest) - 1)
+                failure: Exception | None = None
                 if more:
                     # the body keeps coming while the answer may already start
-                    failure: Exception | None = None
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._pump, worker, cid, receive, len(body), relay)
                         try:
-                            await relay.run(frames)
+                            await relay.run(frames, worker, cid)
                         except Exception as exc:  # raised after the group, not wrapped in it
                             failure = exc
                         tg.cancel_scope.cancel()
                     if failure is not None:
                         raise failure
-                else:
-                    await relay.run(frames)
+                elif await relay.run(frames, worker, cid, until_streaming=True):
+                    # a streamed answer: watch for the client leaving while it lasts (an
+                    # answer in one piece needs no watcher, nor its task)
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._pump, worker, cid, receive, len(body), relay, False)
+                        try:
+                            await relay.run(frames, worker, cid)
+                        except Exception as exc:
+                            failure = exc
+                        tg.cancel_scope.cancel()
+                    if failure is not None:
+                        raise failure
                 if relay.too_big and not relay.started:
                     await _answer(
                         send,
@@ -142,10 +152,16 @@ class SandboxProxy:
         self.plugin.stats.observe("http", relay.ok, relay.cpu_ms)
 
     async def _pump(
-        self, worker: Worker, cid: int, receive: Receive, size: int, relay: _Relay
+        self,
+        worker: Worker,
+        cid: int,
+        receive: Receive,
+        size: int,
+        relay: _Relay,
+        more: bool = True,
     ) -> None:
-        """Forward the rest of the body, then a disconnect if the client leaves."""
-        more = True
+        """Forward the rest of the body (if ``more``), then a disconnect if the client
+        leaves."""
         while True:
             message: Message = await receive()
             if message["type"] == "http.disconnect":
@@ -176,8 +192,14 @@ class _Relay:
         #: The request body passed the limit (the answer becomes a 413).
         self.too_big = False
 
-    async def run(self, frames: Any) -> None:
+    async def run(
+        self, frames: Any, worker: Worker, cid: int, *, until_streaming: bool = False
+    ) -> bool:
+        """Pass the frames on, giving the worker its window back as the client takes
+        them, until the ``result`` (False) or, with ``until_streaming``, until a body
+        frame says more is coming (True)."""
         send = self.send
+        owed_frames = owed_bytes = 0
         while True:
             h, payload = await frames.receive()
             op = h.get("op")
@@ -207,10 +229,24 @@ class _Relay:
                             "more_body": bool(h.get("more")),
                         }
                     )
+                # the client took it (the server's send waits while the socket is full)
+                owed_frames += 1
+                owed_bytes += len(payload)
+                if (
+                    owed_frames >= WINDOW_FRAMES // 4
+                    or owed_bytes >= WINDOW_BYTES // 4
+                    or not frames.pending()
+                ):
+                    worker.credit(cid, owed_frames, owed_bytes)
+                    owed_frames = owed_bytes = 0
+                if until_streaming and h.get("more") and self.started:
+                    if owed_frames:
+                        worker.credit(cid, owed_frames, owed_bytes)
+                    return True
             elif op == "result":
                 self.ok = bool(h.get("ok"))
                 self.cpu_ms = float(h.get("cpu_ms", 0.0))
-                return
+                return False
 
 
 def _content_length(scope: Scope) -> int | None:

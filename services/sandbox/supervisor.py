@@ -364,6 +364,7 @@ class SandboxedPlugin:
             "rss_mb": round(w.rss / 2**20, 3) if w is not None else None,
             "rss_max_mb": round(w.rss_max / 2**20, 3) if w is not None else None,
             "cpu_s": round(w.cpu_s, 3) if w is not None else None,
+            "calls_in_flight": w.in_flight if w is not None else 0,
             "recent_crashes": len(self.crashes),
             "stats": {
                 "calls": self.stats.calls,

@@ -40,7 +40,16 @@ from datetime import datetime
 from typing import Any
 
 from .plugin import Failed, Plugin
-from .protocol import CHUNK, FrameError, FrameReader, decode, encode, sizes
+from .protocol import (
+    CHUNK,
+    WINDOW_BYTES,
+    WINDOW_FRAMES,
+    FrameError,
+    FrameReader,
+    decode,
+    encode,
+    sizes,
+)
 
 #: Threads for the plugin's sync code (hooks and tasks; sync routes: as many again).
 THREADS = 8
@@ -150,6 +159,8 @@ class Server:
         #: The plugin's own requests to the kernel (appends, subscriptions) by id.
         self._asks: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ask_id = 0
+        #: Flow control of the responses being streamed, by call id.
+        self.windows: dict[int, _Window] = {}
         #: The plugin's event handlers, by subscription id.
         self.handlers: dict[int, Any] = {}
         plugin.link = self
@@ -218,6 +229,16 @@ class Server:
             q = self.bodies.get(cid)
             if q is not None:
                 q.put_nowait(None)
+            window = self.windows.get(cid)
+            if window is not None:
+                window.closed = True
+                window.wake.set()
+        elif op == "credit":
+            window = self.windows.get(cid)
+            if window is not None:
+                window.frames -= int(h.get("frames", 0))
+                window.bytes -= int(h.get("bytes", 0))
+                window.wake.set()
         elif op == "task":
             self._spawn(cid, self.task(cid, h))
         elif op == "hook":
@@ -320,6 +341,7 @@ class Server:
             self.calls.pop(cid, None)
             self.threaded.discard(cid)
             self.bodies.pop(cid, None)
+            self.windows.pop(cid, None)
         cpu_ms = (time.process_time() - cpu0) * 1000
         self.wire.send({"op": "result", "id": cid, "cpu_ms": cpu_ms, **outcome})
 
@@ -385,11 +407,21 @@ class Server:
                 body = message.get("body", b"")
                 more = message.get("more_body", False)
                 for i in range(0, max(len(body), 1), CHUNK):
+                    if window.closed:
+                        raise ClientGone(f"request {cid}: the client disconnected")
                     last = i + CHUNK >= len(body)
-                    self.wire.send(
-                        {"op": "body", "id": cid, "more": more or not last}, body[i : i + CHUNK]
-                    )
+                    piece = body[i : i + CHUNK]
+                    self.wire.send({"op": "body", "id": cid, "more": more or not last}, piece)
+                    window.frames += 1
+                    window.bytes += len(piece)
+                    while window.frames >= WINDOW_FRAMES or window.bytes >= WINDOW_BYTES:
+                        # the client has not taken what was sent: pause this response
+                        if window.closed:
+                            raise ClientGone(f"request {cid}: the client disconnected")
+                        window.wake.clear()
+                        await window.wake.wait()
 
+        window = self.windows[cid] = _Window()
         token = _request_id.set(scope.get("xcore_request_id") or str(cid))
         try:
             if app is None:
@@ -403,6 +435,8 @@ class Server:
             return {"ok": True}
         except (asyncio.CancelledError, MemoryError):
             raise
+        except ClientGone:
+            return {"ok": True, "disconnected": True}
         except Exception as exc:
             logging.getLogger(f"xcore.plugin.{self.plugin.name}").error(
                 "request %s %s failed:\n%s",
@@ -463,6 +497,22 @@ class Server:
             raise
         except Exception as exc:
             return _error(exc)
+
+
+class ClientGone(OSError):
+    """Raised by ``send`` once the client of a streamed response has left."""
+
+
+class _Window:
+    """What a streamed response has sent that its client has not taken yet."""
+
+    __slots__ = ("bytes", "closed", "frames", "wake")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.bytes = 0
+        self.closed = False
+        self.wake = asyncio.Event()
 
 
 def _recorded(r: dict[str, Any]) -> Any:

@@ -191,6 +191,11 @@ class Worker:
         self._logger = logging.getLogger(f"xcore.plugin.{self.plugin}")
 
     @property
+    def in_flight(self) -> int:
+        """Calls sent to the worker and not answered yet."""
+        return len(self._calls)
+
+    @property
     def alive(self) -> bool:
         return self.ready is not None and not self.exited.is_set() and self._kill is None
 
@@ -409,6 +414,12 @@ class Worker:
             return
         with suppress(WorkerGone):
             await self._send(header, payload)
+
+    def credit(self, cid: int, frames: int, size: int) -> None:
+        """Give a streamed response's window back (its client took these frames)."""
+        if cid in self._calls and not self.exited.is_set():
+            with suppress(WorkerGone):
+                self._write({"op": "credit", "id": cid, "frames": frames, "bytes": size})
 
     async def send_body(self, cid: int, chunk: bytes, more: bool) -> None:
         await self.send_frame({"op": "body", "id": cid, "more": more}, chunk)
@@ -775,6 +786,10 @@ class _Watched:
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
         return item
+
+    def pending(self) -> int:
+        """Frames received and not yet taken."""
+        return self._receive.statistics().current_buffer_used
 
     async def receive(self) -> tuple[dict[str, Any], bytes]:
         """The next frame; :class:`WorkerGone` if the worker ended first."""
