@@ -52,6 +52,11 @@ class SandboxStarted(Event):
     uid: int
     network: bool = False
     duration_ms: float = 0.0
+    #: What holds the worker's processes and threads to ``limits.processes``:
+    #: ``pids-cgroup`` (holds for root too), ``rlimit`` (RLIMIT_NPROC of an unprivileged
+    #: user), or ``watch`` (a root worker without a cgroup: only the supervisor's
+    #: once-a-second count, which a fast fork bomb outruns for that second).
+    process_limit: str = ""
 
 
 class SandboxStopped(Event):

@@ -40,6 +40,7 @@ from kernel.settings import DEFAULT_FILE
 
 from .admin import admin_router
 from .bridge import Bridge
+from .cgroup import pids_base, remove_base
 from .events import stream_of
 from .isolation import detect_level, environment, launch, worker_user
 from .limits import MIB, LimitError, resolve
@@ -100,11 +101,19 @@ class SandboxService:
         kernel.http.add_health_check("sandbox", self.health)
         sub = await kernel.subscribe(self._on_unloaded, types=["PluginUnloaded"], start="now")
         stack.push_async_callback(kernel.unsubscribe, sub)
+        cgroups, why = await anyio.to_thread.run_sync(pids_base)
         log.info(
-            "sandbox: isolation level %s, workers run as %s",
+            "sandbox: isolation level %s, workers run as %s, processes limited by %s",
             self.level,
             f"uid {self.user[0]}" if self.user else "the kernel's user",
+            f"a pids cgroup under {cgroups}" if cgroups else f"RLIMIT_NPROC ({why})",
         )
+        if cgroups is None and self.user is None and os.getuid() == 0:
+            log.warning(
+                "sandbox: workers keep root and %s: a fork bomb is held only by the "
+                "supervisor's once-a-second count of their processes",
+                why,
+            )
 
     async def _run(self, ready: asyncio.Event) -> None:
         assert self._closing is not None
@@ -124,6 +133,7 @@ class SandboxService:
         assert self._closing is not None and self._runner is not None
         self._closing.set()
         await self._runner
+        remove_base()
 
     # -- the host (kernel.hosts) -----------------------------------------------------
 

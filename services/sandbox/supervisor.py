@@ -180,6 +180,7 @@ class SandboxedPlugin:
                 uid=int(worker.ready.get("uid", -1)) if worker.ready else -1,
                 network=self.limits.network,
                 duration_ms=round(worker.start_ms, 3),
+                process_limit=worker.process_limit,
             ),
         )
         if restart is not None:
@@ -359,6 +360,7 @@ class SandboxedPlugin:
             "limits": self.limits.as_dict(),
             "pid": w.pid if w is not None else None,
             "uid": (w.ready or {}).get("uid") if w is not None else None,
+            "process_limit": w.process_limit if w is not None else None,
             "started_at": w.started_at if w is not None else None,
             "start_ms": round(w.start_ms, 3) if w is not None else None,
             "rss_mb": round(w.rss / 2**20, 3) if w is not None else None,

@@ -41,6 +41,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from kernel.events import Recorded
 
 from .bridge import MAX_SUBSCRIPTIONS, Bridge, Refused, record_to_wire
+from .cgroup import PidsCgroup
 from .isolation import Launch
 from .protocol import FrameError, FrameReader, encode
 
@@ -186,6 +187,9 @@ class Worker:
         self._logs = _RateLimit(LOG_RATE)
         self._reader = FrameReader()
         self._tg: TaskGroup | None = None
+        self._cgroup: PidsCgroup | None = None
+        #: ``pids-cgroup``, ``rlimit`` or ``watch`` (see ``SandboxStarted.process_limit``).
+        self.process_limit = ""
         self._subs: list[Subscription] = []
         self._asks = 0
         self._logger = logging.getLogger(f"xcore.plugin.{self.plugin}")
@@ -234,6 +238,7 @@ class Worker:
             os.close(to_kernel)
         self._proc = proc
         self.pid = proc.pid
+        self._contain(proc.pid)
         loop = asyncio.get_running_loop()
         try:
             self._out, _ = await loop.connect_write_pipe(
@@ -275,6 +280,30 @@ class Worker:
         with anyio.CancelScope(shield=True):
             await self._finish(proc)
 
+    def _contain(self, pid: int) -> None:
+        """Put the new worker (not yet configured: no plugin code has run) in a pids
+        cgroup of its own, and say what limits its processes."""
+        allowed = int(self.limits.get("processes", 0) or 0)
+        cgroup = None
+        if allowed:
+            # the worker itself, and bubblewrap's own processes
+            extra = 1 + (2 if self.launch.level == "bwrap" else 0)
+            cgroup = PidsCgroup.create(f"w{pid}", allowed + extra)
+        if cgroup is not None:
+            try:
+                cgroup.add(_tree(pid))
+            except OSError as exc:
+                log.warning("sandbox: plugin %r: cannot use the pids cgroup: %s", self.plugin, exc)
+                cgroup.remove()
+                cgroup = None
+        self._cgroup = cgroup
+        if cgroup is not None:
+            self.process_limit = "pids-cgroup"
+        elif self.config.get("uid") is not None or os.getuid() != 0:
+            self.process_limit = "rlimit"
+        else:
+            self.process_limit = "watch"
+
     async def _finish(self, proc: Process) -> None:
         self._kill_group()
         self._tg = None
@@ -294,6 +323,14 @@ class Worker:
         except Exception:
             log.exception("sandbox: plugin %r worker %d: could not reap it", self.plugin, self.pid)
         self.exit = self._classify(proc.returncode)
+        if self._cgroup is not None:
+            cgroup, self._cgroup = self._cgroup, None
+            for _ in range(100):  # killed processes leave once reaped
+                cgroup.kill()
+                if not cgroup.pids():
+                    break
+                await anyio.sleep(0.02)
+            cgroup.remove()
         for call in list(self._calls.values()):
             if call.send is not None:
                 call.send.close()
@@ -371,6 +408,8 @@ class Worker:
         self._kill_group()
 
     def _kill_group(self) -> None:
+        if self._cgroup is not None:
+            self._cgroup.kill()  # orphans that left the tree too
         if self._proc is None or self._proc.returncode is not None:
             return
         for pid in _tree(self.pid):

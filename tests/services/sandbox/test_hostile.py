@@ -9,6 +9,7 @@ plugin serves again after a reload once its code is fixed. The plugins live in
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import anyio
 import httpx
 import pytest
 
+from services.sandbox.cgroup import pids_folders, pids_possible
 from services.sandbox.isolation import bwrap_works, worker_user
 from tests.e2e.server import Server, serve
 
@@ -167,12 +169,28 @@ async def test_endless_loop_in_a_task(server: Any) -> None:
 
 async def test_fork_bomb(server: Any) -> None:
     srv, level, plugins = server
-    if level == "rlimits" and os.getuid() == 0 and worker_user("auto", "rlimits") is None:
-        pytest.skip("workers keep root here (Python is private to root): no process limit")
+    root = os.getuid() == 0 and worker_user("auto", "rlimits") is None
+    if level == "rlimits" and root and not pids_possible():
+        pytest.skip("workers keep root here (Python is private to root) and no pids cgroup")
     recorded, _ = await attack(
         srv, plugins, "bomb", lambda c: c.get("/app/bomb/attack"), "SandboxLimitExceeded"
     )
     assert recorded["data"]["limit"] in ("processes", "wall")
+    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+        [started, *_] = reversed(await events(client, "SandboxStarted", "bomb"))
+    if pids_possible():
+        # held by the cgroup even for a root worker (never past its allowance), and its
+        # processes are gone with it
+        assert started["data"]["process_limit"] == "pids-cgroup", started
+        assert recorded["data"]["limit"] == "processes", recorded
+        found = re.search(r"reached (\d+) processes, (\d+) threads", recorded["data"]["detail"])
+        assert found is not None, recorded
+        allowed = int(recorded["data"]["value"]) + 3
+        assert int(found[1]) <= allowed and int(found[2]) <= allowed, recorded
+        [folder] = [p for p in pids_folders() if p.name == f"xcore-sandbox-{srv.process.pid}"]
+        assert not await anyio.Path(folder / f"w{recorded['data']['pid']}").exists()
+    else:
+        assert started["data"]["process_limit"] == ("watch" if root else "rlimit"), started
 
 
 async def test_exit_at_import(server: Any) -> None:
