@@ -229,6 +229,8 @@ class _Relay:
                             "more_body": bool(h.get("more")),
                         }
                     )
+                if not h.get("more"):
+                    continue  # the response is whole: the worker waits for nothing more
                 # the client took it (the server's send waits while the socket is full)
                 owed_frames += 1
                 owed_bytes += len(payload)

@@ -412,6 +412,8 @@ class Server:
                     last = i + CHUNK >= len(body)
                     piece = body[i : i + CHUNK]
                     self.wire.send({"op": "body", "id": cid, "more": more or not last}, piece)
+                    if not (more or not last):
+                        break  # the response is whole: nothing to wait for
                     window.frames += 1
                     window.bytes += len(piece)
                     while window.frames >= WINDOW_FRAMES or window.bytes >= WINDOW_BYTES:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import math
 import os
 import signal
 import time
@@ -36,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import Process, TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kernel.events import Recorded
 
@@ -110,7 +108,7 @@ _SIGNAL_LIMITS = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size"}
 @dataclass
 class _Call:
     #: The frames of a streaming call (HTTP), or of a cancel in progress.
-    send: MemoryObjectSendStream[tuple[dict[str, Any], bytes]] | None
+    send: _Inbox | None
     deadline: float
     label: str
     #: A request/answer call waits on ``done`` for its ``result`` (None: the worker ended).
@@ -501,11 +499,8 @@ class Worker:
             if op == "result" or (op == "cancelled" and h.get("honoured")):
                 self._calls.pop(h["id"], None)
             if call.send is not None:
-                try:
-                    call.send.send_nowait((h, payload))
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass  # its caller left (a disconnected client): the frame is dropped
-                except anyio.WouldBlock:
+                # a closed inbox (its caller left: a disconnected client) drops the frame
+                if not call.send.put((h, payload)):
                     # the caller reads slower than the plugin writes: rather than buffer
                     # without bound (or drop frames silently), the call is aborted
                     log.warning(
@@ -756,16 +751,15 @@ class Worker:
             raise WorkerGone(self.plugin, "its sandbox worker is not running", self.exit)
         self._next += 1
         cid = self._next
-        send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](CALL_BUFFER)
-        self._calls[cid] = _Call(send, time.monotonic() + self.wall_time, label)
+        inbox = _Inbox(CALL_BUFFER)
+        call = self._calls[cid] = _Call(inbox, time.monotonic() + self.wall_time, label)
         finished = False
         try:
             await self._send({**header, "id": cid}, payload)
-            async with receive:
-                yield cid, _Watched(receive, self, self._calls[cid])
+            yield cid, _Watched(inbox, self, call)
             finished = cid not in self._calls
         finally:
-            send.close()
+            inbox.close()
             if not finished and cid in self._calls and self.alive:
                 with anyio.CancelScope(shield=True):
                     if cancel:
@@ -778,23 +772,24 @@ class Worker:
         call = self._calls.get(cid)
         if call is None:
             return
-        # a fresh stream for the answer to the cancel (the caller's is closed)
-        send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](math.inf)
-        call.send = send
+        # a fresh inbox for the answer to the cancel (the caller's is closed)
+        inbox = call.send = _Inbox(None)
         honoured = False
-        with send, receive:
-            try:
-                await self._send({"op": "cancel", "id": cid})
-            except WorkerGone:
-                return  # nothing left to cancel
-            with anyio.move_on_after(grace):
-                async for h, _ in receive:
-                    # a thread cannot be cancelled: then wait (up to grace) for it to end
-                    if (h.get("op") == "cancelled" and h.get("honoured")) or h.get(
-                        "op"
-                    ) == "result":
-                        honoured = True
-                        break
+        try:
+            await self._send({"op": "cancel", "id": cid})
+        except WorkerGone:
+            return  # nothing left to cancel
+        with anyio.move_on_after(grace):
+            while True:
+                try:
+                    h, _ = await inbox.get()
+                except anyio.EndOfStream:
+                    break
+                # a thread cannot be cancelled: then wait (up to grace) for it to end
+                if (h.get("op") == "cancelled" and h.get("honoured")) or h.get("op") == "result":
+                    honoured = True
+                    break
+        inbox.close()
         if honoured:
             self._calls.pop(cid, None)
             return
@@ -803,38 +798,82 @@ class Worker:
         )
 
 
+Frame = tuple[dict[str, Any], bytes]
+
+
+class _Inbox:
+    """The frames of one call waiting for its caller: put from the pipe's callback,
+    taken by the caller; at most ``bound`` of them (None: no bound)."""
+
+    __slots__ = ("bound", "closed", "items", "waiter")
+
+    def __init__(self, bound: int | None) -> None:
+        self.items: deque[Frame] = deque()
+        self.bound = bound
+        self.closed = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Frame) -> bool:
+        """Queue ``item`` (dropped if closed); False when the bound is reached."""
+        if self.closed:
+            return True
+        if self.bound is not None and len(self.items) >= self.bound:
+            return False
+        self.items.append(item)
+        self._wake()
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Frame:
+        """The next frame; ``anyio.EndOfStream`` once closed and empty."""
+        while not self.items:
+            if self.closed:
+                raise anyio.EndOfStream
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
 class _Watched:
     """The frames of one call, ending with :class:`WorkerGone` if the worker dies."""
 
-    def __init__(
-        self,
-        receive: MemoryObjectReceiveStream[tuple[dict[str, Any], bytes]],
-        worker: Worker,
-        call: _Call,
-    ) -> None:
-        self._receive = receive
+    def __init__(self, inbox: _Inbox, worker: Worker, call: _Call) -> None:
+        self._inbox = inbox
         self._worker = worker
         self._call = call
 
     def __aiter__(self) -> _Watched:
         return self
 
-    async def __anext__(self) -> tuple[dict[str, Any], bytes]:
+    async def __anext__(self) -> Frame:
         try:
-            item = await self._receive.receive()
+            return await self._inbox.get()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
-        return item
 
     def pending(self) -> int:
         """Frames received and not yet taken."""
-        return self._receive.statistics().current_buffer_used
+        return len(self._inbox.items)
 
-    async def receive(self) -> tuple[dict[str, Any], bytes]:
+    async def receive(self) -> Frame:
         """The next frame; :class:`WorkerGone` if the worker ended first."""
+        inbox = self._inbox
+        if inbox.items:
+            return inbox.items.popleft()
         try:
-            return await self._receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return await inbox.get()
+        except anyio.EndOfStream:
             w = self._worker
             if self._call.aborted:
                 raise CallAborted(w.plugin, f"{self._call.label} was aborted") from None
