@@ -11,7 +11,9 @@
   blocking, for reference: a kernel on an event loop cannot call like that.
 - ``sandbox_route_rps``: ``GET /app/bench/status`` served by two ``xcore serve``
   processes, the same plugin trusted in one and sandboxed in the other, loaded by wrk in
-  alternating pairs (target >= 0.6x).
+  alternating pairs (target >= 0.6x). The record also has the CPU time the server's
+  processes (kernel and worker) spent per request, and its ratio (trusted over
+  sandboxed): the throughput ratio a quiet machine would show when CPU-bound.
 - ``sandbox_start_ms``: a worker's start to ready (interpreter, FastAPI, the plugin's
   import), median over reloads; ``sandbox_worker_rss_mb``: its RSS once ready.
 
@@ -307,7 +309,31 @@ def _free_port() -> int:
         return port
 
 
-def _wrk(url: str, seconds: float) -> float:
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and every process below it."""
+    from services.sandbox.worker_process import _tree
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
+def _load(server: _Serve, seconds: float) -> tuple[float, float]:
+    """(requests/s, CPU microseconds the server's processes spent per request)."""
+    cpu0 = _tree_cpu(server.proc.pid)
+    rps, requests = _wrk(server.url, seconds)
+    cpu = _tree_cpu(server.proc.pid) - cpu0
+    return rps, cpu / max(requests, 1) * 1e6
+
+
+def _wrk(url: str, seconds: float) -> tuple[float, int]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", url],
         capture_output=True,
@@ -317,9 +343,10 @@ def _wrk(url: str, seconds: float) -> float:
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk saw failed requests against {url}:\n{out}")
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if found is None:
+    total = re.search(r"(\d+) requests in", out)
+    if found is None or total is None:
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    return float(found.group(1))
+    return float(found.group(1)), int(total.group(1))
 
 
 def sandbox_route_rps(pairs: int | None = None, seconds: float = 5.0) -> list[Result]:
@@ -334,21 +361,27 @@ def sandbox_route_rps(pairs: int | None = None, seconds: float = 5.0) -> list[Re
         servers.append(sandboxed)
         trusted = _Serve(base, "trusted")
         servers.append(trusted)
-        _wrk(sandboxed.url, 2)
+        _wrk(sandboxed.url, 2)  # warm-up
         _wrk(trusted.url, 2)
         s_runs, t_runs, ratios = [], [], []
+        s_cpu, t_cpu, cpu_ratios = [], [], []
         for i in range(pairs):
             if i % 2 == 0:
-                s = _wrk(sandboxed.url, seconds)
-                t = _wrk(trusted.url, seconds)
+                s, sc = _load(sandboxed, seconds)
+                t, tc = _load(trusted, seconds)
             else:
-                t = _wrk(trusted.url, seconds)
-                s = _wrk(sandboxed.url, seconds)
+                t, tc = _load(trusted, seconds)
+                s, sc = _load(sandboxed, seconds)
             s_runs.append(s)
             t_runs.append(t)
             ratios.append(s / t)
+            s_cpu.append(sc)
+            t_cpu.append(tc)
+            cpu_ratios.append(tc / sc)
             print(
-                f"   pair {i + 1}: sandboxed {s:,.0f} req/s, trusted {t:,.0f} req/s, ratio {s / t:.3f}"
+                f"   pair {i + 1}: sandboxed {s:,.0f} req/s ({sc:.0f} us CPU/req), "
+                f"trusted {t:,.0f} req/s ({tc:.0f} us CPU/req), ratio {s / t:.3f}, "
+                f"CPU ratio {tc / sc:.3f}"
             )
     finally:
         for server in servers:
@@ -364,6 +397,12 @@ def sandbox_route_rps(pairs: int | None = None, seconds: float = 5.0) -> list[Re
         "load_generator": "wrk",
         "sandboxed_rps": s_runs,
         "trusted_rps": t_runs,
+        # CPU the server's processes (kernel, and worker) spent per request: what the
+        # throughput of each would be bound by on a quiet machine; less noisy than req/s
+        # on a loaded one (an extra runnable process gets an extra share of the cores)
+        "sandboxed_cpu_us_per_request": s_cpu,
+        "trusted_cpu_us_per_request": t_cpu,
+        "median_cpu_ratio": median(cpu_ratios),
     }
     return [
         result("sandbox_route_rps", median(s_runs), "req/s", {"trusted": median(t_runs)}, **extra)

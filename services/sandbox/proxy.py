@@ -203,7 +203,7 @@ class _Relay:
         while True:
             h, payload = await frames.receive()
             op = h.get("op")
-            if op == "start":
+            if op == "start" or op == "whole":
                 if self.too_big:
                     continue
                 self.started = True
@@ -220,6 +220,8 @@ class _Relay:
                         ],
                     }
                 )
+                if op == "whole":  # the start and the whole body in one frame
+                    await send({"type": "http.response.body", "body": payload})
             elif op == "body":
                 if self.started:
                     await send(

@@ -400,12 +400,24 @@ class Server:
                     (k.decode("latin-1"), v.decode("latin-1"))
                     for k, v in message.get("headers", [])
                 ]
-                self.wire.send(
-                    {"op": "start", "id": cid, "status": message["status"], "headers": headers}
-                )
+                # held until the body: a response in one piece leaves as one frame
+                held[0] = {
+                    "op": "start",
+                    "id": cid,
+                    "status": message["status"],
+                    "headers": headers,
+                }
             elif kind == "http.response.body":
                 body = message.get("body", b"")
                 more = message.get("more_body", False)
+                start = held[0]
+                if start is not None:
+                    held[0] = None
+                    if not more and len(body) <= CHUNK:
+                        start["op"] = "whole"
+                        self.wire.send(start, body)
+                        return
+                    self.wire.send(start)
                 for i in range(0, max(len(body), 1), CHUNK):
                     if window.closed:
                         raise ClientGone(f"request {cid}: the client disconnected")
@@ -424,6 +436,7 @@ class Server:
                         await window.wake.wait()
 
         window = self.windows[cid] = _Window()
+        held: list[dict[str, Any] | None] = [None]
         token = _request_id.set(scope.get("xcore_request_id") or str(cid))
         try:
             if app is None:
@@ -434,6 +447,8 @@ class Server:
 
                 plugin_context_var.set(self.plugin.ctx)
                 await app(scope, receive, send)
+            if held[0] is not None:  # a start and no body
+                self.wire.send(held[0])
             return {"ok": True}
         except (asyncio.CancelledError, MemoryError):
             raise
