@@ -8,7 +8,9 @@
   floor any IPC from an asyncio kernel pays: one write, one wake-up of the loop),
   measured in the same run in alternating batches (DESIGN.md "Targets": p50 <= 1.5x).
   ``blocking_pipe_p50_us`` (in the record) is the same round trip with both sides
-  blocking, for reference: a kernel on an event loop cannot call like that.
+  blocking, for reference: a kernel on an event loop cannot call like that;
+  ``two_loops_pipe_p50_us`` has the child on an asyncio loop too, answering in its
+  readable callback: the floor of a design with an event loop in each process.
 - ``sandbox_route_rps``: ``GET /app/bench/status`` served by two ``xcore serve``
   processes, the same plugin trusted in one and sandboxed in the other, loaded by wrk in
   alternating pairs (target >= 0.6x). The record also has the CPU time the server's
@@ -81,6 +83,38 @@ while True:
 """
 
 
+#: The same child on an asyncio loop (as a worker is): reads in a readable callback and
+#: answers in it. A reference for the design's floor (two event loops), not the peer.
+ECHO_ASYNCIO = """
+import asyncio, os, sys
+ask, answer = int(sys.argv[1]), int(sys.argv[2])
+reply = bytes(answer)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    got = 0
+    os.set_blocking(0, False)
+
+    def readable():
+        nonlocal got
+        data = os.read(0, 65536)
+        if not data:
+            if not done.done():
+                done.set_result(None)
+            return
+        got += len(data)
+        while got >= ask:
+            got -= ask
+            os.write(1, reply)
+
+    loop.add_reader(0, readable)
+    await done
+
+asyncio.run(main())
+"""
+
+
 def _frame_sizes() -> tuple[int, int]:
     """Bytes of a no-op call's frame and of its answer, as the sandbox sends them."""
     from services.sandbox.protocol import encode
@@ -95,10 +129,10 @@ class RawPipe:
     kernel's side on its asyncio loop like the sandbox's (one frame written, the loop
     woken by the answer), the child blocking in ``read``."""
 
-    def __init__(self) -> None:
+    def __init__(self, child: str = ECHO) -> None:
         self.ask, self.answer = _frame_sizes()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", ECHO, str(self.ask), str(self.answer)],
+            [sys.executable, "-c", child, str(self.ask), str(self.answer)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
@@ -201,6 +235,8 @@ async def _sandbox_calls(pairs: int) -> list[Result]:
             raw: list[float] = []
             ratios = []
             peer = RawPipe()
+            two_loops = RawPipe(ECHO_ASYNCIO)
+            loops: list[float] = []
             try:
                 for i in range(pairs):
                     batch = []
@@ -209,6 +245,7 @@ async def _sandbox_calls(pairs: int) -> list[Result]:
                         await plugin.call({"op": "noop"}, kind="noop")
                         batch.append((time.perf_counter() - t0) * 1e6)
                     pipe = await peer.batch(CALLS)
+                    loops += await two_loops.batch(CALLS)
                     sandbox += batch
                     raw += pipe
                     ratios.append(median(batch) / median(pipe))
@@ -218,6 +255,7 @@ async def _sandbox_calls(pairs: int) -> list[Result]:
                     )
             finally:
                 peer.close()
+                two_loops.close()
             blocking = await asyncio.to_thread(_blocking_pipe, CALLS)
             level = service.level
     finally:
@@ -231,6 +269,8 @@ async def _sandbox_calls(pairs: int) -> list[Result]:
         "raw_pipe_p99_us": percentile(raw, 99),
         "raw_pipe_kernel_side": "asyncio",
         "blocking_pipe_p50_us": median(blocking),
+        "two_loops_pipe_p50_us": median(loops),
+        "ratio_to_two_loops": median(sandbox) / median(loops),
     }
     return [
         result("sandbox_call_p50_us", median(sandbox), "us", {"raw_pipe": median(raw)}, **extra),

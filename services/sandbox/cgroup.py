@@ -108,6 +108,7 @@ def pids_base() -> tuple[Path | None, str]:
     folder, why, v2 = _candidate()
     if folder is None:
         return None, why
+    _sweep(folder)
     base = folder / f"xcore-sandbox-{os.getpid()}"
     try:
         base.mkdir(exist_ok=True)
@@ -120,6 +121,21 @@ def pids_base() -> tuple[Path | None, str]:
             base.rmdir()
         return None, f"cannot create a cgroup in {folder}: {exc.strerror or exc}"
     return base, ""
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the empty worker cgroups a kernel that died without stopping left behind."""
+    with suppress(OSError):
+        for old in folder.glob("xcore-sandbox-*"):
+            pid = old.name.removeprefix("xcore-sandbox-")
+            if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+                continue
+            with suppress(OSError):
+                for leaf in old.iterdir():
+                    if leaf.is_dir():
+                        with suppress(OSError):
+                            leaf.rmdir()
+                old.rmdir()
 
 
 def remove_base() -> None:

@@ -289,7 +289,15 @@ class Worker:
             cgroup = PidsCgroup.create(f"w{pid}", allowed + extra)
         if cgroup is not None:
             try:
-                cgroup.add(_tree(pid))
+                # bubblewrap may be forking its sandbox right now: until the tree holds
+                # still, move what appeared (a child forked after the move is inside)
+                moved: set[int] = set()
+                for _ in range(10):
+                    new = [p for p in _tree(pid) if p not in moved]
+                    if not new:
+                        break
+                    cgroup.add(new)
+                    moved.update(new)
             except OSError as exc:
                 log.warning("sandbox: plugin %r: cannot use the pids cgroup: %s", self.plugin, exc)
                 cgroup.remove()
