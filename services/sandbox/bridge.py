@@ -26,6 +26,10 @@ is retried and dead-lettered like a trusted one (``SubscriberFailed``).
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+import pkgutil
 import re
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_EVENT_BYTES", "Bridge", "Refused", "record_to_wire"]
 
+log = logging.getLogger("xcore.sandbox")
+
 #: Largest event data a sandboxed plugin may append (its JSON).
 MAX_EVENT_BYTES = 1024 * 1024
 #: Subscriptions one worker may hold.
@@ -49,6 +55,22 @@ _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
 
 class Refused(Exception):
     """The plugin asked for something a sandboxed plugin may not do (message says what)."""
+
+
+@functools.cache
+def _register_service_events() -> None:
+    """Import every installed service's ``events`` module, so the types of services not
+    started in this process are known (and refused) too."""
+    import services
+
+    for info in pkgutil.iter_modules(services.__path__):
+        if info.ispkg:
+            try:
+                importlib.import_module(f"services.{info.name}.events")
+            except ModuleNotFoundError:
+                continue
+            except Exception:
+                log.exception("sandbox: cannot import services.%s.events", info.name)
 
 
 def _owned_by_kernel(type_name: str) -> bool:
@@ -86,6 +108,7 @@ class Bridge:
         self.plugin = plugin
         self.kernel_events = frozenset(kernel_events)
         self.own = f"plugin-{plugin}"
+        _register_service_events()
 
     def stream(self, stream: Any) -> str:
         """The stream an append goes to, checked (default: ``plugin-<name>``)."""
@@ -158,4 +181,6 @@ class Bridge:
         return await self.kernel.subscribe(handler, types=types, start="now")
 
     async def unsubscribe(self, sub: Subscription) -> None:
+        """End ``sub`` at once (its worker is gone: a handler in flight cannot finish)."""
+        await sub.stop(grace=0.0)
         await self.kernel.unsubscribe(sub)

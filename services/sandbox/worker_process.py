@@ -185,6 +185,8 @@ class Worker:
         self._logs = _RateLimit(LOG_RATE)
         self._reader = FrameReader()
         self._tg: TaskGroup | None = None
+        #: Frames gathered in this loop iteration (None: the next one is written at once).
+        self._batch: list[bytes] | None = None
         self._cgroup: PidsCgroup | None = None
         #: ``pids-cgroup``, ``rlimit`` or ``watch`` (see ``SandboxStarted.process_limit``).
         self.process_limit = ""
@@ -316,13 +318,6 @@ class Worker:
         for transport in (self._in, self._out):
             if transport is not None:
                 transport.close()
-        subs, self._subs = self._subs, []
-        for sub in subs:
-            if self.bridge is not None:
-                try:
-                    await self.bridge.unsubscribe(sub)
-                except Exception:
-                    log.exception("sandbox: plugin %r: could not end a subscription", self.plugin)
         try:
             await proc.wait()
             await proc.aclose()
@@ -351,6 +346,14 @@ class Worker:
             }
         self.ready_event.set()
         self.exited.set()
+        # after the calls failed: a handler waiting on one has returned by now
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            if self.bridge is not None:
+                try:
+                    await self.bridge.unsubscribe(sub)
+                except Exception:
+                    log.exception("sandbox: plugin %r: could not end a subscription", self.plugin)
 
     def _tail_note(self) -> str:
         tail = "\n".join(list(self.stderr_tail)[-5:])
@@ -439,11 +442,28 @@ class Worker:
     # -- frames ----------------------------------------------------------------------
 
     def _write(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        """Queue a frame to the worker (whole: frames never interleave)."""
+        """Queue a frame to the worker (whole: frames never interleave).
+
+        The first frame of a loop iteration is written at once (a lone call pays no
+        delay); the others of that iteration are gathered and written together at its
+        end, so many requests arriving at once cost the worker one wake-up."""
         out = self._out
         if out is None or out.is_closing():
             raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit)
-        out.write(encode(header, payload))
+        frame = encode(header, payload)
+        batch = self._batch
+        if batch is None:
+            out.write(frame)
+            self._batch = []
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            batch.append(frame)
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        out = self._out
+        if batch and out is not None and not out.is_closing():
+            out.write(b"".join(batch))
 
     async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         """Queue a frame; wait while more than ``WRITE_HIGH_WATER`` bytes are queued."""
@@ -472,14 +492,22 @@ class Worker:
     def _frames(self, data: bytes) -> None:
         """Dispatch the frames of one read from the worker's pipe."""
         try:
-            for header, payload in self._reader.feed(data):
-                self._dispatch(header, payload)
+            frames = self._reader.feed(data)
         except FrameError as exc:
             self.kill("protocol", 0, f"it sent a malformed frame: {exc}")
             if self._in is not None:
                 self._in.close()
-        except Exception:
-            log.exception("sandbox: plugin %r worker %d: a frame failed", self.plugin, self.pid)
+            return
+        for header, payload in frames:
+            try:
+                self._dispatch(header, payload)
+            except Exception:
+                log.exception(
+                    "sandbox: plugin %r worker %d: frame %r failed",
+                    self.plugin,
+                    self.pid,
+                    header.get("op"),
+                )
 
     def _dispatch(self, h: dict[str, Any], payload: bytes) -> None:
         op = h.get("op")
