@@ -51,6 +51,7 @@ MAX_EVENT_BYTES = 1024 * 1024
 #: Subscriptions one worker may hold.
 MAX_SUBSCRIPTIONS = 64
 _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
+_STREAM_TAIL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,119}")
 
 
 class Refused(Exception):
@@ -115,11 +116,16 @@ class Bridge:
         if stream is None:
             return self.own
         if not isinstance(stream, str) or not (
-            stream == self.own or (stream.startswith(self.own + ".") and len(stream) <= 200)
+            stream == self.own
+            or (
+                stream.startswith(self.own + ".")
+                and _STREAM_TAIL.fullmatch(stream[len(self.own) + 1 :])
+            )
         ):
             raise Refused(
                 f"plugin {self.plugin!r} is sandboxed: it appends only to its own streams "
-                f"({self.own!r} or {self.own + '.<name>'!r}), not to {stream!r}"
+                f"({self.own!r} or {self.own + '.<name>'!r}, <name> in letters, digits and "
+                f"_.:-), not to {stream!r}"
             )
         return stream
 

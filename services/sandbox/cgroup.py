@@ -85,9 +85,9 @@ def _candidate() -> tuple[Path | None, str, bool]:
 
 
 def pids_possible() -> bool:
-    """Whether this machine has a pids cgroup hierarchy for the kernel (no side effect;
-    creating one may still be refused)."""
-    return _candidate()[0] is not None
+    """Whether this process could make pids cgroups (no side effect)."""
+    folder = _candidate()[0]
+    return folder is not None and os.access(folder, os.W_OK)
 
 
 def pids_folders() -> list[Path]:
@@ -111,6 +111,10 @@ def pids_base() -> tuple[Path | None, str]:
     _sweep(folder)
     base = folder / f"xcore-sandbox-{os.getpid()}"
     try:
+        if v2 and "pids" not in (folder / "cgroup.subtree_control").read_text().split():
+            # cgroup v2: our cgroup must hand the controller down (refused while it
+            # holds processes itself, unless it is the root)
+            (folder / "cgroup.subtree_control").write_text("+pids")
         base.mkdir(exist_ok=True)
         if v2:
             (base / "cgroup.subtree_control").write_text("+pids")

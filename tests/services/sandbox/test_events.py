@@ -63,6 +63,8 @@ ROUTER = """
         try:
             if how == "stream":
                 await ctx.append(Pinged(n=1), stream="plugin-other")
+            elif how == "odd":
+                await ctx.append(Pinged(n=1), stream="plugin-ev.\x1b[31m")
             else:
                 await ctx.append(PluginReloadRequested(name="other"))
         except PermissionError as exc:
@@ -114,6 +116,8 @@ async def test_a_sandboxed_plugin_cannot_forge_events(harness: Any) -> None:
     with anyio.fail_after(60):
         stream = (await h.client.post("/app/ev/forge/stream")).json()["refused"]
         kind = (await h.client.post("/app/ev/forge/type")).json()["refused"]
+        odd = (await h.client.post("/app/ev/forge/odd")).json()["refused"]
+    assert odd is not None and "own streams" in odd
     assert stream is not None and "plugin-other" in stream and "own streams" in stream
     assert kind is not None and "PluginReloadRequested" in kind and "services.loader" in kind
     after = await h.kernel.read(after=before[-1].position)
