@@ -400,13 +400,15 @@ class Server:
                     (k.decode("latin-1"), v.decode("latin-1"))
                     for k, v in message.get("headers", [])
                 ]
-                # held until the body: a response in one piece leaves as one frame
+                # held for this loop iteration: a response whose body follows at once
+                # leaves as one frame; a stream slow to start still shows its headers
                 held[0] = {
                     "op": "start",
                     "id": cid,
                     "status": message["status"],
                     "headers": headers,
                 }
+                asyncio.get_running_loop().call_soon(release_start)
             elif kind == "http.response.body":
                 body = message.get("body", b"")
                 more = message.get("more_body", False)
@@ -424,7 +426,7 @@ class Server:
                     last = i + CHUNK >= len(body)
                     piece = body[i : i + CHUNK]
                     self.wire.send({"op": "body", "id": cid, "more": more or not last}, piece)
-                    if not (more or not last):
+                    if last and not more:
                         break  # the response is whole: nothing to wait for
                     window.frames += 1
                     window.bytes += len(piece)
@@ -434,6 +436,12 @@ class Server:
                             raise ClientGone(f"request {cid}: the client disconnected")
                         window.wake.clear()
                         await window.wake.wait()
+
+        def release_start() -> None:
+            start = held[0]
+            if start is not None:
+                held[0] = None
+                self.wire.send(start)
 
         window = self.windows[cid] = _Window()
         held: list[dict[str, Any] | None] = [None]
@@ -447,8 +455,7 @@ class Server:
 
                 plugin_context_var.set(self.plugin.ctx)
                 await app(scope, receive, send)
-            if held[0] is not None:  # a start and no body
-                self.wire.send(held[0])
+            release_start()  # a start and no body
             return {"ok": True}
         except (asyncio.CancelledError, MemoryError):
             raise

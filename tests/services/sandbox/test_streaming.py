@@ -3,7 +3,8 @@
 A sandboxed route streaming an endless body to a client that stops reading is paused:
 the worker may be ahead of its client by one window (``protocol.WINDOW_*``) plus what the
 sockets hold, the kernel's memory does not grow with the stream, and the stream goes on,
-intact, when the client reads again. When the client leaves, the response ends.
+intact, when the client reads again. When the client leaves, the response ends. A
+stream slow to start shows its headers at once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import httpx
 from tests.e2e.server import serve
 
 ROUTER = """
+    import asyncio
+
     from fastapi import APIRouter
     from fastapi.responses import StreamingResponse
 
@@ -40,6 +43,20 @@ ROUTER = """
     @router.get("/sent")
     async def sent():
         return SENT
+
+    GO = asyncio.Event()
+
+    @router.get("/slow")
+    async def slow():
+        async def body():
+            await GO.wait()
+            yield b"done"
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    @router.post("/go")
+    async def go():
+        GO.set()
 """
 MIB = 1024 * 1024
 
@@ -86,6 +103,17 @@ def test_an_endless_stream_waits_for_its_client() -> None:
                 return dict(r.json())
 
             host, port = srv.url.removeprefix("http://").split(":")
+
+            # a stream slow to start shows its headers before its first piece
+            with socket.create_connection((host, int(port)), timeout=60) as slow:
+                slow.sendall(b"GET /app/stream/slow HTTP/1.1\r\nHost: test\r\n\r\n")
+                assert slow.recv(4096).startswith(b"HTTP/1.1 200")
+                assert httpx.post(f"{srv.url}/app/stream/go", timeout=30).status_code == 200
+                rest = b""
+                while not rest.endswith(b"0\r\n\r\n"):
+                    rest += slow.recv(4096)
+                assert b"done" in rest
+
             sock = socket.create_connection((host, int(port)), timeout=60)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
             sock.sendall(b"GET /app/stream/endless HTTP/1.1\r\nHost: test\r\n\r\n")
