@@ -12,9 +12,10 @@ body chunks), ``disconnect``, ``task``, ``hook``, ``noop``, ``ping``, ``cancel``
 ``credit`` gives a streaming response's window back (see :data:`WINDOW_FRAMES`),
 ``event`` delivers an event to a subscription, ``appended`` / ``subscribed`` answer the
 plugin's own requests. Worker -> kernel ops: ``append`` / ``subscribe`` (the plugin's
-``ctx.append`` / ``ctx.subscribe``), ``ready`` / ``failed`` (answer to ``config``), ``start`` / ``body``
-(a response), ``result`` (end of a call), ``pong``, ``log``, ``fatal`` (a limit the worker
-noticed itself, just before it exits).
+``ctx.append`` / ``ctx.subscribe``), ``ready`` / ``failed`` (answer to ``config``),
+``start`` / ``body`` (a response), ``whole`` (a response in one frame: start and body),
+``result`` (end of a call), ``pong``, ``log``, ``fatal`` (a limit the worker noticed
+itself, just before it exits).
 
 Both sides read with a :class:`FrameReader` fed straight from the pipe's readable
 callback: the frames a read holds are decoded and dispatched in that callback, so a

@@ -124,3 +124,18 @@ async def test_a_sandboxed_plugin_cannot_forge_events(harness: Any) -> None:
     forged = [e for e in after if e.type == "PluginReloadRequested" or e.stream == "plugin-other"]
     assert not forged, forged
     assert not [e for e in after if e.meta.actor == "plugin:ev" and e.type != "Saw"]
+
+
+async def test_the_operator_may_show_kernel_events_to_sandboxed_plugins(harness: Any) -> None:
+    h = await harness("rlimits", sandbox={"kernel_events": ["TokenCreated"]})
+    write_plugin(h.plugins, "ev", info=sandboxed("ev"), run=RUN, router=ROUTER)
+    assert (await h.reload("ev")).status_code == 200
+    with anyio.fail_after(60):
+        created = await h.client.post(
+            "/admin/tokens", headers=AUTH, json={"name": "t", "scopes": ["plugins:read"]}
+        )
+        assert created.status_code in (200, 201), created.text
+        while not [
+            e for e in await h.kernel.read(types=["Saw"]) if e.data["type_seen"] == "TokenCreated"
+        ]:
+            await anyio.sleep(0.05)
