@@ -41,7 +41,7 @@ from kernel.events import Recorded
 from .bridge import MAX_SUBSCRIPTIONS, Bridge, Refused, record_to_wire
 from .cgroup import PidsCgroup
 from .isolation import Launch
-from .protocol import FrameError, FrameReader, encode
+from .protocol import CHUNK, FrameError, FrameReader, encode
 
 if TYPE_CHECKING:
     from kernel.subscriptions import Subscription
@@ -187,6 +187,7 @@ class Worker:
         self._tg: TaskGroup | None = None
         #: Frames gathered in this loop iteration (None: the next one is written at once).
         self._batch: list[bytes] | None = None
+        self._batched = 0
         self._cgroup: PidsCgroup | None = None
         #: ``pids-cgroup``, ``rlimit`` or ``watch`` (see ``SandboxStarted.process_limit``).
         self.process_limit = ""
@@ -455,9 +456,15 @@ class Worker:
         if batch is None:
             out.write(frame)
             self._batch = []
+            self._batched = 0
             asyncio.get_running_loop().call_soon(self._flush)
         else:
             batch.append(frame)
+            self._batched += len(frame)
+            if self._batched >= CHUNK:  # a large body: no need to hold it back
+                out.write(b"".join(batch))
+                batch.clear()
+                self._batched = 0
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, None
