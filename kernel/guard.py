@@ -13,7 +13,11 @@ Guarantees, for every route of the app (the kernel's, the services', the plugins
   that path, and an admin route's 405 lists them all too (Starlette lists only the
   first matching route's);
   the methods come from the OpenAPI document, so plugin paths are covered live. A path
-  that declares its own OPTIONS operation answers it itself.
+  that declares its own OPTIONS operation answers it itself;
+- ``HEAD`` works wherever ``GET`` does, as ``Allow`` says: the request reaches the app as
+  a ``GET`` (same authentication, same scope: ``admin:read``) and only the head of the
+  answer is sent (its ``Content-Length`` is the GET's). A path that declares its own
+  HEAD operation answers it itself.
 
 Mechanism: one ASGI wrapper around the whole app (outside its middleware), so no route,
 dependency or form parser runs before these checks. The body is counted in the
@@ -106,9 +110,16 @@ class RequestGuard:
         method: str = scope["method"]
         if method == "OPTIONS":
             allowed = self._allowed(scope)
-            if allowed and not self._declares_options(path):
+            if allowed and not self._declares(path, "options"):
                 await _answer(send, 204, None, {"allow": ", ".join(allowed)})
                 return
+        elif (
+            method == "HEAD" and "GET" in self._allowed(scope) and not self._declares(path, "head")
+        ):
+            # Allow lists HEAD wherever GET is served: the app answers it as a GET whose
+            # body is dropped (FastAPI's routes do not answer HEAD themselves)
+            scope = {**scope, "method": "GET"}
+            send = _headless(send)
         declared, chunked = _body_headers(scope)
         if admin:  # the admin API's contract: a 405 lists every method of the path
             send = self._allow_fixer(scope, send)
@@ -179,9 +190,10 @@ class RequestGuard:
             return False
         return True
 
-    def _declares_options(self, path: str) -> bool:
+    def _declares(self, path: str, method: str) -> bool:
+        """Whether the path declares its own ``method`` operation (it answers it itself)."""
         paths = self._operations()
-        return any("options" in item for t, item in paths.items() if _template(t).fullmatch(path))
+        return any(method in item for t, item in paths.items() if _template(t).fullmatch(path))
 
     def _allow_fixer(self, scope: Scope, send: Send) -> Send:
         """A ``send`` that makes a 405's ``Allow`` list every method of the path."""
@@ -231,6 +243,17 @@ def _template(template: str) -> re.Pattern[str]:
     return re.compile(
         "".join("[^/]+" if p.startswith("{") and p.endswith("}") else re.escape(p) for p in parts)
     )
+
+
+def _headless(send: Send) -> Send:
+    """A ``send`` that drops the response body and keeps its head (a HEAD request)."""
+
+    async def headless(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headless
 
 
 def _body_headers(scope: Scope) -> tuple[int | None, bool]:

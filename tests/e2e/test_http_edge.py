@@ -1,0 +1,174 @@
+"""The HTTP edge over a live ``xcore serve``: every refusal is named and 4xx, never 5xx.
+
+One server (module scope) with a trusted plugin whose routes validate float fields, so
+the kernel's, the admin API's and a plugin's routes are checked alike: hostile bodies
+(``NaN``, ``Infinity``, bytes that are not UTF-8, deep nesting) get a JSON 422, and
+``HEAD`` works wherever ``GET`` does, as ``OPTIONS`` says.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.server import Server, serve
+
+TOKEN = "http-edge-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
+
+ROUTER = """
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+router = APIRouter(prefix="/measure", tags=["measure"])
+
+
+class Reading(BaseModel):
+    value: float = Field(ge=0, le=1000)
+    label: str = ""
+
+
+@router.post("/readings")
+async def add(reading: Reading) -> dict[str, float]:
+    return {"value": reading.value}
+
+
+@router.get("/readings")
+async def readings(scale: float = Query(1.0, gt=0, le=10)) -> dict[str, float]:
+    return {"scale": scale}
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("edge")
+    folder = tmp / "plugins" / "measure"
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text("")
+    (folder / "run.py").write_text(
+        "PLUGIN_INFO = {'version': '1.0.0', 'Api_prefix': '/app/measure', "
+        "'tag_for_identified': ['measure']}\n"
+    )
+    (folder / "router.py").write_text(textwrap.dedent(ROUTER))
+    with serve(tmp, plugins_dir=tmp / "plugins", env={"XCORE_ADMIN_TOKEN": TOKEN}) as s:
+        deadline = time.monotonic() + 60  # the plugin loads after the server answers
+        while httpx.get(s.url + "/app/measure/readings", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, s.output()
+            time.sleep(0.05)
+        yield s
+        assert TOKEN not in s.output()
+
+
+def _refused(r: httpx.Response, where: str) -> list[dict[str, Any]]:
+    assert r.status_code == 422, (where, r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json", where
+    detail = r.json()["detail"]
+    assert isinstance(detail, list) and detail, where
+    for error in detail:
+        assert {"type", "loc", "msg"} <= set(error), (where, error)
+    return detail
+
+
+# (route, body): a float field given a value JSON cannot encode, on an admin route and
+# on a plugin route; Python's JSON parser accepts NaN and Infinity, as browsers' do not
+NON_FINITE = [
+    ("/admin/tokens", '{"name": NaN, "scopes": ["admin:read"]}', "NaN"),
+    ("/admin/tokens", '{"name": Infinity, "scopes": ["admin:read"]}', "Infinity"),
+    ("/admin/tokens", '{"name": "n", "scopes": [-Infinity]}', "-Infinity"),
+    ("/app/measure/readings", '{"value": NaN}', "NaN"),
+    ("/app/measure/readings", '{"value": Infinity}', "Infinity"),
+    ("/app/measure/readings", '{"value": -Infinity}', "-Infinity"),
+    ("/app/measure/readings", '{"value": 1, "label": [NaN, {"x": Infinity}]}', None),
+]
+
+
+def test_a_non_finite_number_in_a_body_is_a_json_422(server: Server) -> None:
+    for path, body, echoed in NON_FINITE:
+        r = httpx.post(
+            server.url + path,
+            content=body,
+            headers={**AUTH, "content-type": "application/json"},
+            timeout=30,
+        )
+        detail = _refused(r, f"{path} {body}")
+        if echoed is not None:  # the value is echoed as the client spelled it
+            assert detail[0]["input"] == echoed, (path, body, detail)
+    r = httpx.post(
+        server.url + "/app/measure/readings",
+        content='{"value": 1, "label": [NaN, {"x": Infinity}]}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert _refused(r, "nested")[0]["input"] == ["NaN", {"x": "Infinity"}]
+
+
+def test_bytes_and_deep_input_are_echoed_printable(server: Server) -> None:
+    for path in ("/admin/tokens", "/app/measure/readings"):
+        # a body of another content type is validated as bytes: these are not UTF-8
+        r = httpx.post(
+            server.url + path,
+            content=b"\xff\xfe\x00 hostile",
+            headers={**AUTH, "content-type": "text/plain"},
+            timeout=30,
+        )
+        assert _refused(r, path)[0]["input"] == "\\xff\\xfe\x00 hostile", r.text
+        # nesting the parser accepts but an echo must not recurse through
+        deep = "[" * 900 + "]" * 900
+        r = httpx.post(
+            server.url + path,
+            content=f'{{"name": {deep}, "label": {deep}, "value": 1, "scopes": ["a"]}}',
+            headers={**AUTH, "content-type": "application/json"},
+            timeout=30,
+        )
+        echoed = _refused(r, f"deep {path}")[0]["input"]
+        assert r.text.count("[") < 200 and "..." in str(echoed), r.text[:300]
+
+
+def _get_paths(server: Server) -> list[str]:
+    spec = httpx.get(server.url + "/openapi.json", headers=AUTH, timeout=30).json()
+    return [
+        re.sub(r"\{[^}]+\}", "zz", path)
+        for path, item in spec["paths"].items()
+        if "get" in item and not path.endswith("/stream")  # SSE streams never end
+    ]
+
+
+def test_head_works_wherever_get_does_and_options_lists_it(server: Server) -> None:
+    paths = _get_paths(server)
+    assert {"/health", "/admin/kernel", "/admin/tokens", "/app/measure/readings"} <= set(paths)
+    for path in paths:
+        allow = httpx.options(server.url + path, headers=AUTH, timeout=30).headers["allow"]
+        assert "HEAD" in allow.split(", "), (path, allow)
+        got = httpx.get(server.url + path, headers=AUTH, timeout=30)
+        head = httpx.head(server.url + path, headers=AUTH, timeout=30)
+        assert head.status_code == got.status_code, (path, head.status_code, got.status_code)
+        assert head.content == b"", path
+        assert head.headers.get("content-type") == got.headers.get("content-type"), path
+    # the head of a stable answer is the GET's, length included
+    got = httpx.get(server.url + "/app/measure/readings?scale=2", timeout=30)
+    head = httpx.head(server.url + "/app/measure/readings?scale=2", timeout=30)
+    assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+    # a HEAD is a read: the same authentication and scope as the GET
+    assert httpx.head(server.url + "/admin/kernel", timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-token-0123456789"}
+    assert httpx.head(server.url + "/admin/kernel", headers=wrong, timeout=30).status_code == 401
+    writer = httpx.post(
+        server.url + "/admin/tokens",
+        json={"name": "writer", "scopes": ["admin:write"]},
+        headers=AUTH,
+        timeout=30,
+    )
+    assert writer.status_code == 201, writer.text
+    only_write = {"Authorization": f"Bearer {writer.json()['token']}"}
+    r = httpx.head(server.url + "/admin/kernel", headers=only_write, timeout=30)
+    assert r.status_code == 403 and "admin:read" in r.headers["www-authenticate"]
+    # a path without GET still refuses HEAD, and says what it serves
+    r = httpx.head(server.url + "/admin/tokens/0123456789abcdef", headers=AUTH, timeout=30)
+    assert r.status_code == 405 and "HEAD" not in r.headers["allow"], r.headers
