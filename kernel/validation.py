@@ -7,16 +7,19 @@ shape (``HTTPValidationError`` in the OpenAPI document), whatever the offending 
 
 FastAPI's default answer echoes each error's ``input`` and encodes it with a JSON
 encoder that refuses what a request can legally carry: ``NaN`` and ``Infinity`` (Python's
-JSON parser accepts them, JSON cannot encode them) and bytes that are not UTF-8 (a
-body sent with another content type is validated as bytes). Both became a 500.
+JSON parser accepts them, JSON cannot encode them), bytes that are not UTF-8 (a body
+sent with another content type is validated as bytes) and lone surrogates
+(``"\\ud800"`` is valid JSON, but not encodable as UTF-8), in an input or in a key
+that the location names. Each became a 500.
 
 Mechanism: :func:`validation_answer` rebuilds each error from plain JSON values, walking
 the echoed input with an explicit stack and a depth bound (a 900-level array cannot
 exhaust the interpreter's stack): non-finite numbers become the strings ``"NaN"``,
-``"Infinity"`` and ``"-Infinity"`` (the spelling the client sent), bytes are decoded with
-``backslashreplace`` (printable, and an invalid byte is shown as ``\\xff``), anything
-else unknown becomes its ``str``. :func:`install` registers it on an app in place of
-FastAPI's default; an app that registered a handler of its own keeps it.
+``"Infinity"`` and ``"-Infinity"`` (the spelling the client sent), bytes are decoded and
+lone surrogates encoded with ``backslashreplace`` (an invalid byte is shown as ``\\xff``),
+anything else unknown becomes its ``str``; long strings and long lists are cut.
+:func:`install` registers it on an app in place of FastAPI's default; an app that
+registered a handler of its own keeps it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ def _scalar(value: Any) -> Any:
         value = bytes(value).decode("utf-8", "backslashreplace")
     elif not isinstance(value, str):
         value = str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): shown escaped
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(value) > MAX_CHARS:
         return value[:MAX_CHARS] + f"... ({len(value) - MAX_CHARS} more characters)"
     return value
@@ -102,10 +109,11 @@ def _errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
         if not isinstance(error, dict):
             answer.append({"type": "value_error", "loc": [], "msg": str(printable(error))})
             continue
+        # a location names the client's keys, and a message may quote its input
         entry: dict[str, Any] = {
-            "type": str(error.get("type", "value_error")),
-            "loc": [p if isinstance(p, int) else str(p) for p in error.get("loc", ())],
-            "msg": str(error.get("msg", "")),
+            "type": str(_scalar(error.get("type", "value_error"))),
+            "loc": [p if isinstance(p, int) else str(_scalar(p)) for p in error.get("loc", ())],
+            "msg": str(_scalar(error.get("msg", ""))),
         }
         if "input" in error:
             entry["input"] = printable(error["input"])

@@ -129,6 +129,21 @@ def test_bytes_and_deep_input_are_echoed_printable(server: Server) -> None:
         )
         echoed = _refused(r, f"deep {path}")[0]["input"]
         assert r.text.count("[") < 200 and "..." in str(echoed), r.text[:300]
+    # a lone surrogate is valid JSON but not UTF-8: in a value, and in a key
+    r = httpx.post(
+        server.url + "/app/measure/readings",
+        content='{"value": "\\ud800"}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert _refused(r, "surrogate value")[0]["input"] == "\\ud800"
+    r = httpx.post(
+        server.url + "/admin/tokens",
+        content='{"name": "n", "scopes": ["admin:read"], "\\udfff": 1}',
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=30,
+    )
+    assert "\\udfff" in str(_refused(r, "surrogate key")), r.text
 
 
 def _get_paths(server: Server) -> list[str]:
