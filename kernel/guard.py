@@ -36,7 +36,7 @@ from typing import Any
 import anyio
 import orjson
 from fastapi import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["ADMIN_PREFIX", "RequestGuard", "is_admin_path"]
@@ -116,10 +116,16 @@ class RequestGuard:
         elif (
             method == "HEAD" and "GET" in self._allowed(scope) and not self._declares(path, "head")
         ):
-            # Allow lists HEAD wherever GET is served: the app answers it as a GET whose
-            # body is dropped (FastAPI's routes do not answer HEAD themselves)
-            scope = {**scope, "method": "GET"}
-            send = _headless(send)
+            # Allow lists HEAD wherever GET is served: it is answered as that GET with
+            # the body left out (FastAPI's routes do not answer HEAD themselves)
+            head = _Head(receive, send)
+            try:
+                await self(dict(scope, method="GET"), head.receive, head.send)
+            except (OSError, ClientDisconnect) as exc:
+                if not head.stopped:
+                    raise
+                log.debug("a streamed answer to HEAD %s stopped after its head: %r", path, exc)
+            return
         declared, chunked = _body_headers(scope)
         if admin:  # the admin API's contract: a 405 lists every method of the path
             send = self._allow_fixer(scope, send)
@@ -245,15 +251,40 @@ def _template(template: str) -> re.Pattern[str]:
     )
 
 
-def _headless(send: Send) -> Send:
-    """A ``send`` that drops the response body and keeps its head (a HEAD request)."""
+class _Head:
+    """The ``receive`` and ``send`` of a HEAD answered as a GET: only the head is sent.
 
-    async def headless(message: Message) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            message = {**message, "body": b""}
-        await send(message)
+    The answer ends with its head (an empty body follows it at once), so a keep-alive
+    client can send its next request even when the GET streams without end (a server-
+    sent events route). The app then sees its client as gone: ``receive`` says
+    ``http.disconnect``, and a streamed body's next piece raises ``OSError`` in ``send``,
+    as a closed connection does, so the stream stops.
+    """
 
-    return headless
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.ended = False
+        #: the app kept streaming after the head and was stopped
+        self.stopped = False
+        self._streaming = False
+
+    async def receive(self) -> Message:
+        if self.ended:
+            return {"type": "http.disconnect"}
+        return await self._receive()
+
+    async def send(self, message: Message) -> None:
+        if self.ended:
+            if message["type"] == "http.response.body" and self._streaming:
+                self.stopped = True
+                raise OSError("HEAD: the client takes the head only")
+            self._streaming = bool(message.get("more_body", False))
+            return
+        await self._send(message)
+        if message["type"] == "http.response.start":
+            self.ended = True
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _body_headers(scope: Scope) -> tuple[int | None, bool]:

@@ -184,6 +184,14 @@ def test_head_works_wherever_get_does_and_options_lists_it(server: Server) -> No
     only_write = {"Authorization": f"Bearer {writer.json()['token']}"}
     r = httpx.head(server.url + "/admin/kernel", headers=only_write, timeout=30)
     assert r.status_code == 403 and "admin:read" in r.headers["www-authenticate"]
+    # a GET that streams without end (server-sent events): HEAD ends with the head, so
+    # the keep-alive connection serves the next request
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+        for path in ("/admin/events/stream", "/admin/logs/stream", "/admin/events/stream"):
+            r = client.head(path)
+            assert r.status_code == 200 and r.content == b"", path
+            assert r.headers["content-type"].startswith("text/event-stream"), path
+            assert client.get("/health/live").status_code == 200, path
     # a path without GET still refuses HEAD, and says what it serves
     r = httpx.head(server.url + "/admin/tokens/0123456789abcdef", headers=AUTH, timeout=30)
     assert r.status_code == 405 and "HEAD" not in r.headers["allow"], r.headers
