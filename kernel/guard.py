@@ -8,7 +8,11 @@ Guarantees, for every route of the app (the kernel's, the services', the plugins
 - a body larger than the route's limit is refused with 413: at once when
   ``Content-Length`` says so, otherwise the moment the bytes read pass the limit (a
   chunked upload cannot lie its way past it); the app then sees the client as gone;
-- a client that stops sending its body is answered 408 after ``body_timeout``;
+- a client that stops sending its body is answered 408 after ``body_timeout``, and so is
+  one that drips it (a byte just inside each timeout): after its first ``body_timeout``
+  seconds of waiting a body must average ``min_body_rate`` bytes per second (the wait
+  allowed grows by one second for every ``min_body_rate`` bytes received; only the
+  time spent waiting for the client counts, not the app's own pace of reading);
 - ``OPTIONS`` on a path of the app answers 204 with ``Allow`` listing every method of
   that path, and an admin route's 405 lists them all too (Starlette lists only the
   first matching route's);
@@ -68,6 +72,7 @@ class RequestGuard:
         authenticate: Callable[[], Authenticator],
         body_limit: BodyLimit,
         body_timeout: float,
+        min_body_rate: int = 0,
         operations: Callable[[], dict[str, Any]],
         public_openapi: Callable[[], dict[str, Any]] | None = None,
         docs_paths: Iterable[str] = (),
@@ -77,6 +82,7 @@ class RequestGuard:
         self._authenticate = authenticate
         self._body_limit = body_limit
         self._body_timeout = body_timeout
+        self._min_body_rate = min_body_rate
         self._operations = operations
         self._public_openapi = public_openapi
         self._docs_paths = frozenset(docs_paths)
@@ -143,6 +149,7 @@ class RequestGuard:
 
     async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         state = {"read": 0, "done": False, "started": False, "answered": False}
+        waited = [0.0]  # seconds spent waiting for body data
 
         async def guarded_send(message: Message) -> None:
             if state["answered"]:
@@ -163,10 +170,24 @@ class RequestGuard:
             if state["done"]:
                 return await receive()  # after the body: disconnect notices, unbounded
             message: Message | None = None
-            with anyio.move_on_after(self._body_timeout):
-                message = await receive()
+            wait = self._body_timeout
+            if self._min_body_rate:  # the time spent waiting for the client, not the app
+                budget = self._body_timeout + state["read"] / self._min_body_rate
+                wait = min(wait, budget - waited[0])
+            if wait > 0:
+                begun = anyio.current_time()
+                with anyio.move_on_after(wait):
+                    message = await receive()
+                waited[0] += anyio.current_time() - begun
             if message is None:
-                await refuse(408, f"no request body data for {self._body_timeout:g} seconds")
+                if wait < self._body_timeout:
+                    await refuse(
+                        408,
+                        f"the request body came slower than {self._min_body_rate} bytes per "
+                        f"second ({state['read']} bytes in {waited[0]:.0f} seconds)",
+                    )
+                else:
+                    await refuse(408, f"no request body data for {self._body_timeout:g} seconds")
                 raise _Refused()
             if message["type"] == "http.request":
                 state["read"] += len(message.get("body", b""))

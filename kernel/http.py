@@ -282,6 +282,7 @@ class HttpSurface:
             authenticate=lambda: self.admin_authenticator,
             body_limit=body_limit,
             body_timeout=limits.body_timeout,
+            min_body_rate=limits.min_body_rate,
             operations=_recent(lambda: app.openapi().get("paths", {})),
             public_openapi=public_openapi,
             docs_paths=_docs_paths(app) if limits.private_docs else (),

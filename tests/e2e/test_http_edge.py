@@ -9,9 +9,12 @@ the kernel's, the admin API's and a plugin's routes are checked alike: hostile b
 from __future__ import annotations
 
 import re
+import select
+import socket
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -195,3 +198,36 @@ def test_head_works_wherever_get_does_and_options_lists_it(server: Server) -> No
     # a path without GET still refuses HEAD, and says what it serves
     r = httpx.head(server.url + "/admin/tokens/0123456789abcdef", headers=AUTH, timeout=30)
     assert r.status_code == 405 and "HEAD" not in r.headers["allow"], r.headers
+
+
+def test_a_dripped_body_is_answered_408(tmp_path: Path) -> None:
+    # each byte comes well within the body timeout, but far below the minimum rate
+    env = {
+        "XCORE_ADMIN_TOKEN": TOKEN,
+        "XCORE_HTTP__BODY_TIMEOUT": "2",
+        "XCORE_HTTP__MIN_BODY_RATE": "100",
+    }
+    with serve(tmp_path, env=env) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                b"POST /admin/tokens HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode()
+            )
+            answer = b""
+            for _ in range(120):  # 60 s of dripping at most; the rule cuts it after ~2 s
+                sock.sendall(b" ")
+                readable, _, _ = select.select([sock], [], [], 0.5)
+                if readable:
+                    answer = sock.recv(65536)
+                    break
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+        assert b"slower than 100 bytes per second" in answer, answer
+        # a body that comes at its own pace, however small its pieces, is read whole
+        r = httpx.post(
+            s.url + "/admin/tokens",
+            content=iter([b'{"name": "slow", ', b'"scopes": ["admin:read"]}']),
+            headers={**AUTH, "content-type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
