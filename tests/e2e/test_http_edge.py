@@ -8,6 +8,7 @@ the kernel's, the admin API's and a plugin's routes are checked alike: hostile b
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import socket
@@ -28,6 +29,7 @@ METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
 
 ROUTER = """
 from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 router = APIRouter(prefix="/measure", tags=["measure"])
@@ -46,12 +48,15 @@ async def add(reading: Reading) -> dict[str, float]:
 @router.get("/readings")
 async def readings(scale: float = Query(1.0, gt=0, le=10)) -> dict[str, float]:
     return {"scale": scale}
+
+
+@router.get("/export")
+async def export() -> PlainTextResponse:
+    return PlainTextResponse("x" * 64_000_000)
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("edge")
+def _plugins(tmp: Path) -> Path:
     folder = tmp / "plugins" / "measure"
     folder.mkdir(parents=True)
     (folder / "__init__.py").write_text("")
@@ -60,11 +65,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "'tag_for_identified': ['measure']}\n"
     )
     (folder / "router.py").write_text(textwrap.dedent(ROUTER))
-    with serve(tmp, plugins_dir=tmp / "plugins", env={"XCORE_ADMIN_TOKEN": TOKEN}) as s:
-        deadline = time.monotonic() + 60  # the plugin loads after the server answers
-        while httpx.get(s.url + "/app/measure/readings", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, s.output()
-            time.sleep(0.05)
+    return tmp / "plugins"
+
+
+def _wait_for_the_plugin(s: Server) -> None:
+    deadline = time.monotonic() + 60  # the plugin loads after the server answers
+    while httpx.get(s.url + "/app/measure/readings", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, s.output()
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("edge")
+    with serve(tmp, plugins_dir=_plugins(tmp), env={"XCORE_ADMIN_TOKEN": TOKEN}) as s:
+        _wait_for_the_plugin(s)
         yield s
         assert TOKEN not in s.output()
 
@@ -231,3 +246,26 @@ def test_a_dripped_body_is_answered_408(tmp_path: Path) -> None:
             timeout=30,
         )
         assert r.status_code == 201, r.text
+
+
+def test_a_client_that_stops_reading_its_answer_is_closed(tmp_path: Path) -> None:
+    env = {"XCORE_ADMIN_TOKEN": TOKEN, "XCORE_HTTP__SEND_TIMEOUT": "1"}
+    with serve(tmp_path, plugins_dir=_plugins(tmp_path), env=env) as s:
+        _wait_for_the_plugin(s)
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            # 64 MB asked for, none of it read: far more than the socket buffers hold
+            sock.sendall(b"GET /app/measure/export HTTP/1.1\r\nHost: x\r\n\r\n")
+            deadline = time.monotonic() + 60
+            while "1 not reading their response" not in s.output():
+                assert time.monotonic() < deadline, s.output()[-3000:]
+                time.sleep(0.2)
+            sock.settimeout(30)
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(1 << 20):  # what the buffers held, then the end
+                    received += len(chunk)
+            assert received < 64_000_000
+        assert httpx.get(s.url + "/health/live", timeout=10).status_code == 200
