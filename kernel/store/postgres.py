@@ -39,10 +39,16 @@ from kernel.errors import StoreClosed, StoreCorrupt, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.postgres_follow import Follower
-from kernel.store.postgres_writer import COLUMNS, CONNECTION_ERRORS, PostgresWriter
+from kernel.store.postgres_writer import (
+    APPEND_FUNCTION,
+    APPEND_FUNCTION_NAME,
+    COLUMNS,
+    CONNECTION_ERRORS,
+    PostgresWriter,
+)
 from kernel.store.tail import Row, Tail
 
-__all__ = ["FORMAT", "PostgresStore", "redact_dsn"]
+__all__ = ["FORMAT", "SCHEMA", "PostgresStore", "redact_dsn"]
 
 log = logging.getLogger("xcore.store")
 
@@ -171,6 +177,8 @@ class PostgresStore:
         #: the advisory lock that orders commits, and the NOTIFY channel (per schema)
         self.lock_key = 0
         self.channel = ""
+        #: whether the log's schema has the one-trip append function (``open`` decides)
+        self.fast_append = False
 
     # -- opening and closing -------------------------------------------------------
 
@@ -275,13 +283,44 @@ class PostgresStore:
                         f"(log format {found}; this version reads format {FORMAT})"
                     )
                 if tables >= TABLES:
+                    await self._create_append_function(conn, schema)
                     return
             await conn.execute(SCHEMA)
+            await conn.execute(APPEND_FUNCTION)
+            self.fast_append = True
             await conn.execute(
                 "INSERT INTO xcore_meta (key, value) VALUES ('format', $1), "
                 "('application', 'xcore') ON CONFLICT (key) DO NOTHING",
                 str(FORMAT),
             )
+
+    async def _create_append_function(self, conn: asyncpg.Connection, schema: str) -> None:
+        """Add the one-trip append function to a log created before it existed.
+
+        Optional: a role that may not create it gets the general path (several trips to
+        the server per batch) and a warning, not an error.
+        """
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = $1 AND p.proname = $2",
+            schema,
+            APPEND_FUNCTION_NAME,
+        )
+        if found:
+            self.fast_append = True
+            return
+        try:
+            async with conn.transaction():  # a savepoint: the failure must not end ours
+                await conn.execute(APPEND_FUNCTION)
+        except asyncpg.InsufficientPrivilegeError as e:
+            log.warning(
+                "%s: cannot create %s (%s); appends take several trips to the server",
+                self.location,
+                APPEND_FUNCTION_NAME,
+                e,
+            )
+            return
+        self.fast_append = True
 
     async def close(self) -> None:
         if not self._open:
