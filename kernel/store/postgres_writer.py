@@ -86,26 +86,30 @@ INSERT_NOTIFY = f"WITH inserted AS ({INSERT} RETURNING 1) SELECT pg_notify($10, 
 #: ordering lock, checks the batch's assumptions, inserts and notifies. Each statement
 #: of a PL/pgSQL function sees the rows committed before it started (READ COMMITTED), so
 #: the reads after the lock see every earlier commit, as in the general path.
-#: Assumptions (checked under the lock; NULL means "not met, nothing written" and the
-#: writer runs the general path): none of ``check_ids`` is stored yet, and each stream
-#: ``streams[check_stream[k]]`` is at version ``check_base[k]``. Event ``n`` of the
-#: batch gets position ``last + n`` and version ``base(its stream) + ev_off[n]``.
-#: Returns the last position before the batch, then each stream's version before it.
+#: Assumptions (checked under the lock; when one is not met nothing is written and
+#: ``heads`` is NULL): none of ``check_ids`` is stored yet (else ``existing`` lists the
+#: stored ones), and each stream ``streams[check_stream[k]]`` is at version
+#: ``check_base[k]``. Event ``n`` of the batch gets position ``last + n`` and version
+#: ``base(its stream) + ev_off[n]``. ``heads``: the last position before the batch, then
+#: each stream's version before it.
 APPEND_FUNCTION_NAME: Final = "xcore_append_v1"
 APPEND_FUNCTION: Final = """
 CREATE OR REPLACE FUNCTION xcore_append_v1(
     lock_key BIGINT, channel TEXT, now DOUBLE PRECISION, streams TEXT[], check_ids TEXT[],
     check_stream INT[], check_base BIGINT[], ev_stream INT[], ev_off BIGINT[],
-    ev_type TEXT[], ev_schema INT[], ev_data BYTEA[], ev_meta BYTEA[], ev_id TEXT[]
-) RETURNS BIGINT[] LANGUAGE plpgsql AS $$
+    ev_type TEXT[], ev_schema INT[], ev_data BYTEA[], ev_meta BYTEA[], ev_id TEXT[],
+    OUT heads BIGINT[], OUT existing TEXT[]
+) LANGUAGE plpgsql AS $$
 DECLARE
     last BIGINT;
     bases BIGINT[];
 BEGIN
     PERFORM pg_advisory_xact_lock(lock_key);
-    IF cardinality(check_ids) > 0
-            AND EXISTS (SELECT 1 FROM events WHERE id = ANY(check_ids)) THEN
-        RETURN NULL;
+    IF cardinality(check_ids) > 0 THEN
+        SELECT array_agg(e.id) INTO existing FROM events e WHERE e.id = ANY(check_ids);
+        IF existing IS NOT NULL THEN
+            RETURN;
+        END IF;
     END IF;
     SELECT array_agg(
                COALESCE((SELECT MAX(e.version) FROM events e WHERE e.stream = s.name), 0)
@@ -113,7 +117,7 @@ BEGIN
         INTO bases FROM unnest(streams) WITH ORDINALITY AS s(name, i);
     IF EXISTS (SELECT 1 FROM unnest(check_stream, check_base) AS c(i, v)
                WHERE bases[c.i] <> c.v) THEN
-        RETURN NULL;
+        RETURN;
     END IF;
     SELECT COALESCE(MAX(position), 0) INTO last FROM events;
     INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)
@@ -122,11 +126,11 @@ BEGIN
         FROM unnest(ev_stream, ev_off, ev_type, ev_schema, ev_data, ev_meta, ev_id)
              WITH ORDINALITY AS x(s, off, type, schema, data, meta, id, n);
     PERFORM pg_notify(channel, (last + cardinality(ev_id))::text);
-    RETURN last || bases;
+    heads := last || bases;
 END $$;
 """
 APPEND_CALL: Final = (
-    f"SELECT {APPEND_FUNCTION_NAME}($1, $2, $3, $4::text[], $5::text[], $6::int[],"
+    f"SELECT heads, existing FROM {APPEND_FUNCTION_NAME}($1, $2, $3, $4::text[], $5::text[], $6::int[],"
     " $7::bigint[], $8::int[], $9::bigint[], $10::text[], $11::int[], $12::bytea[],"
     " $13::bytea[], $14::text[])"
 )
@@ -327,9 +331,11 @@ class PostgresWriter:
         try:
             # the common batch (appends only, run for the first time) in one trip; the
             # general path below when it is not, or when its assumptions do not hold
-            fast = appends and not puts and not again and self.store.fast_append
-            if fast and await self._insert_fast(conn, appends, out):
-                return out
+            if appends and not puts and not again and self.store.fast_append:
+                rest = await self._commit_fast(conn, appends, out)
+                if rest is None:
+                    return out
+                appends = rest
             # BEGIN and (for appends) the ordering lock in one trip to the server
             lock = f"; SELECT pg_advisory_xact_lock({int(self.store.lock_key)})" if appends else ""
             await conn.execute("BEGIN" + lock)
@@ -417,10 +423,44 @@ class PostgresWriter:
         if out.committed:
             await conn.execute(INSERT_NOTIFY, *cols, store.channel, str(position))
 
+    async def _commit_fast(
+        self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome
+    ) -> list[_Append] | None:
+        """The batch through ``APPEND_FUNCTION``; None when it is decided, else the
+        appends left for the general path (nothing of theirs written).
+
+        An append whose every id is stored already (a retried claim another node won) is
+        answered from the log, and the others are tried again in one trip: a losing claim
+        costs no trip under the ordering lock.
+        """
+        for _ in range(3):
+            existing = await self._insert_fast(conn, appends, out)
+            if existing is None:
+                return None
+            if not existing:
+                return appends
+            rest: list[_Append] = []
+            answered: list[tuple[_Append, list[str]]] = []
+            for o in appends:
+                ids = [e.meta.id for e in o.events]
+                stored = [i in existing for i in ids]
+                if all(stored):
+                    answered.append((o, ids))
+                elif any(stored):
+                    return appends  # part of an append is stored: the general path
+                else:
+                    rest.append(o)
+            out.existing.extend(answered)
+            appends = rest
+            if not appends:
+                return None
+        return appends
+
     async def _insert_fast(
         self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome
-    ) -> bool:
-        """The batch in one statement (``APPEND_FUNCTION``); False if it wrote nothing.
+    ) -> set[str] | None:
+        """The batch in one statement (``APPEND_FUNCTION``): None once committed, else
+        the ids found stored (empty: another assumption failed); nothing written then.
 
         Assumes that every expected version holds as if every append before it in the
         batch succeeded, and that no id of the batch is stored yet (a repeated id inside
@@ -447,14 +487,14 @@ class PostgresWriter:
             off = offsets.get(o.stream, 0)
             if o.expected is not ANY:
                 if o.expected < off:
-                    return False
+                    return set()
                 check_stream.append(index)
                 check_base.append(o.expected - off)
             for e in o.events:
                 meta = e.meta
                 i = meta.id
                 if i in seen:
-                    return False
+                    return set()
                 seen.add(i)
                 if e.explicit_id:
                     check_ids.append(i)
@@ -471,13 +511,13 @@ class PostgresWriter:
                 ids.append(i)
             offsets[o.stream] = off
         now = time.time()
-        heads = await conn.fetchval(
+        heads, existing = await conn.fetchrow(
             APPEND_CALL, self.store.lock_key, self.store.channel, now, list(streams),
             check_ids, check_stream, check_base, ev_stream, ev_off, types, schemas, datas,
             metas, ids,
         )  # fmt: skip
         if heads is None:
-            return False
+            return set(existing or ())
         # committed: nothing below may fail (running the batch again would store it twice)
         last = heads[0]
         n = 0
@@ -496,7 +536,7 @@ class PostgresWriter:
                 n += 1
             out.results.append((o, records))
             out.committed.extend(records)
-        return True
+        return None
 
     async def _by_ids(self, ids: list[str]) -> list[Recorded]:
         rows = await self.store._fetch(

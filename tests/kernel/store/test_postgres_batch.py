@@ -139,8 +139,14 @@ async def test_ids_already_stored_or_repeated_are_stored_once(pg_dsn: str) -> No
         with anyio.fail_after(60):
             meta = Meta()
             [first] = await a.append([raw(1, meta)], stream="s")
-            # the same explicit id, through another node, alone and in a batch
+            # the same explicit id, through another node, alone and in a batch (a claim
+            # another node won): answered from the log, and never under the general
+            # path's lock (no BEGIN: the function's answer suffices)
             again = raw(1, meta)
+            await b.append([raw(0)], stream="warm")
+            spy = Statements(b)
+            [alone] = await b.append([again], stream="s", expected_version=0)
+            assert alone.position == first.position
             async with anyio.create_task_group() as tg:
                 answers: list[Any] = []
 
@@ -149,6 +155,8 @@ async def test_ids_already_stored_or_repeated_are_stored_once(pg_dsn: str) -> No
 
                 tg.start_soon(put, [again], "s")
                 tg.start_soon(put, [raw(2)], "t")
+            spy.close()
+            assert spy.sent and all(APPEND_FUNCTION_NAME in q for q in spy.sent), spy.sent
             answered = dict(answers)
             assert [r.position for r in answered["s"]] == [first.position]
             # one event object twice in one append is stored once (as on the general path)
@@ -156,8 +164,13 @@ async def test_ids_already_stored_or_repeated_are_stored_once(pg_dsn: str) -> No
             stored = await b.append([twice, twice], stream="u")
             assert len(stored) == 1
             rows = await b.read_range(0, None)
-            assert len({r.meta.id for r in rows}) == len(rows) == 3
-            assert [r.position for r in rows] == [1, 2, 3]
+            assert len({r.meta.id for r in rows}) == len(rows) == 4
+            assert [r.position for r in rows] == [1, 2, 3, 4]
+            # part of an append stored already: the general path stores the rest once
+            half = [raw(4, Meta()), again]
+            stored = await a.append(half, stream="v")
+            assert [r.position for r in stored] == [5]
+            assert len(await b.read_range(0, None)) == 5
     finally:
         await a.close()
         await b.close()
