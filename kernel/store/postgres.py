@@ -179,6 +179,9 @@ class PostgresStore:
         self.channel = ""
         #: whether the log's schema has the one-trip append function (``open`` decides)
         self.fast_append = False
+        #: stream_version calls waiting for the next query, and the task running them
+        self._version_wanted: dict[str, list[asyncio.Future[int]]] = {}
+        self._version_task: asyncio.Task[None] | None = None
 
     # -- opening and closing -------------------------------------------------------
 
@@ -332,6 +335,15 @@ class PostgresStore:
         await self._release()
 
     async def _release(self) -> None:
+        task, self._version_task = self._version_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        wanted, self._version_wanted = self._version_wanted, {}
+        for futures in wanted.values():
+            for f in futures:
+                if not f.done():
+                    f.set_exception(StoreClosed(f"{self.location}: the event log is closed"))
         if self._follower is not None:
             await self._follower.stop()
             self._follower = None
@@ -477,11 +489,48 @@ class PostgresStore:
         return self._tail.last_position
 
     async def stream_version(self, stream: str) -> int:
+        """The stream's current version, read after the call began.
+
+        Concurrent calls share one query (a burst of claims reads its streams in one
+        trip, not one each): a call waits for the next query to start, never for an
+        answer read before it was made.
+        """
         self._check_open()
-        rows = await self._fetch(
-            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = $1", stream
-        )
-        return int(rows[0][0])
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._version_wanted.setdefault(stream, []).append(future)
+        if self._version_task is None or self._version_task.done():
+            self._version_task = loop.create_task(self._read_versions(), name="xcore-pg-versions")
+        return await future
+
+    async def _read_versions(self) -> None:
+        """Answer the waiting ``stream_version`` calls, one query per round."""
+        while self._version_wanted:
+            wanted, self._version_wanted = self._version_wanted, {}
+            try:
+                rows = await self._fetch(
+                    "SELECT stream, MAX(version) FROM events WHERE stream = ANY($1::text[])"
+                    " GROUP BY stream",
+                    list(wanted),
+                )
+            except BaseException as exc:
+                error = (
+                    exc
+                    if isinstance(exc, Exception)
+                    else StoreClosed(f"{self.location}: the event log is closed")
+                )
+                for futures in wanted.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(error)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            found = {stream: int(version) for stream, version in rows}
+            for stream, futures in wanted.items():
+                for f in futures:
+                    if not f.done():
+                        f.set_result(found.get(stream, 0))
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         self._check_open()
