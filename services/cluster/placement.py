@@ -1,10 +1,10 @@
 """Which node claims a task's runs first: rendezvous hashing over the live nodes.
 
 Every node ranks the live nodes (fresh heartbeat) by ``hash(task, node)``; the first
-claims at once, the n-th waits ``(n - 1) * (claim_grace_s + lag)`` before it tries,
-where ``lag`` is how late the cluster's claims have been committing lately (the
-largest delay after the due time in the last 10 s, ``ClusterView.claim_lag``, at most
-``stale_after_s``). Each task therefore runs on one node while that node lives — the
+claims at once, the n-th waits ``(n - 1) * (claim_grace_s + 2 * lag)`` before it
+tries, where ``lag`` is how late the cluster's claims have been committing lately (the
+largest delay after the due time in the last 10 s, ``ClusterView.claim_lag``; ``2 *
+lag`` at most ``stale_after_s``). Each task therefore runs on one node while that node lives — the
 tasks spread over the nodes — and the next one in its ranking takes over within a grace
 when it does not claim. The claim itself (``services/scheduler/claim.py``) is what makes
 a run happen once; the ranking only makes the race short and one-sided, and a node that
@@ -26,6 +26,11 @@ import time
 from services.cluster.projection import ClusterView
 
 __all__ = ["Rendezvous"]
+
+
+#: How many times the recent claim lag the next node waits: a burst can be later than
+#: the last ones, and this node's view of the claim comes later still.
+LAG_FACTOR = 2.0
 
 
 class Rendezvous:
@@ -53,7 +58,8 @@ class Rendezvous:
         rank = self.rank(key).index(self.me)
         if not rank:
             return 0.0
-        return rank * (self.grace + min(self.view.claim_lag(time.time()), self.max_lag))
+        lag = LAG_FACTOR * self.view.claim_lag(time.time())
+        return rank * (self.grace + min(lag, self.max_lag))
 
     def claimed(self, claim: str) -> bool:
         return claim in self.view.claims

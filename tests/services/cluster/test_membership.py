@@ -122,12 +122,12 @@ def test_the_next_nodes_wait_as_long_as_claims_currently_take() -> None:
         view.node(name).last_heartbeat = now
     delays = lambda: sorted(Rendezvous(view, n, 0.2).delay("t0") for n in "abc")  # noqa: E731
     assert delays() == [0.0, 0.2, 0.4]
-    # claims commit up to 3 s after their due time: the others wait that long more
+    # claims commit up to 3 s after their due time: the others wait twice that more
     _claimed(view, 1, now - 5, now - 4)
     _claimed(view, 2, now - 4, now - 1)
     _claimed(view, 3, now - 2, now - 1.5)
     assert view.claim_lag(now) == pytest.approx(3.0)
-    assert delays() == pytest.approx([0.0, 3.2, 6.4])
+    assert delays() == pytest.approx([0.0, 6.2, 12.4])
     # the first node still claims at once; the wait is capped (a node is lost past it)
     assert sorted(Rendezvous(view, n, 0.2, max_lag=1.0).delay("t0") for n in "abc") == (
         pytest.approx([0.0, 1.2, 2.4])
