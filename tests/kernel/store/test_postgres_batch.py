@@ -233,3 +233,39 @@ async def test_a_role_that_may_not_create_the_function_still_appends(
         await admin.execute(f"DROP OWNED BY {role}")
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_concurrent_version_reads_share_one_query(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = PostgresStore(pg_dsn, scope="a"), PostgresStore(pg_dsn, scope="b")
+    await a.open()
+    await b.open()
+    try:
+        with anyio.fail_after(60):
+            for i in range(20):
+                await a.append([raw(j) for j in range(i)] or [raw(0)], stream=f"s{i}")
+            queries: list[str] = []
+            fetch = b._fetch
+
+            async def counted(sql: str, *args: Any, what: str = "read") -> Any:
+                queries.append(sql)
+                return await fetch(sql, *args, what=what)
+
+            monkeypatch.setattr(b, "_fetch", counted)
+            got: dict[int, int] = {}
+
+            async def read(k: int) -> None:
+                got[k] = await b.stream_version(f"s{k % 25}")
+
+            async with anyio.create_task_group() as tg:
+                for k in range(200):
+                    tg.start_soon(read, k)
+            assert got == {k: (max(k % 25, 1) if k % 25 < 20 else 0) for k in range(200)}
+            assert 1 <= len(queries) <= 3, len(queries)
+            # a read made after another node's append sees it
+            await a.append([raw(1)], stream="s3")
+            assert await b.stream_version("s3") == 4
+    finally:
+        await a.close()
+        await b.close()
