@@ -442,18 +442,21 @@ class Worker:
 
     # -- frames ----------------------------------------------------------------------
 
-    def _write(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def _write(self, header: dict[str, Any], payload: bytes = b"", *, gather: bool = True) -> None:
         """Queue a frame to the worker (whole: frames never interleave).
 
-        The first frame of a loop iteration is written at once (a lone call pays no
-        delay); the others of that iteration are gathered and written together at its
-        end, so many requests arriving at once cost the worker one wake-up."""
+        With ``gather`` (HTTP), the first frame of a loop iteration is written at once (a
+        lone request pays no delay); the others of that iteration are gathered and
+        written together at its end, so many requests arriving at once cost the worker
+        one wake-up. Without, the frame is written at once (behind any gathered)."""
         out = self._out
         if out is None or out.is_closing():
             raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit)
         frame = encode(header, payload)
         batch = self._batch
-        if batch is None:
+        if batch is None and not gather:
+            out.write(frame)
+        elif batch is None:
             out.write(frame)
             self._batch = []
             self._batched = 0
@@ -472,9 +475,11 @@ class Worker:
         if batch and out is not None and not out.is_closing():
             out.write(b"".join(batch))
 
-    async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    async def _send(
+        self, header: dict[str, Any], payload: bytes = b"", *, gather: bool = False
+    ) -> None:
         """Queue a frame; wait while more than ``WRITE_HIGH_WATER`` bytes are queued."""
-        self._write(header, payload)
+        self._write(header, payload, gather=gather)
         if self._flow.paused:
             await self._flow.drain()
             if self._out is None or self._out.is_closing():
@@ -494,7 +499,10 @@ class Worker:
                 self._write({"op": "credit", "id": cid, "frames": frames, "bytes": size})
 
     async def send_body(self, cid: int, chunk: bytes, more: bool) -> None:
-        await self.send_frame({"op": "body", "id": cid, "more": more}, chunk)
+        if self.exited.is_set():
+            return
+        with suppress(WorkerGone):
+            await self._send({"op": "body", "id": cid, "more": more}, chunk, gather=True)
 
     def _frames(self, data: bytes) -> None:
         """Dispatch the frames of one read from the worker's pipe."""
@@ -798,7 +806,7 @@ class Worker:
         call = self._calls[cid] = _Call(inbox, time.monotonic() + self.wall_time, label)
         finished = False
         try:
-            await self._send({**header, "id": cid}, payload)
+            await self._send({**header, "id": cid}, payload, gather=True)
             yield cid, _Watched(inbox, self, call)
             finished = cid not in self._calls
         finally:
