@@ -98,6 +98,8 @@ class CompiledTask:
 
     def retry_backoff(self, attempt: int) -> float:
         """Delay before the attempt following failed ``attempt`` (1-based)."""
+        if attempt > 1000:  # 2**1024 does not fit a float: the cap holds long before
+            return self.retry_max_delay
         return RetryPolicy(first_delay=self.retry_delay, max_delay=self.retry_max_delay).delay(
             attempt
         )
@@ -121,7 +123,7 @@ def compile_spec(
         return _compile(plugin, spec, generation, runtime, default_tz)
     except TaskDeclarationError:
         raise
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:
         raise TaskDeclarationError(str(exc)) from None
     except RecursionError:
         raise TaskDeclarationError("the trigger is nested too deeply") from None
@@ -200,9 +202,13 @@ def _compile(
         raise TaskDeclarationError(f"misfire must be 'run_once' or 'skip', got {spec.misfire!r}")
     if not isinstance(spec.priority, int) or isinstance(spec.priority, bool):
         raise TaskDeclarationError(f"priority must be an integer, got {spec.priority!r}")
-    if not isinstance(spec.retries, int) or spec.retries < 0:
+    if not isinstance(spec.retries, int) or isinstance(spec.retries, bool) or spec.retries < 0:
         raise TaskDeclarationError(f"retries must be a non-negative integer, got {spec.retries!r}")
-    if not isinstance(spec.max_instances, int) or spec.max_instances < 1:
+    if (
+        not isinstance(spec.max_instances, int)
+        or isinstance(spec.max_instances, bool)
+        or spec.max_instances < 1
+    ):
         raise TaskDeclarationError(
             f"max_instances must be an integer >= 1, got {spec.max_instances!r}"
         )

@@ -1,0 +1,160 @@
+"""Hostile and careless declarations found by the attack on issue 13: each is refused
+with a reason (never an exception inside registration), and costs bounded work."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.scheduler.specs import TaskDeclarationError, compile_spec
+from services.scheduler.triggers import (
+    ALL_OF_STEPS,
+    AllOf,
+    IntervalTrigger,
+    catch_up,
+    parse_trigger,
+)
+
+from .helpers import make_kernel, spec, wait_events
+from .test_admin import AUTH, server  # noqa: F401  (the fixture)
+
+
+async def job() -> None:
+    pass
+
+
+OUT_OF_RANGE: list[dict[str, Any]] = [
+    {"at": math.nan},
+    {"at": math.inf},
+    {"at": 1e308},
+    {"at": -1e12},
+    {"at": "9999-12-31T23:59:59+00:00"},
+    {"every": 1e308},
+    {"every": "1e308"},
+    {"after": 1e308},
+    {"every": "10s", "timeout": 1e308},
+    {"every": "10s", "keep_result": 1e300},
+    {"every": "1s", "start": "2026-01-01T00:00:00Z", "end": "2025-01-01T00:00:00Z"},
+    {"every": "1s", "start": math.nan},
+    {"cron": "0 0 * * *", "end": 1e308},
+    {"trigger": {"calendar": {"days": 1, "start": "9999-12-31"}}},
+    {"every": "10s", "retries": True},
+    {"every": "10s", "max_instances": True},
+]
+
+
+@pytest.mark.parametrize("options", OUT_OF_RANGE, ids=repr)
+def test_out_of_range_times_and_bool_counts_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(TaskDeclarationError):
+        compile_spec("p", spec(job, **options))
+
+
+async def test_a_bad_instant_is_a_rejection_not_a_crash_of_registration(tmp_path: Path) -> None:
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        result = await service.register(
+            "p",
+            [spec(job, name="nan", at=math.nan), spec(job, name="huge", every=1e308),
+             spec(job, name="ok", every="0.05s")],
+        )  # fmt: skip
+        assert result.accepted == ["p.ok"]
+        assert set(result.refused) == {"p.nan", "p.huge"}
+        assert "between 1900 and 9000" in result.refused["p.nan"]
+        assert "maximum duration" in result.refused["p.huge"]
+        rejected = await wait_events(kernel, "TaskRejected", 2)
+        assert {r.data["task"] for r in rejected} == {"p.nan", "p.huge"}
+        await wait_events(kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "p.ok")
+
+
+async def test_runtime_schedules_with_out_of_range_times_are_refused(server: Any) -> None:  # noqa: F811
+    """Before: the change was recorded, then raised when applied (504), the scheduler's
+    subscription died (every later change 504), and ``GET /admin/tasks`` answered 500."""
+    kernel, scheduler, url = server
+    bodies = ['{"at": NaN}', '{"at": 1e308}', '{"every": 1e308}', '{"after": 1e308}',
+              '{"at": -1e12}', '{"every": "1s", "start": "2026-01-01", "end": "2025-01-01"}',
+              '{"calendar": {"days": 1, "start": "9999-12-31"}}', '{"cron": "@daily", "end": 1e308}']  # fmt: skip
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for i, trigger in enumerate(bodies):
+            r = await client.post(
+                "/admin/tasks",
+                headers={**AUTH, "content-type": "application/json"},
+                content=f'{{"id": "web.bad{i}", "function": "job", "trigger": {trigger}}}',
+            )
+            assert r.status_code == 400, (trigger, r.text)
+        assert not await kernel.read(types=["ScheduleAdded", "TaskRequestRefused"])
+        assert (await client.get("/admin/tasks", headers=AUTH)).status_code == 200
+        r = await client.post(
+            "/admin/tasks",
+            headers=AUTH,
+            json={"id": "web.good", "function": "job", "trigger": {"every": "1h"}},
+        )
+        assert r.status_code == 201, r.text
+        assert scheduler.is_scheduled("web.good")
+
+
+class Counting:
+    """A leaf trigger counting how often it is asked (a part that never meets the other)."""
+
+    def __init__(self, every: float, phase: float) -> None:
+        self.inner = IntervalTrigger(every, anchor=phase)
+        self.calls = 0
+        self.recurring = True
+        self.description = f"counting {every} {phase}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {}
+
+    def first(self, now: float) -> float | None:
+        return self.next_after(now)
+
+    def next_after(self, due: float) -> float | None:
+        self.calls += 1
+        return self.inner.next_after(due)
+
+
+def test_nested_all_triggers_share_one_search_bound() -> None:
+    """Before: each level searched 10,000 steps per step of the level above (an ``all``
+    of an ``all`` took from 20 s to ~110 s on the event loop, to refuse it)."""
+    a, b, c = Counting(1.0, 0.0), Counting(1 + 1 / 1024, 0.0), Counting(7.0, 0.5)
+    trigger = AllOf([AllOf([a, b]), c])  # the inner meets every 1,025 s, never on c
+    assert AllOf([a, b]).first(0.0) == 1025.0
+    assert trigger.first(0.0) is None
+    assert a.calls + b.calls + c.calls <= 3 * ALL_OF_STEPS
+
+
+def test_catch_up_counts_anchored_and_bounded_intervals_exactly() -> None:
+    """Before: anchored (``start=``) and bounded (``end=``) intervals were counted by
+    iterating, capped at 1,000: a day down at 1 s recorded 999 missed runs, not 86,399."""
+    now = 1_800_000_000.5
+    for trigger in (
+        parse_trigger({"every": "1s", "start": "2026-01-01T00:00:00Z"}),
+        parse_trigger({"every": "1s", "end": "2030-01-01T00:00:00Z"}),
+        parse_trigger({"every": "1s", "start": "2026-01-01T00:00:00Z", "end": "2030-01-01T00:00:00Z"}),
+        parse_trigger({"every": "1s", "end": "2027-01-15T08:00:00Z"}),  # ends while down
+    ):  # fmt: skip
+        due = trigger.first(now - 86_400)
+        assert due is not None
+        count, last, nxt = catch_up(trigger, due, now)
+        # the same answer as iterating
+        n, t, probe = 1, due, trigger.next_after(due)
+        while probe is not None and probe <= now:
+            n, t, probe = n + 1, probe, trigger.next_after(probe)
+        assert (count, last, nxt) == (
+            n,
+            pytest.approx(t),
+            pytest.approx(nxt if probe is None else probe),
+        ), trigger.description
+
+
+def test_retry_backoff_of_a_very_late_attempt_is_the_cap() -> None:
+    """Before: attempt 1,026 raised OverflowError (2**1024 as a float) in the retry path."""
+    task = compile_spec(
+        "p", spec(job, every="10s", retries=10**9, retry_delay="0.01s", retry_max_delay="1s")
+    )
+    assert task.retry_backoff(1026) == 1.0
+    assert task.retry_backoff(10**9) == 1.0
+    assert task.retry_backoff(3) == pytest.approx(0.04)
