@@ -194,11 +194,12 @@ class Runner:
                     _next_turn(entry)  # woken and cancelled in one step: pass it on
                 raise
 
-    def cancel_run(self, run_id: str, reason: str) -> str:
-        """Cancel one run in progress: ``cancelled``, ``not_cancellable`` (sync code in
-        a thread cannot be stopped in-process) or ``not_running``."""
+    def cancel_run(self, task_id: str, run_id: str, reason: str) -> str:
+        """Cancel run ``run_id`` of task ``task_id``: ``cancelled``, ``not_cancellable``
+        (sync code in a thread cannot be stopped in-process) or ``not_running`` (no such
+        run in progress *of that task*: a request names the task it is recorded for)."""
         found = self._runs.get(run_id)
-        if found is None:
+        if found is None or found[0] != task_id:
             return "not_running"
         tid = found[0]
         if run_id in self._sync:

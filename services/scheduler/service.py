@@ -437,7 +437,7 @@ class SchedulerService:
                 await self._refuse(r, "no such task is scheduled")
                 return
             status = self._runner.cancel_run(
-                d["run_id"], f"cancelled by {r.meta.actor or 'an operator'}"
+                d["task"], d["run_id"], f"cancelled by {r.meta.actor or 'an operator'}"
             )
             await self._runner.append(
                 d["task"],

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -158,3 +159,29 @@ def test_retry_backoff_of_a_very_late_attempt_is_the_cap() -> None:
     assert task.retry_backoff(1026) == 1.0
     assert task.retry_backoff(10**9) == 1.0
     assert task.retry_backoff(3) == pytest.approx(0.04)
+
+
+async def test_a_cancel_names_the_run_of_its_own_task(server: Any) -> None:  # noqa: F811
+    """Before: ``POST /admin/tasks/A/runs/<a run of B>/cancel`` cancelled B's run, and the
+    log recorded the cancel on A's stream."""
+    kernel, scheduler, url = server
+    started = anyio.Event()
+
+    async def slow() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    await scheduler.register("x", [spec(slow, name="b", after=0), spec(job, name="a", every="1h")])
+    with anyio.fail_after(30):
+        await started.wait()
+    run_id = (await wait_events(kernel, "TaskStarted", where=lambda r: r.data["task"] == "x.b"))[
+        0
+    ].data["run_id"]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        r = await client.post(f"/admin/tasks/x.a/runs/{run_id}/cancel", headers=AUTH)
+        assert r.status_code == 409 and r.json()["status"] == "not_running", r.text
+        assert scheduler.running("x.b") == 1
+        r = await client.post(f"/admin/tasks/x.b/runs/{run_id}/cancel", headers=AUTH)
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    failed = await wait_events(kernel, "TaskFailed", where=lambda r: r.data["task"] == "x.b")
+    assert failed[0].data["kind"] == "cancelled"
