@@ -214,9 +214,25 @@ class Dispatcher:
     async def _run_in_turn(
         self, entry: TaskEntry, dues: list[float], nxt: float | None, pre: list[Event]
     ) -> None:
-        """``coalesce="all"``: the missed due times run one after the other, in order."""
+        """``coalesce="all"``: the missed due times run one after the other, in order.
+
+        A pause stops the catch-up (a paused task starts no timed run): the due times
+        not yet started are recorded as missed."""
         for i, due in enumerate(dues):
             if self._stopping or self.tasks.get(entry.task.id) is not entry:
+                return
+            if entry.paused:
+                tid, rest = entry.task.id, dues[i:]
+                log.info("task %s is paused: %d catch-up run(s) not started", tid, len(rest))
+                missed = TaskMissed(
+                    task=tid,
+                    count=len(rest),
+                    first=rest[0],
+                    last=rest[-1],
+                    policy=entry.task.misfire,
+                    next_run=entry.next_due,
+                )
+                await self.runner.append(tid, [*(pre if i == 0 else ()), missed])
                 return
             await self.runner.run(
                 entry,

@@ -11,6 +11,7 @@ import anyio
 import httpx
 import pytest
 
+from services.scheduler.events import TaskPauseRequested, stream_of
 from services.scheduler.specs import TaskDeclarationError, compile_spec
 from services.scheduler.triggers import (
     ALL_OF_STEPS,
@@ -185,3 +186,31 @@ async def test_a_cancel_names_the_run_of_its_own_task(server: Any) -> None:  # n
         assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
     failed = await wait_events(kernel, "TaskFailed", where=lambda r: r.data["task"] == "x.b")
     assert failed[0].data["kind"] == "cancelled"
+
+
+async def test_a_pause_stops_a_coalesce_all_catch_up(tmp_path: Path) -> None:
+    """Before: the missed due times of ``coalesce="all"`` kept starting, one after the
+    other, after the task was paused (6 runs after ``TaskPaused`` here)."""
+
+    async def slow() -> None:
+        await anyio.sleep(0.3)
+
+    declared = [spec(slow, name="t", every="0.2s", coalesce="all")]
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        await service.register("p", declared)
+        await wait_events(kernel, "TaskStarted")
+    await anyio.sleep(2.5)  # ~12 due times pass while nothing runs
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        before = len(await kernel.read(types=["TaskStarted"]))
+        await service.register("p", declared)
+        await wait_events(kernel, "TaskStarted", before + 1)
+        await kernel.append(TaskPauseRequested(task="p.t"), stream=stream_of("p.t"))
+        paused = (await wait_events(kernel, "TaskPaused"))[0].position
+        missed = await wait_events(kernel, "TaskMissed", where=lambda r: r.position > paused)
+        assert missed[0].data["count"] >= 5
+        await kernel.settle()
+        started = [r for r in await kernel.read(types=["TaskStarted"]) if r.position > paused]
+        # at most the one whose start was being recorded when the pause came
+        assert len(started) <= 1, [r.data for r in started]
