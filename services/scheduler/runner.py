@@ -86,6 +86,16 @@ class TaskEntry:
     retrying: set[str] = field(default_factory=set)
     #: runs waiting for an instance (retries, catch-up and requested runs), in order
     turns: deque[asyncio.Future[None]] = field(default_factory=deque)
+    #: during a ``coalesce="all"`` catch-up, its earliest due time not started yet
+    catch_up: float | None = None
+
+    @property
+    def recorded_next(self) -> float | None:
+        """The ``next_run`` events record: the next due time, or an earlier catch-up
+        due time not started yet (so a restart after a crash resumes the catch-up)."""
+        if self.catch_up is None:
+            return self.next_due
+        return self.catch_up if self.next_due is None else min(self.catch_up, self.next_due)
 
     @property
     def instances(self) -> int:
@@ -287,7 +297,7 @@ class Runner:
                     task=tid,
                     scheduled_for=scheduled_for,
                     reason=reason,
-                    next_run=entry.next_due,
+                    next_run=entry.recorded_next,
                     run_id=run_id,
                 )
             )
@@ -332,7 +342,9 @@ class Runner:
                     scheduled_for=scheduled_for,
                     attempt=attempt,
                     trigger=kind,
-                    next_run=next_run,
+                    next_run=next_run
+                    if entry.catch_up is None or next_run is None
+                    else min(next_run, entry.catch_up),
                 )
             )
             t0 = time.perf_counter()
@@ -458,7 +470,7 @@ class Runner:
                     task=entry.task.id,
                     scheduled_for=scheduled_for,
                     reason=f"{why} before it started",
-                    next_run=entry.next_due,
+                    next_run=entry.recorded_next,
                     run_id=run_id,
                 )
             )

@@ -4,6 +4,10 @@ with a reason (never an exception inside registration), and costs bounded work."
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from services.scheduler.triggers import (
 
 from .helpers import make_kernel, spec, wait_events
 from .test_admin import AUTH, server  # noqa: F401  (the fixture)
+from .test_crash import ROOT
 
 
 async def job() -> None:
@@ -214,3 +219,86 @@ async def test_a_pause_stops_a_coalesce_all_catch_up(tmp_path: Path) -> None:
         started = [r for r in await kernel.read(types=["TaskStarted"]) if r.position > paused]
         # at most the one whose start was being recorded when the pause came
         assert len(started) <= 1, [r.data for r in started]
+
+
+CATCH_UP_CHILD = """
+import asyncio, sys
+from pathlib import Path
+from kernel import Kernel, Settings
+from kernel.sdk import current_task, task
+from services.scheduler.service import SchedulerService
+
+data, ticks = sys.argv[1], Path(sys.argv[2])
+
+@task(name="t", every="0.2s", coalesce="all")
+async def slow():
+    with ticks.open("a") as f:
+        f.write(repr(current_task().scheduled_for.timestamp()) + "\\n")
+    await asyncio.sleep(0.3)
+
+async def main():
+    service = SchedulerService()
+    async with Kernel(Settings(data_dir=data, node="child"), services=[service]):
+        await service.register("p", [slow.__xcore_task__])
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkill_in_the_middle_of_a_coalesce_all_catch_up_loses_no_due_time(
+    tmp_path: Path,
+) -> None:
+    """Before: each catch-up run recorded the schedule's next run after *all* of the
+    missed ones, so a process killed after 3 of ~12 catch-up runs restarted past the
+    other 9: they neither ran nor were recorded (missed or skipped)."""
+    ticks = tmp_path / "ticks.txt"
+
+    async def slow() -> None:
+        await anyio.sleep(0.1)
+
+    declared = [spec(slow, name="t", every="0.2s", coalesce="all")]
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        await service.register("p", declared)
+        await wait_events(kernel, "TaskStarted")
+    await anyio.sleep(2.5)  # ~12 due times pass while nothing runs
+    script = tmp_path / "child.py"
+    script.write_text(CATCH_UP_CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(ticks)], cwd=ROOT)
+    try:
+        with anyio.fail_after(60):
+            while not (ticks.exists() and len(ticks.read_text().split()) >= 3):
+                assert proc.poll() is None, "the child process died on its own"
+                await anyio.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        await service.register("p", declared)
+        # every due time up to the latest started one is, sooner or later, started,
+        # skipped or recorded as missed (the restart resumes the catch-up)
+        lost: list[int] = []
+        with anyio.move_on_after(60):
+            while True:
+                records = await kernel.read(stream="task-p.t")
+                starts = [r.data["scheduled_for"] for r in records if r.type == "TaskStarted"]
+                first = min(starts)
+
+                def step(t: float, first: float = first) -> int:
+                    return round((t - first) / 0.2)
+
+                steps = [step(t) for t in starts]
+                assert len(steps) == len(set(steps)), "a due time started twice"
+                covered = set(steps)
+                for r in records:
+                    if r.type == "TaskMissed":
+                        covered.update(range(step(r.data["first"]), step(r.data["last"]) + 1))
+                    elif r.type == "TaskSkipped":
+                        covered.add(step(r.data["scheduled_for"]))
+                lost = sorted(set(range(max(steps) + 1)) - covered)
+                if not lost and max(steps) > 25:
+                    break
+                await anyio.sleep(0.2)
+        assert not lost, f"due times neither run, skipped nor recorded as missed: {lost}"
