@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import pydantic_core
+
 from kernel.events import Event, Recorded
 from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
 from services.scheduler.claim import ClaimLost, claim, claim_key
@@ -578,7 +580,11 @@ class Runner:
             return None, None
         try:
             text = json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+            # what the log's encoder takes (pydantic's serializer: nesting below ~250
+            # levels, with a margin for the event's own): a value it refuses would lose
+            # the run's outcome event
+            _encodable(json.loads(text))
+        except (TypeError, ValueError, RecursionError) as exc:
             log.warning("task %s: its return value is not kept: %s", task.id, exc)
             return None, f"not JSON-serializable: {_describe(exc)}"
         if len(text.encode()) > self._max_result:
@@ -712,3 +718,8 @@ def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _encodable(value: Any) -> None:
+    """Raise ``ValueError`` if the log could not encode ``value`` inside an event."""
+    pydantic_core.to_json([[[[value]]]])

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic_core
+
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec
 from kernel.subscriptions import RetryPolicy
@@ -336,8 +338,10 @@ def _check_signature(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
     if not args and not kwargs:
         return
     try:
-        json.dumps([list(args), kwargs])
-    except (TypeError, ValueError):
+        # recorded in the log (runtime schedules): what its encoder takes (no NaN, a
+        # nesting below ~250 levels, with a margin for the event's own)
+        pydantic_core.to_json([[[json.loads(json.dumps([list(args), kwargs], allow_nan=False))]]])
+    except (TypeError, ValueError, RecursionError):
         raise TaskDeclarationError(
             "args/kwargs must be JSON-serializable (they are recorded in the log)"
         ) from None

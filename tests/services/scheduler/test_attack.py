@@ -302,3 +302,77 @@ async def test_sigkill_in_the_middle_of_a_coalesce_all_catch_up_loses_no_due_tim
                     break
                 await anyio.sleep(0.2)
         assert not lost, f"due times neither run, skipped nor recorded as missed: {lost}"
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_a_result_the_log_cannot_encode_is_not_kept_and_the_outcome_is(
+    server: Any,  # noqa: F811
+) -> None:
+    """Before: a return value ``json`` accepts but the log's encoder refuses (nesting of
+    300 levels) or that is nested too deeply for ``json`` itself made the outcome's
+    append fail: the run never got its ``TaskSucceeded``."""
+    kernel, scheduler, url = server
+
+    async def deep() -> Any:
+        return _nested(300)
+
+    async def deeper() -> Any:
+        return _nested(5000)
+
+    async def fine() -> Any:
+        return {"n": 2**64, "nested": _nested(100)}
+
+    await scheduler.register(
+        "r",
+        [spec(fn, name=fn.__name__, after=0) for fn in (deep, deeper, fine)],
+    )
+    done = await wait_events(
+        kernel, "TaskSucceeded", 3, where=lambda r: r.data["task"].startswith("r.")
+    )
+    by_task = {r.data["task"]: r.data for r in done}
+    for tid in ("r.deep", "r.deeper"):
+        assert by_task[tid]["result"] is None
+        assert by_task[tid]["result_error"].startswith("not JSON-serializable")
+    assert by_task["r.fine"]["result"] == {"n": 2**64, "nested": _nested(100)}
+    await kernel.settle()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        r = await client.get("/admin/tasks/r.deep/runs", headers=AUTH)
+        assert r.status_code == 200 and r.json()["runs"][0]["status"] == "succeeded"
+
+
+async def test_runtime_arguments_the_log_cannot_encode_are_refused(server: Any) -> None:  # noqa: F811
+    """Before: NaN was accepted (and read back as null after a restart); a nesting the
+    log's encoder refuses passed the check, and the append of ``ScheduleAdded`` failed."""
+    kernel, scheduler, url = server
+
+    async def anyargs(*args: Any, **kwargs: Any) -> None:
+        pass
+
+    await scheduler.register("w", [spec(anyargs, every="1h")])
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        deep = "[" * 300 + "1" + "]" * 300
+        for extra in (f'"args": [{deep}]', '"kwargs": {"x": NaN}'):
+            r = await client.post(
+                "/admin/tasks",
+                headers={**AUTH, "content-type": "application/json"},
+                content=f'{{"id": "w.a", "function": "anyargs", "trigger": {{"every": "1h"}}, {extra}}}',
+            )
+            assert r.status_code == 400 and "JSON-serializable" in r.text, (extra, r.text)
+        r = await client.post(
+            "/admin/tasks",
+            headers=AUTH,
+            json={
+                "id": "w.a",
+                "function": "anyargs",
+                "trigger": {"every": "1h"},
+                "args": [2**63 - 1],
+            },
+        )
+        assert r.status_code == 201, r.text
+    assert len(await kernel.read(types=["ScheduleAdded"])) == 1
