@@ -647,9 +647,12 @@ class Runner:
                 still = " (its code is still running in its thread)" if _busy(thread) else ""
                 return ("timeout", f"timed out after {task.timeout:g}s{still}", ""), None
             return None, value
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # (SystemExit too: ``sys.exit()`` in a task's code fails that run, it does
+            # not stop the server; a KeyboardInterrupt is the operator's, it propagates)
             log.warning("task %s run %s failed: %s", task.id, run_id, _describe(exc))
-            return ("error", _describe(exc), "".join(traceback.format_exception(exc))), None
+            tb = _clip("".join(traceback.format_exception(exc)), MAX_TRACEBACK)
+            return ("error", _describe(exc), tb), None
         finally:
             task_context_var.reset(task_token)
             if plugin_token is not None:
@@ -716,8 +719,25 @@ def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:
     return bool(thread) and not thread[0].done()
 
 
+#: An error message is recorded up to this many characters, a traceback up to this many
+#: (the rest is cut, and the cut says how much): a task failing every second with a
+#: message of megabytes must not fill the log.
+MAX_ERROR = 4_000
+MAX_TRACEBACK = 32_000
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters cut]"
+
+
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    try:
+        message = str(exc)
+    except Exception as err:  # a hostile __str__: say so rather than lose the outcome
+        message = f"<str() of the exception failed: {type(err).__name__}>"
+    return _clip(f"{type(exc).__name__}: {message}", MAX_ERROR)
 
 
 def _encodable(value: Any) -> None:

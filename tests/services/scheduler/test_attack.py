@@ -376,3 +376,48 @@ async def test_runtime_arguments_the_log_cannot_encode_are_refused(server: Any) 
         )
         assert r.status_code == 201, r.text
     assert len(await kernel.read(types=["ScheduleAdded"])) == 1
+
+
+class _Hostile(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+async def test_hostile_failures_are_recorded_and_bounded(tmp_path: Path) -> None:
+    """Before: ``sys.exit()`` in an async task stopped the whole server; an exception
+    whose ``__str__`` raises lost the run's outcome (the run stayed in progress); a
+    message of 5 MB was recorded whole (twice, with its traceback) at every failure."""
+
+    async def exits() -> None:
+        sys.exit(3)
+
+    def sync_exits() -> None:
+        sys.exit(4)
+
+    async def hostile() -> None:
+        raise _Hostile
+
+    def sync_hostile() -> None:
+        raise _Hostile
+
+    async def huge() -> None:
+        raise ValueError("x" * 5_000_000)
+
+    async def fine() -> None:
+        pass
+
+    fns = (exits, sync_exits, hostile, sync_hostile, huge)
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        await service.register("h", [spec(fn, name=fn.__name__, after=0) for fn in fns])
+        failed = {r.data["task"]: r.data for r in await wait_events(kernel, "TaskFailed", 5)}
+        assert failed["h.exits"]["error"] == "SystemExit: 3"
+        assert failed["h.sync_exits"]["error"] == "SystemExit: 4"
+        for tid in ("h.hostile", "h.sync_hostile"):
+            assert failed[tid]["error"].startswith("_Hostile: <str() of the exception failed")
+        assert len(failed["h.huge"]["error"]) < 5_000
+        assert len(failed["h.huge"]["traceback"]) < 40_000
+        assert "more characters cut" in failed["h.huge"]["error"]
+        # the server still runs tasks
+        await service.register("ok", [spec(fine, after=0)])
+        await wait_events(kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "ok.fine")
