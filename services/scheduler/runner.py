@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import inspect
 import json
 import logging
 import time
@@ -678,7 +679,7 @@ class Runner:
             cf = self._executor.submit(call, fn)
             thread.append(cf)
             try:
-                return await asyncio.wrap_future(cf)
+                value = await asyncio.wrap_future(cf)
             except BaseException:
                 if not cf.done():
                     log.warning(
@@ -690,6 +691,12 @@ class Runner:
                 raise
         finally:
             self._sync.discard(run_id)
+        if inspect.isawaitable(value):
+            # an async function behind a sync wrapper (a decorator without ``async``, a
+            # class with an async ``__call__``): its coroutine runs on the loop, not
+            # dropped unawaited with the run reported as succeeded
+            return await value
+        return value
 
 
 def _waiting(entry: TaskEntry) -> bool:

@@ -3,6 +3,7 @@ with a reason (never an exception inside registration), and costs bounded work."
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
+from kernel.sdk import current_task
 from services.scheduler.events import TaskPauseRequested, stream_of
 from services.scheduler.specs import TaskDeclarationError, compile_spec
 from services.scheduler.triggers import (
@@ -421,3 +424,37 @@ async def test_hostile_failures_are_recorded_and_bounded(tmp_path: Path) -> None
         # the server still runs tasks
         await service.register("ok", [spec(fine, after=0)])
         await wait_events(kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "ok.fine")
+
+
+async def test_an_async_function_behind_a_sync_wrapper_really_runs(tmp_path: Path) -> None:
+    """Before: a coroutine function wrapped by a plain (sync) decorator, or a class with
+    an async ``__call__``, ran in a worker thread that only created the coroutine: it
+    was never awaited, and the run was recorded as succeeded."""
+    ran: list[str] = []
+
+    def logged(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @logged
+    async def wrapped() -> str:
+        ran.append(current_task().task_id)
+        return "wrapped"
+
+    class Job:
+        async def __call__(self) -> str:
+            await anyio.lowlevel.checkpoint()
+            ran.append(current_task().task_id)
+            return "callable"
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        await service.register(
+            "w", [spec(wrapped, name="wrapped", after=0), spec(Job(), name="job", after=0)]
+        )
+        done = await wait_events(kernel, "TaskSucceeded", 2)
+    assert sorted(ran) == ["w.job", "w.wrapped"]
+    assert sorted(r.data["result"] for r in done) == ["callable", "wrapped"]
