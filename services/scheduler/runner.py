@@ -275,9 +275,11 @@ class Runner:
         reason = None
         me = asyncio.current_task()
         assert me is not None
+        waited = False
         if entry.instances >= task.max_instances and (
             kind in ("retry", "request") or (kind == "misfire" and not _waiting(entry))
         ):
+            waited = True
             # A retry or an operator's run is not dropped at the limit: it waits for its
             # turn (in order of arrival), then runs; so does a catch-up run, if no other
             # run waits already (a task slower than its period queues at most one).
@@ -291,6 +293,10 @@ class Runner:
                 self._runs.pop(run_id, None)
         if entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
+        elif waited and entry.paused and kind in ("retry", "misfire"):
+            # paused while it waited for its turn: a paused task starts no timed run and
+            # no retry (a run asked for by hand still runs)
+            reason = f"paused: {kind} run dropped (the task was paused while it waited)"
         elif kind not in ("request", "dependency") and task.depends_on:
             # (a dependency-triggered run was checked when its dependency finished)
             reason = self._blocked(task)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -458,3 +459,31 @@ async def test_an_async_function_behind_a_sync_wrapper_really_runs(tmp_path: Pat
         done = await wait_events(kernel, "TaskSucceeded", 2)
     assert sorted(ran) == ["w.job", "w.wrapped"]
     assert sorted(r.data["result"] for r in done) == ["callable", "wrapped"]
+
+
+async def test_a_retry_waiting_for_its_turn_does_not_start_once_paused(tmp_path: Path) -> None:
+    """Before: a retry waiting behind a timed-out sync run (its thread still running)
+    started once the thread returned, although the task had been paused meanwhile."""
+    release = threading.Event()
+    calls: list[int] = []
+
+    def stuck() -> None:
+        calls.append(current_task().attempt)
+        release.wait(60)
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        await service.register(
+            "s", [spec(stuck, after=0, timeout="0.05s", retries=1, retry_delay="0.05s")]
+        )
+        await wait_events(kernel, "TaskFailed", where=lambda r: r.data["will_retry"])
+        # the retry falls due while the first attempt's thread still runs: it waits
+        await anyio.sleep(0.3)
+        await kernel.append(TaskPauseRequested(task="s.stuck"), stream=stream_of("s.stuck"))
+        await wait_events(kernel, "TaskPaused")
+        release.set()
+        skipped = await wait_events(kernel, "TaskSkipped")
+        assert skipped[0].data["reason"].startswith("paused: retry run dropped")
+        await kernel.settle()
+        assert len(await kernel.read(types=["TaskStarted"])) == 1
+    assert calls == [1]
