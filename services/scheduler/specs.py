@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pydantic_core
 
@@ -35,6 +36,7 @@ from services.scheduler.triggers import (
     parse_duration,
     parse_trigger,
     parse_zone,
+    transitions,
 )
 
 __all__ = [
@@ -304,16 +306,39 @@ def _check_jitter(trigger: Trigger | None, jitter: float) -> None:
         gap = inner.every
     else:
         gap = math.inf
-        t = trigger.first(time.time())
+        now = time.time()
+        t = trigger.first(now)
         for _ in range(10):
             n = trigger.next_after(t) if t is not None else None
             if t is None or n is None:
                 break
             gap, t = min(gap, n - t), n
+        # Daylight-saving changes shorten some gaps (a daily run is 23 h from the last
+        # one on the day the clocks go forward): look at the due times around each
+        # change of the zones involved in the next two years too.
+        if math.isfinite(gap):
+            for zone in _zones(trigger):
+                for change, _, _ in transitions(zone, now, 2):
+                    t = trigger.next_after(change - 3 * gap)
+                    for _ in range(12):
+                        n = trigger.next_after(t) if t is not None else None
+                        if t is None or n is None or t > change + 3 * gap:
+                            break
+                        gap, t = min(gap, n - t), n
     if jitter >= gap:
         raise TaskDeclarationError(
             f"jitter ({jitter:g}s) must be below the interval between runs ({gap:g}s)"
         )
+
+
+def _zones(trigger: Trigger) -> set[ZoneInfo]:
+    """The time zones a trigger's wall-clock parts (cron, calendar) are in."""
+    inner = trigger.inner if isinstance(trigger, Bounded) else trigger
+    zone = getattr(inner, "zone", None)
+    found = {zone} if isinstance(zone, ZoneInfo) else set()
+    for part in getattr(inner, "parts", ()):
+        found |= _zones(part)
+    return found
 
 
 @functools.lru_cache(maxsize=4096)

@@ -487,3 +487,22 @@ async def test_a_retry_waiting_for_its_turn_does_not_start_once_paused(tmp_path:
         await kernel.settle()
         assert len(await kernel.read(types=["TaskStarted"])) == 1
     assert calls == [1]
+
+
+def test_jitter_is_checked_against_the_gaps_shortened_by_daylight_saving() -> None:
+    """Before: only the next ten due times were looked at: a daily cron in Paris took a
+    jitter of 23.5 h (outside the ten days before a change), although the day the
+    clocks go forward has 23 h between two midnights."""
+    with pytest.raises(TaskDeclarationError, match="below the interval"):
+        compile_spec("p", spec(job, cron="0 0 * * *", tz="Europe/Paris", jitter="23.5h"))
+    with pytest.raises(TaskDeclarationError, match="below the interval"):
+        compile_spec(
+            "p",
+            spec(job, trigger={"calendar": {"days": 1, "at": "00:30"}, "tz": "Europe/Paris"}, jitter="23.5h"),
+        )  # fmt: skip
+    # ... and fits below it, in any zone
+    compile_spec("p", spec(job, cron="0 0 * * *", tz="Europe/Paris", jitter="22h"))
+    compile_spec("p", spec(job, cron="0 0 * * *", tz="UTC", jitter="23.5h"))
+    # the 30-minute shift of Lord Howe Island
+    with pytest.raises(TaskDeclarationError, match="below the interval"):
+        compile_spec("p", spec(job, cron="0 3 * * *", tz="Australia/Lord_Howe", jitter="23h45m"))
