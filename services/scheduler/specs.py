@@ -277,8 +277,25 @@ def _at_least(seconds: float, what: str) -> None:
         )
 
 
+#: At most this many triggers combined in one (``any``/``all``, nested ones counted):
+#: every due time asks each of them for its next one, on the event loop.
+MAX_PARTS = 64
+
+
+def _count_parts(trigger: Trigger) -> int:
+    inner = trigger.inner if isinstance(trigger, Bounded) else trigger
+    parts = getattr(inner, "parts", ())
+    return sum(_count_parts(p) for p in parts) if parts else 1
+
+
 def _check_trigger(trigger: Trigger) -> None:
     """Refuse intervals below the minimum and triggers that can never fire."""
+    parts = _count_parts(trigger)
+    if parts > MAX_PARTS:
+        raise TaskDeclarationError(
+            f"the trigger combines {parts} triggers: at most {MAX_PARTS} (each due time "
+            "asks every one of them)"
+        )
     inner = trigger.inner if isinstance(trigger, Bounded) else trigger
     if isinstance(inner, IntervalTrigger):
         _at_least(inner.every, "every")

@@ -506,3 +506,25 @@ def test_jitter_is_checked_against_the_gaps_shortened_by_daylight_saving() -> No
     # the 30-minute shift of Lord Howe Island
     with pytest.raises(TaskDeclarationError, match="below the interval"):
         compile_spec("p", spec(job, cron="0 3 * * *", tz="Australia/Lord_Howe", jitter="23h45m"))
+
+
+async def test_a_trigger_combining_thousands_of_triggers_is_refused(server: Any) -> None:  # noqa: F811
+    """Before: ``{"any": [10,000 crons]}`` was accepted through the API, and each of its
+    due times (every second) cost ~0.7 s on the event loop, for ever (restarts too)."""
+    kernel, _, url = server
+    crons = [{"cron": f"{i % 60} * * * * *"} for i in range(10_000)]
+    nested = {"any": [{"any": [{"every": f"{i + j}s"} for j in range(1, 10)]} for i in range(10)]}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for i, trigger in enumerate(({"any": crons}, {"all": crons[:65]}, nested)):
+            r = await client.post(
+                "/admin/tasks",
+                headers=AUTH,
+                json={"id": f"web.many{i}", "function": "job", "trigger": trigger},
+            )
+            assert r.status_code == 400 and "at most 64" in r.json()["detail"], r.text
+        ok = {"any": crons[:64]}
+        r = await client.post(
+            "/admin/tasks", headers=AUTH, json={"id": "web.some", "function": "job", "trigger": ok}
+        )
+        assert r.status_code == 201, r.text
+    assert len(await kernel.read(types=["ScheduleAdded"])) == 1
