@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from kernel.sdk import current_task
-from services.scheduler.events import TaskPauseRequested, stream_of
+from services.scheduler.events import ScheduleAdded, TaskPauseRequested, stream_of
 from services.scheduler.specs import TaskDeclarationError, compile_spec
 from services.scheduler.triggers import (
     ALL_OF_STEPS,
@@ -528,3 +528,28 @@ async def test_a_trigger_combining_thousands_of_triggers_is_refused(server: Any)
         )
         assert r.status_code == 201, r.text
     assert len(await kernel.read(types=["ScheduleAdded"])) == 1
+
+
+async def test_a_log_holding_an_out_of_range_runtime_schedule_still_boots(tmp_path: Path) -> None:
+    """A log written before out-of-range times were refused (a ``ScheduleAdded`` with
+    ``at=1e308``) boots: that schedule is rejected, the plugin's tasks are scheduled."""
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        for i, trigger in enumerate(({"at": 1e308}, {"every": 1e308}, {"after": 1e308})):
+            await kernel.append(
+                ScheduleAdded(
+                    task=f"p.bad{i}",
+                    plugin="p",
+                    function="job",
+                    trigger=trigger,
+                    args=[],
+                    kwargs={},
+                ),
+                stream=stream_of(f"p.bad{i}"),
+            )
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        result = await service.register("p", [spec(job, every="0.05s")])
+        assert result.accepted == ["p.job"]
+        assert set(result.refused) == {"p.bad0", "p.bad1", "p.bad2"}
+        await wait_events(kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "p.job")
