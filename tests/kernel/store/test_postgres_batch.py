@@ -14,7 +14,7 @@ import anyio
 import asyncpg
 import pytest
 
-from kernel.errors import ConcurrencyError
+from kernel.errors import ConcurrencyError, StoreError
 from kernel.events import Meta, NewEvent
 from kernel.store.postgres import PostgresStore
 from kernel.store.postgres_writer import APPEND_FUNCTION_NAME
@@ -269,3 +269,29 @@ async def test_concurrent_version_reads_share_one_query(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_version_read_the_server_refuses_fails_alone(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        with anyio.fail_after(60):
+            await store.append([raw(1)], stream="good")
+            got: dict[str, object] = {}
+
+            async def read(stream: str) -> None:
+                try:
+                    got[stream] = await store.stream_version(stream)
+                except StoreError as exc:
+                    got[stream] = exc
+
+            # one query for the three; PostgreSQL text cannot hold a NUL byte
+            async with anyio.create_task_group() as tg:
+                for stream in ("good", "bad\x00stream", "none"):
+                    tg.start_soon(read, stream)
+            assert got["good"] == 1 and got["none"] == 0
+            assert isinstance(got["bad\x00stream"], StoreError)
+            assert "bad\\x00stream" in str(got["bad\x00stream"])
+            assert await store.stream_version("good") == 1  # and the reader goes on
+    finally:
+        await store.close()
