@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .files import FileRefused, kind, printable, read_limited, regular_files
+from .files import (
+    MAX_DEPTH,
+    FileRefused,
+    kind,
+    printable,
+    read_limited,
+    regular_files,
+    too_deep,
+)
 from .manifest import Manifest, ManifestError, read_manifest, read_plugin_info, valid_name
 from .source import SourceTooDeep, compile_source
 
@@ -60,6 +68,8 @@ IGNORED = ("__pycache__", ".DS_Store")
 MAX_CONFIG_DEPTH = 100
 #: Largest config.yaml read (bytes).
 CONFIG_LIMIT = 1024 * 1024
+#: Longest archive member name accepted (characters).
+MAX_MEMBER_NAME = 1024
 #: Largest file read to compute a digest (bytes); larger ones count by their prefix.
 DIGEST_LIMIT = 64 * 1024 * 1024
 
@@ -141,6 +151,10 @@ def check_tree(folder: Path, limits: Limits, label: str) -> tuple[int, int]:
     regular, others = regular_files(folder, IGNORED)
     for path in sorted(others):
         rel = printable(path.relative_to(folder).as_posix())
+        if too_deep(folder, path):
+            raise InstallError(
+                f"{label}: '{rel[:120]}...' is nested more than {MAX_DEPTH} folders deep"
+            )
         try:
             what = kind(os.lstat(path).st_mode)
         except OSError:
@@ -308,6 +322,11 @@ def _archive_root(dest: Path) -> Path:
 
 def _check_member(source: Path, name: str) -> PurePosixPath:
     shown = printable(name)
+    if len(name) > MAX_MEMBER_NAME:
+        raise InstallError(
+            f"{source}: member '{shown[:80]}...': a name of {len(name)} characters, more "
+            f"than the limit of {MAX_MEMBER_NAME}"
+        )
     if shown != name:
         raise InstallError(f"{source}: member '{shown}': the name is not valid UTF-8")
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
@@ -317,6 +336,10 @@ def _check_member(source: Path, name: str) -> PurePosixPath:
         raise InstallError(f"{source}: member {name!r} contains '..'")
     if not path.parts or path.parts[0] in ("", "."):
         raise InstallError(f"{source}: member {name!r} has no usable path")
+    if len(path.parts) > MAX_DEPTH:
+        raise InstallError(
+            f"{source}: member {name!r} is nested more than {MAX_DEPTH} folders deep"
+        )
     return path
 
 
@@ -388,10 +411,64 @@ def _extract_zip(source: Path, dest: Path, limits: Limits) -> None:
                 ) from None
 
 
+#: Largest extension header (GNU long name or link, pax record set) read from a tar.
+TAR_HEADER_LIMIT = 64 * 1024
+#: Most extension headers in a row before a member (pax + long name + long link: 3).
+TAR_HEADER_CHAIN = 8
+_EXTENSIONS = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long-link",
+    tarfile.XHDTYPE: "pax",
+    tarfile.XGLTYPE: "pax global",
+    tarfile.SOLARIS_XHDTYPE: "Solaris pax",
+}
+
+
+class _TarRefused(tarfile.TarError):
+    """A tar header refused before tarfile reads what it announces."""
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Refuses, from its 512-byte header, what tarfile would read whole into memory.
+
+    tarfile reads a GNU long name or a pax header completely (its declared size, up to
+    gigabytes from a small compressed upload) and collects sparse maps before the
+    caller sees a member; ``_proc_member`` is tarfile's documented hook for subclasses.
+    """
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        chain = getattr(tarfile_, "_xcore_chain", 0)
+        if self.type in _EXTENSIONS:
+            if self.size > TAR_HEADER_LIMIT:
+                raise _TarRefused(
+                    f"a {_EXTENSIONS[self.type]} header of {self.size} bytes, more than the "
+                    f"limit of {TAR_HEADER_LIMIT}"
+                )
+            chain += 1
+            if chain > TAR_HEADER_CHAIN:
+                raise _TarRefused(f"more than {TAR_HEADER_CHAIN} extension headers in a row")
+        else:
+            chain = 0
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _TarRefused(f"member {self.name!r} is a sparse file; plugins hold none")
+        tarfile_._xcore_chain = chain  # type: ignore[attr-defined]
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
+
+    def _sparse(self, *args: object) -> None:
+        # pax sparse files (GNU.sparse.*): format 1.0 reads its map from the data blocks
+        raise _TarRefused(f"member {self.name!r} is a sparse file; plugins hold none")
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _sparse
+
+
 def _extract_tar(source: Path, dest: Path, limits: Limits) -> None:
     """Read the tar member by member: every limit applies before the next member is read."""
     try:
-        tf = tarfile.open(source, "r:*")  # noqa: SIM115 - closed by the `with` below
+        # closed by the `with` below
+        tf = tarfile.open(source, "r:*", tarinfo=_CheckedTarInfo)  # noqa: SIM115
+    except _TarRefused as exc:
+        raise InstallError(f"{source}: {exc}") from None
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise InstallError(f"{source}: not a readable tar archive ({exc})") from None
     with tf:
@@ -399,6 +476,9 @@ def _extract_tar(source: Path, dest: Path, limits: Limits) -> None:
         while True:
             try:
                 m = tf.next()
+            except _TarRefused as exc:
+                after = f" after member {last!r}" if last else ""
+                raise InstallError(f"{source}{after}: {exc}") from None
             except Exception as exc:  # truncated, corrupt compression, bad header
                 after = f" after member {last!r}" if last else ""
                 raise InstallError(

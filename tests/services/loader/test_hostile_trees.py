@@ -1,0 +1,183 @@
+"""Hostile trees and archives: bounded before they are read, refused naming the culprit.
+
+Real archives written byte by byte (tarfile's own headers, gzip), real folders nested
+deeper than the interpreter's recursion limit, a real kernel for the boot and API cases.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import anyio
+import pytest
+
+from services.loader import installer
+from services.loader.files import MAX_DEPTH, regular_files
+
+from .conftest import AUTH, status_router, write_plugin
+
+LIMITS = installer.Limits(max_bytes=100_000, max_files=50)
+RUN = b"PLUGIN_INFO = {'version': '1.0.0', 'api_prefix': '/app/arch'}\n"
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def header_bomb(path: Path, kind: bytes, size: int) -> Path:
+    """A .tar.gz whose first header announces ``size`` bytes of long name or pax records."""
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        fmt = tarfile.GNU_FORMAT if kind == tarfile.GNUTYPE_LONGNAME else tarfile.PAX_FORMAT
+        head = tarfile.TarInfo("././@LongLink" if kind == tarfile.GNUTYPE_LONGNAME else "pax")
+        head.type, head.size = kind, size
+        out.write(head.tobuf(format=tarfile.USTAR_FORMAT if fmt == tarfile.PAX_FORMAT else fmt))
+        body = b"%d comment=" % size if kind == tarfile.XHDTYPE else b""
+        out.write(body)
+        left, block = size - len(body) - 1, b"a" * (1 << 20)
+        while left > 0:
+            out.write(block[: min(left, len(block))])
+            left -= len(block)
+        out.write(b"\n" + b"\0" * (-size % 512))
+        run = tarfile.TarInfo("arch/run.py")
+        run.size = len(RUN)
+        out.write(run.tobuf(format=tarfile.USTAR_FORMAT) + RUN + b"\0" * (-len(RUN) % 512))
+        out.write(b"\0" * 1024)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"), [(tarfile.GNUTYPE_LONGNAME, "GNU long-name"), (tarfile.XHDTYPE, "pax")]
+)
+def test_tar_extension_headers_are_bounded_before_they_are_read(
+    tmp_path: Path, plugins: Path, kind: bytes, what: str
+) -> None:
+    # 48 MiB announced by one 512-byte header (a few hundred KiB compressed): tarfile
+    # would read it whole into memory (a 300 MiB pax header took 5.6 GB of RSS)
+    size = 48 << 20
+    archive = header_bomb(tmp_path / "bomb.tar.gz", kind, size)
+    with pytest.raises(installer.InstallError) as err:
+        installer.stage(archive, plugins, LIMITS)
+    message = str(err.value)
+    assert f"a {what} header of {size} bytes, more than the limit of 65536" in message
+    assert len(message) < 500
+    assert listing(plugins) == []
+
+
+def test_tar_sparse_members_and_header_chains_are_refused(tmp_path: Path, plugins: Path) -> None:
+    archive = tmp_path / "sparse.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("arch/run.py")
+        info.type, info.size = tarfile.GNUTYPE_SPARSE, len(RUN)
+        tf.addfile(info, io.BytesIO(RUN))
+    with pytest.raises(installer.InstallError, match="'arch/run.py' is a sparse file"):
+        installer.stage(archive, plugins, LIMITS)
+    chain = tmp_path / "chain.tar"
+    with chain.open("wb") as out:
+        for _ in range(50):  # fifty long names, each for the next header
+            head = tarfile.TarInfo("././@LongLink")
+            head.type, head.size = tarfile.GNUTYPE_LONGNAME, 8
+            out.write(head.tobuf(format=tarfile.GNU_FORMAT) + b"arch/x\0\0" + b"\0" * 504)
+        run = tarfile.TarInfo("arch/run.py")
+        run.size = len(RUN)
+        out.write(run.tobuf(format=tarfile.GNU_FORMAT) + RUN + b"\0" * (-len(RUN) % 512))
+        out.write(b"\0" * 1024)
+    with pytest.raises(installer.InstallError, match="more than 8 extension headers in a row"):
+        installer.stage(chain, plugins, LIMITS)
+    assert listing(plugins) == []
+
+
+@pytest.mark.parametrize("maker", ["zip", "tar"])
+def test_archive_members_nested_too_deep_or_named_too_long(
+    tmp_path: Path, plugins: Path, maker: str
+) -> None:
+    import zipfile
+
+    deep = "arch/" + "a/" * (MAX_DEPTH + 1) + "f.txt"
+    long = "arch/" + "b" * 2000 + ".txt"
+    for name, fragment in (
+        (deep, f"is nested more than {MAX_DEPTH} folders deep"),
+        (long, "a name of 2009 characters, more than the limit of 1024"),
+    ):
+        archive = tmp_path / ("a.zip" if maker == "zip" else "a.tar.gz")
+        if maker == "zip":
+            with zipfile.ZipFile(archive, "w") as zf:
+                zf.writestr("arch/run.py", RUN)
+                zf.writestr(name, b"x")
+        else:
+            with tarfile.open(archive, "w:gz", format=tarfile.GNU_FORMAT) as tf:
+                for member, data in (("arch/run.py", RUN), (name, b"x")):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        with pytest.raises(installer.InstallError) as err:
+            installer.stage(archive, plugins, LIMITS)
+        assert fragment in str(err.value) and len(str(err.value)) < 600
+        assert listing(plugins) == []
+
+
+def deep_folder(root: Path, depth: int) -> None:
+    """``root/a/a/.../a`` (``depth`` levels) with a file at the bottom, made by descriptors."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir("a", dir_fd=fd)
+            nfd = os.open("a", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.close(os.open("bottom.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def flatten(root: Path) -> None:
+    """Remove what :func:`deep_folder` made without recursion (pytest's cleanup recurses)."""
+    top = root / "a"
+    while top.is_dir():
+        inner = top / "a"
+        if inner.is_dir():
+            os.rename(inner, root / "a.tmp")
+        for entry in top.iterdir():
+            entry.unlink()
+        top.rmdir()
+        if (root / "a.tmp").exists():
+            os.rename(root / "a.tmp", top)
+
+
+#: Deeper than the interpreter's default recursion limit (os.walk recursed in 3.11).
+DEPTH = 1_100
+
+
+def test_a_folder_deeper_than_the_recursion_limit_is_walked_and_refused(
+    tmp_path: Path, plugins: Path
+) -> None:
+    src = write_plugin(tmp_path / "src", "deep")
+    deep_folder(src, DEPTH)
+    try:
+        files, others = regular_files(src)
+        assert sorted(p.name for p in files) == ["__init__.py", "run.py"]
+        assert others == [src.joinpath(*["a"] * (MAX_DEPTH + 1))]
+        assert installer.digest(src)  # the digest counts the deep folder by its name
+        with pytest.raises(installer.InstallError, match=f"more than {MAX_DEPTH} folders deep"):
+            installer.stage(src, plugins, LIMITS)
+        assert listing(plugins) == []
+    finally:
+        flatten(src)
+
+
+async def test_a_plugin_with_a_deep_data_folder_loads(harness_factory, plugins: Path) -> None:
+    folder = write_plugin(plugins, "deepdata", router=status_router())
+    deep_folder(folder, DEPTH)
+    try:
+        with anyio.fail_after(60):
+            h = await harness_factory()
+        assert await h.events("PluginLoadFailed") == []
+        assert (await h.client.get("/app/deepdata/status")).status_code == 200
+        with anyio.fail_after(30):
+            r = await h.client.post("/admin/plugins/deepdata/reload", headers=AUTH)
+        assert r.status_code == 200, r.text
+    finally:
+        flatten(folder)
