@@ -37,6 +37,7 @@ from .files import FileRefused, read_limited, regular_files
 from .source import compile_source, parse_source
 
 __all__ = [
+    "MAX_IMPORT_DEPTH",
     "ROOT_PACKAGE",
     "ImportedPlugin",
     "PluginImportError",
@@ -63,6 +64,13 @@ def module_name(plugin: str) -> str:
     return f"{ROOT_PACKAGE}.{plugin}"
 
 
+#: Deepest chain of plugin modules importing one another (``a`` imports ``b`` at its top,
+#: which imports ``c``...). Each level costs the thread's C stack: with a raised
+#: recursion limit, 5,000 levels crashed the process instead of raising RecursionError.
+MAX_IMPORT_DEPTH = 100
+_nested = threading.local()
+
+
 class _SourceLoader(importlib.abc.Loader):
     """Executes a plugin source file, compiled from the file itself (no bytecode cache)."""
 
@@ -77,7 +85,17 @@ class _SourceLoader(importlib.abc.Loader):
             return
         source = read_limited(self.path)
         code = compile_source(source, str(self.path))
-        exec(code, module.__dict__)
+        depth = getattr(_nested, "depth", 0)
+        if depth >= MAX_IMPORT_DEPTH:
+            raise ImportError(
+                f"{module.__name__}: plugin modules import one another more than "
+                f"{MAX_IMPORT_DEPTH} levels deep (the loader's limit)"
+            )
+        _nested.depth = depth + 1
+        try:
+            exec(code, module.__dict__)
+        finally:
+            _nested.depth = depth
 
     def get_source(self, fullname: str) -> str | None:
         return None if self.path is None else self.path.read_text(encoding="utf-8")

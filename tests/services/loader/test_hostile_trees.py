@@ -181,3 +181,54 @@ async def test_a_plugin_with_a_deep_data_folder_loads(harness_factory, plugins: 
         assert r.status_code == 200, r.text
     finally:
         flatten(folder)
+
+
+BOOT_WITH_RAISED_LIMIT = """
+import asyncio, json, sys
+from pathlib import Path
+from tests.services.loader.conftest import Harness
+
+async def main():
+    # hypothesis, a debugger or the host application may raise the limit
+    sys.setrecursionlimit(1_000_000)
+    h = Harness(Path(sys.argv[1]), Path(sys.argv[2]))
+    await h.start()
+    failed = {r.data["name"]: r.data["error"] for r in await h.events("PluginLoadFailed")}
+    await h.stop()
+    print(json.dumps(failed))
+
+asyncio.run(main())
+"""
+
+
+def test_imports_cannot_recurse_past_the_loaders_bounds(tmp_path: Path, plugins: Path) -> None:
+    """Neither one import of a long dotted name nor a long chain of modules importing one
+    another can make the import system recurse until the process crashes (both did,
+    with a segmentation fault, once the recursion limit was raised)."""
+    import json
+    import subprocess
+    import sys
+
+    dotted = "from ." + ".".join(["a"] * 20_000) + " import x\n"
+    write_plugin(plugins, "dotted", run=dotted)
+    write_plugin(plugins, "helperdot", run="from . import helper\n", files={"helper.py": dotted})
+    chain = write_plugin(plugins, "chain", run="from . import m0\n")
+    for i in range(3_000):
+        (chain / f"m{i}.py").write_text(f"from . import m{i + 1}\n")
+    (chain / "m3000.py").write_text("X = 1\n")
+    write_plugin(plugins, "good", router=status_router())
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        [sys.executable, "-c", BOOT_WITH_RAISED_LIMIT, str(tmp_path), str(plugins)],
+        cwd=root,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr.decode(errors="replace")[-2000:])
+    failed = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert set(failed) == {"dotted", "helperdot", "chain"}
+    parts = "imports a module name of 20000 dotted parts, more than the loader's limit of 64"
+    assert f"run.py: line 2: {parts}" in failed["dotted"]
+    assert f"line 1: {parts}" in failed["helperdot"]
+    assert "import one another more than 100 levels deep" in failed["chain"]
