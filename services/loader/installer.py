@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -55,10 +56,13 @@ __all__ = [
     "is_archive",
     "read_config",
     "remove_plugin",
+    "remove_tree",
     "rollback",
     "stage",
     "validate_folder",
 ]
+
+log = logging.getLogger("xcore.loader.installer")
 
 #: Hidden folder of the plugins directory where installs are prepared.
 STAGING = ".xcore-staging"
@@ -297,7 +301,7 @@ def stage(source: Path, plugins_dir: Path, limits: Limits, name: str | None = No
         manifest = validate_folder(root, plugin, limits)
         return Staged(plugin, root, manifest, digest(root), work)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
         _drop_empty(work.parent)
         raise
 
@@ -577,7 +581,7 @@ def rollback(staged: Staged, plugins_dir: Path, old: Path | None) -> None:
 
 
 def discard(staged: Staged) -> None:
-    shutil.rmtree(staged.work, ignore_errors=True)
+    remove_tree(staged.work)
     _drop_empty(staged.work.parent)
 
 
@@ -586,8 +590,58 @@ def remove_plugin(folder: Path) -> None:
     trash = folder.parent / STAGING / f"removed-{folder.name}-{uuid.uuid4().hex[:8]}"
     trash.parent.mkdir(parents=True, exist_ok=True)
     os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_tree(trash)
     _drop_empty(trash.parent)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` and all under it, however deep; what cannot be deleted is logged.
+
+    ``shutil.rmtree`` recurses once per folder level (up to Python 3.12), so a plugin
+    holding a folder nested 1,100 levels deep made it raise RecursionError halfway;
+    what it left is then deleted level by level, holding one descriptor at a time.
+    """
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except (RecursionError, OSError):
+        pass
+    try:
+        _remove_level_by_level(path)
+    except OSError as exc:
+        log.warning("could not delete %s: %s", printable(str(path)), exc)
+
+
+def _remove_level_by_level(path: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    names: list[str] = []  # the folders between ``path`` and ``fd``
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        sub = entry.name
+                    else:
+                        os.unlink(entry.name, dir_fd=fd)
+            if sub is not None:
+                inner = os.open(sub, flags, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+                names.append(sub)
+            elif names:
+                outer = os.open("..", flags, dir_fd=fd)
+                os.close(fd)
+                fd = outer
+                os.rmdir(names.pop(), dir_fd=fd)
+            else:
+                break
+    finally:
+        os.close(fd)
+    os.rmdir(path)
 
 
 def _drop_empty(folder: Path) -> None:
