@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import uuid
 import zipfile
@@ -361,7 +362,55 @@ def _undecodable(source: Path, exc: UnicodeDecodeError) -> InstallError:
     return InstallError(f"{source}: member '{shown}': the name is not valid UTF-8")
 
 
+def _zip_members_over(source: Path, limit: int) -> bool:
+    """Whether the zip's central directory lists more than ``limit`` members.
+
+    Counted header by header, stopping past the limit: ``zipfile.ZipFile`` parses the
+    whole directory first (200,000 empty members: 3.4 s and 125 MB before any limit),
+    and the count in the end record may lie. An archive this cannot walk is left to
+    zipfile, which reports it.
+    """
+    with open(source, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        tail_at = max(0, size - (22 + 65535))
+        f.seek(tail_at)
+        tail = f.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or len(tail) < end + 22:
+            return False
+        (cd_size,) = struct.unpack("<I", tail[end + 12 : end + 16])
+        start = tail_at + end - cd_size
+        if end >= 20 and tail[end - 20 : end - 16] == b"PK\x06\x07":  # zip64
+            (z64_at,) = struct.unpack("<Q", tail[end - 12 : end - 4])
+            f.seek(z64_at)
+            z64 = f.read(56)
+            if len(z64) < 56 or z64[:4] != b"PK\x06\x06":
+                return False
+            (cd_size,) = struct.unpack("<Q", z64[40:48])
+            start = z64_at - cd_size
+        if start < 0:
+            return False
+        at, count = start, 0
+        while at < start + cd_size:
+            f.seek(at)
+            head = f.read(46)
+            if len(head) < 46 or head[:4] != b"PK\x01\x02":
+                return False
+            count += 1
+            if count > limit:
+                return True
+            name, extra, comment = struct.unpack("<HHH", head[28:34])
+            at += 46 + name + extra + comment
+    return False
+
+
 def _extract_zip(source: Path, dest: Path, limits: Limits) -> None:
+    try:
+        if _zip_members_over(source, limits.max_files):
+            raise InstallError(f"{source}: more than {limits.max_files} members (the limit)")
+    except OSError as exc:
+        raise InstallError(f"{source}: not a readable zip archive ({exc})") from None
     try:
         zf = zipfile.ZipFile(source)
     except UnicodeDecodeError as exc:

@@ -239,3 +239,23 @@ def test_imports_cannot_recurse_past_the_loaders_bounds(tmp_path: Path, plugins:
     assert f"run.py: line 2: {parts}" in failed["dotted"]
     assert f"line 1: {parts}" in failed["helperdot"]
     assert "import one another more than 100 levels deep" in failed["chain"]
+
+
+def test_zip_members_are_counted_before_zipfile_reads_them(tmp_path: Path, plugins: Path) -> None:
+    import struct
+    import zipfile
+
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("arch/run.py", RUN)
+        for i in range(20_000):
+            zf.writestr(f"arch/{i}", b"")
+    # the end record claims one member: only the directory itself tells the truth
+    raw = bytearray(archive.read_bytes())
+    end = raw.rfind(b"PK\x05\x06")
+    raw[end + 8 : end + 12] = struct.pack("<HH", 1, 1)
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(installer.InstallError) as err:
+        installer.stage(archive, plugins, LIMITS)
+    assert str(err.value).endswith("more than 50 members (the limit)")
+    assert listing(plugins) == []
