@@ -73,6 +73,10 @@ IGNORED = ("__pycache__", ".DS_Store")
 MAX_CONFIG_DEPTH = 100
 #: Largest config.yaml read (bytes).
 CONFIG_LIMIT = 1024 * 1024
+#: Most values (and characters of text) config.yaml may stand for, aliases expanded:
+#: above what a file of CONFIG_LIMIT bytes can hold written out, so only aliases reach it.
+MAX_CONFIG_VALUES = 1_000_000
+MAX_CONFIG_CHARS = 16 * 1024 * 1024
 #: Longest archive member name accepted (characters).
 MAX_MEMBER_NAME = 1024
 #: Largest file read to compute a digest (bytes); larger ones count by their prefix.
@@ -218,7 +222,38 @@ def read_config(folder: Path, plugin: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ManifestError(plugin, "config.yaml", "must hold a mapping of keys at top level")
+    values, chars = _expanded_size(data)
+    if values > MAX_CONFIG_VALUES or chars > MAX_CONFIG_CHARS:
+        raise ManifestError(
+            plugin,
+            "config.yaml",
+            f"expands to more than {MAX_CONFIG_VALUES} values or {MAX_CONFIG_CHARS} characters "
+            "(YAML anchors and aliases repeat what they name: '*a' ten times in each of "
+            "nine levels is 10^9 values, from a few hundred bytes)",
+        )
     return data
+
+
+def _expanded_size(data: Any) -> tuple[int, int]:
+    """``(values, characters)`` of ``data`` with every alias counted where it is used.
+
+    Stops once past the limits: a YAML alias shares the object it names, so a small file
+    can stand for billions of values that whatever walks or serializes it (a config
+    model, the sandbox's wire) would expand.
+    """
+    values = chars = 0
+    stack = [data]
+    while stack and values <= MAX_CONFIG_VALUES and chars <= MAX_CONFIG_CHARS:
+        value = stack.pop()
+        values += 1
+        if isinstance(value, (str, bytes)):
+            chars += len(value)
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set)):
+            stack.extend(value)
+    return values, chars
 
 
 def _nesting(text: str) -> int:

@@ -259,3 +259,29 @@ def test_zip_members_are_counted_before_zipfile_reads_them(tmp_path: Path, plugi
         installer.stage(archive, plugins, LIMITS)
     assert str(err.value).endswith("more than 50 members (the limit)")
     assert listing(plugins) == []
+
+
+def laughs(levels: int) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+async def test_config_aliases_cannot_stand_for_billions_of_values(
+    harness_factory, plugins: Path
+) -> None:
+    # 452 bytes standing for 10^9 values: a sandboxed plugin's config crossed the wire to
+    # its worker expanded (540 MB of server RSS at 10^8, the worker killed)
+    write_plugin(plugins, "laughs", router=status_router(), config=laughs(9))
+    # a large config written out (no alias) is not refused
+    big = "table:\n" + "".join(f"  k{i}: {i}\n" for i in range(30_000))
+    write_plugin(plugins, "big", router=status_router(), config=big)
+    with anyio.fail_after(60):
+        h = await harness_factory()
+    failed = {r.data["name"]: r.data for r in await h.events("PluginLoadFailed")}
+    assert set(failed) == {"laughs"}
+    assert failed["laughs"]["stage"] == "config" and failed["laughs"]["file"] == "config.yaml"
+    assert "expands to more than 1000000 values" in failed["laughs"]["error"]
+    assert (await h.client.get("/app/big/status")).status_code == 200
+    with pytest.raises(installer.ManifestError, match="YAML anchors and aliases"):
+        installer.validate_folder(plugins / "laughs", "laughs", LIMITS)
