@@ -204,7 +204,7 @@ def read_config(folder: Path, plugin: str) -> dict[str, Any]:
                 "config.yaml",
                 f"nested {depth} levels deep, more than the limit of {MAX_CONFIG_DEPTH}",
             )
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader (see _YAML_LOADER)
     except (RecursionError, MemoryError) as exc:
         raise ManifestError(
             plugin, "config.yaml", f"nested too deeply or too large ({type(exc).__name__})"
@@ -222,7 +222,13 @@ def read_config(folder: Path, plugin: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ManifestError(plugin, "config.yaml", "must hold a mapping of keys at top level")
-    values, chars = _expanded_size(data)
+    values, chars, depth = _expanded_size(data)
+    if depth > MAX_CONFIG_DEPTH:  # e.g. '- - - - x': nested without brackets or indents
+        raise ManifestError(
+            plugin,
+            "config.yaml",
+            f"nested more than {MAX_CONFIG_DEPTH} levels deep (the limit)",
+        )
     if values > MAX_CONFIG_VALUES or chars > MAX_CONFIG_CHARS:
         raise ManifestError(
             plugin,
@@ -234,26 +240,35 @@ def read_config(folder: Path, plugin: str) -> dict[str, Any]:
     return data
 
 
-def _expanded_size(data: Any) -> tuple[int, int]:
-    """``(values, characters)`` of ``data`` with every alias counted where it is used.
+#: libyaml's safe loader where PyYAML has it: 5.6 times faster than the pure-Python one
+#: (a 450 KB config.yaml took 7.4 s against 1.3 s on a loaded machine, past io_timeout
+#: for a 1 MB file), and it refuses nesting past 1,000 levels itself.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-    Stops once past the limits: a YAML alias shares the object it names, so a small file
+
+def _expanded_size(data: Any) -> tuple[int, int, int]:
+    """``(values, characters, depth)`` of ``data``, every alias counted where it is used.
+
+    Stops once past a limit: a YAML alias shares the object it names, so a small file
     can stand for billions of values that whatever walks or serializes it (a config
     model, the sandbox's wire) would expand.
     """
-    values = chars = 0
-    stack = [data]
+    values = chars = deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
     while stack and values <= MAX_CONFIG_VALUES and chars <= MAX_CONFIG_CHARS:
-        value = stack.pop()
+        value, depth = stack.pop()
         values += 1
+        deepest = max(deepest, depth)
+        if deepest > MAX_CONFIG_DEPTH:
+            break
         if isinstance(value, (str, bytes)):
             chars += len(value)
         elif isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
+            stack.extend((k, depth + 1) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, (list, tuple, set)):
-            stack.extend(value)
-    return values, chars
+            stack.extend((v, depth + 1) for v in value)
+    return values, chars, deepest
 
 
 def _nesting(text: str) -> int:

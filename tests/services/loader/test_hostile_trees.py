@@ -274,12 +274,15 @@ async def test_config_aliases_cannot_stand_for_billions_of_values(
     # its worker expanded (540 MB of server RSS at 10^8, the worker killed)
     write_plugin(plugins, "laughs", router=status_router(), config=laughs(9))
     # a large config written out (no alias) is not refused
-    big = "table:\n" + "".join(f"  k{i}: {i}\n" for i in range(30_000))
+    big = "table:\n" + "".join(f"  k{i}: {i}\n" for i in range(5_000))
     write_plugin(plugins, "big", router=status_router(), config=big)
+    # nested without brackets or indentation (read whole under a raised recursion limit)
+    write_plugin(plugins, "dashes", config="k:\n" + "- " * 500 + "x\n")
     with anyio.fail_after(60):
         h = await harness_factory()
     failed = {r.data["name"]: r.data for r in await h.events("PluginLoadFailed")}
-    assert set(failed) == {"laughs"}
+    assert set(failed) == {"laughs", "dashes"}
+    assert "nested more than 100 levels deep" in failed["dashes"]["error"]
     assert failed["laughs"]["stage"] == "config" and failed["laughs"]["file"] == "config.yaml"
     assert "expands to more than 1000000 values" in failed["laughs"]["error"]
     assert (await h.client.get("/app/big/status")).status_code == 200
