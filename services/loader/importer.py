@@ -19,6 +19,8 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import inspect
+import os
+import stat
 import sys
 import threading
 from collections.abc import Collection, Iterator, Sequence
@@ -33,7 +35,7 @@ from pydantic import BaseModel
 from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
 
-from .files import FileRefused, read_limited, regular_files
+from .files import FileRefused, kind, read_limited, regular_files
 from .source import compile_source, parse_source
 
 __all__ = [
@@ -215,7 +217,7 @@ def import_plugin(
     importlib.import_module(base)
     run = importlib.import_module(base + ".run")
     router_module = (
-        importlib.import_module(base + ".router") if (folder / "router.py").is_file() else None
+        importlib.import_module(base + ".router") if _present(folder, "router.py") else None
     )
     config_model = _config_model(plugin, run, folder, base)
     router, prefix, routes = None, None, []
@@ -351,10 +353,25 @@ def check_stray_modules(plugin: str, plugins_root: Path) -> None:
             )
 
 
+def _present(folder: Path, name: str) -> bool:
+    """Whether the plugin has the file ``name``: refused when it is not a regular file.
+
+    (``Path.is_file`` is False for a FIFO and follows a link: a ``router.py`` FIFO made
+    a plugin load without its routes, and nothing said why.)
+    """
+    try:
+        mode = os.lstat(folder / name).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise PluginImportError(f"{name} is {kind(mode)}; only regular files are read", name)
+    return True
+
+
 def _config_model(plugin: str, run: ModuleType, folder: Path, base: str) -> type[BaseModel] | None:
     model = getattr(run, "Config", None)
     where = "run.py"
-    if model is None and (folder / "config.py").is_file():
+    if model is None and _present(folder, "config.py"):
         model = getattr(importlib.import_module(base + ".config"), "Config", None)
         where = "config.py"
     if model is None:

@@ -288,3 +288,21 @@ async def test_config_aliases_cannot_stand_for_billions_of_values(
     assert (await h.client.get("/app/big/status")).status_code == 200
     with pytest.raises(installer.ManifestError, match="YAML anchors and aliases"):
         installer.validate_folder(plugins / "laughs", "laughs", LIMITS)
+
+
+async def test_a_special_router_or_config_module_is_refused_not_skipped(
+    harness_factory, plugins: Path
+) -> None:
+    # a FIFO router.py made the plugin load without routes, and nothing said why
+    os.mkfifo(write_plugin(plugins, "fiforouter") / "router.py")
+    os.symlink("/dev/null", write_plugin(plugins, "linkconfig") / "config.py")
+    write_plugin(plugins, "good", router=status_router())
+    with anyio.fail_after(60):
+        h = await harness_factory()
+    failed = {r.data["name"]: r.data for r in await h.events("PluginLoadFailed")}
+    assert set(failed) == {"fiforouter", "linkconfig"}
+    assert failed["fiforouter"]["stage"] == "import"
+    assert "router.py is a FIFO; only regular files are read" in failed["fiforouter"]["error"]
+    assert failed["fiforouter"]["file"] == "router.py"
+    assert "config.py is a symbolic link" in failed["linkconfig"]["error"]
+    assert (await h.client.get("/app/good/status")).status_code == 200
