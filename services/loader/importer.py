@@ -122,25 +122,46 @@ class _PluginFinder(importlib.abc.MetaPathFinder):
         if root is None:
             return None
         base = root.joinpath(*parts[2:])
-        if len(parts) == 2 or base.is_dir():
+        rel = "/".join(parts[2:])
+        # lstat, never stat: a link (to a folder or file outside the plugin, which neither
+        # the watcher nor the digest sees) or a special file is refused, naming it
+        mode = _mode(base) if len(parts) > 2 else stat.S_IFDIR
+        if mode is not None and stat.S_ISLNK(mode):
+            raise ImportError(f"{rel} is a symbolic link; a plugin's modules live in its folder")
+        if mode is not None and stat.S_ISDIR(mode):
             init = base / "__init__.py"
-            if len(parts) > 2 and not init.is_file():
+            init_mode = _mode(init)
+            if init_mode is not None and not stat.S_ISREG(init_mode):
+                where = f"{rel}/__init__.py" if rel else "__init__.py"
+                raise ImportError(f"{where} is {kind(init_mode)}; only regular files are read")
+            has_init = init_mode is not None
+            if len(parts) > 2 and not has_init:
                 return None
             spec = importlib.machinery.ModuleSpec(
                 fullname,
-                _SourceLoader(init if init.is_file() else None),
-                origin=str(init) if init.is_file() else str(base),
+                _SourceLoader(init if has_init else None),
+                origin=str(init) if has_init else str(base),
                 is_package=True,
             )
             spec.submodule_search_locations = [str(base)]
-            spec.has_location = init.is_file()
+            spec.has_location = has_init
             return spec
         file = base.with_name(base.name + ".py")
-        if not file.is_file():
+        file_mode = _mode(file)
+        if file_mode is None:
             return None
+        if not stat.S_ISREG(file_mode):
+            raise ImportError(f"{rel}.py is {kind(file_mode)}; only regular files are read")
         spec = importlib.machinery.ModuleSpec(fullname, _SourceLoader(file), origin=str(file))
         spec.has_location = True
         return spec
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 _finder = _PluginFinder()

@@ -306,3 +306,21 @@ async def test_a_special_router_or_config_module_is_refused_not_skipped(
     assert failed["fiforouter"]["file"] == "router.py"
     assert "config.py is a symbolic link" in failed["linkconfig"]["error"]
     assert (await h.client.get("/app/good/status")).status_code == 200
+
+
+async def test_plugin_modules_behind_links_or_special_files_are_refused(
+    harness_factory, plugins: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "__init__.py").write_text("X = 'from outside the plugin'\n")
+    # a folder link leaving the plugin: its code loaded, unseen by the watcher and digest
+    os.symlink(outside, write_plugin(plugins, "linked", run="from .shared import X\n") / "shared")
+    os.mkfifo(write_plugin(plugins, "piped", run="from . import helper\n") / "helper.py")
+    with anyio.fail_after(60):
+        h = await harness_factory()
+    failed = {r.data["name"]: r.data for r in await h.events("PluginLoadFailed")}
+    assert set(failed) == {"linked", "piped"}
+    assert "shared is a symbolic link" in failed["linked"]["error"]
+    assert "helper.py is a FIFO; only regular files are read" in failed["piped"]["error"]
+    assert failed["piped"]["file"] == "run.py" and failed["piped"]["line"] == 2
