@@ -176,7 +176,13 @@ def check_tree(folder: Path, limits: Limits, label: str) -> tuple[int, int]:
         rel = path.relative_to(folder).as_posix()
         if printable(rel) != rel:
             raise InstallError(f"{label}: the name '{printable(rel)}' is not valid UTF-8")
-        total += path.stat().st_size
+        st = os.lstat(path)
+        if st.st_nlink > 1:  # its content is another file's, maybe outside the plugin
+            raise InstallError(
+                f"{label}: '{rel}' is a hard link ({st.st_nlink} names for one file); "
+                "plugins may hold only regular files and folders, links refused"
+            )
+        total += st.st_size
     if total > limits.max_bytes:
         raise InstallError(f"{label}: {total} bytes exceed the limit of {limits.max_bytes}")
     if len(regular) > limits.max_files:

@@ -324,3 +324,17 @@ async def test_plugin_modules_behind_links_or_special_files_are_refused(
     assert "shared is a symbolic link" in failed["linked"]["error"]
     assert "helper.py is a FIFO; only regular files are read" in failed["piped"]["error"]
     assert failed["piped"]["file"] == "run.py" and failed["piped"]["line"] == 2
+
+
+def test_a_hard_link_in_a_folder_install_is_refused(tmp_path: Path, plugins: Path) -> None:
+    # docs/plugins.md promises no links at all, hard ones included, in folders too: the
+    # copy took the linked file's content (a file of whoever runs the install)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the plugin's\n")
+    src = write_plugin(tmp_path / "src", "hard")
+    os.link(secret, src / "copy.txt")
+    with pytest.raises(installer.InstallError, match="'copy.txt' is a hard link"):
+        installer.stage(src, plugins, LIMITS)
+    with pytest.raises(installer.ManifestError, match="'copy.txt' is a hard link"):
+        installer.validate_folder(src, "hard", LIMITS)
+    assert listing(plugins) == []
