@@ -381,6 +381,11 @@ def _archive_root(dest: Path) -> Path:
     return dest
 
 
+def _is_root(name: str) -> bool:
+    """Whether a folder member names the archive's root (``.``, ``./``)."""
+    return name.replace("\\", "/").strip("/") in (".", "")
+
+
 def _check_member(source: Path, name: str) -> PurePosixPath:
     shown = printable(name)
     if len(name) > MAX_MEMBER_NAME:
@@ -479,6 +484,7 @@ def _extract_zip(source: Path, dest: Path, limits: Limits) -> None:
             raise InstallError(
                 f"{source}: {len(infos)} members exceed the limit of {limits.max_files}"
             )
+        infos = [i for i in infos if not (i.is_dir() and _is_root(i.filename))]
         total = 0
         for info in infos:
             _check_member(source, info.filename)
@@ -598,6 +604,8 @@ def _extract_tar(source: Path, dest: Path, limits: Limits) -> None:
             count += 1
             if count > limits.max_files:
                 raise InstallError(f"{source}: more than {limits.max_files} members (the limit)")
+            if m.isdir() and _is_root(m.name):
+                continue  # './' of `tar -C plugin -czf plugin.tgz .`: the archive's root
             member = _check_member(source, m.name)
             last = m.name
             if m.issym() or m.islnk():

@@ -338,3 +338,23 @@ def test_a_hard_link_in_a_folder_install_is_refused(tmp_path: Path, plugins: Pat
     with pytest.raises(installer.ManifestError, match="'copy.txt' is a hard link"):
         installer.validate_folder(src, "hard", LIMITS)
     assert listing(plugins) == []
+
+
+def test_an_archive_of_dot_installs(tmp_path: Path, plugins: Path) -> None:
+    # `tar -C plugin -czf dotted.tgz .` starts with the member './' (tarfile: '.'); it
+    # was refused as "member '.' has no usable path"
+    archive = tmp_path / "dotted.tgz"
+    with tarfile.open(archive, "w:gz") as tf:
+        root = tarfile.TarInfo("./")
+        root.type = tarfile.DIRTYPE
+        tf.addfile(root)
+        for name, data in (("./run.py", RUN), ("./__init__.py", b"")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    staged = installer.stage(archive, plugins, LIMITS)
+    try:
+        assert staged.name == "dotted"
+        assert sorted(p.name for p in staged.folder.iterdir()) == ["__init__.py", "run.py"]
+    finally:
+        installer.discard(staged)
