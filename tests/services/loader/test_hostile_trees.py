@@ -358,3 +358,32 @@ def test_an_archive_of_dot_installs(tmp_path: Path, plugins: Path) -> None:
         assert sorted(p.name for p in staged.folder.iterdir()) == ["__init__.py", "run.py"]
     finally:
         installer.discard(staged)
+
+
+async def test_an_undecodable_file_name_does_not_end_hot_reload(
+    harness_factory, plugins: Path, caplog
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="xcore.loader")
+    folder = write_plugin(plugins, "watched", router=status_router('"a"'))
+    h = await harness_factory(reload=True)
+    with anyio.fail_after(10):
+        await h.loader_service.watching.wait()
+    # watchfiles raises on a path that is not UTF-8: the watch task died, silently, and
+    # no plugin was ever reloaded again
+    (folder / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"x")
+    with anyio.fail_after(30):
+        while not any("the plugins watcher failed" in r.getMessage() for r in caplog.records):
+            await anyio.sleep(0.05)
+    [failure] = [r for r in caplog.records if "the plugins watcher failed" in r.getMessage()]
+    assert failure.levelno == logging.ERROR and "caf\\xE9.txt" in failure.getMessage()
+    with anyio.fail_after(60):
+        while True:  # edits until one is seen (the watch restarts after a second)
+            (folder / "router.py").write_text(status_router('"b"').replace("        ", ""))
+            if await h.events("PluginReloaded", name="watched"):
+                break
+            await anyio.sleep(0.5)
+    with anyio.fail_after(30):
+        while (await h.client.get("/app/watched/status")).json() != "b":
+            await anyio.sleep(0.05)
