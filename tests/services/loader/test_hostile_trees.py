@@ -371,19 +371,18 @@ async def test_an_undecodable_file_name_does_not_end_hot_reload(
     with anyio.fail_after(10):
         await h.loader_service.watching.wait()
     # watchfiles raises on a path that is not UTF-8: the watch task died, silently, and
-    # no plugin was ever reloaded again
+    # no plugin was reloaded again. The edit made with it is in the batch that failed:
+    # it is not lost either.
     (folder / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"x")
-    with anyio.fail_after(30):
-        while not any("the plugins watcher failed" in r.getMessage() for r in caplog.records):
-            await anyio.sleep(0.05)
-    [failure] = [r for r in caplog.records if "the plugins watcher failed" in r.getMessage()]
-    assert failure.levelno == logging.ERROR and "caf\\xE9.txt" in failure.getMessage()
+    (folder / "router.py").write_text(status_router('"b"').replace("        ", ""))
     with anyio.fail_after(60):
-        while True:  # edits until one is seen (the watch restarts after a second)
-            (folder / "router.py").write_text(status_router('"b"').replace("        ", ""))
-            if await h.events("PluginReloaded", name="watched"):
-                break
-            await anyio.sleep(0.5)
-    with anyio.fail_after(30):
         while (await h.client.get("/app/watched/status")).json() != "b":
+            await anyio.sleep(0.05)
+    failures = [r for r in caplog.records if "the plugins watcher failed" in r.getMessage()]
+    assert failures and failures[0].levelno == logging.ERROR
+    assert "caf\\xE9.txt" in failures[0].getMessage()
+    # and later edits are seen too
+    (folder / "router.py").write_text(status_router('"c"').replace("        ", ""))
+    with anyio.fail_after(60):
+        while (await h.client.get("/app/watched/status")).json() != "c":
             await anyio.sleep(0.05)
