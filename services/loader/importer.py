@@ -100,7 +100,12 @@ class _SourceLoader(importlib.abc.Loader):
             _nested.depth = depth
 
     def get_source(self, fullname: str) -> str | None:
-        return None if self.path is None else self.path.read_text(encoding="utf-8")
+        if self.path is None:
+            return None
+        try:  # for tracebacks: the file may since be a FIFO, a link or huge
+            return read_limited(self.path).decode("utf-8", "replace")
+        except (OSError, FileRefused):
+            return None
 
 
 class _PluginFinder(importlib.abc.MetaPathFinder):

@@ -386,3 +386,15 @@ async def test_an_undecodable_file_name_does_not_end_hot_reload(
     with anyio.fail_after(60):
         while (await h.client.get("/app/watched/status")).json() != "c":
             await anyio.sleep(0.05)
+
+
+async def test_get_source_never_blocks_on_a_file_become_a_fifo(tmp_path: Path) -> None:
+    from services.loader.importer import _SourceLoader
+
+    module = tmp_path / "helper.py"
+    os.mkfifo(module)  # e.g. swapped after the import; a traceback asks for the source
+    with anyio.fail_after(10):
+        source = await anyio.to_thread.run_sync(
+            _SourceLoader(module).get_source, "x", abandon_on_cancel=True
+        )
+    assert source is None
