@@ -59,13 +59,9 @@ async def _appends(store: object, producers: int, events: int) -> None:
     await asyncio.gather(*(producer(i) for i in range(producers)))
 
 
-async def _workload(tree: Path, path: Path, producers: int, warmup: int, events: int) -> None:
-    import kernel
+async def _workload(path: Path, producers: int, warmup: int, events: int) -> None:
     from kernel.store.sqlite import SQLiteStore
 
-    where = Path(kernel.__file__).resolve()
-    if not where.is_relative_to(tree):
-        raise SystemExit(f"bench.instructions: imported kernel from {where}, not from {tree}")
     store = SQLiteStore(path, synchronous="FULL")
     await store.open()
     await _appends(store, producers, warmup)
@@ -76,7 +72,12 @@ async def _workload(tree: Path, path: Path, producers: int, warmup: int, events:
 
 def _child(argv: list[str]) -> None:
     tree, path, producers, warmup, events = argv
-    asyncio.run(_workload(Path(tree), Path(path), int(producers), int(warmup), int(events)))
+    import kernel
+
+    where = Path(kernel.__file__).resolve()
+    if not where.is_relative_to(tree):
+        raise SystemExit(f"bench.instructions: imported kernel from {where}, not from {tree}")
+    asyncio.run(_workload(Path(path), int(producers), int(warmup), int(events)))
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'tree':<40} {'instructions/event':>20}")
     for tree in trees:
         figures = measure(tree, ns.producers, ns.warmup, ns.events)
-        print(f"{str(tree):<40} {figures['per_event']:>20,.0f}", flush=True)
+        print(f"{tree!s:<40} {figures['per_event']:>20,.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from kernel.store.sqlite_streams import (
     stream_version_sql,
     unindexed_sql,
 )
-from kernel.store.sqlite_writer import COLUMNS, GroupCommitWriter
+from kernel.store.sqlite_trusted import skip_triggers
+from kernel.store.sqlite_writer import _ONE_TRIP, COLUMNS, GroupCommitWriter
 from kernel.store.tail import Tail
 
 __all__ = ["SQLiteStore", "Synchronous"]
@@ -229,6 +230,9 @@ class SQLiteStore:
         self._lock_fd: int | None = None
         self._last = 0
         self._open = False
+        #: whether the writer's own inserts go through the append-only triggers (True
+        #: only where this interpreter cannot turn them off; see sqlite_trusted.py)
+        self.writer_checked_by_triggers = True
 
     # -- opening and closing -------------------------------------------------------
 
@@ -314,6 +318,7 @@ class SQLiteStore:
         in_file = await asyncio.to_thread(self._last_in_main_file) if unclean else None
         self._write_conn = await self._connect(readonly=False)
         await self._create_schema(self._write_conn)
+        self.writer_checked_by_triggers = not await self._skip_triggers(self._write_conn)
         self._reader = await self._connect(readonly=True)
         self._last = await self._query_last_position(self._reader)
         if mark is not None and self._last < mark.position:
@@ -348,6 +353,14 @@ class SQLiteStore:
                 kept or "(none: there was no WAL)",
             )
         await asyncio.to_thread(files.write_mark, self._last, clean=False)
+
+    async def _skip_triggers(self, conn: aiosqlite.Connection) -> bool:
+        """Run the writer's connection without the append-only triggers (see
+        ``sqlite_trusted.py``); False when they stay on."""
+        if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
+            return False
+        done: bool = await conn._execute(skip_triggers, conn._conn, str(self.path))  # type: ignore[no-untyped-call]
+        return done
 
     def _last_in_main_file(self) -> int:
         """The last position held by the main file alone (the WAL not applied)."""
