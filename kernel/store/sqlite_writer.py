@@ -22,6 +22,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from kernel.store.sqlite_streams import (
     stream_version_sql,
     unindexed_sql,
 )
-from kernel.store.tail import Row, Tail
+from kernel.store.tail import Tail
 from kernel.store.writes import Append as _Append
 from kernel.store.writes import Op as _Op
 from kernel.store.writes import Put as _Put
@@ -48,8 +49,9 @@ __all__ = ["COLUMNS", "GroupCommitWriter"]
 log = logging.getLogger("xcore.store")
 
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
+#: ``recorded_at`` before ``id``: a row's first 8 values are the tail's row.
 _INSERT_HEAD = (
-    "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
+    "INSERT INTO events (position, stream, version, type, schema, data, meta, recorded_at, id)"
     " VALUES "
 )
 INSERT = _INSERT_HEAD + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -81,7 +83,7 @@ def _write(
     """Insert the batch and commit, in the connection's own thread."""
     for i in range(0, len(rows), _CHUNK):
         chunk = rows[i : i + _CHUNK]
-        conn.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
+        conn.execute(_insert_sql(len(chunk)), list(chain.from_iterable(chunk)))
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
@@ -294,50 +296,63 @@ class GroupCommitWriter:
         position = self.last
         touched: dict[str, int] = {}
         rows: list[tuple[Any, ...]] = []
-        tail: list[Row] = []
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
+        versions = self.versions
+        record = Recorded.of
         for o in appends:
-            fresh: list[NewEvent] = []
-            seen: set[str] = set()
-            for e in o.events:
-                if (
-                    e.meta.id not in existing
-                    and e.meta.id not in in_batch
-                    and e.meta.id not in seen
-                ):
-                    seen.add(e.meta.id)
-                    fresh.append(e)
-            if not fresh:
-                o.existing = [e.meta.id for e in o.events]
-                continue
-            current = touched.get(o.stream)
+            stream = o.stream
+            events = o.events
+            ids: Sequence[str]
+            if len(events) == 1:  # the common case: no set to build
+                eid = events[0].meta.id
+                if eid in existing or eid in in_batch:
+                    o.existing = [eid]
+                    continue
+                fresh: Sequence[NewEvent] = events
+                ids = (eid,)
+            else:
+                kept: list[NewEvent] = []
+                seen: set[str] = set()
+                for e in events:
+                    eid = e.meta.id
+                    if eid not in existing and eid not in in_batch and eid not in seen:
+                        seen.add(eid)
+                        kept.append(e)
+                if not kept:
+                    o.existing = [e.meta.id for e in events]
+                    continue
+                fresh, ids = kept, list(seen)
+            current = touched.get(stream)
             if current is None:
-                current = await self._stream_version(o.stream)
+                current = versions.get(stream)
+                if current is None:
+                    current = await self._stream_version(stream)
             if o.expected is not ANY and o.expected != current:
                 failures.append(
-                    (o, ConcurrencyError(o.stream, describe_expected(o.expected), current))
+                    (o, ConcurrencyError(stream, describe_expected(o.expected), current))
                 )
                 continue
             records: list[Recorded] = []
             op_rows: list[tuple[Any, ...]] = []
+            p, v = position, current
             try:
                 for e in fresh:
-                    meta = e.meta.to_json()
-                    row = (position + 1 + len(op_rows), o.stream, current + 1 + len(op_rows))
+                    p += 1
+                    v += 1
+                    meta = e.meta
                     # decoding the payload checks it is JSON before it joins the batch
-                    records.append(Recorded.of(row[0], o.stream, row[2], e, now))
-                    op_rows.append((*row, e.type, e.schema, e.data, meta, e.meta.id, now))
+                    records.append(record(p, stream, v, e, now))
+                    op_rows.append(
+                        (p, stream, v, e.type, e.schema, e.data, meta.to_json(), now, meta.id)
+                    )
             except Exception as exc:
                 failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
                 continue
-            in_batch |= seen
-            position += len(op_rows)
-            current += len(op_rows)
+            in_batch.update(ids)
+            position, touched[stream] = p, v
             rows.extend(op_rows)
-            tail.extend((r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[8]) for r in op_rows)
-            touched[o.stream] = current
             results.append((o, records))
 
         if any(isinstance(f, ConcurrencyError) for _, f in failures) and await self._resync():
@@ -388,17 +403,18 @@ class GroupCommitWriter:
             self.unindexed = []
         else:
             self.unindexed.extend(fresh_index)
-        if tail:
-            self._tail.push(tail)
+        if rows:
+            # the stored row without its id (the INSERT lists recorded_at before id)
+            self._tail.push([r[:8] for r in rows])
         for o, records in results:
             if not o.future.done():
                 o.future.set_result(records)
         for o, failure in failures:
             if not o.future.done():
                 o.future.set_exception(failure)
-        for p in puts:
-            if not p.future.done():
-                p.future.set_result(None)
+        for put in puts:
+            if not put.future.done():
+                put.future.set_result(None)
         for a in appends:
             if a.existing is not None and not a.future.done():
                 try:
