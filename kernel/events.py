@@ -205,14 +205,28 @@ class Meta:
     boot: str | None = None
 
     def to_json(self) -> bytes:
+        """The stored form: the fields that are set (``from_json`` reads a missing one as
+        None; most events carry an id alone, and shorter rows are fewer pages to write)."""
+        if (
+            self.correlation_id is None
+            and self.causation_id is None
+            and self.actor is None
+            and self.node is None
+            and self.boot is None
+        ):
+            return orjson.dumps({"id": self.id})
         return orjson.dumps(
             {
-                "id": self.id,
-                "correlation_id": self.correlation_id,
-                "causation_id": self.causation_id,
-                "actor": self.actor,
-                "node": self.node,
-                "boot": self.boot,
+                key: value
+                for key, value in (
+                    ("id", self.id),
+                    ("correlation_id", self.correlation_id),
+                    ("causation_id", self.causation_id),
+                    ("actor", self.actor),
+                    ("node", self.node),
+                    ("boot", self.boot),
+                )
+                if value is not None
             }
         )
 
