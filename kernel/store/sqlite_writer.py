@@ -189,6 +189,11 @@ class GroupCommitWriter:
     async def _write_loop(self) -> None:
         queue = self._queue
         loop = asyncio.get_running_loop()
+        # the loop's ready callbacks (asyncio's own loop; None under another loop,
+        # which then always yields a few times)
+        ready = getattr(loop, "_ready", None)
+        if not isinstance(ready, deque):
+            ready = None
         while True:
             if not queue:
                 self._wakeup = loop.create_future()
@@ -203,10 +208,11 @@ class GroupCommitWriter:
                 op.future.set_result(None)
                 return
             # Let every producer that is ready run first, so they join this batch
-            # rather than each waking the writer for a batch of its own.
+            # rather than each waking the writer for a batch of its own. When nothing
+            # else is ready to run (a lone producer), no one can join: go at once.
             before = -1
             for _ in range(8):
-                if len(queue) == before:
+                if len(queue) == before or (ready is not None and not ready):
                     break
                 before = len(queue)
                 await asyncio.sleep(0)
