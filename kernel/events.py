@@ -29,6 +29,7 @@ __all__ = [
     "EventRegistry",
     "KernelStarted",
     "KernelStopped",
+    "LeanRecorded",
     "Meta",
     "NewEvent",
     "Recorded",
@@ -442,6 +443,97 @@ class Recorded:
             f"Recorded(position={self.position}, stream={self.stream!r}, "
             f"version={self.version}, type={self.type!r})"
         )
+
+
+class LeanRecorded(Recorded):
+    """A record of a replay batch built from ``(position, type, schema, data)`` alone.
+
+    Guarantee: it reads exactly as the :class:`Recorded` of the same row. Mechanism: a
+    fold mostly needs the type and data; the other columns (stream, version, metadata,
+    time) of the whole batch are fetched once, on the first access to any of them by any
+    record of the batch (``__getattr__`` runs only for a slot still unset), through the
+    ``load`` callable the store gives: it maps the positions to
+    ``(stream, version, meta, recorded_at)`` rows of the same, immutable, log.
+    """
+
+    __slots__ = ("_batch",)
+
+    _batch: LeanBatch
+
+    def __getattr__(self, name: str) -> Any:
+        if name in LeanBatch.COLUMNS:
+            self._batch.fill()
+            return object.__getattribute__(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @staticmethod
+    def from_lean_rows(
+        rows: Iterable[Sequence[Any]],
+        load: Callable[[int, int], Iterable[Sequence[Any]]],
+    ) -> list[Recorded]:
+        """Records from ``(position, type, schema, data)`` rows; ``load(first, last)``
+        gives the missing columns of the positions between them."""
+        new = LeanRecorded.__new__
+        loads = orjson.loads
+        versioned = registry.versioned
+        batch = LeanBatch(load)
+        out: list[LeanRecorded] = batch.records
+        append = out.append
+        for position, type_name, schema, data in rows:
+            r = new(LeanRecorded)
+            r.position = position
+            r.type = type_name
+            r.schema = schema
+            if type_name in versioned:
+                r.data = registry.upcast(type_name, schema, loads(data))
+            else:
+                r.data = loads(data)
+            r._meta = None
+            r._event = None
+            r._batch = batch
+            append(r)
+        return out  # type: ignore[return-value]
+
+
+class LeanBatch:
+    """The records of one lean read and how to fetch the columns they lack."""
+
+    COLUMNS = frozenset({"stream", "version", "timestamp", "_meta_raw"})
+
+    __slots__ = ("_load", "records")
+
+    def __init__(self, load: Callable[[int, int], Iterable[Sequence[Any]]]) -> None:
+        self._load = load
+        self.records: list[LeanRecorded] = []
+
+    def fill(self) -> None:
+        records = self.records
+        if not records:
+            return
+        by_position = {r.position: r for r in records}
+        for position, stream, version, meta, timestamp in self._load(
+            records[0].position, records[-1].position
+        ):
+            r = by_position.get(position)
+            if r is not None:
+                r.stream = stream
+                r.version = version
+                r._meta_raw = meta
+                r.timestamp = timestamp
+        missing = [r.position for r in records if not _has_stream(r)]
+        if missing:
+            raise EventError(
+                f"the log no longer holds positions {missing[:5]} of a batch read from it"
+            )
+        self.records = []  # filled: nothing more to load, nothing to keep alive
+
+
+def _has_stream(r: Recorded) -> bool:
+    try:
+        object.__getattribute__(r, "stream")
+    except AttributeError:
+        return False
+    return True
 
 
 # -- the kernel's own events ------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 import aiosqlite
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
-from kernel.events import NewEvent, Recorded
+from kernel.events import LeanRecorded, NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_streams import (
@@ -691,6 +691,56 @@ class SQLiteStore:
                 sql += " LIMIT ?"
                 params.append(limit)
         return Recorded.from_rows(await self._query(sql, params))
+
+    async def read_lean(
+        self,
+        *,
+        after: int = 0,
+        types: Collection[str] | None = None,
+        limit: int | None = None,
+    ) -> list[Recorded]:
+        """As :meth:`read` (no stream filter), for a fold: only ``position, type, schema,
+        data`` are fetched; a record's stream, version, metadata and time are fetched
+        for its whole batch on first access (:class:`~kernel.events.LeanRecorded`)."""
+        self._check_open()
+        check_limit(limit)
+        types = check_types(types)
+        if not self.readonly:
+            cached = self._tail.read(after, types, None, limit)
+            if cached is not None:
+                return cached
+        if types is not None and not types:
+            return []
+        await self._refresh_reader()
+        sql = "SELECT position, type, schema, data FROM events WHERE position > ?"
+        params: list[Any] = [after]
+        if types is not None:
+            sql += f" AND type IN ({','.join('?' * len(types))})"
+            params.extend(types)
+        sql += " ORDER BY position"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return LeanRecorded.from_lean_rows(await self._query(sql, params), self._load_columns)
+
+    def _load_columns(self, first: int, last: int) -> list[Any]:
+        """The columns a lean batch lacks, for positions ``first`` to ``last``: one short
+        read-only connection of its own (the batch may be read after the store closed;
+        the rows it names never change)."""
+        immutable = self.files.size(self.files.wal) < 0
+        conn = sqlite3.connect(
+            f"{_uri(self.path)}?{'immutable=1' if immutable else 'mode=ro'}", uri=True
+        )
+        try:
+            return conn.execute(
+                "SELECT position, stream, version, meta, recorded_at FROM events"
+                " WHERE position BETWEEN ? AND ?",
+                (first, last),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: read failed: {exc}") from exc
+        finally:
+            conn.close()
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """One read in one trip to the reader's thread (no cursor left open: an open
