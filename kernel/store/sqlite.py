@@ -200,6 +200,7 @@ class SQLiteStore:
         mark_interval: float = 1.0,
         poll_interval: float = 0.1,
         index_every: int = INDEX_EVERY,
+        inline_limit: float = 0.002,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -215,6 +216,9 @@ class SQLiteStore:
         if index_every < 1:
             raise StoreError(f"index_every must be at least 1, not {index_every}")
         self.index_every = index_every
+        #: a lone append with nothing else ready commits in the event loop's thread
+        #: while commits take less than this (seconds; 0: always the connection's thread)
+        self.inline_limit = inline_limit
         #: the log's format (see FORMAT); known once open
         self.format = FORMAT
         self.files = LogFiles(self.path, evidence)
@@ -271,6 +275,7 @@ class SQLiteStore:
                 self.max_batch,
                 unindexed=unindexed,
                 index_every=self.index_every,
+                inline_limit=self.inline_limit,
             )
             self._writer.start()
             self._marker = asyncio.create_task(self._mark_loop(), name="xcore-store-mark")

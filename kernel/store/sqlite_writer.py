@@ -59,6 +59,9 @@ INSERT = _INSERT_HEAD + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 #: (9 parameters a row, far under SQLite's limit of 32,766).
 _CHUNK = 256
 _INSERTS: dict[int, str] = {}
+#: After a commit in the loop's thread took longer than the writer's ``inline_limit``,
+#: commits go through the connection's thread for this many seconds.
+_INLINE_PAUSE = 10.0
 
 
 def _insert_sql(rows: int) -> str:
@@ -102,6 +105,7 @@ class GroupCommitWriter:
         *,
         unindexed: Sequence[IndexRow] = (),
         index_every: int = INDEX_EVERY,
+        inline_limit: float = 0.002,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -121,6 +125,20 @@ class GroupCommitWriter:
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        #: a lone write commits in the loop's thread while commits take less (seconds)
+        self.inline_limit = inline_limit
+        self._inline_after = 0.0
+        self._ready: deque[Any] | None = None
+
+    def _may_inline(self) -> bool:
+        """Whether a lone write may commit in the event loop's own thread: only when no
+        other task or callback is ready to run (blocking the loop then delays no one
+        already waiting) and no commit inline took longer than ``inline_limit`` seconds
+        in the last ``_INLINE_PAUSE`` seconds (a slow disk goes back to the thread, so
+        the loop stays free while it syncs). ``inline_limit`` 0 turns it off."""
+        if self.inline_limit <= 0 or self._ready is None or self._ready:
+            return False
+        return time.monotonic() >= self._inline_after
 
     @property
     def running(self) -> bool:
@@ -194,6 +212,7 @@ class GroupCommitWriter:
         ready = getattr(loop, "_ready", None)
         if not isinstance(ready, deque):
             ready = None
+        self._ready = ready
         while True:
             if not queue:
                 self._wakeup = loop.create_future()
@@ -372,7 +391,14 @@ class GroupCommitWriter:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
                     statements += index_statements([*self.unindexed, *fresh_index], position)
-                if _ONE_TRIP:
+                if _ONE_TRIP and len(batch) == 1 and self._may_inline():
+                    # a lone write with nothing else ready to run: commit here, saving
+                    # the hop to the connection's thread and back (see _may_inline)
+                    started = time.perf_counter()
+                    _write(conn._conn, rows, statements)
+                    if time.perf_counter() - started > self.inline_limit:
+                        self._inline_after = time.monotonic() + _INLINE_PAUSE
+                elif _ONE_TRIP:
                     # one trip to the connection's thread for the whole transaction
                     await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
                 else:  # pragma: no cover - an aiosqlite without its private runner
