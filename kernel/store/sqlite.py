@@ -200,7 +200,7 @@ class SQLiteStore:
         mark_interval: float = 1.0,
         poll_interval: float = 0.1,
         index_every: int = INDEX_EVERY,
-        inline_limit: float = 0.002,
+        inline_limit: float = 0.005,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")

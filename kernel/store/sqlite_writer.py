@@ -61,7 +61,7 @@ _CHUNK = 256
 _INSERTS: dict[int, str] = {}
 #: After a commit in the loop's thread took longer than the writer's ``inline_limit``,
 #: commits go through the connection's thread for this many seconds.
-_INLINE_PAUSE = 10.0
+_INLINE_PAUSE = 2.0
 
 
 def _insert_sql(rows: int) -> str:
@@ -105,7 +105,7 @@ class GroupCommitWriter:
         *,
         unindexed: Sequence[IndexRow] = (),
         index_every: int = INDEX_EVERY,
-        inline_limit: float = 0.002,
+        inline_limit: float = 0.005,
     ) -> None:
         self.path = path
         self._conn = conn
