@@ -452,32 +452,40 @@ class LeanRecorded(Recorded):
     fold mostly needs the type and data; the other columns (stream, version, metadata,
     time) of the whole batch are fetched once, on the first access to any of them by any
     record of the batch (``__getattr__`` runs only for a slot still unset), through the
-    ``load`` callable the store gives: it maps the positions to
-    ``(stream, version, meta, recorded_at)`` rows of the same, immutable, log.
+    ``load`` callable the store gives: it maps a range of positions to
+    ``(position, stream, version, meta, recorded_at)`` rows of the same, immutable, log.
+    The batch holds those rows, never the records: a record a projection keeps keeps
+    no other record alive.
     """
 
     __slots__ = ("_batch",)
 
-    _batch: LeanBatch
+    _batch: LeanBatch | None
 
     def __getattr__(self, name: str) -> Any:
-        if name in LeanBatch.COLUMNS:
-            self._batch.fill()
-            return object.__getattribute__(self, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name not in LeanBatch.COLUMNS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        batch = self._batch
+        if batch is None:  # filled already: a slot left unset is a real absence
+            raise AttributeError(name)
+        _, self.stream, self.version, self._meta_raw, self.timestamp = batch.row(self.position)
+        self._batch = None
+        return object.__getattribute__(self, name)
 
     @staticmethod
     def from_lean_rows(
-        rows: Iterable[Sequence[Any]],
+        rows: Sequence[Sequence[Any]],
         load: Callable[[int, int], Iterable[Sequence[Any]]],
     ) -> list[Recorded]:
-        """Records from ``(position, type, schema, data)`` rows; ``load(first, last)``
-        gives the missing columns of the positions between them."""
+        """Records from ``(position, type, schema, data)`` rows in position order;
+        ``load(first, last)`` gives the missing columns of the positions between them."""
+        if not rows:
+            return []
         new = LeanRecorded.__new__
         loads = orjson.loads
         versioned = registry.versioned
-        batch = LeanBatch(load)
-        out: list[LeanRecorded] = batch.records
+        batch = LeanBatch(load, rows[0][0], rows[-1][0])
+        out: list[Recorded] = []
         append = out.append
         for position, type_name, schema, data in rows:
             r = new(LeanRecorded)
@@ -492,48 +500,32 @@ class LeanRecorded(Recorded):
             r._event = None
             r._batch = batch
             append(r)
-        return out  # type: ignore[return-value]
+        return out
 
 
 class LeanBatch:
-    """The records of one lean read and how to fetch the columns they lack."""
+    """Where the records of one lean read find the columns they lack (loaded once)."""
 
     COLUMNS = frozenset({"stream", "version", "timestamp", "_meta_raw"})
 
-    __slots__ = ("_load", "records")
+    __slots__ = ("_load", "_rows", "first", "last")
 
-    def __init__(self, load: Callable[[int, int], Iterable[Sequence[Any]]]) -> None:
+    def __init__(
+        self, load: Callable[[int, int], Iterable[Sequence[Any]]], first: int, last: int
+    ) -> None:
         self._load = load
-        self.records: list[LeanRecorded] = []
+        self.first = first
+        self.last = last
+        self._rows: dict[int, Sequence[Any]] | None = None
 
-    def fill(self) -> None:
-        records = self.records
-        if not records:
-            return
-        by_position = {r.position: r for r in records}
-        for position, stream, version, meta, timestamp in self._load(
-            records[0].position, records[-1].position
-        ):
-            r = by_position.get(position)
-            if r is not None:
-                r.stream = stream
-                r.version = version
-                r._meta_raw = meta
-                r.timestamp = timestamp
-        missing = [r.position for r in records if not _has_stream(r)]
-        if missing:
-            raise EventError(
-                f"the log no longer holds positions {missing[:5]} of a batch read from it"
-            )
-        self.records = []  # filled: nothing more to load, nothing to keep alive
-
-
-def _has_stream(r: Recorded) -> bool:
-    try:
-        object.__getattribute__(r, "stream")
-    except AttributeError:
-        return False
-    return True
+    def row(self, position: int) -> Sequence[Any]:
+        rows = self._rows
+        if rows is None:
+            rows = self._rows = {r[0]: r for r in self._load(self.first, self.last)}
+        row = rows.get(position)
+        if row is None:
+            raise EventError(f"the log no longer holds position {position} of a batch read from it")
+        return row
 
 
 # -- the kernel's own events ------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import anyio
@@ -96,3 +97,21 @@ async def test_a_log_gone_under_a_lean_batch_is_a_clear_error(tmp_path: Path) ->
     path.unlink()
     with pytest.raises(StoreError, match=str(path.name)):
         r.stream  # noqa: B018
+
+
+async def test_a_kept_lean_record_keeps_no_other_record_alive(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    with anyio.fail_after(60):
+        await _log(path, 20)
+        store = SQLiteStore(path, readonly=True)
+        await store.open()
+        try:
+            batch = await store.read_lean()  # no column loaded yet
+        finally:
+            await store.close()
+    kept, other = batch[5], batch[9]
+    del batch
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o) is LeanRecorded]
+    assert sorted(r.position for r in alive) == [6, 10]
+    assert (kept.stream, kept.version, other.meta.id) == ("s-1", 2, other.meta.id)
