@@ -83,7 +83,7 @@ def _config(conn: sqlite3.Connection, path: str, value: int) -> int | None:
     setconfig = getattr(conn, "setconfig", None)
     if setconfig is not None:  # Python 3.12+
         if value >= 0:
-            return int(setconfig(ENABLE_TRIGGER, bool(value)))
+            setconfig(ENABLE_TRIGGER, bool(value))
         return int(conn.getconfig(ENABLE_TRIGGER))  # type: ignore[attr-defined]
     found = _handle(conn, path)
     if found is None:
