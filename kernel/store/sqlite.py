@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -216,6 +217,8 @@ class SQLiteStore:
         if index_every < 1:
             raise StoreError(f"index_every must be at least 1, not {index_every}")
         self.index_every = index_every
+        if not math.isfinite(inline_limit) or inline_limit < 0:
+            raise StoreError(f"inline_limit must be 0 or more seconds, not {inline_limit!r}")
         #: a lone append with nothing else ready commits in the event loop's thread
         #: while commits take less than this (seconds; 0: always the connection's thread)
         self.inline_limit = inline_limit

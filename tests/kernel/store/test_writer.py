@@ -374,3 +374,9 @@ async def test_a_slow_inline_commit_sends_the_next_ones_to_the_connections_threa
         finally:
             for store in (off, slow):
                 await store.close()
+
+
+@pytest.mark.parametrize("limit", [-1.0, float("nan"), float("inf")])
+def test_an_odd_inline_limit_is_refused_by_name(tmp_path: Path, limit: float) -> None:
+    with pytest.raises(StoreError, match="inline_limit"):
+        SQLiteStore(tmp_path / "log.db", inline_limit=limit)
