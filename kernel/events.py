@@ -29,6 +29,7 @@ __all__ = [
     "EventRegistry",
     "KernelStarted",
     "KernelStopped",
+    "LeanRecorded",
     "Meta",
     "NewEvent",
     "Recorded",
@@ -205,14 +206,28 @@ class Meta:
     boot: str | None = None
 
     def to_json(self) -> bytes:
+        """The stored form: the fields that are set (``from_json`` reads a missing one as
+        None; most events carry an id alone, and shorter rows are fewer pages to write)."""
+        if (
+            self.correlation_id is None
+            and self.causation_id is None
+            and self.actor is None
+            and self.node is None
+            and self.boot is None
+        ):
+            return orjson.dumps({"id": self.id})
         return orjson.dumps(
             {
-                "id": self.id,
-                "correlation_id": self.correlation_id,
-                "causation_id": self.causation_id,
-                "actor": self.actor,
-                "node": self.node,
-                "boot": self.boot,
+                key: value
+                for key, value in (
+                    ("id", self.id),
+                    ("correlation_id", self.correlation_id),
+                    ("causation_id", self.causation_id),
+                    ("actor", self.actor),
+                    ("node", self.node),
+                    ("boot", self.boot),
+                )
+                if value is not None
             }
         )
 
@@ -428,6 +443,89 @@ class Recorded:
             f"Recorded(position={self.position}, stream={self.stream!r}, "
             f"version={self.version}, type={self.type!r})"
         )
+
+
+class LeanRecorded(Recorded):
+    """A record of a replay batch built from ``(position, type, schema, data)`` alone.
+
+    Guarantee: it reads exactly as the :class:`Recorded` of the same row. Mechanism: a
+    fold mostly needs the type and data; the other columns (stream, version, metadata,
+    time) of the whole batch are fetched once, on the first access to any of them by any
+    record of the batch (``__getattr__`` runs only for a slot still unset), through the
+    ``load`` callable the store gives: it maps a range of positions to
+    ``(position, stream, version, meta, recorded_at)`` rows of the same, immutable, log.
+    The batch holds those rows, never the records: a record a projection keeps keeps
+    no other record alive.
+    """
+
+    __slots__ = ("_batch",)
+
+    _batch: LeanBatch | None
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in LeanBatch.COLUMNS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        batch = self._batch
+        if batch is None:  # filled already: a slot left unset is a real absence
+            raise AttributeError(name)
+        _, self.stream, self.version, self._meta_raw, self.timestamp = batch.row(self.position)
+        self._batch = None
+        return object.__getattribute__(self, name)
+
+    @staticmethod
+    def from_lean_rows(
+        rows: Sequence[Sequence[Any]],
+        load: Callable[[int, int], Iterable[Sequence[Any]]],
+    ) -> list[Recorded]:
+        """Records from ``(position, type, schema, data)`` rows in position order;
+        ``load(first, last)`` gives the missing columns of the positions between them."""
+        if not rows:
+            return []
+        new = LeanRecorded.__new__
+        loads = orjson.loads
+        versioned = registry.versioned
+        batch = LeanBatch(load, rows[0][0], rows[-1][0])
+        out: list[Recorded] = []
+        append = out.append
+        for position, type_name, schema, data in rows:
+            r = new(LeanRecorded)
+            r.position = position
+            r.type = type_name
+            r.schema = schema
+            if type_name in versioned:
+                r.data = registry.upcast(type_name, schema, loads(data))
+            else:
+                r.data = loads(data)
+            r._meta = None
+            r._event = None
+            r._batch = batch
+            append(r)
+        return out
+
+
+class LeanBatch:
+    """Where the records of one lean read find the columns they lack (loaded once)."""
+
+    COLUMNS = frozenset({"stream", "version", "timestamp", "_meta_raw"})
+
+    __slots__ = ("_load", "_rows", "first", "last")
+
+    def __init__(
+        self, load: Callable[[int, int], Iterable[Sequence[Any]]], first: int, last: int
+    ) -> None:
+        self._load = load
+        self.first = first
+        self.last = last
+        self._rows: dict[int, Sequence[Any]] | None = None
+
+    def row(self, position: int) -> Sequence[Any]:
+        rows = self._rows
+        if rows is None:
+            rows = self._rows = {r[0]: r for r in self._load(self.first, self.last)}
+        row = rows.get(position)
+        if row is None:
+            raise EventError(f"the log no longer holds position {position} of a batch read from it")
+        return row
 
 
 # -- the kernel's own events ------------------------------------------------------------

@@ -125,9 +125,14 @@ async def fold(
     fast = type(projection).apply is Projection.apply
     handlers = projection._handlers
 
+    # a store may offer a leaner read for folds (SQLite: records that fetch the columns
+    # a handler rarely needs only when asked)
+    read = getattr(store, "read_lean", None) or store.read
+
     async def bounded_read(after: int) -> tuple[int, list[Recorded]]:
         bound = await store.last_position()
-        return bound, await store.read(after=after, types=types, limit=batch_size)
+        batch: list[Recorded] = await read(after=after, types=types, limit=batch_size)
+        return bound, batch
 
     count = 0
     pending = asyncio.ensure_future(bounded_read(projection.position))

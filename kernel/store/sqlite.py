@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -29,7 +30,7 @@ from typing import Any, Final, Literal
 import aiosqlite
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
-from kernel.events import NewEvent, Recorded
+from kernel.events import LeanRecorded, NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_streams import (
@@ -39,7 +40,8 @@ from kernel.store.sqlite_streams import (
     stream_version_sql,
     unindexed_sql,
 )
-from kernel.store.sqlite_writer import COLUMNS, GroupCommitWriter
+from kernel.store.sqlite_trusted import skip_triggers
+from kernel.store.sqlite_writer import _ONE_TRIP, COLUMNS, GroupCommitWriter
 from kernel.store.tail import Tail
 
 __all__ = ["SQLiteStore", "Synchronous"]
@@ -199,6 +201,7 @@ class SQLiteStore:
         mark_interval: float = 1.0,
         poll_interval: float = 0.1,
         index_every: int = INDEX_EVERY,
+        inline_limit: float = 0.005,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -214,6 +217,11 @@ class SQLiteStore:
         if index_every < 1:
             raise StoreError(f"index_every must be at least 1, not {index_every}")
         self.index_every = index_every
+        if not math.isfinite(inline_limit) or inline_limit < 0:
+            raise StoreError(f"inline_limit must be 0 or more seconds, not {inline_limit!r}")
+        #: a lone append with nothing else ready commits in the event loop's thread
+        #: while commits take less than this (seconds; 0: always the connection's thread)
+        self.inline_limit = inline_limit
         #: the log's format (see FORMAT); known once open
         self.format = FORMAT
         self.files = LogFiles(self.path, evidence)
@@ -229,6 +237,9 @@ class SQLiteStore:
         self._lock_fd: int | None = None
         self._last = 0
         self._open = False
+        #: whether the writer's own inserts go through the append-only triggers (True
+        #: only where this interpreter cannot turn them off; see sqlite_trusted.py)
+        self.writer_checked_by_triggers = True
 
     # -- opening and closing -------------------------------------------------------
 
@@ -267,6 +278,7 @@ class SQLiteStore:
                 self.max_batch,
                 unindexed=unindexed,
                 index_every=self.index_every,
+                inline_limit=self.inline_limit,
             )
             self._writer.start()
             self._marker = asyncio.create_task(self._mark_loop(), name="xcore-store-mark")
@@ -314,6 +326,7 @@ class SQLiteStore:
         in_file = await asyncio.to_thread(self._last_in_main_file) if unclean else None
         self._write_conn = await self._connect(readonly=False)
         await self._create_schema(self._write_conn)
+        self.writer_checked_by_triggers = not await self._skip_triggers(self._write_conn)
         self._reader = await self._connect(readonly=True)
         self._last = await self._query_last_position(self._reader)
         if mark is not None and self._last < mark.position:
@@ -348,6 +361,14 @@ class SQLiteStore:
                 kept or "(none: there was no WAL)",
             )
         await asyncio.to_thread(files.write_mark, self._last, clean=False)
+
+    async def _skip_triggers(self, conn: aiosqlite.Connection) -> bool:
+        """Run the writer's connection without the append-only triggers (see
+        ``sqlite_trusted.py``); False when they stay on."""
+        if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
+            return False
+        done: bool = await conn._execute(skip_triggers, conn._conn, str(self.path))  # type: ignore[no-untyped-call]
+        return done
 
     def _last_in_main_file(self) -> int:
         """The last position held by the main file alone (the WAL not applied)."""
@@ -678,6 +699,56 @@ class SQLiteStore:
                 sql += " LIMIT ?"
                 params.append(limit)
         return Recorded.from_rows(await self._query(sql, params))
+
+    async def read_lean(
+        self,
+        *,
+        after: int = 0,
+        types: Collection[str] | None = None,
+        limit: int | None = None,
+    ) -> list[Recorded]:
+        """As :meth:`read` (no stream filter), for a fold: only ``position, type, schema,
+        data`` are fetched; a record's stream, version, metadata and time are fetched
+        for its whole batch on first access (:class:`~kernel.events.LeanRecorded`)."""
+        self._check_open()
+        check_limit(limit)
+        types = check_types(types)
+        if not self.readonly:
+            cached = self._tail.read(after, types, None, limit)
+            if cached is not None:
+                return cached
+        if types is not None and not types:
+            return []
+        await self._refresh_reader()
+        sql = "SELECT position, type, schema, data FROM events WHERE position > ?"
+        params: list[Any] = [after]
+        if types is not None:
+            sql += f" AND type IN ({','.join('?' * len(types))})"
+            params.extend(types)
+        sql += " ORDER BY position"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return LeanRecorded.from_lean_rows(await self._query(sql, params), self._load_columns)
+
+    def _load_columns(self, first: int, last: int) -> list[Any]:
+        """The columns a lean batch lacks, for positions ``first`` to ``last``: one short
+        read-only connection of its own (the batch may be read after the store closed;
+        the rows it names never change)."""
+        immutable = self.files.size(self.files.wal) < 0
+        conn = sqlite3.connect(
+            f"{_uri(self.path)}?{'immutable=1' if immutable else 'mode=ro'}", uri=True
+        )
+        try:
+            return conn.execute(
+                "SELECT position, stream, version, meta, recorded_at FROM events"
+                " WHERE position BETWEEN ? AND ?",
+                (first, last),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: read failed: {exc}") from exc
+        finally:
+            conn.close()
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """One read in one trip to the reader's thread (no cursor left open: an open

@@ -22,6 +22,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from kernel.store.sqlite_streams import (
     stream_version_sql,
     unindexed_sql,
 )
-from kernel.store.tail import Row, Tail
+from kernel.store.tail import Tail
 from kernel.store.writes import Append as _Append
 from kernel.store.writes import Op as _Op
 from kernel.store.writes import Put as _Put
@@ -48,8 +49,9 @@ __all__ = ["COLUMNS", "GroupCommitWriter"]
 log = logging.getLogger("xcore.store")
 
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
+#: ``recorded_at`` before ``id``: a row's first 8 values are the tail's row.
 _INSERT_HEAD = (
-    "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
+    "INSERT INTO events (position, stream, version, type, schema, data, meta, recorded_at, id)"
     " VALUES "
 )
 INSERT = _INSERT_HEAD + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -57,6 +59,9 @@ INSERT = _INSERT_HEAD + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 #: (9 parameters a row, far under SQLite's limit of 32,766).
 _CHUNK = 256
 _INSERTS: dict[int, str] = {}
+#: After a commit in the loop's thread took longer than the writer's ``inline_limit``,
+#: commits go through the connection's thread for this many seconds.
+_INLINE_PAUSE = 2.0
 
 
 def _insert_sql(rows: int) -> str:
@@ -81,7 +86,7 @@ def _write(
     """Insert the batch and commit, in the connection's own thread."""
     for i in range(0, len(rows), _CHUNK):
         chunk = rows[i : i + _CHUNK]
-        conn.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
+        conn.execute(_insert_sql(len(chunk)), list(chain.from_iterable(chunk)))
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
@@ -100,6 +105,7 @@ class GroupCommitWriter:
         *,
         unindexed: Sequence[IndexRow] = (),
         index_every: int = INDEX_EVERY,
+        inline_limit: float = 0.005,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -119,6 +125,20 @@ class GroupCommitWriter:
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        #: a lone write commits in the loop's thread while commits take less (seconds)
+        self.inline_limit = inline_limit
+        self._inline_after = 0.0
+        self._ready: deque[Any] | None = None
+
+    def _may_inline(self) -> bool:
+        """Whether a lone write may commit in the event loop's own thread: only when no
+        other task or callback is ready to run (blocking the loop then delays no one
+        already waiting) and no commit inline took longer than ``inline_limit`` seconds
+        in the last ``_INLINE_PAUSE`` seconds (a slow disk goes back to the thread, so
+        the loop stays free while it syncs). ``inline_limit`` 0 turns it off."""
+        if self.inline_limit <= 0 or self._ready is None or self._ready:
+            return False
+        return time.monotonic() >= self._inline_after
 
     @property
     def running(self) -> bool:
@@ -187,6 +207,12 @@ class GroupCommitWriter:
     async def _write_loop(self) -> None:
         queue = self._queue
         loop = asyncio.get_running_loop()
+        # the loop's ready callbacks (asyncio's own loop; None under another loop,
+        # which then always yields a few times)
+        ready = getattr(loop, "_ready", None)
+        if not isinstance(ready, deque):
+            ready = None
+        self._ready = ready
         while True:
             if not queue:
                 self._wakeup = loop.create_future()
@@ -201,10 +227,11 @@ class GroupCommitWriter:
                 op.future.set_result(None)
                 return
             # Let every producer that is ready run first, so they join this batch
-            # rather than each waking the writer for a batch of its own.
+            # rather than each waking the writer for a batch of its own. When nothing
+            # else is ready to run (a lone producer), no one can join: go at once.
             before = -1
             for _ in range(8):
-                if len(queue) == before:
+                if len(queue) == before or (ready is not None and not ready):
                     break
                 before = len(queue)
                 await asyncio.sleep(0)
@@ -294,50 +321,63 @@ class GroupCommitWriter:
         position = self.last
         touched: dict[str, int] = {}
         rows: list[tuple[Any, ...]] = []
-        tail: list[Row] = []
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
+        versions = self.versions
+        record = Recorded.of
         for o in appends:
-            fresh: list[NewEvent] = []
-            seen: set[str] = set()
-            for e in o.events:
-                if (
-                    e.meta.id not in existing
-                    and e.meta.id not in in_batch
-                    and e.meta.id not in seen
-                ):
-                    seen.add(e.meta.id)
-                    fresh.append(e)
-            if not fresh:
-                o.existing = [e.meta.id for e in o.events]
-                continue
-            current = touched.get(o.stream)
+            stream = o.stream
+            events = o.events
+            ids: Sequence[str]
+            if len(events) == 1:  # the common case: no set to build
+                eid = events[0].meta.id
+                if eid in existing or eid in in_batch:
+                    o.existing = [eid]
+                    continue
+                fresh: Sequence[NewEvent] = events
+                ids = (eid,)
+            else:
+                kept: list[NewEvent] = []
+                seen: set[str] = set()
+                for e in events:
+                    eid = e.meta.id
+                    if eid not in existing and eid not in in_batch and eid not in seen:
+                        seen.add(eid)
+                        kept.append(e)
+                if not kept:
+                    o.existing = [e.meta.id for e in events]
+                    continue
+                fresh, ids = kept, list(seen)
+            current = touched.get(stream)
             if current is None:
-                current = await self._stream_version(o.stream)
+                current = versions.get(stream)
+                if current is None:
+                    current = await self._stream_version(stream)
             if o.expected is not ANY and o.expected != current:
                 failures.append(
-                    (o, ConcurrencyError(o.stream, describe_expected(o.expected), current))
+                    (o, ConcurrencyError(stream, describe_expected(o.expected), current))
                 )
                 continue
             records: list[Recorded] = []
             op_rows: list[tuple[Any, ...]] = []
+            p, v = position, current
             try:
                 for e in fresh:
-                    meta = e.meta.to_json()
-                    row = (position + 1 + len(op_rows), o.stream, current + 1 + len(op_rows))
+                    p += 1
+                    v += 1
+                    meta = e.meta
                     # decoding the payload checks it is JSON before it joins the batch
-                    records.append(Recorded.of(row[0], o.stream, row[2], e, now))
-                    op_rows.append((*row, e.type, e.schema, e.data, meta, e.meta.id, now))
+                    records.append(record(p, stream, v, e, now))
+                    op_rows.append(
+                        (p, stream, v, e.type, e.schema, e.data, meta.to_json(), now, meta.id)
+                    )
             except Exception as exc:
                 failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
                 continue
-            in_batch |= seen
-            position += len(op_rows)
-            current += len(op_rows)
+            in_batch.update(ids)
+            position, touched[stream] = p, v
             rows.extend(op_rows)
-            tail.extend((r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[8]) for r in op_rows)
-            touched[o.stream] = current
             results.append((o, records))
 
         if any(isinstance(f, ConcurrencyError) for _, f in failures) and await self._resync():
@@ -351,7 +391,14 @@ class GroupCommitWriter:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
                     statements += index_statements([*self.unindexed, *fresh_index], position)
-                if _ONE_TRIP:
+                if _ONE_TRIP and len(batch) == 1 and self._may_inline():
+                    # a lone write with nothing else ready to run: commit here, saving
+                    # the hop to the connection's thread and back (see _may_inline)
+                    started = time.perf_counter()
+                    _write(conn._conn, rows, statements)
+                    if time.perf_counter() - started > self.inline_limit:
+                        self._inline_after = time.monotonic() + _INLINE_PAUSE
+                elif _ONE_TRIP:
                     # one trip to the connection's thread for the whole transaction
                     await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
                 else:  # pragma: no cover - an aiosqlite without its private runner
@@ -388,17 +435,18 @@ class GroupCommitWriter:
             self.unindexed = []
         else:
             self.unindexed.extend(fresh_index)
-        if tail:
-            self._tail.push(tail)
+        if rows:
+            # the stored row without its id (the INSERT lists recorded_at before id)
+            self._tail.push([r[:8] for r in rows])
         for o, records in results:
             if not o.future.done():
                 o.future.set_result(records)
         for o, failure in failures:
             if not o.future.done():
                 o.future.set_exception(failure)
-        for p in puts:
-            if not p.future.done():
-                p.future.set_result(None)
+        for put in puts:
+            if not put.future.done():
+                put.future.set_result(None)
         for a in appends:
             if a.existing is not None and not a.future.done():
                 try:

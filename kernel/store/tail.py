@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from kernel.events import Recorded
@@ -45,16 +45,16 @@ class Tail:
         self.bytes = 0
         self.last_position = last_position
 
-    def push(self, rows: Iterable[Row]) -> None:
+    def push(self, rows: Sequence[Row]) -> None:
         """Add freshly committed rows (in position order) and wake every waiter."""
-        held = self._rows
-        for row in rows:
-            held.append(row)
-            self.bytes += len(row[5]) + len(row[6])
-            self.last_position = row[0]
-        while held and (len(held) > self.size or self.bytes > self.max_bytes):
-            old = held.popleft()
-            self.bytes -= len(old[5]) + len(old[6])
+        if rows:
+            held = self._rows
+            held.extend(rows)
+            self.bytes += sum([len(row[5]) + len(row[6]) for row in rows])
+            self.last_position = rows[-1][0]
+            while held and (len(held) > self.size or self.bytes > self.max_bytes):
+                old = held.popleft()
+                self.bytes -= len(old[5]) + len(old[6])
         self._wake()
 
     def close(self) -> None:

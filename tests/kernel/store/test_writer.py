@@ -41,9 +41,42 @@ async def test_the_write_connection_syncs_fully_by_default(store: SQLiteStore) -
     assert mode is not None and mode[0] == "wal"
 
 
-async def test_an_append_is_answered_only_after_its_commit(store: SQLiteStore) -> None:
+async def test_an_append_is_answered_only_after_its_commit(tmp_path: Path) -> None:
     """The commit is held in the connection's thread: while it is held, the appender
     must still be waiting; it is answered once the commit went through."""
+    store = SQLiteStore(tmp_path / "log.db", inline_limit=0)  # commits in the thread
+    await store.open()
+    try:
+        await _answered_after_commit(store)
+    finally:
+        await store.close()
+
+
+async def test_a_lone_append_committed_inline_is_answered_after_its_commit(
+    store: SQLiteStore,
+) -> None:
+    """Committed in the loop's own thread, the append is still waiting at its commit."""
+    assert store._write_conn is not None
+    seen: list[bool] = []
+    tasks: list[asyncio.Task[object]] = []
+
+    def trace(statement: str) -> None:
+        if statement.strip().upper().startswith("COMMIT"):
+            seen.append(threading.get_ident() == loop_thread and not tasks[0].done())
+
+    loop_thread = threading.get_ident()
+    await store._write_conn.set_trace_callback(trace)
+    try:
+        tasks.append(asyncio.create_task(store.append([ev(1)], stream="s")))
+        with anyio.fail_after(20):
+            [r] = await tasks[0]  # type: ignore[misc]
+    finally:
+        await store._write_conn.set_trace_callback(None)
+    assert seen == [True]
+    assert r.position == 1
+
+
+async def _answered_after_commit(store: SQLiteStore) -> None:
     assert store._write_conn is not None
     in_commit = threading.Event()
     release = threading.Event()
@@ -291,3 +324,59 @@ async def test_reads_racing_close_get_store_closed_and_the_close_stays_clean(
         assert not (tmp_path / "log.db-wal.unclean").exists()
     finally:
         await reopened.close()
+
+
+async def _statement_threads(store: SQLiteStore, producers: int) -> set[int]:
+    """The threads that ran the writer's INSERTs while ``producers`` appended at once."""
+    assert store._write_conn is not None
+    threads: set[int] = set()
+
+    def trace(sql: str) -> None:
+        if sql.startswith("INSERT INTO events"):
+            threads.add(threading.get_ident())
+
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
+    try:
+        await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(producers)))
+    finally:
+        await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    return threads
+
+
+async def test_a_lone_append_commits_in_the_loops_thread_a_batch_in_the_connections(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            assert await _statement_threads(store, 1) == {threading.get_ident()}
+            many = await _statement_threads(store, 50)
+            assert many and threading.get_ident() not in many
+            assert [r.position for r in await store.read()] == list(range(1, 52))
+        finally:
+            await store.close()
+
+
+async def test_a_slow_inline_commit_sends_the_next_ones_to_the_connections_thread(
+    tmp_path: Path,
+) -> None:
+    off = SQLiteStore(tmp_path / "off.db", inline_limit=0)
+    slow = SQLiteStore(tmp_path / "slow.db", inline_limit=1e-9)  # every commit is "slow"
+    with anyio.fail_after(30):
+        for store in (off, slow):
+            await store.open()
+        try:
+            assert threading.get_ident() not in await _statement_threads(off, 1)
+            assert await _statement_threads(slow, 1) == {threading.get_ident()}
+            assert threading.get_ident() not in await _statement_threads(slow, 1)
+        finally:
+            for store in (off, slow):
+                await store.close()
+
+
+@pytest.mark.parametrize("limit", [-1.0, float("nan"), float("inf")])
+def test_an_odd_inline_limit_is_refused_by_name(tmp_path: Path, limit: float) -> None:
+    with pytest.raises(StoreError, match="inline_limit"):
+        SQLiteStore(tmp_path / "log.db", inline_limit=limit)
