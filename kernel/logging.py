@@ -87,16 +87,34 @@ def _scrub(text: str) -> str:
     return text
 
 
+#: Control characters (and Unicode line breaks) shown escaped in a text log line, so a
+#: value from outside (a plugin folder named ``"x\nERROR forged"``, a header, a task
+#: argument) can never start a line of its own.
+_ESCAPES = {
+    **{c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, 0x85] if c != 0x09},
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record (its message and extras escaped), then any traceback as
+    Python prints it (the JSON format is the one to parse: every value is quoted there)."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
         extras = {k: v for k, v in vars(record).items() if k not in _STANDARD}
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in sorted(extras.items()))
-        return _scrub(line)
+        return line.translate(_ESCAPES)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _scrub(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):

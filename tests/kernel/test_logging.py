@@ -71,3 +71,28 @@ def test_a_closed_stdout_does_not_crash(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60)
     assert b"alive" in proc.stderr
     assert b"logging to" in proc.stderr  # the broken stream is reported once
+
+
+def test_a_value_from_outside_cannot_start_a_text_line_of_its_own() -> None:
+    import logging
+
+    from kernel.logging import TextFormatter
+
+    forged = "bad\nname\r\n2026-01-01 00:00:00,000 ERROR   xcore.kernel: forged\x1b[2J\u2028"
+    record = logging.LogRecord(
+        "xcore.loader", logging.WARNING, __file__, 1, "plugin %r failed: %s", (forged, forged), None
+    )
+    record.plugin = forged
+    line = TextFormatter().format(record)
+    assert len(line.splitlines()) == 1
+    assert "\x1b" not in line and "\\x1b[2J" in line and "\\u2028" in line
+    assert "bad\\nname" in line  # the message's own escape (%r) and the bare one alike
+    # a traceback keeps its lines, after the one line of the record
+    try:
+        raise ValueError(forged)
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    record.exc_text = None
+    lines = TextFormatter().format(record).splitlines()
+    assert lines[0] == line
+    assert lines[1] == "Traceback (most recent call last):"
