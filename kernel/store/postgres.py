@@ -114,6 +114,10 @@ UPSERT_SNAPSHOT = (
 )
 
 
+#: A query refused for what it was given (not for its connection).
+REFUSED: Final = (asyncpg.PostgresError, asyncpg.DataError, ValueError, UnicodeError)
+
+
 def redact_dsn(dsn: str) -> str:
     """``dsn`` without its password, for messages and logs."""
     if "://" in dsn:
@@ -508,11 +512,20 @@ class PostgresStore:
         while self._version_wanted:
             wanted, self._version_wanted = self._version_wanted, {}
             try:
-                rows = await self._fetch(
-                    "SELECT stream, MAX(version) FROM events WHERE stream = ANY($1::text[])"
-                    " GROUP BY stream",
-                    list(wanted),
-                )
+                try:
+                    found = await self._versions(list(wanted))
+                except REFUSED:
+                    # refused for a stream name (a NUL byte...): each alone, so only its
+                    # callers fail
+                    found = {}
+                    for stream, futures in wanted.items():
+                        try:
+                            found.update(await self._versions([stream]))
+                        except REFUSED as e:
+                            refused = StoreError(f"{self.location}: stream {stream!r}: {e}")
+                            for f in futures:
+                                if not f.done():
+                                    f.set_exception(refused)
             except BaseException as exc:
                 error = (
                     exc
@@ -526,11 +539,18 @@ class PostgresStore:
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            found = {stream: int(version) for stream, version in rows}
             for stream, futures in wanted.items():
                 for f in futures:
                     if not f.done():
                         f.set_result(found.get(stream, 0))
+
+    async def _versions(self, streams: list[str]) -> dict[str, int]:
+        rows = await self._fetch(
+            "SELECT stream, MAX(version) FROM events WHERE stream = ANY($1::text[])"
+            " GROUP BY stream",
+            streams,
+        )
+        return {stream: int(version) for stream, version in rows}
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         self._check_open()

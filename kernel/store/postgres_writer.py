@@ -59,7 +59,8 @@ CONNECTION_ERRORS: Final = (
 #: The writer only looks rows up by index (ids, stream versions, the last position); a
 #: log that grew since its statistics were taken must not make it scan the whole table.
 #: Ordered commits need each statement after the lock to see every earlier commit: READ
-#: COMMITTED, whatever the server's default isolation is.
+#: COMMITTED, whatever the server's or role's default isolation is (under a stricter one
+#: a batch that waited for the lock reads a stale last position: refused, run again).
 WRITER_SETTINGS: Final = {
     "enable_seqscan": "off",
     "default_transaction_isolation": "read committed",

@@ -17,10 +17,20 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["FileRefused", "kind", "printable", "read_limited", "regular_files"]
+__all__ = [
+    "MAX_DEPTH",
+    "FileRefused",
+    "kind",
+    "printable",
+    "read_limited",
+    "regular_files",
+    "too_deep",
+]
 
 #: Largest plugin source, manifest or config file the loader reads (bytes).
 DEFAULT_LIMIT = 8 * 1024 * 1024
+#: Deepest folder of a plugin that is walked (levels below the plugin's folder).
+MAX_DEPTH = 64
 
 
 class FileRefused(Exception):
@@ -83,24 +93,49 @@ def read_limited(path: Path, limit: int = DEFAULT_LIMIT) -> bytes:
 def regular_files(folder: Path, skip: tuple[str, ...] = ()) -> tuple[list[Path], list[Path]]:
     """``(regular files, other entries)`` under ``folder``, hidden ones and ``skip`` left out.
 
-    Nothing is opened; links are not followed (a link counts among the others).
+    Nothing is opened; links are not followed (a link counts among the others), and a
+    folder more than :data:`MAX_DEPTH` levels down is not entered (it counts among the
+    others too: see :func:`too_deep`). The walk keeps its own stack, so no depth of
+    folders can exhaust the interpreter's recursion limit.
     """
     files: list[Path] = []
     others: list[Path] = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
-        base = Path(root)
-        for d in list(dirs):
-            if os.path.islink(base / d):
-                others.append(base / d)
-                dirs.remove(d)
-        for n in names:
-            if n.endswith((".pyc", ".pyo")) or n in skip:
-                continue
+    stack: list[tuple[Path, int]] = [(folder, 0)]
+    while stack:
+        base, depth = stack.pop()
+        try:
+            with os.scandir(base) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # vanished or unreadable: what reads it next reports it
+        subfolders: list[Path] = []
+        for entry in entries:
+            n = entry.name
             path = base / n
             try:
-                mode = os.lstat(path).st_mode
+                mode = entry.stat(follow_symlinks=False).st_mode
             except OSError:
                 continue
-            (files if stat.S_ISREG(mode) else others).append(path)
+            if stat.S_ISDIR(mode):
+                if n in skip or n.startswith("."):
+                    continue
+                if depth + 1 > MAX_DEPTH:
+                    others.append(path)
+                else:
+                    subfolders.append(path)
+            elif n.endswith((".pyc", ".pyo")) or n in skip:
+                continue
+            else:
+                (files if stat.S_ISREG(mode) else others).append(path)
+        stack.extend((sub, depth + 1) for sub in reversed(subfolders))
     return files, others
+
+
+def too_deep(folder: Path, path: Path) -> bool:
+    """Whether ``path`` (an entry :func:`regular_files` put aside) is a folder too deep."""
+    try:
+        return (
+            stat.S_ISDIR(os.lstat(path).st_mode) and len(path.relative_to(folder).parts) > MAX_DEPTH
+        )
+    except (OSError, ValueError):
+        return False

@@ -19,6 +19,8 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import inspect
+import os
+import stat
 import sys
 import threading
 from collections.abc import Collection, Iterator, Sequence
@@ -33,10 +35,11 @@ from pydantic import BaseModel
 from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
 
-from .files import FileRefused, read_limited, regular_files
+from .files import FileRefused, kind, read_limited, regular_files
 from .source import compile_source, parse_source
 
 __all__ = [
+    "MAX_IMPORT_DEPTH",
     "ROOT_PACKAGE",
     "ImportedPlugin",
     "PluginImportError",
@@ -63,6 +66,13 @@ def module_name(plugin: str) -> str:
     return f"{ROOT_PACKAGE}.{plugin}"
 
 
+#: Deepest chain of plugin modules importing one another (``a`` imports ``b`` at its top,
+#: which imports ``c``...). Each level costs the thread's C stack: with a raised
+#: recursion limit, 5,000 levels crashed the process instead of raising RecursionError.
+MAX_IMPORT_DEPTH = 100
+_nested = threading.local()
+
+
 class _SourceLoader(importlib.abc.Loader):
     """Executes a plugin source file, compiled from the file itself (no bytecode cache)."""
 
@@ -77,10 +87,25 @@ class _SourceLoader(importlib.abc.Loader):
             return
         source = read_limited(self.path)
         code = compile_source(source, str(self.path))
-        exec(code, module.__dict__)
+        depth = getattr(_nested, "depth", 0)
+        if depth >= MAX_IMPORT_DEPTH:
+            raise ImportError(
+                f"{module.__name__}: plugin modules import one another more than "
+                f"{MAX_IMPORT_DEPTH} levels deep (the loader's limit)"
+            )
+        _nested.depth = depth + 1
+        try:
+            exec(code, module.__dict__)
+        finally:
+            _nested.depth = depth
 
     def get_source(self, fullname: str) -> str | None:
-        return None if self.path is None else self.path.read_text(encoding="utf-8")
+        if self.path is None:
+            return None
+        try:  # for tracebacks: the file may since be a FIFO, a link or huge
+            return read_limited(self.path).decode("utf-8", "replace")
+        except (OSError, FileRefused):
+            return None
 
 
 class _PluginFinder(importlib.abc.MetaPathFinder):
@@ -102,25 +127,46 @@ class _PluginFinder(importlib.abc.MetaPathFinder):
         if root is None:
             return None
         base = root.joinpath(*parts[2:])
-        if len(parts) == 2 or base.is_dir():
+        rel = "/".join(parts[2:])
+        # lstat, never stat: a link (to a folder or file outside the plugin, which neither
+        # the watcher nor the digest sees) or a special file is refused, naming it
+        mode = _mode(base) if len(parts) > 2 else stat.S_IFDIR
+        if mode is not None and stat.S_ISLNK(mode):
+            raise ImportError(f"{rel} is a symbolic link; a plugin's modules live in its folder")
+        if mode is not None and stat.S_ISDIR(mode):
             init = base / "__init__.py"
-            if len(parts) > 2 and not init.is_file():
+            init_mode = _mode(init)
+            if init_mode is not None and not stat.S_ISREG(init_mode):
+                where = f"{rel}/__init__.py" if rel else "__init__.py"
+                raise ImportError(f"{where} is {kind(init_mode)}; only regular files are read")
+            has_init = init_mode is not None
+            if len(parts) > 2 and not has_init:
                 return None
             spec = importlib.machinery.ModuleSpec(
                 fullname,
-                _SourceLoader(init if init.is_file() else None),
-                origin=str(init) if init.is_file() else str(base),
+                _SourceLoader(init if has_init else None),
+                origin=str(init) if has_init else str(base),
                 is_package=True,
             )
             spec.submodule_search_locations = [str(base)]
-            spec.has_location = init.is_file()
+            spec.has_location = has_init
             return spec
         file = base.with_name(base.name + ".py")
-        if not file.is_file():
+        file_mode = _mode(file)
+        if file_mode is None:
             return None
+        if not stat.S_ISREG(file_mode):
+            raise ImportError(f"{rel}.py is {kind(file_mode)}; only regular files are read")
         spec = importlib.machinery.ModuleSpec(fullname, _SourceLoader(file), origin=str(file))
         spec.has_location = True
         return spec
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 _finder = _PluginFinder()
@@ -197,7 +243,7 @@ def import_plugin(
     importlib.import_module(base)
     run = importlib.import_module(base + ".run")
     router_module = (
-        importlib.import_module(base + ".router") if (folder / "router.py").is_file() else None
+        importlib.import_module(base + ".router") if _present(folder, "router.py") else None
     )
     config_model = _config_model(plugin, run, folder, base)
     router, prefix, routes = None, None, []
@@ -333,10 +379,25 @@ def check_stray_modules(plugin: str, plugins_root: Path) -> None:
             )
 
 
+def _present(folder: Path, name: str) -> bool:
+    """Whether the plugin has the file ``name``: refused when it is not a regular file.
+
+    (``Path.is_file`` is False for a FIFO and follows a link: a ``router.py`` FIFO made
+    a plugin load without its routes, and nothing said why.)
+    """
+    try:
+        mode = os.lstat(folder / name).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise PluginImportError(f"{name} is {kind(mode)}; only regular files are read", name)
+    return True
+
+
 def _config_model(plugin: str, run: ModuleType, folder: Path, base: str) -> type[BaseModel] | None:
     model = getattr(run, "Config", None)
     where = "run.py"
-    if model is None and (folder / "config.py").is_file():
+    if model is None and _present(folder, "config.py"):
         model = getattr(importlib.import_module(base + ".config"), "Config", None)
         where = "config.py"
     if model is None:

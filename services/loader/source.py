@@ -6,9 +6,13 @@ and the line, whatever the interpreter's recursion limit is (a host application,
 test library or a debugger may raise it, and CPython's compiler then recurses as deep
 as the file asks, up to overflowing the C stack of the loader's thread).
 
+The same holds for what the import system would recurse on: a module name of more
+than :data:`MAX_DOTTED_PARTS` parts in an ``import`` is refused (importlib recurses once
+per part), and :mod:`.importer` bounds how deep plugin modules import one another.
+
 Mechanism: ``ast.parse`` (CPython's parser has a fixed stack bound of its own and
 raises ``MemoryError``/``SyntaxError`` past it), then an iterative walk measuring the
-depth, then ``compile`` of the checked tree.
+depth and the imported names, then ``compile`` of the checked tree.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from __future__ import annotations
 import ast
 from types import CodeType
 
-__all__ = ["MAX_NESTING", "SourceTooDeep", "compile_source", "nesting", "parse_source"]
+__all__ = [
+    "MAX_DOTTED_PARTS",
+    "MAX_NESTING",
+    "SourceTooDeep",
+    "compile_source",
+    "nesting",
+    "parse_source",
+]
 
 #: Deepest syntax tree accepted in a plugin file. Hand-written code stays far below
 #: (a chain ``a + b + ...`` counts one level per operand); CPython compiles 1,000 levels
@@ -24,12 +35,18 @@ __all__ = ["MAX_NESTING", "SourceTooDeep", "compile_source", "nesting", "parse_s
 MAX_NESTING = 1_000
 
 
+#: Most dotted parts in a module name a plugin file imports (``from .a.b.c import x``):
+#: importlib recurses once per part before it looks for any of them.
+MAX_DOTTED_PARTS = 64
+
+
 class SourceTooDeep(ValueError):
     """A plugin file nested deeper than the loader accepts."""
 
-    def __init__(self, line: int | None) -> None:
+    def __init__(self, line: int | None, what: str | None = None) -> None:
         where = f"line {line}: " if line else ""
-        super().__init__(f"{where}nested more than {MAX_NESTING} levels deep (the loader's limit)")
+        what = what or f"nested more than {MAX_NESTING} levels deep (the loader's limit)"
+        super().__init__(f"{where}{what}")
         self.lineno = line
 
 
@@ -54,6 +71,21 @@ def parse_source(source: bytes | str, filename: str) -> ast.Module:
     depth, line = nesting(tree)
     if depth > MAX_NESTING:
         raise SourceTooDeep(line)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            parts = name.count(".") + 1
+            if parts > MAX_DOTTED_PARTS:
+                raise SourceTooDeep(
+                    node.lineno,
+                    f"imports a module name of {parts} dotted parts, more than the "
+                    f"loader's limit of {MAX_DOTTED_PARTS}",
+                )
     return tree
 
 

@@ -14,7 +14,7 @@ import anyio
 import asyncpg
 import pytest
 
-from kernel.errors import ConcurrencyError
+from kernel.errors import ConcurrencyError, StoreError
 from kernel.events import Meta, NewEvent
 from kernel.store.postgres import PostgresStore
 from kernel.store.postgres_writer import APPEND_FUNCTION_NAME
@@ -269,3 +269,83 @@ async def test_concurrent_version_reads_share_one_query(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_version_read_the_server_refuses_fails_alone(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        with anyio.fail_after(60):
+            await store.append([raw(1)], stream="good")
+            got: dict[str, object] = {}
+
+            async def read(stream: str) -> None:
+                try:
+                    got[stream] = await store.stream_version(stream)
+                except StoreError as exc:
+                    got[stream] = exc
+
+            # one query for the three; PostgreSQL text cannot hold a NUL byte
+            async with anyio.create_task_group() as tg:
+                for stream in ("good", "bad\x00stream", "none"):
+                    tg.start_soon(read, stream)
+            assert got["good"] == 1 and got["none"] == 0
+            assert isinstance(got["bad\x00stream"], StoreError)
+            assert "bad\\x00stream" in str(got["bad\x00stream"])
+            assert await store.stream_version("good") == 1  # and the reader goes on
+    finally:
+        await store.close()
+
+
+async def test_ordered_commits_hold_under_a_stricter_default_isolation(pg_dsn: str) -> None:
+    """Under a REPEATABLE READ or SERIALIZABLE default (server or role), a batch's snapshot
+    would be taken before the ordering lock is held, and miss the commit it waited for:
+    the writer runs at READ COMMITTED."""
+    schema = pg_dsn.rsplit("search_path=", 1)[1]
+    role = f"s_{schema}"
+    admin = await asyncpg.connect(pg_dsn)
+    store: PostgresStore | None = None
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'strict-pw-123'")
+        await admin.execute(f"GRANT ALL ON SCHEMA {schema} TO {role}")
+        await admin.execute(f"ALTER ROLE {role} SET default_transaction_isolation = 'serializable'")
+        parts = urlsplit(pg_dsn)
+        host = parts.netloc.rpartition("@")[2]
+        store = PostgresStore(urlunsplit(parts._replace(netloc=f"{role}:strict-pw-123@{host}")))
+        await store.open()
+        with anyio.fail_after(60):
+            await store.append([raw(0)], stream="warm")
+            spy = Statements(store)
+            # another writer holds the ordering lock while this node's batch is sent
+            tx = admin.transaction()
+            await tx.start()
+            await admin.execute("SELECT pg_advisory_xact_lock($1)", store.lock_key)
+            async with anyio.create_task_group() as tg:
+                got: list[Any] = []
+
+                async def append() -> None:
+                    got.extend(await store.append([raw(2)], stream="s"))  # type: ignore[union-attr]
+
+                tg.start_soon(append)
+                while not await admin.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                ):
+                    await anyio.sleep(0.01)
+                # ... and commits a row before releasing it
+                await admin.execute(
+                    "INSERT INTO events (position, stream, version, type, schema, data, meta,"
+                    " id, recorded_at) VALUES (2, 'other', 1, 'Noted', 1, '{}', $1, 'x1', 0)",
+                    Meta().to_json(),
+                )
+                await tx.commit()
+            spy.close()
+            assert [(r.position, r.version) for r in got] == [(3, 1)]
+            # in its one statement: not refused (a duplicate position, from a snapshot
+            # older than the lock) and run again
+            assert len(spy.sent) == 1, spy.sent
+    finally:
+        if store is not None:
+            await store.close()
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()

@@ -107,7 +107,7 @@ def test_bad_archives_change_nothing(
 
 def test_too_many_files(tmp_path: Path, plugins: Path) -> None:
     members = {"arch/run.py": RUN, **{f"arch/f{i}.txt": b"" for i in range(60)}}
-    with pytest.raises(installer.InstallError, match="exceed the limit of 50"):
+    with pytest.raises(installer.InstallError, match="more than 50 members"):
         installer.stage(make_zip(tmp_path / "a.zip", members), plugins, LIMITS)
 
 
