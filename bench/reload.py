@@ -83,7 +83,9 @@ async def ping():
 
 
 @contextmanager
-def _server(base: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def _server(
+    base: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
     env.update(
@@ -94,6 +96,7 @@ def _server(base: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         XCORE_SERVICES__LOADER__IMPORT_TIMEOUT="120",
         XCORE_SERVICES__LOADER__MOUNT_TIMEOUT="120",
     )
+    env.update(extra_env or {})
     log = (base / "serve.log").open("wb")
     proc = subprocess.Popen(
         [
