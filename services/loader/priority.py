@@ -95,14 +95,13 @@ class BuildWindow:
                     if t2 == SENTINEL:
                         gc.set_threshold(t0, t1, self._saved_threshold_2)
                     self._saved_threshold_2 = None
-            if self.active == 0:
-                if self._saved_interval is not None:
-                    # put back only what this module set (another change is kept)
-                    if self._set_interval is None or sys.getswitchinterval() == self._set_interval:
-                        sys.setswitchinterval(self._saved_interval)
-                    self._saved_interval = None
-                    self._set_interval = None
-            if self.ended_since_full >= MAX_DEFERRED:
+            if self.active == 0 and self._saved_interval is not None:
+                # put back only what this module set (another change is kept)
+                if self._set_interval is None or sys.getswitchinterval() == self._set_interval:
+                    sys.setswitchinterval(self._saved_interval)
+                self._saved_interval = None
+                self._set_interval = None
+            if defer_full_gc and self.ended_since_full >= MAX_DEFERRED:
                 collect = True
         if collect:
             gc.collect()  # resets ended_since_full (through _on_gc)
