@@ -36,7 +36,6 @@ import gc
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 __all__ = ["MAX_DEFERRED", "SENTINEL", "BuildWindow", "building", "window"]
 
@@ -62,12 +61,11 @@ class BuildWindow:
         self._set_interval: float | None = None
         self._deferring = 0
         self._saved_threshold_2: int | None = None
+        self._full_seen = gc.get_stats()[2]["collections"]
 
     def enter(self, switch_interval: float | None, defer_full_gc: bool) -> None:
         with self._lock:
             self.active += 1
-            if self._on_gc not in gc.callbacks:  # kept: counts full collections of any source
-                gc.callbacks.append(self._on_gc)
             if switch_interval is not None and switch_interval > 0:
                 current = sys.getswitchinterval()
                 if self._saved_interval is None:
@@ -87,6 +85,13 @@ class BuildWindow:
         collect = False
         with self._lock:
             self.active -= 1
+            # full collections of any source (not a gc callback: Python code run inside
+            # a collection lets threads switch in the middle of compile() of an AST,
+            # whose depth counter CPython 3.11 shares between threads)
+            full = gc.get_stats()[2]["collections"]
+            if full != self._full_seen:
+                self._full_seen = full
+                self.ended_since_full = 0
             self.ended_since_full += 1
             if defer_full_gc:
                 self._deferring -= 1
@@ -104,15 +109,11 @@ class BuildWindow:
             if defer_full_gc and self.ended_since_full >= MAX_DEFERRED:
                 collect = True
         if collect:
-            gc.collect()  # resets ended_since_full (through _on_gc)
+            gc.collect()
             with self._lock:
                 self.forced += 1
                 self.ended_since_full = 0
-
-    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        # runs inside the collector, on any thread: no lock (a plain store is atomic)
-        if phase == "stop" and info.get("generation") == 2:
-            self.ended_since_full = 0
+                self._full_seen = gc.get_stats()[2]["collections"]
 
 
 #: The one window of this process (the switch interval and the collector are global).
