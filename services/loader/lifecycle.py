@@ -44,7 +44,7 @@ from .generation import Generation, StageError
 from .hosted import build_hosted, effective_mode, host_of
 from .importer import import_plugin, module_name, purge, restore
 from .manifest import Manifest, ManifestError, read_manifest
-from .priority import building
+from .priority import building, window
 from .projection import PluginTable
 from .settings import LoaderSettings
 from .state import ACTOR, LoaderState
@@ -488,6 +488,7 @@ class Lifecycle(LoaderState):
                 reason = f"{reason}; on_unload raised {type(exc).__name__}: {exc}"
         await gen.context.close()
         self.kernel.plugins.remove(gen.name, gen.generation)
+        window.note_unloaded()  # garbage now: a build's window will collect it
         if self.loaded.get(gen.name) is gen:
             del self.loaded[gen.name]
             current = sys.modules.get(module_name(gen.name))

@@ -19,9 +19,11 @@ that ends, and put back then):
   object while holding the interpreter, and the objects a build allocates (thousands of
   routes, fields, schemas) trigger them. During builds the generation-2 threshold is
   raised out of reach (young collections go on: they are short). The garbage of
-  replaced generations is only freed by a full collection, so memory stays bounded:
-  after :data:`MAX_DEFERRED` builds without one, the build that ends runs one itself
-  (one pause every few reloads instead of one or two per reload). Setting
+  replaced generations is only freed by a full collection, so memory stays bounded: once
+  :data:`MAX_DEFERRED` generations were unloaded (:meth:`BuildWindow.note_unloaded`)
+  since the last full collection, the build that ends runs one itself (one pause every
+  few reloads instead of one or two per reload; none at boot, where nothing is
+  replaced and the interpreter's own policy resumes after the last build). Setting
   ``defer_full_gc: false`` turns this off.
 
 The generation-2 threshold is set to :data:`SENTINEL` and put back only if it still holds
@@ -39,7 +41,7 @@ from collections.abc import Iterator
 
 __all__ = ["MAX_DEFERRED", "SENTINEL", "BuildWindow", "building", "window"]
 
-#: Builds that may end without a full collection before one is run.
+#: Generations that may be unloaded without a full collection before a build runs one.
 MAX_DEFERRED = 4
 #: The generation-2 threshold while builds run (out of reach; recognisable).
 SENTINEL = 2_000_000_011
@@ -53,8 +55,8 @@ class BuildWindow:
         self._lock = threading.Lock()
         #: Builds in progress.
         self.active = 0
-        #: Builds ended since the last full collection (from any source).
-        self.ended_since_full = 0
+        #: Generations unloaded since the last full collection (from any source).
+        self.unloaded_since_full = 0
         #: Full collections this module ran itself (see MAX_DEFERRED).
         self.forced = 0
         self._saved_interval: float | None = None
@@ -88,11 +90,7 @@ class BuildWindow:
             # full collections of any source (not a gc callback: Python code run inside
             # a collection lets threads switch in the middle of compile() of an AST,
             # whose depth counter CPython 3.11 shares between threads)
-            full = gc.get_stats()[2]["collections"]
-            if full != self._full_seen:
-                self._full_seen = full
-                self.ended_since_full = 0
-            self.ended_since_full += 1
+            self._sync()
             if defer_full_gc:
                 self._deferring -= 1
                 if self._deferring == 0 and self._saved_threshold_2 is not None:
@@ -106,14 +104,25 @@ class BuildWindow:
                     sys.setswitchinterval(self._saved_interval)
                 self._saved_interval = None
                 self._set_interval = None
-            if defer_full_gc and self.ended_since_full >= MAX_DEFERRED:
+            if defer_full_gc and self.unloaded_since_full >= MAX_DEFERRED:
                 collect = True
         if collect:
             gc.collect()
             with self._lock:
                 self.forced += 1
-                self.ended_since_full = 0
-                self._full_seen = gc.get_stats()[2]["collections"]
+                self._sync()
+
+    def note_unloaded(self) -> None:
+        """A generation was unloaded: its objects are garbage for a full collection."""
+        with self._lock:
+            self._sync()
+            self.unloaded_since_full += 1
+
+    def _sync(self) -> None:
+        full = gc.get_stats()[2]["collections"]
+        if full != self._full_seen:
+            self._full_seen = full
+            self.unloaded_since_full = 0
 
 
 #: The one window of this process (the switch interval and the collector are global).

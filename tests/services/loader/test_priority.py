@@ -76,8 +76,9 @@ def test_settings_can_turn_each_part_off() -> None:
         assert sys.getswitchinterval() == before[0]
 
 
-def test_a_full_collection_runs_every_few_builds() -> None:
+def test_a_full_collection_runs_every_few_replaced_generations() -> None:
     """Deferral is bounded: replaced generations' garbage is freed by a full collection."""
+    window = priority.window
     gc.collect()
     with building(0.25, True):  # one long window, as in a loop of reloads
         gc.collect()  # a full collection of another source restarts the count
@@ -85,20 +86,35 @@ def test_a_full_collection_runs_every_few_builds() -> None:
         for _ in range(MAX_DEFERRED - 1):
             with building(0.25, True):
                 pass
+            window.note_unloaded()
+        with building(0.25, True):
+            pass
         assert full_collections() == start
+        window.note_unloaded()
         with building(0.25, True):
             pass
         assert full_collections() == start + 1
-    # without deferral the interpreter's own policy decides: none is forced
-    gc.disable()  # (and none of its own meanwhile)
+
+
+def test_no_collection_is_forced_where_nothing_was_replaced() -> None:
+    """Builds that replace nothing (a boot of many plugins) force no collection, and
+    without deferral the interpreter's own policy decides."""
+    gc.disable()  # (none of the interpreter's own meanwhile)
     try:
+        gc.collect()
         start = full_collections()
+        for _ in range(MAX_DEFERRED * 3):
+            with building(0.25, True):
+                pass
+        assert full_collections() == start
         for _ in range(MAX_DEFERRED * 2):
             with building(0.25, False):
                 pass
+            priority.window.note_unloaded()
         assert full_collections() == start
     finally:
         gc.enable()
+        gc.collect()
 
 
 PROBE_RUN = """
@@ -166,3 +182,22 @@ async def test_the_window_can_be_turned_off(harness_factory, plugins: Path) -> N
     before = sys.getswitchinterval(), gc.get_threshold()
     await harness_factory(loader={"build_switch_interval_ms": 0, "defer_full_gc": False})
     assert all(i == before[0] and t2 == before[1][2] for _, i, t2 in probes(plugins))
+
+
+async def test_reloads_free_replaced_generations_every_few_reloads(
+    harness_factory, plugins: Path
+) -> None:
+    """Through the real loader: each reload unloads a generation, and every
+    MAX_DEFERRED of them a build runs the full collection that frees them."""
+    write_plugin(plugins, "probe", router=PROBE_ROUTER)
+    h = await harness_factory()
+    gc.disable()  # only the collections the window forces are counted
+    try:
+        gc.collect()
+        start = full_collections()
+        for _ in range(MAX_DEFERRED + 1):
+            r = await h.client.post("/admin/plugins/probe/reload", headers=AUTH)
+            assert r.status_code == 200, r.text
+        assert full_collections() > start
+    finally:
+        gc.enable()
