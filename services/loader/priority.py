@@ -132,7 +132,8 @@ window = BuildWindow()
 @contextlib.contextmanager
 def building(switch_interval_ms: float = 0.25, defer_full_gc: bool = True) -> Iterator[None]:
     """Hold the build window while the block runs (nests; threads may share it)."""
-    interval = switch_interval_ms / 1000 if switch_interval_ms > 0 else None
+    # (below 10 us the interpreter would do little but switch threads)
+    interval = max(switch_interval_ms, 0.01) / 1000 if switch_interval_ms > 0 else None
     window.enter(interval, defer_full_gc)
     try:
         yield

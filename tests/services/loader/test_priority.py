@@ -74,6 +74,9 @@ def test_settings_can_turn_each_part_off() -> None:
     # an interval above the interpreter's never raises it
     with building(50.0, True):
         assert sys.getswitchinterval() == before[0]
+    # nor does a tiny one stop the interpreter doing anything but switching
+    with building(1e-9, True):
+        assert sys.getswitchinterval() == pytest.approx(0.00001)
 
 
 def test_a_full_collection_runs_every_few_replaced_generations() -> None:
