@@ -8,13 +8,19 @@ Guarantees of ``xcore serve`` (uvicorn alone gives none of the first two):
 - an idle keep-alive connection is closed after ``keep_alive_timeout`` (uvicorn's own
   timer, set from the same settings);
 - at most ``max_connections`` connections are open at once: one more is answered 503
-  with ``Connection: close`` and closed at once, before any of its bytes are read.
+  with ``Connection: close`` and closed at once, before any of its bytes are read;
+- a client that stops reading its response (the server's send buffer stays full) for
+  ``send_timeout`` seconds is closed, so it cannot hold a connection (and the response
+  buffered for it) forever: without this, clients that send requests for large answers
+  and never read them would keep ``max_connections`` slots taken for good.
 
 Mechanism: a subclass of uvicorn's HTTP protocol (h11, or httptools when installed),
 given to ``uvicorn.Config(http=...)``. uvicorn creates one protocol object per
 connection and keeps the open ones in ``server_state.connections``; the head timer is
 armed when the connection opens and after each response, and disarmed by the next
-request cycle (uvicorn creates a cycle when a whole head has arrived). Refused and
+request cycle (uvicorn creates a cycle when a whole head has arrived). The send timer is
+armed when the transport asks the protocol to pause writing (its buffer is over the
+high-water mark) and disarmed when it may resume. Refused and
 timed-out connections are counted and logged once per interval, not one line each.
 """
 
@@ -49,7 +55,8 @@ class ConnectionStats:
         self.interval = interval
         self.refused = 0
         self.timed_out = 0
-        self._logged = {"refused": 0, "timed_out": 0}
+        self.stalled = 0
+        self._logged = {"refused": 0, "timed_out": 0, "stalled": 0}
         self._last = -interval
 
     def count(self, kind: str) -> None:
@@ -57,14 +64,14 @@ class ConnectionStats:
         now = time.monotonic()
         if now - self._last >= self.interval:
             self._last = now
-            new_refused = self.refused - self._logged["refused"]
-            new_timed_out = self.timed_out - self._logged["timed_out"]
-            self._logged = {"refused": self.refused, "timed_out": self.timed_out}
+            new = {k: getattr(self, k) - v for k, v in self._logged.items()}
+            self._logged = {k: getattr(self, k) for k in self._logged}
             log.warning(
                 "closed connections: %d over the connection limit, %d too slow to send "
-                "a request head (logged at most every %gs)",
-                new_refused,
-                new_timed_out,
+                "a request head, %d not reading their response (logged at most every %gs)",
+                new["refused"],
+                new["timed_out"],
+                new["stalled"],
                 self.interval,
             )
 
@@ -86,11 +93,13 @@ def guarded_protocol(limits: HttpSettings, stats: ConnectionStats | None = None)
     counts = stats if stats is not None else ConnectionStats()
     header_timeout = limits.header_timeout
     max_connections = limits.max_connections
+    send_timeout = limits.send_timeout
 
     class GuardedProtocol(base):  # type: ignore[misc, valid-type]
         stats = counts
         _head_timer: asyncio.TimerHandle | None = None
         _head_cycle: Any = None
+        _send_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -116,7 +125,28 @@ def guarded_protocol(limits: HttpSettings, stats: ConnectionStats | None = None)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._resumed()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(send_timeout, self._stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._resumed()
+
+        def _resumed(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _stalled(self) -> None:
+            self._send_timer = None
+            if not self.transport.is_closing():
+                counts.count("stalled")
+                self.transport.abort()  # a graceful close would wait for the buffer
 
         def _arm(self) -> None:
             self._disarm()

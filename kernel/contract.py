@@ -5,7 +5,8 @@ routes added later, by any service, inherit them):
 
 - the bearer scheme ``adminToken`` is declared, and every ``/admin`` operation requires it;
 - every ``/admin`` operation documents the refusals any admin route can give (401, 403,
-  413, 503) and, where it validates parameters or a body, 422 as ``anyOf`` the shared
+  413, 503), 400 and 408 where it takes a body (malformed; stalled or dripped) and,
+  where it validates parameters or a body, 422 as ``anyOf`` the shared
   :class:`ErrorBody` model (``Error``) and FastAPI's ``HTTPValidationError``;
 - every other refusal a route declares (``responses=error_responses(404, 409, 504)``)
   uses ``Error``: one model for all refusals, ``{"detail": str, ...}``.
@@ -59,7 +60,7 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "No admin token, or a wrong one (authentication happens before the body is read)",
     403: "The token lacks the scope this route needs (admin:read or admin:write)",
     404: "No such resource",
-    408: "The client stopped sending its body",
+    408: "The client stopped sending its body, or sent it slower than the minimum rate",
     409: "The resource is not in a state that allows this (or an outcome event refused it)",
     413: "The request body exceeds the route's limit",
     422: "The request is invalid, or its outcome event is a failure",
@@ -112,8 +113,10 @@ def admin_contract(paths: dict[str, Any], components: dict[str, dict[str, Any]])
             responses = op.setdefault("responses", {})
             for code in ADMIN_ERRORS:
                 responses.setdefault(str(code), _error_response(code, error))
-            if "requestBody" in op:  # a body that is not what it claims (bad JSON)
+            if "requestBody" in op:  # a body that is not what it claims (bad JSON)...
                 responses.setdefault("400", _error_response(400, error))
+                # ...or that stalls or drips (the request guard's body timeouts)
+                responses.setdefault("408", _error_response(408, error))
             validated = op.get("parameters") or op.get("requestBody")
             if "422" in responses or validated:
                 refused = _error_response(422, error)

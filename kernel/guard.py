@@ -8,12 +8,20 @@ Guarantees, for every route of the app (the kernel's, the services', the plugins
 - a body larger than the route's limit is refused with 413: at once when
   ``Content-Length`` says so, otherwise the moment the bytes read pass the limit (a
   chunked upload cannot lie its way past it); the app then sees the client as gone;
-- a client that stops sending its body is answered 408 after ``body_timeout``;
+- a client that stops sending its body is answered 408 after ``body_timeout``, and so is
+  one that drips it (a byte just inside each timeout): after its first ``body_timeout``
+  seconds of waiting a body must average ``min_body_rate`` bytes per second (the wait
+  allowed grows by one second for every ``min_body_rate`` bytes received; only the
+  time spent waiting for the client counts, not the app's own pace of reading);
 - ``OPTIONS`` on a path of the app answers 204 with ``Allow`` listing every method of
   that path, and an admin route's 405 lists them all too (Starlette lists only the
   first matching route's);
   the methods come from the OpenAPI document, so plugin paths are covered live. A path
-  that declares its own OPTIONS operation answers it itself.
+  that declares its own OPTIONS operation answers it itself;
+- ``HEAD`` works wherever ``GET`` does, as ``Allow`` says: the request reaches the app as
+  a ``GET`` (same authentication, same scope: ``admin:read``) and only the head of the
+  answer is sent (its ``Content-Length`` is the GET's). A path that declares its own
+  HEAD operation answers it itself.
 
 Mechanism: one ASGI wrapper around the whole app (outside its middleware), so no route,
 dependency or form parser runs before these checks. The body is counted in the
@@ -32,7 +40,7 @@ from typing import Any
 import anyio
 import orjson
 from fastapi import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["ADMIN_PREFIX", "RequestGuard", "is_admin_path"]
@@ -64,6 +72,7 @@ class RequestGuard:
         authenticate: Callable[[], Authenticator],
         body_limit: BodyLimit,
         body_timeout: float,
+        min_body_rate: int = 0,
         operations: Callable[[], dict[str, Any]],
         public_openapi: Callable[[], dict[str, Any]] | None = None,
         docs_paths: Iterable[str] = (),
@@ -73,6 +82,7 @@ class RequestGuard:
         self._authenticate = authenticate
         self._body_limit = body_limit
         self._body_timeout = body_timeout
+        self._min_body_rate = min_body_rate
         self._operations = operations
         self._public_openapi = public_openapi
         self._docs_paths = frozenset(docs_paths)
@@ -106,9 +116,22 @@ class RequestGuard:
         method: str = scope["method"]
         if method == "OPTIONS":
             allowed = self._allowed(scope)
-            if allowed and not self._declares_options(path):
+            if allowed and not self._declares(path, "options"):
                 await _answer(send, 204, None, {"allow": ", ".join(allowed)})
                 return
+        elif (
+            method == "HEAD" and "GET" in self._allowed(scope) and not self._declares(path, "head")
+        ):
+            # Allow lists HEAD wherever GET is served: it is answered as that GET with
+            # the body left out (FastAPI's routes do not answer HEAD themselves)
+            head = _Head(receive, send)
+            try:
+                await self(dict(scope, method="GET"), head.receive, head.send)
+            except (OSError, ClientDisconnect) as exc:
+                if not head.stopped:
+                    raise
+                log.debug("a streamed answer to HEAD %s stopped after its head: %r", path, exc)
+            return
         declared, chunked = _body_headers(scope)
         if admin:  # the admin API's contract: a 405 lists every method of the path
             send = self._allow_fixer(scope, send)
@@ -126,6 +149,7 @@ class RequestGuard:
 
     async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         state = {"read": 0, "done": False, "started": False, "answered": False}
+        waited = [0.0]  # seconds spent waiting for body data
 
         async def guarded_send(message: Message) -> None:
             if state["answered"]:
@@ -146,10 +170,24 @@ class RequestGuard:
             if state["done"]:
                 return await receive()  # after the body: disconnect notices, unbounded
             message: Message | None = None
-            with anyio.move_on_after(self._body_timeout):
-                message = await receive()
+            wait = self._body_timeout
+            if self._min_body_rate:  # the time spent waiting for the client, not the app
+                budget = self._body_timeout + state["read"] / self._min_body_rate
+                wait = min(wait, budget - waited[0])
+            if wait > 0:
+                begun = anyio.current_time()
+                with anyio.move_on_after(wait):
+                    message = await receive()
+                waited[0] += anyio.current_time() - begun
             if message is None:
-                await refuse(408, f"no request body data for {self._body_timeout:g} seconds")
+                if wait < self._body_timeout:
+                    await refuse(
+                        408,
+                        f"the request body came slower than {self._min_body_rate} bytes per "
+                        f"second ({state['read']} bytes in {waited[0]:.0f} seconds)",
+                    )
+                else:
+                    await refuse(408, f"no request body data for {self._body_timeout:g} seconds")
                 raise _Refused()
             if message["type"] == "http.request":
                 state["read"] += len(message.get("body", b""))
@@ -179,9 +217,10 @@ class RequestGuard:
             return False
         return True
 
-    def _declares_options(self, path: str) -> bool:
+    def _declares(self, path: str, method: str) -> bool:
+        """Whether the path declares its own ``method`` operation (it answers it itself)."""
         paths = self._operations()
-        return any("options" in item for t, item in paths.items() if _template(t).fullmatch(path))
+        return any(method in item for t, item in paths.items() if _template(t).fullmatch(path))
 
     def _allow_fixer(self, scope: Scope, send: Send) -> Send:
         """A ``send`` that makes a 405's ``Allow`` list every method of the path."""
@@ -231,6 +270,42 @@ def _template(template: str) -> re.Pattern[str]:
     return re.compile(
         "".join("[^/]+" if p.startswith("{") and p.endswith("}") else re.escape(p) for p in parts)
     )
+
+
+class _Head:
+    """The ``receive`` and ``send`` of a HEAD answered as a GET: only the head is sent.
+
+    The answer ends with its head (an empty body follows it at once), so a keep-alive
+    client can send its next request even when the GET streams without end (a server-
+    sent events route). The app then sees its client as gone: ``receive`` says
+    ``http.disconnect``, and a streamed body's next piece raises ``OSError`` in ``send``,
+    as a closed connection does, so the stream stops.
+    """
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.ended = False
+        #: the app kept streaming after the head and was stopped
+        self.stopped = False
+        self._streaming = False
+
+    async def receive(self) -> Message:
+        if self.ended:
+            return {"type": "http.disconnect"}
+        return await self._receive()
+
+    async def send(self, message: Message) -> None:
+        if self.ended:
+            if message["type"] == "http.response.body" and self._streaming:
+                self.stopped = True
+                raise OSError("HEAD: the client takes the head only")
+            self._streaming = bool(message.get("more_body", False))
+            return
+        await self._send(message)
+        if message["type"] == "http.response.start":
+            self.ended = True
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _body_headers(scope: Scope) -> tuple[int | None, bool]:

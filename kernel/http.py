@@ -20,7 +20,8 @@ Services contribute through :class:`HttpSurface` (``kernel.http``) while they st
 :meth:`HttpSurface.attach` applies all of it to an app; ``Kernel.lifespan`` calls it.
 
 The merged ``/openapi.json`` keeps the admin API's contract (``kernel/contract.py``);
-every request passes the request guard first (``kernel/guard.py``).
+every request passes the request guard first (``kernel/guard.py``); a request that fails
+validation gets a JSON 422 whatever its input (``kernel/validation.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from kernel.docs import serve_docs_locally
 from kernel.errors import ConcurrencyError, StoreError
 from kernel.guard import RequestGuard
 from kernel.prefixes import overlaps
+from kernel.validation import install as install_validation_answer
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -210,6 +212,8 @@ class HttpSurface:
             return
         self._attached.add(id(app))
         app.state.kernel = kernel
+        if not install_validation_answer(app):
+            log.info("the app answers validation errors itself; the kernel's 422 is not installed")
         app.include_router(_kernel_router(kernel))
         for router in self.routers:
             app.include_router(router)
@@ -278,6 +282,7 @@ class HttpSurface:
             authenticate=lambda: self.admin_authenticator,
             body_limit=body_limit,
             body_timeout=limits.body_timeout,
+            min_body_rate=limits.min_body_rate,
             operations=_recent(lambda: app.openapi().get("paths", {})),
             public_openapi=public_openapi,
             docs_paths=_docs_paths(app) if limits.private_docs else (),

@@ -86,6 +86,13 @@ class HttpSettings(BaseModel):
     keep_alive_timeout: float = Field(default=5.0, gt=0)
     #: Seconds the server waits for each piece of a request body before answering 408.
     body_timeout: float = Field(default=30.0, gt=0)
+    #: Bytes per second a body must average once its first ``body_timeout`` seconds are
+    #: spent (a body dripped slower, a byte just inside each timeout, is answered 408).
+    #: 0: no minimum rate.
+    min_body_rate: int = Field(default=1024, ge=0)
+    #: Seconds a client may leave its response unread (the server's send buffer full)
+    #: before its connection is closed.
+    send_timeout: float = Field(default=60.0, gt=0)
     #: Open connections accepted at once; one more is answered 503 and closed.
     max_connections: int = Field(default=1000, ge=1)
     #: Serve /docs, /redoc and the admin part of /openapi.json to admin clients only.

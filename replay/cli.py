@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from replay.errors import Defect, ReplayError
+from replay.errors import DamagedLog, Defect, ReplayError
 
 __all__ = ["register"]
 
@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--follow", action="store_true", help="keep printing new events (a running kernel's log)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object per event")
-    p.add_argument("--limit", type=int, help="print at most this many events")
+    p.add_argument("--limit", type=_count(0), help="print at most this many events")
     color(p)
 
     p = command("state", cmd_state, "the projections as they were at a position or time")
@@ -149,7 +149,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     projections(p)
     p.add_argument(
         "--every",
-        type=int,
+        type=_count(1),
         default=10_000,
         help="positions between saved snapshots (default 10000)",
     )
@@ -178,6 +178,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return EXIT_BAD_INPUT
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least`` (argparse exits 2 otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
 
 
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -520,9 +535,22 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from replay.projections import import_events
-    from replay.verify import verify
 
     failures = import_events()
+    try:
+        return _verify(args, failures)
+    except DamagedLog as exc:  # damage is what verify looks for: a finding, not bad input
+        if args.json:
+            found = {"log": args.log, "ok": False, "damaged": str(exc)}
+            sys.stdout.write(orjson.dumps(found).decode() + "\n")
+        else:
+            print(f"DAMAGED {exc}")
+        return EXIT_DEFECTS
+
+
+def _verify(args: argparse.Namespace, failures: list[str]) -> int:
+    from replay.verify import verify
+
     with _open(args) as log:
         cache = _cache(args, log)
         try:

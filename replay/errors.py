@@ -2,6 +2,8 @@
 
 ReplayError              bad input: not an xcore log, a position past the end, a bad
                          time or expression, an unknown projection (the CLI exits 2)
+DamagedLog               an SQLite file whose pages cannot be read (truncated, overwritten):
+                         bad input to most commands, a defect to ``verify`` (exit 1)
 Defect                   something wrong *in the log* (a gap, a corrupted row, a handler
                          that raised): reported with its position, the replay goes on
 """
@@ -12,11 +14,15 @@ from dataclasses import dataclass
 
 from kernel.errors import XcoreError
 
-__all__ = ["Defect", "ReplayError"]
+__all__ = ["DamagedLog", "Defect", "ReplayError"]
 
 
 class ReplayError(XcoreError):
     """Bad input to replay; the message is the whole explanation, on one line."""
+
+
+class DamagedLog(ReplayError):
+    """An SQLite log whose pages cannot be read: a truncated or overwritten copy."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ import orjson
 from kernel.events import Recorded, registry
 from kernel.store.sqlite import FORMAT, SCHEMA
 from replay.errors import Defect, ReplayError
+from replay.fold import check_gaps
 from replay.progress import Progress
 from replay.source import SLICE_FORMAT, Log, SliceLog
 
@@ -102,6 +103,8 @@ def import_slice(
     src = SliceLog(source)
     if defects is not None:
         defects.extend(src.defects)
+        if src.events:  # a gap is kept as it is (positions are copied), and said
+            defects.extend(check_gaps(src, src.events[-1].position))
     dest = Path(target)
     if dest.exists() or dest.is_symlink():
         raise ReplayError(

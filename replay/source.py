@@ -44,7 +44,7 @@ import orjson
 
 from kernel.events import Meta, Recorded, registry
 from kernel.store.base import Snapshot
-from replay.errors import Defect, ReplayError
+from replay.errors import DamagedLog, Defect, ReplayError
 
 __all__ = ["COLUMNS", "Log", "SQLiteLog", "SliceLog", "open_log"]
 
@@ -256,7 +256,8 @@ class SQLiteLog(Log):
             }
         except sqlite3.DatabaseError as exc:
             self._drop_tmp()
-            raise ReplayError(f"{self.path} is not a readable xcore event log: {exc}") from None
+            # its header was checked (_check_regular_sqlite): an SQLite file that fails
+            raise DamagedLog(f"{self.path} is a damaged SQLite file: {exc}") from None
         if "events" not in tables or "xcore_meta" not in tables:
             conn.close()
             self._drop_tmp()
@@ -306,7 +307,7 @@ class SQLiteLog(Log):
             try:
                 return self._batch_conn.execute(sql, params).fetchall()
             except sqlite3.DatabaseError as exc:
-                raise ReplayError(f"{self.path}: read failed: {exc}") from None
+                raise DamagedLog(f"{self.path}: read failed: {exc}") from None
 
     def refresh(self) -> None:
         if self.mode == "live":
@@ -321,7 +322,7 @@ class SQLiteLog(Log):
         try:
             return self._conn.execute(sql, params).fetchall()
         except sqlite3.DatabaseError as exc:
-            raise ReplayError(f"{self.path}: read failed: {exc}") from None
+            raise DamagedLog(f"{self.path}: read failed: {exc}") from None
 
     def last_position(self) -> int:
         row = self._query("SELECT MAX(position) FROM events")

@@ -39,10 +39,16 @@ from kernel.errors import StoreClosed, StoreCorrupt, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.postgres_follow import Follower
-from kernel.store.postgres_writer import COLUMNS, CONNECTION_ERRORS, PostgresWriter
+from kernel.store.postgres_writer import (
+    APPEND_FUNCTION,
+    APPEND_FUNCTION_NAME,
+    COLUMNS,
+    CONNECTION_ERRORS,
+    PostgresWriter,
+)
 from kernel.store.tail import Row, Tail
 
-__all__ = ["FORMAT", "PostgresStore", "redact_dsn"]
+__all__ = ["FORMAT", "SCHEMA", "PostgresStore", "redact_dsn"]
 
 log = logging.getLogger("xcore.store")
 
@@ -171,6 +177,11 @@ class PostgresStore:
         #: the advisory lock that orders commits, and the NOTIFY channel (per schema)
         self.lock_key = 0
         self.channel = ""
+        #: whether the log's schema has the one-trip append function (``open`` decides)
+        self.fast_append = False
+        #: stream_version calls waiting for the next query, and the task running them
+        self._version_wanted: dict[str, list[asyncio.Future[int]]] = {}
+        self._version_task: asyncio.Task[None] | None = None
 
     # -- opening and closing -------------------------------------------------------
 
@@ -275,13 +286,44 @@ class PostgresStore:
                         f"(log format {found}; this version reads format {FORMAT})"
                     )
                 if tables >= TABLES:
+                    await self._create_append_function(conn, schema)
                     return
             await conn.execute(SCHEMA)
+            await conn.execute(APPEND_FUNCTION)
+            self.fast_append = True
             await conn.execute(
                 "INSERT INTO xcore_meta (key, value) VALUES ('format', $1), "
                 "('application', 'xcore') ON CONFLICT (key) DO NOTHING",
                 str(FORMAT),
             )
+
+    async def _create_append_function(self, conn: asyncpg.Connection, schema: str) -> None:
+        """Add the one-trip append function to a log created before it existed.
+
+        Optional: a role that may not create it gets the general path (several trips to
+        the server per batch) and a warning, not an error.
+        """
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = $1 AND p.proname = $2",
+            schema,
+            APPEND_FUNCTION_NAME,
+        )
+        if found:
+            self.fast_append = True
+            return
+        try:
+            async with conn.transaction():  # a savepoint: the failure must not end ours
+                await conn.execute(APPEND_FUNCTION)
+        except asyncpg.InsufficientPrivilegeError as e:
+            log.warning(
+                "%s: cannot create %s (%s); appends take several trips to the server",
+                self.location,
+                APPEND_FUNCTION_NAME,
+                e,
+            )
+            return
+        self.fast_append = True
 
     async def close(self) -> None:
         if not self._open:
@@ -293,6 +335,15 @@ class PostgresStore:
         await self._release()
 
     async def _release(self) -> None:
+        task, self._version_task = self._version_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        wanted, self._version_wanted = self._version_wanted, {}
+        for futures in wanted.values():
+            for f in futures:
+                if not f.done():
+                    f.set_exception(StoreClosed(f"{self.location}: the event log is closed"))
         if self._follower is not None:
             await self._follower.stop()
             self._follower = None
@@ -438,11 +489,48 @@ class PostgresStore:
         return self._tail.last_position
 
     async def stream_version(self, stream: str) -> int:
+        """The stream's current version, read after the call began.
+
+        Concurrent calls share one query (a burst of claims reads its streams in one
+        trip, not one each): a call waits for the next query to start, never for an
+        answer read before it was made.
+        """
         self._check_open()
-        rows = await self._fetch(
-            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = $1", stream
-        )
-        return int(rows[0][0])
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._version_wanted.setdefault(stream, []).append(future)
+        if self._version_task is None or self._version_task.done():
+            self._version_task = loop.create_task(self._read_versions(), name="xcore-pg-versions")
+        return await future
+
+    async def _read_versions(self) -> None:
+        """Answer the waiting ``stream_version`` calls, one query per round."""
+        while self._version_wanted:
+            wanted, self._version_wanted = self._version_wanted, {}
+            try:
+                rows = await self._fetch(
+                    "SELECT stream, MAX(version) FROM events WHERE stream = ANY($1::text[])"
+                    " GROUP BY stream",
+                    list(wanted),
+                )
+            except BaseException as exc:
+                error = (
+                    exc
+                    if isinstance(exc, Exception)
+                    else StoreClosed(f"{self.location}: the event log is closed")
+                )
+                for futures in wanted.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(error)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            found = {stream: int(version) for stream, version in rows}
+            for stream, futures in wanted.items():
+                for f in futures:
+                    if not f.done():
+                        f.set_result(found.get(stream, 0))
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         self._check_open()

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
+import orjson
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
-from kernel.events import NewEvent, Recorded
+from kernel.events import NewEvent, Recorded, registry
 from kernel.store.base import ANY, describe_expected
 from kernel.store.tail import Row
 from kernel.store.writes import Append as _Append
@@ -57,7 +58,12 @@ CONNECTION_ERRORS: Final = (
 
 #: The writer only looks rows up by index (ids, stream versions, the last position); a
 #: log that grew since its statistics were taken must not make it scan the whole table.
-WRITER_SETTINGS: Final = {"enable_seqscan": "off"}
+#: Ordered commits need each statement after the lock to see every earlier commit: READ
+#: COMMITTED, whatever the server's default isolation is.
+WRITER_SETTINGS: Final = {
+    "enable_seqscan": "off",
+    "default_transaction_isolation": "read committed",
+}
 
 COLUMNS = "position, stream, version, type, schema, data, meta, recorded_at"
 #: Read under the ordering lock (its snapshot is taken after the lock is held).
@@ -74,6 +80,60 @@ INSERT = (
 )
 #: The batch's rows, and the notification of its last position (sent at commit).
 INSERT_NOTIFY = f"WITH inserted AS ({INSERT} RETURNING 1) SELECT pg_notify($10, $11)"
+
+#: The common batch in ONE trip to the server: a single statement outside any explicit
+#: transaction (so it is its own transaction, committed when it returns) that takes the
+#: ordering lock, checks the batch's assumptions, inserts and notifies. Each statement
+#: of a PL/pgSQL function sees the rows committed before it started (READ COMMITTED), so
+#: the reads after the lock see every earlier commit, as in the general path.
+#: Assumptions (checked under the lock; when one is not met nothing is written and
+#: ``heads`` is NULL): none of ``check_ids`` is stored yet (else ``existing`` lists the
+#: stored ones), and each stream ``streams[check_stream[k]]`` is at version
+#: ``check_base[k]``. Event ``n`` of the batch gets position ``last + n`` and version
+#: ``base(its stream) + ev_off[n]``. ``heads``: the last position before the batch, then
+#: each stream's version before it.
+APPEND_FUNCTION_NAME: Final = "xcore_append_v1"
+APPEND_FUNCTION: Final = """
+CREATE OR REPLACE FUNCTION xcore_append_v1(
+    lock_key BIGINT, channel TEXT, now DOUBLE PRECISION, streams TEXT[], check_ids TEXT[],
+    check_stream INT[], check_base BIGINT[], ev_stream INT[], ev_off BIGINT[],
+    ev_type TEXT[], ev_schema INT[], ev_data BYTEA[], ev_meta BYTEA[], ev_id TEXT[],
+    OUT heads BIGINT[], OUT existing TEXT[]
+) LANGUAGE plpgsql AS $$
+DECLARE
+    last BIGINT;
+    bases BIGINT[];
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key);
+    IF cardinality(check_ids) > 0 THEN
+        SELECT array_agg(e.id) INTO existing FROM events e WHERE e.id = ANY(check_ids);
+        IF existing IS NOT NULL THEN
+            RETURN;
+        END IF;
+    END IF;
+    SELECT array_agg(
+               COALESCE((SELECT MAX(e.version) FROM events e WHERE e.stream = s.name), 0)
+               ORDER BY s.i)
+        INTO bases FROM unnest(streams) WITH ORDINALITY AS s(name, i);
+    IF EXISTS (SELECT 1 FROM unnest(check_stream, check_base) AS c(i, v)
+               WHERE bases[c.i] <> c.v) THEN
+        RETURN;
+    END IF;
+    SELECT COALESCE(MAX(position), 0) INTO last FROM events;
+    INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)
+        SELECT last + x.n, streams[x.s], bases[x.s] + x.off, x.type, x.schema, x.data,
+               x.meta, x.id, now
+        FROM unnest(ev_stream, ev_off, ev_type, ev_schema, ev_data, ev_meta, ev_id)
+             WITH ORDINALITY AS x(s, off, type, schema, data, meta, id, n);
+    PERFORM pg_notify(channel, (last + cardinality(ev_id))::text);
+    heads := last || bases;
+END $$;
+"""
+APPEND_CALL: Final = (
+    f"SELECT heads, existing FROM {APPEND_FUNCTION_NAME}($1, $2, $3, $4::text[], $5::text[], $6::int[],"
+    " $7::bigint[], $8::int[], $9::bigint[], $10::text[], $11::int[], $12::bytea[],"
+    " $13::bytea[], $14::text[])"
+)
 
 
 class _Refused(Exception):
@@ -269,6 +329,13 @@ class PostgresWriter:
         puts = [o for o in batch if isinstance(o, _Put)]
         out = _Outcome()
         try:
+            # the common batch (appends only, run for the first time) in one trip; the
+            # general path below when it is not, or when its assumptions do not hold
+            if appends and not puts and not again and self.store.fast_append:
+                rest = await self._commit_fast(conn, appends, out)
+                if rest is None:
+                    return out
+                appends = rest
             # BEGIN and (for appends) the ordering lock in one trip to the server
             lock = f"; SELECT pg_advisory_xact_lock({int(self.store.lock_key)})" if appends else ""
             await conn.execute("BEGIN" + lock)
@@ -355,6 +422,121 @@ class PostgresWriter:
             out.committed.extend(records)
         if out.committed:
             await conn.execute(INSERT_NOTIFY, *cols, store.channel, str(position))
+
+    async def _commit_fast(
+        self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome
+    ) -> list[_Append] | None:
+        """The batch through ``APPEND_FUNCTION``; None when it is decided, else the
+        appends left for the general path (nothing of theirs written).
+
+        An append whose every id is stored already (a retried claim another node won) is
+        answered from the log, and the others are tried again in one trip: a losing claim
+        costs no trip under the ordering lock.
+        """
+        for _ in range(3):
+            existing = await self._insert_fast(conn, appends, out)
+            if existing is None:
+                return None
+            if not existing:
+                return appends
+            rest: list[_Append] = []
+            answered: list[tuple[_Append, list[str]]] = []
+            for o in appends:
+                ids = [e.meta.id for e in o.events]
+                stored = [i in existing for i in ids]
+                if all(stored):
+                    answered.append((o, ids))
+                elif any(stored):
+                    return appends  # part of an append is stored: the general path
+                else:
+                    rest.append(o)
+            out.existing.extend(answered)
+            appends = rest
+            if not appends:
+                return None
+        return appends
+
+    async def _insert_fast(
+        self, conn: asyncpg.Connection, appends: list[_Append], out: _Outcome
+    ) -> set[str] | None:
+        """The batch in one statement (``APPEND_FUNCTION``): None once committed, else
+        the ids found stored (empty: another assumption failed); nothing written then.
+
+        Assumes that every expected version holds as if every append before it in the
+        batch succeeded, and that no id of the batch is stored yet (a repeated id inside
+        the batch, or an expected version that cannot hold, sends the batch to the
+        general path at once). The server checks the assumptions under the lock.
+        """
+        streams: dict[str, int] = {}
+        offsets: dict[str, int] = {}
+        check_stream: list[int] = []
+        check_base: list[int] = []
+        check_ids: list[str] = []
+        seen: set[str] = set()
+        ev_stream: list[int] = []
+        ev_off: list[int] = []
+        types: list[str] = []
+        schemas: list[int] = []
+        datas: list[bytes] = []
+        metas: list[bytes] = []
+        ids: list[str] = []
+        decoded: list[Any] = []
+        loads, versioned, upcast = orjson.loads, registry.versioned, registry.upcast
+        for o in appends:
+            index = streams.setdefault(o.stream, len(streams) + 1)
+            off = offsets.get(o.stream, 0)
+            if o.expected is not ANY:
+                if o.expected < off:
+                    return set()
+                check_stream.append(index)
+                check_base.append(o.expected - off)
+            for e in o.events:
+                meta = e.meta
+                i = meta.id
+                if i in seen:
+                    return set()
+                seen.add(i)
+                if e.explicit_id:
+                    check_ids.append(i)
+                # decoded now: a payload that is not JSON fails before anything is sent
+                data = loads(e.data)
+                decoded.append(upcast(e.type, e.schema, data) if e.type in versioned else data)
+                off += 1
+                ev_stream.append(index)
+                ev_off.append(off)
+                types.append(e.type)
+                schemas.append(e.schema)
+                datas.append(e.data)
+                metas.append(meta.to_json())
+                ids.append(i)
+            offsets[o.stream] = off
+        now = time.time()
+        heads, existing = await conn.fetchrow(
+            APPEND_CALL, self.store.lock_key, self.store.channel, now, list(streams),
+            check_ids, check_stream, check_base, ev_stream, ev_off, types, schemas, datas,
+            metas, ids,
+        )  # fmt: skip
+        if heads is None:
+            return set(existing or ())
+        # committed: nothing below may fail (running the batch again would store it twice)
+        last = heads[0]
+        n = 0
+        rows = out.rows
+        for o in appends:
+            base = heads[streams[o.stream]]
+            records: list[Recorded] = []
+            for e in o.events:
+                meta = e.meta
+                position = last + n + 1
+                version = base + ev_off[n]
+                rows.append((position, o.stream, version, e.type, e.schema, e.data, metas[n], now))
+                records.append(
+                    Recorded(position, o.stream, version, e.type, e.schema, decoded[n], meta, now)
+                )
+                n += 1
+            out.results.append((o, records))
+            out.committed.extend(records)
+        return None
 
     async def _by_ids(self, ids: list[str]) -> list[Recorded]:
         rows = await self.store._fetch(

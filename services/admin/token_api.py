@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kernel.access import parse_auth
-from kernel.contract import error_responses
+from kernel.contract import error_responses, link
 from kernel.kernel import Kernel
 from services.admin.events import STREAM, TokenCreated, TokenRevoked
 from services.admin.tokens import ALL, AdminTokens, new_token
@@ -53,7 +53,19 @@ def build_token_router(kernel: Kernel) -> APIRouter:
                 detail=f"recorded at position {position}, but the token table has not caught up yet",
             ) from None
 
-    @router.get("/tokens", summary="Every API token issued (never the token itself)")
+    revoke = "/admin/tokens/{token_id}"
+
+    @router.get(
+        "/tokens",
+        summary="Every API token issued (never the token itself)",
+        responses={
+            200: {
+                "links": {
+                    "RevokeFirstToken": link(revoke, "delete", token_id="$response.body#/0/id")
+                }
+            }
+        },
+    )
     async def list_tokens() -> list[dict[str, Any]]:
         now = time.time()
         return [t.public(now) for t in sorted(book().tokens.values(), key=lambda t: t.created_at)]
@@ -62,7 +74,13 @@ def build_token_router(kernel: Kernel) -> APIRouter:
         "/tokens",
         status_code=201,
         summary="Issue an API token with scopes; the token is shown only in this answer",
-        responses=error_responses(403, 422, 504),
+        responses={
+            **error_responses(403, 422, 504),
+            201: {
+                "description": "The token, shown only in this answer",
+                "links": {"RevokeToken": link(revoke, "delete", token_id="$response.body#/id")},
+            },
+        },
     )
     async def create_token(body: TokenRequest, request: Request) -> dict[str, Any]:
         try:

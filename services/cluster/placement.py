@@ -1,12 +1,21 @@
 """Which node claims a task's runs first: rendezvous hashing over the live nodes.
 
 Every node ranks the live nodes (fresh heartbeat) by ``hash(task, node)``; the first
-claims at once, the n-th waits ``(n - 1) * claim_grace_s`` before it tries. Each task
-therefore runs on one node while that node lives — the tasks spread over the nodes —
-and the next one in its ranking takes over within a grace when it does not claim. The
-claim itself (``services/scheduler/claim.py``) is what makes a run happen once; the
-ranking only makes the race short and one-sided, and a node that already saw the run
-claimed (its ``TaskStarted`` reached its projection during the grace) does not even try.
+claims at once, the n-th waits ``(n - 1) * (claim_grace_s + 2 * lag)`` before it
+tries, where ``lag`` is how late the cluster's claims have been committing lately (the
+largest delay after the due time in the last 10 s, ``ClusterView.claim_lag``; ``2 *
+lag`` at most ``stale_after_s``). Each task therefore runs on one node while that node lives — the
+tasks spread over the nodes — and the next one in its ranking takes over within a grace
+when it does not claim. The claim itself (``services/scheduler/claim.py``) is what makes
+a run happen once; the ranking only makes the race short and one-sided, and a node that
+already saw the run claimed (its ``TaskStarted`` reached its projection during the
+grace) does not even try.
+
+Why the lag: a loaded cluster claims late (a burst of 1,000 runs takes its log seconds).
+With a fixed grace the other nodes then claimed every run too, each losing claim costing
+more trips to the database than a winning one: the load grew with the number of nodes
+and three nodes were later than one. Waiting as long as claims currently take keeps the
+race one-sided; when the load falls, the lag falls with it.
 """
 
 from __future__ import annotations
@@ -19,13 +28,21 @@ from services.cluster.projection import ClusterView
 __all__ = ["Rendezvous"]
 
 
+#: How many times the recent claim lag the next node waits: a burst can be later than
+#: the last ones, and this node's view of the claim comes later still.
+LAG_FACTOR = 2.0
+
+
 class Rendezvous:
     shared = True
 
-    def __init__(self, view: ClusterView, me: str, grace: float) -> None:
+    def __init__(
+        self, view: ClusterView, me: str, grace: float, max_lag: float = float("inf")
+    ) -> None:
         self.view = view
         self.me = me
         self.grace = grace
+        self.max_lag = max_lag
 
     def rank(self, key: str) -> list[str]:
         alive = self.view.alive(time.time())
@@ -38,7 +55,11 @@ class Rendezvous:
         )
 
     def delay(self, key: str) -> float:
-        return self.rank(key).index(self.me) * self.grace
+        rank = self.rank(key).index(self.me)
+        if not rank:
+            return 0.0
+        lag = LAG_FACTOR * self.view.claim_lag(time.time())
+        return rank * (self.grace + min(lag, self.max_lag))
 
     def claimed(self, claim: str) -> bool:
         return claim in self.view.claims

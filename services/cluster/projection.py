@@ -9,6 +9,7 @@ same on every node once caught up.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ __all__ = ["ClusterView", "HeldRun", "NodeRow", "served_digests"]
 
 #: How many recent claims a node remembers (a run claimed earlier is long done).
 MAX_CLAIMS = 100_000
+#: The claim lag is the largest delay of the claims committed in this many seconds.
+LAG_WINDOW_S = 10.0
 
 
 def iso(ts: float | None) -> str | None:
@@ -96,6 +99,9 @@ class ClusterView(Projection):
         self.archives: dict[str, tuple[str, int, str]] = {}
         #: ids of the recent ``TaskStarted`` (claims), oldest first, bounded
         self.claims: dict[str, None] = {}
+        #: (commit time, delay) of recent claims, a sliding-window maximum: delays
+        #: decrease from front to back, so the front is the largest of the window
+        self._lags: deque[tuple[float, float]] = deque()
 
     def node(self, name: str) -> NodeRow:
         row = self.nodes.get(name)
@@ -109,6 +115,27 @@ class ClusterView(Projection):
             for n in self.nodes.values()
             if n.state == "up" and now - n.last_heartbeat <= n.stale_after_s
         )
+
+    def claim_lag(self, now: float) -> float:
+        """How late after their due time the cluster's claims commit: the largest delay
+        of the claims committed in the last ``LAG_WINDOW_S`` seconds (0 without any).
+
+        A node that is not first in a run's ranking waits this long on top of its
+        grace: a loaded cluster claims seconds late, and racing the first node then
+        only adds a losing claim per run to the load (see ``placement.py``).
+        """
+        lags = self._lags
+        while lags and lags[0][0] < now - LAG_WINDOW_S:
+            lags.popleft()
+        return lags[0][1] if lags else 0.0
+
+    def _note_lag(self, committed: float, lag: float) -> None:
+        lags = self._lags
+        while lags and lags[-1][1] <= lag:
+            lags.pop()
+        lags.append((committed, lag))
+        while lags[0][0] < committed - LAG_WINDOW_S:
+            lags.popleft()
 
     def digest_differences(self) -> dict[str, dict[str, str | None]]:
         """Plugins whose digest is not the same on every live node: name -> node -> digest."""
@@ -190,6 +217,8 @@ class ClusterView(Projection):
         )
         self.holders[d["run_id"]] = r.meta.node
         self.claims[r.meta.id] = None
+        if d.get("trigger", "schedule") == "schedule":  # a due time to be late for
+            self._note_lag(r.timestamp, max(0.0, r.timestamp - d["scheduled_for"]))
         if len(self.claims) > MAX_CLAIMS:
             del self.claims[next(iter(self.claims))]
 

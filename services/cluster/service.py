@@ -92,7 +92,9 @@ class ClusterService:
                 f"({settings.stale_after_s} <= {settings.heartbeat_s})"
             )
         view = self.view = await kernel.add_projection(ClusterView())
-        kernel.placement = Rendezvous(view, kernel.node, settings.claim_grace_s)
+        kernel.placement = Rendezvous(
+            view, kernel.node, settings.claim_grace_s, max_lag=settings.stale_after_s
+        )
         stack.callback(setattr, kernel, "placement", Alone())
         await self._record_started()
         stack.push_async_callback(self._record_stopped)

@@ -67,6 +67,7 @@ class Webhook:
         self.delivered = 0
         self.failed = 0
         self._tg: TaskGroup | None = None
+        self._closed = False
 
     def offer(self, record: Recorded) -> None:
         """Queue ``record`` for delivery without waiting."""
@@ -80,14 +81,17 @@ class Webhook:
 
     async def run(self) -> None:
         """Deliver queued notifications until cancelled (in the monitor's task group)."""
+        if self._closed:
+            return  # closed before its worker started: nothing was offered
         async with (
             httpx.AsyncClient(timeout=self.settings.timeout) as client,
             anyio.create_task_group() as tg,
         ):
             self._tg = tg
             try:
-                async for record in self._receive:
-                    await self._deliver(client, record)
+                with self._receive:
+                    async for record in self._receive:
+                        await self._deliver(client, record)
             finally:
                 self._tg = None
 
@@ -171,4 +175,11 @@ class Webhook:
             log.exception("%s: could not record NotificationFailed", self.name)
 
     def close(self) -> None:
+        """No more offers; the worker (if any) delivers what is queued, then ends.
+
+        A hook whose worker never ran closes its receiving end here too, so no stream
+        is left for the garbage collector to report."""
+        self._closed = True
         self._send.close()
+        if self._tg is None:
+            self._receive.close()

@@ -18,6 +18,7 @@ an unknown task id is answered 404 before anything is recorded.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -163,7 +164,8 @@ def build_router(service: SchedulerService) -> APIRouter:
         request: Request, kind: str, task_id: str, body: dict[str, Any]
     ) -> JSONResponse:
         try:
-            event = service.check_change(kind, task_id, body)
+            # compiled off the loop: a costly trigger must not stall the other requests
+            event = await asyncio.to_thread(service.check_change, kind, task_id, body)
         except LookupError as exc:
             raise HTTPException(404, detail=str(exc).strip("'\"")) from None
         except TaskDeclarationError as exc:

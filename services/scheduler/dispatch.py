@@ -125,7 +125,7 @@ class Dispatcher:
                     task=tid,
                     scheduled_for=scheduled_for,
                     reason=f"paused: retry (attempt {attempt}) dropped",
-                    next_run=current.next_due,
+                    next_run=current.recorded_next,
                     run_id=run_id,
                 )
                 self.runner.spawn(self.runner.append(tid, [skipped]))
@@ -214,20 +214,44 @@ class Dispatcher:
     async def _run_in_turn(
         self, entry: TaskEntry, dues: list[float], nxt: float | None, pre: list[Event]
     ) -> None:
-        """``coalesce="all"``: the missed due times run one after the other, in order."""
-        for i, due in enumerate(dues):
-            if self._stopping or self.tasks.get(entry.task.id) is not entry:
-                return
-            await self.runner.run(
-                entry,
-                uuid.uuid4().hex,
-                due,
-                attempt=1,
-                kind="misfire",
-                next_run=nxt,
-                start_at=due,
-                pre=pre if i == 0 else None,
-            )
+        """``coalesce="all"``: the missed due times run one after the other, in order.
+
+        While it lasts, the events record the earliest due time not started yet as the
+        next run (:attr:`TaskEntry.catch_up`), so a process killed in the middle resumes
+        the catch-up at its restart instead of skipping past it. A pause stops the
+        catch-up (a paused task starts no timed run): the due times not yet started are
+        recorded as missed."""
+        try:
+            for i, due in enumerate(dues):
+                if self._stopping or self.tasks.get(entry.task.id) is not entry:
+                    return
+                if entry.paused:
+                    tid, rest = entry.task.id, dues[i:]
+                    log.info("task %s is paused: %d catch-up run(s) not started", tid, len(rest))
+                    entry.catch_up = None
+                    missed = TaskMissed(
+                        task=tid,
+                        count=len(rest),
+                        first=rest[0],
+                        last=rest[-1],
+                        policy=entry.task.misfire,
+                        next_run=entry.next_due,
+                    )
+                    await self.runner.append(tid, [*(pre if i == 0 else ()), missed])
+                    return
+                entry.catch_up = dues[i + 1] if i + 1 < len(dues) else None
+                await self.runner.run(
+                    entry,
+                    uuid.uuid4().hex,
+                    due,
+                    attempt=1,
+                    kind="misfire",
+                    next_run=nxt,
+                    start_at=due,
+                    pre=pre if i == 0 else None,
+                )
+        finally:
+            entry.catch_up = None
 
     def dependency_state(self, dep: str) -> str | None:
         """``running``, ``retrying``, ``succeeded``, ``failed`` or None (never ran) — the

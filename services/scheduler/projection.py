@@ -23,7 +23,14 @@ RECENT_RUNS = 20
 
 
 def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        # a time no datetime can show (recorded before such times were refused): the
+        # number itself, rather than a failing admin table
+        return repr(ts)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import inspect
 import json
 import logging
 import time
@@ -35,6 +36,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+import pydantic_core
 
 from kernel.events import Event, Recorded
 from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
@@ -86,6 +89,16 @@ class TaskEntry:
     retrying: set[str] = field(default_factory=set)
     #: runs waiting for an instance (retries, catch-up and requested runs), in order
     turns: deque[asyncio.Future[None]] = field(default_factory=deque)
+    #: during a ``coalesce="all"`` catch-up, its earliest due time not started yet
+    catch_up: float | None = None
+
+    @property
+    def recorded_next(self) -> float | None:
+        """The ``next_run`` events record: the next due time, or an earlier catch-up
+        due time not started yet (so a restart after a crash resumes the catch-up)."""
+        if self.catch_up is None:
+            return self.next_due
+        return self.catch_up if self.next_due is None else min(self.catch_up, self.next_due)
 
     @property
     def instances(self) -> int:
@@ -194,11 +207,12 @@ class Runner:
                     _next_turn(entry)  # woken and cancelled in one step: pass it on
                 raise
 
-    def cancel_run(self, run_id: str, reason: str) -> str:
-        """Cancel one run in progress: ``cancelled``, ``not_cancellable`` (sync code in
-        a thread cannot be stopped in-process) or ``not_running``."""
+    def cancel_run(self, task_id: str, run_id: str, reason: str) -> str:
+        """Cancel run ``run_id`` of task ``task_id``: ``cancelled``, ``not_cancellable``
+        (sync code in a thread cannot be stopped in-process) or ``not_running`` (no such
+        run in progress *of that task*: a request names the task it is recorded for)."""
         found = self._runs.get(run_id)
-        if found is None:
+        if found is None or found[0] != task_id:
             return "not_running"
         tid = found[0]
         if run_id in self._sync:
@@ -261,9 +275,11 @@ class Runner:
         reason = None
         me = asyncio.current_task()
         assert me is not None
+        waited = False
         if entry.instances >= task.max_instances and (
             kind in ("retry", "request") or (kind == "misfire" and not _waiting(entry))
         ):
+            waited = True
             # A retry or an operator's run is not dropped at the limit: it waits for its
             # turn (in order of arrival), then runs; so does a catch-up run, if no other
             # run waits already (a task slower than its period queues at most one).
@@ -277,6 +293,10 @@ class Runner:
                 self._runs.pop(run_id, None)
         if entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
+        elif waited and entry.paused and kind in ("retry", "misfire"):
+            # paused while it waited for its turn: a paused task starts no timed run and
+            # no retry (a run asked for by hand still runs)
+            reason = f"paused: {kind} run dropped (the task was paused while it waited)"
         elif kind not in ("request", "dependency") and task.depends_on:
             # (a dependency-triggered run was checked when its dependency finished)
             reason = self._blocked(task)
@@ -286,7 +306,7 @@ class Runner:
                     task=tid,
                     scheduled_for=scheduled_for,
                     reason=reason,
-                    next_run=entry.next_due,
+                    next_run=entry.recorded_next,
                     run_id=run_id,
                 )
             )
@@ -331,7 +351,9 @@ class Runner:
                     scheduled_for=scheduled_for,
                     attempt=attempt,
                     trigger=kind,
-                    next_run=next_run,
+                    next_run=next_run
+                    if entry.catch_up is None or next_run is None
+                    else min(next_run, entry.catch_up),
                 )
             )
             t0 = time.perf_counter()
@@ -457,7 +479,7 @@ class Runner:
                     task=entry.task.id,
                     scheduled_for=scheduled_for,
                     reason=f"{why} before it started",
-                    next_run=entry.next_due,
+                    next_run=entry.recorded_next,
                     run_id=run_id,
                 )
             )
@@ -565,7 +587,11 @@ class Runner:
             return None, None
         try:
             text = json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+            # what the log's encoder takes (pydantic's serializer: nesting below ~250
+            # levels, with a margin for the event's own): a value it refuses would lose
+            # the run's outcome event
+            _encodable(json.loads(text))
+        except (TypeError, ValueError, RecursionError) as exc:
             log.warning("task %s: its return value is not kept: %s", task.id, exc)
             return None, f"not JSON-serializable: {_describe(exc)}"
         if len(text.encode()) > self._max_result:
@@ -628,9 +654,12 @@ class Runner:
                 still = " (its code is still running in its thread)" if _busy(thread) else ""
                 return ("timeout", f"timed out after {task.timeout:g}s{still}", ""), None
             return None, value
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # (SystemExit too: ``sys.exit()`` in a task's code fails that run, it does
+            # not stop the server; a KeyboardInterrupt is the operator's, it propagates)
             log.warning("task %s run %s failed: %s", task.id, run_id, _describe(exc))
-            return ("error", _describe(exc), "".join(traceback.format_exception(exc))), None
+            tb = _clip("".join(traceback.format_exception(exc)), MAX_TRACEBACK)
+            return ("error", _describe(exc), tb), None
         finally:
             task_context_var.reset(task_token)
             if plugin_token is not None:
@@ -656,7 +685,7 @@ class Runner:
             cf = self._executor.submit(call, fn)
             thread.append(cf)
             try:
-                return await asyncio.wrap_future(cf)
+                value = await asyncio.wrap_future(cf)
             except BaseException:
                 if not cf.done():
                     log.warning(
@@ -668,6 +697,12 @@ class Runner:
                 raise
         finally:
             self._sync.discard(run_id)
+        if inspect.isawaitable(value):
+            # an async function behind a sync wrapper (a decorator without ``async``, a
+            # class with an async ``__call__``): its coroutine runs on the loop, not
+            # dropped unawaited with the run reported as succeeded
+            return await value
+        return value
 
 
 def _waiting(entry: TaskEntry) -> bool:
@@ -697,5 +732,27 @@ def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:
     return bool(thread) and not thread[0].done()
 
 
+#: An error message is recorded up to this many characters, a traceback up to this many
+#: (the rest is cut, and the cut says how much): a task failing every second with a
+#: message of megabytes must not fill the log.
+MAX_ERROR = 4_000
+MAX_TRACEBACK = 32_000
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters cut]"
+
+
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    try:
+        message = str(exc)
+    except Exception as err:  # a hostile __str__: say so rather than lose the outcome
+        message = f"<str() of the exception failed: {type(err).__name__}>"
+    return _clip(f"{type(exc).__name__}: {message}", MAX_ERROR)
+
+
+def _encodable(value: Any) -> None:
+    """Raise ``ValueError`` if the log could not encode ``value`` inside an event."""
+    pydantic_core.to_json([[[[value]]]])

@@ -82,8 +82,6 @@ _PLUGIN_EVENTS = (PluginLoaded, PluginUnloaded, PluginReloaded)
 _REQUESTS = (TaskRunRequested, TaskPauseRequested, TaskResumeRequested, TaskCancelRequested)
 _PLUGIN_TYPES = frozenset(e.type_name for e in _PLUGIN_EVENTS)
 _CHANGES = (ScheduleAdded, ScheduleChanged, ScheduleRemoved)
-#: Up to this many declarations are compiled on the loop; more go to a worker thread.
-_COMPILE_INLINE = 100
 
 
 @dataclass
@@ -270,12 +268,10 @@ class SchedulerService:
             ],
             strict=self.settings.strict if strict is None else strict,
         )
-        # Many declarations (a plugin with thousands of schedules) are compiled in a
-        # worker thread: the loop keeps serving HTTP and starting runs meanwhile.
-        if len(items) > _COMPILE_INLINE:
-            accepted, refused = await asyncio.to_thread(compile_)
-        else:
-            accepted, refused = compile_()
+        # Declarations are compiled in a worker thread: many of them (a plugin with
+        # thousands of schedules), or one costly trigger (an ``all`` whose parts rarely
+        # meet searches up to 10,000 steps), would otherwise stall HTTP and the runs.
+        accepted, refused = await asyncio.to_thread(compile_)
         refused.update(merged.broken)
         for tid in accepted:
             if tid in self._book.added:
@@ -441,7 +437,7 @@ class SchedulerService:
                 await self._refuse(r, "no such task is scheduled")
                 return
             status = self._runner.cancel_run(
-                d["run_id"], f"cancelled by {r.meta.actor or 'an operator'}"
+                d["task"], d["run_id"], f"cancelled by {r.meta.actor or 'an operator'}"
             )
             await self._runner.append(
                 d["task"],

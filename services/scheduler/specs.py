@@ -19,6 +19,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from zoneinfo import ZoneInfo
+
+import pydantic_core
 
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec
@@ -33,6 +36,7 @@ from services.scheduler.triggers import (
     parse_duration,
     parse_trigger,
     parse_zone,
+    transitions,
 )
 
 __all__ = [
@@ -98,6 +102,8 @@ class CompiledTask:
 
     def retry_backoff(self, attempt: int) -> float:
         """Delay before the attempt following failed ``attempt`` (1-based)."""
+        if attempt > 1000:  # 2**1024 does not fit a float: the cap holds long before
+            return self.retry_max_delay
         return RetryPolicy(first_delay=self.retry_delay, max_delay=self.retry_max_delay).delay(
             attempt
         )
@@ -121,7 +127,7 @@ def compile_spec(
         return _compile(plugin, spec, generation, runtime, default_tz)
     except TaskDeclarationError:
         raise
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:
         raise TaskDeclarationError(str(exc)) from None
     except RecursionError:
         raise TaskDeclarationError("the trigger is nested too deeply") from None
@@ -200,9 +206,13 @@ def _compile(
         raise TaskDeclarationError(f"misfire must be 'run_once' or 'skip', got {spec.misfire!r}")
     if not isinstance(spec.priority, int) or isinstance(spec.priority, bool):
         raise TaskDeclarationError(f"priority must be an integer, got {spec.priority!r}")
-    if not isinstance(spec.retries, int) or spec.retries < 0:
+    if not isinstance(spec.retries, int) or isinstance(spec.retries, bool) or spec.retries < 0:
         raise TaskDeclarationError(f"retries must be a non-negative integer, got {spec.retries!r}")
-    if not isinstance(spec.max_instances, int) or spec.max_instances < 1:
+    if (
+        not isinstance(spec.max_instances, int)
+        or isinstance(spec.max_instances, bool)
+        or spec.max_instances < 1
+    ):
         raise TaskDeclarationError(
             f"max_instances must be an integer >= 1, got {spec.max_instances!r}"
         )
@@ -267,8 +277,25 @@ def _at_least(seconds: float, what: str) -> None:
         )
 
 
+#: At most this many triggers combined in one (``any``/``all``, nested ones counted):
+#: every due time asks each of them for its next one, on the event loop.
+MAX_PARTS = 64
+
+
+def _count_parts(trigger: Trigger) -> int:
+    inner = trigger.inner if isinstance(trigger, Bounded) else trigger
+    parts = getattr(inner, "parts", ())
+    return sum(_count_parts(p) for p in parts) if parts else 1
+
+
 def _check_trigger(trigger: Trigger) -> None:
     """Refuse intervals below the minimum and triggers that can never fire."""
+    parts = _count_parts(trigger)
+    if parts > MAX_PARTS:
+        raise TaskDeclarationError(
+            f"the trigger combines {parts} triggers: at most {MAX_PARTS} (each due time "
+            "asks every one of them)"
+        )
     inner = trigger.inner if isinstance(trigger, Bounded) else trigger
     if isinstance(inner, IntervalTrigger):
         _at_least(inner.every, "every")
@@ -296,16 +323,39 @@ def _check_jitter(trigger: Trigger | None, jitter: float) -> None:
         gap = inner.every
     else:
         gap = math.inf
-        t = trigger.first(time.time())
+        now = time.time()
+        t = trigger.first(now)
         for _ in range(10):
             n = trigger.next_after(t) if t is not None else None
             if t is None or n is None:
                 break
             gap, t = min(gap, n - t), n
+        # Daylight-saving changes shorten some gaps (a daily run is 23 h from the last
+        # one on the day the clocks go forward): look at the due times around each
+        # change of the zones involved in the next two years too.
+        if math.isfinite(gap):
+            for zone in _zones(trigger):
+                for change, _, _ in transitions(zone, now, 2):
+                    t = trigger.next_after(change - 3 * gap)
+                    for _ in range(12):
+                        n = trigger.next_after(t) if t is not None else None
+                        if t is None or n is None or t > change + 3 * gap:
+                            break
+                        gap, t = min(gap, n - t), n
     if jitter >= gap:
         raise TaskDeclarationError(
             f"jitter ({jitter:g}s) must be below the interval between runs ({gap:g}s)"
         )
+
+
+def _zones(trigger: Trigger) -> set[ZoneInfo]:
+    """The time zones a trigger's wall-clock parts (cron, calendar) are in."""
+    inner = trigger.inner if isinstance(trigger, Bounded) else trigger
+    zone = getattr(inner, "zone", None)
+    found = {zone} if isinstance(zone, ZoneInfo) else set()
+    for part in getattr(inner, "parts", ()):
+        found |= _zones(part)
+    return found
 
 
 @functools.lru_cache(maxsize=4096)
@@ -330,8 +380,10 @@ def _check_signature(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
     if not args and not kwargs:
         return
     try:
-        json.dumps([list(args), kwargs])
-    except (TypeError, ValueError):
+        # recorded in the log (runtime schedules): what its encoder takes (no NaN, a
+        # nesting below ~250 levels, with a margin for the event's own)
+        pydantic_core.to_json([[[json.loads(json.dumps([list(args), kwargs], allow_nan=False))]]])
+    except (TypeError, ValueError, RecursionError):
         raise TaskDeclarationError(
             "args/kwargs must be JSON-serializable (they are recorded in the log)"
         ) from None

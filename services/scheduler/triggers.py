@@ -30,10 +30,12 @@ before that instant changes the answer — no scan minute by minute around a cha
 from __future__ import annotations
 
 import calendar
+import contextlib
 import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
@@ -62,6 +64,13 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 6048
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _EPOCH = datetime(1970, 1, 1)
 _TINY = timedelta(microseconds=1)
+#: The longest duration accepted (an interval, a delay, a timeout): 100 years. Longer
+#: ones would put due times past what a datetime can show (the admin table, the log).
+MAX_DURATION = 100 * 365.25 * 86400
+#: Instants (``at=``, ``start``, ``end``) are accepted from 1900 to 9000: the due times
+#: computed from them (cron looks up to 30 years ahead) stay within datetime's range.
+MIN_INSTANT = datetime(1900, 1, 1, tzinfo=UTC).timestamp()
+MAX_INSTANT = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
 
 
 def parse_duration(value: str | float | int, what: str = "duration") -> float:
@@ -89,6 +98,8 @@ def parse_duration(value: str | float | int, what: str = "duration") -> float:
         raise ValueError(f"{what}: expected seconds or a string like '30s', got {value!r}")
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{what}: {value!r} must be a finite, non-negative duration")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{what}: {value!r} is above the maximum duration of 100 years")
     return seconds
 
 
@@ -102,9 +113,10 @@ def parse_zone(name: str) -> ZoneInfo:
 
 
 def parse_at(value: str | datetime, tz: str | None, what: str = "at") -> float:
-    """The instant of ``at=``: an ISO 8601 string or a datetime (naive means ``tz``)."""
+    """The instant of ``at=``: an ISO 8601 string or a datetime (naive means ``tz``),
+    or epoch seconds; between 1900 and 9000 (:data:`MIN_INSTANT`, :data:`MAX_INSTANT`)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return _in_range(float(value), value, what)
     if isinstance(value, str):
         try:
             when = datetime.fromisoformat(value)
@@ -116,7 +128,17 @@ def parse_at(value: str | datetime, tz: str | None, what: str = "at") -> float:
         raise ValueError(f"{what}: expected an ISO 8601 string or a datetime, got {value!r}")
     if when.tzinfo is None:
         when = when.replace(tzinfo=parse_zone(tz or "UTC"))
-    return when.timestamp()
+    try:
+        instant = when.timestamp()
+    except (OverflowError, ValueError):
+        raise ValueError(f"{what}: {value!r} is out of range (1900 to 9000)") from None
+    return _in_range(instant, value, what)
+
+
+def _in_range(instant: float, value: object, what: str) -> float:
+    if not math.isfinite(instant) or not MIN_INSTANT <= instant <= MAX_INSTANT:
+        raise ValueError(f"{what}: {value!r} is not an instant between 1900 and 9000")
+    return instant
 
 
 # -- zone transitions ---------------------------------------------------------------------
@@ -454,6 +476,8 @@ class CalendarTrigger:
             except ValueError:
                 raise ValueError(f"calendar: start={start!r} is not a date (YYYY-MM-DD)") from None
         self.start = start or date(1970, 1, 1)
+        if not isinstance(self.start, date) or not 1900 <= self.start.year < 9000:
+            raise ValueError(f"calendar: start={start!r} is not a date from 1900 to 9000")
         if day is not None and (not isinstance(day, int) or not 1 <= day <= 31):
             raise ValueError(f"calendar: day must be 1..31, got {day!r}")
         if day is not None and self.span_days:
@@ -543,7 +567,11 @@ class AnyOf:
 
 class AllOf:
     """Due when all of its triggers are due at the same instant (searched at most
-    10,000 steps ahead; past that, never)."""
+    :data:`ALL_OF_STEPS` steps ahead; past that, never).
+
+    The bound is shared by the ``all`` triggers nested in one another: an ``all`` of
+    ``all`` triggers searches at most that many steps in total, not that many per level (a
+    nesting would otherwise multiply them, and a search runs on the event loop)."""
 
     def __init__(self, parts: Sequence[Trigger]) -> None:
         if len(parts) < 2:
@@ -556,13 +584,16 @@ class AllOf:
         return {"all": [p.to_dict() for p in self.parts]}
 
     def first(self, now: float) -> float | None:
-        return self._meet([p.first(now) for p in self.parts])
+        with _search_budget():
+            return self._meet([p.first(now) for p in self.parts])
 
     def next_after(self, due: float) -> float | None:
-        return self._meet([p.next_after(due) for p in self.parts])
+        with _search_budget():
+            return self._meet([p.next_after(due) for p in self.parts])
 
     def _meet(self, times: list[float | None]) -> float | None:
-        for _ in range(10_000):
+        while _budget.left > 0:
+            _budget.left -= 1
             if any(t is None for t in times):
                 return None
             top = max(t for t in times if t is not None)
@@ -573,6 +604,26 @@ class AllOf:
                 for p, t in zip(self.parts, times, strict=True)
             ]
         return None
+
+
+#: Steps an ``all`` trigger (with the ``all`` triggers nested in it) searches for an
+#: instant where its parts meet.
+ALL_OF_STEPS = 10_000
+
+_budget = threading.local()
+
+
+@contextlib.contextmanager
+def _search_budget() -> Iterator[None]:
+    """Give the outermost ``all`` search :data:`ALL_OF_STEPS` steps; nested ones share them."""
+    if getattr(_budget, "left", None) is not None:
+        yield
+        return
+    _budget.left = ALL_OF_STEPS
+    try:
+        yield
+    finally:
+        _budget.left = None
 
 
 class Bounded:
@@ -651,6 +702,8 @@ def parse_trigger(value: Any, tz: str | None = None) -> Trigger:
         every = parse_duration(value["every"], "every")
         if every <= 0:
             raise ValueError("every: the interval must be positive")
+        if start is not None and end is not None and end <= start:
+            raise ValueError("end must be after start")
         return _bound(IntervalTrigger(every, anchor=start), None, end)
     elif kind == "at":
         trigger = DateTrigger(parse_at(value["at"], zone))
@@ -692,10 +745,17 @@ def catch_up(
     """
     if now < due:
         return 1, due, trigger.next_after(due)
-    if isinstance(trigger, IntervalTrigger) and trigger.anchor is None:
-        n = int((now - due) // trigger.every) + 1
-        last = due + (n - 1) * trigger.every
-        return n, last, last + trigger.every
+    inner, upto = trigger, now
+    if isinstance(trigger, Bounded) and trigger.start is None and trigger.end is not None:
+        inner, upto = trigger.inner, min(now, trigger.end)  # `every=` with `end=`
+    if isinstance(inner, IntervalTrigger):
+        # due + k * every (anchored: the anchor's grid, which `due` lies on)
+        n = max(1, int((upto - due) // inner.every) + 1)
+        last = due + (n - 1) * inner.every
+        if inner.anchor is not None:
+            while n > 1 and last > upto:  # rounding
+                n, last = n - 1, last - inner.every
+        return n, last, trigger.next_after(last)
     nxt = trigger.next_after(due)
     if nxt is None or nxt > now:
         return 1, due, nxt

@@ -82,6 +82,8 @@ def test_the_document_declares_the_bearer_scheme_and_every_refusal(tmp_path: Pat
             else:
                 assert schema == {"$ref": "#/components/schemas/Error"}, (where, code)
         assert {"401", "413", "503"} <= set(op["responses"]), where
+        if "requestBody" in op:  # malformed, and stalled or dripped (the guard's 408)
+            assert {"400", "408"} <= set(op["responses"]), where
         if "{" in path and "404" not in op["responses"]:
             undeclared_404.append(where)
     # a path parameter can name nothing: the route says what it answers then

@@ -256,6 +256,22 @@ async def test_bad_input_gets_one_line_and_exit_code_2(
     assert len(lines) == 1 and lines[0].startswith("xcore replay: error:") and message in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["timeline", "{log}", "--limit", "-1"], "argument --limit: -1 is less than 0"),
+        (["timeline", "{log}", "--limit", "many"], "argument --limit: 'many' is not a whole"),
+        (["bisect", "{log}", "--until", "1 > 0", "--every", "0"], "argument --every: 0 is less"),
+    ],
+)
+async def test_counts_out_of_range_are_refused_before_reading_the_log(
+    story: Story, args: list[str], message: str
+) -> None:
+    out = run("replay", *[a.format(log=story.path) for a in args])
+    assert out.returncode == 2 and out.stdout == ""
+    assert message in out.stderr.splitlines()[-1]
+
+
 def test_another_sqlite_database_is_not_an_xcore_log(tmp_path: Path) -> None:
     import sqlite3
 
@@ -427,3 +443,23 @@ async def test_import_warns_about_the_lines_it_skips(story: Story, tmp_path: Pat
     result = run("replay", "import", damaged, tmp_path / "copy.db")
     assert result.returncode == 0, result.stderr
     assert "warning" in result.stderr and "line 4" in result.stderr
+
+
+async def test_import_warns_about_a_gap_in_the_slice(story: Story, tmp_path: Path) -> None:
+    """A slice with a line removed imports as it is (positions are kept), and says so."""
+    exported = tmp_path / "all.jsonl"
+    assert run("replay", "export", story.path, "-o", exported).returncode == 0
+    lines = exported.read_bytes().splitlines()
+    del lines[5]  # the header is line 1: this is position 5
+    holed = tmp_path / "holed.jsonl"
+    holed.write_bytes(b"\n".join(lines) + b"\n")
+    result = run("replay", "import", holed, tmp_path / "copy.db")
+    assert result.returncode == 0, result.stderr
+    assert "position 5: gap: position 5 is missing" in result.stderr
+    # a slice exported with filters has gaps by design: no warning
+    filtered = tmp_path / "failed.jsonl"
+    assert (
+        run("replay", "export", story.path, "--type", "TaskFailed", "-o", filtered).returncode == 0
+    )
+    quiet = run("replay", "import", filtered, tmp_path / "failed.db")
+    assert quiet.returncode == 0 and "gap" not in quiet.stderr

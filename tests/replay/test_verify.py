@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import anyio
 import orjson
 import pytest
 
@@ -221,3 +222,19 @@ async def test_events_decode_after_upcasting_and_a_missing_upcaster_is_a_defect(
     assert orjson.loads(out.stdout)["data"] == {"name": "g", "size": 0}
     rep = report(story.path)
     assert defects(rep, "every event decodes") == [("upcast", story.last + 2)]
+
+
+@pytest.mark.parametrize("keep", [4096, 0.5])
+async def test_a_truncated_copy_is_a_defect_to_verify_and_bad_input_elsewhere(
+    story: Story, tmp_path: Path, keep: float
+) -> None:
+    data = await anyio.Path(story.path).read_bytes()
+    cut = tmp_path / "cut.db"
+    cut.write_bytes(data[: int(keep if keep >= 1 else len(data) * keep)])
+    out = run("replay", "verify", cut)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout.startswith("DAMAGED ") and str(cut) in out.stdout
+    found = orjson.loads(run("replay", "verify", cut, "--json").stdout)
+    assert found["ok"] is False and "damaged" in found
+    other = run("replay", "state", cut)
+    assert other.returncode == 2 and other.stderr.startswith("xcore replay: error:")

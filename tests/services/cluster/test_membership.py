@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from kernel import Kernel
-from kernel.events import Meta, NewEvent
+from kernel.events import Meta, NewEvent, Recorded
 from kernel.settings import Settings
 from kernel.store.postgres import PostgresStore
 from services.cluster.events import NodeStarted, node_stream
@@ -104,6 +104,43 @@ def test_tasks_spread_over_the_live_nodes() -> None:
     # a stale node drops out of the ranking
     view.nodes["c"].last_heartbeat = now - 60
     assert "c" not in Rendezvous(view, "a", 0.2).rank("x")
+
+
+def _claimed(
+    view: ClusterView, position: int, due: float, committed: float, **data: object
+) -> None:
+    """Fold a ``TaskStarted`` of node ``a`` due at ``due`` and committed at ``committed``."""
+    event = TaskStarted(task="t", run_id=f"r{position}", scheduled_for=due, **data)  # type: ignore[arg-type]
+    new = NewEvent.of(event, Meta(node="a"))
+    view.apply(Recorded.of(position, "task-t", position, new, committed))
+
+
+def test_the_next_nodes_wait_as_long_as_claims_currently_take() -> None:
+    view = ClusterView()
+    now = time.time()
+    for name in ("a", "b", "c"):
+        view.node(name).last_heartbeat = now
+    delays = lambda: sorted(Rendezvous(view, n, 0.2).delay("t0") for n in "abc")  # noqa: E731
+    assert delays() == [0.0, 0.2, 0.4]
+    # claims commit up to 3 s after their due time: the others wait twice that more
+    _claimed(view, 1, now - 5, now - 4)
+    _claimed(view, 2, now - 4, now - 1)
+    _claimed(view, 3, now - 2, now - 1.5)
+    assert view.claim_lag(now) == pytest.approx(3.0)
+    assert delays() == pytest.approx([0.0, 6.2, 12.4])
+    # the first node still claims at once; the wait is capped (a node is lost past it)
+    assert sorted(Rendezvous(view, n, 0.2, max_lag=1.0).delay("t0") for n in "abc") == (
+        pytest.approx([0.0, 1.2, 2.4])
+    )
+    # runs asked for now, retries or misfires are not late for a schedule: not counted
+    _claimed(view, 4, now - 30, now, trigger="request")
+    _claimed(view, 5, now - 30, now, trigger="misfire")
+    assert view.claim_lag(now) == pytest.approx(3.0)
+    # the lag is that of the last 10 s of claims: it falls with the load
+    _claimed(view, 6, now + 1, now + 1.1)
+    assert view.claim_lag(now + 8.5) == pytest.approx(3.0)
+    assert view.claim_lag(now + 10.5) == pytest.approx(0.1)
+    assert view.claim_lag(now + 30) == 0.0
 
 
 async def test_two_survivors_racing_record_the_loss_once(pg_dsn: str) -> None:
