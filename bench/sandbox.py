@@ -120,7 +120,7 @@ def _frame_sizes() -> tuple[int, int]:
     from services.sandbox.protocol import encode
 
     ask = encode({"op": "noop", "id": 12345})
-    answer = encode({"op": "result", "id": 12345, "ok": True, "cpu_ms": 0.0})
+    answer = encode({"op": "result", "id": 12345, "ok": True})
     return len(ask), len(answer)
 
 

@@ -55,6 +55,11 @@ WINDOW_FRAMES = 16
 WINDOW_BYTES = 1024 * 1024
 
 _HEAD = struct.Struct(">II")
+_pack = _HEAD.pack
+_unpack_from = _HEAD.unpack_from
+_dumps = orjson.dumps
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
 
 
 class FrameError(Exception):
@@ -62,12 +67,15 @@ class FrameError(Exception):
 
 
 def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    """One frame: ``header`` (JSON-able) and the raw ``payload``."""
-    head = orjson.dumps(header, default=str)
+    """One frame: ``header`` (JSON-able) and the raw ``payload``, in one buffer (one
+    write puts it on the wire)."""
+    head = _dumps(header, default=str)
     size = 4 + len(head) + len(payload)
     if size > MAX_FRAME:
         raise FrameError(f"a frame of {size} bytes exceeds the limit of {MAX_FRAME}")
-    return _HEAD.pack(size, len(head)) + head + payload
+    if payload:
+        return b"".join((_pack(size, len(head)), head, payload))
+    return _pack(size, len(head)) + head
 
 
 def sizes(prefix: bytes | memoryview) -> tuple[int, int]:
@@ -113,24 +121,28 @@ class FrameReader:
                 return []
             data = b"".join(self._pieces)
             self._pieces, self._have = [], 0
+        # the hot path of every call on both sides: plain bytes, no memoryview, the
+        # prefix unpacked in place, locals only
         frames: list[Frame] = []
-        view = memoryview(data)
         pos, end = 0, len(data)
         while end - pos >= 8:
-            size, head = sizes(view[pos : pos + 8])
+            size, head = _unpack_from(data, pos)
+            if size > MAX_FRAME or head > size - 4:
+                raise FrameError(f"bad frame prefix (size {size}, header {head})")
             stop = pos + 4 + size
             if stop > end:
                 break
+            body = pos + 8 + head
             try:
-                header = orjson.loads(view[pos + 8 : pos + 8 + head])
-            except orjson.JSONDecodeError as exc:
+                header = _loads(data[pos + 8 : body])
+            except _JSONDecodeError as exc:
                 raise FrameError(f"a frame header is not JSON: {exc}") from None
-            if not isinstance(header, dict):
+            if type(header) is not dict:
                 raise FrameError("a frame header is not an object")
-            frames.append((header, data[pos + 8 + head : stop]))
+            frames.append((header, data[body:stop]))
             pos = stop
         if pos < end:
-            rest = data[pos:]
+            rest = data[pos:] if pos else data
             self._pieces, self._have = [rest], len(rest)
             self._need = 8 if len(rest) < 8 else 4 + sizes(rest[:8])[0]
         return frames

@@ -77,12 +77,21 @@ class Stats:
 
     def observe(self, kind: str, ok: bool, cpu_ms: float) -> None:
         self.calls += 1
-        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        by_kind = self.by_kind
+        by_kind[kind] = by_kind.get(kind, 0) + 1
         if not ok:
             self.failures += 1
         self.cpu_ms_total += cpu_ms
         self.cpu_ms_last = cpu_ms
-        self.cpu_ms_max = max(self.cpu_ms_max, cpu_ms)
+        if cpu_ms > self.cpu_ms_max:
+            self.cpu_ms_max = cpu_ms
+
+
+def _number(value: Any) -> float:
+    """A number the worker sent (anything else counts as 0: its word is not trusted)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return 0.0
 
 
 class SandboxedPlugin:
@@ -338,12 +347,15 @@ class SandboxedPlugin:
         self, header: dict[str, Any], *, kind: str, worker: Worker | None = None
     ) -> dict[str, Any]:
         """One request/answer call (task run, hook, no-op); raises :class:`CallFailed`
-        when the plugin's code raised, :class:`WorkerGone` when the worker died."""
+        when the plugin's code raised, :class:`WorkerGone` when the worker died.
+        ``header`` is sent as it is (it gets the call's ``id``)."""
         w = worker if worker is not None else self.serving()
-        label = f"{kind} {header.get('task') or header.get('hook') or ''}".strip()
+        what = header.get("task") or header.get("hook")
+        label = f"{kind} {what}" if what else kind
         h = await w.request(header, label=label, grace=self.settings.cancel_grace_s)
         ok = bool(h.get("ok"))
-        self.stats.observe(kind, ok, float(h.get("cpu_ms", 0.0)))
+        cpu_ms = h.get("cpu_ms", 0.0)
+        self.stats.observe(kind, ok, cpu_ms if type(cpu_ms) is float else _number(cpu_ms))
         if not ok:
             raise CallFailed(str(h.get("error", "failed")), str(h.get("traceback", "")))
         return h

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["Exit", "Worker", "WorkerGone"]
 
 log = logging.getLogger("xcore.sandbox")
+_monotonic = time.monotonic
 
 #: Log lines a worker may send per second (stderr included) before lines are dropped.
 LOG_RATE = 200
@@ -61,6 +62,9 @@ WRITE_HIGH_WATER = 1024 * 1024
 MAX_ASKS = 256
 #: Size asked for the buffers of the pipes to and from a worker.
 PIPE_SIZE = 1024 * 1024
+#: Largest read from a worker's pipe. Below glibc's mmap threshold (128 KiB): a larger
+#: buffer is mapped and unmapped by every read (about 15 us each) until glibc adapts.
+READ_SIZE = 64 * 1024
 
 
 class WorkerGone(Exception):
@@ -105,15 +109,27 @@ class Exit:
 _SIGNAL_LIMITS = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size"}
 
 
-@dataclass
 class _Call:
-    #: The frames of a streaming call (HTTP), or of a cancel in progress.
-    send: _Inbox | None
-    deadline: float
-    label: str
-    #: A request/answer call waits on ``done`` for its ``result`` (None: the worker ended).
-    done: asyncio.Future[dict[str, Any] | None] | None = None
-    aborted: bool = False
+    """A call sent to the worker and not answered yet."""
+
+    __slots__ = ("aborted", "deadline", "done", "label", "send")
+
+    def __init__(
+        self,
+        send: _Inbox | None,
+        deadline: float,
+        label: str,
+        done: asyncio.Future[dict[str, Any] | None] | None = None,
+    ) -> None:
+        #: The frames of a streaming call (HTTP), or of a cancel in progress.
+        self.send = send
+        #: When the worker is killed (``wall``) if the call has not ended.
+        self.deadline = deadline
+        self.label = label
+        #: A request/answer call waits on ``done`` for its ``result`` (None: the worker
+        #: ended).
+        self.done = done
+        self.aborted = False
 
 
 @dataclass
@@ -174,7 +190,12 @@ class Worker:
         self._calls: dict[int, _Call] = {}
         self._next = 0
         self._flow = _Flow()
-        self._in: asyncio.ReadTransport | None = None
+        #: The read end of the worker's pipe (-1: closed), read in :meth:`_readable`.
+        self._rfd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Ready, not exited, not being killed (what :attr:`alive` says, kept as a flag:
+        #: every call checks it).
+        self._up = False
         self._out: asyncio.WriteTransport | None = None
         self._proc: Process | None = None
         self._kill: tuple[str, float, str] | None = None
@@ -202,15 +223,17 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.ready is not None and not self.exited.is_set() and self._kill is None
+        return self._up
 
     # -- life ------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Start, serve and watch the process until it ends (never raises)."""
         self._t0 = time.perf_counter()
-        # the wire is two pipes of our own, read and written by asyncio protocols: a
-        # frame is dispatched in the callback that read it (no task, no stream between)
+        # the wire is two pipes of our own: the worker's is read in a readable callback of
+        # the loop and each frame dispatched there (no transport, task or stream between);
+        # ours is written through an asyncio transport (it buffers what the pipe cannot
+        # take at once)
         to_worker, from_kernel = _pipe()
         from_worker, to_kernel = _pipe()
         try:
@@ -239,16 +262,16 @@ class Worker:
             os.close(to_kernel)
         self._proc = proc
         self.pid = proc.pid
+        self._rfd = from_worker
         self._contain(proc.pid)
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         try:
             self._out, _ = await loop.connect_write_pipe(
                 lambda: self._flow, os.fdopen(from_kernel, "wb", buffering=0)
             )
             self._out.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-            self._in, _ = await loop.connect_read_pipe(
-                lambda: _FrameProtocol(self), os.fdopen(from_worker, "rb", buffering=0)
-            )
+            os.set_blocking(from_worker, False)
+            loop.add_reader(from_worker, self._readable)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._read_stderr)
@@ -316,14 +339,15 @@ class Worker:
     async def _finish(self, proc: Process) -> None:
         self._kill_group()
         self._tg = None
-        for transport in (self._in, self._out):
-            if transport is not None:
-                transport.close()
+        self._close_reader()
+        if self._out is not None:
+            self._out.close()
         try:
             await proc.wait()
             await proc.aclose()
         except Exception:
             log.exception("sandbox: plugin %r worker %d: could not reap it", self.plugin, self.pid)
+        self._up = False
         self.exit = self._classify(proc.returncode)
         if self._cgroup is not None:
             cgroup, self._cgroup = self._cgroup, None
@@ -405,6 +429,7 @@ class Worker:
 
     def kill(self, limit: str, value: float, detail: str) -> None:
         """Kill the process group, recording why (the first reason wins)."""
+        self._up = False
         if self._kill is None:
             self._kill = (limit, value, detail)
             if limit != "stop":
@@ -455,7 +480,7 @@ class Worker:
         frame = encode(header, payload)
         batch = self._batch
         if batch is None and not gather:
-            out.write(frame)
+            out.write(frame)  # one write of one buffer (prefix, header and payload)
         elif batch is None:
             out.write(frame)
             self._batch = []
@@ -481,9 +506,12 @@ class Worker:
         """Queue a frame; wait while more than ``WRITE_HIGH_WATER`` bytes are queued."""
         self._write(header, payload, gather=gather)
         if self._flow.paused:
-            await self._flow.drain()
-            if self._out is None or self._out.is_closing():
-                raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        await self._flow.drain()
+        if self._out is None or self._out.is_closing():
+            raise WorkerGone(self.plugin, "its sandbox worker is gone", self.exit)
 
     async def send_frame(self, header: dict[str, Any], payload: bytes = b"") -> None:
         """Send a frame belonging to a call already open (a body chunk, a disconnect)."""
@@ -504,14 +532,34 @@ class Worker:
         with suppress(WorkerGone):
             await self._send({"op": "body", "id": cid, "more": more}, chunk, gather=True)
 
+    def _readable(self) -> None:
+        """The worker's pipe has data: read it and dispatch its frames, here."""
+        try:
+            data = os.read(self._rfd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._frames(data)
+        else:  # the worker closed its end: it ended (or will)
+            self._close_reader()
+            self.ready_event.set()
+
+    def _close_reader(self) -> None:
+        fd, self._rfd = self._rfd, -1
+        if fd >= 0:
+            if self._loop is not None:
+                self._loop.remove_reader(fd)
+            os.close(fd)
+
     def _frames(self, data: bytes) -> None:
         """Dispatch the frames of one read from the worker's pipe."""
         try:
             frames = self._reader.feed(data)
         except FrameError as exc:
             self.kill("protocol", 0, f"it sent a malformed frame: {exc}")
-            if self._in is not None:
-                self._in.close()
+            self._close_reader()
             return
         for header, payload in frames:
             try:
@@ -526,12 +574,21 @@ class Worker:
 
     def _dispatch(self, h: dict[str, Any], payload: bytes) -> None:
         op = h.get("op")
-        if op == "pong":
+        if op == "result":  # the end of a call: first, it is the most frequent
+            call = self._calls.pop(h.get("id", -1), None)
+            if call is None:
+                return  # a late reply to a call nobody waits for: dropped
+            if call.send is not None:
+                self._route(call, op, h, payload)
+            elif call.done is not None and not call.done.done():
+                call.done.set_result(h)
+        elif op == "pong":
             self._last_pong = time.monotonic()
         elif op == "log":
             self._log(h)
         elif op == "ready":
             self.ready = h
+            self._up = self._kill is None and not self.exited.is_set()
             self.start_ms = (time.perf_counter() - self._t0) * 1000
             self.started_at = time.time()
             self._sample()
@@ -547,27 +604,31 @@ class Worker:
             call = self._calls.get(h.get("id", -1))
             if call is None:
                 return  # a late reply to a call nobody waits for: dropped
-            if op == "result" or (op == "cancelled" and h.get("honoured")):
+            if op == "cancelled" and h.get("honoured"):
                 self._calls.pop(h["id"], None)
             if call.send is not None:
-                # a closed inbox (its caller left: a disconnected client) drops the frame
-                if not call.send.put((h, payload)):
-                    # the caller reads slower than the plugin writes: rather than buffer
-                    # without bound (or drop frames silently), the call is aborted
-                    log.warning(
-                        "sandbox: plugin %r: %s aborted: its client reads slower than the "
-                        "plugin writes (%d frames waiting)",
-                        self.plugin,
-                        call.label,
-                        CALL_BUFFER,
-                    )
-                    call.aborted = True
-                    call.send.close()
-                    return
-                if op == "result":
-                    call.send.close()
-            elif op == "result" and call.done is not None and not call.done.done():
-                call.done.set_result(h)
+                self._route(call, op, h, payload)
+
+    def _route(self, call: _Call, op: Any, h: dict[str, Any], payload: bytes) -> None:
+        """A frame of a streaming call (or of a cancel in progress) to its inbox."""
+        inbox = call.send
+        assert inbox is not None
+        # a closed inbox (its caller left: a disconnected client) drops the frame
+        if not inbox.put((h, payload)):
+            # the caller reads slower than the plugin writes: rather than buffer without
+            # bound (or drop frames silently), the call is aborted
+            log.warning(
+                "sandbox: plugin %r: %s aborted: its client reads slower than the "
+                "plugin writes (%d frames waiting)",
+                self.plugin,
+                call.label,
+                CALL_BUFFER,
+            )
+            call.aborted = True
+            inbox.close()
+            return
+        if op == "result":
+            inbox.close()
 
     # -- the plugin's appends and subscriptions ------------------------------------------
 
@@ -753,20 +814,23 @@ class Worker:
     # -- calls -----------------------------------------------------------------------
 
     async def request(self, header: dict[str, Any], *, label: str, grace: float) -> dict[str, Any]:
-        """One call answered by one ``result`` frame (task, hook, no-op).
+        """One call answered by one ``result`` frame (task, hook, no-op); ``header`` is
+        sent as it is, given the call's ``id``.
 
         Cancelling the caller cancels the call in the worker; a cancel its code cannot
         honour within ``grace`` kills the worker. :class:`WorkerGone` if the worker ends.
         """
-        if not self.alive:
+        if not self._up:
             raise WorkerGone(self.plugin, "its sandbox worker is not running", self.exit)
-        self._next += 1
-        cid = self._next
-        done: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-        call = _Call(None, time.monotonic() + self.wall_time, label, done)
-        self._calls[cid] = call
+        self._next = cid = self._next + 1
+        assert self._loop is not None
+        done: asyncio.Future[dict[str, Any] | None] = self._loop.create_future()
+        self._calls[cid] = _Call(None, _monotonic() + self.wall_time, label, done)
+        header["id"] = cid
         try:
-            await self._send({**header, "id": cid})
+            self._write(header, gather=False)
+            if self._flow.paused:
+                await self._drain()
             result = await done
         except BaseException:
             if not (done.done() and not done.cancelled()) and cid in self._calls and self.alive:
@@ -933,22 +997,6 @@ class _Watched:
                     await w.exited.wait()
             why = w.exit.describe() if w.exit else "its sandbox worker ended"
             raise WorkerGone(w.plugin, why, w.exit) from None
-
-
-class _FrameProtocol(asyncio.Protocol):
-    """The worker's frames, dispatched as they are read."""
-
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    def data_received(self, data: bytes) -> None:
-        self._worker._frames(data)
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._worker.ready_event.set()  # it ended (or will): nothing more to wait for
 
 
 class _Flow(asyncio.Protocol):
