@@ -1,16 +1,19 @@
 """Sandbox benchmarks: a call's round trip, a sandboxed route's throughput, a worker's start and size.
 
 - ``sandbox_call_p50_us`` / ``sandbox_call_p99_us``: a no-op call into a sandboxed
-  plugin's worker (the supervisor's ``call``: one frame out, one frame back, both through
-  the kernel's event loop), beside ``raw_pipe``: the same bytes (a no-op frame out, a
-  result frame back) over two pipes to a child that answers at once, blocking in
-  ``read``, the kernel's side on the same asyncio loop the sandbox's calls use (the
-  floor any IPC from an asyncio kernel pays: one write, one wake-up of the loop),
-  measured in the same run in alternating batches (DESIGN.md "Targets": p50 <= 1.5x).
-  ``blocking_pipe_p50_us`` (in the record) is the same round trip with both sides
-  blocking, for reference: a kernel on an event loop cannot call like that;
-  ``two_loops_pipe_p50_us`` has the child on an asyncio loop too, answering in its
-  readable callback: the floor of a design with an event loop in each process.
+  plugin's worker (the supervisor's ``call``: one frame out, one frame back, through the
+  event loops of both processes), beside ``raw_pipe``: the same bytes (a no-op frame
+  out, a result frame back, of the sizes the sandbox sends) over two pipes between two
+  Python processes that each run an asyncio loop as the kernel and the worker do: the
+  parent writes and awaits a future, the child reads in its loop's readable callback
+  and answers there. It does no framing, no decoding and no bookkeeping: the floor of
+  any IPC between two asyncio processes. Measured in the same run, in alternating
+  batches (DESIGN.md "Targets": p50 <= 1.5x).
+  For reference the record also has ``blocking_child_pipe_p50_us`` (the child blocking
+  in ``read`` instead of on a loop) and ``blocking_pipe_p50_us`` (both sides blocking:
+  the pipe alone, which an event-loop kernel cannot use), and the CPU time both
+  processes spend per call (``cpu_us_per_call``: kernel + worker, or parent + child),
+  which a loaded machine disturbs less than the latency.
 - ``sandbox_route_rps``: ``GET /app/bench/status`` served by two ``xcore serve``
   processes, the same plugin trusted in one and sandboxed in the other, loaded by wrk in
   alternating pairs (target >= 0.6x). The record also has the CPU time the server's
@@ -66,8 +69,8 @@ def _plugin(folder: Path, mode: str) -> None:
     )
 
 
-#: The child of the raw pipe peer: reads a request of ``argv[1]`` bytes, answers
-#: ``argv[2]`` bytes, blocking (the least any worker process can do).
+#: A child that reads a request of ``argv[1]`` bytes and answers ``argv[2]`` bytes,
+#: blocking in ``read`` (a reference: the sandbox's worker runs an event loop).
 ECHO = """
 import os, sys
 ask, answer = int(sys.argv[1]), int(sys.argv[2])
@@ -83,8 +86,8 @@ while True:
 """
 
 
-#: The same child on an asyncio loop (as a worker is): reads in a readable callback and
-#: answers in it. A reference for the design's floor (two event loops), not the peer.
+#: The child of the raw pipe peer, on an asyncio loop as a worker is: reads in a
+#: readable callback and answers in it.
 ECHO_ASYNCIO = """
 import asyncio, os, sys
 ask, answer = int(sys.argv[1]), int(sys.argv[2])
@@ -126,10 +129,11 @@ def _frame_sizes() -> tuple[int, int]:
 
 class RawPipe:
     """The peer: a round trip over two pipes to a child that answers at once, the
-    kernel's side on its asyncio loop like the sandbox's (one frame written, the loop
-    woken by the answer), the child blocking in ``read``."""
+    parent's side on its asyncio loop like the kernel's (one write, the loop woken by the
+    answer), the child on an asyncio loop like a worker (``ECHO_ASYNCIO``; ``ECHO``: a
+    child blocking in ``read``)."""
 
-    def __init__(self, child: str = ECHO) -> None:
+    def __init__(self, child: str = ECHO_ASYNCIO) -> None:
         self.ask, self.answer = _frame_sizes()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", child, str(self.ask), str(self.answer)],
@@ -230,32 +234,47 @@ async def _sandbox_calls(pairs: int) -> list[Result]:
                 assert plugin.worker is not None
                 starts.append(plugin.worker.start_ms)
             await asyncio.sleep(1.2)  # one RSS sample after start
-            rss_mb = plugin.worker.rss / 2**20
+            worker = plugin.worker
+            assert worker is not None
+            rss_mb = worker.rss / 2**20
+            worker_pid = worker.pid
             sandbox: list[float] = []
             raw: list[float] = []
+            blocking_child: list[float] = []
             ratios = []
-            peer = RawPipe()
-            two_loops = RawPipe(ECHO_ASYNCIO)
-            loops: list[float] = []
+            cpu: dict[str, list[float]] = {"sandbox": [], "raw_pipe": []}
+            peer = RawPipe(ECHO_ASYNCIO)
+            reference = RawPipe(ECHO)
             try:
+                for _ in range(200):  # warm both paths
+                    await plugin.call({"op": "noop"}, kind="noop")
+                await peer.batch(200)
                 for i in range(pairs):
+                    k0, w0 = time.process_time(), _tree_cpu(worker_pid)
                     batch = []
                     for _ in range(CALLS):
                         t0 = time.perf_counter()
                         await plugin.call({"op": "noop"}, kind="noop")
                         batch.append((time.perf_counter() - t0) * 1e6)
+                    k1, w1 = time.process_time(), _tree_cpu(worker_pid)
+                    c1 = _tree_cpu(peer.proc.pid)
+                    k2 = time.process_time()
                     pipe = await peer.batch(CALLS)
-                    loops += await two_loops.batch(CALLS)
+                    k3, c3 = time.process_time(), _tree_cpu(peer.proc.pid)
+                    cpu["sandbox"].append(((k1 - k0) + (w1 - w0)) / CALLS * 1e6)
+                    cpu["raw_pipe"].append(((k3 - k2) + (c3 - c1)) / CALLS * 1e6)
+                    blocking_child += await reference.batch(CALLS)
                     sandbox += batch
                     raw += pipe
                     ratios.append(median(batch) / median(pipe))
                     print(
                         f"   batch {i + 1}: sandbox p50 {median(batch):.1f} us, "
-                        f"raw pipe p50 {median(pipe):.1f} us"
+                        f"raw pipe p50 {median(pipe):.1f} us, ratio {ratios[-1]:.2f}; "
+                        f"CPU per call {cpu['sandbox'][-1]:.1f} us and {cpu['raw_pipe'][-1]:.1f} us"
                     )
             finally:
                 peer.close()
-                two_loops.close()
+                reference.close()
             blocking = await asyncio.to_thread(_blocking_pipe, CALLS)
             level = service.level
     finally:
@@ -267,10 +286,16 @@ async def _sandbox_calls(pairs: int) -> list[Result]:
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "raw_pipe_p99_us": percentile(raw, 99),
-        "raw_pipe_kernel_side": "asyncio",
+        "raw_pipe": "two Python processes, each on an asyncio loop",
+        "frame_bytes": list(_frame_sizes()),
+        "blocking_child_pipe_p50_us": median(blocking_child),
         "blocking_pipe_p50_us": median(blocking),
-        "two_loops_pipe_p50_us": median(loops),
-        "ratio_to_two_loops": median(sandbox) / median(loops),
+        # CPU time of both processes per call (kernel + worker; parent + child), in us;
+        # the child's is read from /proc in clock ticks (10 ms): a batch of 2,000 calls
+        # is exact to about 5 us per call, the median of the batches better
+        "cpu_us_per_call": {k: median(v) for k, v in cpu.items()},
+        "cpu_ratio": median(cpu["sandbox"]) / median(cpu["raw_pipe"]),
+        "cpu_us_per_call_batches": cpu,
     }
     return [
         result("sandbox_call_p50_us", median(sandbox), "us", {"raw_pipe": median(raw)}, **extra),

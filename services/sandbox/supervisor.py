@@ -349,10 +349,13 @@ class SandboxedPlugin:
         """One request/answer call (task run, hook, no-op); raises :class:`CallFailed`
         when the plugin's code raised, :class:`WorkerGone` when the worker died.
         ``header`` is sent as it is (it gets the call's ``id``)."""
-        w = worker if worker is not None else self.serving()
+        if worker is None:
+            worker = self.worker  # what serving() does, inline: every call passes here
+            if self.state != "running" or worker is None or not worker.alive:
+                raise Unavailable(self.name, self.reason or "its worker is not running")
         what = header.get("task") or header.get("hook")
         label = f"{kind} {what}" if what else kind
-        h = await w.request(header, label=label, grace=self.settings.cancel_grace_s)
+        h = await worker.request(header, label=label, grace=self.settings.cancel_grace_s)
         ok = bool(h.get("ok"))
         cpu_ms = h.get("cpu_ms", 0.0)
         self.stats.observe(kind, ok, cpu_ms if type(cpu_ms) is float else _number(cpu_ms))

@@ -540,21 +540,10 @@ class Worker:
             return
         except OSError:
             data = b""
-        if data:
-            self._frames(data)
-        else:  # the worker closed its end: it ended (or will)
+        if not data:  # the worker closed its end: it ended (or will)
             self._close_reader()
             self.ready_event.set()
-
-    def _close_reader(self) -> None:
-        fd, self._rfd = self._rfd, -1
-        if fd >= 0:
-            if self._loop is not None:
-                self._loop.remove_reader(fd)
-            os.close(fd)
-
-    def _frames(self, data: bytes) -> None:
-        """Dispatch the frames of one read from the worker's pipe."""
+            return
         try:
             frames = self._reader.feed(data)
         except FrameError as exc:
@@ -571,6 +560,13 @@ class Worker:
                     self.pid,
                     header.get("op"),
                 )
+
+    def _close_reader(self) -> None:
+        fd, self._rfd = self._rfd, -1
+        if fd >= 0:
+            if self._loop is not None:
+                self._loop.remove_reader(fd)
+            os.close(fd)
 
     def _dispatch(self, h: dict[str, Any], payload: bytes) -> None:
         op = h.get("op")
@@ -828,7 +824,11 @@ class Worker:
         self._calls[cid] = _Call(None, _monotonic() + self.wall_time, label, done)
         header["id"] = cid
         try:
-            self._write(header, gather=False)
+            out = self._out
+            if self._batch is None and out is not None and not out.is_closing():
+                out.write(encode(header))  # what _write does, without its indirections
+            else:
+                self._write(header, gather=False)
             if self._flow.paused:
                 await self._drain()
             result = await done
