@@ -819,14 +819,17 @@ class Worker:
         if not self._up:
             raise WorkerGone(self.plugin, "its sandbox worker is not running", self.exit)
         self._next = cid = self._next + 1
+        header["id"] = cid
+        # encoded first: a header that cannot be sent (FrameError) leaves no call behind,
+        # so nothing is cancelled in a worker that never saw it
+        frame = encode(header)
         assert self._loop is not None
         done: asyncio.Future[dict[str, Any] | None] = self._loop.create_future()
         self._calls[cid] = _Call(None, _monotonic() + self.wall_time, label, done)
-        header["id"] = cid
         try:
             out = self._out
             if self._batch is None and out is not None and not out.is_closing():
-                out.write(encode(header))  # what _write does, without its indirections
+                out.write(frame)  # what _write does, without its indirections
             else:
                 self._write(header, gather=False)
             if self._flow.paused:

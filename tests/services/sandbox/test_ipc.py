@@ -174,3 +174,22 @@ def test_the_frame_reader_cuts_frames_whatever_the_reads() -> None:
         FrameReader().feed(b"\0\0\0\x06\0\0\0\x02[]")
     with pytest.raises(FrameError):
         FrameReader().feed((MAX_FRAME + 1).to_bytes(4, "big") + b"\0\0\0\0")
+
+
+async def test_a_call_that_cannot_be_framed_fails_alone_and_the_worker_serves_on(
+    harness: Any,
+) -> None:
+    # the frame is refused before the call is registered: no cancel is sent for a call
+    # the worker never saw, so the cancel's grace does not run out and kill the worker
+    h = await harness("rlimits", sandbox={"cancel_grace_s": 0.1})
+    write_plugin(h.plugins, "wire", info=sandboxed("wire"), router=ROUTER)
+    assert (await h.reload("wire")).status_code == 200
+    plugin = next(p for (n, _), p in h.service.plugins.items() if n == "wire")
+    worker = plugin.worker
+    with pytest.raises(FrameError):
+        await plugin.call({"op": "noop", "pad": "x" * MAX_FRAME}, kind="noop")
+    assert worker.in_flight == 0
+    await anyio.sleep(0.5)  # past the grace a needless cancel would have been given
+    assert plugin.worker is worker and worker.alive
+    assert (await plugin.call({"op": "noop"}, kind="noop"))["ok"] is True
+    assert await h.events("SandboxLimitExceeded", plugin="wire") == []
