@@ -204,3 +204,39 @@ async def test_a_paused_task_drops_its_retries(tmp_path: Path) -> None:
         assert [r.type for r in await kernel.read(types=["TaskStarted"])] == ["TaskStarted"]
         await kernel.settle()
         assert not kernel.projection(TaskTable).tasks["p.flaky"].retries  # none pending
+
+
+async def test_a_run_back_in_a_fast_line_writes_its_start_while_it_waits(
+    tmp_path: Path,
+) -> None:
+    """The write-ahead rule of a full limit: when the slots turn over fast (runs keep
+    them ~1 ms), a run two waves back records its start while it waits, so its fsync is
+    not added to its lateness; when they turn over slowly, it records nothing before
+    its slot (see test_a_run_far_back_in_line_records_nothing_before_its_slot)."""
+
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path, max_concurrency=1)
+    runner = service._runner
+    async with kernel:
+        await service.register("p", [spec(work, every="1h", name="w2")])
+        await runner.slots.acquire(0, 0.0)  # the only slot is taken
+        waiter = asyncio.ensure_future(runner.slots.acquire(0, 0.0))  # one waits already
+        await asyncio.sleep(0)
+        runner.hold = 0.001  # the slots turn over in ~1 ms: its turn comes at once
+        now = time.time()
+        entry = service._tasks["p.w2"]
+        runner.spawn(
+            runner.run(entry, "r2", now, attempt=1, kind="schedule", next_run=None, start_at=now)
+        )
+        [started] = await wait_events(kernel, "TaskStarted")
+        assert started.data["run_id"] == "r2"
+        # recorded while the slot is still taken and r2 still waits behind the other
+        assert runner.slots.busy == 1 and runner.slots.waiting == 2
+        assert not await kernel.read(types=["TaskSucceeded"])
+        runner.slots.release()
+        await waiter
+        runner.slots.release()
+        [done] = await wait_events(kernel, "TaskSucceeded")
+        assert done.data["run_id"] == "r2"
+        assert runner.slots.busy == 0 and runner.slots.waiting == 0
