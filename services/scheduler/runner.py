@@ -153,6 +153,8 @@ class Runner:
         #: How long runs keep their slot (seconds, a moving average; a cautious start:
         #: until runs have been seen, a run back in a full line does not write ahead).
         self.hold = 1.0
+        #: When a run last gave its slot back (``time.perf_counter()``).
+        self.released_at = 0.0
 
     def start(self, kernel: Kernel, settings: SchedulerSettings, stack: AsyncExitStack) -> None:
         self.kernel = kernel
@@ -268,18 +270,23 @@ class Runner:
 
     def _note_hold(self, seconds: float) -> None:
         self.hold += (seconds - self.hold) * 0.05
+        self.released_at = time.perf_counter()
 
     def _write_ahead(self) -> bool:
         """Whether a run about to take a slot writes its start record first, while it
         waits: never when a slot is free (no wait); always in the next wave (fewer than
         ``limit`` runs ahead); further back, when its wave should come within
-        :data:`AHEAD_WAIT` at the recent pace (``hold``: how long runs keep a slot)."""
+        :data:`AHEAD_WAIT` at the recent pace (``hold``: how long runs keep a slot) and
+        the line is moving (a slot was given back within ``AHEAD_WAIT``: fast runs seen
+        earlier say nothing of slow ones holding every slot now)."""
         slots = self.slots
         if slots.free:
             return False
         waiting = slots.waiting
         if waiting < slots.limit:
             return True
+        if time.perf_counter() - self.released_at > AHEAD_WAIT:
+            return False
         return (waiting // slots.limit + 1) * self.hold <= AHEAD_WAIT
 
     async def run(

@@ -224,6 +224,7 @@ async def test_a_run_back_in_a_fast_line_writes_its_start_while_it_waits(
         waiter = asyncio.ensure_future(runner.slots.acquire(0, 0.0))  # one waits already
         await asyncio.sleep(0)
         runner.hold = 0.001  # the slots turn over in ~1 ms: its turn comes at once
+        runner.released_at = time.perf_counter()  # and the line is moving
         now = time.time()
         entry = service._tasks["p.w2"]
         runner.spawn(
@@ -231,8 +232,11 @@ async def test_a_run_back_in_a_fast_line_writes_its_start_while_it_waits(
         )
         [started] = await wait_events(kernel, "TaskStarted")
         assert started.data["run_id"] == "r2"
-        # recorded while the slot is still taken and r2 still waits behind the other
-        assert runner.slots.busy == 1 and runner.slots.waiting == 2
+        # recorded before its slot: it now waits in line, behind the other waiter
+        with anyio.fail_after(10):
+            while runner.slots.waiting < 2:
+                await asyncio.sleep(0.01)
+        assert runner.slots.busy == 1
         assert not await kernel.read(types=["TaskSucceeded"])
         runner.slots.release()
         await waiter
@@ -240,3 +244,38 @@ async def test_a_run_back_in_a_fast_line_writes_its_start_while_it_waits(
         [done] = await wait_events(kernel, "TaskSucceeded")
         assert done.data["run_id"] == "r2"
         assert runner.slots.busy == 0 and runner.slots.waiting == 0
+
+
+async def test_a_stalled_line_writes_nothing_ahead_whatever_the_past_pace(
+    tmp_path: Path,
+) -> None:
+    """Fast runs seen before say nothing of slow ones holding every slot now: when no
+    slot was given back for longer than AHEAD_WAIT, a run back in the line waits for its
+    slot before recording its start."""
+
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path, max_concurrency=1)
+    runner = service._runner
+    async with kernel:
+        await service.register("p", [spec(work, every="1h", name="w2")])
+        await runner.slots.acquire(0, 0.0)  # the only slot is taken, for long
+        waiter = asyncio.ensure_future(runner.slots.acquire(0, 0.0))
+        await asyncio.sleep(0)
+        runner.hold = 0.001  # the recent pace was fast...
+        runner.released_at = time.perf_counter() - 10  # ...but nothing moved for 10 s
+        now = time.time()
+        entry = service._tasks["p.w2"]
+        runner.spawn(
+            runner.run(entry, "r2", now, attempt=1, kind="schedule", next_run=None, start_at=now)
+        )
+        with anyio.fail_after(10):
+            while runner.slots.waiting < 2:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # (a start written ahead would be durable by now)
+        assert not await kernel.read(types=["TaskStarted"])
+        runner.slots.release()
+        await waiter
+        runner.slots.release()
+        [done] = await wait_events(kernel, "TaskSucceeded")
+        assert done.data["run_id"] == "r2"
