@@ -195,6 +195,13 @@ class GroupCommitWriter:
         self, events: Sequence[NewEvent], stream: str, expected_version: int | None
     ) -> list[Recorded]:
         self._check_alive()
+        try:
+            stream.encode()
+        except UnicodeEncodeError as exc:
+            # refused alone: in a batch, SQLite's refusal would fail every other append
+            raise StoreError(
+                f"{self.path}: stream name {stream!r} is not valid text: {exc}"
+            ) from None
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         self._enqueue(_Append(stream, expected_version, events, future))
         return await future

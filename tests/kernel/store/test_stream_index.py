@@ -358,3 +358,26 @@ async def test_the_writer_learns_a_batch_s_new_streams_in_one_query(tmp_path: Pa
         assert len(single) <= 1  # (a batch of one asks for its stream alone)
     finally:
         await store.close()
+
+
+async def test_a_stream_name_sqlite_cannot_store_fails_alone(tmp_path: Path) -> None:
+    """A lone surrogate in a stream's name is refused to its caller; the appends and
+    version reads batched with it go through."""
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        with anyio.fail_after(30):
+            done = await asyncio.gather(
+                *(store.append([ev(i)], stream=s) for i, s in enumerate(["a", "\ud800x", "b"])),
+                return_exceptions=True,
+            )
+            assert isinstance(done[1], StoreError) and "\\ud800x" in str(done[1])
+            assert [r[0].version for r in (done[0], done[2])] == [1, 1]  # type: ignore[index]
+            versions = await asyncio.gather(
+                *(store.stream_version(s) for s in ["a", "\ud800y", "c"]),
+                return_exceptions=True,
+            )
+        assert versions[0] == 1 and versions[2] == 0
+        assert isinstance(versions[1], StoreError)
+    finally:
+        await store.close()
