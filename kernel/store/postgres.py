@@ -31,13 +31,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Final, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot, check_limit, check_types
+from kernel.store.dsn import redact_dsn
 from kernel.store.postgres_follow import Follower
 from kernel.store.postgres_writer import (
     APPEND_FUNCTION,
@@ -118,25 +119,6 @@ UPSERT_SNAPSHOT = (
 REFUSED: Final = (asyncpg.PostgresError, asyncpg.DataError, ValueError, UnicodeError)
 
 
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` without its password, for messages and logs."""
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
-        query = "&".join(
-            "password=***" if q.lower().startswith("password=") else q
-            for q in parts.query.split("&")
-            if q
-        )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    # key=value form
-    return " ".join("password=***" if w.lower().startswith("password=") else w for w in dsn.split())
-
-
 def _user_of(dsn: str) -> str:
     if "://" in dsn:
         return unquote(urlsplit(dsn).username or "") or "(default user)"
@@ -206,13 +188,18 @@ class PostgresStore:
             raise StoreError(
                 f"PostgreSQL at {self.location}: {e} (create it first, e.g. `createdb`)"
             ) from None
+        except (ValueError, asyncpg.ClientConfigurationError) as e:
+            # (before the connection errors: a configuration error is an InterfaceError)
+            raise StoreError(
+                f"invalid PostgreSQL DSN {self.location}: {e} (expected "
+                "postgresql://user:password@host:port/database, the password "
+                "percent-encoded)"
+            ) from None
         except CONNECTION_ERRORS as e:
             raise StoreError(
                 f"cannot reach the PostgreSQL server of {self.location}: "
                 f"{type(e).__name__}: {e or 'timed out'}"
             ) from None
-        except (ValueError, asyncpg.ClientConfigurationError) as e:
-            raise StoreError(f"invalid PostgreSQL DSN {self.location}: {e}") from None
         return conn
 
     async def open(self) -> None:

@@ -353,3 +353,33 @@ async def test_a_role_that_may_not_create_tables_gets_a_clear_error(pg_dsn: str)
         await admin.execute(f"REVOKE ALL ON SCHEMA {schema} FROM xcore_reader")
         await admin.execute("DROP ROLE IF EXISTS xcore_reader")
         await admin.close()
+
+
+ODD_DSNS = [
+    # unencoded '/', '#', '?' or '@' in the password: a URL parser reads a host and port
+    "postgresql://ada:pa/ss#Secret9?x@127.0.0.1:1/xcore",
+    "postgresql://ada:p@ss/Secret9@127.0.0.1:1/xcore",
+    "postgresql://ada:p?Secret9=1@127.0.0.1:1/xcore",
+    # libpq's key=value form (which asyncpg refuses), the password quoted with spaces
+    "host=127.0.0.1 user=ada password='pa Secret9 x' dbname=xcore",
+    "host=127.0.0.1 user=ada password = Secret9 dbname=xcore",
+    "postgresql://ada@127.0.0.1:1/xcore?sslmode=disable&PASSWORD=Secret9",
+]
+
+
+@pytest.mark.parametrize("dsn", ODD_DSNS)
+async def test_an_oddly_written_password_never_shows(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert "Secret9" not in redact_dsn(dsn)
+    store = PostgresStore(dsn, connect_timeout=5)
+    assert "Secret9" not in store.location
+    with anyio.fail_after(30), pytest.raises(StoreError) as caught:
+        await store.open()
+    assert "Secret9" not in str(caught.value)
+    settings = Settings.load(env={"XCORE_STORE": "postgres", "XCORE_DSN": dsn})
+    assert "Secret9" not in repr(settings) and "Secret9" not in str(settings.model_dump())
+    from kernel.logging import TextFormatter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "dsn is %s", (dsn,), None)
+    assert "Secret9" not in TextFormatter().format(record)
