@@ -100,6 +100,34 @@ CREATE TABLE IF NOT EXISTS archives (
 );
 """
 
+#: Every INSERT into the log, ours or a foreign connection's, must continue it without a
+#: gap: a row past the end (a hand-written position) would stop every node's follower,
+#: which never skips a position. One check per statement (its rows, from a transition
+#: table), under the ordering lock (re-entrant: our writer holds it already), so a foreign
+#: insert also commits in position order. ``{key}`` is the schema's lock key.
+GAPLESS_NAME: Final = "events_gapless"
+GAPLESS: Final = """
+CREATE OR REPLACE FUNCTION xcore_gapless() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lo BIGINT;
+    hi BIGINT;
+    n BIGINT;
+BEGIN
+    PERFORM pg_advisory_xact_lock({key});
+    SELECT min(position), max(position), count(*) INTO lo, hi, n FROM added;
+    IF n > 0 AND (lo < 1 OR hi - lo + 1 <> n OR (lo > 1 AND NOT EXISTS (
+            SELECT 1 FROM events WHERE position = lo - 1))) THEN
+        RAISE EXCEPTION 'the xcore event log is gapless: positions % to % (% rows) do not '
+            'continue it (append through xcore)', lo, hi, n
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS events_gapless ON events;
+CREATE TRIGGER events_gapless AFTER INSERT ON events REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION xcore_gapless();
+"""
+
 #: Our statements are prepared once and run with id and stream arrays of every size: a
 #: generic plan would scan the whole log for ``id = ANY($1)``; plan each run instead.
 SERVER_SETTINGS: Final = {"plan_cache_mode": "force_custom_plan", "application_name": "xcore"}
@@ -278,14 +306,35 @@ class PostgresStore:
                     )
                 if tables >= TABLES:
                     await self._create_append_function(conn, schema)
+                    await self._create_gapless_trigger(conn)
                     return
             await conn.execute(SCHEMA)
+            await conn.execute(GAPLESS.replace("{key}", str(int(self.lock_key))))
             await conn.execute(APPEND_FUNCTION)
             self.fast_append = True
             await conn.execute(
                 "INSERT INTO xcore_meta (key, value) VALUES ('format', $1), "
                 "('application', 'xcore') ON CONFLICT (key) DO NOTHING",
                 str(FORMAT),
+            )
+
+    async def _create_gapless_trigger(self, conn: asyncpg.Connection) -> None:
+        """Add the gapless check to a log created before it existed (once)."""
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'events'::regclass",
+            GAPLESS_NAME,
+        )
+        if found:
+            return
+        try:
+            async with conn.transaction():  # a savepoint: the failure must not end ours
+                await conn.execute(GAPLESS.replace("{key}", str(int(self.lock_key))))
+        except asyncpg.InsufficientPrivilegeError as e:
+            log.warning(
+                "%s: cannot add the gapless check to the log (%s); a foreign insert past "
+                "its end would stop every node's readers",
+                self.location,
+                e,
             )
 
     async def _create_append_function(self, conn: asyncpg.Connection, schema: str) -> None:

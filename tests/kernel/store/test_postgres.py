@@ -383,3 +383,71 @@ async def test_an_oddly_written_password_never_shows(
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "dsn is %s", (dsn,), None)
     assert "Secret9" not in TextFormatter().format(record)
+
+
+COPY_ROW = (
+    "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
+    " SELECT {position}, stream, 50, type, schema, data, meta, {id}, recorded_at"
+    " FROM events WHERE position = 1{conflict}"
+)
+
+
+async def test_a_foreign_insert_must_continue_the_log_without_a_gap(pg_dsn: str) -> None:
+    """A hand-written row past the end of the log stopped every node's readers for good
+    (a follower never skips a position); a reused position or id, or an upsert, is refused
+    too; a foreign row that continues the log reaches the live readers."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with anyio.fail_after(60):
+            await store.append([raw(1), raw(2)], stream="s")
+            for position, id_, error in (
+                (10, "'far'", asyncpg.IntegrityConstraintViolationError),
+                (0, "'zero'", asyncpg.IntegrityConstraintViolationError),
+                (1, "'again'", asyncpg.UniqueViolationError),
+                (3, "id", asyncpg.UniqueViolationError),
+            ):
+                with pytest.raises(error):
+                    await conn.execute(COPY_ROW.format(position=position, id=id_, conflict=""))
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                await conn.execute(
+                    COPY_ROW.format(
+                        position=1,
+                        id="'up'",
+                        conflict=" ON CONFLICT (position) DO UPDATE SET type = 'Forged'",
+                    )
+                )
+            assert await conn.fetchval("SELECT max(position) FROM events") == 2
+            # the readers go on
+            await store.append([raw(3)], stream="s")
+            await conn.execute(COPY_ROW.format(position=4, id="'next'", conflict=""))
+            await store.append([raw(5)], stream="s")
+            seen: list[int] = []
+            after = 0
+            while len(seen) < 5:
+                for e in await store.read(after=after):
+                    seen.append(e.position)
+                    after = e.position
+                if len(seen) < 5:
+                    await store.wait(after, 5)
+            assert seen == [1, 2, 3, 4, 5]
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def test_a_log_created_before_the_gapless_check_gets_it_on_open(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.append([raw(1)], stream="s")
+    await store.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("DROP TRIGGER events_gapless ON events")
+        await store.open()
+        await store.close()
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="gapless"):
+            await conn.execute(COPY_ROW.format(position=7, id="'far'", conflict=""))
+    finally:
+        await conn.close()
