@@ -11,6 +11,12 @@ complete) and pushes them. This node's own commits go straight into the tail whe
 follow it, so a local subscriber wakes without a round trip. When the listener's
 connection is lost, it is reopened with backoff and the follower reads everything up
 to the current last position: no notification missed while disconnected is lost.
+
+A connection can also die without a word (a NAT or firewall forgetting it, a hung
+server process): no error ever comes, and the node would wait for notifications
+forever. So every ``PROBE_S`` seconds without one the listener is asked for the last
+position, within ``PROBE_TIMEOUT_S``; no answer counts as a lost connection, and the
+answer itself raises the target (a missed notification is caught up there too).
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ log = logging.getLogger("xcore.store")
 
 #: How many events the follower reads per query while catching up.
 BATCH = 2000
+#: Seconds of quiet after which the listener connection is probed, and how long its
+#: answer may take before the connection is taken for dead.
+PROBE_S = 5.0
+PROBE_TIMEOUT_S = 10.0
+#: What the listener connection is called in ``pg_stat_activity``.
+LISTENER_NAME = "xcore-listener"
+LAST = "SELECT COALESCE(MAX(position), 0) FROM events"
 
 
 class Follower:
@@ -44,6 +57,8 @@ class Follower:
         #: the highest position known to be committed
         self.target = 0
         self._kick = asyncio.Event()
+        #: set by every notification: the probe waits for a quiet PROBE_S
+        self._heard = asyncio.Event()
         self._lost = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -88,6 +103,7 @@ class Follower:
             self._kick.set()
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self._heard.set()
         try:
             self.raise_target(int(payload))
         except ValueError:
@@ -101,12 +117,12 @@ class Follower:
     # -- the listener connection -------------------------------------------------------
 
     async def _listen(self) -> None:
-        conn = await self.store.connect()
+        conn = await self.store.connect({"application_name": LISTENER_NAME})
         try:
             await conn.add_listener(self.store.channel, self._on_notify)
             conn.add_termination_listener(self._on_lost)
             # anything committed before LISTEN took effect is read now
-            last = int(await conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+            last = int(await asyncio.wait_for(conn.fetchval(LAST), PROBE_TIMEOUT_S))
         except BaseException:
             conn.terminate()
             raise
@@ -114,9 +130,34 @@ class Follower:
         self._lost.clear()
         self.raise_target(last)
 
+    async def _probe(self) -> None:
+        """Wait until the listener connection is lost, probing it when quiet."""
+        while not self._lost.is_set():
+            self._heard.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heard.wait(), PROBE_S)
+                continue  # notifications arrive: it lives
+            conn = self._listener
+            if conn is None or self._lost.is_set():
+                return
+            try:
+                last = int(await asyncio.wait_for(conn.fetchval(LAST), PROBE_TIMEOUT_S))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "%s: the notification connection did not answer a probe (%s: %s)",
+                    self.store.location,
+                    type(exc).__name__,
+                    exc,
+                )
+                self._lost.set()
+                return
+            self.raise_target(last)
+
     async def _watch_listener(self) -> None:
         while True:
-            await self._lost.wait()
+            await self._probe()
             old, self._listener = self._listener, None
             if old is not None:
                 old.terminate()

@@ -451,3 +451,50 @@ async def test_a_log_created_before_the_gapless_check_gets_it_on_open(pg_dsn: st
             await conn.execute(COPY_ROW.format(position=7, id="'far'", conflict=""))
     finally:
         await conn.close()
+
+
+async def test_a_listener_connection_that_hangs_without_a_word_is_replaced(
+    pg_dsn: str,
+) -> None:
+    """A connection can die silently (a NAT forgetting it, a hung server process): no
+    error comes, and the node waited for notifications forever. Here the server process
+    behind the listener is stopped (SIGSTOP): the probe takes it for dead, a new listener
+    replaces it and the subscriber gets what another node wrote meanwhile."""
+    import os
+    import signal
+
+    from kernel.store.postgres_follow import LISTENER_NAME
+
+    a = PostgresStore(pg_dsn, scope="a")
+    await a.open()
+    admin = await asyncpg.connect(pg_dsn)
+    b = PostgresStore(pg_dsn, scope="b")
+    stopped: list[int] = []
+    try:
+        with anyio.fail_after(90):
+            [pid] = [
+                r[0]
+                for r in await admin.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+                    " AND datname = current_database()",
+                    LISTENER_NAME,
+                )
+            ]
+            await b.open()
+            assert a._follower is not None
+            before = a._follower.reconnects
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+            await b.append([raw(1), raw(2)], stream="s")
+            assert await a.wait(0, 80) == 2
+            assert [r.data["i"] for r in await a.read()] == [1, 2]
+            assert a._follower.reconnects > before
+            # the new listener wakes it as before
+            await b.append([raw(3)], stream="s")
+            assert await a.wait(2, 60) == 3
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        await admin.close()
+        await a.close()
+        await b.close()
