@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -175,10 +176,10 @@ class RequestGuard:
                 budget = self._body_timeout + state["read"] / self._min_body_rate
                 wait = min(wait, budget - waited[0])
             if wait > 0:
-                begun = anyio.current_time()
+                begun = time.monotonic()
                 with anyio.move_on_after(wait):
                     message = await receive()
-                waited[0] += anyio.current_time() - begun
+                waited[0] += time.monotonic() - begun
             if message is None:
                 if wait < self._body_timeout:
                     await refuse(

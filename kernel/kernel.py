@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kernel.errors import KernelStateError, RequestTimeout, XcoreError
@@ -89,8 +90,18 @@ def store_from_settings(settings: Settings) -> EventStore:
         synchronous=settings.synchronous,
         allow_new_log=settings.allow_new_log,
         accept_log_loss=settings.accept_log_loss,
-        evidence=[settings.data_dir / name for name in PRIOR_USE],
+        evidence=_prior_use(settings),
     )
+
+
+def _prior_use(settings: Settings) -> list[Path]:
+    """Files whose presence shows the data folder was used: its log cannot be new."""
+    evidence = [settings.data_dir / name for name in PRIOR_USE]
+    # the plugins' own files (kept across runs), unless that folder is the plugins' code
+    state = settings.data_dir / "plugins"
+    if state.resolve() != settings.plugins_dir.resolve():
+        evidence.append(state)
+    return evidence
 
 
 class Kernel:

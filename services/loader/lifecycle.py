@@ -20,6 +20,7 @@ it leaves no trace (the caller records the failure event), a failed mount is unl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import sys
@@ -43,6 +44,7 @@ from .generation import Generation, StageError
 from .hosted import build_hosted, effective_mode, host_of
 from .importer import import_plugin, module_name, purge, restore
 from .manifest import Manifest, ManifestError, read_manifest
+from .priority import building, window
 from .projection import PluginTable
 from .settings import LoaderSettings
 from .state import ACTOR, LoaderState
@@ -145,14 +147,20 @@ class Lifecycle(LoaderState):
         started = time.perf_counter()
         folder = self.folder(name)
         try:
-            gen = await self._build(name, folder, cause, manifest, started, mount)
+            with self.priority():
+                gen = await self._build(name, folder, cause, manifest, started, mount)
         finally:
             self._building.pop(name, None)
         return gen
 
     async def mount(self, gen: Generation, cause: Recorded | None) -> None:
         """Announce ``gen`` (``PluginLoaded``) and await the router; StageError on refusal."""
-        await self._mount(gen, cause, gen.started, gen.previous)
+        with self.priority():
+            await self._mount(gen, cause, gen.started, gen.previous)
+
+    def priority(self) -> contextlib.AbstractContextManager[None]:
+        """The build window (``priority.py``): the event loop keeps priority meanwhile."""
+        return building(self.settings.build_switch_interval_ms, self.settings.defer_full_gc)
 
     async def discard(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:
         """Throw a generation away and put back the modules it replaced."""
@@ -434,14 +442,15 @@ class Lifecycle(LoaderState):
             duration_ms=0.0,
         )
         try:
-            outcome = await self.kernel.request(
-                event,
-                stream=stream_of(gen.name),
-                outcomes=[RoutesMounted, RouteConflict],
-                timeout=self.settings.mount_timeout,
-                actor=ACTOR,
-                cause=cause,
-            )
+            with self.priority():  # the router builds the app again
+                outcome = await self.kernel.request(
+                    event,
+                    stream=stream_of(gen.name),
+                    outcomes=[RoutesMounted, RouteConflict],
+                    timeout=self.settings.mount_timeout,
+                    actor=ACTOR,
+                    cause=cause,
+                )
         except RequestTimeout:
             log.error(
                 "plugin %r: generation %d could not be mounted again", gen.name, gen.generation
@@ -479,6 +488,7 @@ class Lifecycle(LoaderState):
                 reason = f"{reason}; on_unload raised {type(exc).__name__}: {exc}"
         await gen.context.close()
         self.kernel.plugins.remove(gen.name, gen.generation)
+        window.note_unloaded()  # garbage now: a build's window will collect it
         if self.loaded.get(gen.name) is gen:
             del self.loaded[gen.name]
             current = sys.modules.get(module_name(gen.name))

@@ -38,6 +38,13 @@ class LoaderSettings(BaseModel):
     io_timeout: float = Field(default=10.0, gt=0)
     #: Watcher reloads of one plugin allowed per minute before its reloads are paused.
     max_reloads_per_minute: int = Field(default=60, ge=1)
+    #: While a generation is built, the interpreter's switch interval is lowered to
+    #: this (ms), so the event loop gets the interpreter back from the building thread
+    #: quickly; 0 keeps the interpreter's (see services/loader/priority.py).
+    build_switch_interval_ms: float = Field(default=0.25, ge=0, le=100)
+    #: While a generation is built, full collections of the cyclic GC are deferred (one
+    #: runs every few builds instead of one or two per build).
+    defer_full_gc: bool = True
     #: The mode of plugins installed from an archive (``xcore plugin install``, the
     #: admin API's upload): ``manifest`` keeps the one their manifest declares;
     #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.

@@ -18,9 +18,11 @@ depth and the imported names, then ``compile`` of the checked tree.
 from __future__ import annotations
 
 import ast
+import threading
 from types import CodeType
 
 __all__ = [
+    "AST_LOCK",
     "MAX_DOTTED_PARTS",
     "MAX_NESTING",
     "SourceTooDeep",
@@ -38,6 +40,15 @@ MAX_NESTING = 1_000
 #: Most dotted parts in a module name a plugin file imports (``from .a.b.c import x``):
 #: importlib recurses once per part before it looks for any of them.
 MAX_DOTTED_PARTS = 64
+
+
+#: CPython 3.11 keeps the depth counter of its conversions between syntax trees and
+#: Python objects (``ast.parse`` building the tree, ``compile`` of a tree) per
+#: interpreter, not per thread: two conversions interleaved by a thread switch (Python
+#: code run in the middle, such as a weakref callback during a collection, lets another
+#: thread in) fail with ``SystemError: AST constructor recursion depth mismatch``. The
+#: loader imports plugins in several threads at boot: each conversion holds this lock.
+AST_LOCK = threading.Lock()
 
 
 class SourceTooDeep(ValueError):
@@ -67,7 +78,8 @@ def nesting(tree: ast.AST, limit: int = MAX_NESTING) -> tuple[int, int | None]:
 def parse_source(source: bytes | str, filename: str) -> ast.Module:
     """The checked syntax tree of ``source``; raises SyntaxError, SourceTooDeep, ValueError,
     MemoryError or RecursionError."""
-    tree = ast.parse(source, filename=filename)
+    with AST_LOCK:
+        tree = ast.parse(source, filename=filename)
     depth, line = nesting(tree)
     if depth > MAX_NESTING:
         raise SourceTooDeep(line)
@@ -91,4 +103,6 @@ def parse_source(source: bytes | str, filename: str) -> ast.Module:
 
 def compile_source(source: bytes | str, filename: str) -> CodeType:
     """``source`` compiled for ``exec``, after the nesting check of :func:`parse_source`."""
-    return compile(parse_source(source, filename), filename, "exec", dont_inherit=True)
+    tree = parse_source(source, filename)
+    with AST_LOCK:
+        return compile(tree, filename, "exec", dont_inherit=True)

@@ -161,6 +161,7 @@ class Plugin:
         from pydantic import BaseModel, ValidationError
         from starlette.routing import WebSocketRoute
 
+        from kernel import validation
         from kernel.prefixes import PrefixError, mount_point
         from kernel.sdk import TaskSpec
 
@@ -243,6 +244,8 @@ class Plugin:
                     title=name, version=self.cfg.get("version", "0"), docs_url=None, redoc_url=None
                 )
                 app.include_router(raw, prefix=point.root)
+                # refusals as in the kernel's app: a JSON 422 whatever the input (NaN...)
+                validation.install(app)
                 self.app = app
                 prefix = point.prefix
                 for route in raw.routes:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 
+from kernel.errors import KernelStateError, StoreClosed
 from kernel.events import Event, Recorded
 from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
 from services.scheduler.claim import ClaimLost, claim, claim_key
@@ -237,8 +238,15 @@ class Runner:
 
     def _reap(self, bg: asyncio.Task[Any]) -> None:
         self._background.discard(bg)
-        if not bg.cancelled() and bg.exception() is not None:
-            log.error("scheduler background step failed", exc_info=bg.exception())
+        if bg.cancelled() or (exc := bg.exception()) is None:
+            return
+        if self.closed and isinstance(exc, (KernelStateError, StoreClosed)):
+            # a step that outlived the stop (a run's code still returning): what it
+            # would have recorded is settled at the next start (runs left in progress
+            # are recorded as interrupted), so this is no failure of the scheduler's
+            log.warning("scheduler stopped before a step could record its events: %s", exc)
+            return
+        log.error("scheduler background step failed", exc_info=exc)
 
     async def append(self, tid: str, events: list[Event], cause: Recorded | None = None) -> None:
         """Append ``events`` to the stream of task ``tid`` (nothing if empty)."""

@@ -5,7 +5,8 @@ includes the router under the same prefix). Every request below goes to both; st
 content type, location and body must match. What a plugin author writes for a bare app
 (parameters, bodies, forms and files, dependencies with ``yield``, security schemes,
 streaming, redirects, ``url_for``, sub-routers, the router's own lifespan) must work
-unchanged.
+unchanged. Behind a proxy (both served by uvicorn with ``--root-path``) the URLs routes
+build and the OpenAPI document (``servers``, paths, methods) match too.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
 
 
 @contextmanager
-def bare_app(tmp_path: Path) -> Iterator[str]:
+def bare_app(tmp_path: Path, root_path: str = "") -> Iterator[str]:
     folder = tmp_path / "bare"
     folder.mkdir()
     (folder / "diffrouter.py").write_text(ROUTER)
@@ -192,19 +193,49 @@ def bare_app(tmp_path: Path) -> Iterator[str]:
         "from fastapi import FastAPI\nfrom diffrouter import router\n"
         f"app = FastAPI()\napp.include_router(router, prefix={PREFIX!r})\n"
     )
+    with _uvicorn(tmp_path, folder, "bareapp:app", root_path) as url:
+        yield url
+
+
+@contextmanager
+def xcore_app(tmp_path: Path, plugins: Path, root_path: str) -> Iterator[str]:
+    """The kernel's app served by plain uvicorn (``--root-path``: behind a proxy)."""
+    folder = tmp_path / "xcoreapp"
+    folder.mkdir()
+    (folder / "xcoreapp.py").write_text(
+        "from kernel import Kernel, Settings\nfrom kernel.http import create_app\n"
+        f"kernel = Kernel(Settings(data_dir={str(tmp_path / 'var')!r}, "
+        f"plugins_dir={str(plugins)!r}, admin_token='e2e-admin-token-0123456789', "
+        "reload=False))\napp = create_app(kernel)\n"
+    )
+    with _uvicorn(tmp_path, folder, "xcoreapp:app", root_path) as url:
+        # the plugin is mounted once its route answers
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}{PREFIX}/plain", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the plugin was not mounted within 60 s")
+            time.sleep(0.1)
+        yield url
+
+
+@contextmanager
+def _uvicorn(tmp_path: Path, folder: Path, target: str, root_path: str) -> Iterator[str]:
     port = free_port()
-    log = (tmp_path / "bare.log").open("wb")
-    env = {**os.environ, "PYTHONPATH": str(folder)}
+    log = (tmp_path / f"{folder.name}.log").open("wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(Path(__file__).parents[2])])
+    args = ["--root-path", root_path] if root_path else []
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "uvicorn",
-            "bareapp:app",
+            target,
             "--port",
             str(port),
             "--log-level",
             "warning",
+            *args,
         ],
         cwd=folder,
         env=env,
@@ -213,19 +244,22 @@ def bare_app(tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             try:
                 httpx.get(f"{url}/docs", timeout=1)
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((tmp_path / "bare.log").read_text()) from None
+                    raise RuntimeError((tmp_path / f"{folder.name}.log").read_text()) from None
                 time.sleep(0.05)
         yield url
     finally:
         proc.terminate()
-        proc.wait(15)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         log.close()
 
 
@@ -267,6 +301,54 @@ def test_xcore_serves_a_router_as_a_bare_fastapi_app_does(tmp_path: Path) -> Non
             theirs = asyncio.run(_ws(bare, query, messages))
             if ours != theirs:
                 mismatches.append(f"WS {query} {messages}:\n  xcore: {ours}\n  bare:  {theirs}")
+        assert not mismatches, "\n".join(mismatches)
+
+
+#: Requests whose answer depends on ``root_path`` (URLs the app builds).
+ROOT_PATH_CASES = [
+    case for case in CASES if case[1] in ("/go", "/where", "/items/3", "/sub/leaf/x", "/nope")
+]
+
+
+def _operations(schema: dict[str, Any]) -> dict[str, list[str]]:
+    """The app's own paths and methods in an OpenAPI document (the kernel's left out)."""
+    return {
+        path: sorted(item)
+        for path, item in schema.get("paths", {}).items()
+        if path.startswith(PREFIX)
+    }
+
+
+def test_behind_a_proxy_root_path_xcore_matches_a_bare_app(tmp_path: Path) -> None:
+    """Served with ``--root-path`` (a proxy strips ``/proxy``): the URLs a route builds
+    (redirects, ``url_for``), its routing and the OpenAPI document (``servers``, paths)
+    are those of a bare app behind the same proxy."""
+    root = "/proxy"
+    plugins = tmp_path / "plugins"
+    folder = plugins / "diff"
+    folder.mkdir(parents=True)
+    (folder / "run.py").write_text(
+        f"PLUGIN_INFO = {{'version': '1.0.0', 'api_prefix': {PREFIX!r}}}\n"
+    )
+    (folder / "router.py").write_text(ROUTER)
+    with (
+        xcore_app(tmp_path, plugins, root) as server,
+        bare_app(tmp_path, root) as bare,
+        httpx.Client(timeout=10, follow_redirects=False) as client,
+    ):
+        mismatches = []
+        for method, path, kw in ROOT_PATH_CASES:
+            ours = _answer(client, server, method, path, kw)
+            theirs = _answer(client, bare, method, path, kw)
+            if ours != theirs:
+                mismatches.append(f"{method} {path}:\n  xcore: {ours}\n  bare:  {theirs}")
+        go = _answer(client, server, "GET", "/go", {})
+        assert go[2] == f"<base>{root}{PREFIX}/items/7", go  # (not a vacuous match)
+        ours_doc = client.get(f"{server}/openapi.json").json()
+        theirs_doc = client.get(f"{bare}/openapi.json").json()
+        assert ours_doc.get("servers") == theirs_doc.get("servers") == [{"url": root}]
+        assert _operations(ours_doc) == _operations(theirs_doc)
+        assert len(_operations(ours_doc)) >= 10
         assert not mismatches, "\n".join(mismatches)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -61,8 +62,9 @@ def fill(folder: Path) -> Path:
 
 
 async def test_a_full_disk_stalls_a_subscriber_instead_of_losing_its_outcome(
-    small_fs: Path,
+    small_fs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.ERROR, logger="xcore")
     settings = Settings(data_dir=small_fs / "var", node="full")
     async with Kernel(settings, services=[]) as kernel:
         app = FastAPI()
@@ -116,6 +118,12 @@ async def test_a_full_disk_stalls_a_subscriber_instead_of_losing_its_outcome(
         refused = await client.post("/admin/write")
         assert refused.status_code == 503
         assert "disk is full" in refused.json()["detail"]
+        # each failed write is logged where the operator looks, naming the log's file
+        written = [r.getMessage() for r in caplog.records if r.name == "xcore.store"]
+        assert any(
+            m.startswith(f"event log write failed on {settings.database_path}") and "full" in m
+            for m in written
+        ), written
 
         filler.unlink()  # space again: the subscriber resumes where it stood
         with anyio.fail_after(30):

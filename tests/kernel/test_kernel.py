@@ -158,3 +158,22 @@ async def test_requests_made_on_behalf_of_an_event_get_their_own_answers(tmp_pat
         requests = await kernel.read(stream="ping")
         assert {r.meta.correlation_id for r in requests} == {origin.meta.id}
         assert {r.meta.causation_id for r in requests} == {origin.meta.id}
+
+
+async def test_a_lost_log_beside_plugin_state_is_refused_not_started_anew(tmp_path: Path) -> None:
+    """With the admin token from the environment there is no token hash on disk: the
+    plugins' own files are then what shows the folder was used."""
+    from kernel.errors import StoreCorrupt
+
+    (tmp_path / "plugins" / "hello").mkdir(parents=True)
+    (tmp_path / "plugins" / "hello" / "state.json").write_text("{}")
+    settings = Settings(data_dir=tmp_path, node="node-a", plugins_dir=tmp_path / "code")
+    with pytest.raises(StoreCorrupt, match=r"plugins exist"):
+        async with Kernel(settings):
+            pass
+    assert not (tmp_path / "events.db").exists()
+    # a plugins folder that is the plugins' code (data_dir = the project folder) is no sign
+    fresh = tmp_path / "project"
+    (fresh / "plugins" / "hello").mkdir(parents=True)
+    async with Kernel(Settings(data_dir=fresh, node="node-a", plugins_dir=fresh / "plugins")):
+        pass

@@ -41,3 +41,49 @@ def test_syntax_errors_and_null_bytes_keep_their_own_errors() -> None:
         parse_source("def (:\n", "bad.py")
     with pytest.raises((SyntaxError, ValueError), match="null bytes"):
         parse_source(b"X = 1\0\n", "nul.py")
+
+
+def test_plugins_compiled_in_several_threads_at_once_never_trip_over_each_other() -> None:
+    """CPython 3.11 shares the AST conversions' depth counter between threads: without
+    the loader's lock, compiles interleaved by a collection running weakref callbacks
+    fail with ``SystemError: AST constructor recursion depth mismatch``."""
+    import threading
+    import weakref
+
+    source = "\n".join(
+        f"def f{i}(a, b):\n    return [x for x in range(a) if x % b]" for i in range(300)
+    )
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    class Junk:
+        pass
+
+    def churn() -> None:  # cyclic garbage whose collection runs Python code
+        while not done.is_set():
+            junk = Junk()
+            junk.self = junk  # type: ignore[attr-defined]
+            weakref.finalize(junk, lambda: None)
+
+    def work() -> None:
+        for _ in range(30):
+            try:
+                compile_source(source, "plugin.py")
+            except SystemError as exc:
+                errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        churner = threading.Thread(target=churn)
+        churner.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        done.set()
+        churner.join()
+        sys.setswitchinterval(interval)
+    assert errors == []

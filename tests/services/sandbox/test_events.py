@@ -18,7 +18,8 @@ from tests.services.sandbox.conftest import AUTH, sandboxed, write_plugin
 RUN = """
     from kernel.events import Event
 
-    class Pinged(Event):
+    # a name no other test's plugin registers in this process (the registry is global)
+    class SbPinged(Event):
         n: int
 
     class Ponged(Event):
@@ -41,20 +42,20 @@ RUN = """
             if record.type not in ("Saw", "Ponged"):
                 await ctx.append(Saw(type_seen=record.type, stream_seen=record.stream))
 
-        await ctx.subscribe(react, types=[Pinged])
+        await ctx.subscribe(react, types=[SbPinged])
         await ctx.subscribe(watch)
 """
 
 ROUTER = """
     from fastapi import APIRouter
     from kernel.sdk import current_plugin
-    from .run import Pinged, PluginReloadRequested
+    from .run import SbPinged, PluginReloadRequested
 
     router = APIRouter()
 
     @router.post("/ping/{n}")
     async def ping(n: int):
-        [record] = await current_plugin().append(Pinged(n=n))
+        [record] = await current_plugin().append(SbPinged(n=n))
         return {"position": record.position, "stream": record.stream, "actor": record.meta.actor}
 
     @router.post("/forge/{how}")
@@ -62,9 +63,9 @@ ROUTER = """
         ctx = current_plugin()
         try:
             if how == "stream":
-                await ctx.append(Pinged(n=1), stream="plugin-other")
+                await ctx.append(SbPinged(n=1), stream="plugin-other")
             elif how == "odd":
-                await ctx.append(Pinged(n=1), stream="plugin-ev.\x1b[31m")
+                await ctx.append(SbPinged(n=1), stream="plugin-ev.\x1b[31m")
             else:
                 await ctx.append(PluginReloadRequested(name="other"))
         except PermissionError as exc:
@@ -82,15 +83,15 @@ async def test_a_sandboxed_plugin_appends_and_reacts_to_events(harness: Any, lev
         assert r.status_code == 200, r.text
         assert r.json()["stream"] == "plugin-ev"
         assert r.json()["actor"] == "plugin:ev"
-        [pinged] = [e for e in await h.kernel.read(types=["Pinged"]) if e.data["n"] == 7]
+        [pinged] = [e for e in await h.kernel.read(types=["SbPinged"]) if e.data["n"] == 7]
         assert pinged.stream == "plugin-ev" and pinged.meta.actor == "plugin:ev"
         # its subscription saw it, typed, and appended an answer to a stream of its own
         while not [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 7]:
             await anyio.sleep(0.05)
         [ponged] = [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 7]
-        assert ponged.data["by"] == "Pinged" and ponged.stream == "plugin-ev.replies"
+        assert ponged.data["by"] == "SbPinged" and ponged.stream == "plugin-ev.replies"
         # it reacts to events the kernel records elsewhere too (not only its own)
-        await h.kernel.append(NewEvent.raw("Pinged", {"n": 9}), stream="elsewhere")
+        await h.kernel.append(NewEvent.raw("SbPinged", {"n": 9}), stream="elsewhere")
         while not [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 9]:
             await anyio.sleep(0.05)
         # a kernel event (a token) is not delivered; a plugin's event after it is
@@ -104,7 +105,7 @@ async def test_a_sandboxed_plugin_appends_and_reacts_to_events(harness: Any, lev
         ]:
             await anyio.sleep(0.05)
     seen = {e.data["type_seen"] for e in await h.kernel.read(types=["Saw"])}
-    assert "Pinged" in seen and "Marker" in seen
+    assert "SbPinged" in seen and "Marker" in seen
     assert "TokenCreated" not in seen, seen
 
 
