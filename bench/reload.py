@@ -15,11 +15,15 @@
   reloads (2 reloads a phase, 3 phases) with the build window (services/loader/priority.py);
   peers: the same without reloads (``no_reload``) and reloading with the window turned
   off (``window_off``: ``build_switch_interval_ms: 0``, ``defer_full_gc: false``).
-- ``reload_rss_growth_mb``: a real server reloads a small plugin 1,050 times through the
-  admin API; the server's RSS after 1,050 reloads minus its RSS after the first 50
-  (target: within 10 MiB). The kernel's in-memory tail of recent events (8,192 events,
-  about 6 per reload) fills during the run; ``extra.tail_full_growth_mb`` is the growth
-  over 600 further reloads once it is full.
+- ``reload_rss_growth_mb`` (a plugin with one GET route), ``reload_rss_growth_config_mb``
+  (a ``run.py`` with a ``Config`` model and no router) and ``reload_rss_growth_posts_mb``
+  (20 POST routes with a pydantic body model, and a ``Config``): a real server, run as a
+  default ``xcore serve`` runs (every installed service, log level INFO), reloads the
+  plugin 1,050 times through the admin API; the value is the server's RSS after 1,050
+  reloads minus its RSS after the first 50 (target: within 10 MiB). The kernel's
+  in-memory tail of recent events (8,192 events, about 6 per reload) fills during the
+  run; ``extra.tail_full_growth_mb`` is the growth over 600 further reloads once it is
+  full (a leak shows there; a bounded cache filling does not).
 """
 
 from __future__ import annotations
@@ -329,14 +333,50 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def reload_rss_growth() -> list[Result]:
+CONFIG_RUN = """from pydantic import BaseModel
+
+class Config(BaseModel):
+    greeting: str = "hi"
+    retries: int = 3
+"""
+
+
+def _posts_router(routes: int = 20) -> str:
+    lines = [
+        "from fastapi import APIRouter",
+        "from pydantic import BaseModel",
+        "router = APIRouter()",
+        "class Item(BaseModel):",
+        "    id: int",
+        "    tags: list[str] = []",
+    ]
+    for i in range(routes):
+        lines += [
+            f"@router.post('/r{i}', response_model=Item)",
+            f"async def r{i}(item: Item) -> Item:",
+            "    return item",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _rss_growth(name: str, run: str, router: str | None) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        _write(base / "plugins", "small", SMALL)
-        with _server(base) as (url, proc), httpx.Client(timeout=60) as client:
+        folder = base / "plugins" / "plugin"
+        folder.mkdir(parents=True)
+        (folder / "run.py").write_text(
+            "PLUGIN_INFO = {'version': '1.0.0', 'api_prefix': '/app/plugin'}\n" + run
+        )
+        if router is not None:
+            (folder / "router.py").write_text(router)
+        # as a default `xcore serve` runs: every installed service, log level INFO
+        with (
+            _server(base, {"XCORE_LOG_LEVEL": "INFO"}) as (url, proc),
+            httpx.Client(timeout=60) as client,
+        ):
             marks: dict[int, float] = {}
             for i in range(1, 1651):
-                r = client.post(f"{url}/admin/plugins/small/reload", headers=AUTH)
+                r = client.post(f"{url}/admin/plugins/plugin/reload", headers=AUTH)
                 if r.status_code != 200:
                     raise RuntimeError(r.text)
                 if i in (50, 1050, 1650):
@@ -344,19 +384,34 @@ def reload_rss_growth() -> list[Result]:
                     marks[i] = _rss_mb(proc.pid)
     return [
         result(
-            "reload_rss_growth_mb",
+            name,
             marks[1050] - marks[50],
             "MiB",
             rss_after_50=marks[50],
             rss_after_1050=marks[1050],
             tail_full_growth_mb=marks[1650] - marks[1050],
             target=10,
+            server="xcore serve, every installed service, log level INFO",
         )
     ]
+
+
+def reload_rss_growth() -> list[Result]:
+    return _rss_growth("reload_rss_growth_mb", "", SMALL)
+
+
+def reload_rss_growth_config() -> list[Result]:
+    return _rss_growth("reload_rss_growth_config_mb", CONFIG_RUN, None)
+
+
+def reload_rss_growth_posts() -> list[Result]:
+    return _rss_growth("reload_rss_growth_posts_mb", CONFIG_RUN, _posts_router())
 
 
 BENCHMARKS = [
     ("reload_neighbour_p99_ms", reload_neighbour_p99),
     ("reload_neighbour_cpu_p99_ms", reload_neighbour_cpu_p99),
     ("reload_rss_growth_mb", reload_rss_growth),
+    ("reload_rss_growth_config_mb", reload_rss_growth_config),
+    ("reload_rss_growth_posts_mb", reload_rss_growth_posts),
 ]

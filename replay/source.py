@@ -248,6 +248,7 @@ class SQLiteLog(Log):
             self.mode = "immutable"
             uri = f"{target.as_uri()}?immutable=1"
         self._uri = uri
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
             conn.execute("PRAGMA query_only=1")
@@ -255,6 +256,8 @@ class SQLiteLog(Log):
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             }
         except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
             self._drop_tmp()
             # its header was checked (_check_regular_sqlite): an SQLite file that fails
             raise DamagedLog(f"{self.path} is a damaged SQLite file: {exc}") from None

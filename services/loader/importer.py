@@ -45,6 +45,7 @@ __all__ = [
     "PluginImportError",
     "import_plugin",
     "module_name",
+    "modules_snapshot",
     "purge",
     "restore",
 ]
@@ -183,12 +184,23 @@ def _install_finder() -> None:
             sys.meta_path.insert(0, _finder)
 
 
+def modules_snapshot() -> dict[str, ModuleType]:
+    """A copy of ``sys.modules`` taken in one step.
+
+    Other plugins' import threads change ``sys.modules`` meanwhile. ``list(sys.modules)``
+    or ``list(sys.modules.items())`` is not one step: the objects it allocates can start
+    a collection, whose finalizers run Python code, which lets another thread in to add a
+    module, and the iteration fails with "dictionary changed size during iteration" (seen
+    at boot, when plugins import together). ``dict.copy`` allocates once, then copies.
+    """
+    return sys.modules.copy()
+
+
 def purge(plugin: str) -> dict[str, ModuleType]:
     """Take the plugin's modules out of ``sys.modules``; returns them for :func:`restore`."""
     base = module_name(plugin)
     removed = {}
-    # list() first: import threads of other plugins change sys.modules meanwhile
-    for name in [n for n in list(sys.modules) if n == base or n.startswith(base + ".")]:
+    for name in [n for n in modules_snapshot() if n == base or n.startswith(base + ".")]:
         removed[name] = sys.modules.pop(name)
     return removed
 
@@ -338,7 +350,7 @@ def check_stray_modules(plugin: str, plugins_root: Path) -> None:
     prefix, raw = str(root), str(plugins_root.absolute())
     base = module_name(plugin)
     stray: dict[str, Path] = {}
-    for name, module in list(sys.modules.items()):
+    for name, module in modules_snapshot().items():
         if name == ROOT_PACKAGE or name.startswith(ROOT_PACKAGE + "."):
             continue
         file = getattr(module, "__file__", None)
@@ -353,7 +365,7 @@ def check_stray_modules(plugin: str, plugins_root: Path) -> None:
             stray[name] = path
     if not stray:
         return
-    for name, module in list(sys.modules.items()):
+    for name, module in modules_snapshot().items():
         if not (name == base or name.startswith(base + ".")):
             continue
         for value in list(vars(module).values()):

@@ -42,7 +42,7 @@ from .context import LoadedContext, call_plugin
 from .events import LoadStage, PluginLoaded, PluginUnloaded, stream_of
 from .generation import Generation, StageError
 from .hosted import build_hosted, effective_mode, host_of
-from .importer import import_plugin, module_name, purge, restore
+from .importer import import_plugin, module_name, modules_snapshot, purge, restore
 from .manifest import Manifest, ManifestError, read_manifest
 from .priority import building, window
 from .projection import PluginTable
@@ -287,7 +287,7 @@ class Lifecycle(LoaderState):
             ) from None
         modules = {
             n: m
-            for n, m in list(sys.modules.items())
+            for n, m in modules_snapshot().items()
             if n == module_name(name) or n.startswith(module_name(name) + ".")
         }
         try:

@@ -100,6 +100,7 @@ async def test_config_yaml_and_model(harness_factory, plugins: Path) -> None:
     assert "key 'extra': unknown key" in failed["cfgbad"]["error"]
     assert failed["yamlbad"]["stage"] == "config"
     assert "config.yaml: line 2: not valid YAML" in failed["yamlbad"]["error"]
+    assert "cfg" not in failed and "plain" not in failed, failed  # with the tracebacks
     cfg = h.kernel.plugins.get("cfg", 1).module
     assert cfg is not None
     assert (cfg.seen[0].greeting, cfg.seen[0].times) == ("hi", 3)

@@ -18,15 +18,15 @@ from tests.services.sandbox.conftest import AUTH, sandboxed, write_plugin
 RUN = """
     from kernel.events import Event
 
-    # a name no other test's plugin registers in this process (the registry is global)
+    # names no other test registers in this process (the registry is global)
     class SbPinged(Event):
         n: int
 
-    class Ponged(Event):
+    class SbPonged(Event):
         n: int
         by: str
 
-    class Saw(Event):
+    class SbSaw(Event):
         type_seen: str
         stream_seen: str
 
@@ -36,11 +36,11 @@ RUN = """
     async def on_load(ctx):
         async def react(record):
             event = record.event  # typed: the class lives in this worker
-            await ctx.append(Ponged(n=event.n, by=type(event).__name__), stream="plugin-ev.replies")
+            await ctx.append(SbPonged(n=event.n, by=type(event).__name__), stream="plugin-ev.replies")
 
         async def watch(record):
-            if record.type not in ("Saw", "Ponged"):
-                await ctx.append(Saw(type_seen=record.type, stream_seen=record.stream))
+            if record.type not in ("SbSaw", "SbPonged"):
+                await ctx.append(SbSaw(type_seen=record.type, stream_seen=record.stream))
 
         await ctx.subscribe(react, types=[SbPinged])
         await ctx.subscribe(watch)
@@ -86,13 +86,13 @@ async def test_a_sandboxed_plugin_appends_and_reacts_to_events(harness: Any, lev
         [pinged] = [e for e in await h.kernel.read(types=["SbPinged"]) if e.data["n"] == 7]
         assert pinged.stream == "plugin-ev" and pinged.meta.actor == "plugin:ev"
         # its subscription saw it, typed, and appended an answer to a stream of its own
-        while not [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 7]:
+        while not [e for e in await h.kernel.read(types=["SbPonged"]) if e.data["n"] == 7]:
             await anyio.sleep(0.05)
-        [ponged] = [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 7]
+        [ponged] = [e for e in await h.kernel.read(types=["SbPonged"]) if e.data["n"] == 7]
         assert ponged.data["by"] == "SbPinged" and ponged.stream == "plugin-ev.replies"
         # it reacts to events the kernel records elsewhere too (not only its own)
         await h.kernel.append(NewEvent.raw("SbPinged", {"n": 9}), stream="elsewhere")
-        while not [e for e in await h.kernel.read(types=["Ponged"]) if e.data["n"] == 9]:
+        while not [e for e in await h.kernel.read(types=["SbPonged"]) if e.data["n"] == 9]:
             await anyio.sleep(0.05)
         # a kernel event (a token) is not delivered; a plugin's event after it is
         created = await h.client.post(
@@ -101,10 +101,10 @@ async def test_a_sandboxed_plugin_appends_and_reacts_to_events(harness: Any, lev
         assert created.status_code in (200, 201), created.text
         await h.kernel.append(NewEvent.raw("Marker", {}), stream="elsewhere")
         while not [
-            e for e in await h.kernel.read(types=["Saw"]) if e.data["type_seen"] == "Marker"
+            e for e in await h.kernel.read(types=["SbSaw"]) if e.data["type_seen"] == "Marker"
         ]:
             await anyio.sleep(0.05)
-    seen = {e.data["type_seen"] for e in await h.kernel.read(types=["Saw"])}
+    seen = {e.data["type_seen"] for e in await h.kernel.read(types=["SbSaw"])}
     assert "SbPinged" in seen and "Marker" in seen
     assert "TokenCreated" not in seen, seen
 
@@ -124,7 +124,7 @@ async def test_a_sandboxed_plugin_cannot_forge_events(harness: Any) -> None:
     after = await h.kernel.read(after=before[-1].position)
     forged = [e for e in after if e.type == "PluginReloadRequested" or e.stream == "plugin-other"]
     assert not forged, forged
-    assert not [e for e in after if e.meta.actor == "plugin:ev" and e.type != "Saw"]
+    assert not [e for e in after if e.meta.actor == "plugin:ev" and e.type != "SbSaw"]
 
 
 async def test_the_operator_may_show_kernel_events_to_sandboxed_plugins(harness: Any) -> None:
@@ -137,6 +137,6 @@ async def test_the_operator_may_show_kernel_events_to_sandboxed_plugins(harness:
         )
         assert created.status_code in (200, 201), created.text
         while not [
-            e for e in await h.kernel.read(types=["Saw"]) if e.data["type_seen"] == "TokenCreated"
+            e for e in await h.kernel.read(types=["SbSaw"]) if e.data["type_seen"] == "TokenCreated"
         ]:
             await anyio.sleep(0.05)
