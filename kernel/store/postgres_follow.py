@@ -12,6 +12,11 @@ follow it, so a local subscriber wakes without a round trip. When the listener's
 connection is lost, it is reopened with backoff and the follower reads everything up
 to the current last position: no notification missed while disconnected is lost.
 
+Every wait here is cancellation-safe (``asyncio.timeout``, never ``asyncio.wait_for``,
+which on Python 3.11 swallows a cancellation that arrives as the awaited thing
+completes: a probe woken by a notification at the moment the store closed never ended,
+and closing the store hung), and :meth:`Follower.stop` is bounded.
+
 A connection can also die without a word (a NAT or firewall forgetting it, a hung
 server process): no error ever comes, and the node would wait for notifications
 forever. So every ``PROBE_S`` seconds without one the listener is asked for the last
@@ -46,6 +51,8 @@ PROBE_TIMEOUT_S = 10.0
 #: What the listener connection is called in ``pg_stat_activity``.
 LISTENER_NAME = "xcore-listener"
 LAST = "SELECT COALESCE(MAX(position), 0) FROM events"
+#: How long stopping waits for the follower's tasks to end after cancelling them.
+STOP_S = 10.0
 
 
 class Follower:
@@ -77,13 +84,29 @@ class Follower:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        if tasks:
+            # asyncio.wait: a task's own error is not raised here, a cancellation of
+            # the caller is (awaiting each task under suppress(BaseException) hid both)
+            done, pending = await asyncio.wait(tasks, timeout=STOP_S)
+            for t in pending:
+                log.error(
+                    "%s: task %s did not stop within %gs of being cancelled",
+                    self.store.location,
+                    t.get_name(),
+                    STOP_S,
+                )
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.error(
+                        "%s: task %s had failed",
+                        self.store.location,
+                        t.get_name(),
+                        exc_info=t.exception(),
+                    )
         conn, self._listener = self._listener, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                await conn.close(timeout=2)
             conn.terminate()
 
     # -- inputs --------------------------------------------------------------------
@@ -122,7 +145,7 @@ class Follower:
             await conn.add_listener(self.store.channel, self._on_notify)
             conn.add_termination_listener(self._on_lost)
             # anything committed before LISTEN took effect is read now
-            last = int(await asyncio.wait_for(conn.fetchval(LAST), PROBE_TIMEOUT_S))
+            last = int(await conn.fetchval(LAST, timeout=PROBE_TIMEOUT_S))
         except BaseException:
             conn.terminate()
             raise
@@ -135,13 +158,14 @@ class Follower:
         while not self._lost.is_set():
             self._heard.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heard.wait(), PROBE_S)
+                async with asyncio.timeout(PROBE_S):
+                    await self._heard.wait()
                 continue  # notifications arrive: it lives
             conn = self._listener
             if conn is None or self._lost.is_set():
                 return
             try:
-                last = int(await asyncio.wait_for(conn.fetchval(LAST), PROBE_TIMEOUT_S))
+                last = int(await conn.fetchval(LAST, timeout=PROBE_TIMEOUT_S))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -3,7 +3,9 @@ wake-ups through LISTEN/NOTIFY, reconnection, append-only, clear errors."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import socket
 import sys
 import textwrap
@@ -498,3 +500,95 @@ async def test_a_listener_connection_that_hangs_without_a_word_is_replaced(
         await admin.close()
         await a.close()
         await b.close()
+
+
+async def test_a_follower_stopped_as_a_notification_arrives_stops(pg_dsn: str) -> None:
+    """A notification wakes the listener's probe at the moment the store closes: the
+    probe's wait swallowed the cancellation (Python 3.11's wait_for) and went on probing
+    forever, so closing the store hung (found as a hang of this file after a merge)."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        with anyio.fail_after(60):
+            follower = store._follower
+            assert follower is not None
+            tasks = list(follower._tasks)
+            await anyio.sleep(0.1)  # the probe waits for a notification now
+            follower._heard.set()  # a notification's wake-up is scheduled...
+            await follower.stop()  # ...and the cancellation right after it
+            assert all(t.done() for t in tasks)
+            assert follower._listener is None
+    finally:
+        await store.close()
+
+
+class SilentNetwork:
+    """A TCP relay to the server that can go silent: bytes stop flowing both ways and
+    new connections are accepted but never answered, while no socket is closed (a
+    network that drops packets, a NAT that forgot the connection, a server host that
+    froze). No error ever reaches the client: only a timeout can end its wait."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.silent = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> SilentNetwork:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.silent:
+            await reader.read()  # swallow everything, answer nothing
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers.append(up_writer)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if not self.silent:
+                    dst.write(data)
+                    await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_server_that_stops_answering_fails_calls_clearly_instead_of_hanging(
+    pg_dsn: str,
+) -> None:
+    """Every connection (writer, pool, listener) has a command timeout: without one, an
+    append or a read on a server that went silent waited forever. The error names the
+    server and the operation; closing the store does not hang either."""
+    parts = urlsplit(pg_dsn)
+    assert parts.hostname is not None and parts.port is not None
+    async with SilentNetwork(parts.hostname, parts.port) as net:
+        netloc = parts.netloc.rpartition("@")[0] + f"@127.0.0.1:{net.port}"
+        dsn = urlunsplit(parts._replace(netloc=netloc))
+        store = PostgresStore(dsn, command_timeout=1, connect_timeout=1, reconnect_timeout=2)
+        await store.open()
+        try:
+            with anyio.fail_after(90):
+                await store.append([raw(1)], stream="s")
+                await store.save_checkpoint("sub", 1)
+                net.silent = True
+                with pytest.raises(StoreError, match="append failed") as err:
+                    await store.append([raw(2)], stream="s")
+                assert f"127.0.0.1:{net.port}" in str(err.value)
+                assert re.search(r"(did not answer|no answer) within 1s", str(err.value))
+                with pytest.raises(StoreError, match="loading checkpoint 'sub' failed"):
+                    await store.load_checkpoint("sub")
+                with pytest.raises(StoreError, match="reading events failed"):
+                    await store.read_range(0, None)
+        finally:
+            with anyio.fail_after(60):
+                await store.close()
