@@ -268,9 +268,13 @@ class Runner:
         self._append_peak = max(seconds, self._append_peak * 0.999)
         self.lead = min(self._max_lead, 2 * self._append_peak + 0.003)
 
-    def _note_hold(self, seconds: float) -> None:
-        self.hold += (seconds - self.hold) * 0.05
-        self.released_at = time.perf_counter()
+    def _give_back(self, taken_at: float) -> None:
+        """Release a slot (when it is really free: a sync run's thread has returned) and
+        note how long it was kept, for :meth:`_write_ahead`."""
+        self.slots.release()
+        now = time.perf_counter()
+        self.hold += (now - taken_at - self.hold) * 0.05
+        self.released_at = now
 
     def _write_ahead(self) -> bool:
         """Whether a run about to take a slot writes its start record first, while it
@@ -443,8 +447,7 @@ class Runner:
                 raise
         finally:
             if acquired:
-                self._release_slot(thread[0] if thread else None)
-                self._note_hold(time.perf_counter() - t_slot)
+                self._release_slot(thread[0] if thread else None, t_slot)
             if _busy(thread):
                 self._linger(entry, run_id, thread[0])
             entry.active.pop(run_id, None)
@@ -478,20 +481,20 @@ class Runner:
         writing.result()  # the store's error, if any, is the run's
         return cancelled
 
-    def _release_slot(self, thread: concurrent.futures.Future[Any] | None) -> None:
+    def _release_slot(self, thread: concurrent.futures.Future[Any] | None, taken_at: float) -> None:
         """Free the run's slot now, or when its worker thread ends if it still runs.
 
         A thread cannot be cancelled: a sync run that timed out or was cancelled keeps
         its slot (and its worker) until its code returns, so the limit holds.
         """
         if thread is None or thread.done():
-            self.slots.release()
+            self._give_back(taken_at)
             return
         loop = asyncio.get_running_loop()
 
         def ended(_: concurrent.futures.Future[Any]) -> None:
             try:
-                loop.call_soon_threadsafe(self.slots.release)
+                loop.call_soon_threadsafe(self._give_back, taken_at)
             except RuntimeError:  # the loop closed meanwhile: no slot to give back
                 log.debug("a sync task's thread ended after the event loop closed")
 

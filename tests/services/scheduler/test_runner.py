@@ -40,8 +40,10 @@ async def test_a_timed_out_sync_run_keeps_its_slot_until_its_thread_returns(
             failed = await wait_events(kernel, "TaskFailed")
             assert failed[0].data["kind"] == "timeout"
             assert "still running in its thread" in failed[0].data["error"]
-            # the run is over for the log, but its code still holds the only slot
+            # the run is over for the log, but its code still holds the only slot (and
+            # the line has not moved: no start is written ahead on its account)
             assert runner.slots.busy == 1
+            assert runner.released_at == 0.0
             await service.register("q", [spec(other, after=0)])
             with anyio.fail_after(10):
                 while runner.slots.waiting == 0:
@@ -51,7 +53,7 @@ async def test_a_timed_out_sync_run_keeps_its_slot_until_its_thread_returns(
             release.set()  # the thread returns: its slot goes to the waiting run
             await wait_events(kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "q.other")
             assert ran == ["stuck", "other"]
-            assert runner.slots.busy == 0
+            assert runner.slots.busy == 0 and runner.released_at > 0
     finally:
         release.set()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
