@@ -42,6 +42,8 @@ from kernel.store.dsn import redact_dsn
 from kernel.store.postgres_follow import Follower
 from kernel.store.postgres_writer import (
     APPEND_FUNCTION,
+    APPEND_FUNCTION_BODY,
+    APPEND_FUNCTION_MARK,
     APPEND_FUNCTION_NAME,
     COLUMNS,
     CONNECTION_ERRORS,
@@ -364,9 +366,14 @@ class PostgresStore:
                     await self._create_append_function(conn, schema)
                     await self._create_gapless_trigger(conn)
                     return
+            if await self._append_function_state(conn, schema) == "foreign":
+                raise self._foreign_function(schema)
             await conn.execute(SCHEMA)
             await conn.execute(GAPLESS.replace("{key}", str(int(self.lock_key))))
             await conn.execute(APPEND_FUNCTION)
+            await conn.execute(
+                f"COMMENT ON FUNCTION {APPEND_FUNCTION_NAME} IS '{APPEND_FUNCTION_MARK}'"
+            )
             self.fast_append = True
             await conn.execute(
                 "INSERT INTO xcore_meta (key, value) VALUES ('format', $1), "
@@ -399,18 +406,26 @@ class PostgresStore:
         Optional: a role that may not create it gets the general path (several trips to
         the server per batch) and a warning, not an error.
         """
-        found = await conn.fetchval(
-            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-            " WHERE n.nspname = $1 AND p.proname = $2",
-            schema,
-            APPEND_FUNCTION_NAME,
-        )
-        if found:
+        state = await self._append_function_state(conn, schema)
+        if state == "foreign":
+            raise self._foreign_function(schema)
+        mark = f"COMMENT ON FUNCTION {APPEND_FUNCTION_NAME} IS '{APPEND_FUNCTION_MARK}'"
+        if state == "unmarked":  # ours by its body, created before the mark existed
+            try:
+                async with conn.transaction():  # a savepoint
+                    await conn.execute(mark)
+            except asyncpg.InsufficientPrivilegeError as e:
+                log.info(
+                    "%s: cannot mark %s as xcore's (%s)", self.location, APPEND_FUNCTION_NAME, e
+                )
+            state = "ours"
+        if state == "ours":
             self.fast_append = True
             return
         try:
             async with conn.transaction():  # a savepoint: the failure must not end ours
                 await conn.execute(APPEND_FUNCTION)
+                await conn.execute(mark)
         except asyncpg.InsufficientPrivilegeError as e:
             log.warning(
                 "%s: cannot create %s (%s); appends take several trips to the server",
@@ -420,6 +435,35 @@ class PostgresStore:
             )
             return
         self.fast_append = True
+
+    async def _append_function_state(self, conn: asyncpg.Connection, schema: str) -> str:
+        """Whether the log's schema holds the append function: "missing", "ours" (it
+        bears the store's mark), "unmarked" (ours by its body, created before the mark
+        existed) or "foreign" (a function of that name that is not the store's)."""
+        rows = await conn.fetch(
+            "SELECT p.prosrc, obj_description(p.oid, 'pg_proc') FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = $1 AND p.proname = $2",
+            schema,
+            APPEND_FUNCTION_NAME,
+        )
+        if not rows:
+            return "missing"
+        if len(rows) == 1:
+            source, comment = rows[0]
+            if comment == APPEND_FUNCTION_MARK and source == APPEND_FUNCTION_BODY:
+                return "ours"
+            if comment is None and source == APPEND_FUNCTION_BODY:
+                return "unmarked"
+        return "foreign"
+
+    def _foreign_function(self, schema: str) -> StoreCorrupt:
+        return StoreCorrupt(
+            f"PostgreSQL at {self.location}: schema {schema!r} holds a function "
+            f"{APPEND_FUNCTION_NAME} that is not xcore's (it lacks the store's mark "
+            f"{APPEND_FUNCTION_MARK!r} or its body differs); xcore will neither call nor "
+            "replace it: rename or drop it, or give xcore a schema of its own"
+        )
 
     async def close(self) -> None:
         if not self._open:

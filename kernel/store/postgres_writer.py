@@ -130,6 +130,12 @@ BEGIN
     heads := last || bases;
 END $$;
 """
+#: The comment that marks the function as the store's own (a user's function of the same
+#: name in the log's schema must never be taken for it).
+APPEND_FUNCTION_MARK: Final = "xcore event log: append, version 1"
+#: The function's body as PostgreSQL keeps it (``prosrc``): a log created before the
+#: mark existed is recognized by it.
+APPEND_FUNCTION_BODY: Final = APPEND_FUNCTION.split("$$")[1]
 APPEND_CALL: Final = (
     f"SELECT heads, existing FROM {APPEND_FUNCTION_NAME}($1, $2, $3, $4::text[], $5::text[], $6::int[],"
     " $7::bigint[], $8::int[], $9::bigint[], $10::text[], $11::int[], $12::bytea[],"

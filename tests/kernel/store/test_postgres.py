@@ -592,3 +592,63 @@ async def test_a_server_that_stops_answering_fails_calls_clearly_instead_of_hang
         finally:
             with anyio.fail_after(60):
                 await store.close()
+
+
+FOREIGN_APPEND = """
+CREATE FUNCTION xcore_append_v1(
+    lock_key BIGINT, channel TEXT, now DOUBLE PRECISION, streams TEXT[], check_ids TEXT[],
+    check_stream INT[], check_base BIGINT[], ev_stream INT[], ev_off BIGINT[],
+    ev_type TEXT[], ev_schema INT[], ev_data BYTEA[], ev_meta BYTEA[], ev_id TEXT[],
+    OUT heads BIGINT[], OUT existing TEXT[]
+) LANGUAGE sql AS $$ SELECT ARRAY[0::bigint], NULL::text[] $$
+"""
+
+
+async def test_a_users_function_named_like_the_stores_is_neither_called_nor_replaced(
+    pg_dsn: str,
+) -> None:
+    """A function of the user's called xcore_append_v1 in the log's schema was taken for
+    the store's own: on a new log it was silently replaced, on an existing one every
+    append called it (here it would have 'committed' nothing and answered success)."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        # an empty schema but for the user's function
+        await conn.execute(FOREIGN_APPEND)
+        with pytest.raises(StoreCorrupt, match="xcore_append_v1 that is not xcore's"):
+            await PostgresStore(pg_dsn).open()
+        assert "SELECT ARRAY[0::bigint]" in await conn.fetchval(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'xcore_append_v1'"
+            " AND pronamespace = current_schema()::regnamespace"
+        )
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'events'"
+            " AND schemaname = current_schema()"
+        )
+        # an existing log whose function was replaced by the user's
+        await conn.execute("DROP FUNCTION xcore_append_v1")
+        store = PostgresStore(pg_dsn)
+        await store.open()
+        await store.append([raw(1)], stream="s")
+        await store.close()
+        await conn.execute("DROP FUNCTION xcore_append_v1")
+        await conn.execute(FOREIGN_APPEND)
+        with pytest.raises(StoreCorrupt, match="xcore_append_v1 that is not xcore's"):
+            await PostgresStore(pg_dsn).open()
+        # a log created before the mark existed: its function is recognized and marked
+        await conn.execute("DROP FUNCTION xcore_append_v1")
+        await store.open()
+        await store.close()
+        await conn.execute("COMMENT ON FUNCTION xcore_append_v1 IS NULL")
+        await store.open()
+        try:
+            assert store.fast_append
+            [r] = await store.append([raw(2)], stream="s")
+            assert r.position == 2
+        finally:
+            await store.close()
+        assert await conn.fetchval(
+            "SELECT obj_description(oid, 'pg_proc') FROM pg_proc WHERE proname = 'xcore_append_v1'"
+            " AND pronamespace = current_schema()::regnamespace"
+        )
+    finally:
+        await conn.close()
