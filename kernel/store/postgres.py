@@ -136,6 +136,10 @@ CREATE TRIGGER events_gapless AFTER INSERT ON events REFERENCING NEW TABLE AS ad
 #: connection (running a batch again is safe), then fails naming the server and the
 #: operation.
 COMMAND_TIMEOUT_S: Final = 60.0
+#: Seconds the writer's transaction may sit idle between its statements before the
+#: server ends the session (and releases the ordering lock it holds): see
+#: ``PostgresWriter._settings``. Its statements follow each other within milliseconds.
+IDLE_IN_TRANSACTION_S: Final = 10.0
 
 #: Our statements are prepared once and run with id and stream arrays of every size: a
 #: generic plan would scan the whole log for ``id = ANY($1)``; plan each run instead.
@@ -220,6 +224,7 @@ class PostgresStore:
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         command_timeout: float = COMMAND_TIMEOUT_S,
+        idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_S,
     ) -> None:
         self.dsn = dsn
         self.location = redact_dsn(dsn)
@@ -229,6 +234,7 @@ class PostgresStore:
         self.reconnect_timeout = reconnect_timeout
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.idle_in_transaction_timeout = idle_in_transaction_timeout
         self._tail = Tail(tail_size)
         self._pool: asyncpg.Pool | None = None
         self._writer: PostgresWriter | None = None

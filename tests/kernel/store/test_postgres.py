@@ -652,3 +652,28 @@ async def test_a_users_function_named_like_the_stores_is_neither_called_nor_repl
         )
     finally:
         await conn.close()
+
+
+async def test_a_node_frozen_inside_its_transaction_does_not_stop_the_others(
+    pg_dsn: str,
+) -> None:
+    """A node frozen between two statements of its write transaction (a stopped process,
+    a paused VM) held the ordering lock, and every other node's appends waited for it to
+    wake up. Here node a's writer connection is left inside a transaction holding the
+    lock, as a frozen node's would be: the server ends that session after
+    ``idle_in_transaction_timeout``, b's append goes through, and a writes again."""
+    a = PostgresStore(pg_dsn, scope="a", idle_in_transaction_timeout=1)
+    b = PostgresStore(pg_dsn, scope="b")
+    await a.open()
+    await b.open()
+    try:
+        with anyio.fail_after(45):
+            assert a._writer is not None and a._writer._conn is not None
+            await a._writer._conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({a.lock_key})")
+            [r] = await b.append([raw(1)], stream="s")
+            assert r.position == 1
+            [r] = await a.append([raw(2)], stream="s")
+            assert r.position == 2
+    finally:
+        await a.close()
+        await b.close()
