@@ -574,7 +574,8 @@ async def test_a_server_that_stops_answering_fails_calls_clearly_instead_of_hang
     async with SilentNetwork(parts.hostname, parts.port) as net:
         netloc = parts.netloc.rpartition("@")[0] + f"@127.0.0.1:{net.port}"
         dsn = urlunsplit(parts._replace(netloc=netloc))
-        store = PostgresStore(dsn, command_timeout=1, connect_timeout=1, reconnect_timeout=2)
+        # (not shorter: the machine running the tests may be loaded)
+        store = PostgresStore(dsn, command_timeout=2, connect_timeout=2, reconnect_timeout=3)
         await store.open()
         try:
             with anyio.fail_after(90):
@@ -584,7 +585,7 @@ async def test_a_server_that_stops_answering_fails_calls_clearly_instead_of_hang
                 with pytest.raises(StoreError, match="append failed") as err:
                     await store.append([raw(2)], stream="s")
                 assert f"127.0.0.1:{net.port}" in str(err.value)
-                assert re.search(r"(did not answer|no answer) within 1s", str(err.value))
+                assert re.search(r"(did not answer|no answer) within 2s", str(err.value))
                 with pytest.raises(StoreError, match="loading checkpoint 'sub' failed"):
                     await store.load_checkpoint("sub")
                 with pytest.raises(StoreError, match="reading events failed"):
