@@ -102,6 +102,9 @@ CREATE TABLE IF NOT EXISTS archives (
 );
 """
 
+#: The functions the store creates in the log's schema.
+FUNCTIONS: Final = ("xcore_append_only", "xcore_gapless", "xcore_append_v1")
+
 #: Every INSERT into the log, ours or a foreign connection's, must continue it without a
 #: gap: a row past the end (a hand-written position) would stop every node's follower,
 #: which never skips a position. One check per statement (its rows, from a transition
@@ -372,7 +375,19 @@ class PostgresStore:
                     await self._create_append_function(conn, schema)
                     await self._create_gapless_trigger(conn)
                     return
-            if await self._append_function_state(conn, schema) == "foreign":
+            if not tables:
+                # a new log: any function of the names it creates is someone else's (the
+                # store creates its tables and functions in one transaction)
+                taken = await conn.fetch(
+                    "SELECT DISTINCT p.proname FROM pg_proc p"
+                    " JOIN pg_namespace n ON n.oid = p.pronamespace"
+                    " WHERE n.nspname = $1 AND p.proname = ANY($2::text[]) ORDER BY 1",
+                    schema,
+                    list(FUNCTIONS),
+                )
+                if taken:
+                    raise self._foreign_function(schema, taken[0][0])
+            elif await self._append_function_state(conn, schema) == "foreign":
                 raise self._foreign_function(schema)
             await conn.execute(SCHEMA)
             await conn.execute(GAPLESS.replace("{key}", str(int(self.lock_key))))
@@ -463,12 +478,16 @@ class PostgresStore:
                 return "unmarked"
         return "foreign"
 
-    def _foreign_function(self, schema: str) -> StoreCorrupt:
+    def _foreign_function(self, schema: str, name: str = APPEND_FUNCTION_NAME) -> StoreCorrupt:
+        why = (
+            f"it lacks the store's mark {APPEND_FUNCTION_MARK!r} or its body differs"
+            if name == APPEND_FUNCTION_NAME
+            else "the schema holds no xcore log yet"
+        )
         return StoreCorrupt(
-            f"PostgreSQL at {self.location}: schema {schema!r} holds a function "
-            f"{APPEND_FUNCTION_NAME} that is not xcore's (it lacks the store's mark "
-            f"{APPEND_FUNCTION_MARK!r} or its body differs); xcore will neither call nor "
-            "replace it: rename or drop it, or give xcore a schema of its own"
+            f"PostgreSQL at {self.location}: schema {schema!r} holds a function {name} "
+            f"that is not xcore's ({why}); xcore will neither call nor replace it: rename "
+            "or drop it, or give xcore a schema of its own"
         )
 
     async def close(self) -> None:

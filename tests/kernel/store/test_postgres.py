@@ -678,3 +678,22 @@ async def test_a_node_frozen_inside_its_transaction_does_not_stop_the_others(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_new_log_replaces_no_function_of_the_user(pg_dsn: str) -> None:
+    """The store's trigger functions were created with CREATE OR REPLACE: in a schema
+    holding a user's function of one of their names, a new log silently replaced it."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "CREATE FUNCTION xcore_gapless() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RETURN NULL; END $$"
+        )
+        with pytest.raises(StoreCorrupt, match="function xcore_gapless that is not xcore's"):
+            await PostgresStore(pg_dsn).open()
+        assert "BEGIN RETURN NULL; END" in await conn.fetchval(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'xcore_gapless'"
+            " AND pronamespace = current_schema()::regnamespace"
+        )
+    finally:
+        await conn.close()
