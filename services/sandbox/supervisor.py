@@ -301,6 +301,9 @@ class SandboxedPlugin:
     async def _shutdown(self, worker: Worker) -> None:
         self.state = "stopping"
         self.reason = f"it is stopping ({self._stop_reason})"
+        # new calls go to the next generation (or fail fast); those already sent finish
+        # here, within the wall time they have anyway
+        await worker.drain(self.limits.wall_time)
         if worker.alive and "on_unload" in (worker.ready or {}).get("hooks", ["on_unload"]):
             try:
                 with anyio.move_on_after(self.settings.stop_grace_s):

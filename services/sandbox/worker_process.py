@@ -53,6 +53,8 @@ log = logging.getLogger("xcore.sandbox")
 #: Log lines a worker may send per second (stderr included) before lines are dropped.
 LOG_RATE = 200
 STDERR_TAIL = 40
+#: Longest log message of a worker passed on (the worker's own handler cuts at this too).
+LOG_MESSAGE = 65536
 #: Frames of a streaming call waiting for its caller (256 KiB each at most).
 CALL_BUFFER = 64
 #: Bytes queued to a worker's stdin before a sender waits for the pipe to drain.
@@ -428,6 +430,15 @@ class Worker:
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait, up to ``timeout``, for the calls in flight now to end (a replaced
+        generation's requests finish where they started, as a trusted plugin's do)."""
+        pending = set(self._calls)
+        with anyio.move_on_after(timeout):
+            while pending and self.alive:
+                await anyio.sleep(0.02)
+                pending.intersection_update(self._calls)
+
     async def stop(self, grace: float) -> None:
         """Ask the worker to stop; kill it if it has not within ``grace`` seconds."""
         self._stopping = True
@@ -645,15 +656,18 @@ class Worker:
         extra = {"plugin": self.plugin, "sandbox_pid": self.pid}
         for key in ("request_id", "run_id"):
             if h.get(key):
-                extra[key] = h[key]
-        name = str(h.get("logger") or f"xcore.plugin.{self.plugin}")
-        if not name.startswith(f"xcore.plugin.{self.plugin}"):
-            name = f"xcore.plugin.{self.plugin}.{name}"
+                extra[key] = str(h[key])[:128]
+        # the frame is the plugin's to forge: its logger stays under the plugin's own
+        # name (``xcore.plugin.ab`` is not ``xcore.plugin.a``'s), its message is cut
+        own = f"xcore.plugin.{self.plugin}"
+        name = str(h.get("logger") or own)[:200]
+        if name != own and not name.startswith(own + "."):
+            name = f"{own}.{name}"
         level = h.get("level", logging.INFO)
         logging.getLogger(name).log(
             level if isinstance(level, int) else logging.INFO,
             "%s",
-            h.get("message", ""),
+            str(h.get("message", ""))[:LOG_MESSAGE],
             extra=extra,
         )
 

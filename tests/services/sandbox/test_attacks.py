@@ -1,0 +1,94 @@
+"""Attacks by a hostile or careless sandboxed plugin that once got through, each kept as
+a test: reloads racing requests in flight, the wire used to spoof or flood the kernel's
+log, a worker that keeps root trying to lift its process limit or signal the kernel."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.services.sandbox.conftest import sandboxed, write_plugin
+
+SLOW = """
+    import asyncio
+    import os
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/slow")
+    async def slow():
+        # answers once the test says so (after the reload has swapped the workers)
+        while not os.path.exists(os.path.join(os.environ["HOME"], "release")):
+            await asyncio.sleep(0.02)
+        return {"pid": os.getpid(), "done": True}
+
+    @router.get("/ok")
+    async def ok():
+        return {"pid": os.getpid()}
+"""
+
+
+async def test_a_reload_lets_the_old_workers_requests_in_flight_finish(
+    harness: Any, level: str
+) -> None:
+    h = await harness(level)
+    write_plugin(h.plugins, "slowpoke", info=sandboxed("slowpoke"), router=SLOW)
+    assert (await h.reload("slowpoke")).status_code == 200
+    answers: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def slow() -> None:
+            answers.append(await h.client.get("/app/slowpoke/slow"))
+
+        tg.start_soon(slow)
+        with anyio.fail_after(30):
+            # the request has reached the worker
+            while not any(p.worker and p.worker.in_flight for p in h.service.plugins.values()):
+                await anyio.sleep(0.01)
+        assert (await h.reload("slowpoke")).status_code == 200
+        await anyio.Path(h.base / "var" / "plugins" / "slowpoke" / "release").write_text("")
+    [answer] = answers
+    # the old generation answered its request, as a trusted plugin's would
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["done"] is True
+    assert (await h.client.get("/app/slowpoke/ok")).status_code == 200
+
+
+WIRE = """
+    import gc
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    def wire():
+        return next(o for o in gc.get_objects() if type(o).__name__ == "Wire")
+
+    @router.get("/log")
+    async def log():
+        # raw frames, past the worker's own logging handler (which a plugin can bypass)
+        wire().send({"op": "log", "level": 40, "logger": "xcore.plugin.wiretapx.evil",
+                     "message": "spoofed"})
+        wire().send({"op": "log", "level": 40, "message": "big" + "x" * (1024 * 1024)})
+        return {"sent": True}
+"""
+
+
+async def test_log_frames_cannot_spoof_another_plugins_logger_nor_flood_the_log(
+    harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await harness("rlimits")
+    write_plugin(h.plugins, "wiretap", info=sandboxed("wiretap"), router=WIRE)
+    assert (await h.reload("wiretap")).status_code == 200
+    with caplog.at_level(logging.INFO):
+        assert (await h.client.get("/app/wiretap/log")).status_code == 200
+        with anyio.fail_after(30):
+            while not any(r.getMessage().startswith("big") for r in caplog.records):
+                await anyio.sleep(0.01)
+    spoofed = [r for r in caplog.records if r.getMessage() == "spoofed"]
+    [big] = [r for r in caplog.records if r.getMessage().startswith("big")]
+    assert [r.name for r in spoofed] == ["xcore.plugin.wiretap.xcore.plugin.wiretapx.evil"]
+    assert len(big.getMessage()) <= 70_000
+    assert getattr(big, "plugin", None) == "wiretap"
