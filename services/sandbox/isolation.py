@@ -30,7 +30,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ENV_ALLOWLIST", "Launch", "detect_level", "environment", "launch", "worker_user"]
+__all__ = [
+    "ENV_ALLOWLIST",
+    "Launch",
+    "confining_user",
+    "detect_level",
+    "environment",
+    "launch",
+    "worker_user",
+]
 
 #: Environment variables a worker inherits (plus ``services.sandbox.env_allow``).
 log = logging.getLogger("xcore.sandbox")
@@ -87,7 +95,8 @@ def worker_user(setting: str, level: str) -> tuple[int, int] | None:
 
     Only a root kernel switches. At the ``rlimits`` level the worker must still reach the
     interpreter and the project as that user; when it cannot (a Python installed under
-    ``/root``), the worker keeps root and a warning says what that costs.
+    ``/root``), the worker keeps root's file access only (:func:`confining_user`) and a
+    warning says what that costs.
     """
     if os.getuid() != 0 or setting == "":
         return None
@@ -100,13 +109,25 @@ def worker_user(setting: str, level: str) -> tuple[int, int] | None:
         blocked = [p for p in needed_paths() if not _world_reachable(p)]
         if blocked:
             log.warning(
-                "sandbox workers keep root at the rlimits level: %s is not reachable by "
-                "user %r (the process limit does not apply to root, and root-only files stay "
-                "readable); install bubblewrap or move Python out of a private folder",
+                "sandbox workers keep root's file access at the rlimits level: %s is not "
+                "reachable by user %r (root-only files stay readable and writable by "
+                "plugins); install bubblewrap or move Python out of a private folder",
                 blocked[0],
                 name,
             )
             return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def confining_user(
+    setting: str, level: str, user: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """(uid, gid) a worker that keeps root's file access runs as for everything else
+    (signals, process counts), or None: a root kernel at the ``rlimits`` level whose
+    workers could not switch (``user`` is what :func:`worker_user` gave)."""
+    if os.getuid() != 0 or setting == "" or user is not None or level != "rlimits":
+        return None
+    entry = pwd.getpwnam("nobody" if setting == "auto" else setting)
     return entry.pw_uid, entry.pw_gid
 
 

@@ -42,7 +42,7 @@ from .admin import admin_router
 from .bridge import Bridge
 from .cgroup import pids_base, remove_base
 from .events import stream_of
-from .isolation import detect_level, environment, launch, worker_user
+from .isolation import confining_user, detect_level, environment, launch, worker_user
 from .limits import MIB, LimitError, resolve
 from .proxy import SandboxProxy
 from .settings import SandboxSettings
@@ -70,6 +70,8 @@ class SandboxService:
         self.plugins: dict[tuple[str, int], SandboxedPlugin] = {}
         self.level = "rlimits"
         self.user: tuple[int, int] | None = None
+        #: Root's file access only, signals and processes as this user (see worker.py).
+        self.confined: tuple[int, int] | None = None
         self._kernel: Kernel | None = None
         self._settings = SandboxSettings()
         self._tg: TaskGroup | None = None
@@ -87,6 +89,7 @@ class SandboxService:
         self._settings = kernel.settings.section("sandbox", SandboxSettings)
         self.level = await anyio.to_thread.run_sync(detect_level, self._settings.level)
         self.user = worker_user(self._settings.user, self.level)
+        self.confined = confining_user(self._settings.user, self.level, self.user)
         if self.user is None and os.getuid() == 0:
             # workers keep root (without capabilities): the kernel must not be
             # dumpable, or they could read its environment and memory through /proc
@@ -108,7 +111,7 @@ class SandboxService:
             f"uid {self.user[0]}" if self.user else "the kernel's user",
             f"a pids cgroup under {cgroups}" if cgroups else f"RLIMIT_NPROC ({why})",
         )
-        if cgroups is None and self.user is None and os.getuid() == 0:
+        if cgroups is None and self.user is None and self.confined is None and os.getuid() == 0:
             log.warning(
                 "sandbox: workers keep root and %s: a fork bomb is held only by the "
                 "supervisor's once-a-second count of their processes",
@@ -175,6 +178,8 @@ class SandboxService:
             "limits": limits.as_dict(),
             "uid": self.user[0] if self.user else None,
             "gid": self.user[1] if self.user else None,
+            "signal_uid": self.confined[0] if self.confined else None,
+            "signal_gid": self.confined[1] if self.confined else None,
             "log_level": self.kernel.settings.log_level,
             "kernel_pid": os.getpid() if self.level == "rlimits" else None,
         }

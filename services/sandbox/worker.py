@@ -607,6 +607,58 @@ def _drop_privileges(uid: int | None, gid: int | None) -> None:
         raise RuntimeError("could not give up root")
 
 
+def _confine_root(uid: int, gid: int) -> None:
+    """Confine a worker that must keep root's file access (at the ``rlimits`` level, when
+    the interpreter is private to root): before giving up its capabilities it
+
+    - hides every cgroup file system in a mount namespace of its own, so it cannot
+      write its ``pids.max`` nor move itself out of its pids cgroup (root owns those
+      files: no capability is needed to write them);
+    - becomes ``uid``/``gid`` for everything but files (its file-system ids stay root's,
+      to reach the interpreter), so it can no longer signal the kernel nor any other
+      process of root, and ``RLIMIT_NPROC`` counts it (a program it executes runs as
+      ``uid``: the file-system ids follow the effective ones on ``execve``);
+    - sets ``no_new_privs``, so a set-user-ID program gives it nothing back.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+    check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
+    # MS_REC | MS_PRIVATE: nothing mounted here reaches the kernel's namespace
+    check(libc.mount(None, b"/", None, 0x4000 | 0x40000, None), "making / private")
+    points = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] in (["cgroup"], ["cgroup2"]):
+                points.add(left.split()[4])
+    parents = {str(os.path.dirname(p)) for p in points}
+    # hide the folder that holds them when it is a file system of its own (the usual
+    # /sys/fs/cgroup tmpfs), else each of them
+    hide = parents if len(parents) == 1 and os.path.ismount(next(iter(parents))) else points
+    for point in sorted(hide):
+        # MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+        check(libc.mount(b"none", point.encode(), b"tmpfs", 1 | 2 | 4 | 8, b"size=4k"), point)
+    # PR_SET_SECUREBITS(SECBIT_NO_SETUID_FIXUP): the capabilities stay through the switch
+    # (needed for the file-system ids, then dropped for good below)
+    check(libc.prctl(28, 1 << 2, 0, 0, 0), "keeping capabilities through setuid")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    libc.setfsuid(0)
+    libc.setfsgid(0)
+    if libc.setfsuid(-1) != 0 or libc.setfsgid(-1) != 0:  # -1 only reads them back
+        raise OSError("could not keep root's file access")
+    check(libc.prctl(38, 1, 0, 0, 0), "setting no_new_privs")  # PR_SET_NO_NEW_PRIVS
+    if not _drop_capabilities():
+        raise OSError("could not drop the capabilities of a worker keeping root's files")
+
+
 def _die_with(kernel_pid: int | None) -> None:
     """Die with the kernel even if it is killed (a worker looping forever would never
     read the end of its pipe). Set after giving up root: a change of user clears it.
@@ -659,6 +711,8 @@ def main() -> None:
     cfg = header["config"]
     try:
         _drop_privileges(cfg.get("uid"), cfg.get("gid"))
+        if cfg.get("uid") is None and os.getuid() == 0 and cfg.get("signal_uid") is not None:
+            _confine_root(int(cfg["signal_uid"]), int(cfg["signal_gid"]))
         _die_with(cfg.get("kernel_pid"))
         from .limits import apply
 

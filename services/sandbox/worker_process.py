@@ -310,7 +310,11 @@ class Worker:
         self._cgroup = cgroup
         if cgroup is not None:
             self.process_limit = "pids-cgroup"
-        elif self.config.get("uid") is not None or os.getuid() != 0:
+        elif (
+            self.config.get("uid") is not None
+            or self.config.get("signal_uid") is not None
+            or os.getuid() != 0
+        ):
             self.process_limit = "rlimit"
         else:
             self.process_limit = "watch"

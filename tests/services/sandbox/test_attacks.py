@@ -92,3 +92,57 @@ async def test_log_frames_cannot_spoof_another_plugins_logger_nor_flood_the_log(
     assert [r.name for r in spoofed] == ["xcore.plugin.wiretap.xcore.plugin.wiretapx.evil"]
     assert len(big.getMessage()) <= 70_000
     assert getattr(big, "plugin", None) == "wiretap"
+
+
+ESCAPE = """
+    import os
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    def attempt(fn):
+        try:
+            fn()
+            return "done"
+        except OSError as exc:
+            return f"refused: {exc.strerror}"
+
+    def write(path, text):
+        with open(path, "w") as f:
+            f.write(text)
+
+    @router.get("/escape")
+    def escape(kernel: int):
+        out = {"signal": attempt(lambda: os.kill(kernel, 0))}
+        mine = [l.split(":", 2)[2] for l in open("/proc/self/cgroup").read().splitlines()
+                if l.split(":")[1] == "pids"]
+        points = [l.split(" - ")[0].split()[4] for l in open("/proc/self/mountinfo")
+                  if l.split(" - ")[1].split()[0] == "cgroup" and "pids" in l.split()[-1]]
+        for point in points:
+            for rel in mine:
+                out["raise " + point] = attempt(lambda: write(point + rel + "/pids.max", "max"))
+            out["leave " + point] = attempt(lambda: write(point + "/cgroup.procs", str(os.getpid())))
+        out["cgroup"] = open("/proc/self/cgroup").read()
+        return out
+"""
+
+
+async def test_a_worker_cannot_signal_the_kernel_nor_lift_its_process_limit(
+    harness: Any, level: str
+) -> None:
+    # a root kernel whose Python nobody else can read keeps its rlimits workers root
+    # (without capabilities): such a worker could SIGKILL the kernel, write its own
+    # pids.max and move itself out of its pids cgroup
+    h = await harness(level)
+    write_plugin(h.plugins, "breakout", info=sandboxed("breakout"), router=ESCAPE)
+    assert (await h.reload("breakout")).status_code == 200
+    r = await h.client.get("/app/breakout/escape", params={"kernel": os.getpid()})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["signal"].startswith("refused"), out
+    for key, value in out.items():
+        if key.startswith(("raise ", "leave ")):
+            assert value.startswith("refused"), out
+    described = h.service.describe("breakout")
+    assert described is not None
+    if described["process_limit"] == "pids-cgroup":
+        assert "xcore-sandbox-" in out["cgroup"], out
