@@ -45,6 +45,7 @@ from .events import stream_of
 from .isolation import confining_user, detect_level, environment, launch, worker_user
 from .limits import MIB, LimitError, resolve
 from .proxy import SandboxProxy
+from .reaper import Reaper
 from .settings import SandboxSettings
 from .supervisor import CallFailed, SandboxedPlugin
 
@@ -77,6 +78,7 @@ class SandboxService:
         self._tg: TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing: asyncio.Event | None = None
+        self._reaper: Reaper | None = None
 
     @property
     def kernel(self) -> Kernel:
@@ -105,6 +107,11 @@ class SandboxService:
         sub = await kernel.subscribe(self._on_unloaded, types=["PluginUnloaded"], start="now")
         stack.push_async_callback(kernel.unsubscribe, sub)
         cgroups, why = await anyio.to_thread.run_sync(pids_base)
+        if self.level == "rlimits":
+            # bubblewrap's pid namespace ends with its worker; here a reaper process
+            # kills what workers started if the kernel dies
+            self._reaper = Reaper(cgroups)
+            await anyio.to_thread.run_sync(self._reaper.start)
         log.info(
             "sandbox: isolation level %s, workers run as %s, processes limited by %s",
             self.level,
@@ -136,6 +143,9 @@ class SandboxService:
         assert self._closing is not None and self._runner is not None
         self._closing.set()
         await self._runner
+        if self._reaper is not None:
+            await anyio.to_thread.run_sync(self._reaper.close)
+            self._reaper = None
         remove_base()
 
     # -- the host (kernel.hosts) -----------------------------------------------------
@@ -193,6 +203,7 @@ class SandboxService:
             record=self._record,
             uid=self.user[0] if self.user else os.getuid(),
             bridge=Bridge(self.kernel, name, settings.kernel_events),
+            reaper=self._reaper,
         )
         assert self._tg is not None
         self._tg.start_soon(plugin.run)

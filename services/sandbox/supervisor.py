@@ -36,6 +36,7 @@ from .events import (
 )
 from .isolation import Launch
 from .limits import Limits
+from .reaper import Reaper
 from .settings import SandboxSettings
 from .worker_process import Exit, Worker, WorkerGone
 
@@ -100,6 +101,7 @@ class SandboxedPlugin:
         record: Record,
         uid: int,
         bridge: Bridge | None = None,
+        reaper: Reaper | None = None,
     ) -> None:
         self.name = name
         self.generation = generation
@@ -109,6 +111,7 @@ class SandboxedPlugin:
         self.settings = settings
         self.uid = uid
         self.bridge = bridge
+        self.reaper = reaper
         self._record = record
         #: starting | running | restarting | open | stopping | stopped | failed
         self.state = "starting"
@@ -139,6 +142,7 @@ class SandboxedPlugin:
             limits=self.limits.as_dict(),
             bridge=self.bridge,
             cancel_grace=s.cancel_grace_s,
+            reaper=self.reaper,
         )
 
     async def run(self) -> None:

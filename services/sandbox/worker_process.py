@@ -42,6 +42,7 @@ from .bridge import MAX_SUBSCRIPTIONS, Bridge, Refused, record_to_wire
 from .cgroup import PidsCgroup
 from .isolation import Launch
 from .protocol import CHUNK, FrameError, FrameReader, encode
+from .reaper import Reaper
 
 if TYPE_CHECKING:
     from kernel.subscriptions import Subscription
@@ -157,6 +158,8 @@ class Worker:
     bridge: Bridge | None = None
     #: How long a cancelled call's code may take to stop before the worker is killed.
     cancel_grace: float = 2.0
+    #: Kills what the worker started if the kernel dies (rlimits level).
+    reaper: Reaper | None = None
 
     pid: int = 0
     ready: dict[str, Any] | None = None
@@ -241,6 +244,8 @@ class Worker:
             os.close(to_kernel)
         self._proc = proc
         self.pid = proc.pid
+        if self.reaper is not None:
+            self.reaper.watch(proc.pid)
         self._contain(proc.pid)
         loop = asyncio.get_running_loop()
         try:
@@ -330,6 +335,12 @@ class Worker:
             await proc.aclose()
         except Exception:
             log.exception("sandbox: plugin %r worker %d: could not reap it", self.plugin, self.pid)
+        # what it started and left in its process group (a worker that exited on its own
+        # leaves its children behind; no cgroup is needed to find them)
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        if self.reaper is not None:
+            self.reaper.forget(self.pid)
         self.exit = self._classify(proc.returncode)
         if self._cgroup is not None:
             cgroup, self._cgroup = self._cgroup, None
