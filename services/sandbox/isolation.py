@@ -161,6 +161,10 @@ def environment(data_dir: Path, extra: list[str]) -> dict[str, str]:
     return env
 
 
+#: Size of a tmpfs that hides a folder (it holds only the folders bound back into it).
+HIDING_SIZE = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Launch:
     """A worker's command line and where it runs."""
@@ -180,8 +184,13 @@ def launch(
     network: bool,
     env: dict[str, str],
     hidden: tuple[Path, ...] = (),
+    tmp_size: int = 256 * 1024 * 1024,
 ) -> Launch:
-    """The command that starts a worker for the plugin in ``folder``."""
+    """The command that starts a worker for the plugin in ``folder``.
+
+    Every tmpfs is sized (a tmpfs is memory, half the machine's by default): the private
+    ``/tmp`` holds at most ``tmp_size`` bytes, those that hide folders almost nothing.
+    """
     python = [sys.executable, "-I", "-B", "-m", "services.sandbox.worker"]
     if level == "rlimits":
         return Launch(python, folder, env, level)
@@ -198,13 +207,13 @@ def launch(
         if network:
             argv.append("--share-net")
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    argv += ["--perms", "1777", "--tmpfs", "/tmp"]
+    argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]
     homes = {Path("/root")}
     if os.environ.get("HOME"):
         homes.add(Path(os.environ["HOME"]).resolve())
     homes = {h for h in homes if h.is_dir() and h != Path("/")}
     for home in sorted(homes):
-        argv += ["--tmpfs", str(home)]
+        argv += ["--size", str(HIDING_SIZE), "--tmpfs", str(home)]
     # put back what the worker needs from a hidden home (the interpreter, the project)
     covers = [*homes, Path("/tmp")]
     for path in needed_paths():
@@ -217,7 +226,7 @@ def launch(
         if path.is_file():
             argv += ["--ro-bind", "/dev/null", str(path)]
         elif path.is_dir():
-            argv += ["--tmpfs", str(path)]
+            argv += ["--size", str(HIDING_SIZE), "--tmpfs", str(path)]
     data = data_dir.resolve()
     hidden_dirs = [p.resolve() for p in (kernel_data_dir, *hidden, *covers) if p.is_dir()]
     argv += _rebind(data, hidden_dirs, "--bind") or ["--bind", str(data), str(data)]

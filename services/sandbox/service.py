@@ -176,6 +176,7 @@ class SandboxService:
                 network=limits.network,
                 env=env,
                 hidden=(Path(DEFAULT_FILE),),
+                tmp_size=limits.memory,
             )
         )
         config = {

@@ -146,3 +146,37 @@ async def test_a_worker_cannot_signal_the_kernel_nor_lift_its_process_limit(
     assert described is not None
     if described["process_limit"] == "pids-cgroup":
         assert "xcore-sandbox-" in out["cgroup"], out
+
+
+TMPFS = """
+    import os
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/sizes")
+    def sizes(hidden: str):
+        out = {}
+        for path in ("/tmp", hidden):
+            st = os.statvfs(path)
+            out[path] = st.f_blocks * st.f_frsize
+        return out
+"""
+
+
+async def test_the_private_tmp_cannot_hold_more_than_the_memory_limit(
+    harness: Any, level: str
+) -> None:
+    # a tmpfs is memory: unbounded, a plugin could fill half the machine's RAM through its
+    # private /tmp, past its own memory limit
+    if level != "bwrap":
+        pytest.skip("the rlimits level has no private /tmp")
+    h = await harness(level)
+    info = sandboxed("tmpfill", limits={"memory": "256m"})
+    write_plugin(h.plugins, "tmpfill", info=info, router=TMPFS)
+    assert (await h.reload("tmpfill")).status_code == 200
+    hidden = str((h.base / "var").resolve())
+    r = await h.client.get("/app/tmpfill/sizes", params={"hidden": hidden})
+    assert r.status_code == 200, r.text
+    assert r.json()["/tmp"] <= 256 * 1024 * 1024
+    # the tmpfs that hides the kernel's data folder holds nothing either
+    assert r.json()[hidden] <= 1024 * 1024
