@@ -185,8 +185,12 @@ def launch(
     env: dict[str, str],
     hidden: tuple[Path, ...] = (),
     tmp_size: int = 256 * 1024 * 1024,
+    plugins_dir: Path | None = None,
 ) -> Launch:
     """The command that starts a worker for the plugin in ``folder``.
+
+    Under bubblewrap the other plugins' folders (``plugins_dir``: their code and their
+    ``config.yaml``, which may hold secrets) are hidden; the plugin's own is bound back.
 
     Every tmpfs is sized (a tmpfs is memory, half the machine's by default): the private
     ``/tmp`` holds at most ``tmp_size`` bytes, those that hide folders almost nothing.
@@ -214,8 +218,17 @@ def launch(
     homes = {h for h in homes if h.is_dir() and h != Path("/")}
     for home in sorted(homes):
         argv += ["--size", str(HIDING_SIZE), "--tmpfs", str(home)]
-    # put back what the worker needs from a hidden home (the interpreter, the project)
     covers = [*homes, Path("/tmp")]
+    if plugins_dir is not None:
+        plugins = plugins_dir.resolve()
+        if (
+            plugins.is_dir()
+            and plugins != Path("/")
+            and not any(plugins.is_relative_to(c) for c in covers)
+        ):
+            argv += ["--size", str(HIDING_SIZE), "--tmpfs", str(plugins)]
+            covers.append(plugins)
+    # put back what the worker needs from a hidden folder (the interpreter, the project)
     for path in needed_paths():
         argv += _rebind(path, covers, "--ro-bind")
     where = folder.resolve()

@@ -177,6 +177,7 @@ class SandboxService:
                 env=env,
                 hidden=(Path(DEFAULT_FILE),),
                 tmp_size=limits.memory,
+                plugins_dir=self.kernel.settings.plugins_dir,
             )
         )
         config = {

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from tests.services.sandbox.conftest import sandboxed, write_plugin
+from tests.services.sandbox.conftest import Harness, sandboxed, write_plugin
 
 SLOW = """
     import asyncio
@@ -180,3 +183,46 @@ async def test_the_private_tmp_cannot_hold_more_than_the_memory_limit(
     assert r.json()["/tmp"] <= 256 * 1024 * 1024
     # the tmpfs that hides the kernel's data folder holds nothing either
     assert r.json()[hidden] <= 1024 * 1024
+
+
+PEEK = """
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/peek")
+    def peek(path: str):
+        try:
+            with open(path) as f:
+                return {"read": f.read()}
+        except OSError as exc:
+            return {"refused": exc.strerror}
+"""
+
+
+async def test_other_plugins_folders_are_hidden_at_the_namespace_level(level: str) -> None:
+    # outside /tmp and the home folders (which bubblewrap hides anyway), as in production
+    if level != "bwrap":
+        pytest.skip("the rlimits level has no file-system namespace")
+    base = Path(tempfile.mkdtemp(prefix="xcore-peek-", dir="/var/tmp"))
+    base.chmod(0o755)
+    h = Harness(base, level)
+    try:
+        with anyio.fail_after(60):
+            await h.start()
+        write_plugin(h.plugins, "keeper", config="api_key: hunter2-secret\n")
+        write_plugin(h.plugins, "peeker", info=sandboxed("peeker"), router=PEEK)
+        assert (await h.reload("peeker")).status_code == 200
+        own = await h.client.get(
+            "/app/peeker/peek", params={"path": str(h.plugins / "peeker" / "router.py")}
+        )
+        assert "def peek" in own.json().get("read", ""), own.text
+        other = await h.client.get(
+            "/app/peeker/peek", params={"path": str(h.plugins / "keeper" / "config.yaml")}
+        )
+        assert other.status_code == 200, other.text
+        assert "hunter2" not in other.text
+        assert "refused" in other.json()
+    finally:
+        with anyio.fail_after(60):
+            await h.stop()
+        shutil.rmtree(base, ignore_errors=True)
