@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,13 +200,24 @@ PEEK = """
 """
 
 
-async def test_other_plugins_folders_are_hidden_at_the_namespace_level(level: str) -> None:
-    # outside /tmp and the home folders (which bubblewrap hides anyway), as in production
-    if level != "bwrap":
-        pytest.skip("the rlimits level has no file-system namespace")
+@pytest.fixture
+def outside_tmp() -> Iterator[Path]:
+    """A folder outside /tmp and the home folders (which bubblewrap hides anyway), as
+    a production plugins folder is."""
     base = Path(tempfile.mkdtemp(prefix="xcore-peek-", dir="/var/tmp"))
     base.chmod(0o755)
-    h = Harness(base, level)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_other_plugins_folders_are_hidden_at_the_namespace_level(
+    level: str, outside_tmp: Path
+) -> None:
+    if level != "bwrap":
+        pytest.skip("the rlimits level has no file-system namespace")
+    h = Harness(outside_tmp, level)
     try:
         with anyio.fail_after(60):
             await h.start()
@@ -225,4 +237,3 @@ async def test_other_plugins_folders_are_hidden_at_the_namespace_level(level: st
     finally:
         with anyio.fail_after(60):
             await h.stop()
-        shutil.rmtree(base, ignore_errors=True)
