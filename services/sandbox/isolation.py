@@ -110,8 +110,8 @@ def worker_user(setting: str, level: str) -> tuple[int, int] | None:
         if blocked:
             log.warning(
                 "sandbox workers keep root's file access at the rlimits level: %s is not "
-                "reachable by user %r (root-only files stay readable and writable by "
-                "plugins); install bubblewrap or move Python out of a private folder",
+                "reachable by user %r (root-only files stay readable by plugins); install "
+                "bubblewrap or move Python out of a private folder",
                 blocked[0],
                 name,
             )

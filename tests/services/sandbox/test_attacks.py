@@ -237,3 +237,52 @@ async def test_other_plugins_folders_are_hidden_at_the_namespace_level(
     finally:
         with anyio.fail_after(60):
             await h.stop()
+
+
+SCRIBBLE = """
+    import os
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/scribble")
+    def scribble(paths: str):
+        out = {}
+        for path in paths.split(","):
+            try:
+                with open(path, "a") as f:
+                    f.write("# injected\\n")
+                out[path] = "written"
+            except OSError as exc:
+                out[path] = f"refused: {exc.strerror}"
+        return out
+"""
+
+
+async def test_a_worker_writes_only_in_its_data_folder(level: str, outside_tmp: Path) -> None:
+    # a worker that keeps root's file access (rlimits level, Python private to root) could
+    # write the log, the kernel's code, a trusted plugin's code (run by the kernel at its
+    # next reload)
+    h = Harness(outside_tmp, level)
+    try:
+        with anyio.fail_after(60):
+            await h.start()
+        write_plugin(h.plugins, "trusting", info={"version": "1.0.0"})
+        write_plugin(h.plugins, "scribbler", info=sandboxed("scribbler"), router=SCRIBBLE)
+        assert (await h.reload("scribbler")).status_code == 200
+        own = outside_tmp / "var" / "plugins" / "scribbler" / "notes.txt"
+        others = [
+            outside_tmp / "var" / "evil.txt",
+            h.plugins / "trusting" / "run.py",
+            h.plugins / "scribbler" / "router.py",
+        ]
+        r = await h.client.get(
+            "/app/scribbler/scribble", params={"paths": ",".join(map(str, [own, *others]))}
+        )
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out.pop(str(own)) == "written", out
+        assert all(v.startswith("refused") for v in out.values()), out
+        assert "injected" not in (h.plugins / "trusting" / "run.py").read_text()
+    finally:
+        with anyio.fail_after(60):
+            await h.stop()
