@@ -92,9 +92,10 @@ class SandboxService:
         self.level = await anyio.to_thread.run_sync(detect_level, self._settings.level)
         self.user = worker_user(self._settings.user, self.level)
         self.confined = confining_user(self._settings.user, self.level, self.user)
-        if self.user is None and os.getuid() == 0:
-            # workers keep root (without capabilities): the kernel must not be
-            # dumpable, or they could read its environment and memory through /proc
+        if self.user is None:
+            # workers keep the kernel's user (a kernel that is not root, or root's file
+            # access): the kernel must not be dumpable, or they could read its
+            # environment (the admin token) and memory through /proc, or ptrace it
             _undumpable()
         ready = asyncio.Event()
         self._closing = asyncio.Event()
