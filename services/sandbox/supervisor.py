@@ -296,6 +296,7 @@ class SandboxedPlugin:
                 exit=exit.exit,
                 signal=exit.signal,
                 stderr=exit.stderr[-4000:],
+                detail=exit.detail,
             )
         log.warning(
             "sandbox: plugin %r generation %d: %s", self.name, self.generation, exit.describe()

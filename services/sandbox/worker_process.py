@@ -98,6 +98,8 @@ class Exit:
     def describe(self) -> str:
         if self.kind == "limit":
             return f"limit {self.limit} exceeded ({self.detail or self.value})"
+        if self.kind == "crash" and self.detail:
+            return f"worker killed: {self.detail}"
         if self.kind == "crash":
             how = f"signal {self.signal}" if self.signal else f"exit code {self.exit}"
             return f"worker crashed ({how})"
@@ -330,6 +332,9 @@ class Worker:
         for transport in (self._in, self._out):
             if transport is not None:
                 transport.close()
+        # its CPU time, readable until it is reaped (a worker at the hard CPU limit is
+        # killed between two samples)
+        self.cpu_s = max(self.cpu_s, _cpu_seconds(self.pid))
         try:
             await proc.wait()
             await proc.aclose()
@@ -416,6 +421,10 @@ class Worker:
                 f"killed by {signal.Signals(sig).name}",
                 tail,
             )
+        cpu = float(self.limits["cpu"])
+        if sig == signal.SIGKILL and self.cpu_s >= cpu:
+            # the hard CPU limit: the plugin ignored SIGXCPU at the soft one
+            return Exit("limit", self.pid, code, sig, "cpu", cpu, "killed at the CPU limit", tail)
         if self._stopping and code == 0:
             return Exit("stopped", self.pid, code, sig, stderr=tail)
         return Exit("crash", self.pid, code, sig, stderr=tail)
@@ -1011,6 +1020,16 @@ def _pipe() -> tuple[int, int]:
     with suppress(OSError):
         fcntl.fcntl(w, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
     return r, w
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of ``pid`` (0 if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _tree(root: int) -> list[int]:

@@ -286,3 +286,54 @@ async def test_a_worker_writes_only_in_its_data_folder(level: str, outside_tmp: 
     finally:
         with anyio.fail_after(60):
             await h.stop()
+
+
+BREAKER = """
+    import gc
+    import os
+    import struct
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/garbage")
+    async def garbage():
+        wire = next(o for o in gc.get_objects() if type(o).__name__ == "Wire")
+        os.write(wire.fd, struct.pack(">II", 14, 10) + b"not json!!")
+        return {"sent": True}
+
+    @router.get("/burn")
+    def burn():
+        while True:
+            pass
+"""
+
+IGNORE_SIGXCPU = """
+    import signal
+
+
+    async def on_load(ctx):
+        signal.signal(signal.SIGXCPU, signal.SIG_IGN)  # the soft CPU limit is ignored
+"""
+
+
+async def test_a_worker_killed_for_a_malformed_frame_is_recorded_with_why(harness: Any) -> None:
+    h = await harness("rlimits")
+    write_plugin(h.plugins, "breaker", info=sandboxed("breaker"), router=BREAKER)
+    assert (await h.reload("breaker")).status_code == 200
+    r = await h.client.get("/app/breaker/garbage")
+    assert r.status_code == 502, r.text
+    [crashed] = await h.wait_for("SandboxCrashed", "breaker")
+    assert "malformed frame" in crashed.data["detail"], crashed.data
+    assert "malformed frame" in r.json()["detail"]
+
+
+async def test_a_worker_ignoring_sigxcpu_is_recorded_at_the_cpu_limit(harness: Any) -> None:
+    h = await harness("rlimits")
+    info = sandboxed("burner", limits={"cpu": "5s", "wall_time": "120s"})
+    write_plugin(h.plugins, "burner", info=info, router=BREAKER, run=IGNORE_SIGXCPU)
+    assert (await h.reload("burner")).status_code == 200
+    r = await h.client.get("/app/burner/burn")
+    assert r.status_code == 502, r.text
+    [breach] = await h.wait_for("SandboxLimitExceeded", "burner")
+    assert breach.data["limit"] == "cpu", breach.data
+    assert not await h.events("SandboxCrashed", plugin="burner")
