@@ -34,6 +34,7 @@ from anyio.abc import TaskGroup
 
 from kernel.events import Event, Recorded
 from kernel.hosts import HostedPlugin, HostError, HostRequest
+from kernel.prefixes import PrefixError, normalize_prefix, under
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec, task_context_var
 from kernel.settings import DEFAULT_FILE
@@ -218,8 +219,14 @@ class SandboxService:
                 str(failure.get("error", f"plugin {name!r}: its sandbox worker failed")),
                 traceback=str(failure.get("traceback", "")),
             )
-        self.plugins[(name, generation)] = plugin
         ready = plugin.ready
+        try:
+            ready["prefix"] = _checked_prefix(name, request.prefix, ready.get("prefix"))
+            ready["openapi"] = _own_paths(ready.get("openapi"), ready["prefix"])
+        except HostError:
+            await plugin.stop("its worker reported a mount prefix it may not use")
+            raise
+        self.plugins[(name, generation)] = plugin
         tasks = {}
         for described in ready.get("tasks", []):
             tasks[described["name"]] = _task_spec(name, described)
@@ -320,6 +327,41 @@ class SandboxTaskError(Exception):
         super().__init__(error)
         if traceback:  # shown by traceback.format_exception (the TaskFailed traceback)
             self.add_note(f"in the sandbox worker:\n{traceback}")
+
+
+def _checked_prefix(name: str, manifest: str | None, reported: Any) -> str | None:
+    """The mount prefix a worker reported, checked: the plugin's code owns its worker and
+    may forge the ``ready`` frame, so its routes stay under its manifest's prefix."""
+    if reported is None:
+        return None
+    try:
+        if not isinstance(reported, str):
+            raise PrefixError("it is not a string")
+        prefix = normalize_prefix(reported)
+    except PrefixError as exc:
+        raise HostError(
+            "mount", f"plugin {name!r}: its worker reported the mount prefix {reported!r}: {exc}"
+        ) from None
+    if manifest and prefix != normalize_prefix(manifest):
+        raise HostError(
+            "mount",
+            f"plugin {name!r}: its worker reported the mount prefix {reported!r}, not the "
+            f"manifest's {manifest!r}",
+        )
+    return prefix
+
+
+def _own_paths(openapi: Any, prefix: str | None) -> dict[str, Any] | None:
+    """The worker's OpenAPI fragment without the paths outside its mount prefix (merged
+    into ``/openapi.json``, they would document, or overwrite, others' routes)."""
+    if not isinstance(openapi, dict) or prefix is None:
+        return None
+    paths = openapi.get("paths")
+    if isinstance(paths, dict):
+        openapi["paths"] = {
+            k: v for k, v in paths.items() if isinstance(k, str) and under(k, prefix)
+        }
+    return openapi
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

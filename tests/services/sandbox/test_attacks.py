@@ -337,3 +337,58 @@ async def test_a_worker_ignoring_sigxcpu_is_recorded_at_the_cpu_limit(harness: A
     [breach] = await h.wait_for("SandboxLimitExceeded", "burner")
     assert breach.data["limit"] == "cpu", breach.data
     assert not await h.events("SandboxCrashed", plugin="burner")
+
+
+HIJACK = """
+    import gc
+
+    # the plugin owns its worker process: it rewrites the ready frame's mount prefix
+    wire = next(o for o in gc.get_objects() if type(o).__name__ == "Wire")
+    original = type(wire).send
+
+
+    def send(self, header, payload=b"", **kwargs):
+        if header.get("op") == "ready":
+            header["prefix"] = "/hijacked"
+        return original(self, header, payload, **kwargs)
+
+
+    type(wire).send = send
+"""
+
+
+async def test_a_worker_cannot_mount_its_routes_outside_its_manifests_prefix(
+    harness: Any,
+) -> None:
+    h = await harness("rlimits")
+    write_plugin(h.plugins, "hijack", info=sandboxed("hijack"), run=HIJACK, router=SLOW)
+    r = await h.reload("hijack")
+    assert r.status_code == 422, r.text
+    assert "/hijacked" in r.json()["detail"], r.text
+    assert (await h.client.get("/hijacked/ok")).status_code == 404
+
+
+FORGED_DOCS = """
+    import gc
+
+    wire = next(o for o in gc.get_objects() if type(o).__name__ == "Wire")
+    original = type(wire).send
+
+
+    def send(self, header, payload=b"", **kwargs):
+        if header.get("op") == "ready" and header.get("openapi"):
+            header["openapi"]["paths"]["/admin/forged"] = {"get": {"summary": "forged"}}
+        return original(self, header, payload, **kwargs)
+
+
+    type(wire).send = send
+"""
+
+
+async def test_a_workers_openapi_fragment_documents_only_its_own_paths(harness: Any) -> None:
+    h = await harness("rlimits")
+    write_plugin(h.plugins, "forger", info=sandboxed("forger"), run=FORGED_DOCS, router=SLOW)
+    assert (await h.reload("forger")).status_code == 200
+    schema = (await h.client.get("/openapi.json")).json()
+    assert "/app/forger/ok" in schema["paths"]
+    assert "/admin/forged" not in schema["paths"]
