@@ -388,11 +388,19 @@ def _task_spec(plugin: str, described: dict[str, Any]) -> TaskSpec:
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Give the plugin's data folder to the workers' user (a root kernel created it)."""
-    for path in [root, *root.rglob("*")]:
-        with contextlib.suppress(OSError):
-            if not path.is_symlink():
-                os.chown(path, uid, gid)
+    """Give the plugin's data folder to the workers' user (a root kernel created it).
+
+    The folder is the plugin's: a running worker (the previous generation's) may swap a
+    file or a folder for a symlink while this walks it, so nothing here follows a link,
+    not even in the middle of a path (folders are opened one by one, relative to their
+    parent, by ``os.fwalk``): root never changes the owner of a file outside the folder.
+    """
+    with contextlib.suppress(OSError):
+        os.chown(root, uid, gid, follow_symlinks=False)
+    for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
 
 
 def _undumpable() -> None:

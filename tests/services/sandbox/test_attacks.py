@@ -409,3 +409,24 @@ async def test_the_boot_log_gives_a_sandboxed_plugins_real_load_time(
     ]
     took = float(line.rsplit(" in ", 1)[1].removesuffix(" ms"))
     assert 0 < took <= elapsed_ms, line  # within the start, not since the machine's boot
+
+
+def test_giving_the_data_folder_to_the_workers_user_follows_no_link(base: Path) -> None:
+    # the folder is the plugin's: links in it (swapped in while a root kernel walks it)
+    # must never make root give a file outside the folder to the workers' user
+    if os.getuid() != 0:
+        pytest.skip("only a root kernel changes owners")
+    from services.sandbox.service import _chown_tree
+
+    outside = base / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("root's")
+    data = base / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "own").write_text("")
+    (data / "file-link").symlink_to(outside / "secret")
+    (data / "dir-link").symlink_to(outside)
+    _chown_tree(data, 65534, 65534)
+    assert (data / "sub" / "own").stat().st_uid == 65534
+    assert (outside / "secret").stat().st_uid == 0
+    assert outside.stat().st_uid == 0
