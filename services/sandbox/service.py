@@ -80,6 +80,8 @@ class SandboxService:
         self._runner: asyncio.Task[None] | None = None
         self._closing: asyncio.Event | None = None
         self._reaper: Reaper | None = None
+        #: Event type -> the sandboxed plugin that appends it (see Bridge.claim).
+        self._event_types: dict[str, str] = {}
 
     @property
     def kernel(self) -> Kernel:
@@ -206,7 +208,7 @@ class SandboxService:
             settings=settings,
             record=self._record,
             uid=self.user[0] if self.user else os.getuid(),
-            bridge=Bridge(self.kernel, name, settings.kernel_events),
+            bridge=Bridge(self.kernel, name, settings.kernel_events, self._event_types),
             reaper=self._reaper,
         )
         assert self._tg is not None

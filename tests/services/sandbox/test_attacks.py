@@ -430,3 +430,44 @@ def test_giving_the_data_folder_to_the_workers_user_follows_no_link(base: Path) 
     assert (data / "sub" / "own").stat().st_uid == 65534
     assert (outside / "secret").stat().st_uid == 0
     assert outside.stat().st_uid == 0
+
+
+CLAIMER_RUN = """
+    from kernel.events import Event
+
+
+    class SbClaimed(Event):  # a name only these tests use (the kernel's registry is global)
+        n: int
+"""
+
+CLAIMER_ROUTER = """
+    from fastapi import APIRouter
+    from kernel.sdk import current_plugin
+    from .run import SbClaimed
+
+    router = APIRouter()
+
+    @router.post("/emit")
+    async def emit():
+        try:
+            await current_plugin().append(SbClaimed(n=1))
+        except PermissionError as exc:
+            return {"refused": str(exc)}
+        return {"recorded": True}
+"""
+
+
+async def test_a_sandboxed_plugin_cannot_forge_another_sandboxed_plugins_event_type(
+    harness: Any,
+) -> None:
+    h = await harness("rlimits")
+    for name in ("alpha", "beta"):
+        info = sandboxed(name)
+        write_plugin(h.plugins, name, info=info, run=CLAIMER_RUN, router=CLAIMER_ROUTER)
+        assert (await h.reload(name)).status_code == 200
+    assert (await h.client.post("/app/alpha/emit")).json() == {"recorded": True}
+    forged = (await h.client.post("/app/beta/emit")).json()
+    assert "alpha" in forged.get("refused", ""), forged
+    assert [r.stream for r in await h.events("SbClaimed")] == ["plugin-alpha"]
+    # its owner keeps appending it
+    assert (await h.client.post("/app/alpha/emit")).json() == {"recorded": True}
