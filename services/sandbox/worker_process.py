@@ -62,6 +62,8 @@ CALL_BUFFER = 64
 WRITE_HIGH_WATER = 1024 * 1024
 #: Appends and subscriptions of one worker being served at once.
 MAX_ASKS = 256
+#: Bytes queued to a worker that does not read them past which it is killed.
+STUCK_BUFFER = 16 * WRITE_HIGH_WATER
 #: Size asked for the buffers of the pipes to and from a worker.
 PIPE_SIZE = 1024 * 1024
 
@@ -626,6 +628,12 @@ class Worker:
         self._tg.start_soon(self._serve_ask, op, h, payload)
 
     def _answer_soon(self, header: dict[str, Any]) -> None:
+        """Answer without waiting for the pipe; a worker that asks and does not read its
+        answers (they pile up here) is killed."""
+        out = self._out
+        if out is not None and out.get_write_buffer_size() > STUCK_BUFFER:
+            self.kill("protocol", 0, "it sends requests but no longer reads its pipe")
+            return
         with suppress(WorkerGone):
             self._write(header)
 
@@ -736,10 +744,12 @@ class Worker:
                 self._last_pong += stalled
                 for call in self._calls.values():
                     call.deadline += stalled
-            if now - last_ping >= self.heartbeat_interval:
+            if now - last_ping >= self.heartbeat_interval and not self._flow.paused:
+                # never waits for the pipe: a worker that stops reading it goes without
+                # pings, so without pongs, and the heartbeat ends it
                 last_ping = now
                 with suppress(WorkerGone):  # its exit is noticed by the reader
-                    await self._send({"op": "ping", "id": 0})
+                    self._write({"op": "ping", "id": 0}, gather=False)
             if now - self._last_pong > self.heartbeat_timeout:
                 self.kill(
                     "heartbeat",

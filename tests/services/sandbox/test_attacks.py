@@ -471,3 +471,50 @@ async def test_a_sandboxed_plugin_cannot_forge_another_sandboxed_plugins_event_t
     assert [r.stream for r in await h.events("SbClaimed")] == ["plugin-alpha"]
     # its owner keeps appending it
     assert (await h.client.post("/app/alpha/emit")).json() == {"recorded": True}
+
+
+DEAF = """
+    import asyncio
+    import gc
+    import threading
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/ok")
+    async def ok():
+        return {"ok": True}
+
+    @router.get("/deaf")
+    async def deaf():
+        wire = next(o for o in gc.get_objects() if type(o).__name__ == "Wire")
+        server = next(o for o in gc.get_objects() if type(o).__name__ == "Server")
+        # stop reading the kernel's frames, and ask for answers it cannot take
+        asyncio.get_running_loop().remove_reader(server.in_fd)
+
+        def flood():
+            for n in range(30_000):  # answers enough to fill the pipe
+                frame = {"op": "append", "id": n, "stream": "nope", "type": "X", "schema": 1}
+                wire.send(frame, b"{}")
+
+        threading.Thread(target=flood, daemon=True).start()
+        return {"deaf": True}
+"""
+
+
+async def test_a_worker_that_stops_reading_its_pipe_is_still_watched(harness: Any) -> None:
+    # the watchdog's ping waited for the full pipe to drain: heartbeat and wall time were
+    # no longer enforced, calls hung, and refused asks piled up in the kernel's memory
+    h = await harness("rlimits")
+    write_plugin(h.plugins, "deaf", info=sandboxed("deaf"), router=DEAF)
+    assert (await h.reload("deaf")).status_code == 200
+    assert (await h.client.get("/app/deaf/deaf")).status_code == 200
+    with anyio.fail_after(60):
+        while not (
+            await h.events("SandboxLimitExceeded", plugin="deaf")
+            or await h.events("SandboxCrashed", plugin="deaf")
+        ):
+            await anyio.sleep(0.1)
+    await h.wait_for("SandboxRestarted", "deaf")
+    with anyio.fail_after(60):
+        while (await h.client.get("/app/deaf/ok")).status_code != 200:
+            await anyio.sleep(0.1)
