@@ -121,6 +121,8 @@ class _Call:
     #: A request/answer call waits on ``done`` for its ``result`` (None: the worker ended).
     done: asyncio.Future[dict[str, Any] | None] | None = None
     aborted: bool = False
+    #: The kernel sent a ``cancel`` (only then may a ``cancelled`` frame end the call).
+    cancelling: bool = False
 
 
 @dataclass
@@ -584,7 +586,7 @@ class Worker:
             call = self._calls.get(h.get("id", -1))
             if call is None:
                 return  # a late reply to a call nobody waits for: dropped
-            if op == "result" or (op == "cancelled" and h.get("honoured")):
+            if op == "result" or (op == "cancelled" and h.get("honoured") and call.cancelling):
                 self._calls.pop(h["id"], None)
             if call.send is not None:
                 # a closed inbox (its caller left: a disconnected client) drops the frame
@@ -873,6 +875,7 @@ class Worker:
             return
         # a fresh inbox for the answer to the cancel (the caller's is closed)
         inbox = call.send = _Inbox(None)
+        call.cancelling = True
         honoured = False
         try:
             await self._send({"op": "cancel", "id": cid})

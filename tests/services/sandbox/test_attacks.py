@@ -518,3 +518,37 @@ async def test_a_worker_that_stops_reading_its_pipe_is_still_watched(harness: An
     with anyio.fail_after(60):
         while (await h.client.get("/app/deaf/ok")).status_code != 200:
             await anyio.sleep(0.1)
+
+
+UNCALLED = """
+    import asyncio
+    import gc
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/ok")
+    async def ok():
+        return {"ok": True}
+
+    @router.get("/vanish")
+    async def vanish():
+        server = next(o for o in gc.get_objects() if type(o).__name__ == "Server")
+        me = asyncio.current_task()
+        [cid] = [c for c, task in server.calls.items() if task is me]
+        # a cancel nobody asked for, 'honoured': the kernel forgot the call (and its
+        # wall time) while its client waited for an answer that could no longer come
+        server.wire.send({"op": "cancelled", "id": cid, "honoured": True})
+        await asyncio.sleep(0.2)
+        return {"answered": True}
+"""
+
+
+async def test_a_forged_cancel_cannot_make_a_call_escape_its_wall_time(harness: Any) -> None:
+    h = await harness("rlimits")
+    info = sandboxed("vanisher", limits={"wall_time": "3s"})
+    write_plugin(h.plugins, "vanisher", info=info, router=UNCALLED)
+    assert (await h.reload("vanisher")).status_code == 200
+    with anyio.fail_after(60):
+        r = await h.client.get("/app/vanisher/vanish")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"answered": True}
