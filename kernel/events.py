@@ -457,16 +457,18 @@ class Recorded:
 
 
 class LeanRecorded(Recorded):
-    """A record of a replay batch built from ``(position, type, schema, data)`` alone.
+    """A record of a replay batch built from ``(position, type, data)`` alone (with
+    ``schema`` too when the batch may hold a type that needs upcasting).
 
     Guarantee: it reads exactly as the :class:`Recorded` of the same row. Mechanism: a
-    fold mostly needs the type and data; the other columns (stream, version, metadata,
-    time) of the whole batch are fetched once, on the first access to any of them by any
-    record of the batch (``__getattr__`` runs only for a slot still unset), through the
-    ``load`` callable the store gives: it maps a range of positions to
-    ``(position, stream, version, meta, recorded_at)`` rows of the same, immutable, log.
-    The batch holds those rows, never the records: a record a projection keeps keeps
-    no other record alive.
+    fold mostly needs the type and data; the other columns (stream, version, schema,
+    metadata, time) of the whole batch are fetched once, on the first access to any of
+    them by any record of the batch (``__getattr__`` runs only for a slot still unset),
+    through the ``load`` callable the store gives: it maps a range of positions to
+    ``(position, stream, version, meta, recorded_at, schema)`` rows of the same,
+    immutable, log. The batch holds those rows, never the records: a record a projection
+    keeps keeps no other record alive. The decoded metadata and the typed event are
+    left unset until asked for (one slot write less each per record).
     """
 
     __slots__ = ("_batch",)
@@ -474,12 +476,16 @@ class LeanRecorded(Recorded):
     _batch: LeanBatch | None
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_meta" or name == "_event":  # not decoded or built yet
+            return None
         if name not in LeanBatch.COLUMNS:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         batch = self._batch
         if batch is None:  # filled already: a slot left unset is a real absence
             raise AttributeError(name)
-        _, self.stream, self.version, self._meta_raw, self.timestamp = batch.row(self.position)
+        _, self.stream, self.version, self._meta_raw, self.timestamp, self.schema = batch.row(
+            self.position
+        )
         self._batch = None
         return object.__getattribute__(self, name)
 
@@ -488,8 +494,11 @@ class LeanRecorded(Recorded):
         rows: Sequence[Sequence[Any]],
         load: Callable[[int, int], Iterable[Sequence[Any]]],
     ) -> list[Recorded]:
-        """Records from ``(position, type, schema, data)`` rows in position order;
-        ``load(first, last)`` gives the missing columns of the positions between them."""
+        """Records from ``(position, type, data)`` or ``(position, type, schema, data)``
+        rows in position order; ``load(first, last)`` gives the missing columns of the
+        positions between them. Rows without their schema may still hold a type that
+        needs upcasting (one registered since the read began): its schema is then taken
+        from the batch's loaded columns."""
         if not rows:
             return []
         new = LeanRecorded.__new__
@@ -498,6 +507,19 @@ class LeanRecorded(Recorded):
         batch = LeanBatch(load, rows[0][0], rows[-1][0])
         out: list[Recorded] = []
         append = out.append
+        if len(rows[0]) == 3:
+            for position, type_name, data in rows:
+                r = new(LeanRecorded)
+                r.position = position
+                r.type = type_name
+                if type_name in versioned:
+                    schema = batch.row(position)[5]
+                    r.data = registry.upcast(type_name, schema, loads(data))
+                else:
+                    r.data = loads(data)
+                r._batch = batch
+                append(r)
+            return out
         for position, type_name, schema, data in rows:
             r = new(LeanRecorded)
             r.position = position
@@ -507,8 +529,6 @@ class LeanRecorded(Recorded):
                 r.data = registry.upcast(type_name, schema, loads(data))
             else:
                 r.data = loads(data)
-            r._meta = None
-            r._event = None
             r._batch = batch
             append(r)
         return out
@@ -517,7 +537,7 @@ class LeanRecorded(Recorded):
 class LeanBatch:
     """Where the records of one lean read find the columns they lack (loaded once)."""
 
-    COLUMNS = frozenset({"stream", "version", "timestamp", "_meta_raw"})
+    COLUMNS = frozenset({"stream", "version", "timestamp", "_meta_raw", "schema"})
 
     __slots__ = ("_load", "_rows", "first", "last")
 
@@ -530,6 +550,7 @@ class LeanBatch:
         self._rows: dict[int, Sequence[Any]] | None = None
 
     def row(self, position: int) -> Sequence[Any]:
+        """``(position, stream, version, meta, recorded_at, schema)`` of ``position``."""
         rows = self._rows
         if rows is None:
             rows = self._rows = {r[0]: r for r in self._load(self.first, self.last)}
