@@ -655,7 +655,9 @@ class SQLiteStore:
         stream: str,
         expected_version: int | None = ANY,
     ) -> list[Recorded]:
-        writer = self._writable()
+        writer = self._writer
+        if writer is None or not self._open:
+            writer = self._writable()  # raises, naming why
         if not events:
             return []
         return await writer.append(events, stream, expected_version)

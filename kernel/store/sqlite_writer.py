@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import orjson
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
-from kernel.events import NewEvent, Recorded
+from kernel.events import NewEvent, Recorded, registry
 from kernel.store.base import ANY, describe_expected
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
@@ -192,9 +193,14 @@ class GroupCommitWriter:
     async def append(
         self, events: Sequence[NewEvent], stream: str, expected_version: int | None
     ) -> list[Recorded]:
-        self._check_alive()
+        task = self._task
+        if self._stopping or task is None or task.done():
+            self._check_alive()  # raises, naming why
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Append(stream, expected_version, events, future))
+        self._queue.append(_Append(stream, expected_version, events, future))
+        wakeup = self._wakeup  # as _enqueue, inline: this runs once per append
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
         return await future
 
     async def put(self, sql: str, params: tuple[Any, ...]) -> None:
@@ -325,30 +331,68 @@ class GroupCommitWriter:
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
         versions = self.versions
-        record = Recorded.of
+        # records are built inline (no constructor call per event): the appender's copy
+        # of each event, its payload decoded (which also checks it is JSON) and upcast
+        new = Recorded.__new__
+        loads = orjson.loads
+        upcast_types = registry.versioned
         for o in appends:
             stream = o.stream
             events = o.events
-            ids: Sequence[str]
-            if len(events) == 1:  # the common case: no set to build
-                eid = events[0].meta.id
+            if len(events) == 1:  # the common case: no list, set or inner loop
+                e = events[0]
+                meta = e.meta
+                eid = meta.id
                 if eid in existing or eid in in_batch:
                     o.existing = [eid]
                     continue
-                fresh: Sequence[NewEvent] = events
-                ids = (eid,)
-            else:
-                kept: list[NewEvent] = []
-                seen: set[str] = set()
-                for e in events:
-                    eid = e.meta.id
-                    if eid not in existing and eid not in in_batch and eid not in seen:
-                        seen.add(eid)
-                        kept.append(e)
-                if not kept:
-                    o.existing = [e.meta.id for e in events]
+                current = touched.get(stream)
+                if current is None:
+                    current = versions.get(stream)
+                    if current is None:
+                        current = await self._stream_version(stream)
+                if o.expected is not ANY and o.expected != current:
+                    failures.append(
+                        (o, ConcurrencyError(stream, describe_expected(o.expected), current))
+                    )
                     continue
-                fresh, ids = kept, list(seen)
+                p = position + 1
+                v = current + 1
+                try:
+                    data = loads(e.data)
+                    if e.type in upcast_types:
+                        data = registry.upcast(e.type, e.schema, data)
+                    row = (p, stream, v, e.type, e.schema, e.data, meta.to_json(), now, eid)
+                except Exception as exc:
+                    failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
+                    continue
+                r = new(Recorded)
+                r.position = p
+                r.stream = stream
+                r.version = v
+                r.type = e.type
+                r.schema = e.schema
+                r.data = data
+                r._meta = meta
+                r._meta_raw = None
+                r.timestamp = now
+                r._event = None
+                in_batch.add(eid)
+                position = p
+                touched[stream] = v
+                rows.append(row)
+                results.append((o, [r]))
+                continue
+            kept: list[NewEvent] = []
+            seen: set[str] = set()
+            for e in events:
+                eid = e.meta.id
+                if eid not in existing and eid not in in_batch and eid not in seen:
+                    seen.add(eid)
+                    kept.append(e)
+            if not kept:
+                o.existing = [e.meta.id for e in events]
+                continue
             current = touched.get(stream)
             if current is None:
                 current = versions.get(stream)
@@ -363,19 +407,18 @@ class GroupCommitWriter:
             op_rows: list[tuple[Any, ...]] = []
             p, v = position, current
             try:
-                for e in fresh:
+                for e in kept:
                     p += 1
                     v += 1
                     meta = e.meta
-                    # decoding the payload checks it is JSON before it joins the batch
-                    records.append(record(p, stream, v, e, now))
+                    records.append(Recorded.of(p, stream, v, e, now))
                     op_rows.append(
                         (p, stream, v, e.type, e.schema, e.data, meta.to_json(), now, meta.id)
                     )
             except Exception as exc:
                 failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
                 continue
-            in_batch.update(ids)
+            in_batch.update(seen)
             position, touched[stream] = p, v
             rows.extend(op_rows)
             results.append((o, records))
