@@ -411,6 +411,8 @@ class SQLiteStore:
                 if mode is None or str(mode[0]).lower() != "wal":
                     raise StoreError(f"{self.path}: could not switch the log to WAL mode")
                 await conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                # the writer checkpoints itself, off the event loop (sqlite_writer.py)
+                await conn.execute("PRAGMA wal_autocheckpoint=0")
                 if self._max_page_count is not None:
                     await conn.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
             else:
@@ -439,6 +441,8 @@ class SQLiteStore:
                 )
             if "events" in tables and await self._read_format(conn) == 1:
                 await self._upgrade_from_1(conn)
+                # the copy went to the WAL; the writer checkpoints only as it appends
+                await conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
             await conn.executescript(SCHEMA)
             await conn.execute(
                 "INSERT OR IGNORE INTO xcore_meta (key, value) VALUES ('format', ?)",
