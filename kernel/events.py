@@ -200,6 +200,10 @@ def compact_json(value: Any) -> bytes:
     return bytes(memoryview(orjson.dumps(value)))
 
 
+#: ``Meta()``'s default id: a fresh one (an explicit ``id=None`` stays None, as before).
+_FRESH_ID: Any = object()
+
+
 @dataclass(frozen=True, slots=True, init=False)
 class Meta:
     """Metadata of a recorded event.
@@ -218,7 +222,7 @@ class Meta:
 
     def __init__(
         self,
-        id: str | None = None,
+        id: str = _FRESH_ID,
         correlation_id: str | None = None,
         causation_id: str | None = None,
         actor: str | None = None,
@@ -227,7 +231,7 @@ class Meta:
     ) -> None:
         # Frozen: the generated __init__ would call object.__setattr__ per field; the
         # slots' own setters cost a fifth of that, and one Meta is built per event.
-        _set_meta_id(self, new_id() if id is None else id)
+        _set_meta_id(self, new_id() if id is _FRESH_ID else id)
         _set_meta_correlation_id(self, correlation_id)
         _set_meta_causation_id(self, causation_id)
         _set_meta_actor(self, actor)
