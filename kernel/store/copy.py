@@ -8,7 +8,8 @@ versions, ids, payloads and timestamps — checked by a digest over every row of
 logs, or the command says where they differ and exits non-zero. It is resumable: a copy
 that stopped half-way (Ctrl-C, a lost connection) is continued by running it again,
 after checking that what DST holds is the start of SRC. DST must be empty or such a
-prefix; a DST holding another log is refused, nothing written.
+prefix; a DST holding another log is refused, nothing written. A SRC with a hole (an
+event deleted by hand) is copied up to the hole, then refused by name and position.
 
 Mechanism: rows are read in batches in position order and written raw (not appended:
 appending would stamp new times), each batch in one transaction. On PostgreSQL the
@@ -28,14 +29,16 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 from kernel.errors import StoreError, XcoreError
 
 __all__ = ["copy_log", "register"]
+
+T = TypeVar("T")
 
 ROW = "position, stream, version, type, schema, data, meta, id, recorded_at"
 Row = tuple[Any, ...]
@@ -144,18 +147,88 @@ class PostgresSide:
         await store.close()
         return cls(store, await store.connect())
 
+    async def _guard(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """``op``, its driver's failure told as a clear error naming the log and ``what``
+        (a traceback of asyncpg's before)."""
+        import asyncpg
+
+        from kernel.store.postgres_writer import CONNECTION_ERRORS
+
+        try:
+            return await op()
+        except StoreError:
+            raise
+        except CONNECTION_ERRORS as exc:
+            reason = (
+                f"no answer within {self.store.command_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            raise StoreError(
+                f"{self.location}: {what} failed, the connection was lost ({reason}); "
+                "what was copied before is kept: run the copy again to resume"
+            ) from None
+        except (asyncpg.PostgresError, asyncpg.DataError, ValueError, UnicodeError) as exc:
+            raise StoreError(
+                f"{self.location}: {what}: PostgreSQL refused it ({type(exc).__name__}: "
+                f"{exc}); nothing of it was written"
+            ) from None
+
     async def last(self) -> int:
-        return int(await self.conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+        async def op() -> int:
+            return int(await self.conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+
+        return await self._guard("reading the last position", op)
 
     async def rows(self, after: int, limit: int) -> list[Row]:
-        records = await self.conn.fetch(
-            f"SELECT {ROW} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-            after,
-            limit,
-        )
-        return [_norm(tuple(r)) for r in records]
+        async def op() -> list[Row]:
+            records = await self.conn.fetch(
+                f"SELECT {ROW} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+                after,
+                limit,
+            )
+            return [_norm(tuple(r)) for r in records]
+
+        return await self._guard(f"reading events after {after}", op)
 
     async def write(self, rows: Sequence[Row]) -> None:
+        async def op() -> None:
+            await self._write(rows)
+
+        try:
+            await self._guard(f"writing events {rows[0][0]} to {rows[-1][0]}", op)
+        except StoreError as exc:
+            if "refused" not in str(exc) or len(rows) == 1:
+                raise
+            culprit = await self._culprit(rows)
+            if culprit is None:
+                raise
+            raise StoreError(
+                f"{exc} (the event PostgreSQL refuses is {culprit[0]}, stream "
+                f"{culprit[1]!r}, type {culprit[3]!r})"
+            ) from None
+
+    async def _culprit(self, rows: Sequence[Row]) -> Row | None:
+        """The first of ``rows`` the server refuses: they are inserted one after the
+        other (each continues the log) in a transaction that is rolled back, so nothing
+        is written."""
+        import asyncpg
+
+        from kernel.store.postgres_writer import INSERT
+
+        tx = self.conn.transaction()
+        await tx.start()
+        try:
+            for row in rows:
+                try:
+                    await self.conn.execute(INSERT, *[[v] for v in row])
+                except (asyncpg.PostgresError, asyncpg.DataError, ValueError, UnicodeError):
+                    return row
+        finally:
+            await tx.rollback()
+        return None
+
+    async def _write(self, rows: Sequence[Row]) -> None:
         from kernel.store.postgres_writer import INSERT
 
         cols = [list(c) for c in zip(*rows, strict=True)]
@@ -173,7 +246,10 @@ class PostgresSide:
             )
 
     async def close(self) -> None:
-        await self.conn.close()
+        try:
+            await self.conn.close(timeout=5)
+        except Exception:  # closing a lost connection: nothing left to release
+            self.conn.terminate()
 
 
 async def open_side(spec: str, *, writable: bool) -> Side:
@@ -272,6 +348,19 @@ async def copy_log(
             rows = await src.rows(after, batch)
             if not rows:
                 break
+            gap = next(
+                (i for i, row in enumerate(rows) if row[0] != after + 1 + i), None
+            )  # a damaged source (a row deleted by hand): never copy a log with a hole
+            if gap is not None:
+                if gap:
+                    await dst.write(rows[:gap])
+                    report.copied += gap
+                    after += gap
+                raise XcoreError(
+                    f"{src.location} is damaged: event {after + 1} is missing (the log "
+                    f"jumps from {after} to {rows[gap][0]}); {report.already + report.copied} "
+                    f"events up to it were copied to {dst.location}, nothing after"
+                )
             await dst.write(rows)
             report.copied += len(rows)
             after = rows[-1][0]

@@ -130,6 +130,12 @@ BEGIN
     heads := last || bases;
 END $$;
 """
+#: The comment that marks the function as the store's own (a user's function of the same
+#: name in the log's schema must never be taken for it).
+APPEND_FUNCTION_MARK: Final = "xcore event log: append, version 1"
+#: The function's body as PostgreSQL keeps it (``prosrc``): a log created before the
+#: mark existed is recognized by it.
+APPEND_FUNCTION_BODY: Final = APPEND_FUNCTION.split("$$")[1]
 APPEND_CALL: Final = (
     f"SELECT heads, existing FROM {APPEND_FUNCTION_NAME}($1, $2, $3, $4::text[], $5::text[], $6::int[],"
     " $7::bigint[], $8::int[], $9::bigint[], $10::text[], $11::int[], $12::bytea[],"
@@ -167,8 +173,18 @@ class PostgresWriter:
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
 
+    def _settings(self) -> dict[str, str]:
+        """The writer's session: READ COMMITTED, index lookups, and a bound on how long
+        its transaction may sit idle: a node frozen inside one (a stopped process, a VM
+        paused, a GC pause) holds the ordering lock, and every node's writes would wait
+        for it to wake up; the server ends that session instead, the lock is released,
+        and the frozen node, when it wakes, finds its connection lost and runs its batch
+        again (safely: the ids are checked first)."""
+        idle = max(1, round(self.store.idle_in_transaction_timeout * 1000))
+        return {**WRITER_SETTINGS, "idle_in_transaction_session_timeout": str(idle)}
+
     async def start(self) -> None:
-        self._conn = await self.store.connect(WRITER_SETTINGS)
+        self._conn = await self.store.connect(self._settings())
         self._task = asyncio.create_task(self._write_loop(), name="xcore-pg-writer")
 
     async def stop(self) -> None:
@@ -177,12 +193,18 @@ class PostgresWriter:
         if task is not None:
             stop = _Stop()
             self._queue.put_nowait(stop)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(task), self.store.reconnect_timeout + 5)
+            # asyncio.wait, never wait_for or a bare await under suppress(BaseException):
+            # a cancellation of the caller must go through, not be swallowed
+            limit = self.store.reconnect_timeout + self.store.command_timeout + 5
+            await asyncio.wait([task], timeout=limit)
             if not task.done():
+                log.error(
+                    "%s: the log's writer did not finish its queue within %gs; cancelled",
+                    self.store.location,
+                    limit,
+                )
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await asyncio.wait([task], timeout=5)
         # anything still queued (the writer died) gets an answer, never a hang
         while not self._queue.empty():
             op = self._queue.get_nowait()
@@ -194,7 +216,7 @@ class PostgresWriter:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                await conn.close(timeout=2)
             conn.terminate()
 
     def _check_alive(self) -> None:
@@ -317,11 +339,17 @@ class PostgresWriter:
                     o.future.set_exception(StoreError(f"{self.store.location}: {exc}"))
 
     async def _reconnect(self) -> asyncpg.Connection:
+        from kernel.store.postgres import Reconnecting, Unreachable
+
         try:
-            return await self.store.connect(WRITER_SETTINGS)
-        except StoreError as exc:
+            return await self.store.connect(self._settings())
+        except Unreachable as exc:
             # unreachable for now: let retrying() back off and try again
-            raise OSError(str(exc)) from exc
+            raise Reconnecting(f"a new connection failed: {exc.reason}") from exc
+        except StoreError as exc:
+            # refused (credentials changed, database dropped...): retried too, in case
+            # it is passing, and explained when it lasts
+            raise Reconnecting(str(exc)) from exc
 
     async def _commit(
         self, conn: asyncpg.Connection, batch: list[_Append | _Put], again: bool

@@ -275,8 +275,12 @@ class Runner:
         start_at: float,
         cause: Recorded | None = None,
         pre: list[Event] | None = None,
+        placed: bool = False,
     ) -> None:
-        """One attempt of a run; ``pre`` events are appended with its first event."""
+        """One attempt of a run; ``pre`` events are appended with its first event.
+
+        ``placed``: the dispatcher already waited this node's placement delay (a
+        takeover), so the run claims at once."""
         task = entry.task
         tid = task.id
         events: list[Event] = list(pre or ())
@@ -340,7 +344,7 @@ class Runner:
             assert kernel is not None
             # a cluster spreads runs over its nodes: others claim only after a grace
             key = claim_key(task, scheduled_for, attempt, cause)
-            delay = kernel.placement.delay(tid)
+            delay = 0.0 if placed else kernel.placement.delay(tid)
             if delay > 0:
                 await asyncio.sleep(delay)
                 if kernel.placement.claimed(key):
