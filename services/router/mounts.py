@@ -25,6 +25,7 @@ from kernel.prefixes import PrefixError, mount_point, normalize_prefix, overlaps
 from kernel.runtime import PluginRuntime
 from services.router.dispatcher import Mount, Table
 from services.router.openapi import plugin_fragment
+from services.router.prefixed import include_prefixed
 from services.router.stats import PluginStats
 
 __all__ = [
@@ -127,7 +128,7 @@ def build_mount(
     if dependency_overrides is not None:
         app.dependency_overrides = dependency_overrides
     try:
-        app.include_router(router, prefix=point.root)
+        include_prefixed(app, router, point.root)
     except Exception as exc:
         raise MountRefused(
             SELF,
