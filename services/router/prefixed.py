@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute, request_response
@@ -45,12 +45,10 @@ __all__ = ["PrefixedRoute", "include_prefixed", "prefixable"]
 
 log = logging.getLogger("xcore.router")
 
-try:  # FastAPI's own pieces (present since 0.100); without them, FastAPI includes
-    from fastapi._body_limit import wrap_app_with_body_limit
+try:  # FastAPI's route body limit (recent versions; older ones have none to apply)
+    from fastapi._body_limit import wrap_app_with_body_limit as _body_limit
 except ImportError:  # pragma: no cover - older FastAPI
-
-    def wrap_app_with_body_limit(app: Any, max_body_size: int | None) -> Any:
-        return app
+    _body_limit = None  # type: ignore[assignment]
 
 
 def prefixable(router: APIRouter, root: str) -> str | None:
@@ -79,7 +77,7 @@ def include_prefixed(app: FastAPI, router: APIRouter, root: str) -> bool:
         log.debug("router included by FastAPI (%s)", why)
         app.include_router(router, prefix=root)
         return False
-    copies = [_prefixed(route, root, app, router) for route in router.routes]
+    copies = [_prefixed(cast(APIRoute, route), root, app, router) for route in router.routes]
     carrier = copy.copy(router)  # same lifespan, handlers and defaults; no routes
     carrier.routes = []
     app.include_router(carrier, prefix=root)
@@ -129,7 +127,7 @@ def _prefixed(route: APIRoute, root: str, app: FastAPI, router: APIRouter) -> Pr
     twin.callbacks = [*app.router.callbacks, *(route.callbacks or [])]
     if route.max_body_size is None:
         twin.max_body_size = router.max_body_size
-    generate = route.generate_unique_id_function
+    generate: Any = route.generate_unique_id_function
     generate = getattr(generate, "value", generate)  # a DefaultPlaceholder holds it
     twin.unique_id = route.operation_id or generate(twin)
     uid = twin.unique_id
@@ -141,7 +139,6 @@ def _prefixed(route: APIRoute, root: str, app: FastAPI, router: APIRouter) -> Pr
     stream_item = getattr(route, "stream_item_field", None)
     if stream_item is not None:
         twin.stream_item_field = _renamed(stream_item, "StreamItem_" + uid)
-    twin.app = wrap_app_with_body_limit(
-        request_response(twin.get_route_handler()), twin.max_body_size
-    )
+    handler = request_response(twin.get_route_handler())
+    twin.app = handler if _body_limit is None else _body_limit(handler, twin.max_body_size)
     return twin
