@@ -9,11 +9,11 @@ stay shared. Operations without tags get the plugin's name as tag, so Swagger gr
 them. The kernel merges the fragments of the mounts being served on every
 ``/openapi.json`` request.
 
-A generation's fragment is computed once, when first needed (:class:`LazyFragment`):
-by that request, or by the router in a worker thread once the generation has served a
-moment without being replaced. Building it costs ~0.15 s of CPU for 300 routes; a
-plugin reloaded again and again (an editor saving, a reload loop) never pays it for the
-generations nobody looked at, and a reload no longer waits for it (issue 8).
+A generation's fragment is computed once, by the first request that needs it
+(:class:`LazyFragment`), as a bare FastAPI app builds its document on the first
+``/openapi.json``. Building it costs ~0.15 s of CPU for 300 routes: a reload no longer
+spends it, nor a plugin reloaded again and again (an editor saving, a reload loop) for
+the generations nobody looked at (issue 8).
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ listening when the first plugins load.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from kernel import Recorded, Subscription
 from kernel.access import Policy
 from services.loader.events import PluginLoaded, PluginUnloaded
-from services.loader.priority import building
 from services.router.access import Authenticator, RouterSettings, security_schemes
 from services.router.admin import admin_router
 from services.router.dispatcher import Dispatcher, Mount, Table
@@ -52,13 +50,9 @@ from services.router.stats import RouteStats
 if TYPE_CHECKING:
     from kernel import Kernel
 
-__all__ = ["OPENAPI_WARM_DELAY", "RouterService"]
+__all__ = ["RouterService"]
 
 log = logging.getLogger("xcore.router")
-
-#: Seconds a generation serves without being replaced before its OpenAPI fragment is
-#: built in a worker thread (before that, only a request that needs it builds it).
-OPENAPI_WARM_DELAY = 1.0
 
 
 class RouterService:
@@ -81,8 +75,6 @@ class RouterService:
         self._overrides: dict[str, dict[Any, Any]] = {}
         #: Every generation mounted and not yet unloaded (its caches are dropped then).
         self._mounts: dict[tuple[str, int], Mount] = {}
-        #: Tasks building OpenAPI fragments of settled generations (see _warm).
-        self._warming: set[asyncio.Task[None]] = set()
 
     @property
     def kernel(self) -> Kernel:
@@ -114,11 +106,6 @@ class RouterService:
         if self._subscription is not None:
             await self.kernel.unsubscribe(self._subscription)
             self._subscription = None
-        for task in list(self._warming):
-            task.cancel()
-        for task in list(self._warming):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         self.dispatcher.swap(Table())
         self._prefixes.clear()
         self._mounts.clear()
@@ -166,10 +153,6 @@ class RouterService:
         if mount is not None:
             self._prefixes[(name, generation)] = mount.prefix
             self._mounts[(name, generation)] = mount
-            if mount.openapi is not None and not mount.openapi.ready:
-                task = asyncio.create_task(self._warm(mount), name=f"xcore-openapi-{name}")
-                self._warming.add(task)
-                task.add_done_callback(self._warming.discard)
         await kernel.append(
             RoutesMounted(
                 plugin=name,
@@ -181,25 +164,6 @@ class RouterService:
             actor="router",
             cause=record,
         )
-
-    async def _warm(self, mount: Mount) -> None:
-        """Build the OpenAPI fragment of ``mount`` in a worker thread once it has served
-        :data:`OPENAPI_WARM_DELAY` seconds unreplaced (``openapi.py``), so the next
-        ``/openapi.json`` finds it ready; a generation replaced sooner never builds it
-        unless asked."""
-        await asyncio.sleep(OPENAPI_WARM_DELAY)
-        fragment = mount.openapi
-        if fragment is None or fragment.ready:
-            return
-        if self.dispatcher.table.by_plugin.get(mount.plugin) is not mount:
-            return
-
-        def build() -> None:
-            # the event loop keeps priority over this thread, as over a plugin's build
-            with building(defer_full_gc=False):
-                fragment.get()
-
-        await asyncio.to_thread(build)
 
     async def _prepare(self, name: str, generation: int, data: dict[str, Any]) -> Mount | None:
         """The mount to serve for this ``PluginLoaded`` (None: no routes); raises MountRefused.
