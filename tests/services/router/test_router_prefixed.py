@@ -11,6 +11,7 @@ may be built again (the copies share the originals' dependants and validators).
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ import anyio
 import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, WebSocket
+from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
@@ -80,11 +82,47 @@ def make_router(**router_kw: Any) -> APIRouter:
     return router
 
 
-def apps() -> tuple[FastAPI, FastAPI, APIRouter]:
+def custom_id(route: APIRoute) -> str:
+    return f"custom-{route.name}-{route.path_format}"
+
+
+def make_other_router() -> APIRouter:
+    """Router-level prefix, dependencies and unique ids; streams, callbacks, plain text."""
+    callbacks = APIRouter()
+
+    @callbacks.post("{$callback_url}/events")
+    def event(body: Item) -> None:
+        return None
+
+    router = APIRouter(
+        prefix="/v1", generate_unique_id_function=custom_id, dependencies=[Depends(token)]
+    )
+
+    @router.get("/stream")
+    async def stream() -> AsyncIterator[Item]:
+        for i in range(3):
+            yield Item(id=i)
+
+    @router.get("/text", response_class=PlainTextResponse)
+    def text() -> str:
+        return "hi"
+
+    @router.post("/hook", callbacks=callbacks.routes)
+    def hook(item: Item) -> Item:
+        return item
+
+    @router.get("/hidden", include_in_schema=False)
+    def hidden() -> dict[str, bool]:
+        return {"hidden": True}
+
+    return router
+
+
+def apps(make: Callable[[], APIRouter] = make_router) -> tuple[FastAPI, FastAPI, APIRouter]:
     theirs = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    theirs.include_router(make_router(), prefix=ROOT)
+    theirs.include_router(make(), prefix=ROOT)
     ours = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    router = make_router()
+    router = make()
     assert include_prefixed(ours, router, ROOT)
     return ours, theirs, router
 
@@ -103,11 +141,18 @@ REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
     ("GET", "/plain", {}),
     ("GET", "/plain/", {}),
     ("GET", "/nope", {}),
+    ("GET", "/v1/stream", {}),
+    ("GET", "/v1/text", {}),
+    ("POST", "/v1/hook", {"json": {"id": 5}}),
+    ("GET", "/v1/hidden", {}),
 ]
 
 
-async def test_copied_routes_answer_and_document_as_fastapis_include() -> None:
-    ours, theirs, _ = apps()
+@pytest.mark.parametrize("make", [make_router, make_other_router])
+async def test_copied_routes_answer_and_document_as_fastapis_include(
+    make: Callable[[], APIRouter],
+) -> None:
+    ours, theirs, _ = apps(make)
     assert json.dumps(ours.openapi(), sort_keys=True) == json.dumps(
         theirs.openapi(), sort_keys=True
     )
@@ -125,9 +170,14 @@ async def test_copied_routes_answer_and_document_as_fastapis_include() -> None:
                     rb.headers.get("location"),
                 ), (method, path)
                 assert ra.text == rb.text, (method, path)
-            put = (await a.put(ROOT + "/items/4", json={"id": 2})).json()
-    # the plugin's own route, at its own path, as a bare app's code sees it
-    assert put == {"url": "http://t/app/p/items/4", "route": "/items/{item_id}", "own": True}
+            if make is make_router:
+                put = (await a.put(ROOT + "/items/4", json={"id": 2})).json()
+                # the plugin's own route, at its own path, as a bare app's code sees it
+                assert put == {
+                    "url": "http://t/app/p/items/4",
+                    "route": "/items/{item_id}",
+                    "own": True,
+                }
 
 
 async def test_nothing_is_built_again() -> None:
