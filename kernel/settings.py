@@ -188,16 +188,10 @@ class Settings(BaseSettings):
     @classmethod
     def _dsn_never_logged(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            from urllib.parse import unquote, urlsplit
+            from kernel.store.dsn import dsn_secrets
 
-            raw = value.get_secret_value()
-            password = urlsplit(raw).password if "://" in raw else None
-            if password:
-                redact(unquote(password))
-                redact(password)
-            for word in raw.split():
-                if word.lower().startswith("password="):
-                    redact(word.split("=", 1)[1])
+            for secret in dsn_secrets(value.get_secret_value()):
+                redact(secret)
         return value
 
     @field_validator("admin_token")

@@ -8,7 +8,8 @@ versions, ids, payloads and timestamps — checked by a digest over every row of
 logs, or the command says where they differ and exits non-zero. It is resumable: a copy
 that stopped half-way (Ctrl-C, a lost connection) is continued by running it again,
 after checking that what DST holds is the start of SRC. DST must be empty or such a
-prefix; a DST holding another log is refused, nothing written.
+prefix; a DST holding another log is refused, nothing written. A SRC with a hole (an
+event deleted by hand) is copied up to the hole, then refused by name and position.
 
 Mechanism: rows are read in batches in position order and written raw (not appended:
 appending would stamp new times), each batch in one transaction. On PostgreSQL the
@@ -272,6 +273,19 @@ async def copy_log(
             rows = await src.rows(after, batch)
             if not rows:
                 break
+            gap = next(
+                (i for i, row in enumerate(rows) if row[0] != after + 1 + i), None
+            )  # a damaged source (a row deleted by hand): never copy a log with a hole
+            if gap is not None:
+                if gap:
+                    await dst.write(rows[:gap])
+                    report.copied += gap
+                    after += gap
+                raise XcoreError(
+                    f"{src.location} is damaged: event {after + 1} is missing (the log "
+                    f"jumps from {after} to {rows[gap][0]}); {report.already + report.copied} "
+                    f"events up to it were copied to {dst.location}, nothing after"
+                )
             await dst.write(rows)
             report.copied += len(rows)
             after = rows[-1][0]

@@ -31,13 +31,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Final, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError
 from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, Snapshot, check_limit, check_types
+from kernel.store.dsn import redact_dsn
 from kernel.store.postgres_follow import Follower
 from kernel.store.postgres_writer import (
     APPEND_FUNCTION,
@@ -99,6 +100,41 @@ CREATE TABLE IF NOT EXISTS archives (
 );
 """
 
+#: Every INSERT into the log, ours or a foreign connection's, must continue it without a
+#: gap: a row past the end (a hand-written position) would stop every node's follower,
+#: which never skips a position. One check per statement (its rows, from a transition
+#: table), under the ordering lock (re-entrant: our writer holds it already), so a foreign
+#: insert also commits in position order. ``{key}`` is the schema's lock key.
+GAPLESS_NAME: Final = "events_gapless"
+GAPLESS: Final = """
+CREATE OR REPLACE FUNCTION xcore_gapless() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lo BIGINT;
+    hi BIGINT;
+    n BIGINT;
+BEGIN
+    PERFORM pg_advisory_xact_lock({key});
+    SELECT min(position), max(position), count(*) INTO lo, hi, n FROM added;
+    IF n > 0 AND (lo < 1 OR hi - lo + 1 <> n OR (lo > 1 AND NOT EXISTS (
+            SELECT 1 FROM events WHERE position = lo - 1))) THEN
+        RAISE EXCEPTION 'the xcore event log is gapless: positions % to % (% rows) do not '
+            'continue it (append through xcore)', lo, hi, n
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS events_gapless ON events;
+CREATE TRIGGER events_gapless AFTER INSERT ON events REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION xcore_gapless();
+"""
+
+#: Seconds any one statement may take before the store gives up on its connection (a
+#: dead server, a network that drops packets silently): every connection (writer, pool,
+#: listener) has it, so no call can wait forever. A timed-out write is retried on a new
+#: connection (running a batch again is safe), then fails naming the server and the
+#: operation.
+COMMAND_TIMEOUT_S: Final = 60.0
+
 #: Our statements are prepared once and run with id and stream arrays of every size: a
 #: generic plan would scan the whole log for ``id = ANY($1)``; plan each run instead.
 SERVER_SETTINGS: Final = {"plan_cache_mode": "force_custom_plan", "application_name": "xcore"}
@@ -118,25 +154,6 @@ UPSERT_SNAPSHOT = (
 REFUSED: Final = (asyncpg.PostgresError, asyncpg.DataError, ValueError, UnicodeError)
 
 
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` without its password, for messages and logs."""
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
-        query = "&".join(
-            "password=***" if q.lower().startswith("password=") else q
-            for q in parts.query.split("&")
-            if q
-        )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    # key=value form
-    return " ".join("password=***" if w.lower().startswith("password=") else w for w in dsn.split())
-
-
 def _user_of(dsn: str) -> str:
     if "://" in dsn:
         return unquote(urlsplit(dsn).username or "") or "(default user)"
@@ -144,6 +161,41 @@ def _user_of(dsn: str) -> str:
         if w.lower().startswith("user="):
             return w.split("=", 1)[1]
     return "(default user)"
+
+
+class Reconnecting(OSError):
+    """A new connection failed for want of the server: retried like a lost one."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Unreachable(StoreError):
+    """A new connection to the server failed for want of the server (not a refusal)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _explain(exc: BaseException, store: PostgresStore) -> str:
+    """What a connection error means, in words (a timeout carries no message)."""
+    if isinstance(exc, Reconnecting):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return (
+            f"the server did not answer within {store.command_timeout:g}s "
+            "(command_timeout; a hung or unreachable server, or a lock held that long)"
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.close(timeout=5)
+    except Exception:
+        conn.terminate()
 
 
 def _key(*parts: str) -> int:
@@ -165,6 +217,7 @@ class PostgresStore:
         pool_size: int = 8,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        command_timeout: float = COMMAND_TIMEOUT_S,
     ) -> None:
         self.dsn = dsn
         self.location = redact_dsn(dsn)
@@ -173,6 +226,7 @@ class PostgresStore:
         self.pool_size = pool_size
         self.reconnect_timeout = reconnect_timeout
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
         self._tail = Tail(tail_size)
         self._pool: asyncpg.Pool | None = None
         self._writer: PostgresWriter | None = None
@@ -195,6 +249,7 @@ class PostgresStore:
             conn: asyncpg.Connection = await asyncpg.connect(
                 self.dsn,
                 timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
                 server_settings={**SERVER_SETTINGS, **(settings or {})},
             )
         except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as e:
@@ -206,13 +261,22 @@ class PostgresStore:
             raise StoreError(
                 f"PostgreSQL at {self.location}: {e} (create it first, e.g. `createdb`)"
             ) from None
-        except CONNECTION_ERRORS as e:
-            raise StoreError(
-                f"cannot reach the PostgreSQL server of {self.location}: "
-                f"{type(e).__name__}: {e or 'timed out'}"
-            ) from None
         except (ValueError, asyncpg.ClientConfigurationError) as e:
-            raise StoreError(f"invalid PostgreSQL DSN {self.location}: {e}") from None
+            # (before the connection errors: a configuration error is an InterfaceError)
+            raise StoreError(
+                f"invalid PostgreSQL DSN {self.location}: {e} (expected "
+                "postgresql://user:password@host:port/database, the password "
+                "percent-encoded)"
+            ) from None
+        except CONNECTION_ERRORS as e:
+            reason = (
+                f"no answer within {self.connect_timeout:g}s (connect_timeout)"
+                if isinstance(e, TimeoutError)
+                else f"{type(e).__name__}: {e}"
+            )
+            raise Unreachable(
+                f"cannot reach the PostgreSQL server of {self.location}: {reason}", reason
+            ) from None
         return conn
 
     async def open(self) -> None:
@@ -236,18 +300,25 @@ class PostgresStore:
                 f"PostgreSQL at {self.location}: cannot create or read the log's tables: "
                 f"{type(e).__name__}: {e}"
             ) from None
+        except CONNECTION_ERRORS as e:
+            raise StoreError(
+                f"PostgreSQL at {self.location}: opening the log failed: {_explain(e, self)}"
+            ) from None
         finally:
-            await conn.close()
+            await _close(conn)
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=1,
                 max_size=self.pool_size,
                 timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
                 server_settings=SERVER_SETTINGS,
             )
         except CONNECTION_ERRORS as e:
-            raise StoreError(f"cannot reach the PostgreSQL server of {self.location}: {e}") from e
+            raise StoreError(
+                f"cannot reach the PostgreSQL server of {self.location}: {_explain(e, self)}"
+            ) from None
         self._tail.reset(last)
         self._tail.closed = False
         self._writer = PostgresWriter(self, self._committed)
@@ -291,14 +362,35 @@ class PostgresStore:
                     )
                 if tables >= TABLES:
                     await self._create_append_function(conn, schema)
+                    await self._create_gapless_trigger(conn)
                     return
             await conn.execute(SCHEMA)
+            await conn.execute(GAPLESS.replace("{key}", str(int(self.lock_key))))
             await conn.execute(APPEND_FUNCTION)
             self.fast_append = True
             await conn.execute(
                 "INSERT INTO xcore_meta (key, value) VALUES ('format', $1), "
                 "('application', 'xcore') ON CONFLICT (key) DO NOTHING",
                 str(FORMAT),
+            )
+
+    async def _create_gapless_trigger(self, conn: asyncpg.Connection) -> None:
+        """Add the gapless check to a log created before it existed (once)."""
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'events'::regclass",
+            GAPLESS_NAME,
+        )
+        if found:
+            return
+        try:
+            async with conn.transaction():  # a savepoint: the failure must not end ours
+                await conn.execute(GAPLESS.replace("{key}", str(int(self.lock_key))))
+        except asyncpg.InsufficientPrivilegeError as e:
+            log.warning(
+                "%s: cannot add the gapless check to the log (%s); a foreign insert past "
+                "its end would stop every node's readers",
+                self.location,
+                e,
             )
 
     async def _create_append_function(self, conn: asyncpg.Connection, schema: str) -> None:
@@ -356,7 +448,8 @@ class PostgresStore:
             self._writer = None
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pool.close(), 5)
+                async with asyncio.timeout(5):
+                    await self._pool.close()
             self._pool.terminate()
             self._pool = None
 
@@ -390,10 +483,14 @@ class PostgresStore:
                 if time.monotonic() + delay > deadline:
                     raise StoreError(
                         f"{self.location}: {what} failed, the server could not be reached "
-                        f"for {self.reconnect_timeout:g}s: {type(exc).__name__}: {exc}"
+                        f"for {self.reconnect_timeout:g}s: {_explain(exc, self)}"
                     ) from exc
                 log.warning(
-                    "%s: %s failed (%s); retrying in %.2fs", self.location, what, exc, delay
+                    "%s: %s failed (%s); retrying in %.2fs",
+                    self.location,
+                    what,
+                    _explain(exc, self),
+                    delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -468,7 +565,7 @@ class PostgresStore:
         if limit is not None:
             params.append(limit)
             sql += f" LIMIT ${len(params)}"
-        rows = await self._fetch(sql, *params)
+        rows = await self._fetch(sql, *params, what="reading events")
         return Recorded.from_rows(rows)
 
     async def read_rows(self, after: int, upto: int, limit: int) -> list[Row]:
@@ -479,6 +576,7 @@ class PostgresStore:
             after,
             upto,
             limit,
+            what="reading events",
         )
         return [tuple(r) for r in rows]
 
@@ -549,6 +647,7 @@ class PostgresStore:
             "SELECT stream, MAX(version) FROM events WHERE stream = ANY($1::text[])"
             " GROUP BY stream",
             streams,
+            what="reading stream versions",
         )
         return {stream: int(version) for stream, version in rows}
 
@@ -561,7 +660,10 @@ class PostgresStore:
     async def load_checkpoint(self, name: str) -> int | None:
         self._check_open()
         rows = await self._fetch(
-            "SELECT position FROM checkpoints WHERE scope = $1 AND name = $2", self.scope, name
+            "SELECT position FROM checkpoints WHERE scope = $1 AND name = $2",
+            self.scope,
+            name,
+            what=f"loading checkpoint {name!r}",
         )
         return int(rows[0][0]) if rows else None
 
@@ -573,7 +675,9 @@ class PostgresStore:
     async def load_snapshot(self, name: str) -> Snapshot | None:
         self._check_open()
         rows = await self._fetch(
-            "SELECT position, schema, state FROM snapshots WHERE name = $1", name
+            "SELECT position, schema, state FROM snapshots WHERE name = $1",
+            name,
+            what=f"loading snapshot {name!r}",
         )
         if not rows:
             return None
@@ -601,5 +705,7 @@ class PostgresStore:
 
     async def get_archive(self, digest: str) -> bytes | None:
         self._check_open()
-        rows = await self._fetch("SELECT data FROM archives WHERE digest = $1", digest)
+        rows = await self._fetch(
+            "SELECT data FROM archives WHERE digest = $1", digest, what="reading an archive"
+        )
         return bytes(rows[0][0]) if rows else None

@@ -11,6 +11,17 @@ complete) and pushes them. This node's own commits go straight into the tail whe
 follow it, so a local subscriber wakes without a round trip. When the listener's
 connection is lost, it is reopened with backoff and the follower reads everything up
 to the current last position: no notification missed while disconnected is lost.
+
+Every wait here is cancellation-safe (``asyncio.timeout``, never ``asyncio.wait_for``,
+which on Python 3.11 swallows a cancellation that arrives as the awaited thing
+completes: a probe woken by a notification at the moment the store closed never ended,
+and closing the store hung), and :meth:`Follower.stop` is bounded.
+
+A connection can also die without a word (a NAT or firewall forgetting it, a hung
+server process): no error ever comes, and the node would wait for notifications
+forever. So every ``PROBE_S`` seconds without one the listener is asked for the last
+position, within ``PROBE_TIMEOUT_S``; no answer counts as a lost connection, and the
+answer itself raises the target (a missed notification is caught up there too).
 """
 
 from __future__ import annotations
@@ -33,6 +44,15 @@ log = logging.getLogger("xcore.store")
 
 #: How many events the follower reads per query while catching up.
 BATCH = 2000
+#: Seconds of quiet after which the listener connection is probed, and how long its
+#: answer may take before the connection is taken for dead.
+PROBE_S = 5.0
+PROBE_TIMEOUT_S = 10.0
+#: What the listener connection is called in ``pg_stat_activity``.
+LISTENER_NAME = "xcore-listener"
+LAST = "SELECT COALESCE(MAX(position), 0) FROM events"
+#: How long stopping waits for the follower's tasks to end after cancelling them.
+STOP_S = 10.0
 
 
 class Follower:
@@ -44,6 +64,8 @@ class Follower:
         #: the highest position known to be committed
         self.target = 0
         self._kick = asyncio.Event()
+        #: set by every notification: the probe waits for a quiet PROBE_S
+        self._heard = asyncio.Event()
         self._lost = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -62,13 +84,29 @@ class Follower:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        if tasks:
+            # asyncio.wait: a task's own error is not raised here, a cancellation of
+            # the caller is (awaiting each task under suppress(BaseException) hid both)
+            done, pending = await asyncio.wait(tasks, timeout=STOP_S)
+            for t in pending:
+                log.error(
+                    "%s: task %s did not stop within %gs of being cancelled",
+                    self.store.location,
+                    t.get_name(),
+                    STOP_S,
+                )
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.error(
+                        "%s: task %s had failed",
+                        self.store.location,
+                        t.get_name(),
+                        exc_info=t.exception(),
+                    )
         conn, self._listener = self._listener, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                await conn.close(timeout=2)
             conn.terminate()
 
     # -- inputs --------------------------------------------------------------------
@@ -88,6 +126,7 @@ class Follower:
             self._kick.set()
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self._heard.set()
         try:
             self.raise_target(int(payload))
         except ValueError:
@@ -101,12 +140,12 @@ class Follower:
     # -- the listener connection -------------------------------------------------------
 
     async def _listen(self) -> None:
-        conn = await self.store.connect()
+        conn = await self.store.connect({"application_name": LISTENER_NAME})
         try:
             await conn.add_listener(self.store.channel, self._on_notify)
             conn.add_termination_listener(self._on_lost)
             # anything committed before LISTEN took effect is read now
-            last = int(await conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+            last = int(await conn.fetchval(LAST, timeout=PROBE_TIMEOUT_S))
         except BaseException:
             conn.terminate()
             raise
@@ -114,9 +153,35 @@ class Follower:
         self._lost.clear()
         self.raise_target(last)
 
+    async def _probe(self) -> None:
+        """Wait until the listener connection is lost, probing it when quiet."""
+        while not self._lost.is_set():
+            self._heard.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROBE_S):
+                    await self._heard.wait()
+                continue  # notifications arrive: it lives
+            conn = self._listener
+            if conn is None or self._lost.is_set():
+                return
+            try:
+                last = int(await conn.fetchval(LAST, timeout=PROBE_TIMEOUT_S))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "%s: the notification connection did not answer a probe (%s: %s)",
+                    self.store.location,
+                    type(exc).__name__,
+                    exc,
+                )
+                self._lost.set()
+                return
+            self.raise_target(last)
+
     async def _watch_listener(self) -> None:
         while True:
-            await self._lost.wait()
+            await self._probe()
             old, self._listener = self._listener, None
             if old is not None:
                 old.terminate()

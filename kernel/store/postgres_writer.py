@@ -177,12 +177,18 @@ class PostgresWriter:
         if task is not None:
             stop = _Stop()
             self._queue.put_nowait(stop)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(task), self.store.reconnect_timeout + 5)
+            # asyncio.wait, never wait_for or a bare await under suppress(BaseException):
+            # a cancellation of the caller must go through, not be swallowed
+            limit = self.store.reconnect_timeout + self.store.command_timeout + 5
+            await asyncio.wait([task], timeout=limit)
             if not task.done():
+                log.error(
+                    "%s: the log's writer did not finish its queue within %gs; cancelled",
+                    self.store.location,
+                    limit,
+                )
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await asyncio.wait([task], timeout=5)
         # anything still queued (the writer died) gets an answer, never a hang
         while not self._queue.empty():
             op = self._queue.get_nowait()
@@ -194,7 +200,7 @@ class PostgresWriter:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                await conn.close(timeout=2)
             conn.terminate()
 
     def _check_alive(self) -> None:
@@ -317,11 +323,17 @@ class PostgresWriter:
                     o.future.set_exception(StoreError(f"{self.store.location}: {exc}"))
 
     async def _reconnect(self) -> asyncpg.Connection:
+        from kernel.store.postgres import Reconnecting, Unreachable
+
         try:
             return await self.store.connect(WRITER_SETTINGS)
-        except StoreError as exc:
+        except Unreachable as exc:
             # unreachable for now: let retrying() back off and try again
-            raise OSError(str(exc)) from exc
+            raise Reconnecting(f"a new connection failed: {exc.reason}") from exc
+        except StoreError as exc:
+            # refused (credentials changed, database dropped...): retried too, in case
+            # it is passing, and explained when it lasts
+            raise Reconnecting(str(exc)) from exc
 
     async def _commit(
         self, conn: asyncpg.Connection, batch: list[_Append | _Put], again: bool

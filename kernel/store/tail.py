@@ -103,6 +103,9 @@ class Tail:
         if self._signal is None:
             self._signal = asyncio.get_running_loop().create_future()
         signal = self._signal
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+        # that arrives as the signal fires, and a subscriber being stopped waited on
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(signal), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(signal)
         return self.last_position

@@ -4,8 +4,10 @@ Guarantees, with several nodes on one PostgreSQL log (docs/cluster.md):
 
 - every node records ``NodeStarted``, a ``NodeHeartbeat`` every ``heartbeat_s`` and
   ``NodeStopped``; ``GET /admin/nodes`` shows every node, caught up from the log;
-- a node whose heartbeat is older than ``stale_after_s`` is recorded ``NodeLost`` by
-  exactly one survivor (an append expecting the version of the node's stream it last
+- a node whose stream showed no new heartbeat in this node's view for ``stale_after_s``
+  seconds of this node's own clock (never by comparing this clock with the other node's
+  timestamps: a node whose clock is behind by more was lost at every beat) is recorded
+  ``NodeLost`` by exactly one survivor (an append expecting the version of the node's stream it last
   saw: a late heartbeat or another survivor's claim makes it fail), which then records
   each run the lost node held as ``TaskFailed(kind="node_lost")``;
 - a plugin installed through any node is packed, stored content-addressed in the
@@ -75,6 +77,9 @@ class ClusterService:
         self.enabled = False
         self._task: asyncio.Task[None] | None = None
         self._archive_lock = asyncio.Lock()
+        #: node -> (boot, version of its stream, this node's monotonic time when the view
+        #: first showed that version): staleness is judged on one clock, this node's
+        self._seen: dict[str, tuple[str, int, float]] = {}
 
     async def start(self, kernel: Kernel, stack: AsyncExitStack) -> None:
         self.kernel = kernel
@@ -187,11 +192,17 @@ class ClusterService:
             await anyio.sleep(0.05)
         while True:
             await anyio.sleep(self.settings.heartbeat_s / 2)
-            now = time.time()
+            now = time.monotonic()
             for row in list(view.nodes.values()):
                 if row.node == kernel.node or row.state != "up":
                     continue
-                if now - row.last_heartbeat <= row.stale_after_s:
+                # the view (which the NodeLost append expects the version of) shows a
+                # new beat: its silence is timed from now on, on this node's clock
+                seen = self._seen.get(row.node)
+                if seen is None or seen[:2] != (row.boot, row.stream_version):
+                    self._seen[row.node] = (row.boot, row.stream_version, now)
+                    continue
+                if now - seen[2] <= row.stale_after_s:
                     continue
                 try:
                     await self._declare_lost(row.node)

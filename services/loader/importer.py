@@ -209,6 +209,24 @@ def modules_snapshot() -> dict[str, ModuleType]:
     return sys.modules.copy()
 
 
+def invalidate_path_caches() -> None:
+    """Make the path finders look at the disk again; safe while other threads import.
+
+    ``importlib.invalidate_caches()`` is not: its ``PathFinder`` builds
+    ``list(sys.path_importer_cache.items())``, and on CPython 3.11 a collection started by
+    those tuples runs finalizers (Python code) that let another import thread add a path
+    to that cache mid-iteration: "dictionary changed size during iteration", raised in an
+    importing plugin with no frame of its own (seen at boot; reproduced in
+    ``tests/services/loader/test_importer_caches.py``). Here the cache is copied in one
+    step and each finder is told to forget its directory listing, which is all a
+    plugin's import needs (the plugin's own modules come from :class:`_PluginFinder`).
+    """
+    for finder in sys.path_importer_cache.copy().values():
+        invalidate = getattr(finder, "invalidate_caches", None)
+        if invalidate is not None:
+            invalidate()
+
+
 def purge(plugin: str) -> dict[str, ModuleType]:
     """Take the plugin's modules out of ``sys.modules``; returns them for :func:`restore`."""
     base = module_name(plugin)
@@ -267,7 +285,7 @@ def import_plugin(
     _finder.parsed[plugin] = parsed
     try:
         base = module_name(plugin)
-        importlib.invalidate_caches()
+        invalidate_path_caches()
         importlib.import_module(base)
         run = importlib.import_module(base + ".run")
         router_module = (

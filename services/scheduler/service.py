@@ -416,6 +416,25 @@ class SchedulerService:
             await self.unregister(name, f"plugin {name!r} generation {gen} was unloaded", gen)
         elif r.type == "TaskFailed":
             if d.get("kind") == "node_lost":
+                # this node may be the one presumed dead (paused past stale_after_s):
+                # the run is failed and retried on the survivors, so its copy here stops
+                # (recorded as cancelled) rather than finishing a run already failed
+                if (
+                    self._runner.cancel_run(
+                        d["task"],
+                        d["run_id"],
+                        f"this node was recorded lost by {r.meta.node} while it ran this "
+                        "run; it is retried on the nodes that saw it live",
+                    )
+                    == "not_cancellable"
+                ):
+                    log.error(
+                        "task %s run %s was failed as node_lost by %s but its sync code "
+                        "cannot be stopped here: it runs twice",
+                        d["task"],
+                        d["run_id"],
+                        r.meta.node,
+                    )
                 self._retry_lost_run(d)
         elif r.type == "TaskRunRequested":
             entry = self._tasks.get(d["task"])

@@ -110,3 +110,32 @@ async def test_the_command_line_copies_and_verifies(
     missing = ["store", "copy", str(tmp_path / "missing.db"), pg_dsn]
     assert await anyio.to_thread.run_sync(main, missing) == 2  # a store error
     assert "no such event log" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("to", ["postgres", "sqlite"])
+async def test_a_source_with_a_hole_is_refused_at_the_hole(
+    tmp_path: Path, pg_dsn: str, to: str
+) -> None:
+    """A source whose event 7 was deleted by hand: to PostgreSQL the copy died with a
+    driver traceback; to SQLite it 'verified 20 events' and left a log with a hole."""
+    import sqlite3
+
+    src = tmp_path / "damaged.db"
+    await fill(src, 0, 20)
+    db = sqlite3.connect(src)
+    db.execute("DROP TRIGGER events_append_only_delete")
+    db.execute("DELETE FROM events WHERE position = 7")
+    db.commit()
+    db.close()
+    dst = pg_dsn if to == "postgres" else str(tmp_path / "copy.db")
+    with anyio.fail_after(60):
+        with pytest.raises(XcoreError, match="event 7 is missing"):
+            await copy_log(str(src), dst, batch=4, out=io.StringIO())
+        if to == "postgres":
+            copied = await read_pg(dst)
+        else:
+            store = SQLiteStore(Path(dst))
+            await store.open()
+            copied = await store.read()
+            await store.close()
+        assert [r.position for r in copied] == [1, 2, 3, 4, 5, 6]

@@ -3,7 +3,9 @@ wake-ups through LISTEN/NOTIFY, reconnection, append-only, clear errors."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import socket
 import sys
 import textwrap
@@ -353,3 +355,240 @@ async def test_a_role_that_may_not_create_tables_gets_a_clear_error(pg_dsn: str)
         await admin.execute(f"REVOKE ALL ON SCHEMA {schema} FROM xcore_reader")
         await admin.execute("DROP ROLE IF EXISTS xcore_reader")
         await admin.close()
+
+
+ODD_DSNS = [
+    # unencoded '/', '#', '?' or '@' in the password: a URL parser reads a host and port
+    "postgresql://ada:pa/ss#Secret9?x@127.0.0.1:1/xcore",
+    "postgresql://ada:p@ss/Secret9@127.0.0.1:1/xcore",
+    "postgresql://ada:p?Secret9=1@127.0.0.1:1/xcore",
+    # libpq's key=value form (which asyncpg refuses), the password quoted with spaces
+    "host=127.0.0.1 user=ada password='pa Secret9 x' dbname=xcore",
+    "host=127.0.0.1 user=ada password = Secret9 dbname=xcore",
+    "postgresql://ada@127.0.0.1:1/xcore?sslmode=disable&PASSWORD=Secret9",
+]
+
+
+@pytest.mark.parametrize("dsn", ODD_DSNS)
+async def test_an_oddly_written_password_never_shows(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert "Secret9" not in redact_dsn(dsn)
+    store = PostgresStore(dsn, connect_timeout=5)
+    assert "Secret9" not in store.location
+    with anyio.fail_after(30), pytest.raises(StoreError) as caught:
+        await store.open()
+    assert "Secret9" not in str(caught.value)
+    settings = Settings.load(env={"XCORE_STORE": "postgres", "XCORE_DSN": dsn})
+    assert "Secret9" not in repr(settings) and "Secret9" not in str(settings.model_dump())
+    from kernel.logging import TextFormatter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "dsn is %s", (dsn,), None)
+    assert "Secret9" not in TextFormatter().format(record)
+
+
+COPY_ROW = (
+    "INSERT INTO events (position, stream, version, type, schema, data, meta, id, recorded_at)"
+    " SELECT {position}, stream, 50, type, schema, data, meta, {id}, recorded_at"
+    " FROM events WHERE position = 1{conflict}"
+)
+
+
+async def test_a_foreign_insert_must_continue_the_log_without_a_gap(pg_dsn: str) -> None:
+    """A hand-written row past the end of the log stopped every node's readers for good
+    (a follower never skips a position); a reused position or id, or an upsert, is refused
+    too; a foreign row that continues the log reaches the live readers."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with anyio.fail_after(60):
+            await store.append([raw(1), raw(2)], stream="s")
+            for position, id_, error in (
+                (10, "'far'", asyncpg.IntegrityConstraintViolationError),
+                (0, "'zero'", asyncpg.IntegrityConstraintViolationError),
+                (1, "'again'", asyncpg.UniqueViolationError),
+                (3, "id", asyncpg.UniqueViolationError),
+            ):
+                with pytest.raises(error):
+                    await conn.execute(COPY_ROW.format(position=position, id=id_, conflict=""))
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                await conn.execute(
+                    COPY_ROW.format(
+                        position=1,
+                        id="'up'",
+                        conflict=" ON CONFLICT (position) DO UPDATE SET type = 'Forged'",
+                    )
+                )
+            assert await conn.fetchval("SELECT max(position) FROM events") == 2
+            # the readers go on
+            await store.append([raw(3)], stream="s")
+            await conn.execute(COPY_ROW.format(position=4, id="'next'", conflict=""))
+            await store.append([raw(5)], stream="s")
+            seen: list[int] = []
+            after = 0
+            while len(seen) < 5:
+                for e in await store.read(after=after):
+                    seen.append(e.position)
+                    after = e.position
+                if len(seen) < 5:
+                    await store.wait(after, 5)
+            assert seen == [1, 2, 3, 4, 5]
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def test_a_log_created_before_the_gapless_check_gets_it_on_open(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.append([raw(1)], stream="s")
+    await store.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("DROP TRIGGER events_gapless ON events")
+        await store.open()
+        await store.close()
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="gapless"):
+            await conn.execute(COPY_ROW.format(position=7, id="'far'", conflict=""))
+    finally:
+        await conn.close()
+
+
+async def test_a_listener_connection_that_hangs_without_a_word_is_replaced(
+    pg_dsn: str,
+) -> None:
+    """A connection can die silently (a NAT forgetting it, a hung server process): no
+    error comes, and the node waited for notifications forever. Here the server process
+    behind the listener is stopped (SIGSTOP): the probe takes it for dead, a new listener
+    replaces it and the subscriber gets what another node wrote meanwhile."""
+    import os
+    import signal
+
+    from kernel.store.postgres_follow import LISTENER_NAME
+
+    a = PostgresStore(pg_dsn, scope="a")
+    await a.open()
+    admin = await asyncpg.connect(pg_dsn)
+    b = PostgresStore(pg_dsn, scope="b")
+    stopped: list[int] = []
+    try:
+        with anyio.fail_after(90):
+            [pid] = [
+                r[0]
+                for r in await admin.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+                    " AND datname = current_database()",
+                    LISTENER_NAME,
+                )
+            ]
+            await b.open()
+            assert a._follower is not None
+            before = a._follower.reconnects
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+            await b.append([raw(1), raw(2)], stream="s")
+            assert await a.wait(0, 80) == 2
+            assert [r.data["i"] for r in await a.read()] == [1, 2]
+            assert a._follower.reconnects > before
+            # the new listener wakes it as before
+            await b.append([raw(3)], stream="s")
+            assert await a.wait(2, 60) == 3
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        await admin.close()
+        await a.close()
+        await b.close()
+
+
+async def test_a_follower_stopped_as_a_notification_arrives_stops(pg_dsn: str) -> None:
+    """A notification wakes the listener's probe at the moment the store closes: the
+    probe's wait swallowed the cancellation (Python 3.11's wait_for) and went on probing
+    forever, so closing the store hung (found as a hang of this file after a merge)."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        with anyio.fail_after(60):
+            follower = store._follower
+            assert follower is not None
+            tasks = list(follower._tasks)
+            await anyio.sleep(0.1)  # the probe waits for a notification now
+            follower._heard.set()  # a notification's wake-up is scheduled...
+            await follower.stop()  # ...and the cancellation right after it
+            assert all(t.done() for t in tasks)
+            assert follower._listener is None
+    finally:
+        await store.close()
+
+
+class SilentNetwork:
+    """A TCP relay to the server that can go silent: bytes stop flowing both ways and
+    new connections are accepted but never answered, while no socket is closed (a
+    network that drops packets, a NAT that forgot the connection, a server host that
+    froze). No error ever reaches the client: only a timeout can end its wait."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.silent = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> SilentNetwork:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.silent:
+            await reader.read()  # swallow everything, answer nothing
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers.append(up_writer)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if not self.silent:
+                    dst.write(data)
+                    await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_server_that_stops_answering_fails_calls_clearly_instead_of_hanging(
+    pg_dsn: str,
+) -> None:
+    """Every connection (writer, pool, listener) has a command timeout: without one, an
+    append or a read on a server that went silent waited forever. The error names the
+    server and the operation; closing the store does not hang either."""
+    parts = urlsplit(pg_dsn)
+    assert parts.hostname is not None and parts.port is not None
+    async with SilentNetwork(parts.hostname, parts.port) as net:
+        netloc = parts.netloc.rpartition("@")[0] + f"@127.0.0.1:{net.port}"
+        dsn = urlunsplit(parts._replace(netloc=netloc))
+        store = PostgresStore(dsn, command_timeout=1, connect_timeout=1, reconnect_timeout=2)
+        await store.open()
+        try:
+            with anyio.fail_after(90):
+                await store.append([raw(1)], stream="s")
+                await store.save_checkpoint("sub", 1)
+                net.silent = True
+                with pytest.raises(StoreError, match="append failed") as err:
+                    await store.append([raw(2)], stream="s")
+                assert f"127.0.0.1:{net.port}" in str(err.value)
+                assert re.search(r"(did not answer|no answer) within 1s", str(err.value))
+                with pytest.raises(StoreError, match="loading checkpoint 'sub' failed"):
+                    await store.load_checkpoint("sub")
+                with pytest.raises(StoreError, match="reading events failed"):
+                    await store.read_range(0, None)
+        finally:
+            with anyio.fail_after(60):
+                await store.close()

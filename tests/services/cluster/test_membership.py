@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import anyio
 import pytest
@@ -211,3 +213,64 @@ async def test_two_nodes_with_one_id_are_reported(
         with anyio.fail_after(30):
             while "must be unique" not in caplog.text:
                 await anyio.sleep(0.05)
+
+
+SKEWED_NODE = """
+import asyncio, sys, time
+
+_real = time.time
+time.time = lambda: _real() - 120.0  # this machine's clock is two minutes behind
+
+from kernel import Kernel
+from kernel.settings import Settings
+from services.cluster.service import ClusterService
+
+
+async def main(dsn: str) -> None:
+    settings = Settings(
+        store="postgres",
+        dsn=dsn,
+        node="skewed",
+        services={"cluster": {"heartbeat_s": 0.2, "stale_after_s": 1.0}},
+    )
+    async with Kernel(settings, services=[ClusterService()]):
+        print("up", flush=True)
+        await asyncio.sleep(3600)
+
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_node_whose_clock_is_behind_is_not_lost_while_it_beats(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A node's heartbeats were judged by the watcher's clock against the beating node's
+    timestamps: a clock behind by more than stale_after_s made it 'lost' at every beat
+    (its runs failed and retried elsewhere while it ran them)."""
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED_NODE)
+    async with Kernel(node_settings(pg_dsn, "a"), services=[ClusterService()]) as a:
+        process = await anyio.open_process(
+            [sys.executable, str(script), pg_dsn], cwd=Path(__file__).parents[3]
+        )
+        try:
+            with anyio.fail_after(90):
+
+                async def beats() -> int:
+                    found = await a.read(types=["NodeHeartbeat"], stream=node_stream("skewed"))
+                    return len(found)
+
+                while await beats() < 25:  # five seconds of beats, five stale_after_s
+                    await anyio.sleep(0.1)
+                await a.settle()
+                assert await a.read(types=["NodeLost"]) == []
+                # and its death is still seen, on the watcher's clock
+                process.kill()
+                while not await a.read(types=["NodeLost"]):
+                    await anyio.sleep(0.1)
+                assert [r.data["node"] for r in await a.read(types=["NodeLost"])] == ["skewed"]
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
