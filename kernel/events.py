@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -108,6 +108,19 @@ class Event(BaseModel):
         registry.register(cls)
 
 
+#: The schema numbers every store can hold (PostgreSQL keeps them as INTEGER).
+MAX_SCHEMA: Final = 2**31 - 1
+
+
+def check_schema(schema: object, owner: str) -> None:
+    """Refuse a schema number no store can keep, naming ``owner``, before anything is
+    written (PostgreSQL's driver only said "invalid input for query argument $11")."""
+    if type(schema) is not int or not 1 <= schema <= MAX_SCHEMA:
+        raise EventError(
+            f"{owner}: schema must be a whole number from 1 to {MAX_SCHEMA}, got {schema!r}"
+        )
+
+
 class EventRegistry:
     """Maps type names to event classes and holds the upcasters between schemas."""
 
@@ -119,6 +132,7 @@ class EventRegistry:
 
     def register(self, cls: type[Event]) -> None:
         name = cls.type_name
+        check_schema(cls.schema_version, f"event class {cls.__module__}.{cls.__qualname__}")
         known = self._types.get(name)
         if known is not None and known is not cls:
             # A hot-reloaded module defines the same class again: replace it.
@@ -284,6 +298,8 @@ class NewEvent:
         cls, type_name: str, data: Mapping[str, Any], meta: Meta | None = None, schema: int = 1
     ) -> NewEvent:
         """An event given as a type name and plain data (no class needed)."""
+        if schema != 1:
+            check_schema(schema, f"event type {type_name!r}")
         return cls(
             type=type_name,
             data=compact_json(dict(data)),

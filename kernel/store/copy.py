@@ -29,14 +29,16 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 from kernel.errors import StoreError, XcoreError
 
 __all__ = ["copy_log", "register"]
+
+T = TypeVar("T")
 
 ROW = "position, stream, version, type, schema, data, meta, id, recorded_at"
 Row = tuple[Any, ...]
@@ -145,18 +147,88 @@ class PostgresSide:
         await store.close()
         return cls(store, await store.connect())
 
+    async def _guard(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """``op``, its driver's failure told as a clear error naming the log and ``what``
+        (a traceback of asyncpg's before)."""
+        import asyncpg
+
+        from kernel.store.postgres_writer import CONNECTION_ERRORS
+
+        try:
+            return await op()
+        except StoreError:
+            raise
+        except CONNECTION_ERRORS as exc:
+            reason = (
+                f"no answer within {self.store.command_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            raise StoreError(
+                f"{self.location}: {what} failed, the connection was lost ({reason}); "
+                "what was copied before is kept: run the copy again to resume"
+            ) from None
+        except (asyncpg.PostgresError, asyncpg.DataError, ValueError, UnicodeError) as exc:
+            raise StoreError(
+                f"{self.location}: {what}: PostgreSQL refused it ({type(exc).__name__}: "
+                f"{exc}); nothing of it was written"
+            ) from None
+
     async def last(self) -> int:
-        return int(await self.conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+        async def op() -> int:
+            return int(await self.conn.fetchval("SELECT COALESCE(MAX(position), 0) FROM events"))
+
+        return await self._guard("reading the last position", op)
 
     async def rows(self, after: int, limit: int) -> list[Row]:
-        records = await self.conn.fetch(
-            f"SELECT {ROW} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-            after,
-            limit,
-        )
-        return [_norm(tuple(r)) for r in records]
+        async def op() -> list[Row]:
+            records = await self.conn.fetch(
+                f"SELECT {ROW} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+                after,
+                limit,
+            )
+            return [_norm(tuple(r)) for r in records]
+
+        return await self._guard(f"reading events after {after}", op)
 
     async def write(self, rows: Sequence[Row]) -> None:
+        async def op() -> None:
+            await self._write(rows)
+
+        try:
+            await self._guard(f"writing events {rows[0][0]} to {rows[-1][0]}", op)
+        except StoreError as exc:
+            if "refused" not in str(exc) or len(rows) == 1:
+                raise
+            culprit = await self._culprit(rows)
+            if culprit is None:
+                raise
+            raise StoreError(
+                f"{exc} (the event PostgreSQL refuses is {culprit[0]}, stream "
+                f"{culprit[1]!r}, type {culprit[3]!r})"
+            ) from None
+
+    async def _culprit(self, rows: Sequence[Row]) -> Row | None:
+        """The first of ``rows`` the server refuses: they are inserted one after the
+        other (each continues the log) in a transaction that is rolled back, so nothing
+        is written."""
+        import asyncpg
+
+        from kernel.store.postgres_writer import INSERT
+
+        tx = self.conn.transaction()
+        await tx.start()
+        try:
+            for row in rows:
+                try:
+                    await self.conn.execute(INSERT, *[[v] for v in row])
+                except (asyncpg.PostgresError, asyncpg.DataError, ValueError, UnicodeError):
+                    return row
+        finally:
+            await tx.rollback()
+        return None
+
+    async def _write(self, rows: Sequence[Row]) -> None:
         from kernel.store.postgres_writer import INSERT
 
         cols = [list(c) for c in zip(*rows, strict=True)]
@@ -174,7 +246,10 @@ class PostgresSide:
             )
 
     async def close(self) -> None:
-        await self.conn.close()
+        try:
+            await self.conn.close(timeout=5)
+        except Exception:  # closing a lost connection: nothing left to release
+            self.conn.terminate()
 
 
 async def open_side(spec: str, *, writable: bool) -> Side:

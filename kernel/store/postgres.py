@@ -42,6 +42,8 @@ from kernel.store.dsn import redact_dsn
 from kernel.store.postgres_follow import Follower
 from kernel.store.postgres_writer import (
     APPEND_FUNCTION,
+    APPEND_FUNCTION_BODY,
+    APPEND_FUNCTION_MARK,
     APPEND_FUNCTION_NAME,
     COLUMNS,
     CONNECTION_ERRORS,
@@ -100,6 +102,9 @@ CREATE TABLE IF NOT EXISTS archives (
 );
 """
 
+#: The functions the store creates in the log's schema.
+FUNCTIONS: Final = ("xcore_append_only", "xcore_gapless", "xcore_append_v1")
+
 #: Every INSERT into the log, ours or a foreign connection's, must continue it without a
 #: gap: a row past the end (a hand-written position) would stop every node's follower,
 #: which never skips a position. One check per statement (its rows, from a transition
@@ -134,6 +139,10 @@ CREATE TRIGGER events_gapless AFTER INSERT ON events REFERENCING NEW TABLE AS ad
 #: connection (running a batch again is safe), then fails naming the server and the
 #: operation.
 COMMAND_TIMEOUT_S: Final = 60.0
+#: Seconds the writer's transaction may sit idle between its statements before the
+#: server ends the session (and releases the ordering lock it holds): see
+#: ``PostgresWriter._settings``. Its statements follow each other within milliseconds.
+IDLE_IN_TRANSACTION_S: Final = 10.0
 
 #: Our statements are prepared once and run with id and stream arrays of every size: a
 #: generic plan would scan the whole log for ``id = ANY($1)``; plan each run instead.
@@ -218,6 +227,7 @@ class PostgresStore:
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         command_timeout: float = COMMAND_TIMEOUT_S,
+        idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_S,
     ) -> None:
         self.dsn = dsn
         self.location = redact_dsn(dsn)
@@ -227,6 +237,7 @@ class PostgresStore:
         self.reconnect_timeout = reconnect_timeout
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.idle_in_transaction_timeout = idle_in_transaction_timeout
         self._tail = Tail(tail_size)
         self._pool: asyncpg.Pool | None = None
         self._writer: PostgresWriter | None = None
@@ -364,9 +375,26 @@ class PostgresStore:
                     await self._create_append_function(conn, schema)
                     await self._create_gapless_trigger(conn)
                     return
+            if not tables:
+                # a new log: any function of the names it creates is someone else's (the
+                # store creates its tables and functions in one transaction)
+                taken = await conn.fetch(
+                    "SELECT DISTINCT p.proname FROM pg_proc p"
+                    " JOIN pg_namespace n ON n.oid = p.pronamespace"
+                    " WHERE n.nspname = $1 AND p.proname = ANY($2::text[]) ORDER BY 1",
+                    schema,
+                    list(FUNCTIONS),
+                )
+                if taken:
+                    raise self._foreign_function(schema, taken[0][0])
+            elif await self._append_function_state(conn, schema) == "foreign":
+                raise self._foreign_function(schema)
             await conn.execute(SCHEMA)
             await conn.execute(GAPLESS.replace("{key}", str(int(self.lock_key))))
             await conn.execute(APPEND_FUNCTION)
+            await conn.execute(
+                f"COMMENT ON FUNCTION {APPEND_FUNCTION_NAME} IS '{APPEND_FUNCTION_MARK}'"
+            )
             self.fast_append = True
             await conn.execute(
                 "INSERT INTO xcore_meta (key, value) VALUES ('format', $1), "
@@ -399,18 +427,26 @@ class PostgresStore:
         Optional: a role that may not create it gets the general path (several trips to
         the server per batch) and a warning, not an error.
         """
-        found = await conn.fetchval(
-            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-            " WHERE n.nspname = $1 AND p.proname = $2",
-            schema,
-            APPEND_FUNCTION_NAME,
-        )
-        if found:
+        state = await self._append_function_state(conn, schema)
+        if state == "foreign":
+            raise self._foreign_function(schema)
+        mark = f"COMMENT ON FUNCTION {APPEND_FUNCTION_NAME} IS '{APPEND_FUNCTION_MARK}'"
+        if state == "unmarked":  # ours by its body, created before the mark existed
+            try:
+                async with conn.transaction():  # a savepoint
+                    await conn.execute(mark)
+            except asyncpg.InsufficientPrivilegeError as e:
+                log.info(
+                    "%s: cannot mark %s as xcore's (%s)", self.location, APPEND_FUNCTION_NAME, e
+                )
+            state = "ours"
+        if state == "ours":
             self.fast_append = True
             return
         try:
             async with conn.transaction():  # a savepoint: the failure must not end ours
                 await conn.execute(APPEND_FUNCTION)
+                await conn.execute(mark)
         except asyncpg.InsufficientPrivilegeError as e:
             log.warning(
                 "%s: cannot create %s (%s); appends take several trips to the server",
@@ -420,6 +456,39 @@ class PostgresStore:
             )
             return
         self.fast_append = True
+
+    async def _append_function_state(self, conn: asyncpg.Connection, schema: str) -> str:
+        """Whether the log's schema holds the append function: "missing", "ours" (it
+        bears the store's mark), "unmarked" (ours by its body, created before the mark
+        existed) or "foreign" (a function of that name that is not the store's)."""
+        rows = await conn.fetch(
+            "SELECT p.prosrc, obj_description(p.oid, 'pg_proc') FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = $1 AND p.proname = $2",
+            schema,
+            APPEND_FUNCTION_NAME,
+        )
+        if not rows:
+            return "missing"
+        if len(rows) == 1:
+            source, comment = rows[0]
+            if comment == APPEND_FUNCTION_MARK and source == APPEND_FUNCTION_BODY:
+                return "ours"
+            if comment is None and source == APPEND_FUNCTION_BODY:
+                return "unmarked"
+        return "foreign"
+
+    def _foreign_function(self, schema: str, name: str = APPEND_FUNCTION_NAME) -> StoreCorrupt:
+        why = (
+            f"it lacks the store's mark {APPEND_FUNCTION_MARK!r} or its body differs"
+            if name == APPEND_FUNCTION_NAME
+            else "the schema holds no xcore log yet"
+        )
+        return StoreCorrupt(
+            f"PostgreSQL at {self.location}: schema {schema!r} holds a function {name} "
+            f"that is not xcore's ({why}); xcore will neither call nor replace it: rename "
+            "or drop it, or give xcore a schema of its own"
+        )
 
     async def close(self) -> None:
         if not self._open:

@@ -130,6 +130,12 @@ BEGIN
     heads := last || bases;
 END $$;
 """
+#: The comment that marks the function as the store's own (a user's function of the same
+#: name in the log's schema must never be taken for it).
+APPEND_FUNCTION_MARK: Final = "xcore event log: append, version 1"
+#: The function's body as PostgreSQL keeps it (``prosrc``): a log created before the
+#: mark existed is recognized by it.
+APPEND_FUNCTION_BODY: Final = APPEND_FUNCTION.split("$$")[1]
 APPEND_CALL: Final = (
     f"SELECT heads, existing FROM {APPEND_FUNCTION_NAME}($1, $2, $3, $4::text[], $5::text[], $6::int[],"
     " $7::bigint[], $8::int[], $9::bigint[], $10::text[], $11::int[], $12::bytea[],"
@@ -167,8 +173,18 @@ class PostgresWriter:
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
 
+    def _settings(self) -> dict[str, str]:
+        """The writer's session: READ COMMITTED, index lookups, and a bound on how long
+        its transaction may sit idle: a node frozen inside one (a stopped process, a VM
+        paused, a GC pause) holds the ordering lock, and every node's writes would wait
+        for it to wake up; the server ends that session instead, the lock is released,
+        and the frozen node, when it wakes, finds its connection lost and runs its batch
+        again (safely: the ids are checked first)."""
+        idle = max(1, round(self.store.idle_in_transaction_timeout * 1000))
+        return {**WRITER_SETTINGS, "idle_in_transaction_session_timeout": str(idle)}
+
     async def start(self) -> None:
-        self._conn = await self.store.connect(WRITER_SETTINGS)
+        self._conn = await self.store.connect(self._settings())
         self._task = asyncio.create_task(self._write_loop(), name="xcore-pg-writer")
 
     async def stop(self) -> None:
@@ -326,7 +342,7 @@ class PostgresWriter:
         from kernel.store.postgres import Reconnecting, Unreachable
 
         try:
-            return await self.store.connect(WRITER_SETTINGS)
+            return await self.store.connect(self._settings())
         except Unreachable as exc:
             # unreachable for now: let retrying() back off and try again
             raise Reconnecting(f"a new connection failed: {exc.reason}") from exc

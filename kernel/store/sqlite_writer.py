@@ -33,9 +33,11 @@ from kernel.events import NewEvent, Recorded
 from kernel.store.base import ANY, describe_expected
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
+    VERSIONS_CHUNK,
     IndexRow,
     index_statements,
     stream_version_sql,
+    stream_versions_sql,
     unindexed_sql,
 )
 from kernel.store.tail import Tail
@@ -193,6 +195,13 @@ class GroupCommitWriter:
         self, events: Sequence[NewEvent], stream: str, expected_version: int | None
     ) -> list[Recorded]:
         self._check_alive()
+        try:
+            stream.encode()
+        except UnicodeEncodeError as exc:
+            # refused alone: in a batch, SQLite's refusal would fail every other append
+            raise StoreError(
+                f"{self.path}: stream name {stream!r} is not valid text: {exc}"
+            ) from None
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         self._enqueue(_Append(stream, expected_version, events, future))
         return await future
@@ -299,6 +308,18 @@ class GroupCommitWriter:
             self.versions[stream] = version
         return version
 
+    async def _load_versions(self, streams: list[str]) -> None:
+        """Learn the versions of ``streams`` (not known yet) in one query per chunk:
+        a batch touching 100 streams for the first time (a scheduler's first round
+        after boot) makes one trip to the connection's thread, not 100 in a row."""
+        for i in range(0, len(streams), VERSIONS_CHUNK):
+            chunk = streams[i : i + VERSIONS_CHUNK]
+            sql, params = stream_versions_sql(chunk)
+            rows = await self._conn.execute_fetchall(sql, params)
+            found = {str(row[0]): int(row[1]) for row in rows if row[1] is not None}
+            for stream in chunk:
+                self.versions[stream] = found.get(stream, 0)
+
     async def _existing_ids(self, ids: list[str]) -> set[str]:
         found: set[str] = set()
         for i in range(0, len(ids), 500):
@@ -316,6 +337,10 @@ class GroupCommitWriter:
         puts = [o for o in batch if isinstance(o, _Put)]
         explicit = [e.meta.id for o in appends for e in o.events if e.explicit_id]
         existing = await self._existing_ids(explicit) if explicit else set()
+        versions = self.versions
+        unknown = list({o.stream: None for o in appends if o.stream not in versions})
+        if len(unknown) > 1:
+            await self._load_versions(unknown)
 
         now = time.time()
         position = self.last
@@ -324,7 +349,6 @@ class GroupCommitWriter:
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
-        versions = self.versions
         record = Recorded.of
         for o in appends:
             stream = o.stream

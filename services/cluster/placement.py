@@ -28,6 +28,14 @@ from services.cluster.projection import ClusterView
 __all__ = ["Rendezvous"]
 
 
+#: How long the set of live nodes is reused before it is read again (seconds): a node is
+#: taken for dead after ``stale_after_s``, so this adds nothing that matters, and a burst
+#: of 1,000 due runs ranks its tasks against one set instead of computing it 1,000 times.
+ALIVE_TTL_S = 0.25
+#: Rankings kept per set of live nodes (one per task: a task's ranking is reused by
+#: each of its runs until the set changes).
+MAX_RANKINGS = 100_000
+
 #: How many times the recent claim lag the next node waits: a burst can be later than
 #: the last ones, and this node's view of the claim comes later still.
 LAG_FACTOR = 2.0
@@ -43,16 +51,30 @@ class Rendezvous:
         self.me = me
         self.grace = grace
         self.max_lag = max_lag
+        self._alive: tuple[str, ...] = ()
+        self._alive_until = float("-inf")
+        self._rankings: dict[str, list[str]] = {}
 
     def rank(self, key: str) -> list[str]:
-        alive = self.view.alive(time.time())
-        if self.me not in alive:
-            alive.append(self.me)
-        return sorted(
-            alive,
-            key=lambda n: hashlib.blake2b(f"{key}\0{n}".encode(), digest_size=8).digest(),
-            reverse=True,
-        )
+        now = time.monotonic()
+        if now >= self._alive_until:
+            alive = self.view.alive(time.time())
+            if self.me not in alive:
+                alive.append(self.me)
+            if tuple(alive) != self._alive:
+                self._alive = tuple(alive)
+                self._rankings = {}
+            self._alive_until = now + ALIVE_TTL_S
+        order = self._rankings.get(key)
+        if order is None:
+            if len(self._rankings) >= MAX_RANKINGS:
+                self._rankings = {}
+            order = self._rankings[key] = sorted(
+                self._alive,
+                key=lambda n: hashlib.blake2b(f"{key}\0{n}".encode(), digest_size=8).digest(),
+                reverse=True,
+            )
+        return list(order)
 
     def delay(self, key: str) -> float:
         rank = self.rank(key).index(self.me)

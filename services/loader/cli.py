@@ -34,6 +34,7 @@ from kernel.events import Meta, NewEvent
 from kernel.http import HttpSurface
 from kernel.projections import state_at
 from kernel.settings import Settings
+from kernel.store import EventStore
 
 from . import installer
 from .events import PluginInstalled, PluginUninstalled, stream_of
@@ -207,8 +208,14 @@ async def _offline_rows(settings: Settings) -> list[dict[str, Any]]:
     from kernel.store.sqlite import SQLiteStore
 
     rows: dict[str, dict[str, Any]] = {}
-    if settings.database_path.exists():
+    store: EventStore | None = None
+    if settings.store == "postgres":  # the cluster's log: read it there
+        from kernel.kernel import store_from_settings
+
+        store = store_from_settings(settings)
+    elif settings.database_path.exists():
         store = SQLiteStore(settings.database_path, readonly=True)
+    if store is not None:
         await store.open()
         try:
             table = await state_at(store, PluginTable, await store.last_position())
@@ -254,7 +261,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             body=body,
             content_type=f"multipart/form-data; boundary={boundary}",
         )
-    except ServerDown:
+    except ServerDown as down:
+        _refuse_offline_in_a_cluster(settings, f"install {path.name}", down)
         return asyncio.run(_offline_install(settings, path, args.replace))
     return _report(status, out, _token(args, settings))
 
@@ -285,6 +293,19 @@ def _multipart(boundary: str, filename: str, data: bytes, fields: dict[str, str]
     )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts)
+
+
+def _refuse_offline_in_a_cluster(settings: Settings, what: str, down: Exception) -> None:
+    """With the cluster's PostgreSQL log, a plugin change goes through a running node:
+    done offline it reached this machine's plugins folder and a local SQLite file that
+    no node reads (the other nodes never got it, this one lost it at its next start)."""
+    if settings.store == "postgres":
+        raise XcoreError(
+            f"{what}: {down}; this node uses the cluster's PostgreSQL log, where a plugin "
+            "change must go through a running node so that every node applies it (offline "
+            "it would reach this machine only): start a node, or give --url of a running "
+            "one; nothing changed"
+        )
 
 
 async def _record_offline(settings: Settings, event: Any, name: str) -> None:
@@ -328,7 +349,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     try:
         status, out = _call(args, settings, "DELETE", f"/plugins/{args.name}")
-    except ServerDown:
+    except ServerDown as down:
+        _refuse_offline_in_a_cluster(settings, f"uninstall {args.name}", down)
         folder = settings.plugins_dir / args.name
         if not valid_name(args.name) or not folder.is_dir():
             raise XcoreError(f"no plugin named {args.name!r} in {settings.plugins_dir}") from None

@@ -8,6 +8,13 @@ past the grace time, recorded as ``TaskMissed`` — computes the next due time, 
 and hands the run to the :class:`~.runner.Runner`. It also starts retries at their time,
 runs requested by an operator, and tasks without a trigger of their own once their
 dependencies have finished (by the ``success`` or ``finished`` rule).
+
+In a cluster only the first node of a task's ranking (``kernel.placement``) starts its
+scheduled runs at their time. Every other node arms a *takeover* instead: a timer at the
+due time plus its placement delay that starts the run only if the node has not seen it
+claimed by then (the first node died, or is too slow). A run the first node claimed
+costs the others one timer entry and one set lookup — no task, no claim, no exception.
+Exactly-once does not rest on this: the claim itself decides (``claim.py``).
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 from kernel.events import Event
+from services.scheduler.claim import claim_key
 from services.scheduler.events import TaskMissed, TaskSkipped
 from services.scheduler.projection import TaskTable
 from services.scheduler.runner import Runner, TaskEntry
@@ -186,20 +196,49 @@ class Dispatcher:
             return
         kind = "misfire" if (count > 1 or late > task.misfire_grace) else "schedule"
         if len(dues) == 1:
-            self.runner.spawn(
-                self.runner.run(
+            first = dues[0]
+
+            def start(placed: bool = False) -> Coroutine[Any, Any, None]:
+                return self.runner.run(
                     entry,
                     uuid.uuid4().hex,
-                    dues[0],
+                    first,
                     attempt=1,
                     kind=kind,
                     next_run=nxt,
-                    start_at=dues[0] + offset,
+                    start_at=first + offset,
                     pre=pre,
+                    placed=placed,
                 )
-            )
+
+            if not self._take_over_later(entry, first, start):
+                self.runner.spawn(start())
         else:
             self.runner.spawn(self._run_in_turn(entry, dues, nxt, pre))
+
+    def _take_over_later(
+        self, entry: TaskEntry, due: float, start: Callable[[bool], Coroutine[Any, Any, None]]
+    ) -> bool:
+        """Unless this node is first for ``entry`` (or alone): arm the takeover of the
+        run due at ``due`` after this node's placement delay, and say so."""
+        kernel = self.runner.kernel
+        if kernel is None:
+            return False
+        placement = kernel.placement
+        tid = entry.task.id
+        delay = placement.delay(tid)
+        if delay <= 0:
+            return False
+
+        def take_over() -> None:
+            if self._stopping or entry.paused or self.tasks.get(tid) is not entry:
+                return
+            if placement.claimed(claim_key(entry.task, due, 1, None)):
+                return  # the first node ran it
+            self.runner.spawn(start(True))
+
+        self._timer.arm(f"takeover:{tid}:{due!r}", time.time() + delay, take_over)
+        return True
 
     def _first_dues(self, task: CompiledTask, due: float, n: int) -> list[float]:
         assert task.trigger is not None

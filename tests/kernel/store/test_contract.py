@@ -265,3 +265,24 @@ async def test_a_single_type_name_given_as_types_is_refused(store: EventStore) -
     for after in (0, -1):
         with pytest.raises(StoreError, match="types"):
             await store.read(after=after, types="Note")
+
+
+async def test_the_largest_schema_number_is_kept_and_a_larger_one_refused(
+    store: EventStore,
+) -> None:
+    """Schema numbers run from 1 to MAX_SCHEMA on every store (PostgreSQL's INTEGER);
+    past it the event is refused when it is built, naming its type, instead of failing
+    in PostgreSQL's driver ("invalid input for query argument $11")."""
+    from kernel.errors import EventError
+    from kernel.events import MAX_SCHEMA
+
+    [r] = await store.append([NewEvent.raw("Big", {}, schema=MAX_SCHEMA)], stream="s")
+    [back] = await store.read(after=0)
+    assert r.schema == back.schema == MAX_SCHEMA
+    for bad in (MAX_SCHEMA + 1, 0, -1):
+        with pytest.raises(EventError, match=r"event type 'Big': schema must be .* got"):
+            NewEvent.raw("Big", {}, schema=bad)
+    with pytest.raises(EventError, match="event class .*TooNew: schema must be"):
+
+        class TooNew(Event):
+            schema_version = MAX_SCHEMA + 1

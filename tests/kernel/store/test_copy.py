@@ -139,3 +139,27 @@ async def test_a_source_with_a_hole_is_refused_at_the_hole(
             copied = await store.read()
             await store.close()
         assert [r.position for r in copied] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_an_event_postgresql_refuses_is_named_not_a_driver_traceback(
+    tmp_path: Path, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite keeps a NUL byte in a stream name, PostgreSQL's text cannot: the copy died
+    with asyncpg's traceback. Now: one line naming the log, the batch and the event, exit
+    2, and nothing of the refused batch written."""
+    src = tmp_path / "nul.db"
+    store = SQLiteStore(src)
+    await store.open()
+    try:
+        await store.append([NewEvent.raw("Noted", {"i": 1})], stream="fine")
+        await store.append([NewEvent.raw("Noted", {"i": 2})], stream="bad\x00name")
+        await store.append([NewEvent.raw("Noted", {"i": 3})], stream="fine")
+    finally:
+        await store.close()
+    args = ["store", "copy", str(src), pg_dsn]
+    assert await anyio.to_thread.run_sync(main, args) == 2
+    err = capsys.readouterr().err
+    assert "writing events 1 to 3: PostgreSQL refused it" in err
+    assert "the event PostgreSQL refuses is 2, stream 'bad\\x00name'" in err
+    assert "Traceback" not in err
+    assert await read_pg(pg_dsn) == []
