@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 import aiosqlite
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
-from kernel.events import LeanRecorded, NewEvent, Recorded
+from kernel.events import LeanRecorded, NewEvent, Recorded, registry
 from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_streams import (
@@ -416,6 +416,8 @@ class SQLiteStore:
                 if mode is None or str(mode[0]).lower() != "wal":
                     raise StoreError(f"{self.path}: could not switch the log to WAL mode")
                 await conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                # the writer checkpoints itself, off the event loop (sqlite_writer.py)
+                await conn.execute("PRAGMA wal_autocheckpoint=0")
                 if self._max_page_count is not None:
                     await conn.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
             else:
@@ -444,6 +446,8 @@ class SQLiteStore:
                 )
             if "events" in tables and await self._read_format(conn) == 1:
                 await self._upgrade_from_1(conn)
+                # the copy went to the WAL; the writer checkpoints only as it appends
+                await conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
             await conn.executescript(SCHEMA)
             await conn.execute(
                 "INSERT OR IGNORE INTO xcore_meta (key, value) VALUES ('format', ?)",
@@ -661,7 +665,9 @@ class SQLiteStore:
         stream: str,
         expected_version: int | None = ANY,
     ) -> list[Recorded]:
-        writer = self._writable()
+        writer = self._writer
+        if writer is None or not self._open:
+            writer = self._writable()  # raises, naming why
         if not events:
             return []
         return await writer.append(events, stream, expected_version)
@@ -713,9 +719,10 @@ class SQLiteStore:
         types: Collection[str] | None = None,
         limit: int | None = None,
     ) -> list[Recorded]:
-        """As :meth:`read` (no stream filter), for a fold: only ``position, type, schema,
-        data`` are fetched; a record's stream, version, metadata and time are fetched
-        for its whole batch on first access (:class:`~kernel.events.LeanRecorded`)."""
+        """As :meth:`read` (no stream filter), for a fold: only ``position, type, data``
+        are fetched (and ``schema`` when a type that needs upcasting may be read); a
+        record's stream, version, metadata and time are fetched for its whole batch on
+        first access (:class:`~kernel.events.LeanRecorded`)."""
         self._check_open()
         check_limit(limit)
         types = check_types(types)
@@ -726,7 +733,12 @@ class SQLiteStore:
         if types is not None and not types:
             return []
         await self._refresh_reader()
-        sql = "SELECT position, type, schema, data FROM events WHERE position > ?"
+        # the schema matters only to upcast: without a type past schema 1 among those
+        # read, it joins the columns a record loads when asked
+        versioned = registry.versioned
+        lean = not versioned or (types is not None and versioned.isdisjoint(types))
+        columns = "position, type, data" if lean else "position, type, schema, data"
+        sql = f"SELECT {columns} FROM events WHERE position > ?"
         params: list[Any] = [after]
         if types is not None:
             sql += f" AND type IN ({','.join('?' * len(types))})"
@@ -747,7 +759,7 @@ class SQLiteStore:
         )
         try:
             return conn.execute(
-                "SELECT position, stream, version, meta, recorded_at FROM events"
+                "SELECT position, stream, version, meta, recorded_at, schema FROM events"
                 " WHERE position BETWEEN ? AND ?",
                 (first, last),
             ).fetchall()
