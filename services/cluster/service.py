@@ -48,6 +48,7 @@ from services.cluster.events import (
 )
 from services.cluster.placement import Rendezvous
 from services.cluster.projection import ClusterView, iso
+from services.loader import installer
 from services.loader.events import PluginInstalled, PluginReloadRequested
 from services.loader.events import stream_of as plugin_stream
 from services.scheduler.events import TaskFailed
@@ -338,10 +339,37 @@ class ClusterService:
         return True
 
     async def _materialize_all(self) -> None:
-        """At start, before the loader boots: every installed plugin as the cluster has it."""
+        """At start, before the loader boots: every installed plugin as the cluster has it,
+        and no copy of a plugin the cluster uninstalled while this node was down."""
         assert self.view is not None
+        for name, digests in sorted(self.view.uninstalled.items()):
+            await self._remove_uninstalled(name, digests)
         for name, (digest, _, _) in sorted(self.view.archives.items()):
             await self._materialize(name, digest)
+
+    async def _remove_uninstalled(self, name: str, digests: set[str]) -> None:
+        """Remove this node's copy of ``name``, uninstalled in the cluster, if it is one
+        the cluster put there (a folder changed by hand is left, and said so)."""
+        folder = self._kernel().settings.plugins_dir / name
+        if not folder.is_dir():
+            return
+        try:
+            local = await anyio.to_thread.run_sync(archives.tree_digest, folder)
+            if local not in digests:
+                log.warning(
+                    "plugin %r was uninstalled in the cluster, but this node's copy (%s) is "
+                    "not one the cluster installed: left in place",
+                    name,
+                    local[:12],
+                )
+                return
+            await anyio.to_thread.run_sync(installer.remove_plugin, folder)
+        except OSError as exc:
+            log.error(
+                "plugin %r: uninstalled in the cluster, cannot remove %s: %s", name, folder, exc
+            )
+            return
+        log.info("plugin %r: uninstalled in the cluster while this node was down: removed", name)
 
     # -- reading -----------------------------------------------------------------------------
 
