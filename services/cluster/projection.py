@@ -222,7 +222,10 @@ class ClusterView(Projection):
         )
         self.holders[d["run_id"]] = r.meta.node
         self.claims[r.meta.id] = None
-        if d.get("trigger", "schedule") == "schedule":  # a due time to be late for
+        # a due time to be late for; a takeover's delay is its node's wait, which
+        # depends on the lag: counting it made the lag feed itself (grace + 2 * lag per
+        # takeover, up to stale_after_s within seconds of a node's death)
+        if d.get("trigger", "schedule") == "schedule" and not d.get("takeover"):
             self._note_lag(r.timestamp, max(0.0, r.timestamp - d["scheduled_for"]))
         if len(self.claims) > MAX_CLAIMS:
             del self.claims[next(iter(self.claims))]
