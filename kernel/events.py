@@ -214,13 +214,17 @@ def compact_json(value: Any) -> bytes:
     return bytes(memoryview(orjson.dumps(value)))
 
 
-@dataclass(frozen=True, slots=True)
+#: ``Meta()``'s default id: a fresh one (an explicit ``id=None`` stays None, as before).
+_FRESH_ID: Any = object()
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Meta:
     """Metadata of a recorded event.
 
     ``id`` is the idempotency key: appending an event whose id is already in the log
-    stores nothing new. ``correlation_id`` ties a request to its outcomes;
-    ``causation_id`` is the id of the event that caused this one.
+    stores nothing new (a new id when none is given). ``correlation_id`` ties a request
+    to its outcomes; ``causation_id`` is the id of the event that caused this one.
     """
 
     id: str = field(default_factory=new_id)
@@ -229,6 +233,24 @@ class Meta:
     actor: str | None = None
     node: str | None = None
     boot: str | None = None
+
+    def __init__(
+        self,
+        id: str = _FRESH_ID,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        actor: str | None = None,
+        node: str | None = None,
+        boot: str | None = None,
+    ) -> None:
+        # Frozen: the generated __init__ would call object.__setattr__ per field; the
+        # slots' own setters cost a fifth of that, and one Meta is built per event.
+        _set_meta_id(self, new_id() if id is _FRESH_ID else id)
+        _set_meta_correlation_id(self, correlation_id)
+        _set_meta_causation_id(self, causation_id)
+        _set_meta_actor(self, actor)
+        _set_meta_node(self, node)
+        _set_meta_boot(self, boot)
 
     def to_json(self) -> bytes:
         """The stored form: the fields that are set (``from_json`` reads a missing one as
@@ -269,7 +291,15 @@ class Meta:
         )
 
 
-@dataclass(frozen=True, slots=True)
+_set_meta_id = Meta.__dict__["id"].__set__
+_set_meta_correlation_id = Meta.__dict__["correlation_id"].__set__
+_set_meta_causation_id = Meta.__dict__["causation_id"].__set__
+_set_meta_actor = Meta.__dict__["actor"].__set__
+_set_meta_node = Meta.__dict__["node"].__set__
+_set_meta_boot = Meta.__dict__["boot"].__set__
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class NewEvent:
     """An event ready to append: type, schema, serialized data and metadata."""
 
@@ -279,6 +309,16 @@ class NewEvent:
     schema: int = 1
     #: True when the caller chose ``meta.id``: only then can it already be in the log.
     explicit_id: bool = False
+
+    def __init__(
+        self, type: str, data: bytes, meta: Meta, schema: int = 1, explicit_id: bool = False
+    ) -> None:
+        # as Meta.__init__: the slots' setters, not object.__setattr__ (one per event)
+        _set_new_type(self, type)
+        _set_new_data(self, data)
+        _set_new_meta(self, meta)
+        _set_new_schema(self, schema)
+        _set_new_explicit_id(self, explicit_id)
 
     @classmethod
     def of(
@@ -307,6 +347,13 @@ class NewEvent:
             schema=schema,
             explicit_id=meta is not None,
         )
+
+
+_set_new_type = NewEvent.__dict__["type"].__set__
+_set_new_data = NewEvent.__dict__["data"].__set__
+_set_new_meta = NewEvent.__dict__["meta"].__set__
+_set_new_schema = NewEvent.__dict__["schema"].__set__
+_set_new_explicit_id = NewEvent.__dict__["explicit_id"].__set__
 
 
 class Recorded:
@@ -473,16 +520,18 @@ class Recorded:
 
 
 class LeanRecorded(Recorded):
-    """A record of a replay batch built from ``(position, type, schema, data)`` alone.
+    """A record of a replay batch built from ``(position, type, data)`` alone (with
+    ``schema`` too when the batch may hold a type that needs upcasting).
 
     Guarantee: it reads exactly as the :class:`Recorded` of the same row. Mechanism: a
-    fold mostly needs the type and data; the other columns (stream, version, metadata,
-    time) of the whole batch are fetched once, on the first access to any of them by any
-    record of the batch (``__getattr__`` runs only for a slot still unset), through the
-    ``load`` callable the store gives: it maps a range of positions to
-    ``(position, stream, version, meta, recorded_at)`` rows of the same, immutable, log.
-    The batch holds those rows, never the records: a record a projection keeps keeps
-    no other record alive.
+    fold mostly needs the type and data; the other columns (stream, version, schema,
+    metadata, time) of the whole batch are fetched once, on the first access to any of
+    them by any record of the batch (``__getattr__`` runs only for a slot still unset),
+    through the ``load`` callable the store gives: it maps a range of positions to
+    ``(position, stream, version, meta, recorded_at, schema)`` rows of the same,
+    immutable, log. The batch holds those rows, never the records: a record a projection
+    keeps keeps no other record alive. The decoded metadata and the typed event are
+    left unset until asked for (one slot write less each per record).
     """
 
     __slots__ = ("_batch",)
@@ -490,12 +539,16 @@ class LeanRecorded(Recorded):
     _batch: LeanBatch | None
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_meta" or name == "_event":  # not decoded or built yet
+            return None
         if name not in LeanBatch.COLUMNS:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         batch = self._batch
         if batch is None:  # filled already: a slot left unset is a real absence
             raise AttributeError(name)
-        _, self.stream, self.version, self._meta_raw, self.timestamp = batch.row(self.position)
+        _, self.stream, self.version, self._meta_raw, self.timestamp, self.schema = batch.row(
+            self.position
+        )
         self._batch = None
         return object.__getattribute__(self, name)
 
@@ -504,8 +557,11 @@ class LeanRecorded(Recorded):
         rows: Sequence[Sequence[Any]],
         load: Callable[[int, int], Iterable[Sequence[Any]]],
     ) -> list[Recorded]:
-        """Records from ``(position, type, schema, data)`` rows in position order;
-        ``load(first, last)`` gives the missing columns of the positions between them."""
+        """Records from ``(position, type, data)`` or ``(position, type, schema, data)``
+        rows in position order; ``load(first, last)`` gives the missing columns of the
+        positions between them. Rows without their schema may still hold a type that
+        needs upcasting (one registered since the read began): its schema is then taken
+        from the batch's loaded columns."""
         if not rows:
             return []
         new = LeanRecorded.__new__
@@ -514,6 +570,19 @@ class LeanRecorded(Recorded):
         batch = LeanBatch(load, rows[0][0], rows[-1][0])
         out: list[Recorded] = []
         append = out.append
+        if len(rows[0]) == 3:
+            for position, type_name, data in rows:
+                r = new(LeanRecorded)
+                r.position = position
+                r.type = type_name
+                if type_name in versioned:
+                    schema = batch.row(position)[5]
+                    r.data = registry.upcast(type_name, schema, loads(data))
+                else:
+                    r.data = loads(data)
+                r._batch = batch
+                append(r)
+            return out
         for position, type_name, schema, data in rows:
             r = new(LeanRecorded)
             r.position = position
@@ -523,8 +592,6 @@ class LeanRecorded(Recorded):
                 r.data = registry.upcast(type_name, schema, loads(data))
             else:
                 r.data = loads(data)
-            r._meta = None
-            r._event = None
             r._batch = batch
             append(r)
         return out
@@ -533,7 +600,7 @@ class LeanRecorded(Recorded):
 class LeanBatch:
     """Where the records of one lean read find the columns they lack (loaded once)."""
 
-    COLUMNS = frozenset({"stream", "version", "timestamp", "_meta_raw"})
+    COLUMNS = frozenset({"stream", "version", "timestamp", "_meta_raw", "schema"})
 
     __slots__ = ("_load", "_rows", "first", "last")
 
@@ -546,6 +613,7 @@ class LeanBatch:
         self._rows: dict[int, Sequence[Any]] | None = None
 
     def row(self, position: int) -> Sequence[Any]:
+        """``(position, stream, version, meta, recorded_at, schema)`` of ``position``."""
         rows = self._rows
         if rows is None:
             rows = self._rows = {r[0]: r for r in self._load(self.first, self.last)}

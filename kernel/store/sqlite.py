@@ -30,14 +30,16 @@ from typing import Any, Final, Literal
 import aiosqlite
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
-from kernel.events import LeanRecorded, NewEvent, Recorded
+from kernel.events import LeanRecorded, NewEvent, Recorded, registry
 from kernel.store.base import ANY, Snapshot, check_limit, check_types
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     INDEXED_UPTO,
+    VERSIONS_CHUNK,
     read_stream_sql,
     stream_version_sql,
+    stream_versions_sql,
     unindexed_sql,
 )
 from kernel.store.sqlite_trusted import skip_triggers
@@ -237,6 +239,9 @@ class SQLiteStore:
         self._lock_fd: int | None = None
         self._last = 0
         self._open = False
+        #: stream_version calls waiting for the next query, and the task running them
+        self._version_wanted: dict[str, list[asyncio.Future[int]]] = {}
+        self._version_task: asyncio.Task[None] | None = None
         #: whether the writer's own inserts go through the append-only triggers (True
         #: only where this interpreter cannot turn them off; see sqlite_trusted.py)
         self.writer_checked_by_triggers = True
@@ -411,6 +416,8 @@ class SQLiteStore:
                 if mode is None or str(mode[0]).lower() != "wal":
                     raise StoreError(f"{self.path}: could not switch the log to WAL mode")
                 await conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                # the writer checkpoints itself, off the event loop (sqlite_writer.py)
+                await conn.execute("PRAGMA wal_autocheckpoint=0")
                 if self._max_page_count is not None:
                     await conn.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
             else:
@@ -439,6 +446,8 @@ class SQLiteStore:
                 )
             if "events" in tables and await self._read_format(conn) == 1:
                 await self._upgrade_from_1(conn)
+                # the copy went to the WAL; the writer checkpoints only as it appends
+                await conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
             await conn.executescript(SCHEMA)
             await conn.execute(
                 "INSERT OR IGNORE INTO xcore_meta (key, value) VALUES ('format', ?)",
@@ -550,6 +559,7 @@ class SQLiteStore:
         if self._writer is not None:
             await self._writer.stop()
         self._open = False
+        await self._stop_versions()
         self._tail.close()
         clean = self._write_conn is not None and await self._checkpoint()
         last = self._writer.last if self._writer is not None else self._last
@@ -655,7 +665,9 @@ class SQLiteStore:
         stream: str,
         expected_version: int | None = ANY,
     ) -> list[Recorded]:
-        writer = self._writable()
+        writer = self._writer
+        if writer is None or not self._open:
+            writer = self._writable()  # raises, naming why
         if not events:
             return []
         return await writer.append(events, stream, expected_version)
@@ -707,9 +719,10 @@ class SQLiteStore:
         types: Collection[str] | None = None,
         limit: int | None = None,
     ) -> list[Recorded]:
-        """As :meth:`read` (no stream filter), for a fold: only ``position, type, schema,
-        data`` are fetched; a record's stream, version, metadata and time are fetched
-        for its whole batch on first access (:class:`~kernel.events.LeanRecorded`)."""
+        """As :meth:`read` (no stream filter), for a fold: only ``position, type, data``
+        are fetched (and ``schema`` when a type that needs upcasting may be read); a
+        record's stream, version, metadata and time are fetched for its whole batch on
+        first access (:class:`~kernel.events.LeanRecorded`)."""
         self._check_open()
         check_limit(limit)
         types = check_types(types)
@@ -720,7 +733,12 @@ class SQLiteStore:
         if types is not None and not types:
             return []
         await self._refresh_reader()
-        sql = "SELECT position, type, schema, data FROM events WHERE position > ?"
+        # the schema matters only to upcast: without a type past schema 1 among those
+        # read, it joins the columns a record loads when asked
+        versioned = registry.versioned
+        lean = not versioned or (types is not None and versioned.isdisjoint(types))
+        columns = "position, type, data" if lean else "position, type, schema, data"
+        sql = f"SELECT {columns} FROM events WHERE position > ?"
         params: list[Any] = [after]
         if types is not None:
             sql += f" AND type IN ({','.join('?' * len(types))})"
@@ -741,7 +759,7 @@ class SQLiteStore:
         )
         try:
             return conn.execute(
-                "SELECT position, stream, version, meta, recorded_at FROM events"
+                "SELECT position, stream, version, meta, recorded_at, schema FROM events"
                 " WHERE position BETWEEN ? AND ?",
                 (first, last),
             ).fetchall()
@@ -795,16 +813,96 @@ class SQLiteStore:
             await self._close_conn(old, "reader")
 
     async def stream_version(self, stream: str) -> int:
+        """The stream's current version, read after the call began.
+
+        Concurrent calls for streams the writer has not touched yet share one query (a
+        burst of claims — a scheduler's first round after boot — reads its streams in
+        one trip to the reader's thread, not one each); a call waits for the next query
+        to start, never for an answer read before it was made.
+        """
         self._check_open()
         if self._writer is not None and stream in self._writer.versions:
             return self._writer.versions[stream]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._version_wanted.setdefault(stream, []).append(future)
+        if self._version_task is None or self._version_task.done():
+            self._version_task = loop.create_task(
+                self._read_versions(), name="xcore-sqlite-versions"
+            )
+        return await future
+
+    async def _read_versions(self) -> None:
+        """Answer the waiting ``stream_version`` calls, one query per round."""
+        while self._version_wanted:
+            wanted, self._version_wanted = self._version_wanted, {}
+            try:
+                try:
+                    found = await self._versions(list(wanted))
+                except StoreClosed:
+                    raise
+                except StoreError:
+                    # refused for one stream's name: each alone, so only its callers fail
+                    found = {}
+                    for stream, futures in wanted.items():
+                        try:
+                            found.update(await self._versions([stream]))
+                        except StoreClosed:
+                            raise
+                        except StoreError as e:
+                            for f in futures:
+                                if not f.done():
+                                    f.set_exception(e)
+            except BaseException as exc:
+                error = (
+                    exc
+                    if isinstance(exc, Exception)
+                    else StoreClosed(f"{self.path}: the event log is closed")
+                )
+                for futures in wanted.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(error)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            writer = self._writer
+            for stream, futures in wanted.items():
+                # the writer's own count wins once it has one (it is never behind)
+                version = found.get(stream, 0)
+                if writer is not None and stream in writer.versions:
+                    version = writer.versions[stream]
+                for f in futures:
+                    if not f.done():
+                        f.set_result(version)
+
+    async def _versions(self, streams: list[str]) -> dict[str, int]:
         await self._refresh_reader()
-        if self.format >= 2:
-            sql, params = stream_version_sql(stream)
-        else:
-            sql, params = "SELECT MAX(version) FROM events WHERE stream = ?", [stream]
-        rows = await self._query(sql, params)
-        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+        found: dict[str, int] = {}
+        for i in range(0, len(streams), VERSIONS_CHUNK):
+            chunk = streams[i : i + VERSIONS_CHUNK]
+            if len(chunk) == 1 and self.format >= 2:
+                sql, params = stream_version_sql(chunk[0])
+                rows = await self._query(sql, params)
+                if rows and rows[0][0] is not None:
+                    found[chunk[0]] = int(rows[0][0])
+                continue
+            sql, params = stream_versions_sql(chunk, indexed=self.format >= 2)
+            for stream, version in await self._query(sql, params):
+                if version is not None:
+                    found[str(stream)] = int(version)
+        return found
+
+    async def _stop_versions(self) -> None:
+        task, self._version_task = self._version_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        wanted, self._version_wanted = self._version_wanted, {}
+        for futures in wanted.values():
+            for f in futures:
+                if not f.done():
+                    f.set_exception(StoreClosed(f"{self.path}: the event log is closed"))
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         self._check_open()

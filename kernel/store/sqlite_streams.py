@@ -34,10 +34,12 @@ from typing import Any, Final
 __all__ = [
     "INDEXED_UPTO",
     "INDEX_EVERY",
+    "VERSIONS_CHUNK",
     "IndexRow",
     "index_statements",
     "read_stream_sql",
     "stream_version_sql",
+    "stream_versions_sql",
     "unindexed_sql",
 ]
 
@@ -107,6 +109,28 @@ def stream_version_sql(stream: str) -> tuple[str, list[Any]]:
         " AND stream = ?), 0))"
     )
     return sql, [stream, stream]
+
+
+def stream_versions_sql(streams: list[str], *, indexed: bool = True) -> tuple[str, list[Any]]:
+    """One statement finding the last version of each of ``streams``: rows of (stream,
+    version), none for a stream without events. ``indexed=False``: a format-1 log (no
+    stream index). At most ``_CHUNK`` streams (the caller splits longer lists)."""
+    marks = ",".join("?" * len(streams))
+    if not indexed:
+        sql = f"SELECT stream, MAX(version) FROM events WHERE stream IN ({marks}) GROUP BY stream"
+        return sql, list(streams)
+    sql = (
+        "SELECT s, MAX(v) FROM ("
+        f"SELECT stream AS s, MAX(version) AS v FROM streams_index WHERE stream IN ({marks})"
+        " GROUP BY stream UNION ALL SELECT stream, MAX(version) FROM events"
+        f" WHERE position > COALESCE({_MARK}, 0) AND stream IN ({marks}) GROUP BY stream"
+        ") GROUP BY s"
+    )
+    return sql, [*streams, *streams]
+
+
+#: Streams per :func:`stream_versions_sql` statement.
+VERSIONS_CHUNK: Final = _CHUNK
 
 
 def unindexed_sql() -> str:

@@ -7,7 +7,9 @@ imported, every ``xcore_plugins.<name>...`` entry is taken out of :data:`sys.mod
 (and put back if the import fails), so a reload runs the new code of *every* module of
 the plugin, while the modules of the serving generation live on in the objects that
 reference them. Sources are compiled straight from the files, never from ``__pycache__``:
-a stale bytecode file (same size, same second) cannot hide an edit.
+a stale bytecode file (same size, same second) cannot hide an edit. Each file is parsed
+once per import: the trees the import check parsed are compiled when the file still
+holds the same bytes (``source.py``).
 
 This module runs plugin code: call :func:`import_plugin` in a worker thread.
 """
@@ -36,7 +38,7 @@ from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
 
 from .files import FileRefused, kind, read_limited, regular_files
-from .source import compile_source, parse_source
+from .source import Parsed, compile_tree, parse_checked
 
 __all__ = [
     "MAX_IMPORT_DEPTH",
@@ -77,8 +79,10 @@ _nested = threading.local()
 class _SourceLoader(importlib.abc.Loader):
     """Executes a plugin source file, compiled from the file itself (no bytecode cache)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, parsed: dict[str, Parsed] | None = None) -> None:
         self.path = path
+        #: Files the import check already parsed (by path), shared by the plugin's loaders.
+        self.parsed = parsed
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return None
@@ -87,7 +91,12 @@ class _SourceLoader(importlib.abc.Loader):
         if self.path is None:  # a plugin folder without __init__.py
             return
         source = read_limited(self.path)
-        code = compile_source(source, str(self.path))
+        filename = str(self.path)
+        known = self.parsed.pop(filename, None) if self.parsed is not None else None
+        if known is None or known.source != source:
+            known = parse_checked(source, filename)
+        code = compile_tree(known.tree, filename)
+        del known
         depth = getattr(_nested, "depth", 0)
         if depth >= MAX_IMPORT_DEPTH:
             raise ImportError(
@@ -114,6 +123,8 @@ class _PluginFinder(importlib.abc.MetaPathFinder):
 
     def __init__(self) -> None:
         self.roots: dict[str, Path] = {}
+        #: Trees parsed by the import check of the import in progress, by plugin.
+        self.parsed: dict[str, dict[str, Parsed]] = {}
 
     def find_spec(
         self,
@@ -145,7 +156,7 @@ class _PluginFinder(importlib.abc.MetaPathFinder):
                 return None
             spec = importlib.machinery.ModuleSpec(
                 fullname,
-                _SourceLoader(init if has_init else None),
+                _SourceLoader(init if has_init else None, self.parsed.get(parts[1])),
                 origin=str(init) if has_init else str(base),
                 is_package=True,
             )
@@ -158,7 +169,9 @@ class _PluginFinder(importlib.abc.MetaPathFinder):
             return None
         if not stat.S_ISREG(file_mode):
             raise ImportError(f"{rel}.py is {kind(file_mode)}; only regular files are read")
-        spec = importlib.machinery.ModuleSpec(fullname, _SourceLoader(file), origin=str(file))
+        spec = importlib.machinery.ModuleSpec(
+            fullname, _SourceLoader(file, self.parsed.get(parts[1])), origin=str(file)
+        )
         spec.has_location = True
         return spec
 
@@ -264,18 +277,26 @@ def import_plugin(
     The caller purges (and on failure restores) ``sys.modules``; exceptions raised by
     the plugin's code propagate unchanged.
     """
+    parsed: dict[str, Parsed] = {}
     if allowed is not None:
-        check_plugin_imports(plugin, folder, allowed)
+        check_plugin_imports(plugin, folder, allowed, parsed)
     _install_finder()
     _finder.roots[plugin] = folder
-    base = module_name(plugin)
-    invalidate_path_caches()
-    importlib.import_module(base)
-    run = importlib.import_module(base + ".run")
-    router_module = (
-        importlib.import_module(base + ".router") if _present(folder, "router.py") else None
-    )
-    config_model = _config_model(plugin, run, folder, base)
+    _finder.parsed[plugin] = parsed
+    try:
+        base = module_name(plugin)
+        invalidate_path_caches()
+        importlib.import_module(base)
+        run = importlib.import_module(base + ".run")
+        router_module = (
+            importlib.import_module(base + ".router") if _present(folder, "router.py") else None
+        )
+        config_model = _config_model(plugin, run, folder, base)
+    finally:
+        # (a module imported later, by a hook or a request, parses its file itself)
+        if _finder.parsed.get(plugin) is parsed:
+            del _finder.parsed[plugin]
+        parsed.clear()
     router, prefix, routes = None, None, []
     if router_module is not None:
         raw = getattr(router_module, "router", None)
@@ -328,20 +349,29 @@ def _plugin_modules_of(names: Sequence[str], plugin: str) -> Iterator[str]:
             yield parts[1]
 
 
-def check_plugin_imports(plugin: str, folder: Path, allowed: Collection[str]) -> None:
-    """Refuse ``import xcore_plugins.<other>`` of a plugin not in ``requires`` (any order)."""
+def check_plugin_imports(
+    plugin: str,
+    folder: Path,
+    allowed: Collection[str],
+    parsed: dict[str, Parsed] | None = None,
+) -> None:
+    """Refuse ``import xcore_plugins.<other>`` of a plugin not in ``requires`` (any order).
+
+    Each file parsed is put in ``parsed`` (by its path as the import system names it),
+    for the import to compile without parsing it again.
+    """
     root = folder.resolve()
     # regular files only, links not followed (a link loop or a FIFO is never entered)
     for path in sorted(p for p in regular_files(root, ("__pycache__",))[0] if p.suffix == ".py"):
         rel = path.relative_to(root).as_posix()
         try:
             source = read_limited(path)
-            tree = parse_source(source, filename=rel)
+            checked = parse_checked(source, filename=rel)
         except (FileRefused, OSError, SyntaxError, ValueError, MemoryError, RecursionError):
             continue  # the import itself reports what is wrong with this file
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)):
-                continue
+        if parsed is not None:
+            parsed[str(folder / rel)] = checked
+        for node in checked.imports:
             others: list[str] = []
             if isinstance(node, ast.Import):
                 others = list(_plugin_modules_of([a.name for a in node.names], plugin))

@@ -241,6 +241,7 @@ class Lifecycle(LoaderState):
             hosted = await build_hosted(
                 self, host, name, folder, manifest, raw_config, digest, generation
             )
+            hosted.started = started
             if mount:
                 step[0] = "mount"
                 await self._mount(hosted, cause, started, {})

@@ -49,6 +49,7 @@ from services.router.stats import PluginStats, RouteStats
 if TYPE_CHECKING:
     from kernel.access import Policy
     from services.router.access import Authenticator
+    from services.router.openapi import LazyFragment
 
 __all__ = ["Dispatcher", "Mount", "PluginRoute", "Table", "serve"]
 
@@ -90,8 +91,9 @@ class Mount:
     entry: ASGIApp
     #: The app's starlette router (for ``request.url_for``), if it has one.
     router: Any = None
-    #: The plugin's OpenAPI ``paths``/``components``, already namespaced (or None).
-    openapi: dict[str, Any] | None = field(default=None, repr=False)
+    #: The plugin's OpenAPI ``paths``/``components``, namespaced, built on first use
+    #: (None: the app documents nothing).
+    openapi: LazyFragment | None = field(default=None, repr=False)
     #: What its routes require (None: every route is public).
     policy: Policy | None = None
 

@@ -24,7 +24,8 @@ from starlette.routing import BaseRoute
 from kernel.prefixes import PrefixError, mount_point, normalize_prefix, overlaps, under
 from kernel.runtime import PluginRuntime
 from services.router.dispatcher import Mount, Table
-from services.router.openapi import plugin_fragment
+from services.router.openapi import LazyFragment, plugin_fragment
+from services.router.prefixed import include_prefixed
 from services.router.stats import PluginStats
 
 __all__ = [
@@ -127,7 +128,7 @@ def build_mount(
     if dependency_overrides is not None:
         app.dependency_overrides = dependency_overrides
     try:
-        app.include_router(router, prefix=point.root)
+        include_prefixed(app, router, point.root)
     except Exception as exc:
         raise MountRefused(
             SELF,
@@ -158,19 +159,25 @@ def build_mount(
 
 def _fragment(
     runtime: PluginRuntime, openapi: Callable[[], dict[str, Any]] | None
-) -> dict[str, Any] | None:
+) -> LazyFragment | None:
+    """The generation's OpenAPI fragment, built when first needed (``openapi.py``)."""
     if openapi is None:
         return None
-    try:
-        return plugin_fragment(openapi(), runtime.name)
-    except Exception:
-        log.exception(
-            "OpenAPI schema of plugin %r generation %d failed; its paths are left out of "
-            "/openapi.json (its routes are served)",
-            runtime.name,
-            runtime.generation,
-        )
-        return None
+    name, generation = runtime.name, runtime.generation
+
+    def build() -> dict[str, Any] | None:
+        try:
+            return plugin_fragment(openapi(), name)
+        except Exception:
+            log.exception(
+                "OpenAPI schema of plugin %r generation %d failed; its paths are left out "
+                "of /openapi.json (its routes are served)",
+                name,
+                generation,
+            )
+            return None
+
+    return LazyFragment(build)
 
 
 def check_conflicts(

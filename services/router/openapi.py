@@ -6,18 +6,24 @@ so its ``paths`` are taken as they are. Its ``components`` are renamed
 rewritten), so two plugins' ``Item`` models do not collide. FastAPI's own
 ``HTTPValidationError`` and ``ValidationError`` schemas are the same in every app and
 stay shared. Operations without tags get the plugin's name as tag, so Swagger groups
-them. The fragment is computed once when a generation is mounted; the kernel merges the
-fragments of the mounts being served on every ``/openapi.json`` request.
+them. The kernel merges the fragments of the mounts being served on every
+``/openapi.json`` request.
+
+A generation's fragment is computed once, by the first request that needs it
+(:class:`LazyFragment`), as a bare FastAPI app builds its document on the first
+``/openapi.json``. Building it costs ~0.15 s of CPU for 300 routes: a reload no longer
+spends it, nor a plugin reloaded again and again (an editor saving, a reload loop) for
+the generations nobody looked at (issue 8).
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["SHARED_SCHEMAS", "merge_fragments", "namespace", "plugin_fragment"]
+__all__ = ["SHARED_SCHEMAS", "LazyFragment", "merge_fragments", "namespace", "plugin_fragment"]
 
 #: Component schemas every FastAPI app generates identically: never renamed.
 SHARED_SCHEMAS = frozenset({"HTTPValidationError", "ValidationError"})
@@ -85,3 +91,35 @@ def merge_fragments(fragments: Iterable[dict[str, Any]]) -> dict[str, Any]:
         for kind, items in fragment.get("components", {}).items():
             components.setdefault(kind, {}).update(items)
     return {"paths": paths, "components": components}
+
+
+class LazyFragment:
+    """A generation's OpenAPI fragment, built by ``build`` on the first :meth:`get`.
+
+    Safe to share between threads: two concurrent first calls both build it (the same
+    value), and neither waits for the other (the event loop never blocks on a lock
+    held by a worker thread).
+    """
+
+    __slots__ = ("_build", "_value")
+
+    _UNSET: Any = object()
+
+    def __init__(self, build: Callable[[], dict[str, Any] | None]) -> None:
+        self._build: Callable[[], dict[str, Any] | None] | None = build
+        self._value: Any = self._UNSET
+
+    @property
+    def ready(self) -> bool:
+        return self._value is not self._UNSET
+
+    def get(self) -> dict[str, Any] | None:
+        value = self._value
+        if value is self._UNSET:
+            build = self._build
+            if build is None:  # built meanwhile by another thread
+                return self._value  # type: ignore[no-any-return]
+            value = build()
+            self._value = value
+            self._build = None
+        return value  # type: ignore[no-any-return]

@@ -288,16 +288,19 @@ class RouterService:
 
     def openapi(self) -> dict[str, Any]:
         """The ``paths``/``components`` of the plugins served right now."""
-        mounts = self.dispatcher.table.by_plugin.values()
-        merged = merge_fragments(m.openapi for m in mounts if m.openapi is not None)
-        guarded = [m for m in mounts if m.policy is not None and m.openapi is not None]
+        fragments = [
+            (m, m.openapi.get()) for m in self.dispatcher.table.by_plugin.values() if m.openapi
+        ]
+        documented = [(m, f) for m, f in fragments if f is not None]
+        merged = merge_fragments(f for _, f in documented)
+        guarded = [(m, f) for m, f in documented if m.policy is not None]
         if not guarded or self.dispatcher.auth is None:
             return merged
         schemes = security_schemes(self.dispatcher.auth)
         paths = merged.setdefault("paths", {})
-        for mount in guarded:
-            assert mount.policy is not None and mount.openapi is not None
-            for path in mount.openapi.get("paths", {}):
+        for mount, fragment in guarded:
+            assert mount.policy is not None
+            for path in fragment.get("paths", {}):
                 item = paths.get(path)
                 if not isinstance(item, dict):
                     continue

@@ -104,11 +104,20 @@ def record_to_wire(record: Recorded) -> dict[str, Any]:
 class Bridge:
     """The kernel's side of one sandboxed plugin's appends and subscriptions."""
 
-    def __init__(self, kernel: Kernel, plugin: str, kernel_events: Collection[str]) -> None:
+    def __init__(
+        self,
+        kernel: Kernel,
+        plugin: str,
+        kernel_events: Collection[str],
+        owners: dict[str, str] | None = None,
+    ) -> None:
         self.kernel = kernel
         self.plugin = plugin
         self.kernel_events = frozenset(kernel_events)
         self.own = f"plugin-{plugin}"
+        #: Event type -> the sandboxed plugin that appends it (shared by every bridge of
+        #: one kernel): the types of sandboxed plugins are not in the kernel's registry.
+        self.owners = owners if owners is not None else {}
         _register_service_events()
 
     def stream(self, stream: Any) -> str:
@@ -141,6 +150,17 @@ class Bridge:
             )
         return type_name
 
+    def claim(self, type_name: str) -> None:
+        """Refuse a type another sandboxed plugin appended first in this kernel process
+        (first come, as for the kernel's registry of trusted types)."""
+        owner = self.owners.setdefault(type_name, self.plugin)
+        if owner != self.plugin:
+            raise Refused(
+                f"plugin {self.plugin!r} is sandboxed: event type {type_name!r} belongs to "
+                f"sandboxed plugin {owner!r}; a sandboxed plugin appends only event types "
+                "of its own"
+            )
+
     async def append(self, stream: Any, type_name: Any, schema: Any, data: bytes) -> list[Recorded]:
         """Record one event of the plugin (raises :class:`Refused`)."""
         target = self.stream(stream)
@@ -158,6 +178,7 @@ class Bridge:
             decoded = None
         if not isinstance(decoded, dict):
             raise Refused(f"plugin {self.plugin!r}: event {name!r}: its data is not a JSON object")
+        self.claim(name)
         kernel = self.kernel
         meta = Meta(actor=f"plugin:{self.plugin}", node=kernel.node, boot=kernel.boot)
         new = NewEvent(type=name, data=data, meta=meta, schema=schema)

@@ -81,7 +81,8 @@ class SandboxLimitExceeded(Event):
 
 
 class SandboxCrashed(Event):
-    """A worker died on its own (not asked, no limit recognised)."""
+    """A worker died on its own (not asked, no limit recognised), or was killed for
+    breaking the wire (``detail`` says how)."""
 
     plugin: str
     generation: int
@@ -90,6 +91,8 @@ class SandboxCrashed(Event):
     signal: int | None = None
     #: The last lines the worker wrote to stderr.
     stderr: str = ""
+    #: Why the supervisor killed it, when it did (it broke the wire: a malformed frame).
+    detail: str = ""
 
 
 class SandboxRestarted(Event):

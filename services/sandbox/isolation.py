@@ -30,7 +30,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ENV_ALLOWLIST", "Launch", "detect_level", "environment", "launch", "worker_user"]
+__all__ = [
+    "ENV_ALLOWLIST",
+    "Launch",
+    "confining_user",
+    "detect_level",
+    "environment",
+    "launch",
+    "worker_user",
+]
 
 #: Environment variables a worker inherits (plus ``services.sandbox.env_allow``).
 log = logging.getLogger("xcore.sandbox")
@@ -87,7 +95,8 @@ def worker_user(setting: str, level: str) -> tuple[int, int] | None:
 
     Only a root kernel switches. At the ``rlimits`` level the worker must still reach the
     interpreter and the project as that user; when it cannot (a Python installed under
-    ``/root``), the worker keeps root and a warning says what that costs.
+    ``/root``), the worker keeps root's file access only (:func:`confining_user`) and a
+    warning says what that costs.
     """
     if os.getuid() != 0 or setting == "":
         return None
@@ -100,13 +109,25 @@ def worker_user(setting: str, level: str) -> tuple[int, int] | None:
         blocked = [p for p in needed_paths() if not _world_reachable(p)]
         if blocked:
             log.warning(
-                "sandbox workers keep root at the rlimits level: %s is not reachable by "
-                "user %r (the process limit does not apply to root, and root-only files stay "
-                "readable); install bubblewrap or move Python out of a private folder",
+                "sandbox workers keep root's file access at the rlimits level: %s is not "
+                "reachable by user %r (root-only files stay readable by plugins); install "
+                "bubblewrap or move Python out of a private folder",
                 blocked[0],
                 name,
             )
             return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def confining_user(
+    setting: str, level: str, user: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """(uid, gid) a worker that keeps root's file access runs as for everything else
+    (signals, process counts), or None: a root kernel at the ``rlimits`` level whose
+    workers could not switch (``user`` is what :func:`worker_user` gave)."""
+    if os.getuid() != 0 or setting == "" or user is not None or level != "rlimits":
+        return None
+    entry = pwd.getpwnam("nobody" if setting == "auto" else setting)
     return entry.pw_uid, entry.pw_gid
 
 
@@ -140,6 +161,10 @@ def environment(data_dir: Path, extra: list[str]) -> dict[str, str]:
     return env
 
 
+#: Size of a tmpfs that hides a folder (it holds only the folders bound back into it).
+HIDING_SIZE = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Launch:
     """A worker's command line and where it runs."""
@@ -159,8 +184,17 @@ def launch(
     network: bool,
     env: dict[str, str],
     hidden: tuple[Path, ...] = (),
+    tmp_size: int = 256 * 1024 * 1024,
+    plugins_dir: Path | None = None,
 ) -> Launch:
-    """The command that starts a worker for the plugin in ``folder``."""
+    """The command that starts a worker for the plugin in ``folder``.
+
+    Under bubblewrap the other plugins' folders (``plugins_dir``: their code and their
+    ``config.yaml``, which may hold secrets) are hidden; the plugin's own is bound back.
+
+    Every tmpfs is sized (a tmpfs is memory, half the machine's by default): the private
+    ``/tmp`` holds at most ``tmp_size`` bytes, those that hide folders almost nothing.
+    """
     python = [sys.executable, "-I", "-B", "-m", "services.sandbox.worker"]
     if level == "rlimits":
         return Launch(python, folder, env, level)
@@ -177,15 +211,24 @@ def launch(
         if network:
             argv.append("--share-net")
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    argv += ["--perms", "1777", "--tmpfs", "/tmp"]
+    argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]
     homes = {Path("/root")}
     if os.environ.get("HOME"):
         homes.add(Path(os.environ["HOME"]).resolve())
     homes = {h for h in homes if h.is_dir() and h != Path("/")}
     for home in sorted(homes):
-        argv += ["--tmpfs", str(home)]
-    # put back what the worker needs from a hidden home (the interpreter, the project)
+        argv += ["--size", str(HIDING_SIZE), "--tmpfs", str(home)]
     covers = [*homes, Path("/tmp")]
+    if plugins_dir is not None:
+        plugins = plugins_dir.resolve()
+        if (
+            plugins.is_dir()
+            and plugins != Path("/")
+            and not any(plugins.is_relative_to(c) for c in covers)
+        ):
+            argv += ["--size", str(HIDING_SIZE), "--tmpfs", str(plugins)]
+            covers.append(plugins)
+    # put back what the worker needs from a hidden folder (the interpreter, the project)
     for path in needed_paths():
         argv += _rebind(path, covers, "--ro-bind")
     where = folder.resolve()
@@ -196,7 +239,7 @@ def launch(
         if path.is_file():
             argv += ["--ro-bind", "/dev/null", str(path)]
         elif path.is_dir():
-            argv += ["--tmpfs", str(path)]
+            argv += ["--size", str(HIDING_SIZE), "--tmpfs", str(path)]
     data = data_dir.resolve()
     hidden_dirs = [p.resolve() for p in (kernel_data_dir, *hidden, *covers) if p.is_dir()]
     argv += _rebind(data, hidden_dirs, "--bind") or ["--bind", str(data), str(data)]

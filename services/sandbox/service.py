@@ -34,6 +34,7 @@ from anyio.abc import TaskGroup
 
 from kernel.events import Event, Recorded
 from kernel.hosts import HostedPlugin, HostError, HostRequest
+from kernel.prefixes import PrefixError, normalize_prefix, under
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec, task_context_var
 from kernel.settings import DEFAULT_FILE
@@ -42,9 +43,10 @@ from .admin import admin_router
 from .bridge import Bridge
 from .cgroup import pids_base, remove_base
 from .events import stream_of
-from .isolation import detect_level, environment, launch, worker_user
+from .isolation import confining_user, detect_level, environment, launch, worker_user
 from .limits import MIB, LimitError, resolve
 from .proxy import SandboxProxy
+from .reaper import Reaper
 from .settings import SandboxSettings
 from .supervisor import CallFailed, SandboxedPlugin
 
@@ -70,11 +72,16 @@ class SandboxService:
         self.plugins: dict[tuple[str, int], SandboxedPlugin] = {}
         self.level = "rlimits"
         self.user: tuple[int, int] | None = None
+        #: Root's file access only, signals and processes as this user (see worker.py).
+        self.confined: tuple[int, int] | None = None
         self._kernel: Kernel | None = None
         self._settings = SandboxSettings()
         self._tg: TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing: asyncio.Event | None = None
+        self._reaper: Reaper | None = None
+        #: Event type -> the sandboxed plugin that appends it (see Bridge.claim).
+        self._event_types: dict[str, str] = {}
 
     @property
     def kernel(self) -> Kernel:
@@ -87,9 +94,11 @@ class SandboxService:
         self._settings = kernel.settings.section("sandbox", SandboxSettings)
         self.level = await anyio.to_thread.run_sync(detect_level, self._settings.level)
         self.user = worker_user(self._settings.user, self.level)
-        if self.user is None and os.getuid() == 0:
-            # workers keep root (without capabilities): the kernel must not be
-            # dumpable, or they could read its environment and memory through /proc
+        self.confined = confining_user(self._settings.user, self.level, self.user)
+        if self.user is None:
+            # workers keep the kernel's user (a kernel that is not root, or root's file
+            # access): the kernel must not be dumpable, or they could read its
+            # environment (the admin token) and memory through /proc, or ptrace it
             _undumpable()
         ready = asyncio.Event()
         self._closing = asyncio.Event()
@@ -102,13 +111,18 @@ class SandboxService:
         sub = await kernel.subscribe(self._on_unloaded, types=["PluginUnloaded"], start="now")
         stack.push_async_callback(kernel.unsubscribe, sub)
         cgroups, why = await anyio.to_thread.run_sync(pids_base)
+        if self.level == "rlimits":
+            # bubblewrap's pid namespace ends with its worker; here a reaper process
+            # kills what workers started if the kernel dies
+            self._reaper = Reaper(cgroups)
+            await anyio.to_thread.run_sync(self._reaper.start)
         log.info(
             "sandbox: isolation level %s, workers run as %s, processes limited by %s",
             self.level,
             f"uid {self.user[0]}" if self.user else "the kernel's user",
             f"a pids cgroup under {cgroups}" if cgroups else f"RLIMIT_NPROC ({why})",
         )
-        if cgroups is None and self.user is None and os.getuid() == 0:
+        if cgroups is None and self.user is None and self.confined is None and os.getuid() == 0:
             log.warning(
                 "sandbox: workers keep root and %s: a fork bomb is held only by the "
                 "supervisor's once-a-second count of their processes",
@@ -133,6 +147,9 @@ class SandboxService:
         assert self._closing is not None and self._runner is not None
         self._closing.set()
         await self._runner
+        if self._reaper is not None:
+            await anyio.to_thread.run_sync(self._reaper.close)
+            self._reaper = None
         remove_base()
 
     # -- the host (kernel.hosts) -----------------------------------------------------
@@ -163,6 +180,8 @@ class SandboxService:
                 network=limits.network,
                 env=env,
                 hidden=(Path(DEFAULT_FILE),),
+                tmp_size=limits.memory,
+                plugins_dir=self.kernel.settings.plugins_dir,
             )
         )
         config = {
@@ -175,6 +194,8 @@ class SandboxService:
             "limits": limits.as_dict(),
             "uid": self.user[0] if self.user else None,
             "gid": self.user[1] if self.user else None,
+            "signal_uid": self.confined[0] if self.confined else None,
+            "signal_gid": self.confined[1] if self.confined else None,
             "log_level": self.kernel.settings.log_level,
             "kernel_pid": os.getpid() if self.level == "rlimits" else None,
         }
@@ -187,7 +208,8 @@ class SandboxService:
             settings=settings,
             record=self._record,
             uid=self.user[0] if self.user else os.getuid(),
-            bridge=Bridge(self.kernel, name, settings.kernel_events),
+            bridge=Bridge(self.kernel, name, settings.kernel_events, self._event_types),
+            reaper=self._reaper,
         )
         assert self._tg is not None
         self._tg.start_soon(plugin.run)
@@ -199,8 +221,14 @@ class SandboxService:
                 str(failure.get("error", f"plugin {name!r}: its sandbox worker failed")),
                 traceback=str(failure.get("traceback", "")),
             )
-        self.plugins[(name, generation)] = plugin
         ready = plugin.ready
+        try:
+            ready["prefix"] = _checked_prefix(name, request.prefix, ready.get("prefix"))
+            ready["openapi"] = _own_paths(ready.get("openapi"), ready["prefix"])
+        except HostError:
+            await plugin.stop("its worker reported a mount prefix it may not use")
+            raise
+        self.plugins[(name, generation)] = plugin
         tasks = {}
         for described in ready.get("tasks", []):
             tasks[described["name"]] = _task_spec(name, described)
@@ -303,6 +331,41 @@ class SandboxTaskError(Exception):
             self.add_note(f"in the sandbox worker:\n{traceback}")
 
 
+def _checked_prefix(name: str, manifest: str | None, reported: Any) -> str | None:
+    """The mount prefix a worker reported, checked: the plugin's code owns its worker and
+    may forge the ``ready`` frame, so its routes stay under its manifest's prefix."""
+    if reported is None:
+        return None
+    try:
+        if not isinstance(reported, str):
+            raise PrefixError("it is not a string")
+        prefix = normalize_prefix(reported)
+    except PrefixError as exc:
+        raise HostError(
+            "mount", f"plugin {name!r}: its worker reported the mount prefix {reported!r}: {exc}"
+        ) from None
+    if manifest and prefix != normalize_prefix(manifest):
+        raise HostError(
+            "mount",
+            f"plugin {name!r}: its worker reported the mount prefix {reported!r}, not the "
+            f"manifest's {manifest!r}",
+        )
+    return prefix
+
+
+def _own_paths(openapi: Any, prefix: str | None) -> dict[str, Any] | None:
+    """The worker's OpenAPI fragment without the paths outside its mount prefix (merged
+    into ``/openapi.json``, they would document, or overwrite, others' routes)."""
+    if not isinstance(openapi, dict) or prefix is None:
+        return None
+    paths = openapi.get("paths")
+    if isinstance(paths, dict):
+        openapi["paths"] = {
+            k: v for k, v in paths.items() if isinstance(k, str) and under(k, prefix)
+        }
+    return openapi
+
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 
 
@@ -327,11 +390,19 @@ def _task_spec(plugin: str, described: dict[str, Any]) -> TaskSpec:
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Give the plugin's data folder to the workers' user (a root kernel created it)."""
-    for path in [root, *root.rglob("*")]:
-        with contextlib.suppress(OSError):
-            if not path.is_symlink():
-                os.chown(path, uid, gid)
+    """Give the plugin's data folder to the workers' user (a root kernel created it).
+
+    The folder is the plugin's: a running worker (the previous generation's) may swap a
+    file or a folder for a symlink while this walks it, so nothing here follows a link,
+    not even in the middle of a path (folders are opened one by one, relative to their
+    parent, by ``os.fwalk``): root never changes the owner of a file outside the folder.
+    """
+    with contextlib.suppress(OSError):
+        os.chown(root, uid, gid, follow_symlinks=False)
+    for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
 
 
 def _undumpable() -> None:

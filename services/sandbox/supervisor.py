@@ -36,6 +36,7 @@ from .events import (
 )
 from .isolation import Launch
 from .limits import Limits
+from .reaper import Reaper
 from .settings import SandboxSettings
 from .worker_process import Exit, Worker, WorkerGone
 
@@ -100,6 +101,7 @@ class SandboxedPlugin:
         record: Record,
         uid: int,
         bridge: Bridge | None = None,
+        reaper: Reaper | None = None,
     ) -> None:
         self.name = name
         self.generation = generation
@@ -109,6 +111,7 @@ class SandboxedPlugin:
         self.settings = settings
         self.uid = uid
         self.bridge = bridge
+        self.reaper = reaper
         self._record = record
         #: starting | running | restarting | open | stopping | stopped | failed
         self.state = "starting"
@@ -139,6 +142,7 @@ class SandboxedPlugin:
             limits=self.limits.as_dict(),
             bridge=self.bridge,
             cancel_grace=s.cancel_grace_s,
+            reaper=self.reaper,
         )
 
     async def run(self) -> None:
@@ -292,6 +296,7 @@ class SandboxedPlugin:
                 exit=exit.exit,
                 signal=exit.signal,
                 stderr=exit.stderr[-4000:],
+                detail=exit.detail,
             )
         log.warning(
             "sandbox: plugin %r generation %d: %s", self.name, self.generation, exit.describe()
@@ -301,6 +306,9 @@ class SandboxedPlugin:
     async def _shutdown(self, worker: Worker) -> None:
         self.state = "stopping"
         self.reason = f"it is stopping ({self._stop_reason})"
+        # new calls go to the next generation (or fail fast); those already sent finish
+        # here, within the wall time they have anyway
+        await worker.drain(self.limits.wall_time)
         if worker.alive and "on_unload" in (worker.ready or {}).get("hooks", ["on_unload"]):
             try:
                 with anyio.move_on_after(self.settings.stop_grace_s):

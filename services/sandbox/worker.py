@@ -607,6 +607,112 @@ def _drop_privileges(uid: int | None, gid: int | None) -> None:
         raise RuntimeError("could not give up root")
 
 
+#: mount(2) flags.
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+#: Per-mount options of /proc/self/mountinfo a read-only remount must keep.
+_KEPT = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048}
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, per-mount options, fs type) of this mount namespace, in order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            point = fields[4].encode().decode("unicode_escape")  # \040 for a space
+            out.append((point, fields[5], right.split()[0]))
+    return out
+
+
+def _private_mounts(libc: Any, writable: list[str]) -> list[str]:
+    """A mount namespace of the worker's own where the whole file system is read-only
+    but ``writable``, and the cgroup file systems are hidden. Returns what could not be
+    done (mounts left writable)."""
+
+    import ctypes
+
+    def mount(source: bytes | None, target: str, fstype: bytes | None, flags: int) -> int:
+        data = b"size=4k" if fstype == b"tmpfs" else None
+        if libc.mount(source, target.encode(), fstype, flags, data) != 0:
+            return ctypes.get_errno()
+        return 0
+
+    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    # nothing mounted here reaches the kernel's namespace
+    if mount(None, "/", None, _MS_REC | _MS_PRIVATE):
+        raise OSError(ctypes.get_errno(), "making / private")
+    mounts = _mounts()
+    problems = []
+    for point, options, _ in mounts:
+        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
+        for option in options.split(","):
+            flags |= _KEPT.get(option, 0)
+        if error := mount(None, point, None, flags):
+            problems.append(f"{point} ({os.strerror(error)})")
+    # root owns the cgroup files (no capability is needed to write them): hide them all
+    points = {p for p, _, fstype in mounts if fstype in ("cgroup", "cgroup2")}
+    parents = {os.path.dirname(p) for p in points}
+    hide = parents if len(parents) == 1 and os.path.ismount(next(iter(parents))) else points
+    for point in sorted(hide):
+        flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        if error := mount(b"none", point, b"tmpfs", flags):
+            problems.append(f"{point} (cgroups not hidden: {os.strerror(error)})")
+    for path in writable:
+        if os.path.isdir(path) and (
+            mount(path.encode(), path, None, _MS_BIND | _MS_REC)
+            or mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV)
+        ):
+            problems.append(f"{path} (not writable: {os.strerror(ctypes.get_errno())})")
+    return problems
+
+
+def _confine_root(uid: int, gid: int, writable: list[str]) -> list[str]:
+    """Confine a worker that must keep root's file access (at the ``rlimits`` level, when
+    the interpreter is private to root). Before giving up its capabilities it
+
+    - makes, in a mount namespace of its own, the whole file system read-only but its
+      data folder and ``/tmp`` (``writable``), and hides the cgroup file systems (so it
+      cannot write its ``pids.max`` nor leave its pids cgroup);
+    - becomes ``uid``/``gid`` for everything but files (its file-system ids stay root's,
+      to reach the interpreter), so it can no longer signal the kernel nor any other
+      process of root, and ``RLIMIT_NPROC`` counts it (a program it executes runs as
+      ``uid``: the file-system ids follow the effective ones on ``execve``);
+    - sets ``no_new_privs``, so a set-user-ID program gives it nothing back.
+
+    Where the mount namespace cannot be made (a container without ``CAP_SYS_ADMIN``),
+    the rest still holds; the returned warnings say what is missing.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        problems = _private_mounts(libc, writable)
+    except OSError as exc:
+        problems = [
+            f"no mount namespace of its own ({exc.strerror or exc}): root's files "
+            "stay writable and its cgroup files too"
+        ]
+    # PR_SET_SECUREBITS(SECBIT_NO_SETUID_FIXUP): the capabilities stay through the switch
+    # (needed for the file-system ids, then dropped for good below)
+    if libc.prctl(28, 1 << 2, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "keeping capabilities through setuid")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    libc.setfsuid(0)
+    libc.setfsgid(0)
+    if libc.setfsuid(-1) != 0 or libc.setfsgid(-1) != 0:  # -1 only reads them back
+        raise OSError("could not keep root's file access")
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "setting no_new_privs")
+    if not _drop_capabilities():
+        raise OSError("could not drop the capabilities of a worker keeping root's files")
+    return problems
+
+
 def _die_with(kernel_pid: int | None) -> None:
     """Die with the kernel even if it is killed (a worker looping forever would never
     read the end of its pipe). Set after giving up root: a change of user clears it.
@@ -659,6 +765,10 @@ def main() -> None:
     cfg = header["config"]
     try:
         _drop_privileges(cfg.get("uid"), cfg.get("gid"))
+        unconfined: list[str] = []
+        if cfg.get("uid") is None and os.getuid() == 0 and cfg.get("signal_uid") is not None:
+            writable = [cfg["data_dir"], "/tmp"]
+            unconfined = _confine_root(int(cfg["signal_uid"]), int(cfg["signal_gid"]), writable)
         _die_with(cfg.get("kernel_pid"))
         from .limits import apply
 
@@ -682,6 +792,10 @@ def main() -> None:
     root = logging.getLogger()
     root.handlers[:] = [FrameHandler(wire)]
     root.setLevel(cfg.get("log_level", "INFO"))
+    for problem in unconfined:
+        logging.getLogger("xcore.sandbox.worker").warning(
+            "plugin %r: the worker is less confined than it should be: %s", cfg["name"], problem
+        )
     plugin = Plugin(cfg)
     server = Server(wire, in_fd, plugin)
 

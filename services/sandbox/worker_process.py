@@ -42,6 +42,7 @@ from .bridge import MAX_SUBSCRIPTIONS, Bridge, Refused, record_to_wire
 from .cgroup import PidsCgroup
 from .isolation import Launch
 from .protocol import CHUNK, FrameError, FrameReader, encode
+from .reaper import Reaper
 
 if TYPE_CHECKING:
     from kernel.subscriptions import Subscription
@@ -53,12 +54,16 @@ log = logging.getLogger("xcore.sandbox")
 #: Log lines a worker may send per second (stderr included) before lines are dropped.
 LOG_RATE = 200
 STDERR_TAIL = 40
+#: Longest log message of a worker passed on (the worker's own handler cuts at this too).
+LOG_MESSAGE = 65536
 #: Frames of a streaming call waiting for its caller (256 KiB each at most).
 CALL_BUFFER = 64
 #: Bytes queued to a worker's stdin before a sender waits for the pipe to drain.
 WRITE_HIGH_WATER = 1024 * 1024
 #: Appends and subscriptions of one worker being served at once.
 MAX_ASKS = 256
+#: Bytes queued to a worker that does not read them past which it is killed.
+STUCK_BUFFER = 16 * WRITE_HIGH_WATER
 #: Size asked for the buffers of the pipes to and from a worker.
 PIPE_SIZE = 1024 * 1024
 
@@ -95,6 +100,8 @@ class Exit:
     def describe(self) -> str:
         if self.kind == "limit":
             return f"limit {self.limit} exceeded ({self.detail or self.value})"
+        if self.kind == "crash" and self.detail:
+            return f"worker killed: {self.detail}"
         if self.kind == "crash":
             how = f"signal {self.signal}" if self.signal else f"exit code {self.exit}"
             return f"worker crashed ({how})"
@@ -114,6 +121,8 @@ class _Call:
     #: A request/answer call waits on ``done`` for its ``result`` (None: the worker ended).
     done: asyncio.Future[dict[str, Any] | None] | None = None
     aborted: bool = False
+    #: The kernel sent a ``cancel`` (only then may a ``cancelled`` frame end the call).
+    cancelling: bool = False
 
 
 @dataclass
@@ -155,6 +164,8 @@ class Worker:
     bridge: Bridge | None = None
     #: How long a cancelled call's code may take to stop before the worker is killed.
     cancel_grace: float = 2.0
+    #: Kills what the worker started if the kernel dies (rlimits level).
+    reaper: Reaper | None = None
 
     pid: int = 0
     ready: dict[str, Any] | None = None
@@ -239,6 +250,8 @@ class Worker:
             os.close(to_kernel)
         self._proc = proc
         self.pid = proc.pid
+        if self.reaper is not None:
+            self.reaper.watch(proc.pid)
         self._contain(proc.pid)
         loop = asyncio.get_running_loop()
         try:
@@ -308,7 +321,11 @@ class Worker:
         self._cgroup = cgroup
         if cgroup is not None:
             self.process_limit = "pids-cgroup"
-        elif self.config.get("uid") is not None or os.getuid() != 0:
+        elif (
+            self.config.get("uid") is not None
+            or self.config.get("signal_uid") is not None
+            or os.getuid() != 0
+        ):
             self.process_limit = "rlimit"
         else:
             self.process_limit = "watch"
@@ -319,11 +336,20 @@ class Worker:
         for transport in (self._in, self._out):
             if transport is not None:
                 transport.close()
+        # its CPU time, readable until it is reaped (a worker at the hard CPU limit is
+        # killed between two samples)
+        self.cpu_s = max(self.cpu_s, _cpu_seconds(self.pid))
         try:
             await proc.wait()
             await proc.aclose()
         except Exception:
             log.exception("sandbox: plugin %r worker %d: could not reap it", self.plugin, self.pid)
+        # what it started and left in its process group (a worker that exited on its own
+        # leaves its children behind; no cgroup is needed to find them)
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        if self.reaper is not None:
+            self.reaper.forget(self.pid)
         self.exit = self._classify(proc.returncode)
         if self._cgroup is not None:
             cgroup, self._cgroup = self._cgroup, None
@@ -399,6 +425,10 @@ class Worker:
                 f"killed by {signal.Signals(sig).name}",
                 tail,
             )
+        cpu = float(self.limits["cpu"])
+        if sig == signal.SIGKILL and self.cpu_s >= cpu:
+            # the hard CPU limit: the plugin ignored SIGXCPU at the soft one
+            return Exit("limit", self.pid, code, sig, "cpu", cpu, "killed at the CPU limit", tail)
         if self._stopping and code == 0:
             return Exit("stopped", self.pid, code, sig, stderr=tail)
         return Exit("crash", self.pid, code, sig, stderr=tail)
@@ -427,6 +457,15 @@ class Worker:
                 os.kill(pid, signal.SIGKILL)
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait, up to ``timeout``, for the calls in flight now to end (a replaced
+        generation's requests finish where they started, as a trusted plugin's do)."""
+        pending = set(self._calls)
+        with anyio.move_on_after(timeout):
+            while pending and self.alive:
+                await anyio.sleep(0.02)
+                pending.intersection_update(self._calls)
 
     async def stop(self, grace: float) -> None:
         """Ask the worker to stop; kill it if it has not within ``grace`` seconds."""
@@ -547,7 +586,7 @@ class Worker:
             call = self._calls.get(h.get("id", -1))
             if call is None:
                 return  # a late reply to a call nobody waits for: dropped
-            if op == "result" or (op == "cancelled" and h.get("honoured")):
+            if op == "result" or (op == "cancelled" and h.get("honoured") and call.cancelling):
                 self._calls.pop(h["id"], None)
             if call.send is not None:
                 # a closed inbox (its caller left: a disconnected client) drops the frame
@@ -591,6 +630,12 @@ class Worker:
         self._tg.start_soon(self._serve_ask, op, h, payload)
 
     def _answer_soon(self, header: dict[str, Any]) -> None:
+        """Answer without waiting for the pipe; a worker that asks and does not read its
+        answers (they pile up here) is killed."""
+        out = self._out
+        if out is not None and out.get_write_buffer_size() > STUCK_BUFFER:
+            self.kill("protocol", 0, "it sends requests but no longer reads its pipe")
+            return
         with suppress(WorkerGone):
             self._write(header)
 
@@ -645,15 +690,18 @@ class Worker:
         extra = {"plugin": self.plugin, "sandbox_pid": self.pid}
         for key in ("request_id", "run_id"):
             if h.get(key):
-                extra[key] = h[key]
-        name = str(h.get("logger") or f"xcore.plugin.{self.plugin}")
-        if not name.startswith(f"xcore.plugin.{self.plugin}"):
-            name = f"xcore.plugin.{self.plugin}.{name}"
+                extra[key] = str(h[key])[:128]
+        # the frame is the plugin's to forge: its logger stays under the plugin's own
+        # name (``xcore.plugin.ab`` is not ``xcore.plugin.a``'s), its message is cut
+        own = f"xcore.plugin.{self.plugin}"
+        name = str(h.get("logger") or own)[:200]
+        if name != own and not name.startswith(own + "."):
+            name = f"{own}.{name}"
         level = h.get("level", logging.INFO)
         logging.getLogger(name).log(
             level if isinstance(level, int) else logging.INFO,
             "%s",
-            h.get("message", ""),
+            str(h.get("message", ""))[:LOG_MESSAGE],
             extra=extra,
         )
 
@@ -698,10 +746,12 @@ class Worker:
                 self._last_pong += stalled
                 for call in self._calls.values():
                     call.deadline += stalled
-            if now - last_ping >= self.heartbeat_interval:
+            if now - last_ping >= self.heartbeat_interval and not self._flow.paused:
+                # never waits for the pipe: a worker that stops reading it goes without
+                # pings, so without pongs, and the heartbeat ends it
                 last_ping = now
                 with suppress(WorkerGone):  # its exit is noticed by the reader
-                    await self._send({"op": "ping", "id": 0})
+                    self._write({"op": "ping", "id": 0}, gather=False)
             if now - self._last_pong > self.heartbeat_timeout:
                 self.kill(
                     "heartbeat",
@@ -825,6 +875,7 @@ class Worker:
             return
         # a fresh inbox for the answer to the cancel (the caller's is closed)
         inbox = call.send = _Inbox(None)
+        call.cancelling = True
         honoured = False
         try:
             await self._send({"op": "cancel", "id": cid})
@@ -982,6 +1033,16 @@ def _pipe() -> tuple[int, int]:
     with suppress(OSError):
         fcntl.fcntl(w, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
     return r, w
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of ``pid`` (0 if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _tree(root: int) -> list[int]:

@@ -91,10 +91,15 @@ def build_router(service: SchedulerService) -> APIRouter:
     async def get_task(task_id: str) -> dict[str, Any]:
         row = service.table.tasks.get(task_id)
         if row is None:
+            await service.caught_up()
+            row = service.table.tasks.get(task_id)
+        if row is None:
             raise HTTPException(404, detail=f"no task {task_id!r}")
         return live(row.detail())
 
     async def task_runs(task_id: str) -> list[dict[str, Any]]:
+        if task_id not in service.table.tasks:
+            await service.caught_up()
         if task_id not in service.table.tasks:
             raise HTTPException(404, detail=f"no task {task_id!r}")
         records = await service._kernel().read(stream=stream_of(task_id), types=RUN_EVENT_TYPES)
@@ -137,6 +142,8 @@ def build_router(service: SchedulerService) -> APIRouter:
         ok_status: int = 200,
     ) -> JSONResponse:
         if not service.is_scheduled(task_id):
+            await service.caught_up()  # a reload answered a moment ago
+        if not service.is_scheduled(task_id):
             known = task_id in service.table.tasks
             raise HTTPException(
                 404 if not known else 409,
@@ -165,7 +172,11 @@ def build_router(service: SchedulerService) -> APIRouter:
     ) -> JSONResponse:
         try:
             # compiled off the loop: a costly trigger must not stall the other requests
-            event = await asyncio.to_thread(service.check_change, kind, task_id, body)
+            try:
+                event = await asyncio.to_thread(service.check_change, kind, task_id, body)
+            except LookupError:
+                await service.caught_up()  # a reload answered a moment ago
+                event = await asyncio.to_thread(service.check_change, kind, task_id, body)
         except LookupError as exc:
             raise HTTPException(404, detail=str(exc).strip("'\"")) from None
         except TaskDeclarationError as exc:

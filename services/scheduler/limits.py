@@ -1,5 +1,10 @@
 """The global concurrency limit: at most ``limit`` runs at once; when it is reached,
-the waiting run with the highest priority starts first, ties in order of due time."""
+the waiting run with the highest priority starts first, ties in order of due time.
+
+The number of runs waiting is kept as a count, not recounted over the heap: it is read
+on every run's path (whether to write its start record while it waits), and a scan made
+each of 100 runs due at once pay for the others — quadratic once a backlog forms.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ class PrioritySlots:
         self.busy = 0
         self._waiters: list[tuple[int, float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        #: waiters neither granted a slot nor cancelled
+        self._pending = 0
 
     @property
     def free(self) -> bool:
@@ -24,7 +31,8 @@ class PrioritySlots:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for *_, f in self._waiters if not f.done())
+        """Runs waiting for a slot (granted or cancelled ones no longer count)."""
+        return self._pending
 
     async def acquire(self, priority: int, due: float) -> None:
         if self.busy < self.limit and not self._waiters:
@@ -32,11 +40,14 @@ class PrioritySlots:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (-priority, due, next(self._seq), fut))
+        self._pending += 1
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # granted and cancelled in the same step: hand it on
+            else:
+                self._pending -= 1  # (a granted one was counted out by release)
             raise
 
     def release(self) -> None:
@@ -46,4 +57,5 @@ class PrioritySlots:
             if fut.done():
                 continue
             self.busy += 1
+            self._pending -= 1
             fut.set_result(None)

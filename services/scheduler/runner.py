@@ -150,6 +150,11 @@ class Runner:
         #: How far ahead of the due time ``TaskStarted`` is written (adapts to the store).
         self.lead = 0.009
         self._append_peak = 0.003
+        #: How long runs keep their slot (seconds, a moving average; a cautious start:
+        #: until runs have been seen, a run back in a full line does not write ahead).
+        self.hold = 1.0
+        #: When a run last gave its slot back (``time.perf_counter()``).
+        self.released_at = 0.0
 
     def start(self, kernel: Kernel, settings: SchedulerSettings, stack: AsyncExitStack) -> None:
         self.kernel = kernel
@@ -263,6 +268,31 @@ class Runner:
         self._append_peak = max(seconds, self._append_peak * 0.999)
         self.lead = min(self._max_lead, 2 * self._append_peak + 0.003)
 
+    def _give_back(self, taken_at: float) -> None:
+        """Release a slot (when it is really free: a sync run's thread has returned) and
+        note how long it was kept, for :meth:`_write_ahead`."""
+        self.slots.release()
+        now = time.perf_counter()
+        self.hold += (now - taken_at - self.hold) * 0.05
+        self.released_at = now
+
+    def _write_ahead(self) -> bool:
+        """Whether a run about to take a slot writes its start record first, while it
+        waits: never when a slot is free (no wait); always in the next wave (fewer than
+        ``limit`` runs ahead); further back, when its wave should come within
+        :data:`AHEAD_WAIT` at the recent pace (``hold``: how long runs keep a slot) and
+        the line is moving (a slot was given back within ``AHEAD_WAIT``: fast runs seen
+        earlier say nothing of slow ones holding every slot now)."""
+        slots = self.slots
+        if slots.free:
+            return False
+        waiting = slots.waiting
+        if waiting < slots.limit:
+            return True
+        if time.perf_counter() - self.released_at > AHEAD_WAIT:
+            return False
+        return (waiting // slots.limit + 1) * self.hold <= AHEAD_WAIT
+
     async def run(
         self,
         entry: TaskEntry,
@@ -333,7 +363,7 @@ class Runner:
         acquired = started = finished = interrupted = False
         #: the worker thread's future of a sync run: the slot is its until it ends
         thread: list[concurrent.futures.Future[Any]] = []
-        t_start = time.perf_counter()
+        t_start = t_slot = time.perf_counter()
         started_at: float | None = None
         error: tuple[str, str, str] | None = None
         value: Any = None
@@ -349,13 +379,15 @@ class Runner:
                 await asyncio.sleep(delay)
                 if kernel.placement.claimed(key):
                     raise ClaimLost(f"run {key} was claimed during the grace")
-            # When the global limit is full but this run is in its next wave, the start
-            # record is written while it waits for its slot (the wave ahead takes ~a
-            # run's time; an fsync after it would add itself to every later wave's
-            # lateness). Further back in the line, the run waits for its slot first.
-            if self.slots.free or self.slots.waiting >= self.slots.limit:
+            # When the global limit is full but the run's slot should come soon (it is
+            # in the next wave, or the slots turn over fast enough that its wave comes
+            # within AHEAD_WAIT), the start record is written while it waits for its
+            # slot: an fsync after the waves ahead would add itself to its lateness.
+            # Further back in a slow line, the run waits for its slot first.
+            if not self._write_ahead():
                 await self.slots.acquire(task.priority, scheduled_for)
                 acquired = True
+                t_slot = time.perf_counter()
             events.append(
                 TaskStarted(
                     task=tid,
@@ -378,6 +410,7 @@ class Runner:
             if not acquired:
                 await self.slots.acquire(task.priority, scheduled_for)
                 acquired = True
+                t_slot = time.perf_counter()
             ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
             t_start, started_at = time.perf_counter(), time.time()
@@ -419,7 +452,7 @@ class Runner:
                 raise
         finally:
             if acquired:
-                self._release_slot(thread[0] if thread else None)
+                self._release_slot(thread[0] if thread else None, t_slot)
             if _busy(thread):
                 self._linger(entry, run_id, thread[0])
             entry.active.pop(run_id, None)
@@ -453,20 +486,20 @@ class Runner:
         writing.result()  # the store's error, if any, is the run's
         return cancelled
 
-    def _release_slot(self, thread: concurrent.futures.Future[Any] | None) -> None:
+    def _release_slot(self, thread: concurrent.futures.Future[Any] | None, taken_at: float) -> None:
         """Free the run's slot now, or when its worker thread ends if it still runs.
 
         A thread cannot be cancelled: a sync run that timed out or was cancelled keeps
         its slot (and its worker) until its code returns, so the limit holds.
         """
         if thread is None or thread.done():
-            self.slots.release()
+            self._give_back(taken_at)
             return
         loop = asyncio.get_running_loop()
 
         def ended(_: concurrent.futures.Future[Any]) -> None:
             try:
-                loop.call_soon_threadsafe(self.slots.release)
+                loop.call_soon_threadsafe(self._give_back, taken_at)
             except RuntimeError:  # the loop closed meanwhile: no slot to give back
                 log.debug("a sync task's thread ended after the event loop closed")
 
@@ -744,6 +777,13 @@ def _timing(scheduled_for: float, started_at: float | None) -> dict[str, Any]:
 def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:
     return bool(thread) and not thread[0].done()
 
+
+#: A run waiting for a slot of a full global limit writes its ``TaskStarted`` while it
+#: waits when its turn should come within this many seconds (see ``_write_ahead``):
+#: 100 runs due at one instant with 32 slots all have their start durable before the
+#: instant, while a line of slow runs does not fill the log with starts long before
+#: their code runs.
+AHEAD_WAIT = 0.1
 
 #: An error message is recorded up to this many characters, a traceback up to this many
 #: (the rest is cut, and the cut says how much): a task failing every second with a

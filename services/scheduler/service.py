@@ -155,6 +155,24 @@ class SchedulerService:
         for rt in latest.values():
             await self._load_runtime(rt)
 
+    async def caught_up(self, timeout: float = 5.0) -> None:
+        """Wait (at most ``timeout`` s) until this scheduler has handled every event
+        already in the log.
+
+        A reload answers once its plugin is loaded; this scheduler registers the new
+        tasks a step later, in its own subscription. A request naming one of them in
+        between (reload, then run at once: a script, the CLI) must not be refused as
+        unknown: the admin API calls this before it answers "no task".
+        """
+        sub = self._sub
+        if sub is None:
+            return
+        head = await self._kernel().store.last_position()
+        try:
+            await sub.wait_for(head, timeout)
+        except (TimeoutError, RuntimeError) as exc:
+            log.warning("scheduler: answering without its latest events (%s)", exc)
+
     async def _stop(self) -> None:
         # No plugin event or request may start anything once the runner stops (the
         # kernel stops subscriptions only after every service has stopped).

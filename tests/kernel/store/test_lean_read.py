@@ -115,3 +115,77 @@ async def test_a_kept_lean_record_keeps_no_other_record_alive(tmp_path: Path) ->
     alive = [o for o in gc.get_objects() if type(o) is LeanRecorded]
     assert sorted(r.position for r in alive) == [6, 10]
     assert (kept.stream, kept.version, other.meta.id) == ("s-1", 2, other.meta.id)
+
+
+async def test_lean_reads_upcast_with_the_stored_schema(tmp_path: Path) -> None:
+    """The schema is fetched with the batch only when a type read needs upcasting;
+    otherwise it is loaded on access — both read as full records, upcast the same."""
+    from kernel.events import Event, upcaster
+
+    class LeanUpcastV2(Event):
+        schema_version = 2
+        n: int
+        twice: int
+
+    @upcaster("LeanUpcastV2", from_schema=1)
+    def _twice(data: dict[str, object]) -> dict[str, object]:
+        return {**data, "twice": 2 * int(data["n"])}  # type: ignore[call-overload]
+
+    path = tmp_path / "log.db"
+    with anyio.fail_after(60):
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            await store.append(
+                [NewEvent.raw("LeanUpcastV2", {"n": 1}, schema=1)], stream="u"
+            )  # written by an older version
+            await store.append([NewEvent.raw("Plain", {"n": 2})], stream="u")
+            await store.append(
+                [NewEvent.raw("LeanUpcastV2", {"n": 3, "twice": 6}, schema=2)], stream="u"
+            )
+        finally:
+            await store.close()
+        store = SQLiteStore(path, readonly=True)
+        await store.open()
+        try:
+            full = await store.read()
+            every = await store.read_lean()  # a versioned type may be read: schema fetched
+            plain = await store.read_lean(types=["Plain"])  # schema loaded on access
+            versioned = await store.read_lean(types=["LeanUpcastV2"])
+        finally:
+            await store.close()
+    assert [r.data for r in full] == [{"n": 1, "twice": 2}, {"n": 2}, {"n": 3, "twice": 6}]
+    assert [envelope(r) for r in every] == [envelope(r) for r in full]
+    assert [envelope(r) for r in plain] == [envelope(full[1])]
+    assert [envelope(r) for r in versioned] == [envelope(full[0]), envelope(full[2])]
+
+
+def test_rows_without_their_schema_still_upcast_a_versioned_type() -> None:
+    """A type registered past schema 1 after a lean read chose its columns: the record
+    takes its schema from the batch's loaded columns."""
+    from kernel.events import Event, upcaster
+
+    class LeanLateV2(Event):
+        schema_version = 2
+        n: int
+        tag: str
+
+    @upcaster("LeanLateV2", from_schema=1)
+    def _tag(data: dict[str, object]) -> dict[str, object]:
+        return {**data, "tag": "old"}
+
+    loaded: list[tuple[int, int]] = []
+
+    def load(first: int, last: int) -> list[tuple[object, ...]]:
+        loaded.append((first, last))
+        return [(1, "s", 1, b'{"id":"a"}', 1.0, 1), (2, "s", 2, b'{"id":"b"}', 2.0, 2)]
+
+    rows = [(1, "LeanLateV2", b'{"n":1}'), (2, "LeanLateV2", b'{"n":2,"tag":"new"}')]
+    records = LeanRecorded.from_lean_rows(rows, load)
+    assert [r.data for r in records] == [{"n": 1, "tag": "old"}, {"n": 2, "tag": "new"}]
+    assert [(r.schema, r.stream, r.version, r.id) for r in records] == [
+        (1, "s", 1, "a"),
+        (2, "s", 2, "b"),
+    ]
+    assert loaded == [(1, 2)]  # once for the batch
+    assert records[0].event == LeanLateV2(n=1, tag="old")

@@ -62,3 +62,29 @@ async def test_a_log_holds_compact_and_full_metadata_side_by_side(tmp_path: Path
             await again.close()
     assert (a.meta.correlation_id, a.meta.actor, a.meta.boot) == (None, None, None)
     assert b.meta == full
+
+
+def test_meta_and_new_event_stay_frozen_dataclasses() -> None:
+    """Their hand-written __init__ (cheaper than the generated one) keeps what the
+    dataclass promised: a fresh id by default, keywords, equality, replace, frozen."""
+    import dataclasses
+    import pickle
+
+    import pytest
+
+    a, b = Meta(), Meta()
+    assert a.id != b.id and len(a.id) == 32
+    assert Meta(id=None).id is None  # type: ignore[arg-type]  # explicit, kept as given
+    m = Meta(id="x", actor="me")
+    assert m == Meta(id="x", actor="me") and hash(m) == hash(Meta(id="x", actor="me"))
+    assert dataclasses.replace(m, node="n") == Meta(id="x", actor="me", node="n")
+    assert pickle.loads(pickle.dumps(m)) == m
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.actor = "other"  # type: ignore[misc]
+    e = NewEvent("T", b"{}", m)
+    assert (e.type, e.data, e.meta, e.schema, e.explicit_id) == ("T", b"{}", m, 1, False)
+    assert NewEvent("T", b"{}", m, 2, explicit_id=True) == dataclasses.replace(
+        e, schema=2, explicit_id=True
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.schema = 3  # type: ignore[misc]

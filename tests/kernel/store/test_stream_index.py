@@ -8,17 +8,20 @@ reloaded at open, and a format-1 log is upgraded.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import anyio
 import orjson
 import pytest
 
-from kernel.errors import StoreCorrupt, StoreError
+from kernel.errors import ConcurrencyError, StoreCorrupt, StoreError
 from kernel.events import Meta, NewEvent
 from kernel.store import SQLiteStore
 from kernel.store.sqlite import FORMAT
@@ -258,5 +261,123 @@ async def test_an_upgrade_on_a_full_disk_says_so_and_leaves_the_log_as_it_was(
     try:
         assert store.format == FORMAT
         assert [r.position for r in await store.read(stream="s1", limit=3)] == [1, 4, 7]
+    finally:
+        await store.close()
+
+
+async def test_concurrent_version_reads_share_one_query_on_both_sides_of_the_mark(
+    tmp_path: Path,
+) -> None:
+    """A burst of ``stream_version`` calls (a scheduler's claims after boot) is answered
+    by one query per round, exactly, for streams with indexed events, events after the
+    mark, both, or none."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=7)
+    await store.open()
+    rng = random.Random(7)
+    streams = [f"s{i}" for i in range(40)] + ["odd 'name\" é", "x" * 300]
+    truth: dict[str, int] = {}
+    try:
+        for i in range(150):
+            stream = rng.choice(streams)
+            n = rng.randint(1, 3)
+            await store.append([ev(i) for _ in range(n)], stream=stream)
+            truth[stream] = truth.get(stream, 0) + n
+        _, mark = index_rows(path)
+        assert 0 < mark < sum(truth.values())
+        reader = SQLiteStore(path, readonly=True)  # no writer: every answer is read
+        await reader.open()
+        try:
+            queries: list[str] = []
+            query = reader._query
+
+            async def counted(sql: str, params: Any) -> list[Any]:
+                queries.append(sql)
+                return await query(sql, params)
+
+            reader._query = counted  # type: ignore[method-assign]
+            asked = [*streams, "never-written"]
+            with anyio.fail_after(30):
+                got = await asyncio.gather(*(reader.stream_version(s) for s in asked))
+            assert dict(zip(asked, got, strict=True)) == {
+                **{s: truth.get(s, 0) for s in streams},
+                "never-written": 0,
+            }
+            assert len(queries) == 1  # one round, one statement (fewer than 500 streams)
+        finally:
+            await reader.close()
+    finally:
+        await store.close()
+
+
+async def test_the_writer_learns_a_batch_s_new_streams_in_one_query(tmp_path: Path) -> None:
+    """A writer that has not seen a batch's streams yet (just opened) learns their
+    versions in one query, not one trip each, and still checks expected versions."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=5)
+    await store.open()
+    streams = [f"s{i}" for i in range(30)]
+    try:
+        for i, s in enumerate(streams):
+            await store.append([ev(i) for _ in range(1 + i % 3)], stream=s)
+    finally:
+        await store.close()
+    store = SQLiteStore(path, index_every=5)
+    await store.open()
+    try:
+        writer = store._writer
+        assert writer is not None and not writer.versions
+        single: list[str] = []
+        bulk: list[int] = []
+        one, many = writer._stream_version, writer._load_versions
+
+        async def one_counted(stream: str) -> int:
+            single.append(stream)
+            return await one(stream)
+
+        async def many_counted(names: list[str]) -> None:
+            bulk.append(len(names))
+            await many(names)
+
+        writer._stream_version = one_counted  # type: ignore[method-assign]
+        writer._load_versions = many_counted  # type: ignore[method-assign]
+        with anyio.fail_after(30):
+            done = await asyncio.gather(
+                *(
+                    store.append([ev(100 + i)], stream=s, expected_version=1 + i % 3)
+                    for i, s in enumerate(streams)
+                ),
+                store.append([ev(999)], stream="new", expected_version=0),
+                store.append([ev(998)], stream="s0", expected_version=7),
+                return_exceptions=True,
+            )
+        assert [r[0].version for r in done[:30]] == [2 + i % 3 for i in range(30)]  # type: ignore[index]
+        assert done[30][0].version == 1  # type: ignore[index]
+        assert isinstance(done[31], ConcurrencyError)  # a stale expectation still fails
+        assert bulk and sum(bulk) >= 30
+        assert len(single) <= 1  # (a batch of one asks for its stream alone)
+    finally:
+        await store.close()
+
+
+async def test_a_stream_name_sqlite_cannot_store_fails_alone(tmp_path: Path) -> None:
+    """A lone surrogate in a stream's name is refused to its caller; the appends and
+    version reads batched with it go through."""
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        with anyio.fail_after(30):
+            done = await asyncio.gather(
+                *(store.append([ev(i)], stream=s) for i, s in enumerate(["a", "\ud800x", "b"])),
+                return_exceptions=True,
+            )
+            assert isinstance(done[1], StoreError) and "\\ud800x" in str(done[1])
+            assert [r[0].version for r in (done[0], done[2])] == [1, 1]  # type: ignore[index]
+            versions = await asyncio.gather(
+                *(store.stream_version(s) for s in ["a", "\ud800y", "c"]),
+                return_exceptions=True,
+            )
+        assert versions[0] == 1 and versions[2] == 0
+        assert isinstance(versions[1], StoreError)
     finally:
         await store.close()

@@ -380,3 +380,40 @@ async def test_a_slow_inline_commit_sends_the_next_ones_to_the_connections_threa
 def test_an_odd_inline_limit_is_refused_by_name(tmp_path: Path, limit: float) -> None:
     with pytest.raises(StoreError, match="inline_limit"):
         SQLiteStore(tmp_path / "log.db", inline_limit=limit)
+
+
+async def test_the_writer_checkpoints_the_wal_off_the_loops_thread(tmp_path: Path) -> None:
+    """SQLite's automatic checkpoint is off on the writer's connection (it would run
+    inside an inline commit, on the loop's thread); the writer checkpoints every
+    ``checkpoint_pages`` WAL pages in the connection's thread, so the WAL stays bounded."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, synchronous="NORMAL")
+    with anyio.fail_after(120):
+        await store.open()
+        try:
+            assert store._write_conn is not None and store._writer is not None
+            row = await (await store._write_conn.execute("PRAGMA wal_autocheckpoint")).fetchone()
+            assert row is not None and row[0] == 0
+            store._writer.checkpoint_pages = 40  # often, to see several
+            threads: set[int] = set()
+
+            def trace(sql: str) -> None:
+                if "wal_checkpoint" in sql:
+                    threads.add(threading.get_ident())
+
+            raw = store._write_conn._conn  # type: ignore[attr-defined]
+            await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
+            sizes = []
+            for i in range(600):  # lone appends: each commits inline
+                await store.append([ev(i)], stream="s")
+                if i % 100 == 99:
+                    sizes.append((tmp_path / "log.db-wal").stat().st_size)
+            await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+            assert threads and threading.get_ident() not in threads
+            # reused from its start after each checkpoint: it stops growing (600 commits
+            # of ~2 pages each would make it ~1,200 pages of 4 KiB without)
+            assert max(sizes) < 200 * 4096, sizes
+            assert sizes[-1] == sizes[2], sizes
+            assert [r.position for r in await store.read()] == list(range(1, 601))
+        finally:
+            await store.close()

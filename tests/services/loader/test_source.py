@@ -87,3 +87,38 @@ def test_plugins_compiled_in_several_threads_at_once_never_trip_over_each_other(
         churner.join()
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+def test_an_import_parses_each_plugin_file_once(tmp_path, monkeypatch) -> None:
+    """The import check's trees are compiled by the import: no file is parsed twice
+    (each parse holds the interpreter, ~20 ms for a 900-line router: issue 8)."""
+    import ast
+    from collections import Counter
+    from pathlib import Path
+
+    from services.loader.importer import import_plugin, purge, restore
+
+    folder = tmp_path / "twice"
+    folder.mkdir()
+    (folder / "run.py").write_text("PLUGIN_INFO = {'version': '1.0.0'}\nfrom . import util\n")
+    (folder / "util.py").write_text("VALUE = 41 + 1\n")
+    (folder / "router.py").write_text(
+        "from fastapi import APIRouter\nrouter = APIRouter()\n"
+        "@router.get('/x')\ndef x():\n    return {}\n"
+    )
+    parsed: Counter[str] = Counter()
+    real = ast.parse
+
+    def counting(source, filename="<unknown>", *args, **kwargs):  # type: ignore[no-untyped-def]
+        parsed[Path(filename).name] += 1
+        return real(source, filename, *args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", counting)
+    previous = purge("twice")
+    try:
+        imported = import_plugin("twice", folder, "/app/twice", allowed=set())
+    finally:
+        restore("twice", previous)
+    assert imported.run.util.VALUE == 42
+    assert imported.routes == ["GET /app/twice/x"]
+    assert parsed == Counter({"run.py": 1, "util.py": 1, "router.py": 1})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
@@ -79,3 +82,39 @@ def test_the_source_schema_is_not_modified() -> None:
 def test_namespace_keeps_only_characters_openapi_allows() -> None:
     assert namespace("my plugin/ü") == "my_plugin__"
     assert namespace("hello-world_2.x") == "hello-world_2.x"
+
+
+# -- built when needed (issue 8: a reload does not wait for its OpenAPI) ------------------
+
+
+def _router(path: str) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(path)
+    async def create(item: Item) -> Item:
+        return item
+
+    return router
+
+
+@pytest.mark.anyio
+async def test_a_generations_fragment_is_built_when_needed_and_served_fresh(
+    harness: Any,
+) -> None:
+    """A mounted generation's fragment is not built by the mount; /openapi.json builds
+    it and shows the generation being served, before and after a reload."""
+    import anyio
+
+    with anyio.fail_after(60):
+        await harness.load("lazy", 1, _router("/one"), "/app/lazy")
+        mount = harness.router.dispatcher.table.by_plugin["lazy"]
+        assert mount.openapi is not None and not mount.openapi.ready
+        doc = (await harness.client.get("/openapi.json")).json()
+        assert "/app/lazy/one" in doc["paths"]
+        assert mount.openapi.ready
+        await harness.load("lazy", 2, _router("/two"), "/app/lazy")
+        doc = (await harness.client.get("/openapi.json")).json()
+        assert "/app/lazy/two" in doc["paths"] and "/app/lazy/one" not in doc["paths"]
+        assert "lazy.Item" in doc["components"]["schemas"]
+        again = harness.router.dispatcher.table.by_plugin["lazy"]
+        assert again is not mount and again.openapi is not None and again.openapi.ready

@@ -43,6 +43,9 @@ async def test_tasks_run_in_the_worker_with_events_retries_and_context(
     h = await harness(level)
     folder = write_plugin(h.plugins, "jobs", info=sandboxed("jobs"), run=TASKS)
     assert (await h.reload("jobs")).status_code == 200
+    # the scheduler takes the tasks from PluginLoaded in its own subscription, which may
+    # lag the reload's answer on a loaded machine ("no task 'jobs.report'")
+    await h.wait_for("TaskScheduled", "jobs", count=3)
     await run_now(h, "jobs.report")
     ok = await h.wait_for("TaskSucceeded", "jobs")
     assert ok

@@ -40,8 +40,10 @@ async def test_a_timed_out_sync_run_keeps_its_slot_until_its_thread_returns(
             failed = await wait_events(kernel, "TaskFailed")
             assert failed[0].data["kind"] == "timeout"
             assert "still running in its thread" in failed[0].data["error"]
-            # the run is over for the log, but its code still holds the only slot
+            # the run is over for the log, but its code still holds the only slot (and
+            # the line has not moved: no start is written ahead on its account)
             assert runner.slots.busy == 1
+            assert runner.released_at == 0.0
             await service.register("q", [spec(other, after=0)])
             with anyio.fail_after(10):
                 while runner.slots.waiting == 0:
@@ -51,7 +53,7 @@ async def test_a_timed_out_sync_run_keeps_its_slot_until_its_thread_returns(
             release.set()  # the thread returns: its slot goes to the waiting run
             await wait_events(kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "q.other")
             assert ran == ["stuck", "other"]
-            assert runner.slots.busy == 0
+            assert runner.slots.busy == 0 and runner.released_at > 0
     finally:
         release.set()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -204,3 +206,78 @@ async def test_a_paused_task_drops_its_retries(tmp_path: Path) -> None:
         assert [r.type for r in await kernel.read(types=["TaskStarted"])] == ["TaskStarted"]
         await kernel.settle()
         assert not kernel.projection(TaskTable).tasks["p.flaky"].retries  # none pending
+
+
+async def test_a_run_back_in_a_fast_line_writes_its_start_while_it_waits(
+    tmp_path: Path,
+) -> None:
+    """The write-ahead rule of a full limit: when the slots turn over fast (runs keep
+    them ~1 ms), a run two waves back records its start while it waits, so its fsync is
+    not added to its lateness; when they turn over slowly, it records nothing before
+    its slot (see test_a_run_far_back_in_line_records_nothing_before_its_slot)."""
+
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path, max_concurrency=1)
+    runner = service._runner
+    async with kernel:
+        await service.register("p", [spec(work, every="1h", name="w2")])
+        await runner.slots.acquire(0, 0.0)  # the only slot is taken
+        waiter = asyncio.ensure_future(runner.slots.acquire(0, 0.0))  # one waits already
+        await asyncio.sleep(0)
+        runner.hold = 0.001  # the slots turn over in ~1 ms: its turn comes at once
+        runner.released_at = time.perf_counter()  # and the line is moving
+        now = time.time()
+        entry = service._tasks["p.w2"]
+        runner.spawn(
+            runner.run(entry, "r2", now, attempt=1, kind="schedule", next_run=None, start_at=now)
+        )
+        [started] = await wait_events(kernel, "TaskStarted")
+        assert started.data["run_id"] == "r2"
+        # recorded before its slot: it now waits in line, behind the other waiter
+        with anyio.fail_after(10):
+            while runner.slots.waiting < 2:
+                await asyncio.sleep(0.01)
+        assert runner.slots.busy == 1
+        assert not await kernel.read(types=["TaskSucceeded"])
+        runner.slots.release()
+        await waiter
+        runner.slots.release()
+        [done] = await wait_events(kernel, "TaskSucceeded")
+        assert done.data["run_id"] == "r2"
+        assert runner.slots.busy == 0 and runner.slots.waiting == 0
+
+
+async def test_a_stalled_line_writes_nothing_ahead_whatever_the_past_pace(
+    tmp_path: Path,
+) -> None:
+    """Fast runs seen before say nothing of slow ones holding every slot now: when no
+    slot was given back for longer than AHEAD_WAIT, a run back in the line waits for its
+    slot before recording its start."""
+
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path, max_concurrency=1)
+    runner = service._runner
+    async with kernel:
+        await service.register("p", [spec(work, every="1h", name="w2")])
+        await runner.slots.acquire(0, 0.0)  # the only slot is taken, for long
+        waiter = asyncio.ensure_future(runner.slots.acquire(0, 0.0))
+        await asyncio.sleep(0)
+        runner.hold = 0.001  # the recent pace was fast...
+        runner.released_at = time.perf_counter() - 10  # ...but nothing moved for 10 s
+        now = time.time()
+        entry = service._tasks["p.w2"]
+        runner.spawn(
+            runner.run(entry, "r2", now, attempt=1, kind="schedule", next_run=None, start_at=now)
+        )
+        with anyio.fail_after(10):
+            while runner.slots.waiting < 2:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # (a start written ahead would be durable by now)
+        assert not await kernel.read(types=["TaskStarted"])
+        runner.slots.release()
+        await waiter
+        runner.slots.release()
+        [done] = await wait_events(kernel, "TaskSucceeded")
+        assert done.data["run_id"] == "r2"

@@ -18,4 +18,8 @@ def attack(kernel_pid: int, paths: str) -> dict[str, object]:
     found = {p: read(p) for p in paths.split(",")}
     found[f"/proc/{kernel_pid}/environ"] = read(f"/proc/{kernel_pid}/environ")
     found["/proc/1/environ"] = read("/proc/1/environ")
-    return {"env": dict(os.environ), "files": found, "uid": os.getuid()}
+    # the user files are opened as (a worker keeping root's file access at the rlimits
+    # level runs as nobody for everything else)
+    with open("/proc/self/status") as f:
+        fsuid = next(int(line.split()[4]) for line in f if line.startswith("Uid:"))
+    return {"env": dict(os.environ), "files": found, "uid": fsuid}
