@@ -97,6 +97,11 @@ class ClusterView(Projection):
         self.holders: dict[str, str] = {}
         #: plugin name -> (digest, size, node) of its installed archive
         self.archives: dict[str, tuple[str, int, str]] = {}
+        #: plugin name -> every archive digest the cluster stored for it
+        self.stored: dict[str, set[str]] = {}
+        #: plugin name -> the digests of the copies the cluster put on its nodes, for a
+        #: plugin uninstalled since (a node that was down then removes its copy at start)
+        self.uninstalled: dict[str, set[str]] = {}
         #: ids of the recent ``TaskStarted`` (claims), oldest first, bounded
         self.claims: dict[str, None] = {}
         #: (commit time, delay) of recent claims, a sliding-window maximum: delays
@@ -217,7 +222,10 @@ class ClusterView(Projection):
         )
         self.holders[d["run_id"]] = r.meta.node
         self.claims[r.meta.id] = None
-        if d.get("trigger", "schedule") == "schedule":  # a due time to be late for
+        # a due time to be late for; a takeover's delay is its node's wait, which
+        # depends on the lag: counting it made the lag feed itself (grace + 2 * lag per
+        # takeover, up to stale_after_s within seconds of a node's death)
+        if d.get("trigger", "schedule") == "schedule" and not d.get("takeover"):
             self._note_lag(r.timestamp, max(0.0, r.timestamp - d["scheduled_for"]))
         if len(self.claims) > MAX_CLAIMS:
             del self.claims[next(iter(self.claims))]
@@ -234,10 +242,15 @@ class ClusterView(Projection):
     def _archive(self, r: Recorded) -> None:
         d = r.data
         self.archives[d["name"]] = (d["digest"], d["size"], d["node"])
+        self.stored.setdefault(d["name"], set()).add(d["digest"])
+        self.uninstalled.pop(d["name"], None)
 
     @handles("PluginUninstalled")
     def _uninstalled(self, r: Recorded) -> None:
-        self.archives.pop(r.data["name"], None)
+        name = r.data["name"]
+        self.archives.pop(name, None)
+        if name in self.stored:
+            self.uninstalled[name] = self.stored[name]
 
 
 def served_digests(kernel: Kernel, name: str) -> dict[str, str | None] | None:

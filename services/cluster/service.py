@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from kernel.errors import ConcurrencyError, XcoreError
-from kernel.events import Recorded
+from kernel.events import NewEvent, Recorded
 from kernel.placement import Alone
 from services.cluster import archives
 from services.cluster.config import ClusterSettings
@@ -47,7 +48,8 @@ from services.cluster.events import (
     node_stream,
 )
 from services.cluster.placement import Rendezvous
-from services.cluster.projection import ClusterView, iso
+from services.cluster.projection import ClusterView, HeldRun, NodeRow, iso
+from services.loader import installer
 from services.loader.events import PluginInstalled, PluginReloadRequested
 from services.loader.events import stream_of as plugin_stream
 from services.scheduler.events import TaskFailed
@@ -194,6 +196,14 @@ class ClusterService:
             await anyio.sleep(self.settings.heartbeat_s / 2)
             now = time.monotonic()
             for row in list(view.nodes.values()):
+                if row.node != kernel.node and row.state == "lost" and row.runs:
+                    # recorded lost, but its runs not (yet) failed: the survivor that
+                    # recorded it may have died in between; each survivor fails them,
+                    # under ids that make the log store each failure once
+                    try:
+                        await self._fail_runs(row)
+                    except Exception:
+                        log.exception("could not fail the runs of lost node %s", row.node)
                 if row.node == kernel.node or row.state != "up":
                     continue
                 # the view (which the NodeLost append expects the version of) shows a
@@ -238,21 +248,32 @@ class ClusterService:
             iso(row.last_heartbeat),
             len(runs),
         )
-        for run in runs:
-            await kernel.append(
-                TaskFailed(
-                    task=run.task,
-                    run_id=run.run_id,
-                    attempt=run.attempt,
-                    error=(
-                        f"node lost: {node} stopped heartbeating at {iso(row.last_heartbeat)} "
-                        "while this run was in progress"
-                    ),
-                    kind="node_lost",
-                    scheduled_for=run.scheduled_for,
+        await self._fail_runs(row, runs)
+
+    async def _fail_runs(self, row: NodeRow, runs: list[HeldRun] | None = None) -> None:
+        """Record each run lost node ``row`` held as ``TaskFailed(kind="node_lost")``.
+
+        Each failure's id is derived from the node's boot and the run, so any number of
+        survivors may record them, at any time after ``NodeLost``: the log keeps one."""
+        kernel = self._kernel()
+        for run in runs if runs is not None else list(row.runs.values()):
+            failed = TaskFailed(
+                task=run.task,
+                run_id=run.run_id,
+                attempt=run.attempt,
+                error=(
+                    f"node lost: {row.node} stopped heartbeating at {iso(row.last_heartbeat)} "
+                    "while this run was in progress"
                 ),
+                kind="node_lost",
+                scheduled_for=run.scheduled_for,
+            )
+            key = hashlib.blake2b(
+                f"node_lost|{row.node}|{row.boot}|{run.run_id}".encode(), digest_size=16
+            ).hexdigest()
+            await kernel.append(
+                NewEvent.of(failed, kernel._meta(ACTOR, None, id=key), explicit_id=True),
                 stream=task_stream(run.task),
-                actor=ACTOR,
             )
 
     # -- shared plugins --------------------------------------------------------------------
@@ -338,10 +359,37 @@ class ClusterService:
         return True
 
     async def _materialize_all(self) -> None:
-        """At start, before the loader boots: every installed plugin as the cluster has it."""
+        """At start, before the loader boots: every installed plugin as the cluster has it,
+        and no copy of a plugin the cluster uninstalled while this node was down."""
         assert self.view is not None
+        for name, digests in sorted(self.view.uninstalled.items()):
+            await self._remove_uninstalled(name, digests)
         for name, (digest, _, _) in sorted(self.view.archives.items()):
             await self._materialize(name, digest)
+
+    async def _remove_uninstalled(self, name: str, digests: set[str]) -> None:
+        """Remove this node's copy of ``name``, uninstalled in the cluster, if it is one
+        the cluster put there (a folder changed by hand is left, and said so)."""
+        folder = self._kernel().settings.plugins_dir / name
+        if not folder.is_dir():
+            return
+        try:
+            local = await anyio.to_thread.run_sync(archives.tree_digest, folder)
+            if local not in digests:
+                log.warning(
+                    "plugin %r was uninstalled in the cluster, but this node's copy (%s) is "
+                    "not one the cluster installed: left in place",
+                    name,
+                    local[:12],
+                )
+                return
+            await anyio.to_thread.run_sync(installer.remove_plugin, folder)
+        except OSError as exc:
+            log.error(
+                "plugin %r: uninstalled in the cluster, cannot remove %s: %s", name, folder, exc
+            )
+            return
+        log.info("plugin %r: uninstalled in the cluster while this node was down: removed", name)
 
     # -- reading -----------------------------------------------------------------------------
 

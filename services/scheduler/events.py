@@ -113,6 +113,9 @@ class TaskStarted(Event):
     trigger: str = "schedule"
     #: The next due time of the schedule once this run was taken.
     next_run: float | None = None
+    #: In a cluster: claimed by a node that is not first for the task, after its wait
+    #: (a takeover). Its delay is that wait, not load: the claim lag leaves it out.
+    takeover: bool = False
 
 
 class TaskSucceeded(Event):

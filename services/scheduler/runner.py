@@ -395,6 +395,7 @@ class Runner:
                     scheduled_for=scheduled_for,
                     attempt=attempt,
                     trigger=kind,
+                    takeover=placed,
                     next_run=next_run
                     if entry.catch_up is None or next_run is None
                     else min(next_run, entry.catch_up),
