@@ -29,6 +29,11 @@ class Placement(Protocol):
         then it need not even try. False says nothing (the claim decides)."""
         ...
 
+    def settled(self, key: str) -> float:
+        """Seconds after a due time by which every live node would have claimed the
+        work named ``key`` (0 alone): only then is unclaimed work really missed."""
+        ...
+
 
 class Alone:
     """A single node: claim everything at once."""
@@ -40,3 +45,6 @@ class Alone:
 
     def claimed(self, claim: str) -> bool:
         return False
+
+    def settled(self, key: str) -> float:
+        return 0.0

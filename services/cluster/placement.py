@@ -85,3 +85,9 @@ class Rendezvous:
 
     def claimed(self, claim: str) -> bool:
         return claim in self.view.claims
+
+    def settled(self, key: str) -> float:
+        last = len(self.rank(key)) - 1
+        lag = min(LAG_FACTOR * self.view.claim_lag(time.time()), self.max_lag)
+        # the last node's wait, then one more grace for its claim to reach this view
+        return (last + 1) * (self.grace + lag)

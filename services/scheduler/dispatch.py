@@ -19,6 +19,7 @@ Exactly-once does not rest on this: the claim itself decides (``claim.py``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -37,6 +38,10 @@ from services.scheduler.timers import TimerQueue
 from services.scheduler.triggers import catch_up
 
 __all__ = ["Dispatcher"]
+
+#: In a cluster, how many missed due times are checked against the others' claims (the
+#: rest of a longer outage is counted missed without a look-up).
+MISSED_CHECKED = 200
 
 log = logging.getLogger("xcore.scheduler")
 
@@ -179,7 +184,13 @@ class Dispatcher:
             dues = [last]
         missed = count - len(dues)
         pre: list[Event] = []
-        if missed:
+        kernel = self.runner.kernel
+        if missed and kernel is not None and kernel.placement.shared:
+            # In a cluster the dues this node missed (it was paused, or restarting) were
+            # likely run by another node: only those nobody claimed are recorded missed,
+            # once every node would have claimed them.
+            self.runner.spawn(self._record_missed(entry, due, count, last, dues, nxt))
+        elif missed:
             pre.append(
                 TaskMissed(
                     task=tid,
@@ -239,6 +250,55 @@ class Dispatcher:
 
         self._timer.arm(f"takeover:{tid}:{due!r}", time.time() + delay, take_over)
         return True
+
+    async def _record_missed(
+        self,
+        entry: TaskEntry,
+        first: float,
+        count: int,
+        last: float,
+        ran: list[float],
+        nxt: float | None,
+    ) -> None:
+        """Record as missed the due times from ``first`` to ``last`` (``count`` of them)
+        that neither this node (``ran``) nor any other claimed (a cluster)."""
+        kernel = self.runner.kernel
+        assert kernel is not None
+        task = entry.task
+        placement = kernel.placement
+        await asyncio.sleep(placement.settled(task.id))
+        listed = self._first_dues(task, first, min(count, MISSED_CHECKED))
+        taken = set(ran)
+        unclaimed = [
+            d
+            for d in listed
+            if d not in taken and not placement.claimed(claim_key(task, d, 1, None))
+        ]
+        unchecked = count - len(listed)  # past the bound: counted missed, not looked up
+        n = len(unclaimed) + unchecked
+        if not n:
+            log.debug("task %s: the %d due run(s) this node missed ran elsewhere", task.id, count)
+            return
+        log.warning("task %s: %d due run(s) missed (%s)", task.id, n, task.misfire)
+        await self.runner.append(
+            task.id,
+            [
+                TaskMissed(
+                    task=task.id,
+                    count=n,
+                    first=unclaimed[0] if unclaimed else self._after(task, listed[-1], last),
+                    last=last if unchecked else unclaimed[-1],
+                    policy=task.misfire,
+                    next_run=nxt,
+                )
+            ],
+        )
+
+    @staticmethod
+    def _after(task: CompiledTask, due: float, default: float) -> float:
+        assert task.trigger is not None
+        nxt = task.trigger.next_after(due)
+        return default if nxt is None else nxt
 
     def _first_dues(self, task: CompiledTask, due: float, n: int) -> list[float]:
         assert task.trigger is not None
