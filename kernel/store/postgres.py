@@ -50,6 +50,7 @@ from kernel.store.postgres_writer import (
     PostgresWriter,
 )
 from kernel.store.tail import Row, Tail
+from kernel.store.versions import VersionReads
 
 __all__ = ["FORMAT", "SCHEMA", "PostgresStore", "redact_dsn"]
 
@@ -249,8 +250,13 @@ class PostgresStore:
         #: whether the log's schema has the one-trip append function (``open`` decides)
         self.fast_append = False
         #: stream_version calls waiting for the next query, and the task running them
-        self._version_wanted: dict[str, list[asyncio.Future[int]]] = {}
-        self._version_task: asyncio.Task[None] | None = None
+        self._version_reads = VersionReads(
+            self._versions,
+            refused=REFUSED,
+            refusal=lambda stream, e: StoreError(f"{self.location}: stream {stream!r}: {e}"),
+            closed=lambda: StoreClosed(f"{self.location}: the event log is closed"),
+            name="xcore-pg-versions",
+        )
 
     # -- opening and closing -------------------------------------------------------
 
@@ -500,15 +506,7 @@ class PostgresStore:
         await self._release()
 
     async def _release(self) -> None:
-        task, self._version_task = self._version_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
-        wanted, self._version_wanted = self._version_wanted, {}
-        for futures in wanted.values():
-            for f in futures:
-                if not f.done():
-                    f.set_exception(StoreClosed(f"{self.location}: the event log is closed"))
+        await self._version_reads.close()
         if self._follower is not None:
             await self._follower.stop()
             self._follower = None
@@ -667,49 +665,7 @@ class PostgresStore:
         answer read before it was made.
         """
         self._check_open()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._version_wanted.setdefault(stream, []).append(future)
-        if self._version_task is None or self._version_task.done():
-            self._version_task = loop.create_task(self._read_versions(), name="xcore-pg-versions")
-        return await future
-
-    async def _read_versions(self) -> None:
-        """Answer the waiting ``stream_version`` calls, one query per round."""
-        while self._version_wanted:
-            wanted, self._version_wanted = self._version_wanted, {}
-            try:
-                try:
-                    found = await self._versions(list(wanted))
-                except REFUSED:
-                    # refused for a stream name (a NUL byte...): each alone, so only its
-                    # callers fail
-                    found = {}
-                    for stream, futures in wanted.items():
-                        try:
-                            found.update(await self._versions([stream]))
-                        except REFUSED as e:
-                            refused = StoreError(f"{self.location}: stream {stream!r}: {e}")
-                            for f in futures:
-                                if not f.done():
-                                    f.set_exception(refused)
-            except BaseException as exc:
-                error = (
-                    exc
-                    if isinstance(exc, Exception)
-                    else StoreClosed(f"{self.location}: the event log is closed")
-                )
-                for futures in wanted.values():
-                    for f in futures:
-                        if not f.done():
-                            f.set_exception(error)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for stream, futures in wanted.items():
-                for f in futures:
-                    if not f.done():
-                        f.set_result(found.get(stream, 0))
+        return await self._version_reads.get(stream)
 
     async def _versions(self, streams: list[str]) -> dict[str, int]:
         rows = await self._fetch(

@@ -45,6 +45,7 @@ from kernel.store.sqlite_streams import (
 from kernel.store.sqlite_trusted import skip_triggers
 from kernel.store.sqlite_writer import _ONE_TRIP, COLUMNS, GroupCommitWriter
 from kernel.store.tail import Tail
+from kernel.store.versions import VersionReads
 
 __all__ = ["SQLiteStore", "Synchronous"]
 
@@ -240,8 +241,14 @@ class SQLiteStore:
         self._last = 0
         self._open = False
         #: stream_version calls waiting for the next query, and the task running them
-        self._version_wanted: dict[str, list[asyncio.Future[int]]] = {}
-        self._version_task: asyncio.Task[None] | None = None
+        self._version_reads = VersionReads(
+            self._versions,
+            refused=(StoreError,),
+            refusal=lambda stream, e: e,
+            closed=lambda: StoreClosed(f"{self.path}: the event log is closed"),
+            name="xcore-sqlite-versions",
+            newer=self._writer_version,
+        )
         #: whether the writer's own inserts go through the append-only triggers (True
         #: only where this interpreter cannot turn them off; see sqlite_trusted.py)
         self.writer_checked_by_triggers = True
@@ -559,7 +566,7 @@ class SQLiteStore:
         if self._writer is not None:
             await self._writer.stop()
         self._open = False
-        await self._stop_versions()
+        await self._version_reads.close()
         self._tail.close()
         clean = self._write_conn is not None and await self._checkpoint()
         last = self._writer.last if self._writer is not None else self._last
@@ -823,58 +830,12 @@ class SQLiteStore:
         self._check_open()
         if self._writer is not None and stream in self._writer.versions:
             return self._writer.versions[stream]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._version_wanted.setdefault(stream, []).append(future)
-        if self._version_task is None or self._version_task.done():
-            self._version_task = loop.create_task(
-                self._read_versions(), name="xcore-sqlite-versions"
-            )
-        return await future
+        return await self._version_reads.get(stream)
 
-    async def _read_versions(self) -> None:
-        """Answer the waiting ``stream_version`` calls, one query per round."""
-        while self._version_wanted:
-            wanted, self._version_wanted = self._version_wanted, {}
-            try:
-                try:
-                    found = await self._versions(list(wanted))
-                except StoreClosed:
-                    raise
-                except StoreError:
-                    # refused for one stream's name: each alone, so only its callers fail
-                    found = {}
-                    for stream, futures in wanted.items():
-                        try:
-                            found.update(await self._versions([stream]))
-                        except StoreClosed:
-                            raise
-                        except StoreError as e:
-                            for f in futures:
-                                if not f.done():
-                                    f.set_exception(e)
-            except BaseException as exc:
-                error = (
-                    exc
-                    if isinstance(exc, Exception)
-                    else StoreClosed(f"{self.path}: the event log is closed")
-                )
-                for futures in wanted.values():
-                    for f in futures:
-                        if not f.done():
-                            f.set_exception(error)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            writer = self._writer
-            for stream, futures in wanted.items():
-                # the writer's own count wins once it has one (it is never behind)
-                version = found.get(stream, 0)
-                if writer is not None and stream in writer.versions:
-                    version = writer.versions[stream]
-                for f in futures:
-                    if not f.done():
-                        f.set_result(version)
+    def _writer_version(self, stream: str) -> int | None:
+        """The writer's own count of ``stream`` (never behind the file), if it has one."""
+        writer = self._writer
+        return writer.versions.get(stream) if writer is not None else None
 
     async def _versions(self, streams: list[str]) -> dict[str, int]:
         await self._refresh_reader()
@@ -892,17 +853,6 @@ class SQLiteStore:
                 if version is not None:
                     found[str(stream)] = int(version)
         return found
-
-    async def _stop_versions(self) -> None:
-        task, self._version_task = self._version_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
-        wanted, self._version_wanted = self._version_wanted, {}
-        for futures in wanted.values():
-            for f in futures:
-                if not f.done():
-                    f.set_exception(StoreClosed(f"{self.path}: the event log is closed"))
 
     async def wait(self, after: int, timeout: float | None = None) -> int:
         self._check_open()
