@@ -341,7 +341,7 @@ class Config(BaseModel):
 """
 
 
-def _posts_router(routes: int = 20) -> str:
+def posts_router(routes: int = 20) -> str:
     lines = [
         "from fastapi import APIRouter",
         "from pydantic import BaseModel",
@@ -405,7 +405,7 @@ def reload_rss_growth_config() -> list[Result]:
 
 
 def reload_rss_growth_posts() -> list[Result]:
-    return _rss_growth("reload_rss_growth_posts_mb", CONFIG_RUN, _posts_router())
+    return _rss_growth("reload_rss_growth_posts_mb", CONFIG_RUN, posts_router())
 
 
 BENCHMARKS = [

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 
+from bench.reload import posts_router  # the workload of reload_rss_growth_posts_mb
 from kernel import Kernel, Settings, create_app
 
 from .conftest import AUTH, TOKEN, write_plugin
@@ -28,24 +29,6 @@ CONFIG_RUN = """
     class Config(BaseModel):
         greeting: str = "hi"
     """
-
-
-def posts_router(routes: int = 20) -> str:
-    lines = [
-        "from fastapi import APIRouter",
-        "from pydantic import BaseModel",
-        "router = APIRouter()",
-        "class Item(BaseModel):",
-        "    id: int",
-        "    tags: list[str] = []",
-    ]
-    for i in range(routes):
-        lines += [
-            f"@router.post('/r{i}', response_model=Item)",
-            f"async def r{i}(item: Item) -> Item:",
-            "    return item",
-        ]
-    return "\n".join(lines) + "\n"
 
 
 async def test_old_generations_are_collected_with_every_service_running(
