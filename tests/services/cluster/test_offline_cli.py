@@ -8,9 +8,7 @@ start did not see its record. It is refused now, naming the way (a running node)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import anyio
@@ -20,22 +18,13 @@ from kernel.events import Meta, NewEvent
 from kernel.store.postgres import PostgresStore
 from services.loader.events import PluginInstalled, stream_of
 from tests.services.loader.conftest import write_plugin
+from tests.services.loader.test_cli import xcore as plugin_cli
 
 pytestmark = pytest.mark.postgres
 
 
 def xcore(cwd: Path, dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
-    env.update(XCORE_PORT="9", XCORE_STORE="postgres", XCORE_DSN=dsn, XCORE_NODE="n1")
-    return subprocess.run(
-        [sys.executable, "-m", "kernel.cli", "plugin", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return plugin_cli(cwd, *args, store="postgres", dsn=dsn, node="n1")
 
 
 def stray_logs(root: Path) -> list[Path]:

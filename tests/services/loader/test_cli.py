@@ -11,9 +11,11 @@ from pathlib import Path
 from .conftest import write_plugin
 
 
-def xcore(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def xcore(cwd: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    """``xcore plugin ARGS`` in ``cwd``, with ``settings`` as ``XCORE_*`` variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
     env["XCORE_PORT"] = "9"  # nothing listens there: commands go offline or say so
+    env.update({f"XCORE_{k.upper()}": v for k, v in settings.items()})
     return subprocess.run(
         [sys.executable, "-m", "kernel.cli", "plugin", *args],
         cwd=cwd,
