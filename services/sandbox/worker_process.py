@@ -822,7 +822,12 @@ class Worker:
                         "wall", self.wall_time, f"{call.label} ran longer than {self.wall_time:g}s"
                     )
                     return
-            if now - last_sample >= 1.0:
+            # every tick once the CPU limit is near: the hard limit's SIGKILL comes one CPU
+            # second after the soft one, and only a sample inside that second tells a
+            # plugin that ignored SIGXCPU from a crash (the worker may be reaped before
+            # its last CPU time can be read)
+            near_cpu = self.cpu_s >= float(self.limits["cpu"]) - 2.0
+            if near_cpu or now - last_sample >= 1.0:
                 last_sample = now
                 self._sample()
 
