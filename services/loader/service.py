@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from kernel.collector import collector
 from kernel.events import Recorded
 
-from . import installer
+from . import installer, lazy
 from .api import build_router
 from .core import ACTOR, Loader
 from .events import (
@@ -99,6 +99,8 @@ class LoaderService:
             # good; the plugins imported next stay collectable (kernel/collector.py)
             collector.acquire()
             stack.push_async_callback(collector.release)
+        if settings.lazy_validators and lazy.install():
+            stack.callback(lazy.uninstall)
         stack.push_async_callback(loader.shutdown)
         await loader.boot()
         if kernel.settings.reload:

@@ -45,6 +45,10 @@ class LoaderSettings(BaseModel):
     #: While a generation is built, full collections of the cyclic GC are deferred (one
     #: runs every few builds instead of one or two per build).
     defer_full_gc: bool = True
+    #: FastAPI's per-field validators of routes are built on first use instead of while
+    #: a plugin is imported (see services/loader/lazy.py; false: built at import, so an
+    #: unsupported type fails the load).
+    lazy_validators: bool = True
     #: The mode of plugins installed from an archive (``xcore plugin install``, the
     #: admin API's upload): ``manifest`` keeps the one their manifest declares;
     #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.
