@@ -172,7 +172,7 @@ def _wrk_p99(url: str, seconds: float) -> float:
 
 #: Seconds wrk goes on measuring after the reloads of a busy phase stop: the work the
 #: reloads set off (the collection of the unloaded generations) falls inside the phase.
-TAIL_S = 2.5
+TAIL_S = 3.0
 #: Without the collector's state in /health (an older server): wait this long instead.
 SETTLE_FALLBACK_S = 3.0
 

@@ -17,7 +17,7 @@ attribute read (thread-safe: two first reads may both build; one result is kept)
 
 Trade-off: a type pydantic cannot build a schema for (an arbitrary class as a body) is
 no longer refused while the plugin is imported, but at the first request of that route
-(a 500 answer, the exception logged) and by ``/openapi.json``. Set ``lazy_validators:
+(a 500 answer and the exception in the log) and by ``/openapi.json``. Set ``lazy_validators:
 false`` to have such plugins refused at load.
 """
 
