@@ -3,16 +3,25 @@
 - ``reload_neighbour_p99_ms``: a real ``xcore serve`` holds two plugins, ``neighbour``
   (one small route) and ``big`` (300 routes with pydantic models). ``wrk`` (a separate
   process) loads the neighbour's route and reports its p99 latency; in the measured
-  phase this process reloads ``big`` in a loop through the admin API, in the peer phase
-  (``no_reload``) it does nothing. Phases alternate (A B A B ...); the value is the
-  median of the reload phases' p99, the ratio the median of the pair ratios (target:
-  within 2x).
+  phase this process reloads ``big`` in a loop through the admin API for ``PHASE_S``
+  and wrk goes on for ``TAIL_S`` more, so the work the reloads set off afterwards (the
+  collection of the replaced generations, kernel/collector.py) is counted in the phase
+  that caused it; in the peer phase (``no_reload``) it does nothing, and it starts only
+  once the collector has settled (``/health`` -> ``loader.gc``: nothing pending, no full
+  collection for 0.5 s). Full collections and collector pauses are recorded per phase
+  (``quiet_gc``, ``busy_gc``), and ``full_collections_after_busy_phase`` counts those
+  that still ran after a busy phase ended (0 expected; -1: a server without the
+  collector's state, for which a fixed wait is used). Phases alternate (A B A B ...);
+  the value is the median of the reload phases' p99, the ratio the median of the pair
+  ratios (target: within 2x).
 - ``reload_neighbour_cpu_p99_ms``: the same two plugins in a kernel run in this process,
   the neighbour's route called by 8 closed-loop clients through ASGI; each request's
   latency is counted in *process CPU time* (what the server, the build threads and the
   clients computed meanwhile), so other programs loading the machine do not count: the
   figure holds on a busy machine where wrk's does not. Value: the p99 while ``big``
-  reloads (2 reloads a phase, 3 phases) with the build window (services/loader/priority.py);
+  reloads (2 reloads a phase, then until the collection they set off has run; 3 phases;
+  a quiet phase starts once the collector has nothing pending) with the build window
+  (services/loader/priority.py);
   peers: the same without reloads (``no_reload``) and reloading with the window turned
   off (``window_off``: ``build_switch_interval_ms: 0``, ``defer_full_gc: false``).
 - ``reload_rss_growth_mb`` (a plugin with one GET route), ``reload_rss_growth_config_mb``

@@ -96,6 +96,7 @@ class Collector:
         self._gap_checks: list[Callable[[], bool]] = []
         self._task: asyncio.Task[None] | None = None
         self._collecting = False
+        self._owner_defers = False
         #: Objects in the oldest generation after our last full collection.
         self._long_lived = 0
         self._old = 0
@@ -118,9 +119,11 @@ class Collector:
             gc.freeze()
             self.boot_frozen = gc.get_freeze_count()
             self._defer()
+            self._owner_defers = True
             self._full_seen = gc.get_stats()[2]["collections"]
             self._long_lived = len(gc.get_objects(2))
             self._task = loop.create_task(self._run(), name="xcore-gc")
+            self._task.add_done_callback(self._ended)
         log.debug("gc: %d boot objects frozen out of collections", self.boot_frozen)
 
     async def release(self) -> None:
@@ -135,9 +138,26 @@ class Collector:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with self._lock:
-            self._undefer()
+            if self._owner_defers:
+                self._owner_defers = False
+                self._undefer()
             gc.unfreeze()
             self.boot_frozen = 0
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # never leave the interpreter without full collections: its own policy resumes
+        log.error(
+            "gc: the collector's task failed; the interpreter collects again",
+            exc_info=task.exception(),
+        )
+        with self._lock:
+            if self._task is task:
+                self._task = None
+            if self._owner_defers:
+                self._owner_defers = False
+                self._undefer()
 
     def add_gap_check(self, check: Callable[[], bool]) -> None:
         """``check()`` is True when a pause of ~100 ms now would hurt no one (idempotent)."""

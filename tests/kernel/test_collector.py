@@ -123,3 +123,24 @@ async def test_owners_nest(fresh: Collector) -> None:
     assert fresh.held and gc.get_freeze_count() == frozen
     await fresh.release()
     assert not fresh.held and gc.get_freeze_count() == 0
+
+
+async def test_a_failed_task_gives_full_collections_back_to_the_interpreter(
+    fresh: Collector, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(generation: int = 2) -> int:
+        raise RuntimeError("collector broke")
+
+    fresh.acquire()
+    try:
+        assert gc.get_threshold()[2] == SENTINEL
+        with monkeypatch.context() as m:
+            m.setattr(gc, "collect", broken)
+            fresh.note_unloaded()
+            with anyio.fail_after(30):
+                while gc.get_threshold()[2] == SENTINEL:
+                    await anyio.sleep(0.01)
+        assert "the collector's task failed" in caplog.text
+    finally:
+        await fresh.release()
+    assert gc.get_threshold()[2] != SENTINEL and fresh._deferring == 0
