@@ -28,7 +28,8 @@ Mechanism (process-wide: the collector is global):
   build window): collections of ours wait for the last to end. Without an owner (a
   build outside a running kernel) the interpreter's policy is only deferred during the
   build, and one full collection runs itself once :data:`MAX_DEFERRED` generations were
-  unloaded since the last.
+  unloaded since the last; with an owner, reloads back to back that never leave its
+  task a gap make the build that ends collect after :data:`MAX_DEFERRED_HELD`.
 - *Settled freeze.* A kernel without the loader's boot layer (the scheduler alone) may
   still freeze its settled heap (``services/scheduler/gcpolicy.py``); when an owner
   holds the collector, that policy defers to it (:attr:`Collector.held`).
@@ -49,13 +50,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_DEFERRED", "SENTINEL", "Collector", "collector"]
+__all__ = ["MAX_DEFERRED", "MAX_DEFERRED_HELD", "SENTINEL", "Collector", "collector"]
 
 log = logging.getLogger("xcore.gc")
 
 #: Generations that may be unloaded without a full collection before a build runs one
 #: (only without an owner: with one, the collector's task collects).
 MAX_DEFERRED = 4
+#: With an owner, the unloaded generations after which the build that ends collects
+#: anyway (reloads back to back leave the owner's task no gap).
+MAX_DEFERRED_HELD = 2 * MAX_DEFERRED
 #: The generation-2 threshold while deferred or owned (out of reach; recognisable).
 SENTINEL = 2_000_000_011
 _DEFAULT_THRESHOLD_2 = 10
@@ -185,7 +189,10 @@ class Collector:
             self._sync()
             if defer:
                 self._undefer()
-                collect = not self.held and self.unloaded_since_full >= MAX_DEFERRED
+                # without an owner every MAX_DEFERRED unloads; with one, only when
+                # reloads never leave it a gap (a tight loop): memory stays bounded
+                bound = MAX_DEFERRED_HELD if self.held else MAX_DEFERRED
+                collect = self.unloaded_since_full >= bound
         if collect:
             gc.collect()
             with self._lock:

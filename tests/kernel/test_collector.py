@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from kernel.collector import SENTINEL, Collector
+from kernel.collector import MAX_DEFERRED_HELD, SENTINEL, Collector
 
 
 class Cycle:
@@ -144,3 +144,23 @@ async def test_a_failed_task_gives_full_collections_back_to_the_interpreter(
     finally:
         await fresh.release()
     assert gc.get_threshold()[2] != SENTINEL and fresh._deferring == 0
+
+
+async def test_reloads_back_to_back_still_collect_every_few_unloads(fresh: Collector) -> None:
+    """A tight loop of reloads never leaves the owner's task a gap: the build that ends
+    collects once MAX_DEFERRED_HELD generations wait, so memory stays bounded."""
+    fresh.add_gap_check(lambda: False)
+    fresh.max_wait = 600
+    fresh.acquire()
+    try:
+        for _ in range(MAX_DEFERRED_HELD - 1):
+            fresh.build_started()
+            fresh.note_unloaded()
+            fresh.build_ended()
+        assert fresh.forced == 0
+        fresh.build_started()
+        fresh.note_unloaded()
+        fresh.build_ended()
+        assert fresh.forced == 1 and fresh.unloaded_since_full == 0
+    finally:
+        await fresh.release()
