@@ -160,7 +160,11 @@ class Lifecycle(LoaderState):
 
     def priority(self) -> contextlib.AbstractContextManager[None]:
         """The build window (``priority.py``): the event loop keeps priority meanwhile."""
-        return building(self.settings.build_switch_interval_ms, self.settings.defer_full_gc)
+        return building(
+            self.settings.build_switch_interval_ms,
+            self.settings.defer_full_gc,
+            self.settings.build_cpu_share,
+        )
 
     async def discard(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:
         """Throw a generation away and put back the modules it replaced."""

@@ -24,6 +24,10 @@ that ends, and put back then):
   walks only the objects allocated since the boot (kernel/collector.py). Setting
   ``defer_full_gc: false`` turns this off (the loader then leaves the collector to the
   interpreter: no boot layer is frozen).
+- *Paced build threads.* A build thread that never waits slices every request of the
+  loop into switch-interval pieces. While the window is open, threads building routes
+  compute at most ``build_cpu_share`` of the wall time (0.3 by default; 1 turns it off):
+  they pause between routes (kernel/pacing.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from kernel import pacing
 from kernel.collector import MAX_DEFERRED, SENTINEL, collector
 
 __all__ = ["MAX_DEFERRED", "SENTINEL", "BuildWindow", "building", "window"]
@@ -58,9 +63,13 @@ class BuildWindow:
         """Full collections run at the end of a build (without a collector owner)."""
         return collector.forced
 
-    def enter(self, switch_interval: float | None, defer_full_gc: bool) -> None:
+    def enter(
+        self, switch_interval: float | None, defer_full_gc: bool, cpu_share: float = 1.0
+    ) -> None:
         with self._lock:
             self.active += 1
+            if self.active == 1 and cpu_share < 1.0:
+                pacing.set_share(cpu_share)
             if switch_interval is not None and switch_interval > 0:
                 current = sys.getswitchinterval()
                 if self._saved_interval is None:
@@ -73,6 +82,8 @@ class BuildWindow:
     def exit(self, defer_full_gc: bool) -> None:
         with self._lock:
             self.active -= 1
+            if self.active == 0:
+                pacing.set_share(1.0)
             if self.active == 0 and self._saved_interval is not None:
                 # put back only what this module set (another change is kept)
                 if self._set_interval is None or sys.getswitchinterval() == self._set_interval:
@@ -91,11 +102,13 @@ window = BuildWindow()
 
 
 @contextlib.contextmanager
-def building(switch_interval_ms: float = 0.25, defer_full_gc: bool = True) -> Iterator[None]:
+def building(
+    switch_interval_ms: float = 0.25, defer_full_gc: bool = True, cpu_share: float = 1.0
+) -> Iterator[None]:
     """Hold the build window while the block runs (nests; threads may share it)."""
     # (below 10 us the interpreter would do little but switch threads)
     interval = max(switch_interval_ms, 0.01) / 1000 if switch_interval_ms > 0 else None
-    window.enter(interval, defer_full_gc)
+    window.enter(interval, defer_full_gc, cpu_share)
     try:
         yield
     finally:

@@ -25,6 +25,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel import pacing
 from kernel.collector import collector
 from kernel.events import Recorded
 
@@ -99,6 +100,8 @@ class LoaderService:
             # good; the plugins imported next stay collectable (kernel/collector.py)
             collector.acquire()
             stack.push_async_callback(collector.release)
+        if settings.build_cpu_share < 1:
+            pacing.install()
         if settings.lazy_validators and lazy.install():
             stack.callback(lazy.uninstall)
         stack.push_async_callback(loader.shutdown)
