@@ -209,3 +209,33 @@ async def test_reloads_free_replaced_generations_once_settled(
         while collector.pending() or collector.collections == start:
             await anyio.sleep(0.05)
     assert collector.unloaded_since_full == 0
+
+
+PACED_ROUTER = """
+    from pathlib import Path
+    from fastapi import APIRouter
+    from kernel import pacing
+
+    (Path(__file__).parent.parent / "share.log").write_text(str(pacing.share()))
+    router = APIRouter()
+    for i in range(200):
+        router.add_api_route(f"/r{i}", lambda q: {}, methods=["GET"])
+    """
+
+
+async def test_a_build_paces_its_route_threads(harness_factory, plugins: Path) -> None:
+    """While a generation is built, threads declaring its routes pause between them
+    (kernel/pacing.py); the window closes pacing when the build ends."""
+    from kernel import pacing
+
+    write_plugin(plugins, "paced", router=PACED_ROUTER)
+    h = await harness_factory()
+    before = pacing.slept
+    r = await h.client.post("/admin/plugins/paced/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert float((plugins / "share.log").read_text()) == pytest.approx(0.3)
+    assert pacing.slept > before and pacing.share() == 1.0
+    (plugins / "share.log").unlink()
+    await h.stop()
+    await harness_factory(loader={"build_cpu_share": 1})  # turned off
+    assert float((plugins / "share.log").read_text()) == 1.0
