@@ -66,6 +66,8 @@ class Lifecycle(LoaderState):
         #: Prefixes claimed by generations being built right now.
         self._building: dict[str, str] = {}
         self._next_generation: dict[str, int] = {}
+        #: The boot is loading the installed plugins (nothing is served yet: no pacing).
+        self.booting = False
 
     def prefix_conflict(self, name: str, prefix: str) -> str | None:
         """Why ``name`` cannot claim ``prefix`` (kernel routes, another plugin), or None."""
@@ -163,7 +165,7 @@ class Lifecycle(LoaderState):
         return building(
             self.settings.build_switch_interval_ms,
             self.settings.defer_full_gc,
-            self.settings.build_cpu_share,
+            1.0 if self.booting else self.settings.build_cpu_share,
         )
 
     async def discard(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:
