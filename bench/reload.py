@@ -23,7 +23,8 @@
   a quiet phase starts once the collector has nothing pending) with the build window
   (services/loader/priority.py);
   peers: the same without reloads (``no_reload``) and reloading with the window turned
-  off (``window_off``: ``build_switch_interval_ms: 0``, ``defer_full_gc: false``).
+  off (``window_off``: ``build_switch_interval_ms: 0``, ``defer_full_gc: false``,
+  ``build_cpu_share: 1``).
 - ``reload_rss_growth_mb`` (a plugin with one GET route), ``reload_rss_growth_config_mb``
   (a ``run.py`` with a ``Config`` model and no router) and ``reload_rss_growth_posts_mb``
   (20 POST routes with a pydantic body model, and a ``Config``): a real server, run as a
@@ -400,7 +401,7 @@ async def _cpu_phases(
 async def reload_neighbour_cpu_p99() -> list[Result]:
     runs: dict[str, tuple[list[float], list[float], int]] = {}
     gc_logs: dict[str, list[dict[str, Any]]] = {}
-    off = {"build_switch_interval_ms": 0, "defer_full_gc": False}
+    off = {"build_switch_interval_ms": 0, "defer_full_gc": False, "build_cpu_share": 1}
     for label, loader in (("off", off), ("on", {})):
         with tempfile.TemporaryDirectory() as tmp:
             base = Path(tmp)
