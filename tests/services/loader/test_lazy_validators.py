@@ -175,6 +175,37 @@ async def test_an_unsupported_type_is_refused_at_boot(
     assert (await h.client.get("/app/odd/fine")).status_code == 404
 
 
+SUB = """
+    from fastapi import APIRouter, Body, Depends
+
+    router = APIRouter()
+    sub = APIRouter(prefix="/sub")
+
+    class Opaque:
+        pass
+
+    def dep(thing: Opaque = Body(...)) -> int:
+        return 1
+
+    @sub.post("/bad")
+    async def bad(x: int = Depends(dep)) -> dict[str, str]:
+        return {}
+
+    router.include_router(sub)
+    """
+
+
+async def test_an_unsupported_type_in_a_dependency_of_an_included_router_is_refused(
+    harness_factory: Any, plugins: Path
+) -> None:
+    write_plugin(plugins, "odd", info={"version": "1.0.0", "api_prefix": "/app/odd"}, router=SUB)
+    h = await harness_factory()
+    [failed] = await h.events("PluginLoadFailed", name="odd")
+    text = failed.data["error"]
+    assert "POST /app/odd/sub/bad: field 'thing' (body)" in text and "Opaque" in text, text
+    assert (failed.data["stage"], failed.data["file"]) == ("import", "router.py")
+
+
 async def test_an_unsupported_type_is_refused_on_reload_and_the_old_generation_serves(
     harness_factory: Any, plugins: Path
 ) -> None:
