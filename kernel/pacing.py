@@ -11,7 +11,8 @@ CPU time); its CPU cost is unchanged.
 Mechanism: Python runs one thread at a time, and a thread waiting for the interpreter
 takes it from the running one after the switch interval, so a build thread that never
 waits slices every request of the event loop into switch-interval pieces. Build code
-calls :func:`pace` between units of work (after each route is declared or copied); once
+calls :func:`pace` between units of work (after each route is declared or copied, each
+validator built by services/loader/lazy.py); once
 the calling thread has computed ``quantum`` seconds of CPU since its last pause, it
 sleeps (releasing the interpreter) long enough to bring its share down to ``share``.
 Calls from the event loop's thread, or while no build is open (``share`` is 1), return
