@@ -283,7 +283,7 @@ class GroupCommitWriter:
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
         statements = index_statements([*unindexed, (stream, v, p)], p) if flush else []
-        conn = self._conn._conn  # type: ignore[attr-defined]
+        conn = self._conn._conn
         try:
             took = _write(conn, [row], statements)
         except sqlite3.Error as exc:
