@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -417,3 +418,112 @@ async def test_the_writer_checkpoints_the_wal_off_the_loops_thread(tmp_path: Pat
             assert [r.position for r in await store.read()] == list(range(1, 601))
         finally:
             await store.close()
+
+
+async def _commits_by_thread(
+    store: SQLiteStore, appends: int, slow: float = 0.0, stream: str = "s"
+) -> list[bool]:
+    """Append ``appends`` lone events one after the other; for each commit, whether it
+    ran in the loop's thread. ``slow``: every COMMIT sleeps that long first (a slow
+    disk's sync)."""
+    assert store._write_conn is not None
+    loop_thread = threading.get_ident()
+    inline: list[bool] = []
+
+    def trace(sql: str) -> None:
+        if sql.strip().upper().startswith("COMMIT"):
+            inline.append(threading.get_ident() == loop_thread)
+            if slow:
+                time.sleep(slow)
+
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
+    try:
+        for i in range(appends):
+            await store.append([ev(i)], stream=stream)
+    finally:
+        await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    return inline
+
+
+async def test_one_slow_commit_among_fast_ones_keeps_lone_commits_inline(
+    tmp_path: Path,
+) -> None:
+    """A VM's disk syncs slowly now and then: one commit of 4 times ``inline_limit``
+    moves the running average by half of it, so the next lone commits stay in the
+    loop's thread (one outlier used to send them all to the thread for 2 s)."""
+    store = SQLiteStore(tmp_path / "log.db", inline_limit=0.2)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            assert await _commits_by_thread(store, 1, slow=0.8) == [True]
+            assert store._writer is not None and store._writer.commit_average > 0.09
+            assert await _commits_by_thread(store, 5) == [True] * 5
+        finally:
+            await store.close()
+
+
+async def test_a_disk_that_stays_slow_sends_lone_commits_to_the_thread_until_it_is_fast(
+    tmp_path: Path,
+) -> None:
+    """The loop is never held by a slow disk for more than a commit or so: a commit of
+    10 times ``inline_limit`` lifts the average over it at once, and lone appends go
+    through the connection's thread (the loop stays free while it syncs) until their
+    commits are fast again."""
+    store = SQLiteStore(tmp_path / "log.db", inline_limit=0.01)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            slow = await _commits_by_thread(store, 6, slow=0.1)
+            assert slow == [True] + [False] * 5, slow
+            # fast again: the average decays over the thread's commits, back inline
+            fast = await _commits_by_thread(store, 60)
+            assert fast[0] is False and fast[-10:] == [True] * 10, fast
+        finally:
+            await store.close()
+
+
+async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle(
+    store: SQLiteStore,
+) -> None:
+    """No trip through the queue and the writer task for a lone one-event append to a
+    stream the writer knows; the first append of a stream goes through the writer."""
+    assert store._write_conn is not None
+    tasks: list[asyncio.Task[object] | None] = []
+
+    def trace(sql: str) -> None:
+        if sql.strip().upper().startswith("COMMIT"):
+            tasks.append(asyncio.current_task())
+
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
+    me = asyncio.current_task()
+    with anyio.fail_after(30):
+        [first] = await store.append([ev(1)], stream="s")
+        [second] = await store.append([ev(2)], stream="s")
+    await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    assert store._writer is not None and tasks == [store._writer._task, me]
+    assert (first.position, first.version, second.position, second.version) == (1, 1, 2, 2)
+    assert [(r.position, r.data) for r in await store.read(stream="s")] == [
+        (1, {"i": 1}),
+        (2, {"i": 2}),
+    ]
+
+
+async def test_a_caller_appending_in_a_loop_lets_the_loop_run(store: SQLiteStore) -> None:
+    """Each append committed in its caller's task yields to the loop once after its
+    commit: a task appending without pause does not starve timers and I/O. A timer due
+    at once has run by the time two such appends returned."""
+    assert store._writer is not None
+    with anyio.fail_after(30):
+        await store.append([ev(0)], stream="s")
+        loop = asyncio.get_running_loop()
+        ran: list[int] = []
+        before = store._writer.inline_commits
+        loop.call_at(loop.time(), ran.append, 1)
+        await store.append([ev(1)], stream="s")
+        assert store._writer.inline_commits == before + 1  # committed in this task
+        await store.append([ev(2)], stream="s")
+    assert ran == [1]
