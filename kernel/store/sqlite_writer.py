@@ -7,6 +7,12 @@ durable. The writer is the only one to assign positions and versions, so it keep
 in memory (the last position, each stream's version) and checks ``expected_version``
 and idempotency keys itself, batch by batch.
 
+A lone append meets an idle writer most of the time when one producer writes: it then
+commits in the loop's own thread, and, for one event to a stream the writer knows, in
+its caller's task (``_lone``): no queue, no wake-up, no turn of the writer task. A lone
+commit blocks the loop, so it is done only while nothing else is ready to run and lone
+commits are fast on average (``_may_inline``); a slow disk sends them to the thread.
+
 A batch fails as a whole only for a reason that is the log's, not one caller's (the disk
 is full): then it is rolled back and every caller gets the error. An append whose own
 data is refused (a payload that is not JSON, an id already in the log) fails alone: its
@@ -71,7 +77,7 @@ _EWMA_WEIGHT = 1 / 8
 #: connection) about every this many WAL pages, SQLite's own default: an automatic
 #: checkpoint runs inside the commit that crosses the bound, so a lone append
 #: committing on the loop's thread would block the loop for the copy and its fsync,
-#: and make every commit after it go through the thread (see ``_may_inline``).
+#: and count as a slow commit (see ``_may_inline``).
 CHECKPOINT_PAGES = 1000
 _perf_counter = time.perf_counter
 
