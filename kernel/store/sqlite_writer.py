@@ -244,7 +244,7 @@ class GroupCommitWriter:
             raise StoreError(
                 f"{self.path}: stream name {stream!r} is not valid text: {exc}"
             ) from None
-        if len(events) == 1 and not self._queue:
+        if len(events) == 1 and not self._queue and _ONE_TRIP:
             wakeup = self._wakeup
             if wakeup is not None and not wakeup.done() and self._may_inline():
                 # the writer is idle and nothing else is ready to run: commit here
@@ -292,7 +292,7 @@ class GroupCommitWriter:
         conn = self._conn._conn
         try:
             took = _write(conn, [row], statements)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the batch path tries again and reports it
             try:
                 conn.rollback()
             except sqlite3.Error as again:

@@ -527,3 +527,36 @@ async def test_a_caller_appending_in_a_loop_lets_the_loop_run(store: SQLiteStore
         assert store._writer.inline_commits == before + 1  # committed in this task
         await store.append([ev(2)], stream="s")
     assert ran == [1]
+
+
+async def test_a_lone_append_that_fills_the_disk_fails_alone_and_the_log_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Committed in its caller's task, an append the disk refuses is rolled back there
+    and reported as in a batch ("the disk is full"); positions stay gapless."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, max_page_count=40)
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")  # the stream is known: lone path
+            assert store._writer is not None
+            before = store._writer.inline_commits
+            big = NewEvent.raw("Big", {"blob": "x" * 400_000})
+            with pytest.raises(StoreError, match="disk is full"):
+                await store.append([big], stream="s")
+            [r] = await store.append([ev(2)], stream="s")
+            assert (r.position, r.version) == (2, 2)
+            assert store._writer.inline_commits == before + 1  # the last one, inline
+            assert [(x.position, x.version) for x in await store.read(stream="s")] == [
+                (1, 1),
+                (2, 2),
+            ]
+        finally:
+            await store.close()
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        assert [x.data.get("i") for x in await reopened.read()] == [0, 2]
+    finally:
+        await reopened.close()
