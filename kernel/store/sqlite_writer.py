@@ -237,13 +237,14 @@ class GroupCommitWriter:
         task = self._task
         if self._stopping or task is None or task.done():
             self._check_alive()  # raises, naming why
-        try:
-            stream.encode()
-        except UnicodeEncodeError as exc:
-            # refused alone: in a batch, SQLite's refusal would fail every other append
-            raise StoreError(
-                f"{self.path}: stream name {stream!r} is not valid text: {exc}"
-            ) from None
+        if stream not in self.versions:  # a stream the writer knows was checked before
+            try:
+                stream.encode()
+            except UnicodeEncodeError as exc:
+                # refused alone: in a batch, SQLite's refusal would fail every other append
+                raise StoreError(
+                    f"{self.path}: stream name {stream!r} is not valid text: {exc}"
+                ) from None
         if len(events) == 1 and not self._queue and _ONE_TRIP:
             wakeup = self._wakeup
             if wakeup is not None and not wakeup.done() and self._may_inline():
