@@ -16,7 +16,7 @@ from kernel.events import NewEvent, Recorded
 __all__ = ["Append", "Op", "Put", "Stop"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Append:
     """Events for one stream, with the version the caller expects it at."""
 
@@ -28,7 +28,7 @@ class Append:
     existing: list[str] | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Put:
     """One more statement in the next batch (a checkpoint or snapshot upsert)."""
 
@@ -37,7 +37,7 @@ class Put:
     future: asyncio.Future[None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Stop:
     """Commit what is queued before it, then stop."""
 
