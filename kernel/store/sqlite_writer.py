@@ -71,7 +71,7 @@ _INSERTS: dict[int, str] = {}
 #: Weight of the newest lone commit in the writer's running average of their durations
 #: (an exponentially weighted moving average): one outlier of k times the limit moves
 #: the average by k/8 of the limit, while a disk that stays slow crosses it within a few
-#: commits — at once when a commit takes 8 times the limit or more.
+#: commits — at once when a commit takes more than 8 times the limit.
 _EWMA_WEIGHT = 1 / 8
 #: The writer checkpoints the WAL itself (SQLite's automatic checkpoint is off on its
 #: connection) about every this many WAL pages, SQLite's own default: an automatic
@@ -171,7 +171,7 @@ class GroupCommitWriter:
         average (``commit_average``, kept over the commits in either thread). One slow
         sync among fast ones (a VM's disk has them every few hundred commits) leaves the
         average under the limit; a disk that stays slow lifts it over within a few
-        commits — after one commit of 8 times the limit — and lone writes go through
+        commits — after one commit of over 8 times the limit — and lone writes go through
         the connection's thread, so the loop stays free while it syncs, until their
         commits are fast again. ``inline_limit`` 0 turns it off."""
         if self.inline_limit <= 0 or self._ready is None or self._ready:
