@@ -73,6 +73,11 @@ _INSERTS: dict[int, str] = {}
 #: the average by k/8 of the limit, while a disk that stays slow crosses it within a few
 #: commits — at once when a commit takes more than 8 times the limit.
 _EWMA_WEIGHT = 1 / 8
+#: A commit in the loop's thread that took more than 8 times ``inline_limit`` (a stall,
+#: not a slow sync) also keeps lone commits off the loop's thread for this many seconds:
+#: a disk that stalls now and then blocks the loop at most once per pause, however fast
+#: its commits are in between.
+_STALL_PAUSE = 2.0
 #: The writer checkpoints the WAL itself (SQLite's automatic checkpoint is off on its
 #: connection) about every this many WAL pages, SQLite's own default: an automatic
 #: checkpoint runs inside the commit that crosses the bound, so a lone append
@@ -156,6 +161,8 @@ class GroupCommitWriter:
         self.inline_limit = inline_limit
         #: the running average of lone writes' commit times, in either thread (seconds)
         self.commit_average = 0.0
+        #: lone commits stay off the loop's thread until then (time.monotonic())
+        self._stalled = 0.0
         #: lone writes committed in the loop's thread, and in the connection's
         self.inline_commits = 0
         self.thread_commits = 0
@@ -176,11 +183,14 @@ class GroupCommitWriter:
         commits are fast again. ``inline_limit`` 0 turns it off."""
         if self.inline_limit <= 0 or self._ready is None or self._ready:
             return False
-        return self.commit_average <= self.inline_limit
+        return self.commit_average <= self.inline_limit and time.monotonic() >= self._stalled
 
-    def _timed(self, took: float) -> None:
-        """Count a lone write's commit time into ``commit_average``."""
+    def _timed(self, took: float, inline: bool) -> None:
+        """Count a lone write's commit time into ``commit_average``; after a stall of
+        the loop's thread, keep lone commits off it for ``_STALL_PAUSE`` seconds."""
         self.commit_average += (took - self.commit_average) * _EWMA_WEIGHT
+        if inline and took > self.inline_limit / _EWMA_WEIGHT:
+            self._stalled = time.monotonic() + _STALL_PAUSE
 
     @property
     def running(self) -> bool:
@@ -299,7 +309,7 @@ class GroupCommitWriter:
             except sqlite3.Error as again:
                 log.error("rollback on %s after %r failed: %r", self.path, exc, again)
             return None
-        self._timed(took)
+        self._timed(took, True)
         self.inline_commits += 1
         self.failure = None
         self.last = p
@@ -613,10 +623,10 @@ class GroupCommitWriter:
                 elif self._may_inline():
                     # a lone write with nothing else ready to run: commit here, saving
                     # the hop to the connection's thread and back (see _may_inline)
-                    self._timed(_write(conn._conn, rows, statements))
+                    self._timed(_write(conn._conn, rows, statements), True)
                     self.inline_commits += 1
                 else:
-                    self._timed(await conn._execute(_write, conn._conn, rows, statements))  # type: ignore[no-untyped-call]
+                    self._timed(await conn._execute(_write, conn._conn, rows, statements), False)  # type: ignore[no-untyped-call]
                     self.thread_commits += 1
             except sqlite3.Error as exc:
                 await self._rollback(exc)

@@ -19,7 +19,7 @@ import pytest
 
 from kernel.errors import StoreClosed, StoreError
 from kernel.events import Meta, NewEvent
-from kernel.store import SQLiteStore
+from kernel.store import SQLiteStore, sqlite_writer
 
 
 def ev(i: int, meta: Meta | None = None) -> NewEvent:
@@ -465,22 +465,45 @@ async def test_one_slow_commit_among_fast_ones_keeps_lone_commits_inline(
 
 
 async def test_a_disk_that_stays_slow_sends_lone_commits_to_the_thread_until_it_is_fast(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The loop is never held by a slow disk for more than a commit or so: a commit of
-    10 times ``inline_limit`` lifts the average over it at once, and lone appends go
+    """The loop is never held by a slow disk for more than a couple of commits: two
+    commits of 5 times ``inline_limit`` lift the average over it, and lone appends go
     through the connection's thread (the loop stays free while it syncs) until their
     commits are fast again."""
+    monkeypatch.setattr(sqlite_writer, "_STALL_PAUSE", 0.0)  # the average alone
     store = SQLiteStore(tmp_path / "log.db", inline_limit=0.01)
     with anyio.fail_after(60):
         await store.open()
         try:
             await store.append([ev(0)], stream="s")
-            slow = await _commits_by_thread(store, 6, slow=0.1)
-            assert slow == [True] + [False] * 5, slow
+            slow = await _commits_by_thread(store, 6, slow=0.05)
+            assert slow[0] is True and slow[2:] == [False] * 4, slow
             # fast again: the average decays over the thread's commits, back inline
             fast = await _commits_by_thread(store, 60)
             assert fast[0] is False and fast[-10:] == [True] * 10, fast
+        finally:
+            await store.close()
+
+
+async def test_a_stall_of_the_loops_thread_keeps_lone_commits_off_it_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit in the loop's thread of more than 8 times ``inline_limit`` is a stall:
+    lone commits stay in the connection's thread for ``_STALL_PAUSE`` seconds even once
+    the average is back under the limit, so a disk that stalls now and then blocks the
+    loop at most once per pause."""
+    monkeypatch.setattr(sqlite_writer, "_STALL_PAUSE", 600.0)
+    store = SQLiteStore(tmp_path / "log.db", inline_limit=0.01)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            assert await _commits_by_thread(store, 1, slow=0.2) == [True]
+            # fast commits bring the average under the limit after ~20 of them
+            assert await _commits_by_thread(store, 60) == [False] * 60
+            assert store._writer is not None
+            assert store._writer.commit_average < store._writer.inline_limit
         finally:
             await store.close()
 
