@@ -583,3 +583,37 @@ async def test_a_lone_append_that_fills_the_disk_fails_alone_and_the_log_goes_on
         assert [x.data.get("i") for x in await reopened.read()] == [0, 2]
     finally:
         await reopened.close()
+
+
+async def test_data_and_meta_are_stored_as_blobs_and_read_back_as_bytes(
+    tmp_path: Path,
+) -> None:
+    """The writer binds them as bytearray (cheaper for the sqlite3 module than bytes):
+    what is stored and read back is the same BLOB as before, bytes in every reader."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            await store.append([ev(1)], stream="s")  # lone, in the caller's task
+            await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(20)))
+            await store.append([ev(i) for i in range(3)], stream="s")
+        finally:
+            await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        kinds = set(conn.execute("SELECT typeof(data), typeof(meta) FROM events").fetchall())
+        rows = conn.execute("SELECT data, meta FROM events ORDER BY position").fetchall()
+    finally:
+        conn.close()
+    assert kinds == {("blob", "blob")}
+    assert all(type(d) is bytes and type(m) is bytes for d, m in rows)
+    reopened = SQLiteStore(path, readonly=True)
+    await reopened.open()
+    try:
+        records = await reopened.read()
+        assert len(records) == 25 and [r.data["i"] for r in records[:2]] == [0, 1]
+        assert all(type(r.meta.id) is str for r in records)
+    finally:
+        await reopened.close()
