@@ -116,14 +116,14 @@ def _write(
     started = _perf_counter()
     for i in range(0, len(rows), _CHUNK):
         chunk = rows[i : i + _CHUNK]
-        params = list(chain.from_iterable(chunk))
+        flat = list(chain.from_iterable(chunk))
         # ``data`` and ``meta`` bound as bytearray, stored alike (a BLOB): the sqlite3
         # module binds int, float, str and bytearray directly but sends bytes through
         # its adapter lookup, which fails on a type attribute and formats the error
         # before dropping it — ~3,300 instructions per value, 7% of an append
-        params[5::9] = map(bytearray, params[5::9])
-        params[6::9] = map(bytearray, params[6::9])
-        conn.execute(_insert_sql(len(chunk)), params)
+        flat[5::9] = map(bytearray, flat[5::9])
+        flat[6::9] = map(bytearray, flat[6::9])
+        conn.execute(_insert_sql(len(chunk)), flat)
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
