@@ -397,7 +397,7 @@ class GroupCommitWriter:
                     stop = nxt
                     break
                 batch.append(nxt)
-                size += len(nxt.events) if isinstance(nxt, _Append) else 1
+                size += len(nxt.events) if type(nxt) is _Append else 1
             try:
                 await self._commit(batch)
                 if self.wal_pages >= self.checkpoint_pages:
@@ -503,8 +503,8 @@ class GroupCommitWriter:
 
     async def _commit(self, batch: list[_Append | _Put]) -> None:
         conn = self._conn
-        appends = [o for o in batch if isinstance(o, _Append)]
-        puts = [o for o in batch if isinstance(o, _Put)]
+        appends = [o for o in batch if type(o) is _Append]
+        puts = [o for o in batch if type(o) is _Put]
         explicit = [e.meta.id for o in appends for e in o.events if e.explicit_id]
         existing = await self._existing_ids(explicit) if explicit else set()
         versions = self.versions
