@@ -91,7 +91,8 @@ def new_id() -> str:
         low = _next_random()
     except IndexError:
         low = _pool.refill()
-    return f"{(_time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | low:032x}"
+    # to_bytes().hex(): 32 lowercase digits as the format "032x", in half the time
+    return ((_time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | low).to_bytes(16, "big").hex()
 
 
 class Event(BaseModel):
@@ -268,7 +269,11 @@ class Meta:
             and self.node is None
             and self.boot is None
         ):
-            return compact_json({"id": self.id})
+            eid = self.id
+            if type(eid) is str and eid.isascii() and eid.isalnum():
+                # nothing to escape (a fresh id is hex): what orjson writes, built directly
+                return b'{"id":"' + eid.encode() + b'"}'
+            return compact_json({"id": eid})
         return compact_json(
             {
                 key: value
