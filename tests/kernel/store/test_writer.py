@@ -617,3 +617,33 @@ async def test_data_and_meta_are_stored_as_blobs_and_read_back_as_bytes(
         assert all(type(r.meta.id) is str for r in records)
     finally:
         await reopened.close()
+
+
+async def test_a_lone_append_after_a_foreign_row_goes_on_after_it(tmp_path: Path) -> None:
+    """Committed in its caller's task, an append whose position another process took
+    is rolled back there and redone by the writer after the log's new end."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            await store.append([ev(1)], stream="s")  # lone: the stream is known
+            assert store._writer is not None
+            before = store._writer.inline_commits
+            conn = sqlite3.connect(path)
+            conn.execute(
+                "INSERT INTO events VALUES (3, 's', 3, 'Counted', 1, '{}', '{}', 'foreign', 0)"
+            )
+            conn.commit()
+            conn.close()
+            [r] = await store.append([ev(2)], stream="s")
+            assert (r.position, r.version) == (4, 4)
+            [r] = await store.append([ev(3)], stream="s")  # lone again
+            assert (r.position, r.version) == (5, 5)
+            # the clash went to the writer task (its retry after the new end committed
+            # in the loop's thread too), the next append was lone again
+            assert store._writer.inline_commits == before + 2
+            assert [x.position for x in await store.read(stream="s")] == [1, 2, 3, 4, 5]
+        finally:
+            await store.close()
