@@ -310,11 +310,13 @@ class GroupCommitWriter:
         conn = self._conn._conn
         try:
             took = _write(conn, [row], statements)
-        except Exception as exc:  # the batch path tries again and reports it
+        except BaseException as exc:  # the batch path tries again and reports it
             try:
-                conn.rollback()
+                conn.rollback()  # nothing of it stays in an open transaction
             except sqlite3.Error as again:
                 log.error("rollback on %s after %r failed: %r", self.path, exc, again)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt...: rolled back, and on its way
             return None
         self._timed(took, True)
         self.inline_commits += 1
