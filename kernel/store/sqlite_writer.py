@@ -518,6 +518,7 @@ class GroupCommitWriter:
         position = self.last
         touched: dict[str, int] = {}
         rows: list[tuple[Any, ...]] = []
+        fresh_index: list[IndexRow] = []  # the rows' (stream, version, position)
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
@@ -571,6 +572,7 @@ class GroupCommitWriter:
                 position = p
                 touched[stream] = v
                 rows.append(row)
+                fresh_index.append((stream, v, p))
                 results.append((o, [r]))
                 continue
             kept: list[NewEvent] = []
@@ -611,13 +613,13 @@ class GroupCommitWriter:
             in_batch.update(seen)
             position, touched[stream] = p, v
             rows.extend(op_rows)
+            fresh_index.extend([(stream, r[2], r[0]) for r in op_rows])
             results.append((o, records))
 
         if any(isinstance(f, ConcurrencyError) for _, f in failures) and await self._resync():
             # a version the writer had in memory was stale: another process wrote
             await self._commit(batch)
             return
-        fresh_index = [(r[1], r[2], r[0]) for r in rows]
         flush = len(self.unindexed) + len(fresh_index) >= self.index_every
         if rows or puts:
             try:
