@@ -647,3 +647,25 @@ async def test_a_lone_append_after_a_foreign_row_goes_on_after_it(tmp_path: Path
             assert [x.position for x in await store.read(stream="s")] == [1, 2, 3, 4, 5]
         finally:
             await store.close()
+
+
+async def test_concurrent_appends_to_known_streams_still_share_transactions(
+    store: SQLiteStore,
+) -> None:
+    """The lone path is for a lone append only: producers ready at the same moment, on
+    streams the writer knows, still join one batch rather than each committing alone."""
+    assert store._write_conn is not None
+    with anyio.fail_after(30):
+        await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(50)))
+        commits: list[str] = []
+        raw = store._write_conn._conn  # type: ignore[attr-defined]
+        await store._write_conn._execute(  # type: ignore[attr-defined]
+            raw.set_trace_callback,
+            lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None,
+        )
+        try:
+            await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(50)))
+        finally:
+            await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    assert 1 <= len(commits) <= 3, f"{len(commits)} commits for 50 concurrent appends"
+    assert await store.last_position() == 100
