@@ -42,38 +42,42 @@ __all__ = [
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+#: UUIDv7's version (7) and variant (0b10) bits, all within the low 80 bits of the id.
+_V7_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_V7_SET = (0x7 << 76) | (0x2 << 62)
+
+
 class _RandomPool:
-    """Random bytes drawn from the OS in blocks, handed out ten at a time.
+    """The random low 80 bits of ids (version and variant bits set), drawn from the OS
+    in blocks and handed out one at a time.
 
     One ``os.urandom`` call per 1,024 ids instead of one per id (a system call costs
-    about a microsecond, most of an id's price). A forked child starts with an empty
-    pool, so parent and child never hand out the same bytes.
+    about a microsecond, most of an id's price), and the bytes turned into integers for
+    the whole block at once: an id then costs one ``list.pop``. A forked child starts
+    with an empty pool, so parent and child never hand out the same bits.
     """
 
-    BLOCK = 10 * 1024
+    BLOCK = 1024
 
     def __init__(self) -> None:
-        self._buf = b""
-        self._at = 0
+        #: the values not handed out yet (the same list for the pool's life)
+        self.values: list[int] = []
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
+            os.register_at_fork(after_in_child=self.values.clear)
 
-    def _reset(self) -> None:
-        self._buf = b""
-        self._at = 0
-
-    def take10(self) -> int:
-        at = self._at
-        if at + 10 > len(self._buf):
-            self._buf = os.urandom(self.BLOCK)
-            at = 0
-        self._at = at + 10
-        return int.from_bytes(self._buf[at : at + 10], "big")
+    def refill(self) -> int:
+        """Draw a new block; returns one value of it."""
+        buf = os.urandom(10 * self.BLOCK)
+        take = int.from_bytes
+        self.values.extend(
+            [take(buf[i : i + 10], "big") & _V7_CLEAR | _V7_SET for i in range(0, len(buf), 10)]
+        )
+        return self.values.pop()
 
 
 _pool = _RandomPool()
-_V7_CLEAR = ~((0xF << 76) | (0x3 << 62))
-_V7_SET = (0x7 << 76) | (0x2 << 62)
+_next_random = _pool.values.pop
+_time_ns = time.time_ns
 
 
 def new_id() -> str:
@@ -83,9 +87,12 @@ def new_id() -> str:
     which makes a commit write a few index pages rather than one per event. The 74
     random bits come from a pool of OS randomness (see :class:`_RandomPool`).
     """
-    ms = time.time_ns() // 1_000_000
-    value = ((ms & 0xFFFF_FFFF_FFFF) << 80 | _pool.take10()) & _V7_CLEAR | _V7_SET
-    return f"{value:032x}"
+    try:
+        low = _next_random()
+    except IndexError:
+        low = _pool.refill()
+    # to_bytes().hex(): 32 lowercase digits as the format "032x", in half the time
+    return ((_time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | low).to_bytes(16, "big").hex()
 
 
 class Event(BaseModel):
@@ -262,7 +269,11 @@ class Meta:
             and self.node is None
             and self.boot is None
         ):
-            return compact_json({"id": self.id})
+            eid = self.id
+            if type(eid) is str and eid.isascii() and eid.isalnum():
+                # nothing to escape (a fresh id is hex): what orjson writes, built directly
+                return b'{"id":"' + eid.encode() + b'"}'
+            return compact_json({"id": eid})
         return compact_json(
             {
                 key: value
