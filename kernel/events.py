@@ -568,6 +568,13 @@ class LeanRecorded(Recorded):
         self._batch = None
         self.__class__ = LoadedRecorded
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled and copied as the :class:`Recorded` it reads as (its batch, which holds
+        the store's loader, is no part of its value)."""
+        meta = self._meta if self._meta is not None else self._meta_raw
+        columns = (self.position, self.stream, self.version, self.type, self.schema)
+        return (Recorded, (*columns, self.data, meta, self.timestamp))
+
     @staticmethod
     def from_lean_rows(
         rows: Sequence[Sequence[Any]],

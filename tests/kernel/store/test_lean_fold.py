@@ -4,7 +4,9 @@ that read exactly as full ones."""
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 from pathlib import Path
 
 import anyio
@@ -241,3 +243,23 @@ async def test_lean_records_read_unread_columns_through_properties(tmp_path: Pat
     bare = LeanRecorded()
     with pytest.raises(AttributeError, match="batch"):
         bare.stream  # noqa: B018
+
+
+async def test_lean_records_pickle_and_copy_as_the_full_records_they_read_as(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.db"
+    with anyio.fail_after(60):
+        await _log(path)
+        store = await _readonly(path)
+        try:
+            full = await store.read()
+            lean = await store.read_lean()
+        finally:
+            await store.close()
+    lean[3].meta  # noqa: B018  (decoded metadata is carried as such)
+    for i, copied in enumerate(
+        [pickle.loads(pickle.dumps(lean[0])), copy.copy(lean[3]), copy.deepcopy(lean[9])]
+    ):
+        assert type(copied) is Recorded
+        assert envelope(copied) == envelope(full[(0, 3, 9)[i]])
