@@ -258,9 +258,10 @@ def _apply_rows(got: LeanRows, handlers: dict[str, HandlerFn], projection: Proje
                 r._batch = batch
                 handler(projection, r)
     except BaseException:
-        done = bisect.bisect_left(rows, position, key=_position)
-        if done:
-            projection.position = rows[done - 1][0]
+        if position is not None:  # else nothing was applied
+            done = bisect.bisect_left(rows, position, key=_position)
+            if done:
+                projection.position = rows[done - 1][0]
         raise
     projection.position = rows[-1][0]
 
