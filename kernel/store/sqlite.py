@@ -748,6 +748,10 @@ class SQLiteStore:
         self._check_open()
         check_limit(limit)
         types = check_types(types)
+        if until is not None and not isinstance(until, (int, float)):
+            # SQLite would compare text with the positions as it orders mixed values
+            # (every number before any text): refuse, as Python's comparison did
+            raise StoreError(f"a read's until must be a position (a number), not {until!r}")
         if not self.readonly:
             cached = self._tail.read(after, types, None, limit)
             if cached is not None:

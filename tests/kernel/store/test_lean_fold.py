@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from kernel.errors import StoreError
 from kernel.events import Event, LeanRecorded, LoadedRecorded, NewEvent, Recorded, upcaster
 from kernel.projections import Projection, fold, handles, state_at
 from kernel.store import SQLiteStore
@@ -263,3 +264,25 @@ async def test_lean_records_pickle_and_copy_as_the_full_records_they_read_as(
     ):
         assert type(copied) is Recorded
         assert envelope(copied) == envelope(full[(0, 3, 9)[i]])
+
+
+async def test_a_position_that_is_not_an_int_is_refused_not_compared_as_sqlite_would(
+    tmp_path: Path,
+) -> None:
+    """SQLite orders every integer before any text: ``position <= '5'`` holds for every
+    row. The fold refused such a bound in Python before it was part of the read; a
+    float still reads as the number it is."""
+    path = tmp_path / "log.db"
+    with anyio.fail_after(60):
+        await _log(path)
+        store = await _readonly(path)
+        try:
+            for bad in ("5", b"5"):
+                with pytest.raises(StoreError, match="until must be a position"):
+                    await state_at(store, Everything, bad)  # type: ignore[arg-type]
+                with pytest.raises(StoreError, match="until must be a position"):
+                    await store.read_lean_rows(until=bad)  # type: ignore[arg-type]
+            p = await state_at(store, Everything, 4.5)  # type: ignore[arg-type]
+            assert len(p.seen) == 4
+        finally:
+            await store.close()
