@@ -126,6 +126,10 @@ async def fold(
     record is built, handed to its handler and dropped before the next is built
     (:class:`~kernel.events.LeanRows`).
     """
+    if type(batch_size) is not int or batch_size < 1:
+        raise XcoreError(
+            f"a fold's batch_size must be a whole number of 1 or more, not {batch_size!r}"
+        )
     types = projection.types()
     fast = type(projection).apply is Projection.apply
     handlers = projection._handlers

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from kernel.errors import StoreError
+from kernel.errors import StoreError, XcoreError
 from kernel.events import Event, LeanRecorded, LoadedRecorded, NewEvent, Recorded, upcaster
 from kernel.projections import Projection, fold, handles, state_at
 from kernel.store import SQLiteStore
@@ -284,5 +284,18 @@ async def test_a_position_that_is_not_an_int_is_refused_not_compared_as_sqlite_w
                     await store.read_lean_rows(until=bad)  # type: ignore[arg-type]
             p = await state_at(store, Everything, 4.5)  # type: ignore[arg-type]
             assert len(p.seen) == 4
+        finally:
+            await store.close()
+
+
+async def test_a_batch_size_below_one_is_refused_not_an_endless_fold(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    with anyio.fail_after(60):
+        await _log(path)
+        store = await _readonly(path)
+        try:
+            for bad in (0, -1, 2.5):
+                with pytest.raises(XcoreError, match="batch_size"):
+                    await fold(store, Plain(), batch_size=bad)  # type: ignore[arg-type]
         finally:
             await store.close()
