@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from kernel.store.base import ANY, NO_STREAM, EventStore, Snapshot
+from kernel.store.base import ANY, NO_STREAM, EventStore, Snapshot, StreamWrite, WriteResult
 from kernel.store.memory import MemoryStore
 from kernel.store.sqlite import SQLiteStore
 
-__all__ = ["ANY", "NO_STREAM", "EventStore", "MemoryStore", "SQLiteStore", "Snapshot"]
+__all__ = [
+    "ANY",
+    "NO_STREAM",
+    "EventStore",
+    "MemoryStore",
+    "SQLiteStore",
+    "Snapshot",
+    "StreamWrite",
+    "WriteResult",
+]

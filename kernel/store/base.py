@@ -20,6 +20,8 @@ __all__ = [
     "NO_STREAM",
     "EventStore",
     "Snapshot",
+    "StreamWrite",
+    "WriteResult",
     "check_limit",
     "check_types",
     "describe_expected",
@@ -68,6 +70,21 @@ class Snapshot:
     state: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class StreamWrite:
+    """One stream's part of :meth:`EventStore.append_many`: ``events`` for ``stream``,
+    checked against ``expected_version`` exactly as :meth:`EventStore.append` checks."""
+
+    stream: str
+    events: Sequence[NewEvent]
+    expected_version: int | None = ANY
+
+
+#: What :meth:`EventStore.append_many` answers for each write: its records, or why it
+#: was refused (a ConcurrencyError, a payload that is not JSON...).
+WriteResult = list[Recorded] | StoreError
+
+
 @runtime_checkable
 class EventStore(Protocol):
     """An append-only event log."""
@@ -96,6 +113,19 @@ class EventStore(Protocol):
         version; a mismatch raises ConcurrencyError and appends nothing. Events whose
         ``meta.id`` is already in the log are not stored again; when none is left, the
         stored records are returned and the version is not checked.
+        """
+        ...
+
+    async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
+        """Append each of ``writes`` to its own stream, all in one durable commit where
+        the backend group-commits (one writer batch, one fsync); return once they are.
+
+        Each write is decided alone, as :meth:`append` decides it: its expected version,
+        its ids already in the log. A write refused for its own content (a version
+        conflict, a payload that is not JSON, a bad stream name) gets its
+        ``StoreError`` in its place of the answer, in the order of ``writes``, and the
+        others are stored all the same. A failure of the store itself (closed, the
+        disk full) is raised, or answered for every write.
         """
         ...
 

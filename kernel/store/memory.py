@@ -11,7 +11,15 @@ from collections.abc import Collection, Sequence
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
-from kernel.store.base import ANY, Snapshot, check_limit, check_types, describe_expected
+from kernel.store.base import (
+    ANY,
+    Snapshot,
+    StreamWrite,
+    WriteResult,
+    check_limit,
+    check_types,
+    describe_expected,
+)
 from kernel.store.tail import Row, Tail
 
 __all__ = ["MemoryStore"]
@@ -84,6 +92,22 @@ class MemoryStore:
             self._ids[e.meta.id] = row
         self._versions[stream] = current
         self._tail.push(rows)
+        return out
+
+    async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
+        self._check_open()
+        out: list[WriteResult] = []
+        for w in writes:
+            try:
+                out.append(
+                    await self.append(
+                        w.events, stream=w.stream, expected_version=w.expected_version
+                    )
+                )
+            except StoreClosed:
+                raise
+            except StoreError as exc:  # this write's own refusal: the others go on
+                out.append(exc)
         return out
 
     async def read(

@@ -37,7 +37,14 @@ import asyncpg
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError
 from kernel.events import NewEvent, Recorded
-from kernel.store.base import ANY, Snapshot, check_limit, check_types
+from kernel.store.base import (
+    ANY,
+    Snapshot,
+    StreamWrite,
+    WriteResult,
+    check_limit,
+    check_types,
+)
 from kernel.store.dsn import redact_dsn
 from kernel.store.postgres_follow import Follower
 from kernel.store.postgres_writer import (
@@ -586,6 +593,11 @@ class PostgresStore:
             return []
         assert self._writer is not None
         return await self._writer.append(events, stream, expected_version)
+
+    async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
+        self._check_open()
+        assert self._writer is not None
+        return await self._writer.append_many(writes)
 
     # -- reading -------------------------------------------------------------------
 

@@ -27,12 +27,13 @@ import orjson
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
-from kernel.store.base import ANY, describe_expected
+from kernel.store.base import ANY, StreamWrite, WriteResult, describe_expected
 from kernel.store.tail import Row
 from kernel.store.writes import Append as _Append
 from kernel.store.writes import Op as _Op
 from kernel.store.writes import Put as _Put
 from kernel.store.writes import Stop as _Stop
+from kernel.store.writes import settle
 
 if TYPE_CHECKING:
     from kernel.store.postgres import PostgresStore
@@ -233,6 +234,21 @@ class PostgresWriter:
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Append(stream, expected_version, events, future))
         return await future
+
+    async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
+        """Queue every write at once, one after the other, so they join one batch (one
+        transaction); each is decided and answered alone (see ``EventStore.append_many``)."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        answers: list[WriteResult | asyncio.Future[list[Recorded]]] = []
+        for w in writes:
+            if not w.events:
+                answers.append([])
+                continue
+            future: asyncio.Future[list[Recorded]] = loop.create_future()
+            self._queue.put_nowait(_Append(w.stream, w.expected_version, w.events, future))
+            answers.append(future)
+        return await settle(answers)
 
     async def put(self, sql: str, params: tuple[Any, ...]) -> None:
         """Run one more statement (checkpoint, snapshot, archive) in the next batch."""

@@ -31,7 +31,14 @@ import aiosqlite
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
 from kernel.events import LeanRows, NewEvent, Recorded, registry
-from kernel.store.base import ANY, Snapshot, check_limit, check_types
+from kernel.store.base import (
+    ANY,
+    Snapshot,
+    StreamWrite,
+    WriteResult,
+    check_limit,
+    check_types,
+)
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
@@ -678,6 +685,12 @@ class SQLiteStore:
         if not events:
             return []
         return await writer.append(events, stream, expected_version)
+
+    async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
+        writer = self._writer
+        if writer is None or not self._open:
+            writer = self._writable()  # raises, naming why
+        return await writer.append_many(writes)
 
     # -- reading -------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import orjson
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
-from kernel.store.base import ANY, describe_expected
+from kernel.store.base import ANY, StreamWrite, WriteResult, describe_expected
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
@@ -46,6 +46,7 @@ from kernel.store.writes import Append as _Append
 from kernel.store.writes import Op as _Op
 from kernel.store.writes import Put as _Put
 from kernel.store.writes import Stop as _Stop
+from kernel.store.writes import settle
 
 __all__ = ["COLUMNS", "GroupCommitWriter"]
 
@@ -225,6 +226,33 @@ class GroupCommitWriter:
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
         return await future
+
+    async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
+        """Queue every write at once, one after the other, so they join one batch (one
+        commit); each is decided and answered alone (see ``EventStore.append_many``)."""
+        task = self._task
+        if self._stopping or task is None or task.done():
+            self._check_alive()  # raises, naming why
+        loop = asyncio.get_running_loop()
+        answers: list[WriteResult | asyncio.Future[list[Recorded]]] = []
+        for w in writes:
+            if not w.events:
+                answers.append([])
+                continue
+            try:
+                w.stream.encode()
+            except UnicodeEncodeError as exc:
+                answers.append(
+                    StoreError(f"{self.path}: stream name {w.stream!r} is not valid text: {exc}")
+                )
+                continue
+            future: asyncio.Future[list[Recorded]] = loop.create_future()
+            self._queue.append(_Append(w.stream, w.expected_version, w.events, future))
+            answers.append(future)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+        return await settle(answers)
 
     async def put(self, sql: str, params: tuple[Any, ...]) -> None:
         """Run one more statement (a checkpoint or snapshot upsert) in the next batch."""

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kernel.errors import StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded
+from kernel.store.base import WriteResult
 
-__all__ = ["Append", "Op", "Put", "Stop"]
+__all__ = ["Append", "Op", "Put", "Stop", "settle"]
 
 
 @dataclass(eq=False)
@@ -47,3 +49,41 @@ class Stop:
 
 
 Op = Append | Put | Stop
+
+
+async def settle(
+    answers: list[WriteResult | asyncio.Future[list[Recorded]]],
+) -> list[WriteResult]:
+    """The answers of an ``append_many`` whose writes were queued as one ``Append``
+    each (contiguous, so the writer takes them into one batch): each write's records or
+    its own ``StoreError``, in order. A closed store is raised, not answered.
+
+    If the caller stops waiting, the writes still commit (as a lone append's would);
+    their answers are then read and dropped, never left as unretrieved errors.
+    """
+    futures = [a for a in answers if isinstance(a, asyncio.Future)]
+    try:
+        if futures:
+            await asyncio.wait(futures)
+    except asyncio.CancelledError:
+        for f in futures:
+            f.add_done_callback(_drop)
+        raise
+    out: list[WriteResult] = []
+    for a in answers:
+        if not isinstance(a, asyncio.Future):
+            out.append(a)
+            continue
+        exc = a.exception()
+        if exc is None:
+            out.append(a.result())
+        elif isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
+            out.append(exc)
+        else:
+            raise exc
+    return out
+
+
+def _drop(future: asyncio.Future[list[Recorded]]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -20,6 +20,12 @@ instead of one every few seconds.
 
 This is a process-wide choice made by the scheduler (setting ``manage_gc``, default
 on): the application does not have to call ``gc.freeze()`` itself, and can turn it off.
+
+When the process's collector has an owner (``kernel/collector.py``: the loader froze
+what the boot built and runs full collections itself, in gaps), this policy defers to
+it: it neither freezes nor thaws (freezing would put plugin generations out of reach of
+every collection; thawing would make the next one walk the whole heap), and only tells
+the collector when the scheduler's next timer leaves no gap for a pause.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+
+from kernel.collector import collector
 
 __all__ = ["GcPolicy"]
 
@@ -65,6 +73,9 @@ class GcPolicy:
         """Registrations changed: thaw now, freeze again once they are quiet."""
         if not self.enabled:
             return
+        collector.add_gap_check(self._gap)
+        if collector.held:
+            return  # the collector's owner decides (module docstring)
         self._last_poke = time.monotonic()
         if gc.get_freeze_count():
             gc.unfreeze()
@@ -86,6 +97,8 @@ class GcPolicy:
                 break
             await asyncio.sleep(max(due - time.time(), 0) + 0.005)
         t0 = time.perf_counter()
+        if collector.held:  # an owner came meanwhile: it decides
+            return
         # No collection first: it would be the very pause this avoids (~90 ms with
         # 10,000 schedules). The boot's own cyclic garbage is frozen with the rest — a
         # bounded, one-time cost in memory — and collected after the next unfreeze.
@@ -105,8 +118,14 @@ class GcPolicy:
             self.last_pause_ms,
         )
 
+    def _gap(self) -> bool:
+        """True when a collection's pause now would not make a run late."""
+        due = self._next_due()
+        return due is None or due - time.time() >= self.gap
+
     async def stop(self) -> None:
         """Give the collector back its defaults (the kernel may start again in-process)."""
+        collector.remove_gap_check(self._gap)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

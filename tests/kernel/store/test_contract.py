@@ -13,7 +13,15 @@ import pytest
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import Event, Meta, NewEvent, registry, upcaster
-from kernel.store import ANY, NO_STREAM, EventStore, MemoryStore, Snapshot, SQLiteStore
+from kernel.store import (
+    ANY,
+    NO_STREAM,
+    EventStore,
+    MemoryStore,
+    Snapshot,
+    SQLiteStore,
+    StreamWrite,
+)
 from kernel.store.postgres import PostgresStore
 from tests.pg import pg_schema
 
@@ -286,3 +294,43 @@ async def test_the_largest_schema_number_is_kept_and_a_larger_one_refused(
 
         class TooNew(Event):
             schema_version = MAX_SCHEMA + 1
+
+
+async def test_append_many_writes_each_stream_and_decides_each_write_alone(
+    store: EventStore,
+) -> None:
+    await store.append([note("old")], stream="b")
+    taken = Meta(id="cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd")
+    await store.append([note("claimed", taken)], stream="c")
+    broken = NewEvent(type="Noted", data=b"{oops", meta=Meta())
+    answers = await store.append_many(
+        [
+            StreamWrite("a", [note("a1"), note("a2")], NO_STREAM),
+            StreamWrite("b", [note("lost")], NO_STREAM),  # b is at 1: refused alone
+            StreamWrite("c", [note("again", taken)], 0),  # its id is stored: answered
+            StreamWrite("d", [broken]),  # not JSON: refused alone
+            StreamWrite("e", []),
+            StreamWrite("b", [note("b2")], 1),
+        ]
+    )
+    a, b, c, d, e, b2 = answers
+    assert isinstance(b, ConcurrencyError) and "'b'" in str(b)
+    assert isinstance(d, StoreError)
+    assert not isinstance(a, StoreError) and [(r.stream, r.version) for r in a] == [
+        ("a", 1),
+        ("a", 2),
+    ]
+    assert not isinstance(c, StoreError) and [r.position for r in c] == [2]
+    assert e == []
+    assert not isinstance(b2, StoreError) and [(r.stream, r.version) for r in b2] == [("b", 2)]
+    stored = await store.read()
+    assert [r.position for r in stored] == [1, 2, 3, 4, 5]  # gapless, nothing refused
+    assert [r.data["text"] for r in stored] == ["old", "claimed", "a1", "a2", "b2"]
+    assert await store.append_many([]) == []
+
+
+async def test_append_many_on_a_closed_store_raises(store: EventStore) -> None:
+    await store.close()
+    with pytest.raises(StoreClosed):
+        await store.append_many([StreamWrite("s", [note("x")])])
+    await store.open()  # the fixture closes it again

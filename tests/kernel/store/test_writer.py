@@ -18,7 +18,7 @@ import pytest
 
 from kernel.errors import StoreClosed, StoreError
 from kernel.events import Meta, NewEvent
-from kernel.store import SQLiteStore
+from kernel.store import NO_STREAM, SQLiteStore, StreamWrite
 
 
 def ev(i: int, meta: Meta | None = None) -> NewEvent:
@@ -116,6 +116,22 @@ async def test_concurrent_appends_share_transactions(store: SQLiteStore) -> None
     assert await store.last_position() == 100
     # the first append may commit alone; the 99 queued behind it join one batch
     assert 1 <= len(commits) <= 5, f"{len(commits)} commits for 100 concurrent appends"
+
+
+async def test_append_many_commits_its_streams_in_one_transaction(store: SQLiteStore) -> None:
+    assert store._write_conn is not None
+    await store.append([ev(0)], stream="warm")  # the first write of a log may go alone
+    commits: list[str] = []
+    await store._write_conn.set_trace_callback(
+        lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None
+    )
+    with anyio.fail_after(30):
+        answers = await store.append_many(
+            [StreamWrite(f"p{i}", [ev(i)], NO_STREAM) for i in range(100)]
+        )
+    await store._write_conn.set_trace_callback(None)
+    assert [a[0].version for a in answers if not isinstance(a, StoreError)] == [1] * 100
+    assert len(commits) == 1, f"{len(commits)} commits for one append_many of 100 streams"
 
 
 async def test_a_bad_append_fails_alone_and_its_rows_are_rolled_back(
