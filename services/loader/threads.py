@@ -129,6 +129,8 @@ class PluginThreads:
                 ):
                     return await asyncio.shield(future)
             except TimeoutError:
+                if future.done():  # the call's own TimeoutError (or it just ended)
+                    return future.result()
                 assert deadline is not None
                 if loop.time() < deadline + paused.paused:
                     continue  # the thread was paused meanwhile: its deadline moved

@@ -286,3 +286,19 @@ def many_adapters(h: Any) -> list[Any]:
         out += [f._type_adapter for f in route.dependant.query_params]
         out += [f._type_adapter for f in route.dependant.body_params]
     return out
+
+
+async def test_a_timeout_error_raised_by_the_import_is_its_own_failure(
+    harness_factory: Any, plugins: Path
+) -> None:
+    """The import's own TimeoutError is reported as raised, not as the loader's timeout."""
+    write_plugin(
+        plugins,
+        "late",
+        info={"version": "1.0.0", "api_prefix": "/app/late"},
+        router="raise TimeoutError('upstream did not answer')\n",
+    )
+    h = await harness_factory(loader={"import_timeout": 5})
+    [failed] = await h.events("PluginLoadFailed", name="late")
+    assert "TimeoutError: upstream did not answer" in failed.data["error"], failed.data
+    assert h.loader.threads.stuck_of("late") == []
