@@ -58,7 +58,9 @@ class Dispatcher:
             blocked=self._dependency_block, finished=self._after_finish, retry=self.arm_retry
         )
         self._dependents: dict[str, set[str]] = {}
-        self._timer = TimerQueue()
+        # timers fire the runner's lead ahead of due times, the lead as it is then
+        self._timer = TimerQueue(lead=lambda: self.runner.lead)
+        self.runner.lead_grew = self._timer.lead_changed
         self._stopping = False
         #: ``coalesce="all"`` runs at most this many missed due times (the setting).
         self.max_catch_up = 100
@@ -121,7 +123,7 @@ class Dispatcher:
         due = entry.next_due
         offset = random.uniform(0, task.jitter) if task.jitter else 0.0
         self._timer.arm(
-            task.id, due + offset - self.runner.lead, partial(self._on_due, task.id, due, offset)
+            task.id, due + offset, partial(self._on_due, task.id, due, offset), early=True
         )
 
     def arm_retry(
@@ -157,9 +159,10 @@ class Dispatcher:
                 )
             )
 
-        self._timer.arm(f"retry:{run_id}", retry_at - self.runner.lead, fire)
+        self._timer.arm(f"retry:{run_id}", retry_at, fire, early=True)
 
     def _on_due(self, tid: str, due: float, offset: float) -> None:
+        armed = due + offset - self.runner.lead  # when the timer meant to fire
         entry = self.tasks.get(tid)
         if entry is None or entry.paused or entry.next_due != due:
             return
@@ -220,6 +223,7 @@ class Dispatcher:
                     start_at=first + offset,
                     pre=pre,
                     placed=placed,
+                    armed=None if placed else armed,
                 )
 
             if not self._take_over_later(entry, first, start):
