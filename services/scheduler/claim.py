@@ -104,8 +104,31 @@ class Claims:
         self.kernel = kernel
         self._queued: list[tuple[str, list[NewEvent], str, asyncio.Future[list[Recorded]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idlers: list[asyncio.Future[None]] = []
         #: batches sent (for tests and the benchmark's notes)
         self.batches = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether claims are queued or being written."""
+        return bool(self._queued or self._tasks)
+
+    async def idle(self, timeout: float) -> None:
+        """Return once no claim is queued or being written (or after ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.busy and (left := deadline - loop.time()) > 0:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._idlers.append(fut)
+            await asyncio.wait([fut], timeout=left)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self.busy:
+            idlers, self._idlers = self._idlers, []
+            for fut in idlers:
+                if not fut.done():
+                    fut.set_result(None)
 
     def claim(
         self, stream: str, events: list[Event], key: str, cause: Recorded | None
@@ -119,6 +142,13 @@ class Claims:
         self._queued.append((stream, _items(self.kernel, events, key, cause), key, future))
         return future
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) for the batches queued or being written."""
+        if self._queued:
+            self._send()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
     def _send(self) -> None:
         batch, self._queued = self._queued, []
         if not batch:
@@ -126,7 +156,7 @@ class Claims:
         self.batches += 1
         task = asyncio.create_task(self._append(batch), name="xcore-scheduler-claims")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._sent)
 
     async def _append(
         self, batch: list[tuple[str, list[NewEvent], str, asyncio.Future[list[Recorded]]]]

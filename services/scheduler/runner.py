@@ -53,6 +53,7 @@ from services.scheduler.events import (
     stream_of,
 )
 from services.scheduler.limits import PrioritySlots
+from services.scheduler.outcomes import Outcomes
 from services.scheduler.specs import CompiledTask
 from services.scheduler.timers import StartGate
 
@@ -130,6 +131,7 @@ class Runner:
     def __init__(self, *, blocked: BlockCheck, finished: Finished, retry: RetryArm) -> None:
         self.kernel: Kernel | None = None
         self.claims: Claims | None = None
+        self.outcomes: Outcomes | None = None
         self.slots = PrioritySlots(1)
         self._blocked = blocked
         self._finished = finished
@@ -162,6 +164,7 @@ class Runner:
     def start(self, kernel: Kernel, settings: SchedulerSettings, stack: AsyncExitStack) -> None:
         self.kernel = kernel
         self.claims = Claims(kernel)
+        self.outcomes = Outcomes(kernel, self.claims)
         self.slots = PrioritySlots(settings.max_concurrency)
         self._max_result = settings.max_result_bytes
         self._keep_result = settings.keep_results_s
@@ -187,6 +190,9 @@ class Runner:
             running.append(task)
         if running:
             await asyncio.wait(running, timeout=5)
+        for batches in (self.claims, self.outcomes):
+            if batches is not None:  # what the runs queued is written, not dropped
+                await batches.drain(timeout=5)
         for bg in list(self._background):
             bg.cancel()
         if self._background:
@@ -594,7 +600,7 @@ class Runner:
             entry.last_outcome = "succeeded"
             result, result_error = self._keepable(task, value)
             keep = task.keep_result if task.keep_result is not None else self._keep_result
-            await self.append(
+            await self._append_outcome(
                 tid,
                 [
                     TaskSucceeded(
@@ -642,11 +648,19 @@ class Runner:
             entry.retrying.add(run_id)
         else:
             entry.last_outcome = "failed"
-        await self.append(tid, done)
+        await self._append_outcome(tid, done)
         if retry:
             self._retry(entry, run_id, attempt + 1, retry_at, scheduled_for)
         else:
             self._finished(tid)
+
+    async def _append_outcome(self, tid: str, events: list[Event]) -> None:
+        """Append a run's outcome events with the other outcomes of its loop step
+        (``outcomes.py``); durable when this returns, as :meth:`append`."""
+        outcomes = self.outcomes
+        if outcomes is None:
+            raise RuntimeError("the scheduler service is not started")
+        await outcomes.record(stream_of(tid), events)
 
     def _keepable(self, task: CompiledTask, value: Any) -> tuple[Any, str | None]:
         """The return value as recorded: JSON, at most ``max_result_bytes``; else None

@@ -1,0 +1,93 @@
+"""Runs due at one instant start as one batch: one timer, one store call for their
+start records, one for their outcomes (which wait for the starts being written)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import pytest
+
+from services.scheduler.events import TaskStarted, TaskSucceeded, stream_of
+from services.scheduler.timers import TimerQueue
+from tests.services.scheduler.helpers import make_kernel, spec, wait_events
+
+N = 40
+
+
+async def test_runs_due_at_one_instant_claim_and_record_in_one_store_call_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every due callback in one loop step, whatever the machine's speed
+    monkeypatch.setattr(TimerQueue, "slice", 60.0)
+    kernel, service = make_kernel(tmp_path, max_concurrency=N)
+    ran: list[str] = []
+
+    async def work() -> None:
+        ran.append("x")
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(N)])
+        runner = service._runner
+        assert runner.claims is not None and runner.outcomes is not None
+        claims0, outcomes0 = runner.claims.batches, runner.outcomes.batches
+        await wait_events(kernel, "TaskSucceeded", N)
+        assert runner.claims.batches - claims0 == 1  # one append_many for N starts
+        assert runner.outcomes.batches - outcomes0 == 1  # and one for N outcomes
+        for i in range(N):  # each stream: its start, then its outcome
+            types = [r.type for r in await kernel.read(stream=stream_of(f"p.t{i}"))]
+            assert types[-2:] == ["TaskStarted", "TaskSucceeded"]
+    assert len(ran) == N
+
+
+async def test_outcomes_wait_for_the_starts_being_claimed(tmp_path: Path) -> None:
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        runner = service._runner
+        assert runner.claims is not None and runner.outcomes is not None
+        now = time.time()
+        # queued first, in the same loop step: the outcome still commits after the start
+        outcome = runner.outcomes.record(
+            stream_of("p.a"),
+            [TaskSucceeded(task="p.a", run_id="r0", attempt=1, duration_ms=1.0)],
+        )
+        start = runner.claims.claim(
+            stream_of("p.b"),
+            [TaskStarted(task="p.b", run_id="r1", scheduled_for=now, attempt=1)],
+            "b" * 32,
+            None,
+        )
+        with anyio.fail_after(30):
+            [done] = await outcome
+            [started] = await start
+        assert started.position < done.position
+
+
+async def test_early_timers_fire_the_lead_they_find_when_they_sleep() -> None:
+    lead = [0.0]
+    timer = TimerQueue(lead=lambda: lead[0])
+    fired: list[tuple[str, float]] = []
+    timer.start()
+    try:
+        when = time.time() + 6.0
+        for key in ("a", "b", "c", "d"):
+            timer.arm(key, when, lambda k=key: fired.append((k, time.time())), early=True)
+        timer.cancel("c")
+        timer.arm("d", when + 3600, lambda: fired.append(("late", time.time())), early=True)
+        timer.arm("b", when, lambda: fired.append(("b2", time.time())), early=True)
+        assert len(timer) == 3
+        # armed with no lead; the lead grows to 5 s: they fire ~1 s from now, not ~6 s
+        lead[0] = 5.0
+        timer.lead_changed()
+        with anyio.fail_after(30):
+            while len(fired) < 2:
+                await asyncio.sleep(0.01)
+        assert [k for k, _ in fired] == ["a", "b2"]  # one instant: in arming order
+        assert all(t < when - 2.5 for _, t in fired)
+        assert timer.when("d") == pytest.approx(when + 3600 - 5.0)
+    finally:
+        await timer.stop()
