@@ -4,6 +4,7 @@ start records, one for their outcomes (which wait for the starts being written).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +68,10 @@ async def test_outcomes_wait_for_the_starts_being_claimed(tmp_path: Path) -> Non
         assert started.position < done.position
 
 
+def _fire(fired: list[tuple[str, float]], key: str) -> None:
+    fired.append((key, time.time()))
+
+
 async def test_early_timers_fire_the_lead_they_find_when_they_sleep() -> None:
     lead = [0.0]
     timer = TimerQueue(lead=lambda: lead[0])
@@ -75,7 +80,7 @@ async def test_early_timers_fire_the_lead_they_find_when_they_sleep() -> None:
     try:
         when = time.time() + 6.0
         for key in ("a", "b", "c", "d"):
-            timer.arm(key, when, lambda k=key: fired.append((k, time.time())), early=True)
+            timer.arm(key, when, functools.partial(_fire, fired, key), early=True)
         timer.cancel("c")
         timer.arm("d", when + 3600, lambda: fired.append(("late", time.time())), early=True)
         timer.arm("b", when, lambda: fired.append(("b2", time.time())), early=True)
