@@ -407,9 +407,11 @@ class Runner:
             # within AHEAD_WAIT), the start record is written while it waits for its
             # slot: an fsync after the waves ahead would add itself to its lateness.
             # Further back in a slow line, the run waits for its slot first.
+            queued = 0.0  # how long the run waited for its slot before its start record
             if not self._write_ahead():
                 await self.slots.acquire(task.priority, scheduled_for)
                 acquired = True
+                queued = time.perf_counter() - t_slot
                 t_slot = time.perf_counter()
             events.append(
                 TaskStarted(
@@ -427,7 +429,8 @@ class Runner:
             t0 = time.perf_counter()
             cancelled = await self._write_start(tid, events, cause, key)
             if armed is not None and delay <= 0:
-                self._note_append(time.time() - armed)
+                # a wait for a slot is the line's, not the way's (the lead cannot help)
+                self._note_append(time.time() - armed - queued)
             else:
                 self._note_append(time.perf_counter() - t0)
             started = True

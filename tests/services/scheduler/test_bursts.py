@@ -96,3 +96,14 @@ async def test_early_timers_fire_the_lead_they_find_when_they_sleep() -> None:
         assert timer.when("d") == pytest.approx(when + 3600 - 5.0)
     finally:
         await timer.stop()
+
+
+async def test_the_lead_starts_at_its_maximum(tmp_path: Path) -> None:
+    # the first burst after boot (every schedule armed at once) is the slowest: until
+    # starts have been seen, timers fire the whole max_lead_ms ahead
+    kernel, service = make_kernel(tmp_path, max_lead_ms=40)
+    async with kernel:
+        assert service._runner.lead == pytest.approx(0.040)
+        when = time.time() + 3600
+        service._dispatch._timer.arm("probe", when, lambda: None, early=True)
+        assert service._dispatch._timer.when("probe") == pytest.approx(when - 0.040)
