@@ -275,6 +275,11 @@ class Runner:
                 raise RuntimeError("the scheduler service is not started")
             await kernel.append(events, stream=stream_of(tid), actor="scheduler", cause=cause)
 
+    @property
+    def max_lead(self) -> float:
+        """The most the lead may be (seconds; the ``max_lead_ms`` setting)."""
+        return self._max_lead
+
     def _note_append(self, seconds: float) -> None:
         # The lead follows the slow starts, not the mean: a start recorded late is a
         # late run, a start recorded a few ms early costs little (fsync times here

@@ -107,3 +107,21 @@ async def test_the_lead_starts_at_its_maximum(tmp_path: Path) -> None:
         when = time.time() + 3600
         service._dispatch._timer.arm("probe", when, lambda: None, early=True)
         assert service._dispatch._timer.when("probe") == pytest.approx(when - 0.040)
+
+
+async def test_a_short_interval_fires_at_most_half_a_period_ahead(tmp_path: Path) -> None:
+    # with the lead (25 ms) ahead of a 20 ms interval, the next run's timer would fire
+    # before the run before it reached its instant, and find it in progress
+    kernel, service = make_kernel(tmp_path)
+
+    async def work() -> None:
+        pass
+
+    async with kernel:
+        await service.register("p", [spec(work, name="fast", every="20ms")])
+        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.fast"]
+        assert service._runner.lead == pytest.approx(0.025)
+        when = timer.when("p.fast")
+        assert entry.next_due is not None and when is not None
+        assert when >= entry.next_due - 0.010 - 1e-6
+
