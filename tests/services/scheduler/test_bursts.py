@@ -124,4 +124,3 @@ async def test_a_short_interval_fires_at_most_half_a_period_ahead(tmp_path: Path
         when = timer.when("p.fast")
         assert entry.next_due is not None and when is not None
         assert when >= entry.next_due - 0.010 - 1e-6
-
