@@ -124,3 +124,40 @@ async def test_a_short_interval_fires_at_most_half_a_period_ahead(tmp_path: Path
         when = timer.when("p.fast")
         assert entry.next_due is not None and when is not None
         assert when >= entry.next_due - 0.010 - 1e-6
+
+
+async def test_while_frozen_the_young_collections_wait_for_a_gap_between_due_times(
+    tmp_path: Path,
+) -> None:
+    import gc
+
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        policy = service._gc
+        policy.settle, policy.tick = 0.05, 0.01
+        await service.register("p", [spec(work, every="1h")])
+        with anyio.fail_after(10):
+            while policy.freezes < 1:
+                await anyio.sleep(0.01)
+        assert not gc.isenabled()  # collections are the policy's now
+        policy._next_due = lambda: time.time() + 0.01  # a due time is always near
+        threshold = gc.get_threshold()[0]
+        kept = [[] for _ in range(threshold * 2)]  # a collection is due, not overdue
+        await anyio.sleep(0.3)
+        assert policy.collections == [0, 0, 0]
+        policy._next_due = lambda: None  # a gap: it collects
+        with anyio.fail_after(10):
+            while sum(policy.collections) < 1:
+                await anyio.sleep(0.01)
+        policy._next_due = lambda: time.time() + 0.01
+        done = sum(policy.collections)
+        kept += [[] for _ in range(threshold * (policy.overdue + 1))]  # overdue: no wait
+        with anyio.fail_after(10):
+            while sum(policy.collections) == done:
+                await anyio.sleep(0.01)
+        del kept
+        await service.register("q", [spec(work, every="1h")])  # registering: CPython's
+        assert gc.isenabled()
+    assert gc.isenabled()
