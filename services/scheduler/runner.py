@@ -452,8 +452,19 @@ class Runner:
             duration_ms = (time.perf_counter() - t_start) * 1000
             finished = True
             # The runs woken at the same instant start before this outcome is recorded
-            # (building and queueing its event costs more than starting a run).
+            # (building and queueing its event costs more than starting a run), and so
+            # do the runs of the instant waiting for a slot: the slot is given back
+            # first, and the outcome waits while runs wait for a slot (a wave starts
+            # per loop step; at most OUTCOME_YIELDS steps: a line of slow runs does not
+            # hold it back for long).
+            if not _busy(thread):
+                acquired = False
+                self._release_slot(None, t_slot)
             await asyncio.sleep(0)
+            for _ in range(OUTCOME_YIELDS):
+                if not self.slots.waiting:
+                    break
+                await asyncio.sleep(0)
         except ClaimLost as lost_to:  # another node runs it: nothing to record here
             log.debug("task %s: %s", tid, lost_to)
             lost = True
@@ -828,6 +839,11 @@ def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:
 #: instant, while a line of slow runs does not fill the log with starts long before
 #: their code runs.
 AHEAD_WAIT = 0.1
+
+#: How many loop steps a finished run's outcome waits at most for the runs waiting for
+#: a slot (see ``Runner.run``).
+OUTCOME_YIELDS = 8
+
 
 #: An error message is recorded up to this many characters, a traceback up to this many
 #: (the rest is cut, and the cut says how much): a task failing every second with a
