@@ -8,6 +8,7 @@ import functools
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -161,3 +162,30 @@ async def test_while_frozen_the_young_collections_wait_for_a_gap_between_due_tim
         await service.register("q", [spec(work, every="1h")])  # registering: CPython's
         assert gc.isenabled()
     assert gc.isenabled()
+
+
+async def test_runs_waiting_for_a_slot_start_before_the_outcomes_of_their_instant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(TimerQueue, "slice", 60.0)
+    kernel, service = make_kernel(tmp_path, max_concurrency=2)
+    order: list[str] = []
+
+    async def work() -> None:
+        order.append("start")
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        runner = service._runner
+        assert runner.outcomes is not None
+        record = runner.outcomes.record
+
+        def recorded(stream: str, events: list[Any]) -> Any:
+            order.append("outcome")
+            return record(stream, events)
+
+        monkeypatch.setattr(runner.outcomes, "record", recorded)
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(6)])
+        await wait_events(kernel, "TaskSucceeded", 6)
+    # three waves of two slots: every run started before any outcome was built
+    assert order == ["start"] * 6 + ["outcome"] * 6
