@@ -123,6 +123,7 @@ class GcPolicy:
             self._tender = asyncio.get_running_loop().create_task(
                 self._tend(), name="xcore-scheduler-gc-tend"
             )
+            self._tender.add_done_callback(self._tend_ended)
         log.debug(
             "scheduler: %d objects frozen out of the collector (%.1f ms)",
             gc.get_freeze_count(),
@@ -134,6 +135,17 @@ class GcPolicy:
         tender, self._tender = self._tender, None
         if tender is not None:
             tender.cancel()
+        if self._disabled:
+            gc.enable()
+            self._disabled = False
+
+    def _tend_ended(self, task: asyncio.Task[None]) -> None:
+        """A tick that failed must not leave the process without collections."""
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("scheduler: the GC tick failed; CPython collects again", exc_info=exc)
+        if self._tender is task:
+            self._tender = None
         if self._disabled:
             gc.enable()
             self._disabled = False

@@ -189,3 +189,28 @@ async def test_runs_waiting_for_a_slot_start_before_the_outcomes_of_their_instan
         await wait_events(kernel, "TaskSucceeded", 6)
     # three waves of two slots: every run started before any outcome was built
     assert order == ["start"] * 6 + ["outcome"] * 6
+
+
+async def test_a_failing_gc_tick_gives_collection_back_to_cpython(tmp_path: Path) -> None:
+    import gc
+
+    async def work() -> None: ...
+
+    def broken() -> float:
+        raise RuntimeError("next_due exploded")
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        policy = service._gc
+        policy.settle, policy.tick = 0.05, 0.01
+        await service.register("p", [spec(work, every="1h")])
+        with anyio.fail_after(10):
+            while policy.freezes < 1:
+                await anyio.sleep(0.01)
+        assert not gc.isenabled()
+        policy._next_due = broken
+        kept = [[] for _ in range(gc.get_threshold()[0] * 2)]  # a collection is due
+        with anyio.fail_after(10):
+            while not gc.isenabled():
+                await anyio.sleep(0.01)
+        del kept
