@@ -3,18 +3,28 @@
 - ``reload_neighbour_p99_ms``: a real ``xcore serve`` holds two plugins, ``neighbour``
   (one small route) and ``big`` (300 routes with pydantic models). ``wrk`` (a separate
   process) loads the neighbour's route and reports its p99 latency; in the measured
-  phase this process reloads ``big`` in a loop through the admin API, in the peer phase
-  (``no_reload``) it does nothing. Phases alternate (A B A B ...); the value is the
-  median of the reload phases' p99, the ratio the median of the pair ratios (target:
-  within 2x).
+  phase this process reloads ``big`` in a loop through the admin API for ``PHASE_S``
+  and wrk goes on for ``TAIL_S`` more, so the work the reloads set off afterwards (the
+  collection of the replaced generations, kernel/collector.py) is counted in the phase
+  that caused it; in the peer phase (``no_reload``) it does nothing, and it starts only
+  once the collector has settled (``/health`` -> ``loader.gc``: nothing pending, no full
+  collection for 0.5 s). Full collections and collector pauses are recorded per phase
+  (``quiet_gc``, ``busy_gc``), and ``full_collections_after_busy_phase`` counts those
+  that still ran after a busy phase ended (0 expected; -1: a server without the
+  collector's state, for which a fixed wait is used). Phases alternate (A B A B ...);
+  the value is the median of the reload phases' p99, the ratio the median of the pair
+  ratios (target: within 2x).
 - ``reload_neighbour_cpu_p99_ms``: the same two plugins in a kernel run in this process,
   the neighbour's route called by 8 closed-loop clients through ASGI; each request's
   latency is counted in *process CPU time* (what the server, the build threads and the
   clients computed meanwhile), so other programs loading the machine do not count: the
   figure holds on a busy machine where wrk's does not. Value: the p99 while ``big``
-  reloads (2 reloads a phase, 3 phases) with the build window (services/loader/priority.py);
+  reloads (2 reloads a phase, then until the collection they set off has run; 3 phases;
+  a quiet phase starts once the collector has nothing pending) with the build window
+  (services/loader/priority.py);
   peers: the same without reloads (``no_reload``) and reloading with the window turned
-  off (``window_off``: ``build_switch_interval_ms: 0``, ``defer_full_gc: false``).
+  off (``window_off``: ``build_switch_interval_ms: 0``, ``defer_full_gc: false``,
+  ``build_cpu_share: 1``).
 - ``reload_rss_growth_mb`` (a plugin with one GET route), ``reload_rss_growth_config_mb``
   (a ``run.py`` with a ``Config`` model and no router) and ``reload_rss_growth_posts_mb``
   (20 POST routes with a pydantic body model, and a ``Config``): a real server, run as a
@@ -29,6 +39,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import shutil
@@ -169,6 +180,52 @@ def _wrk_p99(url: str, seconds: float) -> float:
     return {"us": value / 1000, "ms": value, "s": value * 1000}[m.group(2)]
 
 
+#: Seconds wrk goes on measuring after the reloads of a busy phase stop: the work the
+#: reloads set off (the collection of the unloaded generations) falls inside the phase.
+TAIL_S = 3.0
+#: Without the collector's state in /health (an older server): wait this long instead.
+SETTLE_FALLBACK_S = 3.0
+
+
+def _gc_state(client: httpx.Client, url: str) -> dict[str, Any] | None:
+    """The collector's state (``/health`` -> loader.gc), None if the server has none."""
+    r = client.get(f"{url}/health", headers=AUTH)
+    gc_state = r.json().get("components", {}).get("loader", {}).get("gc")
+    return gc_state if isinstance(gc_state, dict) else None
+
+
+def _wait_settled(client: httpx.Client, url: str) -> dict[str, Any] | None:
+    """Wait until nothing a reload set off is still pending or running (at most 60 s)."""
+    state = _gc_state(client, url)
+    if state is None:
+        time.sleep(SETTLE_FALLBACK_S)
+        return None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        # settled: nothing pending, and no full collection during the last 0.5 s
+        if not state["pending"]:
+            time.sleep(0.5)
+            again = _gc_state(client, url)
+            assert again is not None
+            if not again["pending"] and again["full_collections"] == state["full_collections"]:
+                return again
+            state = again
+            continue
+        time.sleep(0.1)
+        state = _gc_state(client, url) or state
+    raise RuntimeError(f"the collector did not settle within 60 s: {state}")
+
+
+def _gc_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    if before is None or after is None:
+        return {}
+    return {
+        "full_collections": after["full_collections"] - before["full_collections"],
+        "collector_pause_ms": round(after["total_pause_ms"] - before["total_pause_ms"], 3),
+        "collector_max_pause_ms": after["max_pause_ms"],
+    }
+
+
 def reload_neighbour_p99() -> list[Result]:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is needed (apt-get install -y wrk)")
@@ -176,14 +233,20 @@ def reload_neighbour_p99() -> list[Result]:
         base = Path(tmp)
         _write(base / "plugins", "neighbour", SMALL)
         _write(base / "plugins", "big", _big_router())
-        with _server(base) as (url, _):
+        with _server(base) as (url, _), httpx.Client(timeout=60) as admin:
             target = f"{url}/app/neighbour/ping"
             _wrk_p99(target, 2)  # warm up
             quiet: list[float] = []
             busy: list[float] = []
+            quiet_gc: list[dict[str, Any]] = []
+            busy_gc: list[dict[str, Any]] = []
+            spilled: list[int] = []
             reloads = 0
             for _ in range(PAIRS):
+                # quiet: nothing the previous reloads set off is still pending
+                before = _wait_settled(admin, url)
                 quiet.append(_wrk_p99(target, PHASE_S))
+                quiet_gc.append(_gc_delta(before, _gc_state(admin, url)))
                 stop = threading.Event()
                 counter = [0]
 
@@ -196,12 +259,22 @@ def reload_neighbour_p99() -> list[Result]:
                             counter[0] += 1
 
                 thread = threading.Thread(target=reload_loop)
+                before = _gc_state(admin, url)
                 thread.start()
+                # reloads for PHASE_S, then TAIL_S more of the same measure
+                timer = threading.Timer(PHASE_S, stop.set)
+                timer.start()
                 try:
-                    busy.append(_wrk_p99(target, PHASE_S))
+                    busy.append(_wrk_p99(target, PHASE_S + TAIL_S))
                 finally:
                     stop.set()
+                    timer.cancel()
                     thread.join()
+                at_end = _gc_state(admin, url)
+                busy_gc.append(_gc_delta(before, at_end))
+                settled = _wait_settled(admin, url)
+                # work the reloads set off that ran after the busy phase (should be none)
+                spilled.append(_gc_delta(at_end, settled).get("full_collections", -1))
                 reloads += counter[0]
     ratios = [b / q for b, q in zip(busy, quiet, strict=True)]
     return [
@@ -213,9 +286,15 @@ def reload_neighbour_p99() -> list[Result]:
             ratio_median=median(ratios),
             ratio_min=min(ratios),
             ratio_max=max(ratios),
+            busy_p99=busy,
+            quiet_p99=quiet,
             pairs=PAIRS,
             phase_s=PHASE_S,
+            tail_s=TAIL_S,
             reloads_of_big=reloads,
+            quiet_gc=quiet_gc,
+            busy_gc=busy_gc,
+            full_collections_after_busy_phase=spilled,
             target_ratio=2.0,
             generator="wrk -t1 -c8 (separate process)",
         )
@@ -228,9 +307,12 @@ CPU_CLIENTS = 8
 CPU_QUIET_REQUESTS = 3000
 
 
-async def _cpu_phases(base: Path, loader: dict[str, Any]) -> tuple[list[float], list[float], int]:
+async def _cpu_phases(
+    base: Path, loader: dict[str, Any], gc_log: list[dict[str, Any]]
+) -> tuple[list[float], list[float], int]:
     """p99 CPU latency of the neighbour per quiet phase and per reloading phase."""
     from kernel import Kernel, Settings, create_app
+    from kernel.collector import collector
     from services.admin.service import AdminService
     from services.loader.service import LoaderService
     from services.router.service import RouterService
@@ -257,10 +339,17 @@ async def _cpu_phases(base: Path, loader: dict[str, Any]) -> tuple[list[float], 
         ) as client,
     ):
 
+        async def settled() -> None:
+            # nothing a reload set off is pending or running (kernel/collector.py)
+            while collector.pending():
+                await asyncio.sleep(0.05)
+
         async def phase(reload: bool) -> float:
             nonlocal reloads
             latencies: list[float] = []
             done = asyncio.Event()
+            full = gc.get_stats()[2]["collections"]
+            paused = collector.total_pause_ms
 
             async def neighbour() -> None:
                 while not done.is_set():
@@ -275,6 +364,8 @@ async def _cpu_phases(base: Path, loader: dict[str, Any]) -> tuple[list[float], 
                     # may finish without ever suspending)
                     await asyncio.sleep(0)
 
+            if not reload:
+                await settled()
             clients = [asyncio.create_task(neighbour()) for _ in range(CPU_CLIENTS)]
             try:
                 if reload:
@@ -283,11 +374,21 @@ async def _cpu_phases(base: Path, loader: dict[str, Any]) -> tuple[list[float], 
                         if r.status_code != 200:
                             raise RuntimeError(r.text)
                         reloads += 1
+                    # the collection the reloads set off belongs to this phase
+                    await asyncio.sleep(collector.settle + collector.tick)
+                    await settled()
                     done.set()
                 await asyncio.gather(*clients)
             finally:
                 for task in clients:
                     task.cancel()
+            gc_log.append(
+                {
+                    "reload": reload,
+                    "full_collections": gc.get_stats()[2]["collections"] - full,
+                    "collector_pause_ms": round(collector.total_pause_ms - paused, 3),
+                }
+            )
             return percentile(latencies, 99)
 
         await phase(False)  # warm up
@@ -299,13 +400,15 @@ async def _cpu_phases(base: Path, loader: dict[str, Any]) -> tuple[list[float], 
 
 async def reload_neighbour_cpu_p99() -> list[Result]:
     runs: dict[str, tuple[list[float], list[float], int]] = {}
-    off = {"build_switch_interval_ms": 0, "defer_full_gc": False}
+    gc_logs: dict[str, list[dict[str, Any]]] = {}
+    off = {"build_switch_interval_ms": 0, "defer_full_gc": False, "build_cpu_share": 1}
     for label, loader in (("off", off), ("on", {})):
         with tempfile.TemporaryDirectory() as tmp:
             base = Path(tmp)
             _write(base / "plugins", "neighbour", SMALL)
             _write(base / "plugins", "big", _big_router())
-            runs[label] = await _cpu_phases(base, loader)
+            gc_logs[label] = []
+            runs[label] = await _cpu_phases(base, loader, gc_logs[label])
     quiet, busy, reloads = runs["on"]
     _, busy_off, reloads_off = runs["off"]
     return [
@@ -319,6 +422,8 @@ async def reload_neighbour_cpu_p99() -> list[Result]:
             busy_p99_window_off=busy_off,
             quiet_p99_window_off=runs["off"][0],
             reloads=reloads + reloads_off,
+            gc_per_phase=gc_logs["on"],
+            gc_per_phase_window_off=gc_logs["off"],
             clients=CPU_CLIENTS,
             target_ratio=2.0,
             measure="process CPU time per request (load-independent), in-process ASGI",

@@ -30,6 +30,8 @@ __all__ = [
     "KernelStarted",
     "KernelStopped",
     "LeanRecorded",
+    "LeanRows",
+    "LoadedRecorded",
     "Meta",
     "NewEvent",
     "Recorded",
@@ -42,38 +44,42 @@ __all__ = [
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+#: UUIDv7's version (7) and variant (0b10) bits, all within the low 80 bits of the id.
+_V7_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_V7_SET = (0x7 << 76) | (0x2 << 62)
+
+
 class _RandomPool:
-    """Random bytes drawn from the OS in blocks, handed out ten at a time.
+    """The random low 80 bits of ids (version and variant bits set), drawn from the OS
+    in blocks and handed out one at a time.
 
     One ``os.urandom`` call per 1,024 ids instead of one per id (a system call costs
-    about a microsecond, most of an id's price). A forked child starts with an empty
-    pool, so parent and child never hand out the same bytes.
+    about a microsecond, most of an id's price), and the bytes turned into integers for
+    the whole block at once: an id then costs one ``list.pop``. A forked child starts
+    with an empty pool, so parent and child never hand out the same bits.
     """
 
-    BLOCK = 10 * 1024
+    BLOCK = 1024
 
     def __init__(self) -> None:
-        self._buf = b""
-        self._at = 0
+        #: the values not handed out yet (the same list for the pool's life)
+        self.values: list[int] = []
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
+            os.register_at_fork(after_in_child=self.values.clear)
 
-    def _reset(self) -> None:
-        self._buf = b""
-        self._at = 0
-
-    def take10(self) -> int:
-        at = self._at
-        if at + 10 > len(self._buf):
-            self._buf = os.urandom(self.BLOCK)
-            at = 0
-        self._at = at + 10
-        return int.from_bytes(self._buf[at : at + 10], "big")
+    def refill(self) -> int:
+        """Draw a new block; returns one value of it."""
+        buf = os.urandom(10 * self.BLOCK)
+        take = int.from_bytes
+        self.values.extend(
+            [take(buf[i : i + 10], "big") & _V7_CLEAR | _V7_SET for i in range(0, len(buf), 10)]
+        )
+        return self.values.pop()
 
 
 _pool = _RandomPool()
-_V7_CLEAR = ~((0xF << 76) | (0x3 << 62))
-_V7_SET = (0x7 << 76) | (0x2 << 62)
+_next_random = _pool.values.pop
+_time_ns = time.time_ns
 
 
 def new_id() -> str:
@@ -83,9 +89,12 @@ def new_id() -> str:
     which makes a commit write a few index pages rather than one per event. The 74
     random bits come from a pool of OS randomness (see :class:`_RandomPool`).
     """
-    ms = time.time_ns() // 1_000_000
-    value = ((ms & 0xFFFF_FFFF_FFFF) << 80 | _pool.take10()) & _V7_CLEAR | _V7_SET
-    return f"{value:032x}"
+    try:
+        low = _next_random()
+    except IndexError:
+        low = _pool.refill()
+    # to_bytes().hex(): 32 lowercase digits as the format "032x", in half the time
+    return ((_time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | low).to_bytes(16, "big").hex()
 
 
 class Event(BaseModel):
@@ -262,7 +271,11 @@ class Meta:
             and self.node is None
             and self.boot is None
         ):
-            return compact_json({"id": self.id})
+            eid = self.id
+            if type(eid) is str and eid.isascii() and eid.isalnum():
+                # nothing to escape (a fresh id is hex): what orjson writes, built directly
+                return b'{"id":"' + eid.encode() + b'"}'
+            return compact_json({"id": eid})
         return compact_json(
             {
                 key: value
@@ -526,31 +539,52 @@ class LeanRecorded(Recorded):
     Guarantee: it reads exactly as the :class:`Recorded` of the same row. Mechanism: a
     fold mostly needs the type and data; the other columns (stream, version, schema,
     metadata, time) of the whole batch are fetched once, on the first access to any of
-    them by any record of the batch (``__getattr__`` runs only for a slot still unset),
-    through the ``load`` callable the store gives: it maps a range of positions to
-    ``(position, stream, version, meta, recorded_at, schema)`` rows of the same,
-    immutable, log. The batch holds those rows, never the records: a record a projection
-    keeps keeps no other record alive. The decoded metadata and the typed event are
-    left unset until asked for (one slot write less each per record).
+    them by any record of the batch, through the ``load`` callable the store gives: it
+    maps a range of positions to ``(position, stream, version, meta, recorded_at,
+    schema)`` rows of the same, immutable, log. The batch holds those rows, never the
+    records: a record a projection keeps keeps no other record alive. The decoded
+    metadata and the typed event are left unset until asked for (one slot write less
+    each per record).
+
+    The columns not read are properties (no ``__getattr__``: it would make every
+    attribute read of the record, ``r.data`` included, take the interpreter's slow
+    path); once they are loaded the record becomes a :class:`LoadedRecorded`, whose
+    columns are the plain slots of :class:`Recorded` again. A lean record is built bare,
+    ``LeanRecorded()`` (no ``__init__`` to run), its reader setting ``position``,
+    ``type``, ``data``, maybe ``schema``, and ``_batch``.
     """
 
     __slots__ = ("_batch",)
 
     _batch: LeanBatch | None
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "_meta" or name == "_event":  # not decoded or built yet
-            return None
-        if name not in LeanBatch.COLUMNS:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    __init__ = object.__init__
+
+    def _load(self) -> None:
+        """Set the columns this record lacks, from its batch (loaded once for all)."""
         batch = self._batch
-        if batch is None:  # filled already: a slot left unset is a real absence
-            raise AttributeError(name)
-        _, self.stream, self.version, self._meta_raw, self.timestamp, self.schema = batch.row(
-            self.position
-        )
+        if batch is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no batch to load from")
+        _, stream, version, meta_raw, timestamp, schema = batch.row(self.position)
+        _set_stream(self, stream)
+        _set_version(self, version)
+        _set_meta_raw(self, meta_raw)
+        _set_timestamp(self, timestamp)
+        _set_schema(self, schema)
+        for get, put in ((_get_meta, _set_meta), (_get_event, _set_event)):
+            try:
+                get(self)
+            except AttributeError:
+                put(self, None)
         self._batch = None
-        return object.__getattribute__(self, name)
+        self.__class__ = LoadedRecorded
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled and copied as the :class:`Recorded` it reads as (its batch, which holds
+        the store's loader, is no part of its value)."""
+        meta = self._meta if self._meta is not None else self._meta_raw
+        columns = (self.position, self.stream, self.version, self.type, self.schema)
+        return (Recorded, (*columns, self.data, meta, self.timestamp))
 
     @staticmethod
     def from_lean_rows(
@@ -562,45 +596,146 @@ class LeanRecorded(Recorded):
         positions between them. Rows without their schema may still hold a type that
         needs upcasting (one registered since the read began): its schema is then taken
         from the batch's loaded columns."""
-        if not rows:
-            return []
-        new = LeanRecorded.__new__
-        loads = orjson.loads
-        versioned = registry.versioned
-        batch = LeanBatch(load, rows[0][0], rows[-1][0])
-        out: list[Recorded] = []
-        append = out.append
-        if len(rows[0]) == 3:
-            for position, type_name, data in rows:
-                r = new(LeanRecorded)
-                r.position = position
-                r.type = type_name
-                if type_name in versioned:
-                    schema = batch.row(position)[5]
-                    r.data = registry.upcast(type_name, schema, loads(data))
-                else:
-                    r.data = loads(data)
-                r._batch = batch
-                append(r)
-            return out
-        for position, type_name, schema, data in rows:
-            r = new(LeanRecorded)
+        return LeanRows(rows, load).records()
+
+
+class LoadedRecorded(LeanRecorded):
+    """A :class:`LeanRecorded` whose columns are loaded: they are plain slots again."""
+
+    __slots__ = ()
+
+
+def _slot(name: str) -> Any:
+    return Recorded.__dict__[name]
+
+
+def _loaded_column(name: str) -> property:
+    """A column a lean record loads with its batch's on first access."""
+    get, put = _slot(name).__get__, _slot(name).__set__
+
+    def read(self: LeanRecorded) -> Any:
+        try:
+            return get(self)
+        except AttributeError:
+            pass
+        self._load()
+        return get(self)
+
+    return property(read, put)
+
+
+def _unset_is_none(name: str) -> property:
+    """A slot read as None while unset (the decoded metadata, the typed event)."""
+    get, put = _slot(name).__get__, _slot(name).__set__
+
+    def read(self: LeanRecorded) -> Any:
+        try:
+            return get(self)
+        except AttributeError:
+            return None
+
+    return property(read, put)
+
+
+_set_stream = _slot("stream").__set__
+_set_version = _slot("version").__set__
+_set_meta_raw = _slot("_meta_raw").__set__
+_set_timestamp = _slot("timestamp").__set__
+_set_schema = _slot("schema").__set__
+_get_meta, _set_meta = _slot("_meta").__get__, _slot("_meta").__set__
+_get_event, _set_event = _slot("_event").__get__, _slot("_event").__set__
+
+for _name in ("stream", "version", "_meta_raw", "timestamp", "schema"):
+    setattr(LeanRecorded, _name, _loaded_column(_name))
+    setattr(LoadedRecorded, _name, _slot(_name))
+for _name in ("_meta", "_event"):
+    setattr(LeanRecorded, _name, _unset_is_none(_name))
+    setattr(LoadedRecorded, _name, _slot(_name))
+
+
+def _lean_records(rows: Sequence[Sequence[Any]], batch: LeanBatch) -> list[Recorded]:
+    """The records of lean ``rows`` (see :meth:`LeanRecorded.from_lean_rows`)."""
+    lean = LeanRecorded
+    set_schema = _set_schema
+    loads = orjson.loads
+    versioned = registry.versioned
+    out: list[Recorded] = []
+    append = out.append
+    if len(rows[0]) == 3:
+        for position, type_name, data in rows:
+            r = lean()
             r.position = position
             r.type = type_name
-            r.schema = schema
             if type_name in versioned:
+                schema = batch.row(position)[5]
                 r.data = registry.upcast(type_name, schema, loads(data))
             else:
                 r.data = loads(data)
             r._batch = batch
             append(r)
         return out
+    for position, type_name, schema, data in rows:
+        r = lean()
+        r.position = position
+        r.type = type_name
+        set_schema(r, schema)
+        if type_name in versioned:
+            r.data = registry.upcast(type_name, schema, loads(data))
+        else:
+            r.data = loads(data)
+        r._batch = batch
+        append(r)
+    return out
+
+
+class LeanRows:
+    """The rows of one lean read, not yet made records: what a fold turns into
+    :class:`LeanRecorded` one at a time, each handed to its handler at once.
+
+    Guarantee: :meth:`records` gives exactly what :meth:`LeanRecorded.from_lean_rows`
+    gives for the same rows, and a fold that builds its records inline from ``rows``
+    (``kernel.projections.fold``) hands its handlers the same records. Mechanism: a
+    record built and folded straight away is freed before the next is built (its
+    memory reused, still in the CPU's cache), instead of a list of a batch's records
+    built first and walked after (~0.5 us less per event).
+
+    ``rows`` are ``(position, type, data)`` or, when ``with_schema``, ``(position,
+    type, schema, data)`` in position order; ``batch`` loads the other columns.
+    """
+
+    __slots__ = ("batch", "rows", "with_schema")
+
+    def __init__(
+        self, rows: Sequence[Sequence[Any]], load: Callable[[int, int], Iterable[Sequence[Any]]]
+    ) -> None:
+        self.rows = rows
+        self.with_schema = bool(rows) and len(rows[0]) == 4
+        self.batch = LeanBatch(load, rows[0][0], rows[-1][0]) if rows else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def last(self) -> int:
+        """The position of the last row (the batch is not empty)."""
+        return int(self.rows[-1][0])
+
+    def records(self) -> list[Recorded]:
+        """The records of every row, as a list."""
+        if self.batch is None:
+            return []
+        return _lean_records(self.rows, self.batch)
+
+    def upcast(self, type_name: str, position: int, schema: int | None, data: bytes) -> Any:
+        """The data of a row whose type needs upcasting (its schema loaded if absent)."""
+        if schema is None:
+            assert self.batch is not None
+            schema = self.batch.row(position)[5]
+        return registry.upcast(type_name, schema, orjson.loads(data))
 
 
 class LeanBatch:
     """Where the records of one lean read find the columns they lack (loaded once)."""
-
-    COLUMNS = frozenset({"stream", "version", "timestamp", "_meta_raw", "schema"})
 
     __slots__ = ("_load", "_rows", "first", "last")
 

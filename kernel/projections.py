@@ -22,6 +22,7 @@ payload dict (fast), ``r.event`` the typed model (validated on demand).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
 import logging
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from typing import Any, ClassVar, TypeVar
 import orjson
 
 from kernel.errors import XcoreError
-from kernel.events import Event, Recorded
+from kernel.events import Event, LeanRecorded, LeanRows, Recorded, registry
 from kernel.store.base import EventStore, Snapshot
 from kernel.subscriptions import DeadLetter, Subscription
 
@@ -120,54 +121,63 @@ async def fold(
     would be with a bound taken after the read). The next batch is read while the
     current one is applied, so the store's thread and the fold overlap where the
     interpreter lets them.
+
+    A store that offers ``read_lean_rows`` (SQLite) hands back rows, not records: each
+    record is built, handed to its handler and dropped before the next is built
+    (:class:`~kernel.events.LeanRows`).
     """
+    if type(batch_size) is not int or batch_size < 1:
+        raise XcoreError(
+            f"a fold's batch_size must be a whole number of 1 or more, not {batch_size!r}"
+        )
     types = projection.types()
     fast = type(projection).apply is Projection.apply
     handlers = projection._handlers
 
-    # a store may offer a leaner read for folds (SQLite: records that fetch the columns
-    # a handler rarely needs only when asked)
-    read = getattr(store, "read_lean", None) or store.read
+    # a store may offer a leaner read for folds (SQLite: rows of the three columns a
+    # fold needs; the records fetch the others only when asked)
+    read_rows = getattr(store, "read_lean_rows", None)
+    read = store.read
 
-    async def bounded_read(after: int) -> tuple[int, list[Recorded]]:
+    async def bounded_read(after: int) -> tuple[int, LeanRows | list[Recorded]]:
         bound = await store.last_position()
-        batch: list[Recorded] = await read(after=after, types=types, limit=batch_size)
-        return bound, batch
+        if read_rows is not None:
+            got = await read_rows(after=after, types=types, limit=batch_size, until=until)
+            return bound, got
+        return bound, await read(after=after, types=types, limit=batch_size)
 
     count = 0
     pending = asyncio.ensure_future(bounded_read(projection.position))
     _pause_gc()
     try:
         while True:
-            bound, batch = await pending
-            full = len(batch) == batch_size
-            if full and (until is None or batch[-1].position < until):
-                pending = asyncio.ensure_future(bounded_read(batch[-1].position))
+            bound, got = await pending
+            size = len(got)
+            full = size == batch_size
+            if isinstance(got, LeanRows):
+                last = got.last if size else projection.position
+            else:
+                last = got[-1].position if size else projection.position
+            if full and (until is None or last < until):
+                pending = asyncio.ensure_future(bounded_read(last))
             else:
                 full = False
-            if until is not None and batch and batch[-1].position > until:
-                batch = [r for r in batch if r.position <= until]
-            if fast:
-                try:
-                    for record in batch:
-                        handler = handlers.get(record.type)
-                        if handler is not None:
-                            handler(projection, record)
-                except BaseException:
-                    # as apply() would: the position is the last record applied, so a
-                    # fold run again after the error does not apply any record twice
-                    done = batch.index(record)
-                    if done:
-                        projection.position = batch[done - 1].position
-                    raise
-                if batch:
-                    projection.position = batch[-1].position
+            if fast and isinstance(got, LeanRows):
+                _apply_rows(got, handlers, projection)  # read up to ``until`` already
+                applied = size
             else:
-                for record in batch:
-                    projection.apply(record)
-            count += len(batch)
+                batch = got.records() if isinstance(got, LeanRows) else got
+                if until is not None and batch and batch[-1].position > until:
+                    batch = [r for r in batch if r.position <= until]
+                if fast:
+                    _apply_records(batch, handlers, projection)
+                else:
+                    for record in batch:
+                        projection.apply(record)
+                applied = len(batch)
+            count += applied
             if on_batch is not None:
-                await on_batch(len(batch))
+                await on_batch(applied)
             if not full:
                 # nothing else of its types up to the bound taken before this read
                 target = bound if until is None else min(until, bound)
@@ -177,6 +187,91 @@ async def fold(
         _resume_gc()
         if not pending.done():
             pending.cancel()
+
+
+def _apply_records(
+    batch: list[Recorded], handlers: dict[str, HandlerFn], projection: Projection
+) -> None:
+    """Hand each record to its handler; the projection's position is the last record
+    applied, also when a handler raises (a fold run again applies no record twice)."""
+    get = handlers.get
+    record = None
+    try:
+        for record in batch:
+            handler = get(record.type)
+            if handler is not None:
+                handler(projection, record)
+    except BaseException:
+        done = batch.index(record)  # type: ignore[arg-type]
+        if done:
+            projection.position = batch[done - 1].position
+        raise
+    if batch:
+        projection.position = batch[-1].position
+
+
+def _apply_rows(got: LeanRows, handlers: dict[str, HandlerFn], projection: Projection) -> None:
+    """As :func:`_apply_records`, each record built from its row just before its handler
+    runs (the fields :meth:`LeanRecorded.from_lean_rows` sets), and dropped after (its
+    memory reused by the next). The hot loop of a replay: no call per event but the
+    record's bare constructor, the decoding and the handler; the handler and whether
+    the type needs upcasting are looked up again only when the type changes from the
+    previous row's (a string comparison instead of two hash lookups of a fresh string).
+    """
+    rows = got.rows
+    if not rows:
+        return
+    lean = LeanRecorded
+    loads = orjson.loads
+    versioned = registry.versioned
+    get = handlers.get
+    batch = got.batch
+    position = None
+    last_type = None
+    handler = None
+    upcast = False
+    try:
+        if got.with_schema:
+            set_schema = Recorded.__dict__["schema"].__set__
+            for position, type_name, schema, data in rows:
+                if type_name != last_type:
+                    handler = get(type_name)
+                    upcast = type_name in versioned
+                    last_type = type_name
+                if handler is None:
+                    continue
+                r = lean()
+                r.position = position
+                r.type = type_name
+                set_schema(r, schema)
+                r.data = got.upcast(type_name, position, schema, data) if upcast else loads(data)
+                r._batch = batch
+                handler(projection, r)
+        else:
+            for position, type_name, data in rows:
+                if type_name != last_type:
+                    handler = get(type_name)
+                    upcast = type_name in versioned
+                    last_type = type_name
+                if handler is None:
+                    continue
+                r = lean()
+                r.position = position
+                r.type = type_name
+                r.data = got.upcast(type_name, position, None, data) if upcast else loads(data)
+                r._batch = batch
+                handler(projection, r)
+    except BaseException:
+        if position is not None:  # else nothing was applied
+            done = bisect.bisect_left(rows, position, key=_position)
+            if done:
+                projection.position = rows[done - 1][0]
+        raise
+    projection.position = rows[-1][0]
+
+
+def _position(row: Any) -> Any:
+    return row[0]
 
 
 #: Folds running now that paused the cyclic garbage collector.

@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 import aiosqlite
 
 from kernel.errors import StoreClosed, StoreCorrupt, StoreError, StoreLocked
-from kernel.events import LeanRecorded, NewEvent, Recorded, registry
+from kernel.events import LeanRows, NewEvent, Recorded, registry
 from kernel.store.base import (
     ANY,
     Snapshot,
@@ -743,9 +743,28 @@ class SQLiteStore:
         are fetched (and ``schema`` when a type that needs upcasting may be read); a
         record's stream, version, metadata and time are fetched for its whole batch on
         first access (:class:`~kernel.events.LeanRecorded`)."""
+        got = await self.read_lean_rows(after=after, types=types, limit=limit)
+        return got if isinstance(got, list) else got.records()
+
+    async def read_lean_rows(
+        self,
+        *,
+        after: int = 0,
+        types: Collection[str] | None = None,
+        limit: int | None = None,
+        until: int | None = None,
+    ) -> LeanRows | list[Recorded]:
+        """The rows :meth:`read_lean` makes records of, left as rows (a fold builds each
+        record as it applies it, :class:`~kernel.events.LeanRows`), up to position
+        ``until`` if given; the records themselves when the in-memory tail holds them
+        (``until`` is then not applied: the caller filters)."""
         self._check_open()
         check_limit(limit)
         types = check_types(types)
+        if until is not None and not isinstance(until, (int, float)):
+            # SQLite would compare text with the positions as it orders mixed values
+            # (every number before any text): refuse, as Python's comparison did
+            raise StoreError(f"a read's until must be a position (a number), not {until!r}")
         if not self.readonly:
             cached = self._tail.read(after, types, None, limit)
             if cached is not None:
@@ -760,6 +779,9 @@ class SQLiteStore:
         columns = "position, type, data" if lean else "position, type, schema, data"
         sql = f"SELECT {columns} FROM events WHERE position > ?"
         params: list[Any] = [after]
+        if until is not None:
+            sql += " AND position <= ?"
+            params.append(until)
         if types is not None:
             sql += f" AND type IN ({','.join('?' * len(types))})"
             params.extend(types)
@@ -767,7 +789,7 @@ class SQLiteStore:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return LeanRecorded.from_lean_rows(await self._query(sql, params), self._load_columns)
+        return LeanRows(await self._query(sql, params), self._load_columns)
 
     def _load_columns(self, first: int, last: int) -> list[Any]:
         """The columns a lean batch lacks, for positions ``first`` to ``last``: one short

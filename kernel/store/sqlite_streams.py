@@ -29,6 +29,7 @@ close indexes the end, so a closed log is indexed whole.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from itertools import chain
 from typing import Any, Final
 
 __all__ = [
@@ -66,7 +67,7 @@ def index_statements(rows: Iterable[IndexRow], upto: int) -> list[tuple[str, tup
         sql = "INSERT OR IGNORE INTO streams_index (stream, version, position) VALUES " + ",".join(
             ["(?, ?, ?)"] * len(chunk)
         )
-        statements.append((sql, tuple(v for row in chunk for v in row)))
+        statements.append((sql, tuple(chain.from_iterable(chunk))))
     statements.append(
         (
             "INSERT INTO xcore_meta (key, value) VALUES (?, ?)"

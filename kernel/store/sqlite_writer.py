@@ -7,6 +7,12 @@ durable. The writer is the only one to assign positions and versions, so it keep
 in memory (the last position, each stream's version) and checks ``expected_version``
 and idempotency keys itself, batch by batch.
 
+A lone append meets an idle writer most of the time when one producer writes: it then
+commits in the loop's own thread, and, for one event to a stream the writer knows, in
+its caller's task (``_lone``): no queue, no wake-up, no turn of the writer task. A lone
+commit blocks the loop, so it is done only while nothing else is ready to run and lone
+commits are fast on average (``_may_inline``); a slow disk sends them to the thread.
+
 A batch fails as a whole only for a reason that is the log's, not one caller's (the disk
 is full): then it is rolled back and every caller gets the error. An append whose own
 data is refused (a payload that is not JSON, an id already in the log) fails alone: its
@@ -63,15 +69,23 @@ INSERT = _INSERT_HEAD + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 #: (9 parameters a row, far under SQLite's limit of 32,766).
 _CHUNK = 256
 _INSERTS: dict[int, str] = {}
-#: After a commit in the loop's thread took longer than the writer's ``inline_limit``,
-#: commits go through the connection's thread for this many seconds.
-_INLINE_PAUSE = 2.0
+#: Weight of the newest lone commit in the writer's running average of their durations
+#: (an exponentially weighted moving average): one outlier of k times the limit moves
+#: the average by k/8 of the limit, while a disk that stays slow crosses it within a few
+#: commits — at once when a commit takes more than 8 times the limit.
+_EWMA_WEIGHT = 1 / 8
+#: A commit in the loop's thread that took more than 8 times ``inline_limit`` (a stall,
+#: not a slow sync) also keeps lone commits off the loop's thread for this many seconds:
+#: a disk that stalls now and then blocks the loop at most once per pause, however fast
+#: its commits are in between.
+_STALL_PAUSE = 2.0
 #: The writer checkpoints the WAL itself (SQLite's automatic checkpoint is off on its
 #: connection) about every this many WAL pages, SQLite's own default: an automatic
 #: checkpoint runs inside the commit that crosses the bound, so a lone append
 #: committing on the loop's thread would block the loop for the copy and its fsync,
-#: and make every commit after it go through the thread (see ``_may_inline``).
+#: and count as a slow commit (see ``_may_inline``).
 CHECKPOINT_PAGES = 1000
+_perf_counter = time.perf_counter
 
 
 def _insert_sql(rows: int) -> str:
@@ -97,14 +111,24 @@ def _write(
     conn: sqlite3.Connection,
     rows: list[tuple[Any, ...]],
     puts: list[tuple[str, tuple[Any, ...]]],
-) -> None:
-    """Insert the batch and commit, in the connection's own thread."""
+) -> float:
+    """Insert the batch and commit (in the connection's own thread, or inline in the
+    loop's); returns how long it took, in seconds."""
+    started = _perf_counter()
     for i in range(0, len(rows), _CHUNK):
         chunk = rows[i : i + _CHUNK]
-        conn.execute(_insert_sql(len(chunk)), list(chain.from_iterable(chunk)))
+        flat = list(chain.from_iterable(chunk))
+        # ``data`` and ``meta`` bound as bytearray, stored alike (a BLOB): the sqlite3
+        # module binds int, float, str and bytearray directly but sends bytes through
+        # its adapter lookup, which fails on a type attribute and formats the error
+        # before dropping it — ~3,300 instructions per value, 7% of an append
+        flat[5::9] = map(bytearray, flat[5::9])
+        flat[6::9] = map(bytearray, flat[6::9])
+        conn.execute(_insert_sql(len(chunk)), flat)
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
+    return _perf_counter() - started
 
 
 class GroupCommitWriter:
@@ -140,9 +164,16 @@ class GroupCommitWriter:
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        #: a lone write commits in the loop's thread while commits take less (seconds)
+        #: a lone write commits in the loop's thread while its commits take less, on
+        #: average (seconds)
         self.inline_limit = inline_limit
-        self._inline_after = 0.0
+        #: the running average of lone writes' commit times, in either thread (seconds)
+        self.commit_average = 0.0
+        #: lone commits stay off the loop's thread until then (time.monotonic())
+        self._stalled = 0.0
+        #: lone writes committed in the loop's thread, and in the connection's
+        self.inline_commits = 0
+        self.thread_commits = 0
         self._ready: deque[Any] | None = None
         #: WAL pages written since the last checkpoint (an estimate, see _commit)
         self.wal_pages = 0
@@ -151,12 +182,23 @@ class GroupCommitWriter:
     def _may_inline(self) -> bool:
         """Whether a lone write may commit in the event loop's own thread: only when no
         other task or callback is ready to run (blocking the loop then delays no one
-        already waiting) and no commit inline took longer than ``inline_limit`` seconds
-        in the last ``_INLINE_PAUSE`` seconds (a slow disk goes back to the thread, so
-        the loop stays free while it syncs). ``inline_limit`` 0 turns it off."""
+        already waiting) and lone commits take at most ``inline_limit`` seconds on
+        average (``commit_average``, kept over the commits in either thread). One slow
+        sync among fast ones (a VM's disk has them every few hundred commits) leaves the
+        average under the limit; a disk that stays slow lifts it over within a few
+        commits — after one commit of over 8 times the limit — and lone writes go through
+        the connection's thread, so the loop stays free while it syncs, until their
+        commits are fast again. ``inline_limit`` 0 turns it off."""
         if self.inline_limit <= 0 or self._ready is None or self._ready:
             return False
-        return time.monotonic() >= self._inline_after
+        return self.commit_average <= self.inline_limit and time.monotonic() >= self._stalled
+
+    def _timed(self, took: float, inline: bool) -> None:
+        """Count a lone write's commit time into ``commit_average``; after a stall of
+        the loop's thread, keep lone commits off it for ``_STALL_PAUSE`` seconds."""
+        self.commit_average += (took - self.commit_average) * _EWMA_WEIGHT
+        if inline and took > self.inline_limit / _EWMA_WEIGHT:
+            self._stalled = time.monotonic() + _STALL_PAUSE
 
     @property
     def running(self) -> bool:
@@ -213,19 +255,100 @@ class GroupCommitWriter:
         task = self._task
         if self._stopping or task is None or task.done():
             self._check_alive()  # raises, naming why
-        try:
-            stream.encode()
-        except UnicodeEncodeError as exc:
-            # refused alone: in a batch, SQLite's refusal would fail every other append
-            raise StoreError(
-                f"{self.path}: stream name {stream!r} is not valid text: {exc}"
-            ) from None
+        if stream not in self.versions:  # a stream the writer knows was checked before
+            try:
+                stream.encode()
+            except UnicodeEncodeError as exc:
+                # refused alone: in a batch, SQLite's refusal would fail every other append
+                raise StoreError(
+                    f"{self.path}: stream name {stream!r} is not valid text: {exc}"
+                ) from None
+        if len(events) == 1 and not self._queue and _ONE_TRIP:
+            wakeup = self._wakeup
+            if wakeup is not None and not wakeup.done() and self._may_inline():
+                # the writer is idle and nothing else is ready to run: commit here
+                records = self._lone(stream, expected_version, events[0])
+                if records is not None:
+                    # let the loop run once (I/O, timers) before the caller goes on: a
+                    # caller appending in a loop must not hold it for good
+                    await asyncio.sleep(0)
+                    return records
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Append(stream, expected_version, events, future))
         wakeup = self._wakeup  # as _enqueue, inline: this runs once per append
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
         return await future
+
+    def _lone(self, stream: str, expected: int | None, event: NewEvent) -> list[Recorded] | None:
+        """Commit one event at once, in the loop's thread, while the writer task is idle:
+        the batch path for a lone append without the trip through the queue and the
+        writer task (a wake-up, two futures, a turn of the loop). Nothing here awaits,
+        so nothing else runs meanwhile: the writer's bookkeeping stays its own.
+
+        None, with nothing written, when the append needs what only the batch path does:
+        a stream version not known yet, an explicit id, a version conflict (checked
+        against the log there), a payload that is not JSON, a refused insert (the
+        writer rolls back here and sorts it out in a batch of its own)."""
+        current = self.versions.get(stream)
+        if current is None or event.explicit_id or (expected is not ANY and expected != current):
+            return None
+        meta = event.meta
+        try:
+            data = orjson.loads(event.data)
+            if event.type in registry.versioned:
+                data = registry.upcast(event.type, event.schema, data)
+            meta_json = meta.to_json()
+        except Exception:
+            return None  # the batch path names the error to the caller
+        p = self.last + 1
+        v = current + 1
+        now = time.time()
+        row = (p, stream, v, event.type, event.schema, event.data, meta_json, now, meta.id)
+        unindexed = self.unindexed
+        flush = len(unindexed) + 1 >= self.index_every
+        statements = index_statements([*unindexed, (stream, v, p)], p) if flush else []
+        conn = self._conn._conn
+        try:
+            took = _write(conn, [row], statements)
+        except BaseException as exc:  # the batch path tries again and reports it
+            try:
+                conn.rollback()  # nothing of it stays in an open transaction
+            except sqlite3.Error as again:
+                log.error("rollback on %s after %r failed: %r", self.path, exc, again)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt...: rolled back, and on its way
+            return None
+        self._timed(took, True)
+        self.inline_commits += 1
+        self.failure = None
+        self.last = p
+        self.versions[stream] = v
+        self.wal_pages += 2 + (len(unindexed) // 50 if flush else 0)
+        if flush:
+            self.unindexed = []
+        else:
+            unindexed.append((stream, v, p))
+        self._tail.push([row[:8]])
+        if self.wal_pages >= self.checkpoint_pages:
+            self._due()  # the writer task checkpoints, in the connection's thread
+        r = Recorded.__new__(Recorded)
+        r.position = p
+        r.stream = stream
+        r.version = v
+        r.type = event.type
+        r.schema = event.schema
+        r.data = data
+        r._meta = meta
+        r._meta_raw = None
+        r.timestamp = now
+        r._event = None
+        return [r]
+
+    def _due(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
         """Queue every write at once, one after the other, so they join one batch (one
@@ -272,6 +395,9 @@ class GroupCommitWriter:
         self._ready = ready
         while True:
             if not queue:
+                if self.wal_pages >= self.checkpoint_pages:  # after lone appends
+                    await self._checkpoint_wal()
+                    continue
                 self._wakeup = loop.create_future()
                 try:
                     await self._wakeup
@@ -301,7 +427,7 @@ class GroupCommitWriter:
                     stop = nxt
                     break
                 batch.append(nxt)
-                size += len(nxt.events) if isinstance(nxt, _Append) else 1
+                size += len(nxt.events) if type(nxt) is _Append else 1
             try:
                 await self._commit(batch)
                 if self.wal_pages >= self.checkpoint_pages:
@@ -328,6 +454,16 @@ class GroupCommitWriter:
                 await self._index_the_end()
                 stop.future.set_result(None)
                 return
+
+    async def _write_public(  # pragma: no cover - an aiosqlite without its private runner
+        self, rows: list[tuple[Any, ...]], statements: list[tuple[str, tuple[Any, ...]]]
+    ) -> None:
+        """The batch through aiosqlite's public calls: a trip per statement."""
+        if rows:
+            await self._conn.executemany(INSERT, rows)
+        for sql, params in statements:
+            await self._conn.execute(sql, params)
+        await self._conn.commit()
 
     async def _checkpoint_wal(self) -> None:
         """Copy the WAL into the log file in the connection's thread (never on the
@@ -397,8 +533,8 @@ class GroupCommitWriter:
 
     async def _commit(self, batch: list[_Append | _Put]) -> None:
         conn = self._conn
-        appends = [o for o in batch if isinstance(o, _Append)]
-        puts = [o for o in batch if isinstance(o, _Put)]
+        appends = [o for o in batch if type(o) is _Append]
+        puts = [o for o in batch if type(o) is _Put]
         explicit = [e.meta.id for o in appends for e in o.events if e.explicit_id]
         existing = await self._existing_ids(explicit) if explicit else set()
         versions = self.versions
@@ -410,6 +546,7 @@ class GroupCommitWriter:
         position = self.last
         touched: dict[str, int] = {}
         rows: list[tuple[Any, ...]] = []
+        fresh_index: list[IndexRow] = []  # the rows' (stream, version, position)
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
         in_batch: set[str] = set()
@@ -463,6 +600,7 @@ class GroupCommitWriter:
                 position = p
                 touched[stream] = v
                 rows.append(row)
+                fresh_index.append((stream, v, p))
                 results.append((o, [r]))
                 continue
             kept: list[NewEvent] = []
@@ -503,35 +641,32 @@ class GroupCommitWriter:
             in_batch.update(seen)
             position, touched[stream] = p, v
             rows.extend(op_rows)
+            fresh_index.extend([(stream, r[2], r[0]) for r in op_rows])
             results.append((o, records))
 
         if any(isinstance(f, ConcurrencyError) for _, f in failures) and await self._resync():
             # a version the writer had in memory was stale: another process wrote
             await self._commit(batch)
             return
-        fresh_index = [(r[1], r[2], r[0]) for r in rows]
         flush = len(self.unindexed) + len(fresh_index) >= self.index_every
         if rows or puts:
             try:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
                     statements += index_statements([*self.unindexed, *fresh_index], position)
-                if _ONE_TRIP and len(batch) == 1 and self._may_inline():
-                    # a lone write with nothing else ready to run: commit here, saving
-                    # the hop to the connection's thread and back (see _may_inline)
-                    started = time.perf_counter()
-                    _write(conn._conn, rows, statements)
-                    if time.perf_counter() - started > self.inline_limit:
-                        self._inline_after = time.monotonic() + _INLINE_PAUSE
-                elif _ONE_TRIP:
+                if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
+                    await self._write_public(rows, statements)
+                elif len(batch) > 1:
                     # one trip to the connection's thread for the whole transaction
                     await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
-                else:  # pragma: no cover - an aiosqlite without its private runner
-                    if rows:
-                        await conn.executemany(INSERT, rows)
-                    for sql, params in statements:
-                        await conn.execute(sql, params)
-                    await conn.commit()
+                elif self._may_inline():
+                    # a lone write with nothing else ready to run: commit here, saving
+                    # the hop to the connection's thread and back (see _may_inline)
+                    self._timed(_write(conn._conn, rows, statements), True)
+                    self.inline_commits += 1
+                else:
+                    self._timed(await conn._execute(_write, conn._conn, rows, statements), False)  # type: ignore[no-untyped-call]
+                    self.thread_commits += 1
             except sqlite3.Error as exc:
                 await self._rollback(exc)
                 if isinstance(exc, sqlite3.IntegrityError) and await self._resync():

@@ -18,7 +18,7 @@ from kernel.store.base import WriteResult
 __all__ = ["Append", "Op", "Put", "Stop", "settle"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Append:
     """Events for one stream, with the version the caller expects it at."""
 
@@ -30,7 +30,7 @@ class Append:
     existing: list[str] | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Put:
     """One more statement in the next batch (a checkpoint or snapshot upsert)."""
 
@@ -39,7 +39,7 @@ class Put:
     future: asyncio.Future[None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Stop:
     """Commit what is queued before it, then stop."""
 

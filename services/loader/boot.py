@@ -30,6 +30,14 @@ class Boot(Lifecycle):
 
     async def boot(self) -> None:
         """Load every installed, enabled plugin in dependency order."""
+        # nothing is served yet: builds are not paced (kernel/pacing.py)
+        self.booting = True
+        try:
+            await self._boot()
+        finally:
+            self.booting = False
+
+    async def _boot(self) -> None:
         async with self.lock:
             disabled = self.table.disabled()
             names = [n for n in self.installed() if n not in disabled]

@@ -66,6 +66,8 @@ class Lifecycle(LoaderState):
         #: Prefixes claimed by generations being built right now.
         self._building: dict[str, str] = {}
         self._next_generation: dict[str, int] = {}
+        #: The boot is loading the installed plugins (nothing is served yet: no pacing).
+        self.booting = False
 
     def prefix_conflict(self, name: str, prefix: str) -> str | None:
         """Why ``name`` cannot claim ``prefix`` (kernel routes, another plugin), or None."""
@@ -160,7 +162,11 @@ class Lifecycle(LoaderState):
 
     def priority(self) -> contextlib.AbstractContextManager[None]:
         """The build window (``priority.py``): the event loop keeps priority meanwhile."""
-        return building(self.settings.build_switch_interval_ms, self.settings.defer_full_gc)
+        return building(
+            self.settings.build_switch_interval_ms,
+            self.settings.defer_full_gc,
+            1.0 if self.booting else self.settings.build_cpu_share,
+        )
 
     async def discard(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:
         """Throw a generation away and put back the modules it replaced."""

@@ -17,35 +17,30 @@ that ends, and put back then):
   (setting of ``services.loader``, 0.25 ms by default; 0 keeps the interpreter's).
 - *Full collections deferred.* A full (generation-2) collection walks every tracked
   object while holding the interpreter, and the objects a build allocates (thousands of
-  routes, fields, schemas) trigger them. During builds the generation-2 threshold is
-  raised out of reach (young collections go on: they are short). The garbage of
-  replaced generations is only freed by a full collection, so memory stays bounded: once
-  :data:`MAX_DEFERRED` generations were unloaded (:meth:`BuildWindow.note_unloaded`)
-  since the last full collection, the build that ends runs one itself (one pause every
-  few reloads instead of one or two per reload; none at boot, where nothing is
-  replaced and the interpreter's own policy resumes after the last build). Setting
-  ``defer_full_gc: false`` turns this off.
-
-The generation-2 threshold is set to :data:`SENTINEL` and put back only if it still holds
-it, so a component changing the other thresholds meanwhile (the scheduler's GC policy)
-keeps its change.
+  routes, fields, schemas) trigger them. While a build runs none starts: the window
+  brackets it with :data:`kernel.collector.collector` (``build_started`` /
+  ``build_ended``), the process's one owner of the garbage collector, which frees the
+  unloaded generations' garbage once the builds have settled, in one collection that
+  walks only the objects allocated since the boot (kernel/collector.py). Setting
+  ``defer_full_gc: false`` turns this off (the loader then leaves the collector to the
+  interpreter: no boot layer is frozen).
+- *Paced build threads.* A build thread that never waits slices every request of the
+  loop into switch-interval pieces. While the window is open, threads building routes
+  compute at most ``build_cpu_share`` of the wall time (0.3 by default; 1 turns it off):
+  they pause between routes (kernel/pacing.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["MAX_DEFERRED", "SENTINEL", "BuildWindow", "building", "window"]
+from kernel import pacing
+from kernel.collector import MAX_DEFERRED, SENTINEL, collector
 
-#: Generations that may be unloaded without a full collection before a build runs one.
-MAX_DEFERRED = 4
-#: The generation-2 threshold while builds run (out of reach; recognisable).
-SENTINEL = 2_000_000_011
-_DEFAULT_THRESHOLD_2 = 10
+__all__ = ["MAX_DEFERRED", "SENTINEL", "BuildWindow", "building", "window"]
 
 
 class BuildWindow:
@@ -55,19 +50,26 @@ class BuildWindow:
         self._lock = threading.Lock()
         #: Builds in progress.
         self.active = 0
-        #: Generations unloaded since the last full collection (from any source).
-        self.unloaded_since_full = 0
-        #: Full collections this module ran itself (see MAX_DEFERRED).
-        self.forced = 0
         self._saved_interval: float | None = None
         self._set_interval: float | None = None
-        self._deferring = 0
-        self._saved_threshold_2: int | None = None
-        self._full_seen = gc.get_stats()[2]["collections"]
 
-    def enter(self, switch_interval: float | None, defer_full_gc: bool) -> None:
+    @property
+    def unloaded_since_full(self) -> int:
+        """Generations unloaded since the last full collection (from any source)."""
+        return collector.unloaded_since_full
+
+    @property
+    def forced(self) -> int:
+        """Full collections run at the end of a build (without a collector owner)."""
+        return collector.forced
+
+    def enter(
+        self, switch_interval: float | None, defer_full_gc: bool, cpu_share: float = 1.0
+    ) -> None:
         with self._lock:
             self.active += 1
+            if self.active == 1 and cpu_share < 1.0:
+                pacing.set_share(cpu_share)
             if switch_interval is not None and switch_interval > 0:
                 current = sys.getswitchinterval()
                 if self._saved_interval is None:
@@ -75,54 +77,24 @@ class BuildWindow:
                 if switch_interval < current:
                     sys.setswitchinterval(switch_interval)
                     self._set_interval = sys.getswitchinterval()
-            if defer_full_gc:
-                self._deferring += 1
-                if self._deferring == 1:
-                    t0, t1, t2 = gc.get_threshold()
-                    # a stale SENTINEL (someone saved and restored ours): the default
-                    self._saved_threshold_2 = _DEFAULT_THRESHOLD_2 if t2 == SENTINEL else t2
-                    gc.set_threshold(t0, t1, SENTINEL)
+        collector.build_started(defer_full_gc)
 
     def exit(self, defer_full_gc: bool) -> None:
-        collect = False
         with self._lock:
             self.active -= 1
-            # full collections of any source (not a gc callback: Python code run inside
-            # a collection lets threads switch in the middle of compile() of an AST,
-            # whose depth counter CPython 3.11 shares between threads)
-            self._sync()
-            if defer_full_gc:
-                self._deferring -= 1
-                if self._deferring == 0 and self._saved_threshold_2 is not None:
-                    t0, t1, t2 = gc.get_threshold()
-                    if t2 == SENTINEL:
-                        gc.set_threshold(t0, t1, self._saved_threshold_2)
-                    self._saved_threshold_2 = None
+            if self.active == 0:
+                pacing.set_share(1.0)
             if self.active == 0 and self._saved_interval is not None:
                 # put back only what this module set (another change is kept)
                 if self._set_interval is None or sys.getswitchinterval() == self._set_interval:
                     sys.setswitchinterval(self._saved_interval)
                 self._saved_interval = None
                 self._set_interval = None
-            if defer_full_gc and self.unloaded_since_full >= MAX_DEFERRED:
-                collect = True
-        if collect:
-            gc.collect()
-            with self._lock:
-                self.forced += 1
-                self._sync()
+        collector.build_ended(defer_full_gc)
 
     def note_unloaded(self) -> None:
         """A generation was unloaded: its objects are garbage for a full collection."""
-        with self._lock:
-            self._sync()
-            self.unloaded_since_full += 1
-
-    def _sync(self) -> None:
-        full = gc.get_stats()[2]["collections"]
-        if full != self._full_seen:
-            self._full_seen = full
-            self.unloaded_since_full = 0
+        collector.note_unloaded()
 
 
 #: The one window of this process (the switch interval and the collector are global).
@@ -130,11 +102,13 @@ window = BuildWindow()
 
 
 @contextlib.contextmanager
-def building(switch_interval_ms: float = 0.25, defer_full_gc: bool = True) -> Iterator[None]:
+def building(
+    switch_interval_ms: float = 0.25, defer_full_gc: bool = True, cpu_share: float = 1.0
+) -> Iterator[None]:
     """Hold the build window while the block runs (nests; threads may share it)."""
     # (below 10 us the interpreter would do little but switch threads)
     interval = max(switch_interval_ms, 0.01) / 1000 if switch_interval_ms > 0 else None
-    window.enter(interval, defer_full_gc)
+    window.enter(interval, defer_full_gc, cpu_share)
     try:
         yield
     finally:

@@ -25,9 +25,11 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel import pacing
+from kernel.collector import collector
 from kernel.events import Recorded
 
-from . import installer
+from . import installer, lazy
 from .api import build_router
 from .core import ACTOR, Loader
 from .events import (
@@ -93,6 +95,15 @@ class LoaderService:
         # uploads may exceed the HTTP default body limit (plus room for the multipart framing)
         kernel.http.set_body_limit("/admin/plugins", loader.limits.max_bytes + 64 * 1024)
         kernel.http.add_health_check("loader", loader.health)
+        if settings.defer_full_gc:
+            # what exists now (kernel, services, libraries) leaves the collections for
+            # good; the plugins imported next stay collectable (kernel/collector.py)
+            collector.acquire()
+            stack.push_async_callback(collector.release)
+        if settings.build_cpu_share < 1:
+            pacing.install()
+        if settings.lazy_validators and lazy.install():
+            stack.callback(lazy.uninstall)
         stack.push_async_callback(loader.shutdown)
         await loader.boot()
         if kernel.settings.reload:

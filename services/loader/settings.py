@@ -45,6 +45,13 @@ class LoaderSettings(BaseModel):
     #: While a generation is built, full collections of the cyclic GC are deferred (one
     #: runs every few builds instead of one or two per build).
     defer_full_gc: bool = True
+    #: FastAPI's per-field validators of routes are built on first use instead of while
+    #: a plugin is imported (see services/loader/lazy.py; false: built at import, so an
+    #: unsupported type fails the load).
+    lazy_validators: bool = True
+    #: While a generation is built, threads building routes compute at most this share
+    #: of the wall time, pausing between routes (kernel/pacing.py); 1 turns it off.
+    build_cpu_share: float = Field(default=0.3, gt=0, le=1)
     #: The mode of plugins installed from an archive (``xcore plugin install``, the
     #: admin API's upload): ``manifest`` keeps the one their manifest declares;
     #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel.collector import collector
 from kernel.events import Event, Recorded
 
 from . import installer
@@ -78,6 +79,7 @@ class LoaderState:
             "stuck_threads": stuck,
             "busy": busy,
             "reloads_paused": sorted(self.paused),
+            "gc": collector.stats(),
         }
         if stuck:
             details["error"] = (

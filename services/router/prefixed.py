@@ -41,6 +41,8 @@ from fastapi.routing import APIRoute, request_response
 from starlette.routing import Match, compile_path
 from starlette.types import Scope
 
+from kernel.pacing import pace
+
 __all__ = ["PrefixedRoute", "include_prefixed", "prefixable"]
 
 log = logging.getLogger("xcore.router")
@@ -77,7 +79,10 @@ def include_prefixed(app: FastAPI, router: APIRouter, root: str) -> bool:
         log.debug("router included by FastAPI (%s)", why)
         app.include_router(router, prefix=root)
         return False
-    copies = [_prefixed(cast(APIRoute, route), root, app, router) for route in router.routes]
+    copies = []
+    for route in router.routes:
+        copies.append(_prefixed(cast(APIRoute, route), root, app, router))
+        pace()  # a build thread leaves the event loop its share (kernel/pacing.py)
     carrier = copy.copy(router)  # same lifespan, handlers and defaults; no routes
     carrier.routes = []
     app.include_router(carrier, prefix=root)

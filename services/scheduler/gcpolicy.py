@@ -28,6 +28,12 @@ gap or not, so memory stays bounded whatever the schedules.
 
 This is a process-wide choice made by the scheduler (setting ``manage_gc``, default
 on): the application does not have to call ``gc.freeze()`` itself, and can turn it off.
+
+When the process's collector has an owner (``kernel/collector.py``: the loader froze
+what the boot built and runs full collections itself, in gaps), this policy defers to
+it: it neither freezes nor thaws (freezing would put plugin generations out of reach of
+every collection; thawing would make the next one walk the whole heap), and only tells
+the collector when the scheduler's next timer leaves no gap for a pause.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+
+from kernel.collector import collector
 
 __all__ = ["GcPolicy"]
 
@@ -82,6 +90,9 @@ class GcPolicy:
         """Registrations changed: thaw now, freeze again once they are quiet."""
         if not self.enabled:
             return
+        collector.add_gap_check(self._gap)
+        if collector.held:
+            return  # the collector's owner decides (module docstring)
         self._last_poke = time.monotonic()
         self._automatic()  # registrations allocate: CPython collects as it likes
         if gc.get_freeze_count():
@@ -104,6 +115,8 @@ class GcPolicy:
                 break
             await asyncio.sleep(max(due - time.time(), 0) + 0.005)
         t0 = time.perf_counter()
+        if collector.held:  # an owner came meanwhile: it decides
+            return
         # No collection first: it would be the very pause this avoids (~90 ms with
         # 10,000 schedules). The boot's own cyclic garbage is frozen with the rest — a
         # bounded, one-time cost in memory — and collected after the next unfreeze.
@@ -158,16 +171,20 @@ class GcPolicy:
             t0, t1, t2 = gc.get_threshold()
             if t0 <= 0 or c0 < t0:
                 continue
-            if c0 < self.overdue * t0:
-                due = self._next_due()
-                if due is not None and due - time.time() < self.gap:
-                    continue  # a due time is near: after it
+            if c0 < self.overdue * t0 and not self._gap():
+                continue  # a due time is near: after it
             generation = 2 if (c1 >= t1 and c2 >= t2) else 1 if c1 >= t1 else 0
             gc.collect(generation)
             self.collections[generation] += 1
 
+    def _gap(self) -> bool:
+        """True when a collection's pause now would not make a run late."""
+        due = self._next_due()
+        return due is None or due - time.time() >= self.gap
+
     async def stop(self) -> None:
         """Give the collector back its defaults (the kernel may start again in-process)."""
+        collector.remove_gap_check(self._gap)
         self._automatic()
         task, self._task = self._task, None
         if task is not None:

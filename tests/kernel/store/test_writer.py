@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 from kernel.errors import StoreClosed, StoreError
 from kernel.events import Meta, NewEvent
-from kernel.store import NO_STREAM, SQLiteStore, StreamWrite
+from kernel.store import NO_STREAM, SQLiteStore, StreamWrite, sqlite_writer
 
 
 def ev(i: int, meta: Meta | None = None) -> NewEvent:
@@ -433,3 +434,254 @@ async def test_the_writer_checkpoints_the_wal_off_the_loops_thread(tmp_path: Pat
             assert [r.position for r in await store.read()] == list(range(1, 601))
         finally:
             await store.close()
+
+
+async def _commits_by_thread(
+    store: SQLiteStore, appends: int, slow: float = 0.0, stream: str = "s"
+) -> list[bool]:
+    """Append ``appends`` lone events one after the other; for each commit, whether it
+    ran in the loop's thread. ``slow``: every COMMIT sleeps that long first (a slow
+    disk's sync)."""
+    assert store._write_conn is not None
+    loop_thread = threading.get_ident()
+    inline: list[bool] = []
+
+    def trace(sql: str) -> None:
+        if sql.strip().upper().startswith("COMMIT"):
+            inline.append(threading.get_ident() == loop_thread)
+            if slow:
+                time.sleep(slow)
+
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
+    try:
+        for i in range(appends):
+            await store.append([ev(i)], stream=stream)
+    finally:
+        await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    return inline
+
+
+async def test_one_slow_commit_among_fast_ones_keeps_lone_commits_inline(
+    tmp_path: Path,
+) -> None:
+    """A VM's disk syncs slowly now and then: one commit of 4 times ``inline_limit``
+    moves the running average by half of it, so the next lone commits stay in the
+    loop's thread (one outlier used to send them all to the thread for 2 s)."""
+    store = SQLiteStore(tmp_path / "log.db", inline_limit=0.2)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            assert await _commits_by_thread(store, 1, slow=0.8) == [True]
+            assert store._writer is not None and store._writer.commit_average > 0.09
+            assert await _commits_by_thread(store, 5) == [True] * 5
+        finally:
+            await store.close()
+
+
+async def test_a_disk_that_stays_slow_sends_lone_commits_to_the_thread_until_it_is_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop is never held by a slow disk for more than a couple of commits: two
+    commits of 5 times ``inline_limit`` lift the average over it, and lone appends go
+    through the connection's thread (the loop stays free while it syncs) until their
+    commits are fast again."""
+    monkeypatch.setattr(sqlite_writer, "_STALL_PAUSE", 0.0)  # the average alone
+    store = SQLiteStore(tmp_path / "log.db", inline_limit=0.01)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            slow = await _commits_by_thread(store, 6, slow=0.05)
+            assert slow[0] is True and slow[2:] == [False] * 4, slow
+            # fast again: the average decays over the thread's commits, back inline
+            fast = await _commits_by_thread(store, 60)
+            assert fast[0] is False and fast[-10:] == [True] * 10, fast
+        finally:
+            await store.close()
+
+
+async def test_a_stall_of_the_loops_thread_keeps_lone_commits_off_it_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit in the loop's thread of more than 8 times ``inline_limit`` is a stall:
+    lone commits stay in the connection's thread for ``_STALL_PAUSE`` seconds even once
+    the average is back under the limit, so a disk that stalls now and then blocks the
+    loop at most once per pause."""
+    monkeypatch.setattr(sqlite_writer, "_STALL_PAUSE", 600.0)
+    store = SQLiteStore(tmp_path / "log.db", inline_limit=0.01)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            assert await _commits_by_thread(store, 1, slow=0.2) == [True]
+            # fast commits bring the average under the limit after ~20 of them
+            assert await _commits_by_thread(store, 60) == [False] * 60
+            assert store._writer is not None
+            assert store._writer.commit_average < store._writer.inline_limit
+        finally:
+            await store.close()
+
+
+async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle(
+    store: SQLiteStore,
+) -> None:
+    """No trip through the queue and the writer task for a lone one-event append to a
+    stream the writer knows; the first append of a stream goes through the writer."""
+    assert store._write_conn is not None
+    tasks: list[asyncio.Task[object] | None] = []
+
+    def trace(sql: str) -> None:
+        if sql.strip().upper().startswith("COMMIT"):
+            tasks.append(asyncio.current_task())
+
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
+    me = asyncio.current_task()
+    with anyio.fail_after(30):
+        [first] = await store.append([ev(1)], stream="s")
+        [second] = await store.append([ev(2)], stream="s")
+    await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    assert store._writer is not None and tasks == [store._writer._task, me]
+    assert (first.position, first.version, second.position, second.version) == (1, 1, 2, 2)
+    assert [(r.position, r.data) for r in await store.read(stream="s")] == [
+        (1, {"i": 1}),
+        (2, {"i": 2}),
+    ]
+
+
+async def test_a_caller_appending_in_a_loop_lets_the_loop_run(store: SQLiteStore) -> None:
+    """Each append committed in its caller's task yields to the loop once after its
+    commit: a task appending without pause does not starve timers and I/O. A timer due
+    at once has run by the time two such appends returned."""
+    assert store._writer is not None
+    with anyio.fail_after(30):
+        await store.append([ev(0)], stream="s")
+        loop = asyncio.get_running_loop()
+        ran: list[int] = []
+        before = store._writer.inline_commits
+        loop.call_at(loop.time(), ran.append, 1)
+        await store.append([ev(1)], stream="s")
+        assert store._writer.inline_commits == before + 1  # committed in this task
+        await store.append([ev(2)], stream="s")
+    assert ran == [1]
+
+
+async def test_a_lone_append_that_fills_the_disk_fails_alone_and_the_log_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Committed in its caller's task, an append the disk refuses is rolled back there
+    and reported as in a batch ("the disk is full"); positions stay gapless."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, max_page_count=40)
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")  # the stream is known: lone path
+            assert store._writer is not None
+            before = store._writer.inline_commits
+            big = NewEvent.raw("Big", {"blob": "x" * 400_000})
+            with pytest.raises(StoreError, match="disk is full"):
+                await store.append([big], stream="s")
+            [r] = await store.append([ev(2)], stream="s")
+            assert (r.position, r.version) == (2, 2)
+            assert store._writer.inline_commits == before + 1  # the last one, inline
+            assert [(x.position, x.version) for x in await store.read(stream="s")] == [
+                (1, 1),
+                (2, 2),
+            ]
+        finally:
+            await store.close()
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        assert [x.data.get("i") for x in await reopened.read()] == [0, 2]
+    finally:
+        await reopened.close()
+
+
+async def test_data_and_meta_are_stored_as_blobs_and_read_back_as_bytes(
+    tmp_path: Path,
+) -> None:
+    """The writer binds them as bytearray (cheaper for the sqlite3 module than bytes):
+    what is stored and read back is the same BLOB as before, bytes in every reader."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            await store.append([ev(1)], stream="s")  # lone, in the caller's task
+            await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(20)))
+            await store.append([ev(i) for i in range(3)], stream="s")
+        finally:
+            await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        kinds = set(conn.execute("SELECT typeof(data), typeof(meta) FROM events").fetchall())
+        rows = conn.execute("SELECT data, meta FROM events ORDER BY position").fetchall()
+    finally:
+        conn.close()
+    assert kinds == {("blob", "blob")}
+    assert all(type(d) is bytes and type(m) is bytes for d, m in rows)
+    reopened = SQLiteStore(path, readonly=True)
+    await reopened.open()
+    try:
+        records = await reopened.read()
+        assert len(records) == 25 and [r.data["i"] for r in records[:2]] == [0, 1]
+        assert all(type(r.meta.id) is str for r in records)
+    finally:
+        await reopened.close()
+
+
+async def test_a_lone_append_after_a_foreign_row_goes_on_after_it(tmp_path: Path) -> None:
+    """Committed in its caller's task, an append whose position another process took
+    is rolled back there and redone by the writer after the log's new end."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            await store.append([ev(1)], stream="s")  # lone: the stream is known
+            assert store._writer is not None
+            before = store._writer.inline_commits
+            conn = sqlite3.connect(path)
+            conn.execute(
+                "INSERT INTO events VALUES (3, 's', 3, 'Counted', 1, '{}', '{}', 'foreign', 0)"
+            )
+            conn.commit()
+            conn.close()
+            [r] = await store.append([ev(2)], stream="s")
+            assert (r.position, r.version) == (4, 4)
+            [r] = await store.append([ev(3)], stream="s")  # lone again
+            assert (r.position, r.version) == (5, 5)
+            # the clash went to the writer task (its retry after the new end committed
+            # in the loop's thread too), the next append was lone again
+            assert store._writer.inline_commits == before + 2
+            assert [x.position for x in await store.read(stream="s")] == [1, 2, 3, 4, 5]
+        finally:
+            await store.close()
+
+
+async def test_concurrent_appends_to_known_streams_still_share_transactions(
+    store: SQLiteStore,
+) -> None:
+    """The lone path is for a lone append only: producers ready at the same moment, on
+    streams the writer knows, still join one batch rather than each committing alone."""
+    assert store._write_conn is not None
+    with anyio.fail_after(30):
+        await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(50)))
+        commits: list[str] = []
+        raw = store._write_conn._conn  # type: ignore[attr-defined]
+        await store._write_conn._execute(  # type: ignore[attr-defined]
+            raw.set_trace_callback,
+            lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None,
+        )
+        try:
+            await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(50)))
+        finally:
+            await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    assert 1 <= len(commits) <= 3, f"{len(commits)} commits for 50 concurrent appends"
+    assert await store.last_position() == 100

@@ -9,8 +9,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
+from kernel.collector import collector
 from services.loader import priority
 from services.loader.priority import MAX_DEFERRED, SENTINEL, building
 
@@ -156,14 +158,16 @@ def probes(plugins: Path) -> list[tuple[str, float, int]]:
 
 async def test_a_real_build_and_mount_run_in_the_window(harness_factory, plugins: Path) -> None:
     """The plugin's import/hooks and the router's app build (its startup handler runs
-    right after) see the window; the server after the build does not."""
+    right after) see the window; the server after the build does not (full collections
+    stay the collector's while the loader owns it: kernel/collector.py)."""
     write_plugin(plugins, "probe", run=PROBE_RUN, router=PROBE_ROUTER)
     before = sys.getswitchinterval(), gc.get_threshold()
+    owned = sys.getswitchinterval(), (*before[1][:2], SENTINEL)
     h = await harness_factory()
-    assert (sys.getswitchinterval(), gc.get_threshold()) == before
+    assert (sys.getswitchinterval(), gc.get_threshold()) == owned
     r = await h.client.post("/admin/plugins/probe/reload", headers=AUTH)
     assert r.status_code == 200, r.text
-    assert (sys.getswitchinterval(), gc.get_threshold()) == before
+    assert (sys.getswitchinterval(), gc.get_threshold()) == owned
     seen = probes(plugins)
     # (FastAPI runs a router's on_startup twice when it is included, bare apps too)
     kinds = [w for w, _, _ in seen]
@@ -176,8 +180,10 @@ async def test_a_real_build_and_mount_run_in_the_window(harness_factory, plugins
     )
     r = await h.client.post("/admin/plugins/probe/reload", headers=AUTH)
     assert r.status_code != 200
-    assert (sys.getswitchinterval(), gc.get_threshold()) == before
+    assert (sys.getswitchinterval(), gc.get_threshold()) == owned
     assert probes(plugins)[-1][0] == "on_load"
+    await h.stop()  # the collector is given back
+    assert (sys.getswitchinterval(), gc.get_threshold()) == before
 
 
 async def test_the_window_can_be_turned_off(harness_factory, plugins: Path) -> None:
@@ -187,20 +193,55 @@ async def test_the_window_can_be_turned_off(harness_factory, plugins: Path) -> N
     assert all(i == before[0] and t2 == before[1][2] for _, i, t2 in probes(plugins))
 
 
-async def test_reloads_free_replaced_generations_every_few_reloads(
+async def test_reloads_free_replaced_generations_once_settled(
     harness_factory, plugins: Path
 ) -> None:
-    """Through the real loader: each reload unloads a generation, and every
-    MAX_DEFERRED of them a build runs the full collection that frees them."""
+    """Through the real loader: each reload unloads a generation, and the collector
+    frees its garbage with a full collection of its own once the reloads settle."""
     write_plugin(plugins, "probe", router=PROBE_ROUTER)
     h = await harness_factory()
-    gc.disable()  # only the collections the window forces are counted
-    try:
-        gc.collect()
-        start = full_collections()
-        for _ in range(MAX_DEFERRED + 1):
-            r = await h.client.post("/admin/plugins/probe/reload", headers=AUTH)
-            assert r.status_code == 200, r.text
-        assert full_collections() > start
-    finally:
-        gc.enable()
+    assert collector.held
+    start = collector.collections
+    for _ in range(MAX_DEFERRED + 1):
+        r = await h.client.post("/admin/plugins/probe/reload", headers=AUTH)
+        assert r.status_code == 200, r.text
+    with anyio.fail_after(30):
+        while collector.pending() or collector.collections == start:
+            await anyio.sleep(0.05)
+    assert collector.unloaded_since_full == 0
+
+
+PACED_ROUTER = """
+    from pathlib import Path
+    from fastapi import APIRouter
+    from kernel import pacing
+
+    (Path(__file__).parent.parent / "share.log").write_text(str(pacing.share()))
+    router = APIRouter()
+    for i in range(200):
+        router.add_api_route(f"/r{i}", lambda q: {}, methods=["GET"])
+    """
+
+
+async def test_a_build_paces_its_route_threads(harness_factory, plugins: Path) -> None:
+    """While a generation is built, threads declaring its routes pause between them
+    (kernel/pacing.py); not at boot (nothing is served yet), and the window closes
+    pacing when the build ends."""
+    from kernel import pacing
+
+    def share() -> float:
+        return float((plugins / "share.log").read_text())
+
+    write_plugin(plugins, "paced", router=PACED_ROUTER)
+    h = await harness_factory()
+    assert share() == 1.0  # the boot's build
+    before = pacing.slept
+    r = await h.client.post("/admin/plugins/paced/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert share() == pytest.approx(0.3)
+    assert pacing.slept > before and pacing.share() == 1.0
+    await h.stop()
+    h = await harness_factory(loader={"build_cpu_share": 1})  # turned off
+    r = await h.client.post("/admin/plugins/paced/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert share() == 1.0

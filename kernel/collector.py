@@ -1,0 +1,327 @@
+"""The one owner of the cyclic garbage collector: plugin reloads never pay for the whole heap.
+
+Guarantee: once the loader has booted, no collection walks the objects built before the
+first plugin was imported (the kernel, its services, FastAPI, pydantic: ~90,000 objects,
+~150 ms a full collection), no full collection runs while a generation is built, and the
+garbage of unloaded generations is freed by one collection of the objects allocated
+since the boot, run off the builds, once the reloads have settled and in a gap of the
+scheduler's timers. Memory stays bounded: nothing a plugin generation allocates is ever
+frozen, so every collection can free it.
+
+Mechanism (process-wide: the collector is global):
+
+- *Boot layer.* :meth:`Collector.acquire`, called by the loader right before it imports
+  the first plugin at boot, moves every tracked object into the permanent generation
+  (``gc.freeze()``, a constant-time list splice; no collection first). That layer is
+  never thawed while an owner holds the collector, so later collections skip it;
+  plugin generations are allocated afterwards and stay collectable.
+- *Full collections are ours.* While held, the generation-2 threshold is out of reach
+  (:data:`SENTINEL`); young collections go on (they are short). The collector runs
+  ``gc.collect(2)`` itself, from a task of the owner's event loop (checked every
+  :attr:`Collector.tick` seconds), when (a) a generation was unloaded
+  (:meth:`note_unloaded`), once no build has run for :attr:`Collector.settle` seconds,
+  or (b) the interpreter would have run one: ``gc.get_count()[2]`` (young-generation
+  collections since the last full one) reached the saved threshold. Both wait, at most
+  :attr:`Collector.max_wait` seconds, for no build to be active and every registered gap
+  check (:meth:`add_gap_check`: the scheduler's next timer at least 50 ms away) to agree.
+- *Builds.* :meth:`build_started` / :meth:`build_ended` bracket a build (the loader's
+  build window): collections of ours wait for the last to end. Without an owner (a
+  build outside a running kernel) the interpreter's policy is only deferred during the
+  build, and one full collection runs itself once :data:`MAX_DEFERRED` generations were
+  unloaded since the last; with an owner, reloads back to back that never leave its
+  task a gap make the build that ends collect after :data:`MAX_DEFERRED_HELD`.
+- *Settled freeze.* A kernel without the loader's boot layer (the scheduler alone) may
+  still freeze its settled heap (``services/scheduler/gcpolicy.py``); when an owner
+  holds the collector, that policy defers to it (:attr:`Collector.held`).
+
+:meth:`Collector.stats` is what ``/health`` shows (``loader.gc``): the collections the
+collector ran, their pauses, and whether one is pending; a benchmark waits for
+``pending`` to clear before it measures a quiet phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["MAX_DEFERRED", "MAX_DEFERRED_HELD", "SENTINEL", "Collector", "collector"]
+
+log = logging.getLogger("xcore.gc")
+
+#: Generations that may be unloaded without a full collection before a build runs one
+#: (only without an owner: with one, the collector's task collects).
+MAX_DEFERRED = 4
+#: With an owner, the unloaded generations after which the build that ends collects
+#: anyway (reloads back to back leave the owner's task no gap).
+MAX_DEFERRED_HELD = 2 * MAX_DEFERRED
+#: The generation-2 threshold while deferred or owned (out of reach; recognisable).
+SENTINEL = 2_000_000_011
+_DEFAULT_THRESHOLD_2 = 10
+
+
+class Collector:
+    """Process-wide owner of ``gc`` (one instance: :data:`collector`)."""
+
+    #: Seconds without a build before an unloaded generation's garbage is collected.
+    settle = 0.5
+    #: How often the owner's task looks for work (s).
+    tick = 0.1
+    #: A collection waits at most this long for a gap (then runs anyway).
+    max_wait = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        #: Owners holding the collector (loaders of running kernels).
+        self.owners = 0
+        #: Builds in progress.
+        self.active = 0
+        #: Generations unloaded since the last full collection (of any source).
+        self.unloaded_since_full = 0
+        #: Full collections the collector ran itself.
+        self.collections = 0
+        #: Full collections run at the end of a build without an owner (MAX_DEFERRED).
+        self.forced = 0
+        #: Objects frozen in the boot layer.
+        self.boot_frozen = 0
+        self.last_pause_ms: float | None = None
+        self.max_pause_ms = 0.0
+        self.total_pause_ms = 0.0
+        self.last_freed = 0
+        self._last_build_end = 0.0
+        self._deferring = 0
+        self._saved_threshold_2: int | None = None
+        self._full_seen = gc.get_stats()[2]["collections"]
+        self._gap_checks: list[Callable[[], bool]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._collecting = False
+        self._owner_defers = False
+        #: Objects in the oldest generation after our last full collection.
+        self._long_lived = 0
+        self._old = 0
+        self._old_checked = 0.0
+
+    # -- owner -------------------------------------------------------------------------
+
+    @property
+    def held(self) -> bool:
+        """An owner holds the collector: the boot layer is frozen, full collections are ours."""
+        return self.owners > 0
+
+    def acquire(self) -> None:
+        """Freeze what exists as the boot layer and own full collections (from a loop)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self.owners += 1
+            if self.owners > 1:
+                return
+            gc.freeze()
+            self.boot_frozen = gc.get_freeze_count()
+            self._defer()
+            self._owner_defers = True
+            self._full_seen = gc.get_stats()[2]["collections"]
+            self._long_lived = len(gc.get_objects(2))
+            self._task = loop.create_task(self._run(), name="xcore-gc")
+            self._task.add_done_callback(self._ended)
+        log.debug("gc: %d boot objects frozen out of collections", self.boot_frozen)
+
+    async def release(self) -> None:
+        """The owner stops: thresholds back, boot layer thawed (the last owner only)."""
+        with self._lock:
+            self.owners -= 1
+            if self.owners > 0:
+                return
+            task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with self._lock:
+            if self._owner_defers:
+                self._owner_defers = False
+                self._undefer()
+            gc.unfreeze()
+            self.boot_frozen = 0
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # never leave the interpreter without full collections: its own policy resumes
+        log.error(
+            "gc: the collector's task failed; the interpreter collects again",
+            exc_info=task.exception(),
+        )
+        with self._lock:
+            if self._task is task:
+                self._task = None
+            if self._owner_defers:
+                self._owner_defers = False
+                self._undefer()
+
+    def add_gap_check(self, check: Callable[[], bool]) -> None:
+        """``check()`` is True when a pause of ~100 ms now would hurt no one (idempotent)."""
+        with self._lock:
+            if check not in self._gap_checks:
+                self._gap_checks.append(check)
+
+    def remove_gap_check(self, check: Callable[[], bool]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._gap_checks.remove(check)
+
+    # -- builds and unloads ------------------------------------------------------------
+
+    def build_started(self, defer: bool = True) -> None:
+        with self._lock:
+            self.active += 1
+            if defer:
+                self._defer()
+
+    def build_ended(self, defer: bool = True) -> None:
+        collect = False
+        with self._lock:
+            self.active -= 1
+            self._last_build_end = time.monotonic()
+            self._sync()
+            if defer:
+                self._undefer()
+                # without an owner every MAX_DEFERRED unloads; with one, only when
+                # reloads never leave it a gap (a tight loop): memory stays bounded
+                bound = MAX_DEFERRED_HELD if self.held else MAX_DEFERRED
+                collect = self.unloaded_since_full >= bound
+        if collect:
+            gc.collect()
+            with self._lock:
+                self.forced += 1
+                self._sync()
+
+    def note_unloaded(self) -> None:
+        """A generation was unloaded: its objects are garbage for a full collection."""
+        with self._lock:
+            self._sync()
+            self.unloaded_since_full += 1
+
+    # -- state -------------------------------------------------------------------------
+
+    def pending(self) -> bool:
+        """A collection of ours is due (or running)."""
+        with self._lock:
+            self._sync()
+            return self.held and (self._collecting or self._due() is not None)
+
+    def stats(self) -> dict[str, Any]:
+        counts = gc.get_count()
+        return {
+            "owned": self.held,
+            "boot_frozen": self.boot_frozen,
+            "frozen": gc.get_freeze_count(),
+            "pending": self.pending(),
+            "unloaded_since_full": self.unloaded_since_full,
+            "collections": self.collections,
+            "full_collections": gc.get_stats()[2]["collections"],
+            "young_collections": gc.get_stats()[0]["collections"]
+            + gc.get_stats()[1]["collections"],
+            "last_pause_ms": self.last_pause_ms,
+            "max_pause_ms": round(self.max_pause_ms, 3),
+            "total_pause_ms": round(self.total_pause_ms, 3),
+            "last_freed": self.last_freed,
+            "count": list(counts),
+        }
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _defer(self) -> None:
+        self._deferring += 1
+        if self._deferring == 1:
+            t0, t1, t2 = gc.get_threshold()
+            # a stale SENTINEL (someone saved and restored ours): the default
+            self._saved_threshold_2 = _DEFAULT_THRESHOLD_2 if t2 == SENTINEL else t2
+            gc.set_threshold(t0, t1, SENTINEL)
+
+    def _undefer(self) -> None:
+        self._deferring -= 1
+        if self._deferring == 0 and self._saved_threshold_2 is not None:
+            t0, t1, t2 = gc.get_threshold()
+            if t2 == SENTINEL:  # another component's change is kept
+                gc.set_threshold(t0, t1, self._saved_threshold_2)
+            self._saved_threshold_2 = None
+
+    def _sync(self) -> None:
+        # full collections of any source restart the count (not a gc callback: Python
+        # code run inside a collection lets threads switch in the middle of compile()
+        # of an AST, whose depth counter CPython 3.11 shares between threads)
+        full = gc.get_stats()[2]["collections"]
+        if full != self._full_seen:
+            self._full_seen = full
+            self.unloaded_since_full = 0
+
+    def _due(self) -> str | None:
+        if self.unloaded_since_full:
+            return "unloaded generations"
+        threshold = self._saved_threshold_2 or _DEFAULT_THRESHOLD_2
+        if gc.get_count()[2] >= threshold:
+            # the interpreter's own rule: only once the objects that survived young
+            # collections since the last full one exceed a quarter of the old ones
+            # (counted at most once a second: a list of every old object)
+            now = time.monotonic()
+            if now - self._old_checked >= 1.0:
+                self._old_checked = now
+                self._old = len(gc.get_objects(2))
+            if self._old - self._long_lived > self._long_lived // 4:
+                return "young collections"
+        return None
+
+    def _gap(self) -> bool:
+        if self.active:
+            return False
+        if self.unloaded_since_full and time.monotonic() - self._last_build_end < self.settle:
+            return False
+        for check in list(self._gap_checks):
+            try:
+                if not check():
+                    return False
+            except Exception:
+                log.exception("gc: a gap check failed; ignored")
+        return True
+
+    async def _run(self) -> None:
+        waiting_since: float | None = None
+        while True:
+            await asyncio.sleep(self.tick)
+            with self._lock:
+                self._sync()
+                why = self._due()
+                if why is None:
+                    waiting_since = None
+                    continue
+                now = time.monotonic()
+                if waiting_since is None:
+                    waiting_since = now
+                if self.active or (not self._gap() and now - waiting_since < self.max_wait):
+                    continue
+                self._collecting = True
+            try:
+                start = time.perf_counter()
+                freed = gc.collect(2)
+                pause = (time.perf_counter() - start) * 1000
+            finally:
+                with self._lock:
+                    self._collecting = False
+                    self._sync()
+            waiting_since = None
+            with self._lock:
+                self._long_lived = self._old = len(gc.get_objects(2))
+                self.collections += 1
+                self.last_pause_ms = round(pause, 3)
+                self.max_pause_ms = max(self.max_pause_ms, pause)
+                self.total_pause_ms += pause
+                self.last_freed = freed
+            log.debug("gc: full collection (%s): %d freed in %.1f ms", why, freed, pause)
+
+
+#: The one collector of this process (the garbage collector is global).
+collector = Collector()

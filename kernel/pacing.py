@@ -1,0 +1,100 @@
+"""Threads building a plugin generation leave the interpreter to the event loop most of the time.
+
+Guarantee: while a generation is built (the loader's build window is open), a thread that
+builds routes — FastAPI declaring a plugin's routes as its ``router.py`` is imported, the
+router copying them at their public paths — computes at most :func:`share` of the wall
+time (``build_cpu_share`` of ``services.loader``, 0.3 by default), so the requests other
+plugins serve meanwhile get the interpreter back for the rest instead of alternating with
+the build every switch interval. A build takes longer in wall time (about 1/share of its
+CPU time); its CPU cost is unchanged.
+
+Mechanism: Python runs one thread at a time, and a thread waiting for the interpreter
+takes it from the running one after the switch interval, so a build thread that never
+waits slices every request of the event loop into switch-interval pieces. Build code
+calls :func:`pace` between units of work (after each route is declared or copied); once
+the calling thread has computed ``quantum`` seconds of CPU since its last pause, it
+sleeps (releasing the interpreter) long enough to bring its share down to ``share``.
+Calls from the event loop's thread, or while no build is open (``share`` is 1), return
+at once. :func:`install` makes FastAPI's ``APIRouter.add_api_route`` (what every route
+decorator calls) pace after each route.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from typing import Any
+
+__all__ = ["install", "pace", "set_share", "share"]
+
+#: CPU seconds a thread computes between two pauses (pauses shorter than this are noise).
+quantum = 0.002
+
+_share = 1.0
+#: Bumped each time pacing opens: a pooled thread's mark from an earlier build is stale.
+_epoch = 0
+#: Longest single pause (s): a unit of work that was long is not repaid all at once.
+max_pause = 0.05
+_local = threading.local()
+_lock = threading.Lock()
+_installed = False
+#: Seconds slept by pacing so far (benchmarks read it).
+slept = 0.0
+
+
+def share() -> float:
+    """The share of wall time a build thread may compute now (1: no pacing)."""
+    return _share
+
+
+def set_share(value: float) -> None:
+    """Open (value < 1) or close (1) the pacing of build threads (the build window)."""
+    global _share, _epoch
+    value = min(max(value, 0.05), 1.0)
+    if value < 1.0 and _share >= 1.0:
+        _epoch += 1
+    _share = value
+
+
+def pace() -> None:
+    """Between two units of build work: pause if this thread took more than its share."""
+    global slept
+    current = _share
+    if current >= 1.0 or threading.current_thread() is threading.main_thread():
+        return
+    now = time.thread_time()
+    mark = getattr(_local, "mark", None)
+    if mark is None or mark[0] != _epoch:
+        _local.mark = (_epoch, now)
+        return
+    spent = now - mark[1]
+    if spent < quantum:
+        return
+    pause = min(spent * (1 - current) / current, max_pause)
+    time.sleep(pause)
+    slept += pause
+    _local.mark = (_epoch, time.thread_time())
+
+
+def install() -> None:
+    """Pace after every route FastAPI's APIRouter declares (idempotent)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        try:
+            from fastapi import routing
+        except ImportError:  # pragma: no cover - FastAPI is a dependency
+            return
+        original = routing.APIRouter.add_api_route
+
+        @functools.wraps(original)
+        def add_api_route(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                pace()
+
+        routing.APIRouter.add_api_route = add_api_route  # type: ignore[method-assign]
+        _installed = True

@@ -1,0 +1,61 @@
+"""Build threads are paced (kernel/pacing.py): while pacing is open a thread that calls
+``pace()`` between units of work pauses to keep its share; the event loop's thread, and
+every thread once pacing is closed, never pause."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kernel import pacing
+
+
+@pytest.fixture(autouse=True)
+def _closed() -> Iterator[None]:
+    yield
+    pacing.set_share(1.0)
+
+
+def burn(units: int) -> None:
+    for _ in range(units):
+        end = time.thread_time() + 0.001  # a unit of CPU work
+        while time.thread_time() < end:
+            pass
+        pacing.pace()
+
+
+def in_thread(fn: object) -> None:
+    t = threading.Thread(target=fn)  # type: ignore[arg-type]
+    t.start()
+    t.join(60)
+    assert not t.is_alive()
+
+
+def test_a_build_thread_pauses_while_pacing_is_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    real = time.sleep
+    monkeypatch.setattr(pacing.time, "sleep", lambda s: (pauses.append(s), real(s)))
+    pacing.set_share(0.5)
+    before = pacing.slept
+    in_thread(lambda: burn(20))
+    # it slept (releasing the interpreter) as often as its CPU went past each quantum
+    assert pauses and all(0 < p <= pacing.max_pause for p in pauses)
+    assert pacing.slept - before == pytest.approx(sum(pauses))
+
+
+def test_no_pause_when_closed_or_on_the_main_thread() -> None:
+    before = pacing.slept
+    in_thread(lambda: burn(20))  # closed
+    pacing.set_share(0.5)
+    burn(20)  # the main thread (the event loop's) is never paced
+    assert pacing.slept == before
+
+
+def test_the_share_is_bounded() -> None:
+    pacing.set_share(0.0)
+    assert pacing.share() == 0.05
+    pacing.set_share(7)
+    assert pacing.share() == 1.0
