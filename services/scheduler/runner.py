@@ -93,6 +93,9 @@ class TaskEntry:
     turns: deque[asyncio.Future[None]] = field(default_factory=deque)
     #: during a ``coalesce="all"`` catch-up, its earliest due time not started yet
     catch_up: float | None = None
+    #: set when the task is unscheduled (removed, no longer declared, its plugin
+    #: unloaded): a run claimed ahead of its instant then runs nothing
+    removed: bool = False
 
     @property
     def recorded_next(self) -> float | None:
@@ -447,6 +450,15 @@ class Runner:
                 t_slot = time.perf_counter()
             ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
+            # The start record was written a lead ahead: what happened to the task
+            # since then decides what runs now (nothing awaits from here to the call).
+            stale = _stale(entry, kind)
+            if stale is not None:
+                self._cancel_reasons[run_id] = stale
+                raise asyncio.CancelledError
+            if entry.task is not task:  # reloaded (or changed) meanwhile: the new code
+                task = entry.task
+                ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             t_start, started_at = time.perf_counter(), time.time()
             error, value = await self._execute(task, ctx, plugin_ctx, thread)
             duration_ms = (time.perf_counter() - t_start) * 1000
@@ -804,6 +816,16 @@ class Runner:
             # dropped unawaited with the run reported as succeeded
             return await value
         return value
+
+
+def _stale(entry: TaskEntry, kind: str) -> str | None:
+    """Why a run claimed ahead of its instant must not start its code at the instant
+    (the task was removed or paused since its claim), or None."""
+    if entry.removed:
+        return "cancelled: the task was unscheduled after the run was claimed, before its due time"
+    if entry.paused and kind != "request":  # a run asked for by hand runs while paused
+        return "cancelled: the task was paused after the run was claimed, before its due time"
+    return None
 
 
 def _waiting(entry: TaskEntry) -> bool:

@@ -400,6 +400,7 @@ class SchedulerService:
         entry = self._tasks.pop(tid, None)
         if entry is None:
             return
+        entry.removed = True  # a run claimed ahead of its instant runs nothing
         self._dispatch.disarm(tid)
         await self._runner.append(
             tid,
