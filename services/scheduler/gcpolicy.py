@@ -18,13 +18,16 @@ first ``gc.unfreeze()``s; the next settle then collects before it freezes again,
 old generation's objects are freed, not frozen for good: one pause at reload time
 instead of one every few seconds.
 
-While frozen, the young collections are the policy's too: CPython's automatic
-collection is off and a tick (every :attr:`GcPolicy.tick` seconds) runs the collection
-CPython would have run (same thresholds, same generations), but in a gap of at least
-:attr:`GcPolicy.gap` before the next due time — a burst of runs due at one instant never
-waits behind a generation-1 pause (20-100 ms with 10,000 schedules). A collection that
-is far overdue (:attr:`GcPolicy.overdue` times its threshold) runs at the next tick,
-gap or not, so memory stays bounded whatever the schedules.
+While frozen, the young collections are the policy's too: a tick (every
+:attr:`GcPolicy.tick` seconds) runs the collection CPython would have run (same
+thresholds, same generations), but in a gap of at least :attr:`GcPolicy.gap` before the
+next due time — a burst of runs due at one instant never waits behind a generation-1
+pause (20-100 ms with 10,000 schedules). CPython's automatic collection stays on, its
+generation-0 threshold raised to :attr:`GcPolicy.overdue` times the tended one: a
+collection that far overdue runs at once, gap or not — even while code holds the event
+loop (a plugin that never awaits) and no tick can run —, so memory stays bounded
+whatever the schedules and the plugins. An application that turned collection off
+(``gc.disable()``) keeps it off: the tick collects only while ``gc.isenabled()``.
 
 This is a process-wide choice made by the scheduler (setting ``manage_gc``, default
 on): the application does not have to call ``gc.freeze()`` itself, and can turn it off.
@@ -78,8 +81,9 @@ class GcPolicy:
         self._saved: tuple[int, int, int] | None = None
         self._thawed = False
         self._tender: asyncio.Task[None] | None = None
-        #: automatic collection was switched off by the policy (to switch back on)
-        self._disabled = False
+        #: the generation-0 threshold the tick tends, while CPython's own is raised to
+        #: ``overdue`` times it (None: not tending)
+        self._young: int | None = None
         #: collections the policy ran itself, by generation
         self.collections = [0, 0, 0]
         #: how many times the heap was frozen, and the last freeze's pause (ms)
@@ -130,9 +134,10 @@ class GcPolicy:
             gc.set_threshold(max(self.young_threshold, self._saved[0]), g1, g2)
         self.freezes += 1
         self.last_pause_ms = (time.perf_counter() - t0) * 1000
-        if gc.isenabled():
-            gc.disable()
-            self._disabled = True
+        if self._young is None:
+            t0, t1, t2 = gc.get_threshold()
+            self._young = t0
+            gc.set_threshold(t0 * self.overdue, t1, t2)
             self._tender = asyncio.get_running_loop().create_task(
                 self._tend(), name="xcore-scheduler-gc-tend"
             )
@@ -148,9 +153,14 @@ class GcPolicy:
         tender, self._tender = self._tender, None
         if tender is not None:
             tender.cancel()
-        if self._disabled:
-            gc.enable()
-            self._disabled = False
+        self._untend()
+
+    def _untend(self) -> None:
+        """CPython's own generation-0 threshold back to the tended one."""
+        young, self._young = self._young, None
+        if young is not None:
+            _, t1, t2 = gc.get_threshold()
+            gc.set_threshold(young, t1, t2)
 
     def _tend_ended(self, task: asyncio.Task[None]) -> None:
         """A tick that failed must not leave the process without collections."""
@@ -159,20 +169,19 @@ class GcPolicy:
         log.error("scheduler: the GC tick failed; CPython collects again", exc_info=exc)
         if self._tender is task:
             self._tender = None
-        if self._disabled:
-            gc.enable()
-            self._disabled = False
+            self._untend()
 
     async def _tend(self) -> None:
         """Run the collections CPython would run, between due times (module docstring)."""
         while True:
             await asyncio.sleep(self.tick)
             c0, c1, c2 = gc.get_count()
-            t0, t1, t2 = gc.get_threshold()
-            if t0 <= 0 or c0 < t0:
-                continue
-            if c0 < self.overdue * t0 and not self._gap():
-                continue  # a due time is near: after it
+            _, t1, t2 = gc.get_threshold()
+            t0 = self._young or 0
+            if t0 <= 0 or c0 < t0 or not gc.isenabled():
+                continue  # (collection turned off by the application: its choice)
+            if not self._gap():
+                continue  # a due time is near: after it (CPython collects if overdue)
             generation = 2 if (c1 >= t1 and c2 >= t2) else 1 if c1 >= t1 else 0
             gc.collect(generation)
             self.collections[generation] += 1
