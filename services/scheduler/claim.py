@@ -42,7 +42,7 @@ from services.scheduler.triggers import AfterTrigger, IntervalTrigger
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
-__all__ = ["ClaimLost", "Claims", "claim", "claim_key"]
+__all__ = ["ClaimLost", "Claims", "SlotTaken", "claim", "claim_key"]
 
 log = logging.getLogger("xcore.scheduler")
 
@@ -52,6 +52,12 @@ MAX_CONFLICTS = 50
 
 class ClaimLost(Exception):
     """Another node (or boot) already started this run."""
+
+
+class SlotTaken(ClaimLost):
+    """This node already started another run under the same claim key (an interval's
+    period whose phase changed since its run, a run re-armed for an instant already
+    claimed): this one does not start — it would run with no start record of its own."""
 
 
 def claim_key(
@@ -82,14 +88,29 @@ def _items(kernel: Kernel, events: list[Event], key: str, cause: Recorded | None
     ]
 
 
-def _decide(kernel: Kernel, records: list[Recorded], key: str) -> list[Recorded]:
+def _run_id(events: list[Event]) -> str | None:
+    return next((e.run_id for e in events if isinstance(e, TaskStarted)), None)
+
+
+def _decide(
+    kernel: Kernel, records: list[Recorded], key: str, run_id: str | None = None
+) -> list[Recorded]:
     """The stored records of a claim: this boot's (won), or raise ClaimLost."""
     for r in records:
         if r.meta.id == key:
             if r.meta.boot == kernel.boot:
+                other = r.data.get("run_id")
+                if run_id is not None and other != run_id:
+                    raise SlotTaken(
+                        f"its slot ({key}) was claimed by run {other} of this node already"
+                    )
                 return records
             raise ClaimLost(f"run {key} was started by node {r.meta.node}")
     raise ClaimLost(f"run {key} was already started")
+
+
+#: a queued claim: stream, its events ready to append, claim key, run id, its answer
+_Queued = tuple[str, list[NewEvent], str, str | None, asyncio.Future[list[Recorded]]]
 
 
 class Claims:
@@ -102,7 +123,7 @@ class Claims:
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
-        self._queued: list[tuple[str, list[NewEvent], str, asyncio.Future[list[Recorded]]]] = []
+        self._queued: list[_Queued] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._idlers: list[asyncio.Future[None]] = []
         #: batches sent (for tests and the benchmark's notes)
@@ -139,7 +160,9 @@ class Claims:
         future: asyncio.Future[list[Recorded]] = loop.create_future()
         if not self._queued:
             loop.call_soon(self._send)
-        self._queued.append((stream, _items(self.kernel, events, key, cause), key, future))
+        self._queued.append(
+            (stream, _items(self.kernel, events, key, cause), key, _run_id(events), future)
+        )
         return future
 
     async def drain(self, timeout: float) -> None:
@@ -158,9 +181,7 @@ class Claims:
         self._tasks.add(task)
         task.add_done_callback(self._sent)
 
-    async def _append(
-        self, batch: list[tuple[str, list[NewEvent], str, asyncio.Future[list[Recorded]]]]
-    ) -> None:
+    async def _append(self, batch: list[_Queued]) -> None:
         kernel = self.kernel
         try:
             if kernel.placement.shared:
@@ -172,7 +193,7 @@ class Claims:
             answers = await kernel.store.append_many(
                 [
                     StreamWrite(stream, items, version)
-                    for (stream, items, _, _), version in zip(batch, versions, strict=True)
+                    for (stream, items, *_), version in zip(batch, versions, strict=True)
                 ]
             )
         except BaseException as exc:
@@ -182,20 +203,20 @@ class Claims:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (stream, items, key, future), answer in zip(batch, answers, strict=True):
+        for (stream, items, key, run_id, future), answer in zip(batch, answers, strict=True):
             if future.done():
                 continue
             if isinstance(answer, ConcurrencyError):
                 # the stream moved since its version was read (another node appended):
                 # this claim alone goes the one-by-one way, where the id decides
-                retry = asyncio.ensure_future(_claim_items(kernel, stream, items, key))
+                retry = asyncio.ensure_future(_claim_items(kernel, stream, items, key, run_id))
                 retry.add_done_callback(functools.partial(_relay, future))
                 continue
             if isinstance(answer, StoreError):
                 future.set_exception(answer)
                 continue
             try:
-                future.set_result(_decide(kernel, answer, key))
+                future.set_result(_decide(kernel, answer, key, run_id))
             except ClaimLost as lost:
                 future.set_exception(lost)
 
@@ -217,11 +238,13 @@ async def claim(
     kernel: Kernel, stream: str, events: list[Event], key: str, cause: Recorded | None
 ) -> list[Recorded]:
     """Append ``events`` (their ``TaskStarted`` keyed ``key``) or raise ClaimLost."""
-    return await _claim_items(kernel, stream, _items(kernel, events, key, cause), key)
+    return await _claim_items(
+        kernel, stream, _items(kernel, events, key, cause), key, _run_id(events)
+    )
 
 
 async def _claim_items(
-    kernel: Kernel, stream: str, items: list[NewEvent], key: str
+    kernel: Kernel, stream: str, items: list[NewEvent], key: str, run_id: str | None = None
 ) -> list[Recorded]:
     for _ in range(MAX_CONFLICTS):
         version = await kernel.store.stream_version(stream)
@@ -229,7 +252,7 @@ async def _claim_items(
             records = await kernel.append(items, stream=stream, expected_version=version)
         except ConcurrencyError:
             continue  # the stream moved: read its version again, the id decides
-        return _decide(kernel, records, key)
+        return _decide(kernel, records, key, run_id)
     log.warning(
         "stream %s: %d conflicting appends in a row; run %s not claimed", stream, MAX_CONFLICTS, key
     )

@@ -42,7 +42,7 @@ import pydantic_core
 from kernel.errors import KernelStateError, StoreClosed
 from kernel.events import Event, Recorded
 from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
-from services.scheduler.claim import ClaimLost, Claims, claim_key
+from services.scheduler.claim import ClaimLost, Claims, SlotTaken, claim_key
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.events import (
     TaskFailed,
@@ -400,6 +400,7 @@ class Runner:
         value: Any = None
         duration_ms = 0.0
         lost = False
+        skipped: TaskSkipped | None = None
         try:
             kernel = self.kernel
             assert kernel is not None
@@ -477,6 +478,16 @@ class Runner:
                 if not self.slots.waiting:
                     break
                 await asyncio.sleep(0)
+        except SlotTaken as taken:  # this node ran this slot already: say so
+            log.warning("task %s: run %s not started: %s", tid, run_id, taken)
+            lost = True
+            skipped = TaskSkipped(
+                task=tid,
+                scheduled_for=scheduled_for,
+                reason=f"not started: {taken}",
+                next_run=entry.recorded_next,
+                run_id=run_id,
+            )
         except ClaimLost as lost_to:  # another node runs it: nothing to record here
             log.debug("task %s: %s", tid, lost_to)
             lost = True
@@ -516,6 +527,8 @@ class Runner:
             self._runs.pop(run_id, None)
             _next_turn(entry)
         if lost:
+            if skipped is not None:
+                await self.append(tid, [skipped], cause)
             return
         await self._record_outcome(
             entry, run_id, scheduled_for, attempt, error, duration_ms, started_at, value

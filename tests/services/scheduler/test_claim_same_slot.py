@@ -1,0 +1,44 @@
+"""An interval's claim key is its period's index (so nodes ticking at different phases
+claim each period once). Two runs of one task in one period on one node — its phase
+changed between them — must not pass for one: the second is not started on the first
+one's record (a run with an outcome and no start of its own)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .helpers import make_kernel, spec, wait_events
+
+PERIOD = 10**6  # seconds: both due times below fall in one period
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat()
+
+
+async def test_a_second_run_in_the_same_period_is_not_started_on_the_firsts_claim(
+    tmp_path: Path,
+) -> None:
+    kernel, service = make_kernel(tmp_path)
+    ran: list[str] = []
+
+    async def work() -> None:
+        ran.append("ran")
+
+    now = time.time()
+    first, second = now + 1.5, now + 3.0
+    assert int(first // PERIOD) == int((second + 30) // PERIOD)  # one period
+    async with kernel:
+        await service.register("p", [spec(work, name="job", every=PERIOD, start=_iso(first))])
+        await wait_events(kernel, "TaskSucceeded")
+        # the phase moves within the same period
+        await service.register("p", [spec(work, name="job", every=PERIOD, start=_iso(second))])
+        (skipped,) = await wait_events(kernel, "TaskSkipped", timeout=60)
+        assert "claimed by run" in skipped.data["reason"]
+        await kernel.settle()
+        starts = {r.data["run_id"] for r in await kernel.read(types=["TaskStarted"])}
+        ends = [r.data["run_id"] for r in await kernel.read(types=["TaskSucceeded", "TaskFailed"])]
+        assert all(run in starts for run in ends), (starts, ends)  # no outcome without a start
+        assert len(ends) == len(starts) == len(ran) == 1
