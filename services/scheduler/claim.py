@@ -61,12 +61,23 @@ class SlotTaken(ClaimLost):
 
 
 def claim_key(
-    task: CompiledTask, scheduled_for: float, attempt: int, cause: Recorded | None
+    task: CompiledTask,
+    scheduled_for: float,
+    attempt: int,
+    cause: Recorded | None,
+    run_id: str | None = None,
 ) -> str:
-    """The id of the ``TaskStarted`` of this run, the same on every node."""
+    """The id of the ``TaskStarted`` of this run, the same on every node.
+
+    ``run_id``: a run that is not its trigger's (asked for by hand, started by a
+    dependency) is keyed by its own id: keyed by its start time it would share the
+    key of a timed run of the same period, or of another run asked for in the same
+    millisecond, and not start."""
     trigger = task.trigger
     if cause is not None:
         slot = f"cause:{cause.meta.id}"
+    elif run_id is not None:
+        slot = f"run:{run_id}"
     elif isinstance(trigger, IntervalTrigger):
         slot = f"every:{math.floor(scheduled_for / trigger.every + 1e-9)}"
     elif isinstance(trigger, AfterTrigger):

@@ -405,7 +405,13 @@ class Runner:
             kernel = self.kernel
             assert kernel is not None
             # a cluster spreads runs over its nodes: others claim only after a grace
-            key = claim_key(task, scheduled_for, attempt, cause)
+            key = claim_key(
+                task,
+                scheduled_for,
+                attempt,
+                cause,
+                run_id if kind in ("request", "dependency") else None,
+            )
             delay = 0.0 if placed else kernel.placement.delay(tid)
             if delay > 0:
                 await asyncio.sleep(delay)

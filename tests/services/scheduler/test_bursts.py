@@ -211,10 +211,12 @@ async def test_a_failing_gc_tick_gives_collection_back_to_cpython(tmp_path: Path
         with anyio.fail_after(10):
             while policy.freezes < 1:
                 await anyio.sleep(0.01)
-        assert not gc.isenabled()
+        young = policy._young
+        assert young is not None and gc.get_threshold()[0] == policy.overdue * young
         policy._next_due = broken
-        kept = [[] for _ in range(gc.get_threshold()[0] * 2)]  # a collection is due
+        kept = [[] for _ in range(young * 2)]  # a collection is due
         with anyio.fail_after(10):
-            while not gc.isenabled():
+            while gc.get_threshold()[0] != young:  # CPython's threshold again
                 await anyio.sleep(0.01)
+        assert policy._young is None and gc.isenabled()
         del kept

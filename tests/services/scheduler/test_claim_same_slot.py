@@ -42,3 +42,31 @@ async def test_a_second_run_in_the_same_period_is_not_started_on_the_firsts_clai
         ends = [r.data["run_id"] for r in await kernel.read(types=["TaskSucceeded", "TaskFailed"])]
         assert all(run in starts for run in ends), (starts, ends)  # no outcome without a start
         assert len(ends) == len(starts) == len(ran) == 1
+
+
+async def test_runs_asked_for_in_one_period_each_start_with_their_own_record(
+    tmp_path: Path,
+) -> None:
+    from services.scheduler.events import TaskRunAccepted, TaskRunRequested, stream_of
+
+    kernel, service = make_kernel(tmp_path)
+    ran: list[str] = []
+
+    async def work() -> None:
+        ran.append("ran")
+
+    async with kernel:
+        await service.register("p", [spec(work, name="job", every="1h")])
+        accepted = [
+            await kernel.request(
+                TaskRunRequested(task="p.job"),
+                stream=stream_of("p.job"),
+                outcomes=[TaskRunAccepted],
+            )
+            for _ in range(3)
+        ]
+        await wait_events(kernel, "TaskSucceeded", 3, timeout=60)
+        starts = [r.data["run_id"] for r in await kernel.read(types=["TaskStarted"])]
+        ends = [r.data["run_id"] for r in await kernel.read(types=["TaskSucceeded"])]
+        assert sorted(starts) == sorted(ends) == sorted(a.data["run_id"] for a in accepted)
+        assert len(ran) == 3
