@@ -65,19 +65,19 @@ def claim_key(
     scheduled_for: float,
     attempt: int,
     cause: Recorded | None,
-    run_id: str | None = None,
+    run_slot: str | None = None,
 ) -> str:
     """The id of the ``TaskStarted`` of this run, the same on every node.
 
-    ``run_id``: a run that is not its trigger's (asked for by hand, started by a
-    dependency) is keyed by its own id: keyed by its start time it would share the
-    key of a timed run of the same period, or of another run asked for in the same
-    millisecond, and not start."""
+    ``run_slot``: a run that is not its trigger's is keyed by it (the request event
+    that asked for it, a dependency-triggered run's own id): keyed by its start time,
+    it would share the key of a timed run of the same period, or of another run asked
+    for in the same millisecond, and not start."""
     trigger = task.trigger
     if cause is not None:
         slot = f"cause:{cause.meta.id}"
-    elif run_id is not None:
-        slot = f"run:{run_id}"
+    elif run_slot is not None:
+        slot = f"run:{run_slot}"
     elif isinstance(trigger, IntervalTrigger):
         slot = f"every:{math.floor(scheduled_for / trigger.every + 1e-9)}"
     elif isinstance(trigger, AfterTrigger):

@@ -80,28 +80,37 @@ class Dispatcher:
     def disarm(self, tid: str) -> None:
         self._timer.cancel(tid)
 
-    def run_now(self, entry: TaskEntry, run_id: str) -> int:
-        """Start run ``run_id`` of ``entry`` now (an operator's request); returns its
-        position in the queue (0: it starts at once; n: n runs wait ahead of it)."""
+    def run_now(self, entry: TaskEntry, run_id: str, request: str) -> int:
+        """Start run ``run_id`` of ``entry`` now (an operator's request, event id
+        ``request``: every node that sees it claims the same key, one runs it); returns
+        its position in the queue (0: it starts at once; n: n runs wait ahead of it)."""
         position = self.runner.queue_position(entry)
         if not self._stopping:
-            self._start_now(entry, "request", entry.next_due, run_id=run_id)
+            self._start_now(entry, "request", entry.next_due, run_id=run_id, slot=request)
         return position
 
     def _start_now(
-        self, entry: TaskEntry, kind: str, next_run: float | None, run_id: str | None = None
+        self,
+        entry: TaskEntry,
+        kind: str,
+        next_run: float | None,
+        run_id: str | None = None,
+        slot: str | None = None,
     ) -> None:
-        """A first attempt of ``entry``, due and started now (not from its trigger)."""
+        """A first attempt of ``entry``, due and started now (not from its trigger): its
+        claim is keyed by ``slot`` (default: its run id), not by its start time."""
         now = time.time()
+        run_id = run_id or uuid.uuid4().hex
         self.runner.spawn(
             self.runner.run(
                 entry,
-                run_id or uuid.uuid4().hex,
+                run_id,
                 now,
                 attempt=1,
                 kind=kind,
                 next_run=next_run,
                 start_at=now,
+                slot=slot or run_id,
             )
         )
 

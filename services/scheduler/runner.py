@@ -334,8 +334,12 @@ class Runner:
         pre: list[Event] | None = None,
         placed: bool = False,
         armed: float | None = None,
+        slot: str | None = None,
     ) -> None:
         """One attempt of a run; ``pre`` events are appended with its first event.
+
+        ``slot``: what keys the claim of a run that is not its trigger's (the request
+        that asked for it, a dependency-triggered run's id; ``claim.claim_key``).
 
         ``placed``: the dispatcher already waited this node's placement delay (a
         takeover), so the run claims at once. ``armed``: when its timer was set to fire
@@ -410,7 +414,7 @@ class Runner:
                 scheduled_for,
                 attempt,
                 cause,
-                run_id if kind in ("request", "dependency") else None,
+                slot,
             )
             delay = 0.0 if placed else kernel.placement.delay(tid)
             if delay > 0:

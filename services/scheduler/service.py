@@ -469,7 +469,7 @@ class SchedulerService:
                 [TaskRunAccepted(task=entry.task.id, run_id=run_id, queue_position=position)],
                 cause=r,
             )
-            self._dispatch.run_now(entry, run_id)
+            self._dispatch.run_now(entry, run_id, r.meta.id)
         elif r.type == "TaskCancelRequested":
             if d["task"] not in self._tasks:
                 await self._refuse(r, "no such task is scheduled")

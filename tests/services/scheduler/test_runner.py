@@ -173,7 +173,7 @@ async def test_nothing_starts_once_the_service_is_stopping(tmp_path: Path) -> No
         assert sub not in kernel._subscriptions  # plugin events and requests stop here
         # a run finishing during the shutdown does not start its dependents
         service._dispatch._after_finish("p.first")
-        service._dispatch.run_now(service._tasks["p.first"], "r-late")
+        service._dispatch.run_now(service._tasks["p.first"], "r-late", "request-late")
         assert not runner._background
         coro = probe()
         runner.spawn(coro)  # closed unrun, not scheduled
