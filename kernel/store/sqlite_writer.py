@@ -37,7 +37,7 @@ import orjson
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
-from kernel.store.base import ANY, StreamWrite, WriteResult, describe_expected
+from kernel.store.base import ANY, StreamWrite, WriteResult, check_write, describe_expected
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
@@ -359,18 +359,29 @@ class GroupCommitWriter:
         loop = asyncio.get_running_loop()
         answers: list[WriteResult | asyncio.Future[list[Recorded]]] = []
         for w in writes:
-            if not w.events:
-                answers.append([])
-                continue
+            # each write checked before any joins the queue: a bad one is answered in
+            # its place, never raised once the writes before it are queued (they would
+            # commit unknown to the caller) nor left to fail the whole batch
             try:
+                if not isinstance(w, StreamWrite):
+                    raise StoreError(
+                        f"{self.path}: append_many takes StreamWrite values, not {type(w).__name__}"
+                    )
+                events = check_write(str(self.path), w.stream, w.events)
                 w.stream.encode()
+            except StoreError as exc:
+                answers.append(exc)
+                continue
             except UnicodeEncodeError as exc:
                 answers.append(
                     StoreError(f"{self.path}: stream name {w.stream!r} is not valid text: {exc}")
                 )
                 continue
+            if not events:
+                answers.append([])
+                continue
             future: asyncio.Future[list[Recorded]] = loop.create_future()
-            self._queue.append(_Append(w.stream, w.expected_version, w.events, future))
+            self._queue.append(_Append(w.stream, w.expected_version, events, future))
             answers.append(future)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
