@@ -685,3 +685,36 @@ async def test_concurrent_appends_to_known_streams_still_share_transactions(
             await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
     assert 1 <= len(commits) <= 3, f"{len(commits)} commits for 50 concurrent appends"
     assert await store.last_position() == 100
+
+
+async def test_a_big_lone_append_commits_in_the_connections_thread(store: SQLiteStore) -> None:
+    """The loop's thread commits only small lone writes: an append of many events, or of
+    one big payload, goes through the connection's thread (it held the loop for its
+    whole insert and sync), and is not counted in the average of lone commits."""
+    assert store._write_conn is not None and store._writer is not None
+    threads: list[int] = []
+
+    def trace(sql: str) -> None:
+        if sql.startswith("INSERT INTO events"):
+            threads.append(threading.get_ident())
+
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
+    here = threading.get_ident()
+    big = NewEvent.raw("Big", {"blob": "x" * (sqlite_writer.INLINE_BYTES + 1)})
+    try:
+        with anyio.fail_after(60):
+            await store.append([ev(0)], stream="s")  # the stream is known from now on
+            assert threads[-1] == here
+            await store.append([ev(i) for i in range(sqlite_writer.INLINE_EVENTS + 1)], stream="s")
+            assert threads[-1] != here
+            average = store._writer.commit_average
+            await store.append([big], stream="s")  # lone, one event, too big
+            assert threads[-1] != here
+            assert store._writer.commit_average == average
+            await store.append([ev(1)], stream="s")
+            assert threads[-1] == here  # small again: inline
+    finally:
+        await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    versions = [r.version for r in await store.read(stream="s")]
+    assert versions == list(range(1, sqlite_writer.INLINE_EVENTS + 5))
