@@ -787,23 +787,26 @@ class GroupCommitWriter:
             )
 
     def _fail(self, batch: list[_Append | _Put], exc: sqlite3.Error) -> None:
+        """Fail every write of ``batch`` with ``exc``; an append's error names its
+        stream (in an append_many, each write learns which of them failed)."""
         if isinstance(exc, sqlite3.IntegrityError):
-            error = StoreError(
-                f"{self.path}: append refused, nothing was written: {exc} (an event id "
-                "already in the log, given without marking it explicit?)"
-            )
+            verb = "refused"
+            reason = f"{exc} (an event id already in the log, given without marking it explicit?)"
         else:
+            verb = "failed"
             reason = (
                 f"the disk is full ({exc})"
                 if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
                 else str(exc)
             )
             self.failure = reason
-            error = StoreError(f"{self.path}: append failed, nothing was written: {reason}")
             log.error("event log write failed on %s: %s", self.path, exc)
         for op in batch:
             if not op.future.done():
-                op.future.set_exception(error)
+                what = f"append to stream {op.stream!r}" if type(op) is _Append else "write"
+                op.future.set_exception(
+                    StoreError(f"{self.path}: {what} {verb}, nothing was written: {reason}")
+                )
 
     async def _by_ids(self, ids: list[str]) -> list[Recorded]:
         marks = ",".join("?" * len(ids))

@@ -718,3 +718,43 @@ async def test_a_big_lone_append_commits_in_the_connections_thread(store: SQLite
         await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
     versions = [r.version for r in await store.read(stream="s")]
     assert versions == list(range(1, sqlite_writer.INLINE_EVENTS + 5))
+
+
+async def test_a_full_disk_during_append_many_names_each_stream_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The disk refuses the batch: each write's error names its own stream, nothing of
+    the batch is in the log, health says why, and the next append_many goes on gapless."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, max_page_count=40)
+    big = NewEvent.raw("Big", {"blob": "x" * 400_000})
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="a")
+            answers = await store.append_many(
+                [StreamWrite("a", [ev(1)]), StreamWrite("b", [big]), StreamWrite("c", [ev(3)])]
+            )
+            for stream, answer in zip("abc", answers, strict=True):
+                assert isinstance(answer, StoreError)
+                assert f"stream {stream!r}" in str(answer) and "disk is full" in str(answer)
+            assert store.health()[0] is False
+            assert [r.position for r in await store.read()] == [1]
+            again = await store.append_many([StreamWrite("a", [ev(1)]), StreamWrite("c", [ev(3)])])
+            assert [[(r.position, r.version) for r in w] for w in again] == [  # type: ignore[union-attr]
+                [(2, 2)],
+                [(3, 1)],
+            ]
+            assert store.health()[0] is True
+        finally:
+            await store.close()
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        assert [(r.position, r.stream) for r in await reopened.read()] == [
+            (1, "a"),
+            (2, "a"),
+            (3, "c"),
+        ]
+    finally:
+        await reopened.close()
