@@ -92,6 +92,9 @@ INLINE_BYTES = 64 * 1024
 #: and count as a slow commit (see ``_may_inline``).
 CHECKPOINT_PAGES = 1000
 _perf_counter = time.perf_counter
+#: Errors of one write's own data (an id already stored, a value larger than SQLite's
+#: limit): the batch is retried one write at a time so only its caller gets them.
+_OWN_DATA = (sqlite3.IntegrityError, sqlite3.DataError)
 
 
 def _insert_sql(rows: int) -> str:
@@ -697,8 +700,9 @@ class GroupCommitWriter:
                     await self._commit(batch)  # again, from the log as it now is
                     return
                 ops: list[_Append | _Put] = [o for o, _ in results] + list(puts)
-                if isinstance(exc, sqlite3.IntegrityError) and len(ops) > 1:
-                    # one caller's data broke a constraint: find it, one op per transaction
+                if isinstance(exc, _OWN_DATA) and len(ops) > 1:
+                    # one caller's data broke a constraint or a limit (a row bigger than
+                    # SQLite takes): find it, one op per transaction
                     for o, failure in failures:
                         if not o.future.done():
                             o.future.set_exception(failure)
@@ -792,6 +796,9 @@ class GroupCommitWriter:
         if isinstance(exc, sqlite3.IntegrityError):
             verb = "refused"
             reason = f"{exc} (an event id already in the log, given without marking it explicit?)"
+        elif isinstance(exc, sqlite3.DataError):  # the caller's data, not the log's health
+            verb = "refused"
+            reason = f"{exc} (an event larger than SQLite stores?)"
         else:
             verb = "failed"
             reason = (

@@ -758,3 +758,25 @@ async def test_a_full_disk_during_append_many_names_each_stream_and_writes_nothi
         ]
     finally:
         await reopened.close()
+
+
+async def test_an_event_larger_than_sqlite_takes_fails_alone(store: SQLiteStore) -> None:
+    """SQLite refuses a value over its length limit (1 GB by default; lowered here on
+    the writer's own connection): only the append that carries it fails, the others of
+    its batch are stored, and the log stays healthy."""
+    assert store._write_conn is not None
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 100_000)  # type: ignore[attr-defined]
+    huge = NewEvent.raw("Huge", {"blob": "x" * 200_000})
+    with anyio.fail_after(30):
+        answers = await store.append_many(
+            [StreamWrite("a", [ev(1)]), StreamWrite("b", [huge]), StreamWrite("c", [ev(3)])]
+        )
+        a, b, c = answers
+        assert isinstance(b, StoreError) and "stream 'b'" in str(b) and "too big" in str(b)
+        assert not isinstance(a, StoreError) and not isinstance(c, StoreError)
+        assert store.health()[0] is True
+        with pytest.raises(StoreError, match="too big"):
+            await store.append([huge], stream="b")
+        assert store.health()[0] is True
+        assert [(r.position, r.stream) for r in await store.read()] == [(1, "a"), (2, "c")]
