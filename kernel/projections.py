@@ -162,19 +162,25 @@ async def fold(
                 pending = asyncio.ensure_future(bounded_read(last))
             else:
                 full = False
-            if fast and isinstance(got, LeanRows):
-                _apply_rows(got, handlers, projection)  # read up to ``until`` already
-                applied = size
-            else:
-                batch = got.records() if isinstance(got, LeanRows) else got
-                if until is not None and batch and batch[-1].position > until:
-                    batch = [r for r in batch if r.position <= until]
-                if fast:
-                    _apply_records(batch, handlers, projection)
+            try:
+                if fast and isinstance(got, LeanRows):
+                    _apply_rows(got, handlers, projection)  # read up to ``until`` already
+                    applied = size
                 else:
-                    for record in batch:
-                        projection.apply(record)
-                applied = len(batch)
+                    batch = got.records() if isinstance(got, LeanRows) else got
+                    if until is not None and batch and batch[-1].position > until:
+                        batch = [r for r in batch if r.position <= until]
+                    if fast:
+                        _apply_records(batch, handlers, projection)
+                    else:
+                        for record in batch:
+                            projection.apply(record)
+                    applied = len(batch)
+            finally:
+                if isinstance(got, LeanRows) and got.batch is not None:
+                    # records the projection kept load their own row from now on, and
+                    # keep no other row of the batch alive (see LeanBatch)
+                    got.batch.release()
             count += applied
             if on_batch is not None:
                 await on_batch(applied)
