@@ -11,12 +11,15 @@ CPU time); its CPU cost is unchanged.
 Mechanism: Python runs one thread at a time, and a thread waiting for the interpreter
 takes it from the running one after the switch interval, so a build thread that never
 waits slices every request of the event loop into switch-interval pieces. Build code
-calls :func:`pace` between units of work (after each route is declared or copied); once
+calls :func:`pace` between units of work (after each route is declared or copied, each
+validator built by services/loader/lazy.py); once
 the calling thread has computed ``quantum`` seconds of CPU since its last pause, it
 sleeps (releasing the interpreter) long enough to bring its share down to ``share``.
 Calls from the event loop's thread, or while no build is open (``share`` is 1), return
 at once. :func:`install` makes FastAPI's ``APIRouter.add_api_route`` (what every route
-decorator calls) pace after each route.
+decorator calls) pace after each route. A thread given an :class:`Account`
+(:func:`account`) adds each pause to it: a caller bounding the thread's work by a
+timeout leaves the paused time out (the loader's ``import_timeout``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["install", "pace", "set_share", "share"]
+__all__ = ["Account", "account", "install", "pace", "set_share", "share"]
 
 #: CPU seconds a thread computes between two pauses (pauses shorter than this are noise).
 quantum = 0.002
@@ -41,6 +44,20 @@ _lock = threading.Lock()
 _installed = False
 #: Seconds slept by pacing so far (benchmarks read it).
 slept = 0.0
+
+
+class Account:
+    """Seconds one thread has slept in :func:`pace` (read from any thread)."""
+
+    __slots__ = ("paused",)
+
+    def __init__(self) -> None:
+        self.paused = 0.0
+
+
+def account(target: Account | None) -> None:
+    """Add the calling thread's pauses to ``target`` from now on (None: stop)."""
+    _local.account = target
 
 
 def share() -> float:
@@ -74,6 +91,9 @@ def pace() -> None:
     pause = min(spent * (1 - current) / current, max_pause)
     time.sleep(pause)
     slept += pause
+    target = getattr(_local, "account", None)
+    if target is not None:
+        target.paused += pause
     _local.mark = (_epoch, time.thread_time())
 
 

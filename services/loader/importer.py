@@ -37,6 +37,7 @@ from pydantic import BaseModel
 from kernel.prefixes import PrefixError, mount_point
 from kernel.sdk import TaskSpec
 
+from . import lazy
 from .files import FileRefused, kind, read_limited, regular_files
 from .source import Parsed, compile_tree, parse_checked
 
@@ -274,6 +275,9 @@ def import_plugin(
     whose file lies in a plugin folder under ``plugins_root`` is refused (two plugins
     would share it, and it would never be reloaded).
 
+    FastAPI's validators of the routes declared by the import are built at its end,
+    paced (``lazy.py``): one that cannot be built raises :class:`lazy.FieldBuildError`.
+
     The caller purges (and on failure restores) ``sys.modules``; exceptions raised by
     the plugin's code propagate unchanged.
     """
@@ -286,18 +290,19 @@ def import_plugin(
     try:
         base = module_name(plugin)
         invalidate_path_caches()
-        importlib.import_module(base)
-        run = importlib.import_module(base + ".run")
-        router_module = (
-            importlib.import_module(base + ".router") if _present(folder, "router.py") else None
-        )
-        config_model = _config_model(plugin, run, folder, base)
+        with lazy.deferring() as deferred:
+            importlib.import_module(base)
+            run = importlib.import_module(base + ".run")
+            router_module = (
+                importlib.import_module(base + ".router") if _present(folder, "router.py") else None
+            )
+            config_model = _config_model(plugin, run, folder, base)
     finally:
         # (a module imported later, by a hook or a request, parses its file itself)
         if _finder.parsed.get(plugin) is parsed:
             del _finder.parsed[plugin]
         parsed.clear()
-    router, prefix, routes = None, None, []
+    router, prefix, routes, root = None, None, [], ""
     if router_module is not None:
         raw = getattr(router_module, "router", None)
         if raw is None:
@@ -311,8 +316,10 @@ def import_plugin(
                 point = mount_point(manifest_prefix, raw.prefix)
             except PrefixError as exc:
                 raise PluginImportError(f"router.py: {exc}") from None
-            prefix = point.prefix
+            prefix, root = point.prefix, point.root
             router, routes = raw, describe_routes(raw, point.root)
+    # before the generation can be mounted: a type pydantic cannot build refuses it here
+    lazy.complete(deferred, router, root, folder)
     tasks: dict[str, TaskSpec] = {}
     seen: set[int] = set()
     for value in vars(run).values():

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from kernel import pacing
 from kernel.errors import RequestTimeout
 from kernel.events import Recorded
 from kernel.prefixes import overlaps
@@ -43,6 +44,7 @@ from .events import LoadStage, PluginLoaded, PluginUnloaded, stream_of
 from .generation import Generation, StageError
 from .hosted import build_hosted, effective_mode, host_of
 from .importer import import_plugin, module_name, modules_snapshot, purge, restore
+from .lazy import FieldBuildError
 from .manifest import Manifest, ManifestError, read_manifest
 from .priority import building, window
 from .projection import PluginTable
@@ -159,6 +161,11 @@ class Lifecycle(LoaderState):
         """Announce ``gen`` (``PluginLoaded``) and await the router; StageError on refusal."""
         with self.priority():
             await self._mount(gen, cause, gen.started, gen.previous)
+
+    def mount_timeout(self) -> float:
+        """``mount_timeout``, scaled while build threads are paced (the router's thread
+        copying the routes computes ``build_cpu_share`` of the wall time at most)."""
+        return self.settings.mount_timeout / pacing.share()
 
     def priority(self) -> contextlib.AbstractContextManager[None]:
         """The build window (``priority.py``): the event loop keeps priority meanwhile."""
@@ -282,6 +289,8 @@ class Lifecycle(LoaderState):
             file, line = _where(exc, folder)
             at = f"{file} line {line}: " if file else ""
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(exc, FieldBuildError):  # names the route, field and pydantic's error
+                reason = str(exc)
             if isinstance(exc, MemoryError):
                 reason += " (out of memory)"
             raise StageError(
@@ -413,12 +422,12 @@ class Lifecycle(LoaderState):
                 event,
                 stream=stream,
                 outcomes=[RoutesMounted, RouteConflict],
-                timeout=self.settings.mount_timeout,
+                timeout=self.mount_timeout(),
                 actor=ACTOR,
                 cause=cause,
             )
         except RequestTimeout:
-            error = f"the router did not answer within {self.settings.mount_timeout:g}s"
+            error = f"the router did not answer within {self.mount_timeout():g}s"
         else:
             if outcome.type == RoutesMounted.type_name:
                 return
@@ -454,7 +463,7 @@ class Lifecycle(LoaderState):
                     event,
                     stream=stream_of(gen.name),
                     outcomes=[RoutesMounted, RouteConflict],
-                    timeout=self.settings.mount_timeout,
+                    timeout=self.mount_timeout(),
                     actor=ACTOR,
                     cause=cause,
                 )

@@ -45,9 +45,10 @@ class LoaderSettings(BaseModel):
     #: While a generation is built, full collections of the cyclic GC are deferred (one
     #: runs every few builds instead of one or two per build).
     defer_full_gc: bool = True
-    #: FastAPI's per-field validators of routes are built on first use instead of while
-    #: a plugin is imported (see services/loader/lazy.py; false: built at import, so an
-    #: unsupported type fails the load).
+    #: FastAPI's per-field validators of a plugin's routes are built at the end of its
+    #: import, one at a time and paced, before it is mounted (services/loader/lazy.py);
+    #: false: each while its route is declared. Either way a type pydantic cannot build
+    #: refuses the plugin at load; routes declared outside a plugin build are FastAPI's.
     lazy_validators: bool = True
     #: While a generation is built, threads building routes compute at most this share
     #: of the wall time, pausing between routes (kernel/pacing.py); 1 turns it off.

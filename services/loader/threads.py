@@ -10,7 +10,8 @@ on its own or the process restarts.
 Mechanism: each call gets its own daemon thread (not the loop's default executor, whose
 few workers a handful of endless plugins would exhaust for the whole process); the
 thread hands its result back with ``call_soon_threadsafe``; ``asyncio.timeout`` bounds
-the wait.
+the wait. Time the thread spends paused by kernel/pacing.py (leaving the event loop its
+share while a generation is built) does not count: the deadline moves by it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from kernel import pacing
 
 __all__ = ["PluginThreads", "StuckThread", "ThreadTimeout"]
 
@@ -87,6 +90,7 @@ class PluginThreads:
         ctx = contextvars.copy_context()
         started = time.monotonic()
         state = {"done": False}
+        paused = pacing.Account()
 
         def settle(ok: bool, value: Any) -> None:
             if future.done():
@@ -97,12 +101,15 @@ class PluginThreads:
                 future.set_exception(value)
 
         def target() -> None:
+            pacing.account(paused)
             try:
                 result = ctx.run(fn, *args)
             except BaseException as exc:  # handed to the caller, never lost
                 outcome: tuple[bool, Any] = (False, exc)
             else:
                 outcome = (True, result)
+            finally:
+                pacing.account(None)
             with self._lock:
                 state["done"] = True
                 self._stuck.pop(ident, None)
@@ -113,11 +120,20 @@ class PluginThreads:
         name = f"xcore-plugin-{plugin}-{what}"[:60]
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
-        try:
-            # asyncio.timeout, not wait_for: wait_for can swallow a cancellation (3.11)
-            async with asyncio.timeout(timeout):
-                return await asyncio.shield(future)
-        except TimeoutError:
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            try:
+                # asyncio.timeout, not wait_for: wait_for can swallow a cancellation (3.11)
+                async with asyncio.timeout_at(
+                    None if deadline is None else deadline + paused.paused
+                ):
+                    return await asyncio.shield(future)
+            except TimeoutError:
+                if future.done():  # the call's own TimeoutError (or it just ended)
+                    return future.result()
+                assert deadline is not None
+                if loop.time() < deadline + paused.paused:
+                    continue  # the thread was paused meanwhile: its deadline moved
             with self._lock:
                 if not state["done"]:
                     self._stuck[ident] = StuckThread(

@@ -780,3 +780,15 @@ async def test_an_event_larger_than_sqlite_takes_fails_alone(store: SQLiteStore)
             await store.append([huge], stream="b")
         assert store.health()[0] is True
         assert [(r.position, r.stream) for r in await store.read()] == [(1, "a"), (2, "c")]
+
+
+async def test_append_many_refuses_a_stream_name_that_is_not_text_alone(
+    store: SQLiteStore,
+) -> None:
+    with anyio.fail_after(30):
+        bad, good = await store.append_many(
+            [StreamWrite("bad\udc80", [ev(1)]), StreamWrite("good", [ev(2)])]
+        )
+    assert isinstance(bad, StoreError) and "not valid text" in str(bad)
+    assert not isinstance(good, StoreError) and [r.stream for r in good] == ["good"]
+    assert [r.stream for r in await store.read()] == ["good"]
