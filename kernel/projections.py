@@ -25,12 +25,13 @@ import asyncio
 import bisect
 import gc
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import orjson
 
-from kernel.errors import XcoreError
+from kernel.errors import StoreError, XcoreError
 from kernel.events import Event, LeanRecorded, LeanRows, Recorded, registry
 from kernel.store.base import EventStore, Snapshot
 from kernel.subscriptions import DeadLetter, Subscription
@@ -130,6 +131,13 @@ async def fold(
         raise XcoreError(
             f"a fold's batch_size must be a whole number of 1 or more, not {batch_size!r}"
         )
+    if until is not None and type(until) is not int:
+        # a float reads as the number it is, but the projection's position stays whole
+        # (2.5 became its position); NaN folded past every bound, text compared as SQLite
+        # orders it (after every number)
+        if type(until) is not float or not math.isfinite(until):
+            raise StoreError(f"a fold's until must be a position (a number), not {until!r}")
+        until = math.floor(until)
     types = projection.types()
     fast = type(projection).apply is Projection.apply
     handlers = projection._handlers

@@ -353,3 +353,26 @@ async def test_a_kept_record_keeps_no_other_row_of_its_batch_alive(
         assert batch is not None and batch.released and batch._rows is None
     assert [envelope(r) for r in projection.kept] == [full[p] for p in (1, 9, 17, 25, 33)]
     assert all(r._batch is None for r in projection.kept)  # each loaded its own row
+
+
+@pytest.mark.parametrize("until", [float("nan"), float("inf"), True, "3"])
+async def test_an_until_that_is_not_a_position_is_refused_and_a_float_leaves_a_whole_one(
+    tmp_path: Path, until: object
+) -> None:
+    """NaN folded every event, past any bound, and 2.5 became the projection's
+    position (between two events): NaN, infinity, a bool, text are refused by name, the
+    projection untouched; a finite float folds up to the position below it."""
+    path = tmp_path / "log.db"
+    await _log(path)
+    store = await _readonly(path)
+    projection = Plain()
+    try:
+        with anyio.fail_after(30), pytest.raises(StoreError, match="until must be a position"):
+            await fold(store, projection, until=until)  # type: ignore[arg-type]
+        assert projection.position == 0
+        with anyio.fail_after(30):
+            await fold(store, projection, until=2.5)  # type: ignore[arg-type]
+        assert projection.position == 2 and type(projection.position) is int
+        assert [e[1][0] for e in projection.seen] == [1, 2]
+    finally:
+        await store.close()
