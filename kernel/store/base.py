@@ -53,7 +53,9 @@ def check_types(types: Collection[str] | None) -> frozenset[str] | None:
     return frozenset(types)
 
 
-def check_write(location: str, stream: object, events: object) -> Sequence[NewEvent]:
+def check_write(
+    location: str, stream: object, events: object, expected: object = None
+) -> Sequence[NewEvent]:
     """``events`` for ``stream`` as a list or tuple of :class:`NewEvent`, or a
     :class:`StoreError` naming the culprit. A write is checked before it joins a batch:
     there, a stream name that is not a string or an item that is not an event would fail
@@ -63,6 +65,13 @@ def check_write(location: str, stream: object, events: object) -> Sequence[NewEv
         raise StoreError(
             f"{location}: a stream name must be a string, not "
             f"{type(stream).__name__} {_short(stream)}"
+        )
+    if expected is not None and type(expected) is not int:
+        # "1" or 1.0 was compared with the version and refused as a conflict that named
+        # the very version the stream was at (True passed as 1)
+        raise StoreError(
+            f"{location}: stream {stream!r}: expected_version must be a whole number "
+            f"(or ANY), not {type(expected).__name__} {_short(expected)}"
         )
     if type(events) is not list and type(events) is not tuple:
         if isinstance(events, (str, bytes, NewEvent)) or not isinstance(events, Iterable):

@@ -62,7 +62,7 @@ class MemoryStore:
         expected_version: int | None = ANY,
     ) -> list[Recorded]:
         self._check_open()
-        events = check_write(self.location, stream, events)
+        events = check_write(self.location, stream, events, expected_version)
         fresh: list[NewEvent] = []
         seen: set[str] = set()
         for e in events:

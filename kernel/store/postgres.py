@@ -590,7 +590,7 @@ class PostgresStore:
         expected_version: int | None = ANY,
     ) -> list[Recorded]:
         self._check_open()
-        events = check_write(self.location, stream, events)
+        events = check_write(self.location, stream, events, expected_version)
         if not events:
             return []
         assert self._writer is not None

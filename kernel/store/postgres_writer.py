@@ -250,7 +250,7 @@ class PostgresWriter:
                         f"{self.store.location}: append_many takes StreamWrite values, "
                         f"not {type(w).__name__}"
                     )
-                events = check_write(self.store.location, w.stream, w.events)
+                events = check_write(self.store.location, w.stream, w.events, w.expected_version)
             except StoreError as exc:
                 answers.append(exc)
                 continue

@@ -683,7 +683,7 @@ class SQLiteStore:
         writer = self._writer
         if writer is None or not self._open:
             writer = self._writable()  # raises, naming why
-        events = check_write(self.location, stream, events)
+        events = check_write(self.location, stream, events, expected_version)
         if not events:
             return []
         return await writer.append(events, stream, expected_version)

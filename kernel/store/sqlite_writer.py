@@ -378,7 +378,7 @@ class GroupCommitWriter:
                     raise StoreError(
                         f"{self.path}: append_many takes StreamWrite values, not {type(w).__name__}"
                     )
-                events = check_write(str(self.path), w.stream, w.events)
+                events = check_write(str(self.path), w.stream, w.events, w.expected_version)
                 w.stream.encode()
             except StoreError as exc:
                 answers.append(exc)

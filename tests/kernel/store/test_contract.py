@@ -365,6 +365,24 @@ async def test_a_malformed_write_is_refused_alone_and_nothing_of_it_is_written(
         assert (after.position, after.version) == (4, 2)
 
 
+@pytest.mark.parametrize("expected", ["1", 1.0, True])
+async def test_an_expected_version_that_is_not_a_whole_number_is_refused_by_name(
+    store: EventStore, expected: object
+) -> None:
+    """ "1" was refused as a conflict naming the very version the stream was at, and
+    True passed as version 1: refused by name, nothing written, in append_many alone."""
+    await store.append([note("first")], stream="v")
+    with anyio.fail_after(30):
+        with pytest.raises(StoreError, match="expected_version must be a whole number"):
+            await store.append([note("x")], stream="v", expected_version=expected)  # type: ignore[arg-type]
+        bad, good = await store.append_many(
+            [StreamWrite("v", [note("x")], expected), StreamWrite("v", [note("y")], 1)]  # type: ignore[arg-type]
+        )
+        assert isinstance(bad, StoreError) and "expected_version" in str(bad)
+        assert not isinstance(good, StoreError) and [r.version for r in good] == [2]
+        assert [r.data["text"] for r in await store.read(stream="v")] == ["first", "y"]
+
+
 async def test_events_given_as_an_iterator_are_appended(store: EventStore) -> None:
     with anyio.fail_after(30):
         [only] = await store.append_many([StreamWrite("g", (n for n in [note("g1")]))])
