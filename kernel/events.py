@@ -735,9 +735,15 @@ class LeanRows:
 
 
 class LeanBatch:
-    """Where the records of one lean read find the columns they lack (loaded once)."""
+    """Where the records of one lean read find the columns they lack.
 
-    __slots__ = ("_load", "_rows", "first", "last")
+    While its fold is on it, the batch's columns are loaded once for all its records
+    (one query). Once the fold is past it (:meth:`release`), a record still asking loads
+    its own row alone and nothing is kept: a record a projection kept would otherwise
+    keep every row of its batch's columns (20,000 by default) alive as long as itself.
+    """
+
+    __slots__ = ("_load", "_rows", "first", "last", "released")
 
     def __init__(
         self, load: Callable[[int, int], Iterable[Sequence[Any]]], first: int, last: int
@@ -746,12 +752,25 @@ class LeanBatch:
         self.first = first
         self.last = last
         self._rows: dict[int, Sequence[Any]] | None = None
+        #: the fold is past this batch: no more loads of the whole of it
+        self.released = False
+
+    def release(self) -> None:
+        """Drop the loaded columns; later loads read one row each (see the class)."""
+        self.released = True
+        self._rows = None
 
     def row(self, position: int) -> Sequence[Any]:
         """``(position, stream, version, meta, recorded_at, schema)`` of ``position``."""
         rows = self._rows
         if rows is None:
-            rows = self._rows = {r[0]: r for r in self._load(self.first, self.last)}
+            if self.released:
+                for got in self._load(position, position):
+                    if got[0] == position:
+                        return got
+                rows = {}
+            else:
+                rows = self._rows = {r[0]: r for r in self._load(self.first, self.last)}
         row = rows.get(position)
         if row is None:
             raise EventError(f"the log no longer holds position {position} of a batch read from it")

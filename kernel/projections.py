@@ -25,12 +25,13 @@ import asyncio
 import bisect
 import gc
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import orjson
 
-from kernel.errors import XcoreError
+from kernel.errors import StoreError, XcoreError
 from kernel.events import Event, LeanRecorded, LeanRows, Recorded, registry
 from kernel.store.base import EventStore, Snapshot
 from kernel.subscriptions import DeadLetter, Subscription
@@ -130,6 +131,13 @@ async def fold(
         raise XcoreError(
             f"a fold's batch_size must be a whole number of 1 or more, not {batch_size!r}"
         )
+    if until is not None and type(until) is not int:
+        # a float reads as the number it is, but the projection's position stays whole
+        # (2.5 became its position); NaN folded past every bound, text compared as SQLite
+        # orders it (after every number)
+        if type(until) is not float or not math.isfinite(until):
+            raise StoreError(f"a fold's until must be a position (a number), not {until!r}")
+        until = math.floor(until)
     types = projection.types()
     fast = type(projection).apply is Projection.apply
     handlers = projection._handlers
@@ -162,19 +170,25 @@ async def fold(
                 pending = asyncio.ensure_future(bounded_read(last))
             else:
                 full = False
-            if fast and isinstance(got, LeanRows):
-                _apply_rows(got, handlers, projection)  # read up to ``until`` already
-                applied = size
-            else:
-                batch = got.records() if isinstance(got, LeanRows) else got
-                if until is not None and batch and batch[-1].position > until:
-                    batch = [r for r in batch if r.position <= until]
-                if fast:
-                    _apply_records(batch, handlers, projection)
+            try:
+                if fast and isinstance(got, LeanRows):
+                    _apply_rows(got, handlers, projection)  # read up to ``until`` already
+                    applied = size
                 else:
-                    for record in batch:
-                        projection.apply(record)
-                applied = len(batch)
+                    batch = got.records() if isinstance(got, LeanRows) else got
+                    if until is not None and batch and batch[-1].position > until:
+                        batch = [r for r in batch if r.position <= until]
+                    if fast:
+                        _apply_records(batch, handlers, projection)
+                    else:
+                        for record in batch:
+                            projection.apply(record)
+                    applied = len(batch)
+            finally:
+                if isinstance(got, LeanRows) and got.batch is not None:
+                    # records the projection kept load their own row from now on, and
+                    # keep no other row of the batch alive (see LeanBatch)
+                    got.batch.release()
             count += applied
             if on_batch is not None:
                 await on_batch(applied)

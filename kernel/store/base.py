@@ -8,7 +8,7 @@ suite every backend must pass.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -24,6 +24,7 @@ __all__ = [
     "WriteResult",
     "check_limit",
     "check_types",
+    "check_write",
     "describe_expected",
 ]
 
@@ -50,6 +51,47 @@ def check_types(types: Collection[str] | None) -> frozenset[str] | None:
     if types is None or isinstance(types, frozenset):
         return types
     return frozenset(types)
+
+
+def check_write(
+    location: str, stream: object, events: object, expected: object = None
+) -> Sequence[NewEvent]:
+    """``events`` for ``stream`` as a list or tuple of :class:`NewEvent`, or a
+    :class:`StoreError` naming the culprit. A write is checked before it joins a batch:
+    there, a stream name that is not a string or an item that is not an event would fail
+    every other write of the batch (a group-commit writer handles them all in one go)
+    or stop the writer; an iterator of events has no length the writer can count."""
+    if not isinstance(stream, str):
+        raise StoreError(
+            f"{location}: a stream name must be a string, not "
+            f"{type(stream).__name__} {_short(stream)}"
+        )
+    if expected is not None and type(expected) is not int:
+        # "1" or 1.0 was compared with the version and refused as a conflict that named
+        # the very version the stream was at (True passed as 1)
+        raise StoreError(
+            f"{location}: stream {stream!r}: expected_version must be a whole number "
+            f"(or ANY), not {type(expected).__name__} {_short(expected)}"
+        )
+    if type(events) is not list and type(events) is not tuple:
+        if isinstance(events, (str, bytes, NewEvent)) or not isinstance(events, Iterable):
+            raise StoreError(
+                f"{location}: stream {stream!r}: the events must be a sequence of "
+                f"NewEvent, not {type(events).__name__} {_short(events)}"
+            )
+        events = list(events)
+    for i, e in enumerate(events):
+        if not isinstance(e, NewEvent):
+            raise StoreError(
+                f"{location}: stream {stream!r}: event {i} is not a NewEvent but "
+                f"{type(e).__name__} {_short(e)}, nothing of this write was appended"
+            )
+    return events
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def describe_expected(expected: int | None) -> str:

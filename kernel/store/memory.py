@@ -18,6 +18,7 @@ from kernel.store.base import (
     WriteResult,
     check_limit,
     check_types,
+    check_write,
     describe_expected,
 )
 from kernel.store.tail import Row, Tail
@@ -61,6 +62,7 @@ class MemoryStore:
         expected_version: int | None = ANY,
     ) -> list[Recorded]:
         self._check_open()
+        events = check_write(self.location, stream, events, expected_version)
         fresh: list[NewEvent] = []
         seen: set[str] = set()
         for e in events:
@@ -99,6 +101,10 @@ class MemoryStore:
         out: list[WriteResult] = []
         for w in writes:
             try:
+                if not isinstance(w, StreamWrite):
+                    raise StoreError(
+                        f"memory: append_many takes StreamWrite values, not {type(w).__name__}"
+                    )
                 out.append(
                     await self.append(
                         w.events, stream=w.stream, expected_version=w.expected_version

@@ -44,6 +44,7 @@ from kernel.store.base import (
     WriteResult,
     check_limit,
     check_types,
+    check_write,
 )
 from kernel.store.dsn import redact_dsn
 from kernel.store.postgres_follow import Follower
@@ -589,6 +590,7 @@ class PostgresStore:
         expected_version: int | None = ANY,
     ) -> list[Recorded]:
         self._check_open()
+        events = check_write(self.location, stream, events, expected_version)
         if not events:
             return []
         assert self._writer is not None

@@ -27,7 +27,7 @@ import orjson
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
-from kernel.store.base import ANY, StreamWrite, WriteResult, describe_expected
+from kernel.store.base import ANY, StreamWrite, WriteResult, check_write, describe_expected
 from kernel.store.tail import Row
 from kernel.store.writes import Append as _Append
 from kernel.store.writes import Op as _Op
@@ -242,11 +242,23 @@ class PostgresWriter:
         loop = asyncio.get_running_loop()
         answers: list[WriteResult | asyncio.Future[list[Recorded]]] = []
         for w in writes:
-            if not w.events:
+            # checked before any joins the queue: a bad write is answered in its place,
+            # never raised once the writes before it are queued nor left to fail the batch
+            try:
+                if not isinstance(w, StreamWrite):
+                    raise StoreError(
+                        f"{self.store.location}: append_many takes StreamWrite values, "
+                        f"not {type(w).__name__}"
+                    )
+                events = check_write(self.store.location, w.stream, w.events, w.expected_version)
+            except StoreError as exc:
+                answers.append(exc)
+                continue
+            if not events:
                 answers.append([])
                 continue
             future: asyncio.Future[list[Recorded]] = loop.create_future()
-            self._queue.put_nowait(_Append(w.stream, w.expected_version, w.events, future))
+            self._queue.put_nowait(_Append(w.stream, w.expected_version, events, future))
             answers.append(future)
         return await settle(answers)
 

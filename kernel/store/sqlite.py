@@ -38,6 +38,7 @@ from kernel.store.base import (
     WriteResult,
     check_limit,
     check_types,
+    check_write,
 )
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
 from kernel.store.sqlite_streams import (
@@ -682,6 +683,7 @@ class SQLiteStore:
         writer = self._writer
         if writer is None or not self._open:
             writer = self._writable()  # raises, naming why
+        events = check_write(self.location, stream, events, expected_version)
         if not events:
             return []
         return await writer.append(events, stream, expected_version)

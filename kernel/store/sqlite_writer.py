@@ -37,7 +37,7 @@ import orjson
 
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
-from kernel.store.base import ANY, StreamWrite, WriteResult, describe_expected
+from kernel.store.base import ANY, StreamWrite, WriteResult, check_write, describe_expected
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
@@ -79,6 +79,12 @@ _EWMA_WEIGHT = 1 / 8
 #: a disk that stalls now and then blocks the loop at most once per pause, however fast
 #: its commits are in between.
 _STALL_PAUSE = 2.0
+#: A lone write commits in the loop's thread only while it is small: at most this many
+#: events and this many bytes of payload. The running average speaks for small commits;
+#: one append of 20,000 events (or of a 50 MB payload) committed there held the loop for
+#: its whole insert and sync (~0.4 s here) before the average could notice.
+INLINE_EVENTS = 32
+INLINE_BYTES = 64 * 1024
 #: The writer checkpoints the WAL itself (SQLite's automatic checkpoint is off on its
 #: connection) about every this many WAL pages, SQLite's own default: an automatic
 #: checkpoint runs inside the commit that crosses the bound, so a lone append
@@ -86,6 +92,9 @@ _STALL_PAUSE = 2.0
 #: and count as a slow commit (see ``_may_inline``).
 CHECKPOINT_PAGES = 1000
 _perf_counter = time.perf_counter
+#: Errors of one write's own data (an id already stored, a value larger than SQLite's
+#: limit): the batch is retried one write at a time so only its caller gets them.
+_OWN_DATA = (sqlite3.IntegrityError, sqlite3.DataError)
 
 
 def _insert_sql(rows: int) -> str:
@@ -293,6 +302,8 @@ class GroupCommitWriter:
         current = self.versions.get(stream)
         if current is None or event.explicit_id or (expected is not ANY and expected != current):
             return None
+        if len(event.data) > INLINE_BYTES:
+            return None  # too big to hold the loop for (see INLINE_BYTES)
         meta = event.meta
         try:
             data = orjson.loads(event.data)
@@ -359,18 +370,29 @@ class GroupCommitWriter:
         loop = asyncio.get_running_loop()
         answers: list[WriteResult | asyncio.Future[list[Recorded]]] = []
         for w in writes:
-            if not w.events:
-                answers.append([])
-                continue
+            # each write checked before any joins the queue: a bad one is answered in
+            # its place, never raised once the writes before it are queued (they would
+            # commit unknown to the caller) nor left to fail the whole batch
             try:
+                if not isinstance(w, StreamWrite):
+                    raise StoreError(
+                        f"{self.path}: append_many takes StreamWrite values, not {type(w).__name__}"
+                    )
+                events = check_write(str(self.path), w.stream, w.events, w.expected_version)
                 w.stream.encode()
+            except StoreError as exc:
+                answers.append(exc)
+                continue
             except UnicodeEncodeError as exc:
                 answers.append(
                     StoreError(f"{self.path}: stream name {w.stream!r} is not valid text: {exc}")
                 )
                 continue
+            if not events:
+                answers.append([])
+                continue
             future: asyncio.Future[list[Recorded]] = loop.create_future()
-            self._queue.append(_Append(w.stream, w.expected_version, w.events, future))
+            self._queue.append(_Append(w.stream, w.expected_version, events, future))
             answers.append(future)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
@@ -659,6 +681,11 @@ class GroupCommitWriter:
                 elif len(batch) > 1:
                     # one trip to the connection's thread for the whole transaction
                     await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
+                elif len(rows) > INLINE_EVENTS or sum([len(r[5]) for r in rows]) > INLINE_BYTES:
+                    # too big to hold the loop for, and not counted in the average of
+                    # lone commits: it speaks for small ones (see INLINE_EVENTS)
+                    await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
+                    self.thread_commits += 1
                 elif self._may_inline():
                     # a lone write with nothing else ready to run: commit here, saving
                     # the hop to the connection's thread and back (see _may_inline)
@@ -673,8 +700,9 @@ class GroupCommitWriter:
                     await self._commit(batch)  # again, from the log as it now is
                     return
                 ops: list[_Append | _Put] = [o for o, _ in results] + list(puts)
-                if isinstance(exc, sqlite3.IntegrityError) and len(ops) > 1:
-                    # one caller's data broke a constraint: find it, one op per transaction
+                if isinstance(exc, _OWN_DATA) and len(ops) > 1:
+                    # one caller's data broke a constraint or a limit (a row bigger than
+                    # SQLite takes): find it, one op per transaction
                     for o, failure in failures:
                         if not o.future.done():
                             o.future.set_exception(failure)
@@ -763,23 +791,29 @@ class GroupCommitWriter:
             )
 
     def _fail(self, batch: list[_Append | _Put], exc: sqlite3.Error) -> None:
+        """Fail every write of ``batch`` with ``exc``; an append's error names its
+        stream (in an append_many, each write learns which of them failed)."""
         if isinstance(exc, sqlite3.IntegrityError):
-            error = StoreError(
-                f"{self.path}: append refused, nothing was written: {exc} (an event id "
-                "already in the log, given without marking it explicit?)"
-            )
+            verb = "refused"
+            reason = f"{exc} (an event id already in the log, given without marking it explicit?)"
+        elif isinstance(exc, sqlite3.DataError):  # the caller's data, not the log's health
+            verb = "refused"
+            reason = f"{exc} (an event larger than SQLite stores?)"
         else:
+            verb = "failed"
             reason = (
                 f"the disk is full ({exc})"
                 if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
                 else str(exc)
             )
             self.failure = reason
-            error = StoreError(f"{self.path}: append failed, nothing was written: {reason}")
             log.error("event log write failed on %s: %s", self.path, exc)
         for op in batch:
             if not op.future.done():
-                op.future.set_exception(error)
+                what = f"append to stream {op.stream!r}" if type(op) is _Append else "write"
+                op.future.set_exception(
+                    StoreError(f"{self.path}: {what} {verb}, nothing was written: {reason}")
+                )
 
     async def _by_ids(self, ids: list[str]) -> list[Recorded]:
         marks = ",".join("?" * len(ids))

@@ -329,6 +329,69 @@ async def test_append_many_writes_each_stream_and_decides_each_write_alone(
     assert await store.append_many([]) == []
 
 
+async def test_a_malformed_write_is_refused_alone_and_nothing_of_it_is_written(
+    store: EventStore,
+) -> None:
+    """A stream name that is not a string, an item that is not an event, a write that
+    is not a StreamWrite: each gets its StoreError in its place, the writes around it
+    (and another caller's append in the same batch) are stored, the log goes on."""
+    hostile: list[object] = [
+        StreamWrite("a", [note("a1")]),
+        StreamWrite(None, [note("lost")]),  # type: ignore[arg-type]
+        StreamWrite("b", [note("b1"), {"text": "not an event"}]),  # type: ignore[list-item]
+        ("c", [note("lost")]),
+        StreamWrite("d", note("lost")),  # type: ignore[arg-type]
+        StreamWrite("e", [note("e1")]),
+    ]
+    with anyio.fail_after(30):
+        innocent, answers = await asyncio.gather(
+            store.append([note("i1")], stream="i"),
+            store.append_many(hostile),  # type: ignore[arg-type]
+        )
+        a, none, b, c, d, e = answers
+        for refused, culprit in ((none, "None"), (b, "'b'"), (c, "tuple"), (d, "'d'")):
+            assert isinstance(refused, StoreError) and culprit in str(refused)
+        assert not isinstance(a, StoreError) and [r.stream for r in a] == ["a"]
+        assert not isinstance(e, StoreError) and [r.stream for r in e] == ["e"]
+        assert [r.stream for r in innocent] == ["i"]
+        with pytest.raises(StoreError, match="is not a NewEvent"):
+            await store.append([note("x1"), "not an event"], stream="x")  # type: ignore[list-item]
+        with pytest.raises(StoreError, match="stream name must be a string"):
+            await store.append([note("x1")], stream=b"x")  # type: ignore[arg-type]
+        stored = await store.read()
+        assert sorted(r.stream for r in stored) == ["a", "e", "i"]
+        assert [r.position for r in stored] == [1, 2, 3]
+        [after] = await store.append([note("i2")], stream="i")
+        assert (after.position, after.version) == (4, 2)
+
+
+@pytest.mark.parametrize("expected", ["1", 1.0, True])
+async def test_an_expected_version_that_is_not_a_whole_number_is_refused_by_name(
+    store: EventStore, expected: object
+) -> None:
+    """ "1" was refused as a conflict naming the very version the stream was at, and
+    True passed as version 1: refused by name, nothing written, in append_many alone."""
+    await store.append([note("first")], stream="v")
+    with anyio.fail_after(30):
+        with pytest.raises(StoreError, match="expected_version must be a whole number"):
+            await store.append([note("x")], stream="v", expected_version=expected)  # type: ignore[arg-type]
+        bad, good = await store.append_many(
+            [StreamWrite("v", [note("x")], expected), StreamWrite("v", [note("y")], 1)]  # type: ignore[arg-type]
+        )
+        assert isinstance(bad, StoreError) and "expected_version" in str(bad)
+        assert not isinstance(good, StoreError) and [r.version for r in good] == [2]
+        assert [r.data["text"] for r in await store.read(stream="v")] == ["first", "y"]
+
+
+async def test_events_given_as_an_iterator_are_appended(store: EventStore) -> None:
+    with anyio.fail_after(30):
+        [only] = await store.append_many([StreamWrite("g", (n for n in [note("g1")]))])
+        assert not isinstance(only, StoreError) and [r.version for r in only] == [1]
+        got = await store.append((n for n in [note("g2"), note("g3")]), stream="g")
+        assert [r.version for r in got] == [2, 3]
+        assert [r.data["text"] for r in await store.read(stream="g")] == ["g1", "g2", "g3"]
+
+
 async def test_append_many_on_a_closed_store_raises(store: EventStore) -> None:
     await store.close()
     with pytest.raises(StoreClosed):

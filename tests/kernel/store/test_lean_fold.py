@@ -299,3 +299,80 @@ async def test_a_batch_size_below_one_is_refused_not_an_endless_fold(tmp_path: P
                     await fold(store, Plain(), batch_size=bad)  # type: ignore[arg-type]
         finally:
             await store.close()
+
+
+class KeepsOnePerBatch(Projection):
+    """Keeps the first record of each batch untouched; another record of the batch reads
+    its stream (so the batch's columns are loaded while the fold is on it)."""
+
+    name = "keeps-one-per-batch"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[Recorded] = []
+        self.streams: list[str] = []
+
+    @handles("FoldA", "FoldB", "LeanFoldV2")
+    def on(self, r: Recorded) -> None:
+        if r.position % 8 == 1:
+            self.kept.append(r)
+        elif r.position % 8 == 2:
+            self.streams.append(r.stream)
+
+
+class KeepsWithItsOwnApply(KeepsOnePerBatch):
+    """An apply() of its own: the fold builds each batch's records first."""
+
+    name = "keeps-with-its-own-apply"
+
+    def apply(self, record: Recorded) -> None:
+        super().apply(record)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_kept_record_keeps_no_other_row_of_its_batch_alive(
+    tmp_path: Path, fast: bool
+) -> None:
+    """Once the fold is past a batch, a record the projection kept holds none of the
+    batch's loaded columns (it held all 20,000 rows' by default); read later, its own
+    columns are still right, after the store closed too."""
+    path = tmp_path / "log.db"
+    await _log(path)
+    store = await _readonly(path)
+    projection = KeepsOnePerBatch() if fast else KeepsWithItsOwnApply()
+    try:
+        with anyio.fail_after(30):
+            await fold(store, projection, batch_size=8)
+            full = {r.position: envelope(r) for r in await store.read()}
+    finally:
+        await store.close()
+    assert len(projection.kept) == 5 and len(projection.streams) == 5
+    for r in projection.kept:
+        assert isinstance(r, LeanRecorded) and not isinstance(r, LoadedRecorded)
+        batch = r._batch
+        assert batch is not None and batch.released and batch._rows is None
+    assert [envelope(r) for r in projection.kept] == [full[p] for p in (1, 9, 17, 25, 33)]
+    assert all(r._batch is None for r in projection.kept)  # each loaded its own row
+
+
+@pytest.mark.parametrize("until", [float("nan"), float("inf"), True, "3"])
+async def test_an_until_that_is_not_a_position_is_refused_and_a_float_leaves_a_whole_one(
+    tmp_path: Path, until: object
+) -> None:
+    """NaN folded every event, past any bound, and 2.5 became the projection's
+    position (between two events): NaN, infinity, a bool, text are refused by name, the
+    projection untouched; a finite float folds up to the position below it."""
+    path = tmp_path / "log.db"
+    await _log(path)
+    store = await _readonly(path)
+    projection = Plain()
+    try:
+        with anyio.fail_after(30), pytest.raises(StoreError, match="until must be a position"):
+            await fold(store, projection, until=until)  # type: ignore[arg-type]
+        assert projection.position == 0
+        with anyio.fail_after(30):
+            await fold(store, projection, until=2.5)  # type: ignore[arg-type]
+        assert projection.position == 2 and type(projection.position) is int
+        assert [e[1][0] for e in projection.seen] == [1, 2]
+    finally:
+        await store.close()

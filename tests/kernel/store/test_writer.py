@@ -687,6 +687,101 @@ async def test_concurrent_appends_to_known_streams_still_share_transactions(
     assert await store.last_position() == 100
 
 
+async def test_a_big_lone_append_commits_in_the_connections_thread(store: SQLiteStore) -> None:
+    """The loop's thread commits only small lone writes: an append of many events, or of
+    one big payload, goes through the connection's thread (it held the loop for its
+    whole insert and sync), and is not counted in the average of lone commits."""
+    assert store._write_conn is not None and store._writer is not None
+    threads: list[int] = []
+
+    def trace(sql: str) -> None:
+        if sql.startswith("INSERT INTO events"):
+            threads.append(threading.get_ident())
+
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
+    here = threading.get_ident()
+    big = NewEvent.raw("Big", {"blob": "x" * (sqlite_writer.INLINE_BYTES + 1)})
+    try:
+        with anyio.fail_after(60):
+            await store.append([ev(0)], stream="s")  # the stream is known from now on
+            assert threads[-1] == here
+            await store.append([ev(i) for i in range(sqlite_writer.INLINE_EVENTS + 1)], stream="s")
+            assert threads[-1] != here
+            average = store._writer.commit_average
+            await store.append([big], stream="s")  # lone, one event, too big
+            assert threads[-1] != here
+            assert store._writer.commit_average == average
+            await store.append([ev(1)], stream="s")
+            assert threads[-1] == here  # small again: inline
+    finally:
+        await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    versions = [r.version for r in await store.read(stream="s")]
+    assert versions == list(range(1, sqlite_writer.INLINE_EVENTS + 5))
+
+
+async def test_a_full_disk_during_append_many_names_each_stream_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The disk refuses the batch: each write's error names its own stream, nothing of
+    the batch is in the log, health says why, and the next append_many goes on gapless."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, max_page_count=40)
+    big = NewEvent.raw("Big", {"blob": "x" * 400_000})
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="a")
+            answers = await store.append_many(
+                [StreamWrite("a", [ev(1)]), StreamWrite("b", [big]), StreamWrite("c", [ev(3)])]
+            )
+            for stream, answer in zip("abc", answers, strict=True):
+                assert isinstance(answer, StoreError)
+                assert f"stream {stream!r}" in str(answer) and "disk is full" in str(answer)
+            assert store.health()[0] is False
+            assert [r.position for r in await store.read()] == [1]
+            again = await store.append_many([StreamWrite("a", [ev(1)]), StreamWrite("c", [ev(3)])])
+            assert [[(r.position, r.version) for r in w] for w in again] == [  # type: ignore[union-attr]
+                [(2, 2)],
+                [(3, 1)],
+            ]
+            assert store.health()[0] is True
+        finally:
+            await store.close()
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        assert [(r.position, r.stream) for r in await reopened.read()] == [
+            (1, "a"),
+            (2, "a"),
+            (3, "c"),
+        ]
+    finally:
+        await reopened.close()
+
+
+async def test_an_event_larger_than_sqlite_takes_fails_alone(store: SQLiteStore) -> None:
+    """SQLite refuses a value over its length limit (1 GB by default; lowered here on
+    the writer's own connection): only the append that carries it fails, the others of
+    its batch are stored, and the log stays healthy."""
+    assert store._write_conn is not None
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    await store._write_conn._execute(raw.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 100_000)  # type: ignore[attr-defined]
+    huge = NewEvent.raw("Huge", {"blob": "x" * 200_000})
+    with anyio.fail_after(30):
+        answers = await store.append_many(
+            [StreamWrite("a", [ev(1)]), StreamWrite("b", [huge]), StreamWrite("c", [ev(3)])]
+        )
+        a, b, c = answers
+        assert isinstance(b, StoreError) and "stream 'b'" in str(b) and "too big" in str(b)
+        assert not isinstance(a, StoreError) and not isinstance(c, StoreError)
+        assert store.health()[0] is True
+        with pytest.raises(StoreError, match="too big"):
+            await store.append([huge], stream="b")
+        assert store.health()[0] is True
+        assert [(r.position, r.stream) for r in await store.read()] == [(1, "a"), (2, "c")]
+
+
 async def test_append_many_refuses_a_stream_name_that_is_not_text_alone(
     store: SQLiteStore,
 ) -> None:
