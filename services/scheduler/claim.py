@@ -20,7 +20,9 @@ conflict is retried on its own (as above) and the others of its burst stand.
 
 Slots: interval schedules of nodes that started apart may tick at different phases; the
 claim key uses the interval's index (``floor(due / every)``) so they still claim each
-period once. A run asked for by an event (run now, a dependency) is keyed by that event.
+period once. A run asked for by an operator is keyed by its request event, a
+dependency-triggered run by its run id, a retry by its run id and attempt (the runner
+passes them as ``run_slot``): none shares a timed run's key.
 """
 
 from __future__ import annotations

@@ -414,7 +414,9 @@ class Runner:
                 scheduled_for,
                 attempt,
                 cause,
-                slot,
+                # a retry is keyed by its run (the same id on every node): keyed by its
+                # run's due time, a requested run's retry would share a timed one's key
+                run_id if slot is None and kind == "retry" else slot,
             )
             delay = 0.0 if placed else kernel.placement.delay(tid)
             if delay > 0:

@@ -70,3 +70,34 @@ async def test_runs_asked_for_in_one_period_each_start_with_their_own_record(
         ends = [r.data["run_id"] for r in await kernel.read(types=["TaskSucceeded"])]
         assert sorted(starts) == sorted(ends) == sorted(a.data["run_id"] for a in accepted)
         assert len(ran) == 3
+
+
+async def test_retries_of_a_requested_and_a_timed_run_of_one_period_both_run(
+    tmp_path: Path,
+) -> None:
+    from services.scheduler.events import TaskRunAccepted, TaskRunRequested, stream_of
+
+    kernel, service = make_kernel(tmp_path)
+    attempts: list[int] = []
+
+    async def fails() -> None:
+        from kernel.sdk import current_task
+
+        attempts.append(current_task().attempt)
+        raise RuntimeError("boom")
+
+    now = time.time()
+    first = now + 1.0
+    assert int(now // PERIOD) == int((first + 60) // PERIOD)  # one period
+    async with kernel:
+        await service.register(
+            "p",
+            [spec(fails, name="job", every=PERIOD, start=_iso(first), retries=1, retry_delay=0.2)],
+        )
+        await kernel.request(
+            TaskRunRequested(task="p.job"), stream=stream_of("p.job"), outcomes=[TaskRunAccepted]
+        )
+        # the requested run and the timed one fail, and each is retried once
+        await wait_events(kernel, "TaskFailed", 4, timeout=60)
+        assert not await kernel.read(types=["TaskSkipped"])
+        assert sorted(attempts) == [1, 1, 2, 2]
