@@ -157,7 +157,11 @@ def complete(build: Build, router: Any, root: str, folder: Path | None = None) -
             continue
         try:
             adapter._build()
-        except Exception as exc:
+        except BaseException as exc:  # the plugin's type: even SystemExit is its failure
+            if threading.current_thread() is threading.main_thread() and not isinstance(
+                exc, Exception
+            ):
+                raise  # (a real interrupt can only reach the main thread)
             what, file, line = site
             raise FieldBuildError(f"{what}: {type(exc).__name__}: {exc}", file, line) from exc
         count += 1

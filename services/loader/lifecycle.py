@@ -50,7 +50,7 @@ from .priority import building, window
 from .projection import PluginTable
 from .settings import LoaderSettings
 from .state import ACTOR, LoaderState
-from .threads import ThreadTimeout
+from .threads import PluginAborted, ThreadTimeout
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -289,7 +289,7 @@ class Lifecycle(LoaderState):
             file, line = _where(exc, folder)
             at = f"{file} line {line}: " if file else ""
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if isinstance(exc, FieldBuildError):  # names the route, field and pydantic's error
+            if isinstance(exc, (FieldBuildError, PluginAborted)):  # names route and field
                 reason = str(exc)
             if isinstance(exc, MemoryError):
                 reason += " (out of memory)"

@@ -10,7 +10,9 @@ on its own or the process restarts.
 Mechanism: each call gets its own daemon thread (not the loop's default executor, whose
 few workers a handful of endless plugins would exhaust for the whole process); the
 thread hands its result back with ``call_soon_threadsafe``; ``asyncio.timeout`` bounds
-the wait. Time the thread spends paused by kernel/pacing.py (leaving the event loop its
+the wait. A ``BaseException`` the plugin's code raises (``SystemExit``, ``KeyboardInterrupt``,
+``CancelledError``) reaches the caller as :class:`PluginAborted`, an ordinary exception:
+re-raised on the event loop it would stop the server. Time the thread spends paused by kernel/pacing.py (leaving the event loop its
 share while a generation is built) does not count: the deadline moves by it.
 """
 
@@ -28,7 +30,7 @@ from typing import Any, TypeVar
 
 from kernel import pacing
 
-__all__ = ["PluginThreads", "StuckThread", "ThreadTimeout"]
+__all__ = ["PluginAborted", "PluginThreads", "StuckThread", "ThreadTimeout"]
 
 T = TypeVar("T")
 
@@ -37,6 +39,23 @@ _ids = itertools.count(1)
 
 class ThreadTimeout(Exception):
     """The call did not finish within its timeout; its thread may still be running."""
+
+
+class PluginAborted(Exception):
+    """The plugin's code raised a ``BaseException`` that is not an ``Exception``
+    (``KeyboardInterrupt``, ``SystemExit``, ``CancelledError``, its own class) in its thread.
+
+    Raised in the thread, it is the plugin's failure, never the process's interrupt, exit
+    or the caller's cancellation: it reaches the caller as this ordinary exception, with
+    the original as ``__cause__`` and its traceback (so the plugin's file and line are
+    named).
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        shown = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        super().__init__(f"{shown} (raised by the plugin in its thread; the server goes on)")
+        self.__cause__ = exc
+        self.__traceback__ = exc.__traceback__
 
 
 @dataclass
@@ -104,8 +123,10 @@ class PluginThreads:
             pacing.account(paused)
             try:
                 result = ctx.run(fn, *args)
-            except BaseException as exc:  # handed to the caller, never lost
+            except Exception as exc:  # handed to the caller, never lost
                 outcome: tuple[bool, Any] = (False, exc)
+            except BaseException as exc:  # not the process's: an interrupt goes to the main thread
+                outcome = (False, PluginAborted(exc))
             else:
                 outcome = (True, result)
             finally:

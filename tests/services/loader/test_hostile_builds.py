@@ -1,0 +1,76 @@
+"""Hostile plugin builds (attack a8c): what a plugin's import or validator build raises or
+does never stops the server, and every such failure names the plugin, file and line."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import AUTH, status_router, write_plugin
+
+#: An exception a plugin's code raises in its build thread that is not an ``Exception``.
+ABORTS = ["KeyboardInterrupt()", "SystemExit(3)", "asyncio.CancelledError()", "Stop()"]
+
+IN_VALIDATOR = """
+    import asyncio
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    class Stop(BaseException):
+        pass
+
+    class Odd:
+        @classmethod
+        def __get_pydantic_core_schema__(cls, source, handler):
+            raise {abort}
+
+    @router.post("/odd")
+    async def odd(thing: Odd) -> dict[str, str]:
+        return {{}}
+    """
+
+AT_IMPORT = """
+    import asyncio
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    class Stop(BaseException):
+        pass
+
+    raise {abort}
+    """
+
+
+@pytest.mark.parametrize("where", ["validator", "import"])
+@pytest.mark.parametrize("abort", ABORTS)
+async def test_a_base_exception_raised_by_a_build_fails_that_plugin_only(
+    harness_factory: Any, plugins: Path, abort: str, where: str
+) -> None:
+    write_plugin(plugins, "calm", router=status_router())
+    source = (IN_VALIDATOR if where == "validator" else AT_IMPORT).format(abort=abort)
+    write_plugin(plugins, "odd", router=source)
+    h = await harness_factory()  # the boot goes on: the kernel started
+    row = (await h.client.get("/admin/plugins/odd", headers=AUTH)).json()
+    assert row["status"] == "failed", row
+    name = abort.split("(")[0].rsplit(".", 1)[-1]
+    assert name in row["last_error"]["error"], row
+    [failed] = await h.events("PluginLoadFailed", name="odd")
+    assert failed.data["stage"] == "import" and failed.data["file"] == "router.py", failed.data
+    if where == "validator":  # the route and field are named
+        assert "POST /app/odd/odd: field 'thing'" in failed.data["error"], failed.data
+    assert (await h.client.get("/app/calm/status")).json() == {"v": 1}
+    # on reload too: the old generation serves on, the server with it
+    (plugins / "odd" / "router.py").write_text(textwrap.dedent(status_router()))
+    r = await h.client.post("/admin/plugins/odd/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    (plugins / "odd" / "router.py").write_text(textwrap.dedent(source))
+    r = await h.client.post("/admin/plugins/odd/reload", headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert name in r.text, r.text
+    assert (await h.client.get("/app/odd/status")).json() == {"v": 1}
+    assert (await h.client.get("/app/calm/status")).json() == {"v": 1}
