@@ -279,7 +279,7 @@ class Lifecycle(LoaderState):
             raise StageError(
                 "import",
                 f"plugin {name!r}: import did not finish in {self.settings.import_timeout:g} s "
-                "(its thread keeps running until a restart; see /health)",
+                "(its thread stops at its next route declared, else runs until a restart; see /health)",
                 generation=generation,
             ) from None
         except BaseException as exc:

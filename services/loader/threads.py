@@ -3,7 +3,9 @@
 Guarantee: a plugin's sync code (its import, a sync hook, a sync event handler) never
 runs on the event loop and never holds the loader up for longer than its timeout. When
 the timeout expires the caller gets :class:`ThreadTimeout` at once; the thread cannot
-be killed (Python has no way to stop a thread), so it is recorded in
+be killed (Python has no way to stop a thread) but is marked abandoned: its next route or
+validator declared raises ``kernel.pacing.Abandoned`` in it (an import declaring routes
+in an endless loop stops there); until it ends it is recorded in
 :attr:`PluginThreads.stuck` — shown in ``/health`` and ``/admin/plugins`` — until it ends
 on its own or the process restarts.
 
@@ -35,6 +37,10 @@ __all__ = ["PluginAborted", "PluginThreads", "StuckThread", "ThreadTimeout"]
 T = TypeVar("T")
 
 _ids = itertools.count(1)
+
+
+#: Seconds a call given up on gets to stop at its next unit of build work (kernel/pacing.py).
+ABANDON_GRACE = 1.0
 
 
 class ThreadTimeout(Exception):
@@ -155,6 +161,14 @@ class PluginThreads:
                 assert deadline is not None
                 if loop.time() < deadline + paused.paused:
                     continue  # the thread was paused meanwhile: its deadline moved
+            paused.abandoned = True  # its next route or validator stops it (pacing)
+            # its late outcome is nobody's (the caller gets ThreadTimeout): read, not logged
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            # a moment for it to stop there, so that it is not still running (importlib
+            # cleaning up sys.modules) while the caller restores the previous generation
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ABANDON_GRACE):
+                    await asyncio.wait([future])
             with self._lock:
                 if not state["done"]:
                     self._stuck[ident] = StuckThread(

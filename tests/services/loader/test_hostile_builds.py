@@ -3,10 +3,12 @@ does never stops the server, and every such failure names the plugin, file and l
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from .conftest import AUTH, status_router, write_plugin
@@ -74,3 +76,58 @@ async def test_a_base_exception_raised_by_a_build_fails_that_plugin_only(
     assert name in r.text, r.text
     assert (await h.client.get("/app/odd/status")).json() == {"v": 1}
     assert (await h.client.get("/app/calm/status")).json() == {"v": 1}
+
+
+ENDLESS = """
+    from fastapi import APIRouter
+    from pydantic import BaseModel
+
+    router = APIRouter()
+
+    class M(BaseModel):
+        a: int
+
+    async def echo(m: M) -> M:
+        return m
+
+    i = 0
+    while True:  # a generator of routes with a bug: it never ends
+        try:
+            router.add_api_route(f"/r{i}", echo, methods=["POST"])
+        except Exception:
+            pass
+        i += 1
+    """
+
+
+@pytest.mark.parametrize("share", [0.3, 1.0])
+async def test_an_import_given_up_on_stops_at_its_next_route(
+    harness_factory: Any, plugins: Path, share: float
+) -> None:
+    """Past import_timeout the thread would declare routes (and grow the process) forever."""
+    write_plugin(plugins, "calm", router=status_router())
+    write_plugin(plugins, "endless", router=ENDLESS)
+    h = await harness_factory(loader={"import_timeout": 1, "build_cpu_share": share})
+    row = (await h.client.get("/admin/plugins/endless", headers=AUTH)).json()
+    assert row["status"] == "failed" and "did not finish" in row["last_error"]["error"], row
+    with anyio.fail_after(30):
+        while h.loader.threads.stuck:  # the thread ended at its next route
+            await anyio.sleep(0.05)
+    assert (await h.client.get("/app/calm/status")).json() == {"v": 1}
+
+
+async def test_a_reload_given_up_on_leaves_the_old_generation_whole(
+    harness_factory: Any, plugins: Path
+) -> None:
+    folder = write_plugin(plugins, "endless", router=status_router())
+    h = await harness_factory(loader={"import_timeout": 1})
+    old = sys.modules["xcore_plugins.endless.router"]
+    (folder / "router.py").write_text(textwrap.dedent(ENDLESS))
+    r = await h.client.post("/admin/plugins/endless/reload", headers=AUTH)
+    assert r.status_code == 422 and "did not finish" in r.text, r.text
+    with anyio.fail_after(30):
+        while h.loader.threads.stuck:
+            await anyio.sleep(0.05)
+    assert (await h.client.get("/app/endless/status")).json() == {"v": 1}
+    # the stopped import's clean-up did not take the serving generation's module away
+    assert sys.modules.get("xcore_plugins.endless.router") is old
