@@ -3,8 +3,10 @@ does never stops the server, and every such failure names the plugin, file and l
 
 from __future__ import annotations
 
+import gc
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +133,67 @@ async def test_a_reload_given_up_on_leaves_the_old_generation_whole(
     assert (await h.client.get("/app/endless/status")).json() == {"v": 1}
     # the stopped import's clean-up did not take the serving generation's module away
     assert sys.modules.get("xcore_plugins.endless.router") is old
+
+
+FREEZES = """
+    import gc
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    class Node:
+        def __init__(self):
+            self.me = self  # a cycle: only a collection frees it
+
+    keep = Node()
+    gc.freeze()  # "faster collections", copied from a blog post
+
+    @router.get("/status")
+    async def status():
+        return {"v": 1}
+    """
+
+
+async def test_garbage_a_plugin_froze_is_freed_once_unloaded(
+    harness_factory: Any, plugins: Path
+) -> None:
+    write_plugin(plugins, "frozen", router=FREEZES)
+    h = await harness_factory()
+    ref = weakref.ref(sys.modules["xcore_plugins.frozen.router"].keep)
+    r = await h.client.post("/admin/plugins/frozen/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    with anyio.fail_after(30):
+        while ref() is not None:  # generation 1's cycle: frozen by the plugin itself
+            await anyio.sleep(0.05)
+    stats = (await h.client.get("/health", headers=AUTH)).json()["components"]["loader"]["gc"]
+    assert stats["foreign_freeze"] is True, stats
+    assert (await h.client.get("/app/frozen/status")).json() == {"v": 1}
+
+
+DISABLES = """
+    import gc
+    from fastapi import APIRouter
+
+    router = APIRouter()
+    gc.disable()  # "no GC pauses"
+
+    @router.get("/status")
+    async def status():
+        return {"v": 1}
+    """
+
+
+async def test_a_plugin_cannot_leave_the_garbage_collector_disabled(
+    harness_factory: Any, plugins: Path
+) -> None:
+    write_plugin(plugins, "nogc", router=DISABLES)
+    try:
+        h = await harness_factory()
+        assert (await h.client.get("/app/nogc/status")).json() == {"v": 1}
+        with anyio.fail_after(30):
+            while not gc.isenabled():
+                await anyio.sleep(0.05)
+        stats = (await h.client.get("/health", headers=AUTH)).json()["components"]["loader"]
+        assert stats["gc"]["reenabled"] >= 1, stats
+    finally:
+        gc.enable()
