@@ -505,6 +505,7 @@ class Lifecycle(LoaderState):
         await gen.context.close()
         self.kernel.plugins.remove(gen.name, gen.generation)
         window.note_unloaded()  # garbage now: a build's window will collect it
+        self.retire(gen)  # watched: still alive after a full collection is reported
         if self.loaded.get(gen.name) is gen:
             del self.loaded[gen.name]
             current = sys.modules.get(module_name(gen.name))

@@ -3,6 +3,7 @@ does never stops the server, and every such failure names the plugin, file and l
 
 from __future__ import annotations
 
+import builtins
 import gc
 import sys
 import textwrap
@@ -197,3 +198,40 @@ async def test_a_plugin_cannot_leave_the_garbage_collector_disabled(
         assert stats["gc"]["reenabled"] >= 1, stats
     finally:
         gc.enable()
+
+
+LEAKS = """
+    import builtins
+    import sys
+    from fastapi import APIRouter
+
+    router = APIRouter()
+    # a "cache" on a module every generation shares: each generation stays alive
+    builtins.__dict__.setdefault("_a8c_leak", []).append(sys.modules[__name__])
+
+    @router.get("/status")
+    async def status():
+        return {"v": 1}
+    """
+
+
+async def test_an_unloaded_generation_kept_alive_is_reported(
+    harness_factory: Any, plugins: Path
+) -> None:
+    write_plugin(plugins, "leaky", router=LEAKS)
+    write_plugin(plugins, "clean", router=status_router())
+    try:
+        h = await harness_factory()
+        for name in ("leaky", "clean"):
+            r = await h.client.post(f"/admin/plugins/{name}/reload", headers=AUTH)
+            assert r.status_code == 200, r.text
+        with anyio.fail_after(30):
+            while True:
+                health = (await h.client.get("/health", headers=AUTH)).json()
+                leaked = health["components"]["loader"].get("leaked_generations", {})
+                if leaked:
+                    break
+                await anyio.sleep(0.05)
+        assert leaked == {"leaky": [1]}, leaked  # the clean plugin's generation 1 was freed
+    finally:
+        vars(builtins).pop("_a8c_leak", None)
