@@ -49,9 +49,9 @@ class ThreadTimeout(Exception):
 
 class PluginAborted(Exception):
     """The plugin's code raised a ``BaseException`` that is not an ``Exception``
-    (``KeyboardInterrupt``, ``SystemExit``, ``CancelledError``, its own class) in its thread.
+    (``KeyboardInterrupt``, ``SystemExit``, ``CancelledError``, its own class).
 
-    Raised in the thread, it is the plugin's failure, never the process's interrupt, exit
+    Raised in its thread (or by its coroutine when nothing cancelled the caller), it is the plugin's failure, never the process's interrupt, exit
     or the caller's cancellation: it reaches the caller as this ordinary exception, with
     the original as ``__cause__`` and its traceback (so the plugin's file and line are
     named).
@@ -59,7 +59,7 @@ class PluginAborted(Exception):
 
     def __init__(self, exc: BaseException) -> None:
         shown = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        super().__init__(f"{shown} (raised by the plugin in its thread; the server goes on)")
+        super().__init__(f"{shown} (raised by the plugin's code: its failure, the server goes on)")
         self.__cause__ = exc
         self.__traceback__ = exc.__traceback__
 

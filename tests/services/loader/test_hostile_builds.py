@@ -235,3 +235,28 @@ async def test_an_unloaded_generation_kept_alive_is_reported(
         assert leaked == {"leaky": [1]}, leaked  # the clean plugin's generation 1 was freed
     finally:
         vars(builtins).pop("_a8c_leak", None)
+
+
+@pytest.mark.parametrize("abort", ABORTS)
+async def test_a_base_exception_raised_by_an_async_hook_fails_that_plugin_only(
+    harness_factory: Any, plugins: Path, abort: str
+) -> None:
+    write_plugin(plugins, "calm", router=status_router())
+    run = f"""
+        import asyncio
+
+        class Stop(BaseException):
+            pass
+
+        async def on_load(ctx):
+            raise {abort}
+        """
+    write_plugin(plugins, "odd", run=run, router=status_router())
+    h = await harness_factory()
+    row = (await h.client.get("/admin/plugins/odd", headers=AUTH)).json()
+    assert row["status"] == "failed", row
+    assert abort.split("(")[0].rsplit(".", 1)[-1] in row["last_error"]["error"], row
+    assert (await h.client.get("/app/calm/status")).json() == {"v": 1}
+    r = await h.client.post("/admin/plugins/odd/reload", headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert (await h.client.get("/app/calm/status")).json() == {"v": 1}
