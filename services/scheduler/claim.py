@@ -11,6 +11,13 @@ lost). A ``ConcurrencyError`` (another event landed on the stream since the vers
 read) is retried with the new version; there the id decides. With one node the claim
 always wins, at the cost of one version read.
 
+Bursts: the claims made in one loop step (the runs due at one instant) go to the store
+together (:class:`Claims`): one ``append_many`` — one writer batch, one commit — instead
+of one append (and one version read) each. Alone (no cluster), a claim needs no version:
+the id alone decides, and no other node appends. In a cluster each write carries its
+stream's expected version; the store decides each write alone, so a claim that meets a
+conflict is retried on its own (as above) and the others of its burst stand.
+
 Slots: interval schedules of nodes that started apart may tick at different phases; the
 claim key uses the interval's index (``floor(due / every)``) so they still claim each
 period once. A run asked for by an event (run now, a dependency) is keyed by that event.
@@ -18,13 +25,16 @@ period once. A run asked for by an event (run now, a dependency) is keyed by tha
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
 import math
 from typing import TYPE_CHECKING
 
-from kernel.errors import ConcurrencyError
+from kernel.errors import ConcurrencyError, StoreError
 from kernel.events import Event, NewEvent, Recorded
+from kernel.store.base import ANY, StreamWrite
 from services.scheduler.events import TaskStarted
 from services.scheduler.specs import CompiledTask
 from services.scheduler.triggers import AfterTrigger, IntervalTrigger
@@ -32,7 +42,7 @@ from services.scheduler.triggers import AfterTrigger, IntervalTrigger
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
-__all__ = ["ClaimLost", "claim", "claim_key"]
+__all__ = ["ClaimLost", "Claims", "claim", "claim_key"]
 
 log = logging.getLogger("xcore.scheduler")
 
@@ -61,11 +71,8 @@ def claim_key(
     return hashlib.blake2b(basis.encode(), digest_size=16).hexdigest()
 
 
-async def claim(
-    kernel: Kernel, stream: str, events: list[Event], key: str, cause: Recorded | None
-) -> list[Recorded]:
-    """Append ``events`` (their ``TaskStarted`` keyed ``key``) or raise ClaimLost."""
-    items = [
+def _items(kernel: Kernel, events: list[Event], key: str, cause: Recorded | None) -> list[NewEvent]:
+    return [
         NewEvent.of(
             e,
             kernel._meta("scheduler", cause, None, key if isinstance(e, TaskStarted) else None),
@@ -73,18 +80,156 @@ async def claim(
         )
         for e in events
     ]
+
+
+def _decide(kernel: Kernel, records: list[Recorded], key: str) -> list[Recorded]:
+    """The stored records of a claim: this boot's (won), or raise ClaimLost."""
+    for r in records:
+        if r.meta.id == key:
+            if r.meta.boot == kernel.boot:
+                return records
+            raise ClaimLost(f"run {key} was started by node {r.meta.node}")
+    raise ClaimLost(f"run {key} was already started")
+
+
+class Claims:
+    """Sends the claims made in one loop step to the store together (module docstring).
+
+    :meth:`claim` queues a claim and answers it once the batch holding it is decided;
+    the batch goes one loop step after the first claim of the step was queued, so every
+    run woken at the same instant joins it.
+    """
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self._queued: list[tuple[str, list[NewEvent], str, asyncio.Future[list[Recorded]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idlers: list[asyncio.Future[None]] = []
+        #: batches sent (for tests and the benchmark's notes)
+        self.batches = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether claims are queued or being written."""
+        return bool(self._queued or self._tasks)
+
+    async def idle(self, timeout: float) -> None:
+        """Return once no claim is queued or being written (or after ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.busy and (left := deadline - loop.time()) > 0:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._idlers.append(fut)
+            await asyncio.wait([fut], timeout=left)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self.busy:
+            idlers, self._idlers = self._idlers, []
+            for fut in idlers:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def claim(
+        self, stream: str, events: list[Event], key: str, cause: Recorded | None
+    ) -> asyncio.Future[list[Recorded]]:
+        """Queue the claim of ``events`` (their ``TaskStarted`` keyed ``key``): the
+        future is the stored records, or ClaimLost, or the store's error."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Recorded]] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._send)
+        self._queued.append((stream, _items(self.kernel, events, key, cause), key, future))
+        return future
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) for the batches queued or being written."""
+        if self._queued:
+            self._send()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    def _send(self) -> None:
+        batch, self._queued = self._queued, []
+        if not batch:
+            return
+        self.batches += 1
+        task = asyncio.create_task(self._append(batch), name="xcore-scheduler-claims")
+        self._tasks.add(task)
+        task.add_done_callback(self._sent)
+
+    async def _append(
+        self, batch: list[tuple[str, list[NewEvent], str, asyncio.Future[list[Recorded]]]]
+    ) -> None:
+        kernel = self.kernel
+        try:
+            if kernel.placement.shared:
+                versions: list[int | None] = list(
+                    await asyncio.gather(*(kernel.store.stream_version(s) for s, *_ in batch))
+                )
+            else:
+                versions = [ANY] * len(batch)
+            answers = await kernel.store.append_many(
+                [
+                    StreamWrite(stream, items, version)
+                    for (stream, items, _, _), version in zip(batch, versions, strict=True)
+                ]
+            )
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (stream, items, key, future), answer in zip(batch, answers, strict=True):
+            if future.done():
+                continue
+            if isinstance(answer, ConcurrencyError):
+                # the stream moved since its version was read (another node appended):
+                # this claim alone goes the one-by-one way, where the id decides
+                retry = asyncio.ensure_future(_claim_items(kernel, stream, items, key))
+                retry.add_done_callback(functools.partial(_relay, future))
+                continue
+            if isinstance(answer, StoreError):
+                future.set_exception(answer)
+                continue
+            try:
+                future.set_result(_decide(kernel, answer, key))
+            except ClaimLost as lost:
+                future.set_exception(lost)
+
+
+def _relay(future: asyncio.Future[list[Recorded]], done: asyncio.Future[list[Recorded]]) -> None:
+    if future.done():
+        if not done.cancelled():
+            done.exception()  # read: nobody waits for it any more
+        return
+    if done.cancelled():
+        future.cancel()
+    elif (exc := done.exception()) is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(done.result())
+
+
+async def claim(
+    kernel: Kernel, stream: str, events: list[Event], key: str, cause: Recorded | None
+) -> list[Recorded]:
+    """Append ``events`` (their ``TaskStarted`` keyed ``key``) or raise ClaimLost."""
+    return await _claim_items(kernel, stream, _items(kernel, events, key, cause), key)
+
+
+async def _claim_items(
+    kernel: Kernel, stream: str, items: list[NewEvent], key: str
+) -> list[Recorded]:
     for _ in range(MAX_CONFLICTS):
         version = await kernel.store.stream_version(stream)
         try:
             records = await kernel.append(items, stream=stream, expected_version=version)
         except ConcurrencyError:
             continue  # the stream moved: read its version again, the id decides
-        for r in records:
-            if r.meta.id == key:
-                if r.meta.boot == kernel.boot:
-                    return records
-                raise ClaimLost(f"run {key} was started by node {r.meta.node}")
-        raise ClaimLost(f"run {key} was already started")
+        return _decide(kernel, records, key)
     log.warning(
         "stream %s: %d conflicting appends in a row; run %s not claimed", stream, MAX_CONFLICTS, key
     )

@@ -58,7 +58,9 @@ class Dispatcher:
             blocked=self._dependency_block, finished=self._after_finish, retry=self.arm_retry
         )
         self._dependents: dict[str, set[str]] = {}
-        self._timer = TimerQueue()
+        # timers fire the runner's lead ahead of due times, the lead as it is then
+        self._timer = TimerQueue(lead=lambda: self.runner.lead)
+        self.runner.lead_grew = self._timer.lead_changed
         self._stopping = False
         #: ``coalesce="all"`` runs at most this many missed due times (the setting).
         self.max_catch_up = 100
@@ -120,9 +122,16 @@ class Dispatcher:
             return
         due = entry.next_due
         offset = random.uniform(0, task.jitter) if task.jitter else 0.0
-        self._timer.arm(
-            task.id, due + offset - self.runner.lead, partial(self._on_due, task.id, due, offset)
-        )
+        every = getattr(task.trigger, "every", None)
+        if every is not None and every < 2 * self.runner.max_lead:
+            # a short interval: the timer fires at most half a period ahead, so a run is
+            # not found still waiting for its instant (max_instances) by the next one
+            ahead = min(self.runner.lead, every / 2)
+            callback = partial(self._on_due, task.id, due, offset, ahead)
+            self._timer.arm(task.id, due + offset - ahead, callback)
+        else:
+            callback = partial(self._on_due, task.id, due, offset)
+            self._timer.arm(task.id, due + offset, callback, early=True)
 
     def arm_retry(
         self, entry: TaskEntry, run_id: str, attempt: int, retry_at: float, scheduled_for: float
@@ -157,9 +166,11 @@ class Dispatcher:
                 )
             )
 
-        self._timer.arm(f"retry:{run_id}", retry_at - self.runner.lead, fire)
+        self._timer.arm(f"retry:{run_id}", retry_at, fire, early=True)
 
-    def _on_due(self, tid: str, due: float, offset: float) -> None:
+    def _on_due(self, tid: str, due: float, offset: float, ahead: float | None = None) -> None:
+        # when the timer meant to fire: the lead ahead (as it is now), or ``ahead``
+        armed = due + offset - (self.runner.lead if ahead is None else ahead)
         entry = self.tasks.get(tid)
         if entry is None or entry.paused or entry.next_due != due:
             return
@@ -220,6 +231,7 @@ class Dispatcher:
                     start_at=first + offset,
                     pre=pre,
                     placed=placed,
+                    armed=None if placed else armed,
                 )
 
             if not self._take_over_later(entry, first, start):

@@ -42,7 +42,7 @@ import pydantic_core
 from kernel.errors import KernelStateError, StoreClosed
 from kernel.events import Event, Recorded
 from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
-from services.scheduler.claim import ClaimLost, claim, claim_key
+from services.scheduler.claim import ClaimLost, Claims, claim_key
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.events import (
     TaskFailed,
@@ -53,6 +53,7 @@ from services.scheduler.events import (
     stream_of,
 )
 from services.scheduler.limits import PrioritySlots
+from services.scheduler.outcomes import Outcomes
 from services.scheduler.specs import CompiledTask
 from services.scheduler.timers import StartGate
 
@@ -129,6 +130,8 @@ class Runner:
 
     def __init__(self, *, blocked: BlockCheck, finished: Finished, retry: RetryArm) -> None:
         self.kernel: Kernel | None = None
+        self.claims: Claims | None = None
+        self.outcomes: Outcomes | None = None
         self.slots = PrioritySlots(1)
         self._blocked = blocked
         self._finished = finished
@@ -150,6 +153,8 @@ class Runner:
         #: How far ahead of the due time ``TaskStarted`` is written (adapts to the store).
         self.lead = 0.009
         self._append_peak = 0.003
+        #: Called when the lead grew (the timer re-computes when it wakes).
+        self.lead_grew: Callable[[], None] | None = None
         #: How long runs keep their slot (seconds, a moving average; a cautious start:
         #: until runs have been seen, a run back in a full line does not write ahead).
         self.hold = 1.0
@@ -158,10 +163,16 @@ class Runner:
 
     def start(self, kernel: Kernel, settings: SchedulerSettings, stack: AsyncExitStack) -> None:
         self.kernel = kernel
+        self.claims = Claims(kernel)
+        self.outcomes = Outcomes(kernel, self.claims)
         self.slots = PrioritySlots(settings.max_concurrency)
         self._max_result = settings.max_result_bytes
         self._keep_result = settings.keep_results_s
         self._max_lead = settings.max_lead_ms / 1000
+        # a cautious start: the full lead until starts have been seen (the first burst
+        # of many runs due at one instant, right after boot, is the slowest)
+        self._append_peak = max(self._append_peak, (self._max_lead - 0.003) / 2)
+        self.lead = min(self._max_lead, 2 * self._append_peak + 0.003)
         self._executor = ThreadPoolExecutor(
             max_workers=settings.threads or settings.max_concurrency,
             thread_name_prefix="xcore-task",
@@ -179,6 +190,9 @@ class Runner:
             running.append(task)
         if running:
             await asyncio.wait(running, timeout=5)
+        for batches in (self.claims, self.outcomes):
+            if batches is not None:  # what the runs queued is written, not dropped
+                await batches.drain(timeout=5)
         for bg in list(self._background):
             bg.cancel()
         if self._background:
@@ -261,12 +275,22 @@ class Runner:
                 raise RuntimeError("the scheduler service is not started")
             await kernel.append(events, stream=stream_of(tid), actor="scheduler", cause=cause)
 
+    @property
+    def max_lead(self) -> float:
+        """The most the lead may be (seconds; the ``max_lead_ms`` setting)."""
+        return self._max_lead
+
     def _note_append(self, seconds: float) -> None:
-        # The lead follows the slow appends, not the mean: a start recorded late is a
+        # The lead follows the slow starts, not the mean: a start recorded late is a
         # late run, a start recorded a few ms early costs little (fsync times here
-        # have a p50 of ~1.6 ms and a p99 of ~5 ms). The peak halves in ~700 appends.
+        # have a p50 of ~1.6 ms and a p99 of ~5 ms; a burst of 100 runs due at one
+        # instant takes ~10-15 ms from its timer to its commit). ``seconds`` is the
+        # way from the timer to the durable start when the run had a timer, else the
+        # append alone. The peak halves in ~700 appends.
         self._append_peak = max(seconds, self._append_peak * 0.999)
-        self.lead = min(self._max_lead, 2 * self._append_peak + 0.003)
+        before, self.lead = self.lead, min(self._max_lead, 2 * self._append_peak + 0.003)
+        if self.lead > before + 0.001 and self.lead_grew is not None:
+            self.lead_grew()  # the timer wakes earlier for the instants armed already
 
     def _give_back(self, taken_at: float) -> None:
         """Release a slot (when it is really free: a sync run's thread has returned) and
@@ -306,11 +330,15 @@ class Runner:
         cause: Recorded | None = None,
         pre: list[Event] | None = None,
         placed: bool = False,
+        armed: float | None = None,
     ) -> None:
         """One attempt of a run; ``pre`` events are appended with its first event.
 
         ``placed``: the dispatcher already waited this node's placement delay (a
-        takeover), so the run claims at once."""
+        takeover), so the run claims at once. ``armed``: when its timer was set to fire
+        (:attr:`lead` ahead of ``start_at``), so the lead learns how long the whole way
+        from the timer to a durable start takes (for a burst of runs due together: the
+        timer's callbacks, each run's start record, their commit), not the append alone."""
         task = entry.task
         tid = task.id
         events: list[Event] = list(pre or ())
@@ -384,9 +412,11 @@ class Runner:
             # within AHEAD_WAIT), the start record is written while it waits for its
             # slot: an fsync after the waves ahead would add itself to its lateness.
             # Further back in a slow line, the run waits for its slot first.
+            queued = 0.0  # how long the run waited for its slot before its start record
             if not self._write_ahead():
                 await self.slots.acquire(task.priority, scheduled_for)
                 acquired = True
+                queued = time.perf_counter() - t_slot
                 t_slot = time.perf_counter()
             events.append(
                 TaskStarted(
@@ -403,7 +433,11 @@ class Runner:
             )
             t0 = time.perf_counter()
             cancelled = await self._write_start(tid, events, cause, key)
-            self._note_append(time.perf_counter() - t0)
+            if armed is not None and delay <= 0:
+                # a wait for a slot is the line's, not the way's (the lead cannot help)
+                self._note_append(time.time() - armed - queued)
+            else:
+                self._note_append(time.perf_counter() - t0)
             started = True
             if cancelled:  # the log says the run started: it must say how it ended
                 raise asyncio.CancelledError
@@ -418,8 +452,19 @@ class Runner:
             duration_ms = (time.perf_counter() - t_start) * 1000
             finished = True
             # The runs woken at the same instant start before this outcome is recorded
-            # (building and queueing its event costs more than starting a run).
+            # (building and queueing its event costs more than starting a run), and so
+            # do the runs of the instant waiting for a slot: the slot is given back
+            # first, and the outcome waits while runs wait for a slot (a wave starts
+            # per loop step; at most OUTCOME_YIELDS steps: a line of slow runs does not
+            # hold it back for long).
+            if not _busy(thread):
+                acquired = False
+                self._release_slot(None, t_slot)
             await asyncio.sleep(0)
+            for _ in range(OUTCOME_YIELDS):
+                if not self.slots.waiting:
+                    break
+                await asyncio.sleep(0)
         except ClaimLost as lost_to:  # another node runs it: nothing to record here
             log.debug("task %s: %s", tid, lost_to)
             lost = True
@@ -476,7 +521,9 @@ class Runner:
         Raises ClaimLost when another node started this run (``claim.py``).
         """
         assert self.kernel is not None
-        writing = asyncio.ensure_future(claim(self.kernel, stream_of(tid), events, key, cause))
+        assert self.claims is not None
+        # the claims of one loop step (the runs due at one instant) go in one batch
+        writing = self.claims.claim(stream_of(tid), events, key, cause)
         cancelled = False
         while not writing.done():
             try:
@@ -572,7 +619,7 @@ class Runner:
             entry.last_outcome = "succeeded"
             result, result_error = self._keepable(task, value)
             keep = task.keep_result if task.keep_result is not None else self._keep_result
-            await self.append(
+            await self._append_outcome(
                 tid,
                 [
                     TaskSucceeded(
@@ -620,11 +667,19 @@ class Runner:
             entry.retrying.add(run_id)
         else:
             entry.last_outcome = "failed"
-        await self.append(tid, done)
+        await self._append_outcome(tid, done)
         if retry:
             self._retry(entry, run_id, attempt + 1, retry_at, scheduled_for)
         else:
             self._finished(tid)
+
+    async def _append_outcome(self, tid: str, events: list[Event]) -> None:
+        """Append a run's outcome events with the other outcomes of its loop step
+        (``outcomes.py``); durable when this returns, as :meth:`append`."""
+        outcomes = self.outcomes
+        if outcomes is None:
+            raise RuntimeError("the scheduler service is not started")
+        await outcomes.record(stream_of(tid), events)
 
     def _keepable(self, task: CompiledTask, value: Any) -> tuple[Any, str | None]:
         """The return value as recorded: JSON, at most ``max_result_bytes``; else None
@@ -784,6 +839,11 @@ def _busy(thread: list[concurrent.futures.Future[Any]]) -> bool:
 #: instant, while a line of slow runs does not fill the log with starts long before
 #: their code runs.
 AHEAD_WAIT = 0.1
+
+#: How many loop steps a finished run's outcome waits at most for the runs waiting for
+#: a slot (see ``Runner.run``).
+OUTCOME_YIELDS = 8
+
 
 #: An error message is recorded up to this many characters, a traceback up to this many
 #: (the rest is cut, and the cut says how much): a task failing every second with a

@@ -27,39 +27,78 @@ Callback = Callable[[], None]
 
 
 class TimerQueue:
-    """Calls a key's callback once its time (UTC epoch seconds) has come."""
+    """Calls a key's callback once its time (UTC epoch seconds) has come.
+
+    An entry armed ``early`` is kept by its instant and fires :attr:`lead` seconds
+    before it, the lead read when the timer sleeps, not when the entry was armed: a
+    lead learnt since (the way from a timer to a durable start grew) applies to every
+    schedule at once, the ones armed at boot included. All the early entries of one
+    instant are one heap entry and fire together, in the order they were armed.
+    """
 
     #: Callbacks due together run in slices of at most this long (seconds) between
     #: which the event loop serves other work.
     slice = 0.005
 
-    def __init__(self) -> None:
+    def __init__(self, lead: Callable[[], float] | None = None) -> None:
         self._heap: list[tuple[float, int, str]] = []
         self._live: dict[str, tuple[int, Callback]] = {}
         self._seq = itertools.count()
+        #: early entries: instant -> {key: callback}; a heap of the instants; key -> instant
+        self._instants: dict[float, dict[str, Callback]] = {}
+        self._early_heap: list[float] = []
+        self._early_at: dict[str, float] = {}
+        self._lead = lead or (lambda: 0.0)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._target: float | None = None
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._live) + len(self._early_at)
 
-    def arm(self, key: str, when: float, callback: Callback) -> None:
-        """Call ``callback`` at ``when``; replaces whatever ``key`` was armed with."""
-        seq = next(self._seq)
-        self._live[key] = (seq, callback)
-        heapq.heappush(self._heap, (when, seq, key))
+    def arm(self, key: str, when: float, callback: Callback, *, early: bool = False) -> None:
+        """Call ``callback`` at ``when`` (``early``: :attr:`lead` before it); replaces
+        whatever ``key`` was armed with."""
+        self.cancel(key)
+        if early:
+            group = self._instants.get(when)
+            if group is None:
+                group = self._instants[when] = {}
+                heapq.heappush(self._early_heap, when)
+            group[key] = callback
+            self._early_at[key] = when
+            when -= self._lead()
+        else:
+            seq = next(self._seq)
+            self._live[key] = (seq, callback)
+            heapq.heappush(self._heap, (when, seq, key))
         if self._target is None or when < self._target:
             self._poke()
 
     def cancel(self, key: str) -> None:
         self._live.pop(key, None)
+        at = self._early_at.pop(key, None)
+        if at is not None and (group := self._instants.get(at)) is not None:
+            group.pop(key, None)
+
+    def lead_changed(self) -> None:
+        """The lead grew: the sleeper re-computes when to wake."""
+        if self._early_heap:
+            self._poke()
 
     def next_time(self) -> float | None:
         """The earliest armed time (an entry cancelled since may answer: it is a hint)."""
-        return self._heap[0][0] if self._heap else None
+        times = []
+        if self._heap:
+            times.append(self._heap[0][0])
+        if self._early_heap:
+            times.append(self._early_heap[0] - self._lead())
+        return min(times) if times else None
 
     def when(self, key: str) -> float | None:
+        at = self._early_at.get(key)
+        if at is not None:
+            return at - self._lead()
         live = self._live.get(key)
         if live is None:
             return None
@@ -83,36 +122,68 @@ class TimerQueue:
         if wake is not None and not wake.done():
             wake.set_result(None)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        heap = self._heap
+    def _due(self, now: float) -> tuple[float | None, list[tuple[str, Callback]]] | None:
+        """The next callback(s) due at ``now``: one exact entry (instant None), or every
+        early entry of one instant (None: nothing is due)."""
+        heap, early = self._heap, self._early_heap
+        lead = self._lead()
         while True:
-            now = time.time()
-            began = time.perf_counter()
-            while heap and heap[0][0] <= now:
+            exact_at = heap[0][0] if heap else None
+            early_at = early[0] - lead if early else None
+            if (
+                early_at is not None
+                and early_at <= now
+                and (exact_at is None or early_at <= exact_at)
+            ):
+                instant = heapq.heappop(early)
+                group = self._instants.pop(instant)
+                if group:
+                    return instant, list(group.items())
+                continue
+            if exact_at is not None and exact_at <= now:
                 _, seq, key = heapq.heappop(heap)
                 live = self._live.get(key)
                 if live is None or live[0] != seq:
                     continue
                 del self._live[key]
-                try:
-                    live[1]()
-                except Exception:
-                    log.exception("scheduler timer callback for %r failed", key)
-                if time.perf_counter() - began > self.slice:
-                    # Many callbacks due at once (a boot after downtime): let the loop
-                    # serve others between slices, so HTTP is not stalled by catch-up.
-                    await asyncio.sleep(0)
-                    began = time.perf_counter()
+                return None, [(key, live[1])]
+            return None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        heap, early = self._heap, self._early_heap
+        while True:
+            now = time.time()
+            began = time.perf_counter()
+            while (due := self._due(now)) is not None:
+                instant, callbacks = due
+                for key, callback in callbacks:
+                    if instant is not None:
+                        # still armed for this instant (not cancelled, nor re-armed for
+                        # it anew, while the loop served others between two slices)?
+                        if self._early_at.get(key) != instant or key in self._instants.get(
+                            instant, ()
+                        ):
+                            continue
+                        del self._early_at[key]
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("scheduler timer callback for %r failed", key)
+                    if time.perf_counter() - began > self.slice:
+                        # Many callbacks due at once (a boot after downtime): let the loop
+                        # serve others between slices, so HTTP is not stalled by catch-up.
+                        await asyncio.sleep(0)
+                        began = time.perf_counter()
             while heap and self._live.get(heap[0][2], (None,))[0] != heap[0][1]:
                 heapq.heappop(heap)
+            while early and not self._instants[early[0]]:
+                del self._instants[heapq.heappop(early)]
             self._wake = wake = loop.create_future()
             handle = None
-            if heap:
-                self._target = heap[0][0]
+            self._target = self.next_time()
+            if self._target is not None:
                 handle = loop.call_at(loop.time() + (self._target - time.time()), _done, wake)
-            else:
-                self._target = None
             try:
                 await wake
             finally:

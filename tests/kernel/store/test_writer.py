@@ -685,3 +685,15 @@ async def test_concurrent_appends_to_known_streams_still_share_transactions(
             await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
     assert 1 <= len(commits) <= 3, f"{len(commits)} commits for 50 concurrent appends"
     assert await store.last_position() == 100
+
+
+async def test_append_many_refuses_a_stream_name_that_is_not_text_alone(
+    store: SQLiteStore,
+) -> None:
+    with anyio.fail_after(30):
+        bad, good = await store.append_many(
+            [StreamWrite("bad\udc80", [ev(1)]), StreamWrite("good", [ev(2)])]
+        )
+    assert isinstance(bad, StoreError) and "not valid text" in str(bad)
+    assert not isinstance(good, StoreError) and [r.stream for r in good] == ["good"]
+    assert [r.stream for r in await store.read()] == ["good"]

@@ -1,0 +1,98 @@
+"""Recording the outcomes of runs: those of one loop step in one store call, after the starts.
+
+Guarantee: each run's outcome (``TaskSucceeded``, or ``TaskFailed`` with its
+``TaskRetryScheduled``) is appended to its task's stream, durable before whatever
+follows it (dependent runs, the retry's timer) happens — exactly as a lone append.
+
+Mechanism: the runs woken at one instant end in the same few loop steps; their outcome
+events are queued and go to the store together, one ``append_many`` (one writer batch,
+one commit) per loop step, instead of one append each. A batch waits while start
+records are being claimed (:meth:`~.claim.Claims.idle`, at most :data:`YIELD_TO_STARTS`
+seconds): the commit of a burst's outcomes never sits in the writer's queue in front of
+the ``TaskStarted`` of runs still to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from kernel.errors import StoreError
+from kernel.events import Event, NewEvent, Recorded
+from kernel.store.base import StreamWrite
+from services.scheduler.claim import Claims
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
+
+__all__ = ["Outcomes"]
+
+log = logging.getLogger("xcore.scheduler")
+
+#: How long (seconds) a batch of outcomes waits at most for the start records being
+#: claimed to be written first.
+YIELD_TO_STARTS = 0.1
+
+_Queued = tuple[str, list[NewEvent], "asyncio.Future[list[Recorded]]"]
+
+
+class Outcomes:
+    """Queues outcome events and appends those of one loop step together."""
+
+    def __init__(self, kernel: Kernel, claims: Claims) -> None:
+        self.kernel = kernel
+        self.claims = claims
+        self._queued: list[_Queued] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: batches sent (for tests)
+        self.batches = 0
+
+    def record(self, stream: str, events: list[Event]) -> asyncio.Future[list[Recorded]]:
+        """Queue ``events`` for ``stream``; the future is their stored records, or the
+        store's refusal of them."""
+        kernel = self.kernel
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Recorded]] = loop.create_future()
+        items = [NewEvent.of(e, kernel._meta("scheduler", None), explicit_id=False) for e in events]
+        if not self._queued:
+            loop.call_soon(self._send)
+        self._queued.append((stream, items, future))
+        return future
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) for the batches queued or being written."""
+        if self._queued:
+            self._send()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    def _send(self) -> None:
+        batch, self._queued = self._queued, []
+        if not batch:
+            return
+        self.batches += 1
+        task = asyncio.create_task(self._append(batch), name="xcore-scheduler-outcomes")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _append(self, batch: list[_Queued]) -> None:
+        try:
+            await self.claims.idle(YIELD_TO_STARTS)
+            answers = await self.kernel.store.append_many(
+                [StreamWrite(stream, items) for stream, items, _ in batch]
+            )
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), answer in zip(batch, answers, strict=True):
+            if future.done():
+                continue
+            if isinstance(answer, StoreError):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)

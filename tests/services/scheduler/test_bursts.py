@@ -1,0 +1,216 @@
+"""Runs due at one instant start as one batch: one timer, one store call for their
+start records, one for their outcomes (which wait for the starts being written)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from services.scheduler.events import TaskStarted, TaskSucceeded, stream_of
+from services.scheduler.timers import TimerQueue
+from tests.services.scheduler.helpers import make_kernel, spec, wait_events
+
+N = 40
+
+
+async def test_runs_due_at_one_instant_claim_and_record_in_one_store_call_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every due callback in one loop step, whatever the machine's speed
+    monkeypatch.setattr(TimerQueue, "slice", 60.0)
+    kernel, service = make_kernel(tmp_path, max_concurrency=N)
+    ran: list[str] = []
+
+    async def work() -> None:
+        ran.append("x")
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(N)])
+        runner = service._runner
+        assert runner.claims is not None and runner.outcomes is not None
+        claims0, outcomes0 = runner.claims.batches, runner.outcomes.batches
+        await wait_events(kernel, "TaskSucceeded", N)
+        assert runner.claims.batches - claims0 == 1  # one append_many for N starts
+        assert runner.outcomes.batches - outcomes0 == 1  # and one for N outcomes
+        for i in range(N):  # each stream: its start, then its outcome
+            types = [r.type for r in await kernel.read(stream=stream_of(f"p.t{i}"))]
+            assert types[-2:] == ["TaskStarted", "TaskSucceeded"]
+    assert len(ran) == N
+
+
+async def test_outcomes_wait_for_the_starts_being_claimed(tmp_path: Path) -> None:
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        runner = service._runner
+        assert runner.claims is not None and runner.outcomes is not None
+        now = time.time()
+        # queued first, in the same loop step: the outcome still commits after the start
+        outcome = runner.outcomes.record(
+            stream_of("p.a"),
+            [TaskSucceeded(task="p.a", run_id="r0", attempt=1, duration_ms=1.0)],
+        )
+        start = runner.claims.claim(
+            stream_of("p.b"),
+            [TaskStarted(task="p.b", run_id="r1", scheduled_for=now, attempt=1)],
+            "b" * 32,
+            None,
+        )
+        with anyio.fail_after(30):
+            [done] = await outcome
+            [started] = await start
+        assert started.position < done.position
+
+
+def _fire(fired: list[tuple[str, float]], key: str) -> None:
+    fired.append((key, time.time()))
+
+
+async def test_early_timers_fire_the_lead_they_find_when_they_sleep() -> None:
+    lead = [0.0]
+    timer = TimerQueue(lead=lambda: lead[0])
+    fired: list[tuple[str, float]] = []
+    timer.start()
+    try:
+        when = time.time() + 6.0
+        for key in ("a", "b", "c", "d"):
+            timer.arm(key, when, functools.partial(_fire, fired, key), early=True)
+        timer.cancel("c")
+        timer.arm("d", when + 3600, lambda: fired.append(("late", time.time())), early=True)
+        timer.arm("b", when, lambda: fired.append(("b2", time.time())), early=True)
+        assert len(timer) == 3
+        # armed with no lead; the lead grows to 5 s: they fire ~1 s from now, not ~6 s
+        lead[0] = 5.0
+        timer.lead_changed()
+        with anyio.fail_after(30):
+            while len(fired) < 2:
+                await asyncio.sleep(0.01)
+        assert [k for k, _ in fired] == ["a", "b2"]  # one instant: in arming order
+        assert all(t < when - 2.5 for _, t in fired)
+        assert timer.when("d") == pytest.approx(when + 3600 - 5.0)
+    finally:
+        await timer.stop()
+
+
+async def test_the_lead_starts_at_its_maximum(tmp_path: Path) -> None:
+    # the first burst after boot (every schedule armed at once) is the slowest: until
+    # starts have been seen, timers fire the whole max_lead_ms ahead
+    kernel, service = make_kernel(tmp_path, max_lead_ms=40)
+    async with kernel:
+        assert service._runner.lead == pytest.approx(0.040)
+        when = time.time() + 3600
+        service._dispatch._timer.arm("probe", when, lambda: None, early=True)
+        assert service._dispatch._timer.when("probe") == pytest.approx(when - 0.040)
+
+
+async def test_a_short_interval_fires_at_most_half_a_period_ahead(tmp_path: Path) -> None:
+    # with the lead (25 ms) ahead of a 20 ms interval, the next run's timer would fire
+    # before the run before it reached its instant, and find it in progress
+    kernel, service = make_kernel(tmp_path)
+
+    async def work() -> None:
+        pass
+
+    async with kernel:
+        await service.register("p", [spec(work, name="fast", every="20ms")])
+        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.fast"]
+        assert service._runner.lead == pytest.approx(0.025)
+        when = timer.when("p.fast")
+        assert entry.next_due is not None and when is not None
+        assert when >= entry.next_due - 0.010 - 1e-6
+
+
+async def test_while_frozen_the_young_collections_wait_for_a_gap_between_due_times(
+    tmp_path: Path,
+) -> None:
+    import gc
+
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        policy = service._gc
+        policy.settle, policy.tick = 0.05, 0.01
+        await service.register("p", [spec(work, every="1h")])
+        with anyio.fail_after(10):
+            while policy.freezes < 1:
+                await anyio.sleep(0.01)
+        assert not gc.isenabled()  # collections are the policy's now
+        policy._next_due = lambda: time.time() + 0.01  # a due time is always near
+        threshold = gc.get_threshold()[0]
+        kept = [[] for _ in range(threshold * 2)]  # a collection is due, not overdue
+        await anyio.sleep(0.3)
+        assert policy.collections == [0, 0, 0]
+        policy._next_due = lambda: None  # a gap: it collects
+        with anyio.fail_after(10):
+            while sum(policy.collections) < 1:
+                await anyio.sleep(0.01)
+        policy._next_due = lambda: time.time() + 0.01
+        done = sum(policy.collections)
+        kept += [[] for _ in range(threshold * (policy.overdue + 1))]  # overdue: no wait
+        with anyio.fail_after(10):
+            while sum(policy.collections) == done:
+                await anyio.sleep(0.01)
+        del kept
+        await service.register("q", [spec(work, every="1h")])  # registering: CPython's
+        assert gc.isenabled()
+    assert gc.isenabled()
+
+
+async def test_runs_waiting_for_a_slot_start_before_the_outcomes_of_their_instant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(TimerQueue, "slice", 60.0)
+    kernel, service = make_kernel(tmp_path, max_concurrency=2)
+    order: list[str] = []
+
+    async def work() -> None:
+        order.append("start")
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        runner = service._runner
+        assert runner.outcomes is not None
+        record = runner.outcomes.record
+
+        def recorded(stream: str, events: list[Any]) -> Any:
+            order.append("outcome")
+            return record(stream, events)
+
+        monkeypatch.setattr(runner.outcomes, "record", recorded)
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(6)])
+        await wait_events(kernel, "TaskSucceeded", 6)
+    # three waves of two slots: every run started before any outcome was built
+    assert order == ["start"] * 6 + ["outcome"] * 6
+
+
+async def test_a_failing_gc_tick_gives_collection_back_to_cpython(tmp_path: Path) -> None:
+    import gc
+
+    async def work() -> None: ...
+
+    def broken() -> float:
+        raise RuntimeError("next_due exploded")
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        policy = service._gc
+        policy.settle, policy.tick = 0.05, 0.01
+        await service.register("p", [spec(work, every="1h")])
+        with anyio.fail_after(10):
+            while policy.freezes < 1:
+                await anyio.sleep(0.01)
+        assert not gc.isenabled()
+        policy._next_due = broken
+        kept = [[] for _ in range(gc.get_threshold()[0] * 2)]  # a collection is due
+        with anyio.fail_after(10):
+            while not gc.isenabled():
+                await anyio.sleep(0.01)
+        del kept
