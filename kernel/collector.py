@@ -30,6 +30,12 @@ Mechanism (process-wide: the collector is global):
   build, and one full collection runs itself once :data:`MAX_DEFERRED` generations were
   unloaded since the last; with an owner, reloads back to back that never leave its
   task a gap make the build that ends collect after :data:`MAX_DEFERRED_HELD`.
+- *Plugins that play with gc.* While held, ``gc`` is the collector's: if a plugin (or
+  anyone) disabled it, its task enables it again (logged; not during a projection fold,
+  which pauses it on purpose, nor if it was disabled when acquired); if objects were
+  frozen beyond the boot layer (a plugin's ``gc.freeze()``), they could never be freed:
+  from then on its collections thaw everything, collect and freeze again (logged once;
+  each then walks the whole heap, the price of that plugin).
 - *Settled freeze.* A kernel without the loader's boot layer (the scheduler alone) may
   still freeze its settled heap (``services/scheduler/gcpolicy.py``); when an owner
   holds the collector, that policy defers to it (:attr:`Collector.held`).
@@ -105,6 +111,13 @@ class Collector:
         self._long_lived = 0
         self._old = 0
         self._old_checked = 0.0
+        #: ``gc`` was enabled when the owner acquired it (then it stays enabled).
+        self._enabled_at_acquire = True
+        #: Someone else (a plugin) froze objects beyond the boot layer: our collections
+        #: thaw, collect and freeze again from then on, so the frozen garbage is freed.
+        self.foreign_freeze = False
+        #: Times ``gc`` was found disabled by someone else and enabled again.
+        self.reenabled = 0
 
     # -- owner -------------------------------------------------------------------------
 
@@ -122,6 +135,8 @@ class Collector:
                 return
             gc.freeze()
             self.boot_frozen = gc.get_freeze_count()
+            self._enabled_at_acquire = gc.isenabled()
+            self.foreign_freeze = False
             self._defer()
             self._owner_defers = True
             self._full_seen = gc.get_stats()[2]["collections"]
@@ -194,7 +209,8 @@ class Collector:
                 bound = MAX_DEFERRED_HELD if self.held else MAX_DEFERRED
                 collect = self.unloaded_since_full >= bound
         if collect:
-            gc.collect()
+            with self._lock:
+                self._collect() if self.held else gc.collect()
             with self._lock:
                 self.forced += 1
                 self._sync()
@@ -230,6 +246,8 @@ class Collector:
             "total_pause_ms": round(self.total_pause_ms, 3),
             "last_freed": self.last_freed,
             "count": list(counts),
+            "foreign_freeze": self.foreign_freeze,
+            "reenabled": self.reenabled,
         }
 
     # -- internals ---------------------------------------------------------------------
@@ -288,11 +306,50 @@ class Collector:
                 log.exception("gc: a gap check failed; ignored")
         return True
 
+    def _police(self) -> None:
+        """Undo what a plugin's ``gc.disable()`` did (while held, ``gc`` is ours)."""
+        if gc.isenabled() or not self._enabled_at_acquire:
+            return
+        from kernel.projections import folding  # (a fold pauses it on purpose)
+
+        if folding():
+            return
+        gc.enable()
+        self.reenabled += 1
+        log.warning(
+            "gc: the garbage collector was found disabled (gc.disable(), by a plugin?); "
+            "enabled again: while the loader owns it, cyclic garbage must stay collectable"
+        )
+
+    def _thaw_foreign(self) -> bool:
+        """True if objects were frozen beyond the boot layer (by someone else)."""
+        if self.foreign_freeze:
+            return True
+        if gc.get_freeze_count() > self.boot_frozen:
+            self.foreign_freeze = True
+            log.warning(
+                "gc: %d objects were frozen beyond the boot layer (gc.freeze(), by a "
+                "plugin?): they could never be freed; full collections now thaw, collect "
+                "and freeze again (each walks the whole heap)",
+                gc.get_freeze_count() - self.boot_frozen,
+            )
+        return self.foreign_freeze
+
+    def _collect(self) -> int:
+        if not self._thaw_foreign():
+            return gc.collect(2)
+        gc.unfreeze()
+        freed = gc.collect(2)
+        gc.freeze()
+        self.boot_frozen = gc.get_freeze_count()
+        return freed
+
     async def _run(self) -> None:
         waiting_since: float | None = None
         while True:
             await asyncio.sleep(self.tick)
             with self._lock:
+                self._police()
                 self._sync()
                 why = self._due()
                 if why is None:
@@ -306,7 +363,7 @@ class Collector:
                 self._collecting = True
             try:
                 start = time.perf_counter()
-                freed = gc.collect(2)
+                freed = self._collect()
                 pause = (time.perf_counter() - start) * 1000
             finally:
                 with self._lock:

@@ -19,7 +19,9 @@ Calls from the event loop's thread, or while no build is open (``share`` is 1), 
 at once. :func:`install` makes FastAPI's ``APIRouter.add_api_route`` (what every route
 decorator calls) pace after each route. A thread given an :class:`Account`
 (:func:`account`) adds each pause to it: a caller bounding the thread's work by a
-timeout leaves the paused time out (the loader's ``import_timeout``).
+timeout leaves the paused time out (the loader's ``import_timeout``); a caller that gave
+up on the thread marks its account abandoned, and the thread's next :func:`pace` raises
+:class:`Abandoned` (a timed-out import declaring routes in an endless loop stops there).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["Account", "account", "install", "pace", "set_share", "share"]
+__all__ = ["Abandoned", "Account", "account", "check", "install", "pace", "set_share", "share"]
 
 #: CPU seconds a thread computes between two pauses (pauses shorter than this are noise).
 quantum = 0.002
@@ -46,13 +48,22 @@ _installed = False
 slept = 0.0
 
 
-class Account:
-    """Seconds one thread has slept in :func:`pace` (read from any thread)."""
+class Abandoned(BaseException):
+    """Raised in a build thread its caller gave up on (:attr:`Account.abandoned`) at its
+    next unit of build work: a timed-out import that keeps declaring routes stops there
+    instead of growing the process forever. A ``BaseException``, so that a plugin's
+    ``except Exception`` does not swallow it."""
 
-    __slots__ = ("paused",)
+
+class Account:
+    """Seconds one thread has slept in :func:`pace` (read from any thread); set
+    :attr:`abandoned` to stop the thread at its next :func:`pace` or :func:`check`."""
+
+    __slots__ = ("abandoned", "paused")
 
     def __init__(self) -> None:
         self.paused = 0.0
+        self.abandoned = False
 
 
 def account(target: Account | None) -> None:
@@ -74,9 +85,18 @@ def set_share(value: float) -> None:
     _share = value
 
 
+def check() -> None:
+    """Raise :class:`Abandoned` if the calling thread's caller gave up on it."""
+    target = getattr(_local, "account", None)
+    if target is not None and target.abandoned:
+        raise Abandoned("the loader gave up on this thread (its timeout expired)")
+
+
 def pace() -> None:
-    """Between two units of build work: pause if this thread took more than its share."""
+    """Between two units of build work: pause if this thread took more than its share
+    (and stop it, :class:`Abandoned`, if its caller gave up on it)."""
     global slept
+    check()
     current = _share
     if current >= 1.0 or threading.current_thread() is threading.main_thread():
         return

@@ -36,7 +36,7 @@ from kernel.events import Event, LeanRecorded, LeanRows, Recorded, registry
 from kernel.store.base import EventStore, Snapshot
 from kernel.subscriptions import DeadLetter, Subscription
 
-__all__ = ["Projection", "Projector", "handles", "state_at"]
+__all__ = ["Projection", "Projector", "folding", "handles", "state_at"]
 
 log = logging.getLogger("xcore.projections")
 
@@ -306,6 +306,11 @@ def _pause_gc() -> None:
         _gc_was_enabled = gc.isenabled()
         gc.disable()
     _gc_pauses += 1
+
+
+def folding() -> bool:
+    """A fold has paused the cyclic GC right now (kernel/collector.py leaves it so)."""
+    return _gc_pauses > 0
 
 
 def _resume_gc() -> None:

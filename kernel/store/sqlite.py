@@ -683,9 +683,16 @@ class SQLiteStore:
         writer = self._writer
         if writer is None or not self._open:
             writer = self._writable()  # raises, naming why
-        events = check_write(self.location, stream, events, expected_version)
-        if not events:
-            return []
+        if not (  # the common one-event append, checked inline (the hot path)
+            type(events) is list
+            and len(events) == 1
+            and type(events[0]) is NewEvent
+            and type(stream) is str
+            and (expected_version is None or type(expected_version) is int)
+        ):
+            events = check_write(self.location, stream, events, expected_version)
+            if not events:
+                return []
         return await writer.append(events, stream, expected_version)
 
     async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:

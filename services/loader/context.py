@@ -20,7 +20,7 @@ from kernel.sdk import plugin_context_var
 from kernel.subscriptions import Subscription
 
 from .events import stream_of
-from .threads import PluginThreads, ThreadTimeout
+from .threads import PluginAborted, PluginThreads, ThreadTimeout
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -45,7 +45,7 @@ async def call_plugin(
     try:
         if inspect.iscoroutinefunction(fn):
             async with asyncio.timeout(timeout):
-                return await fn(*args)
+                return await _own(fn(*args))
         # the thread gets a copy of the current context: current_plugin() works there too
         try:
             result = await ctx.threads.run(ctx.name, what, fn, *args, timeout=timeout)
@@ -53,10 +53,27 @@ async def call_plugin(
             raise TimeoutError(str(exc)) from None
         if inspect.isawaitable(result):
             async with asyncio.timeout(timeout):
-                return await result
+                return await _own(result)
         return result
     finally:
         plugin_context_var.reset(token)
+
+
+async def _own(awaitable: Any) -> Any:
+    """Await plugin code: a ``SystemExit``, ``KeyboardInterrupt`` or ``CancelledError`` it
+    raises itself (nothing cancelled this task) is its failure (:class:`PluginAborted`);
+    re-raised on the event loop it would stop the server."""
+    try:
+        return await awaitable
+    except Exception:
+        raise
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # a real cancellation (a timeout, the server stopping)
+        raise PluginAborted(exc) from exc
+    except BaseException as exc:
+        raise PluginAborted(exc) from exc
 
 
 class LoadedContext:

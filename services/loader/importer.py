@@ -233,7 +233,9 @@ def purge(plugin: str) -> dict[str, ModuleType]:
     base = module_name(plugin)
     removed = {}
     for name in [n for n in modules_snapshot() if n == base or n.startswith(base + ".")]:
-        removed[name] = sys.modules.pop(name)
+        module = sys.modules.pop(name, None)  # a plugin thread may have removed it meanwhile
+        if module is not None:
+            removed[name] = module
     return removed
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from kernel.pacing import pace
+from kernel.pacing import check, pace
 
 __all__ = [
     "Build",
@@ -125,6 +125,8 @@ _current: contextvars.ContextVar[Build | None] = contextvars.ContextVar(
 def type_adapter(*args: Any, **kwargs: Any) -> Any:
     """What FastAPI's ``ModelField`` calls while installed: lazy inside a build only."""
     build = _current.get()
+    if build is not None:
+        check()  # a build the loader gave up on stops here
     if build is None or build.closed:
         return TypeAdapter(*args, **kwargs)  # exactly FastAPI's own
     adapter = LazyTypeAdapter(*args, **kwargs)
@@ -157,7 +159,11 @@ def complete(build: Build, router: Any, root: str, folder: Path | None = None) -
             continue
         try:
             adapter._build()
-        except Exception as exc:
+        except BaseException as exc:  # the plugin's type: even SystemExit is its failure
+            if threading.current_thread() is threading.main_thread() and not isinstance(
+                exc, Exception
+            ):
+                raise  # (a real interrupt can only reach the main thread)
             what, file, line = site
             raise FieldBuildError(f"{what}: {type(exc).__name__}: {exc}", file, line) from exc
         count += 1

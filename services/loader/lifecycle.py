@@ -50,7 +50,7 @@ from .priority import building, window
 from .projection import PluginTable
 from .settings import LoaderSettings
 from .state import ACTOR, LoaderState
-from .threads import ThreadTimeout
+from .threads import PluginAborted, ThreadTimeout
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -279,7 +279,7 @@ class Lifecycle(LoaderState):
             raise StageError(
                 "import",
                 f"plugin {name!r}: import did not finish in {self.settings.import_timeout:g} s "
-                "(its thread keeps running until a restart; see /health)",
+                "(its thread stops at its next route declared, else runs until a restart; see /health)",
                 generation=generation,
             ) from None
         except BaseException as exc:
@@ -289,7 +289,7 @@ class Lifecycle(LoaderState):
             file, line = _where(exc, folder)
             at = f"{file} line {line}: " if file else ""
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if isinstance(exc, FieldBuildError):  # names the route, field and pydantic's error
+            if isinstance(exc, (FieldBuildError, PluginAborted)):  # names route and field
                 reason = str(exc)
             if isinstance(exc, MemoryError):
                 reason += " (out of memory)"
@@ -505,6 +505,7 @@ class Lifecycle(LoaderState):
         await gen.context.close()
         self.kernel.plugins.remove(gen.name, gen.generation)
         window.note_unloaded()  # garbage now: a build's window will collect it
+        self.retire(gen)  # watched: still alive after a full collection is reported
         if self.loaded.get(gen.name) is gen:
             del self.loaded[gen.name]
             current = sys.modules.get(module_name(gen.name))

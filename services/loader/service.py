@@ -100,8 +100,8 @@ class LoaderService:
             # good; the plugins imported next stay collectable (kernel/collector.py)
             collector.acquire()
             stack.push_async_callback(collector.release)
-        if settings.build_cpu_share < 1:
-            pacing.install()
+        # (even unpaced: a build thread the loader gave up on stops at its next route)
+        pacing.install()
         if settings.lazy_validators and lazy.install():
             stack.callback(lazy.uninstall)
         stack.push_async_callback(loader.shutdown)

@@ -8,8 +8,11 @@ answers to requests) and the admin API read.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+import types
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["ACTOR", "LoaderState"]
 
 log = logging.getLogger("xcore.loader")
+
+#: Unloaded generations watched for leaks at most (the oldest are forgotten).
+MAX_RETIRED = 1000
 
 #: The actor of the loader's own events (its reactions to requests carry the request's ids).
 ACTOR = "loader"
@@ -67,6 +73,11 @@ class LoaderState:
         self.paused: set[str] = set()
         #: What the loader is doing under its lock, and since when (monotonic).
         self.busy: tuple[str, float] | None = None
+        #: Unloaded generations: (plugin, generation, full collections at unload, a weak
+        #: reference to its run module); one still alive after a full collection is held
+        #: by something (a shared module's global, a thread, a cache): it never frees.
+        self.retired: list[tuple[str, int, int, list[weakref.ref[Any]]]] = []
+        self._leaks_logged: set[tuple[str, int]] = set()
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         """``/health``'s ``loader`` check: failing while a plugin thread is stuck."""
@@ -81,12 +92,56 @@ class LoaderState:
             "reloads_paused": sorted(self.paused),
             "gc": collector.stats(),
         }
+        leaked = self.leaked_generations()
+        if leaked:
+            details["leaked_generations"] = leaked
         if stuck:
             details["error"] = (
                 "plugin code outlived its timeout and keeps running in a thread that cannot "
                 "be stopped; restart the server to end it"
             )
         return not stuck, details
+
+    def retire(self, gen: Generation) -> None:
+        """``gen`` was unloaded: watch whether its objects are freed (weakly).
+
+        One function or class defined at the top of each of its modules stands for the
+        module: anything of it kept (the module, a function, an instance of a class, the
+        router) reaches its globals, so keeps that sentinel alive.
+        """
+        refs = []
+        for module in {id(m): m for m in [gen.imported.run, *gen.modules.values()]}.values():
+            for value in list(vars(module).values()):
+                if (
+                    isinstance(value, (type, types.FunctionType))
+                    and getattr(value, "__module__", None) == module.__name__
+                ):
+                    refs.append(weakref.ref(value))
+                    break
+        full = gc.get_stats()[2]["collections"]
+        self.retired.append((gen.name, gen.generation, full, refs))
+        del self.retired[:-MAX_RETIRED]
+
+    def leaked_generations(self) -> dict[str, list[int]]:
+        """Unloaded generations still alive after a full collection, per plugin (each
+        logged once, naming the plugin: its memory is never given back)."""
+        full = gc.get_stats()[2]["collections"]
+        self.retired = [r for r in self.retired if any(ref() is not None for ref in r[3])]
+        out: dict[str, list[int]] = {}
+        for name, generation, at, _ in self.retired:
+            if full <= at:
+                continue  # not yet looked at by a full collection
+            out.setdefault(name, []).append(generation)
+            if (name, generation) not in self._leaks_logged:
+                self._leaks_logged.add((name, generation))
+                log.warning(
+                    "plugin %r generation %d was unloaded but is still alive after a full "
+                    "collection: something holds a reference to it (a global of a shared "
+                    "module, a thread, a cache, an exception); its memory is never freed",
+                    name,
+                    generation,
+                )
+        return out
 
     async def record(
         self, event: Event, *, cause: Recorded | None = None, stream: str | None = None

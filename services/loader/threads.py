@@ -3,14 +3,18 @@
 Guarantee: a plugin's sync code (its import, a sync hook, a sync event handler) never
 runs on the event loop and never holds the loader up for longer than its timeout. When
 the timeout expires the caller gets :class:`ThreadTimeout` at once; the thread cannot
-be killed (Python has no way to stop a thread), so it is recorded in
+be killed (Python has no way to stop a thread) but is marked abandoned: its next route or
+validator declared raises ``kernel.pacing.Abandoned`` in it (an import declaring routes
+in an endless loop stops there); until it ends it is recorded in
 :attr:`PluginThreads.stuck` — shown in ``/health`` and ``/admin/plugins`` — until it ends
 on its own or the process restarts.
 
 Mechanism: each call gets its own daemon thread (not the loop's default executor, whose
 few workers a handful of endless plugins would exhaust for the whole process); the
 thread hands its result back with ``call_soon_threadsafe``; ``asyncio.timeout`` bounds
-the wait. Time the thread spends paused by kernel/pacing.py (leaving the event loop its
+the wait. A ``BaseException`` the plugin's code raises (``SystemExit``, ``KeyboardInterrupt``,
+``CancelledError``) reaches the caller as :class:`PluginAborted`, an ordinary exception:
+re-raised on the event loop it would stop the server. Time the thread spends paused by kernel/pacing.py (leaving the event loop its
 share while a generation is built) does not count: the deadline moves by it.
 """
 
@@ -28,15 +32,36 @@ from typing import Any, TypeVar
 
 from kernel import pacing
 
-__all__ = ["PluginThreads", "StuckThread", "ThreadTimeout"]
+__all__ = ["PluginAborted", "PluginThreads", "StuckThread", "ThreadTimeout"]
 
 T = TypeVar("T")
 
 _ids = itertools.count(1)
 
 
+#: Seconds a call given up on gets to stop at its next unit of build work (kernel/pacing.py).
+ABANDON_GRACE = 1.0
+
+
 class ThreadTimeout(Exception):
     """The call did not finish within its timeout; its thread may still be running."""
+
+
+class PluginAborted(Exception):
+    """The plugin's code raised a ``BaseException`` that is not an ``Exception``
+    (``KeyboardInterrupt``, ``SystemExit``, ``CancelledError``, its own class).
+
+    Raised in its thread (or by its coroutine when nothing cancelled the caller), it is the plugin's failure, never the process's interrupt, exit
+    or the caller's cancellation: it reaches the caller as this ordinary exception, with
+    the original as ``__cause__`` and its traceback (so the plugin's file and line are
+    named).
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        shown = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        super().__init__(f"{shown} (raised by the plugin's code: its failure, the server goes on)")
+        self.__cause__ = exc
+        self.__traceback__ = exc.__traceback__
 
 
 @dataclass
@@ -104,8 +129,10 @@ class PluginThreads:
             pacing.account(paused)
             try:
                 result = ctx.run(fn, *args)
-            except BaseException as exc:  # handed to the caller, never lost
+            except Exception as exc:  # handed to the caller, never lost
                 outcome: tuple[bool, Any] = (False, exc)
+            except BaseException as exc:  # not the process's: an interrupt goes to the main thread
+                outcome = (False, PluginAborted(exc))
             else:
                 outcome = (True, result)
             finally:
@@ -134,6 +161,14 @@ class PluginThreads:
                 assert deadline is not None
                 if loop.time() < deadline + paused.paused:
                     continue  # the thread was paused meanwhile: its deadline moved
+            paused.abandoned = True  # its next route or validator stops it (pacing)
+            # its late outcome is nobody's (the caller gets ThreadTimeout): read, not logged
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            # a moment for it to stop there, so that it is not still running (importlib
+            # cleaning up sys.modules) while the caller restores the previous generation
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ABANDON_GRACE):
+                    await asyncio.wait([future])
             with self._lock:
                 if not state["done"]:
                     self._stuck[ident] = StuckThread(
