@@ -39,6 +39,7 @@ from kernel.events import Event, NewEvent, Recorded
 from kernel.store.base import ANY, StreamWrite
 from services.scheduler.events import TaskStarted
 from services.scheduler.specs import CompiledTask
+from services.scheduler.stepbatch import StepBatches
 from services.scheduler.triggers import AfterTrigger, IntervalTrigger
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def _decide(
 _Queued = tuple[str, list[NewEvent], str, str | None, asyncio.Future[list[Recorded]]]
 
 
-class Claims:
+class Claims(StepBatches[_Queued]):
     """Sends the claims made in one loop step to the store together (module docstring).
 
     :meth:`claim` queues a claim and answers it once the batch holding it is decided;
@@ -134,13 +135,12 @@ class Claims:
     run woken at the same instant joins it.
     """
 
+    task_name = "xcore-scheduler-claims"
+
     def __init__(self, kernel: Kernel) -> None:
+        super().__init__()
         self.kernel = kernel
-        self._queued: list[_Queued] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self._idlers: list[asyncio.Future[None]] = []
-        #: batches sent (for tests and the benchmark's notes)
-        self.batches = 0
 
     @property
     def busy(self) -> bool:
@@ -169,30 +169,11 @@ class Claims:
     ) -> asyncio.Future[list[Recorded]]:
         """Queue the claim of ``events`` (their ``TaskStarted`` keyed ``key``): the
         future is the stored records, or ClaimLost, or the store's error."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Recorded]] = loop.create_future()
-        if not self._queued:
-            loop.call_soon(self._send)
-        self._queued.append(
+        future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
+        self._enqueue(
             (stream, _items(self.kernel, events, key, cause), key, _run_id(events), future)
         )
         return future
-
-    async def drain(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` seconds) for the batches queued or being written."""
-        if self._queued:
-            self._send()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
-
-    def _send(self) -> None:
-        batch, self._queued = self._queued, []
-        if not batch:
-            return
-        self.batches += 1
-        task = asyncio.create_task(self._append(batch), name="xcore-scheduler-claims")
-        self._tasks.add(task)
-        task.add_done_callback(self._sent)
 
     async def _append(self, batch: list[_Queued]) -> None:
         kernel = self.kernel

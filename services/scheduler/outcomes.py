@@ -22,6 +22,7 @@ from kernel.errors import StoreError
 from kernel.events import Event, NewEvent, Recorded
 from kernel.store.base import StreamWrite
 from services.scheduler.claim import Claims
+from services.scheduler.stepbatch import StepBatches
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -37,44 +38,24 @@ YIELD_TO_STARTS = 0.1
 _Queued = tuple[str, list[NewEvent], "asyncio.Future[list[Recorded]]"]
 
 
-class Outcomes:
+class Outcomes(StepBatches[_Queued]):
     """Queues outcome events and appends those of one loop step together."""
 
+    task_name = "xcore-scheduler-outcomes"
+
     def __init__(self, kernel: Kernel, claims: Claims) -> None:
+        super().__init__()
         self.kernel = kernel
         self.claims = claims
-        self._queued: list[_Queued] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        #: batches sent (for tests)
-        self.batches = 0
 
     def record(self, stream: str, events: list[Event]) -> asyncio.Future[list[Recorded]]:
         """Queue ``events`` for ``stream``; the future is their stored records, or the
         store's refusal of them."""
         kernel = self.kernel
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Recorded]] = loop.create_future()
+        future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         items = [NewEvent.of(e, kernel._meta("scheduler", None), explicit_id=False) for e in events]
-        if not self._queued:
-            loop.call_soon(self._send)
-        self._queued.append((stream, items, future))
+        self._enqueue((stream, items, future))
         return future
-
-    async def drain(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` seconds) for the batches queued or being written."""
-        if self._queued:
-            self._send()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
-
-    def _send(self) -> None:
-        batch, self._queued = self._queued, []
-        if not batch:
-            return
-        self.batches += 1
-        task = asyncio.create_task(self._append(batch), name="xcore-scheduler-outcomes")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _append(self, batch: list[_Queued]) -> None:
         try:
