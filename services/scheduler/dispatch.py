@@ -59,7 +59,9 @@ class Dispatcher:
         )
         self._dependents: dict[str, set[str]] = {}
         # timers fire the runner's lead ahead of due times, the lead as it is then
-        self._timer = TimerQueue(lead=lambda: self.runner.lead)
+        # the claims of one instant's runs go in one batch, however many slices the
+        # timer takes to fire them
+        self._timer = TimerQueue(lead=lambda: self.runner.lead, hold=lambda: self.runner.claims)
         self.runner.lead_grew = self._timer.lead_changed
         self._stopping = False
         #: ``coalesce="all"`` runs at most this many missed due times (the setting).

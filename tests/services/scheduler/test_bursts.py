@@ -47,6 +47,63 @@ async def test_runs_due_at_one_instant_claim_and_record_in_one_store_call_each(
     assert len(ran) == N
 
 
+async def test_the_claims_of_one_instant_are_one_batch_however_many_slices_fire_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the timer serves the loop after every callback: the runs' claims are queued over
+    # N loop steps, and still go to the store in one append_many (the timer holds the
+    # claims' batch while it fires one instant)
+    monkeypatch.setattr(TimerQueue, "slice", 0.0)
+    kernel, service = make_kernel(tmp_path, max_concurrency=N)
+
+    async def work() -> None:
+        pass
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(N)])
+        runner = service._runner
+        assert runner.claims is not None
+        claims0 = runner.claims.batches
+        await wait_events(kernel, "TaskSucceeded", N)
+        assert runner.claims.batches - claims0 == 1
+
+
+async def test_held_batches_are_sent_at_the_release_and_by_drain(tmp_path: Path) -> None:
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        runner = service._runner
+        claims = runner.claims
+        assert claims is not None
+        now = time.time()
+
+        def start(i: int) -> asyncio.Future[Any]:
+            return claims.claim(
+                stream_of(f"p.h{i}"),
+                [TaskStarted(task=f"p.h{i}", run_id=f"r{i}", scheduled_for=now, attempt=1)],
+                f"{i:032d}",
+                None,
+            )
+
+        claims.hold()
+        first = start(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not first.done() and claims.batches == 0  # held: nothing sent
+        claims.release()
+        with anyio.fail_after(30):
+            await first
+        assert claims.batches == 1
+        claims.hold()
+        second = start(1)
+        with anyio.fail_after(30):
+            await claims.drain(timeout=30)  # a stop writes what is held
+        assert second.done() and claims.batches == 2
+        claims.release()
+        with pytest.raises(RuntimeError):
+            claims.release()
+
+
 async def test_outcomes_wait_for_the_starts_being_claimed(tmp_path: Path) -> None:
     kernel, service = make_kernel(tmp_path)
     async with kernel:
