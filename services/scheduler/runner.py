@@ -279,6 +279,12 @@ class Runner:
             await kernel.append(events, stream=stream_of(tid), actor="scheduler", cause=cause)
 
     @property
+    def way(self) -> float:
+        """The learnt way from a timer to a durable start (seconds; the lead is twice
+        it plus a margin, at most ``max_lead``)."""
+        return min(self._append_peak, self.lead)
+
+    @property
     def max_lead(self) -> float:
         """The most the lead may be (seconds; the ``max_lead_ms`` setting)."""
         return self._max_lead

@@ -96,13 +96,16 @@ class TimerQueue:
         if self._early_heap:
             self._poke()
 
-    def next_time(self) -> float | None:
-        """The earliest armed time (an entry cancelled since may answer: it is a hint)."""
+    def next_time(self, slack: float = 0.0) -> float | None:
+        """The earliest armed time (an entry cancelled since may answer: it is a hint).
+
+        ``slack``: how much later than its lead an early entry may fire and still be on
+        time (see ``Dispatcher.next_deadline``)."""
         times = []
         if self._heap:
             times.append(self._heap[0][0])
         if self._early_heap:
-            times.append(self._early_heap[0] - self._lead())
+            times.append(self._early_heap[0] - self._lead() + slack)
         return min(times) if times else None
 
     def when(self, key: str) -> float | None:

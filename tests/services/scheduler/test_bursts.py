@@ -171,7 +171,7 @@ async def test_the_lead_starts_at_its_maximum(tmp_path: Path) -> None:
 async def test_a_short_interval_fires_at_most_half_a_period_ahead(tmp_path: Path) -> None:
     # with the lead (25 ms) ahead of a 20 ms interval, the next run's timer would fire
     # before the run before it reached its instant, and find it in progress
-    kernel, service = make_kernel(tmp_path)
+    kernel, service = make_kernel(tmp_path, max_lead_ms=25)
 
     async def work() -> None:
         pass
@@ -286,3 +286,23 @@ async def test_a_failing_gc_tick_gives_collection_back_to_cpython(tmp_path: Path
                 await anyio.sleep(0.01)
         assert policy._young is None and gc.isenabled()
         del kept
+
+
+async def test_the_gc_gap_is_measured_to_when_the_way_to_the_starts_must_begin(
+    tmp_path: Path,
+) -> None:
+    # The lead is twice the learnt way plus a margin: a collection that ends before the
+    # instant less the way leaves the burst on time, even if it delays the timer. With
+    # bursts closer than lead + gap (every 100 ms, a 50 ms lead), gaps measured to the
+    # timer's firing time would never come, and CPython would collect in the bursts.
+    kernel, service = make_kernel(tmp_path, max_lead_ms=4000)
+    async with kernel:
+        runner, policy = service._runner, service._gc
+        assert runner.lead == pytest.approx(4.0) and runner.way < 2.0
+        instant = time.time() + 4.03  # fires in 30 ms (< the 50 ms gap)...
+        service._dispatch._timer.arm("probe", instant, lambda: None, early=True)
+        # ...but its way need not begin before instant - way (~2 s from now)
+        deadline = service._dispatch.next_deadline()
+        assert deadline == pytest.approx(instant - runner.way)
+        assert policy._gap()
+        service._dispatch._timer.cancel("probe")
