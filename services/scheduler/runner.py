@@ -453,9 +453,6 @@ class Runner:
                     else min(next_run, entry.catch_up),
                 )
             )
-            # what the code gets from current_task(), built while the start record is
-            # written (the commit runs in the store's thread), not after it
-            ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             t0 = time.perf_counter()
             cancelled = await self._write_start(tid, events, cause, key)
             if armed is not None and delay <= 0:
@@ -470,6 +467,7 @@ class Runner:
                 await self.slots.acquire(task.priority, scheduled_for)
                 acquired = True
                 t_slot = time.perf_counter()
+            ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
             # The start record was written a lead ahead: what happened to the task
             # since then decides what runs now (nothing awaits from here to the call).
