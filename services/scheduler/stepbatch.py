@@ -60,6 +60,11 @@ class StepBatches(Generic[T]):
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
+    def flush(self) -> None:
+        """Send what is queued one loop step from now (after the tasks already
+        scheduled to run), even while held."""
+        asyncio.get_running_loop().call_soon(self._send, True)
+
     def _send(self, force: bool = False) -> None:
         if self._holds and not force:
             return  # the release sends it

@@ -38,12 +38,17 @@ class TimerQueue:
 
     ``hold`` (optional) gives what the callbacks of one instant queue their work in (the
     runner's claims): it is held while the instant's callbacks run, over as many slices
-    as they take, so the runs of one instant still go to the store in one batch.
+    as they take (at most :attr:`hold_max` at a time), so the runs of one instant still
+    go to the store in one batch.
     """
 
     #: Callbacks due together run in slices of at most this long (seconds) between
     #: which the event loop serves other work.
     slice = 0.005
+    #: The claims of one instant are held at most this long (seconds) while its
+    #: callbacks run: a huge instant (10,000 runs due at once) sends its claims every
+    #: this often, so its first runs do not wait for the last one's callback.
+    hold_max = 0.02
 
     def __init__(
         self,
@@ -174,7 +179,7 @@ class TimerQueue:
                 if held is not None:
                     held.hold()
                 try:
-                    began = await self._fire(instant, callbacks, began)
+                    began = await self._fire(instant, callbacks, began, held)
                 finally:
                     if held is not None:
                         held.release()
@@ -195,10 +200,16 @@ class TimerQueue:
                 self._wake = None
 
     async def _fire(
-        self, instant: float | None, callbacks: list[tuple[str, Callback]], began: float
+        self,
+        instant: float | None,
+        callbacks: list[tuple[str, Callback]],
+        began: float,
+        held: _Holdable | None = None,
     ) -> float:
         """Call ``callbacks`` (those of ``instant``, or one exact entry) in slices of
-        :attr:`slice`; returns when the current slice began."""
+        :attr:`slice`, flushing ``held`` every :attr:`hold_max`; returns when the
+        current slice began."""
+        held_since = time.perf_counter()
         for key, callback in callbacks:
             if instant is not None:
                 # still armed for this instant (not cancelled, nor re-armed for it anew,
@@ -213,6 +224,9 @@ class TimerQueue:
             if time.perf_counter() - began > self.slice:
                 # Many callbacks due at once (a burst, a boot after downtime): let the
                 # loop serve others between slices, so HTTP is not stalled by them.
+                if held is not None and time.perf_counter() - held_since > self.hold_max:
+                    held.flush()  # what the callbacks so far queued goes now
+                    held_since = time.perf_counter()
                 await asyncio.sleep(0)
                 began = time.perf_counter()
         return began
@@ -221,6 +235,7 @@ class TimerQueue:
 class _Holdable(Protocol):
     def hold(self) -> None: ...
     def release(self) -> None: ...
+    def flush(self) -> None: ...
 
 
 def _done(fut: asyncio.Future[None]) -> None:

@@ -52,8 +52,9 @@ async def test_the_claims_of_one_instant_are_one_batch_however_many_slices_fire_
 ) -> None:
     # the timer serves the loop after every callback: the runs' claims are queued over
     # N loop steps, and still go to the store in one append_many (the timer holds the
-    # claims' batch while it fires one instant)
+    # claims' batch while it fires one instant, up to hold_max: here, whatever it takes)
     monkeypatch.setattr(TimerQueue, "slice", 0.0)
+    monkeypatch.setattr(TimerQueue, "hold_max", 60.0)
     kernel, service = make_kernel(tmp_path, max_concurrency=N)
 
     async def work() -> None:
@@ -67,6 +68,30 @@ async def test_the_claims_of_one_instant_are_one_batch_however_many_slices_fire_
         claims0 = runner.claims.batches
         await wait_events(kernel, "TaskSucceeded", N)
         assert runner.claims.batches - claims0 == 1
+
+
+async def test_a_huge_instant_sends_its_claims_every_hold_max(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a hold bounded by hold_max: with 0 (flush at every slice) the runs of one
+    # instant claim in several batches, so the first runs of 10,000 due at once do not
+    # wait for the last one's callback
+    monkeypatch.setattr(TimerQueue, "slice", 0.0)
+    monkeypatch.setattr(TimerQueue, "hold_max", 0.0)
+    kernel, service = make_kernel(tmp_path, max_concurrency=N)
+
+    async def work() -> None:
+        pass
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(N)])
+        runner = service._runner
+        assert runner.claims is not None
+        claims0 = runner.claims.batches
+        await wait_events(kernel, "TaskSucceeded", N)
+        assert runner.claims.batches - claims0 > 1
+        assert len(await kernel.read(types=["TaskStarted"])) == N  # each run once
 
 
 async def test_held_batches_are_sent_at_the_release_and_by_drain(tmp_path: Path) -> None:
