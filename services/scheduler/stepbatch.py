@@ -51,7 +51,9 @@ class StepBatches(Generic[T]):
             raise RuntimeError("StepBatches.release() without a hold")
         self._holds -= 1
         if not self._holds and self._queued:
-            asyncio.get_running_loop().call_soon(self._send)
+            # forced: a hold taken again meanwhile (the timer's next instant) does not
+            # keep this one's items back
+            asyncio.get_running_loop().call_soon(self._send, True)
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) for the batches queued or being written."""
