@@ -463,11 +463,13 @@ class Runner:
             started = True
             if cancelled:  # the log says the run started: it must say how it ended
                 raise asyncio.CancelledError
+            # built before the wait for a slot: a later wave of a burst (100 runs, 32
+            # slots) starts as soon as it has its slot, after the instant
+            ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             if not acquired:
                 await self.slots.acquire(task.priority, scheduled_for)
                 acquired = True
                 t_slot = time.perf_counter()
-            ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
             # The start record was written a lead ahead: what happened to the task
             # since then decides what runs now (nothing awaits from here to the call).
