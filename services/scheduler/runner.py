@@ -293,7 +293,7 @@ class Runner:
         # The lead follows the slow starts, not the mean: a start recorded late is a
         # late run, a start recorded a few ms early costs little (fsync times here
         # have a p50 of ~1.6 ms and a p99 of ~5 ms; a burst of 100 runs due at one
-        # instant takes ~10-15 ms from its timer to its commit). ``seconds`` is the
+        # instant takes 15-50 ms from its timer to its commit, loaded). ``seconds`` is the
         # way from the timer to the durable start when the run had a timer, else the
         # append alone. The peak halves in ~700 appends.
         self._append_peak = max(seconds, self._append_peak * 0.999)
