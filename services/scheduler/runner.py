@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -374,9 +375,29 @@ class Runner:
                 raise
             finally:
                 self._runs.pop(run_id, None)
+        elif (
+            entry.instances >= task.max_instances
+            and kind == "schedule"
+            and (ahead := start_at - time.time()) > 0
+        ):
+            # Fired a lead ahead of its instant: the run before it may still end in time.
+            # It is skipped only if that run is still in progress at its instant, as if
+            # its timer had fired then, whatever the lead (a 60 ms run every 100 ms is
+            # not skipped because the lead grew to 50 ms).
+            waited = True
+            self._runs[run_id] = (tid, task.plugin, task.generation, me)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ahead):
+                        await self._instance_turn(entry)
+            except asyncio.CancelledError:
+                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
+                raise
+            finally:
+                self._runs.pop(run_id, None)
         if entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
-        elif waited and entry.paused and kind in ("retry", "misfire"):
+        elif waited and entry.paused and kind in ("retry", "misfire", "schedule"):
             # paused while it waited for its turn: a paused task starts no timed run and
             # no retry (a run asked for by hand still runs)
             reason = f"paused: {kind} run dropped (the task was paused while it waited)"

@@ -331,3 +331,25 @@ async def test_the_gc_gap_is_measured_to_when_the_way_to_the_starts_must_begin(
         assert deadline == pytest.approx(instant - runner.way)
         assert policy._gap()
         service._dispatch._timer.cancel("probe")
+
+
+async def test_a_run_fired_a_lead_ahead_waits_for_the_run_before_it_until_its_instant(
+    tmp_path: Path,
+) -> None:
+    # A 2 s lead, every 3 s, runs of 1.5 s: the second run's timer fires (1 s after the
+    # first run's instant) while the first still runs, which ends 1 s before the second
+    # run's instant. It runs: max_instances skips a run only if the run before it is
+    # still in progress at its instant, whatever the lead.
+    kernel, service = make_kernel(tmp_path, max_lead_ms=2000)
+    starts: list[float] = []
+
+    async def slow() -> None:
+        starts.append(time.time())
+        await asyncio.sleep(1.5)
+
+    async with kernel:
+        service._runner._append_peak = 10.0  # the lead stays at its 2 s maximum
+        await service.register("p", [spec(slow, name="slow", every="3s", max_instances=1)])
+        await wait_events(kernel, "TaskSucceeded", 2, timeout=60)
+        assert await kernel.read(types=["TaskSkipped"]) == []
+        assert len(starts) >= 2 and starts[1] - starts[0] > 2.5
