@@ -360,6 +360,8 @@ class Runner:
         me = asyncio.current_task()
         assert me is not None
         waited = False
+        #: how long a run fired ahead waited for the run before it (not the way's)
+        turn_wait = 0.0
         if entry.instances >= task.max_instances and (
             kind in ("retry", "request") or (kind == "misfire" and not _waiting(entry))
         ):
@@ -386,6 +388,7 @@ class Runner:
             # not skipped because the lead grew to 50 ms).
             waited = True
             self._runs[run_id] = (tid, task.plugin, task.generation, me)
+            turn_wait = time.perf_counter()
             try:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(ahead):
@@ -395,6 +398,7 @@ class Runner:
                 raise
             finally:
                 self._runs.pop(run_id, None)
+                turn_wait = time.perf_counter() - turn_wait
         if entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
         elif waited and entry.paused and kind in ("retry", "misfire", "schedule"):
@@ -477,8 +481,9 @@ class Runner:
             t0 = time.perf_counter()
             cancelled = await self._write_start(tid, events, cause, key)
             if armed is not None and delay <= 0:
-                # a wait for a slot is the line's, not the way's (the lead cannot help)
-                self._note_append(time.time() - armed - queued)
+                # a wait for a slot (or for the run before it) is the line's, not the
+                # way's: the lead cannot help
+                self._note_append(time.time() - armed - queued - turn_wait)
             else:
                 self._note_append(time.perf_counter() - t0)
             started = True
