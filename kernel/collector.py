@@ -51,12 +51,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_DEFERRED", "MAX_DEFERRED_HELD", "SENTINEL", "Collector", "collector"]
+__all__ = ["MAX_DEFERRED", "MAX_DEFERRED_HELD", "MAX_FREED", "SENTINEL", "Collector", "collector"]
 
 log = logging.getLogger("xcore.gc")
 
@@ -66,6 +67,9 @@ MAX_DEFERRED = 4
 #: With an owner, the unloaded generations after which the build that ends collects
 #: anyway (reloads back to back leave the owner's task no gap).
 MAX_DEFERRED_HELD = 2 * MAX_DEFERRED
+#: Unloaded generations freed by refcounting (:meth:`Collector.note_freed`) whose small
+#: remains (module dicts, functions, classes: reference cycles) wait for one collection.
+MAX_FREED = 32
 #: The generation-2 threshold while deferred or owned (out of reach; recognisable).
 SENTINEL = 2_000_000_011
 _DEFAULT_THRESHOLD_2 = 10
@@ -89,6 +93,9 @@ class Collector:
         self.active = 0
         #: Generations unloaded since the last full collection (of any source).
         self.unloaded_since_full = 0
+        #: Of the generations unloaded since then, those freed by refcounting (their
+        #: remains alone call for no collection before :data:`MAX_FREED`).
+        self.freed_since_full = 0
         #: Full collections the collector ran itself.
         self.collections = 0
         #: Full collections run at the end of a build without an owner (MAX_DEFERRED).
@@ -107,10 +114,8 @@ class Collector:
         self._task: asyncio.Task[None] | None = None
         self._collecting = False
         self._owner_defers = False
-        #: Objects in the oldest generation after our last full collection.
-        self._long_lived = 0
-        self._old = 0
-        self._old_checked = 0.0
+        #: Memory blocks allocated after our last full collection (sys.getallocatedblocks).
+        self._blocks = 0
         #: ``gc`` was enabled when the owner acquired it (then it stays enabled).
         self._enabled_at_acquire = True
         #: Someone else (a plugin) froze objects beyond the boot layer: our collections
@@ -140,7 +145,7 @@ class Collector:
             self._defer()
             self._owner_defers = True
             self._full_seen = gc.get_stats()[2]["collections"]
-            self._long_lived = len(gc.get_objects(2))
+            self._blocks = sys.getallocatedblocks()
             self._task = loop.create_task(self._run(), name="xcore-gc")
             self._task.add_done_callback(self._ended)
         log.debug("gc: %d boot objects frozen out of collections", self.boot_frozen)
@@ -221,6 +226,16 @@ class Collector:
             self._sync()
             self.unloaded_since_full += 1
 
+    def note_freed(self) -> None:
+        """An unloaded generation's bulk was freed by refcounting (services/router/
+        dismantle.py): what it left for a collection is small, so it no longer calls for
+        one of its own; :data:`MAX_FREED` of them do."""
+        with self._lock:
+            self._sync()
+            if self.unloaded_since_full > 0:
+                self.unloaded_since_full -= 1
+                self.freed_since_full += 1
+
     # -- state -------------------------------------------------------------------------
 
     def pending(self) -> bool:
@@ -237,6 +252,7 @@ class Collector:
             "frozen": gc.get_freeze_count(),
             "pending": self.pending(),
             "unloaded_since_full": self.unloaded_since_full,
+            "freed_since_full": self.freed_since_full,
             "collections": self.collections,
             "full_collections": gc.get_stats()[2]["collections"],
             "young_collections": gc.get_stats()[0]["collections"]
@@ -276,20 +292,24 @@ class Collector:
         if full != self._full_seen:
             self._full_seen = full
             self.unloaded_since_full = 0
+            self.freed_since_full = 0
 
     def _due(self) -> str | None:
         if self.unloaded_since_full:
             return "unloaded generations"
+        if self.freed_since_full >= MAX_FREED:
+            return "remains of freed generations"
         threshold = self._saved_threshold_2 or _DEFAULT_THRESHOLD_2
         if gc.get_count()[2] >= threshold:
-            # the interpreter's own rule: only once the objects that survived young
-            # collections since the last full one exceed a quarter of the old ones
-            # (counted at most once a second: a list of every old object)
-            now = time.monotonic()
-            if now - self._old_checked >= 1.0:
-                self._old_checked = now
-                self._old = len(gc.get_objects(2))
-            if self._old - self._long_lived > self._long_lived // 4:
+            # the interpreter's own rule: only once what survived young collections
+            # since the last full one grew the heap by more than a quarter, in allocated
+            # blocks (constant time; counting the old objects, gc.get_objects(2), held the
+            # loop 10-20 ms), and not within ``settle`` of a build: during a reload the
+            # heap holds both generations, the new one and the one about to be unloaded
+            # and freed by refcounting (services/router/dismantle.py)
+            if time.monotonic() < self._last_build_end + self.settle:
+                return None
+            if sys.getallocatedblocks() - self._blocks > self._blocks // 4:
                 return "young collections"
         return None
 
@@ -371,7 +391,7 @@ class Collector:
                     self._sync()
             waiting_since = None
             with self._lock:
-                self._long_lived = self._old = len(gc.get_objects(2))
+                self._blocks = sys.getallocatedblocks()
                 self.collections += 1
                 self.last_pause_ms = round(pause, 3)
                 self.max_pause_ms = max(self.max_pause_ms, pause)
