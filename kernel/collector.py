@@ -19,9 +19,16 @@ Mechanism (process-wide: the collector is global):
   (:data:`SENTINEL`); young collections go on (they are short). The collector runs
   ``gc.collect(2)`` itself, from a task of the owner's event loop (checked every
   :attr:`Collector.tick` seconds), when (a) a generation was unloaded
-  (:meth:`note_unloaded`), once no build has run for :attr:`Collector.settle` seconds,
-  or (b) the interpreter would have run one: ``gc.get_count()[2]`` (young-generation
-  collections since the last full one) reached the saved threshold. Both wait, at most
+  (:meth:`note_unloaded`) and not freed by refcounting, once no build has run for
+  :attr:`Collector.settle` seconds; (b) generations were unloaded and freed by
+  refcounting (:meth:`note_freed`: the router took their apps apart,
+  services/router/dismantle.py), whose small remains — module dicts, functions,
+  classes — wait :attr:`Collector.remains_delay` seconds without a build, or until
+  :data:`MAX_FREED` of them add up: a burst of reloads no longer sets off a collection
+  that walks every live object (30-60 ms) right behind it; or (c) the interpreter would
+  have run one: ``gc.get_count()[2]`` (young-generation collections since the last full
+  one) reached the saved threshold and the heap grew by a quarter since our last
+  collection (allocated blocks, not within ``settle`` of a build). All wait, at most
   :attr:`Collector.max_wait` seconds, for no build to be active and every registered gap
   check (:meth:`add_gap_check`: the scheduler's next timer at least 50 ms away) to agree.
 - *Builds.* :meth:`build_started` / :meth:`build_ended` bracket a build (the loader's
@@ -84,6 +91,9 @@ class Collector:
     tick = 0.1
     #: A collection waits at most this long for a gap (then runs anyway).
     max_wait = 10.0
+    #: Seconds without a build before the remains of generations freed by refcounting
+    #: are collected (:meth:`note_freed`; sooner once :data:`MAX_FREED` add up).
+    remains_delay = 10.0
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -242,7 +252,9 @@ class Collector:
         """A collection of ours is due (or running)."""
         with self._lock:
             self._sync()
-            return self.held and (self._collecting or self._due() is not None)
+            # (the remains of freed generations wait for their delay: still pending)
+            due = self._due() is not None or self.freed_since_full > 0
+            return self.held and (self._collecting or due)
 
     def stats(self) -> dict[str, Any]:
         counts = gc.get_count()
@@ -297,7 +309,10 @@ class Collector:
     def _due(self) -> str | None:
         if self.unloaded_since_full:
             return "unloaded generations"
-        if self.freed_since_full >= MAX_FREED:
+        if self.freed_since_full and (
+            self.freed_since_full >= MAX_FREED
+            or time.monotonic() - self._last_build_end >= self.remains_delay
+        ):
             return "remains of freed generations"
         threshold = self._saved_threshold_2 or _DEFAULT_THRESHOLD_2
         if gc.get_count()[2] >= threshold:
