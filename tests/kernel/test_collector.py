@@ -6,6 +6,7 @@ when the owner releases it."""
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -164,3 +165,16 @@ async def test_reloads_back_to_back_still_collect_every_few_unloads(fresh: Colle
         assert fresh.forced == 1 and fresh.unloaded_since_full == 0
     finally:
         await fresh.release()
+
+
+def test_the_heap_rule_waits_for_the_settle_after_a_build(fresh: Collector) -> None:
+    """The interpreter's rule (young collections, a heap grown by a quarter) is not
+    applied within ``settle`` of a build: a reload's heap holds both generations until
+    the old one is freed by refcounting, and a collection then would free nothing."""
+    for _ in range(12):
+        gc.collect(1)  # each counts as a young collection towards a full one
+    fresh._blocks = 1  # the heap grew by far more than a quarter since "our last"
+    fresh._last_build_end = time.monotonic()
+    assert fresh._due() is None
+    fresh._last_build_end = time.monotonic() - fresh.settle - 0.01
+    assert fresh._due() == "young collections"
