@@ -173,6 +173,7 @@ class Lifecycle(LoaderState):
             self.settings.build_switch_interval_ms,
             self.settings.defer_full_gc,
             1.0 if self.booting else self.settings.build_cpu_share,
+            self.settings.build_yield_ms,
         )
 
     async def discard(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:

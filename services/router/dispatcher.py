@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kernel import pacing
 from kernel.logging import plugin_var, request_id_var
 from services.router.stats import PluginStats, RouteStats
 
@@ -268,9 +269,15 @@ async def serve(
     """Run ``app`` for a request under ``mount``: access check, request id, counting."""
     flight = mount.in_flight
     flight.count += 1
+    http = scope["type"] == "http"
+    if http:  # build threads wait for it (kernel/pacing.py; a websocket would hold them)
+        pacing.serving += 1
     try:
         await _serve(mount, app, scope, receive, send, observe=observe, auth=auth)
     finally:
+        if http:
+            pacing.serving -= 1
+            pacing.request_ended()
         flight.leave()
 
 
