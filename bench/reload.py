@@ -210,9 +210,10 @@ def _wrk_p99(url: str, seconds: float) -> tuple[float, float]:
 #: The fixed-rate neighbour is offered this share of the rate wrk's saturated closed
 #: loop reached in the same run's first quiet phase.
 RATE_SHARE = 0.5
-#: Connections of the fixed-rate load (enough that a request never waits for a free one
-#: while the server keeps up: at 1,000 req/s and 2 ms per request, 2 are busy).
-RATE_CONNECTIONS = 32
+#: Connections of the fixed-rate load: requests go on leaving on schedule through a stall
+#: of up to connections / rate (160 ms at 800 req/s); a longer one holds the rest back,
+#: which the rate check then refuses.
+RATE_CONNECTIONS = 128
 #: A fixed-rate phase whose achieved rate misses the offered one by more than this is
 #: refused (the generator, or a server that could not keep up, measured nothing valid).
 RATE_TOLERANCE = 0.05

@@ -65,7 +65,7 @@ class Dismantler:
     def retire(self, mount: Mount) -> None:
         """``mount`` was withdrawn: take its app apart once its requests have ended."""
         app = mount.app
-        if not isinstance(app, FastAPI) or mount.entry is not app.router:
+        if not mount.owned or not isinstance(app, FastAPI):
             return  # an app the mounter did not build (a sandbox proxy): not ours
         self.pending += 1
         label = f"plugin {mount.plugin!r} generation {mount.generation}"

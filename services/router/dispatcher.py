@@ -123,6 +123,9 @@ class Mount:
     policy: Policy | None = None
     #: Its requests being served (shared by the copies ``dataclasses.replace`` makes).
     in_flight: InFlight = field(default_factory=lambda: InFlight())
+    #: ``app`` was built by the mounter (mounts.py) and is taken apart once withdrawn
+    #: (dismantle.py); False for an app served as it is (a sandbox proxy).
+    owned: bool = False
 
 
 class Table:

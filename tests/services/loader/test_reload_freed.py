@@ -126,3 +126,41 @@ def test_freed_generations_call_for_no_collection_of_their_own() -> None:
     assert c._due() == "remains of freed generations"
     c.note_freed()  # a late word about an unload a collection already covered: ignored
     assert c.unloaded_since_full == 0
+
+
+LIFESPAN = """
+    from contextlib import asynccontextmanager
+    from fastapi import APIRouter, Request
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield {"greeting": "hi"}
+
+    router = APIRouter(lifespan=lifespan)
+
+    @router.get("/hello")
+    async def hello(request: Request):
+        return {"greeting": request.state.greeting}
+    """
+
+
+async def test_a_router_with_lifespan_state_is_freed_too(
+    harness_factory: Any, plugins: Path
+) -> None:
+    """The mount of a router whose lifespan yields state is wrapped (``with_state``);
+    it is still the mounter's own app, taken apart once withdrawn."""
+    write_plugin(plugins, "life", router=LIFESPAN)
+    h = await harness_factory()
+    router: Any = h.kernel.services["router"]
+    with anyio.fail_after(60):
+        assert (await h.client.get("/app/life/hello")).json() == {"greeting": "hi"}
+        gen = h.loader.loaded["life"]
+        served = weakref.ref(router._mounts[("life", gen.generation)].app.router.routes[-1])
+        del gen
+        freed = router.dismantler.freed
+        r = await h.client.post("/admin/plugins/life/reload", headers=AUTH)
+        assert r.status_code == 200, r.text
+        while router.dismantler.freed == freed:
+            await anyio.sleep(0.01)
+        assert served() is None
+        assert (await h.client.get("/app/life/hello")).json() == {"greeting": "hi"}
