@@ -24,7 +24,10 @@ plugin's access policy (``services/router/access.py``) before any plugin code ru
 (2) gives the request an id — the client's ``X-Request-ID`` when it is a sane token,
 else a new one — echoed in the response and carried by every log line the plugin
 writes while serving it (``kernel.logging.request_id_var``), and (3) counts it by
-route template, method and status class with its latency (``stats.py``).
+route template, method and status class with its latency (``stats.py``), and (4)
+counts it in flight on its mount (:class:`InFlight`: a withdrawn generation is taken
+apart once its last request ends, ``dismantle.py``) and, for HTTP, in
+``kernel.pacing.serving`` (build threads wait for it).
 """
 
 from __future__ import annotations
@@ -89,7 +92,10 @@ class InFlight:
         self.count -= 1
         if self.count == 0 and self._on_idle is not None:
             callback, self._on_idle = self._on_idle, None
-            callback()
+            try:
+                callback()
+            except Exception:  # never the failure of the request that ended last
+                log.exception("the work waiting for a withdrawn mount's last request failed")
 
     def when_idle(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` now if no request is in flight, else when the last one ends."""
