@@ -222,7 +222,9 @@ class Collector:
                 # without an owner every MAX_DEFERRED unloads; with one, only when
                 # reloads never leave it a gap (a tight loop): memory stays bounded
                 bound = MAX_DEFERRED_HELD if self.held else MAX_DEFERRED
-                collect = self.unloaded_since_full >= bound
+                collect = (
+                    self.unloaded_since_full >= bound or self.freed_since_full >= 2 * MAX_FREED
+                )
         if collect:
             with self._lock:
                 self._collect() if self.held else gc.collect()
