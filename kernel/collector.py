@@ -36,7 +36,8 @@ Mechanism (process-wide: the collector is global):
   build outside a running kernel) the interpreter's policy is only deferred during the
   build, and one full collection runs itself once :data:`MAX_DEFERRED` generations were
   unloaded since the last; with an owner, reloads back to back that never leave its
-  task a gap make the build that ends collect after :data:`MAX_DEFERRED_HELD`.
+  task a gap make the build that ends collect after :data:`MAX_DEFERRED_HELD` unloaded
+  generations, or 2 x :data:`MAX_FREED` freed ones.
 - *Plugins that play with gc.* While held, ``gc`` is the collector's: if a plugin (or
   anyone) disabled it, its task enables it again (logged; not during a projection fold,
   which pauses it on purpose, nor if it was disabled when acquired); if objects were
