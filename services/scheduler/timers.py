@@ -49,6 +49,12 @@ class TimerQueue:
     #: callbacks run: a huge instant (10,000 runs due at once) sends its claims every
     #: this often, so its first runs do not wait for the last one's callback.
     hold_max = 0.02
+    #: The sleeper wakes at least this often (seconds) to read the wall clock again: due
+    #: times are wall-clock instants but the loop sleeps on the monotonic clock, so a
+    #: wall clock stepped forward (an NTP correction, a VM or laptop resumed from
+    #: suspend, which the monotonic clock does not count) would otherwise leave every
+    #: due run late by the step, until the sleep computed before it ends.
+    max_sleep = 1.0
 
     def __init__(
         self,
@@ -191,7 +197,8 @@ class TimerQueue:
             handle = None
             self._target = self.next_time()
             if self._target is not None:
-                handle = loop.call_at(loop.time() + (self._target - time.time()), _done, wake)
+                delay = min(self._target - time.time(), self.max_sleep)
+                handle = loop.call_at(loop.time() + delay, _done, wake)
             try:
                 await wake
             finally:
