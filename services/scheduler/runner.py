@@ -399,7 +399,11 @@ class Runner:
             finally:
                 self._runs.pop(run_id, None)
                 turn_wait = time.perf_counter() - turn_wait
-        if entry.instances >= task.max_instances:
+        if entry.removed:
+            # unscheduled while the run waited for its turn (or before it began): it
+            # claims nothing, no start record after the task's TaskUnscheduled
+            reason = "unscheduled: the task was unscheduled before the run started"
+        elif entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
         elif waited and entry.paused and kind in ("retry", "misfire", "schedule"):
             # paused while it waited for its turn: a paused task starts no timed run and
