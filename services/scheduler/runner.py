@@ -399,6 +399,26 @@ class Runner:
             finally:
                 self._runs.pop(run_id, None)
                 turn_wait = time.perf_counter() - turn_wait
+        if (
+            kind == "schedule"
+            and task.depends_on
+            and self._blocked(task) is not None
+            and (ahead := start_at - time.time()) > 0
+        ):
+            # Fired a lead ahead of its instant while its dependencies do not allow it:
+            # they are judged at its instant, not at the lead (a dependency may finish
+            # in between), so the run waits for its instant before it decides.
+            waited = True
+            self._runs[run_id] = (tid, task.plugin, task.generation, me)
+            began = time.perf_counter()
+            try:
+                await asyncio.sleep(ahead)
+            except asyncio.CancelledError:
+                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
+                raise
+            finally:
+                self._runs.pop(run_id, None)
+                turn_wait += time.perf_counter() - began
         if entry.removed:
             # unscheduled while the run waited for its turn (or before it began): it
             # claims nothing, no start record after the task's TaskUnscheduled
