@@ -88,6 +88,9 @@ class TaskEntry:
     #: they count against ``max_instances`` until the thread returns
     lingering: set[str] = field(default_factory=set)
 
+    #: run id -> when its code starts (claimed a lead ahead: maybe still to come), of
+    #: the runs in ``active``
+    due: dict[str, float] = field(default_factory=dict)
     #: run ids whose next attempt is pending (a failed attempt will be retried)
     retrying: set[str] = field(default_factory=set)
     #: runs waiting for an instance (retries, catch-up and requested runs), in order
@@ -110,6 +113,15 @@ class TaskEntry:
     def instances(self) -> int:
         """Runs of this task whose code has not returned yet."""
         return len(self.active) + len(self.lingering)
+
+    def state_at(self, now: float) -> str | None:
+        """:attr:`state` as a dependency sees it at ``now``: a run claimed ahead of an
+        instant still to come is not running yet (its task is as its last run left it)."""
+        if self.lingering or any(self.due.get(r, 0.0) <= now for r in self.active):
+            return "running"
+        if self.retrying:
+            return "retrying"
+        return self.last_outcome
 
     @property
     def state(self) -> str | None:
@@ -399,15 +411,11 @@ class Runner:
             finally:
                 self._runs.pop(run_id, None)
                 turn_wait = time.perf_counter() - turn_wait
-        if (
-            kind == "schedule"
-            and task.depends_on
-            and self._blocked(task) is not None
-            and (ahead := start_at - time.time()) > 0
-        ):
-            # Fired a lead ahead of its instant while its dependencies do not allow it:
-            # they are judged at its instant, not at the lead (a dependency may finish
-            # in between), so the run waits for its instant before it decides.
+        if kind == "schedule" and task.depends_on and (ahead := start_at - time.time()) > 0:
+            # Fired a lead ahead of its instant: its dependencies are judged at its
+            # instant, not at the lead (a dependency may finish, or start, in between;
+            # the leads of two schedules differ), so the run waits for its instant
+            # before it decides (and claims).
             waited = True
             self._runs[run_id] = (tid, task.plugin, task.generation, me)
             began = time.perf_counter()
@@ -449,6 +457,7 @@ class Runner:
             return
         entry.retrying.discard(run_id)
         entry.active[run_id] = me
+        entry.due[run_id] = start_at
         self._runs[run_id] = (tid, task.plugin, task.generation, me)
         acquired = started = finished = interrupted = False
         #: the worker thread's future of a sync run: the slot is its until it ends
@@ -594,6 +603,7 @@ class Runner:
             if _busy(thread):
                 self._linger(entry, run_id, thread[0])
             entry.active.pop(run_id, None)
+            entry.due.pop(run_id, None)
             self._runs.pop(run_id, None)
             _next_turn(entry)
         if lost:
