@@ -88,9 +88,9 @@ class TaskEntry:
     #: they count against ``max_instances`` until the thread returns
     lingering: set[str] = field(default_factory=set)
 
-    #: run id -> when its code starts (claimed a lead ahead: maybe still to come), of
-    #: the runs in ``active``
-    due: dict[str, float] = field(default_factory=dict)
+    #: run id -> (when its code starts: claimed a lead ahead, maybe still to come; its
+    #: kind), of the runs in ``active``
+    due: dict[str, tuple[float, str]] = field(default_factory=dict)
     #: run ids whose next attempt is pending (a failed attempt will be retried)
     retrying: set[str] = field(default_factory=set)
     #: runs waiting for an instance (retries, catch-up and requested runs), in order
@@ -117,9 +117,15 @@ class TaskEntry:
     def state_at(self, now: float) -> str | None:
         """:attr:`state` as a dependency sees it at ``now``: a run claimed ahead of an
         instant still to come is not running yet (its task is as its last run left it)."""
-        if self.lingering or any(self.due.get(r, 0.0) <= now for r in self.active):
+        if self.lingering:
             return "running"
-        if self.retrying:
+        retry_ahead = False
+        for run_id in self.active:
+            at, kind = self.due.get(run_id, (0.0, ""))
+            if at <= now:
+                return "running"
+            retry_ahead = retry_ahead or kind == "retry"  # its last attempt failed
+        if self.retrying or retry_ahead:
             return "retrying"
         return self.last_outcome
 
@@ -457,7 +463,7 @@ class Runner:
             return
         entry.retrying.discard(run_id)
         entry.active[run_id] = me
-        entry.due[run_id] = start_at
+        entry.due[run_id] = (start_at, kind)
         self._runs[run_id] = (tid, task.plugin, task.generation, me)
         acquired = started = finished = interrupted = False
         #: the worker thread's future of a sync run: the slot is its until it ends
