@@ -32,9 +32,12 @@ from collections.abc import Collection, Iterable
 from itertools import chain
 from typing import Any, Final
 
+from kernel.store.sqlite_ids import IdRow, id_index_statements
+
 __all__ = [
     "INDEXED_UPTO",
     "INDEX_EVERY",
+    "MARK_SQL",
     "VERSIONS_CHUNK",
     "IndexRow",
     "index_statements",
@@ -51,15 +54,20 @@ _CHUNK: Final = 500
 #: The ``xcore_meta`` key of the mark.
 INDEXED_UPTO: Final = "indexed_upto"
 _MARK = f"(SELECT CAST(value AS INTEGER) FROM xcore_meta WHERE key = '{INDEXED_UPTO}')"
+#: The mark, as an SQL expression (NULL in a log that has none).
+MARK_SQL: Final = _MARK
 
 #: Index row: (stream, version, position).
 IndexRow = tuple[str, int, int]
 
 
-def index_statements(rows: Iterable[IndexRow], upto: int) -> list[tuple[str, tuple[Any, ...]]]:
-    """The statements writing ``rows`` to the index, sorted, and moving the mark to ``upto``."""
+def index_statements(
+    rows: Iterable[IndexRow], upto: int, ids: Iterable[IdRow] = ()
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements writing ``rows`` to the stream index and ``ids`` to the id index
+    (``sqlite_ids.py``: both share the mark), sorted, and moving the mark to ``upto``."""
     ordered = sorted(rows)
-    statements: list[tuple[str, tuple[Any, ...]]] = []
+    statements = id_index_statements(ids)
     for i in range(0, len(ordered), _CHUNK):
         chunk = ordered[i : i + _CHUNK]
         # OR IGNORE: a row an outside writer slipped into the log with a version already
@@ -135,8 +143,9 @@ VERSIONS_CHUNK: Final = _CHUNK
 
 
 def unindexed_sql() -> str:
-    """The statement listing the events after the mark, as index rows."""
+    """The statement listing the events after the mark: rows of (stream, version,
+    position, id), an index row and the event's id."""
     return (
-        "SELECT stream, version, position FROM events"
+        "SELECT stream, version, position, id FROM events"
         f" WHERE position > COALESCE({_MARK}, 0) ORDER BY position"
     )

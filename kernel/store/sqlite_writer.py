@@ -27,7 +27,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import orjson
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
 from kernel.store.base import ANY, StreamWrite, WriteResult, check_write, describe_expected
+from kernel.store.sqlite_ids import indexed_ids_sql
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
@@ -116,6 +117,18 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
+def _probe_ids(conn: sqlite3.Connection, ids: list[str]) -> None:
+    """Refuse ``ids`` (IntegrityError, as the ``UNIQUE`` index on ``events (id)`` of
+    format 2 did) when one is in the id index: a read of one hot leaf per id (ids drawn
+    by ``new_id`` are time-ordered), no page written. The unindexed end's ids are
+    checked in memory before (see ``sqlite_ids.py``)."""
+    found = conn.execute(indexed_ids_sql(len(ids)), ids).fetchone()
+    if found is not None:
+        raise sqlite3.IntegrityError(
+            f"UNIQUE constraint failed: events.id ({found[0]!r} is already in the log)"
+        )
+
+
 def _write(
     conn: sqlite3.Connection,
     rows: list[tuple[Any, ...]],
@@ -126,6 +139,7 @@ def _write(
     started = _perf_counter()
     for i in range(0, len(rows), _CHUNK):
         chunk = rows[i : i + _CHUNK]
+        _probe_ids(conn, [r[8] for r in chunk])
         flat = list(chain.from_iterable(chunk))
         # ``data`` and ``meta`` bound as bytearray, stored alike (a BLOB): the sqlite3
         # module binds int, float, str and bytearray directly but sends bytes through
@@ -152,6 +166,7 @@ class GroupCommitWriter:
         max_batch: int,
         *,
         unindexed: Sequence[IndexRow] = (),
+        unindexed_ids: Mapping[str, int] = {},
         index_every: int = INDEX_EVERY,
         inline_limit: float = 0.005,
     ) -> None:
@@ -167,6 +182,8 @@ class GroupCommitWriter:
         self.failure: str | None = None
         #: events after the stream index's mark, as index rows (see sqlite_streams.py)
         self.unindexed: list[IndexRow] = list(unindexed)
+        #: the ids of those events, to their positions (see sqlite_ids.py)
+        self.unindexed_ids: dict[str, int] = dict(unindexed_ids)
         self.index_every = index_every
         # A plain deque and one wake-up future: cheaper than asyncio.Queue's getters.
         self._queue: deque[_Op] = deque()
@@ -305,6 +322,8 @@ class GroupCommitWriter:
         if len(event.data) > INLINE_BYTES:
             return None  # too big to hold the loop for (see INLINE_BYTES)
         meta = event.meta
+        if meta.id in self.unindexed_ids:
+            return None  # refused: the batch path says so
         try:
             data = orjson.loads(event.data)
             if event.type in registry.versioned:
@@ -318,7 +337,13 @@ class GroupCommitWriter:
         row = (p, stream, v, event.type, event.schema, event.data, meta_json, now, meta.id)
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
-        statements = index_statements([*unindexed, (stream, v, p)], p) if flush else []
+        statements = (
+            index_statements(
+                [*unindexed, (stream, v, p)], p, [*self.unindexed_ids.items(), (meta.id, p)]
+            )
+            if flush
+            else []
+        )
         conn = self._conn._conn
         try:
             took = _write(conn, [row], statements)
@@ -335,11 +360,13 @@ class GroupCommitWriter:
         self.failure = None
         self.last = p
         self.versions[stream] = v
-        self.wal_pages += 2 + (len(unindexed) // 50 if flush else 0)
+        self.wal_pages += 1 + (len(unindexed) // 25 if flush else 0)
         if flush:
             self.unindexed = []
+            self.unindexed_ids = {}
         else:
             unindexed.append((stream, v, p))
+            self.unindexed_ids[meta.id] = p
         self._tail.push([row[:8]])
         if self.wal_pages >= self.checkpoint_pages:
             self._due()  # the writer task checkpoints, in the connection's thread
@@ -482,6 +509,10 @@ class GroupCommitWriter:
     ) -> None:
         """The batch through aiosqlite's public calls: a trip per statement."""
         if rows:
+            ids = [r[8] for r in rows]
+            taken = await self._conn.execute_fetchall(indexed_ids_sql(len(ids)), ids)
+            if taken:
+                raise sqlite3.IntegrityError(f"UNIQUE constraint failed: events.id {taken!r}")
             await self._conn.executemany(INSERT, rows)
         for sql, params in statements:
             await self._conn.execute(sql, params)
@@ -506,7 +537,9 @@ class GroupCommitWriter:
         if not self.unindexed:
             return
         try:
-            for sql, params in index_statements(self.unindexed, self.last):
+            for sql, params in index_statements(
+                self.unindexed, self.last, self.unindexed_ids.items()
+            ):
                 await self._conn.execute(sql, params)
             await self._conn.commit()
         except sqlite3.Error as exc:
@@ -520,6 +553,7 @@ class GroupCommitWriter:
             )
             return
         self.unindexed = []
+        self.unindexed_ids = {}
 
     async def _stream_version(self, stream: str) -> int:
         version = self.versions.get(stream)
@@ -542,16 +576,20 @@ class GroupCommitWriter:
             for stream in chunk:
                 self.versions[stream] = found.get(stream, 0)
 
-    async def _existing_ids(self, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = await self._conn.execute_fetchall(
-                f"SELECT id FROM events WHERE id IN ({marks})", chunk
-            )
-            found.update(row[0] for row in rows)
+    async def _positions_of(self, ids: list[str]) -> dict[str, int]:
+        """The positions of those of ``ids`` already in the log: the unindexed end's
+        from memory, the others from the id index (one probe each)."""
+        held = self.unindexed_ids
+        found = {i: held[i] for i in ids if i in held}
+        rest = list({i: None for i in ids if i not in found})
+        for n in range(0, len(rest), 500):
+            chunk = rest[n : n + 500]
+            rows = await self._conn.execute_fetchall(indexed_ids_sql(len(chunk)), chunk)
+            found.update((str(row[0]), int(row[1])) for row in rows)
         return found
+
+    async def _existing_ids(self, ids: list[str]) -> set[str]:
+        return set(await self._positions_of(ids))
 
     async def _commit(self, batch: list[_Append | _Put]) -> None:
         conn = self._conn
@@ -559,6 +597,7 @@ class GroupCommitWriter:
         puts = [o for o in batch if type(o) is _Put]
         explicit = [e.meta.id for o in appends for e in o.events if e.explicit_id]
         existing = await self._existing_ids(explicit) if explicit else set()
+        held = self.unindexed_ids
         versions = self.versions
         unknown = list({o.stream: None for o in appends if o.stream not in versions})
         if len(unknown) > 1:
@@ -586,6 +625,9 @@ class GroupCommitWriter:
                 eid = meta.id
                 if eid in existing or eid in in_batch:
                     o.existing = [eid]
+                    continue
+                if eid in held:  # not explicit: a fresh id was expected
+                    failures.append((o, self._taken(stream, eid)))
                     continue
                 current = touched.get(stream)
                 if current is None:
@@ -635,6 +677,10 @@ class GroupCommitWriter:
             if not kept:
                 o.existing = [e.meta.id for e in events]
                 continue
+            taken = next((e.meta.id for e in kept if e.meta.id in held), None)
+            if taken is not None:  # not explicit (explicit ones are in ``existing``)
+                failures.append((o, self._taken(stream, taken)))
+                continue
             current = touched.get(stream)
             if current is None:
                 current = versions.get(stream)
@@ -675,7 +721,11 @@ class GroupCommitWriter:
             try:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
-                    statements += index_statements([*self.unindexed, *fresh_index], position)
+                    statements += index_statements(
+                        [*self.unindexed, *fresh_index],
+                        position,
+                        [*self.unindexed_ids.items(), *[(r[8], r[0]) for r in rows]],
+                    )
                 if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
                     await self._write_public(rows, statements)
                 elif len(batch) > 1:
@@ -719,13 +769,17 @@ class GroupCommitWriter:
         self.failure = None
         self.last = position
         self.versions.update(touched)
-        # pages this commit added to the WAL, about: a table leaf and an id index leaf
-        # at least, one more per ~12 rows of ~300 bytes, the stream index when flushed
-        self.wal_pages += 2 + len(rows) // 12 + (len(self.unindexed) // 50 if flush else 0)
+        # pages this commit added to the WAL, about: a table leaf at least, one more per
+        # ~12 rows of ~300 bytes, the stream and id indexes when flushed
+        self.wal_pages += 1 + len(rows) // 12 + (len(self.unindexed) // 25 if flush else 0)
         if flush:
             self.unindexed = []
+            self.unindexed_ids = {}
         else:
             self.unindexed.extend(fresh_index)
+            ids = self.unindexed_ids
+            for row in rows:
+                ids[row[8]] = row[0]
         if rows:
             # the stored row without its id (the INSERT lists recorded_at before id)
             self._tail.push([r[:8] for r in rows])
@@ -755,10 +809,7 @@ class GroupCommitWriter:
             disk = int(row[0] or 0) if row else 0
             if disk == self.last:
                 return False
-            unindexed = [
-                (str(r[0]), int(r[1]), int(r[2]))
-                for r in await self._conn.execute_fetchall(unindexed_sql())
-            ]
+            end = list(await self._conn.execute_fetchall(unindexed_sql()))
         except sqlite3.Error as exc:
             log.error("%s: could not reread the log's end: %r", self.path, exc)
             return False
@@ -772,7 +823,8 @@ class GroupCommitWriter:
         )
         self.last = disk
         self.versions.clear()
-        self.unindexed = unindexed
+        self.unindexed = [(str(r[0]), int(r[1]), int(r[2])) for r in end]
+        self.unindexed_ids = {str(r[3]): int(r[2]) for r in reversed(end)}
         # the tail holds only contiguous positions: readers read the log itself from now
         self._tail.reset(disk)
         self._tail.push(())
@@ -815,9 +867,22 @@ class GroupCommitWriter:
                     StoreError(f"{self.path}: {what} {verb}, nothing was written: {reason}")
                 )
 
-    async def _by_ids(self, ids: list[str]) -> list[Recorded]:
-        marks = ",".join("?" * len(ids))
-        rows = await self._conn.execute_fetchall(
-            f"SELECT {COLUMNS} FROM events WHERE id IN ({marks}) ORDER BY position", ids
+    def _taken(self, stream: str, eid: str) -> StoreError:
+        return StoreError(
+            f"{self.path}: append to stream {stream!r} refused, nothing was written: the "
+            f"event id {eid!r} is already in the log (given without marking it explicit?)"
         )
+
+    async def _by_ids(self, ids: list[str]) -> list[Recorded]:
+        positions = sorted(set((await self._positions_of(ids)).values()))
+        rows: list[Any] = []
+        for n in range(0, len(positions), 500):
+            chunk = positions[n : n + 500]
+            marks = ",".join("?" * len(chunk))
+            rows.extend(
+                await self._conn.execute_fetchall(
+                    f"SELECT {COLUMNS} FROM events WHERE position IN ({marks}) ORDER BY position",
+                    chunk,
+                )
+            )
         return Recorded.from_rows(rows)

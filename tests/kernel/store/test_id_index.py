@@ -1,0 +1,312 @@
+"""The SQLite log's lagged id index (format 3): one page per one-event commit, ids still
+stored once.
+
+Each test checks a mechanism of ``kernel/store/sqlite_ids.py``: no index on
+``events (id)`` (a lone commit writes one WAL frame), the id index written with the
+stream index's mark, the unindexed end's ids held in memory and reloaded at open, ids
+refused or recognised on both sides of the mark, an outside duplicate reported by
+``replay verify``, and format-2 logs read as they are and upgraded when written.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from kernel.errors import StoreError
+from kernel.events import Meta, NewEvent
+from kernel.store import SQLiteStore
+from kernel.store.sqlite import FORMAT
+from replay.source import open_log
+from replay.verify import verify
+
+pytestmark = pytest.mark.anyio
+
+
+def ev(i: int, id_: str | None = None) -> NewEvent:
+    if id_ is None:
+        return NewEvent("A", orjson.dumps({"i": i}), Meta())
+    return NewEvent("A", orjson.dumps({"i": i}), Meta(id=id_), explicit_id=True)
+
+
+def ids_index(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT id, position FROM ids_index").fetchall())
+    finally:
+        conn.close()
+
+
+def wal_frames(path: Path) -> int:
+    wal = Path(f"{path}-wal")
+    size = wal.stat().st_size if wal.exists() else 0
+    return max(0, (size - 32)) // (4096 + 24)
+
+
+async def test_a_one_event_commit_writes_one_page(tmp_path: Path) -> None:
+    """The events table has no secondary index: a lone append adds one frame (the
+    table's leaf) to the WAL, not two (with an id index leaf)."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(3):
+                await store.append([ev(i)], stream="s")
+            grown = []
+            for i in range(5):
+                before = wal_frames(path)
+                await store.append([ev(i)], stream="s")
+                grown.append(wal_frames(path) - before)
+            assert grown == [1] * 5
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                indexes = conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'"
+                ).fetchall()
+            finally:
+                conn.close()
+            assert indexes == []
+        finally:
+            await store.close()
+
+
+async def test_an_explicit_id_is_stored_once_on_either_side_of_the_mark(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=4)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            [a] = await store.append([ev(1, "id-a")], stream="s")
+            for i in range(4):  # crosses the bound: id-a goes to the index
+                await store.append([ev(i)], stream="t")
+            [b] = await store.append([ev(2, "id-b")], stream="s")
+            assert "id-a" in ids_index(path) and "id-b" not in ids_index(path)
+            assert store._writer is not None and "id-b" in store._writer.unindexed_ids
+            again = await store.append([ev(9, "id-a"), ev(9, "id-b")], stream="s")
+            assert [r.position for r in again] == [a.position, b.position]
+            [lone] = await store.append([ev(9, "id-b")], stream="other")
+            assert lone.position == b.position and lone.stream == "s"
+            assert await store.last_position() == 6
+        finally:
+            await store.close()
+        assert ids_index(path)["id-b"] == b.position  # a clean close indexes the end
+        store = SQLiteStore(path, index_every=4)
+        await store.open()
+        try:
+            [r] = await store.append([ev(9, "id-b")], stream="s")
+            assert r.position == b.position and await store.last_position() == 6
+        finally:
+            await store.close()
+
+
+async def test_an_id_reused_without_explicit_is_refused_on_either_side(tmp_path: Path) -> None:
+    """As the UNIQUE index of format 2 did: the unindexed end in memory, the index by a
+    probe; the caller is told, nothing is written, other appends go on."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=3)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            [old] = await store.append([ev(0)], stream="s")
+            for i in range(3):
+                await store.append([ev(i)], stream="s")
+            [new] = await store.append([ev(0)], stream="s")
+            assert old.meta.id in ids_index(path) and new.meta.id not in ids_index(path)
+            for taken in (old.meta.id, new.meta.id):
+                dup = NewEvent("A", b'{"i": -1}', Meta(id=taken))  # not explicit
+                with pytest.raises(StoreError, match="already in the log"):
+                    await store.append([dup], stream="d")
+                with pytest.raises(StoreError, match="already in the log"):
+                    await store.append([ev(5), dup], stream="d")
+            assert await store.last_position() == 5
+            assert await store.read(stream="d") == []
+        finally:
+            await store.close()
+
+
+async def test_the_unindexed_ids_are_reloaded_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, orjson
+        from kernel.events import Meta, NewEvent
+        from kernel.store import SQLiteStore
+
+        async def main():
+            store = SQLiteStore({str(path)!r}, index_every=10)
+            await store.open()
+            for i in range(13):
+                await store.append([NewEvent("A", orjson.dumps({{"i": i}}),
+                                    Meta(id="key-" + str(i)), explicit_id=True)], stream="s")
+            os._exit(0)  # no close: the last 3 events stay unindexed
+
+        asyncio.run(main())
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert sorted(ids_index(path)) == sorted(f"key-{i}" for i in range(10))
+    store = SQLiteStore(path, index_every=10, accept_log_loss=True)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            assert store._writer is not None
+            assert store._writer.unindexed_ids == {"key-10": 11, "key-11": 12, "key-12": 13}
+            got = await store.append([ev(0, "key-12"), ev(0, "key-3")], stream="x")
+            assert [(r.position, r.stream) for r in got] == [(4, "s"), (13, "s")]
+            dup = NewEvent("A", b"{}", Meta(id="key-11"))
+            with pytest.raises(StoreError, match="already in the log"):
+                await store.append([dup], stream="x")
+            assert await store.last_position() == 13
+        finally:
+            await store.close()
+
+
+async def test_an_outside_duplicate_id_in_the_unindexed_end_is_reported(tmp_path: Path) -> None:
+    """What no trigger can see cheaply (an id only in the unindexed end, reused by an
+    outside connection): stored, the writer goes on, the first position keeps the id,
+    and ``replay verify`` reports it by position."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            [a] = await store.append([ev(1, "key")], stream="s")
+            conn = sqlite3.connect(path)
+            try:
+                conn.execute("INSERT INTO events VALUES (2, 'z', 1, 'A', 1, '{}', '{}', 'key', 0)")
+                conn.commit()
+            finally:
+                conn.close()
+            [b] = await store.append([ev(2)], stream="s")
+            assert b.position == 3  # after the outside row (the writer resynced)
+            [again] = await store.append([ev(3, "key")], stream="s")
+            assert again.position == a.position
+        finally:
+            await store.close()  # indexes the end: the duplicate must not wedge it
+    assert ids_index(path)["key"] == a.position
+    with open_log(path) as log:
+        assert log.by_id("key") is not None and log.by_id("key").position == 1  # type: ignore[union-attr]
+        report = verify(log)
+    [ids] = [c for c in report.checks if c.name == "event ids unique"]
+    assert [(d.kind, d.position) for d in ids.defects] == [("id", 2)]
+    assert not report.ok
+
+
+async def test_the_id_index_is_append_only_against_outside_writers(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(60):
+        await store.open()
+        [a] = await store.append([ev(1, "key")], stream="s")
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        for sql in ("UPDATE ids_index SET position = 9", "DELETE FROM ids_index"):
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                conn.execute(sql)
+        conn.execute("INSERT OR REPLACE INTO ids_index VALUES ('key', 9)")  # skipped
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):  # indexed id
+            conn.execute("INSERT INTO events VALUES (2, 'z', 1, 'A', 1, '{}', '{}', 'key', 0)")
+        conn.commit()
+    finally:
+        conn.close()
+    assert ids_index(path) == {"key": a.position}
+
+
+FORMAT_2 = """
+CREATE TABLE xcore_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (
+    position INTEGER PRIMARY KEY, stream TEXT NOT NULL, version INTEGER NOT NULL,
+    type TEXT NOT NULL, schema INTEGER NOT NULL, data BLOB NOT NULL, meta BLOB NOT NULL,
+    id TEXT NOT NULL, recorded_at REAL NOT NULL
+);
+CREATE TABLE streams_index (stream TEXT NOT NULL, version INTEGER NOT NULL,
+    position INTEGER NOT NULL, PRIMARY KEY (stream, version)) WITHOUT ROWID;
+CREATE UNIQUE INDEX events_id ON events (id);
+CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+CREATE TRIGGER events_append_only_insert BEFORE INSERT ON events
+WHEN NEW.position <= (SELECT MAX(position) FROM events)
+  OR EXISTS (SELECT 1 FROM events WHERE id = NEW.id)
+  OR EXISTS (SELECT 1 FROM streams_index WHERE stream = NEW.stream AND version = NEW.version)
+BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
+CREATE TABLE checkpoints (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
+CREATE TABLE snapshots (name TEXT PRIMARY KEY, position INTEGER NOT NULL,
+    schema INTEGER NOT NULL, state BLOB NOT NULL);
+INSERT INTO xcore_meta VALUES ('format', '2');
+INSERT INTO xcore_meta VALUES ('indexed_upto', '20');
+"""
+
+
+def _format_2_log(path: Path, events: int) -> None:
+    """A format-2 log as that version left it after a crash: indexed up to 20."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(FORMAT_2)
+    for i in range(1, events + 1):
+        stream, version = f"s{i % 3}", (i + 2) // 3
+        conn.execute(
+            "INSERT INTO events VALUES (?, ?, ?, 'A', 1, ?, ?, ?, 0)",
+            (i, stream, version, orjson.dumps({"i": i}), Meta(id=f"k{i}").to_json(), f"k{i}"),
+        )
+        if i <= 20:
+            conn.execute("INSERT INTO streams_index VALUES (?, ?, ?)", (stream, version, i))
+    conn.commit()
+    conn.close()
+
+
+async def test_a_format_2_log_is_read_as_it_is_and_upgraded_when_written(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _format_2_log(path, 30)
+    with anyio.fail_after(60):
+        reader = SQLiteStore(path, readonly=True)
+        await reader.open()
+        try:
+            assert reader.format == 2
+            assert [r.position for r in await reader.read(stream="s1")] == list(range(1, 31, 3))
+            assert await reader.stream_version("s2") == 10
+        finally:
+            await reader.close()
+        with open_log(path) as log:  # replay reads it by id through its own index
+            assert log.by_id("k25") is not None and log.by_id("k25").position == 25  # type: ignore[union-attr]
+
+        store = SQLiteStore(path, accept_log_loss=True, allow_new_log=True, index_every=100)
+        await store.open()
+        try:
+            assert store.format == FORMAT == 3
+            assert store._writer is not None and store._writer.unindexed_ids == {}
+            got = await store.append([ev(0, "k5"), ev(0, "k25")], stream="x")
+            assert [r.position for r in got] == [5, 25]
+            with pytest.raises(StoreError, match="already in the log"):
+                await store.append([NewEvent("A", b"{}", Meta(id="k7"))], stream="x")
+            [r] = await store.append([ev(31)], stream="s1", expected_version=10)
+            assert (r.position, r.version) == (31, 11)
+            assert [r.position for r in await store.read(stream="s1")][-2:] == [28, 31]
+        finally:
+            await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
+        assert "events_id" not in names and "ids_index" in names
+        guard = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'events_append_only_insert'"
+        ).fetchone()[0]
+        assert "ids_index" in guard
+        assert conn.execute("SELECT COUNT(*) FROM ids_index").fetchone() == (31,)
+        assert conn.execute("SELECT COUNT(*) FROM streams_index").fetchone() == (31,)
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute("INSERT INTO events VALUES (40, 'q', 1, 'A', 1, '{}', '{}', 'k3', 0)")
+    finally:
+        conn.close()
+    with open_log(path) as log:
+        assert verify(log).ok
