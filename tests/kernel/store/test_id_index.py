@@ -122,12 +122,14 @@ async def test_an_id_reused_without_explicit_is_refused_on_either_side(tmp_path:
             assert old.meta.id in ids_index(path) and new.meta.id not in ids_index(path)
             for taken in (old.meta.id, new.meta.id):
                 dup = NewEvent("A", b'{"i": -1}', Meta(id=taken))  # not explicit
+                # to a stream the writer knows: the lone path, committed in the caller's task
                 with pytest.raises(StoreError, match="already in the log"):
-                    await store.append([dup], stream="d")
+                    await store.append([dup], stream="s")
                 with pytest.raises(StoreError, match="already in the log"):
                     await store.append([ev(5), dup], stream="d")
             assert await store.last_position() == 5
             assert await store.read(stream="d") == []
+            assert store._writer is not None and store._writer.inline_commits > 0
         finally:
             await store.close()
 
