@@ -10,6 +10,7 @@ refused or recognised on both sides of the mark, an outside duplicate reported b
 
 from __future__ import annotations
 
+import io
 import sqlite3
 import subprocess
 import sys
@@ -312,3 +313,33 @@ async def test_a_format_2_log_is_read_as_it_is_and_upgraded_when_written(tmp_pat
         conn.close()
     with open_log(path) as log:
         assert verify(log).ok
+
+
+async def test_a_copy_to_sqlite_is_indexed_batch_by_batch(tmp_path: Path) -> None:
+    """``xcore store copy`` writes each batch with its index rows and the mark: the copy
+    opens with nothing to reload, its ids and versions guarded as a kernel's log."""
+    from kernel.store.copy import copy_log
+
+    src, dst = tmp_path / "a.db", tmp_path / "b.db"
+    store = SQLiteStore(src)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(0, 50, 5):
+                await store.append([ev(j) for j in range(i, i + 5)], stream=f"s{i % 3}")
+            [keyed] = await store.append([ev(0, "key")], stream="k")
+        finally:
+            await store.close()
+        report = await copy_log(str(src), str(dst), batch=7, out=io.StringIO())
+        assert report.verified and report.copied == 51
+    assert len(ids_index(dst)) == 51
+    copy = SQLiteStore(dst)
+    with anyio.fail_after(60):
+        await copy.open()
+        try:
+            assert copy._writer is not None
+            assert copy._writer.unindexed == [] and copy._writer.unindexed_ids == {}
+            [again] = await copy.append([ev(1, "key")], stream="k")
+            assert again.position == keyed.position == 51
+        finally:
+            await copy.close()
