@@ -343,3 +343,31 @@ async def test_a_copy_to_sqlite_is_indexed_batch_by_batch(tmp_path: Path) -> Non
             assert again.position == keyed.position == 51
         finally:
             await copy.close()
+
+
+async def test_an_imported_slice_is_indexed_and_refuses_a_duplicate_id(tmp_path: Path) -> None:
+    from replay.errors import ReplayError
+    from replay.slices import export_slice, import_slice
+
+    src = tmp_path / "a.db"
+    store = SQLiteStore(src)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(5):
+                await store.append([ev(i, f"key-{i}")], stream="s")
+        finally:
+            await store.close()
+    jsonl = tmp_path / "slice.jsonl"
+    with open_log(src) as log, jsonl.open("w") as out:
+        export_slice(log, out)
+    assert import_slice(jsonl, tmp_path / "b.db") == 5
+    assert len(ids_index(tmp_path / "b.db")) == 5  # indexed whole: nothing to reload
+    lines = jsonl.read_text().splitlines()
+    twin = orjson.loads(lines[-1])
+    twin["position"] += 1
+    twin["version"] += 1
+    jsonl.write_text("\n".join([*lines, orjson.dumps(twin).decode()]) + "\n")
+    with pytest.raises(ReplayError, match="duplicate ids"):
+        import_slice(jsonl, tmp_path / "c.db")
+    assert not (tmp_path / "c.db").exists()
