@@ -10,6 +10,7 @@ refused or recognised on both sides of the mark, an outside duplicate reported b
 
 from __future__ import annotations
 
+import asyncio
 import io
 import sqlite3
 import subprocess
@@ -371,3 +372,42 @@ async def test_an_imported_slice_is_indexed_and_refuses_a_duplicate_id(tmp_path:
     with pytest.raises(ReplayError, match="duplicate ids"):
         import_slice(jsonl, tmp_path / "c.db")
     assert not (tmp_path / "c.db").exists()
+
+
+def wal_commits(path: Path) -> int:
+    """Transactions in the WAL: frames that end a commit (a database size in their
+    header), of the WAL's current generation (its salts)."""
+    data = Path(f"{path}-wal").read_bytes()
+    page = int.from_bytes(data[8:12], "big")
+    salts = data[16:24]
+    commits = 0
+    for at in range(32, len(data) - 24, page + 24):
+        if data[at + 8 : at + 16] != salts:
+            break
+        commits += int.from_bytes(data[at + 4 : at + 8], "big") != 0
+    return commits
+
+
+async def test_the_index_flush_rides_in_the_batch_transaction(tmp_path: Path) -> None:
+    """Writing both indexes and moving the mark adds no transaction (no fsync) of its
+    own: 10 lone appends over 3 flushes are 10 commits; a batch of 100 producers with
+    flushes inside is one commit per batch."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=4)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="s")
+            before = wal_commits(path)
+            for i in range(10):
+                await store.append([ev(i)], stream="s")
+            assert wal_commits(path) - before == 10
+            assert len(ids_index(path)) == 8  # flushed at 4 and 8 (+ the first event)
+            before = wal_commits(path)
+            await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(100)))
+            batches = wal_commits(path) - before
+            assert 1 <= batches < 100
+            assert store._writer is not None
+            assert len(ids_index(path)) + len(store._writer.unindexed_ids) == 111
+        finally:
+            await store.close()
