@@ -62,7 +62,15 @@ def id_index_statements(rows: Iterable[IdRow]) -> list[tuple[str, tuple[Any, ...
 def indexed_ids_sql(count: int) -> str:
     """The statement finding which of ``count`` ids are in the index: rows of (id,
     position)."""
-    return f"SELECT id, position FROM ids_index WHERE id IN ({','.join('?' * count)})"
+    sql = _LOOKUPS.get(count)
+    if sql is None:
+        sql = f"SELECT id, position FROM ids_index WHERE id IN ({','.join('?' * count)})"
+        if count <= _CHUNK:
+            _LOOKUPS[count] = sql
+    return sql
+
+
+_LOOKUPS: dict[int, str] = {}
 
 
 def lookup_sql(columns: str, count: int, mark: str) -> str:

@@ -139,7 +139,6 @@ def _write(
     started = _perf_counter()
     for i in range(0, len(rows), _CHUNK):
         chunk = rows[i : i + _CHUNK]
-        _probe_ids(conn, [r[8] for r in chunk])
         flat = list(chain.from_iterable(chunk))
         # ``data`` and ``meta`` bound as bytearray, stored alike (a BLOB): the sqlite3
         # module binds int, float, str and bytearray directly but sends bytes through
@@ -148,6 +147,8 @@ def _write(
         flat[5::9] = map(bytearray, flat[5::9])
         flat[6::9] = map(bytearray, flat[6::9])
         conn.execute(_insert_sql(len(chunk)), flat)
+        # in the transaction the insert opened (a read of the index it does not touch)
+        _probe_ids(conn, flat[8::9])
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
