@@ -41,6 +41,7 @@ from kernel.store.base import (
     check_write,
 )
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
+from kernel.store.sqlite_ids import bound_sql
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     INDEXED_UPTO,
@@ -324,6 +325,7 @@ class SQLiteStore:
         if self._write_conn is not None:
             try:
                 end = list(await self._write_conn.execute_fetchall(unindexed_sql()))
+                bound = list(await self._write_conn.execute_fetchall(bound_sql()))
             except BaseException:
                 self._open = False
                 await self._release()
@@ -337,6 +339,7 @@ class SQLiteStore:
                 unindexed=[(str(r[0]), int(r[1]), int(r[2])) for r in end],
                 # reversed: of an id an outside writer stored twice, the first counts
                 unindexed_ids={str(r[3]): int(r[2]) for r in reversed(end)},
+                ids_bound=str(bound[0][0]) if bound and bound[0][0] is not None else "",
                 index_every=self.index_every,
                 inline_limit=self.inline_limit,
             )

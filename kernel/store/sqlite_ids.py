@@ -18,6 +18,12 @@ restart. The mechanism (the stream index's, ``sqlite_streams.py``, with the same
   the index, sorted, in the transaction of the batch that moves the mark (every
   ``index_every`` events, with the stream index), so index, mark and log never disagree;
 - an explicit id is looked up in that dict, then in the index (one probe per id);
+- an id that is not explicit is refused when it is in that dict or in the index; the
+  index is probed only for an id that might be in it: the writer knows the greatest id
+  of 32 characters in the index (the bound, kept in ``xcore_meta`` at each flush), and
+  a fresh id (``new_id``: 32 hex digits, the time first) sorts after it — no probe. An
+  id of another length, or one at or below the bound (a clock set back, an id given by
+  the caller), is probed: one read of the index, in the batch's transaction;
 - at open, the writer reloads the unindexed end from the log; a clean close indexes it.
 
 The writer never stores an explicit id twice (it looks it up first) and ids it draws
@@ -35,12 +41,55 @@ from collections.abc import Iterable
 from itertools import chain
 from typing import Any, Final
 
-__all__ = ["IdRow", "id_index_statements", "indexed_ids_sql", "lookup_sql"]
+__all__ = [
+    "BOUND_KEY",
+    "FRESH_LENGTH",
+    "IdRow",
+    "bound_sql",
+    "bound_statement",
+    "id_index_statements",
+    "indexed_ids_sql",
+    "lookup_sql",
+    "raise_bound",
+]
 
 #: Rows per multi-row INSERT (2 parameters each).
 _CHUNK: Final = 500
 #: Index row: (id, position).
 IdRow = tuple[str, int]
+#: The length of the ids ``new_id`` draws (32 hex digits, time first).
+FRESH_LENGTH: Final = 32
+#: The ``xcore_meta`` key of the bound: no id of ``FRESH_LENGTH`` characters in the
+#: index sorts after it (a hint: the open reads the index above it, see ``bound_sql``).
+BOUND_KEY: Final = "ids_bound"
+
+
+def raise_bound(bound: str, ids: Iterable[str]) -> str:
+    """``bound`` raised to the greatest of ``ids`` of ``FRESH_LENGTH`` characters."""
+    for i in ids:
+        if len(i) == FRESH_LENGTH and i > bound:
+            bound = i
+    return bound
+
+
+def bound_sql() -> str:
+    """The statement finding the bound: the greatest indexed id of ``FRESH_LENGTH``
+    characters, read above the stored hint only (a seek, then the few ids above it;
+    the whole index once for a log whose hint is missing: upgraded, copied, imported)."""
+    hint = f"COALESCE((SELECT value FROM xcore_meta WHERE key = '{BOUND_KEY}'), '')"
+    return (
+        "SELECT COALESCE((SELECT MAX(id) FROM ids_index"
+        f" WHERE length(id) = {FRESH_LENGTH} AND id > {hint}), {hint})"
+    )
+
+
+def bound_statement(bound: str) -> tuple[str, tuple[Any, ...]]:
+    """The statement storing the bound (in a flush's transaction)."""
+    return (
+        "INSERT INTO xcore_meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (BOUND_KEY, bound),
+    )
 
 
 def id_index_statements(rows: Iterable[IdRow]) -> list[tuple[str, tuple[Any, ...]]]:

@@ -38,7 +38,7 @@ import orjson
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
 from kernel.store.base import ANY, StreamWrite, WriteResult, check_write, describe_expected
-from kernel.store.sqlite_ids import indexed_ids_sql
+from kernel.store.sqlite_ids import FRESH_LENGTH, bound_statement, indexed_ids_sql, raise_bound
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
@@ -133,9 +133,11 @@ def _write(
     conn: sqlite3.Connection,
     rows: list[tuple[Any, ...]],
     puts: list[tuple[str, tuple[Any, ...]]],
+    probe: Sequence[str] = (),
 ) -> float:
-    """Insert the batch and commit (in the connection's own thread, or inline in the
-    loop's); returns how long it took, in seconds."""
+    """Insert the batch, refuse it if one of the ids ``probe`` is in the id index, and
+    commit (in the connection's own thread, or inline in the loop's); returns how long
+    it took, in seconds."""
     started = _perf_counter()
     for i in range(0, len(rows), _CHUNK):
         chunk = rows[i : i + _CHUNK]
@@ -147,8 +149,9 @@ def _write(
         flat[5::9] = map(bytearray, flat[5::9])
         flat[6::9] = map(bytearray, flat[6::9])
         conn.execute(_insert_sql(len(chunk)), flat)
+    for i in range(0, len(probe), _CHUNK):
         # in the transaction the insert opened (a read of the index it does not touch)
-        _probe_ids(conn, flat[8::9])
+        _probe_ids(conn, list(probe[i : i + _CHUNK]))
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
@@ -168,6 +171,7 @@ class GroupCommitWriter:
         *,
         unindexed: Sequence[IndexRow] = (),
         unindexed_ids: Mapping[str, int] = {},
+        ids_bound: str = "",
         index_every: int = INDEX_EVERY,
         inline_limit: float = 0.005,
     ) -> None:
@@ -185,6 +189,8 @@ class GroupCommitWriter:
         self.unindexed: list[IndexRow] = list(unindexed)
         #: the ids of those events, to their positions (see sqlite_ids.py)
         self.unindexed_ids: dict[str, int] = dict(unindexed_ids)
+        #: no id of 32 characters in the id index sorts after it (see sqlite_ids.py)
+        self.ids_bound = ids_bound
         self.index_every = index_every
         # A plain deque and one wake-up future: cheaper than asyncio.Queue's getters.
         self._queue: deque[_Op] = deque()
@@ -338,16 +344,18 @@ class GroupCommitWriter:
         row = (p, stream, v, event.type, event.schema, event.data, meta_json, now, meta.id)
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
-        statements = (
-            index_statements(
-                [*unindexed, (stream, v, p)], p, [*self.unindexed_ids.items(), (meta.id, p)]
-            )
-            if flush
-            else []
-        )
+        eid = meta.id
+        probe = (eid,) if len(eid) != FRESH_LENGTH or eid <= self.ids_bound else ()
+        bound = self.ids_bound
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        if flush:
+            flushed = [*self.unindexed_ids.items(), (eid, p)]
+            bound = raise_bound(bound, [i for i, _ in flushed])
+            statements = index_statements([*unindexed, (stream, v, p)], p, flushed)
+            statements.append(bound_statement(bound))
         conn = self._conn._conn
         try:
-            took = _write(conn, [row], statements)
+            took = _write(conn, [row], statements, probe)
         except BaseException as exc:  # the batch path tries again and reports it
             try:
                 conn.rollback()  # nothing of it stays in an open transaction
@@ -365,9 +373,10 @@ class GroupCommitWriter:
         if flush:
             self.unindexed = []
             self.unindexed_ids = {}
+            self.ids_bound = bound
         else:
             unindexed.append((stream, v, p))
-            self.unindexed_ids[meta.id] = p
+            self.unindexed_ids[eid] = p
         self._tail.push([row[:8]])
         if self.wal_pages >= self.checkpoint_pages:
             self._due()  # the writer task checkpoints, in the connection's thread
@@ -506,14 +515,18 @@ class GroupCommitWriter:
                 return
 
     async def _write_public(  # pragma: no cover - an aiosqlite without its private runner
-        self, rows: list[tuple[Any, ...]], statements: list[tuple[str, tuple[Any, ...]]]
+        self,
+        rows: list[tuple[Any, ...]],
+        statements: list[tuple[str, tuple[Any, ...]]],
+        probe: list[str],
     ) -> None:
         """The batch through aiosqlite's public calls: a trip per statement."""
-        if rows:
-            ids = [r[8] for r in rows]
-            taken = await self._conn.execute_fetchall(indexed_ids_sql(len(ids)), ids)
+        for i in range(0, len(probe), 500):
+            chunk = probe[i : i + 500]
+            taken = await self._conn.execute_fetchall(indexed_ids_sql(len(chunk)), chunk)
             if taken:
                 raise sqlite3.IntegrityError(f"UNIQUE constraint failed: events.id {taken!r}")
+        if rows:
             await self._conn.executemany(INSERT, rows)
         for sql, params in statements:
             await self._conn.execute(sql, params)
@@ -537,10 +550,12 @@ class GroupCommitWriter:
         """At a clean stop, index the unindexed end (the next open has nothing to reload)."""
         if not self.unindexed:
             return
+        bound = raise_bound(self.ids_bound, self.unindexed_ids)
         try:
-            for sql, params in index_statements(
-                self.unindexed, self.last, self.unindexed_ids.items()
-            ):
+            for sql, params in [
+                *index_statements(self.unindexed, self.last, self.unindexed_ids.items()),
+                bound_statement(bound),
+            ]:
                 await self._conn.execute(sql, params)
             await self._conn.commit()
         except sqlite3.Error as exc:
@@ -555,6 +570,7 @@ class GroupCommitWriter:
             return
         self.unindexed = []
         self.unindexed_ids = {}
+        self.ids_bound = bound
 
     async def _stream_version(self, stream: str) -> int:
         version = self.versions.get(stream)
@@ -599,6 +615,8 @@ class GroupCommitWriter:
         explicit = [e.meta.id for o in appends for e in o.events if e.explicit_id]
         existing = await self._existing_ids(explicit) if explicit else set()
         held = self.unindexed_ids
+        bound = self.ids_bound
+        probe: list[str] = []  # ids the id index might hold (see sqlite_ids.py)
         versions = self.versions
         unknown = list({o.stream: None for o in appends if o.stream not in versions})
         if len(unknown) > 1:
@@ -662,6 +680,8 @@ class GroupCommitWriter:
                 r.timestamp = now
                 r._event = None
                 in_batch.add(eid)
+                if len(eid) != FRESH_LENGTH or eid <= bound:
+                    probe.append(eid)
                 position = p
                 touched[stream] = v
                 rows.append(row)
@@ -708,6 +728,7 @@ class GroupCommitWriter:
                 failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
                 continue
             in_batch.update(seen)
+            probe.extend([i for i in seen if len(i) != FRESH_LENGTH or i <= bound])
             position, touched[stream] = p, v
             rows.extend(op_rows)
             fresh_index.extend([(stream, r[2], r[0]) for r in op_rows])
@@ -717,33 +738,38 @@ class GroupCommitWriter:
             # a version the writer had in memory was stale: another process wrote
             await self._commit(batch)
             return
-        flush = len(self.unindexed) + len(fresh_index) >= self.index_every
+        # only with a transaction to ride in (a batch of repeats writes nothing)
+        flush = bool(rows or puts) and len(self.unindexed) + len(fresh_index) >= self.index_every
         if rows or puts:
             try:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
+                    flushed = [*self.unindexed_ids.items(), *[(r[8], r[0]) for r in rows]]
+                    bound = raise_bound(bound, [i for i, _ in flushed])
                     statements += index_statements(
-                        [*self.unindexed, *fresh_index],
-                        position,
-                        [*self.unindexed_ids.items(), *[(r[8], r[0]) for r in rows]],
+                        [*self.unindexed, *fresh_index], position, flushed
                     )
+                    statements.append(bound_statement(bound))
                 if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
-                    await self._write_public(rows, statements)
+                    await self._write_public(rows, statements, probe)
                 elif len(batch) > 1:
                     # one trip to the connection's thread for the whole transaction
-                    await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
+                    await conn._execute(_write, conn._conn, rows, statements, probe)  # type: ignore[no-untyped-call]
                 elif len(rows) > INLINE_EVENTS or sum([len(r[5]) for r in rows]) > INLINE_BYTES:
                     # too big to hold the loop for, and not counted in the average of
                     # lone commits: it speaks for small ones (see INLINE_EVENTS)
-                    await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
+                    await conn._execute(_write, conn._conn, rows, statements, probe)  # type: ignore[no-untyped-call]
                     self.thread_commits += 1
                 elif self._may_inline():
                     # a lone write with nothing else ready to run: commit here, saving
                     # the hop to the connection's thread and back (see _may_inline)
-                    self._timed(_write(conn._conn, rows, statements), True)
+                    self._timed(_write(conn._conn, rows, statements, probe), True)
                     self.inline_commits += 1
                 else:
-                    self._timed(await conn._execute(_write, conn._conn, rows, statements), False)  # type: ignore[no-untyped-call]
+                    self._timed(
+                        await conn._execute(_write, conn._conn, rows, statements, probe),  # type: ignore[no-untyped-call]
+                        False,
+                    )
                     self.thread_commits += 1
             except sqlite3.Error as exc:
                 await self._rollback(exc)
@@ -776,6 +802,7 @@ class GroupCommitWriter:
         if flush:
             self.unindexed = []
             self.unindexed_ids = {}
+            self.ids_bound = bound
         else:
             self.unindexed.extend(fresh_index)
             ids = self.unindexed_ids

@@ -411,3 +411,58 @@ async def test_the_index_flush_rides_in_the_batch_transaction(tmp_path: Path) ->
             assert len(ids_index(path)) + len(store._writer.unindexed_ids) == 111
         finally:
             await store.close()
+
+
+async def test_fresh_ids_skip_the_probe_and_others_are_probed_against_the_bound(
+    tmp_path: Path,
+) -> None:
+    """The index is probed only for an id that might be in it: a fresh id sorts after
+    the greatest 32-character id indexed (the bound); an id of another length, or one at
+    or below the bound, is probed and refused when indexed."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=3)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            [short] = await store.append([ev(0, "short-key")], stream="s")
+            [low] = await store.append([ev(0, "0" * 32)], stream="s")
+            await store.append([ev(0)], stream="s")  # flush: all three indexed
+            writer = store._writer
+            assert writer is not None and writer.unindexed_ids == {}
+            assert writer.ids_bound > "0" * 32 and len(writer.ids_bound) == 32
+            probes: list[str] = []
+            conn = store._write_conn
+            assert conn is not None
+            await conn.set_trace_callback(
+                lambda sql: probes.append(sql) if "FROM ids_index" in sql else None
+            )
+            for i in range(2):
+                await store.append([ev(i)], stream="s")
+            assert probes == []  # fresh ids: no read of the index
+            for taken in (short.meta.id, low.meta.id):
+                with pytest.raises(StoreError, match="already in the log"):
+                    await store.append([NewEvent("A", b"{}", Meta(id=taken))], stream="s")
+            assert probes
+            await conn.set_trace_callback(None)
+        finally:
+            await store.close()
+    # the bound is read from the index at open, the stored one a hint only: a wrong or
+    # missing hint cannot let an indexed id through
+    newest = max(ids_index(path), key=lambda i: (len(i) == 32, i))
+    for hint in ("", "0" * 32, None):
+        conn = sqlite3.connect(path)
+        if hint is None:
+            conn.execute("DELETE FROM xcore_meta WHERE key = 'ids_bound'")
+        else:
+            conn.execute("UPDATE xcore_meta SET value = ? WHERE key = 'ids_bound'", (hint,))
+        conn.commit()
+        conn.close()
+        store = SQLiteStore(path, index_every=3)
+        with anyio.fail_after(60):
+            await store.open()
+            try:
+                assert store._writer is not None and store._writer.ids_bound == newest
+                with pytest.raises(StoreError, match="already in the log"):
+                    await store.append([NewEvent("A", b"{}", Meta(id=newest))], stream="s")
+            finally:
+                await store.close()
