@@ -466,3 +466,39 @@ async def test_fresh_ids_skip_the_probe_and_others_are_probed_against_the_bound(
                     await store.append([NewEvent("A", b"{}", Meta(id=newest))], stream="s")
             finally:
                 await store.close()
+
+
+async def test_a_batch_with_nothing_to_write_keeps_the_unindexed_end(tmp_path: Path) -> None:
+    """A long unindexed end (reloaded after a crash, longer than ``index_every``) is
+    indexed by the next batch that writes; a batch of repeats only (nothing to write)
+    must not drop it from memory, or it would never be indexed."""
+    path = tmp_path / "log.db"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, orjson
+        from kernel.events import Meta, NewEvent
+        from kernel.store import SQLiteStore
+
+        async def main():
+            store = SQLiteStore({str(path)!r}, index_every=100)
+            await store.open()
+            for i in range(6):
+                await store.append([NewEvent("A", orjson.dumps({{"i": i}}),
+                                    Meta(id="key-" + str(i)), explicit_id=True)], stream="s")
+            os._exit(0)  # no close: nothing indexed
+
+        asyncio.run(main())
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    store = SQLiteStore(path, index_every=3, accept_log_loss=True)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            [again] = await store.append([ev(0, "key-1")], stream="s")  # writes nothing
+            assert again.position == 2
+            await store.append([ev(7)], stream="s")  # flushes the end with it
+            assert sorted(ids_index(path).values()) == list(range(1, 8))
+            assert [r.version for r in await store.read(stream="s")] == list(range(1, 8))
+        finally:
+            await store.close()
