@@ -629,7 +629,7 @@ class GroupCommitWriter:
         fresh_index: list[IndexRow] = []  # the rows' (stream, version, position)
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
-        in_batch: set[str] = set()
+        in_batch: dict[str, int] = {}  # the ids written, to their positions
         # records are built inline (no constructor call per event): the appender's copy
         # of each event, its payload decoded (which also checks it is JSON) and upcast
         new = Recorded.__new__
@@ -679,7 +679,7 @@ class GroupCommitWriter:
                 r._meta_raw = None
                 r.timestamp = now
                 r._event = None
-                in_batch.add(eid)
+                in_batch[eid] = p
                 if len(eid) != FRESH_LENGTH or eid <= bound:
                     probe.append(eid)
                 position = p
@@ -727,7 +727,7 @@ class GroupCommitWriter:
             except Exception as exc:
                 failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
                 continue
-            in_batch.update(seen)
+            in_batch.update([(r[8], r[0]) for r in op_rows])
             probe.extend([i for i in seen if len(i) != FRESH_LENGTH or i <= bound])
             position, touched[stream] = p, v
             rows.extend(op_rows)
@@ -744,7 +744,7 @@ class GroupCommitWriter:
             try:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
-                    flushed = [*self.unindexed_ids.items(), *[(r[8], r[0]) for r in rows]]
+                    flushed = [*self.unindexed_ids.items(), *in_batch.items()]
                     bound = raise_bound(bound, [i for i, _ in flushed])
                     statements += index_statements(
                         [*self.unindexed, *fresh_index], position, flushed
@@ -805,9 +805,7 @@ class GroupCommitWriter:
             self.ids_bound = bound
         else:
             self.unindexed.extend(fresh_index)
-            ids = self.unindexed_ids
-            for row in rows:
-                ids[row[8]] = row[0]
+            self.unindexed_ids.update(in_batch)
         if rows:
             # the stored row without its id (the INSERT lists recorded_at before id)
             self._tail.push([r[:8] for r in rows])
