@@ -13,7 +13,8 @@ any moment. The mechanism:
   ``(stream, version)``, holds every event up to the mark ``indexed_upto`` (in
   ``xcore_meta``);
 - the writer keeps the events after the mark in memory and, every ``index_every``
-  events, writes them sorted — in the transaction of the batch that crosses the bound,
+  events, writes them sorted (``flush_statements``: read back from the log's last
+  pages and sorted by SQLite) — in the transaction of the batch that crosses the bound,
   so the index and the mark never disagree with the log — and moves the mark. Sorted
   rows of one stream share a leaf: each leaf is written once per flush, not per batch;
 - a read by stream asks the index up to the mark and scans the short unindexed end
@@ -40,6 +41,7 @@ __all__ = [
     "MARK_SQL",
     "VERSIONS_CHUNK",
     "IndexRow",
+    "flush_statements",
     "index_statements",
     "read_stream_sql",
     "stream_version_sql",
@@ -84,6 +86,34 @@ def index_statements(
         )
     )
     return statements
+
+
+def flush_statements(upto: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements writing every event after the mark, up to ``upto``, to the stream
+    and id indexes, and moving the mark to ``upto`` — run in the transaction that wrote
+    those events (they are read back from the log: its last pages, in cache; SQLite
+    sorts the stream rows itself, no Python sort and no value bound per row)."""
+    after = f"position > COALESCE({_MARK}, 0) AND position <= ?"
+    return [
+        (
+            "INSERT OR IGNORE INTO streams_index (stream, version, position)"
+            f" SELECT stream, version, position FROM events WHERE {after}"
+            " ORDER BY stream, version",
+            (upto,),
+        ),
+        (
+            # in position order: of an id stored twice (by an outside writer), the
+            # first position is the one indexed (see sqlite_ids.py)
+            "INSERT OR IGNORE INTO ids_index (id, position)"
+            f" SELECT id, position FROM events WHERE {after} ORDER BY position",
+            (upto,),
+        ),
+        (
+            "INSERT INTO xcore_meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (INDEXED_UPTO, str(upto)),
+        ),
+    ]
 
 
 def read_stream_sql(

@@ -43,7 +43,7 @@ from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
     IndexRow,
-    index_statements,
+    flush_statements,
     stream_version_sql,
     stream_versions_sql,
     unindexed_sql,
@@ -349,9 +349,8 @@ class GroupCommitWriter:
         bound = self.ids_bound
         statements: list[tuple[str, tuple[Any, ...]]] = []
         if flush:
-            flushed = [*self.unindexed_ids.items(), (eid, p)]
-            bound = raise_bound(bound, [i for i, _ in flushed])
-            statements = index_statements([*unindexed, (stream, v, p)], p, flushed)
+            bound = raise_bound(bound, [*self.unindexed_ids, eid])
+            statements = flush_statements(p)
             statements.append(bound_statement(bound))
         conn = self._conn._conn
         try:
@@ -553,7 +552,7 @@ class GroupCommitWriter:
         bound = raise_bound(self.ids_bound, self.unindexed_ids)
         try:
             for sql, params in [
-                *index_statements(self.unindexed, self.last, self.unindexed_ids.items()),
+                *flush_statements(self.last),
                 bound_statement(bound),
             ]:
                 await self._conn.execute(sql, params)
@@ -744,11 +743,8 @@ class GroupCommitWriter:
             try:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
-                    flushed = [*self.unindexed_ids.items(), *in_batch.items()]
-                    bound = raise_bound(bound, [i for i, _ in flushed])
-                    statements += index_statements(
-                        [*self.unindexed, *fresh_index], position, flushed
-                    )
+                    bound = raise_bound(bound, [*self.unindexed_ids, *in_batch])
+                    statements += flush_statements(position)
                     statements.append(bound_statement(bound))
                 if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
                     await self._write_public(rows, statements, probe)
