@@ -345,6 +345,8 @@ class GroupCommitWriter:
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
         eid = meta.id
+        if type(eid) is not str:
+            return None  # refused: the batch path says so
         probe = (eid,) if len(eid) != FRESH_LENGTH or eid <= self.ids_bound else ()
         bound = self.ids_bound
         statements: list[tuple[str, tuple[Any, ...]]] = []
@@ -647,6 +649,9 @@ class GroupCommitWriter:
                 if eid in held:  # not explicit: a fresh id was expected
                     failures.append((o, self._taken(stream, eid)))
                     continue
+                if type(eid) is not str:
+                    failures.append((o, self._not_text(stream, eid)))
+                    continue
                 current = touched.get(stream)
                 if current is None:
                     current = versions.get(stream)
@@ -700,6 +705,10 @@ class GroupCommitWriter:
             taken = next((e.meta.id for e in kept if e.meta.id in held), None)
             if taken is not None:  # not explicit (explicit ones are in ``existing``)
                 failures.append((o, self._taken(stream, taken)))
+                continue
+            odd = next((e.meta.id for e in kept if type(e.meta.id) is not str), "")
+            if odd != "":
+                failures.append((o, self._not_text(stream, odd)))
                 continue
             current = touched.get(stream)
             if current is None:
@@ -888,6 +897,12 @@ class GroupCommitWriter:
                 op.future.set_exception(
                     StoreError(f"{self.path}: {what} {verb}, nothing was written: {reason}")
                 )
+
+    def _not_text(self, stream: str, eid: object) -> StoreError:
+        return StoreError(
+            f"{self.path}: append to stream {stream!r} refused, nothing was written: an "
+            f"event id must be text, not {eid!r}"
+        )
 
     def _taken(self, stream: str, eid: str) -> StoreError:
         return StoreError(

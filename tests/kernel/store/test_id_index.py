@@ -502,3 +502,27 @@ async def test_a_batch_with_nothing_to_write_keeps_the_unindexed_end(tmp_path: P
             assert [r.version for r in await store.read(stream="s")] == list(range(1, 8))
         finally:
             await store.close()
+
+
+async def test_an_id_that_is_not_text_fails_only_its_caller(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="x")  # a stream the writer knows: lone path
+            for odd in (None, 5):
+                alone, other, many = await asyncio.gather(
+                    store.append([NewEvent("A", b"{}", Meta(id=odd))], stream="x"),  # type: ignore[arg-type]
+                    store.append([ev(1)], stream="y"),
+                    store.append([ev(2), NewEvent("A", b"{}", Meta(id=odd))], stream="z"),  # type: ignore[arg-type]
+                    return_exceptions=True,
+                )
+                for bad in (alone, many):
+                    assert isinstance(bad, StoreError) and "must be text" in str(bad)
+                assert not isinstance(other, BaseException)
+                with pytest.raises(StoreError, match="must be text"):
+                    await store.append([NewEvent("A", b"{}", Meta(id=odd))], stream="x")  # type: ignore[arg-type]
+            assert await store.read(stream="z") == []
+            assert [r.stream for r in await store.read()] == ["x", "y", "y"]
+        finally:
+            await store.close()
