@@ -152,7 +152,10 @@ def verify(
     rebuild = Check("every projection rebuilds")
     snapshots = Check("saved snapshots equal a fresh rebuild")
     ids = Check("event ids unique")
-    checks = [positions, versions, ids, decoding, rebuild, snapshots]
+    indexes = Check("the log's indexes agree with its events")
+    checks = [positions, versions, ids, indexes, decoding, rebuild, snapshots]
+    for at, what in log.index_defects(MAX_LISTED):
+        indexes.defects.append(Defect("index", at, what))
     # an SQLite log indexes its ids lagged (kernel/store/sqlite_ids.py): an outside
     # writer's insert of an id already in the unindexed end is found here
     for event_id, earlier, again in log.duplicate_ids(MAX_LISTED):

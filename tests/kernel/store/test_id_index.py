@@ -526,3 +526,33 @@ async def test_an_id_that_is_not_text_fails_only_its_caller(tmp_path: Path) -> N
             assert [r.stream for r in await store.read()] == ["x", "y", "y"]
         finally:
             await store.close()
+
+
+async def test_verify_reports_an_index_that_disagrees_with_the_log(tmp_path: Path) -> None:
+    """The lagged indexes are the log's own tables: an outside writer can insert rows
+    into them (their triggers refuse updates and deletes only); ``verify`` checks each
+    row against the event it names, and each indexed event against its rows."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(4):
+                await store.append([ev(i)], stream="s")
+        finally:
+            await store.close()
+    with open_log(path) as log:
+        assert verify(log).ok
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("INSERT INTO ids_index VALUES ('forged', 2)")
+        conn.execute("INSERT INTO streams_index VALUES ('other', 1, 3)")
+        conn.execute("UPDATE xcore_meta SET value = '9' WHERE key = 'indexed_upto'")
+        conn.commit()
+    finally:
+        conn.close()
+    with open_log(path) as log:
+        report = verify(log)
+    [check] = [c for c in report.checks if c.name.startswith("the log's indexes")]
+    assert [(d.kind, d.position) for d in check.defects] == [("index", 2), ("index", 3)]
+    assert "forged" in check.defects[0].message and not report.ok
