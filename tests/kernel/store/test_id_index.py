@@ -283,6 +283,7 @@ async def test_a_format_2_log_is_read_as_it_is_and_upgraded_when_written(tmp_pat
             await reader.close()
         with open_log(path) as log:  # replay reads it by id through its own index
             assert log.by_id("k25") is not None and log.by_id("k25").position == 25  # type: ignore[union-attr]
+            assert verify(log).ok  # its stream index checked, no id index to check
 
         store = SQLiteStore(path, accept_log_loss=True, allow_new_log=True, index_every=100)
         await store.open()
