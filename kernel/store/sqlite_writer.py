@@ -91,6 +91,11 @@ INLINE_BYTES = 64 * 1024
 #: committing on the loop's thread would block the loop for the copy and its fsync,
 #: and count as a slow commit (see ``_may_inline``).
 CHECKPOINT_PAGES = 1000
+#: A caller appending in a loop, each append committed in its own task (``_lone``),
+#: yields to the event loop once it has held it this long (seconds), not after every
+#: append: a turn of the loop costs about as much Python as the rest of such an append,
+#: and other tasks, I/O and timers wait at most this long plus one commit.
+INLINE_HOLD = 0.001
 _perf_counter = time.perf_counter
 #: Errors of one write's own data (an id already stored, a value larger than SQLite's
 #: limit): the batch is retried one write at a time so only its caller gets them.
@@ -154,6 +159,7 @@ class GroupCommitWriter:
         unindexed: Sequence[IndexRow] = (),
         index_every: int = INDEX_EVERY,
         inline_limit: float = 0.005,
+        inline_hold: float = INLINE_HOLD,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -178,8 +184,16 @@ class GroupCommitWriter:
         self.inline_limit = inline_limit
         #: the running average of lone writes' commit times, in either thread (seconds)
         self.commit_average = 0.0
-        #: lone commits stay off the loop's thread until then (time.monotonic())
+        #: lone commits stay off the loop's thread until then (time.perf_counter())
         self._stalled = 0.0
+        #: when an append committed in its caller's task last yielded to the loop
+        #: (time.perf_counter(); see ``inline_hold``)
+        self._yielded_at = 0.0
+        #: when the last lone commit in the caller's task ended (time.perf_counter())
+        self._lone_ended = 0.0
+        #: seconds a caller appending in a loop, each append committed in its own task,
+        #: may hold the loop before an append yields to it once; 0 yields after each
+        self.inline_hold = inline_hold
         #: lone writes committed in the loop's thread, and in the connection's
         self.inline_commits = 0
         self.thread_commits = 0
@@ -200,14 +214,14 @@ class GroupCommitWriter:
         commits are fast again. ``inline_limit`` 0 turns it off."""
         if self.inline_limit <= 0 or self._ready is None or self._ready:
             return False
-        return self.commit_average <= self.inline_limit and time.monotonic() >= self._stalled
+        return self.commit_average <= self.inline_limit and _perf_counter() >= self._stalled
 
     def _timed(self, took: float, inline: bool) -> None:
         """Count a lone write's commit time into ``commit_average``; after a stall of
         the loop's thread, keep lone commits off it for ``_STALL_PAUSE`` seconds."""
         self.commit_average += (took - self.commit_average) * _EWMA_WEIGHT
         if inline and took > self.inline_limit / _EWMA_WEIGHT:
-            self._stalled = time.monotonic() + _STALL_PAUSE
+            self._stalled = _perf_counter() + _STALL_PAUSE
 
     @property
     def running(self) -> bool:
@@ -278,9 +292,12 @@ class GroupCommitWriter:
                 # the writer is idle and nothing else is ready to run: commit here
                 records = self._lone(stream, expected_version, events[0])
                 if records is not None:
-                    # let the loop run once (I/O, timers) before the caller goes on: a
-                    # caller appending in a loop must not hold it for good
-                    await asyncio.sleep(0)
+                    if self._lone_ended - self._yielded_at >= self.inline_hold:
+                        # let the loop run once (I/O, timers) before the caller goes on:
+                        # a caller appending in a loop holds it for at most about
+                        # ``inline_hold`` seconds (and one commit) at a time
+                        await asyncio.sleep(0)
+                        self._yielded_at = _perf_counter()
                     return records
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Append(stream, expected_version, events, future))
@@ -315,13 +332,23 @@ class GroupCommitWriter:
         p = self.last + 1
         v = current + 1
         now = time.time()
-        row = (p, stream, v, event.type, event.schema, event.data, meta_json, now, meta.id)
+        raw = event.data
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
-        statements = index_statements([*unindexed, (stream, v, p)], p) if flush else []
         conn = self._conn._conn
+        started = _perf_counter()
         try:
-            took = _write(conn, [row], statements)
+            if flush:
+                row = (p, stream, v, event.type, event.schema, raw, meta_json, now, meta.id)
+                _write(conn, [row], index_statements([*unindexed, (stream, v, p)], p))
+            else:
+                # the one-row case of _write, inline (data and meta bound as bytearray:
+                # see _write); the hot path of a lone producer
+                conn.execute(
+                    INSERT,
+                    (p, stream, v, event.type, event.schema, bytearray(raw), bytearray(meta_json), now, meta.id),
+                )
+                conn.commit()
         except BaseException as exc:  # the batch path tries again and reports it
             try:
                 conn.rollback()  # nothing of it stays in an open transaction
@@ -330,17 +357,23 @@ class GroupCommitWriter:
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt...: rolled back, and on its way
             return None
-        self._timed(took, True)
+        self._lone_ended = ended = _perf_counter()
+        took = ended - started
+        # _timed, inline
+        self.commit_average += (took - self.commit_average) * _EWMA_WEIGHT
+        if took > self.inline_limit / _EWMA_WEIGHT:
+            self._stalled = ended + _STALL_PAUSE
         self.inline_commits += 1
         self.failure = None
         self.last = p
         self.versions[stream] = v
-        self.wal_pages += 2 + (len(unindexed) // 50 if flush else 0)
         if flush:
+            self.wal_pages += 2 + len(unindexed) // 50
             self.unindexed = []
         else:
+            self.wal_pages += 2
             unindexed.append((stream, v, p))
-        self._tail.push([row[:8]])
+        self._tail.push_one((p, stream, v, event.type, event.schema, raw, meta_json, now))
         if self.wal_pages >= self.checkpoint_pages:
             self._due()  # the writer task checkpoints, in the connection's thread
         r = Recorded.__new__(Recorded)

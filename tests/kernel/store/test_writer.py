@@ -552,10 +552,11 @@ async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle
 
 
 async def test_a_caller_appending_in_a_loop_lets_the_loop_run(store: SQLiteStore) -> None:
-    """Each append committed in its caller's task yields to the loop once after its
-    commit: a task appending without pause does not starve timers and I/O. A timer due
-    at once has run by the time two such appends returned."""
+    """With ``inline_hold`` 0, each append committed in its caller's task yields to the
+    loop once after its commit: a timer due at once has run by the time two such
+    appends returned."""
     assert store._writer is not None
+    store._writer.inline_hold = 0.0
     with anyio.fail_after(30):
         await store.append([ev(0)], stream="s")
         loop = asyncio.get_running_loop()
@@ -566,6 +567,49 @@ async def test_a_caller_appending_in_a_loop_lets_the_loop_run(store: SQLiteStore
         assert store._writer.inline_commits == before + 1  # committed in this task
         await store.append([ev(2)], stream="s")
     assert ran == [1]
+
+
+async def test_appends_in_a_loop_yield_to_the_loop_once_per_hold_not_after_each(
+    store: SQLiteStore,
+) -> None:
+    """A turn of the loop costs about as much Python as the rest of a lone append: a
+    caller appending in a loop skips it while it has held the loop for less than
+    ``inline_hold`` seconds. A timer due at once has not run after 20 appends committed
+    in the caller's task with an hour of hold."""
+    assert store._writer is not None
+    with anyio.fail_after(30):
+        await store.append([ev(0)], stream="s")
+        store._writer.inline_hold = 3600.0
+        await store.append([ev(1)], stream="s")  # yields once: the hold starts after it
+        loop = asyncio.get_running_loop()
+        ran: list[int] = []
+        before = store._writer.inline_commits
+        loop.call_at(loop.time(), ran.append, 1)
+        for i in range(20):
+            await store.append([ev(i)], stream="s")
+        assert store._writer.inline_commits == before + 20  # all in this task
+        assert ran == []  # the loop never turned
+        store._writer.inline_hold = 0.0  # the next appends yield (the timer runs in
+        await store.append([ev(21)], stream="s")  # the turn after this one's)
+        await store.append([ev(22)], stream="s")
+    assert ran == [1]
+
+
+async def test_a_caller_appending_without_pause_still_lets_timers_run(store: SQLiteStore) -> None:
+    """With the default hold, a task appending in a loop without ever waiting on
+    anything else does not starve the loop: a timer due at once runs while it goes on
+    (each append committed in the task itself)."""
+    assert store._writer is not None
+    with anyio.fail_after(60):
+        await store.append([ev(0)], stream="s")
+        loop = asyncio.get_running_loop()
+        ran: list[int] = []
+        loop.call_at(loop.time(), ran.append, 1)
+        appended = 0
+        while not ran:
+            await store.append([ev(appended)], stream="s")
+            appended += 1
+    assert store._writer.inline_commits >= appended - 1
 
 
 async def test_a_lone_append_that_fills_the_disk_fails_alone_and_the_log_goes_on(
