@@ -97,6 +97,9 @@ CHECKPOINT_PAGES = 1000
 #: and other tasks, I/O and timers wait at most this long plus one commit.
 INLINE_HOLD = 0.001
 _perf_counter = time.perf_counter
+#: The writer connection's isolation level (sqlite.py opens it so): each transaction
+#: begins implicitly, BEGIN IMMEDIATE, before its first INSERT.
+_ISOLATION = "IMMEDIATE"
 #: Errors of one write's own data (an id already stored, a value larger than SQLite's
 #: limit): the batch is retried one write at a time so only its caller gets them.
 _OWN_DATA = (sqlite3.IntegrityError, sqlite3.DataError)
@@ -336,6 +339,8 @@ class GroupCommitWriter:
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
         conn = self._conn._conn
+        if conn.in_transaction:  # never: the writer ends each one; if not, not here
+            return None
         started = _perf_counter()
         try:
             if flush:
@@ -343,12 +348,27 @@ class GroupCommitWriter:
                 _write(conn, [row], index_statements([*unindexed, (stream, v, p)], p))
             else:
                 # the one-row case of _write, inline (data and meta bound as bytearray:
-                # see _write); the hot path of a lone producer
-                conn.execute(
-                    INSERT,
-                    (p, stream, v, event.type, event.schema, bytearray(raw), bytearray(meta_json), now, meta.id),
-                )
-                conn.commit()
+                # see _write), and in autocommit mode: one INSERT is its own durable
+                # transaction, without the BEGIN and COMMIT the sqlite3 module would
+                # prepare (parse) anew for every append
+                conn.isolation_level = None
+                try:
+                    conn.execute(
+                        INSERT,
+                        (
+                            p,
+                            stream,
+                            v,
+                            event.type,
+                            event.schema,
+                            bytearray(raw),
+                            bytearray(meta_json),
+                            now,
+                            meta.id,
+                        ),
+                    )
+                finally:
+                    conn.isolation_level = _ISOLATION
         except BaseException as exc:  # the batch path tries again and reports it
             try:
                 conn.rollback()  # nothing of it stays in an open transaction

@@ -22,6 +22,17 @@ from kernel.events import Meta, NewEvent
 from kernel.store import NO_STREAM, SQLiteStore, StreamWrite, sqlite_writer
 
 
+def is_commit(store: SQLiteStore, statement: str) -> bool:
+    """Whether the traced ``statement`` of the writer's connection commits: a COMMIT,
+    or an INSERT run in autocommit mode (a lone append's, its own transaction)."""
+    assert store._write_conn is not None
+    head = statement.strip().upper()
+    if head.startswith("COMMIT"):
+        return True
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    return head.startswith("INSERT INTO EVENTS") and not raw.in_transaction
+
+
 def ev(i: int, meta: Meta | None = None) -> NewEvent:
     return NewEvent.raw("Counted", {"i": i}, meta)
 
@@ -62,7 +73,7 @@ async def test_a_lone_append_committed_inline_is_answered_after_its_commit(
     tasks: list[asyncio.Task[object]] = []
 
     def trace(statement: str) -> None:
-        if statement.strip().upper().startswith("COMMIT"):
+        if is_commit(store, statement):
             seen.append(threading.get_ident() == loop_thread and not tasks[0].done())
 
     loop_thread = threading.get_ident()
@@ -83,7 +94,7 @@ async def _answered_after_commit(store: SQLiteStore) -> None:
     release = threading.Event()
 
     def trace(statement: str) -> None:
-        if statement.strip().upper().startswith("COMMIT"):
+        if is_commit(store, statement):
             in_commit.set()
             release.wait(30)
 
@@ -109,7 +120,7 @@ async def test_concurrent_appends_share_transactions(store: SQLiteStore) -> None
     assert store._write_conn is not None
     commits: list[str] = []
     await store._write_conn.set_trace_callback(
-        lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None
+        lambda s: commits.append(s) if is_commit(store, s) else None
     )
     with anyio.fail_after(30):
         await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(100)))
@@ -124,7 +135,7 @@ async def test_append_many_commits_its_streams_in_one_transaction(store: SQLiteS
     await store.append([ev(0)], stream="warm")  # the first write of a log may go alone
     commits: list[str] = []
     await store._write_conn.set_trace_callback(
-        lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None
+        lambda s: commits.append(s) if is_commit(store, s) else None
     )
     with anyio.fail_after(30):
         answers = await store.append_many(
@@ -447,7 +458,7 @@ async def _commits_by_thread(
     inline: list[bool] = []
 
     def trace(sql: str) -> None:
-        if sql.strip().upper().startswith("COMMIT"):
+        if is_commit(store, sql):
             inline.append(threading.get_ident() == loop_thread)
             if slow:
                 time.sleep(slow)
@@ -533,7 +544,7 @@ async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle
     tasks: list[asyncio.Task[object] | None] = []
 
     def trace(sql: str) -> None:
-        if sql.strip().upper().startswith("COMMIT"):
+        if is_commit(store, sql):
             tasks.append(asyncio.current_task())
 
     raw = store._write_conn._conn  # type: ignore[attr-defined]
@@ -726,7 +737,7 @@ async def test_concurrent_appends_to_known_streams_still_share_transactions(
         raw = store._write_conn._conn  # type: ignore[attr-defined]
         await store._write_conn._execute(  # type: ignore[attr-defined]
             raw.set_trace_callback,
-            lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None,
+            lambda s: commits.append(s) if is_commit(store, s) else None,
         )
         try:
             await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(50)))
