@@ -535,6 +535,31 @@ async def test_a_stall_of_the_loops_thread_keeps_lone_commits_off_it_for_a_while
             await store.close()
 
 
+async def test_a_lone_append_is_one_autocommitted_insert(store: SQLiteStore) -> None:
+    """Committed in its caller's task, a lone append runs one INSERT in autocommit mode:
+    no BEGIN nor COMMIT statement (the sqlite3 module prepares them anew each time),
+    and the event is committed (another connection reads it) once the append returns."""
+    assert store._write_conn is not None
+    statements: list[str] = []
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    with anyio.fail_after(30):
+        await store.append([ev(0)], stream="s")  # the stream is known from now on
+        await store._write_conn._execute(raw.set_trace_callback, statements.append)  # type: ignore[attr-defined]
+        try:
+            [r] = await store.append([ev(1)], stream="s")
+        finally:
+            await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    assert [s.split(" (")[0] for s in statements] == ["INSERT INTO events"], statements
+    assert not raw.in_transaction
+    other = sqlite3.connect(store.path)
+    try:
+        assert other.execute(
+            "SELECT version FROM events WHERE position = ?", (r.position,)
+        ).fetchall() == [(2,)]
+    finally:
+        other.close()
+
+
 async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle(
     store: SQLiteStore,
 ) -> None:
