@@ -693,7 +693,13 @@ class SQLiteStore:
             events = check_write(self.location, stream, events, expected_version)
             if not events:
                 return []
-        return await writer.append(events, stream, expected_version)
+        # writer.append, inline: one coroutine less per append
+        answer = writer.offer(events, stream, expected_version)
+        if isinstance(answer, list):
+            if writer._lone_ended - writer._yielded_at >= writer.inline_hold:
+                await writer.turn()
+            return answer
+        return await answer
 
     async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
         writer = self._writer

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiosqlite
 import orjson
@@ -97,9 +97,11 @@ CHECKPOINT_PAGES = 1000
 #: and other tasks, I/O and timers wait at most this long plus one commit.
 INLINE_HOLD = 0.001
 _perf_counter = time.perf_counter
+_Future = asyncio.Future
+_running_loop = asyncio.get_running_loop
 #: The writer connection's isolation level (sqlite.py opens it so): each transaction
 #: begins implicitly, BEGIN IMMEDIATE, before its first INSERT.
-_ISOLATION = "IMMEDIATE"
+_ISOLATION: Final = "IMMEDIATE"
 #: Errors of one write's own data (an id already stored, a value larger than SQLite's
 #: limit): the batch is retried one write at a time so only its caller gets them.
 _OWN_DATA = (sqlite3.IntegrityError, sqlite3.DataError)
@@ -278,6 +280,22 @@ class GroupCommitWriter:
     async def append(
         self, events: Sequence[NewEvent], stream: str, expected_version: int | None
     ) -> list[Recorded]:
+        answer = self.offer(events, stream, expected_version)
+        if isinstance(answer, list):
+            if self._lone_ended - self._yielded_at >= self.inline_hold:
+                await self.turn()
+            return answer
+        return await answer
+
+    def offer(
+        self, events: Sequence[NewEvent], stream: str, expected_version: int | None
+    ) -> list[Recorded] | asyncio.Future[list[Recorded]]:
+        """Take an append: its records when it was committed at once, in the caller's
+        task (``_lone``), or the future of them once its batch is durable.
+
+        A caller that got the records yields to the loop with :meth:`turn` when it has
+        held it for ``inline_hold`` seconds (see ``append``, which does both; the store
+        does it inline, one coroutine less per append)."""
         task = self._task
         if self._stopping or task is None or task.done():
             self._check_alive()  # raises, naming why
@@ -295,19 +313,21 @@ class GroupCommitWriter:
                 # the writer is idle and nothing else is ready to run: commit here
                 records = self._lone(stream, expected_version, events[0])
                 if records is not None:
-                    if self._lone_ended - self._yielded_at >= self.inline_hold:
-                        # let the loop run once (I/O, timers) before the caller goes on:
-                        # a caller appending in a loop holds it for at most about
-                        # ``inline_hold`` seconds (and one commit) at a time
-                        await asyncio.sleep(0)
-                        self._yielded_at = _perf_counter()
                     return records
-        future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
+        # the C future itself, not loop.create_future(): one Python call less per append
+        future: asyncio.Future[list[Recorded]] = _Future(loop=_running_loop())
         self._queue.append(_Append(stream, expected_version, events, future))
         wakeup = self._wakeup  # as _enqueue, inline: this runs once per append
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
-        return await future
+        return future
+
+    async def turn(self) -> None:
+        """Let the loop run once (I/O, timers) after appends committed in the caller's
+        task: a caller appending in a loop holds it for at most about ``inline_hold``
+        seconds (and one commit) at a time."""
+        await asyncio.sleep(0)
+        self._yielded_at = _perf_counter()
 
     def _lone(self, stream: str, expected: int | None, event: NewEvent) -> list[Recorded] | None:
         """Commit one event at once, in the loop's thread, while the writer task is idle:
