@@ -359,8 +359,6 @@ class GroupCommitWriter:
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
         conn = self._conn._conn
-        if conn.in_transaction:  # never: the writer ends each one; if not, not here
-            return None
         started = _perf_counter()
         try:
             if flush:

@@ -560,6 +560,27 @@ async def test_a_lone_append_is_one_autocommitted_insert(store: SQLiteStore) -> 
         other.close()
 
 
+async def test_the_store_takes_the_writers_answer_without_its_coroutine(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SQLiteStore.append`` takes the writer's answer (``offer``: the records of a
+    lone append, or the future of a batch) itself: one coroutine per append, not two."""
+    assert store._writer is not None
+
+    async def refused(*args: object) -> None:
+        raise AssertionError("SQLiteStore.append went through GroupCommitWriter.append")
+
+    monkeypatch.setattr(store._writer, "append", refused)
+    with anyio.fail_after(30):
+        [first] = await store.append([ev(0)], stream="s")  # a new stream: a batch
+        before = store._writer.inline_commits
+        [second] = await store.append([ev(1)], stream="s")  # lone, in this task
+        assert store._writer.inline_commits == before + 1
+        many = await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(10)))
+    assert (first.version, second.version) == (1, 2)
+    assert sorted(r.position for [r] in many) == list(range(3, 13))
+
+
 async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle(
     store: SQLiteStore,
 ) -> None:
