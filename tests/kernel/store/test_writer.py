@@ -612,8 +612,8 @@ async def test_a_caller_appending_in_a_loop_lets_the_loop_run(store: SQLiteStore
     """With ``inline_hold`` 0, each append committed in its caller's task yields to the
     loop once after its commit: a timer due at once has run by the time two such
     appends returned."""
-    assert store._writer is not None
-    store._writer.inline_hold = 0.0
+    assert store._writer is not None and store.inline_hold == sqlite_writer.INLINE_HOLD
+    store._writer.inline_hold = 0.0  # as SQLiteStore(inline_hold=0)
     with anyio.fail_after(30):
         await store.append([ev(0)], stream="s")
         loop = asyncio.get_running_loop()
@@ -634,6 +634,9 @@ async def test_appends_in_a_loop_yield_to_the_loop_once_per_hold_not_after_each(
     ``inline_hold`` seconds. A timer due at once has not run after 20 appends committed
     in the caller's task with an hour of hold."""
     assert store._writer is not None
+    # no slow commit, checkpoint or index flush sends an append through the writer task
+    store._writer.inline_limit = 3600.0
+    store._writer.checkpoint_pages = store._writer.index_every = 1 << 40
     with anyio.fail_after(30):
         await store.append([ev(0)], stream="s")
         store._writer.inline_hold = 3600.0
@@ -650,6 +653,22 @@ async def test_appends_in_a_loop_yield_to_the_loop_once_per_hold_not_after_each(
         await store.append([ev(21)], stream="s")  # the turn after this one's)
         await store.append([ev(22)], stream="s")
     assert ran == [1]
+
+
+def test_inline_hold_is_checked(tmp_path: Path) -> None:
+    for bad in (-0.001, float("nan"), float("inf")):
+        with pytest.raises(StoreError, match="inline_hold"):
+            SQLiteStore(tmp_path / "log.db", inline_hold=bad)
+
+
+async def test_inline_hold_reaches_the_writer(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db", inline_hold=0.25)
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            assert store._writer is not None and store._writer.inline_hold == 0.25
+        finally:
+            await store.close()
 
 
 async def test_a_caller_appending_without_pause_still_lets_timers_run(store: SQLiteStore) -> None:
