@@ -9,9 +9,12 @@ and idempotency keys itself, batch by batch.
 
 A lone append meets an idle writer most of the time when one producer writes: it then
 commits in the loop's own thread, and, for one event to a stream the writer knows, in
-its caller's task (``_lone``): no queue, no wake-up, no turn of the writer task. A lone
-commit blocks the loop, so it is done only while nothing else is ready to run and lone
-commits are fast on average (``_may_inline``); a slow disk sends them to the thread.
+its caller's task (``_lone``): no queue, no wake-up, no turn of the writer task, one
+INSERT in autocommit mode (its own durable transaction). A lone commit blocks the loop,
+so it is done only while nothing else is ready to run and lone commits are fast on
+average (``_may_inline``); a slow disk sends them to the thread. Such an append never
+waits, so the caller yields to the loop once it has held it for ``inline_hold`` (1 ms):
+a task appending in a loop never starves timers and I/O for longer.
 
 A batch fails as a whole only for a reason that is the log's, not one caller's (the disk
 is full): then it is rolled back and every caller gets the error. An append whose own
