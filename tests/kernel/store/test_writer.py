@@ -780,6 +780,10 @@ async def test_a_lone_append_after_a_foreign_row_goes_on_after_it(tmp_path: Path
             conn.close()
             [r] = await store.append([ev(2)], stream="s")
             assert (r.position, r.version) == (4, 4)
+            # the refused autocommitted INSERT left the connection's transactions as
+            # they were (batches still begin one implicitly)
+            assert store._write_conn is not None
+            assert store._write_conn._conn.isolation_level == "IMMEDIATE"  # type: ignore[attr-defined]
             [r] = await store.append([ev(3)], stream="s")  # lone again
             assert (r.position, r.version) == (5, 5)
             # the clash went to the writer task (its retry after the new end committed
