@@ -19,9 +19,16 @@ Mechanism (process-wide: the collector is global):
   (:data:`SENTINEL`); young collections go on (they are short). The collector runs
   ``gc.collect(2)`` itself, from a task of the owner's event loop (checked every
   :attr:`Collector.tick` seconds), when (a) a generation was unloaded
-  (:meth:`note_unloaded`), once no build has run for :attr:`Collector.settle` seconds,
-  or (b) the interpreter would have run one: ``gc.get_count()[2]`` (young-generation
-  collections since the last full one) reached the saved threshold. Both wait, at most
+  (:meth:`note_unloaded`) and not freed by refcounting, once no build has run for
+  :attr:`Collector.settle` seconds; (b) generations were unloaded and freed by
+  refcounting (:meth:`note_freed`: the router took their apps apart,
+  services/router/dismantle.py), whose small remains — module dicts, functions,
+  classes — wait :attr:`Collector.remains_delay` seconds without a build, or until
+  :data:`MAX_FREED` of them add up: a burst of reloads no longer sets off a collection
+  that walks every live object (30-60 ms) right behind it; or (c) the interpreter would
+  have run one: ``gc.get_count()[2]`` (young-generation collections since the last full
+  one) reached the saved threshold and the heap grew by a quarter since our last
+  collection (allocated blocks, not within ``settle`` of a build). All wait, at most
   :attr:`Collector.max_wait` seconds, for no build to be active and every registered gap
   check (:meth:`add_gap_check`: the scheduler's next timer at least 50 ms away) to agree.
 - *Builds.* :meth:`build_started` / :meth:`build_ended` bracket a build (the loader's
@@ -29,7 +36,8 @@ Mechanism (process-wide: the collector is global):
   build outside a running kernel) the interpreter's policy is only deferred during the
   build, and one full collection runs itself once :data:`MAX_DEFERRED` generations were
   unloaded since the last; with an owner, reloads back to back that never leave its
-  task a gap make the build that ends collect after :data:`MAX_DEFERRED_HELD`.
+  task a gap make the build that ends collect after :data:`MAX_DEFERRED_HELD` unloaded
+  generations, or 2 x :data:`MAX_FREED` freed ones.
 - *Plugins that play with gc.* While held, ``gc`` is the collector's: if a plugin (or
   anyone) disabled it, its task enables it again (logged; not during a projection fold,
   which pauses it on purpose, nor if it was disabled when acquired); if objects were
@@ -51,12 +59,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_DEFERRED", "MAX_DEFERRED_HELD", "SENTINEL", "Collector", "collector"]
+__all__ = ["MAX_DEFERRED", "MAX_DEFERRED_HELD", "MAX_FREED", "SENTINEL", "Collector", "collector"]
 
 log = logging.getLogger("xcore.gc")
 
@@ -66,6 +75,9 @@ MAX_DEFERRED = 4
 #: With an owner, the unloaded generations after which the build that ends collects
 #: anyway (reloads back to back leave the owner's task no gap).
 MAX_DEFERRED_HELD = 2 * MAX_DEFERRED
+#: Unloaded generations freed by refcounting (:meth:`Collector.note_freed`) whose small
+#: remains (module dicts, functions, classes: reference cycles) wait for one collection.
+MAX_FREED = 32
 #: The generation-2 threshold while deferred or owned (out of reach; recognisable).
 SENTINEL = 2_000_000_011
 _DEFAULT_THRESHOLD_2 = 10
@@ -80,6 +92,9 @@ class Collector:
     tick = 0.1
     #: A collection waits at most this long for a gap (then runs anyway).
     max_wait = 10.0
+    #: Seconds without a build before the remains of generations freed by refcounting
+    #: are collected (:meth:`note_freed`; sooner once :data:`MAX_FREED` add up).
+    remains_delay = 10.0
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -89,6 +104,9 @@ class Collector:
         self.active = 0
         #: Generations unloaded since the last full collection (of any source).
         self.unloaded_since_full = 0
+        #: Of the generations unloaded since then, those freed by refcounting (their
+        #: remains alone call for no collection before :data:`MAX_FREED`).
+        self.freed_since_full = 0
         #: Full collections the collector ran itself.
         self.collections = 0
         #: Full collections run at the end of a build without an owner (MAX_DEFERRED).
@@ -107,10 +125,8 @@ class Collector:
         self._task: asyncio.Task[None] | None = None
         self._collecting = False
         self._owner_defers = False
-        #: Objects in the oldest generation after our last full collection.
-        self._long_lived = 0
-        self._old = 0
-        self._old_checked = 0.0
+        #: Memory blocks allocated after our last full collection (sys.getallocatedblocks).
+        self._blocks = 0
         #: ``gc`` was enabled when the owner acquired it (then it stays enabled).
         self._enabled_at_acquire = True
         #: Someone else (a plugin) froze objects beyond the boot layer: our collections
@@ -140,7 +156,7 @@ class Collector:
             self._defer()
             self._owner_defers = True
             self._full_seen = gc.get_stats()[2]["collections"]
-            self._long_lived = len(gc.get_objects(2))
+            self._blocks = sys.getallocatedblocks()
             self._task = loop.create_task(self._run(), name="xcore-gc")
             self._task.add_done_callback(self._ended)
         log.debug("gc: %d boot objects frozen out of collections", self.boot_frozen)
@@ -207,7 +223,9 @@ class Collector:
                 # without an owner every MAX_DEFERRED unloads; with one, only when
                 # reloads never leave it a gap (a tight loop): memory stays bounded
                 bound = MAX_DEFERRED_HELD if self.held else MAX_DEFERRED
-                collect = self.unloaded_since_full >= bound
+                collect = (
+                    self.unloaded_since_full >= bound or self.freed_since_full >= 2 * MAX_FREED
+                )
         if collect:
             with self._lock:
                 self._collect() if self.held else gc.collect()
@@ -221,13 +239,25 @@ class Collector:
             self._sync()
             self.unloaded_since_full += 1
 
+    def note_freed(self) -> None:
+        """An unloaded generation's bulk was freed by refcounting (services/router/
+        dismantle.py): what it left for a collection is small, so it no longer calls for
+        one of its own; :data:`MAX_FREED` of them do."""
+        with self._lock:
+            self._sync()
+            if self.unloaded_since_full > 0:
+                self.unloaded_since_full -= 1
+                self.freed_since_full += 1
+
     # -- state -------------------------------------------------------------------------
 
     def pending(self) -> bool:
         """A collection of ours is due (or running)."""
         with self._lock:
             self._sync()
-            return self.held and (self._collecting or self._due() is not None)
+            # (the remains of freed generations wait for their delay: still pending)
+            due = self._due() is not None or self.freed_since_full > 0
+            return self.held and (self._collecting or due)
 
     def stats(self) -> dict[str, Any]:
         counts = gc.get_count()
@@ -237,6 +267,7 @@ class Collector:
             "frozen": gc.get_freeze_count(),
             "pending": self.pending(),
             "unloaded_since_full": self.unloaded_since_full,
+            "freed_since_full": self.freed_since_full,
             "collections": self.collections,
             "full_collections": gc.get_stats()[2]["collections"],
             "young_collections": gc.get_stats()[0]["collections"]
@@ -276,20 +307,27 @@ class Collector:
         if full != self._full_seen:
             self._full_seen = full
             self.unloaded_since_full = 0
+            self.freed_since_full = 0
 
     def _due(self) -> str | None:
         if self.unloaded_since_full:
             return "unloaded generations"
+        if self.freed_since_full and (
+            self.freed_since_full >= MAX_FREED
+            or time.monotonic() - self._last_build_end >= self.remains_delay
+        ):
+            return "remains of freed generations"
         threshold = self._saved_threshold_2 or _DEFAULT_THRESHOLD_2
         if gc.get_count()[2] >= threshold:
-            # the interpreter's own rule: only once the objects that survived young
-            # collections since the last full one exceed a quarter of the old ones
-            # (counted at most once a second: a list of every old object)
-            now = time.monotonic()
-            if now - self._old_checked >= 1.0:
-                self._old_checked = now
-                self._old = len(gc.get_objects(2))
-            if self._old - self._long_lived > self._long_lived // 4:
+            # the interpreter's own rule: only once what survived young collections
+            # since the last full one grew the heap by more than a quarter, in allocated
+            # blocks (constant time; counting the old objects, gc.get_objects(2), held the
+            # loop 10-20 ms), and not within ``settle`` of a build: during a reload the
+            # heap holds both generations, the new one and the one about to be unloaded
+            # and freed by refcounting (services/router/dismantle.py)
+            if time.monotonic() < self._last_build_end + self.settle:
+                return None
+            if sys.getallocatedblocks() - self._blocks > self._blocks // 4:
                 return "young collections"
         return None
 
@@ -371,7 +409,7 @@ class Collector:
                     self._sync()
             waiting_since = None
             with self._lock:
-                self._long_lived = self._old = len(gc.get_objects(2))
+                self._blocks = sys.getallocatedblocks()
                 self.collections += 1
                 self.last_pause_ms = round(pause, 3)
                 self.max_pause_ms = max(self.max_pause_ms, pause)

@@ -16,7 +16,12 @@ validator built by services/loader/lazy.py); once
 the calling thread has computed ``quantum`` seconds of CPU since its last pause, it
 sleeps (releasing the interpreter) long enough to bring its share down to ``share``.
 Calls from the event loop's thread, or while no build is open (``share`` is 1), return
-at once. :func:`install` makes FastAPI's ``APIRouter.add_api_route`` (what every route
+at once. *Requests first:* at each unit a build thread also waits, at most
+:data:`yield_max` (``build_yield_ms`` of ``services.loader``), while HTTP requests are
+in flight (:data:`serving`, counted by the router's dispatcher; woken when the last one
+ends), so a request that arrives finds at most one unit of build work in its way
+instead of the build's whole share; under a saturated load the build still advances
+one unit per wait. :func:`install` makes FastAPI's ``APIRouter.add_api_route`` (what every route
 decorator calls) pace after each route. A thread given an :class:`Account`
 (:func:`account`) adds each pause to it: a caller bounding the thread's work by a
 timeout leaves the paused time out (the loader's ``import_timeout``); a caller that gave
@@ -46,6 +51,15 @@ _lock = threading.Lock()
 _installed = False
 #: Seconds slept by pacing so far (benchmarks read it).
 slept = 0.0
+#: HTTP requests being served right now (counted by the router's dispatcher, on the
+#: event loop; read here without a lock: a stale read costs one unit of waiting or not).
+serving = 0
+#: Longest a build thread waits, per unit of work, for the requests in flight to end
+#: (seconds; 0: it does not wait). Set with :func:`set_share`.
+yield_max = 0.0
+#: Set when ``serving`` drops to 0 while a build thread waits (:func:`request_ended`).
+_idle = threading.Event()
+_waiting = 0
 
 
 class Abandoned(BaseException):
@@ -76,13 +90,40 @@ def share() -> float:
     return _share
 
 
-def set_share(value: float) -> None:
-    """Open (value < 1) or close (1) the pacing of build threads (the build window)."""
-    global _share, _epoch
+def set_share(value: float, yield_s: float = 0.0) -> None:
+    """Open (value < 1) or close (1) the pacing of build threads (the build window);
+    ``yield_s``: how long a build thread waits, per unit, for requests in flight."""
+    global _share, _epoch, yield_max
     value = min(max(value, 0.05), 1.0)
     if value < 1.0 and _share >= 1.0:
         _epoch += 1
     _share = value
+    yield_max = max(yield_s, 0.0) if value < 1.0 else 0.0
+
+
+def request_ended() -> None:
+    """Called by the dispatcher after it decremented :data:`serving` (loop thread)."""
+    if serving == 0 and _waiting:
+        _idle.set()
+
+
+def _wait_for_requests() -> float:
+    """Wait (at most :data:`yield_max`) for the requests in flight to end; seconds waited."""
+    global _waiting
+    limit = yield_max
+    if limit <= 0 or serving <= 0:
+        return 0.0
+    start = time.perf_counter()
+    with _lock:
+        _waiting += 1
+        _idle.clear()
+    try:
+        if serving > 0:
+            _idle.wait(limit)
+    finally:
+        with _lock:
+            _waiting -= 1
+    return time.perf_counter() - start
 
 
 def check() -> None:
@@ -100,6 +141,12 @@ def pace() -> None:
     current = _share
     if current >= 1.0 or threading.current_thread() is threading.main_thread():
         return
+    waited = _wait_for_requests()
+    if waited:
+        slept += waited
+        target = getattr(_local, "account", None)
+        if target is not None:
+            target.paused += waited
     now = time.thread_time()
     mark = getattr(_local, "mark", None)
     if mark is None or mark[0] != _epoch:

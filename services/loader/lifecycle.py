@@ -173,6 +173,7 @@ class Lifecycle(LoaderState):
             self.settings.build_switch_interval_ms,
             self.settings.defer_full_gc,
             1.0 if self.booting else self.settings.build_cpu_share,
+            self.settings.build_yield_ms,
         )
 
     async def discard(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:
@@ -504,6 +505,7 @@ class Lifecycle(LoaderState):
                 reason = f"{reason}; on_unload raised {type(exc).__name__}: {exc}"
         await gen.context.close()
         self.kernel.plugins.remove(gen.name, gen.generation)
+        release_router(gen)
         window.note_unloaded()  # garbage now: a build's window will collect it
         self.retire(gen)  # watched: still alive after a full collection is reported
         if self.loaded.get(gen.name) is gen:
@@ -516,6 +518,31 @@ class Lifecycle(LoaderState):
                 PluginUnloaded(name=gen.name, generation=gen.generation, reason=reason),
                 cause=cause,
             )
+
+
+def release_router(gen: Generation) -> bool:
+    """Empty the unloaded generation's own ``APIRouter`` (True if done).
+
+    Its module's globals hold the router and the router's routes hold the module's
+    functions (their globals): one reference cycle, through which every route would
+    live until a full collection. The app the router service serves holds copies of the
+    routes (that keep what requests in flight use), and takes them apart once its last
+    request ends (services/router/dismantle.py): with this list emptied, refcounting
+    frees the routes then. Only a router whose every route's endpoint was defined in
+    this plugin's own modules is emptied (a router shared with another package is left
+    as it is).
+    """
+    router = gen.imported.router
+    routes = getattr(router, "routes", None)
+    if not isinstance(routes, list) or not routes:
+        return False
+    package = module_name(gen.name)
+    for route in routes:
+        owner = getattr(getattr(route, "endpoint", None), "__module__", None)
+        if not isinstance(owner, str) or not (owner == package or owner.startswith(package + ".")):
+            return False
+    routes.clear()
+    return True
 
 
 def _config_and_digest(folder: Path, name: str) -> tuple[dict[str, Any], str]:

@@ -27,7 +27,8 @@ that ends, and put back then):
 - *Paced build threads.* A build thread that never waits slices every request of the
   loop into switch-interval pieces. While the window is open, threads building routes
   compute at most ``build_cpu_share`` of the wall time (0.3 by default; 1 turns it off):
-  they pause between routes (kernel/pacing.py).
+  they pause between routes (kernel/pacing.py), and wait up to ``build_yield_ms`` per
+  route while plugin requests are in flight (requests first).
 """
 
 from __future__ import annotations
@@ -64,12 +65,16 @@ class BuildWindow:
         return collector.forced
 
     def enter(
-        self, switch_interval: float | None, defer_full_gc: bool, cpu_share: float = 1.0
+        self,
+        switch_interval: float | None,
+        defer_full_gc: bool,
+        cpu_share: float = 1.0,
+        yield_s: float = 0.0,
     ) -> None:
         with self._lock:
             self.active += 1
             if self.active == 1 and cpu_share < 1.0:
-                pacing.set_share(cpu_share)
+                pacing.set_share(cpu_share, yield_s)
             if switch_interval is not None and switch_interval > 0:
                 current = sys.getswitchinterval()
                 if self._saved_interval is None:
@@ -103,12 +108,15 @@ window = BuildWindow()
 
 @contextlib.contextmanager
 def building(
-    switch_interval_ms: float = 0.25, defer_full_gc: bool = True, cpu_share: float = 1.0
+    switch_interval_ms: float = 0.25,
+    defer_full_gc: bool = True,
+    cpu_share: float = 1.0,
+    yield_ms: float = 0.0,
 ) -> Iterator[None]:
     """Hold the build window while the block runs (nests; threads may share it)."""
     # (below 10 us the interpreter would do little but switch threads)
     interval = max(switch_interval_ms, 0.01) / 1000 if switch_interval_ms > 0 else None
-    window.enter(interval, defer_full_gc, cpu_share)
+    window.enter(interval, defer_full_gc, cpu_share, yield_ms / 1000)
     try:
         yield
     finally:

@@ -24,7 +24,10 @@ plugin's access policy (``services/router/access.py``) before any plugin code ru
 (2) gives the request an id — the client's ``X-Request-ID`` when it is a sane token,
 else a new one — echoed in the response and carried by every log line the plugin
 writes while serving it (``kernel.logging.request_id_var``), and (3) counts it by
-route template, method and status class with its latency (``stats.py``).
+route template, method and status class with its latency (``stats.py``), and (4)
+counts it in flight on its mount (:class:`InFlight`: a withdrawn generation is taken
+apart once its last request ends, ``dismantle.py``) and, for HTTP, in
+``kernel.pacing.serving`` (build threads wait for it).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -43,6 +46,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kernel import pacing
 from kernel.logging import plugin_var, request_id_var
 from services.router.stats import PluginStats, RouteStats
 
@@ -51,7 +55,7 @@ if TYPE_CHECKING:
     from services.router.access import Authenticator
     from services.router.openapi import LazyFragment
 
-__all__ = ["Dispatcher", "Mount", "PluginRoute", "Table", "serve"]
+__all__ = ["Dispatcher", "InFlight", "Mount", "PluginRoute", "Table", "serve"]
 
 log = logging.getLogger("xcore.router")
 
@@ -72,6 +76,33 @@ REQUEST_ID_KEY = "xcore.request_id"
 #: Scope key holding the authenticated caller (a ``services.router.access.Principal``).
 PRINCIPAL_KEY = "xcore.principal"
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+class InFlight:
+    """The requests one mount is serving, and what runs once the last one has ended
+    after the mount was withdrawn (``services/router/dismantle.py``). Loop thread only."""
+
+    __slots__ = ("_on_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._on_idle: Callable[[], None] | None = None
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._on_idle is not None:
+            callback, self._on_idle = self._on_idle, None
+            try:
+                callback()
+            except Exception:  # never the failure of the request that ended last
+                log.exception("the work waiting for a withdrawn mount's last request failed")
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` now if no request is in flight, else when the last one ends."""
+        if self.count == 0:
+            callback()
+        else:
+            self._on_idle = callback
 
 
 @dataclass(eq=False, slots=True)
@@ -96,6 +127,11 @@ class Mount:
     openapi: LazyFragment | None = field(default=None, repr=False)
     #: What its routes require (None: every route is public).
     policy: Policy | None = None
+    #: Its requests being served (shared by the copies ``dataclasses.replace`` makes).
+    in_flight: InFlight = field(default_factory=lambda: InFlight())
+    #: ``app`` was built by the mounter (mounts.py) and is taken apart once withdrawn
+    #: (dismantle.py); False for an app served as it is (a sandbox proxy).
+    owned: bool = False
 
 
 class Table:
@@ -240,6 +276,30 @@ async def serve(
     auth: Authenticator | None = None,
 ) -> None:
     """Run ``app`` for a request under ``mount``: access check, request id, counting."""
+    flight = mount.in_flight
+    flight.count += 1
+    http = scope["type"] == "http"
+    if http:  # build threads wait for it (kernel/pacing.py; a websocket would hold them)
+        pacing.serving += 1
+    try:
+        await _serve(mount, app, scope, receive, send, observe=observe, auth=auth)
+    finally:
+        if http:
+            pacing.serving -= 1
+            pacing.request_ended()
+        flight.leave()
+
+
+async def _serve(
+    mount: Mount,
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    observe: bool,
+    auth: Authenticator | None,
+) -> None:
     # The host app's router put itself here; the plugin's routes must resolve their own
     # route names (request.url_for), so they get the plugin's router instead.
     if mount.router is not None:

@@ -154,6 +154,7 @@ def build_mount(
         entry=app.router,
         router=app.router,
         openapi=_fragment(runtime, app.openapi),
+        owned=True,
     )
 
 

@@ -10,7 +10,8 @@ live in this process):
   and answer ``RoutesMounted``; a plugin without routes is answered ``RoutesMounted``
   with an empty prefix (and no longer serves routes of an older generation).
 - ``PluginUnloaded{name, generation}``: drop the generation if it is the one serving,
-  and answer ``RoutesUnmounted`` either way.
+  and answer ``RoutesUnmounted`` either way; once its last request has ended its app is
+  taken apart so refcounting frees it (``dismantle.py``).
 
 Each answer is appended with ``cause=<the loader's event>``, so its correlation id is
 the one the loader awaits. The service starts before the loader (``order`` 40) so it is
@@ -29,6 +30,7 @@ from kernel.access import Policy
 from services.loader.events import PluginLoaded, PluginUnloaded
 from services.router.access import Authenticator, RouterSettings, security_schemes
 from services.router.admin import admin_router
+from services.router.dismantle import Dismantler
 from services.router.dispatcher import Dispatcher, Mount, Table
 from services.router.events import RouteConflict, RoutesMounted, RoutesUnmounted, stream_of
 from services.router.mounts import (
@@ -75,6 +77,8 @@ class RouterService:
         self._overrides: dict[str, dict[Any, Any]] = {}
         #: Every generation mounted and not yet unloaded (its caches are dropped then).
         self._mounts: dict[tuple[str, int], Mount] = {}
+        #: Takes unmounted generations apart so refcounting frees them (dismantle.py).
+        self.dismantler = Dismantler()
 
     @property
     def kernel(self) -> Kernel:
@@ -107,6 +111,7 @@ class RouterService:
             await self.kernel.unsubscribe(self._subscription)
             self._subscription = None
         self.dispatcher.swap(Table())
+        self.dismantler.close()
         self._prefixes.clear()
         self._mounts.clear()
         for name, generation in list(self._lifespans):
@@ -277,6 +282,8 @@ class RouterService:
         gone = self._mounts.pop((name, generation), None)
         if gone is not None:
             forget_endpoints(gone)
+            # freed by refcounting once its last request ends, not by a full collection
+            self.dismantler.retire(gone)
         await self.kernel.append(
             RoutesUnmounted(plugin=name, generation=generation, prefix=prefix),
             stream=stream_of(name),

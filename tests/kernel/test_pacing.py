@@ -59,3 +59,32 @@ def test_the_share_is_bounded() -> None:
     assert pacing.share() == 0.05
     pacing.set_share(7)
     assert pacing.share() == 1.0
+
+
+def test_a_build_thread_waits_for_the_requests_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests first: while the dispatcher counts a request in flight, a build thread
+    waits at its next unit (at most ``yield_max``), and goes on as soon as it ends."""
+    pacing.set_share(0.5, yield_s=60.0)
+    monkeypatch.setattr(pacing, "serving", 1)
+    passed = threading.Event()
+
+    def build() -> None:
+        pacing.pace()
+        passed.set()
+
+    t = threading.Thread(target=build)
+    t.start()
+    try:
+        assert not passed.wait(0.3)  # held while the request is served
+        pacing.serving = 0
+        pacing.request_ended()
+        assert passed.wait(30)  # woken by the end of the request, not by yield_max
+    finally:
+        pacing.serving = 0
+        pacing.request_ended()
+        t.join(60)
+    assert pacing.yield_max == 60.0
+    pacing.set_share(1.0)
+    assert pacing.yield_max == 0.0  # closed: no build waits
