@@ -9,9 +9,12 @@ and idempotency keys itself, batch by batch.
 
 A lone append meets an idle writer most of the time when one producer writes: it then
 commits in the loop's own thread, and, for one event to a stream the writer knows, in
-its caller's task (``_lone``): no queue, no wake-up, no turn of the writer task. A lone
-commit blocks the loop, so it is done only while nothing else is ready to run and lone
-commits are fast on average (``_may_inline``); a slow disk sends them to the thread.
+its caller's task (``_lone``): no queue, no wake-up, no turn of the writer task, one
+INSERT in autocommit mode (its own durable transaction). A lone commit blocks the loop,
+so it is done only while nothing else is ready to run and lone commits are fast on
+average (``_may_inline``); a slow disk sends them to the thread. Such an append never
+waits, so the caller yields to the loop once it has held it for ``inline_hold`` (1 ms):
+a task appending in a loop never starves timers and I/O for longer.
 
 A batch fails as a whole only for a reason that is the log's, not one caller's (the disk
 is full): then it is rolled back and every caller gets the error. An append whose own
@@ -30,7 +33,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiosqlite
 import orjson
@@ -92,7 +95,17 @@ INLINE_BYTES = 64 * 1024
 #: committing on the loop's thread would block the loop for the copy and its fsync,
 #: and count as a slow commit (see ``_may_inline``).
 CHECKPOINT_PAGES = 1000
+#: A caller appending in a loop, each append committed in its own task (``_lone``),
+#: yields to the event loop once it has held it this long (seconds), not after every
+#: append: a turn of the loop costs about as much Python as the rest of such an append,
+#: and other tasks, I/O and timers wait at most this long plus one commit.
+INLINE_HOLD = 0.001
 _perf_counter = time.perf_counter
+_Future = asyncio.Future
+_running_loop = asyncio.get_running_loop
+#: The writer connection's isolation level (sqlite.py opens it so): each transaction
+#: begins implicitly, BEGIN IMMEDIATE, before its first INSERT.
+_ISOLATION: Final = "IMMEDIATE"
 #: Errors of one write's own data (an id already stored, a value larger than SQLite's
 #: limit): the batch is retried one write at a time so only its caller gets them.
 _OWN_DATA = (sqlite3.IntegrityError, sqlite3.DataError)
@@ -174,6 +187,7 @@ class GroupCommitWriter:
         ids_bound: str = "",
         index_every: int = INDEX_EVERY,
         inline_limit: float = 0.005,
+        inline_hold: float = INLINE_HOLD,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -202,8 +216,16 @@ class GroupCommitWriter:
         self.inline_limit = inline_limit
         #: the running average of lone writes' commit times, in either thread (seconds)
         self.commit_average = 0.0
-        #: lone commits stay off the loop's thread until then (time.monotonic())
+        #: lone commits stay off the loop's thread until then (time.perf_counter())
         self._stalled = 0.0
+        #: when an append committed in its caller's task last yielded to the loop
+        #: (time.perf_counter(); see ``inline_hold``)
+        self._yielded_at = 0.0
+        #: when the last lone commit in the caller's task ended (time.perf_counter())
+        self._lone_ended = 0.0
+        #: seconds a caller appending in a loop, each append committed in its own task,
+        #: may hold the loop before an append yields to it once; 0 yields after each
+        self.inline_hold = inline_hold
         #: lone writes committed in the loop's thread, and in the connection's
         self.inline_commits = 0
         self.thread_commits = 0
@@ -224,14 +246,14 @@ class GroupCommitWriter:
         commits are fast again. ``inline_limit`` 0 turns it off."""
         if self.inline_limit <= 0 or self._ready is None or self._ready:
             return False
-        return self.commit_average <= self.inline_limit and time.monotonic() >= self._stalled
+        return self.commit_average <= self.inline_limit and _perf_counter() >= self._stalled
 
     def _timed(self, took: float, inline: bool) -> None:
         """Count a lone write's commit time into ``commit_average``; after a stall of
         the loop's thread, keep lone commits off it for ``_STALL_PAUSE`` seconds."""
         self.commit_average += (took - self.commit_average) * _EWMA_WEIGHT
         if inline and took > self.inline_limit / _EWMA_WEIGHT:
-            self._stalled = time.monotonic() + _STALL_PAUSE
+            self._stalled = _perf_counter() + _STALL_PAUSE
 
     @property
     def running(self) -> bool:
@@ -285,6 +307,22 @@ class GroupCommitWriter:
     async def append(
         self, events: Sequence[NewEvent], stream: str, expected_version: int | None
     ) -> list[Recorded]:
+        answer = self.offer(events, stream, expected_version)
+        if isinstance(answer, list):
+            if self._lone_ended - self._yielded_at >= self.inline_hold:
+                await self.turn()
+            return answer
+        return await answer
+
+    def offer(
+        self, events: Sequence[NewEvent], stream: str, expected_version: int | None
+    ) -> list[Recorded] | asyncio.Future[list[Recorded]]:
+        """Take an append: its records when it was committed at once, in the caller's
+        task (``_lone``), or the future of them once its batch is durable.
+
+        A caller that got the records yields to the loop with :meth:`turn` when it has
+        held it for ``inline_hold`` seconds (see ``append``, which does both; the store
+        does it inline, one coroutine less per append)."""
         task = self._task
         if self._stopping or task is None or task.done():
             self._check_alive()  # raises, naming why
@@ -302,16 +340,21 @@ class GroupCommitWriter:
                 # the writer is idle and nothing else is ready to run: commit here
                 records = self._lone(stream, expected_version, events[0])
                 if records is not None:
-                    # let the loop run once (I/O, timers) before the caller goes on: a
-                    # caller appending in a loop must not hold it for good
-                    await asyncio.sleep(0)
                     return records
-        future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
+        # the C future itself, not loop.create_future(): one Python call less per append
+        future: asyncio.Future[list[Recorded]] = _Future(loop=_running_loop())
         self._queue.append(_Append(stream, expected_version, events, future))
         wakeup = self._wakeup  # as _enqueue, inline: this runs once per append
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
-        return await future
+        return future
+
+    async def turn(self) -> None:
+        """Let the loop run once (I/O, timers) after appends committed in the caller's
+        task: a caller appending in a loop holds it for at most about ``inline_hold``
+        seconds (and one commit) at a time."""
+        await asyncio.sleep(0)
+        self._yielded_at = _perf_counter()
 
     def _lone(self, stream: str, expected: int | None, event: NewEvent) -> list[Recorded] | None:
         """Commit one event at once, in the loop's thread, while the writer task is idle:
@@ -341,22 +384,49 @@ class GroupCommitWriter:
         p = self.last + 1
         v = current + 1
         now = time.time()
-        row = (p, stream, v, event.type, event.schema, event.data, meta_json, now, meta.id)
+        raw = event.data
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
         eid = meta.id
         if type(eid) is not str:
             return None  # refused: the batch path says so
-        probe = (eid,) if len(eid) != FRESH_LENGTH or eid <= self.ids_bound else ()
         bound = self.ids_bound
-        statements: list[tuple[str, tuple[Any, ...]]] = []
-        if flush:
-            bound = raise_bound(bound, [*self.unindexed_ids, eid])
-            statements = flush_statements(p)
-            statements.append(bound_statement(bound))
         conn = self._conn._conn
+        started = _perf_counter()
         try:
-            took = _write(conn, [row], statements, probe)
+            if (len(eid) != FRESH_LENGTH or eid <= bound) and conn.execute(
+                indexed_ids_sql(1), (eid,)
+            ).fetchone() is not None:
+                # an id the id index might hold (not a fresh one, see sqlite_ids.py), and
+                # does: refused, by the batch path (no transaction is open yet)
+                return None
+            if flush:
+                bound = raise_bound(bound, [*self.unindexed_ids, eid])
+                row = (p, stream, v, event.type, event.schema, raw, meta_json, now, eid)
+                _write(conn, [row], [*flush_statements(p), bound_statement(bound)])
+            else:
+                # the one-row case of _write, inline (data and meta bound as bytearray:
+                # see _write), and in autocommit mode: one INSERT is its own durable
+                # transaction, without the BEGIN and COMMIT the sqlite3 module would
+                # prepare (parse) anew for every append
+                conn.isolation_level = None
+                try:
+                    conn.execute(
+                        INSERT,
+                        (
+                            p,
+                            stream,
+                            v,
+                            event.type,
+                            event.schema,
+                            bytearray(raw),
+                            bytearray(meta_json),
+                            now,
+                            meta.id,
+                        ),
+                    )
+                finally:
+                    conn.isolation_level = _ISOLATION
         except BaseException as exc:  # the batch path tries again and reports it
             try:
                 conn.rollback()  # nothing of it stays in an open transaction
@@ -365,20 +435,26 @@ class GroupCommitWriter:
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt...: rolled back, and on its way
             return None
-        self._timed(took, True)
+        self._lone_ended = ended = _perf_counter()
+        took = ended - started
+        # _timed, inline
+        self.commit_average += (took - self.commit_average) * _EWMA_WEIGHT
+        if took > self.inline_limit / _EWMA_WEIGHT:
+            self._stalled = ended + _STALL_PAUSE
         self.inline_commits += 1
         self.failure = None
         self.last = p
         self.versions[stream] = v
-        self.wal_pages += 1 + (len(unindexed) // 25 if flush else 0)
         if flush:
+            self.wal_pages += 1 + len(unindexed) // 25
             self.unindexed = []
             self.unindexed_ids = {}
             self.ids_bound = bound
         else:
+            self.wal_pages += 1
             unindexed.append((stream, v, p))
             self.unindexed_ids[eid] = p
-        self._tail.push([row[:8]])
+        self._tail.push_one((p, stream, v, event.type, event.schema, raw, meta_json, now))
         if self.wal_pages >= self.checkpoint_pages:
             self._due()  # the writer task checkpoints, in the connection's thread
         r = Recorded.__new__(Recorded)
