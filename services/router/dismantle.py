@@ -60,6 +60,8 @@ class Dismantler:
         self.kept = 0
         #: Generations waiting for their last request, or being taken apart.
         self.pending = 0
+        #: Of those, the ones that were still serving requests when withdrawn.
+        self._draining: set[tuple[str, int]] = set()
         self._closed = False
 
     def retire(self, mount: Mount) -> None:
@@ -68,14 +70,27 @@ class Dismantler:
         if not mount.owned or not isinstance(app, FastAPI):
             return  # an app the mounter did not build (a sandbox proxy): not ours
         self.pending += 1
+        key = (mount.plugin, mount.generation)
         label = f"plugin {mount.plugin!r} generation {mount.generation}"
-        mount.in_flight.when_idle(lambda: self._start(app, label))
+        if mount.in_flight.count:
+            # a collection cannot free it while it serves: none is due for its unload,
+            # and a full collection meanwhile does not make it a leak (kernel/collector.py)
+            self._draining.add(key)
+            collector.note_draining(key)
+        mount.in_flight.when_idle(lambda: self._start(app, label, key))
+
+    def draining(self) -> list[tuple[str, int]]:
+        """Withdrawn generations still serving requests (a stream that never ends)."""
+        return sorted(k for k in self._draining if k in collector.draining)
 
     def close(self) -> None:
         """Stop (the service stops): what is left goes to the collector."""
         self._closed = True
+        for key in self._draining:
+            collector.draining.pop(key, None)
+        self._draining.clear()
 
-    def _start(self, app: FastAPI, label: str) -> None:
+    def _start(self, app: FastAPI, label: str, key: tuple[str, int]) -> None:
         routes: list[Any] = app.router.routes
         sample: weakref.ref[Any] | None = None
         if routes:
@@ -89,7 +104,7 @@ class Dismantler:
             loop = None
         if loop is None or self._closed:
             routes.clear()
-            self._done(sample, label)
+            self._done(sample, label, key)
             return
 
         def step() -> None:
@@ -106,15 +121,19 @@ class Dismantler:
                 loop.call_soon(step)
             else:
                 routes.clear()
-                self._done(sample, label)
+                self._done(sample, label, key)
 
         step()
 
-    def _done(self, sample: weakref.ref[Any] | None, label: str) -> None:
+    def _done(self, sample: weakref.ref[Any] | None, label: str, key: tuple[str, int]) -> None:
         self.pending -= 1
+        drained = key in self._draining
+        self._draining.discard(key)
         if sample is not None and sample() is None:
             self.freed += 1
-            collector.note_freed()
+            collector.note_freed(key if drained else None)
         else:
             self.kept += 1
+            if drained:
+                collector.note_kept(key)
             log.debug("%s: its routes are still referenced; left to the collector", label)

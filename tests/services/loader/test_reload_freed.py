@@ -164,3 +164,50 @@ async def test_a_router_with_lifespan_state_is_freed_too(
             await anyio.sleep(0.01)
         assert served() is None
         assert (await h.client.get("/app/life/hello")).json() == {"greeting": "hi"}
+
+
+async def test_a_generation_serving_a_request_is_no_leak_and_calls_for_no_collection(
+    harness_factory: Any, plugins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request in flight across a reload (a stream, a long poll) keeps the withdrawn
+    generation alive: a full collection meanwhile could not free it, so its unload calls
+    for none, and one that runs anyway does not make it a leak ("its memory is never
+    freed") in /health; it is listed as draining instead, then freed by refcounting."""
+    write_plugin(plugins, "web", router=SLOW.replace("{generation}", "1"))
+    h = await harness_factory()
+    router: Any = h.kernel.services["router"]
+    flag = tmp_path / "flag"
+    with anyio.fail_after(60):
+        monkeypatch.setattr(collector, "tick", 3600.0)  # its task is ours to drive
+        await anyio.sleep(0.2)
+        answers: list[Any] = []
+
+        async def slow() -> None:
+            answers.append(await h.client.get("/app/web/slow", params={"flag": str(flag)}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            while not (tmp_path / "flag.in").exists():  # inside generation 1
+                await anyio.sleep(0.01)
+            write_plugin(plugins, "web", router=SLOW.replace("{generation}", "2"))
+            r = await h.client.post("/admin/plugins/web/reload", headers=AUTH)
+            assert r.status_code == 200, r.text
+            while router.dismantler.pending == 0:  # withdrawn, serving the request
+                await anyio.sleep(0.01)
+            assert collector._due() != "unloaded generations"
+            gc.collect()  # a full collection anyway, while the request runs
+            _, health = await h.loader.health()
+            assert "leaked_generations" not in health
+            assert list(health["draining_generations"]) == ["web"]
+            assert list(health["draining_generations"]["web"]) == ["1"]
+            flag.write_text("go")
+        assert answers[0].status_code == 200 and answers[0].json() == {"generation": 1}
+        while router.dismantler.pending:
+            await anyio.sleep(0.01)
+        assert router.dismantler.freed >= 1
+        # its remains wait for the collector's next collection; until then no leak
+        _, health = await h.loader.health()
+        assert "leaked_generations" not in health and "draining_generations" not in health
+        assert collector.freed_since_full == 1  # the remains' rule will collect them
+        gc.collect()
+        assert h.loader.leaked_generations() == {}
