@@ -16,7 +16,8 @@ Mechanism: a FastAPI app is one reference cycle (its router points back to the a
 handler holds the app), so everything it holds, every route, lives as long as the cycle.
 Its routes are reached from nowhere else once the generation is withdrawn: the dispatcher's
 table no longer has it, FastAPI's per-endpoint caches were pruned
-(``mounts.forget_endpoints``), and the loader emptied the plugin's own ``APIRouter``
+(``mounts.forget_endpoints``; again once its last request has ended, when requests
+were in flight: they refill them), and the loader emptied the plugin's own ``APIRouter``
 (services/loader/lifecycle.py; the copies the app serves held its routes). Emptying the
 app's route list therefore frees each route as it is removed. That happens only once no
 request is in flight on the generation (:class:`services.router.dispatcher.InFlight`): a
@@ -40,6 +41,7 @@ from fastapi import FastAPI
 
 from kernel.collector import collector
 from services.router.dispatcher import Mount
+from services.router.mounts import forget_app_endpoints
 
 __all__ = ["SLICE_S", "Dismantler"]
 
@@ -91,6 +93,10 @@ class Dismantler:
         self._draining.clear()
 
     def _start(self, app: FastAPI, label: str, key: tuple[str, int]) -> None:
+        if key in self._draining:
+            # its requests went on classifying their dependencies after the unmount
+            # pruned FastAPI's caches (forget_endpoints): they hold its callables again
+            forget_app_endpoints(app)
         routes: list[Any] = app.router.routes
         sample: weakref.ref[Any] | None = None
         if routes:

@@ -211,3 +211,60 @@ async def test_a_generation_serving_a_request_is_no_leak_and_calls_for_no_collec
         assert collector.freed_since_full == 1  # the remains' rule will collect them
         gc.collect()
         assert h.loader.leaked_generations() == {}
+
+
+DEPS = """
+    import asyncio
+    from pathlib import Path
+    from fastapi import APIRouter, Depends
+    router = APIRouter()
+
+    async def slow_auth(flag: str):
+        Path(flag + ".in").write_text("")
+        while not Path(flag).exists():
+            await asyncio.sleep(0.01)
+        return "user"
+
+    def session(user: str = Depends(slow_auth)):
+        yield {"user": user}
+
+    @router.get("/me")
+    async def me(s: dict = Depends(session)):
+        return {"generation": {generation}, **s}
+    """
+
+
+async def test_a_request_in_flight_leaves_no_reference_in_fastapis_caches(
+    harness_factory: Any, plugins: Path, tmp_path: Path
+) -> None:
+    """A request on the withdrawn generation resolves dependencies after the reload
+    (FastAPI classifies each dependency on each request, in module-level LRU caches
+    that hold the callable): those caches are pruned again once its last request has
+    ended, so the generation is still freed (not kept by FastAPI until 4,096 other
+    callables evict it, reported as a leak meanwhile)."""
+    write_plugin(plugins, "web", router=DEPS.replace("{generation}", "1"))
+    h = await harness_factory()
+    router: Any = h.kernel.services["router"]
+    flag = tmp_path / "flag"
+    with anyio.fail_after(60):
+        answers: list[Any] = []
+
+        async def slow() -> None:
+            answers.append(await h.client.get("/app/web/me", params={"flag": str(flag)}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            while not (tmp_path / "flag.in").exists():  # in its first dependency
+                await anyio.sleep(0.01)
+            write_plugin(plugins, "web", router=DEPS.replace("{generation}", "2"))
+            r = await h.client.post("/admin/plugins/web/reload", headers=AUTH)
+            assert r.status_code == 200, r.text
+            flag.write_text("go")
+        assert answers[0].json() == {"generation": 1, "user": "user"}
+        while router.dismantler.pending:
+            await anyio.sleep(0.01)
+        gc.collect()
+        assert h.loader.leaked_generations() == {}
+        flag.write_text("go")
+        r = await h.client.get("/app/web/me", params={"flag": str(flag)})
+        assert r.json() == {"generation": 2, "user": "user"}
