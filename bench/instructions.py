@@ -59,11 +59,20 @@ async def _appends(store: object, producers: int, events: int) -> None:
     await asyncio.gather(*(producer(i) for i in range(producers)))
 
 
-async def _workload(path: Path, producers: int, warmup: int, events: int) -> None:
+async def _workload(
+    path: Path, producers: int, warmup: int, events: int, limit: float, hold: float
+) -> None:
     from kernel.store.sqlite import SQLiteStore
 
     store = SQLiteStore(path, synchronous="FULL")
     await store.open()
+    # the writer's time-based policies, set on the writer (a tree may predate them):
+    # under callgrind a commit is ~50 times slower, so the defaults decide otherwise
+    writer = store._writer  # type: ignore[attr-defined]
+    if limit >= 0 and hasattr(writer, "inline_limit"):
+        writer.inline_limit = limit
+    if hold >= 0 and hasattr(writer, "inline_hold"):
+        writer.inline_hold = hold
     await _appends(store, producers, warmup)
     if events:
         await _appends(store, producers, events)
@@ -71,19 +80,29 @@ async def _workload(path: Path, producers: int, warmup: int, events: int) -> Non
 
 
 def _child(argv: list[str]) -> None:
-    tree, path, producers, warmup, events = argv
+    tree, path, producers, warmup, events, limit, hold = argv
     import kernel
 
     where = Path(kernel.__file__).resolve()
     if not where.is_relative_to(tree):
         raise SystemExit(f"bench.instructions: imported kernel from {where}, not from {tree}")
-    asyncio.run(_workload(Path(path), int(producers), int(warmup), int(events)))
+    asyncio.run(
+        _workload(Path(path), int(producers), int(warmup), int(events), float(limit), float(hold))
+    )
 
 
 # -- the driver ----------------------------------------------------------------------------
 
 
-def count(tree: Path, producers: int, warmup: int, events: int, tmp: Path) -> int:
+def count(
+    tree: Path,
+    producers: int,
+    warmup: int,
+    events: int,
+    tmp: Path,
+    limit: float = -1.0,
+    hold: float = -1.0,
+) -> int:
     """Instructions callgrind counts for one run of the workload (all threads)."""
     log_dir = Path(tempfile.mkdtemp(prefix="xcore-instr-", dir=tmp))
     out = log_dir / "callgrind.out"
@@ -106,6 +125,8 @@ def count(tree: Path, producers: int, warmup: int, events: int, tmp: Path) -> in
         str(producers),
         str(warmup),
         str(events),
+        str(limit),
+        str(hold),
     ]
     try:
         done = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
@@ -120,10 +141,12 @@ def count(tree: Path, producers: int, warmup: int, events: int, tmp: Path) -> in
     return int(found[-1])
 
 
-def measure(tree: Path, producers: int, warmup: int, events: int) -> dict[str, float]:
+def measure(
+    tree: Path, producers: int, warmup: int, events: int, limit: float = -1.0, hold: float = -1.0
+) -> dict[str, float]:
     tmp = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    base = count(tree, producers, warmup, 0, tmp)
-    full = count(tree, producers, warmup, events, tmp)
+    base = count(tree, producers, warmup, 0, tmp, limit, hold)
+    full = count(tree, producers, warmup, events, tmp, limit, hold)
     return {"warmup_run": base, "full_run": full, "per_event": (full - base) / events}
 
 
@@ -145,6 +168,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--producers", type=int, default=100)
     parser.add_argument("--events", type=int, default=20_000, help="measured appends")
     parser.add_argument("--warmup", type=int, default=2_000, help="appends before them")
+    parser.add_argument(
+        "--inline-limit",
+        type=float,
+        default=-1.0,
+        help="the writer's inline_limit in seconds (default: the tree's own; under "
+        "callgrind commits look ~50 times slower: 1 keeps every lone commit inline)",
+    )
+    parser.add_argument(
+        "--inline-hold",
+        type=float,
+        default=-1.0,
+        help="the writer's inline_hold in seconds (default: the tree's own, which "
+        "callgrind's slowness turns into a turn of the loop per append; 1e9: none)",
+    )
     ns = parser.parse_args(args)
     if shutil.which("valgrind") is None:
         raise SystemExit("bench.instructions needs valgrind (apt-get install -y valgrind)")
@@ -157,10 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{ns.events:,} one-event appends from {ns.producers} producers after "
         f"{ns.warmup:,} warm-up appends, synchronous=FULL on tmpfs, under callgrind"
+        + (f", inline_limit {ns.inline_limit:g} s" if ns.inline_limit >= 0 else "")
+        + (f", inline_hold {ns.inline_hold:g} s" if ns.inline_hold >= 0 else "")
     )
     print(f"{'tree':<40} {'instructions/event':>20}")
     for tree in trees:
-        figures = measure(tree, ns.producers, ns.warmup, ns.events)
+        figures = measure(tree, ns.producers, ns.warmup, ns.events, ns.inline_limit, ns.inline_hold)
         print(f"{tree!s:<40} {figures['per_event']:>20,.0f}", flush=True)
 
 

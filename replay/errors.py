@@ -30,7 +30,8 @@ class Defect:
     """A defect of the log found while reading or folding it.
 
     ``kind`` is one of ``gap``, ``corrupt``, ``upcast``, ``version``, ``handler``,
-    ``snapshot``, ``unknown-type`` (the last is a warning: a newer version's or a
+    ``snapshot``, ``id`` (an id stored twice), ``index`` (a log index that disagrees
+    with the events), ``unknown-type`` (the last is a warning: a newer version's or a
     plugin's event type, kept and passed over).
     """
 

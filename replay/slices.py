@@ -29,7 +29,7 @@ from typing import TextIO
 import orjson
 
 from kernel.events import Recorded, registry
-from kernel.store.sqlite import FORMAT, SCHEMA
+from kernel.store.sqlite import FORMAT, INDEX_WHOLE_LOG, SCHEMA
 from replay.errors import Defect, ReplayError
 from replay.fold import check_gaps
 from replay.progress import Progress
@@ -131,6 +131,14 @@ def import_slice(
                 "INSERT INTO xcore_meta (key, value) VALUES ('imported_from', ?)",
                 (str(src.header.get("source", source)),),
             )
+            seen: dict[str, int] = {}
+            for r in src.events:
+                first = seen.setdefault(r.meta.id, r.position)
+                if first != r.position:
+                    raise ReplayError(
+                        f"{source}: cannot import it: id {r.meta.id!r} is at positions "
+                        f"{first} and {r.position} (duplicate ids)"
+                    )
             conn.executemany(
                 "INSERT INTO events (position, stream, version, type, schema, data, meta, id,"
                 " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -149,6 +157,10 @@ def import_slice(
                     for r in src.events
                 ],
             )
+            # the ids and versions indexed whole (the log's own indexes check an id
+            # only once it is indexed: a duplicate here is refused as it always was)
+            for statement in INDEX_WHOLE_LOG:
+                conn.execute(statement)
             conn.execute("COMMIT")
         except sqlite3.IntegrityError as exc:
             raise ReplayError(

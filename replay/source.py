@@ -44,6 +44,8 @@ import orjson
 
 from kernel.events import Meta, Recorded, registry
 from kernel.store.base import Snapshot
+from kernel.store.sqlite_ids import lookup_sql
+from kernel.store.sqlite_streams import MARK_SQL
 from replay.errors import DamagedLog, Defect, ReplayError
 
 __all__ = ["COLUMNS", "Log", "SQLiteLog", "SliceLog", "open_log"]
@@ -109,6 +111,17 @@ class Log:
     def count(self, until: int) -> int:
         """How many events have a position <= ``until``."""
         raise NotImplementedError
+
+    def duplicate_ids(self, limit: int = 20) -> list[tuple[str, int, int]]:
+        """Ids stored more than once: (id, first position, a later one), at most
+        ``limit``. None here: a log whose store refuses them on insert (PostgreSQL's
+        unique index) has none to find."""
+        return []
+
+    def index_defects(self, limit: int = 20) -> list[tuple[int, str]]:
+        """Where the log's own indexes disagree with its events: (position, what), at
+        most ``limit``. None here: a store whose indexes the database keeps."""
+        return []
 
     def missing(self, until: int) -> list[tuple[int, int]]:
         """Gaps in positions up to ``until``: (first missing, last missing) ranges."""
@@ -403,9 +416,73 @@ class SQLiteLog(Log):
                     yield batch
 
     def by_id(self, event_id: str) -> Recorded | None:
-        rows = self._query(f"SELECT {COLUMNS} FROM events WHERE id = ?", (event_id,))
+        if self._has_id_index():  # format 3: the id index, then the unindexed end
+            sql = lookup_sql(COLUMNS, 1, MARK_SQL) + " LIMIT 1"
+            rows = self._query(sql, (event_id, event_id))
+        else:  # an older log: its UNIQUE index on events (id)
+            rows = self._query(f"SELECT {COLUMNS} FROM events WHERE id = ?", (event_id,))
         out = decode_rows(rows, [])
         return out[0] if out else None
+
+    def _has_id_index(self) -> bool:
+        rows = self._query(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ids_index'"
+        )
+        return bool(rows)
+
+    def duplicate_ids(self, limit: int = 20) -> list[tuple[str, int, int]]:
+        """Ids stored more than once: (id, first position, a later one), at most
+        ``limit`` (a sort of every id: read once, by ``verify``)."""
+        rows = self._query(
+            "SELECT id, MIN(position), MAX(position) FROM events GROUP BY id"
+            " HAVING COUNT(*) > 1 ORDER BY MIN(position) LIMIT ?",
+            (limit,),
+        )
+        return [(str(i), int(a), int(b)) for i, a, b in rows]
+
+    def index_defects(self, limit: int = 20) -> list[tuple[int, str]]:
+        # the lagged indexes of kernel/store/sqlite_streams.py and sqlite_ids.py: each
+        # row names an event that exists and matches, and each event up to the mark
+        # has its rows (an id stored twice is reported by duplicate_ids instead)
+        tables = {r[0] for r in self._query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        mark = f"COALESCE({MARK_SQL}, 0)"
+        checks: list[tuple[str, str]] = []
+        if "streams_index" in tables:
+            checks += [
+                (
+                    "SELECT s.position, 'the stream index names ' || quote(s.stream) || ' version '"
+                    " || s.version || ', the event there is another' FROM streams_index s"
+                    " LEFT JOIN events e ON e.position = s.position WHERE e.position IS NULL"
+                    " OR e.stream IS NOT s.stream OR e.version IS NOT s.version",
+                    "",
+                ),
+                (
+                    "SELECT e.position, 'not in the stream index, though before its mark'"
+                    f" FROM events e WHERE e.position <= {mark} AND NOT EXISTS (SELECT 1"
+                    " FROM streams_index s WHERE s.stream = e.stream AND s.version = e.version)",
+                    "",
+                ),
+            ]
+        if "ids_index" in tables:
+            checks += [
+                (
+                    "SELECT i.position, 'the id index names id ' || quote(i.id) || ', the event"
+                    " there has another' FROM ids_index i LEFT JOIN events e"
+                    " ON e.position = i.position WHERE e.id IS NOT i.id",
+                    "",
+                ),
+                (
+                    "SELECT e.position, 'its id is not in the id index, though before its mark'"
+                    f" FROM events e WHERE e.position <= {mark} AND NOT EXISTS"
+                    " (SELECT 1 FROM ids_index i WHERE i.id = e.id)",
+                    "",
+                ),
+            ]
+        found: list[tuple[int, str]] = []
+        for sql, _ in checks:
+            rows = self._query(f"{sql} LIMIT ?", (limit,))
+            found.extend((int(p), str(what)) for p, what in rows)
+        return sorted(found)[:limit]
 
     def count(self, until: int) -> int:
         # COUNT(*) of the whole table walks its smallest index; a range on the position

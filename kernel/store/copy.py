@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar
 
 from kernel.errors import StoreError, XcoreError
+from kernel.store.sqlite_streams import index_statements
 
 __all__ = ["copy_log", "register"]
 
@@ -113,6 +114,15 @@ class SQLiteSide:
         marks = ",".join("?" * 9)
         try:
             conn.executemany(f"INSERT INTO events ({ROW}) VALUES ({marks})", rows)
+            if rows:
+                # the batch indexed in its own transaction (the log's lagged stream and id
+                # indexes, sqlite_streams.py): the next kernel to open the copy has no
+                # long unindexed end to reload, and a later batch repeating an id or a
+                # stream version is refused by the insert guard
+                for sql, params in index_statements(
+                    [(r[1], r[2], r[0]) for r in rows], rows[-1][0], [(r[7], r[0]) for r in rows]
+                ):
+                    conn.execute(sql, params)
             conn.commit()
         except sqlite3.Error as exc:
             conn.rollback()

@@ -41,9 +41,11 @@ from kernel.store.base import (
     check_write,
 )
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
+from kernel.store.sqlite_ids import bound_sql
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     INDEXED_UPTO,
+    MARK_SQL,
     VERSIONS_CHUNK,
     read_stream_sql,
     stream_version_sql,
@@ -51,7 +53,7 @@ from kernel.store.sqlite_streams import (
     unindexed_sql,
 )
 from kernel.store.sqlite_trusted import skip_triggers
-from kernel.store.sqlite_writer import _ONE_TRIP, COLUMNS, GroupCommitWriter
+from kernel.store.sqlite_writer import _ONE_TRIP, COLUMNS, INLINE_HOLD, GroupCommitWriter
 from kernel.store.tail import Tail
 from kernel.store.versions import VersionReads
 
@@ -63,9 +65,10 @@ Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
 
 #: Layout version of the tables below, kept in ``xcore_meta``. Format 1 had
 #: ``UNIQUE (stream, version)`` on ``events``; format 2 has the lagged stream index
-#: (``kernel/store/sqlite_streams.py``). A format-1 log is upgraded when opened for
-#: writing, and read as it is when opened read-only.
-FORMAT: Final = 2
+#: (``kernel/store/sqlite_streams.py``) and format 3 the lagged id index instead of a
+#: ``UNIQUE`` index on ``events (id)`` (``kernel/store/sqlite_ids.py``). An older log is
+#: upgraded when opened for writing, and read as it is when opened read-only.
+FORMAT: Final = 3
 SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 
 _EVENTS_TABLE = """
@@ -82,32 +85,49 @@ CREATE TABLE IF NOT EXISTS {name} (
 );
 """
 
-_APPEND_ONLY = """
+#: The insert guard of format 2, replaced at the upgrade to 3 (its id probe needs the
+#: ``events_id`` index that format 3 drops).
+_INSERT_GUARD = "events_append_only_insert"
+
+_APPEND_ONLY = f"""
 CREATE TABLE IF NOT EXISTS streams_index (
     stream   TEXT    NOT NULL,
     version  INTEGER NOT NULL,
     position INTEGER NOT NULL,
     PRIMARY KEY (stream, version)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events (id);
+CREATE TABLE IF NOT EXISTS ids_index (
+    id       TEXT    NOT NULL PRIMARY KEY,
+    position INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
--- INSERT OR REPLACE deletes the row it conflicts with without firing delete triggers:
--- an insert that would replace anything (a position at or before the end of the log,
--- or an id already in it) is refused before it runs. MAX(position) is one seek.
--- A version of a stream that is already indexed is refused too (one probe of the index;
--- the writer never reuses one, so only an outside writer can try).
-CREATE TRIGGER IF NOT EXISTS events_append_only_insert BEFORE INSERT ON events
+-- INSERT OR REPLACE deletes the row it conflicts with without firing delete triggers.
+-- The position is the table's only key (no UNIQUE index on it), so an insert past the
+-- end of the log replaces nothing: one seek (MAX(position)) refuses every other one.
+-- An id or a stream version already indexed is refused too (one probe of each index;
+-- the writer never reuses one, so only an outside writer can try; one in the unindexed
+-- end is reported by `xcore replay verify`).
+CREATE TRIGGER IF NOT EXISTS {_INSERT_GUARD} BEFORE INSERT ON events
 WHEN NEW.position <= (SELECT MAX(position) FROM events)
-  OR EXISTS (SELECT 1 FROM events WHERE id = NEW.id)
+  OR EXISTS (SELECT 1 FROM ids_index WHERE id = NEW.id)
   OR EXISTS (SELECT 1 FROM streams_index WHERE stream = NEW.stream AND version = NEW.version)
 BEGIN SELECT RAISE(ABORT, 'the xcore event log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS streams_index_append_only_update BEFORE UPDATE ON streams_index
 BEGIN SELECT RAISE(ABORT, 'the xcore stream index is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS streams_index_append_only_delete BEFORE DELETE ON streams_index
 BEGIN SELECT RAISE(ABORT, 'the xcore stream index is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS ids_index_append_only_update BEFORE UPDATE ON ids_index
+BEGIN SELECT RAISE(ABORT, 'the xcore id index is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS ids_index_append_only_delete BEFORE DELETE ON ids_index
+BEGIN SELECT RAISE(ABORT, 'the xcore id index is append-only'); END;
+-- an INSERT OR REPLACE of an indexed id would delete its row without the delete
+-- trigger: an insert of an id already indexed is skipped (as INSERT OR IGNORE)
+CREATE TRIGGER IF NOT EXISTS ids_index_no_replace BEFORE INSERT ON ids_index
+WHEN EXISTS (SELECT 1 FROM ids_index WHERE id = NEW.id)
+BEGIN SELECT RAISE(IGNORE); END;
 """
 
 SCHEMA = (
@@ -123,27 +143,49 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 )
 
-#: Format 1 to 2: the events table without its UNIQUE (stream, version) (a table
-#: constraint cannot be dropped: the table is copied), and the index built sorted.
+#: Both indexes made whole and the mark moved to the end of the log (statements to run
+#: inside a transaction: the upgrades below, an imported slice; not for a log of
+#: format 3 with a long history: every id is read).
+INDEX_WHOLE_LOG: Final = (
+    "INSERT OR IGNORE INTO streams_index (stream, version, position)"
+    " SELECT stream, version, position FROM events"
+    f" WHERE position > COALESCE({MARK_SQL}, 0) ORDER BY stream, version",
+    # every id: a format-2 log has its ids in the events_id index that this replaces
+    "INSERT OR IGNORE INTO ids_index (id, position)"
+    " SELECT id, position FROM events ORDER BY id, position",
+    "INSERT INTO xcore_meta (key, value)"
+    f" VALUES ('{INDEXED_UPTO}', (SELECT COALESCE(MAX(position), 0) FROM events))"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+)
+_INDEX_ALL = ";\n".join(INDEX_WHOLE_LOG) + ";\n"
+_FORMAT_DONE = f"UPDATE xcore_meta SET value = '{FORMAT}' WHERE key = 'format';\nCOMMIT;\n"
+
+#: Format 1 to 3: the events table without its UNIQUE (stream, version) nor its id
+#: index (a table constraint cannot be dropped: the table is copied), and both indexes
+#: built sorted.
 UPGRADE_FROM_1 = (
     "BEGIN IMMEDIATE;"
-    + _EVENTS_TABLE.format(name="events_format2")
+    + _EVENTS_TABLE.format(name="events_format3")
     + """
-INSERT INTO events_format2 SELECT position, stream, version, type, schema, data, meta, id,
+INSERT INTO events_format3 SELECT position, stream, version, type, schema, data, meta, id,
     recorded_at FROM events ORDER BY position;
 DROP TABLE events;
-ALTER TABLE events_format2 RENAME TO events;
+ALTER TABLE events_format3 RENAME TO events;
 """
     + _APPEND_ONLY
-    + f"""
-INSERT INTO streams_index (stream, version, position)
-    SELECT stream, version, position FROM events ORDER BY stream, version;
-INSERT INTO xcore_meta (key, value)
-    VALUES ('{INDEXED_UPTO}', (SELECT COALESCE(MAX(position), 0) FROM events))
-    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
-UPDATE xcore_meta SET value = '2' WHERE key = 'format';
-COMMIT;
-"""
+    + _INDEX_ALL
+    + _FORMAT_DONE
+)
+
+#: Format 2 to 3: the id index replaces ``events_id`` (read in its order before it is
+#: dropped: no sort); the insert guard that probed it is replaced; the stream index is
+#: completed up to the end of the log, the id index's mark.
+UPGRADE_FROM_2 = (
+    f"BEGIN IMMEDIATE; DROP TRIGGER IF EXISTS {_INSERT_GUARD};"
+    + _APPEND_ONLY
+    + _INDEX_ALL
+    + "DROP INDEX IF EXISTS events_id;\n"
+    + _FORMAT_DONE
 )
 
 UPSERT_CHECKPOINT = (
@@ -213,6 +255,7 @@ class SQLiteStore:
         poll_interval: float = 0.1,
         index_every: int = INDEX_EVERY,
         inline_limit: float = 0.005,
+        inline_hold: float = INLINE_HOLD,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -233,6 +276,11 @@ class SQLiteStore:
         #: a lone append with nothing else ready commits in the event loop's thread
         #: while commits take less than this (seconds; 0: always the connection's thread)
         self.inline_limit = inline_limit
+        if not math.isfinite(inline_hold) or inline_hold < 0:
+            raise StoreError(f"inline_hold must be 0 or more seconds, not {inline_hold!r}")
+        #: a task appending in a loop, each append committed in the task itself, yields
+        #: to the event loop once it has held it this long (seconds; 0: after each append)
+        self.inline_hold = inline_hold
         #: the log's format (see FORMAT); known once open
         self.format = FORMAT
         self.files = LogFiles(self.path, evidence)
@@ -282,10 +330,8 @@ class SQLiteStore:
         self._open = True
         if self._write_conn is not None:
             try:
-                unindexed = [
-                    (str(r[0]), int(r[1]), int(r[2]))
-                    for r in await self._write_conn.execute_fetchall(unindexed_sql())
-                ]
+                end = list(await self._write_conn.execute_fetchall(unindexed_sql()))
+                bound = list(await self._write_conn.execute_fetchall(bound_sql()))
             except BaseException:
                 self._open = False
                 await self._release()
@@ -296,9 +342,13 @@ class SQLiteStore:
                 self._tail,
                 self._last,
                 self.max_batch,
-                unindexed=unindexed,
+                unindexed=[(str(r[0]), int(r[1]), int(r[2])) for r in end],
+                # reversed: of an id an outside writer stored twice, the first counts
+                unindexed_ids={str(r[3]): int(r[2]) for r in reversed(end)},
+                ids_bound=str(bound[0][0]) if bound and bound[0][0] is not None else "",
                 index_every=self.index_every,
                 inline_limit=self.inline_limit,
+                inline_hold=self.inline_hold,
             )
             self._writer.start()
             self._marker = asyncio.create_task(self._mark_loop(), name="xcore-store-mark")
@@ -459,8 +509,9 @@ class SQLiteStore:
                     f"{self.path} is an SQLite database but not an xcore event log "
                     f"(it has the tables {', '.join(sorted(tables))} and no 'events')"
                 )
-            if "events" in tables and await self._read_format(conn) == 1:
-                await self._upgrade_from_1(conn)
+            found = await self._read_format(conn) if "events" in tables else None
+            if found in (1, 2):
+                await self._upgrade(conn, found)
                 # the copy went to the WAL; the writer checkpoints only as it appends
                 await conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
             await conn.executescript(SCHEMA)
@@ -489,18 +540,21 @@ class SQLiteStore:
             return None  # no xcore_meta table: _check_schema names the problem
         return int(rows[0][0]) if rows else None
 
-    async def _upgrade_from_1(self, conn: aiosqlite.Connection) -> None:
+    async def _upgrade(self, conn: aiosqlite.Connection, found: int) -> None:
+        """Upgrade a format-1 or format-2 log to FORMAT, in one transaction."""
         started = time.monotonic()
         count = await self._query_last_position(conn)
         log.warning(
-            "%s: upgrading the log from format 1 to %d (stream index; %d events copied once)",
+            "%s: upgrading the log from format %d to %d (%s; %d events)",
             self.path,
+            found,
             FORMAT,
+            "stream and id indexes, events copied once" if found == 1 else "id index",
             count,
         )
         await conn.commit()
         try:
-            await conn.executescript(UPGRADE_FROM_1)
+            await conn.executescript(UPGRADE_FROM_1 if found == 1 else UPGRADE_FROM_2)
         except sqlite3.Error:
             with contextlib.suppress(sqlite3.Error):
                 await conn.execute("ROLLBACK")
@@ -693,7 +747,13 @@ class SQLiteStore:
             events = check_write(self.location, stream, events, expected_version)
             if not events:
                 return []
-        return await writer.append(events, stream, expected_version)
+        # writer.append, inline: one coroutine less per append
+        answer = writer.offer(events, stream, expected_version)
+        if isinstance(answer, list):
+            if writer._lone_ended - writer._yielded_at >= writer.inline_hold:
+                await writer.turn()
+            return answer
+        return await answer
 
     async def append_many(self, writes: Sequence[StreamWrite]) -> list[WriteResult]:
         writer = self._writer

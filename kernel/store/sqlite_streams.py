@@ -13,7 +13,8 @@ any moment. The mechanism:
   ``(stream, version)``, holds every event up to the mark ``indexed_upto`` (in
   ``xcore_meta``);
 - the writer keeps the events after the mark in memory and, every ``index_every``
-  events, writes them sorted — in the transaction of the batch that crosses the bound,
+  events, writes them sorted (``flush_statements``: read back from the log's last
+  pages and sorted by SQLite) — in the transaction of the batch that crosses the bound,
   so the index and the mark never disagree with the log — and moves the mark. Sorted
   rows of one stream share a leaf: each leaf is written once per flush, not per batch;
 - a read by stream asks the index up to the mark and scans the short unindexed end
@@ -32,11 +33,15 @@ from collections.abc import Collection, Iterable
 from itertools import chain
 from typing import Any, Final
 
+from kernel.store.sqlite_ids import IdRow, id_index_statements
+
 __all__ = [
     "INDEXED_UPTO",
     "INDEX_EVERY",
+    "MARK_SQL",
     "VERSIONS_CHUNK",
     "IndexRow",
+    "flush_statements",
     "index_statements",
     "read_stream_sql",
     "stream_version_sql",
@@ -51,15 +56,20 @@ _CHUNK: Final = 500
 #: The ``xcore_meta`` key of the mark.
 INDEXED_UPTO: Final = "indexed_upto"
 _MARK = f"(SELECT CAST(value AS INTEGER) FROM xcore_meta WHERE key = '{INDEXED_UPTO}')"
+#: The mark, as an SQL expression (NULL in a log that has none).
+MARK_SQL: Final = _MARK
 
 #: Index row: (stream, version, position).
 IndexRow = tuple[str, int, int]
 
 
-def index_statements(rows: Iterable[IndexRow], upto: int) -> list[tuple[str, tuple[Any, ...]]]:
-    """The statements writing ``rows`` to the index, sorted, and moving the mark to ``upto``."""
+def index_statements(
+    rows: Iterable[IndexRow], upto: int, ids: Iterable[IdRow] = ()
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements writing ``rows`` to the stream index and ``ids`` to the id index
+    (``sqlite_ids.py``: both share the mark), sorted, and moving the mark to ``upto``."""
     ordered = sorted(rows)
-    statements: list[tuple[str, tuple[Any, ...]]] = []
+    statements = id_index_statements(ids)
     for i in range(0, len(ordered), _CHUNK):
         chunk = ordered[i : i + _CHUNK]
         # OR IGNORE: a row an outside writer slipped into the log with a version already
@@ -76,6 +86,34 @@ def index_statements(rows: Iterable[IndexRow], upto: int) -> list[tuple[str, tup
         )
     )
     return statements
+
+
+def flush_statements(upto: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements writing every event after the mark, up to ``upto``, to the stream
+    and id indexes, and moving the mark to ``upto`` — run in the transaction that wrote
+    those events (they are read back from the log: its last pages, in cache; SQLite
+    sorts the stream rows itself, no Python sort and no value bound per row)."""
+    after = f"position > COALESCE({_MARK}, 0) AND position <= ?"
+    return [
+        (
+            "INSERT OR IGNORE INTO streams_index (stream, version, position)"
+            f" SELECT stream, version, position FROM events WHERE {after}"
+            " ORDER BY stream, version",
+            (upto,),
+        ),
+        (
+            # in position order: of an id stored twice (by an outside writer), the
+            # first position is the one indexed (see sqlite_ids.py)
+            "INSERT OR IGNORE INTO ids_index (id, position)"
+            f" SELECT id, position FROM events WHERE {after} ORDER BY position",
+            (upto,),
+        ),
+        (
+            "INSERT INTO xcore_meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (INDEXED_UPTO, str(upto)),
+        ),
+    ]
 
 
 def read_stream_sql(
@@ -135,8 +173,9 @@ VERSIONS_CHUNK: Final = _CHUNK
 
 
 def unindexed_sql() -> str:
-    """The statement listing the events after the mark, as index rows."""
+    """The statement listing the events after the mark: rows of (stream, version,
+    position, id), an index row and the event's id."""
     return (
-        "SELECT stream, version, position FROM events"
+        "SELECT stream, version, position, id FROM events"
         f" WHERE position > COALESCE({_MARK}, 0) ORDER BY position"
     )

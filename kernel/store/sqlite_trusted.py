@@ -4,11 +4,12 @@ runs with them.
 Guarantee: every connection but the store's writer — the ``sqlite3`` shell, a script, a
 second xcore process that took no lock — has each of its inserts into ``events`` checked
 by the append-only triggers (no ``INSERT OR REPLACE`` over an event, no position at or
-before the end, no id or indexed stream version reused) and its updates and deletes
+before the end, no indexed id or stream version reused) and its updates and deletes
 refused. The writer itself needs no such check: it is the only one to assign positions
 and versions (the lock file admits one writer), it checks ``expected_version`` and ids
-itself, and it only ever issues plain ``INSERT`` (a conflict is an error, never a
-replacement; the ``UNIQUE`` id index and the position key still refuse one).
+itself (the unindexed end's in memory, the id index by a probe: ``sqlite_ids.py``), and
+it only ever issues plain ``INSERT`` (a conflict is an error, never a replacement; the
+position key still refuses one).
 
 Why: a ``BEFORE INSERT`` trigger costs SQLite a sub-program per row — in a raw loop of
 100-row inserts, about 8,500 instructions a row before its probes run and 14,000 with

@@ -9,9 +9,12 @@ and idempotency keys itself, batch by batch.
 
 A lone append meets an idle writer most of the time when one producer writes: it then
 commits in the loop's own thread, and, for one event to a stream the writer knows, in
-its caller's task (``_lone``): no queue, no wake-up, no turn of the writer task. A lone
-commit blocks the loop, so it is done only while nothing else is ready to run and lone
-commits are fast on average (``_may_inline``); a slow disk sends them to the thread.
+its caller's task (``_lone``): no queue, no wake-up, no turn of the writer task, one
+INSERT in autocommit mode (its own durable transaction). A lone commit blocks the loop,
+so it is done only while nothing else is ready to run and lone commits are fast on
+average (``_may_inline``); a slow disk sends them to the thread. Such an append never
+waits, so the caller yields to the loop once it has held it for ``inline_hold`` (1 ms):
+a task appending in a loop never starves timers and I/O for longer.
 
 A batch fails as a whole only for a reason that is the log's, not one caller's (the disk
 is full): then it is rolled back and every caller gets the error. An append whose own
@@ -27,10 +30,10 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiosqlite
 import orjson
@@ -38,11 +41,12 @@ import orjson
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
 from kernel.store.base import ANY, StreamWrite, WriteResult, check_write, describe_expected
+from kernel.store.sqlite_ids import FRESH_LENGTH, bound_statement, indexed_ids_sql, raise_bound
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
     IndexRow,
-    index_statements,
+    flush_statements,
     stream_version_sql,
     stream_versions_sql,
     unindexed_sql,
@@ -91,7 +95,17 @@ INLINE_BYTES = 64 * 1024
 #: committing on the loop's thread would block the loop for the copy and its fsync,
 #: and count as a slow commit (see ``_may_inline``).
 CHECKPOINT_PAGES = 1000
+#: A caller appending in a loop, each append committed in its own task (``_lone``),
+#: yields to the event loop once it has held it this long (seconds), not after every
+#: append: a turn of the loop costs about as much Python as the rest of such an append,
+#: and other tasks, I/O and timers wait at most this long plus one commit.
+INLINE_HOLD = 0.001
 _perf_counter = time.perf_counter
+_Future = asyncio.Future
+_running_loop = asyncio.get_running_loop
+#: The writer connection's isolation level (sqlite.py opens it so): each transaction
+#: begins implicitly, BEGIN IMMEDIATE, before its first INSERT.
+_ISOLATION: Final = "IMMEDIATE"
 #: Errors of one write's own data (an id already stored, a value larger than SQLite's
 #: limit): the batch is retried one write at a time so only its caller gets them.
 _OWN_DATA = (sqlite3.IntegrityError, sqlite3.DataError)
@@ -116,13 +130,27 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
+def _probe_ids(conn: sqlite3.Connection, ids: list[str]) -> None:
+    """Refuse ``ids`` (IntegrityError, as the ``UNIQUE`` index on ``events (id)`` of
+    format 2 did) when one is in the id index: a read of one hot leaf per id (ids drawn
+    by ``new_id`` are time-ordered), no page written. The unindexed end's ids are
+    checked in memory before (see ``sqlite_ids.py``)."""
+    found = conn.execute(indexed_ids_sql(len(ids)), ids).fetchone()
+    if found is not None:
+        raise sqlite3.IntegrityError(
+            f"UNIQUE constraint failed: events.id ({found[0]!r} is already in the log)"
+        )
+
+
 def _write(
     conn: sqlite3.Connection,
     rows: list[tuple[Any, ...]],
     puts: list[tuple[str, tuple[Any, ...]]],
+    probe: Sequence[str] = (),
 ) -> float:
-    """Insert the batch and commit (in the connection's own thread, or inline in the
-    loop's); returns how long it took, in seconds."""
+    """Insert the batch, refuse it if one of the ids ``probe`` is in the id index, and
+    commit (in the connection's own thread, or inline in the loop's); returns how long
+    it took, in seconds."""
     started = _perf_counter()
     for i in range(0, len(rows), _CHUNK):
         chunk = rows[i : i + _CHUNK]
@@ -134,6 +162,9 @@ def _write(
         flat[5::9] = map(bytearray, flat[5::9])
         flat[6::9] = map(bytearray, flat[6::9])
         conn.execute(_insert_sql(len(chunk)), flat)
+    for i in range(0, len(probe), _CHUNK):
+        # in the transaction the insert opened (a read of the index it does not touch)
+        _probe_ids(conn, list(probe[i : i + _CHUNK]))
     for sql, params in puts:
         conn.execute(sql, params)
     conn.commit()
@@ -152,8 +183,11 @@ class GroupCommitWriter:
         max_batch: int,
         *,
         unindexed: Sequence[IndexRow] = (),
+        unindexed_ids: Mapping[str, int] = {},
+        ids_bound: str = "",
         index_every: int = INDEX_EVERY,
         inline_limit: float = 0.005,
+        inline_hold: float = INLINE_HOLD,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -167,6 +201,10 @@ class GroupCommitWriter:
         self.failure: str | None = None
         #: events after the stream index's mark, as index rows (see sqlite_streams.py)
         self.unindexed: list[IndexRow] = list(unindexed)
+        #: the ids of those events, to their positions (see sqlite_ids.py)
+        self.unindexed_ids: dict[str, int] = dict(unindexed_ids)
+        #: no id of 32 characters in the id index sorts after it (see sqlite_ids.py)
+        self.ids_bound = ids_bound
         self.index_every = index_every
         # A plain deque and one wake-up future: cheaper than asyncio.Queue's getters.
         self._queue: deque[_Op] = deque()
@@ -178,8 +216,16 @@ class GroupCommitWriter:
         self.inline_limit = inline_limit
         #: the running average of lone writes' commit times, in either thread (seconds)
         self.commit_average = 0.0
-        #: lone commits stay off the loop's thread until then (time.monotonic())
+        #: lone commits stay off the loop's thread until then (time.perf_counter())
         self._stalled = 0.0
+        #: when an append committed in its caller's task last yielded to the loop
+        #: (time.perf_counter(); see ``inline_hold``)
+        self._yielded_at = 0.0
+        #: when the last lone commit in the caller's task ended (time.perf_counter())
+        self._lone_ended = 0.0
+        #: seconds a caller appending in a loop, each append committed in its own task,
+        #: may hold the loop before an append yields to it once; 0 yields after each
+        self.inline_hold = inline_hold
         #: lone writes committed in the loop's thread, and in the connection's
         self.inline_commits = 0
         self.thread_commits = 0
@@ -200,14 +246,14 @@ class GroupCommitWriter:
         commits are fast again. ``inline_limit`` 0 turns it off."""
         if self.inline_limit <= 0 or self._ready is None or self._ready:
             return False
-        return self.commit_average <= self.inline_limit and time.monotonic() >= self._stalled
+        return self.commit_average <= self.inline_limit and _perf_counter() >= self._stalled
 
     def _timed(self, took: float, inline: bool) -> None:
         """Count a lone write's commit time into ``commit_average``; after a stall of
         the loop's thread, keep lone commits off it for ``_STALL_PAUSE`` seconds."""
         self.commit_average += (took - self.commit_average) * _EWMA_WEIGHT
         if inline and took > self.inline_limit / _EWMA_WEIGHT:
-            self._stalled = time.monotonic() + _STALL_PAUSE
+            self._stalled = _perf_counter() + _STALL_PAUSE
 
     @property
     def running(self) -> bool:
@@ -261,6 +307,22 @@ class GroupCommitWriter:
     async def append(
         self, events: Sequence[NewEvent], stream: str, expected_version: int | None
     ) -> list[Recorded]:
+        answer = self.offer(events, stream, expected_version)
+        if isinstance(answer, list):
+            if self._lone_ended - self._yielded_at >= self.inline_hold:
+                await self.turn()
+            return answer
+        return await answer
+
+    def offer(
+        self, events: Sequence[NewEvent], stream: str, expected_version: int | None
+    ) -> list[Recorded] | asyncio.Future[list[Recorded]]:
+        """Take an append: its records when it was committed at once, in the caller's
+        task (``_lone``), or the future of them once its batch is durable.
+
+        A caller that got the records yields to the loop with :meth:`turn` when it has
+        held it for ``inline_hold`` seconds (see ``append``, which does both; the store
+        does it inline, one coroutine less per append)."""
         task = self._task
         if self._stopping or task is None or task.done():
             self._check_alive()  # raises, naming why
@@ -278,16 +340,21 @@ class GroupCommitWriter:
                 # the writer is idle and nothing else is ready to run: commit here
                 records = self._lone(stream, expected_version, events[0])
                 if records is not None:
-                    # let the loop run once (I/O, timers) before the caller goes on: a
-                    # caller appending in a loop must not hold it for good
-                    await asyncio.sleep(0)
                     return records
-        future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
+        # the C future itself, not loop.create_future(): one Python call less per append
+        future: asyncio.Future[list[Recorded]] = _Future(loop=_running_loop())
         self._queue.append(_Append(stream, expected_version, events, future))
         wakeup = self._wakeup  # as _enqueue, inline: this runs once per append
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
-        return await future
+        return future
+
+    async def turn(self) -> None:
+        """Let the loop run once (I/O, timers) after appends committed in the caller's
+        task: a caller appending in a loop holds it for at most about ``inline_hold``
+        seconds (and one commit) at a time."""
+        await asyncio.sleep(0)
+        self._yielded_at = _perf_counter()
 
     def _lone(self, stream: str, expected: int | None, event: NewEvent) -> list[Recorded] | None:
         """Commit one event at once, in the loop's thread, while the writer task is idle:
@@ -305,6 +372,8 @@ class GroupCommitWriter:
         if len(event.data) > INLINE_BYTES:
             return None  # too big to hold the loop for (see INLINE_BYTES)
         meta = event.meta
+        if meta.id in self.unindexed_ids:
+            return None  # refused: the batch path says so
         try:
             data = orjson.loads(event.data)
             if event.type in registry.versioned:
@@ -315,13 +384,49 @@ class GroupCommitWriter:
         p = self.last + 1
         v = current + 1
         now = time.time()
-        row = (p, stream, v, event.type, event.schema, event.data, meta_json, now, meta.id)
+        raw = event.data
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
-        statements = index_statements([*unindexed, (stream, v, p)], p) if flush else []
+        eid = meta.id
+        if type(eid) is not str:
+            return None  # refused: the batch path says so
+        bound = self.ids_bound
         conn = self._conn._conn
+        started = _perf_counter()
         try:
-            took = _write(conn, [row], statements)
+            if (len(eid) != FRESH_LENGTH or eid <= bound) and conn.execute(
+                indexed_ids_sql(1), (eid,)
+            ).fetchone() is not None:
+                # an id the id index might hold (not a fresh one, see sqlite_ids.py), and
+                # does: refused, by the batch path (no transaction is open yet)
+                return None
+            if flush:
+                bound = raise_bound(bound, [*self.unindexed_ids, eid])
+                row = (p, stream, v, event.type, event.schema, raw, meta_json, now, eid)
+                _write(conn, [row], [*flush_statements(p), bound_statement(bound)])
+            else:
+                # the one-row case of _write, inline (data and meta bound as bytearray:
+                # see _write), and in autocommit mode: one INSERT is its own durable
+                # transaction, without the BEGIN and COMMIT the sqlite3 module would
+                # prepare (parse) anew for every append
+                conn.isolation_level = None
+                try:
+                    conn.execute(
+                        INSERT,
+                        (
+                            p,
+                            stream,
+                            v,
+                            event.type,
+                            event.schema,
+                            bytearray(raw),
+                            bytearray(meta_json),
+                            now,
+                            meta.id,
+                        ),
+                    )
+                finally:
+                    conn.isolation_level = _ISOLATION
         except BaseException as exc:  # the batch path tries again and reports it
             try:
                 conn.rollback()  # nothing of it stays in an open transaction
@@ -330,17 +435,26 @@ class GroupCommitWriter:
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt...: rolled back, and on its way
             return None
-        self._timed(took, True)
+        self._lone_ended = ended = _perf_counter()
+        took = ended - started
+        # _timed, inline
+        self.commit_average += (took - self.commit_average) * _EWMA_WEIGHT
+        if took > self.inline_limit / _EWMA_WEIGHT:
+            self._stalled = ended + _STALL_PAUSE
         self.inline_commits += 1
         self.failure = None
         self.last = p
         self.versions[stream] = v
-        self.wal_pages += 2 + (len(unindexed) // 50 if flush else 0)
         if flush:
+            self.wal_pages += 1 + len(unindexed) // 25
             self.unindexed = []
+            self.unindexed_ids = {}
+            self.ids_bound = bound
         else:
+            self.wal_pages += 1
             unindexed.append((stream, v, p))
-        self._tail.push([row[:8]])
+            self.unindexed_ids[eid] = p
+        self._tail.push_one((p, stream, v, event.type, event.schema, raw, meta_json, now))
         if self.wal_pages >= self.checkpoint_pages:
             self._due()  # the writer task checkpoints, in the connection's thread
         r = Recorded.__new__(Recorded)
@@ -478,9 +592,17 @@ class GroupCommitWriter:
                 return
 
     async def _write_public(  # pragma: no cover - an aiosqlite without its private runner
-        self, rows: list[tuple[Any, ...]], statements: list[tuple[str, tuple[Any, ...]]]
+        self,
+        rows: list[tuple[Any, ...]],
+        statements: list[tuple[str, tuple[Any, ...]]],
+        probe: list[str],
     ) -> None:
         """The batch through aiosqlite's public calls: a trip per statement."""
+        for i in range(0, len(probe), 500):
+            chunk = probe[i : i + 500]
+            taken = await self._conn.execute_fetchall(indexed_ids_sql(len(chunk)), chunk)
+            if taken:
+                raise sqlite3.IntegrityError(f"UNIQUE constraint failed: events.id {taken!r}")
         if rows:
             await self._conn.executemany(INSERT, rows)
         for sql, params in statements:
@@ -505,8 +627,12 @@ class GroupCommitWriter:
         """At a clean stop, index the unindexed end (the next open has nothing to reload)."""
         if not self.unindexed:
             return
+        bound = raise_bound(self.ids_bound, self.unindexed_ids)
         try:
-            for sql, params in index_statements(self.unindexed, self.last):
+            for sql, params in [
+                *flush_statements(self.last),
+                bound_statement(bound),
+            ]:
                 await self._conn.execute(sql, params)
             await self._conn.commit()
         except sqlite3.Error as exc:
@@ -520,6 +646,8 @@ class GroupCommitWriter:
             )
             return
         self.unindexed = []
+        self.unindexed_ids = {}
+        self.ids_bound = bound
 
     async def _stream_version(self, stream: str) -> int:
         version = self.versions.get(stream)
@@ -542,16 +670,20 @@ class GroupCommitWriter:
             for stream in chunk:
                 self.versions[stream] = found.get(stream, 0)
 
-    async def _existing_ids(self, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = await self._conn.execute_fetchall(
-                f"SELECT id FROM events WHERE id IN ({marks})", chunk
-            )
-            found.update(row[0] for row in rows)
+    async def _positions_of(self, ids: list[str]) -> dict[str, int]:
+        """The positions of those of ``ids`` already in the log: the unindexed end's
+        from memory, the others from the id index (one probe each)."""
+        held = self.unindexed_ids
+        found = {i: held[i] for i in ids if i in held}
+        rest = list({i: None for i in ids if i not in found})
+        for n in range(0, len(rest), 500):
+            chunk = rest[n : n + 500]
+            rows = await self._conn.execute_fetchall(indexed_ids_sql(len(chunk)), chunk)
+            found.update((str(row[0]), int(row[1])) for row in rows)
         return found
+
+    async def _existing_ids(self, ids: list[str]) -> set[str]:
+        return set(await self._positions_of(ids))
 
     async def _commit(self, batch: list[_Append | _Put]) -> None:
         conn = self._conn
@@ -559,6 +691,9 @@ class GroupCommitWriter:
         puts = [o for o in batch if type(o) is _Put]
         explicit = [e.meta.id for o in appends for e in o.events if e.explicit_id]
         existing = await self._existing_ids(explicit) if explicit else set()
+        held = self.unindexed_ids
+        bound = self.ids_bound
+        probe: list[str] = []  # ids the id index might hold (see sqlite_ids.py)
         versions = self.versions
         unknown = list({o.stream: None for o in appends if o.stream not in versions})
         if len(unknown) > 1:
@@ -571,7 +706,7 @@ class GroupCommitWriter:
         fresh_index: list[IndexRow] = []  # the rows' (stream, version, position)
         results: list[tuple[_Append, list[Recorded]]] = []
         failures: list[tuple[_Append, BaseException]] = []
-        in_batch: set[str] = set()
+        in_batch: dict[str, int] = {}  # the ids written, to their positions
         # records are built inline (no constructor call per event): the appender's copy
         # of each event, its payload decoded (which also checks it is JSON) and upcast
         new = Recorded.__new__
@@ -586,6 +721,12 @@ class GroupCommitWriter:
                 eid = meta.id
                 if eid in existing or eid in in_batch:
                     o.existing = [eid]
+                    continue
+                if eid in held:  # not explicit: a fresh id was expected
+                    failures.append((o, self._taken(stream, eid)))
+                    continue
+                if type(eid) is not str:
+                    failures.append((o, self._not_text(stream, eid)))
                     continue
                 current = touched.get(stream)
                 if current is None:
@@ -618,7 +759,9 @@ class GroupCommitWriter:
                 r._meta_raw = None
                 r.timestamp = now
                 r._event = None
-                in_batch.add(eid)
+                in_batch[eid] = p
+                if len(eid) != FRESH_LENGTH or eid <= bound:
+                    probe.append(eid)
                 position = p
                 touched[stream] = v
                 rows.append(row)
@@ -634,6 +777,14 @@ class GroupCommitWriter:
                     kept.append(e)
             if not kept:
                 o.existing = [e.meta.id for e in events]
+                continue
+            taken = next((e.meta.id for e in kept if e.meta.id in held), None)
+            if taken is not None:  # not explicit (explicit ones are in ``existing``)
+                failures.append((o, self._taken(stream, taken)))
+                continue
+            odd = next((e.meta.id for e in kept if type(e.meta.id) is not str), "")
+            if odd != "":
+                failures.append((o, self._not_text(stream, odd)))
                 continue
             current = touched.get(stream)
             if current is None:
@@ -660,7 +811,8 @@ class GroupCommitWriter:
             except Exception as exc:
                 failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
                 continue
-            in_batch.update(seen)
+            in_batch.update([(r[8], r[0]) for r in op_rows])
+            probe.extend([i for i in seen if len(i) != FRESH_LENGTH or i <= bound])
             position, touched[stream] = p, v
             rows.extend(op_rows)
             fresh_index.extend([(stream, r[2], r[0]) for r in op_rows])
@@ -670,29 +822,35 @@ class GroupCommitWriter:
             # a version the writer had in memory was stale: another process wrote
             await self._commit(batch)
             return
-        flush = len(self.unindexed) + len(fresh_index) >= self.index_every
+        # only with a transaction to ride in (a batch of repeats writes nothing)
+        flush = bool(rows or puts) and len(self.unindexed) + len(fresh_index) >= self.index_every
         if rows or puts:
             try:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
-                    statements += index_statements([*self.unindexed, *fresh_index], position)
+                    bound = raise_bound(bound, [*self.unindexed_ids, *in_batch])
+                    statements += flush_statements(position)
+                    statements.append(bound_statement(bound))
                 if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
-                    await self._write_public(rows, statements)
+                    await self._write_public(rows, statements, probe)
                 elif len(batch) > 1:
                     # one trip to the connection's thread for the whole transaction
-                    await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
+                    await conn._execute(_write, conn._conn, rows, statements, probe)  # type: ignore[no-untyped-call]
                 elif len(rows) > INLINE_EVENTS or sum([len(r[5]) for r in rows]) > INLINE_BYTES:
                     # too big to hold the loop for, and not counted in the average of
                     # lone commits: it speaks for small ones (see INLINE_EVENTS)
-                    await conn._execute(_write, conn._conn, rows, statements)  # type: ignore[no-untyped-call]
+                    await conn._execute(_write, conn._conn, rows, statements, probe)  # type: ignore[no-untyped-call]
                     self.thread_commits += 1
                 elif self._may_inline():
                     # a lone write with nothing else ready to run: commit here, saving
                     # the hop to the connection's thread and back (see _may_inline)
-                    self._timed(_write(conn._conn, rows, statements), True)
+                    self._timed(_write(conn._conn, rows, statements, probe), True)
                     self.inline_commits += 1
                 else:
-                    self._timed(await conn._execute(_write, conn._conn, rows, statements), False)  # type: ignore[no-untyped-call]
+                    self._timed(
+                        await conn._execute(_write, conn._conn, rows, statements, probe),  # type: ignore[no-untyped-call]
+                        False,
+                    )
                     self.thread_commits += 1
             except sqlite3.Error as exc:
                 await self._rollback(exc)
@@ -719,13 +877,16 @@ class GroupCommitWriter:
         self.failure = None
         self.last = position
         self.versions.update(touched)
-        # pages this commit added to the WAL, about: a table leaf and an id index leaf
-        # at least, one more per ~12 rows of ~300 bytes, the stream index when flushed
-        self.wal_pages += 2 + len(rows) // 12 + (len(self.unindexed) // 50 if flush else 0)
+        # pages this commit added to the WAL, about: a table leaf at least, one more per
+        # ~12 rows of ~300 bytes, the stream and id indexes when flushed
+        self.wal_pages += 1 + len(rows) // 12 + (len(self.unindexed) // 25 if flush else 0)
         if flush:
             self.unindexed = []
+            self.unindexed_ids = {}
+            self.ids_bound = bound
         else:
             self.unindexed.extend(fresh_index)
+            self.unindexed_ids.update(in_batch)
         if rows:
             # the stored row without its id (the INSERT lists recorded_at before id)
             self._tail.push([r[:8] for r in rows])
@@ -755,10 +916,7 @@ class GroupCommitWriter:
             disk = int(row[0] or 0) if row else 0
             if disk == self.last:
                 return False
-            unindexed = [
-                (str(r[0]), int(r[1]), int(r[2]))
-                for r in await self._conn.execute_fetchall(unindexed_sql())
-            ]
+            end = list(await self._conn.execute_fetchall(unindexed_sql()))
         except sqlite3.Error as exc:
             log.error("%s: could not reread the log's end: %r", self.path, exc)
             return False
@@ -772,7 +930,8 @@ class GroupCommitWriter:
         )
         self.last = disk
         self.versions.clear()
-        self.unindexed = unindexed
+        self.unindexed = [(str(r[0]), int(r[1]), int(r[2])) for r in end]
+        self.unindexed_ids = {str(r[3]): int(r[2]) for r in reversed(end)}
         # the tail holds only contiguous positions: readers read the log itself from now
         self._tail.reset(disk)
         self._tail.push(())
@@ -815,9 +974,28 @@ class GroupCommitWriter:
                     StoreError(f"{self.path}: {what} {verb}, nothing was written: {reason}")
                 )
 
-    async def _by_ids(self, ids: list[str]) -> list[Recorded]:
-        marks = ",".join("?" * len(ids))
-        rows = await self._conn.execute_fetchall(
-            f"SELECT {COLUMNS} FROM events WHERE id IN ({marks}) ORDER BY position", ids
+    def _not_text(self, stream: str, eid: object) -> StoreError:
+        return StoreError(
+            f"{self.path}: append to stream {stream!r} refused, nothing was written: an "
+            f"event id must be text, not {eid!r}"
         )
+
+    def _taken(self, stream: str, eid: str) -> StoreError:
+        return StoreError(
+            f"{self.path}: append to stream {stream!r} refused, nothing was written: the "
+            f"event id {eid!r} is already in the log (given without marking it explicit?)"
+        )
+
+    async def _by_ids(self, ids: list[str]) -> list[Recorded]:
+        positions = sorted(set((await self._positions_of(ids)).values()))
+        rows: list[Any] = []
+        for n in range(0, len(positions), 500):
+            chunk = positions[n : n + 500]
+            marks = ",".join("?" * len(chunk))
+            rows.extend(
+                await self._conn.execute_fetchall(
+                    f"SELECT {COLUMNS} FROM events WHERE position IN ({marks}) ORDER BY position",
+                    chunk,
+                )
+            )
         return Recorded.from_rows(rows)

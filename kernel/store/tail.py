@@ -57,6 +57,21 @@ class Tail:
                 self.bytes -= len(old[5]) + len(old[6])
         self._wake()
 
+    def push_one(self, row: Row) -> None:
+        """:meth:`push` for one row (a lone append's), without the list around it."""
+        held = self._rows
+        held.append(row)
+        self.bytes += len(row[5]) + len(row[6])
+        self.last_position = row[0]
+        while len(held) > self.size or self.bytes > self.max_bytes:
+            old = held.popleft()
+            self.bytes -= len(old[5]) + len(old[6])
+        signal = self._signal
+        if signal is not None:
+            self._signal = None
+            if not signal.done():
+                signal.set_result(None)
+
     def close(self) -> None:
         self.closed = True
         self._wake()

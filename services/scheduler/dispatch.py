@@ -59,7 +59,9 @@ class Dispatcher:
         )
         self._dependents: dict[str, set[str]] = {}
         # timers fire the runner's lead ahead of due times, the lead as it is then
-        self._timer = TimerQueue(lead=lambda: self.runner.lead)
+        # the claims of one instant's runs go in one batch, however many slices the
+        # timer takes to fire them
+        self._timer = TimerQueue(lead=lambda: self.runner.lead, hold=lambda: self.runner.claims)
         self.runner.lead_grew = self._timer.lead_changed
         self._stopping = False
         #: ``coalesce="all"`` runs at most this many missed due times (the setting).
@@ -76,6 +78,16 @@ class Dispatcher:
     def next_time(self) -> float | None:
         """When the next timer fires (a hint; see :meth:`TimerQueue.next_time`)."""
         return self._timer.next_time()
+
+    def next_deadline(self) -> float | None:
+        """When the way to the next timer's durable starts must begin at the latest to
+        be on time: its due instant less the learnt way (:attr:`Runner.way`), not its
+        firing time. The lead is twice the way plus a margin, so a pause that ends by
+        then (a collection of the GC policy) does not make that burst late, while
+        gaps measured to the firing time would never come when instants are closer
+        than the lead plus the pause (bursts every 100 ms, a 50 ms lead)."""
+        runner = self.runner
+        return self._timer.next_time(slack=max(0.0, runner.lead - runner.way))
 
     def disarm(self, tid: str) -> None:
         self._timer.cancel(tid)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -279,6 +280,12 @@ class Runner:
             await kernel.append(events, stream=stream_of(tid), actor="scheduler", cause=cause)
 
     @property
+    def way(self) -> float:
+        """The learnt way from a timer to a durable start (seconds; the lead is twice
+        it plus a margin, at most ``max_lead``)."""
+        return min(self._append_peak, self.lead)
+
+    @property
     def max_lead(self) -> float:
         """The most the lead may be (seconds; the ``max_lead_ms`` setting)."""
         return self._max_lead
@@ -287,7 +294,7 @@ class Runner:
         # The lead follows the slow starts, not the mean: a start recorded late is a
         # late run, a start recorded a few ms early costs little (fsync times here
         # have a p50 of ~1.6 ms and a p99 of ~5 ms; a burst of 100 runs due at one
-        # instant takes ~10-15 ms from its timer to its commit). ``seconds`` is the
+        # instant takes 15-50 ms from its timer to its commit, loaded). ``seconds`` is the
         # way from the timer to the durable start when the run had a timer, else the
         # append alone. The peak halves in ~700 appends.
         self._append_peak = max(seconds, self._append_peak * 0.999)
@@ -353,6 +360,8 @@ class Runner:
         me = asyncio.current_task()
         assert me is not None
         waited = False
+        #: how long a run fired ahead waited for the run before it (not the way's)
+        turn_wait = 0.0
         if entry.instances >= task.max_instances and (
             kind in ("retry", "request") or (kind == "misfire" and not _waiting(entry))
         ):
@@ -368,9 +377,31 @@ class Runner:
                 raise
             finally:
                 self._runs.pop(run_id, None)
+        elif (
+            entry.instances >= task.max_instances
+            and kind == "schedule"
+            and (ahead := start_at - time.time()) > 0
+        ):
+            # Fired a lead ahead of its instant: the run before it may still end in time.
+            # It is skipped only if that run is still in progress at its instant, as if
+            # its timer had fired then, whatever the lead (a 60 ms run every 100 ms is
+            # not skipped because the lead grew to 50 ms).
+            waited = True
+            self._runs[run_id] = (tid, task.plugin, task.generation, me)
+            turn_wait = time.perf_counter()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ahead):
+                        await self._instance_turn(entry)
+            except asyncio.CancelledError:
+                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
+                raise
+            finally:
+                self._runs.pop(run_id, None)
+                turn_wait = time.perf_counter() - turn_wait
         if entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
-        elif waited and entry.paused and kind in ("retry", "misfire"):
+        elif waited and entry.paused and kind in ("retry", "misfire", "schedule"):
             # paused while it waited for its turn: a paused task starts no timed run and
             # no retry (a run asked for by hand still runs)
             reason = f"paused: {kind} run dropped (the task was paused while it waited)"
@@ -450,18 +481,21 @@ class Runner:
             t0 = time.perf_counter()
             cancelled = await self._write_start(tid, events, cause, key)
             if armed is not None and delay <= 0:
-                # a wait for a slot is the line's, not the way's (the lead cannot help)
-                self._note_append(time.time() - armed - queued)
+                # a wait for a slot (or for the run before it) is the line's, not the
+                # way's: the lead cannot help
+                self._note_append(time.time() - armed - queued - turn_wait)
             else:
                 self._note_append(time.perf_counter() - t0)
             started = True
             if cancelled:  # the log says the run started: it must say how it ended
                 raise asyncio.CancelledError
+            # built before the wait for a slot: a later wave of a burst (100 runs, 32
+            # slots) starts as soon as it has its slot, after the instant
+            ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             if not acquired:
                 await self.slots.acquire(task.priority, scheduled_for)
                 acquired = True
                 t_slot = time.perf_counter()
-            ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
             await self.gate.wait_until(start_at)
             # The start record was written a lead ahead: what happened to the task
             # since then decides what runs now (nothing awaits from here to the call).

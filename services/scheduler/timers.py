@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 __all__ = ["StartGate", "TimerQueue"]
 
@@ -34,13 +35,26 @@ class TimerQueue:
     lead learnt since (the way from a timer to a durable start grew) applies to every
     schedule at once, the ones armed at boot included. All the early entries of one
     instant are one heap entry and fire together, in the order they were armed.
+
+    ``hold`` (optional) gives what the callbacks of one instant queue their work in (the
+    runner's claims): it is held while the instant's callbacks run, over as many slices
+    as they take (at most :attr:`hold_max` at a time), so the runs of one instant still
+    go to the store in one batch.
     """
 
     #: Callbacks due together run in slices of at most this long (seconds) between
     #: which the event loop serves other work.
     slice = 0.005
+    #: The claims of one instant are held at most this long (seconds) while its
+    #: callbacks run: a huge instant (10,000 runs due at once) sends its claims every
+    #: this often, so its first runs do not wait for the last one's callback.
+    hold_max = 0.02
 
-    def __init__(self, lead: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        lead: Callable[[], float] | None = None,
+        hold: Callable[[], _Holdable | None] | None = None,
+    ) -> None:
         self._heap: list[tuple[float, int, str]] = []
         self._live: dict[str, tuple[int, Callback]] = {}
         self._seq = itertools.count()
@@ -49,6 +63,7 @@ class TimerQueue:
         self._early_heap: list[float] = []
         self._early_at: dict[str, float] = {}
         self._lead = lead or (lambda: 0.0)
+        self._hold = hold or (lambda: None)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._target: float | None = None
@@ -86,13 +101,16 @@ class TimerQueue:
         if self._early_heap:
             self._poke()
 
-    def next_time(self) -> float | None:
-        """The earliest armed time (an entry cancelled since may answer: it is a hint)."""
+    def next_time(self, slack: float = 0.0) -> float | None:
+        """The earliest armed time (an entry cancelled since may answer: it is a hint).
+
+        ``slack``: how much later than its lead an early entry may fire and still be on
+        time (see ``Dispatcher.next_deadline``)."""
         times = []
         if self._heap:
             times.append(self._heap[0][0])
         if self._early_heap:
-            times.append(self._early_heap[0] - self._lead())
+            times.append(self._early_heap[0] - self._lead() + slack)
         return min(times) if times else None
 
     def when(self, key: str) -> float | None:
@@ -157,24 +175,14 @@ class TimerQueue:
             began = time.perf_counter()
             while (due := self._due(now)) is not None:
                 instant, callbacks = due
-                for key, callback in callbacks:
-                    if instant is not None:
-                        # still armed for this instant (not cancelled, nor re-armed for
-                        # it anew, while the loop served others between two slices)?
-                        if self._early_at.get(key) != instant or key in self._instants.get(
-                            instant, ()
-                        ):
-                            continue
-                        del self._early_at[key]
-                    try:
-                        callback()
-                    except Exception:
-                        log.exception("scheduler timer callback for %r failed", key)
-                    if time.perf_counter() - began > self.slice:
-                        # Many callbacks due at once (a boot after downtime): let the loop
-                        # serve others between slices, so HTTP is not stalled by catch-up.
-                        await asyncio.sleep(0)
-                        began = time.perf_counter()
+                held = self._hold() if instant is not None and len(callbacks) > 1 else None
+                if held is not None:
+                    held.hold()
+                try:
+                    began = await self._fire(instant, callbacks, began, held)
+                finally:
+                    if held is not None:
+                        held.release()
             while heap and self._live.get(heap[0][2], (None,))[0] != heap[0][1]:
                 heapq.heappop(heap)
             while early and not self._instants[early[0]]:
@@ -190,6 +198,44 @@ class TimerQueue:
                 if handle is not None:
                     handle.cancel()
                 self._wake = None
+
+    async def _fire(
+        self,
+        instant: float | None,
+        callbacks: list[tuple[str, Callback]],
+        began: float,
+        held: _Holdable | None = None,
+    ) -> float:
+        """Call ``callbacks`` (those of ``instant``, or one exact entry) in slices of
+        :attr:`slice`, flushing ``held`` every :attr:`hold_max`; returns when the
+        current slice began."""
+        held_since = time.perf_counter()
+        for key, callback in callbacks:
+            if instant is not None:
+                # still armed for this instant (not cancelled, nor re-armed for it anew,
+                # while the loop served others between two slices)?
+                if self._early_at.get(key) != instant or key in self._instants.get(instant, ()):
+                    continue
+                del self._early_at[key]
+            try:
+                callback()
+            except Exception:
+                log.exception("scheduler timer callback for %r failed", key)
+            if time.perf_counter() - began > self.slice:
+                # Many callbacks due at once (a burst, a boot after downtime): let the
+                # loop serve others between slices, so HTTP is not stalled by them.
+                if held is not None and time.perf_counter() - held_since > self.hold_max:
+                    held.flush()  # what the callbacks so far queued goes now
+                    held_since = time.perf_counter()
+                await asyncio.sleep(0)
+                began = time.perf_counter()
+        return began
+
+
+class _Holdable(Protocol):
+    def hold(self) -> None: ...
+    def release(self) -> None: ...
+    def flush(self) -> None: ...
 
 
 def _done(fut: asyncio.Future[None]) -> None:

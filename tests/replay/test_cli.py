@@ -194,7 +194,7 @@ async def test_verify_a_sound_log(story: Story) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "verdict: the log is sound" in out.stdout
     report = orjson.loads(run("replay", "verify", story.path, "--json").stdout)
-    assert report["ok"] and len(report["checks"]) == 5
+    assert report["ok"] and len(report["checks"]) == 7
 
 
 async def test_export_then_import_a_slice(story: Story, tmp_path: Path) -> None:

@@ -232,6 +232,11 @@ async def test_a_format_1_log_is_read_as_it_is_and_upgraded_when_written(tmp_pat
             str(FORMAT),
         )
         assert conn.execute("SELECT COUNT(*) FROM streams_index").fetchone() == (31,)
+        # format 3: the id index replaces the UNIQUE index on events (id)
+        assert conn.execute("SELECT COUNT(*) FROM ids_index").fetchone() == (31,)
+        assert (
+            conn.execute("SELECT name FROM sqlite_master WHERE name = 'events_id'").fetchall() == []
+        )
     finally:
         conn.close()
 

@@ -22,6 +22,17 @@ from kernel.events import Meta, NewEvent
 from kernel.store import NO_STREAM, SQLiteStore, StreamWrite, sqlite_writer
 
 
+def is_commit(store: SQLiteStore, statement: str) -> bool:
+    """Whether the traced ``statement`` of the writer's connection commits: a COMMIT,
+    or an INSERT run in autocommit mode (a lone append's, its own transaction)."""
+    assert store._write_conn is not None
+    head = statement.strip().upper()
+    if head.startswith("COMMIT"):
+        return True
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    return head.startswith("INSERT INTO EVENTS") and not raw.in_transaction
+
+
 def ev(i: int, meta: Meta | None = None) -> NewEvent:
     return NewEvent.raw("Counted", {"i": i}, meta)
 
@@ -62,7 +73,7 @@ async def test_a_lone_append_committed_inline_is_answered_after_its_commit(
     tasks: list[asyncio.Task[object]] = []
 
     def trace(statement: str) -> None:
-        if statement.strip().upper().startswith("COMMIT"):
+        if is_commit(store, statement):
             seen.append(threading.get_ident() == loop_thread and not tasks[0].done())
 
     loop_thread = threading.get_ident()
@@ -83,7 +94,7 @@ async def _answered_after_commit(store: SQLiteStore) -> None:
     release = threading.Event()
 
     def trace(statement: str) -> None:
-        if statement.strip().upper().startswith("COMMIT"):
+        if is_commit(store, statement):
             in_commit.set()
             release.wait(30)
 
@@ -109,7 +120,7 @@ async def test_concurrent_appends_share_transactions(store: SQLiteStore) -> None
     assert store._write_conn is not None
     commits: list[str] = []
     await store._write_conn.set_trace_callback(
-        lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None
+        lambda s: commits.append(s) if is_commit(store, s) else None
     )
     with anyio.fail_after(30):
         await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(100)))
@@ -124,7 +135,7 @@ async def test_append_many_commits_its_streams_in_one_transaction(store: SQLiteS
     await store.append([ev(0)], stream="warm")  # the first write of a log may go alone
     commits: list[str] = []
     await store._write_conn.set_trace_callback(
-        lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None
+        lambda s: commits.append(s) if is_commit(store, s) else None
     )
     with anyio.fail_after(30):
         answers = await store.append_many(
@@ -447,7 +458,7 @@ async def _commits_by_thread(
     inline: list[bool] = []
 
     def trace(sql: str) -> None:
-        if sql.strip().upper().startswith("COMMIT"):
+        if is_commit(store, sql):
             inline.append(threading.get_ident() == loop_thread)
             if slow:
                 time.sleep(slow)
@@ -524,6 +535,52 @@ async def test_a_stall_of_the_loops_thread_keeps_lone_commits_off_it_for_a_while
             await store.close()
 
 
+async def test_a_lone_append_is_one_autocommitted_insert(store: SQLiteStore) -> None:
+    """Committed in its caller's task, a lone append runs one INSERT in autocommit mode:
+    no BEGIN nor COMMIT statement (the sqlite3 module prepares them anew each time),
+    and the event is committed (another connection reads it) once the append returns."""
+    assert store._write_conn is not None
+    statements: list[str] = []
+    raw = store._write_conn._conn  # type: ignore[attr-defined]
+    with anyio.fail_after(30):
+        await store.append([ev(0)], stream="s")  # the stream is known from now on
+        await store._write_conn._execute(raw.set_trace_callback, statements.append)  # type: ignore[attr-defined]
+        try:
+            [r] = await store.append([ev(1)], stream="s")
+        finally:
+            await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
+    assert [s.split(" (")[0] for s in statements] == ["INSERT INTO events"], statements
+    assert not raw.in_transaction
+    other = sqlite3.connect(store.path)
+    try:
+        assert other.execute(
+            "SELECT version FROM events WHERE position = ?", (r.position,)
+        ).fetchall() == [(2,)]
+    finally:
+        other.close()
+
+
+async def test_the_store_takes_the_writers_answer_without_its_coroutine(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SQLiteStore.append`` takes the writer's answer (``offer``: the records of a
+    lone append, or the future of a batch) itself: one coroutine per append, not two."""
+    assert store._writer is not None
+
+    async def refused(*args: object) -> None:
+        raise AssertionError("SQLiteStore.append went through GroupCommitWriter.append")
+
+    monkeypatch.setattr(store._writer, "append", refused)
+    with anyio.fail_after(30):
+        [first] = await store.append([ev(0)], stream="s")  # a new stream: a batch
+        before = store._writer.inline_commits
+        [second] = await store.append([ev(1)], stream="s")  # lone, in this task
+        assert store._writer.inline_commits == before + 1
+        many = await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(10)))
+    assert (first.version, second.version) == (1, 2)
+    assert sorted(r.position for [r] in many) == list(range(3, 13))
+
+
 async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle(
     store: SQLiteStore,
 ) -> None:
@@ -533,7 +590,7 @@ async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle
     tasks: list[asyncio.Task[object] | None] = []
 
     def trace(sql: str) -> None:
-        if sql.strip().upper().startswith("COMMIT"):
+        if is_commit(store, sql):
             tasks.append(asyncio.current_task())
 
     raw = store._write_conn._conn  # type: ignore[attr-defined]
@@ -552,10 +609,11 @@ async def test_a_lone_append_commits_in_its_callers_task_when_the_writer_is_idle
 
 
 async def test_a_caller_appending_in_a_loop_lets_the_loop_run(store: SQLiteStore) -> None:
-    """Each append committed in its caller's task yields to the loop once after its
-    commit: a task appending without pause does not starve timers and I/O. A timer due
-    at once has run by the time two such appends returned."""
-    assert store._writer is not None
+    """With ``inline_hold`` 0, each append committed in its caller's task yields to the
+    loop once after its commit: a timer due at once has run by the time two such
+    appends returned."""
+    assert store._writer is not None and store.inline_hold == sqlite_writer.INLINE_HOLD
+    store._writer.inline_hold = 0.0  # as SQLiteStore(inline_hold=0)
     with anyio.fail_after(30):
         await store.append([ev(0)], stream="s")
         loop = asyncio.get_running_loop()
@@ -566,6 +624,73 @@ async def test_a_caller_appending_in_a_loop_lets_the_loop_run(store: SQLiteStore
         assert store._writer.inline_commits == before + 1  # committed in this task
         await store.append([ev(2)], stream="s")
     assert ran == [1]
+
+
+async def test_appends_in_a_loop_yield_to_the_loop_once_per_hold_not_after_each(
+    store: SQLiteStore,
+) -> None:
+    """A turn of the loop costs about as much Python as the rest of a lone append: a
+    caller appending in a loop skips it while it has held the loop for less than
+    ``inline_hold`` seconds. A timer due at once has not run after 20 appends committed
+    in the caller's task with an hour of hold."""
+    assert store._writer is not None
+    # no slow commit, checkpoint or index flush sends an append through the writer task
+    store._writer.inline_limit = 3600.0
+    store._writer.checkpoint_pages = store._writer.index_every = 1 << 40
+    with anyio.fail_after(30):
+        await store.append([ev(0)], stream="s")
+        store._writer.inline_hold = 3600.0
+        await store.append([ev(1)], stream="s")  # yields once: the hold starts after it
+        loop = asyncio.get_running_loop()
+        ran: list[int] = []
+        before = store._writer.inline_commits
+        loop.call_at(loop.time(), ran.append, 1)
+        for i in range(20):
+            await store.append([ev(i)], stream="s")
+        assert store._writer.inline_commits == before + 20  # all in this task
+        assert ran == []  # the loop never turned
+        store._writer.inline_hold = 0.0  # the next appends yield (the timer runs in
+        await store.append([ev(21)], stream="s")  # the turn after this one's)
+        await store.append([ev(22)], stream="s")
+    assert ran == [1]
+
+
+def test_inline_hold_is_checked(tmp_path: Path) -> None:
+    for bad in (-0.001, float("nan"), float("inf")):
+        with pytest.raises(StoreError, match="inline_hold"):
+            SQLiteStore(tmp_path / "log.db", inline_hold=bad)
+
+
+async def test_inline_hold_reaches_the_writer(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db", inline_hold=0.25)
+    with anyio.fail_after(30):
+        await store.open()
+        try:
+            assert store._writer is not None and store._writer.inline_hold == 0.25
+        finally:
+            await store.close()
+
+
+async def test_a_caller_appending_without_pause_still_lets_timers_run(store: SQLiteStore) -> None:
+    """With the default hold, a task appending in a loop without ever waiting on
+    anything else does not starve the loop: a timer due at once runs while it goes on,
+    every append committed in the task itself (no slow commit, checkpoint or index
+    flush hands the loop a turn through the writer's task here)."""
+    assert store._writer is not None
+    store._writer.inline_limit = 3600.0
+    store._writer.checkpoint_pages = store._writer.index_every = 1 << 40
+    with anyio.fail_after(120):
+        await store.append([ev(0)], stream="s")
+        loop = asyncio.get_running_loop()
+        ran: list[int] = []
+        loop.call_at(loop.time(), ran.append, 1)
+        before = store._writer.inline_commits
+        appended = 0
+        while not ran and appended < 5_000:  # bounded: a starved loop cannot cancel
+            await store.append([ev(appended)], stream="s")
+            appended += 1
+    assert ran == [1], f"the timer never ran during {appended} appends"
+    assert store._writer.inline_commits == before + appended
 
 
 async def test_a_lone_append_that_fills_the_disk_fails_alone_and_the_log_goes_on(
@@ -655,6 +780,10 @@ async def test_a_lone_append_after_a_foreign_row_goes_on_after_it(tmp_path: Path
             conn.close()
             [r] = await store.append([ev(2)], stream="s")
             assert (r.position, r.version) == (4, 4)
+            # the refused autocommitted INSERT left the connection's transactions as
+            # they were (batches still begin one implicitly)
+            assert store._write_conn is not None
+            assert store._write_conn._conn.isolation_level == "IMMEDIATE"  # type: ignore[attr-defined]
             [r] = await store.append([ev(3)], stream="s")  # lone again
             assert (r.position, r.version) == (5, 5)
             # the clash went to the writer task (its retry after the new end committed
@@ -677,7 +806,7 @@ async def test_concurrent_appends_to_known_streams_still_share_transactions(
         raw = store._write_conn._conn  # type: ignore[attr-defined]
         await store._write_conn._execute(  # type: ignore[attr-defined]
             raw.set_trace_callback,
-            lambda s: commits.append(s) if s.strip().upper().startswith("COMMIT") else None,
+            lambda s: commits.append(s) if is_commit(store, s) else None,
         )
         try:
             await asyncio.gather(*(store.append([ev(i)], stream=f"p{i}") for i in range(50)))

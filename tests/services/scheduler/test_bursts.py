@@ -47,6 +47,88 @@ async def test_runs_due_at_one_instant_claim_and_record_in_one_store_call_each(
     assert len(ran) == N
 
 
+async def test_the_claims_of_one_instant_are_one_batch_however_many_slices_fire_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the timer serves the loop after every callback: the runs' claims are queued over
+    # N loop steps, and still go to the store in one append_many (the timer holds the
+    # claims' batch while it fires one instant, up to hold_max: here, whatever it takes)
+    monkeypatch.setattr(TimerQueue, "slice", 0.0)
+    monkeypatch.setattr(TimerQueue, "hold_max", 60.0)
+    kernel, service = make_kernel(tmp_path, max_concurrency=N)
+
+    async def work() -> None:
+        pass
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(N)])
+        runner = service._runner
+        assert runner.claims is not None
+        claims0 = runner.claims.batches
+        await wait_events(kernel, "TaskSucceeded", N)
+        assert runner.claims.batches - claims0 == 1
+
+
+async def test_a_huge_instant_sends_its_claims_every_hold_max(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a hold bounded by hold_max: with 0 (flush at every slice) the runs of one
+    # instant claim in several batches, so the first runs of 10,000 due at once do not
+    # wait for the last one's callback
+    monkeypatch.setattr(TimerQueue, "slice", 0.0)
+    monkeypatch.setattr(TimerQueue, "hold_max", 0.0)
+    kernel, service = make_kernel(tmp_path, max_concurrency=N)
+
+    async def work() -> None:
+        pass
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(N)])
+        runner = service._runner
+        assert runner.claims is not None
+        claims0 = runner.claims.batches
+        await wait_events(kernel, "TaskSucceeded", N)
+        assert runner.claims.batches - claims0 > 1
+        assert len(await kernel.read(types=["TaskStarted"])) == N  # each run once
+
+
+async def test_held_batches_are_sent_at_the_release_and_by_drain(tmp_path: Path) -> None:
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        runner = service._runner
+        claims = runner.claims
+        assert claims is not None
+        now = time.time()
+
+        def start(i: int) -> asyncio.Future[Any]:
+            return claims.claim(
+                stream_of(f"p.h{i}"),
+                [TaskStarted(task=f"p.h{i}", run_id=f"r{i}", scheduled_for=now, attempt=1)],
+                f"{i:032d}",
+                None,
+            )
+
+        claims.hold()
+        first = start(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not first.done() and claims.batches == 0  # held: nothing sent
+        claims.release()
+        with anyio.fail_after(30):
+            await first
+        assert claims.batches == 1
+        claims.hold()
+        second = start(1)
+        with anyio.fail_after(30):
+            await claims.drain(timeout=30)  # a stop writes what is held
+        assert second.done() and claims.batches == 2
+        claims.release()
+        with pytest.raises(RuntimeError):
+            claims.release()
+
+
 async def test_outcomes_wait_for_the_starts_being_claimed(tmp_path: Path) -> None:
     kernel, service = make_kernel(tmp_path)
     async with kernel:
@@ -114,7 +196,7 @@ async def test_the_lead_starts_at_its_maximum(tmp_path: Path) -> None:
 async def test_a_short_interval_fires_at_most_half_a_period_ahead(tmp_path: Path) -> None:
     # with the lead (25 ms) ahead of a 20 ms interval, the next run's timer would fire
     # before the run before it reached its instant, and find it in progress
-    kernel, service = make_kernel(tmp_path)
+    kernel, service = make_kernel(tmp_path, max_lead_ms=25)
 
     async def work() -> None:
         pass
@@ -229,3 +311,57 @@ async def test_a_failing_gc_tick_gives_collection_back_to_cpython(tmp_path: Path
                 await anyio.sleep(0.01)
         assert policy._young is None and gc.isenabled()
         del kept
+
+
+async def test_the_gc_gap_is_measured_to_when_the_way_to_the_starts_must_begin(
+    tmp_path: Path,
+) -> None:
+    # The lead is twice the learnt way plus a margin: a collection that ends before the
+    # instant less the way leaves the burst on time, even if it delays the timer. With
+    # bursts closer than lead + gap (every 100 ms, a 50 ms lead), gaps measured to the
+    # timer's firing time would never come, and CPython would collect in the bursts.
+    kernel, service = make_kernel(tmp_path, max_lead_ms=4000)
+    async with kernel:
+        runner, policy = service._runner, service._gc
+        assert runner.lead == pytest.approx(4.0) and runner.way < 2.0
+        instant = time.time() + 4.03  # fires in 30 ms (< the 50 ms gap)...
+        service._dispatch._timer.arm("probe", instant, lambda: None, early=True)
+        # ...but its way need not begin before instant - way (~2 s from now)
+        deadline = service._dispatch.next_deadline()
+        assert deadline == pytest.approx(instant - runner.way)
+        assert policy._gap()
+        service._dispatch._timer.cancel("probe")
+
+
+async def test_a_run_fired_a_lead_ahead_waits_for_the_run_before_it_until_its_instant(
+    tmp_path: Path,
+) -> None:
+    # A 2 s lead, every 4 s, runs of 3 s: the second run's timer fires (2 s after the
+    # first run's instant) while the first still runs, which ends 1 s before the second
+    # run's instant. It runs: max_instances skips a run only if the run before it is
+    # still in progress at its instant, whatever the lead.
+    kernel, service = make_kernel(tmp_path, max_lead_ms=2000)
+    starts: list[float] = []
+
+    async def slow() -> None:
+        starts.append(time.time())
+        await asyncio.sleep(3)
+
+    async with kernel:
+        runner = service._runner
+        runner._append_peak = 10.0  # the lead stays at its 2 s maximum
+        ways: list[float] = []
+        note = runner._note_append
+
+        def noted(seconds: float) -> None:
+            ways.append(seconds)
+            note(seconds)
+
+        runner._note_append = noted  # type: ignore[method-assign]
+        await service.register("p", [spec(slow, name="slow", every="4s", max_instances=1)])
+        await wait_events(kernel, "TaskSucceeded", 2, timeout=60)
+        assert await kernel.read(types=["TaskSkipped"]) == []
+        assert len(starts) >= 2 and starts[1] - starts[0] > 3.5
+        # the second run waited ~1 s for the first: a wait the lead cannot help,
+        # not counted in the way the lead learns from
+        assert len(ways) >= 2 and ways[1] < 0.5
