@@ -24,7 +24,11 @@ request is in flight on the generation (:class:`services.router.dispatcher.InFli
 request that entered the old app and waits (an access check, a slow handler, a
 websocket) keeps its routes to the end. The list is emptied from the end, a few routes
 at a time, each slice a loop callback of at most :data:`SLICE_S`, so the deallocation of
-a big generation never stalls the other plugins' requests. Afterwards a weak reference
+a big generation never stalls the other plugins' requests. A generation withdrawn while
+requests were in flight (a stream, a long poll, a websocket) is *draining* until they
+end (:meth:`kernel.collector.Collector.note_draining`): no full collection can free it
+then, so none is run for it and none counts against it in the loader's leak report
+(``/health`` lists it under ``loader.draining_generations``). Afterwards a weak reference
 to one of the routes tells whether they were freed (a plugin, a cache or a thread may
 still hold one: the generation is then left to the collector as before).
 """
@@ -80,10 +84,6 @@ class Dismantler:
             self._draining.add(key)
             collector.note_draining(key)
         mount.in_flight.when_idle(lambda: self._start(app, label, key))
-
-    def draining(self) -> list[tuple[str, int]]:
-        """Withdrawn generations still serving requests (a stream that never ends)."""
-        return sorted(k for k in self._draining if k in collector.draining)
 
     def close(self) -> None:
         """Stop (the service stops): what is left goes to the collector."""
