@@ -26,9 +26,10 @@ websocket) keeps its routes to the end. The list is emptied from the end, a few 
 at a time, each slice a loop callback of at most :data:`SLICE_S`, so the deallocation of
 a big generation never stalls the other plugins' requests. A generation withdrawn while
 requests were in flight (a stream, a long poll, a websocket) is *draining* until they
-end (:meth:`kernel.collector.Collector.note_draining`): no full collection can free it
-then, so none is run for it and none counts against it in the loader's leak report
-(``/health`` lists it under ``loader.draining_generations``). Afterwards a weak reference
+end and it has been taken apart (:meth:`kernel.collector.Collector.note_draining`): no
+full collection can free it then, so none is run for it and none counts against it in
+the loader's leak report (``/health`` lists it under ``loader.draining_generations``);
+it calls for one only if its routes are still referenced afterwards. Afterwards a weak reference
 to one of the routes tells whether they were freed (a plugin, a cache or a thread may
 still hold one: the generation is then left to the collector as before).
 """
@@ -66,8 +67,10 @@ class Dismantler:
         self.kept = 0
         #: Generations waiting for their last request, or being taken apart.
         self.pending = 0
-        #: Of those, the ones that were still serving requests when withdrawn.
+        #: Those (plugin, generation) told to the collector as draining.
         self._draining: set[tuple[str, int]] = set()
+        #: Of those, the ones that were still serving requests when withdrawn.
+        self._busy: set[tuple[str, int]] = set()
         self._closed = False
 
     def retire(self, mount: Mount) -> None:
@@ -78,11 +81,13 @@ class Dismantler:
         self.pending += 1
         key = (mount.plugin, mount.generation)
         label = f"plugin {mount.plugin!r} generation {mount.generation}"
+        # a collection cannot free it while it serves requests or is taken apart: none
+        # is due for its unload, and one meanwhile does not make it a leak
+        # (kernel/collector.py); it calls for one only if its routes are kept
+        self._draining.add(key)
+        collector.note_draining(key)
         if mount.in_flight.count:
-            # a collection cannot free it while it serves: none is due for its unload,
-            # and a full collection meanwhile does not make it a leak (kernel/collector.py)
-            self._draining.add(key)
-            collector.note_draining(key)
+            self._busy.add(key)
         mount.in_flight.when_idle(lambda: self._start(app, label, key))
 
     def close(self) -> None:
@@ -91,9 +96,10 @@ class Dismantler:
         for key in self._draining:
             collector.draining.pop(key, None)
         self._draining.clear()
+        self._busy.clear()
 
     def _start(self, app: FastAPI, label: str, key: tuple[str, int]) -> None:
-        if key in self._draining:
+        if key in self._busy:
             # its requests went on classifying their dependencies after the unmount
             # pruned FastAPI's caches (forget_endpoints): they hold its callables again
             forget_app_endpoints(app)
@@ -135,6 +141,7 @@ class Dismantler:
         self.pending -= 1
         drained = key in self._draining
         self._draining.discard(key)
+        self._busy.discard(key)
         if sample is not None and sample() is None:
             self.freed += 1
             collector.note_freed(key if drained else None)
