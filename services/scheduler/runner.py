@@ -437,8 +437,10 @@ class Runner:
             # unscheduled while the run waited for its turn (or before it began): it
             # claims nothing, no start record after the task's TaskUnscheduled
             reason = "unscheduled: the task was unscheduled before the run started"
-        elif entry.instances >= task.max_instances:
-            reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
+        elif entry.instances >= entry.task.max_instances:
+            # the task as it is now: a reload may have changed its limit meanwhile
+            limit = entry.task.max_instances
+            reason = f"max_instances ({limit}) reached: a run is still in progress"
         elif waited and entry.paused and kind in ("retry", "misfire", "schedule"):
             # paused while it waited for its turn: a paused task starts no timed run and
             # no retry (a run asked for by hand still runs)
@@ -929,6 +931,13 @@ def _stale(entry: TaskEntry, kind: str) -> str | None:
 
 def _waiting(entry: TaskEntry) -> bool:
     return any(not f.done() for f in entry.turns)
+
+
+def wake_turns(entry: TaskEntry) -> None:
+    """Wake as many waiting runs as ``entry``'s limit now has room for (after a reload
+    raised its ``max_instances``); each re-checks the limit, in order of arrival."""
+    for _ in range(max(0, entry.task.max_instances - entry.instances)):
+        _next_turn(entry)
 
 
 def _next_turn(entry: TaskEntry) -> None:

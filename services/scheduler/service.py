@@ -54,7 +54,7 @@ from services.scheduler.events import (
 )
 from services.scheduler.gcpolicy import GcPolicy
 from services.scheduler.projection import TaskTable
-from services.scheduler.runner import TaskEntry
+from services.scheduler.runner import TaskEntry, wake_turns
 from services.scheduler.schedules import (
     BOOK_EVENTS,
     ChangeConflict,
@@ -352,6 +352,8 @@ class SchedulerService:
             paused = old.paused if old is not None else bool(row and row.paused)
         entry = old if old is not None else TaskEntry(task=task, next_due=next_due)
         entry.task, entry.next_due, entry.paused = task, next_due, paused
+        if old is not None:
+            wake_turns(entry)  # a raised max_instances lets waiting runs go now
         if (
             old is None
             and row is not None

@@ -43,3 +43,38 @@ async def test_a_run_waiting_for_its_predecessor_starts_nothing_once_its_task_is
     assert "TaskStarted" not in after, types
     assert types.count("TaskStarted") == 1 and runs == ["run"], types
     assert "unscheduled" in skipped.data["reason"], skipped.data
+
+
+async def test_a_reload_raising_max_instances_lets_the_waiting_run_start(
+    tmp_path: Path,
+) -> None:
+    """A run waiting for its predecessor goes as soon as a reload raises the task's
+    ``max_instances``, and is judged against the limit as it is now, not as it was."""
+    kernel, service = make_kernel(tmp_path, max_lead_ms=2000)
+    release = asyncio.Event()
+    runs: list[str] = []
+
+    async def slow() -> None:
+        runs.append("run")
+        await release.wait()
+
+    try:
+        async with kernel:
+            service._runner._append_peak = 10.0  # the lead stays at its 2 s maximum
+            await service.register("p", [spec(slow, name="slow", every="4s", max_instances=1)])
+            entry = service._tasks["p.slow"]
+            with anyio.fail_after(30):
+                while not (runs and any(not f.done() for f in entry.turns)):
+                    await anyio.sleep(0.01)
+            await service.register("p", [spec(slow, name="slow", every="4s", max_instances=2)])
+            with anyio.fail_after(30):
+                while len(runs) < 2:  # the waiting run started beside the first
+                    await anyio.sleep(0.01)
+            release.set()
+            await kernel.settle()
+            log = await kernel.read(stream="task-p.slow")
+    finally:
+        release.set()
+    types = [r.type for r in log]
+    assert "TaskSkipped" not in types, types
+    assert types.count("TaskStarted") >= 2, types
