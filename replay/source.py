@@ -462,6 +462,13 @@ class SQLiteLog(Log):
                     " FROM streams_index s WHERE s.stream = e.stream AND s.version = e.version)",
                     "",
                 ),
+                (
+                    # the mark lowered by another program: reads by stream would return
+                    # the events between it and these rows twice
+                    "SELECT s.position, 'in the stream index, though after its mark'"
+                    f" FROM streams_index s WHERE s.position > {mark}",
+                    "",
+                ),
             ]
         if "ids_index" in tables:
             checks += [

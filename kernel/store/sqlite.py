@@ -50,6 +50,7 @@ from kernel.store.sqlite_streams import (
     read_stream_sql,
     stream_version_sql,
     stream_versions_sql,
+    true_mark,
     unindexed_sql,
 )
 from kernel.store.sqlite_trusted import skip_triggers
@@ -430,7 +431,30 @@ class SQLiteStore:
                 mark.position if mark else "absent",
                 kept or "(none: there was no WAL)",
             )
+        await self._check_index_mark(self._write_conn)
         await asyncio.to_thread(files.write_mark, self._last, clean=False)
+
+    async def _check_index_mark(self, conn: aiosqlite.Connection) -> None:
+        """Put back the indexes' mark an outside writer moved (see ``true_mark``): the
+        writer reloads the events after it and indexes them at its next flush."""
+        stored, true = await conn._execute(true_mark, conn._conn)  # type: ignore[no-untyped-call]
+        if true is None:
+            return
+        log.error(
+            "%s: the indexes' mark (%s in xcore_meta) says position %d, but the indexes "
+            "hold the events up to position %d: another program changed it; it is put "
+            "back (only xcore should write an event log)",
+            self.path,
+            INDEXED_UPTO,
+            stored,
+            true,
+        )
+        await conn.execute(
+            "INSERT INTO xcore_meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (INDEXED_UPTO, str(true)),
+        )
+        await conn.commit()
 
     async def _skip_triggers(self, conn: aiosqlite.Connection) -> bool:
         """Run the writer's connection without the append-only triggers (see
