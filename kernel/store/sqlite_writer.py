@@ -152,23 +152,47 @@ def _write(
     commit (in the connection's own thread, or inline in the loop's); returns how long
     it took, in seconds."""
     started = _perf_counter()
-    for i in range(0, len(rows), _CHUNK):
-        chunk = rows[i : i + _CHUNK]
-        flat = list(chain.from_iterable(chunk))
-        # ``data`` and ``meta`` bound as bytearray, stored alike (a BLOB): the sqlite3
-        # module binds int, float, str and bytearray directly but sends bytes through
-        # its adapter lookup, which fails on a type attribute and formats the error
-        # before dropping it — ~3,300 instructions per value, 7% of an append
-        flat[5::9] = map(bytearray, flat[5::9])
-        flat[6::9] = map(bytearray, flat[6::9])
-        conn.execute(_insert_sql(len(chunk)), flat)
-    for i in range(0, len(probe), _CHUNK):
-        # in the transaction the insert opened (a read of the index it does not touch)
-        _probe_ids(conn, list(probe[i : i + _CHUNK]))
-    for sql, params in puts:
-        conn.execute(sql, params)
-    conn.commit()
+    try:
+        for i in range(0, len(rows), _CHUNK):
+            chunk = rows[i : i + _CHUNK]
+            flat = list(chain.from_iterable(chunk))
+            # ``data`` and ``meta`` bound as bytearray, stored alike (a BLOB): the sqlite3
+            # module binds int, float, str and bytearray directly but sends bytes through
+            # its adapter lookup, which fails on a type attribute and formats the error
+            # before dropping it — ~3,300 instructions per value, 7% of an append
+            flat[5::9] = map(bytearray, flat[5::9])
+            flat[6::9] = map(bytearray, flat[6::9])
+            conn.execute(_insert_sql(len(chunk)), flat)
+        for i in range(0, len(probe), _CHUNK):
+            # in the transaction the insert opened (a read of the index it does not touch)
+            _probe_ids(conn, list(probe[i : i + _CHUNK]))
+        for sql, params in puts:
+            conn.execute(sql, params)
+        conn.commit()
+    except BaseException as exc:
+        if isinstance(exc, sqlite3.Error):
+            raise  # the writer rolls back (and may retry one write at a time)
+        # not SQLite's refusal: a value the sqlite3 module cannot bind (a type that is
+        # not valid text, a schema over 64 bits), or an interruption. The chunks
+        # inserted before it are in the open transaction: rolled back here, or the
+        # next commit (the next batch, the close's index flush) would store a batch
+        # whose callers were told it failed
+        conn.rollback()
+        if isinstance(exc, (UnicodeEncodeError, OverflowError)):
+            raise sqlite3.DataError(f"a value SQLite cannot store: {exc}") from exc
+        raise
     return _perf_counter() - started
+
+
+def _bindable_text(value: object) -> bool:
+    """Whether ``value`` is text SQLite can store (a ``str`` without lone surrogates)."""
+    if type(value) is not str:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class GroupCommitWriter:
@@ -372,7 +396,8 @@ class GroupCommitWriter:
         if len(event.data) > INLINE_BYTES:
             return None  # too big to hold the loop for (see INLINE_BYTES)
         meta = event.meta
-        if meta.id in self.unindexed_ids:
+        eid = meta.id
+        if type(eid) is not str or eid in self.unindexed_ids:
             return None  # refused: the batch path says so
         try:
             data = orjson.loads(event.data)
@@ -387,9 +412,6 @@ class GroupCommitWriter:
         raw = event.data
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
-        eid = meta.id
-        if type(eid) is not str:
-            return None  # refused: the batch path says so
         bound = self.ids_bound
         conn = self._conn._conn
         started = _perf_counter()
@@ -683,7 +705,13 @@ class GroupCommitWriter:
         return found
 
     async def _existing_ids(self, ids: list[str]) -> set[str]:
-        return set(await self._positions_of(ids))
+        try:
+            return set(await self._positions_of(ids))
+        except (UnicodeEncodeError, TypeError, sqlite3.InterfaceError, sqlite3.ProgrammingError):
+            # an id SQLite cannot take (not valid text, a type it does not bind) is in no
+            # log: looked up without it, its append is refused alone (``_not_text``, or
+            # its meta is not JSON), not the whole batch
+            return set(await self._positions_of([i for i in ids if _bindable_text(i)]))
 
     async def _commit(self, batch: list[_Append | _Put]) -> None:
         conn = self._conn
@@ -719,14 +747,14 @@ class GroupCommitWriter:
                 e = events[0]
                 meta = e.meta
                 eid = meta.id
+                if type(eid) is not str:  # first: a list would fail the lookups below
+                    failures.append((o, self._not_text(stream, eid)))
+                    continue
                 if eid in existing or eid in in_batch:
                     o.existing = [eid]
                     continue
                 if eid in held:  # not explicit: a fresh id was expected
                     failures.append((o, self._taken(stream, eid)))
-                    continue
-                if type(eid) is not str:
-                    failures.append((o, self._not_text(stream, eid)))
                     continue
                 current = touched.get(stream)
                 if current is None:
@@ -746,7 +774,7 @@ class GroupCommitWriter:
                         data = registry.upcast(e.type, e.schema, data)
                     row = (p, stream, v, e.type, e.schema, e.data, meta.to_json(), now, eid)
                 except Exception as exc:
-                    failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
+                    failures.append((o, self._not_json(stream, exc)))
                     continue
                 r = new(Recorded)
                 r.position = p
@@ -768,6 +796,10 @@ class GroupCommitWriter:
                 fresh_index.append((stream, v, p))
                 results.append((o, [r]))
                 continue
+            odd = next((e.meta.id for e in events if type(e.meta.id) is not str), "")
+            if odd != "":  # first: a list would fail the lookups below
+                failures.append((o, self._not_text(stream, odd)))
+                continue
             kept: list[NewEvent] = []
             seen: set[str] = set()
             for e in events:
@@ -781,10 +813,6 @@ class GroupCommitWriter:
             taken = next((e.meta.id for e in kept if e.meta.id in held), None)
             if taken is not None:  # not explicit (explicit ones are in ``existing``)
                 failures.append((o, self._taken(stream, taken)))
-                continue
-            odd = next((e.meta.id for e in kept if type(e.meta.id) is not str), "")
-            if odd != "":
-                failures.append((o, self._not_text(stream, odd)))
                 continue
             current = touched.get(stream)
             if current is None:
@@ -809,7 +837,7 @@ class GroupCommitWriter:
                         (p, stream, v, e.type, e.schema, e.data, meta.to_json(), now, meta.id)
                     )
             except Exception as exc:
-                failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
+                failures.append((o, self._not_json(stream, exc)))
                 continue
             in_batch.update([(r[8], r[0]) for r in op_rows])
             probe.extend([i for i in seen if len(i) != FRESH_LENGTH or i <= bound])
@@ -957,7 +985,7 @@ class GroupCommitWriter:
             reason = f"{exc} (an event id already in the log, given without marking it explicit?)"
         elif isinstance(exc, sqlite3.DataError):  # the caller's data, not the log's health
             verb = "refused"
-            reason = f"{exc} (an event larger than SQLite stores?)"
+            reason = f"{exc} (an event larger than SQLite stores, or a value it cannot?)"
         else:
             verb = "failed"
             reason = (
@@ -973,6 +1001,12 @@ class GroupCommitWriter:
                 op.future.set_exception(
                     StoreError(f"{self.path}: {what} {verb}, nothing was written: {reason}")
                 )
+
+    def _not_json(self, stream: str, exc: Exception) -> StoreError:
+        return StoreError(
+            f"{self.path}: append to stream {stream!r} refused, nothing was written: an "
+            f"event refused, not JSON: {exc}"
+        )
 
     def _not_text(self, stream: str, eid: object) -> StoreError:
         return StoreError(

@@ -557,3 +557,52 @@ async def test_verify_reports_an_index_that_disagrees_with_the_log(tmp_path: Pat
     [check] = [c for c in report.checks if c.name.startswith("the log's indexes")]
     assert [(d.kind, d.position) for d in check.defects] == [("index", 2), ("index", 3)]
     assert "forged" in check.defects[0].message and not report.ok
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        NewEvent("\ud800", b"{}", Meta()),  # a type that is not valid text
+        NewEvent("A", b"{}", Meta(), schema=2**70),  # a schema over 64 bits
+        NewEvent("A", b"{}", Meta(id="\ud800x"), explicit_id=True),  # an id, likewise
+        NewEvent("A", b"{}", Meta(id=["a"]), explicit_id=True),  # type: ignore[arg-type]
+        NewEvent("A", b"{}", Meta(id=["a"])),  # type: ignore[arg-type]
+    ],
+    ids=["type", "schema", "explicit-id", "list-id", "plain-list-id"],
+)
+async def test_a_value_sqlite_cannot_bind_fails_its_append_alone(
+    tmp_path: Path, bad: NewEvent
+) -> None:
+    """A value the sqlite3 module cannot bind failed every append of its batch with a
+    raw "write failed"; and when it came after a first chunk of 500 rows, that chunk
+    stayed in the open transaction, which the close's index flush then committed: events
+    every caller had been told were not written were in the log."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="x")
+            results = await asyncio.gather(
+                *[store.append([ev(i)], stream=f"g{i}") for i in range(3)],
+                store.append([*[ev(i) for i in range(600)], bad], stream="bad"),
+                *[store.append([ev(i)], stream=f"h{i}") for i in range(3)],
+                return_exceptions=True,
+            )
+            refused = results.pop(3)
+            assert isinstance(refused, StoreError) and "'bad'" in str(refused)
+            assert not any(isinstance(r, BaseException) for r in results), results
+            [lone] = await asyncio.gather(store.append([bad], stream="bad"), return_exceptions=True)
+            assert isinstance(lone, StoreError)
+            [after] = await store.append([ev(1)], stream="x")
+            assert after.position == 8
+        finally:
+            await store.close()
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT MAX(position) FROM events").fetchone() == (8,)
+            assert conn.execute("SELECT COUNT(*) FROM events WHERE stream = 'bad'").fetchone() == (
+                0,
+            )
+        finally:
+            conn.close()
