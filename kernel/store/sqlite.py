@@ -41,7 +41,7 @@ from kernel.store.base import (
     check_write,
 )
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
-from kernel.store.sqlite_ids import bound_sql
+from kernel.store.sqlite_ids import bound_sql, ceiling
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     INDEXED_UPTO,
@@ -332,7 +332,8 @@ class SQLiteStore:
         if self._write_conn is not None:
             try:
                 end = list(await self._write_conn.execute_fetchall(unindexed_sql()))
-                bound = list(await self._write_conn.execute_fetchall(bound_sql()))
+                top = ceiling(time.time_ns())
+                bound = list(await self._write_conn.execute_fetchall(bound_sql(), (top,)))
             except BaseException:
                 self._open = False
                 await self._release()
@@ -347,6 +348,7 @@ class SQLiteStore:
                 # reversed: of an id an outside writer stored twice, the first counts
                 unindexed_ids={str(r[3]): int(r[2]) for r in reversed(end)},
                 ids_bound=str(bound[0][0]) if bound and bound[0][0] is not None else "",
+                ids_ceiling=top,
                 index_every=self.index_every,
                 inline_limit=self.inline_limit,
                 inline_hold=self.inline_hold,

@@ -209,6 +209,7 @@ class GroupCommitWriter:
         unindexed: Sequence[IndexRow] = (),
         unindexed_ids: Mapping[str, int] = {},
         ids_bound: str = "",
+        ids_ceiling: str = "",
         index_every: int = INDEX_EVERY,
         inline_limit: float = 0.005,
         inline_hold: float = INLINE_HOLD,
@@ -229,6 +230,9 @@ class GroupCommitWriter:
         self.unindexed_ids: dict[str, int] = dict(unindexed_ids)
         #: no id of 32 characters in the id index sorts after it (see sqlite_ids.py)
         self.ids_bound = ids_bound
+        #: no id at or above it is fresh, nor raises the bound (see sqlite_ids.ceiling);
+        #: "" takes every id for one that might be indexed
+        self.ids_ceiling = ids_ceiling
         self.index_every = index_every
         # A plain deque and one wake-up future: cheaper than asyncio.Queue's getters.
         self._queue: deque[_Op] = deque()
@@ -416,14 +420,14 @@ class GroupCommitWriter:
         conn = self._conn._conn
         started = _perf_counter()
         try:
-            if (len(eid) != FRESH_LENGTH or eid <= bound) and conn.execute(
+            if (len(eid) != FRESH_LENGTH or not bound < eid < self.ids_ceiling) and conn.execute(
                 indexed_ids_sql(1), (eid,)
             ).fetchone() is not None:
                 # an id the id index might hold (not a fresh one, see sqlite_ids.py), and
                 # does: refused, by the batch path (no transaction is open yet)
                 return None
             if flush:
-                bound = raise_bound(bound, [*self.unindexed_ids, eid])
+                bound = raise_bound(bound, [*self.unindexed_ids, eid], self.ids_ceiling)
                 row = (p, stream, v, event.type, event.schema, raw, meta_json, now, eid)
                 _write(conn, [row], [*flush_statements(p), bound_statement(bound)])
             else:
@@ -649,7 +653,7 @@ class GroupCommitWriter:
         """At a clean stop, index the unindexed end (the next open has nothing to reload)."""
         if not self.unindexed:
             return
-        bound = raise_bound(self.ids_bound, self.unindexed_ids)
+        bound = raise_bound(self.ids_bound, self.unindexed_ids, self.ids_ceiling)
         try:
             for sql, params in [
                 *flush_statements(self.last),
@@ -721,6 +725,7 @@ class GroupCommitWriter:
         existing = await self._existing_ids(explicit) if explicit else set()
         held = self.unindexed_ids
         bound = self.ids_bound
+        top = self.ids_ceiling
         probe: list[str] = []  # ids the id index might hold (see sqlite_ids.py)
         versions = self.versions
         unknown = list({o.stream: None for o in appends if o.stream not in versions})
@@ -788,7 +793,7 @@ class GroupCommitWriter:
                 r.timestamp = now
                 r._event = None
                 in_batch[eid] = p
-                if len(eid) != FRESH_LENGTH or eid <= bound:
+                if len(eid) != FRESH_LENGTH or not bound < eid < top:
                     probe.append(eid)
                 position = p
                 touched[stream] = v
@@ -840,7 +845,7 @@ class GroupCommitWriter:
                 failures.append((o, self._not_json(stream, exc)))
                 continue
             in_batch.update([(r[8], r[0]) for r in op_rows])
-            probe.extend([i for i in seen if len(i) != FRESH_LENGTH or i <= bound])
+            probe.extend([i for i in seen if len(i) != FRESH_LENGTH or not bound < i < top])
             position, touched[stream] = p, v
             rows.extend(op_rows)
             fresh_index.extend([(stream, r[2], r[0]) for r in op_rows])
@@ -856,7 +861,7 @@ class GroupCommitWriter:
             try:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
-                    bound = raise_bound(bound, [*self.unindexed_ids, *in_batch])
+                    bound = raise_bound(bound, [*self.unindexed_ids, *in_batch], top)
                     statements += flush_statements(position)
                     statements.append(bound_statement(bound))
                 if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner

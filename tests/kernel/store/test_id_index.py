@@ -606,3 +606,46 @@ async def test_a_value_sqlite_cannot_bind_fails_its_append_alone(
             )
         finally:
             conn.close()
+
+
+async def test_an_id_above_every_fresh_one_does_not_make_every_append_probe(
+    tmp_path: Path,
+) -> None:
+    """A caller's 32-character id that sorts above every fresh id (``uuid4().hex``
+    beginning with 1 to f, ``"z" * 32``) raised the bound above every fresh id to come:
+    every later append probed the index, for good (the bound is stored). Such ids stay
+    above the ceiling: they never raise the bound, and are always probed themselves."""
+    path = tmp_path / "log.db"
+    high = ["f" * 32, "z" * 32, "é" * 32]
+    for run in range(2):  # and again after a restart: the bound read at open
+        store = SQLiteStore(path, index_every=4)
+        with anyio.fail_after(60):
+            await store.open()
+            try:
+                if run == 0:
+                    for i, key in enumerate(high):
+                        await store.append([ev(i, key)], stream="s")
+                    await store.append([ev(9)], stream="s")  # flush: indexed
+                writer = store._writer
+                assert writer is not None and writer.unindexed_ids == {}
+                assert writer.ids_bound < "1"  # among fresh ids (time first)
+                probes: list[str] = []
+                conn = store._write_conn
+                assert conn is not None
+                await conn.set_trace_callback(
+                    lambda sql, probes=probes: (
+                        probes.append(sql) if "FROM ids_index" in sql else None
+                    )
+                )
+                for i in range(2):
+                    await store.append([ev(i)], stream="s")
+                assert probes == []  # fresh ids: no read of the index
+                for key in high:
+                    with pytest.raises(StoreError, match="already in the log"):
+                        await store.append([NewEvent("A", b"{}", Meta(id=key))], stream="t")
+                    [again] = await store.append([ev(0, key)], stream="t")
+                    assert again.stream == "s"
+                assert probes
+                await conn.set_trace_callback(None)
+            finally:
+                await store.close()
