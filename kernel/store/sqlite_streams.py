@@ -90,25 +90,28 @@ def index_statements(
     return statements
 
 
-def flush_statements(upto: int) -> list[tuple[str, tuple[Any, ...]]]:
-    """The statements writing every event after the mark, up to ``upto``, to the stream
+def flush_statements(mark: int, upto: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements writing every event after ``mark``, up to ``upto``, to the stream
     and id indexes, and moving the mark to ``upto`` — run in the transaction that wrote
     those events (they are read back from the log: its last pages, in cache; SQLite
-    sorts the stream rows itself, no Python sort and no value bound per row)."""
-    after = f"position > COALESCE({_MARK}, 0) AND position <= ?"
+    sorts the stream rows itself, no Python sort and no value bound per row).
+
+    ``mark`` is the writer's own, not the one stored: another program may have moved
+    that one (``xcore_meta`` has no trigger), and the flush puts it back."""
+    after = "position > ? AND position <= ?"
     return [
         (
             "INSERT OR IGNORE INTO streams_index (stream, version, position)"
             f" SELECT stream, version, position FROM events WHERE {after}"
             " ORDER BY stream, version",
-            (upto,),
+            (mark, upto),
         ),
         (
             # in position order: of an id stored twice (by an outside writer), the
             # first position is the one indexed (see sqlite_ids.py)
             "INSERT OR IGNORE INTO ids_index (id, position)"
             f" SELECT id, position FROM events WHERE {after} ORDER BY position",
-            (upto,),
+            (mark, upto),
         ),
         (
             "INSERT INTO xcore_meta (key, value) VALUES (?, ?)"

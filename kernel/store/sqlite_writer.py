@@ -429,7 +429,8 @@ class GroupCommitWriter:
             if flush:
                 bound = raise_bound(bound, [*self.unindexed_ids, eid], self.ids_ceiling)
                 row = (p, stream, v, event.type, event.schema, raw, meta_json, now, eid)
-                _write(conn, [row], [*flush_statements(p), bound_statement(bound)])
+                mark = unindexed[0][2] - 1 if unindexed else self.last
+                _write(conn, [row], [*flush_statements(mark, p), bound_statement(bound)])
             else:
                 # the one-row case of _write, inline (data and meta bound as bytearray:
                 # see _write), and in autocommit mode: one INSERT is its own durable
@@ -656,7 +657,7 @@ class GroupCommitWriter:
         bound = raise_bound(self.ids_bound, self.unindexed_ids, self.ids_ceiling)
         try:
             for sql, params in [
-                *flush_statements(self.last),
+                *flush_statements(self.unindexed[0][2] - 1, self.last),
                 bound_statement(bound),
             ]:
                 await self._conn.execute(sql, params)
@@ -862,7 +863,8 @@ class GroupCommitWriter:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
                     bound = raise_bound(bound, [*self.unindexed_ids, *in_batch], top)
-                    statements += flush_statements(position)
+                    mark = self.unindexed[0][2] - 1 if self.unindexed else self.last
+                    statements += flush_statements(mark, position)
                     statements.append(bound_statement(bound))
                 if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
                     await self._write_public(rows, statements, probe)

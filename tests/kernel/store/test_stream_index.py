@@ -440,3 +440,41 @@ async def test_a_mark_moved_by_another_program_is_put_back_at_open(
             await store.close()
         with open_log(path) as log:
             assert verify(log).ok
+
+
+@pytest.mark.parametrize("tampered", [0, 10**6], ids=["lowered", "raised"])
+async def test_a_mark_moved_while_the_writer_runs_is_put_back_by_its_next_flush(
+    tmp_path: Path, tampered: int
+) -> None:
+    """The flush indexed the events after the stored mark: raised by another program
+    while the writer ran, the events between the true mark and it were never indexed
+    (left out of every read by stream, for good, as the flush moved the mark past them).
+    The flush indexes after the writer's own mark and puts the stored one back."""
+    from replay.source import open_log
+    from replay.verify import verify
+
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=4)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(6):  # a flush at 4, two events after it
+                await store.append([ev(i)], stream="s")
+            conn = sqlite3.connect(path)
+            conn.execute(
+                "UPDATE xcore_meta SET value = ? WHERE key = 'indexed_upto'", (str(tampered),)
+            )
+            conn.commit()
+            conn.close()
+            for i in range(4):  # through the next flush, lone and batched
+                if i % 2:
+                    await store.append([ev(i)], stream="s")
+                else:
+                    await asyncio.gather(*[store.append([ev(i)], stream=f"t{i}") for _ in "ab"])
+            _, mark = index_rows(path)
+            assert mark == await store.last_position() == 12
+            assert [r.version for r in await store.read(stream="s")] == list(range(1, 9))
+        finally:
+            await store.close()
+        with open_log(path) as log:
+            assert verify(log).ok
