@@ -418,7 +418,7 @@ class SQLiteLog(Log):
     def by_id(self, event_id: str) -> Recorded | None:
         if self._has_id_index():  # format 3: the id index, then the unindexed end
             sql = lookup_sql(COLUMNS, 1, MARK_SQL) + " LIMIT 1"
-            rows = self._query(sql, (event_id, event_id))
+            rows = self._query(sql, (event_id, event_id, event_id))
         else:  # an older log: its UNIQUE index on events (id)
             rows = self._query(f"SELECT {COLUMNS} FROM events WHERE id = ?", (event_id,))
         out = decode_rows(rows, [])

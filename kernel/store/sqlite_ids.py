@@ -52,6 +52,7 @@ __all__ = [
     "id_index_statements",
     "indexed_ids_sql",
     "lookup_sql",
+    "positions_sql",
     "raise_bound",
 ]
 
@@ -156,14 +157,27 @@ def indexed_ids_sql(count: int) -> str:
 _LOOKUPS: dict[int, str] = {}
 
 
+def positions_sql(count: int) -> str:
+    """The statement finding which of ``count`` ids are in the index, with the event each
+    names checked to have that id: rows of (id, position). For an explicit id, whose
+    stored event the append returns: a row another program slipped into the index must
+    not make an append return another event and store nothing."""
+    return (
+        "SELECT i.id, i.position FROM ids_index AS i JOIN events AS e"
+        f" ON e.position = i.position WHERE i.id IN ({','.join('?' * count)}) AND e.id = i.id"
+    )
+
+
 def lookup_sql(columns: str, count: int, mark: str) -> str:
-    """One statement reading the events of ``count`` ids (bound twice: ``[*ids, *ids]``)
-    from the index and from the unindexed end after ``mark`` (an SQL expression), in
-    position order: for readers that do not hold the writer's dict (replay)."""
+    """One statement reading the events of ``count`` ids (bound three times:
+    ``[*ids, *ids, *ids]``) from the index and from the unindexed end after ``mark`` (an
+    SQL expression), in position order: for readers that do not hold the writer's dict
+    (replay). An index row is taken only when the event it names has that id (a row
+    another program slipped into the index must not answer for another event)."""
     marks = ",".join("?" * count)
     return (
         f"SELECT {columns} FROM events WHERE position IN "
-        f"(SELECT position FROM ids_index WHERE id IN ({marks}))"
+        f"(SELECT position FROM ids_index WHERE id IN ({marks})) AND id IN ({marks})"
         f" UNION SELECT {columns} FROM events WHERE position > COALESCE({mark}, 0)"
         f" AND id IN ({marks}) ORDER BY position"
     )

@@ -133,12 +133,14 @@ def read_stream_sql(
     sql = (
         f"SELECT {columns} FROM events WHERE position IN "
         "(SELECT position FROM streams_index WHERE stream = ? AND position > ?)"
-        f"{type_clause}"
+        # the event's own stream checked too: a row another program slipped into the
+        # index must not put another stream's event in this one's read
+        f" AND stream = ?{type_clause}"
         f" UNION ALL SELECT {columns} FROM events"
         f" WHERE position > MAX(?, COALESCE({_MARK}, 0)) AND stream = ?{type_clause}"
         " ORDER BY position"
     )
-    params: list[Any] = [stream, after, *type_params, after, stream, *type_params]
+    params: list[Any] = [stream, after, stream, *type_params, after, stream, *type_params]
     if limit is not None:
         sql += " LIMIT ?"
         params.append(limit)

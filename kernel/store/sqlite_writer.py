@@ -41,7 +41,13 @@ import orjson
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
 from kernel.store.base import ANY, StreamWrite, WriteResult, check_write, describe_expected
-from kernel.store.sqlite_ids import FRESH_LENGTH, bound_statement, indexed_ids_sql, raise_bound
+from kernel.store.sqlite_ids import (
+    FRESH_LENGTH,
+    bound_statement,
+    indexed_ids_sql,
+    positions_sql,
+    raise_bound,
+)
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
@@ -705,7 +711,7 @@ class GroupCommitWriter:
         rest = list({i: None for i in ids if i not in found})
         for n in range(0, len(rest), 500):
             chunk = rest[n : n + 500]
-            rows = await self._conn.execute_fetchall(indexed_ids_sql(len(chunk)), chunk)
+            rows = await self._conn.execute_fetchall(positions_sql(len(chunk)), chunk)
             found.update((str(row[0]), int(row[1])) for row in rows)
         return found
 

@@ -649,3 +649,38 @@ async def test_an_id_above_every_fresh_one_does_not_make_every_append_probe(
                 await conn.set_trace_callback(None)
             finally:
                 await store.close()
+
+
+async def test_a_row_slipped_into_an_index_answers_for_no_other_event(tmp_path: Path) -> None:
+    """Both indexes take outside inserts of a row for an event that is not there (no
+    trigger can check it cheaply). Such a row made an explicit append of its id return
+    another event and store nothing, a read of its stream return another stream's
+    event, and ``replay why``'s lookup by id another event; now each checks the event it
+    reads has that id or stream, and ``replay verify`` reports the rows."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=4)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(5):
+                await store.append([ev(i)], stream="other")
+            conn = sqlite3.connect(path)
+            conn.execute("INSERT INTO ids_index VALUES ('ghost', 3)")
+            conn.execute("INSERT INTO streams_index VALUES ('mine', 1, 2)")
+            conn.commit()
+            conn.close()
+            # refused (the id is indexed), and said so: not another event returned
+            with pytest.raises(StoreError, match="'ghost' is already in the log"):
+                await store.append([ev(9, "ghost")], stream="mine")
+        finally:
+            await store.close()
+        reader = SQLiteStore(path, readonly=True)
+        await reader.open()
+        try:
+            assert {r.stream for r in await reader.read(stream="mine")} <= {"mine"}
+        finally:
+            await reader.close()
+    with open_log(path) as log:
+        found = log.by_id("ghost")
+        assert found is None or found.meta.id == "ghost"
+        assert not verify(log).ok
