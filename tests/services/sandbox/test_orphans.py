@@ -65,6 +65,11 @@ async def test_no_process_of_a_plugin_outlives_the_kernel(
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
                 r = await client.get("/app/orphans/attack", params={"mark": mark})
                 assert r.status_code == 200, r.text
+            # the double-forked daemon execs its sleep after the request has answered
+            # (the handler waits only for the first fork): wait for both to show
+            with anyio.fail_after(60):
+                while len(marked(mark)) < 2:
+                    await anyio.sleep(0.05)
             assert len(marked(mark)) == 2
             srv.process.send_signal(how)
             with anyio.fail_after(60):
