@@ -899,9 +899,12 @@ class GroupCommitWriter:
                     await self._commit(batch)  # again, from the log as it now is
                     return
                 ops: list[_Append | _Put] = [o for o, _ in results] + list(puts)
-                if isinstance(exc, _OWN_DATA) and len(ops) > 1:
+                if isinstance(exc, _OWN_DATA) and len(batch) > 1:
                     # one caller's data broke a constraint or a limit (a row bigger than
-                    # SQLite takes): find it, one op per transaction
+                    # SQLite takes): find it, one op per transaction. The batch counts,
+                    # not the ops that wrote rows: with one of those, the repeats and
+                    # refusals beside it got its error (an idempotent retry refused for
+                    # another caller's id, a version conflict reported as that id)
                     for o, failure in failures:
                         if not o.future.done():
                             o.future.set_exception(failure)

@@ -684,3 +684,37 @@ async def test_a_row_slipped_into_an_index_answers_for_no_other_event(tmp_path: 
         found = log.by_id("ghost")
         assert found is None or found.meta.id == "ghost"
         assert not verify(log).ok
+
+
+async def test_a_refused_id_beside_repeats_and_conflicts_fails_only_its_own_write(
+    tmp_path: Path,
+) -> None:
+    """A batch where one write reuses an indexed id (refused by the probe) and the others
+    write no row (an idempotent repeat, a version conflict): the others got that write's
+    "already in the log" error, as the retry one write at a time counted only the
+    writes with rows."""
+    from kernel.errors import ConcurrencyError
+    from kernel.store.base import StreamWrite
+
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=2)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            [first] = await store.append([ev(0, "k1")], stream="a")
+            [taken] = await store.append([ev(1)], stream="b")  # flush: both indexed
+            assert store._writer is not None and store._writer.unindexed_ids == {}
+            repeat, reused, conflict = await store.append_many(
+                [
+                    StreamWrite("a", [ev(0, "k1")]),
+                    StreamWrite("e", [NewEvent("A", b"{}", Meta(id=taken.meta.id))]),
+                    StreamWrite("b", [ev(2)], expected_version=0),
+                ]
+            )
+            assert not isinstance(repeat, BaseException)
+            assert [r.position for r in repeat] == [first.position]
+            assert isinstance(reused, StoreError) and "already in the log" in str(reused)
+            assert isinstance(conflict, ConcurrencyError)
+            assert await store.last_position() == 2
+        finally:
+            await store.close()
