@@ -107,6 +107,12 @@ class Collector:
         #: Of the generations unloaded since then, those freed by refcounting (their
         #: remains alone call for no collection before :data:`MAX_FREED`).
         self.freed_since_full = 0
+        #: Unloaded generations still serving requests, (plugin, generation) -> since
+        #: (monotonic s): no collection can free them yet (:meth:`note_draining`).
+        self.draining: dict[tuple[str, int], float] = {}
+        #: Full-collection count (``gc.get_stats()[2]``) when each of the last drained
+        #: generations ended its last request: a leak check counts only later ones.
+        self.drained_at: dict[tuple[str, int], int] = {}
         #: Full collections the collector ran itself.
         self.collections = 0
         #: Full collections run at the end of a build without an owner (MAX_DEFERRED).
@@ -239,15 +245,56 @@ class Collector:
             self._sync()
             self.unloaded_since_full += 1
 
-    def note_freed(self) -> None:
+    def note_freed(self, key: tuple[str, int] | None = None) -> None:
         """An unloaded generation's bulk was freed by refcounting (services/router/
         dismantle.py): what it left for a collection is small, so it no longer calls for
-        one of its own; :data:`MAX_FREED` of them do."""
+        one of its own; :data:`MAX_FREED` of them do. ``key``: it was draining."""
         with self._lock:
             self._sync()
-            if self.unloaded_since_full > 0:
+            if key is not None and self._drained(key):
+                self.freed_since_full += 1
+            elif self.unloaded_since_full > 0:
                 self.unloaded_since_full -= 1
                 self.freed_since_full += 1
+
+    def note_draining(self, key: tuple[str, int]) -> None:
+        """Unloaded generation ``key`` (plugin, generation) still serves requests (a
+        stream, a long poll, a websocket): a collection now could not free it, so its
+        unload calls for none until it ends (:meth:`note_freed` or :meth:`note_kept`
+        with the same key); a leak check meanwhile must not count it
+        (:meth:`collections_since_drained`)."""
+        with self._lock:
+            self._sync()
+            if key in self.draining:
+                return
+            if self.unloaded_since_full > 0:
+                self.unloaded_since_full -= 1
+            self.draining[key] = time.monotonic()
+
+    def note_kept(self, key: tuple[str, int]) -> None:
+        """Draining generation ``key`` ended its last request but something still holds
+        its routes: it calls for a full collection, as an unload does."""
+        with self._lock:
+            self._sync()
+            if self._drained(key):
+                self.unloaded_since_full += 1
+
+    def _drained(self, key: tuple[str, int]) -> bool:
+        if self.draining.pop(key, None) is None:
+            return False
+        self.drained_at[key] = gc.get_stats()[2]["collections"]
+        while len(self.drained_at) > 256:  # (the leak checks look at recent ones)
+            del self.drained_at[next(iter(self.drained_at))]
+        return True
+
+    def full_since(self, key: tuple[str, int], at: int) -> bool:
+        """Whether a full collection ran since count ``at`` while generation ``key`` was
+        not serving requests (one that ran while it drained could not free it)."""
+        with self._lock:
+            if key in self.draining:
+                return False
+            full: int = gc.get_stats()[2]["collections"]
+            return full > max(at, self.drained_at.get(key, at))
 
     # -- state -------------------------------------------------------------------------
 
@@ -268,6 +315,7 @@ class Collector:
             "pending": self.pending(),
             "unloaded_since_full": self.unloaded_since_full,
             "freed_since_full": self.freed_since_full,
+            "draining": len(self.draining),
             "collections": self.collections,
             "full_collections": gc.get_stats()[2]["collections"],
             "young_collections": gc.get_stats()[0]["collections"]

@@ -18,10 +18,12 @@ sleeps (releasing the interpreter) long enough to bring its share down to ``shar
 Calls from the event loop's thread, or while no build is open (``share`` is 1), return
 at once. *Requests first:* at each unit a build thread also waits, at most
 :data:`yield_max` (``build_yield_ms`` of ``services.loader``), while HTTP requests are
-in flight (:data:`serving`, counted by the router's dispatcher; woken when the last one
-ends), so a request that arrives finds at most one unit of build work in its way
-instead of the build's whole share; under a saturated load the build still advances
-one unit per wait. :func:`install` makes FastAPI's ``APIRouter.add_api_route`` (what every route
+being handled (:data:`serving`, counted by the router's dispatcher until each response
+starts: a streamed body does not hold builds; woken when the last one ends), so a
+request that arrives finds at most one unit of build work in its way instead of the
+build's whole share; under a saturated load the build still advances one unit per wait, and a thread's waits
+in one window add up to at most the CPU time it computed (a build's wall time at most
+doubles, however long requests keep arriving). :func:`install` makes FastAPI's ``APIRouter.add_api_route`` (what every route
 decorator calls) pace after each route. A thread given an :class:`Account`
 (:func:`account`) adds each pause to it: a caller bounding the thread's work by a
 timeout leaves the paused time out (the loader's ``import_timeout``); a caller that gave
@@ -51,8 +53,9 @@ _lock = threading.Lock()
 _installed = False
 #: Seconds slept by pacing so far (benchmarks read it).
 slept = 0.0
-#: HTTP requests being served right now (counted by the router's dispatcher, on the
-#: event loop; read here without a lock: a stale read costs one unit of waiting or not).
+#: HTTP requests being handled right now, until their response starts (counted by the
+#: router's dispatcher, on the event loop; read here without a lock: a stale read costs
+#: one unit of waiting or not).
 serving = 0
 #: Longest a build thread waits, per unit of work, for the requests in flight to end
 #: (seconds; 0: it does not wait). Set with :func:`set_share`.
@@ -108,10 +111,22 @@ def request_ended() -> None:
 
 
 def _wait_for_requests() -> float:
-    """Wait (at most :data:`yield_max`) for the requests in flight to end; seconds waited."""
+    """Wait (at most :data:`yield_max`) for the requests in flight to end; seconds waited.
+
+    Bounded in total: a thread's waits within one build window never add up to more
+    than the CPU time it has computed in that window (plus one wait), so a constant
+    stream of requests (long polls never start their response) at most doubles a
+    build's wall time instead of stretching it without end."""
     global _waiting
     limit = yield_max
     if limit <= 0 or serving <= 0:
+        return 0.0
+    cpu = time.thread_time()
+    budget = getattr(_local, "yield_budget", None)
+    if budget is None or budget[0] != _epoch:
+        # [window, CPU time at the window's first wait, seconds waited since]
+        budget = _local.yield_budget = [_epoch, cpu, 0.0]
+    if budget[2] > cpu - budget[1]:
         return 0.0
     start = time.perf_counter()
     with _lock:
@@ -123,7 +138,9 @@ def _wait_for_requests() -> float:
     finally:
         with _lock:
             _waiting -= 1
-    return time.perf_counter() - start
+    waited = time.perf_counter() - start
+    budget[2] += waited
+    return waited
 
 
 def check() -> None:

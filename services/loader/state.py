@@ -95,6 +95,9 @@ class LoaderState:
         leaked = self.leaked_generations()
         if leaked:
             details["leaked_generations"] = leaked
+        draining = self.draining_generations()
+        if draining:
+            details["draining_generations"] = draining
         if stuck:
             details["error"] = (
                 "plugin code outlived its timeout and keeps running in a thread that cannot "
@@ -122,15 +125,27 @@ class LoaderState:
         self.retired.append((gen.name, gen.generation, full, refs))
         del self.retired[:-MAX_RETIRED]
 
+    def draining_generations(self) -> dict[str, dict[str, float]]:
+        """Unloaded generations of this loader's plugins still serving requests (a
+        stream or a websocket opened before the reload), per plugin: generation ->
+        seconds since it was withdrawn. Freed once their last request ends; a request
+        that never ends keeps its generation alive until a restart."""
+        now = time.monotonic()
+        retired = {(r[0], r[1]) for r in self.retired}
+        out: dict[str, dict[str, float]] = {}
+        for (name, generation), since in sorted(collector.draining.items()):
+            if (name, generation) in retired:
+                out.setdefault(name, {})[str(generation)] = round(now - since, 1)
+        return out
+
     def leaked_generations(self) -> dict[str, list[int]]:
         """Unloaded generations still alive after a full collection, per plugin (each
         logged once, naming the plugin: its memory is never given back)."""
-        full = gc.get_stats()[2]["collections"]
         self.retired = [r for r in self.retired if any(ref() is not None for ref in r[3])]
         out: dict[str, list[int]] = {}
         for name, generation, at, _ in self.retired:
-            if full <= at:
-                continue  # not yet looked at by a full collection
+            if not collector.full_since((name, generation), at):
+                continue  # not yet looked at by a full collection since its last request
             out.setdefault(name, []).append(generation)
             if (name, generation) not in self._leaks_logged:
                 self._leaks_logged.add((name, generation))

@@ -26,8 +26,9 @@ else a new one — echoed in the response and carried by every log line the plug
 writes while serving it (``kernel.logging.request_id_var``), and (3) counts it by
 route template, method and status class with its latency (``stats.py``), and (4)
 counts it in flight on its mount (:class:`InFlight`: a withdrawn generation is taken
-apart once its last request ends, ``dismantle.py``) and, for HTTP, in
-``kernel.pacing.serving`` (build threads wait for it).
+apart once its last request ends, ``dismantle.py``) and, for HTTP until its response
+starts, in ``kernel.pacing.serving`` (build threads wait for it; a streamed body does
+not hold them).
 """
 
 from __future__ import annotations
@@ -278,13 +279,30 @@ async def serve(
     """Run ``app`` for a request under ``mount``: access check, request id, counting."""
     flight = mount.in_flight
     flight.count += 1
-    http = scope["type"] == "http"
-    if http:  # build threads wait for it (kernel/pacing.py; a websocket would hold them)
-        pacing.serving += 1
+    if scope["type"] != "http":  # (a websocket would hold build threads for its life)
+        try:
+            await _serve(mount, app, scope, receive, send, observe=observe, auth=auth)
+        finally:
+            flight.leave()
+        return
+    # Build threads wait while it is handled (kernel/pacing.py), up to its response's
+    # start: the body of a stream (server-sent events, for hours) mostly waits, and
+    # would make every unit of every build wait ``build_yield_ms`` for nothing.
+    handled = True
+    pacing.serving += 1
+
+    async def send_started(message: Message) -> None:
+        nonlocal handled
+        if handled and message["type"] == "http.response.start":
+            handled = False
+            pacing.serving -= 1
+            pacing.request_ended()
+        await send(message)
+
     try:
-        await _serve(mount, app, scope, receive, send, observe=observe, auth=auth)
+        await _serve(mount, app, scope, receive, send_started, observe=observe, auth=auth)
     finally:
-        if http:
+        if handled:
             pacing.serving -= 1
             pacing.request_ended()
         flight.leave()

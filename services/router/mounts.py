@@ -34,6 +34,7 @@ __all__ = [
     "RunningLifespan",
     "build_mount",
     "check_conflicts",
+    "forget_app_endpoints",
     "forget_endpoints",
     "route_paths",
     "start_lifespan",
@@ -262,6 +263,11 @@ def with_state(mount: Mount, state: Mapping[str, Any]) -> Mount:
 
 
 def forget_endpoints(mount: Mount) -> None:
+    """:func:`forget_app_endpoints` of ``mount``'s app."""
+    forget_app_endpoints(mount.app)
+
+
+def forget_app_endpoints(app: Any) -> None:
     """Drop FastAPI's per-endpoint caches that would keep an unloaded generation alive.
 
     FastAPI caches facts about endpoint and dependency callables in module-level tables
@@ -277,7 +283,7 @@ def forget_endpoints(mount: Mount) -> None:
         return
     cache = getattr(fastapi_routing, "_endpoint_context_cache", None)
     if isinstance(cache, dict):
-        for route in getattr(mount.app, "routes", []):
+        for route in getattr(app, "routes", []):
             endpoint = getattr(route, "endpoint", None)
             if endpoint is not None:
                 cache.pop(id(endpoint), None)

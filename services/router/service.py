@@ -188,6 +188,15 @@ class RouterService:
                 f"{label} is older than generation {current.generation}, which is serving",
                 current.prefix,
             )
+        kept = self._mounts.get((name, generation))
+        if kept is not None:
+            # a rolled-back reload offers the generation that served before: its mount
+            # was never withdrawn (its app intact, its lifespan running): serve it again,
+            # at once, rather than build it and start its lifespan a second time
+            http = self.kernel.http
+            service_paths = [p for r in http.routers for p in route_paths(r.routes)]
+            check_conflicts(kept, self.dispatcher.table, http.is_reserved, service_paths)
+            return kept
         runtime = self.kernel.plugins.find(name, generation)
         if runtime is None:
             raise MountRefused(

@@ -88,3 +88,25 @@ def test_a_build_thread_waits_for_the_requests_in_flight(
     assert pacing.yield_max == 60.0
     pacing.set_share(1.0)
     assert pacing.yield_max == 0.0  # closed: no build waits
+
+
+def test_the_waits_for_requests_add_up_to_at_most_the_builds_cpu_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests that never stop (long polls never start their response) cannot stretch
+    a build without end: within one window a thread's waits add up to at most the CPU
+    time it computed, plus one wait. 100 units of 1 ms under a request that never ends
+    would otherwise wait 100 x 20 ms = 2 s."""
+    pacing.set_share(0.99, yield_s=0.02)
+    monkeypatch.setattr(pacing, "serving", 1)
+    spent = pacing.Account()
+
+    def build() -> None:
+        pacing.account(spent)
+        try:
+            burn(100)
+        finally:
+            pacing.account(None)
+
+    in_thread(build)
+    assert spent.paused < 1.0, spent.paused

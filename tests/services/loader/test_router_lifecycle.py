@@ -115,3 +115,54 @@ async def test_a_router_prefix_collision_names_router_py(harness_factory, plugin
     assert failed.data["file"] == "router.py"
     assert "router.py: APIRouter(prefix='/shared/b')" in failed.data["error"]
     assert "run.py" not in failed.data["error"]
+
+
+async def test_a_rolled_back_reload_serves_the_old_mount_again_with_its_one_lifespan(
+    harness_factory, plugins: Path
+) -> None:
+    """``life`` reloads with ``dep`` that requires it; ``dep``'s new router fails its
+    lifespan, so ``life``'s new generation is rolled back after it was mounted: the old
+    generation's mount — never withdrawn, its lifespan still running — serves again. It
+    is not built a second time with a second lifespan that no unload ever stops."""
+    write_plugin(plugins, "life", router=LIFESPAN_ROUTER)
+    write_plugin(
+        plugins,
+        "dep",
+        info={"version": "1.0.0", "api_prefix": "/app/dep", "requires": {"life": ">=1"}},
+        router="from fastapi import APIRouter\nrouter = APIRouter()\n"
+        "@router.get('/x')\ndef x(): return 1\n",
+    )
+    h = await harness_factory()
+    router_service = h.kernel.services["router"]
+    assert (await h.client.get("/app/life/state")).json() == {"pool": "ready", "user": "real"}
+    served = router_service.dispatcher.table.by_plugin["life"]
+    write_plugin(
+        plugins,
+        "dep",
+        info={"version": "1.0.0", "api_prefix": "/app/dep", "requires": {"life": ">=1"}},
+        router="""
+            from contextlib import asynccontextmanager
+            from fastapi import APIRouter
+
+            @asynccontextmanager
+            async def lifespan(app):
+                raise RuntimeError("database unreachable")
+                yield
+
+            router = APIRouter(lifespan=lifespan)
+
+            @router.get("/x")
+            async def x():
+                return 1
+            """,
+    )
+    r = await h.client.post("/admin/plugins/life/reload", headers=AUTH)
+    assert r.status_code != 200 and "database unreachable" in r.text
+    assert h.loader.loaded["life"].generation == served.generation
+    assert router_service.dispatcher.table.by_plugin["life"] is served
+    assert (await h.client.get("/app/life/state")).json() == {"pool": "ready", "user": "real"}
+    await h.stop()
+    seen = lines(plugins)
+    starts = sum(1 for line in seen if line in ("lifespan start", "startup"))
+    stops = sum(1 for line in seen if line in ("lifespan stop", "shutdown"))
+    assert starts == stops == 4  # generation 1 and the rolled-back one, each once
