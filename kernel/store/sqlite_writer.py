@@ -763,7 +763,10 @@ class GroupCommitWriter:
                     failures.append((o, self._not_text(stream, eid)))
                     continue
                 if eid in existing or eid in in_batch:
-                    o.existing = [eid]
+                    if e.explicit_id:
+                        o.existing = [eid]
+                    else:  # reused without marking it explicit: refused, as across batches
+                        failures.append((o, self._taken(stream, eid)))
                     continue
                 if eid in held:  # not explicit: a fresh id was expected
                     failures.append((o, self._taken(stream, eid)))

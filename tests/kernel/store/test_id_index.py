@@ -718,3 +718,27 @@ async def test_a_refused_id_beside_repeats_and_conflicts_fails_only_its_own_writ
             assert await store.last_position() == 2
         finally:
             await store.close()
+
+
+async def test_an_id_reused_without_explicit_in_one_batch_is_refused(tmp_path: Path) -> None:
+    """Two writes of one batch with the same id, the second not marked explicit: the
+    second returned the first's event (another stream's) as if it were a repeat, where
+    in two batches it is refused ("already in the log")."""
+    from kernel.store.base import StreamWrite
+
+    store = SQLiteStore(tmp_path / "log.db")
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            first, second = await store.append_many(
+                [
+                    StreamWrite("c", [NewEvent("A", b"{}", Meta(id="k2"))]),
+                    StreamWrite("d", [NewEvent("A", b"{}", Meta(id="k2"))]),
+                ]
+            )
+            assert not isinstance(first, BaseException) and first[0].stream == "c"
+            assert isinstance(second, StoreError) and "already in the log" in str(second)
+            [again] = await store.append_many([StreamWrite("d", [ev(0, "k2")])])
+            assert not isinstance(again, BaseException) and again[0].stream == "c"
+        finally:
+            await store.close()
