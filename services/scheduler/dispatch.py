@@ -391,7 +391,8 @@ class Dispatcher:
         to the log (its plugin is not loaded)."""
         entry = self.tasks.get(dep)
         if entry is not None:
-            return entry.state
+            # a run of ``dep`` claimed ahead of an instant still to come is not running
+            return entry.state_at(time.time())
         row = self.table.tasks.get(dep)
         if row is None:
             return None

@@ -88,6 +88,9 @@ class TaskEntry:
     #: they count against ``max_instances`` until the thread returns
     lingering: set[str] = field(default_factory=set)
 
+    #: run id -> (when its code starts: claimed a lead ahead, maybe still to come; its
+    #: kind), of the runs in ``active``
+    due: dict[str, tuple[float, str]] = field(default_factory=dict)
     #: run ids whose next attempt is pending (a failed attempt will be retried)
     retrying: set[str] = field(default_factory=set)
     #: runs waiting for an instance (retries, catch-up and requested runs), in order
@@ -110,6 +113,21 @@ class TaskEntry:
     def instances(self) -> int:
         """Runs of this task whose code has not returned yet."""
         return len(self.active) + len(self.lingering)
+
+    def state_at(self, now: float) -> str | None:
+        """:attr:`state` as a dependency sees it at ``now``: a run claimed ahead of an
+        instant still to come is not running yet (its task is as its last run left it)."""
+        if self.lingering:
+            return "running"
+        retry_ahead = False
+        for run_id in self.active:
+            at, kind = self.due.get(run_id, (0.0, ""))
+            if at <= now:
+                return "running"
+            retry_ahead = retry_ahead or kind == "retry"  # its last attempt failed
+        if self.retrying or retry_ahead:
+            return "retrying"
+        return self.last_outcome
 
     @property
     def state(self) -> str | None:
@@ -399,7 +417,27 @@ class Runner:
             finally:
                 self._runs.pop(run_id, None)
                 turn_wait = time.perf_counter() - turn_wait
-        if entry.instances >= task.max_instances:
+        if kind == "schedule" and task.depends_on and (ahead := start_at - time.time()) > 0:
+            # Fired a lead ahead of its instant: its dependencies are judged at its
+            # instant, not at the lead (a dependency may finish, or start, in between;
+            # the leads of two schedules differ), so the run waits for its instant
+            # before it decides (and claims).
+            waited = True
+            self._runs[run_id] = (tid, task.plugin, task.generation, me)
+            began = time.perf_counter()
+            try:
+                await asyncio.sleep(ahead)
+            except asyncio.CancelledError:
+                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
+                raise
+            finally:
+                self._runs.pop(run_id, None)
+                turn_wait += time.perf_counter() - began
+        if entry.removed:
+            # unscheduled while the run waited for its turn (or before it began): it
+            # claims nothing, no start record after the task's TaskUnscheduled
+            reason = "unscheduled: the task was unscheduled before the run started"
+        elif entry.instances >= task.max_instances:
             reason = f"max_instances ({task.max_instances}) reached: a run is still in progress"
         elif waited and entry.paused and kind in ("retry", "misfire", "schedule"):
             # paused while it waited for its turn: a paused task starts no timed run and
@@ -425,6 +463,7 @@ class Runner:
             return
         entry.retrying.discard(run_id)
         entry.active[run_id] = me
+        entry.due[run_id] = (start_at, kind)
         self._runs[run_id] = (tid, task.plugin, task.generation, me)
         acquired = started = finished = interrupted = False
         #: the worker thread's future of a sync run: the slot is its until it ends
@@ -570,6 +609,7 @@ class Runner:
             if _busy(thread):
                 self._linger(entry, run_id, thread[0])
             entry.active.pop(run_id, None)
+            entry.due.pop(run_id, None)
             self._runs.pop(run_id, None)
             _next_turn(entry)
         if lost:

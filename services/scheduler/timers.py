@@ -49,6 +49,12 @@ class TimerQueue:
     #: callbacks run: a huge instant (10,000 runs due at once) sends its claims every
     #: this often, so its first runs do not wait for the last one's callback.
     hold_max = 0.02
+    #: The sleeper wakes at least this often (seconds) to read the wall clock again: due
+    #: times are wall-clock instants but the loop sleeps on the monotonic clock, so a
+    #: wall clock stepped forward (an NTP correction, a VM or laptop resumed from
+    #: suspend, which the monotonic clock does not count) would otherwise leave every
+    #: due run late by the step, until the sleep computed before it ends.
+    max_sleep = 1.0
 
     def __init__(
         self,
@@ -191,7 +197,8 @@ class TimerQueue:
             handle = None
             self._target = self.next_time()
             if self._target is not None:
-                handle = loop.call_at(loop.time() + (self._target - time.time()), _done, wake)
+                delay = min(self._target - time.time(), self.max_sleep)
+                handle = loop.call_at(loop.time() + delay, _done, wake)
             try:
                 await wake
             finally:
@@ -303,8 +310,12 @@ class StartGate:
         self._handles.pop(when, None)
         if self._closed:
             return
-        if when - time.time() <= self.handoff:
+        left = when - time.time()
+        if left <= self.handoff:
             self._spin(loop, when)
+            return
+        if left > self.margin:  # the wall clock stepped back meanwhile: wait on the loop
+            self._coarse(loop, when, left)
             return
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xcore-gate")
@@ -312,14 +323,35 @@ class StartGate:
 
     def _sleep_then_wake(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         # Runs in the helper thread: it touches no state of the gate, the loop does.
-        time.sleep(max(0.0, when - self.handoff - time.time()))
+        # (at most the margin: a wall clock stepped back does not hold the thread, which
+        # every instant shares, for the length of the step)
+        time.sleep(min(self.margin, max(0.0, when - self.handoff - time.time())))
         try:
             loop.call_soon_threadsafe(self._spin, loop, when)
         except RuntimeError:  # the loop closed meanwhile: nobody waits any more
             log.debug("start gate: the loop closed before the instant %.6f", when)
 
+    def _coarse(self, loop: asyncio.AbstractEventLoop, when: float, left: float) -> None:
+        """Wait on the loop again until :attr:`margin` before ``when`` (``left`` away)."""
+        if self._closed:
+            for fut in self._groups.pop(when, ()):
+                fut.cancel()
+            return
+        self._handles[when] = loop.call_at(
+            loop.time() + left - self.margin, self._hand_off, loop, when
+        )
+
     def _spin(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        if time.time() < when:
+        left = when - time.time()
+        if left > self.handoff:
+            # the wall clock stepped back since the hand-off: wait again (on the loop,
+            # or in the thread), never a busy loop for the length of the step
+            if self._closed:
+                self._coarse(loop, when, left)  # (cancels the instant's waiters)
+            else:
+                self._hand_off(loop, when)
+            return
+        if left > 0:
             loop.call_soon(self._spin, loop, when)
             return
         for fut in self._groups.pop(when, ()):

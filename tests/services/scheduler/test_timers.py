@@ -101,3 +101,34 @@ async def test_close_cancels_the_pending_coarse_waits() -> None:
     assert gate._thread is None
     with pytest.raises(RuntimeError, match="start gate is closed"):
         await gate.wait_until(time.time() + 1)
+
+
+async def test_a_wall_clock_stepped_back_during_the_last_wait_is_waited_out_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The instant is a wall-clock one: a clock stepped back 3 s while the helper thread
+    # sleeps the last part of the wait moves it 3 s away again. The gate waits them out
+    # asleep (on the loop), not in a busy loop of the event loop for the whole step.
+    real = time.time
+    step = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + step[0])  # the system clock
+    gate = StartGate()
+    gate.margin = 0.3  # the helper thread's part of the wait: long enough to step in
+    when = time.time() + 0.6
+
+    async def step_back() -> None:
+        await asyncio.sleep(0.45)  # the coarse wait is over, the thread sleeps
+        step[0] = -3.0
+
+    stepper = asyncio.create_task(step_back())
+    cpu = time.process_time()
+    try:
+        with anyio.fail_after(30):
+            await gate.wait_until(when)
+    finally:
+        gate.close()
+        await stepper
+    assert time.time() >= when  # never early, in the clock's new time
+    # a busy loop spends most of the 3 s on the CPU (1.4 s measured on a loaded
+    # machine); waiting asleep, next to nothing
+    assert time.process_time() - cpu < 0.5
