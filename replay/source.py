@@ -418,7 +418,7 @@ class SQLiteLog(Log):
     def by_id(self, event_id: str) -> Recorded | None:
         if self._has_id_index():  # format 3: the id index, then the unindexed end
             sql = lookup_sql(COLUMNS, 1, MARK_SQL) + " LIMIT 1"
-            rows = self._query(sql, (event_id, event_id))
+            rows = self._query(sql, (event_id, event_id, event_id))
         else:  # an older log: its UNIQUE index on events (id)
             rows = self._query(f"SELECT {COLUMNS} FROM events WHERE id = ?", (event_id,))
         out = decode_rows(rows, [])
@@ -460,6 +460,13 @@ class SQLiteLog(Log):
                     "SELECT e.position, 'not in the stream index, though before its mark'"
                     f" FROM events e WHERE e.position <= {mark} AND NOT EXISTS (SELECT 1"
                     " FROM streams_index s WHERE s.stream = e.stream AND s.version = e.version)",
+                    "",
+                ),
+                (
+                    # the mark lowered by another program: reads by stream would return
+                    # the events between it and these rows twice
+                    "SELECT s.position, 'in the stream index, though after its mark'"
+                    f" FROM streams_index s WHERE s.position > {mark}",
                     "",
                 ),
             ]

@@ -41,7 +41,7 @@ from kernel.store.base import (
     check_write,
 )
 from kernel.store.sqlite_files import FILE_MODE, LogFiles
-from kernel.store.sqlite_ids import bound_sql
+from kernel.store.sqlite_ids import bound_sql, ceiling
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     INDEXED_UPTO,
@@ -50,6 +50,7 @@ from kernel.store.sqlite_streams import (
     read_stream_sql,
     stream_version_sql,
     stream_versions_sql,
+    true_mark,
     unindexed_sql,
 )
 from kernel.store.sqlite_trusted import skip_triggers
@@ -331,7 +332,8 @@ class SQLiteStore:
         if self._write_conn is not None:
             try:
                 end = list(await self._write_conn.execute_fetchall(unindexed_sql()))
-                bound = list(await self._write_conn.execute_fetchall(bound_sql()))
+                top = ceiling(time.time_ns())
+                bound = list(await self._write_conn.execute_fetchall(bound_sql(), (top,)))
             except BaseException:
                 self._open = False
                 await self._release()
@@ -346,6 +348,7 @@ class SQLiteStore:
                 # reversed: of an id an outside writer stored twice, the first counts
                 unindexed_ids={str(r[3]): int(r[2]) for r in reversed(end)},
                 ids_bound=str(bound[0][0]) if bound and bound[0][0] is not None else "",
+                ids_ceiling=top,
                 index_every=self.index_every,
                 inline_limit=self.inline_limit,
                 inline_hold=self.inline_hold,
@@ -430,7 +433,30 @@ class SQLiteStore:
                 mark.position if mark else "absent",
                 kept or "(none: there was no WAL)",
             )
+        await self._check_index_mark(self._write_conn)
         await asyncio.to_thread(files.write_mark, self._last, clean=False)
+
+    async def _check_index_mark(self, conn: aiosqlite.Connection) -> None:
+        """Put back the indexes' mark an outside writer moved (see ``true_mark``): the
+        writer reloads the events after it and indexes them at its next flush."""
+        stored, true = await conn._execute(true_mark, conn._conn)  # type: ignore[no-untyped-call]
+        if true is None:
+            return
+        log.error(
+            "%s: the indexes' mark (%s in xcore_meta) says position %d, but the indexes "
+            "hold the events up to position %d: another program changed it; it is put "
+            "back (only xcore should write an event log)",
+            self.path,
+            INDEXED_UPTO,
+            stored,
+            true,
+        )
+        await conn.execute(
+            "INSERT INTO xcore_meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (INDEXED_UPTO, str(true)),
+        )
+        await conn.commit()
 
     async def _skip_triggers(self, conn: aiosqlite.Connection) -> bool:
         """Run the writer's connection without the append-only triggers (see

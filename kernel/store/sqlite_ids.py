@@ -48,9 +48,11 @@ __all__ = [
     "IdRow",
     "bound_sql",
     "bound_statement",
+    "ceiling",
     "id_index_statements",
     "indexed_ids_sql",
     "lookup_sql",
+    "positions_sql",
     "raise_bound",
 ]
 
@@ -65,27 +67,50 @@ FRESH_LENGTH: Final = 32
 BOUND_KEY: Final = "ids_bound"
 
 
-def raise_bound(bound: str, ids: Collection[str]) -> str:
-    """``bound`` raised to the greatest of ``ids`` of ``FRESH_LENGTH`` characters."""
+#: How far ahead of the clock at open the ceiling is (milliseconds; see ``ceiling``).
+CEILING_AHEAD_MS: Final = 366 * 24 * 3600 * 1000
+
+
+def ceiling(now_ns: int) -> str:
+    """The ceiling of fresh ids for a writer opened at ``now_ns`` (``time.time_ns()``):
+    the id ``new_id`` would draw a year later with no random bits.
+
+    Why: an id of 32 characters that sorts above every fresh id (a caller's
+    ``uuid4().hex`` beginning with 1 to f, ``"z" * 32``) would raise the bound above
+    every fresh id to come, and every later append would probe the index. Ids at or
+    above the ceiling never raise the bound and are never taken for fresh (always
+    probed); ids between the bound and the ceiling are fresh. Fixed for the writer's
+    life, so an id stored above it stays above it (a writer running a year without a
+    restart probes its ids from then on: correct, a little slower)."""
+    top = (now_ns // 1_000_000 + CEILING_AHEAD_MS) & 0xFFFF_FFFF_FFFF
+    return (top << 80).to_bytes(16, "big").hex()
+
+
+def raise_bound(bound: str, ids: Collection[str], ceiling: str) -> str:
+    """``bound`` raised to the greatest of ``ids`` of ``FRESH_LENGTH`` characters below
+    ``ceiling``."""
     if not ids:
         return bound
     top = max(ids)  # in C; the common case: a fresh id is the greatest
-    if len(top) == FRESH_LENGTH:
+    if len(top) == FRESH_LENGTH and top < ceiling:
         return max(top, bound)
     for i in ids:
-        if len(i) == FRESH_LENGTH and i > bound:
+        if len(i) == FRESH_LENGTH and bound < i < ceiling:
             bound = i
     return bound
 
 
 def bound_sql() -> str:
-    """The statement finding the bound: the greatest indexed id of ``FRESH_LENGTH``
-    characters, read above the stored hint only (a seek, then the few ids above it;
-    the whole index once for a log whose hint is missing: upgraded, copied, imported)."""
-    hint = f"COALESCE((SELECT value FROM xcore_meta WHERE key = '{BOUND_KEY}'), '')"
+    """The statement finding the bound below the ceiling (bound as its one parameter):
+    the greatest indexed id of ``FRESH_LENGTH`` characters under it, read above the
+    stored hint only (a seek, then the few ids above it; from the ceiling down once for
+    a log whose hint is missing or not under it: upgraded, copied, imported, or written
+    before the ceiling)."""
+    stored = f"(SELECT value FROM xcore_meta WHERE key = '{BOUND_KEY}')"
+    hint = f"(CASE WHEN {stored} < ?1 THEN {stored} ELSE '' END)"
     return (
         "SELECT COALESCE((SELECT MAX(id) FROM ids_index"
-        f" WHERE length(id) = {FRESH_LENGTH} AND id > {hint}), {hint})"
+        f" WHERE length(id) = {FRESH_LENGTH} AND id > {hint} AND id < ?1), {hint})"
     )
 
 
@@ -132,14 +157,27 @@ def indexed_ids_sql(count: int) -> str:
 _LOOKUPS: dict[int, str] = {}
 
 
+def positions_sql(count: int) -> str:
+    """The statement finding which of ``count`` ids are in the index, with the event each
+    names checked to have that id: rows of (id, position). For an explicit id, whose
+    stored event the append returns: a row another program slipped into the index must
+    not make an append return another event and store nothing."""
+    return (
+        "SELECT i.id, i.position FROM ids_index AS i JOIN events AS e"
+        f" ON e.position = i.position WHERE i.id IN ({','.join('?' * count)}) AND e.id = i.id"
+    )
+
+
 def lookup_sql(columns: str, count: int, mark: str) -> str:
-    """One statement reading the events of ``count`` ids (bound twice: ``[*ids, *ids]``)
-    from the index and from the unindexed end after ``mark`` (an SQL expression), in
-    position order: for readers that do not hold the writer's dict (replay)."""
+    """One statement reading the events of ``count`` ids (bound three times:
+    ``[*ids, *ids, *ids]``) from the index and from the unindexed end after ``mark`` (an
+    SQL expression), in position order: for readers that do not hold the writer's dict
+    (replay). An index row is taken only when the event it names has that id (a row
+    another program slipped into the index must not answer for another event)."""
     marks = ",".join("?" * count)
     return (
         f"SELECT {columns} FROM events WHERE position IN "
-        f"(SELECT position FROM ids_index WHERE id IN ({marks}))"
+        f"(SELECT position FROM ids_index WHERE id IN ({marks})) AND id IN ({marks})"
         f" UNION SELECT {columns} FROM events WHERE position > COALESCE({mark}, 0)"
         f" AND id IN ({marks}) ORDER BY position"
     )

@@ -29,6 +29,7 @@ close indexes the end, so a closed log is indexed whole.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Collection, Iterable
 from itertools import chain
 from typing import Any, Final
@@ -46,6 +47,7 @@ __all__ = [
     "read_stream_sql",
     "stream_version_sql",
     "stream_versions_sql",
+    "true_mark",
     "unindexed_sql",
 ]
 
@@ -88,25 +90,28 @@ def index_statements(
     return statements
 
 
-def flush_statements(upto: int) -> list[tuple[str, tuple[Any, ...]]]:
-    """The statements writing every event after the mark, up to ``upto``, to the stream
+def flush_statements(mark: int, upto: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements writing every event after ``mark``, up to ``upto``, to the stream
     and id indexes, and moving the mark to ``upto`` — run in the transaction that wrote
     those events (they are read back from the log: its last pages, in cache; SQLite
-    sorts the stream rows itself, no Python sort and no value bound per row)."""
-    after = f"position > COALESCE({_MARK}, 0) AND position <= ?"
+    sorts the stream rows itself, no Python sort and no value bound per row).
+
+    ``mark`` is the writer's own, not the one stored: another program may have moved
+    that one (``xcore_meta`` has no trigger), and the flush puts it back."""
+    after = "position > ? AND position <= ?"
     return [
         (
             "INSERT OR IGNORE INTO streams_index (stream, version, position)"
             f" SELECT stream, version, position FROM events WHERE {after}"
             " ORDER BY stream, version",
-            (upto,),
+            (mark, upto),
         ),
         (
             # in position order: of an id stored twice (by an outside writer), the
             # first position is the one indexed (see sqlite_ids.py)
             "INSERT OR IGNORE INTO ids_index (id, position)"
             f" SELECT id, position FROM events WHERE {after} ORDER BY position",
-            (upto,),
+            (mark, upto),
         ),
         (
             "INSERT INTO xcore_meta (key, value) VALUES (?, ?)"
@@ -128,12 +133,14 @@ def read_stream_sql(
     sql = (
         f"SELECT {columns} FROM events WHERE position IN "
         "(SELECT position FROM streams_index WHERE stream = ? AND position > ?)"
-        f"{type_clause}"
+        # the event's own stream checked too: a row another program slipped into the
+        # index must not put another stream's event in this one's read
+        f" AND stream = ?{type_clause}"
         f" UNION ALL SELECT {columns} FROM events"
         f" WHERE position > MAX(?, COALESCE({_MARK}, 0)) AND stream = ?{type_clause}"
         " ORDER BY position"
     )
-    params: list[Any] = [stream, after, *type_params, after, stream, *type_params]
+    params: list[Any] = [stream, after, stream, *type_params, after, stream, *type_params]
     if limit is not None:
         sql += " LIMIT ?"
         params.append(limit)
@@ -179,3 +186,52 @@ def unindexed_sql() -> str:
         "SELECT stream, version, position, id FROM events"
         f" WHERE position > COALESCE({_MARK}, 0) ORDER BY position"
     )
+
+
+#: The event at the greatest position at or below ``?`` when it is in either index at
+#: that position (its stream row or its id row); no row when it is not, or is none.
+_INDEXED_AT = (
+    "SELECT e.position FROM (SELECT position, stream, version, id FROM events"
+    " WHERE position <= ? ORDER BY position DESC LIMIT 1) AS e"
+    " WHERE EXISTS (SELECT 1 FROM streams_index AS s WHERE s.stream = e.stream"
+    " AND s.version = e.version AND s.position = e.position)"
+    " OR EXISTS (SELECT 1 FROM ids_index AS i WHERE i.id = e.id AND i.position = e.position)"
+)
+#: The same for the event at the least position above ``?``.
+_INDEXED_AFTER = _INDEXED_AT.replace(
+    "position <= ? ORDER BY position DESC", "position > ? ORDER BY position"
+)
+
+
+def true_mark(conn: sqlite3.Connection) -> tuple[int, int | None]:
+    """The stored mark, and the true one when they differ (None when they agree).
+
+    A flush moves the mark in the transaction that indexes the events up to it, so in
+    a log only xcore wrote, the event at the mark is indexed and the one after it is
+    not. A mark an outside writer moved (``xcore_meta`` has no trigger) breaks one of
+    the two: raised, the events between the true mark and it would never be indexed
+    nor read by stream; lowered, reads by stream would return the indexed events after
+    it twice. Two probes tell; when one fails, the true mark (the indexed events are a
+    prefix of the log) is found by bisection, a probe per step."""
+    row = conn.execute(
+        f"SELECT COALESCE({_MARK}, 0), (SELECT MAX(position) FROM events)"
+    ).fetchone()
+    stored, last = int(row[0]), int(row[1] or 0)
+
+    def indexed(at: int) -> bool:
+        return conn.execute(_INDEXED_AT, (at,)).fetchone() is not None
+
+    if (
+        stored <= last
+        and (stored == 0 or indexed(stored))
+        and conn.execute(_INDEXED_AFTER, (stored,)).fetchone() is None
+    ):
+        return stored, None
+    low, high = 0, last  # indexed(low) holds (or low is 0); nothing above high is indexed
+    while low < high:
+        middle = (low + high + 1) // 2
+        if indexed(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return stored, low

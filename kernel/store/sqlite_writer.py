@@ -41,7 +41,13 @@ import orjson
 from kernel.errors import ConcurrencyError, StoreClosed, StoreError
 from kernel.events import NewEvent, Recorded, registry
 from kernel.store.base import ANY, StreamWrite, WriteResult, check_write, describe_expected
-from kernel.store.sqlite_ids import FRESH_LENGTH, bound_statement, indexed_ids_sql, raise_bound
+from kernel.store.sqlite_ids import (
+    FRESH_LENGTH,
+    bound_statement,
+    indexed_ids_sql,
+    positions_sql,
+    raise_bound,
+)
 from kernel.store.sqlite_streams import (
     INDEX_EVERY,
     VERSIONS_CHUNK,
@@ -152,23 +158,47 @@ def _write(
     commit (in the connection's own thread, or inline in the loop's); returns how long
     it took, in seconds."""
     started = _perf_counter()
-    for i in range(0, len(rows), _CHUNK):
-        chunk = rows[i : i + _CHUNK]
-        flat = list(chain.from_iterable(chunk))
-        # ``data`` and ``meta`` bound as bytearray, stored alike (a BLOB): the sqlite3
-        # module binds int, float, str and bytearray directly but sends bytes through
-        # its adapter lookup, which fails on a type attribute and formats the error
-        # before dropping it — ~3,300 instructions per value, 7% of an append
-        flat[5::9] = map(bytearray, flat[5::9])
-        flat[6::9] = map(bytearray, flat[6::9])
-        conn.execute(_insert_sql(len(chunk)), flat)
-    for i in range(0, len(probe), _CHUNK):
-        # in the transaction the insert opened (a read of the index it does not touch)
-        _probe_ids(conn, list(probe[i : i + _CHUNK]))
-    for sql, params in puts:
-        conn.execute(sql, params)
-    conn.commit()
+    try:
+        for i in range(0, len(rows), _CHUNK):
+            chunk = rows[i : i + _CHUNK]
+            flat = list(chain.from_iterable(chunk))
+            # ``data`` and ``meta`` bound as bytearray, stored alike (a BLOB): the sqlite3
+            # module binds int, float, str and bytearray directly but sends bytes through
+            # its adapter lookup, which fails on a type attribute and formats the error
+            # before dropping it — ~3,300 instructions per value, 7% of an append
+            flat[5::9] = map(bytearray, flat[5::9])
+            flat[6::9] = map(bytearray, flat[6::9])
+            conn.execute(_insert_sql(len(chunk)), flat)
+        for i in range(0, len(probe), _CHUNK):
+            # in the transaction the insert opened (a read of the index it does not touch)
+            _probe_ids(conn, list(probe[i : i + _CHUNK]))
+        for sql, params in puts:
+            conn.execute(sql, params)
+        conn.commit()
+    except BaseException as exc:
+        if isinstance(exc, sqlite3.Error):
+            raise  # the writer rolls back (and may retry one write at a time)
+        # not SQLite's refusal: a value the sqlite3 module cannot bind (a type that is
+        # not valid text, a schema over 64 bits), or an interruption. The chunks
+        # inserted before it are in the open transaction: rolled back here, or the
+        # next commit (the next batch, the close's index flush) would store a batch
+        # whose callers were told it failed
+        conn.rollback()
+        if isinstance(exc, (UnicodeEncodeError, OverflowError)):
+            raise sqlite3.DataError(f"a value SQLite cannot store: {exc}") from exc
+        raise
     return _perf_counter() - started
+
+
+def _bindable_text(value: object) -> bool:
+    """Whether ``value`` is text SQLite can store (a ``str`` without lone surrogates)."""
+    if type(value) is not str:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class GroupCommitWriter:
@@ -185,6 +215,7 @@ class GroupCommitWriter:
         unindexed: Sequence[IndexRow] = (),
         unindexed_ids: Mapping[str, int] = {},
         ids_bound: str = "",
+        ids_ceiling: str = "",
         index_every: int = INDEX_EVERY,
         inline_limit: float = 0.005,
         inline_hold: float = INLINE_HOLD,
@@ -205,6 +236,9 @@ class GroupCommitWriter:
         self.unindexed_ids: dict[str, int] = dict(unindexed_ids)
         #: no id of 32 characters in the id index sorts after it (see sqlite_ids.py)
         self.ids_bound = ids_bound
+        #: no id at or above it is fresh, nor raises the bound (see sqlite_ids.ceiling);
+        #: "" takes every id for one that might be indexed
+        self.ids_ceiling = ids_ceiling
         self.index_every = index_every
         # A plain deque and one wake-up future: cheaper than asyncio.Queue's getters.
         self._queue: deque[_Op] = deque()
@@ -372,7 +406,8 @@ class GroupCommitWriter:
         if len(event.data) > INLINE_BYTES:
             return None  # too big to hold the loop for (see INLINE_BYTES)
         meta = event.meta
-        if meta.id in self.unindexed_ids:
+        eid = meta.id
+        if type(eid) is not str or eid in self.unindexed_ids:
             return None  # refused: the batch path says so
         try:
             data = orjson.loads(event.data)
@@ -387,23 +422,21 @@ class GroupCommitWriter:
         raw = event.data
         unindexed = self.unindexed
         flush = len(unindexed) + 1 >= self.index_every
-        eid = meta.id
-        if type(eid) is not str:
-            return None  # refused: the batch path says so
         bound = self.ids_bound
         conn = self._conn._conn
         started = _perf_counter()
         try:
-            if (len(eid) != FRESH_LENGTH or eid <= bound) and conn.execute(
+            if (len(eid) != FRESH_LENGTH or not bound < eid < self.ids_ceiling) and conn.execute(
                 indexed_ids_sql(1), (eid,)
             ).fetchone() is not None:
                 # an id the id index might hold (not a fresh one, see sqlite_ids.py), and
                 # does: refused, by the batch path (no transaction is open yet)
                 return None
             if flush:
-                bound = raise_bound(bound, [*self.unindexed_ids, eid])
+                bound = raise_bound(bound, [*self.unindexed_ids, eid], self.ids_ceiling)
                 row = (p, stream, v, event.type, event.schema, raw, meta_json, now, eid)
-                _write(conn, [row], [*flush_statements(p), bound_statement(bound)])
+                mark = unindexed[0][2] - 1 if unindexed else self.last
+                _write(conn, [row], [*flush_statements(mark, p), bound_statement(bound)])
             else:
                 # the one-row case of _write, inline (data and meta bound as bytearray:
                 # see _write), and in autocommit mode: one INSERT is its own durable
@@ -627,10 +660,10 @@ class GroupCommitWriter:
         """At a clean stop, index the unindexed end (the next open has nothing to reload)."""
         if not self.unindexed:
             return
-        bound = raise_bound(self.ids_bound, self.unindexed_ids)
+        bound = raise_bound(self.ids_bound, self.unindexed_ids, self.ids_ceiling)
         try:
             for sql, params in [
-                *flush_statements(self.last),
+                *flush_statements(self.unindexed[0][2] - 1, self.last),
                 bound_statement(bound),
             ]:
                 await self._conn.execute(sql, params)
@@ -678,12 +711,18 @@ class GroupCommitWriter:
         rest = list({i: None for i in ids if i not in found})
         for n in range(0, len(rest), 500):
             chunk = rest[n : n + 500]
-            rows = await self._conn.execute_fetchall(indexed_ids_sql(len(chunk)), chunk)
+            rows = await self._conn.execute_fetchall(positions_sql(len(chunk)), chunk)
             found.update((str(row[0]), int(row[1])) for row in rows)
         return found
 
     async def _existing_ids(self, ids: list[str]) -> set[str]:
-        return set(await self._positions_of(ids))
+        try:
+            return set(await self._positions_of(ids))
+        except (UnicodeEncodeError, TypeError, sqlite3.InterfaceError, sqlite3.ProgrammingError):
+            # an id SQLite cannot take (not valid text, a type it does not bind) is in no
+            # log: looked up without it, its append is refused alone (``_not_text``, or
+            # its meta is not JSON), not the whole batch
+            return set(await self._positions_of([i for i in ids if _bindable_text(i)]))
 
     async def _commit(self, batch: list[_Append | _Put]) -> None:
         conn = self._conn
@@ -693,6 +732,7 @@ class GroupCommitWriter:
         existing = await self._existing_ids(explicit) if explicit else set()
         held = self.unindexed_ids
         bound = self.ids_bound
+        top = self.ids_ceiling
         probe: list[str] = []  # ids the id index might hold (see sqlite_ids.py)
         versions = self.versions
         unknown = list({o.stream: None for o in appends if o.stream not in versions})
@@ -719,14 +759,17 @@ class GroupCommitWriter:
                 e = events[0]
                 meta = e.meta
                 eid = meta.id
+                if type(eid) is not str:  # first: a list would fail the lookups below
+                    failures.append((o, self._not_text(stream, eid)))
+                    continue
                 if eid in existing or eid in in_batch:
-                    o.existing = [eid]
+                    if e.explicit_id:
+                        o.existing = [eid]
+                    else:  # reused without marking it explicit: refused, as across batches
+                        failures.append((o, self._taken(stream, eid)))
                     continue
                 if eid in held:  # not explicit: a fresh id was expected
                     failures.append((o, self._taken(stream, eid)))
-                    continue
-                if type(eid) is not str:
-                    failures.append((o, self._not_text(stream, eid)))
                     continue
                 current = touched.get(stream)
                 if current is None:
@@ -746,7 +789,7 @@ class GroupCommitWriter:
                         data = registry.upcast(e.type, e.schema, data)
                     row = (p, stream, v, e.type, e.schema, e.data, meta.to_json(), now, eid)
                 except Exception as exc:
-                    failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
+                    failures.append((o, self._not_json(stream, exc)))
                     continue
                 r = new(Recorded)
                 r.position = p
@@ -760,13 +803,17 @@ class GroupCommitWriter:
                 r.timestamp = now
                 r._event = None
                 in_batch[eid] = p
-                if len(eid) != FRESH_LENGTH or eid <= bound:
+                if len(eid) != FRESH_LENGTH or not bound < eid < top:
                     probe.append(eid)
                 position = p
                 touched[stream] = v
                 rows.append(row)
                 fresh_index.append((stream, v, p))
                 results.append((o, [r]))
+                continue
+            odd = next((e.meta.id for e in events if type(e.meta.id) is not str), "")
+            if odd != "":  # first: a list would fail the lookups below
+                failures.append((o, self._not_text(stream, odd)))
                 continue
             kept: list[NewEvent] = []
             seen: set[str] = set()
@@ -781,10 +828,6 @@ class GroupCommitWriter:
             taken = next((e.meta.id for e in kept if e.meta.id in held), None)
             if taken is not None:  # not explicit (explicit ones are in ``existing``)
                 failures.append((o, self._taken(stream, taken)))
-                continue
-            odd = next((e.meta.id for e in kept if type(e.meta.id) is not str), "")
-            if odd != "":
-                failures.append((o, self._not_text(stream, odd)))
                 continue
             current = touched.get(stream)
             if current is None:
@@ -809,10 +852,10 @@ class GroupCommitWriter:
                         (p, stream, v, e.type, e.schema, e.data, meta.to_json(), now, meta.id)
                     )
             except Exception as exc:
-                failures.append((o, StoreError(f"{self.path}: event refused, not JSON: {exc}")))
+                failures.append((o, self._not_json(stream, exc)))
                 continue
             in_batch.update([(r[8], r[0]) for r in op_rows])
-            probe.extend([i for i in seen if len(i) != FRESH_LENGTH or i <= bound])
+            probe.extend([i for i in seen if len(i) != FRESH_LENGTH or not bound < i < top])
             position, touched[stream] = p, v
             rows.extend(op_rows)
             fresh_index.extend([(stream, r[2], r[0]) for r in op_rows])
@@ -828,8 +871,9 @@ class GroupCommitWriter:
             try:
                 statements = [(p.sql, p.params) for p in puts]
                 if flush:
-                    bound = raise_bound(bound, [*self.unindexed_ids, *in_batch])
-                    statements += flush_statements(position)
+                    bound = raise_bound(bound, [*self.unindexed_ids, *in_batch], top)
+                    mark = self.unindexed[0][2] - 1 if self.unindexed else self.last
+                    statements += flush_statements(mark, position)
                     statements.append(bound_statement(bound))
                 if not _ONE_TRIP:  # pragma: no cover - an aiosqlite without its private runner
                     await self._write_public(rows, statements, probe)
@@ -858,9 +902,12 @@ class GroupCommitWriter:
                     await self._commit(batch)  # again, from the log as it now is
                     return
                 ops: list[_Append | _Put] = [o for o, _ in results] + list(puts)
-                if isinstance(exc, _OWN_DATA) and len(ops) > 1:
+                if isinstance(exc, _OWN_DATA) and len(batch) > 1:
                     # one caller's data broke a constraint or a limit (a row bigger than
-                    # SQLite takes): find it, one op per transaction
+                    # SQLite takes): find it, one op per transaction. The batch counts,
+                    # not the ops that wrote rows: with one of those, the repeats and
+                    # refusals beside it got its error (an idempotent retry refused for
+                    # another caller's id, a version conflict reported as that id)
                     for o, failure in failures:
                         if not o.future.done():
                             o.future.set_exception(failure)
@@ -957,7 +1004,7 @@ class GroupCommitWriter:
             reason = f"{exc} (an event id already in the log, given without marking it explicit?)"
         elif isinstance(exc, sqlite3.DataError):  # the caller's data, not the log's health
             verb = "refused"
-            reason = f"{exc} (an event larger than SQLite stores?)"
+            reason = f"{exc} (an event larger than SQLite stores, or a value it cannot?)"
         else:
             verb = "failed"
             reason = (
@@ -973,6 +1020,12 @@ class GroupCommitWriter:
                 op.future.set_exception(
                     StoreError(f"{self.path}: {what} {verb}, nothing was written: {reason}")
                 )
+
+    def _not_json(self, stream: str, exc: Exception) -> StoreError:
+        return StoreError(
+            f"{self.path}: append to stream {stream!r} refused, nothing was written: an "
+            f"event refused, not JSON: {exc}"
+        )
 
     def _not_text(self, stream: str, eid: object) -> StoreError:
         return StoreError(

@@ -557,3 +557,188 @@ async def test_verify_reports_an_index_that_disagrees_with_the_log(tmp_path: Pat
     [check] = [c for c in report.checks if c.name.startswith("the log's indexes")]
     assert [(d.kind, d.position) for d in check.defects] == [("index", 2), ("index", 3)]
     assert "forged" in check.defects[0].message and not report.ok
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        NewEvent("\ud800", b"{}", Meta()),  # a type that is not valid text
+        NewEvent("A", b"{}", Meta(), schema=2**70),  # a schema over 64 bits
+        NewEvent("A", b"{}", Meta(id="\ud800x"), explicit_id=True),  # an id, likewise
+        NewEvent("A", b"{}", Meta(id=["a"]), explicit_id=True),  # type: ignore[arg-type]
+        NewEvent("A", b"{}", Meta(id=["a"])),  # type: ignore[arg-type]
+    ],
+    ids=["type", "schema", "explicit-id", "list-id", "plain-list-id"],
+)
+async def test_a_value_sqlite_cannot_bind_fails_its_append_alone(
+    tmp_path: Path, bad: NewEvent
+) -> None:
+    """A value the sqlite3 module cannot bind failed every append of its batch with a
+    raw "write failed"; and when it came after a first chunk of 500 rows, that chunk
+    stayed in the open transaction, which the close's index flush then committed: events
+    every caller had been told were not written were in the log."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            await store.append([ev(0)], stream="x")
+            results = await asyncio.gather(
+                *[store.append([ev(i)], stream=f"g{i}") for i in range(3)],
+                store.append([*[ev(i) for i in range(600)], bad], stream="bad"),
+                *[store.append([ev(i)], stream=f"h{i}") for i in range(3)],
+                return_exceptions=True,
+            )
+            refused = results.pop(3)
+            assert isinstance(refused, StoreError) and "'bad'" in str(refused)
+            assert not any(isinstance(r, BaseException) for r in results), results
+            [lone] = await asyncio.gather(store.append([bad], stream="bad"), return_exceptions=True)
+            assert isinstance(lone, StoreError)
+            [after] = await store.append([ev(1)], stream="x")
+            assert after.position == 8
+        finally:
+            await store.close()
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT MAX(position) FROM events").fetchone() == (8,)
+            assert conn.execute("SELECT COUNT(*) FROM events WHERE stream = 'bad'").fetchone() == (
+                0,
+            )
+        finally:
+            conn.close()
+
+
+async def test_an_id_above_every_fresh_one_does_not_make_every_append_probe(
+    tmp_path: Path,
+) -> None:
+    """A caller's 32-character id that sorts above every fresh id (``uuid4().hex``
+    beginning with 1 to f, ``"z" * 32``) raised the bound above every fresh id to come:
+    every later append probed the index, for good (the bound is stored). Such ids stay
+    above the ceiling: they never raise the bound, and are always probed themselves."""
+    path = tmp_path / "log.db"
+    high = ["f" * 32, "z" * 32, "é" * 32]
+    for run in range(2):  # and again after a restart: the bound read at open
+        store = SQLiteStore(path, index_every=4)
+        with anyio.fail_after(60):
+            await store.open()
+            try:
+                if run == 0:
+                    for i, key in enumerate(high):
+                        await store.append([ev(i, key)], stream="s")
+                    await store.append([ev(9)], stream="s")  # flush: indexed
+                writer = store._writer
+                assert writer is not None and writer.unindexed_ids == {}
+                assert writer.ids_bound < "1"  # among fresh ids (time first)
+                probes: list[str] = []
+                conn = store._write_conn
+                assert conn is not None
+                await conn.set_trace_callback(
+                    lambda sql, probes=probes: (
+                        probes.append(sql) if "FROM ids_index" in sql else None
+                    )
+                )
+                for i in range(2):
+                    await store.append([ev(i)], stream="s")
+                assert probes == []  # fresh ids: no read of the index
+                for key in high:
+                    with pytest.raises(StoreError, match="already in the log"):
+                        await store.append([NewEvent("A", b"{}", Meta(id=key))], stream="t")
+                    [again] = await store.append([ev(0, key)], stream="t")
+                    assert again.stream == "s"
+                assert probes
+                await conn.set_trace_callback(None)
+            finally:
+                await store.close()
+
+
+async def test_a_row_slipped_into_an_index_answers_for_no_other_event(tmp_path: Path) -> None:
+    """Both indexes take outside inserts of a row for an event that is not there (no
+    trigger can check it cheaply). Such a row made an explicit append of its id return
+    another event and store nothing, a read of its stream return another stream's
+    event, and ``replay why``'s lookup by id another event; now each checks the event it
+    reads has that id or stream, and ``replay verify`` reports the rows."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=4)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(5):
+                await store.append([ev(i)], stream="other")
+            conn = sqlite3.connect(path)
+            conn.execute("INSERT INTO ids_index VALUES ('ghost', 3)")
+            conn.execute("INSERT INTO streams_index VALUES ('mine', 1, 2)")
+            conn.commit()
+            conn.close()
+            # refused (the id is indexed), and said so: not another event returned
+            with pytest.raises(StoreError, match="'ghost' is already in the log"):
+                await store.append([ev(9, "ghost")], stream="mine")
+        finally:
+            await store.close()
+        reader = SQLiteStore(path, readonly=True)
+        await reader.open()
+        try:
+            assert {r.stream for r in await reader.read(stream="mine")} <= {"mine"}
+        finally:
+            await reader.close()
+    with open_log(path) as log:
+        found = log.by_id("ghost")
+        assert found is None or found.meta.id == "ghost"
+        assert not verify(log).ok
+
+
+async def test_a_refused_id_beside_repeats_and_conflicts_fails_only_its_own_write(
+    tmp_path: Path,
+) -> None:
+    """A batch where one write reuses an indexed id (refused by the probe) and the others
+    write no row (an idempotent repeat, a version conflict): the others got that write's
+    "already in the log" error, as the retry one write at a time counted only the
+    writes with rows."""
+    from kernel.errors import ConcurrencyError
+    from kernel.store.base import StreamWrite
+
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=2)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            [first] = await store.append([ev(0, "k1")], stream="a")
+            [taken] = await store.append([ev(1)], stream="b")  # flush: both indexed
+            assert store._writer is not None and store._writer.unindexed_ids == {}
+            repeat, reused, conflict = await store.append_many(
+                [
+                    StreamWrite("a", [ev(0, "k1")]),
+                    StreamWrite("e", [NewEvent("A", b"{}", Meta(id=taken.meta.id))]),
+                    StreamWrite("b", [ev(2)], expected_version=0),
+                ]
+            )
+            assert not isinstance(repeat, BaseException)
+            assert [r.position for r in repeat] == [first.position]
+            assert isinstance(reused, StoreError) and "already in the log" in str(reused)
+            assert isinstance(conflict, ConcurrencyError)
+            assert await store.last_position() == 2
+        finally:
+            await store.close()
+
+
+async def test_an_id_reused_without_explicit_in_one_batch_is_refused(tmp_path: Path) -> None:
+    """Two writes of one batch with the same id, the second not marked explicit: the
+    second returned the first's event (another stream's) as if it were a repeat, where
+    in two batches it is refused ("already in the log")."""
+    from kernel.store.base import StreamWrite
+
+    store = SQLiteStore(tmp_path / "log.db")
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            first, second = await store.append_many(
+                [
+                    StreamWrite("c", [NewEvent("A", b"{}", Meta(id="k2"))]),
+                    StreamWrite("d", [NewEvent("A", b"{}", Meta(id="k2"))]),
+                ]
+            )
+            assert not isinstance(first, BaseException) and first[0].stream == "c"
+            assert isinstance(second, StoreError) and "already in the log" in str(second)
+            [again] = await store.append_many([StreamWrite("d", [ev(0, "k2")])])
+            assert not isinstance(again, BaseException) and again[0].stream == "c"
+        finally:
+            await store.close()

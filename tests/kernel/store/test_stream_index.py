@@ -386,3 +386,95 @@ async def test_a_stream_name_sqlite_cannot_store_fails_alone(tmp_path: Path) -> 
         assert isinstance(versions[1], StoreError)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("tampered", [0, 3, 9, 1000], ids=["zero", "lowered", "raised", "past"])
+async def test_a_mark_moved_by_another_program_is_put_back_at_open(
+    tmp_path: Path, tampered: int
+) -> None:
+    """``xcore_meta`` takes outside writes: a lowered mark made reads by stream return
+    the indexed events after it twice, a raised one left the events after the true mark
+    out of every read by stream for good. The writer's open finds the true mark and
+    puts it back; ``replay verify`` reports a lowered mark in a log nobody reopened."""
+    from replay.source import open_log
+    from replay.verify import verify
+
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=4)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(6):
+                await store.append([ev(i)], stream="s")
+            await store.append([ev(6)], stream="t")
+            _, mark = index_rows(path)
+            assert mark == 4
+        finally:
+            await store.close()
+        _, mark = index_rows(path)
+        assert mark == 7  # a clean close indexes the end
+        conn = sqlite3.connect(path)
+        for p in (8, 9, 10):  # an unindexed end, written by another program
+            conn.execute(
+                "INSERT INTO events VALUES (?, 'o', ?, 'A', 1, '{}', ?, ?, 0)",
+                (p, p - 7, orjson.dumps({"id": f"outside-{p}"}), f"outside-{p}"),
+            )
+        conn.execute("UPDATE xcore_meta SET value = ? WHERE key = 'indexed_upto'", (str(tampered),))
+        conn.commit()
+        conn.close()
+        with open_log(path) as log:
+            assert not verify(log).ok
+        store = SQLiteStore(path, index_every=4)
+        await store.open()
+        try:
+            assert [r.version for r in await store.read(stream="s")] == [1, 2, 3, 4, 5, 6]
+            assert [r.version for r in await store.read(stream="o")] == [1, 2, 3]
+            await store.append([ev(7)], stream="s")
+            assert [r.version for r in await store.read(stream="s")] == list(range(1, 8))
+            for i in range(8):  # through a flush
+                await store.append([ev(i)], stream="u")
+            assert [r.version for r in await store.read(stream="s")] == list(range(1, 8))
+            assert len(await store.read(stream="u")) == 8
+            assert [r.version for r in await store.read(stream="o")] == [1, 2, 3]
+        finally:
+            await store.close()
+        with open_log(path) as log:
+            assert verify(log).ok
+
+
+@pytest.mark.parametrize("tampered", [0, 10**6], ids=["lowered", "raised"])
+async def test_a_mark_moved_while_the_writer_runs_is_put_back_by_its_next_flush(
+    tmp_path: Path, tampered: int
+) -> None:
+    """The flush indexed the events after the stored mark: raised by another program
+    while the writer ran, the events between the true mark and it were never indexed
+    (left out of every read by stream, for good, as the flush moved the mark past them).
+    The flush indexes after the writer's own mark and puts the stored one back."""
+    from replay.source import open_log
+    from replay.verify import verify
+
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, index_every=4)
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            for i in range(6):  # a flush at 4, two events after it
+                await store.append([ev(i)], stream="s")
+            conn = sqlite3.connect(path)
+            conn.execute(
+                "UPDATE xcore_meta SET value = ? WHERE key = 'indexed_upto'", (str(tampered),)
+            )
+            conn.commit()
+            conn.close()
+            for i in range(4):  # through the next flush, lone and batched
+                if i % 2:
+                    await store.append([ev(i)], stream="s")
+                else:
+                    await asyncio.gather(*[store.append([ev(i)], stream=f"t{i}") for _ in "ab"])
+            _, mark = index_rows(path)
+            assert mark == await store.last_position() == 12
+            assert [r.version for r in await store.read(stream="s")] == list(range(1, 9))
+        finally:
+            await store.close()
+        with open_log(path) as log:
+            assert verify(log).ok
