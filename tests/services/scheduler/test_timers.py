@@ -14,7 +14,9 @@ from services.scheduler.timers import StartGate
 async def test_waiters_of_one_instant_resume_together_never_early() -> None:
     gate = StartGate()
     gate.handoff = 0.005  # the thread wakes the loop well before: the loop finishes the wait
-    when = time.time() + 0.05
+    # far enough ahead that all ten begin waiting before it, even on a loaded machine (a
+    # waiter that begins after its instant returns at once, out of the group's order)
+    when = time.time() + 0.5
     order: list[tuple[int, float]] = []
 
     async def waiter(i: int) -> None:
