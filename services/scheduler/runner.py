@@ -237,6 +237,39 @@ class Runner:
             return 0
         return 1 + len([f for f in entry.turns if not f.done()]) + self.slots.waiting
 
+    async def _wait_unclaimed(
+        self,
+        waiting: Coroutine[Any, Any, Any],
+        task: CompiledTask,
+        entry: TaskEntry,
+        run_id: str,
+        scheduled_for: float,
+        kind: str,
+        pre: list[Event] | None,
+        cause: Recorded | None,
+    ) -> float:
+        """Await ``waiting`` (a run's turn, or its instant) before the run claims anything:
+        meanwhile the run is listed as running (so it can be cancelled), and a cancelled
+        wait records that it never started. Returns the seconds waited."""
+        me = asyncio.current_task()
+        assert me is not None
+        self._runs[run_id] = (task.id, task.plugin, task.generation, me)
+        began = time.perf_counter()
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
+            raise
+        finally:
+            self._runs.pop(run_id, None)
+        return time.perf_counter() - began
+
+    async def _instance_turn_within(self, entry: TaskEntry, seconds: float) -> None:
+        """Wait for a turn under ``max_instances``, at most ``seconds``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._instance_turn(entry)
+
     async def _instance_turn(self, entry: TaskEntry) -> None:
         loop = asyncio.get_running_loop()
         while entry.instances >= entry.task.max_instances:
@@ -387,14 +420,9 @@ class Runner:
             # A retry or an operator's run is not dropped at the limit: it waits for its
             # turn (in order of arrival), then runs; so does a catch-up run, if no other
             # run waits already (a task slower than its period queues at most one).
-            self._runs[run_id] = (tid, task.plugin, task.generation, me)
-            try:
-                await self._instance_turn(entry)
-            except asyncio.CancelledError:
-                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
-                raise
-            finally:
-                self._runs.pop(run_id, None)
+            await self._wait_unclaimed(
+                self._instance_turn(entry), task, entry, run_id, scheduled_for, kind, pre, cause
+            )
         elif (
             entry.instances >= task.max_instances
             and kind == "schedule"
@@ -405,34 +433,19 @@ class Runner:
             # its timer had fired then, whatever the lead (a 60 ms run every 100 ms is
             # not skipped because the lead grew to 50 ms).
             waited = True
-            self._runs[run_id] = (tid, task.plugin, task.generation, me)
-            turn_wait = time.perf_counter()
-            try:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(ahead):
-                        await self._instance_turn(entry)
-            except asyncio.CancelledError:
-                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
-                raise
-            finally:
-                self._runs.pop(run_id, None)
-                turn_wait = time.perf_counter() - turn_wait
+            turn_wait = await self._wait_unclaimed(
+                self._instance_turn_within(entry, ahead),
+                *(task, entry, run_id, scheduled_for, kind, pre, cause),
+            )
         if kind == "schedule" and task.depends_on and (ahead := start_at - time.time()) > 0:
             # Fired a lead ahead of its instant: its dependencies are judged at its
             # instant, not at the lead (a dependency may finish, or start, in between;
             # the leads of two schedules differ), so the run waits for its instant
             # before it decides (and claims).
             waited = True
-            self._runs[run_id] = (tid, task.plugin, task.generation, me)
-            began = time.perf_counter()
-            try:
-                await asyncio.sleep(ahead)
-            except asyncio.CancelledError:
-                await self._never_started(entry, run_id, scheduled_for, kind, pre, cause)
-                raise
-            finally:
-                self._runs.pop(run_id, None)
-                turn_wait += time.perf_counter() - began
+            turn_wait += await self._wait_unclaimed(
+                asyncio.sleep(ahead), task, entry, run_id, scheduled_for, kind, pre, cause
+            )
         if entry.removed:
             # unscheduled while the run waited for its turn (or before it began): it
             # claims nothing, no start record after the task's TaskUnscheduled
