@@ -40,7 +40,10 @@ async def test_runs_due_at_one_instant_claim_and_record_in_one_store_call_each(
         claims0, outcomes0 = runner.claims.batches, runner.outcomes.batches
         await wait_events(kernel, "TaskSucceeded", N)
         assert runner.claims.batches - claims0 == 1  # one append_many for N starts
-        assert runner.outcomes.batches - outcomes0 == 1  # and one for N outcomes
+        # and their outcomes in one or two (not one per run): on a loaded machine the
+        # runs of one instant may resume over two loop steps (some after the gate, some
+        # straight from a claim that committed after the instant); seen once on 3.13
+        assert 1 <= runner.outcomes.batches - outcomes0 <= 2
         for i in range(N):  # each stream: its start, then its outcome
             types = [r.type for r in await kernel.read(stream=stream_of(f"p.t{i}"))]
             assert types[-2:] == ["TaskStarted", "TaskSucceeded"]
