@@ -776,7 +776,7 @@ class SQLiteStore:
         # writer.append, inline: one coroutine less per append
         answer = writer.offer(events, stream, expected_version)
         if isinstance(answer, list):
-            if writer._lone_ended - writer._yielded_at >= writer.inline_hold:
+            if writer.turn_due():
                 await writer.turn()
             return answer
         return await answer

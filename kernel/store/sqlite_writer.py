@@ -343,7 +343,7 @@ class GroupCommitWriter:
     ) -> list[Recorded]:
         answer = self.offer(events, stream, expected_version)
         if isinstance(answer, list):
-            if self._lone_ended - self._yielded_at >= self.inline_hold:
+            if self.turn_due():
                 await self.turn()
             return answer
         return await answer
@@ -382,6 +382,11 @@ class GroupCommitWriter:
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
         return future
+
+    def turn_due(self) -> bool:
+        """Whether the caller of an append committed in its own task has held the loop
+        for ``inline_hold`` since its last :meth:`turn` (then it should take one)."""
+        return self._lone_ended - self._yielded_at >= self.inline_hold
 
     async def turn(self) -> None:
         """Let the loop run once (I/O, timers) after appends committed in the caller's
