@@ -89,6 +89,23 @@ class Dispatcher:
         runner = self.runner
         return self._timer.next_time(slack=max(0.0, runner.lead - runner.way))
 
+    def quiet_for(self) -> float:
+        """Seconds until the next *start window* opens (0.0: one is open now).
+
+        A start window runs from the moment a timer fires its runs (a lead ahead of
+        their instant) until the runs of that instant are released at it: their
+        claims are being written, or they wait in the :class:`~.timers.StartGate`.
+        Work that is not a start (a young collection of the GC policy) runs outside
+        it, after the burst has started, so it never delays one."""
+        runner = self.runner
+        claims = runner.claims
+        if (claims is not None and claims.busy) or runner.gate.pending:
+            return 0.0
+        fires = self._timer.next_time()
+        if fires is None:
+            return float("inf")
+        return max(0.0, fires - time.time())
+
     def disarm(self, tid: str) -> None:
         self._timer.cancel(tid)
 

@@ -275,6 +275,11 @@ class StartGate:
         self._thread: ThreadPoolExecutor | None = None
         self._closed = False
 
+    @property
+    def pending(self) -> bool:
+        """Whether runs wait for an instant (claimed ahead, not released yet)."""
+        return bool(self._groups)
+
     def close(self) -> None:
         """Stop for good: pending coarse waits are cancelled (their waiters with them);
         an instant already handed to the helper thread is still released on time."""
