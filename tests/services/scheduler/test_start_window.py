@@ -92,3 +92,33 @@ async def test_the_young_generation_is_collected_before_it_grows_large(tmp_path:
         # are those of `young_batch` objects, not of 10,000)
         assert peak < policy._young, (peak, policy._young, threshold)
         del keep
+
+
+async def test_an_outcome_waits_while_a_burst_waits_for_its_instant(tmp_path: Path) -> None:
+    """A run's outcome is not committed (nor folded) while runs claimed ahead wait in the
+    start gate: it goes once they are released (the bound is raised here so that the
+    order, not a duration, is what the test sees)."""
+    kernel, service = make_kernel(tmp_path, max_lead_ms=LEAD_MS)
+    ran: dict[str, float] = {}
+
+    async def first() -> None:
+        ran["first"] = time.time()
+
+    async def second() -> None:
+        ran["second"] = time.time()
+
+    async with kernel:
+        outcomes = service._runner.outcomes
+        assert outcomes is not None
+        outcomes.yield_to_starts = 120.0
+        await service.register(
+            "p",
+            [spec(first, name="first", at=_at(6)), spec(second, name="second", at=_at(9))],
+        )
+        # "second" is claimed (a lead ahead) before "first" runs, and waits in the gate
+        await wait_events(kernel, "TaskStarted", 2, timeout=60)
+        (done,) = await wait_events(
+            kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "p.first", timeout=60
+        )
+        assert "second" in ran, "the first outcome was committed before the burst started"
+        assert ran["first"] < ran["second"] <= done.timestamp
