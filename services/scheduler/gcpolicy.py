@@ -19,10 +19,15 @@ old generation's objects are freed, not frozen for good: one pause at reload tim
 instead of one every few seconds.
 
 While frozen, the young collections are the policy's too: a tick (every
-:attr:`GcPolicy.tick` seconds) runs the collection CPython would have run (same
-thresholds, same generations), but in a gap of at least :attr:`GcPolicy.gap` before the
-next due time — a burst of runs due at one instant never waits behind a generation-1
-pause (20-100 ms with 10,000 schedules). CPython's automatic collection stays on, its
+:attr:`GcPolicy.tick` seconds) collects the young generation early and small (once
+:attr:`GcPolicy.young_batch` allocations are pending: a 1-3 ms pause), and never in a
+*start window* (``Dispatcher.quiet_for``: from a timer's firing to the release of its
+runs at their instant, or within :attr:`GcPolicy.young_gap` of the next firing): it
+runs after a burst has started. The older generations are collected by CPython's rule
+(same thresholds), only in a gap of at least :attr:`GcPolicy.gap` before the next due
+time — a burst of runs due at one instant never waits behind a generation-1 pause
+(20-100 ms with 10,000 schedules), nor behind CPython's own young pass at its raised
+threshold (10-35 ms measured mid-burst). CPython's automatic collection stays on, its
 generation-0 threshold raised to :attr:`GcPolicy.overdue` times the tended one: a
 collection that far overdue runs at once, gap or not — even while code holds the event
 loop (a plugin that never awaits) and no tick can run —, so memory stays bounded
