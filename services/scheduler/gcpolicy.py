@@ -210,7 +210,12 @@ class GcPolicy:
         return generation
 
     def _gap(self) -> bool:
-        """True when a collection's pause now would not make a run late."""
+        """True when a collection's pause now would not make a run late: no start window
+        is open (a burst claimed, waiting for its instant: the next due time is then
+        the burst after it) and the next burst's way begins :attr:`gap` from now or
+        later. (Also the collector's gap check, for its full collections.)"""
+        if self._quiet_for() <= 0:
+            return False
         due = self._next_due()
         return due is None or due - time.time() >= self.gap
 

@@ -55,6 +55,10 @@ async def test_no_collection_while_a_claimed_run_waits_for_its_instant(tmp_path:
         young = [{"n": i} for i in range(2 * policy.young_batch)]  # pending, kept alive
         assert gc.get_count()[0] >= policy.young_batch
         assert policy.tend_once() is None  # the window is open: no pause now
+        # nor an older or full collection (the policy's, or the collector's gap check),
+        # though no other due time is near
+        assert dispatch.next_deadline() is None
+        assert not policy._gap()
         assert gc.get_count()[0] >= policy.young_batch
         await wait_events(kernel, "TaskSucceeded", where=lambda r: r.data["task"] == "p.job")
         assert ran
