@@ -45,6 +45,10 @@ MISSED_CHECKED = 200
 
 log = logging.getLogger("xcore.scheduler")
 
+#: A slot given back this recently (seconds) with runs waiting for one: the waves of a
+#: burst are starting (see ``Dispatcher.quiet_for``).
+WAVE = 0.01
+
 
 class Dispatcher:
     """Arms the timers of scheduled tasks and starts their runs; see the module docstring."""
@@ -96,10 +100,17 @@ class Dispatcher:
         their instant) until the runs of that instant are released at it: their
         claims are being written, or they wait in the :class:`~.timers.StartGate`.
         Work that is not a start (a young collection of the GC policy) runs outside
-        it, after the burst has started, so it never delays one."""
+        it, after the burst has started, so it never delays one.
+
+        Runs released at their instant beyond the global limit start in waves, one per
+        slot given back: while runs wait for a slot and one was given back within
+        :data:`WAVE` seconds, the window is still open (a line that does not move, slow
+        runs holding every slot, keeps it closed: those runs wait anyway)."""
         runner = self.runner
         claims = runner.claims
         if (claims is not None and claims.busy) or runner.gate.pending:
+            return 0.0
+        if runner.slots.waiting and time.perf_counter() - runner.released_at < WAVE:
             return 0.0
         fires = self._timer.next_time()
         if fires is None:

@@ -126,3 +126,36 @@ async def test_an_outcome_waits_while_a_burst_waits_for_its_instant(tmp_path: Pa
         )
         assert "second" in ran, "the first outcome was committed before the burst started"
         assert ran["first"] < ran["second"] <= done.timestamp
+
+
+async def test_the_waves_of_a_burst_beyond_the_global_limit_are_a_start_window(
+    tmp_path: Path,
+) -> None:
+    """Runs due together beyond ``max_concurrency`` start one wave per slot given back:
+    no young collection between two waves; a line that does not move (slow runs hold
+    every slot) does not hold collections back."""
+    import asyncio
+
+    kernel, service = make_kernel(tmp_path, max_concurrency=1)
+    gate = asyncio.Event()
+    started: list[float] = []
+
+    async def hold() -> None:
+        started.append(time.time())
+        await gate.wait()
+
+    async with kernel:
+        await service.register(
+            "p", [spec(hold, name="a", at=_at(3)), spec(hold, name="b", at=_at(3))]
+        )
+        await _frozen(service)
+        runner, dispatch = service._runner, service._dispatch
+        with anyio.fail_after(30):
+            while not (started and runner.slots.waiting):  # one runs, one waits its slot
+                await anyio.sleep(0.01)
+        runner.released_at = time.perf_counter() - 60  # the line has not moved for a minute
+        assert dispatch.quiet_for() > 0
+        runner.released_at = time.perf_counter()  # a slot was just given back: a wave
+        assert dispatch.quiet_for() == 0.0
+        gate.set()
+        await wait_events(kernel, "TaskSucceeded", 2)
