@@ -289,7 +289,12 @@ class StartGate:
         while self._groups and (left := deadline - loop.time()) > 0:
             fut: asyncio.Future[None] = loop.create_future()
             self._idlers.append(fut)
-            await asyncio.wait([fut], timeout=left)
+            try:
+                await asyncio.wait([fut], timeout=left)
+            finally:
+                if not fut.done():  # timed out (or cancelled): not kept for ever
+                    fut.cancel()
+                    self._idlers.remove(fut)
 
     def _released(self) -> None:
         if self._groups or not self._idlers:
