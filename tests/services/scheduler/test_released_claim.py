@@ -23,6 +23,7 @@ import anyio
 
 from kernel import Kernel, Recorded
 from kernel.sdk import current_task
+from services.scheduler.runs import fold_runs
 
 from .helpers import make_kernel, spec, wait_events
 
@@ -140,6 +141,12 @@ async def test_claimed_ahead_killed_before_instant_runs_once_after_two_restarts(
         events = await _stream(kernel, "rel.once")
         await anyio.sleep(0.3)  # nothing more comes
         assert len(await _stream(kernel, "rel.once")) == len(events)
+        row = service.table.tasks["rel.once"]
+        assert not row.running and row.last is not None and row.last.outcome == "succeeded"
+        assert [r.outcome for r in row.runs] == ["released", "released", "succeeded"]
+    listed = fold_runs(events, time.time())
+    assert [r["status"] for r in listed] == ["succeeded", "released", "released"]
+    assert listed[1]["started_at"] is None and "released" in listed[1]["error"]
     types = [r.type for r in events]
     assert "TaskFailed" not in types, types
     starts = [r for r in events if r.type == "TaskStarted"]
