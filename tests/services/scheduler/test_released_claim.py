@@ -60,6 +60,11 @@ CHILD = textwrap.dedent(
             f.write(f"{current_task().attempt}\\n")
         raise RuntimeError("first attempt fails")
 
+    @task(name="tick", every=%(every)r)
+    async def tick():
+        with out.open("a") as f:
+            f.write(repr(current_task().scheduled_for.timestamp()) + "\\n")
+
     async def main():
         service = SchedulerService()
         settings = Settings(
@@ -67,7 +72,7 @@ CHILD = textwrap.dedent(
             services={"scheduler": {"max_lead_ms": %(lead)r, "manage_gc": False}},
         )
         async with Kernel(settings, services=[service]) as kernel:
-            fn = flaky if mode == "retry" else once
+            fn = {"retry": flaky, "every": tick}.get(mode, once)
             await service.register("rel", [fn.__xcore_task__])
             while len(await kernel.read(types=["TaskStarted"])) < starts:
                 await asyncio.sleep(0.01)
@@ -76,7 +81,7 @@ CHILD = textwrap.dedent(
 
     asyncio.run(main())
     """
-) % {"lead": LEAD_MS, "retry": AHEAD_S}
+) % {"lead": LEAD_MS, "retry": AHEAD_S, "every": 2 * AHEAD_S}
 
 
 async def _child(
@@ -218,3 +223,31 @@ async def test_killed_after_its_code_began_stays_interrupted(tmp_path: Path) -> 
     assert types.count("TaskStarted") == 1
     assert [f.data["kind"] for f in failed] == ["interrupted"]
     assert _lines(out) == [failed[0].data["run_id"]], "the run ran twice"
+
+
+async def test_interval_claimed_ahead_and_killed_runs_its_period_once(tmp_path: Path) -> None:
+    # every 20 s with a 60 s lead: the short-interval path claims half a period (10 s)
+    # ahead, so the child is killed 10 s before the due time
+    out = tmp_path / "ticks.txt"
+    await _child(tmp_path, "every", 0.0, out, 1, "first")
+    assert _lines(out) == []
+
+    async def tick() -> None:
+        with out.open("a") as f:
+            f.write(repr(current_task().scheduled_for.timestamp()) + "\n")
+
+    kernel, service = make_kernel(tmp_path, max_lead_ms=LEAD_MS, manage_gc=False)
+    async with kernel:
+        await service.register("rel", [spec(tick, name="tick", every=2 * AHEAD_S)])
+        done = await wait_events(kernel, "TaskSucceeded", timeout=AHEAD_S + 60)
+        events = await _stream(kernel, "rel.tick")
+    released = [r.data for r in events if r.type == "TaskReleased"]
+    assert len(released) == 1 and released[0]["trigger"] == "schedule"
+    starts = [r for r in events if r.type == "TaskStarted"]
+    assert [r.data["scheduled_for"] for r in starts][:2] == [released[0]["scheduled_for"]] * 2
+    assert starts[1].meta.id != starts[0].meta.id
+    assert done[0].data["run_id"] == starts[1].data["run_id"]
+    assert "TaskFailed" not in [r.type for r in events]
+    lines = _lines(out)
+    assert abs(float(lines[0]) - released[0]["scheduled_for"]) < 1e-5
+    assert len(lines) == len(set(lines))
