@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from kernel.contract import error_responses, link
@@ -120,6 +120,18 @@ STATUS_SCHEMA: dict[str, Any] = {
 }
 
 
+#: ``?wait=S``: how long this request waits for its outcome before a 202 (0: answer at once).
+WAIT = Query(
+    None,
+    ge=0,
+    le=3600,
+    description=(
+        "seconds to wait for the outcome before answering 202 (default: the server's "
+        "services.loader.admin_wait; 0: answer at once unless already done)"
+    ),
+)
+
+
 def outcome(record: Recorded, request: Recorded | None = None) -> JSONResponse:
     body = {"outcome": record.type, **record.data}
     if request is not None:
@@ -162,7 +174,9 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
 
     queue = loader.queue
 
-    def admin_wait() -> float:
+    def admin_wait(asked: float | None = None) -> float:
+        if asked is not None:
+            return asked
         wait = loader.settings.admin_wait
         return wait if wait is not None else kernel.settings.request_timeout
 
@@ -197,9 +211,9 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
             body["detail"] = done.data.get("error", "failed")
         return body
 
-    async def ask(event: Event, stream: str) -> JSONResponse:
+    async def ask(event: Event, stream: str, wait: float | None) -> JSONResponse:
         request_, merged = await record(event, stream)
-        status, body = await follow(request_, merged, admin_wait())
+        status, body = await follow(request_, merged, admin_wait(wait))
         if status == 422 and "detail" not in body:
             body["detail"] = body.get("error", "failed")
         headers = {"Location": body["url"]} if status == 202 else None
@@ -257,14 +271,14 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         summary="Reload every enabled plugin",
         responses={**ACCEPTED, **error_responses(422)},
     )
-    async def reload_all() -> JSONResponse:
+    async def reload_all(wait: float | None = WAIT) -> JSONResponse:
         asked = [
             await record(
                 PluginReloadRequested(name=name, reason="admin: reload all"), stream_of(name)
             )
             for name in loader.reload_targets()
         ]
-        deadline = time.monotonic() + admin_wait()
+        deadline = time.monotonic() + admin_wait(wait)
         results = []
         for request_, merged in asked:
             _, body = await follow(request_, merged, max(0.0, deadline - time.monotonic()))
@@ -284,18 +298,18 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         summary="Reload one plugin (a new generation)",
         responses={**ACCEPTED, **error_responses(404, 409, 422)},
     )
-    async def reload_one(name: str) -> JSONResponse:
+    async def reload_one(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
         if name in loader.table.disabled():
             raise HTTPException(409, f"plugin {name!r} is disabled; enable it first")
-        return await ask(PluginReloadRequested(name=name, reason="admin"), stream_of(name))
+        return await ask(PluginReloadRequested(name=name, reason="admin"), stream_of(name), wait)
 
     @router.post(
         "/plugins/{name}/enable",
         summary="Enable a plugin and load it",
         responses={**ACCEPTED, **error_responses(404, 409, 422)},
     )
-    async def enable(name: str) -> JSONResponse:
+    async def enable(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
         if name not in loader.table.disabled():
             raise HTTPException(
@@ -303,14 +317,14 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
             )
         if not loader.folder(name).is_dir():
             raise HTTPException(404, f"plugin {name!r} is not installed")
-        return await ask(PluginEnabled(name=name), stream_of(name))
+        return await ask(PluginEnabled(name=name), stream_of(name), wait)
 
     @router.post(
         "/plugins/{name}/disable",
         summary="Disable a plugin (unloading it)",
         responses={**ACCEPTED, **error_responses(404, 409)},
     )
-    async def disable(name: str) -> JSONResponse:
+    async def disable(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
         if name in loader.table.disabled():
             raise HTTPException(409, f"plugin {name!r} is already disabled")
@@ -320,7 +334,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
                 409, f"plugin {name!r} is required by loaded plugin(s) {', '.join(dependents)}"
             )
         if name in loader.loaded:
-            return await ask(PluginDisabled(name=name), stream_of(name))
+            return await ask(PluginDisabled(name=name), stream_of(name), wait)
         else:
             rec = (
                 await kernel.append(PluginDisabled(name=name), stream=stream_of(name), actor=ACTOR)
@@ -333,14 +347,14 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         summary="Uninstall a plugin (unloading it)",
         responses={**ACCEPTED, **error_responses(404, 409, 422)},
     )
-    async def uninstall(name: str) -> JSONResponse:
+    async def uninstall(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
         dependents = loader.dependents(name)
         if dependents:
             raise HTTPException(
                 409, f"plugin {name!r} is required by loaded plugin(s) {', '.join(dependents)}"
             )
-        return await ask(PluginUninstallRequested(name=name), stream_of(name))
+        return await ask(PluginUninstallRequested(name=name), stream_of(name), wait)
 
     @router.post(
         "/plugins",
@@ -351,6 +365,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         request_: Request,
         file: UploadFile = File(..., description="the plugin archive"),
         replace: bool = Form(False, description="replace an installed plugin of that name"),
+        wait: float | None = WAIT,
     ) -> JSONResponse:
         limit = loader.limits.max_bytes
         declared = request_.headers.get("content-length")
@@ -377,7 +392,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         finally:
             if not recorded:
                 await asyncio.to_thread(shutil.rmtree, folder, True)
-        status, body = await follow(asked, False, admin_wait())
+        status, body = await follow(asked, False, admin_wait(wait))
         body.pop("merged", None)
         headers = {"Location": body["url"]} if status == 202 else None
         return JSONResponse(body, status_code=status, headers=headers)
