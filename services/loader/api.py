@@ -8,8 +8,8 @@
     POST   /admin/plugins/{name}/disable  disable (and unload)
     POST   /admin/plugins                 install an uploaded archive (multipart ``file``)
     DELETE /admin/plugins/{name}          uninstall
-    GET    /admin/plugins/requests        the loader's queue: the request in hand, those in line
-    GET    /admin/plugins/requests/{id}   one request: queued / running / succeeded / failed
+    GET    /admin/loader/requests        the loader's queue: the request in hand, those in line
+    GET    /admin/loader/requests/{id}   one request: queued / running / succeeded / failed
 
 Commands are requests (DESIGN "Requests are events too"): the route records the request
 event and answers with the outcome event's content — 200 when it succeeded, 422 when the
@@ -241,7 +241,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         return row(name)
 
     @router.get(
-        "/plugins/requests",
+        "/loader/requests",
         summary="The loader's queue: the request in hand and those in line",
     )
     async def list_requests() -> dict[str, Any]:
@@ -253,7 +253,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         }
 
     @router.get(
-        "/plugins/requests/{request_id}",
+        "/loader/requests/{request_id}",
         summary="One request to the loader: queued, running, succeeded or failed",
         responses={
             200: {"content": {"application/json": {"schema": STATUS_SCHEMA}}},

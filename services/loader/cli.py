@@ -219,7 +219,7 @@ def _follow(args: argparse.Namespace, settings: Settings, body: dict[str, Any]) 
             return 1
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
-        status, fresh = _call(args, settings, "GET", f"/plugins/requests/{int(body['id'])}")
+        status, fresh = _call(args, settings, "GET", f"/loader/requests/{int(body['id'])}")
         if status != 200:
             return _report(status, fresh, _token(args, settings))
         body = fresh
@@ -471,7 +471,7 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
 def cmd_request(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    status, body = _call(args, settings, "GET", f"/plugins/requests/{args.id}")
+    status, body = _call(args, settings, "GET", f"/loader/requests/{args.id}")
     if status != 200 or not isinstance(body, dict):
         return _report(status, body, _token(args, settings))
     if args.wait or body.get("status") in FINAL:

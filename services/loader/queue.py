@@ -86,7 +86,7 @@ RECENT = 1000
 
 
 def request_url(position: int) -> str:
-    return f"/admin/plugins/requests/{position}"
+    return f"/admin/loader/requests/{position}"
 
 
 def acts_on(kernel: Kernel, record: Recorded) -> bool:
