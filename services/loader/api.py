@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as FastPath
 from fastapi.responses import JSONResponse
 
 from kernel.contract import error_responses, link
@@ -124,7 +125,7 @@ STATUS_SCHEMA: dict[str, Any] = {
 WAIT = Query(
     None,
     ge=0,
-    le=3600,
+    le=600,
     description=(
         "seconds to wait for the outcome before answering 202 (default: the server's "
         "services.loader.admin_wait; 0: answer at once unless already done)"
@@ -260,7 +261,9 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
             **error_responses(404),
         },
     )
-    async def get_request(request_id: int) -> dict[str, Any]:
+    async def get_request(
+        request_id: int = FastPath(..., ge=1, le=2**62, description="the request's id"),
+    ) -> dict[str, Any]:
         request_ = await queue.find(request_id)
         if request_ is None:
             raise HTTPException(404, f"no request to the loader at log position {request_id}")
