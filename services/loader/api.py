@@ -202,7 +202,10 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         else:
             state = {**describe(request_), **outcome_body(done)}
         state["merged"] = merged
-        return (422 if state["status"] == "failed" else 200), state
+        if state["status"] == "failed":
+            state.setdefault("detail", state.get("error", "failed"))
+            return 422, state
+        return 200, state
 
     def outcome_body(done: Recorded) -> dict[str, Any]:
         body: dict[str, Any] = {"outcome": done.type, "outcome_position": done.position}
@@ -215,8 +218,6 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     async def ask(event: Event, stream: str, wait: float | None) -> JSONResponse:
         request_, merged = await record(event, stream)
         status, body = await follow(request_, merged, admin_wait(wait))
-        if status == 422 and "detail" not in body:
-            body["detail"] = body.get("error", "failed")
         headers = {"Location": body["url"]} if status == 202 else None
         return JSONResponse(body, status_code=status, headers=headers)
 

@@ -162,9 +162,9 @@ class LoaderService:
             log.exception("the loader failed on %s (position %d)", record.type, record.position)
             await self._answer_failure(loader, event, record, exc)
         finally:
-            loader.queue.finished(record)
             if isinstance(event, PluginInstallRequested):
                 await self._drop_upload(loader, Path(event.source))
+            loader.queue.finished(record)  # last: the subscription moves past it at once
 
     async def _drop_upload(self, loader: Loader, source: Path) -> None:
         """An uploaded archive (admin API) is removed once its install is answered."""
