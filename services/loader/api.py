@@ -68,32 +68,58 @@ FAILURES = {
     PluginInstallFailed.type_name,
     PluginUninstallFailed.type_name,
 }
+#: A request accepted for later, as a 202 body and as an item of ``reload all``'s results.
+ACCEPTED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "url", "status", "queue_position"],
+    "properties": {
+        "id": {"type": "integer", "description": "the request's log position"},
+        "event_id": {"type": "string"},
+        "request": {"type": "string", "description": "the request event"},
+        "url": {"type": "string", "description": "GET it to follow the request"},
+        "status": {"type": "string", "enum": ["queued", "running"]},
+        "queue_position": {
+            "type": "integer",
+            "description": "0: in hand (running); n >= 1: n-th in line",
+        },
+        "merged": {"type": "boolean", "description": "it joined a reload already queued"},
+        "name": {"type": "string"},
+    },
+}
+FOLLOW = {
+    "FollowRequest": link(
+        "/admin/loader/requests/{request_id}", "get", request_id="$response.body#/id"
+    )
+}
 #: What a 202 answer looks like (the OpenAPI schema of the accepted requests).
 ACCEPTED: dict[int | str, dict[str, Any]] = {
     202: {
         "description": (
             "Accepted: the request is queued or running behind the loader's other requests "
-            "and was not answered within services.loader.admin_wait; follow `url` (GET) to "
-            "its outcome. `merged`: it joined a reload of the plugin already queued."
+            "and was not answered within services.loader.admin_wait (or ?wait); follow "
+            "`url` (GET) to its outcome."
         ),
         "headers": {"Location": {"description": "the URL that follows the request"}},
+        "content": {"application/json": {"schema": ACCEPTED_SCHEMA}},
+        "links": FOLLOW,
+    }
+}
+ACCEPTED_ALL: dict[int | str, dict[str, Any]] = {
+    202: {
+        "description": (
+            "Some reloads are still queued or running (`pending`); each item of `results` "
+            "is either its outcome or its acceptance, with the `url` that follows it."
+        ),
         "content": {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "required": ["id", "url", "status", "queue_position"],
+                    "required": ["reloaded", "failed", "pending", "results"],
                     "properties": {
-                        "id": {"type": "integer", "description": "the request's log position"},
-                        "event_id": {"type": "string"},
-                        "request": {"type": "string", "description": "the request event"},
-                        "url": {"type": "string"},
-                        "status": {"type": "string", "enum": ["queued", "running"]},
-                        "queue_position": {
-                            "type": "integer",
-                            "description": "0: in hand (running); n >= 1: n-th in line",
-                        },
-                        "merged": {"type": "boolean"},
-                        "name": {"type": "string"},
+                        "reloaded": {"type": "integer"},
+                        "failed": {"type": "integer"},
+                        "pending": {"type": "integer"},
+                        "results": {"type": "array", "items": {"type": "object"}},
                     },
                 }
             }
@@ -245,6 +271,17 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     @router.get(
         "/loader/requests",
         summary="The loader's queue: the request in hand and those in line",
+        responses={
+            200: {
+                "links": {
+                    "FollowFirstQueued": link(
+                        "/admin/loader/requests/{request_id}",
+                        "get",
+                        request_id="$response.body#/queued/0/id",
+                    )
+                }
+            }
+        },
     )
     async def list_requests() -> dict[str, Any]:
         current = queue.current
@@ -273,7 +310,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     @router.post(
         "/plugins/reload",
         summary="Reload every enabled plugin",
-        responses={**ACCEPTED, **error_responses(422)},
+        responses={**ACCEPTED_ALL, **error_responses(422)},
     )
     async def reload_all(wait: float | None = WAIT) -> JSONResponse:
         asked = [

@@ -4,7 +4,7 @@ A real ``xcore serve``: the plugin ``slow`` blocks its own import while a file t
 holds exists, so every request behind its reload waits in the loader's queue for as
 long as the test wants — no timing is assumed. Behind it: a reload of ``quick`` (asked
 twice: one request), a reload of ``fragile`` whose router no longer parses, an install
-uploaded by the CLI; then the test lets ``slow`` go and follows each to its outcome,
+uploaded by the CLI, an uninstall; then the test lets ``slow`` go and follows each to its outcome,
 over HTTP and with ``xcore plugin ... --wait``. After a restart the outcomes still read
 from the log.
 """
@@ -100,6 +100,7 @@ async def test_queued_requests_are_accepted_followed_and_merged(tmp_path: Path) 
         """,
     )
     plugin(plugins, "quick")
+    plugin(plugins, "gone")
     fragile = plugin(plugins, "fragile")
     extra = plugin(tmp_path / "elsewhere", "extra")
     with serve(tmp_path, plugins_dir=plugins, env=ENV, args=("--no-reload",)) as server:
@@ -151,6 +152,9 @@ async def test_queued_requests_are_accepted_followed_and_merged(tmp_path: Path) 
                 assert code == 0, err
                 assert "accepted, position 3" in out, out
                 install_id = int(out.split("request ")[1].split()[0])
+                r = await client.delete("/admin/plugins/gone?wait=0", headers=AUTH)
+                gone = r.json()
+                assert r.status_code == 202 and gone["queue_position"] == 4, gone
                 waiting_ok = Cli(server, "reload", "quick", "--wait")
                 waiting_bad = Cli(server, "reload", "fragile", "--wait")
                 # both are accepted (202 after the server's admin wait, joining the
@@ -186,6 +190,9 @@ async def test_queued_requests_are_accepted_followed_and_merged(tmp_path: Path) 
                 assert installed["status"] == "succeeded", installed
                 assert (await client.get("/app/extra/status")).json() == {"ok": True}
                 assert not any((server.data_dir / "uploads").iterdir())
+                removed = (await client.get(gone["url"], headers=AUTH)).json()
+                assert (removed["status"], removed["outcome"]) == ("succeeded", "PluginUninstalled")
+                assert not (plugins / "gone").exists()
 
                 # a request that fails fast is answered with its failure at once
                 r = await client.post("/admin/plugins/fragile/reload?wait=120", headers=AUTH)
