@@ -181,6 +181,8 @@ def _answer(args: argparse.Namespace, settings: Settings, status: int, body: Any
                 f"follow it with `xcore plugin request {r['id']} --wait`"
             )
         return 0
+    if "results" in body:
+        print(json.dumps(body, indent=2))
     code = 0 if "results" not in body or not body.get("failed") else 1
     for r in pending:
         code = max(code, _follow(args, settings, r))
@@ -219,7 +221,13 @@ def _follow(args: argparse.Namespace, settings: Settings, body: dict[str, Any]) 
             return 1
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
-        status, fresh = _call(args, settings, "GET", f"/loader/requests/{int(body['id'])}")
+        try:
+            status, fresh = _call(args, settings, "GET", f"/loader/requests/{int(body['id'])}")
+        except ServerUnreachable as exc:
+            raise XcoreError(
+                f"lost the server while following request {body['id']} ({exc}); once it is "
+                f"back, `xcore plugin request {body['id']}` says where the request stands"
+            ) from None
         if status != 200:
             return _report(status, fresh, _token(args, settings))
         body = fresh
