@@ -155,6 +155,12 @@ async def test_queued_requests_are_accepted_followed_and_merged(tmp_path: Path) 
                 r = await client.delete("/admin/plugins/gone?wait=0", headers=AUTH)
                 gone = r.json()
                 assert r.status_code == 202 and gone["queue_position"] == 4, gone
+                # a reload of the plugin being reloaded is not merged into the running one
+                # (its files may have changed since that one read them): it queues
+                r = await client.post("/admin/plugins/slow/reload?wait=0", headers=AUTH)
+                slow_again = r.json()
+                assert r.status_code == 202 and slow_again["id"] != slow["id"], slow_again
+                assert (slow_again["queue_position"], slow_again["merged"]) == (5, False)
                 waiting_ok = Cli(server, "reload", "quick", "--wait")
                 waiting_bad = Cli(server, "reload", "fragile", "--wait")
                 # both are accepted (202 after the server's admin wait, joining the
@@ -193,6 +199,9 @@ async def test_queued_requests_are_accepted_followed_and_merged(tmp_path: Path) 
                 removed = (await client.get(gone["url"], headers=AUTH)).json()
                 assert (removed["status"], removed["outcome"]) == ("succeeded", "PluginUninstalled")
                 assert not (plugins / "gone").exists()
+                for asked, generation in ((slow, 2), (slow_again, 3)):
+                    ran = await until(client, str(asked["url"]), "succeeded", "failed")
+                    assert (ran["status"], ran["generation"]) == ("succeeded", generation)
 
                 # a request that fails fast is answered with its failure at once
                 r = await client.post("/admin/plugins/fragile/reload?wait=120", headers=AUTH)
