@@ -425,7 +425,8 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
             size = await _save(file, folder, path, limit)
             if size > limit:
                 raise HTTPException(413, f"the upload exceeds the limit of {limit} bytes")
-            # the loader removes the upload once it answered the install (it may be queued)
+            # kept until the install is answered (it may be queued): then removed here if
+            # answered in time, else by the loader
             asked, _ = await record(
                 PluginInstallRequested(source=str(path), replace=replace), PLUGINS_STREAM
             )
@@ -435,6 +436,8 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
                 await asyncio.to_thread(shutil.rmtree, folder, True)
         status, body = await follow(asked, False, admin_wait(wait))
         body.pop("merged", None)
+        if status != 202:  # answered: the loader is done with the archive (it removes it too)
+            await asyncio.to_thread(shutil.rmtree, folder, True)
         headers = {"Location": body["url"]} if status == 202 else None
         return JSONResponse(body, status_code=status, headers=headers)
 
