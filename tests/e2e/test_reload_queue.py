@@ -194,6 +194,10 @@ async def test_queued_requests_are_accepted_followed_and_merged(tmp_path: Path) 
                     await client.get(f"/admin/loader/requests/{install_id}", headers=AUTH)
                 ).json()
                 assert installed["status"] == "succeeded", installed
+                code, out, err = await Cli(server, "request", str(install_id)).finish()
+                assert code == 0 and '"outcome": "PluginReloaded"' in out, (out, err)
+                code, out, err = await Cli(server, "request", str(broken["id"])).finish()
+                assert code == 1 and "[import] router.py:2" in err, (out, err)
                 assert (await client.get("/app/extra/status")).json() == {"ok": True}
                 assert not any((server.data_dir / "uploads").iterdir())
                 removed = (await client.get(gone["url"], headers=AUTH)).json()
