@@ -50,6 +50,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import re
@@ -132,9 +133,43 @@ async def echo(t: str = "0"):
 )
 
 
+#: Niceness of the server and of wrk in the neighbour benchmarks (``XCORE_BENCH_NICE``,
+#: default -10; 0 leaves them as they are). On a machine shared with other programs, the
+#: quiet neighbour's p99 measured the server's event loop waiting for a CPU behind them
+#: (its main thread runnable, not running, 20-30% of the phase), not a stall of the
+#: server: see bench/README.md. Both phases of every pair run at the same priority, and
+#: the build threads of a reload are the server's own threads, so what a reload costs
+#: its neighbour is counted in full; only other programs are pushed back.
+NICE = int(os.environ.get("XCORE_BENCH_NICE", "-10"))
+
+
+def _prioritised() -> None:
+    """``preexec_fn`` of the server and wrk: lower their niceness to :data:`NICE`
+    (nothing if the user may not: the figures then record ``nice: 0``)."""
+    if NICE:
+        with contextlib.suppress(OSError):
+            os.nice(NICE)
+
+
+def _nice_of(pid: int) -> int:
+    """The niceness a process runs at (what the benchmark recorded, not what it asked)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def _main_thread(pid: int) -> tuple[float, float]:
+    """CPU seconds the server's main thread (its event loop) ran, and the seconds it was
+    runnable but waited for a CPU (``/proc/<pid>/task/<pid>/schedstat``; zeros where
+    the kernel keeps no such statistics)."""
+    try:
+        ran, waited = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[:2]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
 @contextmanager
 def _server(
-    base: Path, extra_env: dict[str, str] | None = None
+    base: Path, extra_env: dict[str, str] | None = None, nice: bool = False
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
@@ -166,6 +201,7 @@ def _server(
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=_prioritised if nice else None,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -196,6 +232,7 @@ def _wrk_p99(url: str, seconds: float) -> tuple[float, float]:
         capture_output=True,
         text=True,
         timeout=seconds + 30,
+        preexec_fn=_prioritised,
     ).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk saw failed requests:\n{out}")
@@ -222,9 +259,14 @@ WRK_BUSY_LIMIT = 0.85
 LUA = Path(__file__).resolve().parent / "fixed_rate.lua"
 
 
-def _wrk_rate(base: str, rate: float, seconds: float, check: bool = True) -> dict[str, float]:
+def _wrk_rate(
+    base: str, rate: float, seconds: float, check: bool = True, server: int = 0
+) -> dict[str, float]:
     """The neighbour at ``rate`` req/s (bench/fixed_rate.lua): latency from each
-    request's slot of the schedule (ms: p50, p99, max), the achieved rate, wrk's CPU."""
+    request's slot of the schedule (ms: p50, p99, max), the achieved rate, wrk's CPU;
+    with ``server`` (its pid), the share of the phase its event loop ran and the share
+    it was runnable but waited for a CPU (other programs, or the server's own threads)."""
+    loop_before = _main_thread(server) if server else (0.0, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "latencies.txt"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -245,8 +287,10 @@ def _wrk_rate(base: str, rate: float, seconds: float, check: bool = True) -> dic
             capture_output=True,
             text=True,
             timeout=seconds + 30,
+            preexec_fn=_prioritised,
         )
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        loop_after = _main_thread(server) if server else (0.0, 0.0)
         if proc.returncode != 0 or "Socket errors" in proc.stdout:
             raise RuntimeError(f"wrk failed:\n{proc.stdout}{proc.stderr}")
         rows = [line.split() for line in samples.read_text().splitlines() if line.strip()]
@@ -269,6 +313,8 @@ def _wrk_rate(base: str, rate: float, seconds: float, check: bool = True) -> dic
         "max": max(latencies),
         "achieved": achieved,
         "wrk_cpu": cpu,
+        "loop_ran": (loop_after[0] - loop_before[0]) / seconds,
+        "loop_waited_for_cpu": (loop_after[1] - loop_before[1]) / seconds,
     }
 
 
@@ -373,7 +419,8 @@ def reload_neighbour_p99() -> list[Result]:
         base = Path(tmp)
         _write(base / "plugins", "neighbour", NEIGHBOUR)
         _write(base / "plugins", "big", _big_router())
-        with _server(base) as (url, _), httpx.Client(timeout=60) as admin:
+        with _server(base, nice=True) as (url, proc), httpx.Client(timeout=60) as admin:
+            nice = _nice_of(proc.pid)
             target = f"{url}/app/neighbour/ping"
             _wrk_p99(target, 2)  # warm up
             # one reload first: the first request to the admin API builds its routes'
@@ -389,10 +436,10 @@ def reload_neighbour_p99() -> list[Result]:
             for _ in range(PAIRS):
                 # fixed rate: quiet (nothing a reload set off is pending), then reloading
                 before = _wait_settled(admin, url)
-                quiet.append(_wrk_rate(url, rate, PHASE_S))
+                quiet.append(_wrk_rate(url, rate, PHASE_S, server=proc.pid))
                 gc_log["quiet"].append(_gc_delta(before, _gc_state(admin, url)))
                 value, n, gc_delta, spill = _reloading(
-                    url, lambda seconds: _wrk_rate(url, rate, seconds)
+                    url, lambda seconds: _wrk_rate(url, rate, seconds, server=proc.pid)
                 )
                 busy.append(value)
                 gc_log["busy"].append(gc_delta)
@@ -432,6 +479,11 @@ def reload_neighbour_p99() -> list[Result]:
             achieved_rate_quiet=[round(q["achieved"], 1) for q in quiet],
             achieved_rate_busy=[round(b["achieved"], 1) for b in busy],
             wrk_cpu=[round(x["wrk_cpu"], 3) for x in quiet + busy],
+            loop_ran_quiet=[round(q["loop_ran"], 3) for q in quiet],
+            loop_ran_busy=[round(b["loop_ran"], 3) for b in busy],
+            loop_waited_for_cpu_quiet=[round(q["loop_waited_for_cpu"], 3) for q in quiet],
+            loop_waited_for_cpu_busy=[round(b["loop_waited_for_cpu"], 3) for b in busy],
+            nice=nice,
             pairs=PAIRS,
             phase_s=PHASE_S,
             tail_s=TAIL_S,
