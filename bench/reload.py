@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import re
 import resource
@@ -143,6 +144,12 @@ async def echo(t: str = "0"):
 NICE = int(os.environ.get("XCORE_BENCH_NICE", "-10"))
 
 
+#: A folder: the neighbour benchmark's server runs under bench/loop_probe.py, its
+#: recording is kept there, and each fixed-rate phase's summary goes into the figures
+#: (``probe``). Unset: no probe (the default; the figures are taken without it).
+PROBE = os.environ.get("XCORE_BENCH_PROBE")
+
+
 def _prioritised() -> None:
     """``preexec_fn`` of the server and wrk: lower their niceness to :data:`NICE`
     (nothing if the user may not: the figures then record ``nice: 0``)."""
@@ -169,7 +176,10 @@ def _main_thread(pid: int) -> tuple[float, float]:
 
 @contextmanager
 def _server(
-    base: Path, extra_env: dict[str, str] | None = None, nice: bool = False
+    base: Path,
+    extra_env: dict[str, str] | None = None,
+    nice: bool = False,
+    probe: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
@@ -183,11 +193,12 @@ def _server(
     )
     env.update(extra_env or {})
     log = (base / "serve.log").open("wb")
+    entry = ["bench.loop_probe", str(probe)] if probe is not None else ["kernel.cli"]
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "kernel.cli",
+            *entry,
             "serve",
             "--no-reload",
             "--port",
@@ -419,7 +430,15 @@ def reload_neighbour_p99() -> list[Result]:
         base = Path(tmp)
         _write(base / "plugins", "neighbour", NEIGHBOUR)
         _write(base / "plugins", "big", _big_router())
-        with _server(base, nice=True) as (url, proc), httpx.Client(timeout=60) as admin:
+        probe = None
+        if PROBE:
+            Path(PROBE).mkdir(parents=True, exist_ok=True)
+            probe = Path(PROBE) / "reload_neighbour_probe.json"
+        phases: list[tuple[str, float, float]] = []
+        with (
+            _server(base, nice=True, probe=probe) as (url, proc),
+            httpx.Client(timeout=60) as admin,
+        ):
             nice = _nice_of(proc.pid)
             target = f"{url}/app/neighbour/ping"
             _wrk_p99(target, 2)  # warm up
@@ -436,11 +455,15 @@ def reload_neighbour_p99() -> list[Result]:
             for _ in range(PAIRS):
                 # fixed rate: quiet (nothing a reload set off is pending), then reloading
                 before = _wait_settled(admin, url)
+                start = time.monotonic()
                 quiet.append(_wrk_rate(url, rate, PHASE_S, server=proc.pid))
+                phases.append(("quiet", start, time.monotonic()))
                 gc_log["quiet"].append(_gc_delta(before, _gc_state(admin, url)))
+                start = time.monotonic()
                 value, n, gc_delta, spill = _reloading(
                     url, lambda seconds: _wrk_rate(url, rate, seconds, server=proc.pid)
                 )
+                phases.append(("busy", start, start + PHASE_S + TAIL_S))
                 busy.append(value)
                 gc_log["busy"].append(gc_delta)
                 spilled.append(spill)
@@ -455,6 +478,14 @@ def reload_neighbour_p99() -> list[Result]:
                 gc_log["sat_busy"].append(gc_delta)
                 spilled.append(spill)
                 reloads += n
+            probed: dict[str, list[dict[str, Any]]] = {}
+            if probe is not None:
+                from bench.loop_probe import summarise
+
+                time.sleep(1.5)  # (the probe writes its recording once a second)
+                recording = json.loads(probe.read_text())
+                for kind, start, end in phases:
+                    probed.setdefault(kind, []).append(summarise(recording, start, end))
     busy_p99 = [b["p99"] for b in busy]
     quiet_p99 = [q["p99"] for q in quiet]
     ratios = [b / q for b, q in zip(busy_p99, quiet_p99, strict=True)]
@@ -484,6 +515,7 @@ def reload_neighbour_p99() -> list[Result]:
             loop_waited_for_cpu_quiet=[round(q["loop_waited_for_cpu"], 3) for q in quiet],
             loop_waited_for_cpu_busy=[round(b["loop_waited_for_cpu"], 3) for b in busy],
             nice=nice,
+            probe=probed or None,
             pairs=PAIRS,
             phase_s=PHASE_S,
             tail_s=TAIL_S,
