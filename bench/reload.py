@@ -50,7 +50,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import os
@@ -150,12 +149,15 @@ NICE = int(os.environ.get("XCORE_BENCH_NICE", "-10"))
 PROBE = os.environ.get("XCORE_BENCH_PROBE")
 
 
-def _prioritised() -> None:
-    """``preexec_fn`` of the server and wrk: lower their niceness to :data:`NICE`
-    (nothing if the user may not: the figures then record ``nice: 0``)."""
-    if NICE:
-        with contextlib.suppress(OSError):
-            os.nice(NICE)
+def _prioritised(command: list[str]) -> list[str]:
+    """``command`` run at niceness :data:`NICE` (through ``nice``, which runs it as it is,
+    with a warning, where the user may not lower it: the figures record the niceness
+    the server ran at). Not a ``preexec_fn``: the busy phase starts wrk while a thread
+    of this process posts reloads, and Python code run between fork and exec may
+    deadlock on a lock another thread held."""
+    if not NICE or shutil.which("nice") is None:
+        return command
+    return ["nice", "-n", str(NICE), *command]
 
 
 def _nice_of(pid: int) -> int:
@@ -194,25 +196,25 @@ def _server(
     env.update(extra_env or {})
     log = (base / "serve.log").open("wb")
     entry = ["bench.loop_probe", str(probe)] if probe is not None else ["kernel.cli"]
+    command = [
+        sys.executable,
+        "-m",
+        *entry,
+        "serve",
+        "--no-reload",
+        "--port",
+        str(port),
+        "--plugins-dir",
+        str(base / "plugins"),
+        "--data-dir",
+        str(base / "var"),
+    ]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            *entry,
-            "serve",
-            "--no-reload",
-            "--port",
-            str(port),
-            "--plugins-dir",
-            str(base / "plugins"),
-            "--data-dir",
-            str(base / "var"),
-        ],
+        _prioritised(command) if nice else command,
         cwd=Path(__file__).resolve().parent.parent,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=_prioritised if nice else None,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -239,11 +241,10 @@ def _server(
 def _wrk_p99(url: str, seconds: float) -> tuple[float, float]:
     """Saturated closed loop (wrk -t1 -c8): the p99 (ms) and the rate reached (req/s)."""
     out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{seconds:g}s", "--latency", url],
+        _prioritised(["wrk", "-t1", "-c8", f"-d{seconds:g}s", "--latency", url]),
         capture_output=True,
         text=True,
         timeout=seconds + 30,
-        preexec_fn=_prioritised,
     ).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk saw failed requests:\n{out}")
@@ -282,23 +283,24 @@ def _wrk_rate(
         samples = Path(tmp) / "latencies.txt"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(
-            [
-                "wrk",
-                "-t1",
-                f"-c{RATE_CONNECTIONS}",
-                f"-d{seconds:g}s",
-                "-s",
-                str(LUA),
-                f"{base}/",
-                "--",
-                f"{rate:.3f}",
-                str(samples),
-                "/app/neighbour/echo?t=",
-            ],
+            _prioritised(
+                [
+                    "wrk",
+                    "-t1",
+                    f"-c{RATE_CONNECTIONS}",
+                    f"-d{seconds:g}s",
+                    "-s",
+                    str(LUA),
+                    f"{base}/",
+                    "--",
+                    f"{rate:.3f}",
+                    str(samples),
+                    "/app/neighbour/echo?t=",
+                ]
+            ),
             capture_output=True,
             text=True,
             timeout=seconds + 30,
-            preexec_fn=_prioritised,
         )
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         loop_after = _main_thread(server) if server else (0.0, 0.0)
