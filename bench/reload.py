@@ -133,36 +133,10 @@ async def echo(t: str = "0"):
 )
 
 
-#: Niceness of the server and of wrk in the neighbour benchmarks (``XCORE_BENCH_NICE``,
-#: default -10; 0 leaves them as they are). On a machine shared with other programs, the
-#: quiet neighbour's p99 measured the server's event loop waiting for a CPU behind them
-#: (its main thread runnable, not running, 20-30% of the phase), not a stall of the
-#: server: see bench/README.md. Both phases of every pair run at the same priority, and
-#: the build threads of a reload are the server's own threads, so what a reload costs
-#: its neighbour is counted in full; only other programs are pushed back.
-NICE = int(os.environ.get("XCORE_BENCH_NICE", "-10"))
-
-
 #: A folder: the neighbour benchmark's server runs under bench/loop_probe.py, its
 #: recording is kept there, and each fixed-rate phase's summary goes into the figures
 #: (``probe``). Unset: no probe (the default; the figures are taken without it).
 PROBE = os.environ.get("XCORE_BENCH_PROBE")
-
-
-def _prioritised(command: list[str]) -> list[str]:
-    """``command`` run at niceness :data:`NICE` (through ``nice``, which runs it as it is,
-    with a warning, where the user may not lower it: the figures record the niceness
-    the server ran at). Not a ``preexec_fn``: the busy phase starts wrk while a thread
-    of this process posts reloads, and Python code run between fork and exec may
-    deadlock on a lock another thread held."""
-    if not NICE or shutil.which("nice") is None:
-        return command
-    return ["nice", "-n", str(NICE), *command]
-
-
-def _nice_of(pid: int) -> int:
-    """The niceness a process runs at (what the benchmark recorded, not what it asked)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def _main_thread(pid: int) -> tuple[float, float]:
@@ -180,7 +154,6 @@ def _main_thread(pid: int) -> tuple[float, float]:
 def _server(
     base: Path,
     extra_env: dict[str, str] | None = None,
-    nice: bool = False,
     probe: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = _free_port()
@@ -210,7 +183,7 @@ def _server(
         str(base / "var"),
     ]
     proc = subprocess.Popen(
-        _prioritised(command) if nice else command,
+        command,
         cwd=Path(__file__).resolve().parent.parent,
         env=env,
         stdout=log,
@@ -241,7 +214,7 @@ def _server(
 def _wrk_p99(url: str, seconds: float) -> tuple[float, float]:
     """Saturated closed loop (wrk -t1 -c8): the p99 (ms) and the rate reached (req/s)."""
     out = subprocess.run(
-        _prioritised(["wrk", "-t1", "-c8", f"-d{seconds:g}s", "--latency", url]),
+        ["wrk", "-t1", "-c8", f"-d{seconds:g}s", "--latency", url],
         capture_output=True,
         text=True,
         timeout=seconds + 30,
@@ -283,21 +256,19 @@ def _wrk_rate(
         samples = Path(tmp) / "latencies.txt"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(
-            _prioritised(
-                [
-                    "wrk",
-                    "-t1",
-                    f"-c{RATE_CONNECTIONS}",
-                    f"-d{seconds:g}s",
-                    "-s",
-                    str(LUA),
-                    f"{base}/",
-                    "--",
-                    f"{rate:.3f}",
-                    str(samples),
-                    "/app/neighbour/echo?t=",
-                ]
-            ),
+            [
+                "wrk",
+                "-t1",
+                f"-c{RATE_CONNECTIONS}",
+                f"-d{seconds:g}s",
+                "-s",
+                str(LUA),
+                f"{base}/",
+                "--",
+                f"{rate:.3f}",
+                str(samples),
+                "/app/neighbour/echo?t=",
+            ],
             capture_output=True,
             text=True,
             timeout=seconds + 30,
@@ -438,10 +409,9 @@ def reload_neighbour_p99() -> list[Result]:
             probe = Path(PROBE) / "reload_neighbour_probe.json"
         phases: list[tuple[str, float, float]] = []
         with (
-            _server(base, nice=True, probe=probe) as (url, proc),
+            _server(base, probe=probe) as (url, proc),
             httpx.Client(timeout=60) as admin,
         ):
-            nice = _nice_of(proc.pid)
             target = f"{url}/app/neighbour/ping"
             _wrk_p99(target, 2)  # warm up
             # one reload first: the first request to the admin API builds its routes'
@@ -516,7 +486,6 @@ def reload_neighbour_p99() -> list[Result]:
             loop_ran_busy=[round(b["loop_ran"], 3) for b in busy],
             loop_waited_for_cpu_quiet=[round(q["loop_waited_for_cpu"], 3) for q in quiet],
             loop_waited_for_cpu_busy=[round(b["loop_waited_for_cpu"], 3) for b in busy],
-            nice=nice,
             probe=probed or None,
             pairs=PAIRS,
             phase_s=PHASE_S,
