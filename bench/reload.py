@@ -21,7 +21,11 @@
   state, for which a fixed wait is used). Phases alternate (A B A B ...); the value is
   the median of the reload phases' p99, the ratio the median of the pair ratios.
   One reload runs before the first pair (the admin API's first request builds its
-  routes' state once per process).
+  routes' state once per process). Each fixed-rate phase also records the share of it
+  the server's event loop ran and the share it was runnable but waited for a CPU
+  (``loop_ran_*``, ``loop_waited_for_cpu_*``): on a machine shared with other programs
+  the quiet p99 measured that wait (bench/README.md). ``XCORE_BENCH_PROBE=folder``
+  runs the server under bench/loop_probe.py and adds each phase's stalls (``probe``).
 - ``reload_neighbour_saturated_p99_ms``: the same pairs with the neighbour's ``/ping``
   loaded by ``wrk -t1 -c8`` as fast as it answers (a saturated closed loop): what a
   reload costs a server at its limit (the reload's CPU share), not the stalls.
