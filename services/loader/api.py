@@ -8,11 +8,17 @@
     POST   /admin/plugins/{name}/disable  disable (and unload)
     POST   /admin/plugins                 install an uploaded archive (multipart ``file``)
     DELETE /admin/plugins/{name}          uninstall
+    GET    /admin/loader/requests        the loader's queue: the request in hand, those in line
+    GET    /admin/loader/requests/{id}   one request: queued / running / succeeded / failed
 
 Commands are requests (DESIGN "Requests are events too"): the route records the request
-event with ``kernel.request`` and answers with the outcome event's content — 200 when it
-succeeded, 422 when the outcome is a failure — or 404 / 409 / 413 / 422 before recording
-anything when the request cannot make sense, and 504 when no outcome came in time.
+event and answers with the outcome event's content — 200 when it succeeded, 422 when the
+outcome is a failure — or 404 / 409 / 413 / 422 before recording anything when the
+request cannot make sense. The loader answers requests one at a time, in order: a
+request still queued or running after ``services.loader.admin_wait`` is answered 202
+with its id (its log position), its place in the queue and the URL that follows it
+(``services/loader/queue.py``); it runs all the same. A reload of a plugin whose reload
+is already queued joins that request (same id, ``merged: true``).
 """
 
 from __future__ import annotations
@@ -20,15 +26,16 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as FastPath
 from fastapi.responses import JSONResponse
 
 from kernel.contract import error_responses, link
-from kernel.errors import RequestTimeout
 from kernel.events import Event, Recorded
 from services.cluster.projection import served_digests
 
@@ -38,17 +45,15 @@ from .events import (
     PluginEnabled,
     PluginInstallFailed,
     PluginInstallRequested,
-    PluginReloaded,
     PluginReloadFailed,
     PluginReloadRequested,
-    PluginUninstalled,
     PluginUninstallFailed,
     PluginUninstallRequested,
-    PluginUnloaded,
     stream_of,
 )
 from .installer import ARCHIVE_SUFFIXES
 from .manifest import valid_name
+from .queue import describe, request_url
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -63,14 +68,106 @@ FAILURES = {
     PluginInstallFailed.type_name,
     PluginUninstallFailed.type_name,
 }
-RELOAD_OUTCOMES: list[type[Event]] = [PluginReloaded, PluginReloadFailed, PluginUninstalled]
+#: A request accepted for later, as a 202 body and as an item of ``reload all``'s results.
+ACCEPTED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "url", "status", "queue_position"],
+    "properties": {
+        "id": {"type": "integer", "description": "the request's log position"},
+        "event_id": {"type": "string"},
+        "request": {"type": "string", "description": "the request event"},
+        "url": {"type": "string", "description": "GET it to follow the request"},
+        "status": {"type": "string", "enum": ["queued", "running"]},
+        "queue_position": {
+            "type": "integer",
+            "description": "0: in hand (running); n >= 1: n-th in line",
+        },
+        "merged": {"type": "boolean", "description": "it joined a reload already queued"},
+        "name": {"type": "string"},
+    },
+}
+FOLLOW = {
+    "FollowRequest": link(
+        "/admin/loader/requests/{request_id}", "get", request_id="$response.body#/id"
+    )
+}
+#: What a 202 answer looks like (the OpenAPI schema of the accepted requests).
+ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {
+        "description": (
+            "Accepted: the request is queued or running behind the loader's other requests "
+            "and was not answered within services.loader.admin_wait (or ?wait); follow "
+            "`url` (GET) to its outcome."
+        ),
+        "headers": {"Location": {"description": "the URL that follows the request"}},
+        "content": {"application/json": {"schema": ACCEPTED_SCHEMA}},
+        "links": FOLLOW,
+    }
+}
+ACCEPTED_ALL: dict[int | str, dict[str, Any]] = {
+    202: {
+        "description": (
+            "Some reloads are still queued or running (`pending`); each item of `results` "
+            "is either its outcome or its acceptance, with the `url` that follows it."
+        ),
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["reloaded", "failed", "pending", "results"],
+                    "properties": {
+                        "reloaded": {"type": "integer"},
+                        "failed": {"type": "integer"},
+                        "pending": {"type": "integer"},
+                        "results": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            }
+        },
+    }
+}
+STATUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "url", "request", "status"],
+    "properties": {
+        "id": {"type": "integer", "description": "the request's log position"},
+        "event_id": {"type": "string"},
+        "request": {"type": "string", "description": "the request event's type"},
+        "url": {"type": "string"},
+        "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed"]},
+        "queue_position": {"type": "integer", "description": "queued / running only"},
+        "outcome": {"type": "string", "description": "the outcome event's type"},
+        "name": {"type": "string"},
+        "stage": {"type": "string", "description": "failed: the stage (or `abandoned`)"},
+        "file": {"type": "string"},
+        "line": {"type": "integer"},
+        "error": {"type": "string", "description": "failed: the reason"},
+        "generation": {"type": "integer"},
+    },
+}
 
 
-def outcome(record: Recorded) -> JSONResponse:
+#: ``?wait=S``: how long this request waits for its outcome before a 202 (0: answer at once).
+WAIT = Query(
+    None,
+    ge=0,
+    le=600,
+    description=(
+        "seconds to wait for the outcome before answering 202 (default: the server's "
+        "services.loader.admin_wait; 0: answer at once unless already done)"
+    ),
+)
+
+
+def outcome(record: Recorded, request: Recorded | None = None) -> JSONResponse:
     body = {"outcome": record.type, **record.data}
+    if request is not None:
+        body.update(id=request.position, url=request_url(request.position))
     if record.type in FAILURES:
+        body["status"] = "failed"
         body["detail"] = record.data.get("error", "failed")
         return JSONResponse(body, status_code=422)
+    body["status"] = "succeeded"
     return JSONResponse(body)
 
 
@@ -102,11 +199,53 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
             state["digest_differs"] = len(set(nodes.values())) > 1
         return state
 
-    async def request(event: Event, stream: str, outcomes: list[type[Event]]) -> Recorded:
-        try:
-            return await kernel.request(event, stream=stream, outcomes=outcomes, actor=ACTOR)
-        except RequestTimeout as exc:
-            raise HTTPException(504, str(exc)) from None
+    queue = loader.queue
+
+    def admin_wait(asked: float | None = None) -> float:
+        if asked is not None:
+            return asked
+        wait = loader.settings.admin_wait
+        return wait if wait is not None else kernel.settings.request_timeout
+
+    async def record(event: Event, stream: str) -> tuple[Recorded, bool]:
+        """Record ``event`` (a reload joins one of the same plugin already queued)."""
+        async with queue.merging:
+            if isinstance(event, PluginReloadRequested) and event.name is not None:
+                queued = await queue.queued_reload(event.name)
+                if queued is not None:
+                    loader.paused.discard(event.name)  # a person asked (see the service)
+                    return queued, True
+            return (await kernel.append(event, stream=stream, actor=ACTOR))[0], False
+
+    async def follow(request_: Recorded, merged: bool, wait: float) -> tuple[int, dict[str, Any]]:
+        """The outcome if it comes within ``wait`` s, else where the request stands (202)."""
+        done = await queue.wait(request_, wait)
+        if done is None:
+            state = await queue.status(request_)
+            if state["status"] in ("queued", "running"):
+                state["merged"] = merged
+                return 202, state
+        else:
+            state = {**describe(request_), **outcome_body(done)}
+        state["merged"] = merged
+        if state["status"] == "failed":
+            state.setdefault("detail", state.get("error", "failed"))
+            return 422, state
+        return 200, state
+
+    def outcome_body(done: Recorded) -> dict[str, Any]:
+        body: dict[str, Any] = {"outcome": done.type, "outcome_position": done.position}
+        body.update(done.data)
+        body["status"] = "failed" if done.type in FAILURES else "succeeded"
+        if done.type in FAILURES:
+            body["detail"] = done.data.get("error", "failed")
+        return body
+
+    async def ask(event: Event, stream: str, wait: float | None) -> JSONResponse:
+        request_, merged = await record(event, stream)
+        status, body = await follow(request_, merged, admin_wait(wait))
+        headers = {"Location": body["url"]} if status == 202 else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     first = "$response.body#/0/name"
     plugin_links = {
@@ -129,41 +268,89 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         require(name)
         return row(name)
 
-    @router.post(
-        "/plugins/reload", summary="Reload every enabled plugin", responses=error_responses(504)
+    @router.get(
+        "/loader/requests",
+        summary="The loader's queue: the request in hand and those in line",
+        responses={
+            200: {
+                "links": {
+                    "FollowFirstQueued": link(
+                        "/admin/loader/requests/{request_id}",
+                        "get",
+                        request_id="$response.body#/queued/0/id",
+                    )
+                }
+            }
+        },
     )
-    async def reload_all() -> dict[str, Any]:
-        results = []
-        for name in loader.reload_targets():
-            rec = await request(
-                PluginReloadRequested(name=name, reason="admin: reload all"),
-                stream_of(name),
-                RELOAD_OUTCOMES,
+    async def list_requests() -> dict[str, Any]:
+        current = queue.current
+        line = await queue.waiting()
+        return {
+            "running": None if current is None else {**describe(current), "queue_position": 0},
+            "queued": [{**describe(r), "queue_position": i} for i, r in enumerate(line, start=1)],
+        }
+
+    @router.get(
+        "/loader/requests/{request_id}",
+        summary="One request to the loader: queued, running, succeeded or failed",
+        responses={
+            200: {"content": {"application/json": {"schema": STATUS_SCHEMA}}},
+            **error_responses(404),
+        },
+    )
+    async def get_request(
+        request_id: int = FastPath(..., ge=1, le=2**62, description="the request's id"),
+    ) -> dict[str, Any]:
+        request_ = await queue.find(request_id)
+        if request_ is None:
+            raise HTTPException(404, f"no request to the loader at log position {request_id}")
+        return await queue.status(request_)
+
+    @router.post(
+        "/plugins/reload",
+        summary="Reload every enabled plugin",
+        responses={**ACCEPTED_ALL, **error_responses(422)},
+    )
+    async def reload_all(wait: float | None = WAIT) -> JSONResponse:
+        asked = [
+            await record(
+                PluginReloadRequested(name=name, reason="admin: reload all"), stream_of(name)
             )
-            results.append({"outcome": rec.type, **rec.data})
-        failed = sum(r["outcome"] in FAILURES for r in results)
-        return {"reloaded": len(results) - failed, "failed": failed, "results": results}
+            for name in loader.reload_targets()
+        ]
+        deadline = time.monotonic() + admin_wait(wait)
+        results = []
+        for request_, merged in asked:
+            _, body = await follow(request_, merged, max(0.0, deadline - time.monotonic()))
+            results.append(body)
+        failed = sum(r["status"] == "failed" for r in results)
+        pending = sum(r["status"] in ("queued", "running") for r in results)
+        body = {
+            "reloaded": len(results) - failed - pending,
+            "failed": failed,
+            "pending": pending,
+            "results": results,
+        }
+        return JSONResponse(body, status_code=202 if pending else 200)
 
     @router.post(
         "/plugins/{name}/reload",
         summary="Reload one plugin (a new generation)",
-        responses=error_responses(404, 409, 422, 504),
+        responses={**ACCEPTED, **error_responses(404, 409, 422)},
     )
-    async def reload_one(name: str) -> JSONResponse:
+    async def reload_one(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
         if name in loader.table.disabled():
             raise HTTPException(409, f"plugin {name!r} is disabled; enable it first")
-        rec = await request(
-            PluginReloadRequested(name=name, reason="admin"), stream_of(name), RELOAD_OUTCOMES
-        )
-        return outcome(rec)
+        return await ask(PluginReloadRequested(name=name, reason="admin"), stream_of(name), wait)
 
     @router.post(
         "/plugins/{name}/enable",
         summary="Enable a plugin and load it",
-        responses=error_responses(404, 409, 422, 504),
+        responses={**ACCEPTED, **error_responses(404, 409, 422)},
     )
-    async def enable(name: str) -> JSONResponse:
+    async def enable(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
         if name not in loader.table.disabled():
             raise HTTPException(
@@ -171,17 +358,14 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
             )
         if not loader.folder(name).is_dir():
             raise HTTPException(404, f"plugin {name!r} is not installed")
-        rec = await request(
-            PluginEnabled(name=name), stream_of(name), [PluginReloaded, PluginReloadFailed]
-        )
-        return outcome(rec)
+        return await ask(PluginEnabled(name=name), stream_of(name), wait)
 
     @router.post(
         "/plugins/{name}/disable",
         summary="Disable a plugin (unloading it)",
-        responses=error_responses(404, 409, 422, 504),
+        responses={**ACCEPTED, **error_responses(404, 409)},
     )
-    async def disable(name: str) -> JSONResponse:
+    async def disable(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
         if name in loader.table.disabled():
             raise HTTPException(409, f"plugin {name!r} is already disabled")
@@ -191,7 +375,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
                 409, f"plugin {name!r} is required by loaded plugin(s) {', '.join(dependents)}"
             )
         if name in loader.loaded:
-            rec = await request(PluginDisabled(name=name), stream_of(name), [PluginUnloaded])
+            return await ask(PluginDisabled(name=name), stream_of(name), wait)
         else:
             rec = (
                 await kernel.append(PluginDisabled(name=name), stream=stream_of(name), actor=ACTOR)
@@ -202,31 +386,27 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     @router.delete(
         "/plugins/{name}",
         summary="Uninstall a plugin (unloading it)",
-        responses=error_responses(404, 409, 422, 504),
+        responses={**ACCEPTED, **error_responses(404, 409, 422)},
     )
-    async def uninstall(name: str) -> JSONResponse:
+    async def uninstall(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
         dependents = loader.dependents(name)
         if dependents:
             raise HTTPException(
                 409, f"plugin {name!r} is required by loaded plugin(s) {', '.join(dependents)}"
             )
-        rec = await request(
-            PluginUninstallRequested(name=name),
-            stream_of(name),
-            [PluginUninstalled, PluginUninstallFailed],
-        )
-        return outcome(rec)
+        return await ask(PluginUninstallRequested(name=name), stream_of(name), wait)
 
     @router.post(
         "/plugins",
         summary="Install a plugin from an uploaded .zip / .tar.gz",
-        responses=error_responses(400, 413, 422, 504),
+        responses={**ACCEPTED, **error_responses(400, 413, 422)},
     )
     async def install(
         request_: Request,
         file: UploadFile = File(..., description="the plugin archive"),
         replace: bool = Form(False, description="replace an installed plugin of that name"),
+        wait: float | None = WAIT,
     ) -> JSONResponse:
         limit = loader.limits.max_bytes
         declared = request_.headers.get("content-length")
@@ -240,18 +420,26 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         filename = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
         folder = loader.data_dir / "uploads" / uuid.uuid4().hex
         path = folder / filename
+        recorded = False
         try:
             size = await _save(file, folder, path, limit)
             if size > limit:
                 raise HTTPException(413, f"the upload exceeds the limit of {limit} bytes")
-            rec = await request(
-                PluginInstallRequested(source=str(path), replace=replace),
-                PLUGINS_STREAM,
-                [PluginInstallFailed, PluginReloaded, PluginReloadFailed],
+            # kept until the install is answered (it may be queued): then removed here if
+            # answered in time, else by the loader
+            asked, _ = await record(
+                PluginInstallRequested(source=str(path), replace=replace), PLUGINS_STREAM
             )
+            recorded = True
         finally:
+            if not recorded:
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+        status, body = await follow(asked, False, admin_wait(wait))
+        body.pop("merged", None)
+        if status != 202:  # answered: the loader is done with the archive (it removes it too)
             await asyncio.to_thread(shutil.rmtree, folder, True)
-        return outcome(rec)
+        headers = {"Location": body["url"]} if status == 202 else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     return router
 

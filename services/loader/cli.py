@@ -7,6 +7,12 @@
     xcore plugin uninstall NAME
     xcore plugin reload [NAME]      (no name: all)
     xcore plugin enable NAME / disable NAME
+    xcore plugin request ID         where a queued request stands (queued, running, ...)
+
+A change the server cannot finish within its admin wait (the loader answers requests
+one at a time) is accepted: the command prints "accepted, position N" and exits 0;
+with ``--wait [--timeout S]`` it follows the request to its outcome instead (exit 0 on
+success, 1 with the failure's stage, file and reason).
 
 Commands that change a running server go through its admin API (``--url``, default
 ``http://<host>:<port>`` from the settings; the token from ``--token`` or
@@ -22,6 +28,7 @@ import io
 import json
 import sys
 import tempfile
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -71,10 +78,27 @@ def register(subparsers: Any) -> None:
     p = command("install", "install a plugin folder or archive", cmd_install)
     p.add_argument("path", type=Path)
     p.add_argument("--replace", action="store_true", help="replace an installed plugin")
-    command("uninstall", "uninstall a plugin", cmd_uninstall).add_argument("name")
-    command("reload", "reload a plugin (or all)", cmd_reload).add_argument("name", nargs="?")
-    command("enable", "enable a plugin", cmd_enable).add_argument("name")
-    command("disable", "disable a plugin", cmd_disable).add_argument("name")
+    _waits(p)
+    _waits(command("uninstall", "uninstall a plugin", cmd_uninstall)).add_argument("name")
+    _waits(command("reload", "reload a plugin (or all)", cmd_reload)).add_argument(
+        "name", nargs="?"
+    )
+    _waits(command("enable", "enable a plugin", cmd_enable)).add_argument("name")
+    _waits(command("disable", "disable a plugin", cmd_disable)).add_argument("name")
+    p = _waits(command("request", "where a request to the loader stands", cmd_request))
+    p.add_argument("id", type=int, help="the request's id (its log position)")
+
+
+def _waits(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if the server accepts the request for later, follow it to its outcome",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="with --wait: give up after S seconds"
+    )
+    return p
 
 
 # -- talking to the server -----------------------------------------------------------------
@@ -111,7 +135,8 @@ def _call(
         path,
         body=body,
         content_type=content_type,
-        timeout=settings.request_timeout + 5,
+        # the server answers within its admin wait (202 after it: accepted for later)
+        timeout=max(settings.request_timeout, _limits_settings(settings).admin_wait or 0) + 5,
     )
 
 
@@ -131,6 +156,81 @@ def _report(status: int, body: Any, token: str | None = None) -> int:
         return 1
     print(json.dumps(body, indent=2))
     return 0 if status < 400 else 1
+
+
+FINAL = ("succeeded", "failed")
+
+
+def _answer(args: argparse.Namespace, settings: Settings, status: int, body: Any) -> int:
+    """Report an answer; a 202 (accepted, queued) is followed with ``--wait``."""
+    if status != 202 or not isinstance(body, dict):
+        return _report(status, body, _token(args, settings))
+    pending = (
+        [body]
+        if "results" not in body
+        else [r for r in body["results"] if r.get("status") not in FINAL]
+    )
+    if not getattr(args, "wait", False):
+        if "results" in body:
+            print(json.dumps(body, indent=2))
+        for r in pending:
+            merged = " (joined a reload already queued)" if r.get("merged") else ""
+            print(
+                f"accepted, position {r.get('queue_position')}: request {r['id']} "
+                f"({r.get('request')} {r.get('name') or r.get('source') or ''}){merged}; "
+                f"follow it with `xcore plugin request {r['id']} --wait`"
+            )
+        return 0
+    if "results" in body:
+        print(json.dumps(body, indent=2))
+    code = 0 if "results" not in body or not body.get("failed") else 1
+    for r in pending:
+        code = max(code, _follow(args, settings, r))
+    return code
+
+
+def _follow(args: argparse.Namespace, settings: Settings, body: dict[str, Any]) -> int:
+    """Poll the request's status until its outcome: 0 if it succeeded, 1 otherwise."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    delay = 0.05
+    seen = None
+    while True:
+        where = body.get("queue_position")
+        state = body.get("status")
+        if state != seen:
+            seen = state
+            place = f", position {where}" if state == "queued" else ""
+            print(f"request {body['id']}: {state}{place}", file=sys.stderr)
+        if state in FINAL:
+            print(json.dumps(body, indent=2))
+            if state == "succeeded":
+                return 0
+            at = body.get("file") or ""
+            if at and body.get("line"):
+                at = f"{at}:{body['line']}"
+            stage = f"[{body.get('stage')}] " if body.get("stage") else ""
+            at = f"{at}: " if at else ""
+            print(f"xcore: failed: {stage}{at}{body.get('error', 'failed')}", file=sys.stderr)
+            return 1
+        if deadline is not None and time.monotonic() > deadline:
+            print(
+                f"xcore: request {body['id']} is still {state} after {args.timeout:g}s (it "
+                f"goes on: `xcore plugin request {body['id']} --wait` follows it)",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+        try:
+            status, fresh = _call(args, settings, "GET", f"/loader/requests/{int(body['id'])}")
+        except ServerUnreachable as exc:
+            raise XcoreError(
+                f"lost the server while following request {body['id']} ({exc}); once it is "
+                f"back, `xcore plugin request {body['id']}` says where the request stands"
+            ) from None
+        if status != 200:
+            return _report(status, fresh, _token(args, settings))
+        body = fresh
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -264,7 +364,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     except ServerDown as down:
         _refuse_offline_in_a_cluster(settings, f"install {path.name}", down)
         return asyncio.run(_offline_install(settings, path, args.replace))
-    return _report(status, out, _token(args, settings))
+    return _answer(args, settings, status, out)
 
 
 def _archive_bytes(path: Path) -> tuple[bytes, str]:
@@ -358,28 +458,39 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
         asyncio.run(_record_offline(settings, PluginUninstalled(name=args.name), args.name))
         print(f"uninstalled {args.name} (offline)")
         return 0
-    return _report(status, out, _token(args, settings))
+    return _answer(args, settings, status, out)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     path = f"/plugins/{args.name}/reload" if args.name else "/plugins/reload"
-    return _report(*_call(args, settings, "POST", path), _token(args, settings))
+    return _answer(args, settings, *_call(args, settings, "POST", path))
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    return _report(
-        *_call(args, settings, "POST", f"/plugins/{args.name}/enable"), _token(args, settings)
-    )
+    return _answer(args, settings, *_call(args, settings, "POST", f"/plugins/{args.name}/enable"))
 
 
 def cmd_disable(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    return _report(
-        *_call(args, settings, "POST", f"/plugins/{args.name}/disable"), _token(args, settings)
-    )
+    return _answer(args, settings, *_call(args, settings, "POST", f"/plugins/{args.name}/disable"))
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    status, body = _call(args, settings, "GET", f"/loader/requests/{args.id}")
+    if status != 200 or not isinstance(body, dict):
+        return _report(status, body, _token(args, settings))
+    if args.wait or body.get("status") in FINAL:
+        return _follow(args, settings, body)
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def _limits_settings(settings: Settings) -> LoaderSettings:
+    return settings.section("loader", LoaderSettings)
 
 
 def _limits(settings: Settings) -> installer.Limits:
-    return installer.Limits.of(settings.section("loader", LoaderSettings))
+    return installer.Limits.of(_limits_settings(settings))

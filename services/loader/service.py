@@ -19,6 +19,7 @@ import collections
 import contextlib
 import fnmatch
 import logging
+import shutil
 import time
 import traceback
 from contextlib import AsyncExitStack
@@ -31,7 +32,7 @@ from kernel.events import Recorded
 
 from . import installer, lazy
 from .api import build_router
-from .core import ACTOR, Loader
+from .core import Loader
 from .events import (
     PLUGINS_STREAM,
     PluginDisabled,
@@ -47,6 +48,7 @@ from .events import (
 )
 from .files import printable
 from .projection import PluginTable
+from .queue import REQUESTS, acts_on
 from .settings import LoaderSettings
 from .watcher import watch
 
@@ -59,14 +61,6 @@ log = logging.getLogger("xcore.loader")
 
 #: The window in which ``max_reloads_per_minute`` watcher reloads of one plugin are allowed.
 DAMPING_WINDOW = 60.0
-
-REQUESTS = (
-    PluginReloadRequested,
-    PluginEnabled,
-    PluginDisabled,
-    PluginInstallRequested,
-    PluginUninstallRequested,
-)
 
 
 class LoaderService:
@@ -90,7 +84,11 @@ class LoaderService:
         await asyncio.to_thread(plugins_dir.mkdir, parents=True, exist_ok=True)
         table = await kernel.add_projection(PluginTable())
         loader = self.loader = Loader(kernel, settings, table)
-        await kernel.subscribe(self._on_request, types=list(REQUESTS), start="now")
+        sub = await kernel.subscribe(self._on_request, types=list(REQUESTS), start="now")
+        await loader.queue.start(sub)
+        stack.push_async_callback(loader.queue.stop)
+        # uploads of installs a stopped server never answered (their requests say so)
+        await asyncio.to_thread(shutil.rmtree, loader.data_dir / "uploads", True)
         kernel.http.add_admin_router(build_router(kernel, loader))
         # uploads may exceed the HTTP default body limit (plus room for the multipart framing)
         kernel.http.set_body_limit("/admin/plugins", loader.limits.max_bytes + 64 * 1024)
@@ -142,23 +140,15 @@ class LoaderService:
     async def _on_request(self, record: Recorded) -> None:
         loader = self.loader
         assert loader is not None
-        if record.meta.actor == ACTOR:
-            return  # our own PluginEnabled (after an install), already acted upon
         event = record.event
-        kernel = loader.kernel
-        if (
-            kernel.placement.shared
-            and record.meta.node != kernel.node
-            and (isinstance(event, PluginInstallRequested) or record.meta.actor == "cluster")
-        ):
-            # a cluster: an install reads a path local to the node that received it, and
-            # the cluster service spreads its result; "cluster" requests are node-local
-            return
+        if not acts_on(loader.kernel, record):
+            return  # our own PluginEnabled after an install, or another node's business
         if isinstance(event, PluginReloadRequested) and record.meta.actor != "watcher":
             if event.name is not None:
                 loader.paused.discard(event.name)  # a person asked: the watcher may go on
             else:
                 loader.paused.clear()
+        loader.queue.started(record)
         try:
             await loader.kernel.settle(record.position)
             async with loader.lock:
@@ -171,6 +161,22 @@ class LoaderService:
             # Never retried, never left unanswered: the request gets its failure now.
             log.exception("the loader failed on %s (position %d)", record.type, record.position)
             await self._answer_failure(loader, event, record, exc)
+        finally:
+            if isinstance(event, PluginInstallRequested):
+                await self._drop_upload(loader, Path(event.source))
+            loader.queue.finished(record)  # last: the subscription moves past it at once
+
+    async def _drop_upload(self, loader: Loader, source: Path) -> None:
+        """An uploaded archive (admin API) is removed once its install is answered."""
+        uploads = loader.data_dir / "uploads"
+        if source.parent.parent != uploads:
+            return  # a path given by someone else: not ours to remove
+        try:
+            await asyncio.to_thread(shutil.rmtree, source.parent)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.exception("could not remove the uploaded archive %s", source)
 
     async def _act(self, loader: Loader, event: object, record: Recorded) -> None:
         if isinstance(event, PluginReloadRequested):

@@ -61,3 +61,7 @@ class LoaderSettings(BaseModel):
     #: admin API's upload): ``manifest`` keeps the one their manifest declares;
     #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.
     archive_mode: Literal["manifest", "sandboxed"] = "manifest"
+    #: How long an admin request (reload, install, uninstall, enable, disable) waits for
+    #: its outcome before it is answered 202 with its place in the loader's queue and a
+    #: URL to follow it; default: the kernel's ``request_timeout``.
+    admin_wait: float | None = Field(default=None, gt=0)

@@ -31,6 +31,7 @@ from .events import (
 from .files import printable
 from .generation import Generation
 from .projection import PluginTable
+from .queue import ACTOR, RequestQueue
 from .settings import LoaderSettings
 from .threads import PluginThreads
 
@@ -43,9 +44,6 @@ log = logging.getLogger("xcore.loader")
 
 #: Unloaded generations watched for leaks at most (the oldest are forgotten).
 MAX_RETIRED = 1000
-
-#: The actor of the loader's own events (its reactions to requests carry the request's ids).
-ACTOR = "loader"
 
 
 class LoaderState:
@@ -73,6 +71,8 @@ class LoaderState:
         self.paused: set[str] = set()
         #: What the loader is doing under its lock, and since when (monotonic).
         self.busy: tuple[str, float] | None = None
+        #: The requests in hand and in line (services/loader/queue.py).
+        self.queue = RequestQueue(kernel)
         #: Unloaded generations: (plugin, generation, full collections at unload, a weak
         #: reference to its run module); one still alive after a full collection is held
         #: by something (a shared module's global, a thread, a cache): it never frees.

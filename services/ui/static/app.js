@@ -166,7 +166,9 @@ async function act(label, fn) {
   try {
     const result = await fn();
     const outcome = result && result.type ? ` (${result.type})` : "";
-    setStatus(label + ": done" + outcome);
+    // 202: the loader accepted it behind other requests; it runs in turn
+    const pending = result && (result.status === "queued" || result.status === "running");
+    setStatus(label + (pending ? `: accepted, position ${result.queue_position} (runs in turn)` : ": done" + outcome));
     return result;
   } catch (err) {
     setStatus(label + " failed: " + err.message, true);
