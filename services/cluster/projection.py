@@ -230,7 +230,7 @@ class ClusterView(Projection):
         if len(self.claims) > MAX_CLAIMS:
             del self.claims[next(iter(self.claims))]
 
-    @handles("TaskSucceeded", "TaskFailed")
+    @handles("TaskSucceeded", "TaskFailed", "TaskReleased")
     def _run_ended(self, r: Recorded) -> None:
         holder = self.holders.pop(r.data["run_id"], None)
         if holder is not None:

@@ -217,6 +217,12 @@ class Counters(Projection):
     def _retry(self, r: Recorded) -> None:
         self._task(r.data["task"]).retries += 1
 
+    @handles("TaskReleased")
+    def _released(self, r: Recorded) -> None:
+        # a claim given up at a restart (its code never ran): its instant runs again
+        t = self._task(r.data["task"])
+        t.outcomes["released"] = t.outcomes.get("released", 0) + 1
+
     @handles("TaskSkipped")
     def _skipped(self, r: Recorded) -> None:
         self._task(r.data["task"]).skips += 1

@@ -23,6 +23,13 @@ claim key uses the interval's index (``floor(due / every)``) so they still claim
 period once. A run asked for by an operator is keyed by its request event, a
 dependency-triggered run by its run id, a retry by its run id and attempt (the runner
 passes them as ``run_slot``): none shares a timed run's key.
+
+Released claims: a run claimed ahead of its instant by a process that stopped before the
+instant is released at the next boot (``TaskReleased``, see ``service.py``) and its
+instant runs again. Its key is taken (the log keeps the released ``TaskStarted``), so
+the new claim is keyed by a key derived from it (:func:`again`), and again from that one
+if it is released in turn: every node that has folded the release computes the same
+key, and a node that has not yet loses its claim to the old record (it runs nothing).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import functools
 import hashlib
 import logging
 import math
+from collections.abc import Container
 from typing import TYPE_CHECKING
 
 from kernel.errors import ConcurrencyError, StoreError
@@ -45,7 +53,7 @@ from services.scheduler.triggers import AfterTrigger, IntervalTrigger
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
-__all__ = ["ClaimLost", "Claims", "SlotTaken", "claim", "claim_key"]
+__all__ = ["ClaimLost", "Claims", "SlotTaken", "again", "claim", "claim_key"]
 
 log = logging.getLogger("xcore.scheduler")
 
@@ -69,13 +77,17 @@ def claim_key(
     attempt: int,
     cause: Recorded | None,
     run_slot: str | None = None,
+    released: Container[str] = (),
 ) -> str:
     """The id of the ``TaskStarted`` of this run, the same on every node.
 
     ``run_slot``: a run that is not its trigger's is keyed by it (the request event
     that asked for it, a dependency-triggered run's own id): keyed by its start time,
     it would share the key of a timed run of the same period, or of another run asked
-    for in the same millisecond, and not start."""
+    for in the same millisecond, and not start.
+
+    ``released``: the claim keys given up by ``TaskReleased`` (the task table's): a
+    released key is replaced by the key derived from it (:func:`again`)."""
     trigger = task.trigger
     if cause is not None:
         slot = f"cause:{cause.meta.id}"
@@ -88,7 +100,15 @@ def claim_key(
     else:  # cron and date: absolute instants
         slot = f"at:{round(scheduled_for, 3)}"
     basis = f"run|{task.id}|{slot}|{attempt}"
-    return hashlib.blake2b(basis.encode(), digest_size=16).hexdigest()
+    key = hashlib.blake2b(basis.encode(), digest_size=16).hexdigest()
+    while key in released:
+        key = again(key)
+    return key
+
+
+def again(key: str) -> str:
+    """The key of the next claim of a run whose claim ``key`` was released."""
+    return hashlib.blake2b(f"again|{key}".encode(), digest_size=16).hexdigest()
 
 
 def _items(kernel: Kernel, events: list[Event], key: str, cause: Recorded | None) -> list[NewEvent]:

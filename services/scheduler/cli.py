@@ -105,7 +105,7 @@ def _schedule_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-_FINAL = ("succeeded", "failed", "skipped")
+_FINAL = ("succeeded", "failed", "skipped", "released")
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -63,6 +63,7 @@ class Dispatcher:
         # timer takes to fire them
         self._timer = TimerQueue(lead=lambda: self.runner.lead, hold=lambda: self.runner.claims)
         self.runner.lead_grew = self._timer.lead_changed
+        self.runner.released_claims = lambda: self.table.released
         self._stopping = False
         #: ``coalesce="all"`` runs at most this many missed due times (the setting).
         self.max_catch_up = 100
@@ -277,7 +278,7 @@ class Dispatcher:
         def take_over() -> None:
             if self._stopping or entry.paused or self.tasks.get(tid) is not entry:
                 return
-            if placement.claimed(claim_key(entry.task, due, 1, None)):
+            if placement.claimed(claim_key(entry.task, due, 1, None, None, self.table.released)):
                 return  # the first node ran it
             self.runner.spawn(start(True))
 
@@ -305,7 +306,8 @@ class Dispatcher:
         unclaimed = [
             d
             for d in listed
-            if d not in taken and not placement.claimed(claim_key(task, d, 1, None))
+            if d not in taken
+            and not placement.claimed(claim_key(task, d, 1, None, None, self.table.released))
         ]
         unchecked = count - len(listed)  # past the bound: counted missed, not looked up
         n = len(unclaimed) + unchecked

@@ -45,6 +45,7 @@ __all__ = [
     "TaskPauseRequested",
     "TaskPaused",
     "TaskRejected",
+    "TaskReleased",
     "TaskRequestRefused",
     "TaskResumeRequested",
     "TaskResumed",
@@ -176,6 +177,29 @@ class TaskSkipped(Event):
     next_run: float | None = None
     #: The run that did not start (a dropped retry is no longer pending).
     run_id: str | None = None
+
+
+class TaskReleased(Event):
+    """The outcome of a run claimed ahead of its instant whose code cannot have run: the
+    process stopped (SIGKILL, power loss) after its ``TaskStarted`` and before its
+    instant, and the next boot came back before that instant. Not a failure: the claim
+    is given up and the instant runs again under a new claim — a timed run's schedule
+    goes back to it (``next_run``, then the misfire and coalescing rules as for any due
+    time), a retry is pending again at ``retry_at``. One start, one outcome per claim."""
+
+    task: str
+    run_id: str
+    scheduled_for: float
+    attempt: int
+    #: the released run's kind (``schedule`` or ``retry``)
+    trigger: str
+    reason: str
+    #: the event id of the released ``TaskStarted`` (its claim key): the instant's next
+    #: claim is keyed by a key derived from it (``claim.claim_key``), the same on every node
+    claim: str
+    next_run: float | None = None
+    #: a released retry's time: it is pending again then
+    retry_at: float | None = None
 
 
 class TaskMissed(Event):
@@ -313,6 +337,7 @@ TASK_EVENTS: tuple[type[Event], ...] = (
     TaskFailed,
     TaskRetryScheduled,
     TaskSkipped,
+    TaskReleased,
     TaskMissed,
     TaskPauseRequested,
     TaskPaused,

@@ -3,7 +3,8 @@
 Per task: its plugin, trigger, next run, whether it is scheduled and paused, counts,
 mean duration, the latest runs, the runs in progress and the retries pending. The
 scheduler service reads it at boot to rebuild its timers (next runs, paused tasks,
-pending retries) and to record the runs a dead process left in progress as failed.
+pending retries) and to settle the runs a dead process left in progress: failed as
+interrupted, or released (``TaskReleased``) when their instant had not come.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class RunInfo:
     node: str | None = None
     #: how late the code really started (from the outcome event; None before it)
     lateness_ms: float | None = None
+    #: when its code was to start at the earliest (its due time; a retry's ``retry_at``)
+    due: float | None = None
+    #: the event id of its ``TaskStarted`` (its claim key)
+    claim: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +151,9 @@ class TaskTable(Projection):
 
     def reset(self) -> None:
         self.tasks: dict[str, TaskRow] = {}
+        #: claim keys given up by ``TaskReleased``: the instant claims again under a key
+        #: derived from each (``claim.claim_key``)
+        self.released: set[str] = set()
 
     def row(self, task_id: str) -> TaskRow:
         row = self.tasks.get(task_id)
@@ -186,14 +194,17 @@ class TaskTable(Projection):
         d = r.data
         row = self.row(d["task"])
         run_id = d["run_id"]
-        row.retries.pop(run_id, None)
+        trigger = d.get("trigger", "schedule")
+        pending = row.retries.pop(run_id, None)
         info = RunInfo(
             run_id=run_id,
             scheduled_for=d["scheduled_for"],
             started_at=r.timestamp,
             attempt=d.get("attempt", 1),
-            trigger=d.get("trigger", "schedule"),
+            trigger=trigger,
             node=r.meta.node,
+            due=pending[1] if pending is not None and trigger == "retry" else d["scheduled_for"],
+            claim=r.meta.id,
         )
         row.running[run_id] = info
         row.last = info
@@ -240,6 +251,24 @@ class TaskTable(Projection):
         if not retrying:
             row.failures += 1
             row.total_duration_ms += d.get("duration_ms", 0.0)
+
+    @handles("TaskReleased")
+    def _released(self, r: Recorded) -> None:
+        d = r.data
+        row = self.row(d["task"])
+        self.released.add(d["claim"])
+        info = row.running.pop(d["run_id"], None)
+        if info is None:
+            info = RunInfo(d["run_id"], d["scheduled_for"], r.timestamp, d["attempt"], "unknown")
+        info.outcome = "released"
+        info.finished_at = r.timestamp
+        info.error = d["reason"]
+        # the task's last outcome stays that of its last run whose code ran
+        row.last = next((x for x in reversed(row.runs) if x.outcome != "released"), None)
+        row.runs.append(info)
+        row.next_run = d.get("next_run")
+        if d.get("retry_at") is not None:  # pending again
+            row.retries[d["run_id"]] = (d["attempt"], d["retry_at"], d["scheduled_for"])
 
     @handles("TaskRetryScheduled")
     def _retry(self, r: Recorded) -> None:

@@ -31,7 +31,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Container, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -182,6 +182,8 @@ class Runner:
         self.hold = 1.0
         #: When a run last gave its slot back (``time.perf_counter()``).
         self.released_at = 0.0
+        #: The claim keys released at a restart (``TaskReleased``; the task table's).
+        self.released_claims: Callable[[], Container[str]] = tuple
 
     def start(self, kernel: Kernel, settings: SchedulerSettings, stack: AsyncExitStack) -> None:
         self.kernel = kernel
@@ -502,6 +504,7 @@ class Runner:
                 # a retry is keyed by its run (the same id on every node): keyed by its
                 # run's due time, a requested run's retry would share a timed one's key
                 run_id if slot is None and kind == "retry" else slot,
+                self.released_claims(),
             )
             delay = 0.0 if placed else kernel.placement.delay(tid)
             if delay > 0:

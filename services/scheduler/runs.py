@@ -25,6 +25,7 @@ RUN_EVENT_TYPES = (
     "TaskFailed",
     "TaskRetryScheduled",
     "TaskSkipped",
+    "TaskReleased",
 )
 
 
@@ -85,6 +86,12 @@ def fold_runs(records: Iterable[Recorded], now: float) -> list[dict[str, Any]]:
                 run["failure_kind"] = d.get("kind", "error")
         elif r.type == "TaskRetryScheduled":
             run["retry_at"] = iso(d.get("retry_at"))
+        elif r.type == "TaskReleased":
+            # claimed ahead, its process stopped before the instant: its code never ran
+            run["status"] = "released"
+            run["started_at"] = None
+            run["finished_at"] = iso(r.timestamp)
+            run["error"] = d.get("reason")
         elif r.type == "TaskSkipped":
             run["status"] = "skipped"
             run["error"] = d.get("reason")

@@ -8,9 +8,14 @@ timer, applies the misfire policy when it falls due and starts the run in the
 :class:`~.runner.Runner` (which executes it and records its outcome). ``PluginUnloaded`` unschedules a
 plugin's tasks and cancels its runs; requests (run now, pause, resume) arrive as events.
 
-At boot, runs the log shows in progress were cut by a dead process: each is recorded
-as ``TaskFailed(kind="interrupted")`` before anything runs, and never re-run, so a
-restart neither loses nor doubles a run.
+At boot, runs the log shows in progress were cut by a dead process, before anything
+runs. A run whose code may have started is recorded ``TaskFailed(kind="interrupted")``
+and never re-run. A run claimed ahead of its instant (``TaskStarted`` is written a lead
+ahead) when the boot's clock is still before that instant cannot have started — its
+code waits for the instant on the wall clock —: it is recorded ``TaskReleased`` and its
+instant runs again (a timed run's ``next_run`` goes back to it, a retry is pending
+again), under a claim key derived from the released one. So a restart neither loses nor
+doubles a run.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from services.scheduler.events import (
     TaskPaused,
     TaskPauseRequested,
     TaskRejected,
+    TaskReleased,
     TaskRequestRefused,
     TaskResumed,
     TaskResumeRequested,
@@ -192,21 +198,53 @@ class SchedulerService:
         }
 
     async def _record_interrupted(self) -> None:
-        """Runs left in progress by a previous process are failed, never re-run."""
+        """Runs left in progress by a previous process: released if their instant has
+        not come (their code cannot have run; the instant runs again), else failed as
+        interrupted and never re-run (module docstring)."""
         kernel = self._kernel()
         pending = []
+        now = time.time()
         for row in self.table.tasks.values():
-            for info in row.running.values():
+            rewind = row.next_run
+            for info in list(row.running.values()):
                 if kernel.placement.shared and info.node not in (None, kernel.node):
                     continue  # another node's run (a cluster): the cluster service watches it
-                event = TaskFailed(
-                    task=row.id,
-                    run_id=info.run_id,
-                    attempt=info.attempt,
-                    error="interrupted: the process stopped while this run was in progress",
-                    kind="interrupted",
-                )
-                log.warning("task %s: run %s was interrupted by a restart", row.id, info.run_id)
+                event: Event
+                due = info.scheduled_for if info.due is None else info.due
+                if now < due and info.claim is not None and info.trigger in ("schedule", "retry"):
+                    retry = info.trigger == "retry"
+                    if not retry:
+                        rewind = due if rewind is None else min(rewind, due)
+                    event = TaskReleased(
+                        task=row.id,
+                        run_id=info.run_id,
+                        scheduled_for=info.scheduled_for,
+                        attempt=info.attempt,
+                        trigger=info.trigger,
+                        reason=(
+                            "released: the process stopped after claiming this run ahead "
+                            f"of its instant and came back {due - now:.3f} s before it; "
+                            "its code never ran, the instant runs again"
+                        ),
+                        claim=info.claim,
+                        next_run=rewind,
+                        retry_at=due if retry else None,
+                    )
+                    log.warning(
+                        "task %s: run %s was claimed ahead of its instant by a process "
+                        "that stopped; released, its instant runs again",
+                        row.id,
+                        info.run_id,
+                    )
+                else:
+                    event = TaskFailed(
+                        task=row.id,
+                        run_id=info.run_id,
+                        attempt=info.attempt,
+                        error="interrupted: the process stopped while this run was in progress",
+                        kind="interrupted",
+                    )
+                    log.warning("task %s: run %s was interrupted by a restart", row.id, info.run_id)
                 pending.append(kernel.append(event, stream=stream_of(row.id), actor="scheduler"))
         if pending:
             await asyncio.gather(*pending)

@@ -1,0 +1,95 @@
+"""In a cluster, a node that claimed a run ahead of its instant and died comes back
+before the instant: it releases its claim, and the instant runs once in the cluster
+(the new claim's key is derived from the released one on every node)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import anyio
+import pytest
+
+from kernel import Kernel
+from kernel.events import Meta, NewEvent
+from kernel.sdk import current_task, task
+from kernel.store.postgres import PostgresStore
+from services.cluster.service import ClusterService
+from services.scheduler.claim import claim_key
+from services.scheduler.events import TaskScheduled, TaskStarted
+from services.scheduler.service import SchedulerService
+from services.scheduler.specs import CompiledTask
+from services.scheduler.triggers import DateTrigger
+from tests.services.cluster.test_membership import node_settings
+
+pytestmark = pytest.mark.postgres
+
+#: room for two kernels to boot on a loaded machine before the instant
+AHEAD_S = 8.0
+
+
+async def plant_a_claim_ahead(dsn: str, at: float) -> str:
+    """Node 'a' (boot a0) scheduled p.once at ``at`` and claimed it ahead, then died."""
+    trigger = DateTrigger(at)
+    key = claim_key(cast(CompiledTask, _Task("p.once", trigger)), at, 1, None)
+    store = PostgresStore(dsn)
+    await store.open()
+    meta = Meta(node="a", boot="a0")
+    scheduled = TaskScheduled(
+        task="p.once", plugin="p", generation=0, trigger=trigger.description, next_run=at
+    )
+    await store.append([NewEvent.of(scheduled, meta)], stream="task-p.once")
+    started = TaskStarted(task="p.once", run_id="r1", scheduled_for=at, trigger="schedule")
+    await store.append(
+        [NewEvent.of(started, Meta(node="a", boot="a0", id=key), explicit_id=True)],
+        stream="task-p.once",
+    )
+    await store.close()
+    return key
+
+
+class _Task:
+    def __init__(self, id: str, trigger: Any) -> None:
+        self.id, self.trigger = id, trigger
+
+
+async def test_a_node_back_before_the_instant_releases_its_claim_and_it_runs_once(
+    pg_dsn: str,
+) -> None:
+    at = time.time() + AHEAD_S
+    key = await plant_a_claim_ahead(pg_dsn, at)
+    ran: list[str] = []
+
+    @task(at=datetime.fromtimestamp(at, UTC))
+    async def once() -> None:
+        ran.append(current_task().run_id)
+
+    spec = once.__xcore_task__  # type: ignore[attr-defined]
+    schedulers = [SchedulerService(), SchedulerService()]
+    clusters = [ClusterService(), ClusterService()]
+    async with (
+        Kernel(node_settings(pg_dsn, "a"), services=[clusters[0], schedulers[0]]) as a,
+        Kernel(node_settings(pg_dsn, "b"), services=[clusters[1], schedulers[1]]),
+    ):
+        assert time.time() < at, "the machine is too slow for this test's margin"
+        for scheduler in schedulers:
+            await scheduler.register("p", [spec])
+        with anyio.fail_after(AHEAD_S + 60):
+            while not await a.read(types=["TaskSucceeded"]):
+                await anyio.sleep(0.05)
+        await anyio.sleep(1.5)  # the other node had time to run it too
+        events = await a.read(stream="task-p.once")
+        for cluster in clusters:  # the released run is no longer held by node a
+            nodes = {n["node"]: n for n in cluster.describe()["nodes"]}
+            assert nodes["a"]["runs"] == [] and nodes["a"]["state"] != "lost"
+    types = [r.type for r in events]
+    assert "TaskFailed" not in types, types
+    released = [r for r in events if r.type == "TaskReleased"]
+    assert [(r.data["run_id"], r.data["claim"], r.meta.node) for r in released] == [
+        ("r1", key, "a")
+    ]
+    starts = [r for r in events if r.type == "TaskStarted"]
+    assert len(starts) == 2 and starts[1].meta.id != key
+    assert types.count("TaskSucceeded") == 1 and len(ran) == 1
+    assert ran == [starts[1].data["run_id"]]
