@@ -54,10 +54,14 @@ from .watcher import watch
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
+    from kernel.subscriptions import Subscription
 
 __all__ = ["LoaderService"]
 
 log = logging.getLogger("xcore.loader")
+
+#: Seconds the plugins' unload gets at a stop even when the request in hand used the grace.
+SHUTDOWN_FLOOR = 1.0
 
 #: The window in which ``max_reloads_per_minute`` watcher reloads of one plugin are allowed.
 DAMPING_WINDOW = 60.0
@@ -102,7 +106,7 @@ class LoaderService:
         pacing.install()
         if settings.lazy_validators and lazy.install():
             stack.callback(lazy.uninstall)
-        stack.push_async_callback(loader.shutdown)
+        stack.push_async_callback(self._shutdown, loader, sub, kernel.settings.stop_grace)
         await loader.boot()
         if kernel.settings.reload:
             self._watch_task = asyncio.create_task(
@@ -136,6 +140,28 @@ class LoaderService:
                     await task
             except Exception:
                 log.exception("the plugins watcher failed")
+
+    async def _shutdown(self, loader: Loader, sub: Subscription, grace: float) -> None:
+        """The loader's part of a stop, within ``grace`` seconds (``stop_grace``) in all.
+
+        The request in hand is given up on once the grace is over (an import or hook
+        stuck in its thread keeps running there, a daemon thread the exit ends; the request
+        has no outcome and reads ``abandoned`` after the restart), then the plugins are
+        unloaded in what is left of it (at least ``SHUTDOWN_FLOOR`` s): those whose
+        ``on_unload`` did not end by then are left as they are, the process exits anyway.
+        """
+        deadline = time.monotonic() + grace
+        await sub.stop(grace=grace)
+        left = max(SHUTDOWN_FLOOR, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(left):
+                await loader.shutdown()
+        except TimeoutError:
+            log.error(
+                "plugins not unloaded within the stop grace (%gs): %s; stopping anyway",
+                grace,
+                ", ".join(sorted(loader.loaded)) or "none",
+            )
 
     async def _on_request(self, record: Recorded) -> None:
         loader = self.loader
