@@ -9,13 +9,17 @@ ran to its end, so it is never reported as succeeded).
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import anyio
 import httpx
 
-from .server import serve
+from .server import free_port, serve
 from .test_reload_queue import AUTH, TOKEN, plugin, until
 
 ENV = {
@@ -83,3 +87,53 @@ async def test_sigterm_ends_the_server_while_an_unload_hook_is_stuck(tmp_path: P
             assert hold.exists()
             assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM), server.output()
     hold.unlink()
+
+
+async def test_sigterm_ends_the_server_while_its_boot_import_is_stuck(tmp_path: Path) -> None:
+    """uvicorn acts on a signal only once the start is over: the watchdog ends a start
+    still held by a plugin's import ``stop_grace`` after the signal."""
+    plugins = tmp_path / "plugins"
+    hold = tmp_path / "hold"
+    importing = tmp_path / "importing"
+    plugin(plugins, "slow", run=f"import pathlib\npathlib.Path({str(importing)!r}).touch()\n")
+    (plugins / "slow" / "run.py").write_text(
+        (plugins / "slow" / "run.py").read_text() + textwrap.dedent(held(hold))
+    )
+    hold.touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
+    env.update(ENV)
+    with (tmp_path / "serve.log").open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kernel.cli",
+                "serve",
+                "--port",
+                str(free_port()),
+                "--data-dir",
+                str(tmp_path / "var"),
+                "--plugins-dir",
+                str(plugins),
+                "--no-reload",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+        )
+    try:
+        with anyio.fail_after(120):
+            while not importing.exists():
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                await anyio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            code = await anyio.to_thread.run_sync(proc.wait)
+        assert hold.exists()
+        assert code == 128 + signal.SIGTERM, (tmp_path / "serve.log").read_text()
+        assert "the start is still under way" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        hold.unlink()
