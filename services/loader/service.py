@@ -42,6 +42,7 @@ from .events import (
     PluginReloadFailed,
     PluginReloadPaused,
     PluginReloadRequested,
+    PluginRequestSkipped,
     PluginUninstallFailed,
     PluginUninstallRequested,
     stream_of,
@@ -181,6 +182,15 @@ class LoaderService:
                 loader.busy = (record.type, time.monotonic())
                 try:
                     await self._act(loader, event, record)
+                    if await loader.queue.outcome_of(record) is None:
+                        # nothing to change: answered all the same, or a restart would
+                        # read it as abandoned (never run)
+                        name = getattr(event, "name", None)
+                        await loader.record(
+                            PluginRequestSkipped(request=record.type, name=name),
+                            cause=record,
+                            stream=stream_of(name) if name else PLUGINS_STREAM,
+                        )
                 finally:
                     loader.busy = None
         except Exception as exc:
