@@ -4,9 +4,10 @@
   reloads stays within 2x of its baseline"): a real ``xcore serve`` holds two plugins,
   ``neighbour`` (small routes) and ``big`` (300 routes with pydantic models). ``wrk``
   (a separate process) with ``bench/fixed_rate.lua`` offers the neighbour a *fixed
-  rate*: :data:`RATE_SHARE` (half) of the rate a saturated closed loop (``wrk -t1 -c8``)
-  reached on the quiet server in the same run, each request timed from its slot of the
-  schedule (a stall counts every request it held back). The issue's baseline was an
+  rate*: the rate at which the neighbour's requests take :data:`LOOP_SHARE` (half) of
+  the server's event loop, from the main thread's CPU time per request measured at the
+  fixed-rate pattern in the same run (:func:`_calibrate`), each request timed from its
+  slot of the schedule (a stall counts every request it held back). The issue's baseline was an
   unsaturated neighbour (2.2 ms p99); a saturated one queues every connection behind
   any CPU a reload takes. A phase whose achieved rate misses the offered one by more
   than 5%, or where wrk is busier than 85% of a core, is refused. In the measured phase
@@ -21,7 +22,11 @@
   state, for which a fixed wait is used). Phases alternate (A B A B ...); the value is
   the median of the reload phases' p99, the ratio the median of the pair ratios.
   One reload runs before the first pair (the admin API's first request builds its
-  routes' state once per process).
+  routes' state once per process). Each fixed-rate phase also records the share of it
+  the server's event loop ran and the share it was runnable but waited for a CPU
+  (``loop_ran_*``, ``loop_waited_for_cpu_*``): on a machine shared with other programs
+  the quiet p99 measured that wait (bench/README.md). ``XCORE_BENCH_PROBE=folder``
+  runs the server under bench/loop_probe.py and adds each phase's stalls (``probe``).
 - ``reload_neighbour_saturated_p99_ms``: the same pairs with the neighbour's ``/ping``
   loaded by ``wrk -t1 -c8`` as fast as it answers (a saturated closed loop): what a
   reload costs a server at its limit (the reload's CPU share), not the stalls.
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import re
 import resource
@@ -132,9 +138,28 @@ async def echo(t: str = "0"):
 )
 
 
+#: A folder: the neighbour benchmark's server runs under bench/loop_probe.py, its
+#: recording is kept there, and each fixed-rate phase's summary goes into the figures
+#: (``probe``). Unset: no probe (the default; the figures are taken without it).
+PROBE = os.environ.get("XCORE_BENCH_PROBE")
+
+
+def _main_thread(pid: int) -> tuple[float, float]:
+    """CPU seconds the server's main thread (its event loop) ran, and the seconds it was
+    runnable but waited for a CPU (``/proc/<pid>/task/<pid>/schedstat``; zeros where
+    the kernel keeps no such statistics)."""
+    try:
+        ran, waited = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[:2]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
 @contextmanager
 def _server(
-    base: Path, extra_env: dict[str, str] | None = None
+    base: Path,
+    extra_env: dict[str, str] | None = None,
+    probe: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XCORE_")}
@@ -148,20 +173,22 @@ def _server(
     )
     env.update(extra_env or {})
     log = (base / "serve.log").open("wb")
+    entry = ["bench.loop_probe", str(probe)] if probe is not None else ["kernel.cli"]
+    command = [
+        sys.executable,
+        "-m",
+        *entry,
+        "serve",
+        "--no-reload",
+        "--port",
+        str(port),
+        "--plugins-dir",
+        str(base / "plugins"),
+        "--data-dir",
+        str(base / "var"),
+    ]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kernel.cli",
-            "serve",
-            "--no-reload",
-            "--port",
-            str(port),
-            "--plugins-dir",
-            str(base / "plugins"),
-            "--data-dir",
-            str(base / "var"),
-        ],
+        command,
         cwd=Path(__file__).resolve().parent.parent,
         env=env,
         stdout=log,
@@ -207,9 +234,13 @@ def _wrk_p99(url: str, seconds: float) -> tuple[float, float]:
     return {"us": value / 1000, "ms": value, "s": value * 1000}[m.group(2)], float(rate.group(1))
 
 
-#: The fixed-rate neighbour is offered this share of the rate wrk's saturated closed
-#: loop reached in the same run's first quiet phase.
+#: The first guess of the fixed rate (calibration only): this share of the rate wrk's
+#: saturated closed loop reached in the same run's first quiet phase.
 RATE_SHARE = 0.5
+#: The fixed-rate neighbour is offered the rate at which its requests take this share of
+#: the event loop's time (CPU time of the server's main thread per request, measured at
+#: the fixed-rate pattern): an unsaturated neighbour whatever the machine's load.
+LOOP_SHARE = 0.5
 #: Connections of the fixed-rate load: requests go on leaving on schedule through a stall
 #: of up to connections / rate (160 ms at 800 req/s); a longer one holds the rest back,
 #: which the rate check then refuses.
@@ -222,9 +253,14 @@ WRK_BUSY_LIMIT = 0.85
 LUA = Path(__file__).resolve().parent / "fixed_rate.lua"
 
 
-def _wrk_rate(base: str, rate: float, seconds: float, check: bool = True) -> dict[str, float]:
+def _wrk_rate(
+    base: str, rate: float, seconds: float, check: bool = True, server: int = 0
+) -> dict[str, float]:
     """The neighbour at ``rate`` req/s (bench/fixed_rate.lua): latency from each
-    request's slot of the schedule (ms: p50, p99, max), the achieved rate, wrk's CPU."""
+    request's slot of the schedule (ms: p50, p99, max), the achieved rate, wrk's CPU;
+    with ``server`` (its pid), the share of the phase its event loop ran and the share
+    it was runnable but waited for a CPU (other programs, or the server's own threads)."""
+    loop_before = _main_thread(server) if server else (0.0, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "latencies.txt"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -247,6 +283,7 @@ def _wrk_rate(base: str, rate: float, seconds: float, check: bool = True) -> dic
             timeout=seconds + 30,
         )
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        loop_after = _main_thread(server) if server else (0.0, 0.0)
         if proc.returncode != 0 or "Socket errors" in proc.stdout:
             raise RuntimeError(f"wrk failed:\n{proc.stdout}{proc.stderr}")
         rows = [line.split() for line in samples.read_text().splitlines() if line.strip()]
@@ -269,6 +306,8 @@ def _wrk_rate(base: str, rate: float, seconds: float, check: bool = True) -> dic
         "max": max(latencies),
         "achieved": achieved,
         "wrk_cpu": cpu,
+        "loop_ran": (loop_after[0] - loop_before[0]) / seconds,
+        "loop_waited_for_cpu": (loop_after[1] - loop_before[1]) / seconds,
     }
 
 
@@ -359,6 +398,29 @@ def _reloading(url: str, measure: Callable[[float], Any]) -> tuple[Any, int, dic
     return value, counter[0], _gc_delta(before, at_end), spilled
 
 
+def _calibrate(url: str, guess: float, server: int) -> tuple[float, float | None]:
+    """The fixed rate at which the neighbour's requests take :data:`LOOP_SHARE` of the
+    server's event loop, and the loop's CPU seconds per request (None: unknown).
+
+    "Half the saturated rate" was not half the loop: a saturated closed loop (8
+    connections, several requests ready at each wake-up, ``/ping``) costs the loop less
+    per request than the fixed-rate pattern (one request per wake-up over 128
+    connections, ``/echo``), whose loop then ran 57-81% of the time; and the saturated
+    rate, a wall-clock figure, swung 2.2x from run to run with the machine's load. CPU
+    time per request does not. Without schedstat (not Linux) the guess is kept."""
+    _wrk_rate(url, guess, 2, check=False)  # warm up the echo route
+    rate, cost = guess, None
+    # twice: the cost per request grows as the rate falls (fewer requests share a
+    # wake-up), so the second measure, at the first estimate, lands closer
+    for _ in range(2):
+        measured = _wrk_rate(url, rate, 2, check=False, server=server)
+        if measured["loop_ran"] <= 0 or measured["achieved"] <= 0:
+            return guess, None
+        cost = measured["loop_ran"] / measured["achieved"]
+        rate = LOOP_SHARE / cost
+    return rate, cost
+
+
 def reload_neighbour_p99() -> list[Result]:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is needed (apt-get install -y wrk)")
@@ -373,7 +435,15 @@ def reload_neighbour_p99() -> list[Result]:
         base = Path(tmp)
         _write(base / "plugins", "neighbour", NEIGHBOUR)
         _write(base / "plugins", "big", _big_router())
-        with _server(base) as (url, _), httpx.Client(timeout=60) as admin:
+        probe = None
+        if PROBE:
+            Path(PROBE).mkdir(parents=True, exist_ok=True)
+            probe = Path(PROBE) / "reload_neighbour_probe.json"
+        phases: list[tuple[str, float, float]] = []
+        with (
+            _server(base, probe=probe) as (url, proc),
+            httpx.Client(timeout=60) as admin,
+        ):
             target = f"{url}/app/neighbour/ping"
             _wrk_p99(target, 2)  # warm up
             # one reload first: the first request to the admin API builds its routes'
@@ -384,16 +454,19 @@ def reload_neighbour_p99() -> list[Result]:
             _wait_settled(admin, url)
             # the rate a saturated closed loop reaches, quiet, in this run
             _, saturated_rate = _wrk_p99(target, PHASE_S)
-            rate = saturated_rate * RATE_SHARE
-            _wrk_rate(url, rate, 2, check=False)  # warm up the echo route
+            rate, loop_cost = _calibrate(url, saturated_rate * RATE_SHARE, proc.pid)
             for _ in range(PAIRS):
                 # fixed rate: quiet (nothing a reload set off is pending), then reloading
                 before = _wait_settled(admin, url)
-                quiet.append(_wrk_rate(url, rate, PHASE_S))
+                start = time.monotonic()
+                quiet.append(_wrk_rate(url, rate, PHASE_S, server=proc.pid))
+                phases.append(("quiet", start, time.monotonic()))
                 gc_log["quiet"].append(_gc_delta(before, _gc_state(admin, url)))
+                start = time.monotonic()
                 value, n, gc_delta, spill = _reloading(
-                    url, lambda seconds: _wrk_rate(url, rate, seconds)
+                    url, lambda seconds: _wrk_rate(url, rate, seconds, server=proc.pid)
                 )
+                phases.append(("busy", start, start + PHASE_S + TAIL_S))
                 busy.append(value)
                 gc_log["busy"].append(gc_delta)
                 spilled.append(spill)
@@ -408,6 +481,14 @@ def reload_neighbour_p99() -> list[Result]:
                 gc_log["sat_busy"].append(gc_delta)
                 spilled.append(spill)
                 reloads += n
+            probed: dict[str, list[dict[str, Any]]] = {}
+            if probe is not None:
+                from bench.loop_probe import summarise
+
+                time.sleep(1.5)  # (the probe writes its recording once a second)
+                recording = json.loads(probe.read_text())
+                for kind, start, end in phases:
+                    probed.setdefault(kind, []).append(summarise(recording, start, end))
     busy_p99 = [b["p99"] for b in busy]
     quiet_p99 = [q["p99"] for q in quiet]
     ratios = [b / q for b, q in zip(busy_p99, quiet_p99, strict=True)]
@@ -429,9 +510,15 @@ def reload_neighbour_p99() -> list[Result]:
             quiet_max=[q["max"] for q in quiet],
             offered_rate=round(rate, 1),
             saturated_rate=round(saturated_rate, 1),
+            loop_cpu_per_request_ms=round(loop_cost * 1000, 4) if loop_cost else None,
             achieved_rate_quiet=[round(q["achieved"], 1) for q in quiet],
             achieved_rate_busy=[round(b["achieved"], 1) for b in busy],
             wrk_cpu=[round(x["wrk_cpu"], 3) for x in quiet + busy],
+            loop_ran_quiet=[round(q["loop_ran"], 3) for q in quiet],
+            loop_ran_busy=[round(b["loop_ran"], 3) for b in busy],
+            loop_waited_for_cpu_quiet=[round(q["loop_waited_for_cpu"], 3) for q in quiet],
+            loop_waited_for_cpu_busy=[round(b["loop_waited_for_cpu"], 3) for b in busy],
+            probe=probed or None,
             pairs=PAIRS,
             phase_s=PHASE_S,
             tail_s=TAIL_S,
@@ -440,8 +527,9 @@ def reload_neighbour_p99() -> list[Result]:
             full_collections_after_busy_phase=spilled,
             target_ratio=2.0,
             generator=(
-                f"wrk -t1 -c{RATE_CONNECTIONS} + bench/fixed_rate.lua at {RATE_SHARE:g}x the "
-                "quiet saturated rate of this run; latency from each request's slot"
+                f"wrk -t1 -c{RATE_CONNECTIONS} + bench/fixed_rate.lua at the rate whose "
+                f"requests take {LOOP_SHARE:g} of the server's loop (its main thread's CPU "
+                "per request in this run); latency from each request's slot"
             ),
         ),
         result(

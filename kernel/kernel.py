@@ -191,6 +191,7 @@ class Kernel:
             raise
         self._stack = stack
         self.started = True
+        self.watchdog.started()
         log.info(
             "kernel started (node %s, boot %s, log %s, services: %s)",
             self.node,

@@ -9,7 +9,10 @@ awaits, a C call that does not return) keeps the loop from running for longer th
 - once the loop runs again, a ``LoopBlocked`` event is recorded on the ``kernel``
   stream (duration, culprit, stack), and ``/health`` shows the count and the last one;
 - a SIGTERM (or SIGINT) that the blocked loop cannot act on ends the process anyway
-  after ``stop_grace`` seconds, logs flushed first, so a service manager can stop it.
+  after ``stop_grace`` seconds, logs flushed first, so a service manager can stop it;
+  so does one received while the kernel is still starting (uvicorn acts on a signal
+  only once the start is over, and a plugin's import may hold the boot for
+  ``import_timeout``) if the start has not ended ``stop_grace`` seconds later.
 
 Mechanism: a heartbeat task on the loop stamps the time every ``interval``; the thread
 compares that stamp with the clock. Python runs signal handlers on the main thread
@@ -118,6 +121,8 @@ class Watchdog:
         self._record: Recorder | None = None
         self._previous: dict[int, Any] = {}
         self._pending: set[asyncio.Task[None]] = set()
+        #: True from start() until :meth:`started` (the kernel's start is under way).
+        self._starting = False
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -128,9 +133,14 @@ class Watchdog:
         self._beat = time.monotonic()
         self._task = asyncio.create_task(self._heartbeat(), name="xcore-watchdog-heartbeat")
         self._stop.clear()
+        self._starting = True
         self._thread = threading.Thread(target=self._watch, name="xcore-watchdog", daemon=True)
         self._thread.start()
         self._hook_signals()
+
+    def started(self) -> None:
+        """The kernel's start is over: from now on a stop is the kernel's to run."""
+        self._starting = False
 
     async def stop(self) -> None:
         self._unhook_signals()
@@ -210,6 +220,11 @@ class Watchdog:
             if term is not None and blocked and now - max(term, beat) > self.grace:
                 self._force_exit()
                 return
+            if term is not None and self._starting and now - term > self.grace:
+                # the server answers the signal only once started (uvicorn awaits the
+                # whole start): a start held by a plugin's import must not hold the stop
+                self._force_exit("the start is still under way")
+                return
 
     def _capture(self, started: float) -> Block:
         frame = sys._current_frames().get(self._loop_thread)
@@ -224,14 +239,12 @@ class Watchdog:
         )
         return block
 
-    def _force_exit(self) -> None:
-        block = self._current
-        where = block.where() if block is not None else "unknown code"
-        log.critical(
-            "stop requested %gs ago but the event loop is blocked by %s: ending the process",
-            self.grace,
-            where,
-        )
+    def _force_exit(self, why: str | None = None) -> None:
+        if why is None:
+            block = self._current
+            where = block.where() if block is not None else "unknown code"
+            why = f"the event loop is blocked by {where}"
+        log.critical("stop requested %gs ago but %s: ending the process", self.grace, why)
         flush_logging()
         os._exit(128 + signal.SIGTERM)
 

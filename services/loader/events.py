@@ -27,6 +27,7 @@ __all__ = [
     "PluginReloadPaused",
     "PluginReloadRequested",
     "PluginReloaded",
+    "PluginRequestSkipped",
     "PluginUninstallFailed",
     "PluginUninstallRequested",
     "PluginUninstalled",
@@ -195,6 +196,16 @@ class PluginUnloaded(Event):
     name: str
     generation: int
     reason: str = ""
+
+
+class PluginRequestSkipped(Event):
+    """A request to the loader needed nothing done (a disable of a plugin no longer
+    loaded, a reload of all when none is enabled): its answer, so that it reads
+    ``succeeded`` after a restart too, not ``abandoned``."""
+
+    request: str
+    name: str | None = None
+    detail: str = "nothing to change"
 
 
 class PluginReloadPaused(Event):

@@ -35,6 +35,7 @@ from .events import (
     PluginReloaded,
     PluginReloadFailed,
     PluginReloadRequested,
+    PluginRequestSkipped,
     PluginUninstalled,
     PluginUninstallFailed,
     PluginUninstallRequested,
@@ -77,6 +78,8 @@ OUTCOMES: dict[str, frozenset[str]] = {
         t.type_name for t in (PluginUninstalled, PluginUninstallFailed)
     ),
 }
+# a request that needed nothing done is answered so (recorded by the loader's service)
+OUTCOMES = {k: v | {PluginRequestSkipped.type_name} for k, v in OUTCOMES.items()}
 OUTCOME_TYPES = frozenset().union(*OUTCOMES.values())
 FAILURES = frozenset(
     t.type_name for t in (PluginReloadFailed, PluginInstallFailed, PluginUninstallFailed)
@@ -269,6 +272,11 @@ class RequestQueue:
         if current is not None and current.meta.id == request.meta.id:
             body.update(status="running", queue_position=0)
             return body
+        if request.meta.actor == ACTOR:
+            # the loader's own record of what it did (a PluginEnabled after an install, a
+            # PluginDisabled of a plugin not loaded): never queued, done when recorded
+            body.update(status="succeeded", detail="recorded by the loader (done)")
+            return body
         if request.position <= self.since:
             body.update(
                 status="failed",
@@ -315,7 +323,7 @@ def answer(outcome: Recorded) -> dict[str, Any]:
         "outcome": outcome.type,
         "outcome_position": outcome.position,
     }
-    for key in ("name", "stage", "file", "line", "error", "generation", "version"):
+    for key in ("name", "stage", "file", "line", "error", "generation", "version", "detail"):
         value = outcome.data.get(key)
         if value is not None:
             body[key] = value

@@ -42,6 +42,7 @@ from .events import (
     PluginReloadFailed,
     PluginReloadPaused,
     PluginReloadRequested,
+    PluginRequestSkipped,
     PluginUninstallFailed,
     PluginUninstallRequested,
     stream_of,
@@ -54,10 +55,14 @@ from .watcher import watch
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
+    from kernel.subscriptions import Subscription
 
 __all__ = ["LoaderService"]
 
 log = logging.getLogger("xcore.loader")
+
+#: Seconds the plugins' unload gets at a stop even when the request in hand used the grace.
+SHUTDOWN_FLOOR = 1.0
 
 #: The window in which ``max_reloads_per_minute`` watcher reloads of one plugin are allowed.
 DAMPING_WINDOW = 60.0
@@ -102,7 +107,7 @@ class LoaderService:
         pacing.install()
         if settings.lazy_validators and lazy.install():
             stack.callback(lazy.uninstall)
-        stack.push_async_callback(loader.shutdown)
+        stack.push_async_callback(self._shutdown, loader, sub, kernel.settings.stop_grace)
         await loader.boot()
         if kernel.settings.reload:
             self._watch_task = asyncio.create_task(
@@ -137,6 +142,28 @@ class LoaderService:
             except Exception:
                 log.exception("the plugins watcher failed")
 
+    async def _shutdown(self, loader: Loader, sub: Subscription, grace: float) -> None:
+        """The loader's part of a stop, within ``grace`` seconds (``stop_grace``) in all.
+
+        The request in hand is given up on once the grace is over (an import or hook
+        stuck in its thread keeps running there, a daemon thread the exit ends; the request
+        has no outcome and reads ``abandoned`` after the restart), then the plugins are
+        unloaded in what is left of it (at least ``SHUTDOWN_FLOOR`` s): those whose
+        ``on_unload`` did not end by then are left as they are, the process exits anyway.
+        """
+        deadline = time.monotonic() + grace
+        await sub.stop(grace=grace)
+        left = max(SHUTDOWN_FLOOR, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(left):
+                await loader.shutdown()
+        except TimeoutError:
+            log.error(
+                "plugins not unloaded within the stop grace (%gs): %s; stopping anyway",
+                grace,
+                ", ".join(sorted(loader.loaded)) or "none",
+            )
+
     async def _on_request(self, record: Recorded) -> None:
         loader = self.loader
         assert loader is not None
@@ -155,6 +182,15 @@ class LoaderService:
                 loader.busy = (record.type, time.monotonic())
                 try:
                     await self._act(loader, event, record)
+                    if await loader.queue.outcome_of(record) is None:
+                        # nothing to change: answered all the same, or a restart would
+                        # read it as abandoned (never run)
+                        name = getattr(event, "name", None)
+                        await loader.record(
+                            PluginRequestSkipped(request=record.type, name=name),
+                            cause=record,
+                            stream=stream_of(name) if name else PLUGINS_STREAM,
+                        )
                 finally:
                     loader.busy = None
         except Exception as exc:

@@ -227,3 +227,70 @@ async def test_queued_requests_are_accepted_followed_and_merged(tmp_path: Path) 
                 )
                 ok = (await client.get(quick["url"], headers=AUTH)).json()
                 assert ok["status"] == "succeeded"
+
+
+async def test_a_request_with_nothing_to_do_reads_succeeded_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A disable queued behind an uninstall of the same plugin finds it gone: nothing to
+    change. It succeeded, and still reads so after a restart (not ``abandoned``)."""
+    plugins = tmp_path / "plugins"
+    hold = tmp_path / "hold"
+    plugin(
+        plugins,
+        "slow",
+        run=f"""
+        import pathlib, time
+        while pathlib.Path({str(hold)!r}).exists():
+            time.sleep(0.01)
+        """,
+    )
+    plugin(plugins, "quick")
+    with serve(tmp_path, plugins_dir=plugins, env=ENV, args=("--no-reload",)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with anyio.fail_after(120):
+                hold.touch()
+                r = await client.post("/admin/plugins/slow/reload?wait=0", headers=AUTH)
+                await until(client, r.json()["url"], "running")
+                r = await client.delete("/admin/plugins/quick?wait=0", headers=AUTH)
+                assert r.status_code == 202, r.text
+                r = await client.post("/admin/plugins/quick/disable?wait=0", headers=AUTH)
+                assert r.status_code == 202, r.text
+                disable = r.json()
+                hold.unlink()
+                done = await until(client, disable["url"], "succeeded", "failed")
+                assert done["status"] == "succeeded", done
+    with serve(tmp_path, plugins_dir=plugins, env=ENV, args=("--no-reload",)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with anyio.fail_after(60):
+                again = (await client.get(disable["url"], headers=AUTH)).json()
+                assert again["status"] == "succeeded", again
+                assert again["detail"] == "nothing to change", again
+
+
+async def test_the_loaders_own_records_read_done_after_a_restart(tmp_path: Path) -> None:
+    """An install that replaces a disabled plugin enables it: the loader records that
+    ``PluginEnabled`` itself (done at once, never a request in line). Followed by its
+    position it reads succeeded — after a restart too, where it read ``abandoned``."""
+    plugins = tmp_path / "plugins"
+    plugin(plugins, "quick")
+    newer = plugin(tmp_path / "elsewhere", "quick")
+    with serve(tmp_path, plugins_dir=plugins, env=ENV, args=("--no-reload",)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with anyio.fail_after(60):
+                r = await client.post("/admin/plugins/quick/disable", headers=AUTH)
+                assert r.status_code == 200, r.text
+                code, out, err = await Cli(server, "install", str(newer), "--replace").finish()
+                assert code == 0, (out, err)
+                r = await client.get(
+                    "/admin/events", params={"type": "PluginEnabled"}, headers=AUTH
+                )
+                (enabled,) = r.json()["events"]
+                assert enabled["meta"]["actor"] == "loader", enabled
+                url = f"/admin/loader/requests/{enabled['position']}"
+                assert (await client.get(url, headers=AUTH)).json()["status"] == "succeeded"
+    with serve(tmp_path, plugins_dir=plugins, env=ENV, args=("--no-reload",)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with anyio.fail_after(60):
+                body = (await client.get(url, headers=AUTH)).json()
+                assert body["status"] == "succeeded", body
