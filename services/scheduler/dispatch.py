@@ -45,6 +45,10 @@ MISSED_CHECKED = 200
 
 log = logging.getLogger("xcore.scheduler")
 
+#: A slot given back this recently (seconds) with runs waiting for one: the waves of a
+#: burst are starting (see ``Dispatcher.quiet_for``).
+WAVE = 0.01
+
 
 class Dispatcher:
     """Arms the timers of scheduled tasks and starts their runs; see the module docstring."""
@@ -89,6 +93,30 @@ class Dispatcher:
         than the lead plus the pause (bursts every 100 ms, a 50 ms lead)."""
         runner = self.runner
         return self._timer.next_time(slack=max(0.0, runner.lead - runner.way))
+
+    def quiet_for(self) -> float:
+        """Seconds until the next *start window* opens (0.0: one is open now).
+
+        A start window runs from the moment a timer fires its runs (a lead ahead of
+        their instant) until the runs of that instant are released at it: their
+        claims are being written, or they wait in the :class:`~.timers.StartGate`.
+        Work that is not a start (a young collection of the GC policy) runs outside
+        it, after the burst has started, so it never delays one.
+
+        Runs released at their instant beyond the global limit start in waves, one per
+        slot given back: while runs wait for a slot and one was given back within
+        :data:`WAVE` seconds, the window is still open (a line that does not move, slow
+        runs holding every slot, keeps it closed: those runs wait anyway)."""
+        runner = self.runner
+        claims = runner.claims
+        if (claims is not None and claims.busy) or runner.gate.pending:
+            return 0.0
+        if runner.slots.waiting and time.perf_counter() - runner.released_at < WAVE:
+            return 0.0
+        fires = self._timer.next_time()
+        if fires is None:
+            return float("inf")
+        return max(0.0, fires - time.time())
 
     def disarm(self, tid: str) -> None:
         self._timer.cancel(tid)

@@ -6,10 +6,13 @@ follows it (dependent runs, the retry's timer) happens — exactly as a lone app
 
 Mechanism: the runs woken at one instant end in the same few loop steps; their outcome
 events are queued and go to the store together, one ``append_many`` (one writer batch,
-one commit) per loop step, instead of one append each. A batch waits while start
-records are being claimed (:meth:`~.claim.Claims.idle`, at most :data:`YIELD_TO_STARTS`
-seconds): the commit of a burst's outcomes never sits in the writer's queue in front of
-the ``TaskStarted`` of runs still to start.
+one commit) per loop step, instead of one append each. A batch yields to the next
+burst, at most :data:`YIELD_TO_STARTS` seconds: it waits while start records are being
+claimed (:meth:`~.claim.Claims.idle`: the commit of a burst's outcomes never sits in
+the writer's queue in front of the ``TaskStarted`` of runs still to start), then while
+runs claimed ahead wait in the start gate for their instant
+(:meth:`~.timers.StartGate.idle`: neither the commit nor the projection's fold of the
+outcomes runs on the loop just before an instant, where it would delay the release).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kernel.events import Event, NewEvent, Recorded
 from kernel.store.base import StreamWrite
 from services.scheduler.claim import Claims
 from services.scheduler.stepbatch import StepBatches
+from services.scheduler.timers import StartGate
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -43,10 +47,13 @@ class Outcomes(StepBatches[_Queued]):
 
     task_name = "xcore-scheduler-outcomes"
 
-    def __init__(self, kernel: Kernel, claims: Claims) -> None:
+    def __init__(self, kernel: Kernel, claims: Claims, gate: StartGate | None = None) -> None:
         super().__init__()
         self.kernel = kernel
         self.claims = claims
+        self.gate = gate
+        #: the most a batch yields to the starts (seconds)
+        self.yield_to_starts = YIELD_TO_STARTS
 
     def record(self, stream: str, events: list[Event]) -> asyncio.Future[list[Recorded]]:
         """Queue ``events`` for ``stream``; the future is their stored records, or the
@@ -57,9 +64,22 @@ class Outcomes(StepBatches[_Queued]):
         self._enqueue((stream, items, future))
         return future
 
+    async def _yield_to_starts(self) -> None:
+        """Wait (bounded) while a burst is being claimed or waits for its instant."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.yield_to_starts
+        gate = self.gate
+        while (left := deadline - loop.time()) > 0:
+            if self.claims.busy:
+                await self.claims.idle(left)
+            elif gate is not None and gate.pending:
+                await gate.idle(left)
+            else:
+                return
+
     async def _append(self, batch: list[_Queued]) -> None:
         try:
-            await self.claims.idle(YIELD_TO_STARTS)
+            await self._yield_to_starts()
             answers = await self.kernel.store.append_many(
                 [StreamWrite(stream, items) for stream, items, _ in batch]
             )

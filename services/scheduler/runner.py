@@ -188,7 +188,7 @@ class Runner:
     def start(self, kernel: Kernel, settings: SchedulerSettings, stack: AsyncExitStack) -> None:
         self.kernel = kernel
         self.claims = Claims(kernel)
-        self.outcomes = Outcomes(kernel, self.claims)
+        self.outcomes = Outcomes(kernel, self.claims, self.gate)
         self.slots = PrioritySlots(settings.max_concurrency)
         self._max_result = settings.max_result_bytes
         self._keep_result = settings.keep_results_s

@@ -135,7 +135,11 @@ class SchedulerService:
         self.kernel = kernel
         if not self._settings_given:
             self.settings = kernel.settings.section("scheduler", SchedulerSettings)
-        self._gc = GcPolicy(self.settings.manage_gc, next_due=self._dispatch.next_deadline)
+        self._gc = GcPolicy(
+            self.settings.manage_gc,
+            next_due=self._dispatch.next_deadline,
+            quiet_for=self._dispatch.quiet_for,
+        )
         self._runner.start(kernel, self.settings, stack)
         self._dispatch.max_catch_up = self.settings.max_catch_up_runs
         self._dispatch.table = await kernel.add_projection(TaskTable())

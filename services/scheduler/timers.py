@@ -274,6 +274,35 @@ class StartGate:
         self._handles: dict[float, asyncio.TimerHandle] = {}
         self._thread: ThreadPoolExecutor | None = None
         self._closed = False
+        #: woken when no run waits for an instant any more (:meth:`idle`)
+        self._idlers: list[asyncio.Future[None]] = []
+
+    @property
+    def pending(self) -> bool:
+        """Whether runs wait for an instant (claimed ahead, not released yet)."""
+        return bool(self._groups)
+
+    async def idle(self, timeout: float) -> None:
+        """Return once no run waits for an instant (or after ``timeout`` seconds)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._groups and (left := deadline - loop.time()) > 0:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._idlers.append(fut)
+            try:
+                await asyncio.wait([fut], timeout=left)
+            finally:
+                if not fut.done():  # timed out (or cancelled): not kept for ever
+                    fut.cancel()
+                    self._idlers.remove(fut)
+
+    def _released(self) -> None:
+        if self._groups or not self._idlers:
+            return
+        idlers, self._idlers = self._idlers, []
+        for fut in idlers:
+            if not fut.done():
+                fut.set_result(None)
 
     def close(self) -> None:
         """Stop for good: pending coarse waits are cancelled (their waiters with them);
@@ -284,6 +313,7 @@ class StartGate:
             handle.cancel()
             for fut in self._groups.pop(when, ()):
                 fut.cancel()
+        self._released()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.shutdown(wait=False, cancel_futures=True)
@@ -336,6 +366,7 @@ class StartGate:
         if self._closed:
             for fut in self._groups.pop(when, ()):
                 fut.cancel()
+            self._released()
             return
         self._handles[when] = loop.call_at(
             loop.time() + left - self.margin, self._hand_off, loop, when
@@ -357,3 +388,4 @@ class StartGate:
         for fut in self._groups.pop(when, ()):
             if not fut.done():
                 fut.set_result(None)
+        self._released()

@@ -232,16 +232,16 @@ async def test_while_frozen_the_young_collections_wait_for_a_gap_between_due_tim
         # to the overdue one (it still collects when far overdue, the loop held or not)
         assert policy._young is not None
         assert gc.get_threshold()[0] == policy.overdue * policy._young
-        policy._next_due = lambda: time.time() + 0.01  # a due time is always near
+        policy._quiet_for = lambda: 0.0  # a start window is always open (a burst near)
         threshold = policy._young
         kept = [[] for _ in range(threshold * 2)]  # a collection is due, not overdue
         await anyio.sleep(0.3)
         assert policy.collections == [0, 0, 0]
-        policy._next_due = lambda: None  # a gap: it collects
+        policy._quiet_for = lambda: float("inf")  # a gap: it collects
         with anyio.fail_after(10):
             while sum(policy.collections) < 1:
                 await anyio.sleep(0.01)
-        policy._next_due = lambda: time.time() + 0.01
+        policy._quiet_for = lambda: 0.0
         done = sum(policy.collections)
         automatic = gc.get_stats()[0]["collections"]
         kept += [[] for _ in range(threshold * (policy.overdue + 1))]  # overdue: no wait
@@ -307,7 +307,7 @@ async def test_a_failing_gc_tick_gives_collection_back_to_cpython(tmp_path: Path
                 await anyio.sleep(0.01)
         young = policy._young
         assert young is not None and gc.get_threshold()[0] == policy.overdue * young
-        policy._next_due = broken
+        policy._next_due = policy._quiet_for = broken
         kept = [[] for _ in range(young * 2)]  # a collection is due
         with anyio.fail_after(10):
             while gc.get_threshold()[0] != young:  # CPython's threshold again

@@ -134,3 +134,30 @@ async def test_a_wall_clock_stepped_back_during_the_last_wait_is_waited_out_idle
     # a busy loop spends most of the 3 s on the CPU (1.4 s measured on a loaded
     # machine); waiting asleep, next to nothing
     assert time.process_time() - cpu < 0.5
+
+
+async def test_idle_returns_when_the_instant_is_released_and_keeps_no_waiter() -> None:
+    """``StartGate.idle`` (what an outcome batch waits on) returns once the runs waiting
+    for an instant are released, or at its bound; a gate never idle (instants back to
+    back) does not pile up the waiters of the bounded waits."""
+    gate = StartGate()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate.wait_until, time.time() + 3600)  # pending for an hour
+            while not gate.pending:
+                await anyio.sleep(0.001)
+            for _ in range(5):
+                await gate.idle(0.001)  # bounded: returns with the gate still pending
+            assert gate.pending and not gate._idlers
+            tg.cancel_scope.cancel()
+    gate.close()
+    gate2 = StartGate()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            when = time.time() + 0.2
+            tg.start_soon(gate2.wait_until, when)
+            while not gate2.pending:
+                await anyio.sleep(0.001)
+            await gate2.idle(60)  # returns at the release, not after its bound
+            assert time.time() >= when and not gate2.pending
+    gate2.close()
