@@ -283,6 +283,10 @@ async def test_stopped_gracefully_after_the_claim_runs_the_instant_after_the_res
         events = await _stream(kernel, "rel.once")
         row = service.table.tasks["rel.once"]
         assert [r.outcome for r in row.runs] == ["released", "released", "succeeded"]
+        # the task's detail (the UI's recent runs) shows no start for a released run:
+        # its claim time read as a start made it look started early
+        recent = row.detail()["recent_runs"]
+        assert [r["started_at"] is None for r in recent] == [False, True, True], recent
     types = [r.type for r in events]
     assert "TaskFailed" not in types, types
     starts = [r for r in events if r.type == "TaskStarted"]
