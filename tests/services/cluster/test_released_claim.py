@@ -152,3 +152,50 @@ async def test_a_node_stopped_gracefully_after_its_claim_hands_the_instant_to_th
     assert [r.meta.node for r in starts] == ["a", "b"]
     assert [(r.data["claim"], r.meta.node) for r in released] == [(starts[0].meta.id, "a")]
     assert types.count("TaskSucceeded") == 1 and ran == [starts[1].data["run_id"]]
+
+
+async def test_a_claim_released_at_a_stop_is_run_by_a_node_that_had_seen_it_claimed(
+    pg_dsn: str,
+) -> None:
+    """Both nodes claim a long lead ahead (the same settings): node b's timer for the
+    instant fired at once, saw node a's claim and gave the instant up. Before: node a
+    stopping gracefully seconds later (a release) changed nothing for node b, and the
+    instant ran nowhere. Now node b arms the released instant again and runs it once."""
+    at = time.time() + 14.0
+    name = _first_for("a", "b")
+    ran: list[str] = []
+
+    @task(name=name, at=datetime.fromtimestamp(at, UTC))
+    async def once() -> None:
+        ran.append(current_task().run_id)
+
+    spec = once.__xcore_task__  # type: ignore[attr-defined]
+    tid = f"p.{name}"
+
+    def settings(node: str) -> Any:
+        base = node_settings(pg_dsn, node)
+        scheduler = {"max_lead_ms": 60_000.0}
+        return base.model_copy(update={"services": {**base.services, "scheduler": scheduler}})
+
+    b_scheduler = SchedulerService()
+    async with Kernel(settings("b"), services=[ClusterService(), b_scheduler]) as b:
+        a_scheduler = SchedulerService()
+        async with Kernel(settings("a"), services=[ClusterService(), a_scheduler]) as a:
+            await a_scheduler.register("p", [spec])
+            await b_scheduler.register("p", [spec])
+            with anyio.fail_after(30):  # node a, first for the task, claims a lead ahead
+                while not await a.read(stream=f"task-{tid}", types=["TaskStarted"]):
+                    await anyio.sleep(0.05)
+            await anyio.sleep(4.0)  # node b's takeover of the instant saw the claim
+        assert not ran and time.time() < at, "the machine is too slow for this test's margin"
+        with anyio.fail_after(20 + 60):
+            while not await b.read(stream=f"task-{tid}", types=["TaskSucceeded"]):
+                await anyio.sleep(0.05)
+        await anyio.sleep(1.0)  # nothing more comes
+        events = await b.read(stream=f"task-{tid}")
+    types = [r.type for r in events]
+    assert "TaskFailed" not in types and "TaskSkipped" not in types, types
+    starts = [r for r in events if r.type == "TaskStarted"]
+    assert [r.meta.node for r in starts] == ["a", "b"]
+    assert types.count("TaskReleased") == 1 and types.count("TaskSucceeded") == 1
+    assert ran == [starts[1].data["run_id"]]
