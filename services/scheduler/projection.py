@@ -38,7 +38,9 @@ def iso(ts: float | None) -> str | None:
 class RunInfo:
     run_id: str
     scheduled_for: float
-    started_at: float
+    #: when it was claimed, then its code's real start (from the outcome); None for a
+    #: released run (its code never ran)
+    started_at: float | None
     attempt: int
     trigger: str
     outcome: str = "running"
@@ -261,6 +263,7 @@ class TaskTable(Projection):
         if info is None:
             info = RunInfo(d["run_id"], d["scheduled_for"], r.timestamp, d["attempt"], "unknown")
         info.outcome = "released"
+        info.started_at = None  # claimed ahead; its code never ran (as in the runs list)
         info.finished_at = r.timestamp
         info.error = d["reason"]
         # the task's last outcome stays that of its last run whose code ran

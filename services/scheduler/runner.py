@@ -47,6 +47,7 @@ from services.scheduler.claim import ClaimLost, Claims, SlotTaken, claim_key
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.events import (
     TaskFailed,
+    TaskReleased,
     TaskRetryScheduled,
     TaskSkipped,
     TaskStarted,
@@ -167,6 +168,13 @@ class Runner:
         #: run id -> (task id, plugin, generation, the asyncio task running it)
         self._runs: dict[str, tuple[str, str, int, asyncio.Task[None]]] = {}
         self._cancel_reasons: dict[str, str] = {}
+        #: runs claimed whose code has not started yet (waiting for their instant or a
+        #: slot): run id -> (task id, scheduled_for, when its code starts, kind)
+        self._ahead: dict[str, tuple[str, float, float, str]] = {}
+        #: set by :meth:`stop`: the runs it releases (claimed ahead of an instant still
+        #: to come) and, per task, the ``next_run`` their ``TaskReleased`` record
+        self._releasing: set[str] = set()
+        self._rewind: dict[str, float] = {}
         #: run ids whose code runs in a worker thread (or a sandbox) right now
         self._sync: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -207,9 +215,19 @@ class Runner:
     async def stop(self) -> None:
         """Cancel the runs in progress (recorded as failed) and the background steps."""
         self.closed = True
+        # A timed run or a retry claimed ahead of an instant still to come has not run
+        # its code: it is released (as a restart after a SIGKILL would), not failed, so
+        # a process back before the instant runs it (docs/scheduler.md, *Shutdown*).
+        now = time.time()
+        for run_id, (tid, scheduled_for, start_at, kind) in self._ahead.items():
+            due = start_at if kind == "retry" else scheduled_for
+            if kind in ("schedule", "retry") and now < due:
+                self._releasing.add(run_id)
+                if kind == "schedule":
+                    self._rewind[tid] = min(self._rewind.get(tid, scheduled_for), scheduled_for)
         running = []
         for run_id, (_, _, _, task) in list(self._runs.items()):
-            self._cancel_reasons[run_id] = "the kernel stopped while the run was in progress"
+            self._cancel_reasons[run_id] = STOPPED
             task.cancel()
             running.append(task)
         if running:
@@ -544,6 +562,7 @@ class Runner:
             else:
                 self._note_append(time.perf_counter() - t0)
             started = True
+            self._ahead[run_id] = (tid, scheduled_for, start_at, kind)
             if cancelled:  # the log says the run started: it must say how it ended
                 raise asyncio.CancelledError
             # built before the wait for a slot: a later wave of a burst (100 runs, 32
@@ -563,6 +582,7 @@ class Runner:
             if entry.task is not task:  # reloaded (or changed) meanwhile: the new code
                 task = entry.task
                 ctx, plugin_ctx = self._context(task, run_id, scheduled_for, attempt)
+            self._ahead.pop(run_id, None)
             t_start, started_at = time.perf_counter(), time.time()
             error, value = await self._execute(task, ctx, plugin_ctx, thread)
             duration_ms = (time.perf_counter() - t_start) * 1000
@@ -599,7 +619,10 @@ class Runner:
                 self._cancel_reasons.pop(run_id, None)
                 interrupted = True
             else:
-                if started:
+                if started and started_at is None and run_id in self._releasing:
+                    self._cancel_reasons.pop(run_id, None)
+                    await self._release(entry, run_id, scheduled_for, attempt, kind, start_at, key)
+                elif started:
                     why = self._cancel_reasons.pop(run_id, "cancelled")
                     if _busy(thread):
                         why += " (its code is still running in its thread)"
@@ -629,6 +652,7 @@ class Runner:
             entry.active.pop(run_id, None)
             entry.due.pop(run_id, None)
             self._runs.pop(run_id, None)
+            self._ahead.pop(run_id, None)
             _next_turn(entry)
         if lost:
             if skipped is not None:
@@ -639,6 +663,48 @@ class Runner:
         )
         if interrupted:
             raise asyncio.CancelledError
+
+    async def _release(
+        self,
+        entry: TaskEntry,
+        run_id: str,
+        scheduled_for: float,
+        attempt: int,
+        kind: str,
+        start_at: float,
+        key: str,
+    ) -> None:
+        """Record ``TaskReleased`` for a run claimed ahead of its instant whose code did
+        not start because the kernel stopped: its instant runs again after the restart
+        (``next_run`` goes back to it; a retry is pending again at its time), under a
+        claim key derived from this one, as after a SIGKILL (``service.py``)."""
+        tid = entry.task.id
+        rewind = self._rewind.get(tid)
+        recorded = entry.recorded_next
+        if rewind is not None:
+            recorded = rewind if recorded is None else min(recorded, rewind)
+        retry = kind == "retry"
+        await self.append(
+            tid,
+            [
+                TaskReleased(
+                    task=tid,
+                    run_id=run_id,
+                    scheduled_for=scheduled_for,
+                    attempt=attempt,
+                    trigger=kind,
+                    reason=(
+                        "released: the kernel stopped after claiming this run "
+                        f"{(start_at if retry else scheduled_for) - time.time():.3f} s "
+                        "ahead of its instant; its code never ran, the instant runs again"
+                    ),
+                    claim=key,
+                    next_run=recorded,
+                    retry_at=start_at if retry else None,
+                )
+            ],
+        )
+        log.info("task %s: run %s released at stop (its instant had not come)", tid, run_id)
 
     async def _write_start(
         self, tid: str, events: list[Event], cause: Recorded | None, key: str
@@ -963,6 +1029,10 @@ def _next_turn(entry: TaskEntry) -> None:
         if not fut.done():
             fut.set_result(None)
             return
+
+
+#: Why :meth:`Runner.stop` cancels the runs in progress.
+STOPPED = "the kernel stopped while the run was in progress"
 
 
 def _timing(scheduled_for: float, started_at: float | None) -> dict[str, Any]:

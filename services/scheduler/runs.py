@@ -86,6 +86,13 @@ def fold_runs(records: Iterable[Recorded], now: float) -> list[dict[str, Any]]:
                 run["failure_kind"] = d.get("kind", "error")
         elif r.type == "TaskRetryScheduled":
             run["retry_at"] = iso(d.get("retry_at"))
+        elif r.type == "TaskReleased" and d.get("retry_at") is not None:
+            # a retry claimed ahead, its process stopped before its time: that attempt
+            # never ran and the run is not over — it is pending again at ``retry_at``
+            # (read as final, ``xcore task run --wait`` gave up on a run still to retry)
+            run["status"] = "retrying"
+            run["attempts"] = max(0, d.get("attempt", 1) - 1)
+            run["retry_at"] = iso(d["retry_at"])
         elif r.type == "TaskReleased":
             # claimed ahead, its process stopped before the instant: its code never ran
             run["status"] = "released"

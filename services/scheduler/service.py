@@ -156,7 +156,7 @@ class SchedulerService:
         self._sub = await kernel.subscribe(
             self._on_event,
             start=position,
-            types=[*_PLUGIN_EVENTS, *_REQUESTS, *_CHANGES, TaskFailed],
+            types=[*_PLUGIN_EVENTS, *_REQUESTS, *_CHANGES, TaskFailed, TaskReleased],
         )
         latest: dict[str, PluginRuntime] = {}
         for rt in kernel.plugins.all():
@@ -253,6 +253,26 @@ class SchedulerService:
         if pending:
             await asyncio.gather(*pending)
             await kernel.settle()
+
+    def _take_released(self, d: dict[str, Any]) -> None:
+        """A timed run another node released (it stopped between its early claim and
+        the instant): this node arms that instant again if it is still to come, so the
+        cluster runs it (under the key derived from the released one) although this
+        node's timer for it had already fired and seen it claimed."""
+        entry = self._tasks.get(d["task"])
+        due = d["scheduled_for"]
+        if (
+            entry is None
+            or d.get("retry_at") is not None
+            or entry.catch_up is not None
+            or entry.paused
+            or self._runner.closed
+            or due <= time.time()
+        ):
+            return
+        if entry.next_due is None or due < entry.next_due:
+            entry.next_due = due
+            self._dispatch.arm(entry)
 
     def _retry_lost_run(self, d: dict[str, Any]) -> None:
         """A run of a lost node (a cluster) is retried here if its task has retries left.
@@ -499,6 +519,9 @@ class SchedulerService:
                         r.meta.node,
                     )
                 self._retry_lost_run(d)
+        elif r.type == "TaskReleased":
+            if kernel.placement.shared and r.meta.node != kernel.node:
+                self._take_released(d)
         elif r.type == "TaskRunRequested":
             entry = self._tasks.get(d["task"])
             if entry is None:

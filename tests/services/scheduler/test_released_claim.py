@@ -251,3 +251,84 @@ async def test_interval_claimed_ahead_and_killed_runs_its_period_once(tmp_path: 
     lines = _lines(out)
     assert abs(float(lines[0]) - released[0]["scheduled_for"]) < 1e-5
     assert len(lines) == len(set(lines))
+
+
+async def test_stopped_gracefully_after_the_claim_runs_the_instant_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """A graceful stop (SIGTERM, a deploy) between the early claim and the instant: the
+    code never ran, so the run is released as after a SIGKILL, not failed as
+    "cancelled" (which lost the instant: the process back before it ran nothing)."""
+    out = tmp_path / "ran.txt"
+    instant = time.time() + AHEAD_S
+    at = datetime.fromtimestamp(instant, UTC)
+
+    async def once() -> None:
+        with out.open("a") as f:
+            f.write(current_task().run_id + "\n")
+
+    for boot in range(2):  # two graceful restarts before the instant
+        kernel, service = make_kernel(tmp_path, max_lead_ms=LEAD_MS, manage_gc=False)
+        async with kernel:
+            await service.register("rel", [spec(once, name="once", at=at)])
+            await wait_events(kernel, "TaskStarted", boot + 1)
+        assert _lines(out) == [], "the code ran before its instant"
+    assert time.time() < instant, "the machine is too slow for this test's margin"
+
+    kernel, service = make_kernel(tmp_path, max_lead_ms=LEAD_MS, manage_gc=False)
+    async with kernel:
+        await service.register("rel", [spec(once, name="once", at=at)])
+        done = await wait_events(kernel, "TaskSucceeded", timeout=AHEAD_S + 60)
+        await anyio.sleep(0.3)  # nothing more comes
+        events = await _stream(kernel, "rel.once")
+        row = service.table.tasks["rel.once"]
+        assert [r.outcome for r in row.runs] == ["released", "released", "succeeded"]
+        # the task's detail (the UI's recent runs) shows no start for a released run:
+        # its claim time read as a start made it look started early
+        recent = row.detail()["recent_runs"]
+        assert [r["started_at"] is None for r in recent] == [False, True, True], recent
+    types = [r.type for r in events]
+    assert "TaskFailed" not in types, types
+    starts = [r for r in events if r.type == "TaskStarted"]
+    released = [r for r in events if r.type == "TaskReleased"]
+    assert len(starts) == 3 and len(released) == 2 and types.count("TaskSucceeded") == 1
+    assert [r.data["claim"] for r in released] == [r.meta.id for r in starts[:2]]
+    assert all(r.data["next_run"] == starts[0].data["scheduled_for"] for r in released)
+    assert _lines(out) == [done[0].data["run_id"]] == [starts[2].data["run_id"]]
+    assert done[0].data["started_at"] >= instant
+
+
+async def test_retry_claimed_ahead_and_stopped_gracefully_is_pending_again(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "attempts.txt"
+    at = datetime.fromtimestamp(time.time() + 0.5, UTC)
+
+    async def flaky() -> None:
+        with out.open("a") as f:
+            f.write(f"{current_task().attempt}\n")
+        if current_task().attempt == 1:
+            raise RuntimeError("first attempt fails")
+
+    declared = spec(flaky, name="flaky", at=at, retries=1, retry_delay=AHEAD_S)
+    kernel, service = make_kernel(tmp_path, max_lead_ms=LEAD_MS, manage_gc=False)
+    async with kernel:
+        await service.register("rel", [declared])
+        await wait_events(kernel, "TaskStarted", 2)  # the retry, claimed a lead ahead
+    assert _lines(out) == ["1"]
+    async with make_kernel(tmp_path)[0] as kernel:  # (nothing registered: nothing runs)
+        (listed,) = fold_runs(await _stream(kernel, "rel.flaky"), time.time())
+    # the run is not over: `xcore task run --wait` and the runs list read it as retrying
+    assert listed["status"] == "retrying" and listed["retry_at"] is not None, listed
+    assert listed["attempts"] == 1
+
+    kernel, service = make_kernel(tmp_path, max_lead_ms=LEAD_MS, manage_gc=False)
+    async with kernel:
+        await service.register("rel", [declared])
+        done = await wait_events(kernel, "TaskSucceeded", timeout=AHEAD_S + 60)
+        events = await _stream(kernel, "rel.flaky")
+    assert _lines(out) == ["1", "2"], "the retry ran once, after the restart"
+    released = [r.data for r in events if r.type == "TaskReleased"]
+    assert len(released) == 1 and released[0]["trigger"] == "retry"
+    assert done[0].data["started_at"] >= released[0]["retry_at"]
+    assert [r.data["kind"] for r in events if r.type == "TaskFailed"] == ["error"]
