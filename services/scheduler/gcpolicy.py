@@ -230,7 +230,12 @@ class GcPolicy:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._saved is not None:
-            gc.set_threshold(*self._saved)
+            # only the generation-0 threshold is the policy's: the others may be the
+            # collector owner's meanwhile (its generation-2 threshold out of reach)
+            _, t1, t2 = gc.get_threshold()
+            gc.set_threshold(self._saved[0], t1, t2)
             self._saved = None
-        if self.enabled and gc.get_freeze_count():
+        # what the policy froze is thawed; an owner's boot layer (an owner that came
+        # after the freeze holds it too) is the owner's, thawed when it releases
+        if self.enabled and self.freezes and not collector.held and gc.get_freeze_count():
             gc.unfreeze()
