@@ -363,6 +363,7 @@ async def test_the_gc_policy_freezes_after_registrations_and_thaws_for_the_next(
     kernel, service = make_kernel(tmp_path)
     async with kernel:
         service._gc.settle = 0.05
+        service._gc.idle_tick = 0  # (idle, CPython's threshold is young_batch)
         await service.register("p", [spec(work, every="1h")])
         with anyio.fail_after(10):
             while service._gc.freezes < 1:
