@@ -36,7 +36,9 @@ generation-0 threshold raised to :attr:`GcPolicy.overdue` times the tended one: 
 collection that far overdue runs at once, gap or not — even while code holds the event
 loop (a plugin that never awaits) and no tick can run —, so memory stays bounded
 whatever the schedules and the plugins. An application that turned collection off
-(``gc.disable()``) keeps it off: the tick collects only while ``gc.isenabled()``.
+(``gc.disable()``) keeps it off: the tick collects only while ``gc.isenabled()``, and a
+settle that finds it off neither collects nor freezes (the application's own
+``gc.collect()`` calls must still reach everything).
 
 This is a process-wide choice made by the scheduler (setting ``manage_gc``, default
 on): the application does not have to call ``gc.freeze()`` itself, and can turn it off.
@@ -151,6 +153,12 @@ class GcPolicy:
             await asyncio.sleep(max(due - time.time(), 0) + 0.005)
         t0 = time.perf_counter()
         if collector.held:  # an owner came meanwhile: it decides
+            return
+        if not gc.isenabled():
+            # the application turned collection off: it collects when it chooses (or
+            # never). No pause of ours, and nothing frozen out of its own gc.collect()
+            # (a thawed generation's garbage would stay frozen for good)
+            log.debug("scheduler: gc disabled by the application; nothing frozen")
             return
         # No collection first: it would be the very pause this avoids (~90 ms with
         # 10,000 schedules). The boot's own cyclic garbage is frozen with the rest — a
