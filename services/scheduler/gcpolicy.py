@@ -109,6 +109,8 @@ class GcPolicy:
         self._last_poke = 0.0
         self._saved: tuple[int, int, int] | None = None
         self._thawed = False
+        #: the heap is frozen by this policy (not thawed since)
+        self._frozen = False
         self._tender: asyncio.Task[None] | None = None
         #: the generation-0 threshold the tick tends, while CPython's own is raised to
         #: ``overdue`` times it (None: not tending)
@@ -132,9 +134,10 @@ class GcPolicy:
             return  # the collector's owner decides (module docstring)
         self._last_poke = time.monotonic()
         self._automatic()  # registrations allocate: CPython collects as it likes
-        if gc.get_freeze_count():
+        if self._frozen and gc.get_freeze_count():
             gc.unfreeze()
             self._thawed = True
+        self._frozen = False
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._settle(), name="xcore-scheduler-gc"
@@ -167,6 +170,7 @@ class GcPolicy:
             gc.collect()
             self._thawed = False
         gc.freeze()
+        self._frozen = True
         if self._saved is None:
             self._saved = gc.get_threshold()
             _, g1, g2 = self._saved
@@ -292,5 +296,6 @@ class GcPolicy:
             self._saved = None
         # what the policy froze is thawed; an owner's boot layer (an owner that came
         # after the freeze holds it too) is the owner's, thawed when it releases
-        if self.enabled and self.freezes and not collector.held and gc.get_freeze_count():
+        if self._frozen and not collector.held and gc.get_freeze_count():
             gc.unfreeze()
+        self._frozen = False
