@@ -390,6 +390,8 @@ class SchedulerService:
         if generation is not None and self._plugins.get(plugin) != generation:
             return []
         current = self._plugins.pop(plugin, 0)
+        # (its declarations hold its functions, and through them its generation)
+        self._declared.pop(plugin, None)
         ids = [t for t, e in self._tasks.items() if e.task.plugin == plugin]
         for tid in ids:
             await self._unschedule(tid, current, reason)

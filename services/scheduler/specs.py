@@ -10,12 +10,12 @@ plugin and the task. :func:`compile_plugin` does all of it for one plugin's task
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import json
 import math
 import re
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -358,19 +358,28 @@ def _zones(trigger: Trigger) -> set[ZoneInfo]:
     return found
 
 
-@functools.lru_cache(maxsize=4096)
+#: The attribute a task function keeps its checked signature in (10,000 schedules of
+#: a few functions: one ``inspect.signature`` each). On the function itself, not in a
+#: module-level cache: a cache would keep every reloaded generation's functions — and
+#: through their globals the whole generation — alive.
+_SIGNATURE_ATTR = "__xcore_signature__"
+
+
 def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    cached = getattr(fn, "__dict__", {}).get(_SIGNATURE_ATTR, _SIGNATURE_ATTR)
+    if cached is not _SIGNATURE_ATTR:
+        return cached  # type: ignore[no-any-return]
     try:
-        return inspect.signature(fn)
+        signature: inspect.Signature | None = inspect.signature(fn)
     except (TypeError, ValueError):
-        return None  # a builtin without a signature: the call will tell
+        signature = None  # a builtin without a signature: the call will tell
+    if isinstance(fn, types.FunctionType):  # (a method's or partial's: looked up each time)
+        setattr(fn, _SIGNATURE_ATTR, signature)
+    return signature
 
 
 def _check_signature(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    try:
-        signature = _signature(fn)
-    except TypeError:  # not hashable: look it up each time
-        signature = _signature.__wrapped__(fn)
+    signature = _signature(fn)
     if signature is None:
         return
     try:

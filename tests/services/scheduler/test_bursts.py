@@ -224,6 +224,7 @@ async def test_while_frozen_the_young_collections_wait_for_a_gap_between_due_tim
     async with kernel:
         policy = service._gc
         policy.settle, policy.tick = 0.05, 0.01
+        policy.idle_tick = 0  # (its 10 ms pace, CPython's threshold the overdue one)
         await service.register("p", [spec(work, every="1h")])
         with anyio.fail_after(10):
             while policy.freezes < 1:
@@ -301,6 +302,7 @@ async def test_a_failing_gc_tick_gives_collection_back_to_cpython(tmp_path: Path
     async with kernel:
         policy = service._gc
         policy.settle, policy.tick = 0.05, 0.01
+        policy.idle_tick = 0  # (its 10 ms pace, CPython's threshold the overdue one)
         await service.register("p", [spec(work, every="1h")])
         with anyio.fail_after(10):
             while policy.freezes < 1:

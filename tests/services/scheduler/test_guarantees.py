@@ -363,6 +363,7 @@ async def test_the_gc_policy_freezes_after_registrations_and_thaws_for_the_next(
     kernel, service = make_kernel(tmp_path)
     async with kernel:
         service._gc.settle = 0.05
+        service._gc.idle_tick = 0  # (idle, CPython's threshold is young_batch)
         await service.register("p", [spec(work, every="1h")])
         with anyio.fail_after(10):
             while service._gc.freezes < 1:
@@ -376,3 +377,34 @@ async def test_the_gc_policy_freezes_after_registrations_and_thaws_for_the_next(
                 await anyio.sleep(0.01)
     # stopped: the collector has its defaults back
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
+
+
+async def test_the_gc_policy_collects_nothing_for_an_application_that_disabled_gc(
+    tmp_path: Path,
+) -> None:
+    """``gc.disable()`` before the kernel: the application collects when it chooses (or
+    never); the policy runs no collection of its own — not even the full one of a settle
+    after a registration thawed the heap — and freezes nothing its own ``gc.collect()``
+    calls could then never free."""
+    import gc
+
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path)
+    gc.disable()
+    try:
+        async with kernel:
+            policy = service._gc
+            policy.settle = 0.05
+            for name in ("p", "q", "r"):
+                full = gc.get_stats()[2]["collections"]
+                await service.register(name, [spec(work, every="1h")])
+                with anyio.fail_after(30):
+                    while policy._task is not None and not policy._task.done():
+                        await anyio.sleep(0.01)
+                assert gc.get_stats()[2]["collections"] == full
+                assert gc.get_freeze_count() == 0
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

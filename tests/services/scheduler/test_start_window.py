@@ -24,9 +24,11 @@ def _at(seconds: float) -> str:
     return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat()
 
 
-async def _frozen(service: object) -> None:
+async def _frozen(service: object, idle: bool = False) -> None:
     policy = service._gc  # type: ignore[attr-defined]
     policy.settle = 0.05
+    if not idle:  # the tick's 10 ms pace (not the idle one) is what these tests look at
+        policy.idle_tick = 0
     with anyio.fail_after(30):
         while policy.freezes < 1 or policy._young is None:
             await anyio.sleep(0.01)
@@ -159,3 +161,36 @@ async def test_the_waves_of_a_burst_beyond_the_global_limit_are_a_start_window(
         assert dispatch.quiet_for() == 0.0
         gate.set()
         await wait_events(kernel, "TaskSucceeded", 2)
+
+
+async def test_an_idle_scheduler_s_gc_tick_sleeps_until_allocations_or_a_window_come(
+    tmp_path: Path,
+) -> None:
+    """Nothing due for an hour and nothing allocating: the tick sleeps ``idle_tick``
+    instead of waking every 10 ms (1.5 % of a core on an idle server), CPython collecting
+    meanwhile at ``young_batch`` (passes as small as the tick's); allocations wake it
+    back to its 10 ms tick, whose passes are the policy's."""
+
+    async def work() -> None: ...
+
+    kernel, service = make_kernel(tmp_path)
+    async with kernel:
+        await service.register("p", [spec(work, every="1h")])
+        await _frozen(service, idle=True)
+        policy = service._gc
+        with anyio.fail_after(30):
+            while not policy.idle:
+                await anyio.sleep(0.05)
+        assert gc.get_threshold()[0] == policy.young_batch
+        before = sum(policy.collections)
+        keep = []
+        with anyio.fail_after(60):
+            while policy.idle or sum(policy.collections) < before + 2:
+                keep.append([{"n": i} for i in range(500)])
+                await anyio.sleep(0.002)
+        assert gc.get_threshold()[0] == policy.overdue * policy._young
+        del keep
+        # and idle again once the allocations stop
+        with anyio.fail_after(30):
+            while not policy.idle:
+                await anyio.sleep(0.05)
