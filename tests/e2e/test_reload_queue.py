@@ -51,6 +51,15 @@ def plugin(plugins: Path, name: str, run: str = "", router: str = GOOD_ROUTER) -
     return folder
 
 
+def held(hold: Path) -> str:
+    """A ``run.py`` body whose import waits while the file ``hold`` exists."""
+    return f"""
+    import pathlib, time
+    while pathlib.Path({str(hold)!r}).exists():
+        time.sleep(0.01)
+    """
+
+
 class Cli:
     """``xcore plugin ARGS`` in a subprocess, its output in files (read while it runs)."""
 
@@ -93,11 +102,7 @@ async def test_queued_requests_are_accepted_followed_and_merged(tmp_path: Path) 
     plugin(
         plugins,
         "slow",
-        run=f"""
-        import pathlib, time
-        while pathlib.Path({str(hold)!r}).exists():
-            time.sleep(0.01)
-        """,
+        run=held(hold),
     )
     plugin(plugins, "quick")
     plugin(plugins, "gone")
@@ -239,11 +244,7 @@ async def test_a_request_with_nothing_to_do_reads_succeeded_after_a_restart(
     plugin(
         plugins,
         "slow",
-        run=f"""
-        import pathlib, time
-        while pathlib.Path({str(hold)!r}).exists():
-            time.sleep(0.01)
-        """,
+        run=held(hold),
     )
     plugin(plugins, "quick")
     with serve(tmp_path, plugins_dir=plugins, env=ENV, args=("--no-reload",)) as server:

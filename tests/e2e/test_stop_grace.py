@@ -20,7 +20,7 @@ import anyio
 import httpx
 
 from .server import free_port, serve
-from .test_reload_queue import AUTH, TOKEN, plugin, until
+from .test_reload_queue import AUTH, TOKEN, held, plugin, until
 
 ENV = {
     "XCORE_ADMIN_TOKEN": TOKEN,
@@ -28,14 +28,6 @@ ENV = {
     "XCORE_SERVICES__LOADER__HOOK_TIMEOUT": "600",
     "XCORE_STOP_GRACE": "2",
 }
-
-
-def held(hold: Path) -> str:
-    return f"""
-    import pathlib, time
-    while pathlib.Path({str(hold)!r}).exists():
-        time.sleep(0.01)
-    """
 
 
 async def test_sigterm_ends_the_server_while_a_reload_import_is_stuck(tmp_path: Path) -> None:
