@@ -12,23 +12,24 @@ Mechanism: Python runs one thread at a time, and a thread waiting for the interp
 takes it from the running one after the switch interval, so a build thread that never
 waits slices every request of the event loop into switch-interval pieces. Build code
 calls :func:`pace` between units of work (after each route is declared or copied, each
-validator built by services/loader/lazy.py); once
-the calling thread has computed ``quantum`` seconds of CPU since its last pause, it
-sleeps (releasing the interpreter) long enough to bring its share down to ``share``.
-Calls from the event loop's thread, or while no build is open (``share`` is 1), return
-at once. *Requests first:* at each unit a build thread also waits, at most
-:data:`yield_max` (``build_yield_ms`` of ``services.loader``), while HTTP requests are
-being handled (:data:`serving`, counted by the router's dispatcher until each response
-starts: a streamed body does not hold builds; woken when the last one ends), so a
-request that arrives finds at most one unit of build work in its way instead of the
-build's whole share; under a saturated load the build still advances one unit per wait, and a thread's waits
-in one window add up to at most the CPU time it computed (a build's wall time at most
-doubles, however long requests keep arriving). :func:`install` makes FastAPI's ``APIRouter.add_api_route`` (what every route
-decorator calls) pace after each route. A thread given an :class:`Account`
-(:func:`account`) adds each pause to it: a caller bounding the thread's work by a
-timeout leaves the paused time out (the loader's ``import_timeout``); a caller that gave
-up on the thread marks its account abandoned, and the thread's next :func:`pace` raises
-:class:`Abandoned` (a timed-out import declaring routes in an endless loop stops there).
+validator built by services/loader/lazy.py); once the calling thread has computed
+``quantum`` seconds of CPU since its last pause, it sleeps (releasing the interpreter)
+long enough to bring its share down to ``share``. Calls from the event loop's thread, or
+while no build is open (``share`` is 1), return at once. *Requests first:* at each unit
+a build thread also waits, at most :data:`yield_max` (``build_yield_ms`` of
+``services.loader``), while HTTP requests are being handled (:data:`serving`, counted by
+the router's dispatcher until each response starts: a streamed body does not hold
+builds; woken when the last one ends), so a request that arrives finds at most one unit
+of build work in its way instead of the build's whole share; under a saturated load the
+build still advances one unit per wait, and a thread's waits in one window add up to at
+most the CPU time it computed (a build's wall time at most doubles, however long
+requests keep arriving). :func:`install` makes FastAPI's ``APIRouter.add_api_route``
+(what every route decorator calls) pace after each route. A thread given an
+:class:`Account` (:func:`account`) adds each pause to it: a caller bounding the thread's
+work by a timeout leaves the paused time out (the loader's ``import_timeout``); a caller
+that gave up on the thread marks its account abandoned, and the thread's next
+:func:`pace` raises :class:`Abandoned` (a timed-out import declaring routes in an
+endless loop stops there).
 """
 
 from __future__ import annotations

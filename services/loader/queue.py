@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from kernel.events import Recorded
@@ -84,6 +85,8 @@ OUTCOME_TYPES = frozenset().union(*OUTCOMES.values())
 FAILURES = frozenset(
     t.type_name for t in (PluginReloadFailed, PluginInstallFailed, PluginUninstallFailed)
 )
+#: Records read from the log at a time when the line or an outcome is looked for.
+PAGE = 500
 #: Outcomes kept for waiters that register after their outcome arrived (a fast answer).
 RECENT = 1000
 
@@ -201,16 +204,12 @@ class RequestQueue:
         current = self.current.position if self.current is not None else None
         after = max(self._handled_up_to(), current or 0)
         line: list[Recorded] = []
-        while True:
-            batch = await self.kernel.read(after=after, types=REQUEST_TYPES, limit=500)
-            for record in batch:
-                if up_to is not None and record.position > up_to:
-                    return line
-                if record.position != current and acts_on(self.kernel, record):
-                    line.append(record)
-            if len(batch) < 500:
-                return line
-            after = batch[-1].position
+        async for record in _scan(self.kernel, after, types=REQUEST_TYPES):
+            if up_to is not None and record.position > up_to:
+                break
+            if record.position != current and acts_on(self.kernel, record):
+                line.append(record)
+        return line
 
     async def queued_reload(self, name: str) -> Recorded | None:
         """A reload of ``name`` waiting in line (not in hand: its files are not read yet)."""
@@ -246,17 +245,10 @@ class RequestQueue:
         # a named request is answered on the plugin's stream; an install may be answered
         # on the plugins stream or on the stream of the name its archive declares
         stream = stream_of(name) if name is not None else None
-        after = request.position
-        while True:
-            batch = await self.kernel.read(
-                after=after, types=sorted(answers), stream=stream, limit=500
-            )
-            for record in batch:
-                if record.meta.causation_id == request.meta.id:
-                    return record
-            if len(batch) < 500:
-                return None
-            after = batch[-1].position
+        async for record in _scan(self.kernel, request.position, types=answers, stream=stream):
+            if record.meta.causation_id == request.meta.id:
+                return record
+        return None
 
     async def status(self, request: Recorded) -> dict[str, Any]:
         """Where ``request`` stands: queued / running / succeeded / failed."""
@@ -298,6 +290,20 @@ class RequestQueue:
             return body
         body.update(status="queued", queue_position=await self.place(request))
         return body
+
+
+async def _scan(
+    kernel: Kernel, after: int, *, types: Iterable[str], stream: str | None = None
+) -> AsyncIterator[Recorded]:
+    """The records after ``after`` of ``types`` (on ``stream``), read a page at a time."""
+    wanted = sorted(types)
+    while True:
+        batch = await kernel.read(after=after, types=wanted, stream=stream, limit=PAGE)
+        for record in batch:
+            yield record
+        if len(batch) < PAGE:
+            return
+        after = batch[-1].position
 
 
 def describe(request: Recorded) -> dict[str, Any]:

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING
 from kernel.errors import ConcurrencyError, StoreError
 from kernel.events import Event, NewEvent, Recorded
 from kernel.store.base import ANY, StreamWrite
-from services.scheduler.events import TaskStarted
+from services.scheduler.events import TaskReleased, TaskStarted
+from services.scheduler.idle import Idle
 from services.scheduler.specs import CompiledTask
 from services.scheduler.stepbatch import StepBatches
 from services.scheduler.triggers import AfterTrigger, IntervalTrigger
@@ -53,7 +54,16 @@ from services.scheduler.triggers import AfterTrigger, IntervalTrigger
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
-__all__ = ["ClaimLost", "Claims", "SlotTaken", "again", "claim", "claim_key"]
+__all__ = [
+    "ClaimLost",
+    "Claims",
+    "SlotTaken",
+    "again",
+    "claim",
+    "claim_key",
+    "releasable",
+    "release",
+]
 
 log = logging.getLogger("xcore.scheduler")
 
@@ -111,6 +121,39 @@ def again(key: str) -> str:
     return hashlib.blake2b(f"again|{key}".encode(), digest_size=16).hexdigest()
 
 
+def releasable(trigger: str, due: float, now: float) -> bool:
+    """Whether a claimed run's code cannot have run: a timed run or a retry whose
+    instant (``due``: its time, a retry's ``retry_at``) is still to come at ``now``."""
+    return trigger in ("schedule", "retry") and now < due
+
+
+def release(
+    *,
+    task: str,
+    run_id: str,
+    scheduled_for: float,
+    attempt: int,
+    trigger: str,
+    claim: str,
+    due: float,
+    next_run: float | None,
+    why: str,
+) -> TaskReleased:
+    """The ``TaskReleased`` that ends a :func:`releasable` claim (``why``: how the
+    process stopped before ``due``); a released retry is pending again at ``due``."""
+    return TaskReleased(
+        task=task,
+        run_id=run_id,
+        scheduled_for=scheduled_for,
+        attempt=attempt,
+        trigger=trigger,
+        reason=f"released: {why}; its code never ran, the instant runs again",
+        claim=claim,
+        next_run=next_run,
+        retry_at=due if trigger == "retry" else None,
+    )
+
+
 def _items(kernel: Kernel, events: list[Event], key: str, cause: Recorded | None) -> list[NewEvent]:
     return [
         NewEvent.of(
@@ -160,7 +203,7 @@ class Claims(StepBatches[_Queued]):
     def __init__(self, kernel: Kernel) -> None:
         super().__init__()
         self.kernel = kernel
-        self._idlers: list[asyncio.Future[None]] = []
+        self._idlers = Idle(lambda: self.busy)
 
     @property
     def busy(self) -> bool:
@@ -169,20 +212,11 @@ class Claims(StepBatches[_Queued]):
 
     async def idle(self, timeout: float) -> None:
         """Return once no claim is queued or being written (or after ``timeout``)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.busy and (left := deadline - loop.time()) > 0:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._idlers.append(fut)
-            await asyncio.wait([fut], timeout=left)
+        await self._idlers.wait(timeout)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not self.busy:
-            idlers, self._idlers = self._idlers, []
-            for fut in idlers:
-                if not fut.done():
-                    fut.set_result(None)
+        self._idlers.notify()
 
     def claim(
         self, stream: str, events: list[Event], key: str, cause: Recorded | None

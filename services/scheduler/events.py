@@ -183,10 +183,11 @@ class TaskReleased(Event):
     """The outcome of a run claimed ahead of its instant whose code cannot have run: the
     process stopped (SIGKILL, power loss) after its ``TaskStarted`` and before its
     instant, and the next boot came back before that instant; or the kernel stopped
-    gracefully while the run waited for its instant (recorded at the stop). Not a failure: the claim
-    is given up and the instant runs again under a new claim — a timed run's schedule
-    goes back to it (``next_run``, then the misfire and coalescing rules as for any due
-    time), a retry is pending again at ``retry_at``. One start, one outcome per claim."""
+    gracefully while the run waited for its instant (recorded at the stop). Not a
+    failure: the claim is given up and the instant runs again under a new claim — a
+    timed run's schedule goes back to it (``next_run``, then the misfire and coalescing
+    rules as for any due time), a retry is pending again at ``retry_at``. One start, one
+    outcome per claim."""
 
     task: str
     run_id: str

@@ -20,24 +20,24 @@ instead of one every few seconds.
 
 While frozen, the young collections are the policy's too: a tick (every
 :attr:`GcPolicy.tick` seconds) collects the young generation early and small (once
-:attr:`GcPolicy.young_batch` allocations are pending: a pause of a few ms), and never in a
-*start window* (``Dispatcher.quiet_for``: from a timer's firing to the release of its
-runs at their instant, or within :attr:`GcPolicy.young_gap` of the next firing): it
-runs after a burst has started. While idle (fewer than :attr:`GcPolicy.young_batch`
+:attr:`GcPolicy.young_batch` allocations are pending: a pause of a few ms), and never in
+a *start window* (``Dispatcher.quiet_for``: from a timer's firing to the release of its
+runs at their instant, or within :attr:`GcPolicy.young_gap` of the next firing): it runs
+after a burst has started. While idle (fewer than :attr:`GcPolicy.young_batch`
 allocations per :attr:`GcPolicy.idle_tick`, no start window near), the tick sleeps
-:attr:`GcPolicy.idle_tick` instead (an idle server measured 1.8-2.1 % of a core with
-the 10 ms tick, 0.5 % so, 0.35 % without the policy), CPython's own generation-0
-threshold lowered to :attr:`GcPolicy.young_batch` meanwhile. The older generations are collected by CPython's rule
-(same thresholds), only in a gap of at least :attr:`GcPolicy.gap` before the next due
-time — a burst of runs due at one instant never waits behind a generation-1 pause
-(20-100 ms with 10,000 schedules), nor behind CPython's own young pass at its raised
-threshold (10-35 ms measured mid-burst). CPython's automatic collection stays on, its
-generation-0 threshold raised to :attr:`GcPolicy.overdue` times the tended one: a
-collection that far overdue runs at once, gap or not — even while code holds the event
-loop (a plugin that never awaits) and no tick can run —, so memory stays bounded
-whatever the schedules and the plugins. An application that turned collection off
-(``gc.disable()``) keeps it off: the tick collects only while ``gc.isenabled()``, and a
-settle that finds it off neither collects nor freezes (the application's own
+:attr:`GcPolicy.idle_tick` instead (an idle server measured 1.8-2.1 % of a core with the
+10 ms tick, 0.5 % so, 0.35 % without the policy), CPython's own generation-0 threshold
+lowered to :attr:`GcPolicy.young_batch` meanwhile. The older generations are collected
+by CPython's rule (same thresholds), only in a gap of at least :attr:`GcPolicy.gap`
+before the next due time — a burst of runs due at one instant never waits behind a
+generation-1 pause (20-100 ms with 10,000 schedules), nor behind CPython's own young
+pass at its raised threshold (10-35 ms measured mid-burst). CPython's automatic
+collection stays on, its generation-0 threshold raised to :attr:`GcPolicy.overdue` times
+the tended one: a collection that far overdue runs at once, gap or not — even while code
+holds the event loop (a plugin that never awaits) and no tick can run —, so memory stays
+bounded whatever the schedules and the plugins. An application that turned collection
+off (``gc.disable()``) keeps it off: the tick collects only while ``gc.isenabled()``,
+and a settle that finds it off neither collects nor freezes (the application's own
 ``gc.collect()`` calls must still reach everything).
 
 This is a process-wide choice made by the scheduler (setting ``manage_gc``, default

@@ -43,11 +43,10 @@ import pydantic_core
 from kernel.errors import KernelStateError, StoreClosed
 from kernel.events import Event, Recorded
 from kernel.sdk import PluginContext, TaskContext, plugin_context_var, task_context_var
-from services.scheduler.claim import ClaimLost, Claims, SlotTaken, claim_key
+from services.scheduler.claim import ClaimLost, Claims, SlotTaken, claim_key, releasable, release
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.events import (
     TaskFailed,
-    TaskReleased,
     TaskRetryScheduled,
     TaskSkipped,
     TaskStarted,
@@ -220,8 +219,7 @@ class Runner:
         # a process back before the instant runs it (docs/scheduler.md, *Shutdown*).
         now = time.time()
         for run_id, (tid, scheduled_for, start_at, kind) in self._ahead.items():
-            due = start_at if kind == "retry" else scheduled_for
-            if kind in ("schedule", "retry") and now < due:
+            if releasable(kind, start_at if kind == "retry" else scheduled_for, now):
                 self._releasing.add(run_id)
                 if kind == "schedule":
                     self._rewind[tid] = min(self._rewind.get(tid, scheduled_for), scheduled_for)
@@ -683,24 +681,23 @@ class Runner:
         recorded = entry.recorded_next
         if rewind is not None:
             recorded = rewind if recorded is None else min(recorded, rewind)
-        retry = kind == "retry"
+        due = start_at if kind == "retry" else scheduled_for
         await self.append(
             tid,
             [
-                TaskReleased(
+                release(
                     task=tid,
                     run_id=run_id,
                     scheduled_for=scheduled_for,
                     attempt=attempt,
                     trigger=kind,
-                    reason=(
-                        "released: the kernel stopped after claiming this run "
-                        f"{(start_at if retry else scheduled_for) - time.time():.3f} s "
-                        "ahead of its instant; its code never ran, the instant runs again"
-                    ),
                     claim=key,
+                    due=due,
                     next_run=recorded,
-                    retry_at=start_at if retry else None,
+                    why=(
+                        "the kernel stopped after claiming this run "
+                        f"{due - time.time():.3f} s ahead of its instant"
+                    ),
                 )
             ],
         )

@@ -34,6 +34,7 @@ from kernel.events import Event, Recorded
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec
 from services.loader.events import PluginLoaded, PluginReloaded, PluginUnloaded
+from services.scheduler.claim import releasable, release
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.dispatch import Dispatcher
 from services.scheduler.events import (
@@ -215,24 +216,22 @@ class SchedulerService:
                     continue  # another node's run (a cluster): the cluster service watches it
                 event: Event
                 due = info.scheduled_for if info.due is None else info.due
-                if now < due and info.claim is not None and info.trigger in ("schedule", "retry"):
-                    retry = info.trigger == "retry"
-                    if not retry:
+                if info.claim is not None and releasable(info.trigger, due, now):
+                    if info.trigger == "schedule":
                         rewind = due if rewind is None else min(rewind, due)
-                    event = TaskReleased(
+                    event = release(
                         task=row.id,
                         run_id=info.run_id,
                         scheduled_for=info.scheduled_for,
                         attempt=info.attempt,
                         trigger=info.trigger,
-                        reason=(
-                            "released: the process stopped after claiming this run ahead "
-                            f"of its instant and came back {due - now:.3f} s before it; "
-                            "its code never ran, the instant runs again"
-                        ),
                         claim=info.claim,
+                        due=due,
                         next_run=rewind,
-                        retry_at=due if retry else None,
+                        why=(
+                            "the process stopped after claiming this run ahead of its "
+                            f"instant and came back {due - now:.3f} s before it"
+                        ),
                     )
                     log.warning(
                         "task %s: run %s was claimed ahead of its instant by a process "

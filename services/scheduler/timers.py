@@ -20,6 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from services.scheduler.idle import Idle
+
 __all__ = ["StartGate", "TimerQueue"]
 
 log = logging.getLogger("xcore.scheduler")
@@ -275,7 +277,7 @@ class StartGate:
         self._thread: ThreadPoolExecutor | None = None
         self._closed = False
         #: woken when no run waits for an instant any more (:meth:`idle`)
-        self._idlers: list[asyncio.Future[None]] = []
+        self._idlers = Idle(lambda: bool(self._groups))
 
     @property
     def pending(self) -> bool:
@@ -284,25 +286,10 @@ class StartGate:
 
     async def idle(self, timeout: float) -> None:
         """Return once no run waits for an instant (or after ``timeout`` seconds)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._groups and (left := deadline - loop.time()) > 0:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._idlers.append(fut)
-            try:
-                await asyncio.wait([fut], timeout=left)
-            finally:
-                if not fut.done():  # timed out (or cancelled): not kept for ever
-                    fut.cancel()
-                    self._idlers.remove(fut)
+        await self._idlers.wait(timeout)
 
     def _released(self) -> None:
-        if self._groups or not self._idlers:
-            return
-        idlers, self._idlers = self._idlers, []
-        for fut in idlers:
-            if not fut.done():
-                fut.set_result(None)
+        self._idlers.notify()
 
     def close(self) -> None:
         """Stop for good: pending coarse waits are cancelled (their waiters with them);
