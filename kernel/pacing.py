@@ -34,12 +34,26 @@ endless loop stops there).
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import select
 import threading
 import time
 from typing import Any
 
-__all__ = ["Abandoned", "Account", "account", "check", "install", "pace", "set_share", "share"]
+__all__ = [
+    "Abandoned",
+    "Account",
+    "account",
+    "check",
+    "install",
+    "loop_busy",
+    "pace",
+    "set_share",
+    "share",
+    "unwatch_loop",
+    "watch_loop",
+]
 
 #: CPU seconds a thread computes between two pauses (pauses shorter than this are noise).
 quantum = 0.002
@@ -61,8 +75,11 @@ serving = 0
 #: Longest a build thread waits, per unit of work, for the requests in flight to end
 #: (seconds; 0: it does not wait). Set with :func:`set_share`.
 yield_max = 0.0
-#: Set when ``serving`` drops to 0 while a build thread waits (:func:`request_ended`).
+#: Set when ``serving`` drops to 0 or the watched loop goes to sleep while a build thread
+#: waits (:func:`request_ended`, :class:`_LoopWatch`).
 _idle = threading.Event()
+#: Waits build threads made for the loop so far (benchmarks read it).
+gave_way = 0
 _waiting = 0
 
 
@@ -111,16 +128,123 @@ def request_ended() -> None:
         _idle.set()
 
 
+class _LoopWatch:
+    """Whether the watched event loop has work: it is not asleep in its selector, or
+    its selector has events ready (it is waking up: taking the interpreter back).
+
+    Its selector's ``select`` is wrapped (an attribute of the selector object, removed
+    by :meth:`close`): a call that may sleep (a timeout other than 0) marks the loop
+    asleep for its duration and wakes the build threads giving way. While marked asleep,
+    :meth:`busy` asks the kernel whether the selector's own descriptor (epoll, kqueue)
+    is readable, i.e. whether the loop is about to wake up: that poll is a system call
+    made without the interpreter, so a loop already woken takes the interpreter then.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        selector = getattr(loop, "_selector", None)
+        if selector is None or not callable(getattr(selector, "select", None)):
+            raise TypeError(f"{type(loop).__name__} has no selector to watch")
+        self.loop = loop
+        self.selector = selector
+        self.original = selector.select
+        self.asleep = False
+        self.holders = 1
+        self.poller: select.poll | None = None
+        fileno = getattr(selector, "fileno", None)
+        if callable(fileno) and hasattr(select, "poll"):
+            try:
+                poller = select.poll()
+                poller.register(fileno(), select.POLLIN)
+            except (OSError, ValueError, TypeError):
+                pass  # (a select()-based selector: the asleep mark alone)
+            else:
+                self.poller = poller
+        selector.select = self._select
+
+    def _select(self, timeout: float | None = None) -> Any:
+        if timeout is not None and timeout <= 0:  # a look, not a sleep: still at work
+            return self.original(timeout)
+        self.asleep = True
+        if _waiting:
+            _idle.set()
+        try:
+            return self.original(timeout)
+        finally:
+            self.asleep = False
+
+    def busy(self) -> bool:
+        if not self.asleep:
+            return True
+        poller = self.poller
+        if poller is None:
+            return False
+        try:
+            return bool(poller.poll(0))
+        except OSError:  # (the loop closed its selector meanwhile)
+            return False
+
+    def close(self) -> None:
+        # (only our own wrapper; the selector may have been closed and replaced)
+        if self.selector.__dict__.get("select") == self._select:
+            del self.selector.select
+
+
+_watch: _LoopWatch | None = None
+
+
+def watch_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Build threads give way to ``loop`` while it has work, not only while a plugin
+    request is handled (uvicorn reading a request, writing a response, the kernel's
+    own tasks): :func:`unwatch_loop` undoes it (calls nest). False if ``loop`` cannot
+    be watched (no selector: then only :data:`serving` counts)."""
+    global _watch
+    with _lock:
+        current = _watch
+        if current is not None and current.loop is loop:
+            current.holders += 1
+            return True
+        try:
+            watch = _LoopWatch(loop)
+        except TypeError:
+            return False
+        if current is not None:  # another loop (an earlier kernel's): this one now
+            current.close()
+        _watch = watch
+        return True
+
+
+def unwatch_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """One holder of :func:`watch_loop` on ``loop`` is done (the last one unwraps it)."""
+    global _watch
+    with _lock:
+        current = _watch
+        if current is None or current.loop is not loop:
+            return
+        current.holders -= 1
+        if current.holders <= 0:
+            current.close()
+            _watch = None
+
+
+def loop_busy() -> bool:
+    """Plugin requests are handled, or the watched event loop has work (any thread)."""
+    if serving > 0:
+        return True
+    watch = _watch
+    return watch is not None and watch.busy()
+
+
 def _wait_for_requests() -> float:
-    """Wait (at most :data:`yield_max`) for the requests in flight to end; seconds waited.
+    """Wait (at most :data:`yield_max`) while the loop has work (:func:`loop_busy`);
+    seconds waited.
 
     Bounded in total: a thread's waits within one build window never add up to more
     than the CPU time it has computed in that window (plus one wait), so a constant
-    stream of requests (long polls never start their response) at most doubles a
-    build's wall time instead of stretching it without end."""
-    global _waiting
+    stream of requests (long polls never start their response, a saturated loop) at
+    most doubles a build's wall time instead of stretching it without end."""
+    global _waiting, gave_way
     limit = yield_max
-    if limit <= 0 or serving <= 0:
+    if limit <= 0 or not loop_busy():
         return 0.0
     cpu = time.thread_time()
     budget = getattr(_local, "yield_budget", None)
@@ -134,13 +258,14 @@ def _wait_for_requests() -> float:
         _waiting += 1
         _idle.clear()
     try:
-        if serving > 0:
+        if loop_busy():  # (again once registered: a wake-up in between is not lost)
             _idle.wait(limit)
     finally:
         with _lock:
             _waiting -= 1
     waited = time.perf_counter() - start
     budget[2] += waited
+    gave_way += 1
     return waited
 
 

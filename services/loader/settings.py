@@ -54,8 +54,9 @@ class LoaderSettings(BaseModel):
     #: of the wall time, pausing between routes (kernel/pacing.py); 1 turns it off.
     build_cpu_share: float = Field(default=0.3, gt=0, le=1)
     #: While a generation is built (and paced), a thread building routes waits up to
-    #: this (ms) per route or validator while plugin requests are in flight, so they
-    #: find at most one unit of build work in their way (kernel/pacing.py); 0: off.
+    #: this (ms) per route or validator while the event loop has work (plugin requests
+    #: in flight, uvicorn reading or writing, the kernel's tasks), so requests find at
+    #: most one unit of build work in their way (kernel/pacing.py); 0: off.
     build_yield_ms: float = Field(default=5.0, ge=0, le=1000)
     #: The mode of plugins installed from an archive (``xcore plugin install``, the
     #: admin API's upload): ``manifest`` keeps the one their manifest declares;
