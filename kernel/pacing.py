@@ -51,6 +51,7 @@ __all__ = [
     "pace",
     "set_share",
     "share",
+    "stats",
     "unwatch_loop",
     "watch_loop",
 ]
@@ -78,8 +79,9 @@ yield_max = 0.0
 #: Set when ``serving`` drops to 0 or the watched loop goes to sleep while a build thread
 #: waits (:func:`request_ended`, :class:`_LoopWatch`).
 _idle = threading.Event()
-#: Waits build threads made for the loop so far (benchmarks read it).
+#: Waits build threads made for the loop so far, and their seconds (``/health`` shows them).
 gave_way = 0
+gave_way_s = 0.0
 _waiting = 0
 
 
@@ -234,6 +236,17 @@ def loop_busy() -> bool:
     return watch is not None and watch.busy()
 
 
+def stats() -> dict[str, Any]:
+    """What pacing did so far in this process (``/health`` -> ``loader.pacing``)."""
+    return {
+        "share": _share,
+        "watching_loop": _watch is not None,
+        "paused_s": round(slept, 3),
+        "gave_way": gave_way,
+        "gave_way_s": round(gave_way_s, 3),
+    }
+
+
 def _wait_for_requests() -> float:
     """Wait (at most :data:`yield_max`) while the loop has work (:func:`loop_busy`);
     seconds waited.
@@ -242,7 +255,7 @@ def _wait_for_requests() -> float:
     than the CPU time it has computed in that window (plus one wait), so a constant
     stream of requests (long polls never start their response, a saturated loop) at
     most doubles a build's wall time instead of stretching it without end."""
-    global _waiting, gave_way
+    global _waiting, gave_way, gave_way_s
     limit = yield_max
     if limit <= 0 or not loop_busy():
         return 0.0
@@ -266,6 +279,7 @@ def _wait_for_requests() -> float:
     waited = time.perf_counter() - start
     budget[2] += waited
     gave_way += 1
+    gave_way_s += waited
     return waited
 
 

@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel import pacing
 from kernel.collector import collector
 from kernel.events import Event, Recorded
 
@@ -91,6 +92,7 @@ class LoaderState:
             "busy": busy,
             "reloads_paused": sorted(self.paused),
             "gc": collector.stats(),
+            "pacing": pacing.stats(),
         }
         leaked = self.leaked_generations()
         if leaked:
