@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import select
 import threading
 import time
 from typing import Any
+
+from kernel.collector import collector
 
 __all__ = [
     "Abandoned",
@@ -82,6 +85,8 @@ _idle = threading.Event()
 #: Waits build threads made for the loop so far, and their seconds (``/health`` shows them).
 gave_way = 0
 gave_way_s = 0.0
+#: Young collections build threads ran between units of work (kernel/collector.py).
+young_passes = 0
 _waiting = 0
 
 
@@ -244,6 +249,7 @@ def stats() -> dict[str, Any]:
         "paused_s": round(slept, 3),
         "gave_way": gave_way,
         "gave_way_s": round(gave_way_s, 3),
+        "young_passes": young_passes,
     }
 
 
@@ -293,12 +299,17 @@ def check() -> None:
 def pace() -> None:
     """Between two units of build work: pause if this thread took more than its share
     (and stop it, :class:`Abandoned`, if its caller gave up on it)."""
-    global slept
+    global slept, young_passes
     check()
     current = _share
     if current >= 1.0 or threading.current_thread() is threading.main_thread():
         return
     waited = _wait_for_requests()
+    young = collector.young_due()
+    if young is not None:
+        # (the loop just went idle, or has no work: the pass now holds up no request)
+        gc.collect(young)
+        young_passes += 1
     if waited:
         slept += waited
         target = getattr(_local, "account", None)

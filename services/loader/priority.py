@@ -53,6 +53,8 @@ class BuildWindow:
         self.active = 0
         self._saved_interval: float | None = None
         self._set_interval: float | None = None
+        #: This window raised the young threshold (kernel/collector.py young_paced).
+        self._young = False
 
     @property
     def unloaded_since_full(self) -> int:
@@ -75,6 +77,9 @@ class BuildWindow:
             self.active += 1
             if self.active == 1 and cpu_share < 1.0:
                 pacing.set_share(cpu_share, yield_s)
+                self._young = defer_full_gc
+                if defer_full_gc:
+                    collector.young_paced(True)
             if switch_interval is not None and switch_interval > 0:
                 current = sys.getswitchinterval()
                 if self._saved_interval is None:
@@ -89,6 +94,9 @@ class BuildWindow:
             self.active -= 1
             if self.active == 0:
                 pacing.set_share(1.0)
+                if self._young:
+                    self._young = False
+                    collector.young_paced(False)
             if self.active == 0 and self._saved_interval is not None:
                 # put back only what this module set (another change is kept)
                 if self._set_interval is None or sys.getswitchinterval() == self._set_interval:

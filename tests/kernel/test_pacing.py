@@ -4,6 +4,7 @@ every thread once pacing is closed, never pause."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -110,3 +111,47 @@ def test_the_waits_for_requests_add_up_to_at_most_the_builds_cpu_time(
 
     in_thread(build)
     assert spent.paused < 1.0, spent.paused
+
+
+def test_young_collections_of_a_paced_build_run_between_its_units_not_on_the_loop() -> None:
+    """While a paced build runs, the young threshold is raised and the build thread runs
+    the young passes itself at its units' ends (kernel/collector.py ``young_due``): the
+    event loop's thread, allocating a little between, no longer collects the build's
+    survivors. The threshold is back once the window closes."""
+    from services.loader.priority import building
+
+    threshold = gc.get_threshold()
+    passes: dict[str, int] = {"main": 0, "build": 0}
+
+    def counted(phase: str, info: dict[str, object]) -> None:
+        if phase == "start":
+            main = threading.current_thread() is threading.main_thread()
+            passes["main" if main else "build"] += 1
+
+    keep: list[object] = []
+    gc.collect()
+    gc.callbacks.append(counted)
+    try:
+        with building(cpu_share=0.99, defer_full_gc=True, yield_ms=0):
+            assert gc.get_threshold()[0] > threshold[0]
+            stop = threading.Event()
+
+            def build() -> None:
+                while not stop.is_set():
+                    keep.append([[] for _ in range(2_000)])  # a unit: survivors
+                    pacing.pace()
+
+            t = threading.Thread(target=build)
+            t.start()
+            try:
+                for _ in range(300):  # the loop: a request's worth of objects at a time
+                    keep.append([[] for _ in range(300)])
+                    time.sleep(0.001)
+            finally:
+                stop.set()
+                t.join(60)
+    finally:
+        gc.callbacks.remove(counted)
+        keep.clear()
+    assert gc.get_threshold() == threshold
+    assert passes["build"] > 10 and passes["main"] == 0, passes
