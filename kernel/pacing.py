@@ -15,12 +15,16 @@ calls :func:`pace` between units of work (after each route is declared or copied
 validator built by services/loader/lazy.py); once the calling thread has computed
 ``quantum`` seconds of CPU since its last pause, it sleeps (releasing the interpreter)
 long enough to bring its share down to ``share``. Calls from the event loop's thread, or
-while no build is open (``share`` is 1), return at once. *Requests first:* at each unit
+while no build is open (``share`` is 1), return at once. *The loop first:* at each unit
 a build thread also waits, at most :data:`yield_max` (``build_yield_ms`` of
-``services.loader``), while HTTP requests are being handled (:data:`serving`, counted by
-the router's dispatcher until each response starts: a streamed body does not hold
-builds; woken when the last one ends), so a request that arrives finds at most one unit
-of build work in its way instead of the build's whole share; under a saturated load the
+``services.loader``), while the event loop has work (:func:`loop_busy`): HTTP requests
+being handled (:data:`serving`, counted by the router's dispatcher until each response
+starts: a streamed body does not hold builds), or the loop awake — not asleep in its
+selector, or its selector's descriptor readable (:func:`watch_loop`: uvicorn reading a
+request or writing a response, every socket call of which handed the interpreter to the
+build thread and waited a switch interval to get it back). It is woken when the loop
+goes back to sleep or the last request ends, so a request that arrives finds at most one
+unit of build work in its way instead of the build's whole share; under a saturated load the
 build still advances one unit per wait, and a thread's waits in one window add up to at
 most the CPU time it computed (a build's wall time at most doubles, however long
 requests keep arriving). :func:`install` makes FastAPI's ``APIRouter.add_api_route``
@@ -29,7 +33,9 @@ requests keep arriving). :func:`install` makes FastAPI's ``APIRouter.add_api_rou
 work by a timeout leaves the paused time out (the loader's ``import_timeout``); a caller
 that gave up on the thread marks its account abandoned, and the thread's next
 :func:`pace` raises :class:`Abandoned` (a timed-out import declaring routes in an
-endless loop stops there).
+endless loop stops there). While the collector raised the young threshold for paced
+builds (kernel/collector.py ``young_paced``), :func:`pace` also runs the young passes
+that are due, after its wait for the loop.
 """
 
 from __future__ import annotations
