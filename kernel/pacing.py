@@ -41,6 +41,7 @@ that are due, after its wait for the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import select
@@ -162,16 +163,14 @@ class _LoopWatch:
         self.original = selector.select
         self.asleep = False
         self.holders = 1
-        self.poller: select.poll | None = None
+        #: The selector's own descriptor (epoll, kqueue; None: the asleep mark alone).
+        self.fd: int | None = None
         fileno = getattr(selector, "fileno", None)
         if callable(fileno) and hasattr(select, "poll"):
-            try:
-                poller = select.poll()
-                poller.register(fileno(), select.POLLIN)
-            except (OSError, ValueError, TypeError):
-                pass  # (a select()-based selector: the asleep mark alone)
-            else:
-                self.poller = poller
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                self.fd = int(fileno())
+        #: One poll object per build thread (concurrent polls of one object are refused).
+        self._pollers = threading.local()
         selector.select = self._select
 
     def _select(self, timeout: float | None = None) -> Any:
@@ -188,12 +187,15 @@ class _LoopWatch:
     def busy(self) -> bool:
         if not self.asleep:
             return True
-        poller = self.poller
-        if poller is None:
+        if self.fd is None:
             return False
         try:
+            poller = getattr(self._pollers, "poller", None)
+            if poller is None:
+                poller = self._pollers.poller = select.poll()
+                poller.register(self.fd, select.POLLIN)
             return bool(poller.poll(0))
-        except OSError:  # (the loop closed its selector meanwhile)
+        except (OSError, ValueError, RuntimeError):  # (the loop closed its selector)
             return False
 
     def close(self) -> None:
