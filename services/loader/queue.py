@@ -24,6 +24,7 @@ line are the live state of this process (rebuilt from the log at each start).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import math
@@ -178,6 +179,7 @@ class RequestQueue:
         self._recent: collections.OrderedDict[str, list[Recorded]] = collections.OrderedDict()
         self._waiters: dict[str, list[tuple[frozenset[str], asyncio.Future[Recorded]]]] = {}
         self._follower: Subscription | None = None
+        self._syncs: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     async def start(self, sub: Subscription) -> None:
         self.sub = sub
@@ -201,18 +203,37 @@ class RequestQueue:
                 self.line.join(record, reload_of)
             else:
                 self.line.see(record.position)
+            while self._syncs and self._syncs[0][0] <= record.position:
+                _, future = self._syncs.popleft()
+                if not future.done():
+                    future.set_result(None)
         else:
             self._on_outcome(record)
 
     async def sync(self, position: int | None = None) -> None:
-        """Wait until the line holds every request recorded up to ``position`` (default:
-        the log's end now)."""
+        """Wait until the line holds every request recorded up to ``position`` (a request
+        recorded here), or up to the log's end now (``None``)."""
         follower = self._follower
         if follower is None:
             return
-        target = position if position is not None else await self.kernel.store.last_position()
-        if follower.position < target:
-            await follower.wait_for(target, SYNC_TIMEOUT)
+        if position is None:
+            target = await self.kernel.store.last_position()
+            if follower.position < target:
+                await follower.wait_for(target, SYNC_TIMEOUT)
+            return
+        if follower.position >= position or self.line.seen >= position:
+            return
+        # woken by the follower when it reaches that request (requests come in log
+        # order, so the waiters are kept in order of their positions)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (position, future)
+        bisect.insort(self._syncs, entry, key=lambda e: e[0])
+        try:
+            async with asyncio.timeout(SYNC_TIMEOUT):
+                await future
+        finally:
+            if entry in self._syncs:
+                self._syncs.remove(entry)
 
     # -- the request in hand ------------------------------------------------------
 
