@@ -163,7 +163,7 @@ QUEUE_FULL: dict[int | str, dict[str, Any]] = {
 }
 #: Largest page of ``GET /admin/loader/requests``.
 MAX_PAGE = 1000
-CURSOR = re.compile(r"[0-9]{1,19}")
+CURSOR = re.compile(r"^[0-9]{1,19}$")
 
 
 #: ``?wait=S``: how long this request waits for its outcome before a 202 (0: answer at once).
@@ -334,13 +334,14 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         ),
         cursor: str | None = Query(
             None,
-            max_length=19,
             description="the `next_cursor` of the previous page (the requests after it)",
+            # checked below, to answer a cursor this server never gave with a clear 422
+            json_schema_extra={"pattern": CURSOR.pattern},
         ),
     ) -> dict[str, Any]:
         after = 0
         if cursor is not None:
-            if not CURSOR.fullmatch(cursor) or int(cursor) > 2**62:
+            if not CURSOR.fullmatch(cursor):
                 raise HTTPException(
                     422,
                     f"cursor {cursor!r} is not one this server gives: pass the `next_cursor` "

@@ -220,9 +220,11 @@ async def test_the_line_is_paged_follows_the_log_and_refuses_odd_pages(
             for bad in ("-1", "0", "1001", str(10**9), "abc", "1.5", ""):
                 r = await c.get(f"/admin/loader/requests?limit={bad}", headers=AUTH)
                 assert r.status_code == 422 and "limit" in r.text, (bad, r.text)
-            for bad in ("garbage", "-1", "1e5", " 1", "9" * 19, "9" * 20, "1;DROP", "%00"):
+            for bad in ("garbage", "-1", "1e5", " 1", "", "9" * 20, "1;DROP", "%00", "1%0A"):
                 r = await c.get(f"/admin/loader/requests?cursor={bad}", headers=AUTH)
                 assert r.status_code == 422 and "cursor" in r.text, (bad, r.text)
+            r = await c.get(f"/admin/loader/requests?cursor={'9' * 19}", headers=AUTH)
+            assert (r.status_code, r.json()["queued"]) == (200, []), r.text  # past the end
             r = await c.get("/admin/loader/requests?cursor=0&limit=2", headers=AUTH)
             assert [q["name"] for q in r.json()["queued"]] == names[:2]
 
