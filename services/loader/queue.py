@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
+from kernel.errors import StoreError
 from kernel.events import Recorded
 
 from .events import (
@@ -60,6 +61,7 @@ __all__ = [
     "ACTOR",
     "OUTCOMES",
     "REQUESTS",
+    "LineBehind",
     "QueueFull",
     "RequestQueue",
     "acts_on",
@@ -133,6 +135,10 @@ def acts_on(kernel: Kernel, record: Recorded) -> bool:
 def _name(record: Recorded) -> str | None:
     name = record.data.get("name")
     return name if isinstance(name, str) else None
+
+
+class LineBehind(StoreError):
+    """The queue's subscription did not read the log far enough in time (a 503)."""
 
 
 class QueueFull(Exception):
@@ -212,28 +218,47 @@ class RequestQueue:
 
     async def sync(self, position: int | None = None) -> None:
         """Wait until the line holds every request recorded up to ``position`` (a request
-        recorded here), or up to the log's end now (``None``)."""
+        recorded here), or up to the log's end now (``None``).
+
+        Raises :class:`LineBehind` (the admin API answers 503) when the queue's
+        subscription does not get there within ``SYNC_TIMEOUT`` seconds.
+        """
         follower = self._follower
         if follower is None:
             return
-        if position is None:
-            target = await self.kernel.store.last_position()
-            if follower.position < target:
-                await follower.wait_for(target, SYNC_TIMEOUT)
-            return
-        if follower.position >= position or self.line.seen >= position:
-            return
-        # woken by the follower when it reaches that request (requests come in log
-        # order, so the waiters are kept in order of their positions)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (position, future)
-        bisect.insort(self._syncs, entry, key=lambda e: e[0])
+        target = position
         try:
-            async with asyncio.timeout(SYNC_TIMEOUT):
-                await future
-        finally:
-            if entry in self._syncs:
-                self._syncs.remove(entry)
+            if target is None:
+                target = await self.kernel.store.last_position()
+                if follower.position < target:
+                    await follower.wait_for(target, SYNC_TIMEOUT)
+                return
+            if follower.position >= target or self.line.seen >= target:
+                return
+            # woken by the follower when it reaches that request (requests come in log
+            # order, so the waiters are kept in order of their positions)
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (target, future)
+            bisect.insort(self._syncs, entry, key=lambda e: e[0])
+            try:
+                async with asyncio.timeout(SYNC_TIMEOUT):
+                    await future
+            finally:
+                if entry in self._syncs:
+                    self._syncs.remove(entry)
+        except (TimeoutError, RuntimeError) as exc:
+            log.error(
+                "the loader's queue did not read the log up to position %s within %gs "
+                "(it is at %s): %s",
+                target,
+                SYNC_TIMEOUT,
+                follower.position,
+                exc or type(exc).__name__,
+            )
+            raise LineBehind(
+                f"the loader's queue did not read the log up to position {target} within "
+                f"{SYNC_TIMEOUT:g}s (it is at {follower.position}); try again"
+            ) from exc
 
     # -- the request in hand ------------------------------------------------------
 

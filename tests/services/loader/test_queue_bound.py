@@ -243,3 +243,23 @@ async def test_max_queued_is_validated(harness_factory) -> None:
     for bad in (0, -5, "many", 10**7):
         with pytest.raises(XcoreError, match=r"services\.loader\.max_queued"):
             await harness_factory(loader={"max_queued": bad})
+
+
+async def test_a_line_that_cannot_follow_the_log_answers_503_not_a_wrong_place(
+    harness_factory, plugins: Path
+) -> None:
+    write_plugin(plugins, "a", router=status_router())
+    h: Harness = await harness_factory()
+    with anyio.fail_after(30):
+        follower = h.loader.queue._follower
+        assert follower is not None and follower._task is not None
+        follower._task.cancel()  # as if its task had died
+        await h.kernel.append(
+            PluginReloadRequested(name="a"), stream=stream_of("a"), actor="watcher"
+        )
+        before = await last_position(h)
+        r = await h.client.post("/admin/plugins/a/reload?wait=0", headers=AUTH)
+        assert r.status_code == 503 and "loader's queue did not read the log" in r.text, r.text
+        assert await last_position(h) == before
+        r = await h.client.get("/admin/loader/requests", headers=AUTH)
+        assert r.status_code == 503, r.text
