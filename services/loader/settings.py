@@ -68,4 +68,4 @@ class LoaderSettings(BaseModel):
     #: Most requests (reload, install, uninstall, enable, disable) waiting in the loader's
     #: line: past it the admin API refuses a new one at once (429 with Retry-After,
     #: nothing recorded); a reload that joins one already queued is not a new one.
-    max_queued: int = Field(default=1_000, ge=1, le=1_000_000)
+    max_queued: int = Field(default=1_000, ge=1, le=100_000)
