@@ -66,6 +66,25 @@ def test_a_long_file_is_parsed_in_pieces_into_the_tree_ast_parse_builds(
         assert text.count("\n") > 1000 and len(paces) - before >= 5
 
 
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        HOSTILE.replace("\n", "\r\n").encode(),  # Windows line ends
+        b"\xef\xbb\xbf" + HOSTILE.encode(),  # a byte-order mark
+        ("# -*- coding: latin-1 -*-\n" + HOSTILE.replace("not_code", "caf\u00e9")).encode(
+            "latin-1"
+        ),
+        HOSTILE.replace("    ", "\t").encode(),  # tabs
+    ],
+    ids=["crlf", "bom", "latin-1", "tabs"],
+)
+def test_odd_encodings_and_line_ends_parse_in_pieces_to_the_same_tree(encoded: bytes) -> None:
+    tree = parse_checked(encoded, "odd.py").tree
+    assert ast.dump(tree, include_attributes=True) == ast.dump(
+        ast.parse(encoded, "odd.py"), include_attributes=True
+    )
+
+
 def test_a_long_module_runs_in_pieces_as_it_runs_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     paces: list[int] = []
     monkeypatch.setattr(source, "pace", lambda: paces.append(1))
