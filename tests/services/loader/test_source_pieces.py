@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anyio
 import pytest
 
 from services.loader import source
@@ -159,3 +160,28 @@ def test_a_long_plugin_router_imports_in_pieces(tmp_path: Path) -> None:
     assert (
         scope["r299"].__code__.co_firstlineno == text.splitlines().index('@router.get("/r299")') + 1
     )
+
+
+async def test_a_long_plugin_loads_in_pieces_and_a_failure_names_its_own_line(
+    harness_factory: Any, plugins: Path
+) -> None:
+    """Through the loader: a 300-route router (run in pieces) serves every route, and one
+    that raises at its line 753 is refused naming router.py line 753."""
+    from .conftest import write_plugin
+
+    routes = "".join(
+        f'@router.get("/r{i}")\nasync def r{i}() -> dict[str, int]:\n    return {{"i": {i}}}\n'
+        for i in range(250)
+    )
+    head = "from fastapi import APIRouter\nrouter = APIRouter()\n"
+    write_plugin(plugins, "long", router=head + routes)
+    broken = head + routes + "raise RuntimeError('late')\n" + routes.replace("/r", "/s")
+    write_plugin(plugins, "late", router=broken)
+    assert broken.splitlines().index("raise RuntimeError('late')") + 1 == 753
+    with anyio.fail_after(120):
+        h = await harness_factory()
+        r = await h.client.get("/app/long/r249")
+    assert r.status_code == 200 and r.json() == {"i": 249}
+    failed = {e.data["name"]: e.data for e in await h.events("PluginLoadFailed")}
+    assert failed["late"]["file"] == "router.py" and failed["late"]["line"] == 753, failed
+    assert "late" in failed["late"]["error"]
