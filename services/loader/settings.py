@@ -58,6 +58,9 @@ class LoaderSettings(BaseModel):
     #: in flight, uvicorn reading or writing, the kernel's tasks), so requests find at
     #: most one unit of build work in their way (kernel/pacing.py); 0: off.
     build_yield_ms: float = Field(default=5.0, ge=0, le=1000)
+    #: Whether the wait above also counts the event loop's own work (its selector is
+    #: watched: kernel/pacing.py ``watch_loop``), not only plugin requests in flight.
+    build_watch_loop: bool = True
     #: The mode of plugins installed from an archive (``xcore plugin install``, the
     #: admin API's upload): ``manifest`` keeps the one their manifest declares;
     #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.
