@@ -19,8 +19,10 @@ while no build is open (``share`` is 1), return at once. *The loop first:* at ea
 a build thread also waits, at most :data:`yield_max` (``build_yield_ms`` of
 ``services.loader``), while the event loop has work (:func:`loop_busy`): HTTP requests
 being handled (:data:`serving`, counted by the router's dispatcher until each response
-starts: a streamed body does not hold builds), or the loop awake — not asleep in its
-selector, or its selector's descriptor readable (:func:`watch_loop`: uvicorn reading a
+starts: a streamed body does not hold builds), or, once the loop is watched
+(:func:`watch_loop`; the loader's ``build_watch_loop``, off by default: measured, it
+lengthened reloads without moving the neighbour's p99), the loop awake — not asleep in
+its selector, or its selector's descriptor readable (uvicorn reading a
 request or writing a response, every socket call of which handed the interpreter to the
 build thread and waited a switch interval to get it back). It is woken when the loop
 goes back to sleep or the last request ends, so a request that arrives finds at most one

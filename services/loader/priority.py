@@ -28,9 +28,9 @@ that ends, and put back then):
   loop into switch-interval pieces. While the window is open, threads building routes
   compute at most ``build_cpu_share`` of the wall time (0.3 by default; 1 turns it off):
   they pause between routes (kernel/pacing.py), and wait up to ``build_yield_ms`` per
-  route while the event loop has work — a plugin request in flight, uvicorn reading or
-  writing a socket, any task of the kernel (the loop first: the loader watches its
-  selector, kernel/pacing.py ``watch_loop``). Long plugin files are parsed and compiled
+  route while plugin requests are in flight (requests first) — with ``build_watch_loop``,
+  while the event loop has any work, uvicorn reading or writing a socket too (the loader
+  watches its selector, kernel/pacing.py ``watch_loop``). Long plugin files are parsed and compiled
   in pieces with the same pauses between (services/loader/source.py).
 - *Young collections between units.* While a paced window is open (and ``defer_full_gc``),
   the young generation's threshold is raised and the build threads run the young
