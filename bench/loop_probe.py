@@ -95,7 +95,7 @@ class Probe:
         import uvicorn.config
 
         reads = self.reads
-        transport_class: Any = getattr(selector_events, "_SelectorSocketTransport")
+        transport_class: Any = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
         data_received = transport_class._read_ready__data_received
 
         def timed_read(transport: Any) -> None:

@@ -285,23 +285,30 @@ LUA = Path(__file__).resolve().parent / "fixed_rate.lua"
 #: The old stamp rule (before session 7): a request that left more than this (µs) after
 #: its slot was timed from its slot, whatever made it late; kept as ``old_*`` figures.
 OLD_LATE_US = 2000
-#: wrk runs under SCHED_FIFO at this priority where permitted (``chrt``): it then runs
-#: the moment its timers or sockets are ready, instead of waiting for a CPU behind other
-#: programs (21% of a phase on the loaded machine, which made its requests leave late
-#: and its responses be read late). It uses ~10% of a core, so it takes little from
-#: anyone.
+#: wrk runs under SCHED_FIFO at this priority, pinned to the last CPU, where permitted
+#: (``taskset``, ``chrt``): it then runs the moment its timers or sockets are ready
+#: instead of waiting for a CPU behind other programs (17-29% of a phase on the loaded
+#: machine, with 4-15% of its requests leaving more than 2 ms late). Pinned, because an
+#: unpinned real-time wrk is woken on the server's CPU (the response's sender) and
+#: preempts the server's loop at every response (``perf sched timehist``: the two
+#: alternating every 30-500 µs on one CPU). It uses ~10% of a core.
 WRK_RT_PRIORITY = 50
 
 
 @functools.cache
 def _generator_prefix() -> tuple[str, ...]:
-    """``chrt -f`` for wrk where this process may use it, else nothing."""
-    chrt = shutil.which("chrt")
-    if chrt is None:
-        return ()
-    command = (chrt, "-f", str(WRK_RT_PRIORITY))
-    ok = subprocess.run([*command, "true"], capture_output=True).returncode == 0
-    return command if ok else ()
+    """``taskset -c LAST chrt -f PRIORITY`` for wrk where this process may use them,
+    else what of it is permitted (nothing: wrk as any program)."""
+    chrt, taskset = shutil.which("chrt"), shutil.which("taskset")
+    command: tuple[str, ...] = ()
+    cpus = sorted(os.sched_getaffinity(0))
+    if taskset is not None and len(cpus) > 1:
+        command = (taskset, "-c", str(cpus[-1]))
+    if chrt is not None:
+        rt = (*command, chrt, "-f", str(WRK_RT_PRIORITY))
+        if subprocess.run([*rt, "true"], capture_output=True).returncode == 0:
+            return rt
+    return command
 
 
 def _parse_wrk(samples: Path) -> tuple[list[tuple[str, float, float, float, bool]], list[int]]:
@@ -773,7 +780,7 @@ def reload_neighbour_p99() -> list[Result]:
             wrk_late_quiet=[q["wrk_late"] for q in quiet],
             wrk_late_busy=[b["wrk_late"] for b in busy],
             wrk_waited_for_cpu=[round(x["wrk_waited_for_cpu"], 4) for x in quiet + busy],
-            wrk_priority=" ".join(_generator_prefix()[1:]) or "normal",
+            wrk_priority=" ".join(Path(x).name for x in _generator_prefix()) or "normal",
             server_nice=boosted,
             bare_fastapi=bare["bare"],
             stall_check=bare["stalled"],
