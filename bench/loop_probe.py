@@ -1,7 +1,7 @@
-"""Where a server's event loop stalls: run ``xcore serve`` with a loop-lag probe inside.
+"""Where a server's event loop stalls: run ``xcore serve`` with recorders inside.
 
 ``python -m bench.loop_probe OUT.json serve ...`` runs ``xcore serve ...`` (the same
-arguments as ``python -m kernel.cli``) with three recorders added to the process, and
+arguments as ``python -m kernel.cli``) with four recorders added to the process, and
 rewrites ``OUT.json`` once a second: ``{"lags": [[end_monotonic_s, ms], ...], "gcs":
 [[start_monotonic_s, ms, generation, thread], ...], "samples": [[monotonic_s,
 stale_ms, state, main_thread_frames, {thread: frames}], ...]}``. Times are
@@ -17,6 +17,16 @@ with, so a late request can be matched with what the server did at that moment.
   the other threads' innermost frames and the main thread's state from
   ``/proc/self/task/<tid>/stat`` (``R``: runnable or running — in a system call or
   waiting for a CPU; ``S``: waiting, e.g. for the interpreter another thread holds).
+
+- *Requests:* per HTTP request, when the loop read it from its socket, when the app was
+  called and when its response was handed to the socket, keyed by the request's ``t``
+  (the slot bench/fixed_rate.lua sends), appended to ``OUT.json.requests`` once a
+  second (``--no-requests``: off).
+
+``--no-lag`` leaves the lag probe and the sampler out; ``--stall MS`` blocks the loop
+for MS every second (the stall bench/reload.py's check must see; each one is listed
+in ``stalls``); ``bare --port PORT`` runs a bare uvicorn + FastAPI app with the
+neighbour's routes instead of ``xcore serve`` (the framework's own peer).
 
 The probe costs the loop one timer a millisecond, and a few stack walks per long stall
 only (sampling every millisecond of a stall took a third of a core on a loaded machine

@@ -7,7 +7,14 @@
   rate*: the rate at which the neighbour's requests take :data:`LOOP_SHARE` (half) of
   the server's event loop, from the main thread's CPU time per request measured at the
   fixed-rate pattern in the same run (:func:`_calibrate`), each request timed from its
-  slot of the schedule (a stall counts every request it held back). The issue's baseline was an
+  slot of the schedule when every connection was held at its slot (a stall counts every
+  request it held back), else from when it left (wrk's own lateness is not the
+  server's); wrk at real-time priority pinned to the last CPU, the server in its own
+  session at niceness :data:`SERVER_NICE` (:func:`_generator_prefix`, :func:`_boost`:
+  the machine's other programs otherwise made most of the tail, bench/README.md).
+  After the pairs the same method measures a bare uvicorn + FastAPI app
+  (``bare_fastapi``) and that app with its loop blocked 50 ms every second
+  (``stall_check``: refused unless every stall shows). The issue's baseline was an
   unsaturated neighbour (2.2 ms p99); a saturated one queues every connection behind
   any CPU a reload takes. A phase whose achieved rate misses the offered one by more
   than 5%, or where wrk is busier than 85% of a core, is refused. In the measured phase
