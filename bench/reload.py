@@ -177,6 +177,8 @@ def _boost(pid: int) -> int | None:
     """Give ``pid``'s autogroup :data:`SERVER_NICE`; the niceness set, None if refused
     (no autogroups, or not permitted)."""
     try:
+        if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
+            return None
         Path(f"/proc/{pid}/autogroup").write_text(str(SERVER_NICE))
         return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
     except (OSError, ValueError, IndexError):
