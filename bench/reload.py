@@ -27,11 +27,11 @@
   the busy phase (the remains of generations freed by refcounting are collected 10 s
   after the last reload, kernel/collector.py; -1: a server without the collector's
   state, for which a fixed wait is used). Phases alternate (A B A B ...); the value is
-  the p99 of every request of the reload phases together, the peer the same over the
-  quiet phases (pooled: the issue's "p99 during such reloads" against "its baseline",
-  and in A/A comparisons the least noisy of the statistics tried, bench/README.md);
-  ``ratio_median`` keeps the median of the pair ratios, ``aa_quiet`` / ``aa_busy``
-  each side against itself (the run's noise floor).
+  the median of the reload phases' p99, the peer that of the quiet phases; the
+  headline ratio (``ratio``) is the Hodges-Lehmann estimate of the pairs' ratios (in
+  A/A comparisons as steady as pooling every request, and not thrown by one starved
+  phase, which pooling is: bench/README.md); ``ratio_median`` and ``ratio_pooled`` are
+  kept, ``aa_quiet`` / ``aa_busy`` compare each side with itself (the run's noise).
   One reload runs before the first pair (the admin API's first request builds its
   routes' state once per process). Each fixed-rate phase also records the share of it
   the server's event loop ran and the share it was runnable but waited for a CPU
@@ -69,6 +69,7 @@ import asyncio
 import functools
 import gc
 import json
+import math
 import os
 import re
 import resource
@@ -556,6 +557,16 @@ def _pooled_p99(kept: list[dict[str, Any]], rule: str) -> float:
     return percentile([x for k in kept for x in k["latencies"][rule]], 99)
 
 
+def hodges_lehmann(ratios: list[float]) -> float:
+    """The Hodges-Lehmann estimate of a ratio from paired ratios: the median, over every
+    two pairs (a pair with itself included), of their geometric mean. As efficient as
+    pooling the requests when every phase is alike, and as robust as the median of the
+    ratios when one phase is not (bench/README.md, "The headline ratio")."""
+    logs = [math.log(r) for r in ratios]
+    walsh = [(logs[i] + logs[j]) / 2 for i in range(len(logs)) for j in range(i, len(logs))]
+    return math.exp(median(walsh))
+
+
 def _aa(kept: list[dict[str, Any]], p99s: list[float]) -> dict[str, float]:
     """An A/A comparison inside one side: its phases split into two alternating halves
     (0, 2, 4 against 1, 3), compared as the headline compares the two sides. A
@@ -563,9 +574,12 @@ def _aa(kept: list[dict[str, Any]], p99s: list[float]) -> dict[str, float]:
     lands, run after run, is its noise floor."""
     a, b = kept[0::2], kept[1::2]
     pairs = [p99s[i + 1] / p99s[i] for i in range(0, len(p99s) - 1, 2)]
+    if not pairs:
+        return {}
     return {
         "pooled_ratio": round(_pooled_p99(b, "new") / _pooled_p99(a, "new"), 3),
         "pair_ratio_median": round(median(pairs), 3),
+        "pair_ratio_hl": round(hodges_lehmann(pairs), 3),
     }
 
 
@@ -800,19 +814,20 @@ def reload_neighbour_p99() -> list[Result]:
     return [
         result(
             "reload_neighbour_p99_ms",
-            pooled["new"]["busy"],
+            median(busy_p99),
             "ms",
-            peers={"no_reload": pooled["new"]["quiet"]},
+            peers={"no_reload": median(quiet_p99)},
+            ratio=hodges_lehmann(ratios),
             headline=(
-                "pooled: the p99 of every request of the busy phases against that of "
-                "every request of the quiet phases (phases alternating)"
+                "ratio: the Hodges-Lehmann estimate of the pairs' p99 ratios (the median "
+                "of the geometric means of every two of them); value and peer are the "
+                "sides' median p99s, their quotient the ratio of medians"
             ),
-            busy_p99_median=median(busy_p99),
-            quiet_p99_median=median(quiet_p99),
             ratio_median=median(ratios),
             ratio_min=min(ratios),
             ratio_max=max(ratios),
             ratio_pooled=pooled["new"]["busy"] / pooled["new"]["quiet"],
+            pooled_p99=pooled["new"],
             busy_p99=busy_p99,
             quiet_p99=quiet_p99,
             aa_quiet=_aa(kept["quiet"], quiet_p99),
