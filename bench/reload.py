@@ -329,7 +329,8 @@ def _generator_prefix() -> tuple[str, ...]:
 
 def _parse_wrk(samples: Path) -> tuple[list[tuple[str, float, float, float, bool]], list[int]]:
     """bench/fixed_rate.lua's rows: (key, slot, sent, received, claimed_late) in µs, and
-    the wrk thread's (ran, waited) nanoseconds at its first and last schedstat row."""
+    [ns the wrk thread waited for a CPU, ns elapsed] between its first and last
+    schedstat rows (empty with fewer than two)."""
     rows: list[tuple[str, float, float, float, bool]] = []
     sched: list[list[int]] = []
     bad: list[list[str]] = []
