@@ -743,6 +743,8 @@ def reload_neighbour_p99() -> list[Result]:
         if PROBE:
             Path(PROBE).mkdir(parents=True, exist_ok=True)
             probe = Path(PROBE) / "reload_neighbour_probe.json"
+            # the request rows are appended: a former run's must not join this one's
+            Path(f"{probe}.requests").unlink(missing_ok=True)
         phases: list[tuple[str, float, float]] = []
         with (
             _server(base, probe=probe, boost=True) as (url, proc),
