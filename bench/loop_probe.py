@@ -21,7 +21,9 @@ with, so a late request can be matched with what the server did at that moment.
 - *Requests:* per HTTP request, when the loop read it from its socket, when the app was
   called and when its response was handed to the socket, keyed by the request's ``t``
   (the slot bench/fixed_rate.lua sends), appended to ``OUT.json.requests`` once a
-  second (``--no-requests``: off).
+  second (``--no-requests``: off). "Written" is taken once the send has returned, so
+  wrk may have read the response a few tens of µs earlier (a negative
+  ``written_to_received`` in bench/reload.py's split).
 
 ``--no-lag`` leaves the lag probe and the sampler out; ``--stall MS`` blocks the loop
 for MS every second (the stall bench/reload.py's check must see; each one is listed
