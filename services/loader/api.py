@@ -366,8 +366,10 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
                     "of the previous page as it is (or none for the first page)",
                 )
             after = int(cursor)
-        current = queue.current
         page, total = await queue.page(after, limit)
+        # read after the page's wait for the log: a request taken in hand meanwhile is
+        # `running` here, not missing from both (and a finished one not shown running)
+        current = queue.current
         last = page[-1][1].position if page else None
         more = last is not None and queue.line.page(last, 1) != []
         return {
