@@ -448,9 +448,11 @@ async def test_the_writer_checkpoints_the_wal_off_the_loops_thread(
             # reused from its start after the checkpoints: it stays bounded (600 commits
             # of ~2 pages each would make it ~1,200 pages of 4 KiB without). These
             # appends never pause: the WAL is not reused after a checkpoint beside them,
-            # so every other checkpoint holds the commits (and the WAL is reused)
+            # so every other checkpoint holds the commits (and the WAL is reused). The
+            # WAL then reaches a few times ``checkpoint_pages`` (the pages are an
+            # estimate, and two checkpoints pass before one holds the commits)
             assert store._writer.blocking_checkpoints >= 1
-            assert max(sizes) < 200 * 4096, sizes
+            assert max(sizes) < 400 * 4096, sizes
             assert [r.position for r in await store.read()] == list(range(1, 601))
         finally:
             await store.close()
