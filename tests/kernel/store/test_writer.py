@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -983,3 +984,33 @@ async def test_append_many_refuses_a_stream_name_that_is_not_text_alone(
     assert isinstance(bad, StoreError) and "not valid text" in str(bad)
     assert not isinstance(good, StoreError) and [r.stream for r in good] == ["good"]
     assert [r.stream for r in await store.read()] == ["good"]
+
+
+async def test_an_append_many_waits_for_its_batch_with_one_wake_up(tmp_path: Path) -> None:
+    """The writes of one ``append_many`` are answered in one commit: the caller waits
+    for them with one wake-up, not one loop callback per write (100 writes: 100
+    callbacks more in the loop step that answers them)."""
+    store = SQLiteStore(tmp_path / "log.db", synchronous="NORMAL")
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            loop = asyncio.get_running_loop()
+            ran = 0
+            real = loop.call_soon
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                nonlocal ran
+                ran += 1
+                return real(*args, **kwargs)
+
+            loop.call_soon = counted  # type: ignore[method-assign]
+            try:
+                answers = await store.append_many(
+                    [StreamWrite(f"s{i}", [ev(i)]) for i in range(100)]
+                )
+            finally:
+                del loop.call_soon  # type: ignore[method-assign]
+            assert all(isinstance(a, list) for a in answers)
+            assert ran < 50, ran
+        finally:
+            await store.close()
