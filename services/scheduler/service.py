@@ -24,13 +24,12 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kernel.events import Event, Recorded
+from kernel.events import Event, Recorded, new_id
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec
 from services.loader.events import PluginLoaded, PluginReloaded, PluginUnloaded
@@ -528,7 +527,7 @@ class SchedulerService:
             if entry is None:
                 await self._refuse(r, "no such task is scheduled")
                 return
-            run_id = uuid.uuid4().hex
+            run_id = new_id()
             # The acceptance is durable before the run can start: the log reads
             # request -> accepted -> started -> outcome.
             position = self._runner.queue_position(entry)
