@@ -371,9 +371,10 @@ class SchedulerService:
             await self._unschedule(tid, generation, "no longer declared by its plugin")
         now = time.time()
         await asyncio.gather(*(self._schedule(task, now) for task in accepted.values()))
+        again = plugin in self._plugins or bool(gone)  # its former objects may be garbage
         self._plugins[plugin] = generation
         self._dispatch.index_dependents()
-        self._gc.poke()
+        self._gc.poke(frees=again)
         return Registration(accepted=list(accepted), refused=refused)
 
     async def unregister(
