@@ -9,6 +9,7 @@
     POST   /admin/plugins                 install an uploaded archive (multipart ``file``)
     DELETE /admin/plugins/{name}          uninstall
     GET    /admin/loader/requests        the loader's queue: the request in hand, those in line
+                                         (paged: ?limit=N&cursor=C, next_cursor)
     GET    /admin/loader/requests/{id}   one request: queued / running / succeeded / failed
 
 Commands are requests (DESIGN "Requests are events too"): the route records the request
@@ -18,7 +19,9 @@ request cannot make sense. The loader answers requests one at a time, in order: 
 request still queued or running after ``services.loader.admin_wait`` is answered 202
 with its id (its log position), its place in the queue and the URL that follows it
 (``services/loader/queue.py``); it runs all the same. A reload of a plugin whose reload
-is already queued joins that request (same id, ``merged: true``).
+is already queued joins that request (same id, ``merged: true``). The line is bounded
+(``services.loader.max_queued``): a request that would pass it is refused at once, 429
+with ``Retry-After``, naming the plugin and the bound; nothing is recorded.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Upload
 from fastapi import Path as FastPath
 from fastapi.responses import JSONResponse
 
-from kernel.contract import error_responses, link
+from kernel.contract import ErrorBody, error_responses, link
 from kernel.events import Event, Recorded
 from services.cluster.projection import served_digests
 
@@ -53,7 +56,7 @@ from .events import (
 )
 from .installer import ARCHIVE_SUFFIXES
 from .manifest import valid_name
-from .queue import describe, request_url
+from .queue import QueueFull, describe, request_url
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -147,6 +150,22 @@ STATUS_SCHEMA: dict[str, Any] = {
 }
 
 
+#: A request refused because the loader's line is full.
+QUEUE_FULL: dict[int | str, dict[str, Any]] = {
+    429: {
+        "description": (
+            "The loader's queue holds services.loader.max_queued requests: this one was "
+            "refused and nothing was recorded; ask again after Retry-After seconds."
+        ),
+        "headers": {"Retry-After": {"description": "seconds to wait before asking again"}},
+        "model": ErrorBody,
+    }
+}
+#: Largest page of ``GET /admin/loader/requests``.
+MAX_PAGE = 1000
+CURSOR = re.compile(r"^[0-9]{1,19}$")
+
+
 #: ``?wait=S``: how long this request waits for its outcome before a 202 (0: answer at once).
 WAIT = Query(
     None,
@@ -207,15 +226,40 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         wait = loader.settings.admin_wait
         return wait if wait is not None else kernel.settings.request_timeout
 
-    async def record(event: Event, stream: str) -> tuple[Recorded, bool]:
-        """Record ``event`` (a reload joins one of the same plugin already queued)."""
+    def refused(exc: QueueFull) -> HTTPException:
+        return HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+    async def admit(asks: list[tuple[Event, str]]) -> list[tuple[Recorded, bool]]:
+        """Record each request (a reload joins one of the same plugin already queued),
+        all or none: when the new ones do not fit in the line, raise 429."""
         async with queue.merging:
-            if isinstance(event, PluginReloadRequested) and event.name is not None:
-                queued = await queue.queued_reload(event.name)
+            await queue.sync()  # every request recorded so far is in the line
+            joined: list[Recorded | None] = []
+            for event, _ in asks:
+                queued = None
+                if isinstance(event, PluginReloadRequested) and event.name is not None:
+                    queued = queue.queued_reload(event.name)
+                joined.append(queued)
+            new = [event for (event, _), queued in zip(asks, joined, strict=True) if queued is None]
+            if new:
+                try:
+                    queue.check_room(_what(new), len(new))
+                except QueueFull as exc:
+                    raise refused(exc) from None
+            admitted: list[tuple[Recorded, bool]] = []
+            for (event, stream), queued in zip(asks, joined, strict=True):
                 if queued is not None:
-                    loader.paused.discard(event.name)  # a person asked (see the service)
-                    return queued, True
-            return (await kernel.append(event, stream=stream, actor=ACTOR))[0], False
+                    loader.paused.discard(queued.data["name"])  # a person asked (the service)
+                    admitted.append((queued, True))
+                    continue
+                rec = (await kernel.append(event, stream=stream, actor=ACTOR))[0]
+                admitted.append((rec, False))
+            if admitted:
+                await queue.sync(max(r.position for r, _ in admitted))
+            return admitted
+
+    async def record(event: Event, stream: str) -> tuple[Recorded, bool]:
+        return (await admit([(event, stream)]))[0]
 
     async def follow(request_: Recorded, merged: bool, wait: float) -> tuple[int, dict[str, Any]]:
         """The outcome if it comes within ``wait`` s, else where the request stands (202)."""
@@ -270,8 +314,9 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
 
     @router.get(
         "/loader/requests",
-        summary="The loader's queue: the request in hand and those in line",
+        summary="The loader's queue: the request in hand and those in line (paged)",
         responses={
+            **error_responses(422),
             200: {
                 "links": {
                     "FollowFirstQueued": link(
@@ -280,15 +325,39 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
                         request_id="$response.body#/queued/0/id",
                     )
                 }
-            }
+            },
         },
     )
-    async def list_requests() -> dict[str, Any]:
+    async def list_requests(
+        limit: int = Query(
+            100, ge=1, le=MAX_PAGE, description=f"most queued requests per page (1-{MAX_PAGE})"
+        ),
+        cursor: str | None = Query(
+            None,
+            description="the `next_cursor` of the previous page (the requests after it)",
+            # checked below, to answer a cursor this server never gave with a clear 422
+            json_schema_extra={"pattern": CURSOR.pattern},
+        ),
+    ) -> dict[str, Any]:
+        after = 0
+        if cursor is not None:
+            if not CURSOR.fullmatch(cursor):
+                raise HTTPException(
+                    422,
+                    f"cursor {cursor!r} is not one this server gives: pass the `next_cursor` "
+                    "of the previous page as it is (or none for the first page)",
+                )
+            after = int(cursor)
         current = queue.current
-        line = await queue.waiting()
+        page, total = await queue.page(after, limit)
+        last = page[-1][1].position if page else None
+        more = last is not None and queue.line.page(last, 1) != []
         return {
             "running": None if current is None else {**describe(current), "queue_position": 0},
-            "queued": [{**describe(r), "queue_position": i} for i, r in enumerate(line, start=1)],
+            "queued": [{**describe(r), "queue_position": place} for place, r in page],
+            "total": total,
+            "max_queued": queue.max_queued,
+            "next_cursor": str(last) if more else None,
         }
 
     @router.get(
@@ -310,15 +379,15 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     @router.post(
         "/plugins/reload",
         summary="Reload every enabled plugin",
-        responses={**ACCEPTED_ALL, **error_responses(422)},
+        responses={**ACCEPTED_ALL, **QUEUE_FULL, **error_responses(422)},
     )
     async def reload_all(wait: float | None = WAIT) -> JSONResponse:
-        asked = [
-            await record(
-                PluginReloadRequested(name=name, reason="admin: reload all"), stream_of(name)
-            )
-            for name in loader.reload_targets()
-        ]
+        asked = await admit(
+            [
+                (PluginReloadRequested(name=name, reason="admin: reload all"), stream_of(name))
+                for name in loader.reload_targets()
+            ]
+        )
         deadline = time.monotonic() + admin_wait(wait)
         results = []
         for request_, merged in asked:
@@ -337,7 +406,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     @router.post(
         "/plugins/{name}/reload",
         summary="Reload one plugin (a new generation)",
-        responses={**ACCEPTED, **error_responses(404, 409, 422)},
+        responses={**ACCEPTED, **QUEUE_FULL, **error_responses(404, 409, 422)},
     )
     async def reload_one(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
@@ -348,7 +417,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     @router.post(
         "/plugins/{name}/enable",
         summary="Enable a plugin and load it",
-        responses={**ACCEPTED, **error_responses(404, 409, 422)},
+        responses={**ACCEPTED, **QUEUE_FULL, **error_responses(404, 409, 422)},
     )
     async def enable(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
@@ -363,7 +432,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     @router.post(
         "/plugins/{name}/disable",
         summary="Disable a plugin (unloading it)",
-        responses={**ACCEPTED, **error_responses(404, 409)},
+        responses={**ACCEPTED, **QUEUE_FULL, **error_responses(404, 409)},
     )
     async def disable(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
@@ -377,16 +446,14 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         if name in loader.loaded:
             return await ask(PluginDisabled(name=name), stream_of(name), wait)
         else:
-            rec = (
-                await kernel.append(PluginDisabled(name=name), stream=stream_of(name), actor=ACTOR)
-            )[0]
+            rec, _ = await record(PluginDisabled(name=name), stream_of(name))
             await kernel.settle(rec.position)
         return outcome(rec)
 
     @router.delete(
         "/plugins/{name}",
         summary="Uninstall a plugin (unloading it)",
-        responses={**ACCEPTED, **error_responses(404, 409, 422)},
+        responses={**ACCEPTED, **QUEUE_FULL, **error_responses(404, 409, 422)},
     )
     async def uninstall(name: str, wait: float | None = WAIT) -> JSONResponse:
         require(name)
@@ -400,7 +467,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     @router.post(
         "/plugins",
         summary="Install a plugin from an uploaded .zip / .tar.gz",
-        responses={**ACCEPTED, **error_responses(400, 413, 422)},
+        responses={**ACCEPTED, **QUEUE_FULL, **error_responses(400, 413, 422)},
     )
     async def install(
         request_: Request,
@@ -442,6 +509,33 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         return JSONResponse(body, status_code=status, headers=headers)
 
     return router
+
+
+VERBS = {
+    PluginReloadRequested: "reload",
+    PluginEnabled: "enable",
+    PluginDisabled: "disable",
+    PluginInstallRequested: "install",
+    PluginUninstallRequested: "uninstall",
+}
+
+
+def _what(events: list[Event]) -> str:
+    """The requests refused, for the 429's message: what each asked, and of which plugin."""
+    said = []
+    for e in events:
+        verb = VERBS.get(type(e), type(e).__name__)
+        name = getattr(e, "name", None)
+        if name is not None:
+            said.append(f"the {verb} of plugin {name!r}")
+        elif isinstance(e, PluginInstallRequested):
+            said.append(f"the install of archive {Path(e.source).name!r}")
+        else:
+            said.append(f"the {verb} of every plugin")
+    if len(said) == 1:
+        return said[0]
+    more = f" and {len(said) - 5} more" if len(said) > 5 else ""
+    return f"{len(said)} requests ({', '.join(said[:5])}{more})"
 
 
 async def _save(file: UploadFile, folder: Path, path: Path, limit: int) -> int:

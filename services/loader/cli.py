@@ -8,6 +8,7 @@
     xcore plugin reload [NAME]      (no name: all)
     xcore plugin enable NAME / disable NAME
     xcore plugin request ID         where a queued request stands (queued, running, ...)
+    xcore plugin request            the loader's queue: in hand, then every request in line
 
 A change the server cannot finish within its admin wait (the loader answers requests
 one at a time) is accepted: the command prints "accepted, position N" and exits 0;
@@ -86,7 +87,17 @@ def register(subparsers: Any) -> None:
     _waits(command("enable", "enable a plugin", cmd_enable)).add_argument("name")
     _waits(command("disable", "disable a plugin", cmd_disable)).add_argument("name")
     p = _waits(command("request", "where a request to the loader stands", cmd_request))
-    p.add_argument("id", type=int, help="the request's id (its log position)")
+    p.add_argument(
+        "id", type=int, nargs="?", help="the request's id (its log position); none: the queue"
+    )
+    p.add_argument(
+        "--page",
+        type=int,
+        default=500,
+        metavar="N",
+        help="without ID: read the queue N requests at a time (1-1000, default 500)",
+    )
+    p.add_argument("--json", action="store_true", help="without ID: print the queue as JSON")
 
 
 def _waits(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -479,6 +490,8 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
 def cmd_request(args: argparse.Namespace) -> int:
     settings = load_settings(args)
+    if args.id is None:
+        return _list_requests(args, settings)
     status, body = _call(args, settings, "GET", f"/loader/requests/{args.id}")
     if status != 200 or not isinstance(body, dict):
         return _report(status, body, _token(args, settings))
@@ -486,6 +499,48 @@ def cmd_request(args: argparse.Namespace) -> int:
         return _follow(args, settings, body)
     print(json.dumps(body, indent=2))
     return 0
+
+
+#: Pages read at most by ``xcore plugin request`` (a line that keeps moving ends somewhere).
+MAX_PAGES = 10_000
+
+
+def _list_requests(args: argparse.Namespace, settings: Settings) -> int:
+    """The loader's queue, following its pages (``next_cursor``) to the end of the line."""
+    if not 1 <= args.page <= 1000:
+        raise XcoreError(f"--page {args.page}: give a page size from 1 to 1000")
+    queued: list[dict[str, Any]] = []
+    cursor: str | None = None
+    running = None
+    total = 0
+    for _ in range(MAX_PAGES):
+        query = f"?limit={args.page}" + (f"&cursor={cursor}" if cursor is not None else "")
+        status, body = _call(args, settings, "GET", f"/loader/requests{query}")
+        if status != 200 or not isinstance(body, dict):
+            return _report(status, body, _token(args, settings))
+        if cursor is None:
+            running = body.get("running")
+        total = body.get("total", total)
+        queued.extend(body.get("queued", []))
+        following = body.get("next_cursor")
+        if following is None or following == cursor:
+            break
+        cursor = str(following)
+    if args.json:
+        print(json.dumps({"running": running, "queued": queued, "total": total}, indent=2))
+        return 0
+    if running is None:
+        print("in hand: nothing")
+    else:
+        print(f"in hand: request {running['id']} ({_said(running)})")
+    print(f"in line: {len(queued)}")
+    for r in queued:
+        print(f"  {r.get('queue_position')}. request {r['id']} ({_said(r)})")
+    return 0
+
+
+def _said(r: dict[str, Any]) -> str:
+    return f"{r.get('request')} {r.get('name') or r.get('source') or ''}".rstrip()
 
 
 def _limits_settings(settings: Settings) -> LoaderSettings:

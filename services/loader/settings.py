@@ -65,3 +65,7 @@ class LoaderSettings(BaseModel):
     #: its outcome before it is answered 202 with its place in the loader's queue and a
     #: URL to follow it; default: the kernel's ``request_timeout``.
     admin_wait: float | None = Field(default=None, gt=0)
+    #: Most requests (reload, install, uninstall, enable, disable) waiting in the loader's
+    #: line: past it the admin API refuses a new one at once (429 with Retry-After,
+    #: nothing recorded); a reload that joins one already queued is not a new one.
+    max_queued: int = Field(default=1_000, ge=1, le=100_000)

@@ -72,7 +72,7 @@ class LoaderState:
         #: What the loader is doing under its lock, and since when (monotonic).
         self.busy: tuple[str, float] | None = None
         #: The requests in hand and in line (services/loader/queue.py).
-        self.queue = RequestQueue(kernel)
+        self.queue = RequestQueue(kernel, max_queued=settings.max_queued)
         #: Unloaded generations: (plugin, generation, full collections at unload, a weak
         #: reference to its run module); one still alive after a full collection is held
         #: by something (a shared module's global, a thread, a cache): it never frees.
@@ -90,6 +90,7 @@ class LoaderState:
             "stuck_threads": stuck,
             "busy": busy,
             "reloads_paused": sorted(self.paused),
+            "requests": self.queue.describe_line(),
             "gc": collector.stats(),
         }
         leaked = self.leaked_generations()

@@ -11,6 +11,7 @@ from the log.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -295,3 +296,68 @@ async def test_the_loaders_own_records_read_done_after_a_restart(tmp_path: Path)
             with anyio.fail_after(60):
                 body = (await client.get(url, headers=AUTH)).json()
                 assert body["status"] == "succeeded", body
+
+
+async def test_the_line_is_bounded_and_paged_over_http_and_by_the_cli(tmp_path: Path) -> None:
+    """``services.loader.max_queued``: past it a request is refused at once (429 with
+    Retry-After, naming the plugin and the bound, nothing recorded, logged and counted in
+    /health); a reload that joins one queued is not refused; ``xcore plugin request``
+    lists the whole line by following its pages."""
+    plugins = tmp_path / "plugins"
+    hold = tmp_path / "hold"
+    plugin(plugins, "slow", run=held(hold))
+    names = ["a", "b", "c", "d"]
+    for name in names:
+        plugin(plugins, name)
+    env = {**ENV, "XCORE_SERVICES__LOADER__MAX_QUEUED": "3"}
+    with serve(tmp_path, plugins_dir=plugins, env=env, args=("--no-reload",)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with anyio.fail_after(180):
+                hold.touch()
+                r = await client.post("/admin/plugins/slow/reload?wait=0", headers=AUTH)
+                await until(client, r.json()["url"], "running")
+                queued = []
+                for name in names[:3]:
+                    r = await client.post(f"/admin/plugins/{name}/reload?wait=0", headers=AUTH)
+                    assert r.status_code == 202, r.text
+                    queued.append(r.json())
+                r = await client.post("/admin/plugins/b/reload?wait=0", headers=AUTH)
+                assert r.status_code == 202 and r.json()["merged"] is True, r.text
+                events = (await client.get("/admin/events", headers=AUTH)).json()["events"]
+                r = await client.post("/admin/plugins/d/reload?wait=0", headers=AUTH)
+                assert r.status_code == 429, r.text
+                assert int(r.headers["retry-after"]) >= 1
+                assert "reload of plugin 'd'" in r.json()["detail"]
+                assert "services.loader.max_queued = 3" in r.json()["detail"]
+                after = (await client.get("/admin/events", headers=AUTH)).json()["events"]
+                assert after == events  # nothing recorded
+                # the CLI says the same (exit 1), and reads the line a page at a time
+                code, out, err = await Cli(server, "reload", "d").finish()
+                assert code == 1 and "error (429)" in err and "plugin 'd'" in err, (out, err)
+                code, out, err = await Cli(server, "request", "--page", "1").finish()
+                assert code == 0, err
+                assert "in hand: request " in out and "slow" in out, out
+                for place, q in enumerate(queued, start=1):
+                    assert (
+                        f"  {place}. request {q['id']} (PluginReloadRequested {q['name']})" in out
+                    )
+                assert "in line: 3" in out, out
+                code, out, err = await Cli(server, "request", "--json", "--page", "2").finish()
+                listed = json.loads(out)
+                assert [q["id"] for q in listed["queued"]] == [q["id"] for q in queued]
+                code, out, err = await Cli(server, "request", "--page", "0").finish()
+                assert code == 1 and "--page 0" in err, (out, err)
+                health = (await client.get("/health", headers=AUTH)).json()
+                seen = health["components"]["loader"]["requests"]
+                assert (seen["queued"], seen["max_queued"], seen["refused"]) == (3, 3, 2), seen
+                assert "queue is full" in server.output() and "plugin 'd'" in server.output()
+                bad = await client.get("/admin/loader/requests?limit=-1", headers=AUTH)
+                assert bad.status_code == 422, bad.text
+                bad = await client.get("/admin/loader/requests?cursor=x", headers=AUTH)
+                assert bad.status_code == 422 and "next_cursor" in bad.text, bad.text
+                hold.unlink()
+                for q in queued:
+                    done = await until(client, str(q["url"]), "succeeded", "failed")
+                    assert done["status"] == "succeeded", done
+                r = await client.post("/admin/plugins/d/reload", headers=AUTH)
+                assert r.status_code == 200, r.text

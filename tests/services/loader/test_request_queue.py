@@ -50,7 +50,8 @@ async def test_a_request_left_by_a_stopped_server_reads_abandoned(
         assert (again["status"], again["outcome"]) == ("succeeded", "PluginReloaded")
         assert not upload.parent.exists()
         line = (await h.client.get("/admin/loader/requests", headers=AUTH)).json()
-        assert line == {"running": None, "queued": []}
+        assert (line["running"], line["queued"], line["total"]) == (None, [], 0), line
+        assert line["next_cursor"] is None
         for bad in ("0", "-1", "abc", str(2**70)):
             r = await h.client.get(f"/admin/loader/requests/{bad}", headers=AUTH)
             assert r.status_code in (404, 422), (bad, r.text)
