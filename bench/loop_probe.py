@@ -1,7 +1,7 @@
-"""Where a server's event loop stalls: run ``xcore serve`` with a loop-lag probe inside.
+"""Where a server's event loop stalls: run ``xcore serve`` with recorders inside.
 
 ``python -m bench.loop_probe OUT.json serve ...`` runs ``xcore serve ...`` (the same
-arguments as ``python -m kernel.cli``) with three recorders added to the process, and
+arguments as ``python -m kernel.cli``) with four recorders added to the process, and
 rewrites ``OUT.json`` once a second: ``{"lags": [[end_monotonic_s, ms], ...], "gcs":
 [[start_monotonic_s, ms, generation, thread], ...], "samples": [[monotonic_s,
 stale_ms, state, main_thread_frames, {thread: frames}], ...]}``. Times are
@@ -17,6 +17,18 @@ with, so a late request can be matched with what the server did at that moment.
   the other threads' innermost frames and the main thread's state from
   ``/proc/self/task/<tid>/stat`` (``R``: runnable or running — in a system call or
   waiting for a CPU; ``S``: waiting, e.g. for the interpreter another thread holds).
+
+- *Requests:* per HTTP request, when the loop read it from its socket, when the app was
+  called and when its response was handed to the socket, keyed by the request's ``t``
+  (the slot bench/fixed_rate.lua sends), appended to ``OUT.json.requests`` once a
+  second (``--no-requests``: off). "Written" is taken once the send has returned, so
+  wrk may have read the response a few tens of µs earlier (a negative
+  ``written_to_received`` in bench/reload.py's split).
+
+``--no-lag`` leaves the lag probe and the sampler out; ``--stall MS`` blocks the loop
+for MS every second (the stall bench/reload.py's check must see; each one is listed
+in ``stalls``); ``bare --port PORT`` runs a bare uvicorn + FastAPI app with the
+neighbour's routes instead of ``xcore serve`` (the framework's own peer).
 
 The probe costs the loop one timer a millisecond, and a few stack walks per long stall
 only (sampling every millisecond of a stall took a third of a core on a loaded machine
@@ -48,11 +60,21 @@ SAMPLE_FROM_S = 0.015
 class Probe:
     """The recorders of one process (installed by :meth:`install`)."""
 
-    def __init__(self, out: str) -> None:
+    def __init__(
+        self, out: str, lag: bool = True, requests: bool = True, stall_ms: float = 0.0
+    ) -> None:
         self.out = out
+        self.lag = lag
+        self.timed = requests
+        self.stall_ms = stall_ms
         self.lags: list[tuple[float, float]] = []
         self.gcs: list[tuple[float, float, int, str]] = []
         self.samples: list[tuple[float, float, str, list[str], dict[str, list[str]]]] = []
+        self.stalls: list[tuple[float, float]] = []
+        #: per request: key (the ``t`` of its query), read, ASGI call, response written
+        self.requests: list[tuple[str, float, float, float]] = []
+        #: the monotonic time of the last read of each connection (by client port)
+        self.reads: dict[int, float] = {}
         self._beat = time.perf_counter()
         self._main = threading.get_ident()
         self._main_native = threading.get_native_id()
@@ -64,12 +86,73 @@ class Probe:
         original = asyncio.base_events.BaseEventLoop.run_forever
 
         def run_forever(loop: asyncio.base_events.BaseEventLoop) -> None:
-            loop.create_task(probe._tick(), name="bench-loop-probe")
+            if probe.lag:
+                loop.create_task(probe._tick(), name="bench-loop-probe")
+            if probe.stall_ms > 0:
+                loop.create_task(probe._stall(), name="bench-injected-stall")
             original(loop)
 
         asyncio.base_events.BaseEventLoop.run_forever = run_forever  # type: ignore[method-assign,assignment]
-        threading.Thread(target=self._sampler, name="bench-probe-sampler", daemon=True).start()
+        if self.timed:
+            self._time_requests()
+        if self.lag:
+            threading.Thread(target=self._sampler, name="bench-probe-sampler", daemon=True).start()
         threading.Thread(target=self._writer, name="bench-probe-writer", daemon=True).start()
+
+    def _time_requests(self) -> None:
+        """Record, per HTTP request, when the loop read it from its socket, when the app
+        was called and when the last byte of the response was handed to the socket."""
+        from asyncio import selector_events
+
+        import uvicorn.config
+
+        reads = self.reads
+        transport_class: Any = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+        data_received = transport_class._read_ready__data_received
+
+        def timed_read(transport: Any) -> None:
+            peer = transport._extra.get("peername")
+            if peer:
+                reads[peer[1]] = time.monotonic()
+            data_received(transport)
+
+        transport_class._read_ready__data_received = timed_read
+        load = uvicorn.config.Config.load
+        rows = self
+
+        def timed_load(config: Any) -> None:
+            load(config)
+            inner = config.loaded_app
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] != "http":
+                    await inner(scope, receive, send)
+                    return
+                called = time.monotonic()
+                client = scope.get("client")
+                read = reads.get(client[1], -1.0) if client else -1.0
+                query = scope.get("query_string", b"").decode("latin-1")
+                key = next((q[2:] for q in query.split("&") if q.startswith("t=")), "")
+
+                async def timed_send(message: Any) -> None:
+                    await send(message)
+                    if message["type"] == "http.response.body" and not message.get("more_body"):
+                        rows.requests.append((key, read, called, time.monotonic()))
+
+                await inner(scope, receive, timed_send)
+
+            config.loaded_app = app
+
+        uvicorn.config.Config.load = timed_load  # type: ignore[method-assign,assignment]
+
+    async def _stall(self) -> None:
+        """A stall of the server's loop on purpose (``--stall MS``, once a second): what
+        the benchmark's figure must show."""
+        while True:
+            await asyncio.sleep(1.0)
+            start = time.monotonic()
+            time.sleep(self.stall_ms / 1000)
+            self.stalls.append((start, (time.monotonic() - start) * 1000))
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         ident = threading.get_ident()
@@ -134,14 +217,25 @@ class Probe:
             )
 
     def _writer(self) -> None:
+        requests = f"{self.out}.requests"
         while True:
             time.sleep(1)
             tmp = f"{self.out}.tmp"
             with open(tmp, "w") as out:
                 json.dump(
-                    {"lags": self.lags, "gcs": self.gcs, "samples": self.samples[-5000:]}, out
+                    {
+                        "lags": self.lags,
+                        "gcs": self.gcs,
+                        "samples": self.samples[-5000:],
+                        "stalls": self.stalls,
+                    },
+                    out,
                 )
             os.replace(tmp, self.out)
+            rows, self.requests = self.requests, []
+            if rows:
+                with open(requests, "a") as out:
+                    out.writelines(f"{k} {r:.6f} {c:.6f} {w:.6f}\n" for k, r, c, w in rows)
 
 
 def summarise(recording: dict[str, Any], start: float, end: float) -> dict[str, Any]:
@@ -166,13 +260,76 @@ def summarise(recording: dict[str, Any], start: float, end: float) -> dict[str, 
     }
 
 
+BARE_PATH = "/app/neighbour"
+
+
+def bare_app() -> Any:
+    """A bare FastAPI app with the neighbour's routes at the same paths as xcore's
+    (``/app/neighbour/echo``, ``/app/neighbour/ping``) and ``/health/live``: the peer
+    of the fixed-rate neighbour (uvicorn + FastAPI without xcore)."""
+    from fastapi import APIRouter, FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    router = APIRouter()
+
+    @router.get("/ping")
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.get("/echo")
+    async def echo(t: str = "0") -> PlainTextResponse:
+        return PlainTextResponse(t)
+
+    app = FastAPI()
+    app.include_router(router, prefix=BARE_PATH)
+
+    @app.get("/health/live")
+    async def live() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+def _serve_bare(argv: list[str]) -> int:
+    import uvicorn
+
+    port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 8000
+    config = uvicorn.Config(
+        bare_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+USAGE = (
+    "usage: python -m bench.loop_probe OUT.json [--no-lag] [--no-requests] [--stall MS] "
+    "(serve [xcore serve args] | bare --port PORT)"
+)
+
+
 def main() -> None:
-    if len(sys.argv) < 3:
-        raise SystemExit("usage: python -m bench.loop_probe OUT.json serve [xcore serve args]")
-    Probe(sys.argv[1]).install()
+    argv = sys.argv[1:]
+    if not argv:
+        raise SystemExit(USAGE)
+    out, argv = argv[0], argv[1:]
+    lag, requests, stall_ms = True, True, 0.0
+    while argv and argv[0].startswith("--"):
+        if argv[0] == "--no-lag":
+            lag, argv = False, argv[1:]
+        elif argv[0] == "--no-requests":
+            requests, argv = False, argv[1:]
+        elif argv[0] == "--stall" and len(argv) > 1:
+            stall_ms, argv = float(argv[1]), argv[2:]
+        else:
+            raise SystemExit(f"{USAGE}\nunknown option {argv[0]!r}")
+    if not argv or argv[0] not in ("serve", "bare"):
+        raise SystemExit(USAGE)
+    Probe(out, lag=lag, requests=requests, stall_ms=stall_ms).install()
+    if argv[0] == "bare":
+        sys.exit(_serve_bare(argv[1:]))
     from kernel.cli import main as cli
 
-    sys.exit(cli(sys.argv[2:]))
+    sys.exit(cli(argv))
 
 
 if __name__ == "__main__":

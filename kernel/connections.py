@@ -3,8 +3,9 @@
 Guarantees of ``xcore serve`` (uvicorn alone gives none of the first two):
 
 - a client has ``header_timeout`` seconds to send a whole request head, counted from
-  the moment its connection opens or its previous response ends; a connection that
-  sends nothing, or trickles its headers (slowloris), is closed after that;
+  the moment its connection opens; after a response, ``keep_alive_timeout`` plus
+  ``header_timeout`` (the idle allowance, then the head's); a connection that sends
+  nothing, or trickles its headers (slowloris), is closed after that;
 - an idle keep-alive connection is closed after ``keep_alive_timeout`` (uvicorn's own
   timer, set from the same settings);
 - at most ``max_connections`` connections are open at once: one more is answered 503
@@ -92,6 +93,9 @@ def guarded_protocol(limits: HttpSettings, stats: ConnectionStats | None = None)
     base = _base_protocol()
     counts = stats if stats is not None else ConnectionStats()
     header_timeout = limits.header_timeout
+    #: After a response the connection may idle ``keep_alive_timeout`` (uvicorn closes it
+    #: then if nothing came), and the next head has ``header_timeout`` once it begins.
+    next_head_timeout = limits.keep_alive_timeout + limits.header_timeout
     max_connections = limits.max_connections
     send_timeout = limits.send_timeout
 
@@ -121,7 +125,7 @@ def guarded_protocol(limits: HttpSettings, stats: ConnectionStats | None = None)
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
-                self._arm()
+                self._arm(next_head_timeout)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -148,10 +152,10 @@ def guarded_protocol(limits: HttpSettings, stats: ConnectionStats | None = None)
                 counts.count("stalled")
                 self.transport.abort()  # a graceful close would wait for the buffer
 
-        def _arm(self) -> None:
+        def _arm(self, timeout: float = header_timeout) -> None:
             self._disarm()
             self._head_cycle = self.cycle
-            self._head_timer = self.loop.call_later(header_timeout, self._head_timeout)
+            self._head_timer = self.loop.call_later(timeout, self._head_timeout)
 
         def _disarm(self) -> None:
             if self._head_timer is not None:

@@ -82,8 +82,11 @@ class HttpSettings(BaseModel):
     #: Seconds a client has to send a whole request head, from the moment the connection
     #: opens or the previous response ends; the connection is closed after that.
     header_timeout: float = Field(default=10.0, gt=0)
-    #: Seconds an idle keep-alive connection stays open between requests.
-    keep_alive_timeout: float = Field(default=5.0, gt=0)
+    #: Seconds an idle keep-alive connection stays open between requests. Longer than
+    #: the reuse limits of common clients (httpx 5 s, aiohttp 15 s) and of load balancers
+    #: (60 s): a server that closes first races a client reusing the connection, whose
+    #: request then fails ("Server disconnected", ``ReadError``).
+    keep_alive_timeout: float = Field(default=75.0, gt=0)
     #: Seconds the server waits for each piece of a request body before answering 408.
     body_timeout: float = Field(default=30.0, gt=0)
     #: Bytes per second a body must average once its first ``body_timeout`` seconds are

@@ -27,6 +27,7 @@ with ``Retry-After``, naming the plugin and the bound; nothing is recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import time
@@ -56,7 +57,7 @@ from .events import (
 )
 from .installer import ARCHIVE_SUFFIXES
 from .manifest import valid_name
-from .queue import QueueFull, describe, request_url
+from .queue import LineBehind, QueueFull, describe, request_url
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -255,7 +256,10 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
                 rec = (await kernel.append(event, stream=stream, actor=ACTOR))[0]
                 admitted.append((rec, False))
             if admitted:
-                await queue.sync(max(r.position for r, _ in admitted))
+                # recorded all the same (it will run): should the line be behind, follow()
+                # says so with its URL, not a 503 that would read as "nothing was done"
+                with contextlib.suppress(LineBehind):
+                    await queue.sync(max(r.position for r, _ in admitted))
             return admitted
 
     async def record(event: Event, stream: str) -> tuple[Recorded, bool]:
@@ -265,7 +269,21 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
         """The outcome if it comes within ``wait`` s, else where the request stands (202)."""
         done = await queue.wait(request_, wait)
         if done is None:
-            state = await queue.status(request_)
+            try:
+                state = await queue.status(request_)
+            except LineBehind as exc:
+                # recorded, but its place cannot be read in time: never a wrong place,
+                # never an answer that reads as refused (503 with the URL that follows it)
+                state = {
+                    **describe(request_),
+                    "status": "recorded",
+                    "merged": merged,
+                    "detail": (
+                        f"{exc}; the request was recorded (id {request_.position}) and will "
+                        f"run: follow {request_url(request_.position)} (do not ask again)"
+                    ),
+                }
+                return 503, state
             if state["status"] in ("queued", "running"):
                 state["merged"] = merged
                 return 202, state
@@ -288,7 +306,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
     async def ask(event: Event, stream: str, wait: float | None) -> JSONResponse:
         request_, merged = await record(event, stream)
         status, body = await follow(request_, merged, admin_wait(wait))
-        headers = {"Location": body["url"]} if status == 202 else None
+        headers = {"Location": body["url"]} if status in (202, 503) else None
         return JSONResponse(body, status_code=status, headers=headers)
 
     first = "$response.body#/0/name"
@@ -348,8 +366,10 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
                     "of the previous page as it is (or none for the first page)",
                 )
             after = int(cursor)
-        current = queue.current
         page, total = await queue.page(after, limit)
+        # read after the page's wait for the log: a request taken in hand meanwhile is
+        # `running` here, not missing from both (and a finished one not shown running)
+        current = queue.current
         last = page[-1][1].position if page else None
         more = last is not None and queue.line.page(last, 1) != []
         return {
@@ -394,7 +414,7 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
             _, body = await follow(request_, merged, max(0.0, deadline - time.monotonic()))
             results.append(body)
         failed = sum(r["status"] == "failed" for r in results)
-        pending = sum(r["status"] in ("queued", "running") for r in results)
+        pending = sum(r["status"] in ("queued", "running", "recorded") for r in results)
         body = {
             "reloaded": len(results) - failed - pending,
             "failed": failed,
@@ -503,9 +523,10 @@ def build_router(kernel: Kernel, loader: Loader) -> APIRouter:
                 await asyncio.to_thread(shutil.rmtree, folder, True)
         status, body = await follow(asked, False, admin_wait(wait))
         body.pop("merged", None)
-        if status != 202:  # answered: the loader is done with the archive (it removes it too)
+        if status not in (202, 503):  # answered: the loader is done with the archive (and
+            # removes it too); 503: recorded, still to run
             await asyncio.to_thread(shutil.rmtree, folder, True)
-        headers = {"Location": body["url"]} if status == 202 else None
+        headers = {"Location": body["url"]} if status in (202, 503) else None
         return JSONResponse(body, status_code=status, headers=headers)
 
     return router

@@ -66,6 +66,12 @@ class Line:
         self._items.append(record)
         if reload_of is not None:
             self._reloads.setdefault(reload_of, collections.deque()).append(record)
+        else:
+            name = record.data.get("name")
+            if isinstance(name, str):
+                # another request of that plugin (an uninstall, a disable): a reload asked
+                # after it must run after it, so none queued before it may be joined
+                self._reloads.pop(name, None)
         return True
 
     def see(self, position: int) -> None:
@@ -97,7 +103,7 @@ class Line:
         return None if seq is None else seq - self._base - self._head + 1
 
     def reload_of(self, name: str) -> Recorded | None:
-        """The first reload of plugin ``name`` waiting in line."""
+        """The first reload of plugin ``name`` waiting in line behind its other requests."""
         queued = self._reloads.get(name)
         return queued[0] if queued else None
 

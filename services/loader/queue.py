@@ -82,6 +82,9 @@ REQUESTS = (
     PluginUninstallRequested,
 )
 REQUEST_TYPES = frozenset(t.type_name for t in REQUESTS)
+#: Requests that are the plugin's new state themselves (folded at the next start when the
+#: loader did not act on them before a stop).
+STATE_REQUESTS = frozenset(t.type_name for t in (PluginEnabled, PluginDisabled))
 
 #: For each request type, the events that answer it (recorded with the request as cause).
 OUTCOMES: dict[str, frozenset[str]] = {
@@ -434,6 +437,17 @@ class RequestQueue:
             # the loader's own record of what it did (a PluginEnabled after an install, a
             # PluginDisabled of a plugin not loaded): never queued, done when recorded
             body.update(status="succeeded", detail="recorded by the loader (done)")
+            return body
+        if request.position <= self.since and request.type in STATE_REQUESTS:
+            # an enable / disable is itself the plugin's new state in the log: the start
+            # that followed read it (a disabled plugin is not loaded, an enabled one is)
+            body.update(
+                status="succeeded",
+                detail=(
+                    "applied at the server's start (recorded before it; the plugin's "
+                    "enabled state is read from the log)"
+                ),
+            )
             return body
         if request.position <= self.since:
             body.update(

@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import httpx
 
+from kernel.settings import HttpSettings
 from tests.e2e.server import Server, serve
 
 CLIENTS = 500
@@ -82,6 +83,30 @@ async def test_an_idle_keep_alive_connection_is_closed(tmp_path: Path) -> None:
             assert first.startswith(b"HTTP/1.1 200 ")
             assert await reader.read() == b""  # closed by the server, long before 30 s
         writer.close()
+
+
+async def test_a_keep_alive_connection_may_idle_past_the_header_timeout(tmp_path: Path) -> None:
+    # after a response the client has the keep-alive time to begin its next request,
+    # not only the head's: a shorter close races clients that reuse idle connections
+    env = {"XCORE_HTTP__KEEP_ALIVE_TIMEOUT": "6", "XCORE_HTTP__HEADER_TIMEOUT": "1"}
+    request = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with serve(tmp_path, env=env) as server:
+        reader, writer = await _open(server)
+        with anyio.fail_after(30):
+            writer.write(request)
+            assert (await reader.readuntil(b'{"status":"ok"}')).startswith(b"HTTP/1.1 200 ")
+            await anyio.sleep(2.5)  # idle past the header timeout, within the keep-alive
+            writer.write(request)
+            await writer.drain()
+            second = await reader.readuntil(b'{"status":"ok"}')
+            assert second.startswith(b"HTTP/1.1 200 "), second
+            # and a client that then trickles a head is still closed
+            assert await _closed_by_server(reader, writer, trickle=True) == b""
+
+
+def test_the_default_keep_alive_outlasts_common_clients_reuse() -> None:
+    # httpx reuses an idle connection for up to 5 s; closing first loses its requests
+    assert HttpSettings().keep_alive_timeout > httpx.Limits().keepalive_expiry + 5
 
 
 async def test_connections_over_the_limit_are_refused_and_closed(tmp_path: Path) -> None:

@@ -361,3 +361,47 @@ async def test_the_line_is_bounded_and_paged_over_http_and_by_the_cli(tmp_path: 
                     assert done["status"] == "succeeded", done
                 r = await client.post("/admin/plugins/d/reload", headers=AUTH)
                 assert r.status_code == 200, r.text
+
+
+async def test_an_enable_or_disable_left_in_line_by_a_kill_reads_as_what_the_restart_did(
+    tmp_path: Path,
+) -> None:
+    """A disable and an enable wait in line when the server is killed. The plugins'
+    enabled state is read from the log, so the next start acts on them (``off`` is not
+    loaded, ``on`` is): their requests read so, not ``abandoned ... ask again`` (which
+    would answer 409 "already disabled"). A reload left so, never run, is abandoned."""
+    plugins = tmp_path / "plugins"
+    hold = tmp_path / "hold"
+    plugin(plugins, "slow", run=held(hold))
+    plugin(plugins, "off")
+    plugin(plugins, "on")
+    plugin(plugins, "quick")
+    with serve(tmp_path, plugins_dir=plugins, env=ENV, args=("--no-reload",)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with anyio.fail_after(120):
+                r = await client.post("/admin/plugins/on/disable", headers=AUTH)
+                assert r.status_code == 200, r.text
+                hold.touch()
+                r = await client.post("/admin/plugins/slow/reload?wait=0", headers=AUTH)
+                await until(client, r.json()["url"], "running")
+                asked = {}
+                for name, verb in (("off", "disable"), ("on", "enable"), ("quick", "reload")):
+                    r = await client.post(f"/admin/plugins/{name}/{verb}?wait=0", headers=AUTH)
+                    assert r.status_code == 202, r.text
+                    asked[verb] = r.json()["url"]
+                server.process.kill()
+                server.process.wait()
+                hold.unlink()
+    with serve(tmp_path, plugins_dir=plugins, env=ENV, args=("--no-reload",)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with anyio.fail_after(60):
+                states = {
+                    p["name"]: p["status"]
+                    for p in (await client.get("/admin/plugins", headers=AUTH)).json()
+                }
+                assert (states["off"], states["on"]) == ("disabled", "loaded"), states
+                for verb in ("disable", "enable"):
+                    body = (await client.get(asked[verb], headers=AUTH)).json()
+                    assert body["status"] == "succeeded", body
+                body = (await client.get(asked["reload"], headers=AUTH)).json()
+                assert (body["status"], body["stage"]) == ("failed", "abandoned"), body

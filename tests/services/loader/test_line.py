@@ -98,3 +98,30 @@ def test_a_page_past_the_end_or_of_nothing_is_empty() -> None:
     assert line.reload_of("a") is None  # joined without a name: nothing joins it
     line.see(10)
     assert not line.join(rec(9, "a"))  # seen already (not a request of this node)
+
+
+def test_a_reload_is_not_joined_across_another_request_of_its_plugin() -> None:
+    """reload a, uninstall a, reload a: the second reload runs after the uninstall (it
+    must not join the first, which runs before it and would report a success)."""
+    line = Line()
+    first = rec(1, "a")
+    line.join(first, "a")
+    uninstall = Recorded(
+        position=2,
+        stream="plugin-a",
+        version=2,
+        type="PluginUninstallRequested",
+        schema=1,
+        data={"name": "a"},
+        meta=Meta(actor="admin"),
+        timestamp=0.0,
+    )
+    line.join(uninstall)
+    assert line.reload_of("a") is None
+    second = rec(3, "a")
+    line.join(second, "a")
+    assert line.reload_of("a") is second
+    line.take(1)
+    assert line.reload_of("a") is second and line.place(3) == 2
+    line.take(3)
+    assert line.reload_of("a") is None and len(line) == 0

@@ -263,3 +263,39 @@ async def test_a_line_that_cannot_follow_the_log_answers_503_not_a_wrong_place(
         assert await last_position(h) == before
         r = await h.client.get("/admin/loader/requests", headers=AUTH)
         assert r.status_code == 503, r.text
+
+
+async def test_a_request_recorded_before_the_line_falls_behind_is_not_answered_as_refused(
+    harness_factory, plugins: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The line falls behind after the request was recorded (here: it gets no time at
+    all): the request is in the log and will run, so the answer says so (its id, its
+    URL) and an install keeps its upload for the loader — not a 503 that reads as
+    "nothing happened" with the archive deleted under the recorded request."""
+    from services.loader import queue as queue_module
+
+    hold = tmp_path / "hold"
+    h = await held_loader(harness_factory, plugins, hold)
+    with anyio.fail_after(60):
+        # the line is at the log's end; from now on it may not wait for anything
+        monkeypatch.setattr(queue_module, "SYNC_TIMEOUT", 0.0)
+        before = await last_position(h)
+        files = {"file": ("late.zip", archive("late"), "application/zip")}
+        r = await h.client.post("/admin/plugins?wait=0", files=files, headers=AUTH)
+        assert await last_position(h) == before + 1  # recorded
+        # accepted (its place read once the line caught up) or, still behind, 503 with
+        # the request's URL: either way the id to follow, never "nothing was recorded"
+        assert r.status_code in (202, 503), r.text
+        body = r.json()
+        assert body["id"] == before + 1 and r.headers["location"] == body["url"], body
+        if r.status_code == 202:
+            assert body["queue_position"] == 1, body
+        else:
+            assert "recorded" in body["detail"], body
+        uploads = list((h.loader.data_dir / "uploads").glob("*/late.zip"))
+        assert len(uploads) == 1  # kept: the loader reads it when the install runs
+        monkeypatch.setattr(queue_module, "SYNC_TIMEOUT", 30.0)
+        await anyio.Path(hold).unlink()
+        done = await until_done(h, body["url"])
+        assert done["status"] == "succeeded", done
+        assert "late" in h.loader.loaded
