@@ -31,6 +31,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 from typing import Any, Final
@@ -99,7 +100,10 @@ INLINE_BYTES = 64 * 1024
 #: connection) about every this many WAL pages, SQLite's own default: an automatic
 #: checkpoint runs inside the commit that crosses the bound, so a lone append
 #: committing on the loop's thread would block the loop for the copy and its fsync,
-#: and count as a slow commit (see ``_may_inline``).
+#: and count as a slow commit (see ``_may_inline``). The checkpoint runs on a
+#: connection and thread of its own (``_checkpoint_apart``), beside the commits: in the
+#: write connection's thread it held every write queued behind it for the copy and its
+#: two syncs (~40 ms on a loaded disk, a few times a minute under steady appends).
 CHECKPOINT_PAGES = 1000
 #: A caller appending in a loop, each append committed in its own task (``_lone``),
 #: yields to the event loop once it has held it this long (seconds), not after every
@@ -133,7 +137,20 @@ _ONE_TRIP = hasattr(aiosqlite.Connection, "_execute") and hasattr(aiosqlite.Conn
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
     """A passive checkpoint, in the connection's own thread (as SQLite's automatic one)."""
+    # fetchall: the statement runs to its end, so the connection keeps no read
+    # transaction open (one would keep the WAL from being reused from its start)
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _wal_round(path: Path) -> bytes | None:
+    """The WAL header's checkpoint sequence number and salts: they change each time the
+    WAL is reused from its start (None: no WAL file, or a short one)."""
+    try:
+        with open(f"{path}-wal", "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    return head[12:24] if len(head) == 24 else None
 
 
 def _probe_ids(conn: sqlite3.Connection, ids: list[str]) -> None:
@@ -267,6 +284,18 @@ class GroupCommitWriter:
         #: WAL pages written since the last checkpoint (an estimate, see _commit)
         self.wal_pages = 0
         self.checkpoint_pages = CHECKPOINT_PAGES
+        #: the checkpoint in progress (at most one), its thread and connection
+        self._checkpointing: asyncio.Future[None] | None = None
+        self._checkpoint_thread: ThreadPoolExecutor | None = None
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        #: the WAL's round at the last checkpoint beside the writes (see _wal_round)
+        self._wal_round: bytes | None = None
+        #: set when the next checkpoint must run on the write connection, commits
+        #: waiting (the write loop runs it between two batches)
+        self._hold_for_checkpoint = False
+        #: checkpoints done, and those that held the commits back (for tests)
+        self.checkpoints = 0
+        self.blocking_checkpoints = 0
 
     def _may_inline(self) -> bool:
         """Whether a lone write may commit in the event loop's own thread: only when no
@@ -313,6 +342,7 @@ class GroupCommitWriter:
             exc = task.exception()
             log.error("the writer of %s had stopped on an error: %r", self.path, exc, exc_info=exc)
         self._refuse_queued()
+        await self._end_checkpoints()
 
     def _enqueue(self, op: _Op) -> None:
         self._queue.append(op)
@@ -494,7 +524,7 @@ class GroupCommitWriter:
             self.unindexed_ids[eid] = p
         self._tail.push_one((p, stream, v, event.type, event.schema, raw, meta_json, now))
         if self.wal_pages >= self.checkpoint_pages:
-            self._due()  # the writer task checkpoints, in the connection's thread
+            self._due()  # the writer task starts a checkpoint, beside the commits
         r = Recorded.__new__(Recorded)
         r.position = p
         r.stream = stream
@@ -568,10 +598,10 @@ class GroupCommitWriter:
             ready = None
         self._ready = ready
         while True:
+            if self._hold_for_checkpoint:
+                await self._checkpoint_in_writer()
             if not queue:
-                if self.wal_pages >= self.checkpoint_pages:  # after lone appends
-                    await self._checkpoint_wal()
-                    continue
+                self._maybe_checkpoint()  # after lone appends
                 self._wakeup = loop.create_future()
                 try:
                     await self._wakeup
@@ -604,8 +634,7 @@ class GroupCommitWriter:
                 size += len(nxt.events) if type(nxt) is _Append else 1
             try:
                 await self._commit(batch)
-                if self.wal_pages >= self.checkpoint_pages:
-                    await self._checkpoint_wal()
+                self._maybe_checkpoint()
             except BaseException as exc:  # never leave an appender waiting forever
                 log.exception(
                     "the writer of %s failed on a batch of %d writes (%d events, positions "
@@ -647,19 +676,111 @@ class GroupCommitWriter:
             await self._conn.execute(sql, params)
         await self._conn.commit()
 
-    async def _checkpoint_wal(self) -> None:
-        """Copy the WAL into the log file in the connection's thread (never on the
-        loop's): appends arriving meanwhile queue up for the next batch. A checkpoint
-        that fails is logged and tried again after as many pages; nothing is lost (the
-        WAL keeps the pages, readers read them from there)."""
+    def _maybe_checkpoint(self) -> None:
+        """Start a checkpoint beside the writes once ``checkpoint_pages`` WAL pages were
+        written since the last one began (one at a time: the next starts when it ends)."""
+        if self.wal_pages < self.checkpoint_pages:
+            return
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return  # the one in progress ends first; its end starts the next
         self.wal_pages = 0
+        self._checkpointing = asyncio.ensure_future(self._checkpoint_wal())
+        self._checkpointing.add_done_callback(self._checkpointed)
+
+    def _checkpointed(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            log.error("%s: the checkpoint task failed: %r", self.path, exc, exc_info=exc)
+        if not self._stopping:
+            self._maybe_checkpoint()  # pages written meanwhile
+
+    async def _checkpoint_wal(self) -> None:
+        """Copy the WAL into the log file on a connection and thread of its own (never
+        the loop's, nor the write connection's: the commits go on meanwhile, SQLite's
+        PASSIVE checkpoint takes no lock a writer waits for). A checkpoint that fails is
+        logged and tried again after as many pages; nothing is lost (the WAL keeps the
+        pages, readers read them from there). Without a connection of its own (it
+        cannot be opened), or when the WAL is not reused (see below), the checkpoint
+        runs on the write connection, between two batches."""
+        try:
+            if self._checkpoint_thread is None:
+                self._checkpoint_thread = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="xcore-store-checkpoint"
+                )
+            loop = asyncio.get_running_loop()
+            done = await loop.run_in_executor(self._checkpoint_thread, self._checkpoint_apart)
+        except sqlite3.Error as exc:
+            log.warning("%s: checkpointing the write-ahead log failed: %r", self.path, exc)
+            return
+        if done is not None:
+            self.checkpoints += 1
+            round_, self._wal_round = self._wal_round, done
+            if round_ is None or done != round_:
+                return
+            # The WAL is reused from its start by the first commit that begins once
+            # every frame is copied; a commit that began during the copy cannot, and
+            # writes that never pause leave it no such moment: the WAL was not reused
+            # since the last checkpoint and only grows. This once, the commits wait (as
+            # they all did before), so it stays bounded.
+            log.info(
+                "%s: the WAL was not reused since the last checkpoint (writes without a "
+                "pause): the next one holds the commits",
+                self.path,
+            )
+            self._wal_round = None
+        # (or no connection of its own): the write loop runs it, between two batches
+        self._hold_for_checkpoint = True
+        self._due()
+
+    async def _checkpoint_in_writer(self) -> None:
+        """Checkpoint on the write connection, in its thread; called by the write loop
+        between two batches (commits wait meanwhile)."""
+        self._hold_for_checkpoint = False
         try:
             if _ONE_TRIP:
                 await self._conn._execute(_checkpoint, self._conn._conn)  # type: ignore[no-untyped-call]
             else:  # pragma: no cover - an aiosqlite without its private runner
                 await self._conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            self.checkpoints += 1
+            self.blocking_checkpoints += 1
         except sqlite3.Error as exc:
             log.warning("%s: checkpointing the write-ahead log failed: %r", self.path, exc)
+
+    def _checkpoint_apart(self) -> bytes | None:
+        """In the checkpoint thread: checkpoint on its own connection (opened at the
+        first checkpoint); the WAL's round (:func:`_wal_round`, b"" when unknown), or
+        None if that connection cannot be opened."""
+        conn = self._checkpoint_conn
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout=5000")
+            except sqlite3.Error as exc:
+                log.warning(
+                    "%s: no connection of its own for the checkpoint (%r): it runs in the "
+                    "writer's thread",
+                    self.path,
+                    exc,
+                )
+                return None
+            self._checkpoint_conn = conn
+        _checkpoint(conn)
+        return _wal_round(self.path) or b""
+
+    async def _end_checkpoints(self) -> None:
+        """Wait for the checkpoint in progress, then close its connection and thread."""
+        running = self._checkpointing
+        if running is not None and not running.done():
+            await asyncio.wait({running})
+        thread, self._checkpoint_thread = self._checkpoint_thread, None
+        if thread is None:
+            return
+        conn, self._checkpoint_conn = self._checkpoint_conn, None
+        if conn is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(thread, conn.close)
+            except sqlite3.Error as exc:
+                log.warning("%s: closing the checkpoint's connection failed: %r", self.path, exc)
+        thread.shutdown(wait=False)
 
     async def _index_the_end(self) -> None:
         """At a clean stop, index the unindexed end (the next open has nothing to reload)."""

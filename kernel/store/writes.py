@@ -63,8 +63,13 @@ async def settle(
     """
     futures = [a for a in answers if isinstance(a, asyncio.Future)]
     try:
-        if futures:
-            await asyncio.wait(futures)
+        # one wake-up per batch, not one callback per write: the writer answers a
+        # batch's writes in order, in one step, so once the last one is done (the
+        # writes left over by a split batch are waited for the same way) all are
+        pending = [f for f in futures if not f.done()]
+        while pending:
+            await asyncio.wait((pending[-1],))
+            pending = [f for f in pending if not f.done()]
     except asyncio.CancelledError:
         for f in futures:
             f.add_done_callback(_drop)

@@ -23,12 +23,11 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
-from kernel.events import Event
+from kernel.events import Event, new_id
 from services.scheduler.claim import claim_key
 from services.scheduler.events import TaskMissed, TaskSkipped
 from services.scheduler.projection import TaskTable
@@ -141,7 +140,7 @@ class Dispatcher:
         """A first attempt of ``entry``, due and started now (not from its trigger): its
         claim is keyed by ``slot`` (default: its run id), not by its start time."""
         now = time.time()
-        run_id = run_id or uuid.uuid4().hex
+        run_id = run_id or new_id()
         self.runner.spawn(
             self.runner.run(
                 entry,
@@ -273,7 +272,7 @@ class Dispatcher:
             def start(placed: bool = False) -> Coroutine[Any, Any, None]:
                 return self.runner.run(
                     entry,
-                    uuid.uuid4().hex,
+                    new_id(),
                     first,
                     attempt=1,
                     kind=kind,
@@ -404,7 +403,7 @@ class Dispatcher:
                 entry.catch_up = dues[i + 1] if i + 1 < len(dues) else None
                 await self.runner.run(
                     entry,
-                    uuid.uuid4().hex,
+                    new_id(),
                     due,
                     attempt=1,
                     kind="misfire",

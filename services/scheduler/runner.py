@@ -594,11 +594,8 @@ class Runner:
             if not _busy(thread):
                 acquired = False
                 self._release_slot(None, t_slot)
-            await asyncio.sleep(0)
-            for _ in range(OUTCOME_YIELDS):
-                if not self.slots.waiting:
-                    break
-                await asyncio.sleep(0)
+            line = self.slots.line_moved(OUTCOME_YIELDS)
+            await (asyncio.sleep(0) if line is None else line)
         except SlotTaken as taken:  # this node ran this slot already: say so
             log.warning("task %s: run %s not started: %s", tid, run_id, taken)
             lost = True
@@ -719,7 +716,9 @@ class Runner:
         cancelled = False
         while not writing.done():
             try:
-                await asyncio.shield(writing)
+                # (a wait, not ``shield``: one callback less per run; neither cancels
+                # the claim when the run is)
+                await asyncio.wait((writing,))
             except asyncio.CancelledError:
                 cancelled = True
         writing.result()  # the store's error, if any, is the run's

@@ -24,13 +24,12 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kernel.events import Event, Recorded
+from kernel.events import Event, Recorded, new_id
 from kernel.runtime import PluginRuntime
 from kernel.sdk import TaskSpec
 from services.loader.events import PluginLoaded, PluginReloaded, PluginUnloaded
@@ -372,9 +371,10 @@ class SchedulerService:
             await self._unschedule(tid, generation, "no longer declared by its plugin")
         now = time.time()
         await asyncio.gather(*(self._schedule(task, now) for task in accepted.values()))
+        again = plugin in self._plugins or bool(gone)  # its former objects may be garbage
         self._plugins[plugin] = generation
         self._dispatch.index_dependents()
-        self._gc.poke()
+        self._gc.poke(frees=again)
         return Registration(accepted=list(accepted), refused=refused)
 
     async def unregister(
@@ -528,7 +528,7 @@ class SchedulerService:
             if entry is None:
                 await self._refuse(r, "no such task is scheduled")
                 return
-            run_id = uuid.uuid4().hex
+            run_id = new_id()
             # The acceptance is durable before the run can start: the log reads
             # request -> accepted -> started -> outcome.
             position = self._runner.queue_position(entry)

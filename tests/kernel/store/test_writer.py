@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -410,12 +411,25 @@ def test_an_odd_inline_limit_is_refused_by_name(tmp_path: Path, limit: float) ->
         SQLiteStore(tmp_path / "log.db", inline_limit=limit)
 
 
-async def test_the_writer_checkpoints_the_wal_off_the_loops_thread(tmp_path: Path) -> None:
+async def test_the_writer_checkpoints_the_wal_off_the_loops_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SQLite's automatic checkpoint is off on the writer's connection (it would run
     inside an inline commit, on the loop's thread); the writer checkpoints every
-    ``checkpoint_pages`` WAL pages in the connection's thread, so the WAL stays bounded."""
+    ``checkpoint_pages`` WAL pages on a connection and thread of its own, so the WAL
+    stays bounded."""
     path = tmp_path / "log.db"
     store = SQLiteStore(path, synchronous="NORMAL")
+    threads: set[int] = set()
+    connections: set[int] = set()
+    real = sqlite_writer._checkpoint
+
+    def checkpoint(conn: sqlite3.Connection) -> None:
+        threads.add(threading.get_ident())
+        connections.add(id(conn))
+        real(conn)
+
+    monkeypatch.setattr(sqlite_writer, "_checkpoint", checkpoint)
     with anyio.fail_after(120):
         await store.open()
         try:
@@ -423,28 +437,77 @@ async def test_the_writer_checkpoints_the_wal_off_the_loops_thread(tmp_path: Pat
             row = await (await store._write_conn.execute("PRAGMA wal_autocheckpoint")).fetchone()
             assert row is not None and row[0] == 0
             store._writer.checkpoint_pages = 40  # often, to see several
-            threads: set[int] = set()
-
-            def trace(sql: str) -> None:
-                if "wal_checkpoint" in sql:
-                    threads.add(threading.get_ident())
-
-            raw = store._write_conn._conn  # type: ignore[attr-defined]
-            await store._write_conn._execute(raw.set_trace_callback, trace)  # type: ignore[attr-defined]
             sizes = []
             for i in range(600):  # lone appends: each commits inline
                 await store.append([ev(i)], stream="s")
                 if i % 100 == 99:
                     sizes.append((tmp_path / "log.db-wal").stat().st_size)
-            await store._write_conn._execute(raw.set_trace_callback, None)  # type: ignore[attr-defined]
             assert threads and threading.get_ident() not in threads
-            # reused from its start after each checkpoint: it stops growing (600 commits
-            # of ~2 pages each would make it ~1,200 pages of 4 KiB without)
-            assert max(sizes) < 200 * 4096, sizes
-            assert sizes[-1] == sizes[2], sizes
+            writer_conn = store._write_conn._conn  # type: ignore[attr-defined]
+            assert connections - {id(writer_conn)}  # one of its own
+            assert store._writer.checkpoints >= 5
+            # reused from its start after the checkpoints: it stays bounded (600 commits
+            # of ~2 pages each would make it ~1,200 pages of 4 KiB without). These
+            # appends never pause: the WAL is not reused after a checkpoint beside them,
+            # so every other checkpoint holds the commits (and the WAL is reused). The
+            # WAL then reaches a few times ``checkpoint_pages`` (the pages are an
+            # estimate, and two checkpoints pass before one holds the commits)
+            assert store._writer.blocking_checkpoints >= 1
+            assert max(sizes) < 400 * 4096, sizes
             assert [r.position for r in await store.read()] == list(range(1, 601))
         finally:
             await store.close()
+    assert not (tmp_path / "log.db-wal").exists() or (tmp_path / "log.db-wal").stat().st_size == 0
+
+
+async def test_a_checkpoint_never_holds_a_commit_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint runs beside the commits: appends made while one is in progress (held
+    here for as long as the test wants) are durable before it ends, in a batch as alone,
+    and the store closes cleanly once it ends."""
+    entered, go = threading.Event(), threading.Event()
+    real = sqlite_writer._checkpoint
+
+    def held(conn: sqlite3.Connection) -> None:
+        entered.set()
+        go.wait(120)
+        real(conn)
+
+    monkeypatch.setattr(sqlite_writer, "_checkpoint", held)
+    store = SQLiteStore(tmp_path / "log.db", synchronous="FULL")
+    try:
+        with anyio.fail_after(60):
+            await store.open()
+            assert store._writer is not None
+            store._writer.checkpoint_pages = 10
+            i = 0
+            while not entered.is_set():
+                await store.append([ev(i)], stream="s")
+                i += 1
+                if i % 10 == 0:
+                    await asyncio.sleep(0.01)  # let the writer task start the checkpoint
+            assert i < 200
+            # the checkpoint is held in its thread: lone appends and a batch still commit
+            for j in range(30):
+                await store.append([ev(1000 + j)], stream="s")
+            answers = await store.append_many(
+                [StreamWrite(f"b{k}", [ev(2000 + k)]) for k in range(20)]
+            )
+            assert all(isinstance(a, list) for a in answers)
+            assert not go.is_set()
+            assert len(await store.read()) == i + 30 + 20
+    finally:
+        go.set()
+        with anyio.fail_after(60):
+            await store.close()
+    again = SQLiteStore(tmp_path / "log.db")
+    with anyio.fail_after(60):
+        await again.open()
+        try:
+            assert len(await again.read()) == i + 30 + 20
+        finally:
+            await again.close()
 
 
 async def _commits_by_thread(
@@ -921,3 +984,33 @@ async def test_append_many_refuses_a_stream_name_that_is_not_text_alone(
     assert isinstance(bad, StoreError) and "not valid text" in str(bad)
     assert not isinstance(good, StoreError) and [r.stream for r in good] == ["good"]
     assert [r.stream for r in await store.read()] == ["good"]
+
+
+async def test_an_append_many_waits_for_its_batch_with_one_wake_up(tmp_path: Path) -> None:
+    """The writes of one ``append_many`` are answered in one commit: the caller waits
+    for them with one wake-up, not one loop callback per write (100 writes: 100
+    callbacks more in the loop step that answers them)."""
+    store = SQLiteStore(tmp_path / "log.db", synchronous="NORMAL")
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            loop = asyncio.get_running_loop()
+            ran = 0
+            real = loop.call_soon
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                nonlocal ran
+                ran += 1
+                return real(*args, **kwargs)
+
+            loop.call_soon = counted  # type: ignore[method-assign]
+            try:
+                answers = await store.append_many(
+                    [StreamWrite(f"s{i}", [ev(i)]) for i in range(100)]
+                )
+            finally:
+                del loop.call_soon  # type: ignore[method-assign]
+            assert all(isinstance(a, list) for a in answers)
+            assert ran < 50, ran
+        finally:
+            await store.close()

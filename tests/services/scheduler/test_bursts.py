@@ -370,3 +370,34 @@ async def test_a_run_fired_a_lead_ahead_waits_for_the_run_before_it_until_its_in
         # the second run waited ~1 s for the first: a wait the lead cannot help,
         # not counted in the way the lead learns from
         assert len(ways) >= 2 and ways[1] < 0.5
+
+
+async def test_the_runs_of_a_burst_draw_their_ids_without_a_system_call_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run id is a pooled time-ordered id (``kernel.events.new_id``), not a UUID4 read
+    from the OS each: that system call released the GIL once per run in the middle of a
+    burst's timer callbacks, and each release let another thread (the log's writer)
+    hold the loop's thread back for up to a switch interval (5 ms)."""
+    import os
+
+    kernel, service = make_kernel(tmp_path)
+    calls = 0
+    real = os.urandom
+
+    def counted(n: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        return real(n)
+
+    async def work() -> None: ...
+
+    at = datetime.fromtimestamp(time.time() + 1.5, UTC).isoformat()
+    async with kernel:
+        await service.register("p", [spec(work, name=f"t{i}", at=at) for i in range(100)])
+        monkeypatch.setattr(os, "urandom", counted)
+        await wait_events(kernel, "TaskSucceeded", 100)
+        monkeypatch.undo()
+        started = await kernel.read(types=["TaskStarted"])
+    assert len({r.data["run_id"] for r in started}) == 100
+    assert calls < 20, calls  # the pool refills now and then, not once per run
