@@ -80,6 +80,10 @@ MAX_DEFERRED_HELD = 2 * MAX_DEFERRED
 MAX_FREED = 32
 #: The generation-2 threshold while deferred or owned (out of reach; recognisable).
 SENTINEL = 2_000_000_011
+#: While paced builds run (:meth:`Collector.young_paced`), the young generation's
+#: threshold is raised this many times: build threads run the young collections
+#: themselves between two units of work (:meth:`Collector.young_due`, kernel/pacing.py).
+YOUNG_SLACK = 8
 _DEFAULT_THRESHOLD_2 = 10
 
 
@@ -140,6 +144,10 @@ class Collector:
         self.foreign_freeze = False
         #: Times ``gc`` was found disabled by someone else and enabled again.
         self.reenabled = 0
+        #: Paced builds holding the young threshold raised, its saved and raised values.
+        self._young_holders = 0
+        self._saved_t0: int | None = None
+        self._raised_t0 = 0
 
     # -- owner -------------------------------------------------------------------------
 
@@ -238,6 +246,40 @@ class Collector:
             with self._lock:
                 self.forced += 1
                 self._sync()
+
+    def young_paced(self, on: bool) -> None:
+        """Paced builds start (``on``) or end: while any runs, young collections wait
+        for a build thread's next unit of work (:meth:`young_due`) instead of starting
+        inside a unit, on whichever thread allocated the 700th object — often the event
+        loop's, walking the build's survivors there (2-7 ms per generation-1 pass). The
+        raised threshold (:data:`YOUNG_SLACK` times) bounds what a build that stops
+        pacing leaves uncollected; a threshold changed meanwhile by someone else is kept."""
+        with self._lock:
+            if on:
+                self._young_holders += 1
+                t0, t1, t2 = gc.get_threshold()
+                if self._young_holders == 1 and t0 > 0:
+                    self._saved_t0, self._raised_t0 = t0, t0 * YOUNG_SLACK
+                    gc.set_threshold(self._raised_t0, t1, t2)
+                return
+            self._young_holders = max(self._young_holders - 1, 0)
+            if self._young_holders == 0 and self._saved_t0 is not None:
+                t0, t1, t2 = gc.get_threshold()
+                if t0 == self._raised_t0:
+                    gc.set_threshold(self._saved_t0, t1, t2)
+                self._saved_t0 = None
+
+    def young_due(self) -> int | None:
+        """The young generation a build thread should collect now, between two units of
+        its work (None: none is due): what the interpreter would have collected at the
+        saved threshold (generation 1 every ``threshold[1]`` passes, as it does)."""
+        saved = self._saved_t0
+        if saved is None or not gc.isenabled():
+            return None
+        count = gc.get_count()
+        if count[0] < saved:
+            return None
+        return 1 if count[1] >= gc.get_threshold()[1] else 0
 
     def note_unloaded(self) -> None:
         """A generation was unloaded: its objects are garbage for a full collection."""

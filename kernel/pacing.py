@@ -15,12 +15,18 @@ calls :func:`pace` between units of work (after each route is declared or copied
 validator built by services/loader/lazy.py); once the calling thread has computed
 ``quantum`` seconds of CPU since its last pause, it sleeps (releasing the interpreter)
 long enough to bring its share down to ``share``. Calls from the event loop's thread, or
-while no build is open (``share`` is 1), return at once. *Requests first:* at each unit
+while no build is open (``share`` is 1), return at once. *The loop first:* at each unit
 a build thread also waits, at most :data:`yield_max` (``build_yield_ms`` of
-``services.loader``), while HTTP requests are being handled (:data:`serving`, counted by
-the router's dispatcher until each response starts: a streamed body does not hold
-builds; woken when the last one ends), so a request that arrives finds at most one unit
-of build work in its way instead of the build's whole share; under a saturated load the
+``services.loader``), while the event loop has work (:func:`loop_busy`): HTTP requests
+being handled (:data:`serving`, counted by the router's dispatcher until each response
+starts: a streamed body does not hold builds), or, once the loop is watched
+(:func:`watch_loop`; the loader's ``build_watch_loop``, off by default: measured, it
+lengthened reloads without moving the neighbour's p99), the loop awake — not asleep in
+its selector, or its selector's descriptor readable (uvicorn reading a
+request or writing a response, every socket call of which handed the interpreter to the
+build thread and waited a switch interval to get it back). It is woken when the loop
+goes back to sleep or the last request ends, so a request that arrives finds at most one
+unit of build work in its way instead of the build's whole share; under a saturated load the
 build still advances one unit per wait, and a thread's waits in one window add up to at
 most the CPU time it computed (a build's wall time at most doubles, however long
 requests keep arriving). :func:`install` makes FastAPI's ``APIRouter.add_api_route``
@@ -29,17 +35,38 @@ requests keep arriving). :func:`install` makes FastAPI's ``APIRouter.add_api_rou
 work by a timeout leaves the paused time out (the loader's ``import_timeout``); a caller
 that gave up on the thread marks its account abandoned, and the thread's next
 :func:`pace` raises :class:`Abandoned` (a timed-out import declaring routes in an
-endless loop stops there).
+endless loop stops there). While the collector raised the young threshold for paced
+builds (kernel/collector.py ``young_paced``), :func:`pace` also runs the young passes
+that are due, after its wait for the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import gc
+import select
 import threading
 import time
 from typing import Any
 
-__all__ = ["Abandoned", "Account", "account", "check", "install", "pace", "set_share", "share"]
+from kernel.collector import collector
+
+__all__ = [
+    "Abandoned",
+    "Account",
+    "account",
+    "check",
+    "install",
+    "loop_busy",
+    "pace",
+    "set_share",
+    "share",
+    "stats",
+    "unwatch_loop",
+    "watch_loop",
+]
 
 #: CPU seconds a thread computes between two pauses (pauses shorter than this are noise).
 quantum = 0.002
@@ -61,8 +88,14 @@ serving = 0
 #: Longest a build thread waits, per unit of work, for the requests in flight to end
 #: (seconds; 0: it does not wait). Set with :func:`set_share`.
 yield_max = 0.0
-#: Set when ``serving`` drops to 0 while a build thread waits (:func:`request_ended`).
+#: Set when ``serving`` drops to 0 or the watched loop goes to sleep while a build thread
+#: waits (:func:`request_ended`, :class:`_LoopWatch`).
 _idle = threading.Event()
+#: Waits build threads made for the loop so far, and their seconds (``/health`` shows them).
+gave_way = 0
+gave_way_s = 0.0
+#: Young collections build threads ran between units of work (kernel/collector.py).
+young_passes = 0
 _waiting = 0
 
 
@@ -111,16 +144,136 @@ def request_ended() -> None:
         _idle.set()
 
 
+class _LoopWatch:
+    """Whether the watched event loop has work: it is not asleep in its selector, or
+    its selector has events ready (it is waking up: taking the interpreter back).
+
+    Its selector's ``select`` is wrapped (an attribute of the selector object, removed
+    by :meth:`close`): a call that may sleep (a timeout other than 0) marks the loop
+    asleep for its duration and wakes the build threads giving way. While marked asleep,
+    :meth:`busy` asks the kernel whether the selector's own descriptor (epoll, kqueue)
+    is readable, i.e. whether the loop is about to wake up: that poll is a system call
+    made without the interpreter, so a loop already woken takes the interpreter then.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        selector = getattr(loop, "_selector", None)
+        if selector is None or not callable(getattr(selector, "select", None)):
+            raise TypeError(f"{type(loop).__name__} has no selector to watch")
+        self.loop = loop
+        self.selector = selector
+        self.original = selector.select
+        self.asleep = False
+        self.holders = 1
+        #: The selector's own descriptor (epoll, kqueue; None: the asleep mark alone).
+        self.fd: int | None = None
+        fileno = getattr(selector, "fileno", None)
+        if callable(fileno) and hasattr(select, "poll"):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                self.fd = int(fileno())
+        #: One poll object per build thread (concurrent polls of one object are refused).
+        self._pollers = threading.local()
+        selector.select = self._select
+
+    def _select(self, timeout: float | None = None) -> Any:
+        if timeout is not None and timeout <= 0:  # a look, not a sleep: still at work
+            return self.original(timeout)
+        self.asleep = True
+        if _waiting:
+            _idle.set()
+        try:
+            return self.original(timeout)
+        finally:
+            self.asleep = False
+
+    def busy(self) -> bool:
+        if not self.asleep:
+            return True
+        if self.fd is None:
+            return False
+        try:
+            poller = getattr(self._pollers, "poller", None)
+            if poller is None:
+                poller = self._pollers.poller = select.poll()
+                poller.register(self.fd, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError, RuntimeError):  # (the loop closed its selector)
+            return False
+
+    def close(self) -> None:
+        # (only our own wrapper; the selector may have been closed and replaced)
+        if self.selector.__dict__.get("select") == self._select:
+            del self.selector.select
+
+
+_watch: _LoopWatch | None = None
+
+
+def watch_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Build threads give way to ``loop`` while it has work, not only while a plugin
+    request is handled (uvicorn reading a request, writing a response, the kernel's
+    own tasks): :func:`unwatch_loop` undoes it (calls nest). False if ``loop`` cannot
+    be watched (no selector: then only :data:`serving` counts)."""
+    global _watch
+    with _lock:
+        current = _watch
+        if current is not None and current.loop is loop:
+            current.holders += 1
+            return True
+        try:
+            watch = _LoopWatch(loop)
+        except TypeError:
+            return False
+        if current is not None:  # another loop (an earlier kernel's): this one now
+            current.close()
+        _watch = watch
+        return True
+
+
+def unwatch_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """One holder of :func:`watch_loop` on ``loop`` is done (the last one unwraps it)."""
+    global _watch
+    with _lock:
+        current = _watch
+        if current is None or current.loop is not loop:
+            return
+        current.holders -= 1
+        if current.holders <= 0:
+            current.close()
+            _watch = None
+
+
+def loop_busy() -> bool:
+    """Plugin requests are handled, or the watched event loop has work (any thread)."""
+    if serving > 0:
+        return True
+    watch = _watch
+    return watch is not None and watch.busy()
+
+
+def stats() -> dict[str, Any]:
+    """What pacing did so far in this process (``/health`` -> ``loader.pacing``)."""
+    return {
+        "share": _share,
+        "watching_loop": _watch is not None,
+        "paused_s": round(slept, 3),
+        "gave_way": gave_way,
+        "gave_way_s": round(gave_way_s, 3),
+        "young_passes": young_passes,
+    }
+
+
 def _wait_for_requests() -> float:
-    """Wait (at most :data:`yield_max`) for the requests in flight to end; seconds waited.
+    """Wait (at most :data:`yield_max`) while the loop has work (:func:`loop_busy`);
+    seconds waited.
 
     Bounded in total: a thread's waits within one build window never add up to more
     than the CPU time it has computed in that window (plus one wait), so a constant
-    stream of requests (long polls never start their response) at most doubles a
-    build's wall time instead of stretching it without end."""
-    global _waiting
+    stream of requests (long polls never start their response, a saturated loop) at
+    most doubles a build's wall time instead of stretching it without end."""
+    global _waiting, gave_way, gave_way_s
     limit = yield_max
-    if limit <= 0 or serving <= 0:
+    if limit <= 0 or not loop_busy():
         return 0.0
     cpu = time.thread_time()
     budget = getattr(_local, "yield_budget", None)
@@ -134,13 +287,15 @@ def _wait_for_requests() -> float:
         _waiting += 1
         _idle.clear()
     try:
-        if serving > 0:
+        if loop_busy():  # (again once registered: a wake-up in between is not lost)
             _idle.wait(limit)
     finally:
         with _lock:
             _waiting -= 1
     waited = time.perf_counter() - start
     budget[2] += waited
+    gave_way += 1
+    gave_way_s += waited
     return waited
 
 
@@ -154,12 +309,17 @@ def check() -> None:
 def pace() -> None:
     """Between two units of build work: pause if this thread took more than its share
     (and stop it, :class:`Abandoned`, if its caller gave up on it)."""
-    global slept
+    global slept, young_passes
     check()
     current = _share
     if current >= 1.0 or threading.current_thread() is threading.main_thread():
         return
     waited = _wait_for_requests()
+    young = collector.young_due()
+    if young is not None:
+        # (the loop just went idle, or has no work: the pass now holds up no request)
+        gc.collect(young)
+        young_passes += 1
     if waited:
         slept += waited
         target = getattr(_local, "account", None)

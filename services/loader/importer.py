@@ -39,7 +39,7 @@ from kernel.sdk import TaskSpec
 
 from . import lazy
 from .files import FileRefused, kind, read_limited, regular_files
-from .source import Parsed, compile_tree, parse_checked
+from .source import Parsed, compile_pieces, parse_checked
 
 __all__ = [
     "MAX_IMPORT_DEPTH",
@@ -96,7 +96,8 @@ class _SourceLoader(importlib.abc.Loader):
         known = self.parsed.pop(filename, None) if self.parsed is not None else None
         if known is None or known.source != source:
             known = parse_checked(source, filename)
-        code = compile_tree(known.tree, filename)
+        # a long file in pieces, the loop served between two (source.py)
+        codes = compile_pieces(known.tree, filename)
         del known
         depth = getattr(_nested, "depth", 0)
         if depth >= MAX_IMPORT_DEPTH:
@@ -106,7 +107,8 @@ class _SourceLoader(importlib.abc.Loader):
             )
         _nested.depth = depth + 1
         try:
-            exec(code, module.__dict__)
+            for code in codes:
+                exec(code, module.__dict__)
         finally:
             _nested.depth = depth
 

@@ -28,7 +28,14 @@ that ends, and put back then):
   loop into switch-interval pieces. While the window is open, threads building routes
   compute at most ``build_cpu_share`` of the wall time (0.3 by default; 1 turns it off):
   they pause between routes (kernel/pacing.py), and wait up to ``build_yield_ms`` per
-  route while plugin requests are in flight (requests first).
+  route while plugin requests are in flight (requests first) — with ``build_watch_loop``,
+  while the event loop has any work, uvicorn reading or writing a socket too (the loader
+  watches its selector, kernel/pacing.py ``watch_loop``). Long plugin files are parsed and compiled
+  in pieces with the same pauses between (services/loader/source.py).
+- *Young collections between units.* While a paced window is open (and ``defer_full_gc``),
+  the young generation's threshold is raised and the build threads run the young
+  passes themselves at their next pause (kernel/collector.py ``young_paced``), so the
+  event loop's thread no longer walks the build's survivors in the middle of a request.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class BuildWindow:
         self.active = 0
         self._saved_interval: float | None = None
         self._set_interval: float | None = None
+        #: This window raised the young threshold (kernel/collector.py young_paced).
+        self._young = False
 
     @property
     def unloaded_since_full(self) -> int:
@@ -75,6 +84,9 @@ class BuildWindow:
             self.active += 1
             if self.active == 1 and cpu_share < 1.0:
                 pacing.set_share(cpu_share, yield_s)
+                self._young = defer_full_gc
+                if defer_full_gc:
+                    collector.young_paced(True)
             if switch_interval is not None and switch_interval > 0:
                 current = sys.getswitchinterval()
                 if self._saved_interval is None:
@@ -89,6 +101,9 @@ class BuildWindow:
             self.active -= 1
             if self.active == 0:
                 pacing.set_share(1.0)
+                if self._young:
+                    self._young = False
+                    collector.young_paced(False)
             if self.active == 0 and self._saved_interval is not None:
                 # put back only what this module set (another change is kept)
                 if self._set_interval is None or sys.getswitchinterval() == self._set_interval:

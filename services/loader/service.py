@@ -105,6 +105,10 @@ class LoaderService:
             stack.push_async_callback(collector.release)
         # (even unpaced: a build thread the loader gave up on stops at its next route)
         pacing.install()
+        # paced build threads give way while this loop has work (kernel/pacing.py)
+        loop = asyncio.get_running_loop()
+        if settings.build_watch_loop and pacing.watch_loop(loop):
+            stack.callback(pacing.unwatch_loop, loop)
         if settings.lazy_validators and lazy.install():
             stack.callback(lazy.uninstall)
         stack.push_async_callback(self._shutdown, loader, sub, kernel.settings.stop_grace)

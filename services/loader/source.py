@@ -16,24 +16,42 @@ depth and collecting the import statements, then ``compile`` of the checked tree
 
 Each file is parsed once per import (:class:`Parsed`): the loader's check of what a
 plugin imports (``importer.check_plugin_imports``) keeps the trees it parsed, and the
-import compiles them when the file still holds the same bytes. Parsing and compiling
-are single calls into C that hold the interpreter throughout (~20 ms and ~10 ms for a
-900-line file): the event loop waits behind each (issue 8).
+import compiles them when the file still holds the same bytes.
+
+*In pieces.* Parsing and compiling are single calls into C that hold the interpreter
+throughout (~20-30 ms and ~10-20 ms for a 900-line file): the event loop waited behind
+each (issue 8). A file of more than :data:`PIECE_LINES` lines is parsed in pieces of
+about that many lines, cut before lines at column 0 that can start a top-level statement,
+each piece parsed at its own line numbers, with :func:`kernel.pacing.pace` between two
+(a build thread leaves the loop its share); the tree is the one ``ast.parse`` builds.
+A piece that does not parse alone (the cut fell inside a bracket, a string, before an
+``else``) is joined with the next; past a few such misses, or for any error, the whole
+file is parsed at once, so errors are ``ast.parse``'s own. The import compiles and runs
+such a file as consecutive code objects of its top-level statements in pieces
+(:func:`compile_pieces`), in the module's namespace and in order, with the file's
+``__future__`` flags; a piece never starts with a string statement (it would be taken as
+the module's docstring); any compile error is that of the whole tree.
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
+import importlib.util
 import threading
 from dataclasses import dataclass
 from types import CodeType
+
+from kernel.pacing import pace
 
 __all__ = [
     "AST_LOCK",
     "MAX_DOTTED_PARTS",
     "MAX_NESTING",
+    "PIECE_LINES",
     "Parsed",
     "SourceTooDeep",
+    "compile_pieces",
     "compile_source",
     "compile_tree",
     "nesting",
@@ -59,6 +77,15 @@ MAX_DOTTED_PARTS = 64
 #: thread in) fail with ``SystemError: AST constructor recursion depth mismatch``. The
 #: loader imports plugins in several threads at boot: each conversion holds this lock.
 AST_LOCK = threading.Lock()
+
+#: A file of more lines is parsed and compiled in pieces of about this many lines (one
+#: piece holds the interpreter ~2-3 ms), with a pause between (kernel/pacing.py).
+PIECE_LINES = 100
+#: Pieces that fail to parse alone (a cut inside a bracket or a string) before the rest
+#: of the file is parsed at once.
+_MISSES = 4
+#: Lines that continue the statement before them at column 0.
+_CONTINUATIONS = ("else", "elif", "except", "finally")
 
 
 class SourceTooDeep(ValueError):
@@ -115,10 +142,67 @@ def _scan(tree: ast.AST, limit: int = MAX_NESTING) -> tuple[int, int | None, lis
     return deepest, line, imports
 
 
+def _cuts(lines: list[str]) -> list[int]:
+    """Indexes of the lines before which a piece may start (column 0, a name or ``@``,
+    not a continuation of the statement before, not after a decorator or a backslash)."""
+    cuts: list[int] = []
+    previous = ""
+    for index, line in enumerate(lines):
+        first = line[:1]
+        if index and first and (first.isalpha() or first in "_@"):
+            word = line.split(None, 1)[0].split(":", 1)[0]
+            if (
+                word not in _CONTINUATIONS
+                and not previous.startswith("@")
+                and not previous.endswith("\\")
+            ):
+                cuts.append(index)
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            previous = line.rstrip()
+    return cuts
+
+
+def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
+    """The tree of ``source`` parsed in pieces; None when it is short or cannot be
+    (the caller then parses it at once, and gets ``ast.parse``'s own error)."""
+    try:
+        text = importlib.util.decode_source(source) if isinstance(source, bytes) else source
+    except (SyntaxError, UnicodeDecodeError, LookupError, ValueError):
+        return None
+    if text.count("\n") <= PIECE_LINES or "\r" in text or "barry_as_FLUFL" in text:
+        return None
+    lines = text.split("\n")
+    cuts = _cuts(lines)
+    body: list[ast.stmt] = []
+    start, misses = 0, 0
+    while start < len(lines):
+        # the first cut at least PIECE_LINES lines on (or the end of the file)
+        end = next((c for c in cuts if c >= start + PIECE_LINES), len(lines))
+        while True:
+            piece = "\n" * start + "\n".join(lines[start:end])
+            try:
+                with AST_LOCK:
+                    part = ast.parse(piece, filename=filename)
+            except (SyntaxError, ValueError, MemoryError, RecursionError):
+                misses += 1
+                if end >= len(lines) or misses > _MISSES:
+                    return None
+                end = next((c for c in cuts if c > end), len(lines))
+                continue
+            break
+        body.extend(part.body)
+        start = end
+        pace()
+    return ast.Module(body=body, type_ignores=[])
+
+
 def parse_checked(source: bytes | str, filename: str) -> Parsed:
     """``source`` parsed and checked (see :func:`parse_source`), with its imports."""
-    with AST_LOCK:
-        tree = ast.parse(source, filename=filename)
+    tree = _parse_pieces(source, filename)
+    if tree is None:
+        with AST_LOCK:
+            tree = ast.parse(source, filename=filename)
     depth, line, imports = _scan(tree)
     if depth > MAX_NESTING:
         raise SourceTooDeep(line)
@@ -149,6 +233,59 @@ def compile_tree(tree: ast.Module, filename: str) -> CodeType:
     """A tree from :func:`parse_checked` (or :func:`parse_source`) compiled for ``exec``."""
     with AST_LOCK:
         return compile(tree, filename, "exec", dont_inherit=True)
+
+
+def _future_flags(body: list[ast.stmt]) -> int:
+    """The compiler flags of the ``from __future__`` imports that open ``body``."""
+    flags = 0
+    for index, node in enumerate(body):
+        if index == 0 and _is_string(node):
+            continue  # the docstring
+        if not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+            break
+        for alias in node.names:
+            feature = getattr(__future__, alias.name, None)
+            if isinstance(feature, __future__._Feature):
+                flags |= feature.compiler_flag
+    return flags
+
+
+def _is_string(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    )
+
+
+def compile_pieces(tree: ast.Module, filename: str) -> list[CodeType]:
+    """A tree from :func:`parse_checked` compiled for ``exec`` as consecutive code
+    objects, one per piece of about :data:`PIECE_LINES` lines of top-level statements
+    (one for a short file), pausing between two (kernel/pacing.py): ``exec`` of each, in
+    order, in one namespace runs the module. A compile error is the whole tree's."""
+    groups: list[list[ast.stmt]] = []
+    first = 0
+    for node in tree.body:
+        # (a piece opening with a string would set the module's __doc__)
+        if groups and (node.lineno - first < PIECE_LINES or _is_string(node)):
+            groups[-1].append(node)
+        else:
+            groups.append([node])
+            first = node.lineno
+    if len(groups) <= 1:
+        return [compile_tree(tree, filename)]
+    flags = _future_flags(tree.body)
+    codes: list[CodeType] = []
+    try:
+        for index, group in enumerate(groups):
+            if index:
+                pace()
+            module = ast.Module(body=group, type_ignores=[])
+            with AST_LOCK:
+                codes.append(compile(module, filename, "exec", flags=flags, dont_inherit=True))
+    except (SyntaxError, ValueError, TypeError):
+        return [compile_tree(tree, filename)]  # the whole tree's error (or its one code)
+    return codes
 
 
 def compile_source(source: bytes | str, filename: str) -> CodeType:

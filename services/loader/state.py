@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel import pacing
 from kernel.collector import collector
 from kernel.events import Event, Recorded
 
@@ -92,6 +93,7 @@ class LoaderState:
             "reloads_paused": sorted(self.paused),
             "requests": self.queue.describe_line(),
             "gc": collector.stats(),
+            "pacing": pacing.stats(),
         }
         leaked = self.leaked_generations()
         if leaked:

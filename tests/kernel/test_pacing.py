@@ -4,9 +4,13 @@ every thread once pacing is closed, never pause."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -110,3 +114,109 @@ def test_the_waits_for_requests_add_up_to_at_most_the_builds_cpu_time(
 
     in_thread(build)
     assert spent.paused < 1.0, spent.paused
+
+
+def test_young_collections_of_a_paced_build_run_between_its_units_not_on_the_loop() -> None:
+    """While a paced build runs, the young threshold is raised and the build thread runs
+    the young passes itself at its units' ends (kernel/collector.py ``young_due``): the
+    event loop's thread, allocating a little between, no longer collects the build's
+    survivors. The threshold is back once the window closes."""
+    from services.loader.priority import building
+
+    threshold = gc.get_threshold()
+    passes: dict[str, int] = {"main": 0, "build": 0}
+
+    def counted(phase: Any, info: Any) -> None:
+        if phase == "start":
+            main = threading.current_thread() is threading.main_thread()
+            passes["main" if main else "build"] += 1
+
+    keep: list[object] = []
+    gc.collect()
+    gc.callbacks.append(counted)
+    try:
+        with building(cpu_share=0.99, defer_full_gc=True, yield_ms=0):
+            assert gc.get_threshold()[0] > threshold[0]
+            stop = threading.Event()
+
+            def build() -> None:
+                while not stop.is_set():
+                    keep.append([[] for _ in range(2_000)])  # a unit: survivors
+                    pacing.pace()
+
+            t = threading.Thread(target=build)
+            t.start()
+            try:
+                for _ in range(300):  # the loop: a request's worth of objects at a time
+                    keep.append([[] for _ in range(300)])
+                    time.sleep(0.001)
+            finally:
+                stop.set()
+                t.join(60)
+    finally:
+        gc.callbacks.remove(counted)
+        keep.clear()
+    assert gc.get_threshold() == threshold
+    assert passes["build"] > 10 and passes["main"] == 0, passes
+
+
+def test_a_build_thread_gives_way_while_the_event_loop_is_awake() -> None:
+    """The loop first: with the loop watched, a paced build thread waits while the loop
+    runs (no plugin request counted: uvicorn's own work, a task) and goes on once the loop
+    goes back to sleep in its selector."""
+    times: dict[str, float] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert pacing.watch_loop(loop)
+        try:
+            pacing.set_share(0.99, yield_s=60.0)
+            passed = threading.Event()
+
+            def build() -> None:
+                pacing.pace()
+                times["passed"] = time.monotonic()
+                passed.set()
+
+            t = threading.Thread(target=build)
+            t.start()
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:  # the loop at work, never in its selector
+                pass
+            times["slept"] = time.monotonic()
+            await asyncio.sleep(0.5)  # the loop sleeps: the build goes on
+            assert passed.is_set()
+            t.join(60)
+        finally:
+            pacing.unwatch_loop(loop)
+
+    asyncio.run(main())
+    assert times["passed"] >= times["slept"]
+    assert pacing.stats()["watching_loop"] is False
+
+
+def test_a_sleeping_loop_with_events_ready_counts_as_busy() -> None:
+    """While the loop is in its selector, a readable selector descriptor means it is
+    waking up (taking the interpreter back): builds give way then too."""
+    loop = asyncio.new_event_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    a, b = socket.socketpair()
+    try:
+        assert pacing.watch_loop(loop)
+        watch = pacing._watch
+        assert watch is not None
+        loop.add_reader(a.fileno(), lambda: None)
+        watch.asleep = True
+        assert not pacing.loop_busy()
+        b.send(b"x")
+        assert pacing.loop_busy()
+        watch.asleep = False
+        a.recv(1)
+        assert pacing.loop_busy()  # awake: at work
+    finally:
+        pacing.unwatch_loop(loop)
+        loop.remove_reader(a.fileno())
+        loop.close()
+        a.close()
+        b.close()
+    assert "select" not in vars(selector)  # unwrapped

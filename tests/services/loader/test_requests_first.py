@@ -99,3 +99,22 @@ async def test_a_streaming_response_holds_no_build_once_it_started(
             flag.write_text("go")
         assert b"data: 2" in b"".join(m.get("body", b"") for m in sent)
         assert pacing.serving == base and mount.in_flight.count == 0
+
+
+async def test_the_loader_watches_its_event_loop_when_told_to(
+    harness_factory: Any,
+) -> None:
+    """The loop first (kernel/pacing.py ``watch_loop``): with ``build_watch_loop`` a
+    running loader has its event loop watched (paced builds give way while it is awake),
+    shown in ``/health``; by default only the plugin requests are counted."""
+    from .conftest import AUTH
+
+    with anyio.fail_after(60):
+        h = await harness_factory(loader={"build_watch_loop": True})
+        health = (await h.client.get("/health", headers=AUTH)).json()
+        assert health["components"]["loader"]["pacing"]["watching_loop"] is True
+        await h.stop()
+        assert pacing.stats()["watching_loop"] is False  # unwatched at the stop
+        off = await harness_factory()
+        health = (await off.client.get("/health", headers=AUTH)).json()
+        assert health["components"]["loader"]["pacing"]["watching_loop"] is False

@@ -1,0 +1,187 @@
+"""Long plugin files are parsed and compiled in pieces, with the event loop served between
+two (services/loader/source.py), and mean exactly what they mean parsed at once: the same
+tree, the same module once run, the same errors."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import typing
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import pytest
+
+from services.loader import source
+from services.loader.source import PIECE_LINES, compile_pieces, compile_tree, parse_checked
+
+
+def _long(body: str, repeat: int) -> str:
+    return "".join(body.format(i=i) for i in range(repeat))
+
+
+#: Lines at column 0 that may not start a piece: inside brackets and strings, after a
+#: decorator or a backslash, an ``else``; a string statement; ``__future__`` flags.
+HOSTILE = '"""The module\'s docstring."""\nfrom __future__ import annotations\nimport os\n' + _long(
+    "x{i}: list[int] = [\n"
+    "1,\n"
+    "2]\n"
+    "s{i} = '''\n"
+    "def not_code_{i}():\n"
+    "    pass\n"
+    "'''\n"
+    "@staticmethod\n"
+    "def f{i}(a: Undefined) -> Undefined:\n"
+    "    return a\n"
+    "if x{i}:\n"
+    "    y{i} = 1\n"
+    "else:\n"
+    "    y{i} = 2\n"
+    "z{i} = 1 + \\\n"
+    "2\n"
+    '"a string statement, not a docstring {i}"\n'
+    "try:\n"
+    "    pass\n"
+    "finally:\n"
+    "    pass\n",
+    60,
+)
+
+
+def test_a_long_file_is_parsed_in_pieces_into_the_tree_ast_parse_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    paces: list[int] = []
+    monkeypatch.setattr(source, "pace", lambda: paces.append(1))
+    files = [HOSTILE, Path(inspect.getfile(typing)).read_text(), Path(ast.__file__).read_text()]
+    for text in files:
+        before = len(paces)
+        tree = parse_checked(text.encode(), "long.py").tree
+        assert ast.dump(tree, include_attributes=True) == ast.dump(
+            ast.parse(text.encode(), "long.py"), include_attributes=True
+        )
+        # the loop was served between pieces (parsed at once: no pause)
+        assert text.count("\n") > 1000 and len(paces) - before >= 5
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        HOSTILE.replace("\n", "\r\n").encode(),  # Windows line ends
+        b"\xef\xbb\xbf" + HOSTILE.encode(),  # a byte-order mark
+        ("# -*- coding: latin-1 -*-\n" + HOSTILE.replace("not_code", "caf\u00e9")).encode(
+            "latin-1"
+        ),
+        HOSTILE.replace("    ", "\t").encode(),  # tabs
+    ],
+    ids=["crlf", "bom", "latin-1", "tabs"],
+)
+def test_odd_encodings_and_line_ends_parse_in_pieces_to_the_same_tree(encoded: bytes) -> None:
+    tree = parse_checked(encoded, "odd.py").tree
+    assert ast.dump(tree, include_attributes=True) == ast.dump(
+        ast.parse(encoded, "odd.py"), include_attributes=True
+    )
+
+
+def test_a_long_module_runs_in_pieces_as_it_runs_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    paces: list[int] = []
+    monkeypatch.setattr(source, "pace", lambda: paces.append(1))
+    tree = parse_checked(HOSTILE, "hostile.py").tree
+    codes = compile_pieces(tree, "hostile.py")
+    assert len(codes) > 5 and len(paces) >= len(codes) - 1 + 5
+    pieces, whole = ModuleType("plugin"), ModuleType("plugin")
+    for code in codes:
+        exec(code, pieces.__dict__)
+    exec(compile_tree(tree, "hostile.py"), whole.__dict__)
+
+    def seen(module: ModuleType) -> dict[str, Any]:
+        names = {k: v for k, v in vars(module).items() if k != "__builtins__"}
+        functions = {k: v.__annotations__ for k, v in names.items() if callable(v)}
+        values = {k: v for k, v in names.items() if not callable(v) and k != "os"}
+        return {"functions": functions, "values": values}
+
+    assert seen(pieces) == seen(whole)
+    # the docstring is the module's first statement only; annotations stay strings
+    assert pieces.__doc__ == "The module's docstring."
+    assert pieces.__annotations__["x59"] == "list[int]"
+    assert pieces.f3.__annotations__ == {"a": "Undefined", "return": "Undefined"}
+
+
+@pytest.mark.parametrize(
+    ("bad", "line"),
+    [
+        ("x = (\n", None),  # an unclosed bracket at the end
+        ("def broken(:\n    pass\n", None),
+        ("return 1\n", None),  # a compile error, not a parse one
+    ],
+)
+def test_errors_in_long_files_are_those_of_the_whole_file(bad: str, line: int | None) -> None:
+    text = _long("v{i} = {i}\n", 3 * PIECE_LINES) + bad + _long("w{i} = {i}\n", PIECE_LINES)
+    try:
+        expected: SyntaxError | None = None
+        compile(text, "bad.py", "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        expected = exc
+    assert expected is not None
+    with pytest.raises(SyntaxError) as raised:
+        compile_pieces(parse_checked(text, "bad.py").tree, "bad.py")
+    assert (raised.value.msg, raised.value.lineno, raised.value.offset) == (
+        expected.msg,
+        expected.lineno,
+        expected.offset,
+    )
+
+
+def test_a_long_plugin_router_imports_in_pieces(tmp_path: Path) -> None:
+    """The loader's import of a 300-route router runs it in pieces (each route's line
+    numbers kept: a traceback names the plugin's own line)."""
+    from services.loader.importer import import_plugin  # noqa: F401  (the real path)
+
+    routes = "".join(
+        textwrap.dedent(
+            f"""\
+            @router.get("/r{i}")
+            async def r{i}() -> dict[str, int]:
+                return {{"i": {i}}}
+            """
+        )
+        for i in range(300)
+    )
+    text = "from fastapi import APIRouter\nrouter = APIRouter()\n" + routes
+    codes = compile_pieces(parse_checked(text, "router.py").tree, "router.py")
+    assert len(codes) > 5
+    scope: dict[str, Any] = {}
+    for code in codes:
+        exec(code, scope)
+    assert len(scope["router"].routes) == 300
+    assert (
+        scope["r299"].__code__.co_firstlineno == text.splitlines().index('@router.get("/r299")') + 1
+    )
+
+
+async def test_a_long_plugin_loads_in_pieces_and_a_failure_names_its_own_line(
+    harness_factory: Any, plugins: Path
+) -> None:
+    """Through the loader: a 300-route router (run in pieces) serves every route, and one
+    that raises at its line 753 is refused naming router.py line 753."""
+    from .conftest import write_plugin
+
+    routes = "".join(
+        f'@router.get("/r{i}")\nasync def r{i}() -> dict[str, int]:\n    return {{"i": {i}}}\n'
+        for i in range(250)
+    )
+    head = "from fastapi import APIRouter\nrouter = APIRouter()\n"
+    write_plugin(plugins, "long", router=head + routes)
+    broken = head + routes + "raise RuntimeError('late')\n" + routes.replace("/r", "/s")
+    write_plugin(plugins, "late", router=broken)
+    assert broken.splitlines().index("raise RuntimeError('late')") + 1 == 753
+    with anyio.fail_after(120):
+        h = await harness_factory()
+        r = await h.client.get("/app/long/r249")
+    assert r.status_code == 200 and r.json() == {"i": 249}
+    failed = {e.data["name"]: e.data for e in await h.events("PluginLoadFailed")}
+    assert failed["late"]["file"] == "router.py" and failed["late"]["line"] == 753, failed
+    assert "late" in failed["late"]["error"]
