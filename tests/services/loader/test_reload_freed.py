@@ -46,6 +46,14 @@ def full_collections() -> int:
     return int(gc.get_stats()[2]["collections"])
 
 
+async def leftovers_collected() -> None:
+    """Wait until the process's collector has collected what an earlier test's stopped
+    kernels left unloaded (its counts are process-wide): the figures read afterwards
+    are this test's own."""
+    while collector.unloaded_since_full or collector.freed_since_full:
+        await anyio.sleep(0.02)
+
+
 async def test_an_unloaded_generation_is_freed_without_a_full_collection(
     harness_factory: Any, plugins: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -60,6 +68,7 @@ async def test_an_unloaded_generation_is_freed_without_a_full_collection(
         served = weakref.ref(app.router.routes[-1])  # a copy the app serves
         original = weakref.ref(gen.imported.router.routes[0])  # the plugin's own route
         del gen, app
+        await leftovers_collected()
         # no collection of ours from here on: only refcounting can free the routes
         monkeypatch.setattr(collector, "tick", 3600.0)
         await anyio.sleep(0.2)  # the collector's task is asleep for an hour now
@@ -179,6 +188,7 @@ async def test_a_generation_serving_a_request_is_no_leak_and_calls_for_no_collec
     router: Any = h.kernel.services["router"]
     flag = tmp_path / "flag"
     with anyio.fail_after(60):
+        await leftovers_collected()
         monkeypatch.setattr(collector, "tick", 3600.0)  # its task is ours to drive
         await anyio.sleep(0.2)
         answers: list[Any] = []
