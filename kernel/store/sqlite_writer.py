@@ -296,6 +296,8 @@ class GroupCommitWriter:
         #: checkpoints done, and those that held the commits back (for tests)
         self.checkpoints = 0
         self.blocking_checkpoints = 0
+        #: the Stop is queued (once: a stop cancelled and called again does not repeat it)
+        self._stop_sent = False
 
     def _may_inline(self) -> bool:
         """Whether a lone write may commit in the event loop's own thread: only when no
@@ -332,16 +334,22 @@ class GroupCommitWriter:
     async def stop(self) -> None:
         """Commit everything queued so far, then stop; later writes get StoreClosed."""
         self._stopping = True
-        task, self._task = self._task, None
-        if task is None:
-            return
-        if not task.done():
-            self._enqueue(_Stop())
-            await asyncio.wait({task})
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("the writer of %s had stopped on an error: %r", self.path, exc, exc_info=exc)
-        self._refuse_queued()
+        # A stop cancelled while it waits (a close under a timeout) leaves the task and
+        # the checkpoint's thread and connection in place: the next stop ends them.
+        task = self._task
+        if task is not None:
+            if not task.done():
+                if not self._stop_sent:
+                    self._stop_sent = True
+                    self._enqueue(_Stop())
+                await asyncio.wait({task})
+            self._task = None
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                log.error(
+                    "the writer of %s had stopped on an error: %r", self.path, exc, exc_info=exc
+                )
+            self._refuse_queued()
         await self._end_checkpoints()
 
     def _enqueue(self, op: _Op) -> None:
@@ -771,15 +779,19 @@ class GroupCommitWriter:
         running = self._checkpointing
         if running is not None and not running.done():
             await asyncio.wait({running})
-        thread, self._checkpoint_thread = self._checkpoint_thread, None
+        # each reference is dropped only once done: a wait cancelled here leaves them
+        # for the next call (closing a connection twice is harmless)
+        thread = self._checkpoint_thread
         if thread is None:
             return
-        conn, self._checkpoint_conn = self._checkpoint_conn, None
+        conn = self._checkpoint_conn
         if conn is not None:
             try:
                 await asyncio.get_running_loop().run_in_executor(thread, conn.close)
             except sqlite3.Error as exc:
                 log.warning("%s: closing the checkpoint's connection failed: %r", self.path, exc)
+            self._checkpoint_conn = None
+        self._checkpoint_thread = None
         thread.shutdown(wait=False)
 
     async def _index_the_end(self) -> None:

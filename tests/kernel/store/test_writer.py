@@ -510,6 +510,67 @@ async def test_a_checkpoint_never_holds_a_commit_back(
             await again.close()
 
 
+async def test_a_close_cancelled_during_a_checkpoint_is_finished_by_the_next_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close cancelled while a checkpoint runs beside the commits (a shutdown under a
+    timeout) is finished by the next close: no checkpoint thread or connection is left
+    behind, the WAL is moved into the log file and the stop is recorded as clean."""
+    entered, go = threading.Event(), threading.Event()
+    real = sqlite_writer._checkpoint
+
+    def held(conn: sqlite3.Connection) -> None:
+        entered.set()
+        go.wait(120)
+        real(conn)
+
+    monkeypatch.setattr(sqlite_writer, "_checkpoint", held)
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    try:
+        with anyio.fail_after(60):
+            await store.open()
+            writer = store._writer
+            assert writer is not None
+            writer.checkpoint_pages = 10
+            i = 0
+            while not entered.is_set():
+                await store.append([ev(i)], stream="s")
+                i += 1
+                if i % 10 == 0:
+                    await asyncio.sleep(0.01)  # let the writer task start the checkpoint
+            closing = asyncio.ensure_future(store.close())
+            while writer.running:  # the writer has stopped; close waits for the checkpoint
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert not closing.done()
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+    finally:
+        go.set()
+    with anyio.fail_after(60):
+        await store.close()
+        await store.close()  # a second one is fine too
+    assert writer._checkpoint_conn is None and writer._checkpoint_thread is None
+    for _ in range(100):  # its thread ends on its own once told to (no wait at close)
+        if not any(t.name.startswith("xcore-store-checkpoint") for t in threading.enumerate()):
+            break
+        await asyncio.sleep(0.05)
+    assert not [
+        t.name for t in threading.enumerate() if t.name.startswith("xcore-store-checkpoint")
+    ]
+    assert not (tmp_path / "log.db-wal").exists() or (tmp_path / "log.db-wal").stat().st_size == 0
+    again = SQLiteStore(path)
+    with anyio.fail_after(60):
+        await again.open()
+        try:
+            assert [r.position for r in await again.read()] == list(range(1, i + 1))
+            assert not (tmp_path / "log.db-wal.unclean").exists()
+        finally:
+            await again.close()
+
+
 async def _commits_by_thread(
     store: SQLiteStore, appends: int, slow: float = 0.0, stream: str = "s"
 ) -> list[bool]:
