@@ -260,7 +260,10 @@ class SQLiteStore:
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
-        self.path = Path(path)
+        # absolute: every file of the log (the lock, the mark, the connections opened
+        # later, as the writer's checkpoint connection) stays this one if the process
+        # changes its working directory after the open (a plugin's os.chdir)
+        self.path = Path(os.path.abspath(path))
         self.location = str(self.path)
         self.synchronous = synchronous
         self.readonly = readonly

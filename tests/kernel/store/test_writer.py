@@ -571,6 +571,43 @@ async def test_a_close_cancelled_during_a_checkpoint_is_finished_by_the_next_clo
             await again.close()
 
 
+async def test_a_log_opened_by_a_relative_path_stays_that_file_after_a_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log opened by a relative path (the default ``var/events.db``) stays that file
+    when the process changes its working directory later (a plugin's ``os.chdir``): the
+    checkpoint's connection, opened at the first checkpoint, checkpointed a new empty
+    ``var/events.db`` it created in the new directory, and the clean stop's mark went
+    there too."""
+    first, other = tmp_path / "first", tmp_path / "other"
+    (first / "var").mkdir(parents=True)
+    (other / "var").mkdir(parents=True)
+    monkeypatch.chdir(first)
+    store = SQLiteStore("var/events.db")
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            assert store._writer is not None
+            store._writer.checkpoint_pages = 10
+            monkeypatch.chdir(other)
+            for i in range(200):
+                await store.append([ev(i)], stream="s")
+                if i % 20 == 19:
+                    await asyncio.sleep(0.01)  # let the writer task start checkpoints
+            assert store._writer.checkpoints >= 2
+        finally:
+            await store.close()
+    assert sorted(p.name for p in (other / "var").iterdir()) == []
+    monkeypatch.chdir(first)
+    again = SQLiteStore("var/events.db")
+    with anyio.fail_after(60):
+        await again.open()
+        try:
+            assert [r.position for r in await again.read()] == list(range(1, 201))
+        finally:
+            await again.close()
+
+
 async def _commits_by_thread(
     store: SQLiteStore, appends: int, slow: float = 0.0, stream: str = "s"
 ) -> list[bool]:
