@@ -521,13 +521,14 @@ class GroupCommitWriter:
         self.failure = None
         self.last = p
         self.versions[stream] = v
+        # its payload's pages too (up to INLINE_BYTES: 16 pages, not 1)
         if flush:
-            self.wal_pages += 1 + len(unindexed) // 25
+            self.wal_pages += 1 + (len(raw) >> 12) + len(unindexed) // 25
             self.unindexed = []
             self.unindexed_ids = {}
             self.ids_bound = bound
         else:
-            self.wal_pages += 1
+            self.wal_pages += 1 + (len(raw) >> 12)
             unindexed.append((stream, v, p))
             self.unindexed_ids[eid] = p
         self._tail.push_one((p, stream, v, event.type, event.schema, raw, meta_json, now))
@@ -1064,7 +1065,16 @@ class GroupCommitWriter:
         self.versions.update(touched)
         # pages this commit added to the WAL, about: a table leaf at least, one more per
         # ~12 rows of ~300 bytes, the stream and id indexes when flushed
-        self.wal_pages += 1 + len(rows) // 12 + (len(self.unindexed) // 25 if flush else 0)
+        # ~12 rows of ~300 bytes, the stream and id indexes when flushed; and the bytes
+        # of larger payloads (overflow pages: 30 KB events counted 1/12 of a page each
+        # let the WAL reach the whole log, 233 MB for 8,000, before any checkpoint)
+        big = sum([len(r[5]) for r in rows]) - 300 * len(rows)
+        self.wal_pages += (
+            1
+            + len(rows) // 12
+            + (big >> 12 if big > 0 else 0)
+            + (len(self.unindexed) // 25 if flush else 0)
+        )
         if flush:
             self.unindexed = []
             self.unindexed_ids = {}

@@ -608,6 +608,39 @@ async def test_a_log_opened_by_a_relative_path_stays_that_file_after_a_chdir(
             await again.close()
 
 
+async def test_the_wal_bound_counts_the_pages_of_large_payloads(tmp_path: Path) -> None:
+    """The WAL pages a commit adds are estimated from its payload bytes too: counted as
+    1/12 of a page each, events of 20 KB (5 pages each) let the WAL grow to the whole
+    log before the first checkpoint (30 KB ones: 233 MB for 8,000 events)."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, synchronous="NORMAL")
+    with anyio.fail_after(120):
+        await store.open()
+        try:
+            assert store._writer is not None
+            store._writer.checkpoint_pages = 100
+            sizes = []
+            for b in range(60):  # 600 events of 20 KB: ~3,000 pages in all
+                answers = await store.append_many(
+                    [
+                        StreamWrite(f"s{k}", [NewEvent.raw("Big", {"b": b, "x": "z" * 20_000})])
+                        for k in range(10)
+                    ]
+                )
+                assert all(isinstance(a, list) for a in answers)
+                sizes.append((tmp_path / "log.db-wal").stat().st_size)
+            for i in range(100):  # lone appends (committed inline), 20 KB each
+                await store.append([NewEvent.raw("Big", {"i": i, "x": "z" * 20_000})], stream="l")
+                sizes.append((tmp_path / "log.db-wal").stat().st_size)
+            assert store._writer.checkpoints >= 10
+            # a few times ``checkpoint_pages`` (see the test above: 400-600 pages here),
+            # under the 3,500 pages of the log (with room for a slow checkpoint thread)
+            assert max(sizes) < 2500 * 4096, max(sizes) // 4096
+            assert len(await store.read()) == 700
+        finally:
+            await store.close()
+
+
 async def _commits_by_thread(
     store: SQLiteStore, appends: int, slow: float = 0.0, stream: str = "s"
 ) -> list[bool]:
