@@ -230,6 +230,19 @@ def check_file(path: Path) -> None:
     change = int.from_bytes(header[24:28], "big")
     valid_for = int.from_bytes(header[92:96], "big")
     if pages and change == valid_for and pages * page_size > size:
+        # A checkpoint copies the WAL's pages in ascending order, page 1 (this header,
+        # with the new size) first, and grows the file as it reaches the pages past its
+        # end: one in progress (another process's, for a read-only open of a live log)
+        # or killed meanwhile (SIGKILL) leaves the header ahead of the file, the missing
+        # pages still in the WAL, which SQLite reads them from and the next checkpoint
+        # copies. SQLite's own bound: the file plus the WAL plus the pending-byte page.
+        wal = path.with_name(path.name + "-wal")
+        try:
+            wal_size = wal.stat().st_size
+        except OSError:
+            wal_size = 0
+        if pages * page_size <= size + wal_size + 65536:
+            return
         raise StoreCorrupt(
             f"{path} is truncated: its header announces {pages * page_size} bytes "
             f"but the file holds {size}; restore it from a copy"
@@ -260,7 +273,10 @@ class SQLiteStore:
     ) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
-        self.path = Path(path)
+        # absolute: every file of the log (the lock, the mark, the connections opened
+        # later, as the writer's checkpoint connection) stays this one if the process
+        # changes its working directory after the open (a plugin's os.chdir)
+        self.path = Path(os.path.abspath(path))
         self.location = str(self.path)
         self.synchronous = synchronous
         self.readonly = readonly

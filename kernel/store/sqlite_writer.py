@@ -296,6 +296,8 @@ class GroupCommitWriter:
         #: checkpoints done, and those that held the commits back (for tests)
         self.checkpoints = 0
         self.blocking_checkpoints = 0
+        #: the Stop is queued (once: a stop cancelled and called again does not repeat it)
+        self._stop_sent = False
 
     def _may_inline(self) -> bool:
         """Whether a lone write may commit in the event loop's own thread: only when no
@@ -332,16 +334,22 @@ class GroupCommitWriter:
     async def stop(self) -> None:
         """Commit everything queued so far, then stop; later writes get StoreClosed."""
         self._stopping = True
-        task, self._task = self._task, None
-        if task is None:
-            return
-        if not task.done():
-            self._enqueue(_Stop())
-            await asyncio.wait({task})
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("the writer of %s had stopped on an error: %r", self.path, exc, exc_info=exc)
-        self._refuse_queued()
+        # A stop cancelled while it waits (a close under a timeout) leaves the task and
+        # the checkpoint's thread and connection in place: the next stop ends them.
+        task = self._task
+        if task is not None:
+            if not task.done():
+                if not self._stop_sent:
+                    self._stop_sent = True
+                    self._enqueue(_Stop())
+                await asyncio.wait({task})
+            self._task = None
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                log.error(
+                    "the writer of %s had stopped on an error: %r", self.path, exc, exc_info=exc
+                )
+            self._refuse_queued()
         await self._end_checkpoints()
 
     def _enqueue(self, op: _Op) -> None:
@@ -513,13 +521,14 @@ class GroupCommitWriter:
         self.failure = None
         self.last = p
         self.versions[stream] = v
+        # its payload's pages too (up to INLINE_BYTES: 16 pages, not 1)
         if flush:
-            self.wal_pages += 1 + len(unindexed) // 25
+            self.wal_pages += 1 + (len(raw) >> 12) + len(unindexed) // 25
             self.unindexed = []
             self.unindexed_ids = {}
             self.ids_bound = bound
         else:
-            self.wal_pages += 1
+            self.wal_pages += 1 + (len(raw) >> 12)
             unindexed.append((stream, v, p))
             self.unindexed_ids[eid] = p
         self._tail.push_one((p, stream, v, event.type, event.schema, raw, meta_json, now))
@@ -771,15 +780,19 @@ class GroupCommitWriter:
         running = self._checkpointing
         if running is not None and not running.done():
             await asyncio.wait({running})
-        thread, self._checkpoint_thread = self._checkpoint_thread, None
+        # each reference is dropped only once done: a wait cancelled here leaves them
+        # for the next call (closing a connection twice is harmless)
+        thread = self._checkpoint_thread
         if thread is None:
             return
-        conn, self._checkpoint_conn = self._checkpoint_conn, None
+        conn = self._checkpoint_conn
         if conn is not None:
             try:
                 await asyncio.get_running_loop().run_in_executor(thread, conn.close)
             except sqlite3.Error as exc:
                 log.warning("%s: closing the checkpoint's connection failed: %r", self.path, exc)
+            self._checkpoint_conn = None
+        self._checkpoint_thread = None
         thread.shutdown(wait=False)
 
     async def _index_the_end(self) -> None:
@@ -1052,7 +1065,16 @@ class GroupCommitWriter:
         self.versions.update(touched)
         # pages this commit added to the WAL, about: a table leaf at least, one more per
         # ~12 rows of ~300 bytes, the stream and id indexes when flushed
-        self.wal_pages += 1 + len(rows) // 12 + (len(self.unindexed) // 25 if flush else 0)
+        # ~12 rows of ~300 bytes, the stream and id indexes when flushed; and the bytes
+        # of larger payloads (overflow pages: 30 KB events counted 1/12 of a page each
+        # let the WAL reach the whole log, 233 MB for 8,000, before any checkpoint)
+        big = sum([len(r[5]) for r in rows]) - 300 * len(rows)
+        self.wal_pages += (
+            1
+            + len(rows) // 12
+            + (big >> 12 if big > 0 else 0)
+            + (len(self.unindexed) // 25 if flush else 0)
+        )
         if flush:
             self.unindexed = []
             self.unindexed_ids = {}

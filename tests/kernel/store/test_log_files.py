@@ -121,6 +121,46 @@ async def crashed_copy(tmp_path: Path, n: int) -> Path:
     return crash / "events.db"
 
 
+async def test_a_log_killed_during_a_checkpoint_opens_with_every_event(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL during a checkpoint, after it copied page 1 (the pages go in ascending
+    order: the header, announcing the grown size, first) and before the file grew: the
+    missing pages are in the WAL and SQLite recovers them. The log was refused as
+    truncated ("restore it from a copy"), in a read-only open of a live log too (one
+    in another process's checkpoint)."""
+    path = await crashed_copy(tmp_path, 300)
+    wal = path.with_name("events.db-wal").read_bytes()
+    page_size = int.from_bytes(wal[8:12], "big")
+    page1 = None
+    at = 32  # the WAL header, then frames: a 24-byte header (page number first), a page
+    while at + 24 + page_size <= len(wal):
+        if int.from_bytes(wal[at : at + 4], "big") == 1:
+            page1 = wal[at + 24 : at + 24 + page_size]
+        at += 24 + page_size
+    assert page1 is not None
+    with path.open("r+b") as f:
+        f.write(page1)
+    assert int.from_bytes(page1[28:32], "big") * page_size > path.stat().st_size
+    copy = tmp_path / "ro"
+    copy.mkdir()
+    for name in ("events.db", "events.db-wal"):
+        shutil.copyfile(path.with_name(name), copy / name)
+    with anyio.fail_after(60):
+        ro = SQLiteStore(copy / "events.db", readonly=True)
+        await ro.open()
+        try:
+            assert [r.position for r in await ro.read()] == list(range(1, 301))
+        finally:
+            await ro.close()
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            assert [r.position for r in await store.read()] == list(range(1, 301))
+        finally:
+            await store.close()
+
+
 async def test_an_unclean_stop_keeps_the_wal_and_counts_what_it_recovered(
     tmp_path: Path,
 ) -> None:

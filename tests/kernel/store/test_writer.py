@@ -510,6 +510,137 @@ async def test_a_checkpoint_never_holds_a_commit_back(
             await again.close()
 
 
+async def test_a_close_cancelled_during_a_checkpoint_is_finished_by_the_next_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close cancelled while a checkpoint runs beside the commits (a shutdown under a
+    timeout) is finished by the next close: no checkpoint thread or connection is left
+    behind, the WAL is moved into the log file and the stop is recorded as clean."""
+    entered, go = threading.Event(), threading.Event()
+    real = sqlite_writer._checkpoint
+
+    def held(conn: sqlite3.Connection) -> None:
+        entered.set()
+        go.wait(120)
+        real(conn)
+
+    monkeypatch.setattr(sqlite_writer, "_checkpoint", held)
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path)
+    try:
+        with anyio.fail_after(60):
+            await store.open()
+            writer = store._writer
+            assert writer is not None
+            writer.checkpoint_pages = 10
+            i = 0
+            while not entered.is_set():
+                await store.append([ev(i)], stream="s")
+                i += 1
+                if i % 10 == 0:
+                    await asyncio.sleep(0.01)  # let the writer task start the checkpoint
+            closing = asyncio.ensure_future(store.close())
+            while writer.running:  # the writer has stopped; close waits for the checkpoint
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert not closing.done()
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+    finally:
+        go.set()
+    with anyio.fail_after(60):
+        await store.close()
+        await store.close()  # a second one is fine too
+    assert writer._checkpoint_conn is None and writer._checkpoint_thread is None
+    for _ in range(100):  # its thread ends on its own once told to (no wait at close)
+        if not any(t.name.startswith("xcore-store-checkpoint") for t in threading.enumerate()):
+            break
+        await asyncio.sleep(0.05)
+    assert not [
+        t.name for t in threading.enumerate() if t.name.startswith("xcore-store-checkpoint")
+    ]
+    assert not (tmp_path / "log.db-wal").exists() or (tmp_path / "log.db-wal").stat().st_size == 0
+    again = SQLiteStore(path)
+    with anyio.fail_after(60):
+        await again.open()
+        try:
+            assert [r.position for r in await again.read()] == list(range(1, i + 1))
+            assert not (tmp_path / "log.db-wal.unclean").exists()
+        finally:
+            await again.close()
+
+
+async def test_a_log_opened_by_a_relative_path_stays_that_file_after_a_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log opened by a relative path (the default ``var/events.db``) stays that file
+    when the process changes its working directory later (a plugin's ``os.chdir``): the
+    checkpoint's connection, opened at the first checkpoint, checkpointed a new empty
+    ``var/events.db`` it created in the new directory, and the clean stop's mark went
+    there too."""
+    first, other = tmp_path / "first", tmp_path / "other"
+    (first / "var").mkdir(parents=True)
+    (other / "var").mkdir(parents=True)
+    monkeypatch.chdir(first)
+    store = SQLiteStore("var/events.db")
+    with anyio.fail_after(60):
+        await store.open()
+        try:
+            assert store._writer is not None
+            store._writer.checkpoint_pages = 10
+            monkeypatch.chdir(other)
+            for i in range(200):
+                await store.append([ev(i)], stream="s")
+                if i % 20 == 19:
+                    await asyncio.sleep(0.01)  # let the writer task start checkpoints
+            assert store._writer.checkpoints >= 2
+        finally:
+            await store.close()
+    assert sorted(p.name for p in (other / "var").iterdir()) == []
+    monkeypatch.chdir(first)
+    again = SQLiteStore("var/events.db")
+    with anyio.fail_after(60):
+        await again.open()
+        try:
+            assert [r.position for r in await again.read()] == list(range(1, 201))
+        finally:
+            await again.close()
+
+
+async def test_the_wal_bound_counts_the_pages_of_large_payloads(tmp_path: Path) -> None:
+    """The WAL pages a commit adds are estimated from its payload bytes too: counted as
+    1/12 of a page each, events of 20 KB (5 pages each) let the WAL grow to the whole
+    log before the first checkpoint (30 KB ones: 233 MB for 8,000 events)."""
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, synchronous="NORMAL")
+    with anyio.fail_after(120):
+        await store.open()
+        try:
+            assert store._writer is not None
+            store._writer.checkpoint_pages = 100
+            sizes = []
+            for b in range(60):  # 600 events of 20 KB: ~3,000 pages in all
+                answers = await store.append_many(
+                    [
+                        StreamWrite(f"s{k}", [NewEvent.raw("Big", {"b": b, "x": "z" * 20_000})])
+                        for k in range(10)
+                    ]
+                )
+                assert all(isinstance(a, list) for a in answers)
+                sizes.append((tmp_path / "log.db-wal").stat().st_size)
+            for i in range(100):  # lone appends (committed inline), 20 KB each
+                await store.append([NewEvent.raw("Big", {"i": i, "x": "z" * 20_000})], stream="l")
+                sizes.append((tmp_path / "log.db-wal").stat().st_size)
+            assert store._writer.checkpoints >= 10
+            # a few times ``checkpoint_pages`` (see the test above: 400-600 pages here),
+            # under the 3,500 pages of the log (with room for a slow checkpoint thread)
+            assert max(sizes) < 2500 * 4096, max(sizes) // 4096
+            assert len(await store.read()) == 700
+        finally:
+            await store.close()
+
+
 async def _commits_by_thread(
     store: SQLiteStore, appends: int, slow: float = 0.0, stream: str = "s"
 ) -> list[bool]:
