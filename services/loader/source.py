@@ -38,7 +38,9 @@ import __future__
 
 import ast
 import importlib.util
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import CodeType
 
@@ -272,10 +274,15 @@ def compile_pieces(tree: ast.Module, filename: str) -> list[CodeType]:
         else:
             groups.append([node])
             first = node.lineno
-    if len(groups) <= 1:
-        return [compile_tree(tree, filename)]
+    if len(groups) <= 1 or not _splittable(tree.body, groups):
+        return [compile_tree(tree, filename)]  # (or the whole tree's error)
     flags = _future_flags(tree.body)
     codes: list[CodeType] = []
+    if any(_annotates(group) for group in groups[1:]):
+        # compiled whole, the module sets up ``__annotations__`` before its first
+        # statement (SETUP_ANNOTATIONS): a later piece's annotation would only make it
+        # at that piece
+        codes.append(_SETUP_ANNOTATIONS)
     try:
         for index, group in enumerate(groups):
             if index:
@@ -286,6 +293,61 @@ def compile_pieces(tree: ast.Module, filename: str) -> list[CodeType]:
     except (SyntaxError, ValueError, TypeError):
         return [compile_tree(tree, filename)]  # the whole tree's error (or its one code)
     return codes
+
+
+def _module_scope(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """The statements of ``body`` that run in the module's scope (in blocks, not in
+    function or class bodies)."""
+    stack = list(reversed(body))
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        inner: list[ast.stmt] = []
+        for field in ("body", "orelse", "finalbody"):
+            inner.extend(getattr(node, field, None) or ())
+        for handler in getattr(node, "handlers", None) or ():
+            inner.extend(handler.body)
+        for case in getattr(node, "cases", None) or ():
+            inner.extend(case.body)
+        stack.extend(reversed(inner))
+
+
+def _annotates(body: list[ast.stmt]) -> bool:
+    """Whether ``body`` annotates a name in the module's scope (the compiler then sets up
+    ``__annotations__`` at its start)."""
+    return any(isinstance(node, ast.AnnAssign) for node in _module_scope(body))
+
+
+def _splittable(body: list[ast.stmt], groups: list[list[ast.stmt]]) -> bool:
+    """Whether ``body`` means the same compiled in ``groups`` as compiled whole: the
+    compiler checks a ``from __future__`` import is at the file's start and a module-level
+    ``global`` after the name's uses across the whole module, which a later piece, compiled
+    alone, would not see; and since 3.14 a module's annotations are one function
+    (``__annotate__``) that each piece would replace."""
+    prefix = 0
+    for index, node in enumerate(body):
+        if not (
+            (index == 0 and _is_string(node))
+            or (isinstance(node, ast.ImportFrom) and node.module == "__future__")
+        ):
+            prefix = index
+            break
+    else:
+        return True
+    for node in _module_scope(body[prefix:]):
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            return False  # misplaced: the whole file's SyntaxError
+    for group in groups[1:]:
+        if any(isinstance(node, ast.Global) for node in _module_scope(group)):
+            return False
+    return sys.version_info < (3, 14) or not any(_annotates(group) for group in groups[1:])
+
+
+#: A code object that only sets up the module's ``__annotations__`` (as the compiler
+#: does at the start of a module that annotates a name anywhere in its scope).
+_SETUP_ANNOTATIONS = compile("if False:\n    _: int\n", "<annotations>", "exec", dont_inherit=True)
 
 
 def compile_source(source: bytes | str, filename: str) -> CodeType:

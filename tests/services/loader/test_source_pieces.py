@@ -116,6 +116,10 @@ def test_a_long_module_runs_in_pieces_as_it_runs_whole(monkeypatch: pytest.Monke
         ("x = (\n", None),  # an unclosed bracket at the end
         ("def broken(:\n    pass\n", None),
         ("return 1\n", None),  # a compile error, not a parse one
+        # checks of the whole module a later piece compiled alone would not make
+        ("from __future__ import annotations\n", None),  # not at the file's start
+        ("global v0\n", None),  # v0 assigned before, in the first piece
+        ("if v1:\n    global v2\n", None),
     ],
 )
 def test_errors_in_long_files_are_those_of_the_whole_file(bad: str, line: int | None) -> None:
@@ -185,3 +189,24 @@ async def test_a_long_plugin_loads_in_pieces_and_a_failure_names_its_own_line(
     failed = {e.data["name"]: e.data for e in await h.events("PluginLoadFailed")}
     assert failed["late"]["file"] == "router.py" and failed["late"]["line"] == 753, failed
     assert "late" in failed["late"]["error"]
+
+
+def test_a_later_pieces_annotation_sets_up_annotations_at_the_modules_start() -> None:
+    # compiled whole, a module annotating a name anywhere has ``__annotations__`` from
+    # its first statement on
+    text = (
+        "early = '__annotations__' in globals()\n"
+        + _long("v{i} = {i}\n", 3 * PIECE_LINES)
+        + "if v1:\n    late: int = 1\n"
+    )
+    tree = parse_checked(text, "ann.py").tree
+    codes = compile_pieces(tree, "ann.py")
+    assert len(codes) > 1
+    pieces, whole = ModuleType("plugin"), ModuleType("plugin")
+    for code in codes:
+        exec(code, pieces.__dict__)
+    exec(compile_tree(tree, "ann.py"), whole.__dict__)
+    assert whole.early is True
+    assert pieces.early is True
+    assert pieces.__annotations__ == whole.__annotations__ == {"late": int}
+    assert list(vars(pieces)) == list(vars(whole))
