@@ -37,6 +37,7 @@ from __future__ import annotations
 import __future__
 
 import ast
+import bisect
 import importlib.util
 import sys
 import threading
@@ -165,6 +166,13 @@ def _cuts(lines: list[str]) -> list[int]:
     return cuts
 
 
+def _after(cuts: list[int], line: int, default: int) -> int:
+    """The first of the sorted ``cuts`` past ``line`` (``default`` if none): a search, not
+    a scan, or a file of 100,000 lines spends seconds finding its cuts."""
+    index = bisect.bisect_right(cuts, line)
+    return cuts[index] if index < len(cuts) else default
+
+
 def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
     """The tree of ``source`` parsed in pieces; None when it is short or cannot be
     (the caller then parses it at once, and gets ``ast.parse``'s own error)."""
@@ -180,7 +188,7 @@ def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
     start, misses = 0, 0
     while start < len(lines):
         # the first cut at least PIECE_LINES lines on (or the end of the file)
-        end = next((c for c in cuts if c >= start + PIECE_LINES), len(lines))
+        end = _after(cuts, start + PIECE_LINES - 1, len(lines))
         while True:
             piece = "\n" * start + "\n".join(lines[start:end])
             try:
@@ -190,7 +198,7 @@ def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
                 misses += 1
                 if end >= len(lines) or misses > _MISSES:
                     return None
-                end = next((c for c in cuts if c > end), len(lines))
+                end = _after(cuts, end, len(lines))
                 continue
             break
         body.extend(part.body)
