@@ -147,19 +147,26 @@ def _scan(tree: ast.AST, limit: int = MAX_NESTING) -> tuple[int, int | None, lis
 
 def _cuts(lines: list[str]) -> list[int]:
     """Indexes of the lines before which a piece may start (column 0, a name or ``@``,
-    not a continuation of the statement before, not after a decorator or a backslash)."""
+    not a continuation of the statement before, not after a decorator — one line or
+    several, ``@router.get(`` to ``)`` — or a backslash)."""
     cuts: list[int] = []
     previous = ""
+    decorating = False  # since a decorator at column 0, until the next name there
     for index, line in enumerate(lines):
         first = line[:1]
         if index and first and (first.isalpha() or first in "_@"):
             word = line.split(None, 1)[0].split(":", 1)[0]
             if (
                 word not in _CONTINUATIONS
+                and not decorating
                 and not previous.startswith("@")
                 and not previous.endswith("\\")
             ):
                 cuts.append(index)
+        if first == "@":
+            decorating = True
+        elif first.isalpha() or first == "_":
+            decorating = False
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
             previous = line.rstrip()

@@ -210,3 +210,20 @@ def test_a_later_pieces_annotation_sets_up_annotations_at_the_modules_start() ->
     assert pieces.early is True
     assert pieces.__annotations__ == whole.__annotations__ == {"late": int}
     assert list(vars(pieces)) == list(vars(whole))
+
+
+def test_a_router_of_multi_line_decorators_is_parsed_in_pieces() -> None:
+    """Routes declared as formatters write them (the decorator's arguments one a line,
+    its closing bracket at column 0) are cut between routes, not between a decorator and
+    its function: before, every cut missed and the file was parsed at once."""
+    routes = _long(
+        '@router.get(\n    "/r{i}",\n    response_model=dict,\n)\n'
+        'async def r{i}() -> dict[str, int]:\n    return {{"i": {i}}}\n\n\n',
+        300,
+    )
+    text = "from fastapi import APIRouter\nrouter = APIRouter()\n\n\n" + routes
+    tree = source._parse_pieces(text, "router.py")
+    assert tree is not None
+    assert ast.dump(tree, include_attributes=True) == ast.dump(
+        ast.parse(text, "router.py"), include_attributes=True
+    )
