@@ -25,7 +25,7 @@ about that many lines, cut before lines at column 0 that can start a top-level s
 each piece parsed at its own line numbers, with :func:`kernel.pacing.pace` between two
 (a build thread leaves the loop its share); the tree is the one ``ast.parse`` builds.
 A piece that does not parse alone (the cut fell inside a bracket, a string, before an
-``else``) is joined with the next; past a few such misses, or for any error, the whole
+``else``) is tried again twice as long; past a few such misses, or for any error, the whole
 file is parsed at once, so errors are ``ast.parse``'s own. The import compiles and runs
 such a file as consecutive code objects of its top-level statements in pieces
 (:func:`compile_pieces`), in the module's namespace and in order, with the file's
@@ -84,9 +84,9 @@ AST_LOCK = threading.Lock()
 #: A file of more lines is parsed and compiled in pieces of about this many lines (one
 #: piece holds the interpreter ~2-3 ms), with a pause between (kernel/pacing.py).
 PIECE_LINES = 100
-#: Pieces that fail to parse alone (a cut inside a bracket or a string) before the rest
-#: of the file is parsed at once.
-_MISSES = 4
+#: Times one piece fails to parse alone (a cut inside a bracket or a string: it then
+#: takes twice as many lines) before the rest of the file is parsed at once.
+_MISSES = 6
 #: Lines that continue the statement before them at column 0.
 _CONTINUATIONS = ("else", "elif", "except", "finally")
 
@@ -192,20 +192,24 @@ def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
     lines = text.split("\n")
     cuts = _cuts(lines)
     body: list[ast.stmt] = []
-    start, misses = 0, 0
+    start = 0
     while start < len(lines):
         # the first cut at least PIECE_LINES lines on (or the end of the file)
         end = _after(cuts, start + PIECE_LINES - 1, len(lines))
+        misses = 0
         while True:
             piece = "\n" * start + "\n".join(lines[start:end])
             try:
                 with AST_LOCK:
                     part = ast.parse(piece, filename=filename)
             except (SyntaxError, ValueError, MemoryError, RecursionError):
+                # (a long string with lines at column 0, a long bracket: twice the
+                # lines, so that a file of many costs at most about twice its parse)
                 misses += 1
                 if end >= len(lines) or misses > _MISSES:
                     return None
-                end = _after(cuts, end, len(lines))
+                end = _after(cuts, start + 2 * (end - start) - 1, len(lines))
+                pace()
                 continue
             break
         body.extend(part.body)
