@@ -243,3 +243,29 @@ def test_a_file_of_long_strings_with_lines_at_column_0_is_parsed_in_pieces() -> 
     assert ast.dump(tree, include_attributes=True) == ast.dump(
         ast.parse(text, "help.py"), include_attributes=True
     )
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "# -*- coding: latin-1 -*-\nNAME = 'caf\u00e9'\n".encode("latin-1"),
+        b"\xef\xbb\xbfNAME = 'x'\r\nOTHER = 1\r\n",
+    ],
+    ids=["latin-1", "bom-crlf"],
+)
+def test_a_plugin_modules_source_reads_as_the_import_systems_does(
+    tmp_path: Path, encoded: bytes
+) -> None:
+    """What tracebacks and debuggers read through the loader (when the file is not at hand
+    to linecache) is the text Python's own loaders give: the coding cookie and the BOM
+    honoured, universal newlines."""
+    import importlib.machinery
+    import importlib.util
+
+    from services.loader.importer import _SourceLoader
+
+    path = tmp_path / "helpers.py"
+    path.write_bytes(encoded)
+    ours = _SourceLoader(path).get_source("xcore_plugins.p.helpers")
+    theirs = importlib.machinery.SourceFileLoader("helpers", str(path)).get_source("helpers")
+    assert ours == theirs == importlib.util.decode_source(encoded)
