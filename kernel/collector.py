@@ -272,14 +272,19 @@ class Collector:
     def young_due(self) -> int | None:
         """The young generation a build thread should collect now, between two units of
         its work (None: none is due): what the interpreter would have collected at the
-        saved threshold (generation 1 every ``threshold[1]`` passes, as it does)."""
+        saved threshold (generation 1 every ``threshold[1]`` passes, as it does); none once
+        someone else set the young threshold meanwhile (the interpreter then collects
+        at theirs)."""
         saved = self._saved_t0
         if saved is None or not gc.isenabled():
             return None
+        threshold = gc.get_threshold()
+        if threshold[0] != self._raised_t0:
+            return None  # set meanwhile by someone else (0: no automatic passes): theirs
         count = gc.get_count()
         if count[0] < saved:
             return None
-        return 1 if count[1] >= gc.get_threshold()[1] else 0
+        return 1 if count[1] >= threshold[1] else 0
 
     def note_unloaded(self) -> None:
         """A generation was unloaded: its objects are garbage for a full collection."""

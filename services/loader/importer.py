@@ -20,6 +20,7 @@ import ast
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import inspect
 import os
 import stat
@@ -116,9 +117,13 @@ class _SourceLoader(importlib.abc.Loader):
         if self.path is None:
             return None
         try:  # for tracebacks: the file may since be a FIFO, a link or huge
-            return read_limited(self.path).decode("utf-8", "replace")
+            data = read_limited(self.path)
         except (OSError, FileRefused):
             return None
+        try:  # as the import system's loaders: its coding cookie or BOM, universal newlines
+            return importlib.util.decode_source(data)
+        except (SyntaxError, UnicodeDecodeError, LookupError, ValueError):
+            return data.decode("utf-8", "replace")
 
 
 class _PluginFinder(importlib.abc.MetaPathFinder):

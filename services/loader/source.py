@@ -25,7 +25,7 @@ about that many lines, cut before lines at column 0 that can start a top-level s
 each piece parsed at its own line numbers, with :func:`kernel.pacing.pace` between two
 (a build thread leaves the loop its share); the tree is the one ``ast.parse`` builds.
 A piece that does not parse alone (the cut fell inside a bracket, a string, before an
-``else``) is joined with the next; past a few such misses, or for any error, the whole
+``else``) is tried again twice as long; past a few such misses, or for any error, the whole
 file is parsed at once, so errors are ``ast.parse``'s own. The import compiles and runs
 such a file as consecutive code objects of its top-level statements in pieces
 (:func:`compile_pieces`), in the module's namespace and in order, with the file's
@@ -37,8 +37,11 @@ from __future__ import annotations
 import __future__
 
 import ast
+import bisect
 import importlib.util
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import CodeType
 
@@ -81,9 +84,9 @@ AST_LOCK = threading.Lock()
 #: A file of more lines is parsed and compiled in pieces of about this many lines (one
 #: piece holds the interpreter ~2-3 ms), with a pause between (kernel/pacing.py).
 PIECE_LINES = 100
-#: Pieces that fail to parse alone (a cut inside a bracket or a string) before the rest
-#: of the file is parsed at once.
-_MISSES = 4
+#: Times one piece fails to parse alone (a cut inside a bracket or a string: it then
+#: takes twice as many lines) before the rest of the file is parsed at once.
+_MISSES = 6
 #: Lines that continue the statement before them at column 0.
 _CONTINUATIONS = ("else", "elif", "except", "finally")
 
@@ -144,23 +147,37 @@ def _scan(tree: ast.AST, limit: int = MAX_NESTING) -> tuple[int, int | None, lis
 
 def _cuts(lines: list[str]) -> list[int]:
     """Indexes of the lines before which a piece may start (column 0, a name or ``@``,
-    not a continuation of the statement before, not after a decorator or a backslash)."""
+    not a continuation of the statement before, not after a decorator — one line or
+    several, ``@router.get(`` to ``)`` — or a backslash)."""
     cuts: list[int] = []
     previous = ""
+    decorating = False  # since a decorator at column 0, until the next name there
     for index, line in enumerate(lines):
         first = line[:1]
         if index and first and (first.isalpha() or first in "_@"):
             word = line.split(None, 1)[0].split(":", 1)[0]
             if (
                 word not in _CONTINUATIONS
+                and not decorating
                 and not previous.startswith("@")
                 and not previous.endswith("\\")
             ):
                 cuts.append(index)
+        if first == "@":
+            decorating = True
+        elif first.isalpha() or first == "_":
+            decorating = False
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
             previous = line.rstrip()
     return cuts
+
+
+def _after(cuts: list[int], line: int, default: int) -> int:
+    """The first of the sorted ``cuts`` past ``line`` (``default`` if none): a search, not
+    a scan, or a file of 100,000 lines spends seconds finding its cuts."""
+    index = bisect.bisect_right(cuts, line)
+    return cuts[index] if index < len(cuts) else default
 
 
 def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
@@ -175,20 +192,24 @@ def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
     lines = text.split("\n")
     cuts = _cuts(lines)
     body: list[ast.stmt] = []
-    start, misses = 0, 0
+    start = 0
     while start < len(lines):
         # the first cut at least PIECE_LINES lines on (or the end of the file)
-        end = next((c for c in cuts if c >= start + PIECE_LINES), len(lines))
+        end = _after(cuts, start + PIECE_LINES - 1, len(lines))
+        misses = 0
         while True:
             piece = "\n" * start + "\n".join(lines[start:end])
             try:
                 with AST_LOCK:
                     part = ast.parse(piece, filename=filename)
             except (SyntaxError, ValueError, MemoryError, RecursionError):
+                # (a long string with lines at column 0, a long bracket: twice the
+                # lines, so that a file of many costs at most about twice its parse)
                 misses += 1
                 if end >= len(lines) or misses > _MISSES:
                     return None
-                end = next((c for c in cuts if c > end), len(lines))
+                end = _after(cuts, start + 2 * (end - start) - 1, len(lines))
+                pace()
                 continue
             break
         body.extend(part.body)
@@ -272,10 +293,15 @@ def compile_pieces(tree: ast.Module, filename: str) -> list[CodeType]:
         else:
             groups.append([node])
             first = node.lineno
-    if len(groups) <= 1:
-        return [compile_tree(tree, filename)]
+    if len(groups) <= 1 or not _splittable(tree.body, groups):
+        return [compile_tree(tree, filename)]  # (or the whole tree's error)
     flags = _future_flags(tree.body)
     codes: list[CodeType] = []
+    if any(_annotates(group) for group in groups[1:]):
+        # compiled whole, the module sets up ``__annotations__`` before its first
+        # statement (SETUP_ANNOTATIONS): a later piece's annotation would only make it
+        # at that piece
+        codes.append(_SETUP_ANNOTATIONS)
     try:
         for index, group in enumerate(groups):
             if index:
@@ -286,6 +312,61 @@ def compile_pieces(tree: ast.Module, filename: str) -> list[CodeType]:
     except (SyntaxError, ValueError, TypeError):
         return [compile_tree(tree, filename)]  # the whole tree's error (or its one code)
     return codes
+
+
+def _module_scope(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """The statements of ``body`` that run in the module's scope (in blocks, not in
+    function or class bodies)."""
+    stack = list(reversed(body))
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        inner: list[ast.stmt] = []
+        for field in ("body", "orelse", "finalbody"):
+            inner.extend(getattr(node, field, None) or ())
+        for handler in getattr(node, "handlers", None) or ():
+            inner.extend(handler.body)
+        for case in getattr(node, "cases", None) or ():
+            inner.extend(case.body)
+        stack.extend(reversed(inner))
+
+
+def _annotates(body: list[ast.stmt]) -> bool:
+    """Whether ``body`` annotates a name in the module's scope (the compiler then sets up
+    ``__annotations__`` at its start)."""
+    return any(isinstance(node, ast.AnnAssign) for node in _module_scope(body))
+
+
+def _splittable(body: list[ast.stmt], groups: list[list[ast.stmt]]) -> bool:
+    """Whether ``body`` means the same compiled in ``groups`` as compiled whole: the
+    compiler checks a ``from __future__`` import is at the file's start and a module-level
+    ``global`` after the name's uses across the whole module, which a later piece, compiled
+    alone, would not see; and since 3.14 a module's annotations are one function
+    (``__annotate__``) that each piece would replace."""
+    prefix = 0
+    for index, node in enumerate(body):
+        if not (
+            (index == 0 and _is_string(node))
+            or (isinstance(node, ast.ImportFrom) and node.module == "__future__")
+        ):
+            prefix = index
+            break
+    else:
+        return True
+    for node in _module_scope(body[prefix:]):
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            return False  # misplaced: the whole file's SyntaxError
+    for group in groups[1:]:
+        if any(isinstance(node, ast.Global) for node in _module_scope(group)):
+            return False
+    return sys.version_info < (3, 14) or not any(_annotates(group) for group in groups[1:])
+
+
+#: A code object that only sets up the module's ``__annotations__`` (as the compiler
+#: does at the start of a module that annotates a name anywhere in its scope).
+_SETUP_ANNOTATIONS = compile("if False:\n    _: int\n", "<annotations>", "exec", dont_inherit=True)
 
 
 def compile_source(source: bytes | str, filename: str) -> CodeType:

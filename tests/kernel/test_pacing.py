@@ -220,3 +220,42 @@ def test_a_sleeping_loop_with_events_ready_counts_as_busy() -> None:
         a.close()
         b.close()
     assert "select" not in vars(selector)  # unwrapped
+
+
+@pytest.mark.parametrize("theirs", [0, 100_000], ids=["off", "higher"])
+def test_a_threshold_the_application_sets_during_a_paced_build_governs_its_passes(
+    theirs: int,
+) -> None:
+    """The application sets the young threshold while a paced build runs (0: no automatic
+    collections; higher: fewer): build threads no longer run young passes at the
+    threshold saved when the build started, and the application's threshold is kept."""
+    from services.loader.priority import building
+
+    threshold = gc.get_threshold()
+    passes: list[int] = []
+
+    def counted(phase: Any, info: Any) -> None:
+        if phase == "start" and threading.current_thread() is not threading.main_thread():
+            passes.append(info["generation"])
+
+    keep: list[object] = []
+    gc.collect()
+    try:
+        with building(cpu_share=0.99, defer_full_gc=True, yield_ms=0):
+            gc.set_threshold(theirs, threshold[1], gc.get_threshold()[2])
+            gc.callbacks.append(counted)
+
+            def build() -> None:
+                for _ in range(20):
+                    keep.append([[] for _ in range(2_000)])  # survivors: > 700 each
+                    pacing.pace()
+
+            in_thread(build)
+            gc.callbacks.remove(counted)
+        assert gc.get_threshold()[0] == theirs
+        assert passes == []
+    finally:
+        if counted in gc.callbacks:
+            gc.callbacks.remove(counted)
+        keep.clear()
+        gc.set_threshold(*threshold)
