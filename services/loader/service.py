@@ -30,7 +30,7 @@ from kernel import pacing
 from kernel.collector import collector
 from kernel.events import Recorded
 
-from . import installer, lazy
+from . import installer, lazy, source
 from .api import build_router
 from .core import Loader
 from .events import (
@@ -109,6 +109,8 @@ class LoaderService:
         loop = asyncio.get_running_loop()
         if settings.build_watch_loop and pacing.watch_loop(loop):
             stack.callback(pacing.unwatch_loop, loop)
+        if not settings.parse_in_pieces:
+            stack.callback(source.use_pieces, source.use_pieces(False))
         if settings.lazy_validators and lazy.install():
             stack.callback(lazy.uninstall)
         stack.push_async_callback(self._shutdown, loader, sub, kernel.settings.stop_grace)

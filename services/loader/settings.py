@@ -63,6 +63,11 @@ class LoaderSettings(BaseModel):
     #: Off by default: measured, it made reloads 1.1-1.5x longer for a neighbour p99
     #: that did not move beyond the noise (CPU p99 ~6% lower under a saturated loop).
     build_watch_loop: bool = False
+    #: Whether plugin files over ~100 lines are parsed, compiled and run in pieces with
+    #: the event loop served between two (services/loader/source.py), instead of one
+    #: parse of 20-30 ms per 900 lines that holds the interpreter. Off: each file is
+    #: one code object, as Python imports it (docs/plugins.md lists the differences).
+    parse_in_pieces: bool = True
     #: The mode of plugins installed from an archive (``xcore plugin install``, the
     #: admin API's upload): ``manifest`` keeps the one their manifest declares;
     #: ``sandboxed`` runs third-party code sandboxed whatever its manifest says.

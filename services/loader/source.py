@@ -60,6 +60,7 @@ __all__ = [
     "nesting",
     "parse_checked",
     "parse_source",
+    "use_pieces",
 ]
 
 #: Deepest syntax tree accepted in a plugin file. Hand-written code stays far below
@@ -84,6 +85,18 @@ AST_LOCK = threading.Lock()
 #: A file of more lines is parsed and compiled in pieces of about this many lines (one
 #: piece holds the interpreter ~2-3 ms), with a pause between (kernel/pacing.py).
 PIECE_LINES = 100
+#: Whether long files are parsed, compiled and run in pieces at all (the loader's
+#: ``parse_in_pieces`` setting, :func:`use_pieces`; off: one parse, one code object).
+_pieces = True
+
+
+def use_pieces(on: bool) -> bool:
+    """Turn parsing in pieces on or off for the process; returns the previous state."""
+    global _pieces
+    previous, _pieces = _pieces, on
+    return previous
+
+
 #: Times one piece fails to parse alone (a cut inside a bracket or a string: it then
 #: takes twice as many lines) before the rest of the file is parsed at once.
 _MISSES = 6
@@ -187,7 +200,9 @@ def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
         text = importlib.util.decode_source(source) if isinstance(source, bytes) else source
     except (SyntaxError, UnicodeDecodeError, LookupError, ValueError):
         return None
-    if text.count("\n") <= PIECE_LINES or "\r" in text or "barry_as_FLUFL" in text:
+    if not _pieces or text.count("\n") <= PIECE_LINES:
+        return None
+    if "\r" in text or "barry_as_FLUFL" in text:
         return None
     lines = text.split("\n")
     cuts = _cuts(lines)
@@ -284,6 +299,8 @@ def compile_pieces(tree: ast.Module, filename: str) -> list[CodeType]:
     objects, one per piece of about :data:`PIECE_LINES` lines of top-level statements
     (one for a short file), pausing between two (kernel/pacing.py): ``exec`` of each, in
     order, in one namespace runs the module. A compile error is the whole tree's."""
+    if not _pieces:
+        return [compile_tree(tree, filename)]
     groups: list[list[ast.stmt]] = []
     first = 0
     for node in tree.body:

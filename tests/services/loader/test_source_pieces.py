@@ -269,3 +269,28 @@ def test_a_plugin_modules_source_reads_as_the_import_systems_does(
     ours = _SourceLoader(path).get_source("xcore_plugins.p.helpers")
     theirs = importlib.machinery.SourceFileLoader("helpers", str(path)).get_source("helpers")
     assert ours == theirs == importlib.util.decode_source(encoded)
+
+
+async def test_parse_in_pieces_off_imports_each_file_whole_and_is_put_back_at_the_stop(
+    harness_factory: Any, plugins: Path
+) -> None:
+    from .conftest import write_plugin
+
+    routes = "".join(
+        f'@router.get("/r{i}")\nasync def r{i}() -> dict[str, int]:\n    return {{"i": {i}}}\n'
+        for i in range(250)
+    )
+    text = "from fastapi import APIRouter\nrouter = APIRouter()\n" + routes
+    write_plugin(plugins, "long", router=text)
+
+    def pieces() -> int:
+        return len(compile_pieces(parse_checked(text, "router.py").tree, "router.py"))
+
+    assert pieces() > 5
+    with anyio.fail_after(120):
+        h = await harness_factory(loader={"parse_in_pieces": False})
+        assert pieces() == 1  # one parse, one code object, as Python imports it
+        r = await h.client.get("/app/long/r249")
+        assert r.status_code == 200 and r.json() == {"i": 249}
+        await h.stop()
+    assert pieces() > 5  # put back
