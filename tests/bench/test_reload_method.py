@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,17 +51,7 @@ def _stalled_phase(
     """One fixed-rate phase against the bare app blocked ``stall_ms`` every second: its
     figures, (stalls seen, stalls) and the raw rows and latencies."""
     recording = tmp_path / "probe.json"
-    command = [
-        sys.executable,
-        "-m",
-        "bench.loop_probe",
-        str(recording),
-        "--no-lag",
-        "--no-requests",
-        "--stall",
-        f"{stall_ms:g}",
-        "bare",
-    ]
+    command = method.bare_command(recording, stall_ms)
     keep: dict[str, Any] = {}
     with method._server(tmp_path, command=command) as (url, proc):
         figures = method._wrk_rate(url, rate, 3, check=False, server=proc.pid, keep=keep)

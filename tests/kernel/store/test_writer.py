@@ -460,12 +460,9 @@ async def test_the_writer_checkpoints_the_wal_off_the_loops_thread(
     assert not (tmp_path / "log.db-wal").exists() or (tmp_path / "log.db-wal").stat().st_size == 0
 
 
-async def test_a_checkpoint_never_holds_a_commit_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A checkpoint runs beside the commits: appends made while one is in progress (held
-    here for as long as the test wants) are durable before it ends, in a batch as alone,
-    and the store closes cleanly once it ends."""
+def held_checkpoints(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Checkpoints held in their thread: the first event is set when one starts, and it
+    goes on once the test sets the second."""
     entered, go = threading.Event(), threading.Event()
     real = sqlite_writer._checkpoint
 
@@ -475,6 +472,16 @@ async def test_a_checkpoint_never_holds_a_commit_back(
         real(conn)
 
     monkeypatch.setattr(sqlite_writer, "_checkpoint", held)
+    return entered, go
+
+
+async def test_a_checkpoint_never_holds_a_commit_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint runs beside the commits: appends made while one is in progress (held
+    here for as long as the test wants) are durable before it ends, in a batch as alone,
+    and the store closes cleanly once it ends."""
+    entered, go = held_checkpoints(monkeypatch)
     store = SQLiteStore(tmp_path / "log.db", synchronous="FULL")
     try:
         with anyio.fail_after(60):
@@ -516,15 +523,7 @@ async def test_a_close_cancelled_during_a_checkpoint_is_finished_by_the_next_clo
     """A close cancelled while a checkpoint runs beside the commits (a shutdown under a
     timeout) is finished by the next close: no checkpoint thread or connection is left
     behind, the WAL is moved into the log file and the stop is recorded as clean."""
-    entered, go = threading.Event(), threading.Event()
-    real = sqlite_writer._checkpoint
-
-    def held(conn: sqlite3.Connection) -> None:
-        entered.set()
-        go.wait(120)
-        real(conn)
-
-    monkeypatch.setattr(sqlite_writer, "_checkpoint", held)
+    entered, go = held_checkpoints(monkeypatch)
     path = tmp_path / "log.db"
     store = SQLiteStore(path)
     try:
