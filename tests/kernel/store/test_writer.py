@@ -475,6 +475,20 @@ def held_checkpoints(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, 
     return entered, go
 
 
+async def append_until(store: SQLiteStore, entered: threading.Event) -> int:
+    """Lone appends, with checkpoints due every 10 pages, until a held checkpoint has
+    started (see :func:`held_checkpoints`); the number of appends made."""
+    assert store._writer is not None
+    store._writer.checkpoint_pages = 10
+    i = 0
+    while not entered.is_set():
+        await store.append([ev(i)], stream="s")
+        i += 1
+        if i % 10 == 0:
+            await asyncio.sleep(0.01)  # let the writer task start the checkpoint
+    return i
+
+
 async def test_a_checkpoint_never_holds_a_commit_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -486,14 +500,7 @@ async def test_a_checkpoint_never_holds_a_commit_back(
     try:
         with anyio.fail_after(60):
             await store.open()
-            assert store._writer is not None
-            store._writer.checkpoint_pages = 10
-            i = 0
-            while not entered.is_set():
-                await store.append([ev(i)], stream="s")
-                i += 1
-                if i % 10 == 0:
-                    await asyncio.sleep(0.01)  # let the writer task start the checkpoint
+            i = await append_until(store, entered)
             assert i < 200
             # the checkpoint is held in its thread: lone appends and a batch still commit
             for j in range(30):
@@ -531,13 +538,7 @@ async def test_a_close_cancelled_during_a_checkpoint_is_finished_by_the_next_clo
             await store.open()
             writer = store._writer
             assert writer is not None
-            writer.checkpoint_pages = 10
-            i = 0
-            while not entered.is_set():
-                await store.append([ev(i)], stream="s")
-                i += 1
-                if i % 10 == 0:
-                    await asyncio.sleep(0.01)  # let the writer task start the checkpoint
+            i = await append_until(store, entered)
             closing = asyncio.ensure_future(store.close())
             while writer.running:  # the writer has stopped; close waits for the checkpoint
                 await asyncio.sleep(0.01)
