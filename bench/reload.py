@@ -87,6 +87,7 @@ from typing import Any
 
 import httpx
 
+from bench import host_speed
 from bench.common import Result, median, percentile, result
 
 TOKEN = "bench-reload-token-0123456789"
@@ -692,14 +693,18 @@ def bare_command(recording: Path, stall_ms: float | None = None) -> list[str]:
     ]
 
 
-def _bare_peer(rate: float) -> dict[str, dict[str, Any]]:
+def _bare_peer(
+    rate: float,
+    rows_out: dict[str, list[list[tuple[str, float, float, float, bool]]]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """The same method against a bare uvicorn + FastAPI app serving the same route
     (``bench/loop_probe.py bare``, in its own session at :data:`SERVER_NICE` like the
     xcore server), at the same rate: ``bare``, the framework's own shape under this
     load; and against that app with a :data:`STALL_MS` stall of its loop every second:
     ``stalled``, the check that the method shows a stall the server causes. Each stall
     is matched with the requests that left in its first tenth (they must be timed at
-    80% of the stall or more, whatever else the machine did): refused if one is not."""
+    80% of the stall or more, whatever else the machine did): refused if one is not.
+    ``rows_out`` receives each label's phases' request rows (for the host's speed)."""
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -723,6 +728,8 @@ def _bare_peer(rate: float) -> dict[str, dict[str, Any]]:
                 "loop_ran": [round(p["loop_ran"], 3) for p in phases],
                 "loop_waited_for_cpu": [round(p["loop_waited_for_cpu"], 3) for p in phases],
             }
+            if rows_out is not None:
+                rows_out[label] = [k["rows"] for k in kept]
             if stall:
                 counts = [_stalls_seen(k["rows"], injected) for k in kept]
                 seen, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
@@ -732,6 +739,57 @@ def _bare_peer(rate: float) -> dict[str, dict[str, Any]]:
                         f"a server stalling {STALL_MS:g} ms every second: {seen} of its "
                         f"{total} stalls seen in the figure: the method hides server stalls"
                     )
+    return out
+
+
+def _host_slowed(
+    host: host_speed.HostWatch,
+    kept: dict[str, list[dict[str, Any]]],
+    bare_rows: dict[str, list[list[tuple[str, float, float, float, bool]]]],
+    busy: list[dict[str, Any]],
+    quiet: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Per phase, the host's slow windows (bench/host_speed.py: 50 ms in which the
+    real-time canaries ran 1.5x slower on every CPU at once) and the share of the
+    phase's tail (requests at or above its p99) that overlapped one or followed it by
+    less than 100 ms; and the headline's statistic over the pairs neither of whose
+    phases met one (``ratio_host_clean``, None under two such pairs). A diagnostic: the
+    headline stays ``ratio``."""
+
+    def phase(rows: list[tuple[str, float, float, float, bool]]) -> tuple[int, float]:
+        if not rows:
+            return 0, 0.0
+        windows = host_speed.count_in(host.slow, rows[0][2] / 1e6, rows[-1][3] / 1e6)
+        totals = [(received - (slot if late else sent)) for _, slot, sent, received, late in rows]
+        p99 = percentile(totals, 99)
+        tail = [
+            (sent, received)
+            for (_, _, sent, received, _), total in zip(rows, totals, strict=True)
+            if total >= p99
+        ]
+        hit = sum(
+            1 for sent, received in tail if host_speed.near(host.slow, sent / 1e6, received / 1e6)
+        )
+        return windows, round(hit / len(tail), 2)
+
+    out: dict[str, Any] = {"canary_realtime": host.realtime}
+    for kind in ("quiet", "busy"):
+        counted = [phase(k.get("rows", [])) for k in kept[kind]]
+        out[f"slow_windows_{kind}"] = [c[0] for c in counted]
+        out[f"tail_near_slow_{kind}"] = [c[1] for c in counted]
+    for label, phases in bare_rows.items():
+        counted = [phase(rows) for rows in phases]
+        out[f"slow_windows_{label}"] = [c[0] for c in counted]
+        out[f"tail_near_slow_{label}"] = [c[1] for c in counted]
+    clean = [
+        b["p99"] / q["p99"]
+        for b, q, nb, nq in zip(
+            busy, quiet, out["slow_windows_busy"], out["slow_windows_quiet"], strict=True
+        )
+        if nb == 0 and nq == 0
+    ]
+    out["host_clean_pairs"] = len(clean)
+    out["ratio_host_clean"] = round(hodges_lehmann(clean), 3) if len(clean) >= 2 else None
     return out
 
 
@@ -746,7 +804,8 @@ def reload_neighbour_p99() -> list[Result]:
     spilled: list[int] = []
     kept: dict[str, list[dict[str, Any]]] = {"quiet": [], "busy": []}
     reloads = 0
-    with tempfile.TemporaryDirectory() as tmp:
+    bare_rows: dict[str, list[list[tuple[str, float, float, float, bool]]]] = {}
+    with tempfile.TemporaryDirectory() as tmp, host_speed.HostWatch(Path(tmp)) as host:
         base = Path(tmp)
         _write(base / "plugins", "neighbour", NEIGHBOUR)
         _write(base / "plugins", "big", _big_router())
@@ -815,7 +874,8 @@ def reload_neighbour_p99() -> list[Result]:
                 for kind in ("quiet", "busy"):
                     probed[f"{kind}_requests"] = [_decompose(k["rows"], served) for k in kept[kind]]
             boosted = getattr(proc, "boosted", None)
-        bare = _bare_peer(rate)
+        bare = _bare_peer(rate, bare_rows)
+    slowed = _host_slowed(host, kept, bare_rows, busy, quiet)
     busy_p99 = [b["p99"] for b in busy]
     quiet_p99 = [q["p99"] for q in quiet]
     ratios = [b / q for b, q in zip(busy_p99, quiet_p99, strict=True)]
@@ -879,6 +939,7 @@ def reload_neighbour_p99() -> list[Result]:
             loop_waited_for_cpu_quiet=[round(q["loop_waited_for_cpu"], 3) for q in quiet],
             loop_waited_for_cpu_busy=[round(b["loop_waited_for_cpu"], 3) for b in busy],
             probe=probed or None,
+            host=slowed,
             pairs=PAIRS,
             phase_s=PHASE_S,
             tail_s=TAIL_S,
