@@ -1,0 +1,97 @@
+"""The host's speed under the reload benchmark's phases (bench/host_speed.py).
+
+- A window is slow only when every CPU's canary was slow in it (one CPU slow is the
+  guest's own business: a program of ours, an interrupt), and only past the factor.
+- The canaries of a watch run until the watch ends, then leave their pieces on disk.
+- Each phase of the benchmark says how many slow windows it met and how much of its
+  tail lay near one; the pairs that met none give a ratio of their own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import host_speed
+from bench import reload as method
+
+
+def _rows(start: float, seconds: float, slow: dict[int, float]) -> list[tuple[float, float]]:
+    """A canary's pieces every 2 ms from ``start``, 50 µs each, ``slow`` times longer in
+    the given 50 ms windows."""
+    rows = []
+    t = start
+    while t < start + seconds:
+        rows.append((t, 50e-6 * slow.get(int(t / host_speed.WINDOW_S), 1.0)))
+        t += 0.002
+    return rows
+
+
+def test_a_window_is_slow_only_when_every_cpu_was_slow_in_it() -> None:
+    # windows of 50 ms from t = 100 s: 2000 is t = 100.0
+    cpu0 = _rows(100.0, 2.0, {2005: 3.0, 2010: 3.0, 2020: 1.2})
+    cpu1 = _rows(100.0, 2.0, {2005: 2.5, 2015: 4.0, 2020: 1.2})
+    assert host_speed.slow_windows([cpu0, cpu1]) == {2005}
+    # one CPU alone: its own slow windows; 1.2x is under the factor
+    assert host_speed.slow_windows([cpu0]) == {2005, 2010}
+    assert host_speed.count_in({2005}, 100.0, 100.5) == 1
+    assert host_speed.count_in({2005}, 100.3, 101.0) == 0
+    # a request that left 60 ms after a slow window ended still met its backlog
+    assert host_speed.near({2005}, 100.31, 100.32)
+    assert not host_speed.near({2005}, 100.5, 100.51)
+
+
+def test_the_watch_runs_its_canaries_until_it_ends(tmp_path: Path) -> None:
+    folder = tmp_path
+    # an hour at most: only the watch's end (its stop files) can end the canaries
+    # before the watch gives up waiting and kills them (then they leave nothing)
+    with host_speed.HostWatch(folder, seconds=3600) as watch:
+        pieces_before = list(folder.glob("host_speed_*.txt"))
+        time.sleep(1.0)
+    files = sorted(folder.glob("host_speed_*.txt"))
+    assert pieces_before == []
+    assert len(files) == len(watch.cpus)
+    for f in files:
+        rows = host_speed.read(f)
+        assert len(rows) > 10
+        assert all(took > 0 for _, took in rows)
+    assert isinstance(watch.slow, set)
+
+
+def test_each_phase_reports_the_slow_windows_it_met() -> None:
+    watch = host_speed.HostWatch.__new__(host_speed.HostWatch)
+    watch.slow = {2005}  # 100.25-100.30 s
+    watch.realtime = True
+
+    def phase(start: float, late_at: float | None) -> list[tuple[str, float, float, float, bool]]:
+        # 200 requests 5 ms apart taking 1 ms, those from late_at on 30 ms
+        rows = []
+        for i in range(200):
+            sent = (start + i * 0.005) * 1e6
+            took = 30_000 if late_at is not None and start + i * 0.005 >= late_at else 1_000
+            if late_at is not None and start + i * 0.005 > late_at + 0.02:
+                took = 1_000
+            rows.append((str(i), sent, sent, sent + took, False))
+        return rows
+
+    kept = {
+        "quiet": [{"rows": phase(100.0, 100.28)}, {"rows": phase(110.0, None)}],
+        "busy": [{"rows": phase(105.0, None)}, {"rows": phase(115.0, None)}],
+    }
+    quiet = [{"p99": 30.0}, {"p99": 1.0}]
+    busy = [{"p99": 1.5}, {"p99": 1.8}]
+    out = method._host_slowed(watch, kept, {}, busy, quiet)
+    assert out["slow_windows_quiet"] == [1, 0]
+    assert out["slow_windows_busy"] == [0, 0]
+    assert out["tail_near_slow_quiet"][0] == 1.0
+    assert out["tail_near_slow_quiet"][1] == 0.0
+    # one clean pair only: no ratio of its own
+    assert out["host_clean_pairs"] == 1
+    assert out["ratio_host_clean"] is None
+    kept["quiet"].append({"rows": phase(120.0, None)})
+    kept["busy"].append({"rows": phase(125.0, None)})
+    out = method._host_slowed(watch, kept, {}, [*busy, {"p99": 2.0}], [*quiet, {"p99": 1.0}])
+    assert out["host_clean_pairs"] == 2
+    assert out["ratio_host_clean"] == pytest.approx((1.8 * 2.0) ** 0.5, rel=1e-3)
