@@ -1019,15 +1019,18 @@ async def _cpu_phases(
         async def phase(reload: bool) -> float:
             nonlocal reloads
             latencies: list[float] = []
+            walls: list[tuple[float, float]] = []
             done = asyncio.Event()
+            began = time.monotonic()
             full = gc.get_stats()[2]["collections"]
             paused = collector.total_pause_ms
 
             async def neighbour() -> None:
                 while not done.is_set():
-                    start = time.process_time()
+                    start, wall = time.process_time(), time.monotonic()
                     r = await client.get("/app/neighbour/ping")
                     latencies.append((time.process_time() - start) * 1000)
+                    walls.append((wall, time.monotonic()))
                     if r.status_code != 200:
                         raise RuntimeError(r.text)
                     if not reload and len(latencies) >= CPU_QUIET_REQUESTS:
@@ -1058,8 +1061,13 @@ async def _cpu_phases(
             finally:
                 for task in clients:
                     task.cancel()
+            p99 = percentile(latencies, 99)
             entry: dict[str, Any] = {
                 "reload": reload,
+                # wall-clock span and the tail's requests (monotonic s): the host's
+                # slow windows they met are counted after the run (_cpu_host)
+                "wall": (began, time.monotonic()),
+                "tail_walls": [w for w, x in zip(walls, latencies, strict=True) if x >= p99],
                 "full_collections": gc.get_stats()[2]["collections"] - full,
                 "collector_pause_ms": round(collector.total_pause_ms - paused, 3),
             }
@@ -1071,7 +1079,7 @@ async def _cpu_phases(
                     "collector_pause_ms": round(collector.total_pause_ms - paused, 3),
                 }
             gc_log.append(entry)
-            return percentile(latencies, 99)
+            return p99
 
         await phase(False)  # warm up
         for _ in range(CPU_PHASES):
@@ -1080,9 +1088,25 @@ async def _cpu_phases(
     return quiet, busy, reloads
 
 
+def _cpu_host(slow: set[int], log: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per phase of the CPU benchmark (``gc_per_phase``'s order, the warm-up first): the host's slow windows it
+    met (bench/host_speed.py; a slowed CPU makes the same work take more CPU time, so
+    process CPU time does not escape the host) and the share of its tail near one.
+    Drops the raw spans from ``log``."""
+    out: dict[str, list[Any]] = {"slow_windows": [], "tail_near_slow": []}
+    for entry in log:
+        began, ended = entry.pop("wall")
+        tail = entry.pop("tail_walls")
+        out["slow_windows"].append(host_speed.count_in(slow, began, ended))
+        hit = sum(1 for s, e in tail if host_speed.near(slow, s, e))
+        out["tail_near_slow"].append(round(hit / len(tail), 2) if tail else 0.0)
+    return out
+
+
 async def reload_neighbour_cpu_p99() -> list[Result]:
     runs: dict[str, tuple[list[float], list[float], int]] = {}
     gc_logs: dict[str, list[dict[str, Any]]] = {}
+    hosts: dict[str, dict[str, list[Any]]] = {}
     off = {"build_switch_interval_ms": 0, "defer_full_gc": False, "build_cpu_share": 1}
     for label, loader in (("off", off), ("on", {})):
         with tempfile.TemporaryDirectory() as tmp:
@@ -1090,7 +1114,9 @@ async def reload_neighbour_cpu_p99() -> list[Result]:
             _write(base / "plugins", "neighbour", NEIGHBOUR)
             _write(base / "plugins", "big", _big_router())
             gc_logs[label] = []
-            runs[label] = await _cpu_phases(base, loader, gc_logs[label])
+            with host_speed.HostWatch(base) as host:
+                runs[label] = await _cpu_phases(base, loader, gc_logs[label])
+            hosts[label] = _cpu_host(host.slow, gc_logs[label])
     quiet, busy, reloads = runs["on"]
     _, busy_off, reloads_off = runs["off"]
     return [
@@ -1106,6 +1132,8 @@ async def reload_neighbour_cpu_p99() -> list[Result]:
             reloads=reloads + reloads_off,
             gc_per_phase=gc_logs["on"],
             gc_per_phase_window_off=gc_logs["off"],
+            host=hosts["on"],
+            host_window_off=hosts["off"],
             clients=CPU_CLIENTS,
             target_ratio=2.0,
             measure="process CPU time per request (load-independent), in-process ASGI",

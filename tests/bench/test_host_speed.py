@@ -95,3 +95,14 @@ def test_each_phase_reports_the_slow_windows_it_met() -> None:
     out = method._host_slowed(watch, kept, {}, [*busy, {"p99": 2.0}], [*quiet, {"p99": 1.0}])
     assert out["host_clean_pairs"] == 2
     assert out["ratio_host_clean"] == pytest.approx((1.8 * 2.0) ** 0.5, rel=1e-3)
+
+
+def test_the_cpu_benchmark_counts_the_slow_windows_of_each_phase() -> None:
+    log = [
+        {"reload": False, "wall": (100.0, 100.5), "tail_walls": [(100.26, 100.27)]},
+        {"reload": True, "wall": (101.0, 101.5), "tail_walls": [(101.2, 101.3)]},
+    ]
+    out = method._cpu_host({2005}, log)
+    assert out == {"slow_windows": [1, 0], "tail_near_slow": [1.0, 0.0]}
+    # the raw spans are not kept in the result
+    assert log == [{"reload": False}, {"reload": True}]
