@@ -752,13 +752,13 @@ def _host_slowed(
     """Per phase, the host's slow windows (bench/host_speed.py: 50 ms in which the
     real-time canaries ran 1.5x slower on every CPU at once) and the share of the
     phase's tail (requests at or above its p99) that overlapped one or followed it by
-    less than 100 ms; and the headline's statistic over the pairs neither of whose
+    less than 100 ms, beside the same share over all its requests (chance); and the headline's statistic over the pairs neither of whose
     phases met one (``ratio_host_clean``, None under two such pairs). A diagnostic: the
     headline stays ``ratio``."""
 
-    def phase(rows: list[tuple[str, float, float, float, bool]]) -> tuple[int, float]:
+    def phase(rows: list[tuple[str, float, float, float, bool]]) -> tuple[int, float, float]:
         if not rows:
-            return 0, 0.0
+            return 0, 0.0, 0.0
         windows = host_speed.count_in(host.slow, rows[0][2] / 1e6, rows[-1][3] / 1e6)
         totals = [(received - (slot if late else sent)) for _, slot, sent, received, late in rows]
         p99 = percentile(totals, 99)
@@ -770,17 +770,25 @@ def _host_slowed(
         hit = sum(
             1 for sent, received in tail if host_speed.near(host.slow, sent / 1e6, received / 1e6)
         )
-        return windows, round(hit / len(tail), 2)
+        # the same share over every request: what chance alone gives the tail's share
+        chance = sum(
+            1
+            for _, _, sent, received, _ in rows
+            if host_speed.near(host.slow, sent / 1e6, received / 1e6)
+        )
+        return windows, round(hit / len(tail), 2), round(chance / len(rows), 2)
 
     out: dict[str, Any] = {"canary_realtime": host.realtime}
     for kind in ("quiet", "busy"):
         counted = [phase(k.get("rows", [])) for k in kept[kind]]
         out[f"slow_windows_{kind}"] = [c[0] for c in counted]
         out[f"tail_near_slow_{kind}"] = [c[1] for c in counted]
+        out[f"all_near_slow_{kind}"] = [c[2] for c in counted]
     for label, phases in bare_rows.items():
         counted = [phase(rows) for rows in phases]
         out[f"slow_windows_{label}"] = [c[0] for c in counted]
         out[f"tail_near_slow_{label}"] = [c[1] for c in counted]
+        out[f"all_near_slow_{label}"] = [c[2] for c in counted]
     clean = [
         b["p99"] / q["p99"]
         for b, q, nb, nq in zip(

@@ -87,6 +87,9 @@ def test_each_phase_reports_the_slow_windows_it_met() -> None:
     assert out["slow_windows_busy"] == [0, 0]
     assert out["tail_near_slow_quiet"][0] == 1.0
     assert out["tail_near_slow_quiet"][1] == 0.0
+    # by chance: the share of all the phase's requests near a slow window
+    assert 0.0 < out["all_near_slow_quiet"][0] < 0.2
+    assert out["all_near_slow_quiet"][1] == 0.0
     # one clean pair only: no ratio of its own
     assert out["host_clean_pairs"] == 1
     assert out["ratio_host_clean"] is None
