@@ -38,6 +38,11 @@
   (``loop_ran_*``, ``loop_waited_for_cpu_*``): on a machine shared with other programs
   the quiet p99 measured that wait (bench/README.md). ``XCORE_BENCH_PROBE=folder``
   runs the server under bench/loop_probe.py and adds each phase's stalls (``probe``).
+  A real-time canary per CPU (bench/host_speed.py) runs throughout: ``host`` gives per
+  phase the VM's slow windows (every CPU slowed at once, which the guest's accounting
+  does not show and which made most quiet phases' tail: bench/README.md), the share
+  of the phase's tail near one (and of all its requests, chance), and the headline's
+  statistic over the pairs that met none (``ratio_host_clean``, a diagnostic).
 - ``reload_neighbour_saturated_p99_ms``: the same pairs with the neighbour's ``/ping``
   loaded by ``wrk -t1 -c8`` as fast as it answers (a saturated closed loop): what a
   reload costs a server at its limit (the reload's CPU share), not the stalls.
