@@ -757,13 +757,16 @@ def _host_slowed(
     """Per phase, the host's slow windows (bench/host_speed.py: 50 ms in which the
     real-time canaries ran 1.5x slower on every CPU at once) and the share of the
     phase's tail (requests at or above its p99) that overlapped one or followed it by
-    less than 100 ms, beside the same share over all its requests (chance); and the headline's statistic over the pairs neither of whose
+    less than 100 ms, beside the same share over all its requests (chance), and the p99
+    (ms) of the requests that met none (None under 100 of them); and the headline's statistic over the pairs neither of whose
     phases met one (``ratio_host_clean``, None under two such pairs). A diagnostic: the
     headline stays ``ratio``."""
 
-    def phase(rows: list[tuple[str, float, float, float, bool]]) -> tuple[int, float, float]:
+    def phase(
+        rows: list[tuple[str, float, float, float, bool]],
+    ) -> tuple[int, float, float, float | None]:
         if not rows:
-            return 0, 0.0, 0.0
+            return 0, 0.0, 0.0, None
         windows = host_speed.count_in(host.slow, rows[0][2] / 1e6, rows[-1][3] / 1e6)
         totals = [(received - (slot if late else sent)) for _, slot, sent, received, late in rows]
         p99 = percentile(totals, 99)
@@ -776,12 +779,17 @@ def _host_slowed(
             1 for sent, received in tail if host_speed.near(host.slow, sent / 1e6, received / 1e6)
         )
         # the same share over every request: what chance alone gives the tail's share
-        chance = sum(
-            1
-            for _, _, sent, received, _ in rows
-            if host_speed.near(host.slow, sent / 1e6, received / 1e6)
+        away = [
+            total / 1000
+            for (_, _, sent, received, _), total in zip(rows, totals, strict=True)
+            if not host_speed.near(host.slow, sent / 1e6, received / 1e6)
+        ]
+        return (
+            windows,
+            round(hit / len(tail), 2),
+            round((len(rows) - len(away)) / len(rows), 2),
+            round(percentile(away, 99), 2) if len(away) >= 100 else None,
         )
-        return windows, round(hit / len(tail), 2), round(chance / len(rows), 2)
 
     out: dict[str, Any] = {"canary_realtime": host.realtime}
     for kind in ("quiet", "busy"):
@@ -789,11 +797,13 @@ def _host_slowed(
         out[f"slow_windows_{kind}"] = [c[0] for c in counted]
         out[f"tail_near_slow_{kind}"] = [c[1] for c in counted]
         out[f"all_near_slow_{kind}"] = [c[2] for c in counted]
+        out[f"p99_away_from_slow_{kind}"] = [c[3] for c in counted]
     for label, phases in bare_rows.items():
         counted = [phase(rows) for rows in phases]
         out[f"slow_windows_{label}"] = [c[0] for c in counted]
         out[f"tail_near_slow_{label}"] = [c[1] for c in counted]
         out[f"all_near_slow_{label}"] = [c[2] for c in counted]
+        out[f"p99_away_from_slow_{label}"] = [c[3] for c in counted]
     clean = [
         b["p99"] / q["p99"]
         for b, q, nb, nq in zip(

@@ -90,6 +90,8 @@ def test_each_phase_reports_the_slow_windows_it_met() -> None:
     # by chance: the share of all the phase's requests near a slow window
     assert 0.0 < out["all_near_slow_quiet"][0] < 0.2
     assert out["all_near_slow_quiet"][1] == 0.0
+    # the requests away from the slow window: the 1 ms ones
+    assert out["p99_away_from_slow_quiet"] == [1.0, 1.0]
     # one clean pair only: no ratio of its own
     assert out["host_clean_pairs"] == 1
     assert out["ratio_host_clean"] is None
