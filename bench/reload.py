@@ -1091,6 +1091,7 @@ async def _cpu_phases(
                 # slow windows they met are counted after the run (_cpu_host)
                 "wall": (began, time.monotonic()),
                 "tail_walls": [w for w, x in zip(walls, latencies, strict=True) if x >= p99],
+                "all_walls": walls,
                 "full_collections": gc.get_stats()[2]["collections"] - full,
                 "collector_pause_ms": round(collector.total_pause_ms - paused, 3),
             }
@@ -1114,15 +1115,18 @@ async def _cpu_phases(
 def _cpu_host(slow: set[int], log: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Per phase of the CPU benchmark (``gc_per_phase``'s order, the warm-up first): the host's slow windows it
     met (bench/host_speed.py; a slowed CPU makes the same work take more CPU time, so
-    process CPU time does not escape the host) and the share of its tail near one.
+    process CPU time does not escape the host), the share of its tail near one and
+    that of all its requests (chance).
     Drops the raw spans from ``log``."""
-    out: dict[str, list[Any]] = {"slow_windows": [], "tail_near_slow": []}
+    out: dict[str, list[Any]] = {"slow_windows": [], "tail_near_slow": [], "all_near_slow": []}
     for entry in log:
         began, ended = entry.pop("wall")
-        tail = entry.pop("tail_walls")
+        tail, every = entry.pop("tail_walls"), entry.pop("all_walls")
         out["slow_windows"].append(host_speed.count_in(slow, began, ended))
         hit = sum(1 for s, e in tail if host_speed.near(slow, s, e))
         out["tail_near_slow"].append(round(hit / len(tail), 2) if tail else 0.0)
+        chance = sum(1 for s, e in every if host_speed.near(slow, s, e))
+        out["all_near_slow"].append(round(chance / len(every), 2) if every else 0.0)
     return out
 
 

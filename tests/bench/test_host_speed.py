@@ -103,11 +103,22 @@ def test_each_phase_reports_the_slow_windows_it_met() -> None:
 
 
 def test_the_cpu_benchmark_counts_the_slow_windows_of_each_phase() -> None:
+    every = [(100.0 + i * 0.01, 100.001 + i * 0.01) for i in range(50)]
     log = [
-        {"reload": False, "wall": (100.0, 100.5), "tail_walls": [(100.26, 100.27)]},
-        {"reload": True, "wall": (101.0, 101.5), "tail_walls": [(101.2, 101.3)]},
+        {
+            "reload": False,
+            "wall": (100.0, 100.5),
+            "tail_walls": [(100.26, 100.27)],
+            "all_walls": every,
+        },
+        {"reload": True, "wall": (101.0, 101.5), "tail_walls": [(101.2, 101.3)], "all_walls": []},
     ]
     out = method._cpu_host({2005}, log)
-    assert out == {"slow_windows": [1, 0], "tail_near_slow": [1.0, 0.0]}
+    # near 2005 (100.25-100.30): the requests from 100.25 to 100.39, 15 of 50
+    assert out == {
+        "slow_windows": [1, 0],
+        "tail_near_slow": [1.0, 0.0],
+        "all_near_slow": [0.3, 0.0],
+    }
     # the raw spans are not kept in the result
     assert log == [{"reload": False}, {"reload": True}]
