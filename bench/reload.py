@@ -758,9 +758,9 @@ def _host_slowed(
     real-time canaries ran 1.5x slower on every CPU at once) and the share of the
     phase's tail (requests at or above its p99) that overlapped one or followed it by
     less than 100 ms, beside the same share over all its requests (chance), and the p99
-    (ms) of the requests that met none (None under 100 of them); and the headline's statistic over the pairs neither of whose
-    phases met one (``ratio_host_clean``, None under two such pairs). A diagnostic: the
-    headline stays ``ratio``."""
+    (ms) of the requests that met none (None under 100 of them); and the headline's
+    statistic over the pairs neither of whose phases met one (``ratio_host_clean``,
+    None under two such pairs). A diagnostic: the headline stays ``ratio``."""
 
     def phase(
         rows: list[tuple[str, float, float, float, bool]],
@@ -778,7 +778,8 @@ def _host_slowed(
         hit = sum(
             1 for sent, received in tail if host_speed.near(host.slow, sent / 1e6, received / 1e6)
         )
-        # the same share over every request: what chance alone gives the tail's share
+        # the requests that met no slow window; the others' share is what chance
+        # alone gives the tail's share
         away = [
             total / 1000
             for (_, _, sent, received, _), total in zip(rows, totals, strict=True)
@@ -1113,11 +1114,11 @@ async def _cpu_phases(
 
 
 def _cpu_host(slow: set[int], log: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Per phase of the CPU benchmark (``gc_per_phase``'s order, the warm-up first): the host's slow windows it
-    met (bench/host_speed.py; a slowed CPU makes the same work take more CPU time, so
-    process CPU time does not escape the host), the share of its tail near one and
-    that of all its requests (chance).
-    Drops the raw spans from ``log``."""
+    """Per phase of the CPU benchmark (``gc_per_phase``'s order, the warm-up first):
+    the host's slow windows it met (bench/host_speed.py; a slowed CPU makes the same
+    work take more CPU time, so process CPU time does not escape the host), the share
+    of its tail near one and that of all its requests (chance). Drops the raw spans
+    from ``log``."""
     out: dict[str, list[Any]] = {"slow_windows": [], "tail_near_slow": [], "all_near_slow": []}
     for entry in log:
         began, ended = entry.pop("wall")
