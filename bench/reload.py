@@ -760,7 +760,8 @@ def _host_slowed(
     less than 100 ms, beside the same share over all its requests (chance), and the p99
     (ms) of the requests that met none (None under 100 of them); and the headline's
     statistic over the pairs neither of whose phases met one (``ratio_host_clean``,
-    None under two such pairs). A diagnostic: the headline stays ``ratio``."""
+    None under two such pairs), and over the pairs' p99s away from slow windows
+    (``ratio_away_from_slow``). Diagnostics: the headline stays ``ratio``."""
 
     def phase(
         rows: list[tuple[str, float, float, float, bool]],
@@ -814,6 +815,14 @@ def _host_slowed(
     ]
     out["host_clean_pairs"] = len(clean)
     out["ratio_host_clean"] = round(hodges_lehmann(clean), 3) if len(clean) >= 2 else None
+    away = [
+        b / q
+        for b, q in zip(
+            out["p99_away_from_slow_busy"], out["p99_away_from_slow_quiet"], strict=True
+        )
+        if b is not None and q is not None
+    ]
+    out["ratio_away_from_slow"] = round(hodges_lehmann(away), 3) if len(away) >= 2 else None
     return out
 
 

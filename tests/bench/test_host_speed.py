@@ -100,6 +100,8 @@ def test_each_phase_reports_the_slow_windows_it_met() -> None:
     out = method._host_slowed(watch, kept, {}, [*busy, {"p99": 2.0}], [*quiet, {"p99": 1.0}])
     assert out["host_clean_pairs"] == 2
     assert out["ratio_host_clean"] == pytest.approx((1.8 * 2.0) ** 0.5, rel=1e-3)
+    # away from the slow window every request took 1 ms, busy and quiet alike
+    assert out["ratio_away_from_slow"] == pytest.approx(1.0)
 
 
 def test_the_cpu_benchmark_counts_the_slow_windows_of_each_phase() -> None:
