@@ -10,13 +10,14 @@ in ~6% of 50 ms windows; the bare uvicorn + FastAPI peer's quiet p99 was 1.7 ms 
 one phase of eight with no such window and 22-56 ms in the others, every one of their
 tail requests within 100 ms after one.
 
-Mechanism: ``python -m bench.host_speed OUT SECONDS`` runs one canary per CPU (pinned
-with ``taskset``, at ``SCHED_FIFO`` with ``chrt`` where permitted: a canary that other
-programs can preempt measures them, not the host). Each canary runs a fixed piece of
-pure-Python work every :data:`PERIOD_S` and writes ``start_monotonic_s piece_s`` per
-piece (~2-3% of a CPU each). :func:`slow_windows` reads the files back: a
-:data:`WINDOW_S` window is slow when the median piece of *every* CPU in it took more
-than :data:`SLOW_FACTOR` times that CPU's median piece of the whole run (the server
+Mechanism: ``python -m bench.host_speed OUT SECONDS [PARENT_PID]`` runs a canary;
+:class:`HostWatch` runs one per CPU (pinned with ``taskset``, at ``SCHED_FIFO`` with
+``chrt`` where permitted: a canary that other programs can preempt measures them, not
+the host). Each canary runs a fixed piece of pure-Python work every :data:`PERIOD_S`
+and writes ``start_monotonic_s piece_s`` per piece (~5% of a CPU each) once it stops.
+:func:`slow_windows` reads the files back: a :data:`WINDOW_S` window is slow when the
+median piece of *every* CPU in it took more than :data:`SLOW_FACTOR` times that CPU's
+median piece of the whole run (the server
 and wrk cannot slow a real-time canary's register-only work on both CPUs at once; the
 host can). :class:`HostWatch` starts and stops the canaries around a benchmark.
 """
@@ -52,16 +53,20 @@ def _piece() -> int:
     return total
 
 
-def canary(out: str, seconds: float) -> None:
+def canary(out: str, seconds: float, parent: int | None = None) -> None:
     """Run the fixed piece every :data:`PERIOD_S` for at most ``seconds``, or until the
-    file ``OUT.stop`` exists (looked for every 100 pieces); one row per piece."""
+    file ``OUT.stop`` exists or ``parent`` (the process that started it, by default the
+    parent it starts with) is no longer its parent (both looked for every 100 pieces:
+    a killed benchmark leaves no real-time canary behind); one row per piece."""
     clock, end = time.monotonic, time.monotonic() + seconds
     stop = Path(f"{out}.stop")
+    if parent is None:
+        parent = os.getppid()
     rows: list[str] = []
     while (start := clock()) < end:
         _piece()
         rows.append(f"{start:.6f} {clock() - start:.7f}\n")
-        if len(rows) % 100 == 0 and stop.exists():
+        if len(rows) % 100 == 0 and (stop.exists() or os.getppid() != parent):
             break
         time.sleep(PERIOD_S)
     Path(out).write_text("".join(rows))
@@ -140,6 +145,7 @@ class HostWatch:
                 "bench.host_speed",
                 str(out),
                 f"{self.seconds:g}",
+                str(os.getpid()),
             ]
             self.procs.append(subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent))
         return self
@@ -167,9 +173,9 @@ class HostWatch:
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m bench.host_speed OUT SECONDS")
-    canary(sys.argv[1], float(sys.argv[2]))
+    if len(sys.argv) not in (3, 4):
+        raise SystemExit("usage: python -m bench.host_speed OUT SECONDS [PARENT_PID]")
+    canary(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) == 4 else None)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -124,3 +126,24 @@ def test_the_cpu_benchmark_counts_the_slow_windows_of_each_phase() -> None:
     }
     # the raw spans are not kept in the result
     assert log == [{"reload": False}, {"reload": True}]
+
+
+def test_a_canary_ends_when_the_process_that_started_it_is_gone(tmp_path: Path) -> None:
+    out = tmp_path / "canary.txt"
+    # a parent that starts a canary for an hour and exits at once
+    starter = (
+        "import os, subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-m', 'bench.host_speed', "
+        f"{str(out)!r}, '3600', str(os.getpid())], stdout=subprocess.DEVNULL); "
+        "print(p.pid, flush=True)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", starter], capture_output=True, text=True, check=True, timeout=60
+    )
+    pid = int(done.stdout.split()[0])
+    # the orphan writes its pieces once it sees its parent gone (within ~100 pieces)
+    deadline = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert out.exists(), f"canary {pid} still running without its parent"
+    assert len(host_speed.read(out)) >= 100
