@@ -86,12 +86,15 @@ class Dispatcher:
     def next_deadline(self) -> float | None:
         """When the way to the next timer's durable starts must begin at the latest to
         be on time: its due instant less the learnt way (:attr:`Runner.way`), not its
-        firing time. The lead is twice the way plus a margin, so a pause that ends by
-        then (a collection of the GC policy) does not make that burst late, while
-        gaps measured to the firing time would never come when instants are closer
-        than the lead plus the pause (bursts every 100 ms, a 50 ms lead)."""
+        firing time, and less the margin kept for the machine's own pauses
+        (``lead_margin_ms``). The lead is twice the way plus that margin, so a pause
+        that ends by then (a collection of the GC policy) does not make that burst late
+        and leaves the margin whole, while gaps measured to the firing time would never
+        come when instants are closer than the lead plus the pause (bursts every 100
+        ms, an 80 ms lead)."""
         runner = self.runner
-        return self._timer.next_time(slack=max(0.0, runner.lead - runner.way))
+        slack = runner.lead - runner.way - runner.lead_margin
+        return self._timer.next_time(slack=max(0.0, slack))
 
     def quiet_for(self) -> float:
         """Seconds until the next *start window* opens (0.0: one is open now).

@@ -196,6 +196,30 @@ async def test_the_lead_starts_at_its_maximum(tmp_path: Path) -> None:
         assert service._dispatch._timer.when("probe") == pytest.approx(when - 0.040)
 
 
+async def test_the_lead_keeps_a_margin_for_the_machines_pauses(tmp_path: Path) -> None:
+    # however fast the recent ways were, the lead stays lead_margin_ms above twice the
+    # slowest of them: the machine may pause the process for that long mid-way (a
+    # learnt peak alone decays to ~twice the fastest way, and a 20 ms pause then makes
+    # the whole burst late); the GC policy's deadline leaves the margin whole
+    kernel, service = make_kernel(tmp_path, max_lead_ms=500, lead_margin_ms=25)
+    async with kernel:
+        runner = service._runner
+        for _ in range(20_000):
+            runner._note_append(0.0005)  # fast ways: the learnt peak decays to them
+        assert runner.way == pytest.approx(0.0005, abs=1e-4)
+        assert runner.lead == pytest.approx(2 * runner.way + 0.025)
+        when = time.time() + 3600
+        service._dispatch._timer.arm("probe", when, lambda: None, early=True)
+        assert service._dispatch._timer.when("probe") == pytest.approx(when - runner.lead)
+        # the GC policy may pause until the way must begin, the margin kept before it
+        deadline = service._dispatch.next_deadline()
+        assert deadline is not None
+        assert deadline == pytest.approx(when - runner.way - 0.025)
+        # a slow way raises the lead, up to max_lead_ms
+        runner._note_append(0.4)
+        assert runner.lead == pytest.approx(0.5)
+
+
 async def test_a_short_interval_fires_at_most_half_a_period_ahead(tmp_path: Path) -> None:
     # with the lead (25 ms) ahead of a 20 ms interval, the next run's timer would fire
     # before the run before it reached its instant, and find it in progress
