@@ -125,6 +125,8 @@ class HostWatch:
         self.seconds = seconds
         self.procs: list[subprocess.Popen[bytes]] = []
         self.slow: set[int] = set()
+        #: why :attr:`slow` could not be read (None: it was)
+        self.problem: str | None = None
         self.realtime = False
         self.cpus = sorted(os.sched_getaffinity(0))
 
@@ -172,9 +174,18 @@ class HostWatch:
                 proc.kill()
                 proc.wait()
         if kind is None:
-            files = [self.folder / f"host_speed_{cpu}.txt" for cpu in self.cpus]
-            if all(f.exists() for f in files):
-                self.slow = slow_windows([read(f) for f in files])
+            self.collect()
+
+    def collect(self) -> None:
+        """Read the canaries' pieces into :attr:`slow`. A canary that left no file or a
+        torn one (killed while writing) leaves :attr:`slow` empty and says why in
+        :attr:`problem`: the benchmark's own figures are not thrown away for it."""
+        files = [self.folder / f"host_speed_{cpu}.txt" for cpu in self.cpus]
+        try:
+            self.slow = slow_windows([read(f) for f in files])
+        except (OSError, ValueError) as exc:
+            self.slow = set()
+            self.problem = f"{type(exc).__name__}: {exc}"
 
 
 def main() -> None:

@@ -793,7 +793,7 @@ def _host_slowed(
             round(percentile(away, 99), 2) if len(away) >= 100 else None,
         )
 
-    out: dict[str, Any] = {"canary_realtime": host.realtime}
+    out: dict[str, Any] = {"canary_realtime": host.realtime, "canary_problem": host.problem}
     for kind in ("quiet", "busy"):
         counted = [phase(k.get("rows", [])) for k in kept[kind]]
         out[f"slow_windows_{kind}"] = [c[0] for c in counted]

@@ -66,6 +66,7 @@ def test_each_phase_reports_the_slow_windows_it_met() -> None:
     watch = host_speed.HostWatch.__new__(host_speed.HostWatch)
     watch.slow = {2005}  # 100.25-100.30 s
     watch.realtime = True
+    watch.problem = None
 
     def phase(start: float, late_at: float | None) -> list[tuple[str, float, float, float, bool]]:
         # 200 requests 5 ms apart taking 1 ms, those from late_at on 30 ms
@@ -147,3 +148,16 @@ def test_a_canary_ends_when_the_process_that_started_it_is_gone(tmp_path: Path) 
         time.sleep(0.1)
     assert out.exists(), f"canary {pid} still running without its parent"
     assert len(host_speed.read(out)) >= 100
+
+
+def test_a_torn_canary_file_leaves_no_slow_window_and_says_why(tmp_path: Path) -> None:
+    watch = host_speed.HostWatch(tmp_path)
+    watch.cpus = [0, 1]
+    (tmp_path / "host_speed_0.txt").write_text("100.0 0.00005\n100.002 0.00005\n")
+    (tmp_path / "host_speed_1.txt").write_text("100.0 0.00005\n100.002")  # torn
+    watch.collect()
+    assert watch.slow == set()
+    assert watch.problem is not None and "ValueError" in watch.problem
+    (tmp_path / "host_speed_1.txt").unlink()
+    watch.collect()
+    assert watch.problem is not None and "FileNotFoundError" in watch.problem
