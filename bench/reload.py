@@ -38,6 +38,11 @@
   (``loop_ran_*``, ``loop_waited_for_cpu_*``): on a machine shared with other programs
   the quiet p99 measured that wait (bench/README.md). ``XCORE_BENCH_PROBE=folder``
   runs the server under bench/loop_probe.py and adds each phase's stalls (``probe``).
+  A real-time canary per CPU (bench/host_speed.py) runs throughout: ``host`` gives per
+  phase the VM's slow windows (every CPU slowed at once, which the guest's accounting
+  does not show and which made most quiet phases' tail: bench/README.md), the share
+  of the phase's tail near one (and of all its requests, chance), and the headline's
+  statistic over the pairs that met none (``ratio_host_clean``, a diagnostic).
 - ``reload_neighbour_saturated_p99_ms``: the same pairs with the neighbour's ``/ping``
   loaded by ``wrk -t1 -c8`` as fast as it answers (a saturated closed loop): what a
   reload costs a server at its limit (the reload's CPU share), not the stalls.
@@ -87,6 +92,7 @@ from typing import Any
 
 import httpx
 
+from bench import host_speed
 from bench.common import Result, median, percentile, result
 
 TOKEN = "bench-reload-token-0123456789"
@@ -692,14 +698,18 @@ def bare_command(recording: Path, stall_ms: float | None = None) -> list[str]:
     ]
 
 
-def _bare_peer(rate: float) -> dict[str, dict[str, Any]]:
+def _bare_peer(
+    rate: float,
+    rows_out: dict[str, list[list[tuple[str, float, float, float, bool]]]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """The same method against a bare uvicorn + FastAPI app serving the same route
     (``bench/loop_probe.py bare``, in its own session at :data:`SERVER_NICE` like the
     xcore server), at the same rate: ``bare``, the framework's own shape under this
     load; and against that app with a :data:`STALL_MS` stall of its loop every second:
     ``stalled``, the check that the method shows a stall the server causes. Each stall
     is matched with the requests that left in its first tenth (they must be timed at
-    80% of the stall or more, whatever else the machine did): refused if one is not."""
+    80% of the stall or more, whatever else the machine did): refused if one is not.
+    ``rows_out`` receives each label's phases' request rows (for the host's speed)."""
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -723,6 +733,8 @@ def _bare_peer(rate: float) -> dict[str, dict[str, Any]]:
                 "loop_ran": [round(p["loop_ran"], 3) for p in phases],
                 "loop_waited_for_cpu": [round(p["loop_waited_for_cpu"], 3) for p in phases],
             }
+            if rows_out is not None:
+                rows_out[label] = [k["rows"] for k in kept]
             if stall:
                 counts = [_stalls_seen(k["rows"], injected) for k in kept]
                 seen, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
@@ -732,6 +744,85 @@ def _bare_peer(rate: float) -> dict[str, dict[str, Any]]:
                         f"a server stalling {STALL_MS:g} ms every second: {seen} of its "
                         f"{total} stalls seen in the figure: the method hides server stalls"
                     )
+    return out
+
+
+def _host_slowed(
+    host: host_speed.HostWatch,
+    kept: dict[str, list[dict[str, Any]]],
+    bare_rows: dict[str, list[list[tuple[str, float, float, float, bool]]]],
+    busy: list[dict[str, Any]],
+    quiet: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Per phase, the host's slow windows (bench/host_speed.py: 50 ms in which the
+    real-time canaries ran 1.5x slower on every CPU at once) and the share of the
+    phase's tail (requests at or above its p99) that overlapped one or followed it by
+    less than 100 ms, beside the same share over all its requests (chance), and the p99
+    (ms) of the requests that met none (None under 100 of them); and the headline's
+    statistic over the pairs neither of whose phases met one (``ratio_host_clean``,
+    None under two such pairs), and over the pairs' p99s away from slow windows
+    (``ratio_away_from_slow``). Diagnostics: the headline stays ``ratio``."""
+
+    def phase(
+        rows: list[tuple[str, float, float, float, bool]],
+    ) -> tuple[int, float, float, float | None]:
+        if not rows:
+            return 0, 0.0, 0.0, None
+        windows = host_speed.count_in(host.slow, rows[0][2] / 1e6, rows[-1][3] / 1e6)
+        totals = [(received - (slot if late else sent)) for _, slot, sent, received, late in rows]
+        p99 = percentile(totals, 99)
+        tail = [
+            (sent, received)
+            for (_, _, sent, received, _), total in zip(rows, totals, strict=True)
+            if total >= p99
+        ]
+        hit = sum(
+            1 for sent, received in tail if host_speed.near(host.slow, sent / 1e6, received / 1e6)
+        )
+        # the requests that met no slow window; the others' share is what chance
+        # alone gives the tail's share
+        away = [
+            total / 1000
+            for (_, _, sent, received, _), total in zip(rows, totals, strict=True)
+            if not host_speed.near(host.slow, sent / 1e6, received / 1e6)
+        ]
+        return (
+            windows,
+            round(hit / len(tail), 2),
+            round((len(rows) - len(away)) / len(rows), 2),
+            round(percentile(away, 99), 2) if len(away) >= 100 else None,
+        )
+
+    out: dict[str, Any] = {"canary_realtime": host.realtime, "canary_problem": host.problem}
+    for kind in ("quiet", "busy"):
+        counted = [phase(k.get("rows", [])) for k in kept[kind]]
+        out[f"slow_windows_{kind}"] = [c[0] for c in counted]
+        out[f"tail_near_slow_{kind}"] = [c[1] for c in counted]
+        out[f"all_near_slow_{kind}"] = [c[2] for c in counted]
+        out[f"p99_away_from_slow_{kind}"] = [c[3] for c in counted]
+    for label, phases in bare_rows.items():
+        counted = [phase(rows) for rows in phases]
+        out[f"slow_windows_{label}"] = [c[0] for c in counted]
+        out[f"tail_near_slow_{label}"] = [c[1] for c in counted]
+        out[f"all_near_slow_{label}"] = [c[2] for c in counted]
+        out[f"p99_away_from_slow_{label}"] = [c[3] for c in counted]
+    clean = [
+        b["p99"] / q["p99"]
+        for b, q, nb, nq in zip(
+            busy, quiet, out["slow_windows_busy"], out["slow_windows_quiet"], strict=True
+        )
+        if nb == 0 and nq == 0
+    ]
+    out["host_clean_pairs"] = len(clean)
+    out["ratio_host_clean"] = round(hodges_lehmann(clean), 3) if len(clean) >= 2 else None
+    away = [
+        b / q
+        for b, q in zip(
+            out["p99_away_from_slow_busy"], out["p99_away_from_slow_quiet"], strict=True
+        )
+        if b is not None and q is not None
+    ]
+    out["ratio_away_from_slow"] = round(hodges_lehmann(away), 3) if len(away) >= 2 else None
     return out
 
 
@@ -746,7 +837,8 @@ def reload_neighbour_p99() -> list[Result]:
     spilled: list[int] = []
     kept: dict[str, list[dict[str, Any]]] = {"quiet": [], "busy": []}
     reloads = 0
-    with tempfile.TemporaryDirectory() as tmp:
+    bare_rows: dict[str, list[list[tuple[str, float, float, float, bool]]]] = {}
+    with tempfile.TemporaryDirectory() as tmp, host_speed.HostWatch(Path(tmp)) as host:
         base = Path(tmp)
         _write(base / "plugins", "neighbour", NEIGHBOUR)
         _write(base / "plugins", "big", _big_router())
@@ -815,7 +907,8 @@ def reload_neighbour_p99() -> list[Result]:
                 for kind in ("quiet", "busy"):
                     probed[f"{kind}_requests"] = [_decompose(k["rows"], served) for k in kept[kind]]
             boosted = getattr(proc, "boosted", None)
-        bare = _bare_peer(rate)
+        bare = _bare_peer(rate, bare_rows)
+    slowed = _host_slowed(host, kept, bare_rows, busy, quiet)
     busy_p99 = [b["p99"] for b in busy]
     quiet_p99 = [q["p99"] for q in quiet]
     ratios = [b / q for b, q in zip(busy_p99, quiet_p99, strict=True)]
@@ -879,6 +972,7 @@ def reload_neighbour_p99() -> list[Result]:
             loop_waited_for_cpu_quiet=[round(q["loop_waited_for_cpu"], 3) for q in quiet],
             loop_waited_for_cpu_busy=[round(b["loop_waited_for_cpu"], 3) for b in busy],
             probe=probed or None,
+            host=slowed,
             pairs=PAIRS,
             phase_s=PHASE_S,
             tail_s=TAIL_S,
@@ -958,15 +1052,18 @@ async def _cpu_phases(
         async def phase(reload: bool) -> float:
             nonlocal reloads
             latencies: list[float] = []
+            walls: list[tuple[float, float]] = []
             done = asyncio.Event()
+            began = time.monotonic()
             full = gc.get_stats()[2]["collections"]
             paused = collector.total_pause_ms
 
             async def neighbour() -> None:
                 while not done.is_set():
-                    start = time.process_time()
+                    start, wall = time.process_time(), time.monotonic()
                     r = await client.get("/app/neighbour/ping")
                     latencies.append((time.process_time() - start) * 1000)
+                    walls.append((wall, time.monotonic()))
                     if r.status_code != 200:
                         raise RuntimeError(r.text)
                     if not reload and len(latencies) >= CPU_QUIET_REQUESTS:
@@ -997,8 +1094,14 @@ async def _cpu_phases(
             finally:
                 for task in clients:
                     task.cancel()
+            p99 = percentile(latencies, 99)
             entry: dict[str, Any] = {
                 "reload": reload,
+                # wall-clock span and the tail's requests (monotonic s): the host's
+                # slow windows they met are counted after the run (_cpu_host)
+                "wall": (began, time.monotonic()),
+                "tail_walls": [w for w, x in zip(walls, latencies, strict=True) if x >= p99],
+                "all_walls": walls,
                 "full_collections": gc.get_stats()[2]["collections"] - full,
                 "collector_pause_ms": round(collector.total_pause_ms - paused, 3),
             }
@@ -1010,7 +1113,7 @@ async def _cpu_phases(
                     "collector_pause_ms": round(collector.total_pause_ms - paused, 3),
                 }
             gc_log.append(entry)
-            return percentile(latencies, 99)
+            return p99
 
         await phase(False)  # warm up
         for _ in range(CPU_PHASES):
@@ -1019,9 +1122,28 @@ async def _cpu_phases(
     return quiet, busy, reloads
 
 
+def _cpu_host(slow: set[int], log: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per phase of the CPU benchmark (``gc_per_phase``'s order, the warm-up first):
+    the host's slow windows it met (bench/host_speed.py; a slowed CPU makes the same
+    work take more CPU time, so process CPU time does not escape the host), the share
+    of its tail near one and that of all its requests (chance). Drops the raw spans
+    from ``log``."""
+    out: dict[str, list[Any]] = {"slow_windows": [], "tail_near_slow": [], "all_near_slow": []}
+    for entry in log:
+        began, ended = entry.pop("wall")
+        tail, every = entry.pop("tail_walls"), entry.pop("all_walls")
+        out["slow_windows"].append(host_speed.count_in(slow, began, ended))
+        hit = sum(1 for s, e in tail if host_speed.near(slow, s, e))
+        out["tail_near_slow"].append(round(hit / len(tail), 2) if tail else 0.0)
+        chance = sum(1 for s, e in every if host_speed.near(slow, s, e))
+        out["all_near_slow"].append(round(chance / len(every), 2) if every else 0.0)
+    return out
+
+
 async def reload_neighbour_cpu_p99() -> list[Result]:
     runs: dict[str, tuple[list[float], list[float], int]] = {}
     gc_logs: dict[str, list[dict[str, Any]]] = {}
+    hosts: dict[str, dict[str, list[Any]]] = {}
     off = {"build_switch_interval_ms": 0, "defer_full_gc": False, "build_cpu_share": 1}
     for label, loader in (("off", off), ("on", {})):
         with tempfile.TemporaryDirectory() as tmp:
@@ -1029,7 +1151,9 @@ async def reload_neighbour_cpu_p99() -> list[Result]:
             _write(base / "plugins", "neighbour", NEIGHBOUR)
             _write(base / "plugins", "big", _big_router())
             gc_logs[label] = []
-            runs[label] = await _cpu_phases(base, loader, gc_logs[label])
+            with host_speed.HostWatch(base) as host:
+                runs[label] = await _cpu_phases(base, loader, gc_logs[label])
+            hosts[label] = _cpu_host(host.slow, gc_logs[label])
     quiet, busy, reloads = runs["on"]
     _, busy_off, reloads_off = runs["off"]
     return [
@@ -1045,6 +1169,8 @@ async def reload_neighbour_cpu_p99() -> list[Result]:
             reloads=reloads + reloads_off,
             gc_per_phase=gc_logs["on"],
             gc_per_phase_window_off=gc_logs["off"],
+            host=hosts["on"],
+            host_window_off=hosts["off"],
             clients=CPU_CLIENTS,
             target_ratio=2.0,
             measure="process CPU time per request (load-independent), in-process ASGI",
