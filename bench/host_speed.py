@@ -21,10 +21,9 @@ median piece of the whole run (the server
 and wrk cannot slow a real-time canary's register-only work on both CPUs at once; the
 host can). :class:`HostWatch` starts and stops the canaries around a benchmark.
 
-bench/machine_probe.py (the 10,000-schedule benchmark's, built in the same session)
-measures the same slowdowns from one unpinned process of normal priority, in CPU time
-of a larger unit; this one is per CPU, real-time and in wall time, so a window counts
-only when every CPU slowed at once. One of the two should absorb the other.
+The 10,000-schedule benchmark (bench/scheduler.py) uses the same canaries: its first
+probe, one unpinned process timing a larger unit in CPU time, found the same windows
+and was folded into this one.
 """
 
 from __future__ import annotations

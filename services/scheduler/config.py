@@ -33,7 +33,7 @@ class SchedulerSettings(BaseModel):
     #: lead: the machine itself may pause or slow the process for this long in the
     #: middle of the way. On the shared 2-core VM of the benchmarks, a separate probe
     #: process saw 1-2 such windows a second, mostly 15-30 ms long (3-17x slower for the
-    #: same work, bench/machine_probe.py), and the bursts late as a whole fell in them.
+    #: same work; bench/host_speed.py), and the bursts late as a whole fell in them.
     lead_margin_ms: float = Field(default=30.0, ge=0)
     #: Refuse every task of a plugin as soon as one of its declarations is refused.
     strict: bool = False
