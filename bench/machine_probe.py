@@ -12,8 +12,8 @@ file and no interpreter with it.
 Mechanism: ``python -m bench.machine_probe OUT`` runs the same work every
 :data:`EVERY` seconds and records, per sample, the wall-clock time it ended, its CPU
 time, its wall time and the machine's steal ticks so far (``/proc/stat``), until SIGINT
-or SIGTERM; it then writes the samples to
-``OUT`` (JSON). :func:`probing` runs it around a block; :func:`slow_windows` reads the
+or SIGTERM (or until the process that started it is gone); it then writes the
+samples to ``OUT`` (JSON). :func:`probing` runs it around a block; :func:`slow_windows` reads the
 samples: a window where the work took more than ``factor`` times its median CPU time
 (the machine slowed: the probe's own CPU time grew, so it is not merely waiting for a
 CPU the benchmark holds).
@@ -66,6 +66,9 @@ def _steal_ticks() -> int:
 def main(out: str) -> None:
     samples: list[Sample] = []
     stop = False
+    # the process that started the probe: if it dies (a benchmark killed, SIGKILL), the
+    # probe stops too instead of sampling forever with nobody to stop it
+    parent = os.getppid()
 
     def halt(*_: Any) -> None:
         nonlocal stop
@@ -73,7 +76,7 @@ def main(out: str) -> None:
 
     signal.signal(signal.SIGINT, halt)
     signal.signal(signal.SIGTERM, halt)
-    while not stop:
+    while not stop and os.getppid() == parent:
         wall = time.perf_counter()
         cpu = time.thread_time()
         _unit()
@@ -89,6 +92,8 @@ class Probe:
 
     def __init__(self) -> None:
         self.samples: list[Sample] = []
+        #: the probe process's exit status (0: it stopped and wrote its samples)
+        self.returncode: int | None = None
 
 
 @contextlib.contextmanager
@@ -101,12 +106,21 @@ def probing() -> Iterator[Probe]:
         try:
             yield probe
         finally:
-            proc.send_signal(signal.SIGINT)
+            # SIGTERM, not SIGINT: a process started from a background shell inherits
+            # SIGINT ignored, so one sent before the probe set its handler (a block that
+            # ends or raises at once) was lost, and the block waited 10 s to kill it;
+            # SIGTERM before the handler ends it at once (no samples yet to write)
+            proc.terminate()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            except BaseException:  # interrupted while waiting (^C): leave no orphan
+                proc.kill()
+                proc.wait()
+                raise
+            probe.returncode = proc.returncode
         if os.path.exists(out):
             probe.samples = [
                 (float(end), float(cpu), float(wall), int(steal))

@@ -11,7 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from bench import machine_probe
 from bench.scheduler import WAY_10K, _by_machine
@@ -60,3 +68,49 @@ def test_a_burst_is_met_by_a_slow_machine_only_when_the_window_overlaps_its_way(
     assert out["bursts_in_slow_machine"] == 0
     assert out["late_bursts_in_slow_machine"] == 0
     assert out["p99_outside_slow_machine_ms"] > 29
+
+
+def test_a_block_that_raises_at_once_stops_the_probe_with_sigint_ignored() -> None:
+    # started from a background shell, a process inherits SIGINT ignored: the SIGINT
+    # that stopped the probe was lost when the block ended before the probe set its
+    # handler, and the probe was killed only after 10 s (its samples never written)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(RuntimeError), machine_probe.probing() as probe:
+            raise RuntimeError("the benchmark failed at once")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert probe.returncode != -signal.SIGKILL  # it stopped on its own, not killed
+
+
+def test_the_probe_stops_when_the_process_that_started_it_is_killed(tmp_path: Path) -> None:
+    # a benchmark SIGKILLed (or its probing() block never left) leaves no probe
+    # sampling forever: it stops once its parent is gone, and writes its samples
+    out = tmp_path / "probe.json"
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-m', 'bench.machine_probe', sys.argv[1]])\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(3600)\n",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert starter.stdout is not None
+    pid = int(starter.stdout.readline())
+    time.sleep(0.5)  # (the probe is sampling)
+    starter.kill()
+    starter.wait()
+    starter.stdout.close()
+    try:
+        deadline = time.monotonic() + 30
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.exists(), f"probe {pid} still running after its parent was killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # (not to leave one behind if this failed)
