@@ -425,3 +425,46 @@ async def test_the_runs_of_a_burst_draw_their_ids_without_a_system_call_each(
         started = await kernel.read(types=["TaskStarted"])
     assert len({r.data["run_id"] for r in started}) == 100
     assert calls < 20, calls  # the pool refills now and then, not once per run
+
+
+async def test_a_cron_closer_than_the_lead_fires_at_most_half_its_gap_ahead(
+    tmp_path: Path,
+) -> None:
+    # a cron every second with a lead of 4 s: each instant's timer fired 4 s ahead, so
+    # the next instant's fired at once too, and the next... every instant of the lead
+    # claimed (and waiting) at once; with a huge max_lead_ms (accepted) thousands of
+    # waiting runs a second, without end. Like a short interval, an instant closer to
+    # the one before than twice the lead fires at most half that gap ahead.
+    kernel, service = make_kernel(tmp_path, max_lead_ms=4000)
+
+    async def work() -> None:
+        pass
+
+    async with kernel:
+        await service.register("p", [spec(work, name="c", cron="* * * * * *")])
+        await wait_events(kernel, "TaskStarted", where=lambda r: r.data["task"] == "p.c")
+        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.c"]
+        when = timer.when("p.c")
+        assert entry.next_due is not None and when is not None
+        # armed for the next instant, at most half its gap (1 s) ahead of it
+        assert when >= entry.next_due - 0.5 - 1e-6
+
+
+async def test_a_short_interval_with_an_end_fires_at_most_half_a_period_ahead(
+    tmp_path: Path,
+) -> None:
+    # an interval with end= (or start=) is a bounded trigger around the interval: it
+    # took the lead (80 ms) ahead of its 20 ms period, four periods, as if it were long
+    kernel, service = make_kernel(tmp_path)
+
+    async def work() -> None:
+        pass
+
+    async with kernel:
+        await service.register(
+            "p", [spec(work, name="fast", every="20ms", end="2099-01-01T00:00:00")]
+        )
+        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.fast"]
+        when = timer.when("p.fast")
+        assert entry.next_due is not None and when is not None
+        assert when >= entry.next_due - 0.010 - 1e-6
