@@ -468,3 +468,19 @@ async def test_a_short_interval_with_an_end_fires_at_most_half_a_period_ahead(
         when = timer.when("p.fast")
         assert entry.next_due is not None and when is not None
         assert when >= entry.next_due - 0.010 - 1e-6
+
+
+@pytest.mark.parametrize("setting", ["max_lead_ms", "lead_margin_ms"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_the_leads_settings_refuse_what_is_not_a_finite_duration(
+    setting: str, value: float
+) -> None:
+    # ``.inf`` in xcore.yaml was accepted: a lead of inf fired every instant's timer at
+    # once (-inf) and the GC policy's slack was inf less inf
+    from pydantic import ValidationError
+
+    from services.scheduler.config import SchedulerSettings
+
+    with pytest.raises(ValidationError):
+        SchedulerSettings(**{setting: value})
+    assert SchedulerSettings(**{setting: 0}).model_dump()[setting] == 0
