@@ -183,7 +183,9 @@ class Dispatcher:
             # instants closer than the lead (a 1 s cron, a lead of seconds) do not fire
             # one after the other at once, each claiming the next ahead of its instant
             every = due - after
-        if every is not None and every < 2 * self.runner.max_lead:
+        short = every is not None and every < 2 * self.runner.max_lead
+        entry.short_gap = every if short else None
+        if every is not None and short:
             # a short interval: the timer fires at most half a period ahead, so a run is
             # not found still waiting for its instant (max_instances) by the next one
             ahead = min(self.runner.lead, every / 2)
@@ -226,7 +228,15 @@ class Dispatcher:
                 )
             )
 
-        self._timer.arm(f"retry:{run_id}", retry_at, fire, early=True)
+        key = f"retry:{run_id}"
+        if entry.short_gap is not None:
+            # fired no further ahead than the task's timed runs: with the full lead, a
+            # retry due just after an instant was claimed before that instant's run,
+            # which then found it in progress and was skipped (max_instances), though
+            # its code had not started: the lead decided
+            self._timer.arm(key, retry_at - min(self.runner.lead, entry.short_gap / 2), fire)
+        else:
+            self._timer.arm(key, retry_at, fire, early=True)
 
     def _on_due(self, tid: str, due: float, offset: float, ahead: float | None = None) -> None:
         # when the timer meant to fire: the lead ahead (as it is now), or ``ahead``

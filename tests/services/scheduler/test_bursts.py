@@ -484,3 +484,31 @@ def test_the_leads_settings_refuse_what_is_not_a_finite_duration(
     with pytest.raises(ValidationError):
         SchedulerSettings(**{setting: value})
     assert SchedulerSettings(**{setting: 0}).model_dump()[setting] == 0
+
+
+async def test_a_retry_of_a_short_interval_fires_no_further_ahead_than_its_runs(
+    tmp_path: Path,
+) -> None:
+    # an interval shorter than twice max_lead_ms fires its runs half a period ahead;
+    # its retry (due just after an instant: retry_delay = the period) fired the full
+    # lead ahead, was claimed before that instant's run, and the run, finding it "in
+    # progress" (its code not started), was skipped for max_instances: the lead decided
+    # (seen with 100 ms: runs 50 ms ahead, the retry 80). Scaled up (a 4 s lead, a 4 s
+    # period) so the retry's timer can be looked at before it fires.
+    kernel, service = make_kernel(tmp_path, max_lead_ms=4000)
+    calls = 0
+
+    async def work() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the first attempt fails")
+
+    async with kernel:
+        await service.register("p", [spec(work, name="r", every="4s", retries=1, retry_delay=4)])
+        (retry,) = await wait_events(kernel, "TaskRetryScheduled")
+        when = service._dispatch._timer.when(f"retry:{retry.data['run_id']}")
+        # armed half the period (2 s) ahead of its retry_at, like the task's runs (it
+        # had fired at once: the 4 s lead ahead)
+        assert when is not None
+        assert when >= retry.data["retry_at"] - 2.0 - 1e-6
