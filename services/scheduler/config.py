@@ -28,13 +28,15 @@ class SchedulerSettings(BaseModel):
     #: appends, within this bound). 80 ms: a burst of 100 runs due at one instant takes
     #: 10-20 ms from its timer to its durable starts on a quiet 2-core machine, 15-50 ms
     #: on a loaded one, plus the machine's own pauses (``lead_margin_ms``).
-    max_lead_ms: float = Field(default=80.0, ge=0)
+    max_lead_ms: float = Field(default=80.0, ge=0, allow_inf_nan=False)
     #: Added to twice the slowest recent way from a timer to a durable start to make the
     #: lead: the machine itself may pause or slow the process for this long in the
     #: middle of the way. On the shared 2-core VM of the benchmarks, a separate probe
     #: process saw 1-2 such windows a second, mostly 15-30 ms long (3-17x slower for the
     #: same work; bench/host_speed.py), and the bursts late as a whole fell in them.
-    lead_margin_ms: float = Field(default=30.0, ge=0)
+    #: (Both finite: an infinite lead fired every instant's timer at once, and the learnt
+    #: way stayed infinite, the GC policy's slack inf less inf.)
+    lead_margin_ms: float = Field(default=30.0, ge=0, allow_inf_nan=False)
     #: Refuse every task of a plugin as soon as one of its declarations is refused.
     strict: bool = False
     #: A run's return value is kept with its outcome event if its JSON is at most this.

@@ -166,16 +166,26 @@ class Dispatcher:
                     index.setdefault(dep, set()).add(tid)
         self._dependents = index
 
-    def arm(self, entry: TaskEntry) -> None:
-        """Arm (or disarm) the timer of ``entry`` for its next due time."""
+    def arm(self, entry: TaskEntry, after: float | None = None) -> None:
+        """Arm (or disarm) the timer of ``entry`` for its next due time.
+
+        ``after``: the due time that just came (its run fired), when there is one."""
         task = entry.task
         if entry.paused or entry.next_due is None or self._stopping:
             self._timer.cancel(task.id)
             return
         due = entry.next_due
         offset = random.uniform(0, task.jitter) if task.jitter else 0.0
-        every = getattr(task.trigger, "every", None)
-        if every is not None and every < 2 * self.runner.max_lead:
+        # (an interval with ``start=``/``end=`` is a bounded trigger around one)
+        every = getattr(getattr(task.trigger, "inner", task.trigger), "every", None)
+        if every is None and after is not None and due > after:
+            # a cron (or other) trigger: the gap from the instant that just came, so
+            # instants closer than the lead (a 1 s cron, a lead of seconds) do not fire
+            # one after the other at once, each claiming the next ahead of its instant
+            every = due - after
+        short = every is not None and every < 2 * self.runner.max_lead
+        entry.short_gap = every if short else None
+        if every is not None and short:
             # a short interval: the timer fires at most half a period ahead, so a run is
             # not found still waiting for its instant (max_instances) by the next one
             ahead = min(self.runner.lead, every / 2)
@@ -218,7 +228,15 @@ class Dispatcher:
                 )
             )
 
-        self._timer.arm(f"retry:{run_id}", retry_at, fire, early=True)
+        key = f"retry:{run_id}"
+        if entry.short_gap is not None:
+            # fired no further ahead than the task's timed runs: with the full lead, a
+            # retry due just after an instant was claimed before that instant's run,
+            # which then found it in progress and was skipped (max_instances), though
+            # its code had not started: the lead decided
+            self._timer.arm(key, retry_at - min(self.runner.lead, entry.short_gap / 2), fire)
+        else:
+            self._timer.arm(key, retry_at, fire, early=True)
 
     def _on_due(self, tid: str, due: float, offset: float, ahead: float | None = None) -> None:
         # when the timer meant to fire: the lead ahead (as it is now), or ``ahead``
@@ -232,7 +250,7 @@ class Dispatcher:
         count, last, nxt = catch_up(task.trigger, due, max(now, due))
         late = now - (last + offset)
         entry.next_due = nxt
-        self.arm(entry)
+        self.arm(entry, after=last)
         # Which of the due times run: none past the grace with ``skip``; otherwise the
         # ``coalesce`` policy picks the earliest, the latest, or all (bounded).
         if task.misfire == "skip" and late > task.misfire_grace:

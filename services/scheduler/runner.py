@@ -100,6 +100,9 @@ class TaskEntry:
     #: set when the task is unscheduled (removed, no longer declared, its plugin
     #: unloaded): a run claimed ahead of its instant then runs nothing
     removed: bool = False
+    #: the period of a task whose timed runs fire at most half of it ahead (an interval,
+    #: or cron instants, closer than twice ``max_lead_ms``); None: they fire the lead ahead
+    short_gap: float | None = None
 
     @property
     def recorded_next(self) -> float | None:

@@ -425,3 +425,90 @@ async def test_the_runs_of_a_burst_draw_their_ids_without_a_system_call_each(
         started = await kernel.read(types=["TaskStarted"])
     assert len({r.data["run_id"] for r in started}) == 100
     assert calls < 20, calls  # the pool refills now and then, not once per run
+
+
+async def test_a_cron_closer_than_the_lead_fires_at_most_half_its_gap_ahead(
+    tmp_path: Path,
+) -> None:
+    # a cron every second with a lead of 4 s: each instant's timer fired 4 s ahead, so
+    # the next instant's fired at once too, and the next... every instant of the lead
+    # claimed (and waiting) at once; with a huge max_lead_ms (accepted) thousands of
+    # waiting runs a second, without end. Like a short interval, an instant closer to
+    # the one before than twice the lead fires at most half that gap ahead.
+    kernel, service = make_kernel(tmp_path, max_lead_ms=4000)
+
+    async def work() -> None:
+        pass
+
+    async with kernel:
+        await service.register("p", [spec(work, name="c", cron="* * * * * *")])
+        await wait_events(kernel, "TaskStarted", where=lambda r: r.data["task"] == "p.c")
+        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.c"]
+        when = timer.when("p.c")
+        assert entry.next_due is not None and when is not None
+        # armed for the next instant, at most half its gap (1 s) ahead of it
+        assert when >= entry.next_due - 0.5 - 1e-6
+
+
+async def test_a_short_interval_with_an_end_fires_at_most_half_a_period_ahead(
+    tmp_path: Path,
+) -> None:
+    # an interval with end= (or start=) is a bounded trigger around the interval: it
+    # took the lead (80 ms) ahead of its 20 ms period, four periods, as if it were long
+    kernel, service = make_kernel(tmp_path)
+
+    async def work() -> None:
+        pass
+
+    async with kernel:
+        await service.register(
+            "p", [spec(work, name="fast", every="20ms", end="2099-01-01T00:00:00")]
+        )
+        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.fast"]
+        when = timer.when("p.fast")
+        assert entry.next_due is not None and when is not None
+        assert when >= entry.next_due - 0.010 - 1e-6
+
+
+@pytest.mark.parametrize("setting", ["max_lead_ms", "lead_margin_ms"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_the_leads_settings_refuse_what_is_not_a_finite_duration(
+    setting: str, value: float
+) -> None:
+    # ``.inf`` in xcore.yaml was accepted: a lead of inf fired every instant's timer at
+    # once (-inf) and the GC policy's slack was inf less inf
+    from pydantic import ValidationError
+
+    from services.scheduler.config import SchedulerSettings
+
+    with pytest.raises(ValidationError):
+        SchedulerSettings(**{setting: value})
+    assert SchedulerSettings(**{setting: 0}).model_dump()[setting] == 0
+
+
+async def test_a_retry_of_a_short_interval_fires_no_further_ahead_than_its_runs(
+    tmp_path: Path,
+) -> None:
+    # an interval shorter than twice max_lead_ms fires its runs half a period ahead;
+    # its retry (due just after an instant: retry_delay = the period) fired the full
+    # lead ahead, was claimed before that instant's run, and the run, finding it "in
+    # progress" (its code not started), was skipped for max_instances: the lead decided
+    # (seen with 100 ms: runs 50 ms ahead, the retry 80). Scaled up (a 4 s lead, a 4 s
+    # period) so the retry's timer can be looked at before it fires.
+    kernel, service = make_kernel(tmp_path, max_lead_ms=4000)
+    calls = 0
+
+    async def work() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the first attempt fails")
+
+    async with kernel:
+        await service.register("p", [spec(work, name="r", every="4s", retries=1, retry_delay=4)])
+        (retry,) = await wait_events(kernel, "TaskRetryScheduled")
+        when = service._dispatch._timer.when(f"retry:{retry.data['run_id']}")
+        # armed half the period (2 s) ahead of its retry_at, like the task's runs (it
+        # had fired at once: the 4 s lead ahead)
+        assert when is not None
+        assert when >= retry.data["retry_at"] - 2.0 - 1e-6
