@@ -160,6 +160,41 @@ def test_young_collections_of_a_paced_build_run_between_its_units_not_on_the_loo
     assert passes["build"] > 10 and passes["main"] == 0, passes
 
 
+def test_a_paced_builds_young_passes_take_generation_1_each_time() -> None:
+    """A build thread's young pass collects generations 0 and 1 together, every time:
+    its survivors never pile up in generation 1 for the interpreter's tenth pass to walk
+    them all at once, the event loop waiting behind it (kernel/collector.py
+    ``young_due``)."""
+    from services.loader.priority import building
+
+    generations: list[int] = []
+
+    def seen(phase: Any, info: Any) -> None:
+        if phase == "start" and threading.current_thread() is not threading.main_thread():
+            generations.append(info["generation"])
+
+    keep: list[object] = []
+    gc.collect()
+    gc.callbacks.append(seen)
+    try:
+        with building(cpu_share=0.99, defer_full_gc=True, yield_ms=0):
+
+            def build() -> None:
+                for _ in range(60):  # units leaving survivors, one young pass due each
+                    keep.append([[] for _ in range(2_000)])
+                    pacing.pace()
+
+            t = threading.Thread(target=build)
+            t.start()
+            t.join(60)
+    finally:
+        gc.callbacks.remove(seen)
+        keep.clear()
+    # more passes than the interpreter's generation-1 period, every one of them gen 1
+    assert len(generations) > gc.get_threshold()[1], generations
+    assert set(generations) == {1}, generations
+
+
 def test_a_build_thread_gives_way_while_the_event_loop_is_awake() -> None:
     """The loop first: with the loop watched, a paced build thread waits while the loop
     runs (no plugin request counted: uvicorn's own work, a task) and goes on once the loop
