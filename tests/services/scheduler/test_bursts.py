@@ -185,6 +185,14 @@ async def test_early_timers_fire_the_lead_they_find_when_they_sleep() -> None:
         await timer.stop()
 
 
+def armed_for(service: Any, tid: str) -> tuple[float, float]:
+    """When the timer of task ``tid`` fires next, and the due time it fires for."""
+    when = service._dispatch._timer.when(tid)
+    due = service._dispatch.tasks[tid].next_due
+    assert when is not None and due is not None
+    return when, due
+
+
 async def test_the_lead_starts_at_its_maximum(tmp_path: Path) -> None:
     # the first burst after boot (every schedule armed at once) is the slowest: until
     # starts have been seen, timers fire the whole max_lead_ms ahead
@@ -230,11 +238,9 @@ async def test_a_short_interval_fires_at_most_half_a_period_ahead(tmp_path: Path
 
     async with kernel:
         await service.register("p", [spec(work, name="fast", every="20ms")])
-        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.fast"]
         assert service._runner.lead == pytest.approx(0.025)
-        when = timer.when("p.fast")
-        assert entry.next_due is not None and when is not None
-        assert when >= entry.next_due - 0.010 - 1e-6
+        when, due = armed_for(service, "p.fast")
+        assert when >= due - 0.010 - 1e-6
 
 
 async def test_while_frozen_the_young_collections_wait_for_a_gap_between_due_times(
@@ -443,11 +449,9 @@ async def test_a_cron_closer_than_the_lead_fires_at_most_half_its_gap_ahead(
     async with kernel:
         await service.register("p", [spec(work, name="c", cron="* * * * * *")])
         await wait_events(kernel, "TaskStarted", where=lambda r: r.data["task"] == "p.c")
-        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.c"]
-        when = timer.when("p.c")
-        assert entry.next_due is not None and when is not None
+        when, due = armed_for(service, "p.c")
         # armed for the next instant, at most half its gap (1 s) ahead of it
-        assert when >= entry.next_due - 0.5 - 1e-6
+        assert when >= due - 0.5 - 1e-6
 
 
 async def test_a_short_interval_with_an_end_fires_at_most_half_a_period_ahead(
@@ -464,10 +468,8 @@ async def test_a_short_interval_with_an_end_fires_at_most_half_a_period_ahead(
         await service.register(
             "p", [spec(work, name="fast", every="20ms", end="2099-01-01T00:00:00")]
         )
-        timer, entry = service._dispatch._timer, service._dispatch.tasks["p.fast"]
-        when = timer.when("p.fast")
-        assert entry.next_due is not None and when is not None
-        assert when >= entry.next_due - 0.010 - 1e-6
+        when, due = armed_for(service, "p.fast")
+        assert when >= due - 0.010 - 1e-6
 
 
 @pytest.mark.parametrize("setting", ["max_lead_ms", "lead_margin_ms"])
