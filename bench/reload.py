@@ -794,13 +794,8 @@ def _host_slowed(
         )
 
     out: dict[str, Any] = {"canary_realtime": host.realtime, "canary_problem": host.problem}
-    for kind in ("quiet", "busy"):
-        counted = [phase(k.get("rows", [])) for k in kept[kind]]
-        out[f"slow_windows_{kind}"] = [c[0] for c in counted]
-        out[f"tail_near_slow_{kind}"] = [c[1] for c in counted]
-        out[f"all_near_slow_{kind}"] = [c[2] for c in counted]
-        out[f"p99_away_from_slow_{kind}"] = [c[3] for c in counted]
-    for label, phases in bare_rows.items():
+    pairs_rows = {kind: [k.get("rows", []) for k in kept[kind]] for kind in ("quiet", "busy")}
+    for label, phases in {**pairs_rows, **bare_rows}.items():
         counted = [phase(rows) for rows in phases]
         out[f"slow_windows_{label}"] = [c[0] for c in counted]
         out[f"tail_near_slow_{label}"] = [c[1] for c in counted]

@@ -34,7 +34,7 @@ from services.scheduler.projection import TaskTable
 from services.scheduler.runner import Runner, TaskEntry
 from services.scheduler.specs import CompiledTask
 from services.scheduler.timers import TimerQueue
-from services.scheduler.triggers import catch_up
+from services.scheduler.triggers import Bounded, IntervalTrigger, catch_up
 
 __all__ = ["Dispatcher"]
 
@@ -177,7 +177,8 @@ class Dispatcher:
         due = entry.next_due
         offset = random.uniform(0, task.jitter) if task.jitter else 0.0
         # (an interval with ``start=``/``end=`` is a bounded trigger around one)
-        every = getattr(getattr(task.trigger, "inner", task.trigger), "every", None)
+        trigger = task.trigger.inner if isinstance(task.trigger, Bounded) else task.trigger
+        every = trigger.every if isinstance(trigger, IntervalTrigger) else None
         if every is None and after is not None and due > after:
             # a cron (or other) trigger: the gap from the instant that just came, so
             # instants closer than the lead (a 1 s cron, a lead of seconds) do not fire

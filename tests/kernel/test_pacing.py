@@ -9,7 +9,7 @@ import gc
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -160,36 +160,44 @@ def test_young_collections_of_a_paced_build_run_between_its_units_not_on_the_loo
     assert passes["build"] > 10 and passes["main"] == 0, passes
 
 
+def build_thread_passes(units: int, first: Callable[[], None] = lambda: None) -> list[int]:
+    """The generations of the collections build threads ran during a paced build of
+    ``units`` units, each leaving survivors (2,000 objects: more than a young pass's
+    threshold); ``first`` runs in the window before the build starts."""
+    from services.loader.priority import building
+
+    passes: list[int] = []
+
+    def counted(phase: Any, info: Any) -> None:
+        if phase == "start" and threading.current_thread() is not threading.main_thread():
+            passes.append(info["generation"])
+
+    def build() -> None:
+        for _ in range(units):
+            keep.append([[] for _ in range(2_000)])
+            pacing.pace()
+
+    keep: list[object] = []
+    gc.collect()
+    try:
+        with building(cpu_share=0.99, defer_full_gc=True, yield_ms=0):
+            first()
+            gc.callbacks.append(counted)
+            try:
+                in_thread(build)
+            finally:
+                gc.callbacks.remove(counted)
+    finally:
+        keep.clear()
+    return passes
+
+
 def test_a_paced_builds_young_passes_take_generation_1_each_time() -> None:
     """A build thread's young pass collects generations 0 and 1 together, every time:
     its survivors never pile up in generation 1 for the interpreter's tenth pass to walk
     them all at once, the event loop waiting behind it (kernel/collector.py
     ``young_due``)."""
-    from services.loader.priority import building
-
-    generations: list[int] = []
-
-    def seen(phase: Any, info: Any) -> None:
-        if phase == "start" and threading.current_thread() is not threading.main_thread():
-            generations.append(info["generation"])
-
-    keep: list[object] = []
-    gc.collect()
-    gc.callbacks.append(seen)
-    try:
-        with building(cpu_share=0.99, defer_full_gc=True, yield_ms=0):
-
-            def build() -> None:
-                for _ in range(60):  # units leaving survivors, one young pass due each
-                    keep.append([[] for _ in range(2_000)])
-                    pacing.pace()
-
-            t = threading.Thread(target=build)
-            t.start()
-            t.join(60)
-    finally:
-        gc.callbacks.remove(seen)
-        keep.clear()
+    generations = build_thread_passes(60)  # one young pass due after each unit
     # more passes than the interpreter's generation-1 period, every one of them gen 1
     assert len(generations) > gc.get_threshold()[1], generations
     assert set(generations) == {1}, generations
@@ -264,33 +272,12 @@ def test_a_threshold_the_application_sets_during_a_paced_build_governs_its_passe
     """The application sets the young threshold while a paced build runs (0: no automatic
     collections; higher: fewer): build threads no longer run young passes at the
     threshold saved when the build started, and the application's threshold is kept."""
-    from services.loader.priority import building
-
     threshold = gc.get_threshold()
-    passes: list[int] = []
-
-    def counted(phase: Any, info: Any) -> None:
-        if phase == "start" and threading.current_thread() is not threading.main_thread():
-            passes.append(info["generation"])
-
-    keep: list[object] = []
-    gc.collect()
     try:
-        with building(cpu_share=0.99, defer_full_gc=True, yield_ms=0):
-            gc.set_threshold(theirs, threshold[1], gc.get_threshold()[2])
-            gc.callbacks.append(counted)
-
-            def build() -> None:
-                for _ in range(20):
-                    keep.append([[] for _ in range(2_000)])  # survivors: > 700 each
-                    pacing.pace()
-
-            in_thread(build)
-            gc.callbacks.remove(counted)
+        passes = build_thread_passes(
+            20, lambda: gc.set_threshold(theirs, threshold[1], gc.get_threshold()[2])
+        )
         assert gc.get_threshold()[0] == theirs
         assert passes == []
     finally:
-        if counted in gc.callbacks:
-            gc.callbacks.remove(counted)
-        keep.clear()
         gc.set_threshold(*threshold)
