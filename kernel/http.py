@@ -48,6 +48,7 @@ from kernel.errors import ConcurrencyError, StoreError
 from kernel.guard import RequestGuard
 from kernel.prefixes import overlaps
 from kernel.validation import install as install_validation_answer
+from kernel.warm import warm_routes
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -254,6 +255,8 @@ class HttpSurface:
 
         app.openapi = merged_openapi  # type: ignore[method-assign]
         self._guard(app, kernel)
+        # (not at the first admin request, on the event loop: kernel/warm.py)
+        warm_routes(app.router, where="the kernel app")
 
     def _guard(self, app: FastAPI, kernel: Kernel) -> None:
         """Wrap the whole app (outside its middleware) in the request guard."""

@@ -47,8 +47,11 @@ import contextlib
 import functools
 import gc
 import select
+import sys
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from kernel.collector import collector
@@ -97,6 +100,14 @@ gave_way_s = 0.0
 #: Young collections build threads ran between units of work (kernel/collector.py).
 young_passes = 0
 _waiting = 0
+#: Whether paced build threads also look for the loop between every two function calls
+#: of their work, not only between units (:func:`set_share`'s ``fine``; see :func:`_hook`).
+_fine = False
+#: Function calls a thread skips looking after a look found the loop busy but the thread
+#: could not wait (its waits reached its CPU time, or ``yield_max`` is 0).
+SKIP_AFTER_DENIED = 2000
+#: Waits build threads made from their profile hook (a subset of :data:`gave_way`).
+fine_waits = 0
 
 
 class Abandoned(BaseException):
@@ -127,15 +138,17 @@ def share() -> float:
     return _share
 
 
-def set_share(value: float, yield_s: float = 0.0) -> None:
+def set_share(value: float, yield_s: float = 0.0, fine: bool = False) -> None:
     """Open (value < 1) or close (1) the pacing of build threads (the build window);
-    ``yield_s``: how long a build thread waits, per unit, for requests in flight."""
-    global _share, _epoch, yield_max
+    ``yield_s``: how long a build thread waits, per unit, for requests in flight;
+    ``fine``: build threads also look for the loop between two function calls."""
+    global _share, _epoch, yield_max, _fine
     value = min(max(value, 0.05), 1.0)
     if value < 1.0 and _share >= 1.0:
         _epoch += 1
     _share = value
     yield_max = max(yield_s, 0.0) if value < 1.0 else 0.0
+    _fine = fine and value < 1.0 and yield_max > 0
 
 
 def request_ended() -> None:
@@ -164,6 +177,8 @@ class _LoopWatch:
         self.selector = selector
         self.original = selector.select
         self.asleep = False
+        #: Times the loop woke from a sleep with events to handle (a request, a reply).
+        self.woken = 0
         self.holders = 1
         #: The selector's own descriptor (epoll, kqueue; None: the asleep mark alone).
         self.fd: int | None = None
@@ -182,9 +197,12 @@ class _LoopWatch:
         if _waiting:
             _idle.set()
         try:
-            return self.original(timeout)
+            ready = self.original(timeout)
         finally:
             self.asleep = False
+        if ready:
+            self.woken += 1
+        return ready
 
     def busy(self) -> bool:
         if not self.asleep:
@@ -260,6 +278,7 @@ def stats() -> dict[str, Any]:
         "gave_way": gave_way,
         "gave_way_s": round(gave_way_s, 3),
         "young_passes": young_passes,
+        "fine_waits": fine_waits,
     }
 
 
@@ -299,6 +318,52 @@ def _wait_for_requests() -> float:
     return waited
 
 
+def _note_wait(waited: float) -> None:
+    global slept
+    slept += waited
+    target = getattr(_local, "account", None)
+    if target is not None:
+        target.paused += waited
+
+
+def _new_hook() -> Callable[[FrameType, str, Any], None]:
+    """A profile function for one paced build thread: between two function calls of
+    its work it looks whether the loop has work (plugin requests in flight, or the
+    watched loop awake) and, if so, gives way as :func:`pace` does between units.
+
+    Why: a build thread that holds the interpreter in the middle of a unit takes it
+    back at every system call the loop makes (each socket read and write, each look
+    at its selector) and keeps it a switch interval each time, so a request that
+    arrives during a unit pays that wait several times. Once the thread waits on an
+    event instead, the loop keeps the interpreter through its system calls; a
+    request pays one hand-over (the switch interval, for the loop to take the
+    interpreter back and mark itself awake). The look costs the build thread about
+    half its CPU time again (a Python call per function call); it is made only while
+    the window is paced, and the hook removes itself once the window closes."""
+    skip = 0
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        nonlocal skip
+        global fine_waits
+        if skip:
+            skip -= 1
+            return
+        if not _fine:  # the window closed: this thread's work is its own again
+            sys.setprofile(None)
+            return
+        watch = _watch
+        if serving > 0 or (watch is not None and not watch.asleep):
+            waited = _wait_for_requests()
+            if waited:
+                fine_waits += 1
+                _note_wait(waited)
+            else:  # not allowed to wait now (its waits reached its CPU time)
+                skip = SKIP_AFTER_DENIED
+
+    hook.xcore_pacing = True  # type: ignore[attr-defined]
+    return hook
+
+
 def check() -> None:
     """Raise :class:`Abandoned` if the calling thread's caller gave up on it."""
     target = getattr(_local, "account", None)
@@ -309,11 +374,37 @@ def check() -> None:
 def pace() -> None:
     """Between two units of build work: pause if this thread took more than its share
     (and stop it, :class:`Abandoned`, if its caller gave up on it)."""
-    global slept, young_passes
     check()
-    current = _share
-    if current >= 1.0 or threading.current_thread() is threading.main_thread():
+    if _share >= 1.0 or threading.current_thread() is threading.main_thread():
         return
+    # this thread's profile hook stays out of pacing's own waits (its locks)
+    profile = sys.getprofile()
+    ours = getattr(profile, "xcore_pacing", False)
+    if ours:
+        sys.setprofile(None)
+    try:
+        _pace()
+    finally:
+        # (another profiler is left alone; with no work reaching the loop since the
+        # last unit, the next unit runs without the hook and its cost)
+        if _fine and (ours or profile is None) and _loop_was_woken():
+            sys.setprofile(profile if ours else _new_hook())
+
+
+def _loop_was_woken() -> bool:
+    """Requests are in flight, or the watched loop woke up for events since this
+    thread's last unit (without a watched loop: True)."""
+    watch = _watch
+    if watch is None:
+        return True
+    seen = getattr(_local, "woken", None)
+    _local.woken = watch.woken
+    return serving > 0 or seen != watch.woken
+
+
+def _pace() -> None:
+    global slept, young_passes
+    current = _share
     waited = _wait_for_requests()
     young = collector.young_due()
     if young is not None:
@@ -321,10 +412,7 @@ def pace() -> None:
         gc.collect(young)
         young_passes += 1
     if waited:
-        slept += waited
-        target = getattr(_local, "account", None)
-        if target is not None:
-            target.paused += waited
+        _note_wait(waited)
     now = time.thread_time()
     mark = getattr(_local, "mark", None)
     if mark is None or mark[0] != _epoch:
@@ -335,10 +423,7 @@ def pace() -> None:
         return
     pause = min(spent * (1 - current) / current, max_pause)
     time.sleep(pause)
-    slept += pause
-    target = getattr(_local, "account", None)
-    if target is not None:
-        target.paused += pause
+    _note_wait(pause)
     _local.mark = (_epoch, time.thread_time())
 
 

@@ -174,6 +174,7 @@ class Lifecycle(LoaderState):
             self.settings.defer_full_gc,
             1.0 if self.booting else self.settings.build_cpu_share,
             self.settings.build_yield_ms,
+            self.settings.build_fine_yield,
         )
 
     async def discard(self, gen: Generation, *, reason: str, cause: Recorded | None) -> None:

@@ -79,11 +79,12 @@ class BuildWindow:
         defer_full_gc: bool,
         cpu_share: float = 1.0,
         yield_s: float = 0.0,
+        fine: bool = False,
     ) -> None:
         with self._lock:
             self.active += 1
             if self.active == 1 and cpu_share < 1.0:
-                pacing.set_share(cpu_share, yield_s)
+                pacing.set_share(cpu_share, yield_s, fine)
                 self._young = defer_full_gc
                 if defer_full_gc:
                     collector.young_paced(True)
@@ -127,11 +128,12 @@ def building(
     defer_full_gc: bool = True,
     cpu_share: float = 1.0,
     yield_ms: float = 0.0,
+    fine_yield: bool = False,
 ) -> Iterator[None]:
     """Hold the build window while the block runs (nests; threads may share it)."""
     # (below 10 us the interpreter would do little but switch threads)
     interval = max(switch_interval_ms, 0.01) / 1000 if switch_interval_ms > 0 else None
-    window.enter(interval, defer_full_gc, cpu_share, yield_ms / 1000)
+    window.enter(interval, defer_full_gc, cpu_share, yield_ms / 1000, fine_yield)
     try:
         yield
     finally:

@@ -107,7 +107,7 @@ class LoaderService:
         pacing.install()
         # paced build threads give way while this loop has work (kernel/pacing.py)
         loop = asyncio.get_running_loop()
-        if settings.build_watch_loop and pacing.watch_loop(loop):
+        if (settings.build_watch_loop or settings.build_fine_yield) and pacing.watch_loop(loop):
             stack.callback(pacing.unwatch_loop, loop)
         if not settings.parse_in_pieces:
             stack.callback(source.use_pieces, source.use_pieces(False))

@@ -53,7 +53,7 @@ __all__ = ["SLICE_S", "Dismantler"]
 log = logging.getLogger("xcore.router")
 
 #: Longest slice of the event loop one step of a dismantling takes (s).
-SLICE_S = 0.001
+SLICE_S = 0.00025
 #: Routes removed between two looks at the clock.
 _BATCH = 4
 

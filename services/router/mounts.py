@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute
 
 from kernel.prefixes import PrefixError, mount_point, normalize_prefix, overlaps, under
 from kernel.runtime import PluginRuntime
+from kernel.warm import warm_routes
 from services.router.dispatcher import Mount, Table
 from services.router.openapi import LazyFragment, plugin_fragment
 from services.router.prefixed import include_prefixed
@@ -136,6 +137,9 @@ def build_mount(
             f"{label}: its router cannot be included: {type(exc).__name__}: {exc}",
             point.prefix,
         ) from exc
+    # a router FastAPI included itself builds its routes again at the first request
+    # that reaches it, on the event loop: here instead, in the mount's thread
+    warm_routes(app.router, where=label)
     paths = route_paths(app.routes)
     outside = [p for p in paths if not under(p, point.prefix)]
     if outside:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -281,3 +282,133 @@ def test_a_threshold_the_application_sets_during_a_paced_build_governs_its_passe
         assert passes == []
     finally:
         gc.set_threshold(*threshold)
+
+
+def calls(n: int) -> int:
+    """Pure Python work made of function calls (what the profile hook sees), no pace()."""
+
+    def one(i: int) -> int:
+        return i + 1
+
+    total = 0
+    for i in range(n):
+        total += one(i)
+    return total
+
+
+@pytest.mark.parametrize("fine", [True, False], ids=["fine", "units-only"])
+def test_a_paced_build_thread_gives_way_inside_a_unit_with_fine_yield(fine: bool) -> None:
+    """With ``fine``, a paced build thread looks for the loop between two function calls
+    of a unit (its profile hook), not only at pace(): while the watched loop is awake it
+    waits inside the unit. Without it, the unit runs to its end (no wait inside)."""
+    loop = asyncio.new_event_loop()
+    seen: dict[str, Any] = {}
+    try:
+        assert pacing.watch_loop(loop)
+        watch = pacing._watch
+        assert watch is not None
+        pacing.set_share(0.99, yield_s=0.002, fine=fine)
+        before = pacing.fine_waits
+
+        def build() -> None:
+            watch.asleep = True  # the loop asleep: the first unit installs the hook
+            watch.woken += 1  # ...as it woke up for a request since the last unit
+            pacing.pace()
+            seen["hook"] = sys.getprofile()
+            watch.asleep = False  # the loop at work from here on
+            calls(200_000)  # one unit: no pace() inside
+            seen["waits"] = pacing.fine_waits - before
+
+        in_thread(build)
+    finally:
+        pacing.unwatch_loop(loop)
+        loop.close()
+    if fine:
+        assert getattr(seen["hook"], "xcore_pacing", False)
+        assert seen["waits"] > 0
+    else:
+        assert seen["hook"] is None
+        assert seen["waits"] == 0
+
+
+def test_the_fine_hook_is_left_out_while_the_loop_has_no_work_and_removes_itself() -> None:
+    """No request and no wake-up of the loop since the last unit: the next unit runs
+    without the hook (and its cost). Once the window closes, a thread that kept the hook
+    (a pooled executor thread) drops it at its next function call."""
+    loop = asyncio.new_event_loop()
+    seen: dict[str, Any] = {}
+    try:
+        assert pacing.watch_loop(loop)
+        watch = pacing._watch
+        assert watch is not None
+        watch.asleep = True
+        pacing.set_share(0.99, yield_s=0.002, fine=True)
+
+        def build() -> None:
+            pacing.pace()  # first unit of this thread: counts as woken
+            seen["first"] = sys.getprofile()
+            pacing.pace()  # nothing reached the loop since
+            seen["idle"] = sys.getprofile()
+            watch.woken += 1
+            pacing.pace()
+            seen["woken"] = sys.getprofile()
+            pacing.set_share(1.0)  # the window closes
+            calls(10)
+            seen["closed"] = sys.getprofile()
+
+        in_thread(build)
+    finally:
+        pacing.unwatch_loop(loop)
+        loop.close()
+    assert getattr(seen["first"], "xcore_pacing", False)
+    assert seen["idle"] is None
+    assert getattr(seen["woken"], "xcore_pacing", False)
+    assert seen["closed"] is None
+
+
+def test_the_fine_hook_leaves_another_profiler_alone() -> None:
+    """A profiler the thread runs under (a plugin author's cProfile) is kept."""
+    pacing.set_share(0.99, yield_s=0.002, fine=True)
+    seen: dict[str, Any] = {}
+
+    def theirs(frame: Any, event: str, arg: Any) -> None:
+        pass
+
+    def build() -> None:
+        sys.setprofile(theirs)
+        try:
+            pacing.pace()
+            seen["profile"] = sys.getprofile()
+        finally:
+            sys.setprofile(None)
+
+    in_thread(build)
+    assert seen["profile"] is theirs
+
+
+def test_the_fine_hook_does_not_wait_inside_pacings_own_waits() -> None:
+    """pace() takes its own hook off while it waits (its lock and event): a hook that ran
+    inside them would wait for a lock its own thread holds (found as a reload that never
+    ended under load)."""
+    loop = asyncio.new_event_loop()
+    try:
+        assert pacing.watch_loop(loop)
+        watch = pacing._watch
+        assert watch is not None
+        watch.asleep = False  # the loop at work: every look says wait
+        pacing.set_share(0.99, yield_s=0.001, fine=True)
+        done = threading.Event()
+
+        def build() -> None:
+            for _ in range(200):
+                pacing.pace()
+                calls(100)
+            done.set()
+
+        t = threading.Thread(target=build, daemon=True)
+        t.start()
+        t.join(30)
+        assert done.is_set(), "a paced build thread deadlocked in its own wait"
+    finally:
+        pacing.unwatch_loop(loop)
+        loop.close()

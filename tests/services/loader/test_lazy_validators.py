@@ -229,7 +229,7 @@ async def test_an_unsupported_type_is_refused_on_reload_and_the_old_generation_s
     assert h.table.rows["odd"]["generation"] == 1
 
 
-ROUTES = 60
+ROUTES = 100
 
 
 def many_routes(count: int) -> str:

@@ -104,17 +104,19 @@ async def test_a_streaming_response_holds_no_build_once_it_started(
 async def test_the_loader_watches_its_event_loop_when_told_to(
     harness_factory: Any,
 ) -> None:
-    """The loop first (kernel/pacing.py ``watch_loop``): with ``build_watch_loop`` a
-    running loader has its event loop watched (paced builds give way while it is awake),
-    shown in ``/health``; by default only the plugin requests are counted."""
+    """The loop first (kernel/pacing.py ``watch_loop``): with ``build_watch_loop`` or
+    ``build_fine_yield`` (the default) a running loader has its event loop watched
+    (paced builds give way while it is awake), shown in ``/health``; with neither, only
+    the plugin requests are counted."""
     from .conftest import AUTH
 
     with anyio.fail_after(60):
-        h = await harness_factory(loader={"build_watch_loop": True})
-        health = (await h.client.get("/health", headers=AUTH)).json()
-        assert health["components"]["loader"]["pacing"]["watching_loop"] is True
-        await h.stop()
-        assert pacing.stats()["watching_loop"] is False  # unwatched at the stop
-        off = await harness_factory()
+        for loader in ({"build_watch_loop": True, "build_fine_yield": False}, {}):
+            h = await harness_factory(loader=loader)
+            health = (await h.client.get("/health", headers=AUTH)).json()
+            assert health["components"]["loader"]["pacing"]["watching_loop"] is True, loader
+            await h.stop()
+            assert pacing.stats()["watching_loop"] is False  # unwatched at the stop
+        off = await harness_factory(loader={"build_fine_yield": False})
         health = (await off.client.get("/health", headers=AUTH)).json()
         assert health["components"]["loader"]["pacing"]["watching_loop"] is False
