@@ -2,15 +2,14 @@
 
 Guarantee: once :func:`warm_routes` ran on a router, a request it serves does not build
 route state on the event loop: the first admin request after the boot (a reload, an
-install) costs what the next ones cost, and a plugin generation mounted with a
-sub-router does not make its first request pay for all its routes.
+install) costs what the next ones cost. (A plugin generation's routes are built in the
+mount's thread: services/router/mounts.py ``route_paths`` walks them.)
 
 Why: FastAPI (0.16x) includes a router lazily. The first request that reaches an
 included router builds, for every route of it, its "effective context" (the route again
 for the include's prefix, dependencies and responses: its dependant and the pydantic
 adapters of its fields). For the kernel's admin routers that is 15-35 ms of the event
-loop in one piece, paid by every request waiting behind the first admin request; for a
-plugin router of 300 routes it is seconds.
+loop in one piece, paid by every request waiting behind the first admin request.
 
 Mechanism: every included router of ``router`` (and theirs, recursively) is asked for
 its candidates and its low-priority routes, which builds and caches them (FastAPI keys

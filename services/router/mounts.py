@@ -23,7 +23,6 @@ from starlette.routing import BaseRoute
 
 from kernel.prefixes import PrefixError, mount_point, normalize_prefix, overlaps, under
 from kernel.runtime import PluginRuntime
-from kernel.warm import warm_routes
 from services.router.dispatcher import Mount, Table
 from services.router.openapi import LazyFragment, plugin_fragment
 from services.router.prefixed import include_prefixed
@@ -137,9 +136,8 @@ def build_mount(
             f"{label}: its router cannot be included: {type(exc).__name__}: {exc}",
             point.prefix,
         ) from exc
-    # a router FastAPI included itself builds its routes again at the first request
-    # that reaches it, on the event loop: here instead, in the mount's thread
-    warm_routes(app.router, where=label)
+    # (iter_route_contexts in route_paths also builds FastAPI's lazily built route
+    # state of a router it included itself: the first request does not, on the loop)
     paths = route_paths(app.routes)
     outside = [p for p in paths if not under(p, point.prefix)]
     if outside:

@@ -386,29 +386,36 @@ def test_the_fine_hook_leaves_another_profiler_alone() -> None:
     assert seen["profile"] is theirs
 
 
-def test_the_fine_hook_does_not_wait_inside_pacings_own_waits() -> None:
-    """pace() takes its own hook off while it waits (its lock and event): a hook that ran
-    inside them would wait for a lock its own thread holds (found as a reload that never
-    ended under load)."""
+def test_the_fine_hook_is_off_inside_pacings_own_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pace() takes its own hook off while it waits (its lock, its event): a hook that
+    ran inside them would wait for the event's lock its own thread holds (found as a
+    reload that never ended under load: the thread blocked in ``Event.clear``)."""
     loop = asyncio.new_event_loop()
+    inside: list[Any] = []
+    original = pacing._wait_for_requests
+
+    def observed() -> float:
+        if sys._getframe(1).f_code.co_name == "_pace":  # (not the hook's own calls)
+            inside.append(sys.getprofile())
+        return original()
+
+    monkeypatch.setattr(pacing, "_wait_for_requests", observed)
     try:
         assert pacing.watch_loop(loop)
         watch = pacing._watch
         assert watch is not None
         watch.asleep = False  # the loop at work: every look says wait
         pacing.set_share(0.99, yield_s=0.001, fine=True)
-        done = threading.Event()
 
         def build() -> None:
-            for _ in range(200):
+            for _ in range(5):
+                watch.woken += 1  # a wake-up per unit: the hook stays on between them
                 pacing.pace()
-                calls(100)
-            done.set()
+                calls(20_000)
 
-        t = threading.Thread(target=build, daemon=True)
-        t.start()
-        t.join(30)
-        assert done.is_set(), "a paced build thread deadlocked in its own wait"
+        in_thread(build)
     finally:
         pacing.unwatch_loop(loop)
         loop.close()
+    assert len(inside) == 5
+    assert inside == [None] * 5
