@@ -28,8 +28,10 @@ build thread and waited a switch interval to get it back). It is woken when the 
 goes back to sleep or the last request ends, so a request that arrives finds at most one
 unit of build work in its way instead of the build's whole share; under a saturated load the
 build still advances one unit per wait, and a thread's waits in one window add up to at
-most the CPU time it computed (a build's wall time at most doubles, however long
-requests keep arriving). :func:`install` makes FastAPI's ``APIRouter.add_api_route``
+most :data:`WAIT_PER_CPU` times the CPU time it computed plus :data:`WAIT_ALLOWANCE` (a
+build's wall time at most triples, however long requests keep arriving). With ``fine``
+(the loader's ``build_fine_yield``), a paced build thread also looks for the loop between
+every two function calls of a unit, through a profile function (:func:`_new_hook`). :func:`install` makes FastAPI's ``APIRouter.add_api_route``
 (what every route decorator calls) pace after each route. A thread given an
 :class:`Account` (:func:`account`) adds each pause to it: a caller bounding the thread's
 work by a timeout leaves the paused time out (the loader's ``import_timeout``); a caller
@@ -106,6 +108,13 @@ _fine = False
 #: Function calls a thread skips looking after a look found the loop busy but the thread
 #: could not wait (its waits reached its CPU time, or ``yield_max`` is 0).
 SKIP_AFTER_DENIED = 2000
+#: A thread's waits for the loop in one window add up to at most this many times the CPU
+#: time it computed in it, plus :data:`WAIT_ALLOWANCE` seconds (its first units, before
+#: it computed much, wait too): under any load a build's wall time stays within
+#: ``1 + WAIT_PER_CPU`` times its paced length, plus the allowance. With the loop at
+#: work half the time, a build needs about as much waiting as computing.
+WAIT_PER_CPU = 2.0
+WAIT_ALLOWANCE = 0.05
 #: Waits build threads made from their profile hook (a subset of :data:`gave_way`).
 fine_waits = 0
 
@@ -287,9 +296,10 @@ def _wait_for_requests() -> float:
     seconds waited.
 
     Bounded in total: a thread's waits within one build window never add up to more
-    than the CPU time it has computed in that window (plus one wait), so a constant
-    stream of requests (long polls never start their response, a saturated loop) at
-    most doubles a build's wall time instead of stretching it without end."""
+    than :data:`WAIT_PER_CPU` times the CPU time it has computed in that window plus
+    :data:`WAIT_ALLOWANCE` (and one wait), so a constant stream of requests (long polls
+    never start their response, a saturated loop) at most triples a build's wall time
+    instead of stretching it without end."""
     global _waiting, gave_way, gave_way_s
     limit = yield_max
     if limit <= 0 or not loop_busy():
@@ -299,7 +309,7 @@ def _wait_for_requests() -> float:
     if budget is None or budget[0] != _epoch:
         # [window, CPU time at the window's first wait, seconds waited since]
         budget = _local.yield_budget = [_epoch, cpu, 0.0]
-    if budget[2] > cpu - budget[1]:
+    if budget[2] > WAIT_PER_CPU * (cpu - budget[1]) + WAIT_ALLOWANCE:
         return 0.0
     start = time.perf_counter()
     with _lock:

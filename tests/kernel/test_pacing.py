@@ -99,9 +99,9 @@ def test_the_waits_for_requests_add_up_to_at_most_the_builds_cpu_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Requests that never stop (long polls never start their response) cannot stretch
-    a build without end: within one window a thread's waits add up to at most the CPU
-    time it computed, plus one wait. 100 units of 1 ms under a request that never ends
-    would otherwise wait 100 x 20 ms = 2 s."""
+    a build without end: within one window a thread's waits add up to at most twice the
+    CPU time it computed plus 50 ms, plus one wait (0.27 s here). 100 units of 1 ms under
+    a request that never ends would otherwise wait 100 x 20 ms = 2 s."""
     pacing.set_share(0.99, yield_s=0.02)
     monkeypatch.setattr(pacing, "serving", 1)
     spent = pacing.Account()
