@@ -28,10 +28,13 @@ that ends, and put back then):
   loop into switch-interval pieces. While the window is open, threads building routes
   compute at most ``build_cpu_share`` of the wall time (0.3 by default; 1 turns it off):
   they pause between routes (kernel/pacing.py), and wait up to ``build_yield_ms`` per
-  route while plugin requests are in flight (requests first) — with ``build_watch_loop``,
-  while the event loop has any work, uvicorn reading or writing a socket too (the loader
-  watches its selector, kernel/pacing.py ``watch_loop``). Long plugin files are parsed and compiled
-  in pieces with the same pauses between (services/loader/source.py).
+  route while plugin requests are in flight (requests first) — with ``build_fine_yield``
+  (the default) or ``build_watch_loop``, while the event loop has any work, uvicorn
+  reading or writing a socket too (the loader watches its selector, kernel/pacing.py
+  ``watch_loop``); with ``build_fine_yield`` they also look between every two function
+  calls of a unit (a profile function in the build thread) and give way at once. Long
+  plugin files are parsed and compiled in pieces with the same pauses between
+  (services/loader/source.py).
 - *Young collections between units.* While a paced window is open (and ``defer_full_gc``),
   the young generation's threshold is raised and the build threads run the young
   passes themselves at their next pause (kernel/collector.py ``young_paced``), so the

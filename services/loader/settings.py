@@ -60,8 +60,9 @@ class LoaderSettings(BaseModel):
     build_yield_ms: float = Field(default=5.0, ge=0, le=1000)
     #: Whether the wait above also counts the event loop's own work (its selector is
     #: watched: kernel/pacing.py ``watch_loop``), not only plugin requests in flight.
-    #: Off by default: measured, it made reloads 1.1-1.5x longer for a neighbour p99
-    #: that did not move beyond the noise (CPU p99 ~6% lower under a saturated loop).
+    #: ``build_fine_yield`` (on by default) watches the loop too; alone, looking only
+    #: between units, it made reloads 1.1-1.5x longer for a neighbour p99 that did not
+    #: move beyond the noise (the hand-overs happen inside units).
     build_watch_loop: bool = False
     #: Whether a paced build thread also looks for the event loop's work between every
     #: two function calls it makes, not only between units, and gives way then
@@ -69,7 +70,7 @@ class LoaderSettings(BaseModel):
     #: at each of their system calls. Costs the build ~1.5x its CPU time (a profile
     #: function in the build threads while the window is paced).
     build_fine_yield: bool = True
-    #: Whether plugin files over ~100 lines are parsed, compiled and run in pieces with
+    #: Whether plugin files over ~25 lines are parsed, compiled and run in pieces with
     #: the event loop served between two (services/loader/source.py), instead of one
     #: parse of 20-30 ms per 900 lines that holds the interpreter. Off: each file is
     #: one code object, as Python imports it (docs/plugins.md lists the differences).
