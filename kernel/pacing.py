@@ -64,6 +64,7 @@ __all__ = [
     "account",
     "check",
     "install",
+    "leave",
     "loop_busy",
     "pace",
     "set_share",
@@ -399,6 +400,14 @@ def pace() -> None:
         # last unit, the next unit runs without the hook and its cost)
         if _fine and (ours or profile is None) and _loop_was_woken():
             sys.setprofile(profile if ours else _new_hook())
+
+
+def leave() -> None:
+    """The calling thread's build work is over (a pooled executor thread going back to
+    its pool): take its fine-yield hook off, so that its next job, not a build, does not
+    wait for the loop at every function call while the window is still open."""
+    if getattr(sys.getprofile(), "xcore_pacing", False):
+        sys.setprofile(None)
 
 
 def _loop_was_woken() -> bool:
