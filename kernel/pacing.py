@@ -64,6 +64,7 @@ __all__ = [
     "account",
     "check",
     "install",
+    "leave",
     "loop_busy",
     "pace",
     "set_share",
@@ -106,7 +107,8 @@ _waiting = 0
 #: of their work, not only between units (:func:`set_share`'s ``fine``; see :func:`_hook`).
 _fine = False
 #: Function calls a thread skips looking after a look found the loop busy but the thread
-#: could not wait (its waits reached its CPU time, or ``yield_max`` is 0).
+#: could not wait (its waits reached its CPU time, or ``yield_max`` is 0), or after a
+#: wait that ran out (the loop neither slept nor ended its requests meanwhile).
 SKIP_AFTER_DENIED = 2000
 #: A thread's waits for the loop in one window add up to at most this many times the CPU
 #: time it computed in it, plus :data:`WAIT_ALLOWANCE` seconds (its first units, before
@@ -315,13 +317,15 @@ def _wait_for_requests() -> float:
     with _lock:
         _waiting += 1
         _idle.clear()
+    woke = True
     try:
         if loop_busy():  # (again once registered: a wake-up in between is not lost)
-            _idle.wait(limit)
+            woke = _idle.wait(limit)
     finally:
         with _lock:
             _waiting -= 1
     waited = time.perf_counter() - start
+    _local.ran_out = not woke
     budget[2] += waited
     gave_way += 1
     gave_way_s += waited
@@ -367,7 +371,10 @@ def _new_hook() -> Callable[[FrameType, str, Any], None]:
             if waited:
                 fine_waits += 1
                 _note_wait(waited)
-            else:  # not allowed to wait now (its waits reached its CPU time)
+            # not allowed to wait now (its waits reached its CPU time), or the wait ran
+            # out: the loop may be blocked on a lock this thread holds (a logging
+            # handler's), and waiting again at each call would stall it each time
+            if not waited or getattr(_local, "ran_out", False):
                 skip = SKIP_AFTER_DENIED
 
     hook.xcore_pacing = True  # type: ignore[attr-defined]
@@ -399,6 +406,14 @@ def pace() -> None:
         # last unit, the next unit runs without the hook and its cost)
         if _fine and (ours or profile is None) and _loop_was_woken():
             sys.setprofile(profile if ours else _new_hook())
+
+
+def leave() -> None:
+    """The calling thread's build work is over (a pooled executor thread going back to
+    its pool): take its fine-yield hook off, so that its next job, not a build, does not
+    wait for the loop at every function call while the window is still open."""
+    if getattr(sys.getprofile(), "xcore_pacing", False):
+        sys.setprofile(None)
 
 
 def _loop_was_woken() -> bool:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from kernel import pacing
+
 from .files import (
     MAX_DEPTH,
     FileRefused,
@@ -297,7 +299,16 @@ def _nesting(text: str) -> int:
 def validate_folder(
     folder: Path, name: str | None = None, limits: Limits | None = None
 ) -> Manifest:
-    """Everything that can be checked without running the plugin; raises ManifestError."""
+    """Everything that can be checked without running the plugin; raises ManifestError.
+    (Run in a pooled executor thread by an install: pacing's hook is taken off it at the
+    end, kernel/pacing.py ``leave``.)"""
+    try:
+        return _validate_folder(folder, name, limits)
+    finally:
+        pacing.leave()
+
+
+def _validate_folder(folder: Path, name: str | None, limits: Limits | None) -> Manifest:
     plugin = name or folder.name
     limits = limits or Limits()
     manifest = read_manifest(folder, plugin)

@@ -22,7 +22,7 @@ import compiles them when the file still holds the same bytes.
 throughout (~20-30 ms and ~10-20 ms for a 900-line file): the event loop waited behind
 each (issue 8). A file of more than :data:`PIECE_LINES` lines is parsed in pieces of
 about that many lines, cut before lines at column 0 that can start a top-level statement,
-each piece parsed at its own line numbers, with :func:`kernel.pacing.pace` between two
+each piece parsed alone and moved to its own line numbers, with :func:`kernel.pacing.pace` between two
 (a build thread leaves the loop its share); the tree is the one ``ast.parse`` builds.
 A piece that does not parse alone (the cut fell inside a bracket, a string, before an
 ``else``) is tried again twice as long; past a few such misses, or for any error, the whole
@@ -39,6 +39,7 @@ import __future__
 import ast
 import bisect
 import importlib.util
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -101,6 +102,9 @@ def use_pieces(on: bool) -> bool:
 #: Times one piece fails to parse alone (a cut inside a bracket or a string: it then
 #: takes twice as many lines) before the rest of the file is parsed at once.
 _MISSES = 6
+#: What the parser may warn about (an invalid escape sequence, a number run into a
+#: keyword such as ``1if``): a piece holding it is parsed at its own line numbers.
+_WARNS = re.compile(r"\\|(?<!\w)\d\w*[A-Za-z]")
 #: Lines that continue the statement before them at column 0.
 _CONTINUATIONS = ("else", "elif", "except", "finally")
 
@@ -214,7 +218,13 @@ def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
         end = _after(cuts, start + PIECE_LINES - 1, len(lines))
         misses = 0
         while True:
-            piece = "\n" * start + "\n".join(lines[start:end])
+            # (parsed alone, then moved to its lines: behind a newline per line before
+            # it, a file of n lines cost n^2 / PIECE_LINES characters of parsing; only a
+            # piece the parser may warn about still is, so its warning names its line)
+            piece = "\n".join(lines[start:end])
+            shift = start
+            if start and _WARNS.search(piece):
+                piece, shift = "\n" * start + piece, 0
             try:
                 with AST_LOCK:
                     part = ast.parse(piece, filename=filename)
@@ -228,6 +238,8 @@ def _parse_pieces(source: bytes | str, filename: str) -> ast.Module | None:
                 pace()
                 continue
             break
+        if shift:
+            ast.increment_lineno(part, shift)
         body.extend(part.body)
         start = end
         pace()

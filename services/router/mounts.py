@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from starlette.routing import BaseRoute
 
+from kernel import pacing
 from kernel.prefixes import PrefixError, mount_point, normalize_prefix, overlaps, under
 from kernel.runtime import PluginRuntime
 from services.router.dispatcher import Mount, Table
@@ -85,8 +86,20 @@ def build_mount(
     """The mount of ``runtime``, or None for a plugin without routes.
 
     Pure construction (no I/O, nothing shared is touched): the router service runs it
-    in a worker thread.
+    in a worker thread (a pooled one: pacing's hook is taken off it at the end).
     """
+    try:
+        return _build_mount(runtime, stats, announced_paths, dependency_overrides)
+    finally:
+        pacing.leave()
+
+
+def _build_mount(
+    runtime: PluginRuntime,
+    stats: PluginStats,
+    announced_paths: list[str],
+    dependency_overrides: dict[Any, Any] | None,
+) -> Mount | None:
     label = f"plugin {runtime.name!r} generation {runtime.generation}"
     if runtime.asgi_app is not None:
         try:

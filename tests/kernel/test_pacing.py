@@ -419,3 +419,35 @@ def test_the_fine_hook_is_off_inside_pacings_own_waits(monkeypatch: pytest.Monke
         loop.close()
     assert len(inside) == 5
     assert inside == [None] * 5
+
+
+def test_a_wait_the_loop_never_ended_is_not_repeated_at_the_next_calls() -> None:
+    """A wait of the hook that ran out (the loop neither slept nor ended its requests in
+    ``yield_max``) is not made again at the next function call: the loop may be blocked on
+    a lock the build thread holds (a logging handler's: the thread logs while the loop
+    writes its access log), and each such wait stalled the loop ``yield_max`` more, one
+    per function call of the build, up to the thread's whole wait budget."""
+    loop = asyncio.new_event_loop()
+    seen: dict[str, Any] = {}
+    held = threading.Lock()
+    try:
+        assert pacing.watch_loop(loop)
+        watch = pacing._watch
+        assert watch is not None
+        pacing.set_share(0.99, yield_s=0.001, fine=True)
+
+        def build() -> None:
+            watch.asleep = True
+            watch.woken += 1
+            pacing.pace()  # the hook on
+            watch.asleep = False  # the loop "awake": blocked on ``held``, never sleeps
+            before = pacing.fine_waits
+            with held:  # (a handler's lock the loop waits for)
+                calls(500)
+            seen["waits"] = pacing.fine_waits - before
+
+        in_thread(build)
+    finally:
+        pacing.unwatch_loop(loop)
+        loop.close()
+    assert seen["waits"] == 1

@@ -153,3 +153,38 @@ def test_digest_follows_content(tmp_path: Path) -> None:
     assert installer.digest(folder) == first
     (folder / "run.py").write_text((folder / "run.py").read_text() + "# edit\n")
     assert installer.digest(folder) != first
+
+
+def test_validating_a_plugin_leaves_no_pacing_hook_on_its_pooled_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An install stages and validates its plugin in a pooled executor thread: its long
+    files, parsed in pieces during another plugin's build window, put pacing's fine-yield
+    hook on that thread (kernel/pacing.py), which must not stay for the pool's next job."""
+    import asyncio
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kernel import pacing
+    from services.loader.installer import validate_folder
+    from services.loader.source import PIECE_LINES
+
+    long_router = "".join(f"x{i} = {i}\n" for i in range(4 * PIECE_LINES))
+    folder = write_plugin(tmp_path / "plugins", "long", files={"helpers.py": long_router})
+    loop = asyncio.new_event_loop()
+    seen: dict[str, object] = {}
+    try:
+        assert pacing.watch_loop(loop)
+        watch = pacing._watch
+        assert watch is not None
+        watch.asleep = True
+        monkeypatch.setattr(pacing, "_loop_was_woken", lambda: True)  # (under load)
+        pacing.set_share(0.99, yield_s=0.001, fine=True)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(validate_folder, folder, "long").result(60)
+            seen["profile"] = pool.submit(sys.getprofile).result(60)
+    finally:
+        pacing.set_share(1.0)
+        pacing.unwatch_loop(loop)
+        loop.close()
+    assert not getattr(seen["profile"], "xcore_pacing", False)
