@@ -185,6 +185,8 @@ class _LoopWatch:
         if selector is None or not callable(getattr(selector, "select", None)):
             raise TypeError(f"{type(loop).__name__} has no selector to watch")
         self.loop = loop
+        #: The loop's thread (it never waits for itself; not always the main thread).
+        self.thread: int = getattr(loop, "_thread_id", None) or threading.get_ident()
         self.selector = selector
         self.original = selector.select
         self.asleep = False
@@ -394,6 +396,9 @@ def pace() -> None:
     check()
     if _share >= 1.0 or threading.current_thread() is threading.main_thread():
         return
+    watch = _watch
+    if watch is not None and watch.thread == threading.get_ident():
+        return  # the watched loop's own thread (a loop run outside the main thread)
     # this thread's profile hook stays out of pacing's own waits (its locks)
     profile = sys.getprofile()
     ours = getattr(profile, "xcore_pacing", False)

@@ -451,3 +451,35 @@ def test_a_wait_the_loop_never_ended_is_not_repeated_at_the_next_calls() -> None
         pacing.unwatch_loop(loop)
         loop.close()
     assert seen["waits"] == 1
+
+
+def test_a_loop_outside_the_main_thread_never_waits_for_itself() -> None:
+    """Routes declared on the watched loop's own thread during a paced window (a loop
+    run outside the main thread, as Starlette's TestClient does) neither pause nor wait
+    for that loop, nor get the profile hook."""
+    seen: dict[str, Any] = {}
+    slept_before = pacing.slept
+
+    def run() -> None:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            assert pacing.watch_loop(loop)
+            try:
+                pacing.set_share(0.05, yield_s=1.0, fine=True)
+                waits = pacing.gave_way
+                for _ in range(20):
+                    end = time.thread_time() + 0.002
+                    while time.thread_time() < end:
+                        pass
+                    pacing.pace()  # the loop is awake: any other thread would wait
+                seen["waits"] = pacing.gave_way - waits
+                seen["profile"] = sys.getprofile()
+            finally:
+                pacing.unwatch_loop(loop)
+
+        asyncio.run(main())
+
+    in_thread(run)
+    assert seen["waits"] == 0
+    assert seen["profile"] is None
+    assert pacing.slept == slept_before  # nor sleeps for its share
