@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from kernel import pacing
+from tests.building import watched_loop
 
 
 @pytest.fixture(autouse=True)
@@ -301,12 +302,8 @@ def test_a_paced_build_thread_gives_way_inside_a_unit_with_fine_yield(fine: bool
     """With ``fine``, a paced build thread looks for the loop between two function calls
     of a unit (its profile hook), not only at pace(): while the watched loop is awake it
     waits inside the unit. Without it, the unit runs to its end (no wait inside)."""
-    loop = asyncio.new_event_loop()
     seen: dict[str, Any] = {}
-    try:
-        assert pacing.watch_loop(loop)
-        watch = pacing._watch
-        assert watch is not None
+    with watched_loop() as watch:
         pacing.set_share(0.99, yield_s=0.002, fine=fine)
         before = pacing.fine_waits
 
@@ -320,9 +317,6 @@ def test_a_paced_build_thread_gives_way_inside_a_unit_with_fine_yield(fine: bool
             seen["waits"] = pacing.fine_waits - before
 
         in_thread(build)
-    finally:
-        pacing.unwatch_loop(loop)
-        loop.close()
     if fine:
         assert getattr(seen["hook"], "xcore_pacing", False)
         assert seen["waits"] > 0
@@ -335,12 +329,8 @@ def test_the_fine_hook_is_left_out_while_the_loop_has_no_work_and_removes_itself
     """No request and no wake-up of the loop since the last unit: the next unit runs
     without the hook (and its cost). Once the window closes, a thread that kept the hook
     (a pooled executor thread) drops it at its next function call."""
-    loop = asyncio.new_event_loop()
     seen: dict[str, Any] = {}
-    try:
-        assert pacing.watch_loop(loop)
-        watch = pacing._watch
-        assert watch is not None
+    with watched_loop() as watch:
         watch.asleep = True
         pacing.set_share(0.99, yield_s=0.002, fine=True)
 
@@ -357,9 +347,6 @@ def test_the_fine_hook_is_left_out_while_the_loop_has_no_work_and_removes_itself
             seen["closed"] = sys.getprofile()
 
         in_thread(build)
-    finally:
-        pacing.unwatch_loop(loop)
-        loop.close()
     assert getattr(seen["first"], "xcore_pacing", False)
     assert seen["idle"] is None
     assert getattr(seen["woken"], "xcore_pacing", False)
@@ -427,13 +414,9 @@ def test_a_wait_the_loop_never_ended_is_not_repeated_at_the_next_calls() -> None
     a lock the build thread holds (a logging handler's: the thread logs while the loop
     writes its access log), and each such wait stalled the loop ``yield_max`` more, one
     per function call of the build, up to the thread's whole wait budget."""
-    loop = asyncio.new_event_loop()
     seen: dict[str, Any] = {}
     held = threading.Lock()
-    try:
-        assert pacing.watch_loop(loop)
-        watch = pacing._watch
-        assert watch is not None
+    with watched_loop() as watch:
         pacing.set_share(0.99, yield_s=0.001, fine=True)
 
         def build() -> None:
@@ -447,9 +430,6 @@ def test_a_wait_the_loop_never_ended_is_not_repeated_at_the_next_calls() -> None
             seen["waits"] = pacing.fine_waits - before
 
         in_thread(build)
-    finally:
-        pacing.unwatch_loop(loop)
-        loop.close()
     assert seen["waits"] == 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -11,8 +10,7 @@ from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel
 
 from kernel.warm import warm_routes
-
-routing: Any = pytest.importorskip("fastapi.routing")
+from tests.building import fastapi_builds
 
 
 class Item(BaseModel):
@@ -40,22 +38,8 @@ def app_with_nested_routers() -> FastAPI:
 
 @pytest.fixture
 def built() -> Iterator[list[str]]:
-    """Each route state FastAPI builds for an include (its effective context)."""
-    context = getattr(routing, "_EffectiveRouteContext", None)
-    if context is None or not hasattr(context, "from_api_route"):
-        pytest.skip("this FastAPI builds included routes at include time")
-    original = context.from_api_route.__func__
-    seen: list[str] = []
-
-    def counted(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs.get("original_route", args[0] if args else None).path)
-        return original(cls, *args, **kwargs)
-
-    context.from_api_route = classmethod(counted)
-    try:
+    with fastapi_builds() as seen:
         yield seen
-    finally:
-        context.from_api_route = classmethod(original)
 
 
 async def first_requests(app: FastAPI) -> None:

@@ -10,33 +10,21 @@ from typing import Any
 
 import pytest
 
-from .conftest import AUTH, write_plugin
+from tests.building import fastapi_builds
 
-routing: Any = pytest.importorskip("fastapi.routing")
+from .conftest import AUTH, write_plugin
 
 
 @pytest.fixture
 def built() -> Iterator[list[str]]:
-    context = getattr(routing, "_EffectiveRouteContext", None)
-    if context is None or not hasattr(context, "from_api_route"):
-        pytest.skip("this FastAPI builds included routes at include time")
-    original = context.from_api_route.__func__
-    seen: list[str] = []
-
-    def counted(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs.get("original_route", args[0] if args else None).path)
-        return original(cls, *args, **kwargs)
-
-    context.from_api_route = classmethod(counted)
-    try:
+    with fastapi_builds() as seen:
         yield seen
-    finally:
-        context.from_api_route = classmethod(original)
 
 
 SUB_ROUTER = """
 from fastapi import APIRouter
 from pydantic import BaseModel
+from tests.building import fastapi_builds
 
 class Item(BaseModel):
     id: int

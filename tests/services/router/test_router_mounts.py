@@ -6,7 +6,6 @@ loader's file work), which would then wait for the event loop at every function 
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from kernel import pacing
 from kernel.runtime import PluginRuntime
 from services.router.mounts import build_mount
 from services.router.stats import PluginStats
+from tests.building import watched_loop
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +41,8 @@ def test_a_mount_build_leaves_no_pacing_hook_on_its_pooled_thread(
         prefix="/app/hooked",
         router=router,
     )
-    loop = asyncio.new_event_loop()
     seen: dict[str, Any] = {}
-    try:
-        assert pacing.watch_loop(loop)
-        watch = pacing._watch
-        assert watch is not None
+    with watched_loop() as watch:
         watch.asleep = True  # the loop asleep between units: build_mount never waits
         pacing.set_share(0.99, yield_s=0.001, fine=True)
 
@@ -61,8 +57,5 @@ def test_a_mount_build_leaves_no_pacing_hook_on_its_pooled_thread(
             pool.submit(build).result(60)
             # the pool's next job (same thread), the window still open
             seen["profile"] = pool.submit(sys.getprofile).result(60)
-    finally:
-        pacing.unwatch_loop(loop)
-        loop.close()
     assert seen["mount"] is not None
     assert not getattr(seen["profile"], "xcore_pacing", False)
