@@ -55,9 +55,12 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from kernel.collector import collector
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = [
     "Abandoned",
@@ -66,6 +69,7 @@ __all__ = [
     "check",
     "install",
     "leave",
+    "leaving",
     "loop_busy",
     "pace",
     "set_share",
@@ -421,6 +425,19 @@ def leave() -> None:
     wait for the loop at every function call while the window is still open."""
     if getattr(sys.getprofile(), "xcore_pacing", False):
         sys.setprofile(None)
+
+
+def leaving(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn``, then :func:`leave` however it ends (build work run in a pooled thread)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            leave()
+
+    return wrapper
 
 
 def _loop_was_woken() -> bool:

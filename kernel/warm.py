@@ -32,7 +32,7 @@ def warm_routes(router: Any, *, where: str = "the app") -> int:
     """Build the lazily built state of every router included in ``router``; the number
     of included routers built (0 with a FastAPI that builds nothing lazily)."""
     built = 0
-    stack = [route for route in list(getattr(router, "routes", ()) or ())]
+    stack = list(getattr(router, "routes", ()) or ())
     while stack:
         route = stack.pop()
         candidates = getattr(route, "effective_candidates", None)

@@ -296,19 +296,13 @@ def _nesting(text: str) -> int:
     return max(deepest, len(indents))
 
 
+@pacing.leaving
 def validate_folder(
     folder: Path, name: str | None = None, limits: Limits | None = None
 ) -> Manifest:
     """Everything that can be checked without running the plugin; raises ManifestError.
     (Run in a pooled executor thread by an install: pacing's hook is taken off it at the
-    end, kernel/pacing.py ``leave``.)"""
-    try:
-        return _validate_folder(folder, name, limits)
-    finally:
-        pacing.leave()
-
-
-def _validate_folder(folder: Path, name: str | None, limits: Limits | None) -> Manifest:
+    end, kernel/pacing.py ``leaving``.)"""
     plugin = name or folder.name
     limits = limits or Limits()
     manifest = read_manifest(folder, plugin)

@@ -77,6 +77,7 @@ def route_paths(routes: list[BaseRoute]) -> list[str]:
     return sorted(p for p in found if p)
 
 
+@pacing.leaving
 def build_mount(
     runtime: PluginRuntime,
     stats: PluginStats,
@@ -88,18 +89,6 @@ def build_mount(
     Pure construction (no I/O, nothing shared is touched): the router service runs it
     in a worker thread (a pooled one: pacing's hook is taken off it at the end).
     """
-    try:
-        return _build_mount(runtime, stats, announced_paths, dependency_overrides)
-    finally:
-        pacing.leave()
-
-
-def _build_mount(
-    runtime: PluginRuntime,
-    stats: PluginStats,
-    announced_paths: list[str],
-    dependency_overrides: dict[Any, Any] | None,
-) -> Mount | None:
     label = f"plugin {runtime.name!r} generation {runtime.generation}"
     if runtime.asgi_app is not None:
         try:
