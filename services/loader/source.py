@@ -21,9 +21,10 @@ import compiles them when the file still holds the same bytes.
 *In pieces.* Parsing and compiling are single calls into C that hold the interpreter
 throughout (~20-30 ms and ~10-20 ms for a 900-line file): the event loop waited behind
 each (issue 8). A file of more than :data:`PIECE_LINES` lines is parsed in pieces of
-about that many lines, cut before lines at column 0 that can start a top-level statement,
-each piece parsed alone and moved to its own line numbers, with :func:`kernel.pacing.pace` between two
-(a build thread leaves the loop its share); the tree is the one ``ast.parse`` builds.
+about that many lines, cut before lines at column 0 that can start a top-level
+statement (not inside a triple-quoted string), each piece parsed alone and moved to its
+own line numbers, with :func:`kernel.pacing.pace` between two (a build thread leaves the
+loop its share); the tree is the one ``ast.parse`` builds.
 A piece that does not parse alone (the cut fell inside a bracket, a string, before an
 ``else``) is tried again twice as long; past a few such misses, or for any error, the whole
 file is parsed at once, so errors are ``ast.parse``'s own. The import compiles and runs
@@ -83,10 +84,11 @@ MAX_DOTTED_PARTS = 64
 #: loader imports plugins in several threads at boot: each conversion holds this lock.
 AST_LOCK = threading.Lock()
 
-#: A file of more lines is parsed and compiled in pieces of about this many lines (one
-#: piece holds the interpreter under 1 ms; 100 lines held it 1-2.8 ms, a request
-#: arriving meanwhile waiting behind it), with a pause between (kernel/pacing.py).
-PIECE_LINES = 25
+#: A file of more lines is parsed and compiled in pieces of about this many lines, with
+#: a pause between (kernel/pacing.py): 100 lines held the interpreter 1-2.8 ms, a request
+#: arriving meanwhile waiting behind it; 25 lines, 0.5 ms per parse or compile (p50) in
+#: a server under traffic, up to 1.3 ms; 12 lines, 0.22-0.28 ms, under 0.9 ms.
+PIECE_LINES = 12
 #: Whether long files are parsed, compiled and run in pieces at all (the loader's
 #: ``parse_in_pieces`` setting, :func:`use_pieces`; off: one parse, one code object).
 _pieces = True
@@ -107,6 +109,9 @@ _MISSES = 6
 _WARNS = re.compile(r"\\|(?<!\w)\d\w*[A-Za-z]")
 #: Lines that continue the statement before them at column 0.
 _CONTINUATIONS = ("else", "elif", "except", "finally")
+#: What opens or closes a string on a line, or starts a comment (an escaped character is
+#: taken as one token, so that its quote closes nothing).
+_QUOTES = re.compile(r"\\.|#|'''|\"\"\"|'|\"")
 
 
 class SourceTooDeep(ValueError):
@@ -163,15 +168,37 @@ def _scan(tree: ast.AST, limit: int = MAX_NESTING) -> tuple[int, int | None, lis
     return deepest, line, imports
 
 
+def _open_string(line: str, inside: str | None) -> str | None:
+    """The triple quote still open at the end of ``line``, which starts inside the string
+    that ``inside`` opened (None: outside any). A guess, not a tokenizer: a cut it lets
+    fall inside a string only costs a piece that does not parse alone."""
+    for match in _QUOTES.finditer(line):
+        token = match.group()
+        if token[0] == "\\":
+            continue
+        if inside is None:
+            if token == "#":
+                break
+            inside = token
+        elif token == inside:
+            inside = None
+    return inside if inside is not None and len(inside) == 3 else None
+
+
 def _cuts(lines: list[str]) -> list[int]:
     """Indexes of the lines before which a piece may start (column 0, a name or ``@``,
     not a continuation of the statement before, not after a decorator — one line or
-    several, ``@router.get(`` to ``)`` — or a backslash)."""
+    several, ``@router.get(`` to ``)`` — or a backslash, not inside a triple-quoted
+    string: a text of lines at column 0 would hold nothing but cuts that miss)."""
     cuts: list[int] = []
     previous = ""
     decorating = False  # since a decorator at column 0, until the next name there
+    inside: str | None = None  # the triple quote of a string open at this line's start
     for index, line in enumerate(lines):
         first = line[:1]
+        opened, inside = inside, _open_string(line, inside)
+        if opened is not None:
+            continue  # (a line of a string's text: no cut, and it is no statement)
         if index and first and (first.isalpha() or first in "_@"):
             word = line.split(None, 1)[0].split(":", 1)[0]
             if (

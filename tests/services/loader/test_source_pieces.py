@@ -343,3 +343,20 @@ def test_a_warning_of_the_parser_in_a_later_piece_names_its_own_line(line: str) 
     at_once = warned(lambda: ast.parse(text, filename="escapes.py"))
     assert [lineno for _, lineno in at_once] == [4 * PIECE_LINES + 1]
     assert warned(lambda: source._parse_pieces(text, "escapes.py")) == at_once
+
+
+def test_no_piece_is_cut_inside_a_triple_quoted_string() -> None:
+    """A text of lines at column 0 inside a triple-quoted string (help, SQL) offers no
+    cut: each would start a piece that cannot parse alone."""
+    text = (
+        "def f():\n    return 1\n"
+        "HELP = '''\nUsage: xcore it's fine\nimport nothing\n'''  # closed\n"
+        'SQL = """select 1\nfrom t\n"""\n'
+        "x = 'a \\' b'  # '''\n"
+        "y = 2\n"
+    )
+    lines = text.split("\n")
+    cuts = source._cuts(lines)
+    inside = {3, 4, 5, 7, 8}  # the strings' own lines (the closing ones included)
+    assert not inside & set(cuts), cuts
+    assert {2, 6, 9, 10} <= set(cuts), cuts
