@@ -107,8 +107,10 @@ _MISSES = 6
 #: What the parser may warn about (an invalid escape sequence, a number run into a
 #: keyword such as ``1if``): a piece holding it is parsed at its own line numbers.
 _WARNS = re.compile(r"\\|(?<!\w)\d\w*[A-Za-z]")
-#: Lines that continue the statement before them at column 0.
+#: Lines that continue the statement before them at column 0 (by their first name:
+#: ``except(KeyError):``, ``except* E:`` and ``elif(x):`` continue as well).
 _CONTINUATIONS = ("else", "elif", "except", "finally")
+_NOT_NAME = re.compile(r"\W")
 #: What opens or closes a string on a line, or starts a comment (an escaped character is
 #: taken as one token, so that its quote closes nothing).
 _QUOTES = re.compile(r"\\.|#|'''|\"\"\"|'|\"")
@@ -200,7 +202,7 @@ def _cuts(lines: list[str]) -> list[int]:
         if opened is not None:
             continue  # (a line of a string's text: no cut, and it is no statement)
         if index and first and (first.isalpha() or first in "_@"):
-            word = line.split(None, 1)[0].split(":", 1)[0]
+            word = _NOT_NAME.split(line, 1)[0]
             if (
                 word not in _CONTINUATIONS
                 and not decorating

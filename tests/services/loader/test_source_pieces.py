@@ -312,7 +312,7 @@ def test_a_long_files_pieces_parse_each_line_a_bounded_number_of_times(
         parsed.append(len(src))
         return real(src, *args, **kwargs)
 
-    monkeypatch.setattr(source.ast, "parse", counting)
+    monkeypatch.setattr(ast, "parse", counting)  # (the module source.py parses with)
     tree = source._parse_pieces(text, "long.py")
     monkeypatch.undo()
     assert tree is not None
@@ -360,3 +360,26 @@ def test_no_piece_is_cut_inside_a_triple_quoted_string() -> None:
     inside = {3, 4, 5, 7, 8}  # the strings' own lines (the closing ones included)
     assert not inside & set(cuts), cuts
     assert {2, 6, 9, 10} <= set(cuts), cuts
+
+
+@pytest.mark.parametrize(
+    ("opening", "line"),
+    [
+        ("try:\n    pass\nexcept ValueError:\n    pass\n", "except(KeyError):"),
+        ("try:\n    pass\nexcept* ValueError:\n    pass\n", "except* KeyError:"),
+        ("if x0:\n    pass\nelif x1:\n    pass\n", "elif(x2):"),
+    ],
+    ids=["except-bracket", "except-star", "elif-bracket"],
+)
+def test_a_continuation_written_without_a_space_is_no_cut(opening: str, line: str) -> None:
+    """``except(KeyError):``, ``except* E:``, ``elif(x):`` continue the statement before
+    them as ``except KeyError:`` does: a piece starting there never parses alone, and the
+    whole file used to be parsed at once (the event loop held throughout)."""
+    head = "".join(f"x{i} = {i}\n" for i in range(PIECE_LINES - 4))
+    text = head + opening + line + "\n    pass\n" + "".join(f"y{i} = {i}\n" for i in range(99))
+    assert PIECE_LINES not in source._cuts(text.split("\n"))
+    tree = source._parse_pieces(text, "handlers.py")
+    assert tree is not None
+    assert ast.dump(tree, include_attributes=True) == ast.dump(
+        ast.parse(text, "handlers.py"), include_attributes=True
+    )
