@@ -104,9 +104,16 @@ def use_pieces(on: bool) -> bool:
 #: Times one piece fails to parse alone (a cut inside a bracket or a string: it then
 #: takes twice as many lines) before the rest of the file is parsed at once.
 _MISSES = 6
-#: What the parser may warn about (an invalid escape sequence, a number run into a
-#: keyword such as ``1if``): a piece holding it is parsed at its own line numbers.
-_WARNS = re.compile(r"\\|(?<!\w)\d\w*[A-Za-z]")
+#: What the parser may warn about: an invalid escape sequence (a backslash before none of
+#: ``\\'"abfnrtvx``, an octal digit or a line end: ``\N``, ``\u`` and ``\U`` are, in
+#: bytes; an octal escape past ``\377``), a number run into a keyword (``1if``,
+#: ``0x1for``). A piece holding it is parsed at its own line numbers, behind a newline
+#: per line before it: any backslash or letter in a number used to be enough, and a
+#: file of them in every piece cost n^2 / PIECE_LINES characters of parsing.
+_WARNS = re.compile(
+    r"(?<!\\)(?:\\\\)*\\(?:[^\\'\"abfnrtvx0-7\n]|[4-7][0-7]{2})"
+    r"|(?<!\w)\d[\w.]*?(?:and|else|for|i[fns]|not|or)"
+)
 #: Lines that continue the statement before them at column 0 (by their first name:
 #: ``except(KeyError):``, ``except* E:`` and ``elif(x):`` continue as well).
 _CONTINUATIONS = ("else", "elif", "except", "finally")
