@@ -99,6 +99,8 @@ YOUNG_SLACK = 8
 #: count of 700-1,100, and each pass held the interpreter 0.6-1.2 ms (p50). At a quarter
 #: of the threshold: p50 0.14 ms, four times as many passes, the same CPU in all.
 YOUNG_SPLIT = 4
+#: The largest threshold ``gc.set_threshold`` takes (a C int).
+_MAX_THRESHOLD = 2**31 - 1
 _DEFAULT_THRESHOLD_2 = 10
 
 
@@ -274,7 +276,7 @@ class Collector:
                 self._young_holders += 1
                 t0, t1, t2 = gc.get_threshold()
                 if self._young_holders == 1 and t0 > 0:
-                    self._saved_t0, self._raised_t0 = t0, t0 * YOUNG_SLACK
+                    self._saved_t0, self._raised_t0 = t0, min(t0 * YOUNG_SLACK, _MAX_THRESHOLD)
                     gc.set_threshold(self._raised_t0, t1, t2)
                 return
             self._young_holders = max(self._young_holders - 1, 0)

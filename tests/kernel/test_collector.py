@@ -202,3 +202,21 @@ async def test_reloads_back_to_back_collect_the_remains_of_freed_generations(
         assert fresh.forced == 1 and fresh.freed_since_full == 0
     finally:
         await fresh.release()
+
+
+@pytest.mark.parametrize("huge", [2**28, 2**31 - 1])
+def test_a_huge_young_threshold_is_raised_no_further_than_the_interpreter_takes(
+    fresh: Collector, huge: int
+) -> None:
+    """A host or plugin that all but turns young collections off with a huge threshold
+    (``gc.set_threshold(2**30)``): raising it :data:`YOUNG_SLACK` times passed the C int the
+    interpreter keeps it in, and ``young_paced`` raised OverflowError as a paced build
+    started (the loader's build window then never closed). The raise stops at the
+    largest threshold, and the host's is back afterwards."""
+    _, t1, t2 = gc.get_threshold()
+    gc.set_threshold(huge, t1, t2)
+    fresh.young_paced(True)
+    assert gc.get_threshold()[0] >= huge
+    assert fresh.young_due() is None
+    fresh.young_paced(False)
+    assert gc.get_threshold() == (huge, t1, t2)
