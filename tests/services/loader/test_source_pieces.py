@@ -323,28 +323,6 @@ def test_a_long_files_pieces_parse_each_line_a_bounded_number_of_times(
     )
 
 
-@pytest.mark.parametrize(
-    "line",
-    ['PATTERN = "\\d+"\n', "N = 1if x0 else 2\n"],
-    ids=["escape", "number-keyword"],
-)
-def test_a_warning_of_the_parser_in_a_later_piece_names_its_own_line(line: str) -> None:
-    """An invalid escape sequence, a number run into a keyword warn while the piece is
-    parsed: the warning names the line of the file, as a parse at once does (its
-    category is Python's: DeprecationWarning or SyntaxWarning by version)."""
-    text = "".join(f"x{i} = {i}\n" for i in range(4 * PIECE_LINES)) + line
-
-    def warned(parse: Any) -> list[tuple[type[Warning], int]]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert parse() is not None
-        return [(w.category, w.lineno) for w in caught]
-
-    at_once = warned(lambda: ast.parse(text, filename="escapes.py"))
-    assert [lineno for _, lineno in at_once] == [4 * PIECE_LINES + 1]
-    assert warned(lambda: source._parse_pieces(text, "escapes.py")) == at_once
-
-
 def test_no_piece_is_cut_inside_a_triple_quoted_string() -> None:
     """A text of lines at column 0 inside a triple-quoted string (help, SQL) offers no
     cut: each would start a piece that cannot parse alone."""
@@ -418,6 +396,8 @@ def test_pieces_of_valid_escapes_and_numbers_are_parsed_at_their_own_numbers(
 @pytest.mark.parametrize(
     "line",
     [
+        'PATTERN = "\\d+"\n',
+        "N = 1if x0 else 2\n",
         'P = "\\d"\n',
         'P = b"\\N{BULLET}"\n',
         'P = "\\777"\n',
@@ -434,8 +414,9 @@ def test_pieces_of_valid_escapes_and_numbers_are_parsed_at_their_own_numbers(
 )
 def test_every_warning_of_the_parser_names_its_own_line(line: str) -> None:
     """Each kind of warning the parser gives (an invalid escape in a string, bytes or an
-    f-string, an octal escape past 0o377, a number run into a keyword) is given once, at
-    the line of the file."""
+    f-string, an octal escape past 0o377, a number run into a keyword) while a later
+    piece is parsed is given once, at the line of the file, as a parse at once gives it
+    (its category is Python's: DeprecationWarning or SyntaxWarning by version)."""
     text = "".join(f"x{i} = {i}\n" for i in range(4 * PIECE_LINES)) + line
 
     def warned(parse: Any) -> list[tuple[type[Warning], int]]:
