@@ -67,10 +67,10 @@ class LoaderSettings(BaseModel):
     #: Whether a paced build thread also looks for the event loop's work between every
     #: two function calls it makes, not only between units, and gives way then
     #: (kernel/pacing.py ``_new_hook``): requests stop paying an interpreter hand-over
-    #: at each of their system calls. Costs the build ~1.5x its CPU time (a profile
+    #: at each of their system calls. Costs the build about twice its CPU time (a profile
     #: function in the build threads while the window is paced).
     build_fine_yield: bool = True
-    #: Whether plugin files over ~25 lines are parsed, compiled and run in pieces with
+    #: Whether plugin files over ~12 lines are parsed, compiled and run in pieces with
     #: the event loop served between two (services/loader/source.py), instead of one
     #: parse of 20-30 ms per 900 lines that holds the interpreter. Off: each file is
     #: one code object, as Python imports it (docs/plugins.md lists the differences).

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
-import pytest
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel
 
 from kernel.warm import warm_routes
-from tests.building import fastapi_builds
 
 
 class Item(BaseModel):
@@ -34,12 +30,6 @@ def app_with_nested_routers() -> FastAPI:
     app = FastAPI()
     app.include_router(outer, prefix="/outer")
     return app
-
-
-@pytest.fixture
-def built() -> Iterator[list[str]]:
-    with fastapi_builds() as seen:
-        yield seen
 
 
 async def first_requests(app: FastAPI) -> None:

@@ -4,27 +4,14 @@ includes itself (a sub-router: services/router/mounts.py route_paths)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.building import fastapi_builds
-
 from .conftest import AUTH, write_plugin
-
-
-@pytest.fixture
-def built() -> Iterator[list[str]]:
-    with fastapi_builds() as seen:
-        yield seen
-
 
 SUB_ROUTER = """
 from fastapi import APIRouter
 from pydantic import BaseModel
-from tests.building import fastapi_builds
 
 class Item(BaseModel):
     id: int
