@@ -18,9 +18,9 @@ the id alone decides, and no other node appends. In a cluster each write carries
 stream's expected version; the store decides each write alone, so a claim that meets a
 conflict is retried on its own (as above) and the others of its burst stand.
 
-Slots: interval schedules of nodes that started apart may tick at different phases; the
-claim key uses the interval's index (``floor(due / every)``) so they still claim each
-period once. A run asked for by an operator is keyed by its request event, a
+Slots: an interval's claim key uses its period's index (``floor(due / every)``), so a
+node whose due time lies elsewhere in the period (one adopted from the log, a phase from
+before the cluster's shared grid, ``triggers.on_grid``) still claims each period once. A run asked for by an operator is keyed by its request event, a
 dependency-triggered run by its run id, a retry by its run id and attempt (the runner
 passes them as ``run_slot``): none shares a timed run's key.
 

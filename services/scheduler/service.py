@@ -75,6 +75,7 @@ from services.scheduler.specs import (
     compile_plugin,
     compile_spec,
 )
+from services.scheduler.triggers import on_grid
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -351,9 +352,12 @@ class SchedulerService:
         # meet searches up to 10,000 steps), would otherwise stall HTTP and the runs.
         accepted, refused = await asyncio.to_thread(compile_)
         refused.update(merged.broken)
-        for tid in accepted:
+        for tid, compiled in accepted.items():
             if tid in self._book.added:
-                accepted[tid].source = "runtime"
+                compiled.source = "runtime"
+            if kernel.placement.shared and compiled.trigger is not None:
+                # every node computes the same due times (see ``on_grid``)
+                compiled.trigger = on_grid(compiled.trigger)
         for tid, reason in refused.items():
             log.error("plugin %r: task %r refused: %s", plugin, tid, reason)
         await asyncio.gather(

@@ -54,6 +54,7 @@ __all__ = [
     "IntervalTrigger",
     "Trigger",
     "catch_up",
+    "on_grid",
     "parse_duration",
     "parse_trigger",
     "parse_zone",
@@ -235,11 +236,16 @@ class Trigger(Protocol):
 
 @dataclass(frozen=True)
 class IntervalTrigger:
-    """Every ``every`` seconds; with ``anchor``, at ``anchor + k * every``."""
+    """Every ``every`` seconds; with ``anchor``, at ``anchor + k * every``.
+
+    ``implicit``: the anchor was not declared but put there by :func:`on_grid` (a
+    cluster's shared grid); the trigger reads and describes itself as declared.
+    """
 
     every: float
     anchor: float | None = None
     recurring: bool = True
+    implicit: bool = False
 
     def __post_init__(self) -> None:
         if not self.every > 0:
@@ -247,7 +253,7 @@ class IntervalTrigger:
 
     @property
     def description(self) -> str:
-        if self.anchor is None:
+        if self.anchor is None or self.implicit:
             return f"every {self.every:g}s"
         return f"every {self.every:g}s from {_iso(self.anchor)}"
 
@@ -267,7 +273,7 @@ class IntervalTrigger:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"every": self.every}
-        if self.anchor is not None:
+        if self.anchor is not None and not self.implicit:
             out["start"] = _iso(self.anchor)
         return out
 
@@ -661,6 +667,34 @@ class Bounded:
         if self.start is not None and due < self.start:
             due = self.start - 1e-6
         return self._cut(self.inner.next_after(due))
+
+
+def on_grid(trigger: Trigger, anchor: float = 0.0) -> Trigger:
+    """``trigger`` with each interval that has no declared start put on a shared grid:
+    due at ``anchor + k * every`` (by default the multiples of the interval since the
+    Unix epoch), inside ``any``, ``all`` and bounds too (bounded by a ``start``, the
+    grid starts there).
+
+    A cluster schedules with it. Without a start, an interval is due at ``registration
+    + k * every``: each node has a phase of its own. Claims still agree (an interval's
+    claim key is its period's index), but a node whose phase comes earlier in a period
+    took over the runs of the task's first node before that node's due time came, and
+    a node whose period started just past a boundary ran every task of the cluster (an
+    ``any`` with such an interval, keyed by its instant, ran once per node). On the grid
+    every node computes the same instants. Other triggers are instants already.
+    """
+    if isinstance(trigger, IntervalTrigger):
+        if trigger.anchor is not None:
+            return trigger
+        return IntervalTrigger(trigger.every, anchor=anchor, implicit=True)
+    if isinstance(trigger, AnyOf):
+        return AnyOf([on_grid(p, anchor) for p in trigger.parts])
+    if isinstance(trigger, AllOf):
+        return AllOf([on_grid(p, anchor) for p in trigger.parts])
+    if isinstance(trigger, Bounded):
+        start = trigger.start if trigger.start is not None else anchor
+        return Bounded(on_grid(trigger.inner, start), trigger.start, trigger.end)
+    return trigger
 
 
 def _iso(ts: float) -> str:

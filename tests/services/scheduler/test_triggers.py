@@ -11,8 +11,10 @@ from services.scheduler.triggers import (
     CronTrigger,
     IntervalTrigger,
     catch_up,
+    on_grid,
     parse_at,
     parse_duration,
+    parse_trigger,
 )
 
 
@@ -153,3 +155,38 @@ def test_catch_up_after_a_month_down_is_bounded_and_exact() -> None:
     assert count == 7  # 200 days of a monthly cron: exact, not capped
     assert last <= far < (nxt or 0)
     assert monthly.next_after(last) == nxt
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [
+        {"every": "10s"},
+        {"every": "10s", "end": "2099-01-01T00:00:00Z"},
+        {"any": [{"every": "10s"}, {"at": "2099-01-01T00:00:00Z"}]},
+    ],
+)
+def test_on_grid_every_registration_gets_the_same_due_times(declared: dict[str, object]) -> None:
+    trigger = parse_trigger(declared)
+    grid = on_grid(trigger)
+    # nodes registering at different moments: the plain trigger gives each its phase,
+    # the grid gives them all the multiples of the interval
+    assert trigger.first(1000.3) != trigger.first(1003.9)
+    assert grid.first(1000.3) == grid.first(1003.9) == 1010.0
+    assert grid.next_after(1010.0) == 1020.0
+    # it reads and describes itself as declared (events and the admin API show that)
+    assert grid.description == trigger.description
+    assert grid.to_dict() == trigger.to_dict()
+
+
+def test_on_grid_keeps_a_declared_start_and_starts_a_bounded_grid_there() -> None:
+    anchored = parse_trigger({"every": "10s", "start": "2026-01-01T00:00:03Z"})
+    assert on_grid(anchored) is anchored
+    start = parse_at("2026-01-01T00:00:03Z", "UTC")
+    bounded = on_grid(
+        parse_trigger({"any": [{"every": "10s"}, {"every": "1h"}], "start": "2026-01-01T00:00:03Z"})
+    )
+    assert bounded.first(start + 25.0) == start + 30.0
+    both = on_grid(parse_trigger({"all": [{"every": "10s"}, {"every": "5s"}]}))
+    assert both.first(1000.3) == 1010.0
+    cron = parse_trigger({"cron": "*/5 * * * *"})
+    assert on_grid(cron) is cron
