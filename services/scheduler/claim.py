@@ -20,7 +20,10 @@ conflict is retried on its own (as above) and the others of its burst stand.
 
 Slots: an interval's claim key uses its period's index (``floor(due / every)``), so a
 node whose due time lies elsewhere in the period (one adopted from the log, a phase from
-before the cluster's shared grid, ``triggers.on_grid``) still claims each period once. A run asked for by an operator is keyed by its request event, a
+before the cluster's shared grid, ``triggers.on_grid``) still claims each period once.
+A due time on a period's boundary (every one on the shared grid) belongs to the period
+it starts, though its quotient may round a few units in the last place below the whole
+number (:func:`period`). A run asked for by an operator is keyed by its request event, a
 dependency-triggered run by its run id, a retry by its run id and attempt (the runner
 passes them as ``run_slot``): none shares a timed run's key.
 
@@ -61,6 +64,7 @@ __all__ = [
     "again",
     "claim",
     "claim_key",
+    "period",
     "releasable",
     "release",
 ]
@@ -104,7 +108,7 @@ def claim_key(
     elif run_slot is not None:
         slot = f"run:{run_slot}"
     elif isinstance(trigger, IntervalTrigger):
-        slot = f"every:{math.floor(scheduled_for / trigger.every + 1e-9)}"
+        slot = f"every:{period(scheduled_for, trigger.every)}"
     elif isinstance(trigger, AfterTrigger):
         slot = "after"  # relative to each node's registration: once per task
     else:  # cron and date: absolute instants
@@ -114,6 +118,19 @@ def claim_key(
     while key in released:
         key = again(key)
     return key
+
+
+def period(due: float, every: float) -> int:
+    """The index of the period of ``every`` seconds (since the epoch) ``due`` lies in.
+
+    At epoch scale the quotient is 10^8 to 10^11 and a boundary's (``k * every``,
+    computed) can come out a unit or two in its last place below ``k``: 1700000259.72 s,
+    the 127150356th multiple of 13.37 s, divides to 127150355.99999999. Floored as it
+    is, that due time would share the previous one's key (its run is not started) and
+    leave its own period's unused. The margin is a few units in the last place, far
+    below a microsecond of ``due``."""
+    quotient = due / every
+    return math.floor(quotient + 1e-9 + 16 * math.ulp(quotient))
 
 
 def again(key: str) -> str:

@@ -265,11 +265,31 @@ class IntervalTrigger:
     def next_after(self, due: float) -> float:
         if self.anchor is None:
             return due + self.every
+        return self.at(self.index_after(due))
+
+    def at(self, k: int) -> float:
+        """The ``k``-th instant of an anchored interval: ``anchor + k * every``.
+
+        Each instant is computed this one way, never as the one before plus ``every``:
+        at epoch scale the two differ by a rounding, and a due time a rounding below its
+        instant would have the instant itself, a rounding later, as its next one (two
+        runs, or a period's claim key twice) instead of the instant an interval on.
+        """
+        assert self.anchor is not None
+        return self.anchor + k * self.every
+
+    def index_after(self, due: float) -> int:
+        """The index (:meth:`at`) of the first instant strictly after ``due``."""
+        assert self.anchor is not None
         if due < self.anchor:
-            return self.anchor
+            return 0
         k = math.floor((due - self.anchor) / self.every) + 1
-        nxt = self.anchor + k * self.every
-        return nxt if nxt > due else nxt + self.every
+        # the division rounds: settle on the exact instants
+        while k > 1 and self.at(k - 1) > due:
+            k -= 1
+        while self.at(k) <= due:
+            k += 1
+        return k
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"every": self.every}
@@ -783,12 +803,14 @@ def catch_up(
     if isinstance(trigger, Bounded) and trigger.start is None and trigger.end is not None:
         inner, upto = trigger.inner, min(now, trigger.end)  # `every=` with `end=`
     if isinstance(inner, IntervalTrigger):
-        # due + k * every (anchored: the anchor's grid, which `due` lies on)
-        n = max(1, int((upto - due) // inner.every) + 1)
-        last = due + (n - 1) * inner.every
-        if inner.anchor is not None:
-            while n > 1 and last > upto:  # rounding
-                n, last = n - 1, last - inner.every
+        if inner.anchor is None:  # due + k * every
+            n = max(1, int((upto - due) // inner.every) + 1)
+            last = due + (n - 1) * inner.every
+        else:
+            # the anchor's instants after `due` (which may lie off them: one adopted
+            # from the log), taken as `next_after` gives them
+            first, end = inner.index_after(due), inner.index_after(upto)
+            n, last = (1 + end - first, inner.at(end - 1)) if end > first else (1, due)
         return n, last, trigger.next_after(last)
     nxt = trigger.next_after(due)
     if nxt is None or nxt > now:

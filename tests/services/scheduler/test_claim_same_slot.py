@@ -8,6 +8,14 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from services.scheduler.claim import claim_key
+from services.scheduler.specs import CompiledTask
+from services.scheduler.triggers import IntervalTrigger, on_grid
 
 from .helpers import make_kernel, spec, wait_events
 
@@ -101,3 +109,20 @@ async def test_retries_of_a_requested_and_a_timed_run_of_one_period_both_run(
         await wait_events(kernel, "TaskFailed", 4, timeout=60)
         assert not await kernel.read(types=["TaskSkipped"])
         assert sorted(attempts) == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("every", [13.37, 0.03, 0.1, 1 / 3, 0.7, 7.0, 3600.0])
+def test_each_instant_of_a_grid_has_a_period_of_its_own(every: float) -> None:
+    """On a cluster's grid every due time is a period's boundary: its quotient by the
+    interval can round below the whole number at epoch scale (1700000259.72 s is the
+    127150356th multiple of 13.37 s, and divides to 127150355.99999999), which put two
+    runs under one claim key: the second was not started."""
+    grid = on_grid(IntervalTrigger(every))
+    task = cast(CompiledTask, SimpleNamespace(id="p.job", trigger=grid))
+    for since in (1700000246.0, 1_900_000_000.0, 4_000_000_000.0):
+        due = grid.first(since)
+        keys = []
+        for _ in range(3000):
+            keys.append(claim_key(task, due, 1, None))
+            due = grid.next_after(due)
+        assert len(set(keys)) == len(keys)

@@ -190,3 +190,46 @@ def test_on_grid_keeps_a_declared_start_and_starts_a_bounded_grid_there() -> Non
     assert both.first(1000.3) == 1010.0
     cron = parse_trigger({"cron": "*/5 * * * *"})
     assert on_grid(cron) is cron
+
+
+@pytest.mark.parametrize(
+    ("every", "due"),
+    [
+        (13.37, 1608233606.84),  # stepped there, a rounding below: 1608233606.8399997
+        (0.1, 1850649667.1),
+        (0.03, 1700000000.01),
+        (1 / 3, 1700000000.0),
+        (7.0, 1700000003.0),
+    ],
+)
+def test_a_grid_steps_one_interval_at_a_time_at_epoch_scale(every: float, due: float) -> None:
+    grid = on_grid(IntervalTrigger(every))
+    t = grid.first(due - 50 * every)
+    assert t is not None
+    for _ in range(200):
+        nxt = grid.next_after(t)
+        assert nxt is not None
+        # never the same instant again a rounding later (two runs), never one skipped
+        assert abs(nxt - t - every) < 1e-5, (t, nxt)
+        # each instant is the grid's, however it was reached (every node agrees)
+        assert nxt == grid.first(nxt - every / 2)
+        t = nxt
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [{"every": 0.1}, {"every": 13.37}, {"every": 13.37, "end": "2099-01-01T00:00:00Z"}],
+)
+@pytest.mark.parametrize("since", [1850649663.5, 1608233459.77, 1680472224.9])
+def test_catch_up_on_a_grid_counts_the_instants_the_trigger_gives(
+    declared: dict[str, object], since: float
+) -> None:
+    grid = on_grid(parse_trigger(declared))
+    due = grid.first(since)
+    assert due is not None
+    for late in (0.3, 3.7, 24.1, 311.0):
+        now = due + late * float(declared["every"])  # type: ignore[arg-type]
+        count, t, nxt = 1, due, grid.next_after(due)
+        while nxt is not None and nxt <= now:
+            count, t, nxt = count + 1, nxt, grid.next_after(nxt)
+        assert catch_up(grid, due, now) == (count, t, nxt)
