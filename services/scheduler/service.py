@@ -75,7 +75,6 @@ from services.scheduler.specs import (
     compile_plugin,
     compile_spec,
 )
-from services.scheduler.triggers import on_grid
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -346,6 +345,8 @@ class SchedulerService:
                 t for t, row in self.table.tasks.items() if row.trigger and row.plugin != plugin
             ],
             strict=self.settings.strict if strict is None else strict,
+            # every node computes the same due times (see ``triggers.on_grid``)
+            grid=kernel.placement.shared,
         )
         # Declarations are compiled in a worker thread: many of them (a plugin with
         # thousands of schedules), or one costly trigger (an ``all`` whose parts rarely
@@ -355,9 +356,6 @@ class SchedulerService:
         for tid, compiled in accepted.items():
             if tid in self._book.added:
                 compiled.source = "runtime"
-            if kernel.placement.shared and compiled.trigger is not None:
-                # every node computes the same due times (see ``on_grid``)
-                compiled.trigger = on_grid(compiled.trigger)
         for tid, reason in refused.items():
             log.error("plugin %r: task %r refused: %s", plugin, tid, reason)
         await asyncio.gather(
@@ -699,7 +697,13 @@ class SchedulerService:
     def _compile_one(self, plugin: str, spec: TaskSpec, runtime: PluginRuntime | None) -> None:
         if spec.trigger is not None and not isinstance(spec.trigger, Mapping):
             raise TaskDeclarationError("trigger: expected a mapping like {'cron': '0 * * * *'}")
-        compile_spec(plugin, spec, runtime=runtime, default_tz=self.settings.default_timezone)
+        compile_spec(
+            plugin,
+            spec,
+            runtime=runtime,
+            default_tz=self.settings.default_timezone,
+            grid=self._kernel().placement.shared,
+        )
 
     async def _refuse(self, r: Recorded, reason: str) -> None:
         await self._runner.append(

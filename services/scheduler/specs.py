@@ -32,6 +32,7 @@ from services.scheduler.triggers import (
     DateTrigger,
     IntervalTrigger,
     Trigger,
+    on_grid,
     parse_at,
     parse_duration,
     parse_trigger,
@@ -121,10 +122,16 @@ def compile_spec(
     generation: int = 0,
     runtime: PluginRuntime | None = None,
     default_tz: str = "UTC",
+    grid: bool = False,
 ) -> CompiledTask:
-    """Validate ``spec``; raises :class:`TaskDeclarationError` naming the reason."""
+    """Validate ``spec``; raises :class:`TaskDeclarationError` naming the reason.
+
+    ``grid``: a cluster's task, whose intervals without a start run on the shared grid
+    (:func:`~services.scheduler.triggers.on_grid`); the trigger is put there before it
+    is checked, so the checks (it fires, its jitter stays below its gaps) are about the
+    due times it will have."""
     try:
-        return _compile(plugin, spec, generation, runtime, default_tz)
+        return _compile(plugin, spec, generation, runtime, default_tz, grid)
     except TaskDeclarationError:
         raise
     except (ValueError, TypeError, ArithmeticError) as exc:
@@ -139,6 +146,7 @@ def _compile(
     generation: int,
     runtime: PluginRuntime | None,
     default_tz: str,
+    grid: bool,
 ) -> CompiledTask:
     if not isinstance(spec.name, str) or not _NAME.match(spec.name):
         raise TaskDeclarationError(
@@ -193,6 +201,8 @@ def _compile(
         raise TaskDeclarationError(
             "no trigger: give one of cron=, every=, at=, after=, trigger= (or depends_on= alone)"
         )
+    if trigger is not None and grid:
+        trigger = on_grid(trigger)
     if trigger is not None:
         _check_trigger(trigger)
     jitter = parse_duration(spec.jitter, "jitter") if spec.jitter is not None else 0.0
@@ -477,11 +487,13 @@ def compile_plugin(
     existing: Mapping[str, tuple[str, ...]],
     known: Iterable[str],
     strict: bool,
+    grid: bool = False,
 ) -> tuple[dict[str, CompiledTask], dict[str, str]]:
     """Compile one plugin's declarations: (accepted by task id, refused task id -> reason).
 
     ``existing`` and ``known`` are as for :func:`check_dependencies`. With ``strict``,
-    one refusal refuses every task of the plugin, naming the first refusal.
+    one refusal refuses every task of the plugin, naming the first refusal. ``grid``:
+    as for :func:`compile_spec`.
     """
     compiled: dict[str, CompiledTask] = {}
     refused: dict[str, str] = {}
@@ -505,7 +517,12 @@ def compile_plugin(
             continue
         try:
             task = compile_spec(
-                plugin, spec, generation=generation, runtime=runtime, default_tz=default_tz
+                plugin,
+                spec,
+                generation=generation,
+                runtime=runtime,
+                default_tz=default_tz,
+                grid=grid,
             )
         except TaskDeclarationError as exc:
             refused[tid] = str(exc)

@@ -105,3 +105,20 @@ async def test_nodes_that_register_apart_share_the_due_times_and_the_first_node_
     done = Counter((x, math.floor(due / EVERY + 1e-6)) for x, due in ran["a"] + ran["b"])
     assert max(done.values()) == 1, [k for k, n in done.items() if n > 1]
     assert sum(1 for x, _ in done if x == "either") >= 3
+
+
+async def test_a_clusters_all_of_intervals_is_accepted_and_meets_on_the_grid(pg_dsn: str) -> None:
+    """Counted from the registration, the parts of an ``all`` of intervals never meet
+    (the declaration is refused as never firing); on the grid they meet at the least
+    common multiple: the cluster checks the trigger it schedules."""
+    cluster, scheduler = ClusterService(), SchedulerService()
+    async with Kernel(settings(pg_dsn, "a"), services=[cluster, scheduler]):
+
+        async def both() -> None:
+            pass
+
+        declared = task(trigger={"all": [{"every": "10s"}, {"every": "15s"}]})(both)
+        result = await scheduler.register("p", [declared.__xcore_task__])
+        assert result.refused == {}
+        row = scheduler.table.tasks["p.both"]
+        assert row.next_run is not None and row.next_run % 30 == 0

@@ -60,3 +60,25 @@ def test_cycle_across_plugins() -> None:
     a = compile_spec("p", spec(noop, name="a", every="1s", depends_on="q.b"))
     refused = check_dependencies({a.id: a}, existing={"q.b": ("p.a",)}, known=[])
     assert "dependency cycle" in refused["p.a"]
+
+
+def test_a_clusters_declaration_is_checked_on_the_grid_it_runs_on() -> None:
+    """In a cluster the intervals without a start run on the shared grid: the checks
+    look at those due times, not the ones counted from the registration."""
+    both = {"trigger": {"all": [{"every": "10s"}, {"every": "15s"}]}}
+    # counted from the registration the parts never meet; on the grid, every 30 s
+    with pytest.raises(TaskDeclarationError, match="never fires"):
+        compile_spec("p", spec(noop, **both))
+    task = compile_spec("p", spec(noop, **both), grid=True)
+    assert task.trigger is not None
+    first = task.trigger.first(1000.5)
+    assert first == 1020.0
+    assert task.trigger.next_after(first) == 1050.0
+    # on the grid an `any` of 10 s and 15 s is due at :00, :10, :15, :20, :30: 5 s gaps
+    either = {"trigger": {"any": [{"every": "10s"}, {"every": "15s"}]}, "jitter": "8s"}
+    compile_spec("p", spec(noop, **either))
+    with pytest.raises(TaskDeclarationError, match=r"jitter \(8s\) must be below .* \(5s\)"):
+        compile_spec("p", spec(noop, **either), grid=True)
+    # a plain interval reads as declared either way
+    plain = compile_spec("p", spec(noop, every="10s"), grid=True)
+    assert plain.trigger_description == "every 10s"
