@@ -28,6 +28,8 @@ from kernel.sdk import TaskSpec
 from kernel.subscriptions import RetryPolicy
 from services.scheduler.triggers import (
     AfterTrigger,
+    AllOf,
+    AnyOf,
     Bounded,
     DateTrigger,
     IntervalTrigger,
@@ -127,7 +129,8 @@ def compile_spec(
     """Validate ``spec``; raises :class:`TaskDeclarationError` naming the reason.
 
     ``grid``: a cluster's task, whose intervals without a start run on the shared grid
-    (:func:`~services.scheduler.triggers.on_grid`); the trigger is put there before it
+    (:func:`~services.scheduler.triggers.on_grid`; an ``any`` or ``all`` is put there on
+    one node too, see :func:`_combines`); the trigger is put there before it
     is checked, so the checks (it fires, its jitter stays below its gaps) are about the
     due times it will have."""
     try:
@@ -201,7 +204,7 @@ def _compile(
         raise TaskDeclarationError(
             "no trigger: give one of cron=, every=, at=, after=, trigger= (or depends_on= alone)"
         )
-    if trigger is not None and grid:
+    if trigger is not None and (grid or _combines(trigger)):
         trigger = on_grid(trigger)
     if trigger is not None:
         _check_trigger(trigger)
@@ -321,6 +324,15 @@ def _check_trigger(trigger: Trigger) -> None:
             f"{trigger.description} never fires (no due time from now on; checked "
             "by computing the first one)"
         )
+
+
+def _combines(trigger: Trigger) -> bool:
+    """Whether ``trigger`` is an ``any`` or an ``all`` (bounded or not): its intervals
+    without a start run on the grid on one node too. A due time carries one phase, so
+    parts counted from the registration could not be followed together: an ``any`` of
+    10 s and 15 s ran every 10 s only, and an ``all`` of intervals never fired."""
+    inner = trigger.inner if isinstance(trigger, Bounded) else trigger
+    return isinstance(inner, AnyOf | AllOf)
 
 
 def _check_jitter(trigger: Trigger | None, jitter: float) -> None:

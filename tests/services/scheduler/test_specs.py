@@ -62,23 +62,39 @@ def test_cycle_across_plugins() -> None:
     assert "dependency cycle" in refused["p.a"]
 
 
-def test_a_clusters_declaration_is_checked_on_the_grid_it_runs_on() -> None:
-    """In a cluster the intervals without a start run on the shared grid: the checks
-    look at those due times, not the ones counted from the registration."""
-    both = {"trigger": {"all": [{"every": "10s"}, {"every": "15s"}]}}
-    # counted from the registration the parts never meet; on the grid, every 30 s
-    with pytest.raises(TaskDeclarationError, match="never fires"):
-        compile_spec("p", spec(noop, **both))
-    task = compile_spec("p", spec(noop, **both), grid=True)
-    assert task.trigger is not None
-    first = task.trigger.first(1000.5)
-    assert first == 1020.0
-    assert task.trigger.next_after(first) == 1050.0
-    # on the grid an `any` of 10 s and 15 s is due at :00, :10, :15, :20, :30: 5 s gaps
-    either = {"trigger": {"any": [{"every": "10s"}, {"every": "15s"}]}, "jitter": "8s"}
-    compile_spec("p", spec(noop, **either))
-    with pytest.raises(TaskDeclarationError, match=r"jitter \(8s\) must be below .* \(5s\)"):
-        compile_spec("p", spec(noop, **either), grid=True)
-    # a plain interval reads as declared either way
+def test_a_clusters_declaration_is_compiled_on_the_grid_it_runs_on() -> None:
+    """A plain interval without a start counts from the registration on one node and
+    runs on the shared grid in a cluster (the combinations: the test below)."""
+    alone = compile_spec("p", spec(noop, every="10s"))
     plain = compile_spec("p", spec(noop, every="10s"), grid=True)
-    assert plain.trigger_description == "every 10s"
+    assert alone.trigger is not None and plain.trigger is not None
+    assert alone.trigger.first(1000.5) == 1010.5
+    assert plain.trigger.first(1000.5) == 1010.0
+    # it reads as declared either way
+    assert plain.trigger_description == alone.trigger_description == "every 10s"
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_an_any_or_all_of_intervals_runs_on_the_grid_on_one_node_too(grid: bool) -> None:
+    """A due time carries one phase: parts counted from the registration could not be
+    followed together (an ``any`` of 10 s and 15 s ran every 10 s only, an ``all`` of
+    intervals was refused as never firing). Combined, they run on the grid everywhere,
+    and the checks look at those due times."""
+    both = compile_spec(
+        "p", spec(noop, trigger={"all": [{"every": "10s"}, {"every": "15s"}]}), grid=grid
+    )
+    assert both.trigger is not None
+    assert both.trigger.first(1000.5) == 1020.0
+    assert both.trigger.next_after(1020.0) == 1050.0
+    union = {"any": [{"every": "10s"}, {"every": "15s"}]}
+    either = compile_spec("p", spec(noop, trigger=union), grid=grid)
+    assert either.trigger is not None
+    dues = [either.trigger.first(1000.5)]
+    for _ in range(5):
+        nxt = either.trigger.next_after(dues[-1])
+        assert nxt is not None
+        dues.append(nxt)
+    assert dues == [1005.0, 1010.0, 1020.0, 1030.0, 1035.0, 1040.0]
+    # 5 s gaps: a jitter of 8 s would let a run overtake the next one
+    with pytest.raises(TaskDeclarationError, match=r"jitter \(8s\) must be below .* \(5s\)"):
+        compile_spec("p", spec(noop, trigger=union, jitter="8s"), grid=grid)
