@@ -238,8 +238,9 @@ class Trigger(Protocol):
 class IntervalTrigger:
     """Every ``every`` seconds; with ``anchor``, at ``anchor + k * every``.
 
-    ``implicit``: the anchor was not declared but put there by :func:`on_grid` (a
-    cluster's shared grid); the trigger reads and describes itself as declared.
+    ``implicit``: the anchor was not declared but put there by :func:`on_grid` (the
+    shared grid of a cluster's intervals, and of those inside an ``any`` or ``all``);
+    the trigger reads and describes itself as declared.
     """
 
     every: float
@@ -273,7 +274,7 @@ class IntervalTrigger:
         Each instant is computed this one way, never as the one before plus ``every``:
         at epoch scale the two differ by a rounding, and a due time a rounding below its
         instant would have the instant itself, a rounding later, as its next one (two
-        runs, or a period's claim key twice) instead of the instant an interval on.
+        runs, or a period's claim key twice) instead of the one an interval later.
         """
         assert self.anchor is not None
         return self.anchor + k * self.every
@@ -695,13 +696,16 @@ def on_grid(trigger: Trigger, anchor: float = 0.0) -> Trigger:
     Unix epoch), inside ``any``, ``all`` and bounds too (bounded by a ``start``, the
     grid starts there).
 
-    A cluster schedules with it. Without a start, an interval is due at ``registration
-    + k * every``: each node has a phase of its own. Claims still agree (an interval's
-    claim key is its period's index), but a node whose phase comes earlier in a period
-    took over the runs of the task's first node before that node's due time came, and
-    a node whose period started just past a boundary ran every task of the cluster (an
-    ``any`` with such an interval, keyed by its instant, ran once per node). On the grid
-    every node computes the same instants. Other triggers are instants already.
+    A cluster schedules with it, and so does one node for an ``any`` or ``all`` (a due
+    time carries one phase: parts counted from the registration could not be followed
+    together, see ``specs._combines``). Without a start, an interval is due at
+    ``registration + k * every``: each node has a phase of its own. Claims still agree
+    (an interval's claim key is its period's index), but a node whose phase comes
+    earlier in a period took over the runs of the task's first node before that node's
+    due time came, and a node whose period started just past a boundary ran every task
+    of the cluster (an ``any`` with such an interval, keyed by its instant, ran once per
+    node). On the grid every node computes the same instants. Other triggers are
+    instants already.
     """
     if isinstance(trigger, IntervalTrigger):
         if trigger.anchor is not None:
