@@ -20,10 +20,9 @@ import pytest
 
 from kernel import Kernel
 from kernel.sdk import current_task, task
-from kernel.settings import Settings
 from services.cluster.service import ClusterService
 from services.scheduler.service import SchedulerService
-from tests.services.cluster.test_takeover import first_for_a
+from tests.services.cluster.test_takeover import first_for_a, settings
 
 pytestmark = pytest.mark.postgres
 
@@ -31,16 +30,6 @@ EVERY = 4.0
 #: Node b waits this long before taking a run over: shorter than the gap its old phase
 #: put between its due time and node a's, long enough for a's claims to reach b.
 GRACE = 2.0
-
-
-def settings(dsn: str, node: str) -> Settings:
-    return Settings(
-        store="postgres",
-        dsn=dsn,
-        node=node,
-        reload=False,
-        services={"cluster": {"heartbeat_s": 0.2, "stale_after_s": 30.0, "claim_grace_s": GRACE}},
-    )
 
 
 def specs(names: list[str], ran: list[tuple[str, float]], every: float = EVERY) -> list[Any]:
@@ -70,8 +59,8 @@ async def test_nodes_that_register_apart_share_the_due_times_and_the_first_node_
     clusters = [ClusterService(), ClusterService()]
     schedulers = [SchedulerService(), SchedulerService()]
     async with (
-        Kernel(settings(pg_dsn, "a"), services=[clusters[0], schedulers[0]]) as a,
-        Kernel(settings(pg_dsn, "b"), services=[clusters[1], schedulers[1]]),
+        Kernel(settings(pg_dsn, "a", GRACE), services=[clusters[0], schedulers[0]]) as a,
+        Kernel(settings(pg_dsn, "b", GRACE), services=[clusters[1], schedulers[1]]),
     ):
         with anyio.fail_after(90):
             while not all(c.describe()["alive"] == ["a", "b"] for c in clusters):
@@ -105,20 +94,3 @@ async def test_nodes_that_register_apart_share_the_due_times_and_the_first_node_
     done = Counter((x, math.floor(due / EVERY + 1e-6)) for x, due in ran["a"] + ran["b"])
     assert max(done.values()) == 1, [k for k, n in done.items() if n > 1]
     assert sum(1 for x, _ in done if x == "either") >= 3
-
-
-async def test_a_clusters_all_of_intervals_is_accepted_and_meets_on_the_grid(pg_dsn: str) -> None:
-    """Counted from the registration, the parts of an ``all`` of intervals never meet
-    (the declaration is refused as never firing); on the grid they meet at the least
-    common multiple: the cluster checks the trigger it schedules."""
-    cluster, scheduler = ClusterService(), SchedulerService()
-    async with Kernel(settings(pg_dsn, "a"), services=[cluster, scheduler]):
-
-        async def both() -> None:
-            pass
-
-        declared = task(trigger={"all": [{"every": "10s"}, {"every": "15s"}]})(both)
-        result = await scheduler.register("p", [declared.__xcore_task__])
-        assert result.refused == {}
-        row = scheduler.table.tasks["p.both"]
-        assert row.next_run is not None and row.next_run % 30 == 0

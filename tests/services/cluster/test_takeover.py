@@ -31,13 +31,13 @@ pytestmark = pytest.mark.postgres
 GRACE = 6.0
 
 
-def settings(dsn: str, node: str) -> Settings:
+def settings(dsn: str, node: str, grace: float = GRACE) -> Settings:
     return Settings(
         store="postgres",
         dsn=dsn,
         node=node,
         reload=False,
-        services={"cluster": {"heartbeat_s": 0.2, "stale_after_s": 30.0, "claim_grace_s": GRACE}},
+        services={"cluster": {"heartbeat_s": 0.2, "stale_after_s": 30.0, "claim_grace_s": grace}},
     )
 
 
