@@ -297,14 +297,10 @@ async def test_parse_in_pieces_off_imports_each_file_whole_and_is_put_back_at_th
     assert pieces() > 5  # put back
 
 
-def test_a_long_files_pieces_parse_each_line_a_bounded_number_of_times(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Parsing in pieces reads a file's text a bounded number of times, whatever its
-    length: each piece used to be parsed behind one newline per line before it (to keep
-    its line numbers), so a file of n lines cost n^2 / PIECE_LINES characters of parsing
-    (100,000 lines: 4.3 s against 0.9 s at once, an import timeout further on)."""
-    text = "".join(f"x{i} = {i}\n" for i in range(20 * PIECE_LINES * 20))
+def parse_counted(
+    monkeypatch: pytest.MonkeyPatch, text: str, filename: str
+) -> tuple[ast.Module | None, list[int]]:
+    """``text`` parsed in pieces, and the length of each text handed to ``ast.parse``."""
     parsed: list[int] = []
     real = ast.parse
 
@@ -313,8 +309,21 @@ def test_a_long_files_pieces_parse_each_line_a_bounded_number_of_times(
         return real(src, *args, **kwargs)
 
     monkeypatch.setattr(ast, "parse", counting)  # (the module source.py parses with)
-    tree = source._parse_pieces(text, "long.py")
-    monkeypatch.undo()
+    try:
+        return source._parse_pieces(text, filename), parsed
+    finally:
+        monkeypatch.undo()
+
+
+def test_a_long_files_pieces_parse_each_line_a_bounded_number_of_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parsing in pieces reads a file's text a bounded number of times, whatever its
+    length: each piece used to be parsed behind one newline per line before it (to keep
+    its line numbers), so a file of n lines cost n^2 / PIECE_LINES characters of parsing
+    (100,000 lines: 4.3 s against 0.9 s at once, an import timeout further on)."""
+    text = "".join(f"x{i} = {i}\n" for i in range(20 * PIECE_LINES * 20))
+    tree, parsed = parse_counted(monkeypatch, text, "long.py")
     assert tree is not None
     assert len(parsed) > 100  # (in pieces)
     assert sum(parsed) <= 2 * len(text)
@@ -376,16 +385,7 @@ def test_pieces_of_valid_escapes_and_numbers_are_parsed_at_their_own_numbers(
         "c{i} = (1 + \\\n    2)\n",
     ]
     text = "".join(lines[i % 3].format(i=i) for i in range(20 * PIECE_LINES * 20))
-    parsed: list[int] = []
-    real = ast.parse
-
-    def counting(src: Any, *args: Any, **kwargs: Any) -> Any:
-        parsed.append(len(src))
-        return real(src, *args, **kwargs)
-
-    monkeypatch.setattr(ast, "parse", counting)
-    tree = source._parse_pieces(text, "escapes.py")
-    monkeypatch.undo()
+    tree, parsed = parse_counted(monkeypatch, text, "escapes.py")
     assert tree is not None
     assert sum(parsed) <= 2 * len(text)
     assert ast.dump(tree, include_attributes=True) == ast.dump(
